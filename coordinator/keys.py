@@ -1,0 +1,47 @@
+"""Every Redis key the ledger uses, in one place.
+
+Redis holds state, never blobs: ids, counters, small JSON documents, and content hashes that
+point into the blob store.
+"""
+
+PREFIX = "nomoat:"
+
+JOBS = PREFIX + "jobs"  # zset: job id -> created (unix seconds)
+PENDING = PREFIX + "tasks:pending"  # zset: task id -> enqueue time (FIFO order for dispatch)
+LEASES = PREFIX + "tasks:leases"  # zset: task id -> lease deadline (unix seconds)
+FENCE = PREFIX + "fence"  # counter: fencing tokens, strictly increasing across all tasks
+FOLD_BUFFER = PREFIX + "fold:buffer"  # list: accepted adapter ids waiting to be folded
+VERSIONS = PREFIX + "versions"  # zset: version number -> version number
+LATEST = PREFIX + "versions:latest"  # string: newest published version number
+WORKERS = PREFIX + "workers"  # zset: worker id -> last seen
+RECENT_NORMS = PREFIX + "fold:norms"  # list: ‖ΔW‖ of recently accepted adapters (norm gate)
+
+
+def job(job_id: str) -> str:
+    """Hash: name, state, dataset, records blob, config JSON, counters."""
+    return f"{PREFIX}job:{job_id}"
+
+
+def job_tasks(job_id: str) -> str:
+    """List: the job's task ids in shard order."""
+    return f"{PREFIX}job:{job_id}:tasks"
+
+
+def task(task_id: str) -> str:
+    """Hash: job, shard range, state, fence, attempts, lease deadline, worker, adapter."""
+    return f"{PREFIX}task:{task_id}"
+
+
+def adapter(adapter_id: str) -> str:
+    """Hash: task, fence, sha256 (blob), manifest fields, state, reason, version folded into."""
+    return f"{PREFIX}adapter:{adapter_id}"
+
+
+def version(number: int) -> str:
+    """Hash: parent, files JSON (path -> blob), patch blob, adapters JSON, metrics."""
+    return f"{PREFIX}version:{number}"
+
+
+def worker(worker_id: str) -> str:
+    """Hash: name, card JSON, node id, registered, tasks done."""
+    return f"{PREFIX}worker:{worker_id}"

@@ -1,0 +1,375 @@
+"""The job ledger: all coordinator state, kept in Redis.
+
+Guarantees (see DESIGN.md, "Ledger"):
+
+* Every transition that touches several keys is atomic: a Lua script, or WATCH/MULTI.
+* A task is leased with a fencing token from one strictly increasing counter. A lease that
+  expires puts the task back in the queue; the next lease gets a new fence, and anything
+  carrying an older fence (a heartbeat, a shard fetch, an upload) is refused.
+* An upload is accepted at most once per (task, fence, sha256): the adapter id is derived from
+  those three, so a retried upload finds its own earlier acceptance and is told so.
+* A version is published, and its adapters leave the fold buffer, in one transaction: an adapter
+  is never folded twice, and a coordinator that dies mid-fold folds the same buffer again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+from coordinator import keys
+
+TASK_STATES = ("pending", "leased", "done", "failed")
+
+# KEYS: task, PENDING, LEASES, FENCE. ARGV: task id, deadline, base version, now, max attempts.
+# Returns the new fence, 0 when the task is not pending, -1 when it ran out of attempts.
+_LEASE = """
+if redis.call('HGET', KEYS[1], 'state') ~= 'pending' then return 0 end
+local attempts = tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0')
+if attempts >= tonumber(ARGV[5]) then
+  redis.call('HSET', KEYS[1], 'state', 'failed', 'finished', ARGV[4])
+  redis.call('ZREM', KEYS[2], ARGV[1])
+  return -1
+end
+local fence = redis.call('INCR', KEYS[4])
+redis.call('HSET', KEYS[1], 'state', 'leased', 'fence', fence, 'deadline', ARGV[2],
+           'base_version', ARGV[3], 'leased_at', ARGV[4], 'attempts', attempts + 1)
+redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('ZADD', KEYS[3], ARGV[2], ARGV[1])
+return fence
+"""
+
+# KEYS: task, LEASES. ARGV: task id, fence, new deadline.
+_HEARTBEAT = """
+local state = redis.call('HGET', KEYS[1], 'state')
+if state ~= 'leased' then return 'the task is ' .. tostring(state) .. ', not leased' end
+if redis.call('HGET', KEYS[1], 'fence') ~= ARGV[2] then return 'the lease was re-issued (stale fence)' end
+redis.call('HSET', KEYS[1], 'deadline', ARGV[3])
+redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
+return ''
+"""
+
+# KEYS: LEASES, PENDING. ARGV: now, task key prefix. Returns the ids whose lease expired.
+_EXPIRE = """
+local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
+for _, id in ipairs(ids) do
+  local t = ARGV[2] .. id
+  if redis.call('HGET', t, 'state') == 'leased' then
+    redis.call('HSET', t, 'state', 'pending', 'error', 'the lease expired')
+    redis.call('ZADD', KEYS[2], ARGV[1], id)
+  end
+  redis.call('ZREM', KEYS[1], id)
+end
+return ids
+"""
+
+# KEYS: task, LEASES, PENDING. ARGV: task id, fence, error, now, max attempts.
+_RELEASE = """
+if redis.call('HGET', KEYS[1], 'state') ~= 'leased' then return '' end
+if redis.call('HGET', KEYS[1], 'fence') ~= ARGV[2] then return '' end
+redis.call('ZREM', KEYS[2], ARGV[1])
+local attempts = tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0')
+if attempts >= tonumber(ARGV[5]) then
+  redis.call('HSET', KEYS[1], 'state', 'failed', 'error', ARGV[3], 'finished', ARGV[4])
+  return 'failed'
+end
+redis.call('HSET', KEYS[1], 'state', 'pending', 'error', ARGV[3])
+redis.call('ZADD', KEYS[3], ARGV[4], ARGV[1])
+return 'pending'
+"""
+
+# KEYS: task, LEASES, adapter, FOLD_BUFFER, worker. ARGV: task id, fence, adapter id, now,
+# then field/value pairs for the adapter hash. Returns {status, adapter id or reason}.
+_ACCEPT = """
+local state = redis.call('HGET', KEYS[1], 'state')
+if state == 'done' then
+  if redis.call('HGET', KEYS[1], 'adapter') == ARGV[3] then return {'duplicate', ARGV[3]} end
+  return {'refused', 'the task is already done: a result from another lease was accepted'}
+end
+if state ~= 'leased' then return {'refused', 'the task is ' .. tostring(state) .. ', not leased'} end
+local fence = redis.call('HGET', KEYS[1], 'fence')
+if fence ~= ARGV[2] then
+  return {'refused', 'stale fence ' .. ARGV[2] .. ': the lease was re-issued with fence ' .. fence}
+end
+redis.call('HSET', KEYS[1], 'state', 'done', 'adapter', ARGV[3], 'finished', ARGV[4])
+redis.call('ZREM', KEYS[2], ARGV[1])
+for i = 5, #ARGV, 2 do redis.call('HSET', KEYS[3], ARGV[i], ARGV[i + 1]) end
+redis.call('HSET', KEYS[3], 'state', 'buffered', 'accepted', ARGV[4])
+redis.call('RPUSH', KEYS[4], ARGV[3])
+if redis.call('EXISTS', KEYS[5]) == 1 then redis.call('HINCRBY', KEYS[5], 'tasks_done', 1) end
+return {'accepted', ARGV[3]}
+"""
+
+
+@dataclass(frozen=True)
+class Accepted:
+    status: str  # accepted | duplicate | refused
+    detail: str  # the adapter id, or the reason for a refusal
+
+    @property
+    def ok(self) -> bool:
+        return self.status in ("accepted", "duplicate")
+
+
+def adapter_id_for(task_id: str, fence: int, sha256: str) -> str:
+    """Deterministic, so a retried upload of the same result maps onto the same adapter."""
+    return hashlib.sha256(f"{task_id}/{fence}/{sha256}".encode()).hexdigest()[:20]
+
+
+def _decode(mapping: dict[bytes | str, Any]) -> dict[str, str]:
+    return {
+        (k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
+        for k, v in mapping.items()
+    }
+
+
+class Ledger:
+    """Coordinator state in Redis. Thread-safe: every method is one or a few Redis round trips."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.r = client
+        self._lease = client.register_script(_LEASE)
+        self._heartbeat = client.register_script(_HEARTBEAT)
+        self._expire = client.register_script(_EXPIRE)
+        self._release = client.register_script(_RELEASE)
+        self._accept = client.register_script(_ACCEPT)
+
+    # -- jobs ---------------------------------------------------------------------------------
+
+    def create_job(self, job_id: str, fields: dict[str, Any], tasks: list[dict[str, Any]]) -> None:
+        """Record a job and its tasks, all pending, in one transaction."""
+        now = time.time()
+        pipe = self.r.pipeline(transaction=True)
+        pipe.hset(keys.job(job_id), mapping={**_str_fields(fields), "state": "running", "created": now})
+        pipe.zadd(keys.JOBS, {job_id: now})
+        for i, task in enumerate(tasks):
+            task_id = task["task_id"]
+            pipe.hset(
+                keys.task(task_id),
+                mapping={**_str_fields(task), "job": job_id, "state": "pending", "attempts": 0, "fence": 0},
+            )
+            pipe.rpush(keys.job_tasks(job_id), task_id)
+            pipe.zadd(keys.PENDING, {task_id: now + i * 1e-6})
+        pipe.execute()
+
+    def job(self, job_id: str) -> dict[str, str] | None:
+        data = _decode(self.r.hgetall(keys.job(job_id)))
+        return data or None
+
+    def job_ids(self) -> list[str]:
+        return [j.decode() for j in self.r.zrange(keys.JOBS, 0, -1)]
+
+    def set_job(self, job_id: str, **fields: Any) -> None:
+        self.r.hset(keys.job(job_id), mapping=_str_fields(fields))
+
+    def task_ids(self, job_id: str) -> list[str]:
+        return [t.decode() for t in self.r.lrange(keys.job_tasks(job_id), 0, -1)]
+
+    def task(self, task_id: str) -> dict[str, str] | None:
+        data = _decode(self.r.hgetall(keys.task(task_id)))
+        return data or None
+
+    def tasks(self, job_id: str) -> list[dict[str, str]]:
+        pipe = self.r.pipeline(transaction=False)
+        for task_id in self.task_ids(job_id):
+            pipe.hgetall(keys.task(task_id))
+        return [_decode(t) for t in pipe.execute()]
+
+    def task_counts(self, job_id: str) -> dict[str, int]:
+        counts = dict.fromkeys(TASK_STATES, 0)
+        for task in self.tasks(job_id):
+            counts[task["state"]] = counts.get(task["state"], 0) + 1
+        return counts
+
+    # -- leases -------------------------------------------------------------------------------
+
+    def pending(self, limit: int = 100) -> list[str]:
+        return [t.decode() for t in self.r.zrange(keys.PENDING, 0, limit - 1)]
+
+    def lease(self, task_id: str, deadline: float, base_version: int, max_attempts: int) -> int:
+        """Lease a pending task; returns its new fence, 0 if not pending, -1 if it has failed."""
+        return int(
+            self._lease(
+                keys=[keys.task(task_id), keys.PENDING, keys.LEASES, keys.FENCE],
+                args=[task_id, deadline, base_version, time.time(), max_attempts],
+            )
+        )
+
+    def heartbeat(self, task_id: str, fence: int, deadline: float) -> str:
+        """Extend a lease; returns "" when extended, else why not."""
+        reason = self._heartbeat(keys=[keys.task(task_id), keys.LEASES], args=[task_id, fence, deadline])
+        return reason.decode() if isinstance(reason, bytes) else reason
+
+    def lease_problem(self, task_id: str, fence: int) -> str:
+        """"" if (task, fence) holds the current lease, else a sentence saying why not."""
+        task = self.task(task_id)
+        if task is None:
+            return f"there is no task {task_id!r}"
+        if task["state"] != "leased":
+            return f"task {task_id} is {task['state']}, not leased"
+        if int(task["fence"]) != fence:
+            return f"stale fence {fence}: the lease of task {task_id} was re-issued with fence {task['fence']}"
+        return ""
+
+    def expire_leases(self, now: float | None = None) -> list[str]:
+        ids = self._expire(keys=[keys.LEASES, keys.PENDING], args=[now or time.time(), keys.task("")])
+        return [i.decode() for i in ids]
+
+    def release(self, task_id: str, fence: int, error: str, max_attempts: int) -> str:
+        """Give a failed task back to the queue (or fail it); "" when the lease was not current."""
+        state = self._release(
+            keys=[keys.task(task_id), keys.LEASES, keys.PENDING],
+            args=[task_id, fence, error, time.time(), max_attempts],
+        )
+        return state.decode() if isinstance(state, bytes) else state
+
+    def leased(self) -> list[tuple[str, float]]:
+        return [(t.decode(), s) for t, s in self.r.zrange(keys.LEASES, 0, -1, withscores=True)]
+
+    # -- adapters -----------------------------------------------------------------------------
+
+    def accept_upload(
+        self, task_id: str, fence: int, sha256: str, fields: dict[str, Any], worker_id: str = ""
+    ) -> Accepted:
+        adapter_id = adapter_id_for(task_id, fence, sha256)
+        task = self.task(task_id)
+        if task is None:
+            return Accepted("refused", f"there is no task {task_id!r}")
+        flat: list[Any] = []
+        for k, v in _str_fields({**fields, "task": task_id, "fence": fence, "sha256": sha256,
+                                 "job": task["job"], "worker": worker_id}).items():
+            flat += [k, v]
+        status, detail = self._accept(
+            keys=[keys.task(task_id), keys.LEASES, keys.adapter(adapter_id), keys.FOLD_BUFFER,
+                  keys.worker(worker_id) if worker_id else keys.worker("-")],
+            args=[task_id, fence, adapter_id, time.time(), *flat],
+        )
+        return Accepted(status.decode(), detail.decode())
+
+    def adapter(self, adapter_id: str) -> dict[str, str] | None:
+        data = _decode(self.r.hgetall(keys.adapter(adapter_id)))
+        return data or None
+
+    def buffered(self) -> list[dict[str, str]]:
+        """Adapters accepted and waiting to be folded, oldest first."""
+        ids = [a.decode() for a in self.r.lrange(keys.FOLD_BUFFER, 0, -1)]
+        pipe = self.r.pipeline(transaction=False)
+        for adapter_id in ids:
+            pipe.hgetall(keys.adapter(adapter_id))
+        return [{**_decode(a), "adapter_id": i} for i, a in zip(ids, pipe.execute())]
+
+    def reject_adapter(self, adapter_id: str, reason: str) -> None:
+        adapter = self.adapter(adapter_id) or {}
+        pipe = self.r.pipeline(transaction=True)
+        pipe.lrem(keys.FOLD_BUFFER, 0, adapter_id)
+        pipe.hset(keys.adapter(adapter_id), mapping={"state": "rejected", "reason": reason})
+        if adapter.get("job"):
+            pipe.hincrby(keys.job(adapter["job"]), "adapters_rejected", 1)
+        pipe.execute()
+
+    def recent_norms(self, limit: int = 64) -> list[float]:
+        return [float(x) for x in self.r.lrange(keys.RECENT_NORMS, 0, limit - 1)]
+
+    # -- versions -----------------------------------------------------------------------------
+
+    def latest_version(self) -> int | None:
+        value = self.r.get(keys.LATEST)
+        return None if value is None else int(value)
+
+    def version(self, number: int) -> dict[str, Any] | None:
+        data = _decode(self.r.hgetall(keys.version(number)))
+        if not data:
+            return None
+        return _version_record(number, data)
+
+    def versions(self) -> list[dict[str, Any]]:
+        numbers = [int(v) for v in self.r.zrange(keys.VERSIONS, 0, -1)]
+        pipe = self.r.pipeline(transaction=False)
+        for n in numbers:
+            pipe.hgetall(keys.version(n))
+        return [_version_record(n, _decode(d)) for n, d in zip(numbers, pipe.execute())]
+
+    def publish_version(
+        self,
+        number: int,
+        record: dict[str, Any],
+        folded: list[tuple[str, float]] = (),
+        norms: list[float] = (),
+    ) -> None:
+        """Publish version ``number`` and take its adapters out of the buffer, atomically.
+
+        Refuses (ValueError) unless ``number`` is exactly one past the newest version, so two
+        coordinators racing to fold cannot both publish.
+        """
+        with self.r.pipeline(transaction=True) as pipe:
+            pipe.watch(keys.LATEST)
+            latest = pipe.get(keys.LATEST)
+            expected = 0 if latest is None else int(latest) + 1
+            if number != expected:
+                raise ValueError(f"version {number} cannot be published: the next version is {expected}")
+            jobs = [pipe.hget(keys.adapter(a), "job") for a, _ in folded]
+            pipe.multi()
+            pipe.hset(keys.version(number), mapping=_str_fields({**record, "created": time.time()}))
+            pipe.zadd(keys.VERSIONS, {str(number): number})
+            pipe.set(keys.LATEST, number)
+            for (adapter_id, weight), job in zip(folded, jobs):
+                pipe.lrem(keys.FOLD_BUFFER, 0, adapter_id)
+                pipe.hset(keys.adapter(adapter_id), mapping={"state": "folded", "version": number, "weight": weight})
+                if job:
+                    pipe.hincrby(keys.job(job.decode()), "adapters_folded", 1)
+            for norm in norms:
+                pipe.lpush(keys.RECENT_NORMS, norm)
+            pipe.ltrim(keys.RECENT_NORMS, 0, 255)
+            pipe.execute()
+
+    # -- workers ------------------------------------------------------------------------------
+
+    def register_worker(self, worker_id: str, fields: dict[str, Any]) -> None:
+        now = time.time()
+        pipe = self.r.pipeline(transaction=True)
+        pipe.hset(keys.worker(worker_id), mapping=_str_fields({**fields, "registered": now}))
+        pipe.hsetnx(keys.worker(worker_id), "tasks_done", 0)
+        pipe.zadd(keys.WORKERS, {worker_id: now})
+        pipe.execute()
+
+    def touch_worker(self, worker_id: str) -> None:
+        if worker_id:
+            self.r.zadd(keys.WORKERS, {worker_id: time.time()}, xx=True)
+
+    def workers(self) -> list[dict[str, str]]:
+        entries = self.r.zrange(keys.WORKERS, 0, -1, withscores=True)
+        pipe = self.r.pipeline(transaction=False)
+        for worker_id, _ in entries:
+            pipe.hgetall(keys.worker(worker_id.decode()))
+        return [
+            {**_decode(w), "worker_id": wid.decode(), "last_seen": str(seen)}
+            for (wid, seen), w in zip(entries, pipe.execute())
+        ]
+
+
+def _str_fields(fields: dict[str, Any]) -> dict[str, str]:
+    out = {}
+    for key, value in fields.items():
+        if isinstance(value, (dict, list, tuple)):
+            out[key] = json.dumps(value)
+        elif isinstance(value, bool):
+            out[key] = "1" if value else "0"
+        else:
+            out[key] = str(value)
+    return out
+
+
+def _version_record(number: int, data: dict[str, str]) -> dict[str, Any]:
+    record: dict[str, Any] = dict(data)
+    record["version"] = number
+    for key in ("files", "adapters", "metrics"):
+        if key in record:
+            record[key] = json.loads(record[key])
+    record["parent"] = int(record.get("parent", -1))
+    record["eval_loss"] = float(record.get("eval_loss", "nan"))
+    return record

@@ -1,0 +1,72 @@
+"""Content-addressed blobs on disk: datasets, adapters, model files.
+
+A blob's name is the sha256 of its bytes, so storing the same bytes twice is a no-op and a
+reader can always check what it got. Writes go to a temporary file and are renamed into place,
+so a crash never leaves a half-written blob under a valid name. On several hosts, point the
+data dir at shared storage.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+CHUNK = 1 << 20
+
+
+class BlobStore:
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def path(self, sha256: str) -> Path:
+        if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
+            raise ValueError(f"{sha256!r} is not a sha256 hex digest")
+        return self.root / sha256[:2] / sha256
+
+    def has(self, sha256: str) -> bool:
+        return self.path(sha256).exists()
+
+    def put(self, data: bytes) -> str:
+        sha = hashlib.sha256(data).hexdigest()
+        target = self.path(sha)
+        if not target.exists():
+            self._write(target, data)
+        return sha
+
+    def put_file(self, source: Path) -> str:
+        h = hashlib.sha256()
+        with open(source, "rb") as fh:
+            for block in iter(lambda: fh.read(CHUNK), b""):
+                h.update(block)
+        sha = h.hexdigest()
+        target = self.path(sha)
+        if not target.exists():
+            self._write(target, Path(source).read_bytes())
+        return sha
+
+    def get(self, sha256: str) -> bytes:
+        return self.path(sha256).read_bytes()
+
+    def size(self, sha256: str) -> int:
+        return self.path(sha256).stat().st_size
+
+    def chunks(self, sha256: str, chunk: int = CHUNK) -> Iterator[bytes]:
+        with open(self.path(sha256), "rb") as fh:
+            yield from iter(lambda: fh.read(chunk), b"")
+
+    def _write(self, target: Path, data: bytes) -> None:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise

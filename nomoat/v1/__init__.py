@@ -1,0 +1,1 @@
+"""Generated gRPC modules for the nomoat.v1 protocol (see proto/nomoat/v1)."""

@@ -1,0 +1,319 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class JobConfig(_message.Message):
+    __slots__ = ("lora_rank", "lora_alpha", "target_modules", "seq_len", "learning_rate", "batch_size", "epochs", "tokens_per_task")
+    LORA_RANK_FIELD_NUMBER: _ClassVar[int]
+    LORA_ALPHA_FIELD_NUMBER: _ClassVar[int]
+    TARGET_MODULES_FIELD_NUMBER: _ClassVar[int]
+    SEQ_LEN_FIELD_NUMBER: _ClassVar[int]
+    LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    EPOCHS_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_PER_TASK_FIELD_NUMBER: _ClassVar[int]
+    lora_rank: int
+    lora_alpha: float
+    target_modules: _containers.RepeatedScalarFieldContainer[str]
+    seq_len: int
+    learning_rate: float
+    batch_size: int
+    epochs: int
+    tokens_per_task: int
+    def __init__(self, lora_rank: _Optional[int] = ..., lora_alpha: _Optional[float] = ..., target_modules: _Optional[_Iterable[str]] = ..., seq_len: _Optional[int] = ..., learning_rate: _Optional[float] = ..., batch_size: _Optional[int] = ..., epochs: _Optional[int] = ..., tokens_per_task: _Optional[int] = ...) -> None: ...
+
+class SubmitHeader(_message.Message):
+    __slots__ = ("name", "filename", "size", "config")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    FILENAME_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    filename: str
+    size: int
+    config: JobConfig
+    def __init__(self, name: _Optional[str] = ..., filename: _Optional[str] = ..., size: _Optional[int] = ..., config: _Optional[_Union[JobConfig, _Mapping]] = ...) -> None: ...
+
+class SubmitChunk(_message.Message):
+    __slots__ = ("header", "data", "sha256")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    header: SubmitHeader
+    data: bytes
+    sha256: str
+    def __init__(self, header: _Optional[_Union[SubmitHeader, _Mapping]] = ..., data: _Optional[bytes] = ..., sha256: _Optional[str] = ...) -> None: ...
+
+class SubmitReply(_message.Message):
+    __slots__ = ("job_id", "tasks", "records", "tokens", "validation_records")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    TASKS_FIELD_NUMBER: _ClassVar[int]
+    RECORDS_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    VALIDATION_RECORDS_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    tasks: int
+    records: int
+    tokens: int
+    validation_records: int
+    def __init__(self, job_id: _Optional[str] = ..., tasks: _Optional[int] = ..., records: _Optional[int] = ..., tokens: _Optional[int] = ..., validation_records: _Optional[int] = ...) -> None: ...
+
+class StatusRequest(_message.Message):
+    __slots__ = ("job_id",)
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    def __init__(self, job_id: _Optional[str] = ...) -> None: ...
+
+class TaskCounts(_message.Message):
+    __slots__ = ("pending", "leased", "done", "failed")
+    PENDING_FIELD_NUMBER: _ClassVar[int]
+    LEASED_FIELD_NUMBER: _ClassVar[int]
+    DONE_FIELD_NUMBER: _ClassVar[int]
+    FAILED_FIELD_NUMBER: _ClassVar[int]
+    pending: int
+    leased: int
+    done: int
+    failed: int
+    def __init__(self, pending: _Optional[int] = ..., leased: _Optional[int] = ..., done: _Optional[int] = ..., failed: _Optional[int] = ...) -> None: ...
+
+class JobInfo(_message.Message):
+    __slots__ = ("job_id", "name", "state", "tasks", "total_tasks", "adapters_folded", "adapters_rejected", "error", "created", "tokens", "dataset_sha256")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    TASKS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_TASKS_FIELD_NUMBER: _ClassVar[int]
+    ADAPTERS_FOLDED_FIELD_NUMBER: _ClassVar[int]
+    ADAPTERS_REJECTED_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    CREATED_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    DATASET_SHA256_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    name: str
+    state: str
+    tasks: TaskCounts
+    total_tasks: int
+    adapters_folded: int
+    adapters_rejected: int
+    error: str
+    created: float
+    tokens: int
+    dataset_sha256: str
+    def __init__(self, job_id: _Optional[str] = ..., name: _Optional[str] = ..., state: _Optional[str] = ..., tasks: _Optional[_Union[TaskCounts, _Mapping]] = ..., total_tasks: _Optional[int] = ..., adapters_folded: _Optional[int] = ..., adapters_rejected: _Optional[int] = ..., error: _Optional[str] = ..., created: _Optional[float] = ..., tokens: _Optional[int] = ..., dataset_sha256: _Optional[str] = ...) -> None: ...
+
+class WorkerInfo(_message.Message):
+    __slots__ = ("worker_id", "name", "card", "last_seen", "tasks_done", "state")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    CARD_FIELD_NUMBER: _ClassVar[int]
+    LAST_SEEN_FIELD_NUMBER: _ClassVar[int]
+    TASKS_DONE_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    name: str
+    card: Card
+    last_seen: float
+    tasks_done: int
+    state: str
+    def __init__(self, worker_id: _Optional[str] = ..., name: _Optional[str] = ..., card: _Optional[_Union[Card, _Mapping]] = ..., last_seen: _Optional[float] = ..., tasks_done: _Optional[int] = ..., state: _Optional[str] = ...) -> None: ...
+
+class VersionInfo(_message.Message):
+    __slots__ = ("version", "parent", "eval_loss", "adapters", "created", "job_id")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    PARENT_FIELD_NUMBER: _ClassVar[int]
+    EVAL_LOSS_FIELD_NUMBER: _ClassVar[int]
+    ADAPTERS_FIELD_NUMBER: _ClassVar[int]
+    CREATED_FIELD_NUMBER: _ClassVar[int]
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    parent: int
+    eval_loss: float
+    adapters: int
+    created: float
+    job_id: str
+    def __init__(self, version: _Optional[int] = ..., parent: _Optional[int] = ..., eval_loss: _Optional[float] = ..., adapters: _Optional[int] = ..., created: _Optional[float] = ..., job_id: _Optional[str] = ...) -> None: ...
+
+class StatusReply(_message.Message):
+    __slots__ = ("jobs", "workers", "versions")
+    JOBS_FIELD_NUMBER: _ClassVar[int]
+    WORKERS_FIELD_NUMBER: _ClassVar[int]
+    VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    jobs: _containers.RepeatedCompositeFieldContainer[JobInfo]
+    workers: _containers.RepeatedCompositeFieldContainer[WorkerInfo]
+    versions: _containers.RepeatedCompositeFieldContainer[VersionInfo]
+    def __init__(self, jobs: _Optional[_Iterable[_Union[JobInfo, _Mapping]]] = ..., workers: _Optional[_Iterable[_Union[WorkerInfo, _Mapping]]] = ..., versions: _Optional[_Iterable[_Union[VersionInfo, _Mapping]]] = ...) -> None: ...
+
+class WatchRequest(_message.Message):
+    __slots__ = ("job_id",)
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    def __init__(self, job_id: _Optional[str] = ...) -> None: ...
+
+class JobProgress(_message.Message):
+    __slots__ = ("job", "current_version", "eval_loss", "finished")
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    CURRENT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    EVAL_LOSS_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_FIELD_NUMBER: _ClassVar[int]
+    job: JobInfo
+    current_version: int
+    eval_loss: float
+    finished: bool
+    def __init__(self, job: _Optional[_Union[JobInfo, _Mapping]] = ..., current_version: _Optional[int] = ..., eval_loss: _Optional[float] = ..., finished: _Optional[bool] = ...) -> None: ...
+
+class Card(_message.Message):
+    __slots__ = ("name", "vram_gb", "compute_capability", "bf16", "backend", "simulated", "tflops")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VRAM_GB_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_CAPABILITY_FIELD_NUMBER: _ClassVar[int]
+    BF16_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    SIMULATED_FIELD_NUMBER: _ClassVar[int]
+    TFLOPS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    vram_gb: float
+    compute_capability: str
+    bf16: bool
+    backend: str
+    simulated: bool
+    tflops: float
+    def __init__(self, name: _Optional[str] = ..., vram_gb: _Optional[float] = ..., compute_capability: _Optional[str] = ..., bf16: _Optional[bool] = ..., backend: _Optional[str] = ..., simulated: _Optional[bool] = ..., tflops: _Optional[float] = ...) -> None: ...
+
+class RegisterRequest(_message.Message):
+    __slots__ = ("name", "card", "node_id")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    CARD_FIELD_NUMBER: _ClassVar[int]
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    card: Card
+    node_id: str
+    def __init__(self, name: _Optional[str] = ..., card: _Optional[_Union[Card, _Mapping]] = ..., node_id: _Optional[str] = ...) -> None: ...
+
+class RegisterReply(_message.Message):
+    __slots__ = ("worker_id",)
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    def __init__(self, worker_id: _Optional[str] = ...) -> None: ...
+
+class HeartbeatRequest(_message.Message):
+    __slots__ = ("task_id", "fence", "worker_id")
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    FENCE_FIELD_NUMBER: _ClassVar[int]
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    task_id: str
+    fence: int
+    worker_id: str
+    def __init__(self, task_id: _Optional[str] = ..., fence: _Optional[int] = ..., worker_id: _Optional[str] = ...) -> None: ...
+
+class HeartbeatReply(_message.Message):
+    __slots__ = ("ok", "deadline", "reason")
+    OK_FIELD_NUMBER: _ClassVar[int]
+    DEADLINE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    ok: bool
+    deadline: float
+    reason: str
+    def __init__(self, ok: _Optional[bool] = ..., deadline: _Optional[float] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class FetchShardRequest(_message.Message):
+    __slots__ = ("task_id", "fence")
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    FENCE_FIELD_NUMBER: _ClassVar[int]
+    task_id: str
+    fence: int
+    def __init__(self, task_id: _Optional[str] = ..., fence: _Optional[int] = ...) -> None: ...
+
+class DataChunk(_message.Message):
+    __slots__ = ("data",)
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    def __init__(self, data: _Optional[bytes] = ...) -> None: ...
+
+class AdapterManifest(_message.Message):
+    __slots__ = ("task_id", "fence", "base_version", "rank", "alpha", "tokens", "train_loss", "sha256", "size", "worker_id")
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    FENCE_FIELD_NUMBER: _ClassVar[int]
+    BASE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    ALPHA_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_LOSS_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    task_id: str
+    fence: int
+    base_version: int
+    rank: int
+    alpha: float
+    tokens: int
+    train_loss: float
+    sha256: str
+    size: int
+    worker_id: str
+    def __init__(self, task_id: _Optional[str] = ..., fence: _Optional[int] = ..., base_version: _Optional[int] = ..., rank: _Optional[int] = ..., alpha: _Optional[float] = ..., tokens: _Optional[int] = ..., train_loss: _Optional[float] = ..., sha256: _Optional[str] = ..., size: _Optional[int] = ..., worker_id: _Optional[str] = ...) -> None: ...
+
+class UploadChunk(_message.Message):
+    __slots__ = ("manifest", "data")
+    MANIFEST_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    manifest: AdapterManifest
+    data: bytes
+    def __init__(self, manifest: _Optional[_Union[AdapterManifest, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class UploadReply(_message.Message):
+    __slots__ = ("accepted", "adapter_id", "reason")
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    accepted: bool
+    adapter_id: str
+    reason: str
+    def __init__(self, accepted: _Optional[bool] = ..., adapter_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class PullRequest(_message.Message):
+    __slots__ = ("version",)
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    def __init__(self, version: _Optional[int] = ...) -> None: ...
+
+class FileEntry(_message.Message):
+    __slots__ = ("path", "size", "sha256")
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    size: int
+    sha256: str
+    def __init__(self, path: _Optional[str] = ..., size: _Optional[int] = ..., sha256: _Optional[str] = ...) -> None: ...
+
+class PullHeader(_message.Message):
+    __slots__ = ("version", "files")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    FILES_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    files: _containers.RepeatedCompositeFieldContainer[FileEntry]
+    def __init__(self, version: _Optional[int] = ..., files: _Optional[_Iterable[_Union[FileEntry, _Mapping]]] = ...) -> None: ...
+
+class FileChunk(_message.Message):
+    __slots__ = ("path", "offset", "data")
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    offset: int
+    data: bytes
+    def __init__(self, path: _Optional[str] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class PullChunk(_message.Message):
+    __slots__ = ("header", "file")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    FILE_FIELD_NUMBER: _ClassVar[int]
+    header: PullHeader
+    file: FileChunk
+    def __init__(self, header: _Optional[_Union[PullHeader, _Mapping]] = ..., file: _Optional[_Union[FileChunk, _Mapping]] = ...) -> None: ...
