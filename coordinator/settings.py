@@ -1,0 +1,61 @@
+"""The coordinator's settings: built once at start-up (from the command line) and passed down."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class JobDefaults:
+    """Training settings a job gets unless its submitter chose otherwise."""
+
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    target_modules: tuple[str, ...] = (
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+    )
+    seq_len: int = 128
+    learning_rate: float = 2e-3
+    batch_size: int = 8
+    epochs: int = 1
+    tokens_per_task: int = 8192
+
+
+@dataclass(frozen=True)
+class Settings:
+    data_dir: Path
+    listen: str = "127.0.0.1:50051"
+    # Where volunteers reach this coordinator (printed in the join command); defaults to listen.
+    public_address: str = ""
+    redis_url: str | None = None  # None: start the embedded redis-server in data_dir/redis
+    ray_address: str | None = None  # None: start a Ray head (token auth on, dashboard on loopback)
+    ray_port: int = 0  # 0: pick a free port for the Ray head's GCS
+    ray_node_ip: str = "127.0.0.1"
+    base_model: str = "tiny"  # a Hugging Face model folder, or "tiny"
+    job: JobDefaults = field(default_factory=JobDefaults)
+
+    # Folding (DESIGN.md, "Folding math"): fold when this many adapters wait, or the oldest
+    # waited this long, or their job has nothing left outstanding.
+    fold_every: int = 4
+    fold_timeout_s: float = 120.0
+    max_staleness: int = 16
+    eval_epsilon: float = 0.02  # nats of held-out loss a fold or an adapter may cost
+    norm_factor: float = 20.0  # ‖ΔW‖ may be at most this × the median of recent adapters
+
+    # Leases: a dispatched task may wait this long for Ray to place it; once its worker
+    # heartbeats, each heartbeat buys lease_ttl_s more.
+    queue_timeout_s: float = 900.0
+    lease_ttl_s: float = 90.0
+    max_attempts: int = 3
+    max_in_flight: int = 64
+
+    validation_fraction: float = 0.05
+    max_validation_records: int = 256
+    max_dataset_bytes: int = 256 << 20
+    max_adapter_bytes: int = 256 << 20
+    tick_s: float = 0.5
+
+    @property
+    def join_address(self) -> str:
+        return self.public_address or self.listen
