@@ -55,6 +55,8 @@ class Settings:
     max_dataset_bytes: int = 256 << 20
     max_adapter_bytes: int = 256 << 20
     tick_s: float = 0.5
+    tls_cert: str | None = None
+    tls_key: str | None = None
 
     @property
     def join_address(self) -> str:

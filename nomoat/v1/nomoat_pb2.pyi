@@ -81,7 +81,7 @@ class TaskCounts(_message.Message):
     def __init__(self, pending: _Optional[int] = ..., leased: _Optional[int] = ..., done: _Optional[int] = ..., failed: _Optional[int] = ...) -> None: ...
 
 class JobInfo(_message.Message):
-    __slots__ = ("job_id", "name", "state", "tasks", "total_tasks", "adapters_folded", "adapters_rejected", "error", "created", "tokens", "dataset_sha256")
+    __slots__ = ("job_id", "name", "state", "tasks", "total_tasks", "adapters_folded", "adapters_rejected", "error", "created", "tokens", "dataset_sha256", "base_loss")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -93,6 +93,7 @@ class JobInfo(_message.Message):
     CREATED_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     DATASET_SHA256_FIELD_NUMBER: _ClassVar[int]
+    BASE_LOSS_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     name: str
     state: str
@@ -104,7 +105,8 @@ class JobInfo(_message.Message):
     created: float
     tokens: int
     dataset_sha256: str
-    def __init__(self, job_id: _Optional[str] = ..., name: _Optional[str] = ..., state: _Optional[str] = ..., tasks: _Optional[_Union[TaskCounts, _Mapping]] = ..., total_tasks: _Optional[int] = ..., adapters_folded: _Optional[int] = ..., adapters_rejected: _Optional[int] = ..., error: _Optional[str] = ..., created: _Optional[float] = ..., tokens: _Optional[int] = ..., dataset_sha256: _Optional[str] = ...) -> None: ...
+    base_loss: float
+    def __init__(self, job_id: _Optional[str] = ..., name: _Optional[str] = ..., state: _Optional[str] = ..., tasks: _Optional[_Union[TaskCounts, _Mapping]] = ..., total_tasks: _Optional[int] = ..., adapters_folded: _Optional[int] = ..., adapters_rejected: _Optional[int] = ..., error: _Optional[str] = ..., created: _Optional[float] = ..., tokens: _Optional[int] = ..., dataset_sha256: _Optional[str] = ..., base_loss: _Optional[float] = ...) -> None: ...
 
 class WorkerInfo(_message.Message):
     __slots__ = ("worker_id", "name", "card", "last_seen", "tasks_done", "state")
@@ -195,10 +197,14 @@ class RegisterRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ..., card: _Optional[_Union[Card, _Mapping]] = ..., node_id: _Optional[str] = ...) -> None: ...
 
 class RegisterReply(_message.Message):
-    __slots__ = ("worker_id",)
+    __slots__ = ("worker_id", "ray_address", "ray_auth_token")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    RAY_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    RAY_AUTH_TOKEN_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
-    def __init__(self, worker_id: _Optional[str] = ...) -> None: ...
+    ray_address: str
+    ray_auth_token: str
+    def __init__(self, worker_id: _Optional[str] = ..., ray_address: _Optional[str] = ..., ray_auth_token: _Optional[str] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
     __slots__ = ("task_id", "fence", "worker_id")

@@ -1,0 +1,1 @@
+"""The coordinator: service, ledger, scheduler, folding and store (see DESIGN.md)."""

@@ -1,0 +1,150 @@
+"""Who may call what: bearer tokens with roles, checked on every RPC by a server interceptor.
+
+Tokens are random strings shown once; Redis keeps only their sha256, with the role. The first
+start of a coordinator writes an admin token and a worker token into its data dir (mode 0600).
+The standard gRPC health check stays open.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import redis
+
+from coordinator import keys
+
+ROLES = ("worker", "submitter", "reader", "admin")
+TOKENS = keys.PREFIX + "tokens"  # hash: sha256(token) -> {"role", "name", "created"}
+
+# Which roles may call each method; admin may call everything.
+_ANY = {"worker", "submitter", "reader", "admin"}
+PERMISSIONS: dict[str, set[str]] = {
+    "/nomoat.v1.Datasets/Submit": {"submitter", "admin"},
+    "/nomoat.v1.Jobs/Status": _ANY,
+    "/nomoat.v1.Jobs/Watch": _ANY,
+    "/nomoat.v1.Workers/Register": {"worker", "admin"},
+    "/nomoat.v1.Workers/Heartbeat": {"worker", "admin"},
+    "/nomoat.v1.Workers/FetchShard": {"worker", "admin"},
+    "/nomoat.v1.Workers/Upload": {"worker", "admin"},
+    "/nomoat.v1.Models/Pull": _ANY,
+}
+OPEN_PREFIXES = ("/grpc.health.v1.Health/",)
+
+
+@dataclass(frozen=True)
+class Identity:
+    role: str
+    name: str
+    token_hash: str
+
+
+def _hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+class TokenRegistry:
+    def __init__(self, client: redis.Redis) -> None:
+        self.r = client
+        self._cache: dict[str, tuple[float, Identity | None]] = {}
+
+    def create(self, role: str, name: str = "") -> str:
+        if role not in ROLES:
+            raise ValueError(f"unknown role {role!r}; choose one of {', '.join(ROLES)}")
+        token = f"nmt_{role[0]}_{secrets.token_urlsafe(24)}"
+        record = {"role": role, "name": name or role, "created": time.time()}
+        self.r.hset(TOKENS, _hash(token), json.dumps(record))
+        return token
+
+    def revoke(self, token_or_hash: str) -> bool:
+        h = token_or_hash if len(token_or_hash) == 64 else _hash(token_or_hash)
+        self._cache.pop(h, None)
+        return bool(self.r.hdel(TOKENS, h))
+
+    def lookup(self, token: str) -> Identity | None:
+        h = _hash(token)
+        cached = self._cache.get(h)
+        if cached and cached[0] > time.monotonic():
+            return cached[1]
+        raw = self.r.hget(TOKENS, h)
+        identity = None
+        if raw:
+            record = json.loads(raw)
+            identity = Identity(record["role"], record.get("name", ""), h)
+        # A short cache keeps Redis off the hot path; revocation takes effect within 5 s.
+        self._cache[h] = (time.monotonic() + 5.0, identity)
+        return identity
+
+    def ensure_file(self, path: Path, role: str) -> str:
+        """The token kept in ``path`` (made on first start); re-registered if Redis lost it."""
+        if path.exists():
+            token = path.read_text().strip()
+            if self.lookup(token) is None:
+                record = {"role": role, "name": role, "created": time.time()}
+                self.r.hset(TOKENS, _hash(token), json.dumps(record))
+                self._cache.pop(_hash(token), None)
+            return token
+        token = self.create(role, name=f"{role} (data dir)")
+        tmp = path.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(token + "\n")
+        tmp.replace(path)
+        return token
+
+
+def bearer(metadata: tuple[tuple[str, str | bytes], ...] | None) -> str:
+    for key, value in metadata or ():
+        if key == "authorization":
+            value = value.decode() if isinstance(value, bytes) else value
+            if value.startswith("Bearer "):
+                return value[len("Bearer ") :].strip()
+    return ""
+
+
+def caller(context: grpc.ServicerContext, registry: TokenRegistry) -> Identity | None:
+    token = bearer(context.invocation_metadata())
+    return registry.lookup(token) if token else None
+
+
+def _denied(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
+    def abort(request_or_iterator, context):  # noqa: ARG001
+        context.abort(code, message)
+
+    if handler.request_streaming and handler.response_streaming:
+        return grpc.stream_stream_rpc_method_handler(abort)
+    if handler.request_streaming:
+        return grpc.stream_unary_rpc_method_handler(abort)
+    if handler.response_streaming:
+        return grpc.unary_stream_rpc_method_handler(abort)
+    return grpc.unary_unary_rpc_method_handler(abort)
+
+
+class AuthInterceptor(grpc.ServerInterceptor):
+    def __init__(self, registry: TokenRegistry) -> None:
+        self.registry = registry
+
+    def intercept_service(self, continuation, handler_call_details):
+        method = handler_call_details.method
+        handler = continuation(handler_call_details)
+        if handler is None or method.startswith(OPEN_PREFIXES):
+            return handler
+        token = bearer(handler_call_details.invocation_metadata)
+        if not token:
+            return _denied(handler, grpc.StatusCode.UNAUTHENTICATED,
+                           "no token: pass --token or set NOMOAT_TOKEN")
+        identity = self.registry.lookup(token)
+        if identity is None:
+            return _denied(handler, grpc.StatusCode.UNAUTHENTICATED,
+                           "the token is not valid (unknown or revoked)")
+        allowed = PERMISSIONS.get(method, set())
+        if identity.role != "admin" and identity.role not in allowed:
+            return _denied(handler, grpc.StatusCode.PERMISSION_DENIED,
+                           f"a {identity.role} token may not call {method.rsplit('/', 1)[-1]}")
+        return handler

@@ -1,0 +1,82 @@
+"""Collect: an uploaded adapter is checked and, if it holds the task's current lease, accepted.
+
+The checks here are the cheap, structural ones that need no model: the bytes match the
+manifest's size and sha256, they are a nomoat safetensors adapter (never a pickle), the manifest
+tells the truth about rank, alpha and base version, and keys and shapes match the job's LoRA
+config. The expensive gates (norm against recent adapters, held-out loss) run at fold time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from coordinator import folding
+from coordinator.ledger import Accepted, Ledger
+from coordinator.store import BlobStore
+from nomoat import adapter as adapter_format
+
+
+@dataclass(frozen=True)
+class Manifest:
+    task_id: str
+    fence: int
+    base_version: int
+    rank: int
+    alpha: float
+    tokens: int
+    train_loss: float
+    sha256: str
+    size: int
+    worker_id: str = ""
+
+
+def receive(
+    ledger: Ledger,
+    store: BlobStore,
+    shapes: Mapping[str, tuple[int, int]],
+    manifest: Manifest,
+    data: bytes,
+) -> Accepted:
+    """Check an upload and record it; never raises for bad input, refuses with a reason."""
+    if len(data) != manifest.size:
+        return Accepted("refused", f"the upload has {len(data)} bytes but the manifest says {manifest.size}")
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != manifest.sha256:
+        return Accepted("refused", "the upload's sha256 does not match its manifest: it was corrupted on the way")
+    task = ledger.task(manifest.task_id)
+    if task is None:
+        return Accepted("refused", f"there is no task {manifest.task_id!r}")
+    if task["state"] == "leased" and int(task["fence"]) == manifest.fence:
+        if int(task.get("base_version", -1)) != manifest.base_version:
+            return Accepted(
+                "refused",
+                f"the manifest names base version {manifest.base_version} but the task was "
+                f"leased on version {task['base_version']}",
+            )
+        config = json.loads(ledger.job(task["job"])["config"])
+        try:
+            adapter = adapter_format.from_bytes(data)
+            if adapter.rank != manifest.rank or abs(adapter.alpha - manifest.alpha) > 1e-6 * manifest.alpha:
+                raise folding.AdapterRejected(
+                    f"the manifest says rank {manifest.rank}, alpha {manifest.alpha} but the file holds "
+                    f"rank {adapter.rank}, alpha {adapter.alpha}"
+                )
+            targets = set(config["target_modules"])
+            expected = {m: s for m, s in shapes.items() if m.rsplit(".", 1)[-1] in targets}
+            folding.check_structure(adapter, expected, config["lora_rank"], config["lora_alpha"])
+        except (adapter_format.AdapterFormatError, folding.AdapterRejected) as exc:
+            return Accepted("refused", f"the adapter was refused: {exc}")
+        store.put(data)
+    fields = {
+        "base_version": manifest.base_version,
+        "rank": manifest.rank,
+        "alpha": manifest.alpha,
+        "tokens": manifest.tokens,
+        "train_loss": manifest.train_loss,
+        "size": manifest.size,
+    }
+    # The ledger decides under its own atomicity whether this fence still holds the lease.
+    return ledger.accept_upload(manifest.task_id, manifest.fence, digest, fields, manifest.worker_id)

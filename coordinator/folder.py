@@ -1,0 +1,164 @@
+"""Fold: accepted adapters wait in a buffer; a batch of them becomes the next model version.
+
+One thread runs this; it alone touches the running model. A fold happens when ``fold_every``
+adapters wait, when the oldest has waited ``fold_timeout_s``, or when an adapter's job has
+nothing else outstanding (so a job's tail is never stuck behind an unfilled buffer).
+
+Each adapter is gated (norm against recent adapters; held-out loss of current + its update),
+the survivors are folded at once (DESIGN.md's product rule, one GEMM per matrix), and the new
+version is published only if its held-out loss is not worse than its parent's by more than ε;
+otherwise the worst contributor is dropped and the fold retried, or nothing is published.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+
+from coordinator import folding
+from coordinator.ledger import Ledger
+from coordinator.model import RunningModel
+from coordinator.settings import Settings
+from coordinator.store import BlobStore
+from coordinator.submit import JobConfig, read_records
+from nomoat import adapter as adapter_format
+
+log = logging.getLogger("nomoat.fold")
+
+
+@dataclass
+class Candidate:
+    adapter_id: str
+    job_id: str
+    adapter: adapter_format.Adapter
+    tokens: int
+    tau: int
+    norm: float
+    solo_loss: float = math.nan
+
+
+class Folder:
+    def __init__(self, settings: Settings, ledger: Ledger, store: BlobStore, model: RunningModel) -> None:
+        self.settings = settings
+        self.ledger = ledger
+        self.store = store
+        self.model = model
+        self._validation: dict[str, list[str]] = {}
+
+    # -- evaluation sets ----------------------------------------------------------------------
+
+    def validation(self, job_id: str) -> list[str]:
+        if job_id not in self._validation:
+            job = self.ledger.job(job_id)
+            self._validation[job_id] = read_records(self.store.get(job["records"]), 0, int(job["n_validation"]))
+        return self._validation[job_id]
+
+    def _eval(self, job_ids: list[str]) -> float:
+        """Mean held-out loss over the jobs' validation slices (each job weighs the same)."""
+        losses = []
+        for job_id in job_ids:
+            seq_len = JobConfig.from_dict(json.loads(self.ledger.job(job_id)["config"])).seq_len
+            losses.append(self.model.eval_loss(self.validation(job_id), seq_len))
+        return sum(losses) / len(losses)
+
+    def record_base_losses(self) -> None:
+        """Give every new job the loss of the version it starts from, for comparison."""
+        latest = self.ledger.latest_version() or 0
+        for job_id in self.ledger.job_ids():
+            job = self.ledger.job(job_id)
+            if job.get("state") == "running" and "base_loss" not in job:
+                self.ledger.set_job(job_id, base_loss=self._eval([job_id]), base_version=latest)
+
+    # -- folding ------------------------------------------------------------------------------
+
+    def due(self, buffered: list[dict[str, str]], idle_jobs: set[str], now: float) -> bool:
+        if not buffered:
+            return False
+        if len(buffered) >= self.settings.fold_every:
+            return True
+        if now - float(buffered[0].get("accepted", now)) >= self.settings.fold_timeout_s:
+            return True
+        return any(a.get("job") in idle_jobs for a in buffered)
+
+    def maybe_fold(self, idle_jobs: set[str], now: float | None = None) -> int | None:
+        """Fold if due; returns the published version number, or None."""
+        self.record_base_losses()
+        buffered = self.ledger.buffered()
+        if not self.due(buffered, idle_jobs, now or time.time()):
+            return None
+        return self.fold(buffered[: max(self.settings.fold_every, 1) * 4])
+
+    def fold(self, entries: list[dict[str, str]]) -> int | None:
+        current = self.ledger.latest_version()
+        job_ids = sorted({e["job"] for e in entries})
+        parent_loss = self._eval(job_ids)
+        candidates = [c for c in (self._gate(e, current, job_ids, parent_loss) for e in entries) if c]
+        if not candidates:
+            return None
+        modules = sorted({m for c in candidates for m in c.adapter.factors})
+        while candidates:
+            weights = folding.fold_weights(
+                [c.tokens for c in candidates], [c.tau for c in candidates], self.settings.max_staleness
+            )
+            with self.model.restorable(modules) as checkpoint:
+                patch = folding.fold(self.model.master(modules), [c.adapter for c in candidates], weights)
+                loss = self._eval(job_ids)
+                if loss <= parent_loss + self.settings.eval_epsilon:
+                    checkpoint.keep()
+                    return self._publish(current, candidates, weights, patch, loss, parent_loss, job_ids, modules)
+            worst = max(candidates, key=lambda c: c.solo_loss)
+            self.ledger.reject_adapter(
+                worst.adapter_id,
+                f"folding it made held-out loss worse ({loss:.4f} against {parent_loss:.4f})",
+            )
+            candidates.remove(worst)
+        return None
+
+    def _gate(self, entry: dict[str, str], current: int, job_ids: list[str], parent_loss: float) -> Candidate | None:
+        adapter_id = entry["adapter_id"]
+        try:
+            adapter = adapter_format.from_bytes(self.store.get(entry["sha256"]))
+            tau = current - int(entry["base_version"])
+            folding.fold_weights([int(entry["tokens"])], [tau], self.settings.max_staleness)
+            norm = folding.delta_norm(adapter)
+            folding.check_norm(norm, self.ledger.recent_norms(), self.settings.norm_factor)
+            candidate = Candidate(adapter_id, entry["job"], adapter, int(entry["tokens"]), tau, norm)
+            seq_len = JobConfig.from_dict(json.loads(self.ledger.job(entry["job"])["config"])).seq_len
+            candidate.solo_loss = self.model.loss_with(
+                adapter, folding.staleness_factor(tau), self.validation(entry["job"]), seq_len
+            )
+            own_parent = self._eval([entry["job"]]) if len(job_ids) > 1 else parent_loss
+            if candidate.solo_loss > own_parent + self.settings.eval_epsilon:
+                raise folding.AdapterRejected(
+                    f"it makes held-out loss worse ({candidate.solo_loss:.4f} against {own_parent:.4f})"
+                )
+            return candidate
+        except (adapter_format.AdapterFormatError, folding.AdapterRejected, FileNotFoundError) as exc:
+            log.warning("adapter %s rejected: %s", adapter_id, exc)
+            self.ledger.reject_adapter(adapter_id, str(exc))
+            return None
+
+    def _publish(self, current, candidates, weights, patch, loss, parent_loss, job_ids, modules) -> int:
+        number = current + 1
+        files = self.model.publish(self.store, modules)
+        patch_sha = self.store.put(adapter_format.to_bytes(patch))
+        self.ledger.publish_version(
+            number,
+            {
+                "parent": current,
+                "files": files,
+                "patch": patch_sha,
+                "adapters": [{"id": c.adapter_id, "weight": w, "tau": c.tau} for c, w in zip(candidates, weights)],
+                "eval_loss": loss,
+                "metrics": {"parent_loss": parent_loss, "jobs": job_ids},
+                "job_id": ",".join(job_ids),
+            },
+            folded=[(c.adapter_id, w) for c, w in zip(candidates, weights)],
+            norms=[c.norm for c in candidates],
+        )
+        log.info("published version %d: %d adapters, held-out loss %.4f (parent %.4f)",
+                 number, len(candidates), loss, parent_loss)
+        return number

@@ -1,0 +1,267 @@
+"""Folding: validate, weigh and merge LoRA adapters into the running model's fp32 master weights.
+
+Pure tensor math, no I/O. The rules are decided in DESIGN.md ("Folding math"):
+
+* adapter i stands for ``ΔW_i = (alpha_i / r_i) · B_i A_i``; factors are never averaged, products
+  are (``mean(B) @ mean(A)`` is off by ``Σ p_i (B_i − B̄)(A_i − Ā)``);
+* its weight is ``w_i = n_i · s(τ_i) / Σ_j n_j`` with ``s(τ) = (1 + τ)^(-1/2)``;
+* K adapters fold at once, per target matrix one GEMM
+  ``W += [w_1 s_1 B_1 | … | w_K s_K B_K] · [A_1; …; A_K]`` in fp32,
+  and that concatenation *is* the version's patch (an exact LoRA of rank Σ r_i, scale 1).
+
+Typical use by the coordinator::
+
+    for a in candidates:
+        check_structure(a, shapes, rank=job.rank, alpha=job.alpha)
+        n = delta_norm(a)
+        check_norm(n, recent_norms, factor=settings.norm_factor)
+    weights = fold_weights(tokens, taus, max_staleness=settings.max_staleness)
+    patch = fold(master, accepted, weights)          # master changed in place
+    ...                                              # validation loss worse? then:
+    apply_patch(master, patch, sign=-1.0)            # exact rollback (up to fp32 rounding)
+
+Speed: the sequential alternative (PEFT's ``merge_and_unload`` once per adapter) materializes
+a dense ``B_i @ A_i`` and reads and writes every weight K times. Here the only dense work is
+one ``addmm_`` per matrix with inner dimension Σ r_i, which BLAS runs near its peak rate, and
+every weight is read and written once. ``bench/fold.py`` measures both against the roofline.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from nomoat.adapter import KIND_ADAPTER, KIND_PATCH, Adapter
+
+__all__ = [
+    "AdapterRejected",
+    "apply_patch",
+    "build_patch",
+    "check_norm",
+    "check_structure",
+    "delta_norm",
+    "fold",
+    "fold_weights",
+    "patch_delta",
+    "staleness_factor",
+]
+
+
+class AdapterRejected(ValueError):
+    """An adapter (or its bookkeeping) fails a gate; the message is a sentence saying why."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Weights
+
+
+def staleness_factor(tau: int) -> float:
+    """``s(τ) = (1 + τ)^(-1/2)``: an adapter trained τ versions ago counts less, never zero."""
+    if tau < 0:
+        raise AdapterRejected(f"staleness {tau} is negative: the adapter's base is newer than the model")
+    return (1.0 + tau) ** -0.5
+
+
+def fold_weights(tokens: Sequence[int], taus: Sequence[int], max_staleness: int) -> list[float]:
+    """``w_i = n_i · s(τ_i) / Σ_j n_j`` for one fold.
+
+    The weights sum to 1 only when no adapter is stale: staleness shrinks an update, it does not
+    hand its share to the others.
+    """
+    if len(tokens) != len(taus):
+        raise ValueError(f"got {len(tokens)} token counts but {len(taus)} staleness values")
+    if not tokens:
+        raise ValueError("there are no adapters to weigh")
+    if max_staleness < 0:
+        raise ValueError(f"the staleness bound {max_staleness} is negative")
+    for i, (n, tau) in enumerate(zip(tokens, taus)):
+        if not n > 0:
+            raise AdapterRejected(f"adapter {i} reports {n} trained tokens; it must be positive")
+        if tau < 0:
+            raise AdapterRejected(
+                f"adapter {i} has staleness {tau}: its base version is newer than the current one"
+            )
+        if tau > max_staleness:
+            raise AdapterRejected(
+                f"adapter {i} is {tau} versions stale, more than the bound of {max_staleness}; "
+                "retrain it on a newer base"
+            )
+    total = float(sum(tokens))
+    return [n * staleness_factor(tau) / total for n, tau in zip(tokens, taus)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Gates
+
+
+def delta_norm(adapter: Adapter) -> float:
+    """``‖ΔW‖_F`` over all modules, from r×r Gram matrices (never forming ``B @ A``).
+
+    ``‖s·BA‖²_F = s² · tr(Bᵀ B · A Aᵀ) = s² · Σ (BᵀB ⊙ AAᵀ)`` (both Grams symmetric): O(r² d)
+    instead of O(r d_in d_out) time, O(r²) instead of O(d_in d_out) memory. Float64 for the Grams
+    so a tiny update is not lost to cancellation.
+    """
+    total = 0.0
+    for a, b in adapter.factors.values():
+        a64 = a.detach().to(torch.float64)
+        b64 = b.detach().to(torch.float64)
+        total += float(((b64.T @ b64) * (a64 @ a64.T)).sum())
+    # A sum of squared norms is ≥ 0: clamp rounding below zero (max() keeps a NaN visible).
+    return adapter.scale * math.sqrt(max(total, 0.0))
+
+
+def check_structure(
+    adapter: Adapter, shapes: Mapping[str, tuple[int, int]], rank: int, alpha: float
+) -> None:
+    """Refuse an adapter that does not match the job's LoRA config exactly.
+
+    ``shapes`` maps each target module to its weight's ``(d_out, d_in)``. Checks, in order: kind,
+    declared rank and alpha, the module set, each factor's shape, finiteness.
+    """
+    if adapter.kind != KIND_ADAPTER:
+        raise AdapterRejected(f"the upload is a {adapter.kind!r}, not an adapter")
+    if adapter.rank != rank:
+        raise AdapterRejected(f"the adapter declares rank {adapter.rank}, but the job trains rank {rank}")
+    if not math.isclose(float(adapter.alpha), float(alpha), rel_tol=1e-6):
+        raise AdapterRejected(f"the adapter declares alpha {adapter.alpha}, but the job uses alpha {alpha}")
+    missing = sorted(set(shapes) - set(adapter.factors))
+    extra = sorted(set(adapter.factors) - set(shapes))
+    if missing:
+        raise AdapterRejected(f"the adapter lacks {len(missing)} target module(s): {_few(missing)}")
+    if extra:
+        raise AdapterRejected(f"the adapter has {len(extra)} module(s) the job does not target: {_few(extra)}")
+    for module in sorted(shapes):
+        d_out, d_in = shapes[module]
+        a, b = adapter.factors[module]
+        if not (a.is_floating_point() and b.is_floating_point()):
+            raise AdapterRejected(f"{module}: the factors must be floating point, not {a.dtype}/{b.dtype}")
+        if tuple(a.shape) != (rank, d_in):
+            raise AdapterRejected(f"{module}: lora_A is {tuple(a.shape)}, expected {(rank, d_in)}")
+        if tuple(b.shape) != (d_out, rank):
+            raise AdapterRejected(f"{module}: lora_B is {tuple(b.shape)}, expected {(d_out, rank)}")
+        for name, t in (("lora_A", a), ("lora_B", b)):
+            if not bool(torch.isfinite(t).all()):
+                raise AdapterRejected(f"{module}: {name} holds NaN or Inf values")
+
+
+def check_norm(norm: float, recent: Sequence[float], factor: float) -> None:
+    """Refuse ``norm > factor × median(recent)``; with no history only finiteness is checked."""
+    if not math.isfinite(norm) or norm < 0:
+        raise AdapterRejected(f"the adapter's update norm is {norm}, not a finite non-negative number")
+    if not recent:
+        return
+    bound = factor * statistics.median(recent)
+    if norm > bound:
+        raise AdapterRejected(
+            f"the adapter's update norm {norm:.4g} exceeds {factor:g} × the recent median "
+            f"({bound:.4g}); it would move the model too far at once"
+        )
+
+
+def _few(names: Sequence[str], n: int = 3) -> str:
+    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
+
+
+# ---------------------------------------------------------------------------------------------
+# Folding
+
+
+def build_patch(
+    adapters: Sequence[Adapter], weights: Sequence[float], device: torch.device | str | None = None
+) -> Adapter:
+    """The exact patch of a fold: per module ``A = [A_1; …; A_K]``, ``B = [c_1 B_1 | … | c_K B_K]``
+    with ``c_i = w_i · scale_i``, kind ``"patch"`` (scale 1, rank Σ r_i of the adapters that
+    target the module).
+
+    Adapters may target different module sets (e.g. from different jobs); each module
+    concatenates the adapters that have it. ``device`` defaults to where the factors are; folding
+    passes the master's device so the concatenation is built where the GEMM runs.
+    """
+    if not adapters:
+        raise ValueError("there are no adapters to fold")
+    if len(weights) != len(adapters):
+        raise ValueError(f"got {len(adapters)} adapters but {len(weights)} weights")
+    coefs = [float(w) * a.scale for w, a in zip(weights, adapters)]
+    if not all(math.isfinite(c) for c in coefs):
+        raise ValueError(f"fold coefficients must be finite, got {coefs}")
+    members: dict[str, list[int]] = {}
+    for i, adapter in enumerate(adapters):
+        for module in adapter.factors:
+            members.setdefault(module, []).append(i)
+    factors = {
+        module: _concat(module, [adapters[i].factors[module] for i in idx], [coefs[i] for i in idx], device)
+        for module, idx in sorted(members.items())
+    }
+    # Per-module ranks may differ; the declared rank is informational (the shapes are the truth).
+    rank = max(a.shape[0] for a, _ in factors.values())
+    return Adapter(factors, rank=rank, alpha=float(rank), kind=KIND_PATCH)
+
+
+def _concat(
+    module: str,
+    pairs: list[tuple[torch.Tensor, torch.Tensor]],
+    coefs: list[float],
+    device: torch.device | str | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Write the factors once into preallocated buffers (scaling B on the way, the smaller side)."""
+    d_in, d_out = pairs[0][0].shape[1], pairs[0][1].shape[0]
+    for a, b in pairs:
+        if a.dim() != 2 or b.dim() != 2 or a.shape[1] != d_in or b.shape[0] != d_out or a.shape[0] != b.shape[1]:
+            raise ValueError(
+                f"{module}: factor shapes {tuple(a.shape)} / {tuple(b.shape)} do not fit "
+                f"a [{d_out}, {d_in}] weight"
+            )
+    device = torch.device(device) if device is not None else pairs[0][0].device
+    total = sum(a.shape[0] for a, _ in pairs)
+    a_cat = torch.empty(total, d_in, dtype=torch.float32, device=device)
+    b_cat = torch.empty(d_out, total, dtype=torch.float32, device=device)
+    row = 0
+    with torch.no_grad():
+        for (a, b), c in zip(pairs, coefs):
+            r = a.shape[0]
+            a_cat[row : row + r].copy_(a)
+            torch.mul(b.to(device, torch.float32), c, out=b_cat[:, row : row + r])
+            row += r
+    return a_cat, b_cat
+
+
+def apply_patch(master: dict[str, torch.Tensor], patch: Adapter, sign: float = 1.0) -> None:
+    """``W += sign · scale · B @ A`` in place, one GEMM per module, in the master's fp32.
+
+    ``sign=-1`` undoes an earlier ``apply_patch`` of the same patch up to fp32 rounding.
+    """
+    missing = sorted(set(patch.factors) - set(master))
+    if missing:
+        raise ValueError(f"the model has no weight for {len(missing)} patched module(s): {_few(missing)}")
+    coef = float(sign) * patch.scale
+    with torch.no_grad():
+        for module, (a, b) in patch.factors.items():
+            w = master[module]
+            if w.dtype != torch.float32:
+                # bf16 would silently drop most of a small update: the design keeps fp32 masters.
+                raise ValueError(f"{module}: the master weight is {w.dtype}; folding needs float32")
+            if w.shape != (b.shape[0], a.shape[1]):
+                raise ValueError(
+                    f"{module}: the patch makes a {b.shape[0]}×{a.shape[1]} update for a "
+                    f"{tuple(w.shape)} weight"
+                )
+            a = a.to(w.device, torch.float32)
+            b = b.to(w.device, torch.float32)
+            w.addmm_(b, a, alpha=coef)
+
+
+def fold(master: dict[str, torch.Tensor], adapters: Sequence[Adapter], weights: Sequence[float]) -> Adapter:
+    """Fold K adapters into ``master`` at once; return the patch that was applied."""
+    device = next(iter(master.values())).device if master else None
+    patch = build_patch(adapters, weights, device=device)
+    apply_patch(master, patch)
+    return patch
+
+
+def patch_delta(patch: Adapter, module: str) -> torch.Tensor:
+    """Dense ``ΔW`` of one module (for tests and small rollback checks; O(d_out·d_in) memory)."""
+    a, b = patch.factors[module]
+    return patch.scale * (b.to(torch.float32) @ a.to(torch.float32))

@@ -1,0 +1,131 @@
+"""The running model: fp32 master weights in memory, published versions as Hugging Face folders.
+
+Only the folder thread touches a ``RunningModel``. Master weights stay in float32 whatever the
+base model's dtype, because a small low-rank update added in bf16 is mostly rounded away;
+published weights are cast back to the base dtype, and (when that dtype is not float32) the
+exact fp32 master of the adapted matrices is stored beside them so a restart loses nothing.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from contextlib import contextmanager
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from coordinator.store import BlobStore
+from nomoat import packing
+from nomoat.adapter import Adapter
+
+MASTER_FILE = "nomoat-master.safetensors"  # not part of the pulled folder
+
+
+class Checkpoint:
+    def __init__(self, saved: dict[str, torch.Tensor]) -> None:
+        self.saved = saved
+        self.kept = False
+
+    def keep(self) -> None:
+        self.kept = True
+
+
+class RunningModel:
+    def __init__(self, folder: Path, device: str = "cpu") -> None:
+        self.tokenizer = AutoTokenizer.from_pretrained(folder)
+        config_dtype = getattr(_config(folder), "dtype", None) or torch.float32
+        self.base_dtype = config_dtype if isinstance(config_dtype, torch.dtype) else getattr(torch, str(config_dtype))
+        self.model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(device)
+        self.model.eval()
+        self.device = device
+        master = Path(folder) / MASTER_FILE
+        if master.exists():
+            self.load_master(st_load(master.read_bytes()))
+
+    # -- weights ------------------------------------------------------------------------------
+
+    def shapes(self, target_modules: Sequence[str]) -> dict[str, tuple[int, int]]:
+        """Every nn.Linear whose last name is a target: module path -> (d_out, d_in)."""
+        targets = set(target_modules)
+        return {
+            name: (m.out_features, m.in_features)
+            for name, m in self.model.named_modules()
+            if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in targets
+        }
+
+    def master(self, modules: Sequence[str]) -> dict[str, torch.Tensor]:
+        """The live fp32 weights of ``modules`` (views: folding into them changes the model)."""
+        table = dict(self.model.named_modules())
+        return {name: table[name].weight.data for name in modules}
+
+    def load_master(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        weights = self.master(list(tensors))
+        for name, value in tensors.items():
+            weights[name].copy_(value.to(torch.float32))
+
+    @contextmanager
+    def restorable(self, modules: Sequence[str]) -> Iterator[Checkpoint]:
+        """Undo every change to ``modules`` on exit, unless ``checkpoint.keep()`` was called."""
+        checkpoint = Checkpoint({name: w.clone() for name, w in self.master(modules).items()})
+        try:
+            yield checkpoint
+        finally:
+            if not checkpoint.kept:
+                for name, w in self.master(modules).items():
+                    w.copy_(checkpoint.saved[name])
+
+    # -- evaluation ---------------------------------------------------------------------------
+
+    def eval_loss(self, texts: Sequence[str], seq_len: int) -> float:
+        blocks = packing.pack(self.tokenizer, texts, seq_len)
+        return packing.mean_loss(self.model, blocks)
+
+    def loss_with(self, adapter: Adapter, weight: float, texts: Sequence[str], seq_len: int) -> float:
+        """Held-out loss of (current + weight·ΔW) without changing the model."""
+        from coordinator import folding
+
+        with self.restorable(adapter.modules()):
+            folding.apply_patch(self.master(adapter.modules()), folding.build_patch([adapter], [weight]))
+            return self.eval_loss(texts, seq_len)
+
+    # -- publishing ---------------------------------------------------------------------------
+
+    def publish(self, store: BlobStore, adapted: Sequence[str]) -> dict[str, str]:
+        """Write the current weights as a Hugging Face folder into the store: path -> sha256."""
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp)
+            state = {k: v.to(self.base_dtype) for k, v in self.model.state_dict().items()}
+            self.model.save_pretrained(out, state_dict=state, safe_serialization=True)
+            self.tokenizer.save_pretrained(out)
+            if self.base_dtype != torch.float32:
+                master = {k: v.contiguous() for k, v in self.master(adapted).items()}
+                (out / MASTER_FILE).write_bytes(st_save(master))
+            return {
+                str(p.relative_to(out)): store.put_file(p)
+                for p in sorted(out.rglob("*"))
+                if p.is_file()
+            }
+
+
+def _config(folder: Path):
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(folder)
+
+
+def materialize(store: BlobStore, files: Mapping[str, str], target: Path) -> Path:
+    """Write a version's files from the store into ``target`` (created atomically)."""
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+    for rel, sha in files.items():
+        path = tmp / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(store.get(sha))
+    tmp.rename(target)
+    return target

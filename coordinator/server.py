@@ -1,0 +1,219 @@
+"""The coordinator process: wires the ledger, store, running model, scheduler, folder and gRPC.
+
+Start-up order: Redis (embedded unless --redis-url), tokens, Ray (a head unless --ray-address),
+the running model (version 0 is the base model, published on first start; later starts load the
+newest version), then the gRPC server and two loops: the scheduler and the folder. Shutdown
+runs the same list backwards.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import tempfile
+import threading
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+import redis
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
+
+from coordinator import service
+from coordinator.auth import AuthInterceptor, TokenRegistry
+from coordinator.folder import Folder
+from coordinator.ledger import Ledger
+from coordinator.model import RunningModel, materialize
+from coordinator.redis_server import EmbeddedRedis
+from coordinator.scheduler import Scheduler
+from coordinator.settings import Settings
+from coordinator.store import BlobStore
+from worker import node as ray_node
+
+log = logging.getLogger("nomoat.coordinator")
+
+
+def base_model_folder(spec: str) -> Path:
+    if spec == "tiny":
+        from nomoat.tiny import tiny_model_path
+
+        return tiny_model_path()
+    folder = Path(spec).expanduser()
+    if not (folder / "config.json").exists():
+        raise SystemExit(f"--base-model {spec}: not a Hugging Face model folder (no config.json)")
+    return folder
+
+
+def redis_client(url: str) -> redis.Redis:
+    """A client that rides out a Redis restart: retries with exponential backoff, then errors."""
+    return redis.Redis.from_url(
+        url,
+        retry=Retry(ExponentialBackoff(cap=5.0, base=0.1), retries=12),
+        retry_on_error=[redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError],
+        health_check_interval=15,
+        socket_timeout=30,
+    )
+
+
+def _secret_file(path: Path) -> str:
+    if not path.exists():
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(secrets.token_hex(32) + "\n")
+    return path.read_text().strip()
+
+
+class Coordinator:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.data_dir = Path(settings.data_dir)
+        self._stopping = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._redis_server: EmbeddedRedis | None = None
+        self._ray_head: ray_node.RayNode | None = None
+        self.idle_jobs: set[str] = set()
+        self.server: grpc.Server | None = None
+
+    # -- start-up -----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.data_dir, 0o700)
+        self._start_redis()
+        self.registry = TokenRegistry(self.r)
+        self.admin_token = self.registry.ensure_file(self.data_dir / "admin.token", "admin")
+        self.worker_token = self.registry.ensure_file(self.data_dir / "worker.token", "worker")
+        self.store = BlobStore(self.data_dir / "blobs")
+        self._start_model()
+        self._start_ray()
+        self._start_grpc()
+        self._start_loops()
+
+    def _start_redis(self) -> None:
+        url = self.settings.redis_url
+        if not url:
+            self._redis_server = EmbeddedRedis(self.data_dir / "redis")
+            url = self._redis_server.start()
+        self.r = redis_client(url)
+        self.r.ping()
+        self.ledger = Ledger(self.r)
+
+    def _start_model(self) -> None:
+        latest = self.ledger.latest_version()
+        if latest is None:
+            self.model = RunningModel(base_model_folder(self.settings.base_model))
+            files = self.model.publish(self.store, [])
+            self.ledger.publish_version(0, {"parent": -1, "files": files, "adapters": [], "eval_loss": "nan"})
+            log.info("version 0 is the base model %s", self.settings.base_model)
+        else:
+            record = self.ledger.version(latest)
+            folder = materialize(self.store, record["files"], self.data_dir / "versions" / str(latest))
+            self.model = RunningModel(folder)
+            log.info("resuming from version %d", latest)
+        self.shapes = self.model.shapes(
+            {name.rsplit(".", 1)[-1] for name, m in self.model.model.named_modules()
+             if m.__class__.__name__ == "Linear"}
+        )
+
+    def _start_ray(self) -> None:
+        import ray
+
+        self.ray_token = _secret_file(self.data_dir / "ray.token")
+        address = self.settings.ray_address
+        if not address:
+            temp_dir = Path(tempfile.mkdtemp(prefix="nomoat-ray-"))
+            self._ray_head, address = ray_node.head_node(
+                self.settings.ray_node_ip, self.settings.ray_port, self.ray_token, temp_dir,
+                self.data_dir / "logs" / "ray-head.log",
+            )
+            self._ray_head.start()
+        self.ray_address = address
+        os.environ.update(ray_node.auth_env(self.ray_token))
+        ray.init(address=address, namespace="nomoat", log_to_driver=False, configure_logging=False)
+        from coordinator.dispatch import RayDispatcher
+
+        self.dispatcher = RayDispatcher()
+
+    def _start_grpc(self) -> None:
+        deps = service.Deps(self.settings, self.ledger, self.store, self.registry, self.model.tokenizer,
+                            self.shapes, self.ray_address, self.ray_token)
+        self.server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=32, thread_name_prefix="rpc"),
+            interceptors=[AuthInterceptor(self.registry)],
+            options=[("grpc.max_receive_message_length", 8 << 20), ("grpc.max_send_message_length", 8 << 20)],
+            maximum_concurrent_rpcs=256,
+        )
+        service.add_all(self.server, deps)
+        self.health = health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        if self.settings.tls_cert:
+            creds = grpc.ssl_server_credentials(
+                [(Path(self.settings.tls_key).read_bytes(), Path(self.settings.tls_cert).read_bytes())]
+            )
+            port = self.server.add_secure_port(self.settings.listen, creds)
+        else:
+            port = self.server.add_insecure_port(self.settings.listen)
+        if port == 0:
+            raise SystemExit(f"cannot listen on {self.settings.listen}: the address is in use or invalid")
+        self.server.start()
+        self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+
+    def _start_loops(self) -> None:
+        from coordinator.dispatch import task_resources
+
+        model_config = self.model.model.config
+        self.scheduler = Scheduler(self.settings, self.ledger, self.dispatcher, self.worker_token,
+                                   lambda job_config: task_resources(model_config, job_config))
+        self.folder = Folder(self.settings, self.ledger, self.store, self.model)
+        for name, body in (("scheduler", self._schedule_loop), ("folder", self._fold_loop)):
+            thread = threading.Thread(target=body, name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def _schedule_loop(self) -> None:
+        while not self._stopping.wait(self.settings.tick_s):
+            try:
+                self.idle_jobs = self.scheduler.tick()
+            except redis.ConnectionError as exc:
+                log.warning("Redis is unreachable (%s); retrying", exc)
+            except Exception:  # noqa: BLE001  (the loop must outlive one bad round)
+                log.exception("scheduler round failed")
+
+    def _fold_loop(self) -> None:
+        while not self._stopping.wait(self.settings.tick_s):
+            try:
+                self.folder.maybe_fold(self.idle_jobs)
+            except redis.ConnectionError as exc:
+                log.warning("Redis is unreachable (%s); retrying", exc)
+            except Exception:  # noqa: BLE001
+                log.exception("fold round failed")
+
+    # -- shutdown -----------------------------------------------------------------------------
+
+    def join_command(self) -> str:
+        return (f"NOMOAT_TOKEN={self.worker_token} nomoat worker start "
+                f"--coordinator {self.settings.join_address} --ray-address {self.ray_address}")
+
+    def wait(self) -> None:
+        self._stopping.wait()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        if self.server is not None:
+            self.health.enter_graceful_shutdown()
+            self.server.stop(grace=5).wait()
+        for thread in self._threads:
+            thread.join(timeout=60)
+        try:
+            import ray
+
+            ray.shutdown()
+        except Exception:  # noqa: BLE001
+            log.exception("ray.shutdown failed")
+        if self._ray_head is not None:
+            self._ray_head.stop()
+        if self._redis_server is not None:
+            self._redis_server.stop()

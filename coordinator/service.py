@@ -1,0 +1,264 @@
+"""gRPC servicers: translate messages to domain calls and back, nothing else.
+
+Refusals a client should act on (a bad dataset, a stale lease) are answered with a status code
+and a sentence; an adapter upload that fails its checks is a normal reply with ``accepted =
+false`` and the reason, so the worker can log it and move on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from coordinator import collect, submit
+from coordinator.auth import TokenRegistry, caller
+from coordinator.ledger import Ledger
+from coordinator.settings import Settings
+from coordinator.store import BlobStore
+from nomoat.records import DatasetError
+from nomoat.v1 import nomoat_pb2 as pb
+from nomoat.v1 import nomoat_pb2_grpc as rpc
+
+log = logging.getLogger("nomoat.service")
+CHUNK = 1 << 20
+
+
+@dataclass
+class Deps:
+    settings: Settings
+    ledger: Ledger
+    store: BlobStore
+    registry: TokenRegistry
+    tokenizer: Any
+    shapes: dict[str, tuple[int, int]]  # every nn.Linear of the base model
+    ray_address: str
+    ray_auth_token: str
+
+
+def _float(value: str | None, default: float = float("nan")) -> float:
+    try:
+        return float(value) if value not in (None, "") else default
+    except ValueError:
+        return default
+
+
+def job_info(deps: Deps, job_id: str) -> pb.JobInfo | None:
+    job = deps.ledger.job(job_id)
+    if job is None:
+        return None
+    counts = deps.ledger.task_counts(job_id)
+    return pb.JobInfo(
+        job_id=job_id,
+        name=job.get("name", ""),
+        state=job.get("state", ""),
+        tasks=pb.TaskCounts(**counts),
+        total_tasks=int(job.get("total_tasks", 0)),
+        adapters_folded=int(job.get("adapters_folded", 0)),
+        adapters_rejected=int(job.get("adapters_rejected", 0)),
+        error=job.get("error", ""),
+        created=_float(job.get("created"), 0.0),
+        tokens=int(job.get("tokens", 0)),
+        dataset_sha256=job.get("dataset", ""),
+        base_loss=_float(job.get("base_loss")),
+    )
+
+
+class DatasetsServicer(rpc.DatasetsServicer):
+    def __init__(self, deps: Deps) -> None:
+        self.deps = deps
+
+    def Submit(self, request_iterator, context):
+        limit = self.deps.settings.max_dataset_bytes
+        header, parts, received, digest, claimed = None, [], 0, hashlib.sha256(), None
+        for chunk in request_iterator:
+            kind = chunk.WhichOneof("part")
+            if header is None and kind != "header":
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first message must be the header")
+            if kind == "header":
+                if header is not None:
+                    context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the header was sent twice")
+                header = chunk.header
+                if header.size > limit:
+                    context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                  f"the dataset is {header.size} bytes; this coordinator accepts at most {limit}")
+            elif kind == "data":
+                received += len(chunk.data)
+                if received > min(limit, header.size):
+                    context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                  "more data arrived than the header announced")
+                digest.update(chunk.data)
+                parts.append(chunk.data)
+            elif kind == "sha256":
+                claimed = chunk.sha256
+        if header is None:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "no dataset was sent")
+        if received != header.size or claimed != digest.hexdigest():
+            context.abort(grpc.StatusCode.DATA_LOSS,
+                          "the dataset arrived incomplete or damaged (size or sha256 mismatch); nothing was stored")
+        requested = {
+            "lora_rank": header.config.lora_rank,
+            "lora_alpha": header.config.lora_alpha,
+            "target_modules": list(header.config.target_modules),
+            "seq_len": header.config.seq_len,
+            "learning_rate": header.config.learning_rate,
+            "batch_size": header.config.batch_size,
+            "epochs": header.config.epochs,
+            "tokens_per_task": header.config.tokens_per_task,
+        }
+        try:
+            result = submit.submit(self.deps.settings, self.deps.ledger, self.deps.store, self.deps.tokenizer,
+                                   list(self.deps.shapes), b"".join(parts), header.filename, header.name, requested)
+        except DatasetError as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{header.filename}: {exc}")
+        log.info("job %s: %d records, %d tasks", result.job_id, result.records, result.tasks)
+        return pb.SubmitReply(job_id=result.job_id, tasks=result.tasks, records=result.records,
+                              tokens=result.tokens, validation_records=result.validation_records)
+
+
+class JobsServicer(rpc.JobsServicer):
+    def __init__(self, deps: Deps) -> None:
+        self.deps = deps
+
+    def Status(self, request, context):
+        ledger = self.deps.ledger
+        ids = [request.job_id] if request.job_id else ledger.job_ids()
+        jobs = [j for j in (job_info(self.deps, i) for i in ids) if j is not None]
+        if request.job_id and not jobs:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"there is no job {request.job_id!r}")
+        now = time.time()
+        workers = []
+        for w in ledger.workers():
+            card = pb.Card()
+            if w.get("card"):
+                card.ParseFromString(bytes.fromhex(w["card"]))
+            seen = _float(w.get("last_seen"), 0.0)
+            workers.append(pb.WorkerInfo(
+                worker_id=w["worker_id"], name=w.get("name", ""), card=card, last_seen=seen,
+                tasks_done=int(w.get("tasks_done", 0)),
+                state="active" if now - seen < 3 * self.deps.settings.lease_ttl_s else "gone"))
+        versions = [
+            pb.VersionInfo(version=v["version"], parent=v["parent"], eval_loss=v["eval_loss"],
+                           adapters=len(v.get("adapters", [])), created=_float(v.get("created"), 0.0),
+                           job_id=v.get("job_id", ""))
+            for v in ledger.versions()
+        ]
+        return pb.StatusReply(jobs=jobs, workers=workers, versions=versions)
+
+    def Watch(self, request, context):
+        last = None
+        while context.is_active():
+            info = job_info(self.deps, request.job_id)
+            if info is None:
+                context.abort(grpc.StatusCode.NOT_FOUND, f"there is no job {request.job_id!r}")
+            latest = self.deps.ledger.latest_version() or 0
+            record = self.deps.ledger.version(latest) or {}
+            progress = pb.JobProgress(job=info, current_version=latest, eval_loss=record.get("eval_loss", 0.0),
+                                      finished=info.state != "running")
+            if progress != last:
+                yield progress
+                last = progress
+            if progress.finished:
+                return
+            time.sleep(0.5)
+
+
+class WorkersServicer(rpc.WorkersServicer):
+    def __init__(self, deps: Deps) -> None:
+        self.deps = deps
+
+    def Register(self, request, context):
+        if not request.name or len(request.name) > 200:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a worker needs a name of at most 200 characters")
+        worker_id = "w-" + secrets.token_hex(4)
+        identity = caller(context, self.deps.registry)
+        self.deps.ledger.register_worker(worker_id, {
+            "name": request.name, "card": request.card.SerializeToString().hex(),
+            "node_id": request.node_id, "token": identity.token_hash if identity else "",
+        })
+        log.info("worker %s registered: %s with %s (%.0f GB)", worker_id, request.name, request.card.name,
+                 request.card.vram_gb)
+        return pb.RegisterReply(worker_id=worker_id, ray_address=self.deps.ray_address,
+                                ray_auth_token=self.deps.ray_auth_token)
+
+    def Heartbeat(self, request, context):
+        deadline = time.time() + self.deps.settings.lease_ttl_s
+        reason = self.deps.ledger.heartbeat(request.task_id, request.fence, deadline)
+        self.deps.ledger.touch_worker(request.worker_id)
+        return pb.HeartbeatReply(ok=not reason, deadline=deadline if not reason else 0.0, reason=reason)
+
+    def FetchShard(self, request, context):
+        problem = self.deps.ledger.lease_problem(request.task_id, request.fence)
+        if problem:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, problem)
+        task = self.deps.ledger.task(request.task_id)
+        job = self.deps.ledger.job(task["job"])
+        lines = self.deps.store.get(job["records"]).splitlines(keepends=True)
+        data = b"".join(lines[int(task["start"]) : int(task["end"])])
+        for i in range(0, len(data), CHUNK):
+            yield pb.DataChunk(data=data[i : i + CHUNK])
+
+    def Upload(self, request_iterator, context):
+        limit = self.deps.settings.max_adapter_bytes
+        manifest, parts, size = None, [], 0
+        for chunk in request_iterator:
+            if chunk.WhichOneof("part") == "manifest":
+                if manifest is not None:
+                    context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the manifest was sent twice")
+                manifest = chunk.manifest
+                if manifest.size > limit:
+                    return pb.UploadReply(accepted=False,
+                                          reason=f"the adapter is {manifest.size} bytes; the limit is {limit}")
+                continue
+            if manifest is None:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first message must be the manifest")
+            size += len(chunk.data)
+            if size > manifest.size:
+                return pb.UploadReply(accepted=False, reason="more bytes arrived than the manifest announced")
+            parts.append(chunk.data)
+        if manifest is None:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "no manifest was sent")
+        m = collect.Manifest(
+            task_id=manifest.task_id, fence=manifest.fence, base_version=manifest.base_version,
+            rank=manifest.rank, alpha=manifest.alpha, tokens=manifest.tokens, train_loss=manifest.train_loss,
+            sha256=manifest.sha256, size=manifest.size, worker_id=manifest.worker_id,
+        )
+        result = collect.receive(self.deps.ledger, self.deps.store, self.deps.shapes, m, b"".join(parts))
+        if result.ok:
+            return pb.UploadReply(accepted=True, adapter_id=result.detail)
+        log.warning("upload for %s refused: %s", manifest.task_id, result.detail)
+        return pb.UploadReply(accepted=False, reason=result.detail)
+
+
+class ModelsServicer(rpc.ModelsServicer):
+    def __init__(self, deps: Deps) -> None:
+        self.deps = deps
+
+    def Pull(self, request, context):
+        ledger = self.deps.ledger
+        number = ledger.latest_version() if request.version < 0 else request.version
+        record = ledger.version(number) if number is not None else None
+        if record is None:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"there is no version {request.version}")
+        files = {p: sha for p, sha in record["files"].items() if not p.startswith("nomoat-")}
+        store = self.deps.store
+        yield pb.PullChunk(header=pb.PullHeader(version=number, files=[
+            pb.FileEntry(path=p, size=store.size(sha), sha256=sha) for p, sha in sorted(files.items())
+        ]))
+        for path, sha in sorted(files.items()):
+            offset = 0
+            for block in store.chunks(sha, CHUNK):
+                yield pb.PullChunk(file=pb.FileChunk(path=path, offset=offset, data=block))
+                offset += len(block)
+
+
+def add_all(server: grpc.Server, deps: Deps) -> None:
+    rpc.add_DatasetsServicer_to_server(DatasetsServicer(deps), server)
+    rpc.add_JobsServicer_to_server(JobsServicer(deps), server)
+    rpc.add_WorkersServicer_to_server(WorkersServicer(deps), server)
+    rpc.add_ModelsServicer_to_server(ModelsServicer(deps), server)

@@ -1,0 +1,170 @@
+"""Submit: a dataset file becomes a job of training tasks.
+
+All-or-nothing: every record is validated before anything is stored, so a bad line leaves no
+trace. A random slice of the records (seeded by the dataset's hash, so resubmitting gives the
+same split) is held back for evaluation; the rest is cut into contiguous tasks of about
+``tokens_per_task`` tokens.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import secrets
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from coordinator.ledger import Ledger
+from coordinator.settings import JobDefaults, Settings
+from coordinator.store import BlobStore
+from nomoat.records import DatasetError, parse_dataset
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    lora_rank: int
+    lora_alpha: float
+    target_modules: tuple[str, ...]
+    seq_len: int
+    learning_rate: float
+    batch_size: int
+    epochs: int
+    tokens_per_task: int
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["target_modules"] = list(self.target_modules)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> JobConfig:
+        return cls(**{**d, "target_modules": tuple(d["target_modules"])})
+
+
+@dataclass(frozen=True)
+class SubmitResult:
+    job_id: str
+    tasks: int
+    records: int
+    tokens: int
+    validation_records: int
+
+
+_LIMITS = {
+    "lora_rank": (1, 1024),
+    "lora_alpha": (1e-3, 1e4),
+    "seq_len": (8, 32768),
+    "learning_rate": (1e-7, 1.0),
+    "batch_size": (1, 4096),
+    "epochs": (1, 100),
+    "tokens_per_task": (64, 1 << 34),
+}
+
+
+def resolve_config(requested: dict[str, Any], defaults: JobDefaults, modules: Sequence[str]) -> JobConfig:
+    """Fill unset (zero or empty) fields from the defaults and check every value's range."""
+    merged: dict[str, Any] = {}
+    for key, default in asdict(defaults).items():
+        value = requested.get(key)
+        merged[key] = value if value else default
+    merged["target_modules"] = tuple(merged["target_modules"])
+    for key, (low, high) in _LIMITS.items():
+        if not low <= merged[key] <= high:
+            raise DatasetError(f"{key} = {merged[key]} is out of range; it must lie in [{low}, {high}]")
+    names = {m.rsplit(".", 1)[-1] for m in modules}
+    unknown = sorted(set(merged["target_modules"]) - names)
+    if unknown:
+        raise DatasetError(
+            f"target modules {', '.join(unknown)} are not linear layers of the base model "
+            f"(it has: {', '.join(sorted(names))})"
+        )
+    return JobConfig(**merged)
+
+
+def split_tasks(token_counts: Sequence[int], tokens_per_task: int) -> list[tuple[int, int]]:
+    """Contiguous [start, end) record ranges of about ``tokens_per_task`` tokens each."""
+    ranges: list[tuple[int, int]] = []
+    start, total = 0, 0
+    for i, count in enumerate(token_counts):
+        total += count
+        if total >= tokens_per_task:
+            ranges.append((start, i + 1))
+            start, total = i + 1, 0
+    if start < len(token_counts):
+        if ranges and total < tokens_per_task // 2:
+            ranges[-1] = (ranges[-1][0], len(token_counts))  # a small tail joins the last task
+        else:
+            ranges.append((start, len(token_counts)))
+    return ranges
+
+
+def records_blob(texts: Sequence[str]) -> bytes:
+    return "".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts).encode("utf-8")
+
+
+def read_records(data: bytes, start: int = 0, end: int | None = None) -> list[str]:
+    lines = data.decode("utf-8").splitlines()
+    return [json.loads(line)["text"] for line in lines[start:end]]
+
+
+def submit(
+    settings: Settings,
+    ledger: Ledger,
+    store: BlobStore,
+    tokenizer,
+    modules: Sequence[str],
+    data: bytes,
+    filename: str,
+    name: str,
+    requested: dict[str, Any],
+) -> SubmitResult:
+    if len(data) > settings.max_dataset_bytes:
+        raise DatasetError(
+            f"the dataset is {len(data)} bytes; this coordinator accepts at most {settings.max_dataset_bytes}"
+        )
+    config = resolve_config(requested, settings.job, modules)
+    texts = parse_dataset(data, filename)
+    if len(texts) < 2:
+        raise DatasetError("a dataset needs at least 2 records: one to train on and one to evaluate")
+
+    digest = hashlib.sha256(data).hexdigest()
+    order = list(range(len(texts)))
+    random.Random(digest).shuffle(order)
+    n_val = round(len(texts) * settings.validation_fraction)
+    n_val = max(1, min(n_val, settings.max_validation_records, len(texts) - 1))
+    records = [texts[i] for i in order]
+    counts = [len(ids) + 1 for ids in tokenizer(records[n_val:], add_special_tokens=False)["input_ids"]]
+    ranges = split_tasks(counts, config.tokens_per_task)
+
+    dataset_sha = store.put(data)
+    records_sha = store.put(records_blob(records))
+    job_id = "j-" + secrets.token_hex(4)
+    tasks = [
+        {
+            "task_id": f"{job_id}-t{i:03d}",
+            "index": i,
+            "start": n_val + s,
+            "end": n_val + e,
+            "tokens": sum(counts[s:e]) * config.epochs,
+        }
+        for i, (s, e) in enumerate(ranges)
+    ]
+    ledger.create_job(
+        job_id,
+        {
+            "name": name or filename,
+            "dataset": dataset_sha,
+            "records": records_sha,
+            "n_records": len(records),
+            "n_validation": n_val,
+            "tokens": sum(counts) * config.epochs,
+            "config": config.to_dict(),
+            "total_tasks": len(tasks),
+            "adapters_folded": 0,
+            "adapters_rejected": 0,
+        },
+        tasks,
+    )
+    return SubmitResult(job_id, len(tasks), len(records), sum(counts), n_val)

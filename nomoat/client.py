@@ -1,0 +1,201 @@
+"""The one gRPC client, used by the command line and by workers.
+
+Every call carries the bearer token and a deadline; large payloads are streamed in chunks well
+under gRPC's 4 MiB message limit; failures become :class:`NomoatError` with a sentence a person
+can act on, never a traceback.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import grpc
+
+from nomoat.v1 import nomoat_pb2 as pb
+from nomoat.v1 import nomoat_pb2_grpc as rpc
+
+CHUNK = 1 << 20  # 1 MiB per message
+DEFAULT_ADDRESS = "127.0.0.1:50051"
+MAX_MESSAGE = 8 << 20
+
+
+class NomoatError(RuntimeError):
+    """A failure explained in one sentence."""
+
+
+def default_address() -> str:
+    return os.environ.get("NOMOAT_COORDINATOR") or DEFAULT_ADDRESS
+
+
+def _explain(exc: grpc.RpcError, address: str) -> NomoatError:
+    code = exc.code() if hasattr(exc, "code") else None
+    detail = exc.details() if hasattr(exc, "details") else str(exc)
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return NomoatError(f"cannot reach the coordinator at {address} ({detail}); is it running?")
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return NomoatError(f"the coordinator at {address} did not answer in time")
+    if code == grpc.StatusCode.UNAUTHENTICATED:
+        return NomoatError(f"the coordinator refused the token: {detail}")
+    if code == grpc.StatusCode.PERMISSION_DENIED:
+        return NomoatError(f"not allowed: {detail}")
+    return NomoatError(detail or f"the call failed with {code}")
+
+
+class CoordinatorClient:
+    def __init__(self, address: str | None = None, token: str | None = None, tls_ca: str | None = None) -> None:
+        self.address = address or default_address()
+        self.token = token if token is not None else os.environ.get("NOMOAT_TOKEN", "")
+        options = [
+            ("grpc.max_receive_message_length", MAX_MESSAGE),
+            ("grpc.max_send_message_length", MAX_MESSAGE),
+        ]
+        if tls_ca:
+            creds = grpc.ssl_channel_credentials(root_certificates=Path(tls_ca).read_bytes())
+            self.channel = grpc.secure_channel(self.address, creds, options=options)
+        else:
+            self.channel = grpc.insecure_channel(self.address, options=options)
+        self.datasets = rpc.DatasetsStub(self.channel)
+        self.jobs = rpc.JobsStub(self.channel)
+        self.workers = rpc.WorkersStub(self.channel)
+        self.models = rpc.ModelsStub(self.channel)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> CoordinatorClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def _meta(self) -> tuple[tuple[str, str], ...]:
+        return (("authorization", f"Bearer {self.token}"),) if self.token else ()
+
+    def _call(self, method, request, timeout: float = 30.0):
+        try:
+            return method(request, timeout=timeout, metadata=self._meta)
+        except grpc.RpcError as exc:
+            raise _explain(exc, self.address) from None
+
+    def _stream(self, method, request, timeout: float) -> Iterator:
+        try:
+            yield from method(request, timeout=timeout, metadata=self._meta)
+        except grpc.RpcError as exc:
+            raise _explain(exc, self.address) from None
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        try:
+            grpc.channel_ready_future(self.channel).result(timeout=timeout)
+        except grpc.FutureTimeoutError:
+            raise NomoatError(f"cannot reach the coordinator at {self.address} within {timeout:.0f} s") from None
+
+    # -- submit -------------------------------------------------------------------------------
+
+    def submit(
+        self,
+        path: Path,
+        name: str = "",
+        config: pb.JobConfig | None = None,
+        progress: Callable[[int], None] | None = None,
+    ) -> pb.SubmitReply:
+        path = Path(path)
+        size = path.stat().st_size
+
+        def chunks() -> Iterator[pb.SubmitChunk]:
+            yield pb.SubmitChunk(header=pb.SubmitHeader(name=name, filename=path.name, size=size, config=config))
+            digest = hashlib.sha256()
+            with open(path, "rb") as fh:
+                for block in iter(lambda: fh.read(CHUNK), b""):
+                    digest.update(block)
+                    yield pb.SubmitChunk(data=block)
+                    if progress:
+                        progress(len(block))
+            yield pb.SubmitChunk(sha256=digest.hexdigest())
+
+        return self._call(self.datasets.Submit, chunks(), timeout=120 + size / (1 << 20))
+
+    # -- status -------------------------------------------------------------------------------
+
+    def status(self, job_id: str = "") -> pb.StatusReply:
+        return self._call(self.jobs.Status, pb.StatusRequest(job_id=job_id))
+
+    def watch(self, job_id: str, timeout: float = 7 * 24 * 3600) -> Iterator[pb.JobProgress]:
+        return self._stream(self.jobs.Watch, pb.WatchRequest(job_id=job_id), timeout)
+
+    # -- pull ---------------------------------------------------------------------------------
+
+    def pull(self, out: Path, version: int = -1, timeout: float = 3600) -> int:
+        """Write a version's Hugging Face folder into ``out``; returns the version number.
+
+        Files land in a temporary folder beside ``out`` and are checked against their sha256
+        before the folder is moved into place, so ``out`` is never half-written.
+        """
+        out = Path(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
+        try:
+            number, entries = self._pull_into(tmp, version, timeout)
+            for entry in entries:
+                got = hashlib.sha256((tmp / entry.path).read_bytes()).hexdigest()
+                if got != entry.sha256 or (tmp / entry.path).stat().st_size != entry.size:
+                    raise NomoatError(f"{entry.path} arrived damaged (sha256 mismatch); pull again")
+            if out.exists():
+                shutil.rmtree(out)
+            tmp.rename(out)
+            return number
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+
+    def _pull_into(self, tmp: Path, version: int, timeout: float):
+        number, entries, handles = -1, [], {}
+        try:
+            for chunk in self._stream(self.models.Pull, pb.PullRequest(version=version), timeout):
+                if chunk.HasField("header"):
+                    number, entries = chunk.header.version, list(chunk.header.files)
+                    allowed = {e.path for e in entries}
+                    for e in entries:
+                        target = (tmp / e.path).resolve()
+                        if tmp.resolve() not in target.parents:
+                            raise NomoatError(f"the coordinator sent an unsafe file name {e.path!r}")
+                        target.parent.mkdir(parents=True, exist_ok=True)
+                        handles[e.path] = open(target, "wb")
+                    continue
+                part = chunk.file
+                if number < 0 or part.path not in allowed:
+                    raise NomoatError("the coordinator's pull stream was malformed")
+                handles[part.path].write(part.data)
+        finally:
+            for fh in handles.values():
+                fh.close()
+        if number < 0:
+            raise NomoatError("the coordinator sent no model")
+        return number, entries
+
+    # -- workers ------------------------------------------------------------------------------
+
+    def register(self, name: str, card: pb.Card, node_id: str = "") -> pb.RegisterReply:
+        return self._call(self.workers.Register, pb.RegisterRequest(name=name, card=card, node_id=node_id))
+
+    def heartbeat(self, task_id: str, fence: int, worker_id: str = "") -> pb.HeartbeatReply:
+        return self._call(
+            self.workers.Heartbeat, pb.HeartbeatRequest(task_id=task_id, fence=fence, worker_id=worker_id), timeout=15
+        )
+
+    def fetch_shard(self, task_id: str, fence: int) -> bytes:
+        parts = self._stream(self.workers.FetchShard, pb.FetchShardRequest(task_id=task_id, fence=fence), 600)
+        return b"".join(p.data for p in parts)
+
+    def upload(self, manifest: pb.AdapterManifest, data: bytes, timeout: float = 600) -> pb.UploadReply:
+        def chunks() -> Iterator[pb.UploadChunk]:
+            yield pb.UploadChunk(manifest=manifest)
+            for i in range(0, len(data), CHUNK):
+                yield pb.UploadChunk(data=data[i : i + CHUNK])
+
+        return self._call(self.workers.Upload, chunks(), timeout=timeout)

@@ -1,0 +1,112 @@
+"""A Ray node as a child process: ``ray start --block``, stopped with SIGTERM.
+
+``ray stop`` would stop every Ray process on the machine, including other volunteers' nodes
+and the head; a blocking ``ray start`` stops exactly its own node when terminated, which is
+what lets several workers (and a coordinator) share one machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+RAY_CLI = [sys.executable, "-c", "from ray.scripts.scripts import main; main()", "start"]
+
+
+class RayNodeError(RuntimeError):
+    """The Ray node did not start; the message says why and where its log is."""
+
+
+class RayNode:
+    def __init__(self, args: list[str], env: Mapping[str, str], log_path: Path) -> None:
+        self.args = args
+        self.env = {**os.environ, **env}
+        self.log_path = Path(log_path)
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 90.0) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(
+            [*RAY_CLI, *self.args, "--block", "--disable-usage-stats"],
+            env=self.env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # Ctrl-C goes to us; we stop the node in order
+        )
+        log.close()
+        end = time.monotonic() + timeout
+        while b"--block" not in self.log_path.read_bytes():  # printed once the node is up
+            if self.proc.poll() is not None:
+                raise RayNodeError(f"the Ray node exited (code {self.proc.returncode}); see {self.log_path}:\n"
+                                   + self.log_path.read_text(errors="replace")[-1500:])
+            if time.monotonic() > end:
+                self.stop()
+                raise RayNodeError(f"the Ray node did not start within {timeout:.0f} s; see {self.log_path}")
+            time.sleep(0.2)
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, timeout: float = 30.0) -> None:
+        if not self.alive():
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+
+def auth_env(token: str) -> dict[str, str]:
+    return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def head_node(node_ip: str, port: int, token: str, temp_dir: Path, log_path: Path) -> tuple[RayNode, str]:
+    """A head node that runs no nomoat tasks (0 CPUs) and keeps its dashboard on loopback."""
+    port = port or free_port(node_ip)
+    args = [
+        "--head", f"--port={port}", f"--node-ip-address={node_ip}", "--num-cpus=0",
+        "--include-dashboard=false", "--dashboard-host=127.0.0.1", f"--temp-dir={temp_dir}",
+        f"--ray-client-server-port={free_port(node_ip)}",
+    ]
+    return RayNode(args, auth_env(token), log_path), f"{node_ip}:{port}"
+
+
+def worker_node(
+    address: str,
+    token: str,
+    resources: Mapping[str, float],
+    labels: Mapping[str, str],
+    log_path: Path,
+    env: Mapping[str, str] = (),
+    num_cpus: int = 1,
+    node_ip: str | None = None,
+    object_store_bytes: int = 200 << 20,
+) -> RayNode:
+    args = [
+        f"--address={address}",
+        f"--resources={json.dumps(dict(resources))}",
+        f"--num-cpus={num_cpus}",
+        f"--object-store-memory={object_store_bytes}",
+    ]
+    if labels:
+        args.append("--labels=" + ",".join(f"{k}={v}" for k, v in labels.items()))
+    if node_ip:
+        args.append(f"--node-ip-address={node_ip}")
+    return RayNode(args, {**auth_env(token), **dict(env)}, log_path)
