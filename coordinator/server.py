@@ -14,6 +14,7 @@ import secrets
 import tempfile
 import threading
 from concurrent import futures
+from dataclasses import replace
 from pathlib import Path
 
 import grpc
@@ -158,6 +159,11 @@ class Coordinator:
             port = self.server.add_insecure_port(self.settings.listen)
         if port == 0:
             raise SystemExit(f"cannot listen on {self.settings.listen}: the address is in use or invalid")
+        host = self.settings.listen.rsplit(":", 1)[0]
+        self.address = f"{host}:{port}"
+        if self.settings.listen.endswith(":0"):  # a free port was asked for: tell everyone the real one
+            self.settings = replace(self.settings, listen=self.address)
+        deps.settings = self.settings
         self.server.start()
         self.health.set("", health_pb2.HealthCheckResponse.SERVING)
 

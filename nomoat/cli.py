@@ -1,0 +1,244 @@
+"""The ``nomoat`` command line: one entry point for every user.
+
+Errors are printed as one sentence and exit non-zero; tracebacks are for bugs only.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from nomoat.client import CoordinatorClient, NomoatError, default_address
+
+EXAMPLES = {
+    "coordinator": "nomoat coordinator start --data-dir ./nomoat-data --listen 0.0.0.0:50051",
+    "worker": "nomoat worker start --coordinator HOST:50051 --simulate-gpu 'RTX 3060:12'",
+    "submit": "nomoat submit data.jsonl --name chat-v1 --wait",
+    "status": "nomoat status j-1a2b3c4d --json",
+    "pull": "nomoat pull --out ./model",
+    "demo": "nomoat demo",
+}
+
+
+def _fail(message: str) -> None:
+    click.secho(f"error: {message}", fg="red", err=True)
+    sys.exit(1)
+
+
+def _client(ctx: click.Context) -> CoordinatorClient:
+    o = ctx.obj
+    return CoordinatorClient(o["coordinator"], o["token"], o["tls_ca"])
+
+
+class NomoatGroup(click.Group):
+    """Turns NomoatError (and Ctrl-C) into a sentence instead of a traceback."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except NomoatError as exc:
+            _fail(str(exc))
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+
+
+@click.group(cls=NomoatGroup)
+@click.option("--coordinator", envvar="NOMOAT_COORDINATOR", default=default_address(), show_default=True,
+              help="HOST:PORT of the coordinator (env NOMOAT_COORDINATOR).")
+@click.option("--token", envvar="NOMOAT_TOKEN", default="", help="Bearer token (env NOMOAT_TOKEN).")
+@click.option("--tls-ca", envvar="NOMOAT_TLS_CA", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="CA certificate to verify a coordinator that uses TLS.")
+@click.option("-v", "--verbose", is_flag=True, help="Log what happens inside.")
+@click.pass_context
+def main(ctx: click.Context, coordinator: str, token: str, tls_ca: str | None, verbose: bool) -> None:
+    """nomoat: train one shared language model from many people's spare GPUs.
+
+    \b
+    Example: nomoat demo
+    """
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    ctx.obj = {"coordinator": coordinator, "token": token, "tls_ca": tls_ca}
+
+
+# -- coordinator ------------------------------------------------------------------------------
+
+
+@main.group()
+def coordinator() -> None:
+    """Run the coordinator (operators)."""
+
+
+@coordinator.command("start", epilog=f"Example: {EXAMPLES['coordinator']}")
+@click.option("--data-dir", default="./nomoat-data", show_default=True, type=click.Path(file_okay=False))
+@click.option("--listen", default="127.0.0.1:50051", show_default=True, help="gRPC address to listen on.")
+@click.option("--public-address", default="", help="HOST:PORT volunteers use to reach this coordinator.")
+@click.option("--redis-url", default=None, help="External Redis 6.2+/Valkey; default: an embedded redis-server.")
+@click.option("--ray-address", default=None, help="Existing Ray cluster (HEAD:PORT); default: start a head.")
+@click.option("--ray-node-ip", default="127.0.0.1", show_default=True, help="IP the Ray head binds to.")
+@click.option("--base-model", default="tiny", show_default=True, help="Hugging Face model folder, or 'tiny'.")
+@click.option("--fold-every", default=4, show_default=True, help="Fold when this many adapters wait.")
+@click.option("--fold-timeout", default=120.0, show_default=True, help="...or when the oldest waited this long (s).")
+@click.option("--tokens-per-task", default=8192, show_default=True, help="Default task size in tokens.")
+@click.option("--tls-cert", default=None, type=click.Path(exists=True, dir_okay=False))
+@click.option("--tls-key", default=None, type=click.Path(exists=True, dir_okay=False))
+def coordinator_start(data_dir, listen, public_address, redis_url, ray_address, ray_node_ip, base_model,
+                      fold_every, fold_timeout, tokens_per_task, tls_cert, tls_key) -> None:
+    """Start the coordinator: gRPC server, Redis ledger and Ray driver. Ctrl-C stops it."""
+    from coordinator.server import Coordinator
+    from coordinator.settings import JobDefaults, Settings
+
+    if bool(tls_cert) != bool(tls_key):
+        _fail("--tls-cert and --tls-key go together")
+    settings = Settings(
+        data_dir=Path(data_dir).resolve(), listen=listen, public_address=public_address, redis_url=redis_url,
+        ray_address=ray_address, ray_node_ip=ray_node_ip, base_model=base_model, fold_every=fold_every,
+        fold_timeout_s=fold_timeout, job=JobDefaults(tokens_per_task=tokens_per_task),
+        tls_cert=tls_cert, tls_key=tls_key,
+    )
+    node = Coordinator(settings)
+    try:
+        click.echo(f"starting the coordinator in {settings.data_dir} ...")
+        node.start()
+        click.echo(f"coordinator listening on {listen}; Ray cluster at {node.ray_address}")
+        click.echo(f"admin token: {settings.data_dir / 'admin.token'} (keep it secret)")
+        click.echo("volunteers join with:\n  " + node.join_command())
+        _wait_for_signal()
+    finally:
+        click.echo("shutting down ...")
+        node.stop()
+
+
+def _wait_for_signal() -> None:
+    import signal
+    import threading
+
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    while not stop.wait(1.0):
+        pass
+
+
+# -- worker -----------------------------------------------------------------------------------
+
+
+@main.group()
+def worker() -> None:
+    """Lend this machine's GPU (volunteers)."""
+
+
+@worker.command("start", epilog=f"Example: {EXAMPLES['worker']}")
+@click.option("--ray-address", default="", help="HEAD:PORT of the Ray cluster; default: what the coordinator says.")
+@click.option("--simulate-gpu", default=None, metavar="NAME:VRAM_GB[:TFLOPS]",
+              help="Pretend to have this card (no GPU needed; trains on the CPU).")
+@click.option("--name", default="", help="How this worker shows up in `nomoat status`.")
+@click.option("--threads", default=0, help="CPU threads per task (0: torch's default).")
+@click.option("--cache-dir", default=None, type=click.Path(file_okay=False), help="Where model versions are cached.")
+@click.option("--node-ip", default=None, help="IP this Ray node advertises (default: Ray's choice).")
+@click.pass_context
+def worker_start(ctx, ray_address, simulate_gpu, name, threads, cache_dir, node_ip) -> None:
+    """Probe the GPU, join the Ray cluster and train tasks until Ctrl-C."""
+    from worker.agent import WorkerAgent
+    from worker.probe import ProbeError, parse_simulated, probe
+
+    try:
+        card = parse_simulated(simulate_gpu) if simulate_gpu else probe()
+    except ProbeError as exc:
+        _fail(str(exc))
+    agent = WorkerAgent(_client(ctx), card, name=name, ray_address=ray_address,
+                        cache_dir=Path(cache_dir) if cache_dir else None, threads=threads, node_ip=node_ip)
+    try:
+        agent.start()
+        click.echo(f"worker {agent.worker_id} ({card.name}, {card.vram_gb:g} GB) joined; Ctrl-C to leave")
+        agent.run()
+    except RuntimeError as exc:
+        _fail(str(exc))
+    finally:
+        agent.stop()
+        click.echo("worker left the cluster")
+
+
+# -- submit / status / pull -------------------------------------------------------------------
+
+
+@main.command(epilog=f"Example: {EXAMPLES['submit']}")
+@click.argument("dataset", type=click.Path(exists=True, dir_okay=False))
+@click.option("--name", default="", help="A name for the job.")
+@click.option("--wait", is_flag=True, help="Show progress until the job's adapters are folded.")
+@click.option("--rank", default=0, help="LoRA rank (0: the coordinator's default).")
+@click.option("--alpha", default=0.0, help="LoRA alpha.")
+@click.option("--seq-len", default=0, help="Training sequence length.")
+@click.option("--learning-rate", default=0.0, help="Learning rate.")
+@click.option("--batch-size", default=0, help="Sequences per optimizer step.")
+@click.option("--epochs", default=0, help="Passes over each task's shard.")
+@click.option("--tokens-per-task", default=0, help="Task size in tokens.")
+@click.pass_context
+def submit(ctx, dataset, name, wait, rank, alpha, seq_len, learning_rate, batch_size, epochs, tokens_per_task):
+    """Submit a dataset (.jsonl with text / prompt+completion / messages, or .txt) as a job."""
+    from nomoat.v1 import nomoat_pb2 as pb
+
+    config = pb.JobConfig(lora_rank=rank, lora_alpha=alpha, seq_len=seq_len, learning_rate=learning_rate,
+                          batch_size=batch_size, epochs=epochs, tokens_per_task=tokens_per_task)
+    with _client(ctx) as client:
+        reply = client.submit(Path(dataset), name=name, config=config)
+        click.echo(f"job {reply.job_id}: {reply.records} records, {reply.tokens} tokens, {reply.tasks} tasks "
+                   f"({reply.validation_records} records held out for evaluation)")
+        if wait:
+            from nomoat.progress import follow
+
+            job = follow(client, reply.job_id)
+            if job.state != "done":
+                _fail(f"job {reply.job_id} {job.state}: {job.error or 'see nomoat status'}")
+    click.echo(reply.job_id if not wait else f"job {reply.job_id} done")
+
+
+@main.command(epilog=f"Example: {EXAMPLES['status']}")
+@click.argument("job", required=False, default="")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_context
+def status(ctx, job, as_json) -> None:
+    """Jobs, tasks by state, workers and their cards, versions with eval loss."""
+    from google.protobuf.json_format import MessageToDict
+
+    with _client(ctx) as client:
+        reply = client.status(job)
+    if as_json:
+        click.echo(json.dumps(MessageToDict(reply, always_print_fields_with_no_presence=True), indent=2))
+        return
+    from nomoat.progress import print_status
+
+    print_status(reply)
+
+
+@main.command(epilog=f"Example: {EXAMPLES['pull']}")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder to write the model into.")
+@click.option("--version", default=-1, help="Version number (default: the newest).")
+@click.pass_context
+def pull(ctx, out, version) -> None:
+    """Download a model version as a Hugging Face folder."""
+    with _client(ctx) as client:
+        number = client.pull(Path(out), version)
+    click.echo(f"version {number} written to {out}")
+
+
+@main.command(epilog=f"Example: {EXAMPLES['demo']}")
+@click.option("--workdir", default=None, type=click.Path(file_okay=False), help="Keep everything here.")
+@click.option("--listen", default="127.0.0.1:0", help="Coordinator address (port 0: a free one).")
+def demo(workdir, listen) -> None:
+    """The whole loop on this machine: coordinator, two simulated GPUs, one job, the merged model."""
+    from nomoat.demo import run_demo
+
+    started = time.monotonic()
+    run_demo(Path(workdir) if workdir else None, listen)
+    click.echo(f"demo finished in {time.monotonic() - started:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

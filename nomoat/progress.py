@@ -1,0 +1,68 @@
+"""What people see: the progress bar of ``submit --wait`` and the tables of ``status``."""
+
+from __future__ import annotations
+
+import math
+import time
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from nomoat.client import CoordinatorClient
+from nomoat.v1 import nomoat_pb2 as pb
+
+console = Console(stderr=True)
+
+
+def _loss(value: float) -> str:
+    return "-" if value is None or math.isnan(value) or value == 0.0 else f"{value:.4f}"
+
+
+def follow(client: CoordinatorClient, job_id: str) -> pb.JobInfo:
+    """Show a job's progress until it finishes; returns its final state."""
+    job = None
+    with Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("{task.fields[detail]}"), TimeElapsedColumn(), console=console, transient=False,
+    ) as bar:
+        row = bar.add_task(job_id, total=None, detail="")
+        for update in client.watch(job_id):
+            job = update.job
+            t = job.tasks
+            bar.update(row, total=job.total_tasks, completed=t.done + t.failed,
+                       detail=(f"version {update.current_version}  eval loss {_loss(update.eval_loss)}  "
+                               f"folded {job.adapters_folded}  leased {t.leased}  failed {t.failed}"))
+            if update.finished:
+                break
+    if job is None:
+        raise RuntimeError("the coordinator sent no progress")
+    return job
+
+
+def print_status(reply: pb.StatusReply) -> None:
+    out = Console()
+    jobs = Table(title="jobs")
+    for col in ("job", "name", "state", "tasks done/total", "pending", "leased", "failed", "folded",
+                "rejected", "base loss", "error"):
+        jobs.add_column(col)
+    for j in reply.jobs:
+        jobs.add_row(j.job_id, j.name, j.state, f"{j.tasks.done}/{j.total_tasks}", str(j.tasks.pending),
+                     str(j.tasks.leased), str(j.tasks.failed), str(j.adapters_folded), str(j.adapters_rejected),
+                     _loss(j.base_loss), j.error)
+    workers = Table(title="workers")
+    for col in ("worker", "name", "card", "VRAM GB", "backend", "tasks done", "state", "seen"):
+        workers.add_column(col)
+    now = time.time()
+    for w in reply.workers:
+        card = w.card.name + (" (simulated)" if w.card.simulated else "")
+        workers.add_row(w.worker_id, w.name, card, f"{w.card.vram_gb:g}", w.card.backend, str(w.tasks_done),
+                        w.state, f"{now - w.last_seen:.0f} s ago")
+    versions = Table(title="versions")
+    for col in ("version", "parent", "adapters", "eval loss", "jobs"):
+        versions.add_column(col)
+    for v in reply.versions:
+        versions.add_row(str(v.version), "-" if v.parent < 0 else str(v.parent), str(v.adapters),
+                         _loss(v.eval_loss), v.job_id)
+    for table in (jobs, workers, versions):
+        out.print(table)
