@@ -156,7 +156,7 @@ def _cpu_name() -> str:
 
 
 def parse_simulated(spec: str) -> Card:
-    """A pretend card from ``NAME:VRAM_GB[:TFLOPS]``, e.g. ``"RTX 3060:12"`` or ``"RTX 4090:24:82"``.
+    """A pretend card from ``NAME:VRAM_GB[:TFLOPS]``: ``"RTX 3060:12"``, ``"RTX 4090:24:82"``.
 
     It trains on the CPU in fp32 (so it claims no bf16/fp16), but its memory limit is the
     simulated VRAM: the planner sizes tasks as it would for the real card.
@@ -237,7 +237,7 @@ def ray_labels(card: Card) -> dict[str, str]:
 
 
 def label_value(text: str) -> str:
-    """``text`` made into a valid Ray label value ("NVIDIA GeForce RTX 3060" -> "NVIDIA-GeForce-RTX-3060")."""
+    """``text`` as a valid Ray label value: "NVIDIA GeForce RTX 3060" -> "NVIDIA-GeForce-RTX-3060"."""
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", text)
     slug = re.sub(r"-{2,}", "-", slug)[:63]
     return slug.strip("-_.")

@@ -1,0 +1,420 @@
+"""The memory planner: how to train a LoRA task on a given card without running out of memory.
+
+Pure functions over shapes; nothing here touches a device. The scheduler asks ``min_vram_gb``
+what a task needs (it becomes the task's Ray ``vram_gb`` request); the trainer asks ``plan`` for
+the fastest way to run it on the card it landed on (micro-batch, accumulation, precision,
+gradient checkpointing, quantization), and halves the micro-batch if the estimate was wrong.
+
+    >>> from transformers import LlamaConfig
+    >>> from worker.probe import parse_simulated
+    >>> shape = ModelShape.from_config(LlamaConfig(hidden_size=2048, intermediate_size=5632,
+    ...     num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4, vocab_size=32000))
+    >>> p = plan(shape, lora_rank=8, n_target_modules_per_layer=7, seq_len=1024, batch_size=8,
+    ...          card=parse_simulated("RTX 3060:12"))
+
+The estimate models what a Hugging Face Llama-style decoder under PEFT LoRA keeps alive at the
+peak of a training step (the loss backward); ``estimate`` returns it term by term. Assumptions,
+which the trainer should keep true or this module should learn about:
+
+- the frozen base is loaded in the compute dtype (or quantized by bitsandbytes, which leaves the
+  embeddings, norms and ``lm_head`` in the compute dtype); the LoRA factors are fp32 (PEFT's
+  default ``autocast_adapter_dtype``) and trained with AdamW;
+- attention is ``sdpa`` (the transformers default), whose fused kernels keep O(seq) per head
+  rather than the seq x seq scores; pass ``attention="eager"`` to plan for the latter;
+- the loss is computed from full fp32 logits (transformers' ``ForCausalLMLoss``);
+- ``lora_dropout`` is 0 (a dropout would keep one more copy of every target's input).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from worker.probe import Card
+
+GiB = 2**30
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+QUANTIZATIONS = (None, "8bit", "4bit")
+_DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+
+# Bytes per quantized weight, scales included. int8: one byte plus an fp32 scale per output row
+# (negligible). NF4: half a byte plus an fp32 absmax per 64-weight block; double quantization
+# would shave that to ~0.016, but we do not count on the trainer turning it on.
+_QUANT_BYTES = {"8bit": 1.0, "4bit": 0.5 + 4 / 64}
+
+# What is resident before the first tensor: the CUDA context, cuBLAS/cuDNN workspaces and kernel
+# images (0.3 to 0.8 GB depending on driver and card), or torch's own libraries on the CPU.
+_FIXED_OVERHEAD = {"cuda": 0.8 * GiB, "mps": 0.5 * GiB, "cpu": 0.5 * GiB}
+# The caching allocator rounds blocks up and fragments as activation sizes vary per layer; on
+# the CPU, malloc keeps freed blocks mapped (measured: peak RSS grows ~1.3x the live tensors).
+_FRAGMENTATION = {"cuda": 0.10, "mps": 0.10, "cpu": 0.30}
+
+# The order target modules are assumed to be chosen in, when only their number is known: PEFT's
+# Llama default (q, v), then the rest of attention, then the MLP ("all-linear" is all seven).
+_TARGET_ORDER = ("q", "v", "k", "o", "gate", "up", "down")
+
+# fp32 LoRA weight + its fp32 gradient + AdamW's two fp32 moments.
+_LORA_BYTES_PER_PARAM = 4 + 4 + 8
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The sizes of a Llama-style decoder that memory depends on."""
+
+    n_params: int
+    n_layers: int
+    hidden: int
+    intermediate: int
+    vocab: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int = 0  # 0: hidden // n_heads
+    tied_embeddings: bool = False
+
+    @property
+    def attn_dim(self) -> int:
+        """Width of the query (and attention output) projection."""
+        return self.n_heads * (self.head_dim or self.hidden // self.n_heads)
+
+    @property
+    def kv_dim(self) -> int:
+        return self.n_kv_heads * (self.head_dim or self.hidden // self.n_heads)
+
+    def linear_shapes(self) -> dict[str, tuple[int, int]]:
+        """(in, out) features of each linear layer in one decoder layer."""
+        h, q, kv, i = self.hidden, self.attn_dim, self.kv_dim, self.intermediate
+        return {
+            "q": (h, q), "k": (h, kv), "v": (h, kv), "o": (q, h),
+            "gate": (h, i), "up": (h, i), "down": (i, h),
+        }
+
+    @property
+    def n_linear_params(self) -> int:
+        """Parameters in the decoder layers' linear weights: what quantization shrinks."""
+        return self.n_layers * sum(a * b for a, b in self.linear_shapes().values())
+
+    @classmethod
+    def from_config(cls, config: Any) -> ModelShape:
+        """Read a transformers config (Llama names first, GPT-style names as fallbacks)."""
+        if hasattr(config, "get_text_config"):  # multimodal configs nest the decoder's
+            config = config.get_text_config()
+        hidden = _field(config, "hidden_size", "n_embd", "d_model")
+        n_layers = _field(config, "num_hidden_layers", "n_layer", "num_layers")
+        n_heads = _field(config, "num_attention_heads", "n_head", "num_heads")
+        vocab = _field(config, "vocab_size")
+        n_kv = _field(config, "num_key_value_heads", "num_kv_heads", default=n_heads)
+        # GPT-style configs leave the MLP width unset to mean 4x hidden.
+        intermediate = _field(config, "intermediate_size", "n_inner", "ffn_dim", default=4 * hidden)
+        head_dim = _field(config, "head_dim", default=hidden // n_heads)
+        tied = bool(getattr(config, "tie_word_embeddings", False))
+        shape = cls(0, n_layers, hidden, intermediate, vocab, n_heads, n_kv, head_dim, tied)
+
+        per_layer = sum(a * b for a, b in shape.linear_shapes().values()) + 2 * hidden  # 2 norms
+        if getattr(config, "attention_bias", False):
+            per_layer += shape.attn_dim + 2 * shape.kv_dim + hidden
+        if getattr(config, "mlp_bias", False):
+            per_layer += 2 * intermediate + hidden
+        embeddings = vocab * hidden * (1 if tied else 2)  # input embedding, and lm_head if untied
+        n_params = embeddings + n_layers * per_layer + hidden  # + the final norm
+        return cls(n_params, n_layers, hidden, intermediate, vocab, n_heads, n_kv, head_dim, tied)
+
+
+def _field(config: Any, *names: str, default: int | None = None) -> int:
+    for name in names:
+        value = getattr(config, name, None)
+        if value is not None:
+            return int(value)
+    if default is None:
+        raise ValueError(
+            f"The model config has none of {', '.join(names)}; the planner needs it to size the "
+            "task. Use a Llama-style decoder config, or build a ModelShape by hand."
+        )
+    return default
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How to run one task on one card."""
+
+    micro_batch: int
+    grad_accum: int
+    precision: str  # "fp32" | "bf16" | "fp16"
+    gradient_checkpointing: bool
+    quantization: str | None  # None | "8bit" | "4bit"
+    est_peak_gb: float
+
+
+class DoesNotFit(ValueError):
+    """No plan fits the card; the message says what the task needs and what would help."""
+
+    def __init__(self, message: str, needed_gb: float, usable_gb: float):
+        super().__init__(message)
+        self.needed_gb = needed_gb
+        self.usable_gb = usable_gb
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Peak memory of one training step, in bytes, term by term."""
+
+    base_weights: int
+    quant_workspace: int
+    lora: int
+    activations: int
+    logits: int
+    overhead: int
+
+    @property
+    def total(self) -> int:
+        return (self.base_weights + self.quant_workspace + self.lora + self.activations
+                + self.logits + self.overhead)
+
+
+def estimate(
+    shape: ModelShape,
+    lora_rank: int,
+    n_target_modules_per_layer: int,
+    seq_len: int,
+    micro_batch: int,
+    precision: str,
+    gradient_checkpointing: bool,
+    quantization: str | None,
+    *,
+    backend: str = "cuda",
+    attention: str = "sdpa",
+) -> MemoryEstimate:
+    """The estimate of ``estimate_peak_bytes``, term by term."""
+    _check_args(lora_rank, n_target_modules_per_layer, seq_len, micro_batch, precision,
+                quantization, backend, attention)
+    c = _DTYPE_BYTES[precision]
+    tokens = micro_batch * seq_len
+    targets = _targets(shape, n_target_modules_per_layer)
+
+    if quantization is None:
+        base = shape.n_params * c
+        workspace = 0
+    else:
+        base = int(shape.n_linear_params * _QUANT_BYTES[quantization]
+                   + (shape.n_params - shape.n_linear_params) * c)
+        # Every quantized matmul (forward and backward) first dequantizes its weight to the
+        # compute dtype; the largest one bounds that temporary.
+        workspace = max(a * b for a, b in shape.linear_shapes().values()) * c
+
+    lora_params = shape.n_layers * lora_rank * sum(a + b for a, b in targets)
+    lora = lora_params * _LORA_BYTES_PER_PARAM
+
+    layer = _layer_activation_bytes_per_token(shape, lora_rank, targets, c, seq_len, attention)
+    if gradient_checkpointing:
+        # Only each layer's input survives the forward; backward recomputes one layer at a time,
+        # so one layer's activations plus their gradients are live at once.
+        activations = tokens * (shape.n_layers * shape.hidden * c + 2 * layer)
+    else:
+        # Every layer keeps its saved tensors until backward reaches it; the layer being
+        # differentiated also holds gradients of about the same size.
+        activations = tokens * (shape.n_layers + 1) * layer
+    # The final norm keeps an fp32 copy of its input, as the layers' norms do.
+    activations += tokens * shape.hidden * 4
+
+    # The loss upcasts logits to fp32 (tokens x vocab, which for small models outweighs all
+    # layers together). Live at the peak (the loss backward): the model's logits (c bytes),
+    # log_softmax's saved fp32 output, the fp32 gradient coming from nll_loss, and the fp32
+    # gradient log_softmax's backward is writing.
+    logits = tokens * shape.vocab * (c + 12)
+
+    overhead = _FIXED_OVERHEAD[backend] + _FRAGMENTATION[backend] * (activations + logits)
+    return MemoryEstimate(int(base), int(workspace), int(lora), int(activations), int(logits),
+                          int(overhead))
+
+
+def _layer_activation_bytes_per_token(
+    shape: ModelShape, rank: int, targets: list[tuple[int, int]], c: int, seq_len: int,
+    attention: str,
+) -> int:
+    """Bytes one decoder layer saves for backward, per token.
+
+    The base weights are frozen, so autograd saves no inputs for their weight gradients; what it
+    saves is what the gradient flowing back to the LoRA factors of lower layers needs.
+    """
+    h, q, i = shape.hidden, shape.attn_dim, shape.intermediate
+    # Two RMSNorms, each computing in fp32 from an fp32 copy of its input.
+    norms = 2 * 4 * h
+    # SDPA keeps q, k and v (k, v repeated to all query heads) and its output, plus an fp32
+    # logsumexp per head.
+    attn = 4 * q * c + 4 * shape.n_heads
+    if attention == "eager":
+        # Eager softmax runs in fp32 and keeps its output; the matmul with v keeps a copy in c.
+        attn += shape.n_heads * seq_len * (4 + c)
+    # SiLU keeps its input; the gate * up product keeps both factors.
+    mlp = 3 * i * c
+    # LoRA's A keeps its input: PEFT casts each target's input to fp32 (a separate copy per
+    # target when the base computes in 16 bits); B keeps A's rank-r output.
+    if c == 4:
+        distinct_inputs = {d_in for d_in, _ in targets}  # q/k/v share one input, gate/up another
+        lora_inputs = 4 * sum(distinct_inputs)
+    else:
+        lora_inputs = 4 * sum(d_in for d_in, _ in targets)
+    lora = lora_inputs + 4 * rank * len(targets)
+    return norms + attn + mlp + lora
+
+
+def _targets(shape: ModelShape, n: int) -> list[tuple[int, int]]:
+    shapes = shape.linear_shapes()
+    return [shapes[name] for name in _TARGET_ORDER[:n]]
+
+
+def _check_args(rank: int, n_targets: int, seq_len: int, micro_batch: int, precision: str,
+                quantization: str | None, backend: str, attention: str) -> None:
+    if rank < 1:
+        raise ValueError(f"lora_rank is {rank}; it must be at least 1.")
+    if not 1 <= n_targets <= len(_TARGET_ORDER):
+        raise ValueError(
+            f"n_target_modules_per_layer is {n_targets}; a Llama-style layer has 1 to "
+            f"{len(_TARGET_ORDER)} linear modules to put LoRA on."
+        )
+    if seq_len < 1 or micro_batch < 1:
+        raise ValueError(f"seq_len ({seq_len}) and micro_batch ({micro_batch}) must be at least 1.")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}.")
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"quantization {quantization!r} is not one of None, '8bit', '4bit'.")
+    if backend not in _FIXED_OVERHEAD:
+        raise ValueError(f"backend {backend!r} is not one of {', '.join(_FIXED_OVERHEAD)}.")
+    if quantization is not None and backend != "cuda":
+        raise ValueError(
+            f"{quantization} quantization needs CUDA (bitsandbytes); backend {backend!r} "
+            "can only train unquantized."
+        )
+    if attention not in ("sdpa", "eager"):
+        raise ValueError(f"attention {attention!r} is not 'sdpa' or 'eager'.")
+
+
+def estimate_peak_bytes(
+    shape: ModelShape,
+    lora_rank: int,
+    n_target_modules_per_layer: int,
+    seq_len: int,
+    micro_batch: int,
+    precision: str,
+    gradient_checkpointing: bool,
+    quantization: str | None,
+    *,
+    backend: str = "cuda",
+    attention: str = "sdpa",
+) -> int:
+    """Peak bytes one training step (forward, backward, AdamW step) needs on the device."""
+    return estimate(shape, lora_rank, n_target_modules_per_layer, seq_len, micro_batch,
+                    precision, gradient_checkpointing, quantization, backend=backend,
+                    attention=attention).total
+
+
+def _precision_for(card: Card) -> str:
+    if card.backend == "cpu":
+        return "fp32"  # CPUs (and simulated cards, which train on the CPU) run fp32
+    if card.bf16:
+        return "bf16"  # fp16's range needs loss scaling; bf16 does not
+    return "fp16" if card.fp16 else "fp32"
+
+
+def _candidates(batch_size: int, backend: str, allow_quantization: bool):
+    """(checkpointing, quantization, micro_batch), fastest first."""
+    micro_batches = [m for m in (2**k for k in range(batch_size.bit_length()))
+                     if batch_size % m == 0][::-1]
+    quantizations = [None] + (["8bit", "4bit"] if allow_quantization and backend == "cuda" else [])
+    for quantization in quantizations:
+        for checkpointing in (False, True):
+            for micro_batch in micro_batches:
+                yield checkpointing, quantization, micro_batch
+
+
+def plan(
+    shape: ModelShape,
+    lora_rank: int,
+    n_target_modules_per_layer: int,
+    seq_len: int,
+    batch_size: int,
+    card: Card,
+    headroom: float = 0.15,
+    allow_quantization: bool = True,
+    *,
+    attention: str = "sdpa",
+) -> Plan:
+    """The fastest plan whose estimate fits in ``card.vram_gb * (1 - headroom)``.
+
+    Fastest first: the full micro-batch in 16 bits, then smaller micro-batches (same effective
+    batch through accumulation), then gradient checkpointing (a third more compute), then 8-bit
+    and 4-bit base weights (CUDA only; slower matmuls and a small quality cost).
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size is {batch_size}; it must be at least 1.")
+    if not 0 <= headroom < 1:
+        raise ValueError(f"headroom is {headroom}; it must be a fraction in [0, 1).")
+    precision = _precision_for(card)
+    usable = card.vram_gb * (1 - headroom) * GiB
+    for checkpointing, quantization, micro_batch in _candidates(
+        batch_size, card.backend, allow_quantization
+    ):
+        need = estimate_peak_bytes(shape, lora_rank, n_target_modules_per_layer, seq_len,
+                                   micro_batch, precision, checkpointing, quantization,
+                                   backend=card.backend, attention=attention)
+        if need <= usable:
+            return Plan(micro_batch, batch_size // micro_batch, precision, checkpointing,
+                        quantization, round(need / GiB, 2))
+    raise _does_not_fit(shape, lora_rank, n_target_modules_per_layer, seq_len, card, headroom,
+                        allow_quantization, attention)
+
+
+def _does_not_fit(shape: ModelShape, rank: int, n_targets: int, seq_len: int, card: Card,
+                  headroom: float, allow_quantization: bool, attention: str) -> DoesNotFit:
+    precision = _precision_for(card)
+    quantize = allow_quantization and card.backend == "cuda"
+    smallest = "micro-batch 1 with gradient checkpointing"
+    if quantize:
+        smallest += " and 4-bit weights"
+
+    def need(seq: int, quantization: str | None) -> float:
+        return estimate_peak_bytes(shape, rank, n_targets, seq, 1, precision, True, quantization,
+                                   backend=card.backend, attention=attention) / GiB
+
+    needed = need(seq_len, "4bit" if quantize else None)
+    usable = card.vram_gb * (1 - headroom)
+    help_ = []
+    if card.backend == "cuda" and not allow_quantization and need(seq_len, "4bit") <= usable:
+        help_.append("allowing 4-bit quantization would make it fit")
+    shorter = seq_len // 2
+    while shorter >= 64 and need(shorter, "4bit" if quantize else None) > usable:
+        shorter //= 2
+    if shorter >= 64:
+        help_.append(f"a seq_len of {shorter} would fit")
+    help_.append(f"a card with at least {needed / (1 - headroom):.1f} GB would fit")
+    return DoesNotFit(
+        f"This task ({shape.n_params / 1e9:.2g}B parameters, seq_len {seq_len}, LoRA rank {rank}) "
+        f"needs {needed:.1f} GB even at {smallest}, but {card.name} has {card.vram_gb:g} GB, "
+        f"{usable:.1f} GB of it usable with {headroom:.0%} kept free; "
+        + "; ".join(help_) + ".",
+        needed_gb=round(needed, 2),
+        usable_gb=round(usable, 2),
+    )
+
+
+def min_vram_gb(
+    shape: ModelShape,
+    lora_rank: int,
+    n_target_modules_per_layer: int,
+    seq_len: int,
+    backend: str = "cuda",
+    *,
+    headroom: float = 0.15,
+    allow_quantization: bool = True,
+    attention: str = "sdpa",
+) -> float:
+    """The VRAM a card needs for the task's smallest plan: what the task asks Ray for.
+
+    Includes the headroom, so ``plan`` succeeds on any card advertising at least this much.
+    """
+    quantization = "4bit" if allow_quantization and backend == "cuda" else None
+    precision = "fp32" if backend == "cpu" else "bf16"  # fp16 needs the same bytes
+    need = estimate_peak_bytes(shape, lora_rank, n_target_modules_per_layer, seq_len, 1,
+                               precision, True, quantization, backend=backend, attention=attention)
+    return math.ceil(need / GiB / (1 - headroom) * 100) / 100
