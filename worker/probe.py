@@ -237,7 +237,7 @@ def ray_labels(card: Card) -> dict[str, str]:
 
 
 def label_value(text: str) -> str:
-    """``text`` as a valid Ray label value: "NVIDIA GeForce RTX 3060" -> "NVIDIA-GeForce-RTX-3060"."""
+    """``text`` as a Ray label value: "NVIDIA GeForce RTX 3060" -> "NVIDIA-GeForce-RTX-3060"."""
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", text)
     slug = re.sub(r"-{2,}", "-", slug)[:63]
     return slug.strip("-_.")
