@@ -120,9 +120,10 @@ class Coordinator:
         )
 
     def _start_ray(self) -> None:
+        self.ray_token = _secret_file(self.data_dir / "ray.token")
+        ray_node.use_ray_token(self.ray_token)
         import ray
 
-        self.ray_token = _secret_file(self.data_dir / "ray.token")
         address = self.settings.ray_address
         if not address:
             temp_dir = Path(tempfile.mkdtemp(prefix="nomoat-ray-"))
@@ -132,7 +133,6 @@ class Coordinator:
             )
             self._ray_head.start()
         self.ray_address = address
-        os.environ.update(ray_node.auth_env(self.ray_token))
         ray.init(address=address, namespace="nomoat", log_to_driver=False, configure_logging=False)
         from coordinator.dispatch import RayDispatcher
 

@@ -71,6 +71,21 @@ def auth_env(token: str) -> dict[str, str]:
     return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
 
 
+def use_ray_token(token: str) -> None:
+    """Make this process (a Ray driver) authenticate with ``token``.
+
+    Ray reads its auth settings when first imported; if that already happened, make it read
+    them again (Ray's own test helpers do the same), or the driver keeps the old token.
+    """
+    os.environ.update(auth_env(token))
+    os.environ.pop("RAY_AUTH_TOKEN_PATH", None)
+    if "ray._raylet" in sys.modules:
+        from ray._raylet import AuthenticationTokenLoader, Config
+
+        Config.initialize("")
+        AuthenticationTokenLoader.instance().reset_cache()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
