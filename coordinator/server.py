@@ -13,6 +13,7 @@ import os
 import secrets
 import tempfile
 import threading
+import time
 from concurrent import futures
 from dataclasses import replace
 from pathlib import Path
@@ -101,6 +102,10 @@ class Coordinator:
         self.r = redis_client(url)
         self.r.ping()
         self.ledger = Ledger(self.r)
+        moved = self.ledger.cap_leases(time.time() + self.settings.lease_ttl_s)
+        if moved:
+            log.info("%d leases from before the restart must be renewed within %.0f s", moved,
+                     self.settings.lease_ttl_s)
 
     def _start_model(self) -> None:
         latest = self.ledger.latest_version()

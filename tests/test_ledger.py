@@ -161,3 +161,13 @@ def test_state_survives_a_redis_restart(redis_server, tmp_path):
     assert ledger.task(task_id)["state"] == "leased"  # the client reconnects by itself
     assert ledger.lease_problem(task_id, fence) == ""
     server.stop()
+
+
+def test_restart_caps_old_leases_but_heartbeats_keep_them(ledger):
+    a, b = make_job(ledger, n_tasks=2)
+    fa = ledger.lease(a, time.time() + 900, 0, max_attempts=3)
+    ledger.lease(b, time.time() + 900, 0, max_attempts=3)
+    assert ledger.cap_leases(time.time() + 5) == 2
+    assert ledger.heartbeat(a, fa, time.time() + 100) == ""  # a live worker renews its lease
+    assert ledger.expire_leases(now=time.time() + 10) == [b]
+    assert ledger.task(a)["state"] == "leased" and ledger.task(b)["state"] == "pending"

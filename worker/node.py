@@ -99,6 +99,7 @@ def head_node(node_ip: str, port: int, token: str, temp_dir: Path, log_path: Pat
         "--head", f"--port={port}", f"--node-ip-address={node_ip}", "--num-cpus=0",
         "--include-dashboard=false", "--dashboard-host=127.0.0.1", f"--temp-dir={temp_dir}",
         f"--ray-client-server-port={free_port(node_ip)}",
+        f"--object-store-memory={200 << 20}",  # task inputs and results are small; data goes over gRPC
     ]
     return RayNode(args, auth_env(token), log_path), f"{node_ip}:{port}"
 
