@@ -61,7 +61,9 @@ class AdapterRejected(ValueError):
 def staleness_factor(tau: int) -> float:
     """``s(τ) = (1 + τ)^(-1/2)``: an adapter trained τ versions ago counts less, never zero."""
     if tau < 0:
-        raise AdapterRejected(f"staleness {tau} is negative: the adapter's base is newer than the model")
+        raise AdapterRejected(
+            f"staleness {tau} is negative: the adapter's base is newer than the model"
+        )
     return (1.0 + tau) ** -0.5
 
 
@@ -100,9 +102,9 @@ def fold_weights(tokens: Sequence[int], taus: Sequence[int], max_staleness: int)
 def delta_norm(adapter: Adapter) -> float:
     """``‖ΔW‖_F`` over all modules, from r×r Gram matrices (never forming ``B @ A``).
 
-    ``‖s·BA‖²_F = s² · tr(Bᵀ B · A Aᵀ) = s² · Σ (BᵀB ⊙ AAᵀ)`` (both Grams symmetric): O(r² d)
-    instead of O(r d_in d_out) time, O(r²) instead of O(d_in d_out) memory. Float64 for the Grams
-    so a tiny update is not lost to cancellation.
+    ``‖s·BA‖²_F = s² · tr(BᵀB · AAᵀ) = s² · Σ (BᵀB ⊙ AAᵀ)`` (both Grams are symmetric):
+    O(r² d) instead of O(r d_in d_out) time, O(r²) instead of O(d_in d_out) memory. Float64
+    for the Grams so a tiny update is not lost to cancellation.
     """
     total = 0.0
     for a, b in adapter.factors.values():
@@ -124,20 +126,28 @@ def check_structure(
     if adapter.kind != KIND_ADAPTER:
         raise AdapterRejected(f"the upload is a {adapter.kind!r}, not an adapter")
     if adapter.rank != rank:
-        raise AdapterRejected(f"the adapter declares rank {adapter.rank}, but the job trains rank {rank}")
+        raise AdapterRejected(
+            f"the adapter declares rank {adapter.rank}, but the job trains rank {rank}"
+        )
     if not math.isclose(float(adapter.alpha), float(alpha), rel_tol=1e-6):
-        raise AdapterRejected(f"the adapter declares alpha {adapter.alpha}, but the job uses alpha {alpha}")
+        raise AdapterRejected(
+            f"the adapter declares alpha {adapter.alpha}, but the job uses alpha {alpha}"
+        )
     missing = sorted(set(shapes) - set(adapter.factors))
     extra = sorted(set(adapter.factors) - set(shapes))
     if missing:
         raise AdapterRejected(f"the adapter lacks {len(missing)} target module(s): {_few(missing)}")
     if extra:
-        raise AdapterRejected(f"the adapter has {len(extra)} module(s) the job does not target: {_few(extra)}")
+        raise AdapterRejected(
+            f"the adapter has {len(extra)} module(s) the job does not target: {_few(extra)}"
+        )
     for module in sorted(shapes):
         d_out, d_in = shapes[module]
         a, b = adapter.factors[module]
         if not (a.is_floating_point() and b.is_floating_point()):
-            raise AdapterRejected(f"{module}: the factors must be floating point, not {a.dtype}/{b.dtype}")
+            raise AdapterRejected(
+                f"{module}: the factors must be floating point, not {a.dtype}/{b.dtype}"
+            )
         if tuple(a.shape) != (rank, d_in):
             raise AdapterRejected(f"{module}: lora_A is {tuple(a.shape)}, expected {(rank, d_in)}")
         if tuple(b.shape) != (d_out, rank):
@@ -150,7 +160,9 @@ def check_structure(
 def check_norm(norm: float, recent: Sequence[float], factor: float) -> None:
     """Refuse ``norm > factor × median(recent)``; with no history only finiteness is checked."""
     if not math.isfinite(norm) or norm < 0:
-        raise AdapterRejected(f"the adapter's update norm is {norm}, not a finite non-negative number")
+        raise AdapterRejected(
+            f"the adapter's update norm is {norm}, not a finite non-negative number"
+        )
     if not recent:
         return
     bound = factor * statistics.median(recent)
@@ -172,9 +184,10 @@ def _few(names: Sequence[str], n: int = 3) -> str:
 def build_patch(
     adapters: Sequence[Adapter], weights: Sequence[float], device: torch.device | str | None = None
 ) -> Adapter:
-    """The exact patch of a fold: per module ``A = [A_1; …; A_K]``, ``B = [c_1 B_1 | … | c_K B_K]``
-    with ``c_i = w_i · scale_i``, kind ``"patch"`` (scale 1, rank Σ r_i of the adapters that
-    target the module).
+    """The exact patch of a fold, kind ``"patch"`` (scale 1).
+
+    Per module ``A = [A_1; …; A_K]`` and ``B = [c_1 B_1 | … | c_K B_K]`` with
+    ``c_i = w_i · alpha_i / r_i``, so its rank is Σ r_i over the adapters that target the module.
 
     Adapters may target different module sets (e.g. from different jobs); each module
     concatenates the adapters that have it. ``device`` defaults to where the factors are; folding
@@ -187,44 +200,53 @@ def build_patch(
     coefs = [float(w) * a.scale for w, a in zip(weights, adapters)]
     if not all(math.isfinite(c) for c in coefs):
         raise ValueError(f"fold coefficients must be finite, got {coefs}")
+    device = torch.device(device) if device is not None else None
     members: dict[str, list[int]] = {}
     for i, adapter in enumerate(adapters):
         for module in adapter.factors:
             members.setdefault(module, []).append(i)
-    factors = {
-        module: _concat(module, [adapters[i].factors[module] for i in idx], [coefs[i] for i in idx], device)
-        for module, idx in sorted(members.items())
-    }
+    scales: dict[tuple, torch.Tensor] = {}  # one column-scale vector per membership
+    factors = {}
+    for module, idx in sorted(members.items()):
+        pairs = [adapters[i].factors[module] for i in idx]
+        _check_pairs(module, pairs)
+        dev = device if device is not None else pairs[0][0].device
+        key = (*idx, str(dev))
+        if key not in scales:
+            ranks = torch.tensor([a.shape[0] for a, _ in pairs])
+            per_adapter = torch.tensor([coefs[i] for i in idx], dtype=torch.float32)
+            scales[key] = per_adapter.repeat_interleave(ranks).to(dev)
+        factors[module] = _concat(pairs, scales[key])
     # Per-module ranks may differ; the declared rank is informational (the shapes are the truth).
     rank = max(a.shape[0] for a, _ in factors.values())
     return Adapter(factors, rank=rank, alpha=float(rank), kind=KIND_PATCH)
 
 
-def _concat(
-    module: str,
-    pairs: list[tuple[torch.Tensor, torch.Tensor]],
-    coefs: list[float],
-    device: torch.device | str | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Write the factors once into preallocated buffers (scaling B on the way, the smaller side)."""
-    d_in, d_out = pairs[0][0].shape[1], pairs[0][1].shape[0]
+def _check_pairs(module: str, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    d_in, d_out = pairs[0][0].shape[-1], pairs[0][1].shape[0]
     for a, b in pairs:
-        if a.dim() != 2 or b.dim() != 2 or a.shape[1] != d_in or b.shape[0] != d_out or a.shape[0] != b.shape[1]:
+        fits = a.dim() == 2 and b.dim() == 2 and a.shape[0] == b.shape[1]
+        if not fits or a.shape[1] != d_in or b.shape[0] != d_out:
             raise ValueError(
                 f"{module}: factor shapes {tuple(a.shape)} / {tuple(b.shape)} do not fit "
                 f"a [{d_out}, {d_in}] weight"
             )
-    device = torch.device(device) if device is not None else pairs[0][0].device
-    total = sum(a.shape[0] for a, _ in pairs)
-    a_cat = torch.empty(total, d_in, dtype=torch.float32, device=device)
-    b_cat = torch.empty(d_out, total, dtype=torch.float32, device=device)
-    row = 0
+
+
+def _concat(
+    pairs: list[tuple[torch.Tensor, torch.Tensor]], column_scale: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[A_1; …; A_K]`` and ``[B_1 | … | B_K] · diag(column_scale)`` in three tensor ops.
+
+    A fixed number of ops per module, not 2K: on a GPU every op is a launch, and on a CPU shared
+    with other processes every OpenMP parallel region can stall on a descheduled thread. The
+    extra pass for the scale is over d_out·Σr numbers, small next to the GEMM's d_out·d_in·Σr.
+    """
+    device = column_scale.device
     with torch.no_grad():
-        for (a, b), c in zip(pairs, coefs):
-            r = a.shape[0]
-            a_cat[row : row + r].copy_(a)
-            torch.mul(b.to(device, torch.float32), c, out=b_cat[:, row : row + r])
-            row += r
+        a_cat = torch.cat([a.to(device, torch.float32) for a, _ in pairs], dim=0)
+        b_cat = torch.cat([b.to(device, torch.float32) for _, b in pairs], dim=1)
+        b_cat.mul_(column_scale)
     return a_cat, b_cat
 
 
@@ -235,7 +257,9 @@ def apply_patch(master: dict[str, torch.Tensor], patch: Adapter, sign: float = 1
     """
     missing = sorted(set(patch.factors) - set(master))
     if missing:
-        raise ValueError(f"the model has no weight for {len(missing)} patched module(s): {_few(missing)}")
+        raise ValueError(
+            f"the model has no weight for {len(missing)} patched module(s): {_few(missing)}"
+        )
     coef = float(sign) * patch.scale
     with torch.no_grad():
         for module, (a, b) in patch.factors.items():
@@ -253,7 +277,9 @@ def apply_patch(master: dict[str, torch.Tensor], patch: Adapter, sign: float = 1
             w.addmm_(b, a, alpha=coef)
 
 
-def fold(master: dict[str, torch.Tensor], adapters: Sequence[Adapter], weights: Sequence[float]) -> Adapter:
+def fold(
+    master: dict[str, torch.Tensor], adapters: Sequence[Adapter], weights: Sequence[float]
+) -> Adapter:
     """Fold K adapters into ``master`` at once; return the patch that was applied."""
     device = next(iter(master.values())).device if master else None
     patch = build_patch(adapters, weights, device=device)
