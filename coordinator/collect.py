@@ -74,7 +74,8 @@ def receive(
         "base_version": manifest.base_version,
         "rank": manifest.rank,
         "alpha": manifest.alpha,
-        "tokens": manifest.tokens,
+        # The fold weighs adapters by tokens trained; a worker may not claim more than its task holds.
+        "tokens": min(manifest.tokens, int(task.get("tokens") or manifest.tokens)),
         "train_loss": manifest.train_loss,
         "size": manifest.size,
     }

@@ -105,7 +105,11 @@ def records_blob(texts: Sequence[str]) -> bytes:
 
 
 def read_records(data: bytes, start: int = 0, end: int | None = None) -> list[str]:
-    lines = data.decode("utf-8").splitlines()
+    # Split on b"\n" only: str.splitlines() also breaks at U+2028, U+2029 and U+0085, which
+    # json.dumps(ensure_ascii=False) leaves inside a record.
+    lines = data.split(b"\n")
+    if lines[-1] == b"":
+        lines.pop()
     return [json.loads(line)["text"] for line in lines[start:end]]
 
 
@@ -135,7 +139,10 @@ def submit(
     n_val = round(len(texts) * settings.validation_fraction)
     n_val = max(1, min(n_val, settings.max_validation_records, len(texts) - 1))
     records = [texts[i] for i in order]
-    counts = [len(ids) + 1 for ids in tokenizer(records[n_val:], add_special_tokens=False)["input_ids"]]
+    # Count exactly as the trainer packs (nomoat.packing.pack): "<|eos|>" inside a text is data,
+    # and every text is followed by one eos token.
+    encoded = tokenizer(records[n_val:], add_special_tokens=False, split_special_tokens=True, verbose=False)
+    counts = [len(ids) + 1 for ids in encoded["input_ids"]]
     ranges = split_tasks(counts, config.tokens_per_task)
 
     dataset_sha = store.put(data)

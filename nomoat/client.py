@@ -49,7 +49,8 @@ def _explain(exc: grpc.RpcError, address: str) -> NomoatError:
 class CoordinatorClient:
     def __init__(self, address: str | None = None, token: str | None = None, tls_ca: str | None = None) -> None:
         self.address = address or default_address()
-        self.token = token if token is not None else os.environ.get("NOMOAT_TOKEN", "")
+        # Stripped: a token pasted from a file often ends in a newline, which gRPC metadata refuses.
+        self.token = (token if token is not None else os.environ.get("NOMOAT_TOKEN", "")).strip()
         options = [
             ("grpc.max_receive_message_length", MAX_MESSAGE),
             ("grpc.max_send_message_length", MAX_MESSAGE),

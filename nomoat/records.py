@@ -12,6 +12,7 @@ submitter can fix the file. Parsing is all-or-nothing: a file with one bad recor
 
 from __future__ import annotations
 
+import codecs
 import json
 from collections.abc import Iterator
 
@@ -24,8 +25,10 @@ class DatasetError(ValueError):
 
 
 def _decode(data: bytes) -> str:
-    if b"\x00" in data[: 1 << 16] or b"\x00" in data:
+    if b"\x00" in data:
         raise DatasetError("the file contains NUL bytes: it looks binary, not UTF-8 text")
+    # Windows tools often start UTF-8 files with a byte-order mark; it is not part of any record.
+    data = data.removeprefix(codecs.BOM_UTF8)
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
