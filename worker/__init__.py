@@ -1,0 +1,1 @@
+"""The volunteer side: probe the GPU, train one task, upload the adapter."""
