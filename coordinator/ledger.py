@@ -47,7 +47,8 @@ return fence
 # KEYS: task, LEASES. ARGV: task id, fence, new deadline.
 _HEARTBEAT = """
 local state = redis.call('HGET', KEYS[1], 'state')
-if state ~= 'leased' then return 'the task is ' .. tostring(state) .. ', not leased' end
+if not state then return "there is no task '" .. ARGV[1] .. "'" end
+if state ~= 'leased' then return 'the task is ' .. state .. ', not leased' end
 if redis.call('HGET', KEYS[1], 'fence') ~= ARGV[2] then return 'the lease was re-issued (stale fence)' end
 redis.call('HSET', KEYS[1], 'deadline', ARGV[3])
 redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])

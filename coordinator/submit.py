@@ -174,4 +174,4 @@ def submit(
         },
         tasks,
     )
-    return SubmitResult(job_id, len(tasks), len(records), sum(counts), n_val)
+    return SubmitResult(job_id, len(tasks), len(records), sum(counts) * config.epochs, n_val)

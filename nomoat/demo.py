@@ -91,9 +91,10 @@ def run_demo(workdir: Path | None = None, listen: str = "127.0.0.1:0") -> dict[s
         console.print("starting the coordinator (embedded Redis, Ray head, tiny model) ...")
         node.start()
         console.print(f"coordinator at {node.address}; starting two volunteers: {', '.join(CARDS)} ...")
-        workers = [start_worker(node.address, node.worker_token, card, workdir, i) for i, card in enumerate(CARDS)]
-        with CoordinatorClient(node.address, node.admin_token) as client:
+        for i, card in enumerate(CARDS):  # one at a time: two Ray nodes starting at once can time out
+            workers.append(start_worker(node.address, node.worker_token, card, workdir, i))
             wait_for_workers(workers)
+        with CoordinatorClient(node.address, node.admin_token) as client:
             train, test = split_demo_data(workdir)
             reply = client.submit(train, name="fortunes")
             console.print(f"job {reply.job_id}: {reply.records} records, {reply.tokens} tokens, {reply.tasks} tasks")

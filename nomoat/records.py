@@ -118,7 +118,7 @@ def parse_txt(text: str, max_line_bytes: int = MAX_LINE_BYTES) -> list[str]:
 def parse_dataset(data: bytes, filename: str, max_line_bytes: int = MAX_LINE_BYTES) -> list[str]:
     """Validate a whole dataset file and return the training text of every record."""
     name = filename.lower()
-    if name.endswith(".jsonl") or name.endswith(".json"):
+    if name.endswith(".jsonl"):
         parse = parse_jsonl
     elif name.endswith(".txt"):
         parse = parse_txt

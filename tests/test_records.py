@@ -102,7 +102,7 @@ REFUSED = [
     pytest.param(jsonl({"text": "a"}), "d.csv", ["'d.csv'", ".jsonl or .txt"], id="csv-extension"),
     pytest.param(jsonl({"text": "a"}), "dataset", [".jsonl or .txt"], id="no-extension"),
     pytest.param(jsonl({"text": "a"}), "d.jsonl.gz", [".jsonl or .txt"], id="compressed"),
-    pytest.param(b'[{"text": "a"}, {"text": "b"}]', "d.json", ["line 1", "JSON object", "list"],
+    pytest.param(b'[{"text": "a"}, {"text": "b"}]', "d.json", ["'d.json'", ".jsonl or .txt"],
                  id="json-array-file"),
 ]
 

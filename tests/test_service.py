@@ -374,8 +374,6 @@ def test_heartbeat_extends_only_the_current_lease(rig: Rig) -> None:
     assert float(rig.ledger.task(task_id)["deadline"]) == pytest.approx(ok.deadline)
 
 
-@pytest.mark.xfail(strict=True, reason="coordinator/ledger.py:50 (_HEARTBEAT) answers "
-                                       "'the task is false, not leased' for a task that does not exist")
 def test_heartbeat_for_an_unknown_task_is_refused_with_a_sentence(rig: Rig) -> None:
     reply = rig.client("worker").heartbeat("j-none-t000", 1)
     assert not reply.ok and reply.deadline == 0.0
