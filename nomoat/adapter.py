@@ -81,7 +81,18 @@ def to_bytes(adapter: Adapter) -> bytes:
         tensors[module + _B] = b.contiguous()
     meta = dict(adapter.meta)
     meta.update(format=FORMAT, kind=adapter.kind, rank=str(adapter.rank), alpha=repr(adapter.alpha))
-    return st_save(tensors, metadata=meta)
+    return _canonical(st_save(tensors, metadata=meta))
+
+
+def _canonical(data: bytes) -> bytes:
+    """Rewrite the header with sorted keys: safetensors orders metadata differently from run to
+    run, and equal adapters must hash equal (uploads are idempotent per sha256). Tensor offsets
+    count from the end of the header, so only the header and its length change."""
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + n])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # keep the data 8-byte aligned, as safetensors does
+    return len(text).to_bytes(8, "little") + text + data[8 + n :]
 
 
 def save(adapter: Adapter, path: str | Path) -> None:

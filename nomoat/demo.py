@@ -83,8 +83,10 @@ def run_demo(workdir: Path | None = None, listen: str = "127.0.0.1:0") -> dict[s
     workdir = Path(workdir or tempfile.mkdtemp(prefix="nomoat-demo-"))
     workdir.mkdir(parents=True, exist_ok=True)
     console.print(f"[bold]nomoat demo[/] in {workdir}")
-    settings = Settings(data_dir=workdir / "coordinator", listen=listen, fold_every=3, fold_timeout_s=60,
-                        job=JobDefaults(tokens_per_task=6000))
+    # Tasks of ~12k tokens, two epochs at batch 4 (~60 optimizer steps each): enough steps per
+    # task for each adapter to learn something before its update is averaged with the others.
+    settings = Settings(data_dir=workdir / "coordinator", listen=listen, fold_every=2, fold_timeout_s=60,
+                        job=JobDefaults(tokens_per_task=12000, batch_size=4, learning_rate=3e-3, epochs=2))
     node = Coordinator(settings)
     workers: list[subprocess.Popen] = []
     try:
