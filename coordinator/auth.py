@@ -33,6 +33,7 @@ PERMISSIONS: dict[str, set[str]] = {
     "/nomoat.v1.Workers/Heartbeat": {"worker", "admin"},
     "/nomoat.v1.Workers/FetchShard": {"worker", "admin"},
     "/nomoat.v1.Workers/Upload": {"worker", "admin"},
+    "/nomoat.v1.Workers/UploadOffset": {"worker", "admin"},
     "/nomoat.v1.Models/Pull": _ANY,
 }
 OPEN_PREFIXES = ("/grpc.health.v1.Health/",)

@@ -1,4 +1,5 @@
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
@@ -81,7 +82,7 @@ class TaskCounts(_message.Message):
     def __init__(self, pending: _Optional[int] = ..., leased: _Optional[int] = ..., done: _Optional[int] = ..., failed: _Optional[int] = ...) -> None: ...
 
 class JobInfo(_message.Message):
-    __slots__ = ("job_id", "name", "state", "tasks", "total_tasks", "adapters_folded", "adapters_rejected", "error", "created", "tokens", "dataset_sha256", "base_loss")
+    __slots__ = ("job_id", "name", "state", "tasks", "total_tasks", "adapters_folded", "adapters_rejected", "error", "created", "tokens", "dataset_sha256", "base_loss", "warning")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -94,6 +95,7 @@ class JobInfo(_message.Message):
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     DATASET_SHA256_FIELD_NUMBER: _ClassVar[int]
     BASE_LOSS_FIELD_NUMBER: _ClassVar[int]
+    WARNING_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     name: str
     state: str
@@ -106,7 +108,8 @@ class JobInfo(_message.Message):
     tokens: int
     dataset_sha256: str
     base_loss: float
-    def __init__(self, job_id: _Optional[str] = ..., name: _Optional[str] = ..., state: _Optional[str] = ..., tasks: _Optional[_Union[TaskCounts, _Mapping]] = ..., total_tasks: _Optional[int] = ..., adapters_folded: _Optional[int] = ..., adapters_rejected: _Optional[int] = ..., error: _Optional[str] = ..., created: _Optional[float] = ..., tokens: _Optional[int] = ..., dataset_sha256: _Optional[str] = ..., base_loss: _Optional[float] = ...) -> None: ...
+    warning: str
+    def __init__(self, job_id: _Optional[str] = ..., name: _Optional[str] = ..., state: _Optional[str] = ..., tasks: _Optional[_Union[TaskCounts, _Mapping]] = ..., total_tasks: _Optional[int] = ..., adapters_folded: _Optional[int] = ..., adapters_rejected: _Optional[int] = ..., error: _Optional[str] = ..., created: _Optional[float] = ..., tokens: _Optional[int] = ..., dataset_sha256: _Optional[str] = ..., base_loss: _Optional[float] = ..., warning: _Optional[str] = ...) -> None: ...
 
 class WorkerInfo(_message.Message):
     __slots__ = ("worker_id", "name", "card", "last_seen", "tasks_done", "state")
@@ -168,6 +171,22 @@ class JobProgress(_message.Message):
     finished: bool
     def __init__(self, job: _Optional[_Union[JobInfo, _Mapping]] = ..., current_version: _Optional[int] = ..., eval_loss: _Optional[float] = ..., finished: _Optional[bool] = ...) -> None: ...
 
+class UploadOffsetRequest(_message.Message):
+    __slots__ = ("task_id", "fence", "sha256")
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    FENCE_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    task_id: str
+    fence: int
+    sha256: str
+    def __init__(self, task_id: _Optional[str] = ..., fence: _Optional[int] = ..., sha256: _Optional[str] = ...) -> None: ...
+
+class UploadOffsetReply(_message.Message):
+    __slots__ = ("offset",)
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    offset: int
+    def __init__(self, offset: _Optional[int] = ...) -> None: ...
+
 class Card(_message.Message):
     __slots__ = ("name", "vram_gb", "compute_capability", "bf16", "backend", "simulated", "tflops")
     NAME_FIELD_NUMBER: _ClassVar[int]
@@ -207,14 +226,16 @@ class RegisterReply(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., ray_address: _Optional[str] = ..., ray_auth_token: _Optional[str] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
-    __slots__ = ("task_id", "fence", "worker_id")
+    __slots__ = ("task_id", "fence", "worker_id", "event")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     FENCE_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    EVENT_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     fence: int
     worker_id: str
-    def __init__(self, task_id: _Optional[str] = ..., fence: _Optional[int] = ..., worker_id: _Optional[str] = ...) -> None: ...
+    event: str
+    def __init__(self, task_id: _Optional[str] = ..., fence: _Optional[int] = ..., worker_id: _Optional[str] = ..., event: _Optional[str] = ...) -> None: ...
 
 class HeartbeatReply(_message.Message):
     __slots__ = ("ok", "deadline", "reason")
@@ -241,7 +262,7 @@ class DataChunk(_message.Message):
     def __init__(self, data: _Optional[bytes] = ...) -> None: ...
 
 class AdapterManifest(_message.Message):
-    __slots__ = ("task_id", "fence", "base_version", "rank", "alpha", "tokens", "train_loss", "sha256", "size", "worker_id")
+    __slots__ = ("task_id", "fence", "base_version", "rank", "alpha", "tokens", "train_loss", "sha256", "size", "worker_id", "offset", "train_seconds")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     FENCE_FIELD_NUMBER: _ClassVar[int]
     BASE_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -252,6 +273,8 @@ class AdapterManifest(_message.Message):
     SHA256_FIELD_NUMBER: _ClassVar[int]
     SIZE_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_SECONDS_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     fence: int
     base_version: int
@@ -262,7 +285,9 @@ class AdapterManifest(_message.Message):
     sha256: str
     size: int
     worker_id: str
-    def __init__(self, task_id: _Optional[str] = ..., fence: _Optional[int] = ..., base_version: _Optional[int] = ..., rank: _Optional[int] = ..., alpha: _Optional[float] = ..., tokens: _Optional[int] = ..., train_loss: _Optional[float] = ..., sha256: _Optional[str] = ..., size: _Optional[int] = ..., worker_id: _Optional[str] = ...) -> None: ...
+    offset: int
+    train_seconds: float
+    def __init__(self, task_id: _Optional[str] = ..., fence: _Optional[int] = ..., base_version: _Optional[int] = ..., rank: _Optional[int] = ..., alpha: _Optional[float] = ..., tokens: _Optional[int] = ..., train_loss: _Optional[float] = ..., sha256: _Optional[str] = ..., size: _Optional[int] = ..., worker_id: _Optional[str] = ..., offset: _Optional[int] = ..., train_seconds: _Optional[float] = ...) -> None: ...
 
 class UploadChunk(_message.Message):
     __slots__ = ("manifest", "data")
@@ -283,10 +308,22 @@ class UploadReply(_message.Message):
     def __init__(self, accepted: _Optional[bool] = ..., adapter_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class PullRequest(_message.Message):
-    __slots__ = ("version",)
+    __slots__ = ("version", "format", "since")
+    class Format(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        HF: _ClassVar[PullRequest.Format]
+        PEFT: _ClassVar[PullRequest.Format]
+        PATCHES: _ClassVar[PullRequest.Format]
+    HF: PullRequest.Format
+    PEFT: PullRequest.Format
+    PATCHES: PullRequest.Format
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    FORMAT_FIELD_NUMBER: _ClassVar[int]
+    SINCE_FIELD_NUMBER: _ClassVar[int]
     version: int
-    def __init__(self, version: _Optional[int] = ...) -> None: ...
+    format: PullRequest.Format
+    since: int
+    def __init__(self, version: _Optional[int] = ..., format: _Optional[_Union[PullRequest.Format, str]] = ..., since: _Optional[int] = ...) -> None: ...
 
 class FileEntry(_message.Message):
     __slots__ = ("path", "size", "sha256")
@@ -323,3 +360,73 @@ class PullChunk(_message.Message):
     header: PullHeader
     file: FileChunk
     def __init__(self, header: _Optional[_Union[PullHeader, _Mapping]] = ..., file: _Optional[_Union[FileChunk, _Mapping]] = ...) -> None: ...
+
+class CreateTokenRequest(_message.Message):
+    __slots__ = ("role", "name")
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    role: str
+    name: str
+    def __init__(self, role: _Optional[str] = ..., name: _Optional[str] = ...) -> None: ...
+
+class CreateTokenReply(_message.Message):
+    __slots__ = ("token", "token_id")
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    token: str
+    token_id: str
+    def __init__(self, token: _Optional[str] = ..., token_id: _Optional[str] = ...) -> None: ...
+
+class RevokeTokenRequest(_message.Message):
+    __slots__ = ("token",)
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    token: str
+    def __init__(self, token: _Optional[str] = ...) -> None: ...
+
+class RevokeTokenReply(_message.Message):
+    __slots__ = ("revoked",)
+    REVOKED_FIELD_NUMBER: _ClassVar[int]
+    revoked: bool
+    def __init__(self, revoked: _Optional[bool] = ...) -> None: ...
+
+class TokenInfo(_message.Message):
+    __slots__ = ("token_id", "role", "name", "created")
+    TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    CREATED_FIELD_NUMBER: _ClassVar[int]
+    token_id: str
+    role: str
+    name: str
+    created: float
+    def __init__(self, token_id: _Optional[str] = ..., role: _Optional[str] = ..., name: _Optional[str] = ..., created: _Optional[float] = ...) -> None: ...
+
+class ListTokensRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListTokensReply(_message.Message):
+    __slots__ = ("tokens",)
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    tokens: _containers.RepeatedCompositeFieldContainer[TokenInfo]
+    def __init__(self, tokens: _Optional[_Iterable[_Union[TokenInfo, _Mapping]]] = ...) -> None: ...
+
+class RollbackRequest(_message.Message):
+    __slots__ = ("version",)
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    def __init__(self, version: _Optional[int] = ...) -> None: ...
+
+class UnmergeRequest(_message.Message):
+    __slots__ = ("adapter_id",)
+    ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
+    adapter_id: str
+    def __init__(self, adapter_id: _Optional[str] = ...) -> None: ...
+
+class VersionReply(_message.Message):
+    __slots__ = ("version", "eval_loss")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    EVAL_LOSS_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    eval_loss: float
+    def __init__(self, version: _Optional[int] = ..., eval_loss: _Optional[float] = ...) -> None: ...

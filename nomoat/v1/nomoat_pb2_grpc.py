@@ -264,6 +264,11 @@ class WorkersStub:
                 request_serializer=nomoat_dot_v1_dot_nomoat__pb2.UploadChunk.SerializeToString,
                 response_deserializer=nomoat_dot_v1_dot_nomoat__pb2.UploadReply.FromString,
                 _registered_method=True)
+        self.UploadOffset = channel.unary_unary(
+                '/nomoat.v1.Workers/UploadOffset',
+                request_serializer=nomoat_dot_v1_dot_nomoat__pb2.UploadOffsetRequest.SerializeToString,
+                response_deserializer=nomoat_dot_v1_dot_nomoat__pb2.UploadOffsetReply.FromString,
+                _registered_method=True)
 
 
 class WorkersServicer:
@@ -299,6 +304,13 @@ class WorkersServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UploadOffset(self, request, context):
+        """How many bytes of an interrupted upload the coordinator already holds.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkersServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -321,6 +333,11 @@ def add_WorkersServicer_to_server(servicer, server):
                     servicer.Upload,
                     request_deserializer=nomoat_dot_v1_dot_nomoat__pb2.UploadChunk.FromString,
                     response_serializer=nomoat_dot_v1_dot_nomoat__pb2.UploadReply.SerializeToString,
+            ),
+            'UploadOffset': grpc.unary_unary_rpc_method_handler(
+                    servicer.UploadOffset,
+                    request_deserializer=nomoat_dot_v1_dot_nomoat__pb2.UploadOffsetRequest.FromString,
+                    response_serializer=nomoat_dot_v1_dot_nomoat__pb2.UploadOffsetReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -444,6 +461,33 @@ class Workers:
             metadata,
             _registered_method=True)
 
+    @staticmethod
+    def UploadOffset(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nomoat.v1.Workers/UploadOffset',
+            nomoat_dot_v1_dot_nomoat__pb2.UploadOffsetRequest.SerializeToString,
+            nomoat_dot_v1_dot_nomoat__pb2.UploadOffsetReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
 
 class ModelsStub:
     """---------------------------------------------------------------------------------------------
@@ -515,6 +559,260 @@ class Models:
             '/nomoat.v1.Models/Pull',
             nomoat_dot_v1_dot_nomoat__pb2.PullRequest.SerializeToString,
             nomoat_dot_v1_dot_nomoat__pb2.PullChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
+class AdminStub:
+    """---------------------------------------------------------------------------------------------
+    Admin: tokens and the running model's history (admin role only).
+
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.CreateToken = channel.unary_unary(
+                '/nomoat.v1.Admin/CreateToken',
+                request_serializer=nomoat_dot_v1_dot_nomoat__pb2.CreateTokenRequest.SerializeToString,
+                response_deserializer=nomoat_dot_v1_dot_nomoat__pb2.CreateTokenReply.FromString,
+                _registered_method=True)
+        self.RevokeToken = channel.unary_unary(
+                '/nomoat.v1.Admin/RevokeToken',
+                request_serializer=nomoat_dot_v1_dot_nomoat__pb2.RevokeTokenRequest.SerializeToString,
+                response_deserializer=nomoat_dot_v1_dot_nomoat__pb2.RevokeTokenReply.FromString,
+                _registered_method=True)
+        self.ListTokens = channel.unary_unary(
+                '/nomoat.v1.Admin/ListTokens',
+                request_serializer=nomoat_dot_v1_dot_nomoat__pb2.ListTokensRequest.SerializeToString,
+                response_deserializer=nomoat_dot_v1_dot_nomoat__pb2.ListTokensReply.FromString,
+                _registered_method=True)
+        self.Rollback = channel.unary_unary(
+                '/nomoat.v1.Admin/Rollback',
+                request_serializer=nomoat_dot_v1_dot_nomoat__pb2.RollbackRequest.SerializeToString,
+                response_deserializer=nomoat_dot_v1_dot_nomoat__pb2.VersionReply.FromString,
+                _registered_method=True)
+        self.Unmerge = channel.unary_unary(
+                '/nomoat.v1.Admin/Unmerge',
+                request_serializer=nomoat_dot_v1_dot_nomoat__pb2.UnmergeRequest.SerializeToString,
+                response_deserializer=nomoat_dot_v1_dot_nomoat__pb2.VersionReply.FromString,
+                _registered_method=True)
+
+
+class AdminServicer:
+    """---------------------------------------------------------------------------------------------
+    Admin: tokens and the running model's history (admin role only).
+
+    """
+
+    def CreateToken(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeToken(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListTokens(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Rollback(self, request, context):
+        """Both make a new version with lineage; history is never rewritten.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Unmerge(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_AdminServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'CreateToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateToken,
+                    request_deserializer=nomoat_dot_v1_dot_nomoat__pb2.CreateTokenRequest.FromString,
+                    response_serializer=nomoat_dot_v1_dot_nomoat__pb2.CreateTokenReply.SerializeToString,
+            ),
+            'RevokeToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeToken,
+                    request_deserializer=nomoat_dot_v1_dot_nomoat__pb2.RevokeTokenRequest.FromString,
+                    response_serializer=nomoat_dot_v1_dot_nomoat__pb2.RevokeTokenReply.SerializeToString,
+            ),
+            'ListTokens': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTokens,
+                    request_deserializer=nomoat_dot_v1_dot_nomoat__pb2.ListTokensRequest.FromString,
+                    response_serializer=nomoat_dot_v1_dot_nomoat__pb2.ListTokensReply.SerializeToString,
+            ),
+            'Rollback': grpc.unary_unary_rpc_method_handler(
+                    servicer.Rollback,
+                    request_deserializer=nomoat_dot_v1_dot_nomoat__pb2.RollbackRequest.FromString,
+                    response_serializer=nomoat_dot_v1_dot_nomoat__pb2.VersionReply.SerializeToString,
+            ),
+            'Unmerge': grpc.unary_unary_rpc_method_handler(
+                    servicer.Unmerge,
+                    request_deserializer=nomoat_dot_v1_dot_nomoat__pb2.UnmergeRequest.FromString,
+                    response_serializer=nomoat_dot_v1_dot_nomoat__pb2.VersionReply.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'nomoat.v1.Admin', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('nomoat.v1.Admin', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Admin:
+    """---------------------------------------------------------------------------------------------
+    Admin: tokens and the running model's history (admin role only).
+
+    """
+
+    @staticmethod
+    def CreateToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nomoat.v1.Admin/CreateToken',
+            nomoat_dot_v1_dot_nomoat__pb2.CreateTokenRequest.SerializeToString,
+            nomoat_dot_v1_dot_nomoat__pb2.CreateTokenReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nomoat.v1.Admin/RevokeToken',
+            nomoat_dot_v1_dot_nomoat__pb2.RevokeTokenRequest.SerializeToString,
+            nomoat_dot_v1_dot_nomoat__pb2.RevokeTokenReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListTokens(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nomoat.v1.Admin/ListTokens',
+            nomoat_dot_v1_dot_nomoat__pb2.ListTokensRequest.SerializeToString,
+            nomoat_dot_v1_dot_nomoat__pb2.ListTokensReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Rollback(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nomoat.v1.Admin/Rollback',
+            nomoat_dot_v1_dot_nomoat__pb2.RollbackRequest.SerializeToString,
+            nomoat_dot_v1_dot_nomoat__pb2.VersionReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Unmerge(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nomoat.v1.Admin/Unmerge',
+            nomoat_dot_v1_dot_nomoat__pb2.UnmergeRequest.SerializeToString,
+            nomoat_dot_v1_dot_nomoat__pb2.VersionReply.FromString,
             options,
             channel_credentials,
             insecure,
