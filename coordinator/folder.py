@@ -15,10 +15,12 @@ from __future__ import annotations
 import json
 import logging
 import math
+import threading
 import time
 from dataclasses import dataclass
 
 from coordinator import folding
+from coordinator.history import History, chain_patch
 from coordinator.ledger import Ledger
 from coordinator.model import RunningModel
 from coordinator.settings import Settings
@@ -41,11 +43,16 @@ class Candidate:
 
 
 class Folder:
-    def __init__(self, settings: Settings, ledger: Ledger, store: BlobStore, model: RunningModel) -> None:
+    def __init__(self, settings: Settings, ledger: Ledger, store: BlobStore, model: RunningModel,
+                 history: History) -> None:
         self.settings = settings
         self.ledger = ledger
         self.store = store
         self.model = model
+        self.history = history
+        # Folding, rollback and unmerge each turn the newest version into the next one; the
+        # lock makes them take turns (admin calls arrive on gRPC threads).
+        self.lock = threading.Lock()
         self._validation: dict[str, list[str]] = {}
 
     # -- evaluation sets ----------------------------------------------------------------------
@@ -85,11 +92,12 @@ class Folder:
 
     def maybe_fold(self, idle_jobs: set[str], now: float | None = None) -> int | None:
         """Fold if due; returns the published version number, or None."""
-        self.record_base_losses()
-        buffered = self.ledger.buffered()
-        if not self.due(buffered, idle_jobs, now or time.time()):
-            return None
-        return self.fold(buffered[: max(self.settings.fold_every, 1) * 4])
+        with self.lock:
+            self.record_base_losses()
+            buffered = self.ledger.buffered()
+            if not self.due(buffered, idle_jobs, now or time.time()):
+                return None
+            return self.fold(buffered[: max(self.settings.fold_every, 1) * 4])
 
     def fold(self, entries: list[dict[str, str]]) -> int | None:
         current = self.ledger.latest_version()
@@ -143,22 +151,84 @@ class Folder:
 
     def _publish(self, current, candidates, weights, patch, loss, parent_loss, job_ids, modules) -> int:
         number = current + 1
-        files = self.model.publish(self.store, modules)
-        patch_sha = self.store.put(adapter_format.to_bytes(patch))
+        record = {
+            "parent": current,
+            "patch": self.store.put(adapter_format.to_bytes(patch)),
+            "adapters": [{"id": c.adapter_id, "weight": w, "tau": c.tau} for c, w in zip(candidates, weights)],
+            "eval_loss": loss,
+            "metrics": {"parent_loss": parent_loss, "jobs": job_ids},
+            "job_id": ",".join(job_ids),
+        }
+        if number % self.settings.snapshot_every == 0:
+            record["files"] = self.model.publish(self.store)
         self.ledger.publish_version(
-            number,
-            {
-                "parent": current,
-                "files": files,
-                "patch": patch_sha,
-                "adapters": [{"id": c.adapter_id, "weight": w, "tau": c.tau} for c, w in zip(candidates, weights)],
-                "eval_loss": loss,
-                "metrics": {"parent_loss": parent_loss, "jobs": job_ids},
-                "job_id": ",".join(job_ids),
-            },
+            number, record,
             folded=[(c.adapter_id, w) for c, w in zip(candidates, weights)],
             norms=[c.norm for c in candidates],
         )
         log.info("published version %d: %d adapters, held-out loss %.4f (parent %.4f)",
                  number, len(candidates), loss, parent_loss)
         return number
+
+    # -- history operations (admin) -----------------------------------------------------------
+
+    def _recent_jobs(self, first: int, last: int) -> list[str]:
+        jobs = set()
+        for v in range(max(first, 1), last + 1):
+            jobs.update((self.ledger.version(v) or {}).get("metrics", {}).get("jobs", []))
+        return sorted(j for j in jobs if self.ledger.job(j))
+
+    def rollback(self, target: int) -> tuple[int, float]:
+        """A new version whose weights equal version ``target``'s exactly."""
+        with self.lock:
+            current = self.ledger.latest_version()
+            if not 0 <= target < current:
+                raise ValueError(f"cannot roll back to version {target}: choose one from 0 to {current - 1}")
+            model = self.history.rebuild(target)
+            undo = chain_patch([self.history.patch(v) for v in range(target + 1, current + 1)], sign=-1.0)
+            jobs = self._recent_jobs(target + 1, current)
+            self.model = model
+            loss = self._eval(jobs) if jobs else math.nan
+            number = current + 1
+            self.ledger.publish_version(number, {
+                "parent": current,
+                "patch": self.store.put(adapter_format.to_bytes(undo)),
+                # A rollback is a snapshot: its weights are version `target`'s bit for bit, which
+                # replaying the negated chain would only reproduce up to rounding.
+                "files": model.publish(self.store),
+                "adapters": [],
+                "eval_loss": loss,
+                "metrics": {"operation": "rollback", "target": target, "jobs": jobs},
+                "job_id": "",
+            })
+            log.info("version %d rolls back to version %d", number, target)
+            return number, loss
+
+    def unmerge(self, adapter_id: str) -> tuple[int, float]:
+        """A new version without one adapter's contribution: W − w·s·B·A, exactly that product."""
+        with self.lock:
+            entry = self.ledger.adapter(adapter_id)
+            if entry is None or entry.get("state") != "folded":
+                state = entry.get("state") if entry else "unknown"
+                raise ValueError(f"adapter {adapter_id} is {state}; only a folded adapter can be unmerged")
+            adapter = adapter_format.from_bytes(self.store.get(entry["sha256"]))
+            patch = folding.build_patch([adapter], [-float(entry["weight"])])
+            current = self.ledger.latest_version()
+            folding.apply_patch(self.model.master(patch.modules()), patch)
+            jobs = self._recent_jobs(int(entry["version"]), current)
+            loss = self._eval(jobs) if jobs else math.nan
+            number = current + 1
+            record = {
+                "parent": current,
+                "patch": self.store.put(adapter_format.to_bytes(patch)),
+                "adapters": [{"id": adapter_id, "weight": -float(entry["weight"]), "tau": 0}],
+                "eval_loss": loss,
+                "metrics": {"operation": "unmerge", "adapter": adapter_id, "jobs": jobs},
+                "job_id": entry.get("job", ""),
+            }
+            if number % self.settings.snapshot_every == 0:
+                record["files"] = self.model.publish(self.store)
+            self.ledger.publish_version(number, record)
+            self.ledger.mark_unmerged(adapter_id, number)
+            log.info("version %d unmerges adapter %s", number, adapter_id)
+            return number, loss

@@ -289,6 +289,9 @@ class Ledger:
             pipe.hincrby(keys.job(adapter["job"]), "adapters_rejected", 1)
         pipe.execute()
 
+    def mark_unmerged(self, adapter_id: str, version: int) -> None:
+        self.r.hset(keys.adapter(adapter_id), mapping={"state": "unmerged", "unmerged_in": version})
+
     def recent_norms(self, limit: int = 64) -> list[float]:
         return [float(x) for x in self.r.lrange(keys.RECENT_NORMS, 0, limit - 1)]
 
@@ -310,6 +313,10 @@ class Ledger:
         for n in numbers:
             pipe.hgetall(keys.version(n))
         return [_version_record(n, _decode(d)) for n, d in zip(numbers, pipe.execute())]
+
+    def set_version_files(self, number: int, files: dict[str, str]) -> None:
+        """Record a snapshot (a Hugging Face folder in the blob store) made for a version later."""
+        self.r.hset(keys.version(number), "files", json.dumps(files))
 
     def publish_version(
         self,

@@ -94,15 +94,20 @@ class RunningModel:
 
     # -- publishing ---------------------------------------------------------------------------
 
-    def publish(self, store: BlobStore, adapted: Sequence[str]) -> dict[str, str]:
-        """Write the current weights as a Hugging Face folder into the store: path -> sha256."""
+    def publish(self, store: BlobStore) -> dict[str, str]:
+        """Write the current weights as a Hugging Face folder into the store: path -> sha256.
+
+        Weights are cast to the base dtype; when that is not fp32, the fp32 master of every
+        linear layer goes beside them, so the folder is an exact snapshot of the running model.
+        """
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp)
             state = {k: v.to(self.base_dtype) for k, v in self.model.state_dict().items()}
             self.model.save_pretrained(out, state_dict=state, safe_serialization=True)
             self.tokenizer.save_pretrained(out)
             if self.base_dtype != torch.float32:
-                master = {k: v.contiguous() for k, v in self.master(adapted).items()}
+                linear = [n for n, m in self.model.named_modules() if isinstance(m, torch.nn.Linear)]
+                master = {k: v.contiguous() for k, v in self.master(linear).items()}
                 (out / MASTER_FILE).write_bytes(st_save(master))
             return {
                 str(p.relative_to(out)): store.put_file(p)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import grpc
 import redis
+import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
@@ -28,7 +29,8 @@ from coordinator import service
 from coordinator.auth import AuthInterceptor, TokenRegistry
 from coordinator.folder import Folder
 from coordinator.ledger import Ledger
-from coordinator.model import RunningModel, materialize
+from coordinator.history import History
+from coordinator.model import RunningModel
 from coordinator.redis_server import EmbeddedRedis
 from coordinator.scheduler import Scheduler
 from coordinator.settings import Settings
@@ -108,21 +110,18 @@ class Coordinator:
                      self.settings.lease_ttl_s)
 
     def _start_model(self) -> None:
+        self.history = History(self.ledger, self.store, self.data_dir)
         latest = self.ledger.latest_version()
         if latest is None:
             self.model = RunningModel(base_model_folder(self.settings.base_model))
-            files = self.model.publish(self.store, [])
+            files = self.model.publish(self.store)
             self.ledger.publish_version(0, {"parent": -1, "files": files, "adapters": [], "eval_loss": "nan"})
             log.info("version 0 is the base model %s", self.settings.base_model)
         else:
-            record = self.ledger.version(latest)
-            folder = materialize(self.store, record["files"], self.data_dir / "versions" / str(latest))
-            self.model = RunningModel(folder)
+            self.model = self.history.rebuild(latest)
             log.info("resuming from version %d", latest)
-        self.shapes = self.model.shapes(
-            {name.rsplit(".", 1)[-1] for name, m in self.model.model.named_modules()
-             if m.__class__.__name__ == "Linear"}
-        )
+        self.shapes = {name: (m.out_features, m.in_features) for name, m in self.model.model.named_modules()
+                       if isinstance(m, torch.nn.Linear)}
 
     def _start_ray(self) -> None:
         self.ray_token = _secret_file(self.data_dir / "ray.token")
@@ -145,7 +144,8 @@ class Coordinator:
 
     def _start_grpc(self) -> None:
         deps = service.Deps(self.settings, self.ledger, self.store, self.registry, self.model.tokenizer,
-                            self.shapes, self.ray_address, self.ray_token)
+                            self.shapes, self.ray_address, self.ray_token, history=self.history)
+        self.deps = deps
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=32, thread_name_prefix="rpc"),
             interceptors=[AuthInterceptor(self.registry)],
@@ -178,7 +178,8 @@ class Coordinator:
         model_config = self.model.model.config
         self.scheduler = Scheduler(self.settings, self.ledger, self.dispatcher, self.worker_token,
                                    lambda job_config: task_resources(model_config, job_config))
-        self.folder = Folder(self.settings, self.ledger, self.store, self.model)
+        self.folder = Folder(self.settings, self.ledger, self.store, self.model, self.history)
+        self.deps.operations = self.folder
         for name, body in (("scheduler", self._schedule_loop), ("folder", self._fold_loop)):
             thread = threading.Thread(target=body, name=name, daemon=True)
             thread.start()

@@ -18,6 +18,7 @@ import grpc
 
 from coordinator import collect, submit
 from coordinator.auth import TokenRegistry, caller
+from coordinator.history import plan_catch_up
 from coordinator.ledger import Ledger
 from coordinator.settings import Settings
 from coordinator.store import BlobStore
@@ -39,6 +40,8 @@ class Deps:
     shapes: dict[str, tuple[int, int]]  # every nn.Linear of the base model
     ray_address: str
     ray_auth_token: str
+    history: Any = None  # coordinator.history.History: snapshots, patches, rebuilds
+    operations: Any = None  # coordinator.folder.Folder: rollback and unmerge (admin)
 
 
 def _float(value: str | None, default: float = float("nan")) -> float:
@@ -240,21 +243,43 @@ class ModelsServicer(rpc.ModelsServicer):
         self.deps = deps
 
     def Pull(self, request, context):
-        ledger = self.deps.ledger
+        ledger, history = self.deps.ledger, self.deps.history
         number = ledger.latest_version() if request.version < 0 else request.version
-        record = ledger.version(number) if number is not None else None
-        if record is None:
+        if number is None or ledger.version(number) is None:
             context.abort(grpc.StatusCode.NOT_FOUND, f"there is no version {request.version}")
-        files = {p: sha for p, sha in record["files"].items() if not p.startswith("nomoat-")}
-        store = self.deps.store
+        try:
+            files = self._files(request, number)
+        except ValueError as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         yield pb.PullChunk(header=pb.PullHeader(version=number, files=[
-            pb.FileEntry(path=p, size=store.size(sha), sha256=sha) for p, sha in sorted(files.items())
+            pb.FileEntry(path=p, size=len(data) if isinstance(data, bytes) else self.deps.store.size(data),
+                         sha256=hashlib.sha256(data).hexdigest() if isinstance(data, bytes) else data)
+            for p, data in files
         ]))
-        for path, sha in sorted(files.items()):
+        for path, data in files:
+            blocks = ([data[i : i + CHUNK] for i in range(0, len(data), CHUNK)] if isinstance(data, bytes)
+                      else self.deps.store.chunks(data, CHUNK))
             offset = 0
-            for block in store.chunks(sha, CHUNK):
+            for block in blocks:
                 yield pb.PullChunk(file=pb.FileChunk(path=path, offset=offset, data=block))
                 offset += len(block)
+
+    def _files(self, request, number: int) -> list[tuple[str, bytes | str]]:
+        """What to send: (path, bytes) for made-up files, (path, sha256) for files in the store."""
+        history = self.deps.history
+        if request.format == pb.PullRequest.PEFT:
+            return sorted(history.peft(request.since, number).items())
+        if request.format == pb.PullRequest.PATCHES:
+            if request.since > number:
+                raise ValueError(f"version {request.since} is newer than version {number}")
+            plan = plan_catch_up(request.since, number, *history.sizes(number))
+            files: list[tuple[str, bytes | str]] = []
+            if plan.snapshot is not None:
+                files += [(f"snapshot/{p}", sha) for p, sha in sorted(history.hf_files(plan.snapshot).items())
+                          if not p.startswith("nomoat-")]
+            files += [(f"patches/{v:06d}.safetensors", self.deps.ledger.version(v)["patch"]) for v in plan.patches]
+            return files
+        return [(p, sha) for p, sha in sorted(history.hf_files(number).items()) if not p.startswith("nomoat-")]
 
 
 def add_all(server: grpc.Server, deps: Deps) -> None:

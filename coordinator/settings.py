@@ -42,6 +42,7 @@ class Settings:
     max_staleness: int = 16
     eval_epsilon: float = 0.02  # nats of held-out loss a fold or an adapter may cost
     norm_factor: float = 20.0  # ‖ΔW‖ may be at most this × the median of recent adapters
+    snapshot_every: int = 10  # a full snapshot every N versions; patches in between
 
     # Leases: a dispatched task may wait this long for Ray to place it; once its worker
     # heartbeats, each heartbeat buys lease_ttl_s more.

@@ -20,7 +20,7 @@ EXAMPLES = {
     "worker": "nomoat worker start --coordinator HOST:50051 --simulate-gpu 'RTX 3060:12'",
     "submit": "nomoat submit data.jsonl --name chat-v1 --wait",
     "status": "nomoat status j-1a2b3c4d --json",
-    "pull": "nomoat pull --out ./model",
+    "pull": "nomoat pull --out ./model   |   nomoat pull --since 3 --format peft --out ./update",
     "demo": "nomoat demo",
 }
 
@@ -220,12 +220,22 @@ def status(ctx, job, as_json) -> None:
 @main.command(epilog=f"Example: {EXAMPLES['pull']}")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder to write the model into.")
 @click.option("--version", default=-1, help="Version number (default: the newest).")
+@click.option("--since", default=None, type=int,
+              help="With --format peft: the version you already have; you get only the update since it.")
+@click.option("--format", "fmt", type=click.Choice(["hf", "peft"]), default="hf", show_default=True,
+              help="hf: a whole Hugging Face model folder; peft: a PEFT adapter folder (needs --since).")
 @click.pass_context
-def pull(ctx, out, version) -> None:
-    """Download a model version as a Hugging Face folder."""
+def pull(ctx, out, version, since, fmt) -> None:
+    """Download a model version as a Hugging Face folder, or only the update since a version you have."""
+    if fmt == "peft" and since is None:
+        _fail("--format peft needs --since VERSION (the version you already have)")
     with _client(ctx) as client:
-        number = client.pull(Path(out), version)
-    click.echo(f"version {number} written to {out}")
+        number = client.pull(Path(out), version, fmt=fmt, since=since or 0)
+    if fmt == "peft":
+        click.echo(f"the update from version {since} to version {number} written to {out} "
+                   f"(PeftModel.from_pretrained(<version {since}>, {out!r}).merge_and_unload())")
+    else:
+        click.echo(f"version {number} written to {out}")
 
 
 @main.command(epilog=f"Example: {EXAMPLES['demo']}")

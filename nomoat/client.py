@@ -131,7 +131,7 @@ class CoordinatorClient:
 
     # -- pull ---------------------------------------------------------------------------------
 
-    def pull(self, out: Path, version: int = -1, timeout: float = 3600) -> int:
+    def pull(self, out: Path, version: int = -1, timeout: float = 3600, fmt: str = "hf", since: int = 0) -> int:
         """Write a version's Hugging Face folder into ``out``; returns the version number.
 
         Files land in a temporary folder beside ``out`` and are checked against their sha256
@@ -141,7 +141,9 @@ class CoordinatorClient:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
         try:
-            number, entries = self._pull_into(tmp, version, timeout)
+            request = pb.PullRequest(version=version, since=since,
+                                     format=pb.PullRequest.Format.Value(fmt.upper()))
+            number, entries = self._pull_into(tmp, request, timeout)
             for entry in entries:
                 got = hashlib.sha256((tmp / entry.path).read_bytes()).hexdigest()
                 if got != entry.sha256 or (tmp / entry.path).stat().st_size != entry.size:
@@ -154,10 +156,10 @@ class CoordinatorClient:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
 
-    def _pull_into(self, tmp: Path, version: int, timeout: float):
+    def _pull_into(self, tmp: Path, request: pb.PullRequest, timeout: float):
         number, entries, handles = -1, [], {}
         try:
-            for chunk in self._stream(self.models.Pull, pb.PullRequest(version=version), timeout):
+            for chunk in self._stream(self.models.Pull, request, timeout):
                 if chunk.HasField("header"):
                     number, entries = chunk.header.version, list(chunk.header.files)
                     allowed = {e.path for e in entries}

@@ -26,6 +26,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 
 from coordinator import service
 from coordinator.auth import AuthInterceptor, TokenRegistry
+from coordinator.history import History
 from coordinator.ledger import Ledger
 from coordinator.model import RunningModel
 from coordinator.settings import Settings
@@ -71,7 +72,7 @@ class Published:
 def published(base_folder, tmp_path_factory) -> Published:
     model = RunningModel(base_folder)
     blobs = tmp_path_factory.mktemp("v0") / "blobs"
-    files = model.publish(BlobStore(blobs), [])
+    files = model.publish(BlobStore(blobs))
     # As Coordinator._start_model: every linear layer of the base model.
     shapes = model.shapes({name.rsplit(".", 1)[-1] for name, m in model.model.named_modules()
                            if m.__class__.__name__ == "Linear"})
@@ -121,7 +122,8 @@ def rig(redis_client, published, tmp_path) -> Iterator[Rig]:
     registry = TokenRegistry(redis_client)
     tokens = {role: registry.create(role) for role in ("worker", "submitter", "reader", "admin")}
     deps = service.Deps(Settings(data_dir=tmp_path), ledger, store, registry, published.model.tokenizer,
-                        published.shapes, "10.0.0.1:6379", "ray-secret")
+                        published.shapes, "10.0.0.1:6379", "ray-secret",
+                        history=History(ledger, store, tmp_path))
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=8), interceptors=[AuthInterceptor(registry)])
     service.add_all(server, deps)
     health_servicer = health.HealthServicer()

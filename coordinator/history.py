@@ -1,0 +1,148 @@
+"""The running model's history: snapshots, patches, and rebuilding any version from them.
+
+Versions are numbered 0 (the base model), 1, 2, … and each one's parent is the one before.
+Every version stores its *patch*: the exact low-rank update from its parent (the concatenated,
+weighted factors of what was folded, or the negated chain for a rollback). Every
+``snapshot_every``-th version, version 0, and every rollback also store a *snapshot*: the whole
+Hugging Face folder, plus the fp32 master of the linear layers when the base dtype is not fp32.
+A version pulled as a folder is built once and kept, and then serves as a snapshot too. Any version is its nearest snapshot at or below it plus the patches after that, applied in
+fp32 in order — the same operations the folder performed, so the rebuild is exact.
+
+Catching up from version ``have`` to ``want`` takes the cheaper (in bytes) of the patch chain
+``have+1 … want`` and the nearest snapshot at or below ``want`` plus the patches after it.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from coordinator import folding
+from coordinator.ledger import Ledger
+from coordinator.model import RunningModel, materialize
+from coordinator.store import BlobStore
+from nomoat import adapter as adapter_format
+
+PEFT_CONFIG = "adapter_config.json"
+PEFT_WEIGHTS = "adapter_model.safetensors"
+
+
+@dataclass(frozen=True)
+class CatchUp:
+    snapshot: int | None  # version whose full folder to fetch first, or None
+    patches: list[int]  # versions whose patches to apply after it, in order
+    bytes: int
+
+
+def plan_catch_up(have: int | None, want: int, patch_bytes: dict[int, int],
+                  snapshot_bytes: dict[int, int]) -> CatchUp:
+    """Pure: the cheapest way from ``have`` (None: nothing cached) to ``want``."""
+    options: list[CatchUp] = []
+    if have is not None and have <= want:
+        chain = list(range(have + 1, want + 1))
+        options.append(CatchUp(None, chain, sum(patch_bytes[v] for v in chain)))
+    base = max((v for v in snapshot_bytes if v <= want), default=None)
+    if base is None:
+        if not options:
+            raise ValueError(f"version {want} has no snapshot at or below it")
+    else:
+        chain = list(range(base + 1, want + 1))
+        options.append(CatchUp(base, chain, snapshot_bytes[base] + sum(patch_bytes[v] for v in chain)))
+    return min(options, key=lambda o: o.bytes)
+
+
+def chain_patch(patches: Sequence[adapter_format.Adapter], sign: float = 1.0) -> adapter_format.Adapter:
+    """One exact LoRA for several consecutive patches (their factors concatenated per module)."""
+    return folding.build_patch(list(patches), [sign] * len(patches))
+
+
+def peft_files(patch: adapter_format.Adapter) -> dict[str, bytes]:
+    """A PEFT adapter folder for a patch: per-module ranks, alpha = rank so every scale is 1."""
+    from safetensors.torch import save
+
+    ranks = {m: int(a.shape[0]) for m, (a, _) in patch.factors.items()}
+    top = max(ranks.values())
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": top,
+        "lora_alpha": top,
+        "target_modules": sorted(ranks),
+        "rank_pattern": {m: r for m, r in ranks.items() if r != top},
+        "alpha_pattern": {m: r for m, r in ranks.items() if r != top},
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "use_rslora": False,
+        "base_model_name_or_path": None,
+    }
+    tensors = {}
+    for module, (a, b) in patch.factors.items():
+        tensors[f"base_model.model.{module}.lora_A.weight"] = a.contiguous()
+        tensors[f"base_model.model.{module}.lora_B.weight"] = b.contiguous()
+    return {PEFT_CONFIG: json.dumps(config, indent=2).encode(), PEFT_WEIGHTS: save(tensors)}
+
+
+class History:
+    def __init__(self, ledger: Ledger, store: BlobStore, data_dir: Path) -> None:
+        self.ledger = ledger
+        self.store = store
+        self.dir = Path(data_dir) / "versions"
+        self._lock = threading.Lock()
+
+    def patch(self, version: int) -> adapter_format.Adapter:
+        return adapter_format.from_bytes(self.store.get(self.ledger.version(version)["patch"]))
+
+    def snapshot_at_or_below(self, version: int) -> int:
+        for v in range(version, -1, -1):
+            record = self.ledger.version(v)
+            if record and record.get("files"):
+                return v
+        raise ValueError(f"no snapshot at or below version {version}")
+
+    def sizes(self, upto: int) -> tuple[dict[int, int], dict[int, int]]:
+        patches, snapshots = {}, {}
+        for record in self.ledger.versions():
+            v = record["version"]
+            if v > upto:
+                break
+            if record.get("patch"):
+                patches[v] = self.store.size(record["patch"])
+            if record.get("files"):
+                snapshots[v] = sum(self.store.size(sha) for sha in record["files"].values())
+        return patches, snapshots
+
+    def rebuild(self, version: int) -> RunningModel:
+        """The model of ``version``, exactly: nearest snapshot plus the patches after it."""
+        base = self.snapshot_at_or_below(version)
+        folder = materialize(self.store, self.ledger.version(base)["files"], self.dir / str(base))
+        model = RunningModel(folder)
+        for v in range(base + 1, version + 1):
+            patch = self.patch(v)
+            folding.apply_patch(model.master(patch.modules()), patch)
+        return model
+
+    def hf_files(self, version: int) -> dict[str, str]:
+        """The version's Hugging Face folder in the store (path -> sha256), built once if needed."""
+        record = self.ledger.version(version)
+        if record is None:
+            raise KeyError(version)
+        if record.get("files"):
+            return record["files"]
+        with self._lock:
+            record = self.ledger.version(version)
+            if not record.get("files"):
+                files = self.rebuild(version).publish(self.store)
+                self.ledger.set_version_files(version, files)
+                record["files"] = files
+        return record["files"]
+
+    def peft(self, since: int, until: int) -> dict[str, bytes]:
+        if not 0 <= since < until:
+            raise ValueError(f"a PEFT patch needs 0 <= since < version (got since {since}, version {until})")
+        return peft_files(chain_patch([self.patch(v) for v in range(since + 1, until + 1)]))

@@ -1,0 +1,204 @@
+"""Versions, patches and snapshots on the real tiny model: exact rebuilds, the PEFT round trip,
+rollback, unmerge, staleness and the gates of the folder."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from coordinator import folding
+from coordinator.folder import Folder
+from coordinator.history import History, peft_files, plan_catch_up
+from coordinator.ledger import Ledger
+from coordinator.model import RunningModel, materialize
+from coordinator.settings import JobDefaults, Settings
+from coordinator.store import BlobStore
+from coordinator.submit import submit
+from nomoat import adapter as fmt
+from nomoat.tiny import read_demo, tiny_model_path
+from worker.cache import apply_patches
+
+RANK = 4
+
+
+@pytest.mark.parametrize(
+    ("have", "want", "patches", "snapshots", "expected"),
+    [
+        (3, 4, {1: 10, 2: 10, 3: 10, 4: 10}, {0: 1000}, (None, [4], 10)),
+        (0, 5, {v: 300 for v in range(1, 6)}, {0: 1000, 4: 1000}, (4, [5], 1300)),
+        (None, 2, {1: 5, 2: 5}, {0: 100}, (0, [1, 2], 110)),
+        (2, 2, {1: 5, 2: 5}, {0: 100}, (None, [], 0)),
+    ],
+)
+def test_catch_up_takes_the_cheaper_path(have, want, patches, snapshots, expected):
+    plan = plan_catch_up(have, want, patches, snapshots)
+    assert (plan.snapshot, plan.patches, plan.bytes) == expected
+
+
+class Rig:
+    def __init__(self, ledger: Ledger, tmp_path: Path, **settings) -> None:
+        self.ledger = ledger
+        self.store = BlobStore(tmp_path / "blobs")
+        self.settings = Settings(data_dir=tmp_path, fold_every=2, eval_epsilon=0.02,
+                                 job=JobDefaults(lora_rank=RANK, lora_alpha=8.0, tokens_per_task=1000), **settings)
+        model = RunningModel(tiny_model_path())
+        ledger.publish_version(0, {"parent": -1, "files": model.publish(self.store), "adapters": [],
+                                   "eval_loss": "nan"})
+        self.history = History(ledger, self.store, tmp_path)
+        self.folder = Folder(self.settings, ledger, self.store, model, self.history)
+        self.targets = model.shapes(list(self.settings.job.target_modules))
+        data = "".join(json.dumps({"text": t}) + "\n" for t in read_demo()[:400]).encode()
+        self.job = submit(self.settings, ledger, self.store, model.tokenizer, list(self.targets),
+                          data, "d.jsonl", "test", {}).job_id
+        self.seed = 0
+
+    def adapter(self, scale: float = 0.02) -> fmt.Adapter:
+        self.seed += 1
+        g = torch.Generator().manual_seed(self.seed)
+        factors = {m: (torch.randn(RANK, d_in, generator=g) * scale, torch.randn(d_out, RANK, generator=g) * scale)
+                   for m, (d_out, d_in) in self.targets.items()}
+        return fmt.Adapter(factors, rank=RANK, alpha=8.0)
+
+    def offer(self, adapter: fmt.Adapter, base_version: int | None = None) -> str:
+        """Lease the next task and upload ``adapter`` for it, as a worker would."""
+        task_id = self.ledger.pending(1)[0]
+        base = self.ledger.latest_version() if base_version is None else base_version
+        fence = self.ledger.lease(task_id, time.time() + 60, base, max_attempts=3)
+        data = fmt.to_bytes(adapter)
+        sha = self.store.put(data)
+        accepted = self.ledger.accept_upload(task_id, fence, sha, {"base_version": base, "tokens": 1000,
+                                                                    "rank": RANK, "alpha": 8.0})
+        assert accepted.ok
+        return accepted.detail
+
+    def master(self) -> dict[str, torch.Tensor]:
+        return {m: w.clone() for m, w in self.folder.model.master(list(self.targets)).items()}
+
+
+@pytest.fixture
+def rig(ledger, tmp_path) -> Rig:
+    return Rig(ledger, tmp_path, snapshot_every=3)
+
+
+def test_patch_chain_rebuilds_every_version_exactly(rig: Rig):
+    weights = {0: rig.master()}
+    for _ in range(4):
+        rig.offer(rig.adapter())
+        rig.offer(rig.adapter())
+        number = rig.folder.maybe_fold(set())
+        assert number is not None
+        weights[number] = rig.master()
+    assert rig.ledger.version(3).get("files") and not rig.ledger.version(4).get("files")
+    for version, expected in weights.items():
+        rebuilt = rig.history.rebuild(version).master(list(rig.targets))
+        assert all(torch.equal(rebuilt[m], expected[m]) for m in expected), f"version {version} differs"
+
+
+def test_peft_folder_since_a_version_reproduces_the_newest(rig: Rig, tmp_path: Path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    for _ in range(3):
+        rig.offer(rig.adapter())
+        rig.offer(rig.adapter())
+        rig.folder.maybe_fold(set())
+    newest = rig.master()
+    out = tmp_path / "update"
+    out.mkdir()
+    for name, data in rig.history.peft(1, 3).items():
+        (out / name).write_bytes(data)
+    base = materialize(rig.store, rig.history.hf_files(1), tmp_path / "v1")
+    merged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), out).merge_and_unload()
+    modules = dict(merged.named_modules())
+    for m, w in newest.items():
+        torch.testing.assert_close(modules[m].weight.data, w, rtol=0, atol=1e-6)
+
+
+def test_peft_config_declares_per_module_ranks():
+    patch = fmt.Adapter({"a.q": (torch.ones(6, 4), torch.ones(3, 6)), "a.k": (torch.ones(2, 4), torch.ones(3, 2))},
+                        rank=6, alpha=6.0, kind=fmt.KIND_PATCH)
+    config = json.loads(peft_files(patch)["adapter_config.json"])
+    assert config["r"] == 6 and config["rank_pattern"] == {"a.k": 2} and config["alpha_pattern"] == {"a.k": 2}
+
+
+def test_rollback_restores_the_old_weights_exactly_as_a_new_version(rig: Rig):
+    rig.offer(rig.adapter())
+    rig.offer(rig.adapter())
+    rig.folder.maybe_fold(set())
+    at_one = rig.master()
+    rig.offer(rig.adapter())
+    rig.offer(rig.adapter())
+    assert rig.folder.maybe_fold(set()) == 2
+    number, _ = rig.folder.rollback(1)
+    assert number == 3 and rig.ledger.version(3)["parent"] == 2
+    assert rig.ledger.version(3)["metrics"]["operation"] == "rollback"
+    now = rig.master()
+    assert all(torch.equal(now[m], at_one[m]) for m in at_one)
+    assert all(torch.equal(rig.history.rebuild(3).master(list(at_one))[m], at_one[m]) for m in at_one)
+    with pytest.raises(ValueError, match="cannot roll back to version 7"):
+        rig.folder.rollback(7)
+
+
+def test_unmerge_removes_exactly_one_contribution(rig: Rig):
+    before = rig.master()
+    first = rig.offer(rig.adapter())
+    second = rig.offer(rig.adapter())
+    assert rig.folder.maybe_fold(set()) == 1
+    number, _ = rig.folder.unmerge(first)
+    assert number == 2 and rig.ledger.adapter(first)["state"] == "unmerged"
+    kept = fmt.from_bytes(rig.store.get(rig.ledger.adapter(second)["sha256"]))
+    only_second = folding.build_patch([kept], [float(rig.ledger.adapter(second)["weight"])])
+    after = rig.master()
+    for m, w in before.items():
+        torch.testing.assert_close(after[m], w + folding.patch_delta(only_second, m), rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="only a folded adapter"):
+        rig.folder.unmerge(first)
+
+
+def test_harmful_adapter_is_rejected_and_nothing_is_published(rig: Rig):
+    good = rig.offer(rig.adapter())
+    harmful = rig.offer(rig.adapter(scale=0.02 * 1000**0.5))  # ΔW = B·A: 1000 times a normal update
+    assert rig.folder.maybe_fold(set()) == 1
+    assert "worse" in rig.ledger.adapter(harmful)["reason"] or "norm" in rig.ledger.adapter(harmful)["reason"]
+    assert rig.ledger.adapter(good)["state"] == "folded"
+    before = rig.master()
+    rig.offer(rig.adapter(scale=0.02 * 1000**0.5))
+    rig.offer(rig.adapter(scale=0.02 * 1000**0.5))
+    assert rig.folder.maybe_fold(set()) is None
+    assert rig.ledger.latest_version() == 1
+    assert all(torch.equal(before[m], w) for m, w in rig.master().items())
+
+
+def test_stale_adapter_is_refused_with_its_reason(ledger, tmp_path):
+    rig = Rig(ledger, tmp_path, max_staleness=1)
+    for _ in range(2):
+        rig.offer(rig.adapter())
+        rig.offer(rig.adapter())
+        rig.folder.maybe_fold(set())
+    stale = rig.offer(rig.adapter(), base_version=0)  # τ = 2 > 1
+    fresh = rig.offer(rig.adapter())
+    assert rig.folder.maybe_fold(set()) == 3
+    assert rig.ledger.adapter(stale)["state"] == "rejected"
+    assert "stale" in rig.ledger.adapter(stale)["reason"] or "τ" in rig.ledger.adapter(stale)["reason"]
+    assert rig.ledger.adapter(fresh)["state"] == "folded"
+
+
+def test_worker_catches_up_by_applying_patches(rig: Rig, tmp_path: Path):
+    for _ in range(2):
+        rig.offer(rig.adapter())
+        rig.offer(rig.adapter())
+        rig.folder.maybe_fold(set())
+    folder = materialize(rig.store, rig.history.hf_files(0), tmp_path / "cache" / "0")
+    patches = []
+    for v in (1, 2):
+        path = tmp_path / f"{v}.safetensors"
+        path.write_bytes(rig.store.get(rig.ledger.version(v)["patch"]))
+        patches.append(path)
+    apply_patches(folder, patches)
+    caught_up = RunningModel(folder).master(list(rig.targets))
+    for m, w in rig.master().items():
+        torch.testing.assert_close(caught_up[m], w, rtol=0, atol=1e-6)
