@@ -38,20 +38,26 @@ class CatchUp:
 
 
 def plan_catch_up(have: int | None, want: int, patch_bytes: dict[int, int],
-                  snapshot_bytes: dict[int, int]) -> CatchUp:
-    """Pure: the cheapest way from ``have`` (None: nothing cached) to ``want``."""
+                  snapshot_bytes: dict[int, int], full_bytes: int | None = None) -> CatchUp:
+    """Pure: the cheapest way from ``have`` (None: nothing cached) to ``want``.
+
+    The options: the patch chain from ``have``; the nearest snapshot at or below ``want`` plus
+    the patches after it; and, when ``full_bytes`` is given, a snapshot of ``want`` itself (the
+    coordinator builds one on demand), so catching up never costs more than the full weights.
+    """
     options: list[CatchUp] = []
     if have is not None and have <= want:
         chain = list(range(have + 1, want + 1))
         options.append(CatchUp(None, chain, sum(patch_bytes[v] for v in chain)))
     base = max((v for v in snapshot_bytes if v <= want), default=None)
-    if base is None:
-        if not options:
-            raise ValueError(f"version {want} has no snapshot at or below it")
-    else:
+    if base is not None:
         chain = list(range(base + 1, want + 1))
         options.append(CatchUp(base, chain, snapshot_bytes[base] + sum(patch_bytes[v] for v in chain)))
-    return min(options, key=lambda o: o.bytes)
+    if full_bytes is not None and want not in snapshot_bytes:
+        options.append(CatchUp(want, [], full_bytes))
+    if not options:
+        raise ValueError(f"version {want} has no snapshot at or below it")
+    return min(options, key=lambda o: (o.bytes, o.snapshot is not None))
 
 
 def chain_patch(patches: Sequence[adapter_format.Adapter], sign: float = 1.0) -> adapter_format.Adapter:

@@ -272,7 +272,9 @@ class ModelsServicer(rpc.ModelsServicer):
         if request.format == pb.PullRequest.PATCHES:
             if request.since > number:
                 raise ValueError(f"version {request.since} is newer than version {number}")
-            plan = plan_catch_up(request.since, number, *history.sizes(number))
+            patches, snapshots = history.sizes(number)
+            newest_snapshot = snapshots[max(snapshots)]  # what a whole folder costs today
+            plan = plan_catch_up(request.since, number, patches, snapshots, full_bytes=newest_snapshot)
             files: list[tuple[str, bytes | str]] = []
             if plan.snapshot is not None:
                 files += [(f"snapshot/{p}", sha) for p, sha in sorted(history.hf_files(plan.snapshot).items())

@@ -39,6 +39,13 @@ def test_catch_up_takes_the_cheaper_path(have, want, patches, snapshots, expecte
     assert (plan.snapshot, plan.patches, plan.bytes) == expected
 
 
+def test_catch_up_never_costs_more_than_the_full_weights():
+    patches = {v: 400 for v in range(1, 26)}
+    plan = plan_catch_up(5, 25, patches, {0: 1000, 10: 1000, 20: 1000}, full_bytes=1000)
+    assert (plan.snapshot, plan.patches, plan.bytes) == (25, [], 1000)
+    assert plan_catch_up(24, 25, patches, {0: 1000}, full_bytes=1000).patches == [25]
+
+
 class Rig:
     def __init__(self, ledger: Ledger, tmp_path: Path, **settings) -> None:
         self.ledger = ledger
