@@ -30,6 +30,27 @@ def _fail(message: str) -> None:
     sys.exit(1)
 
 
+def _remember(key: str):
+    def callback(ctx: click.Context, param: click.Parameter, value):
+        if value is not None:
+            ctx.obj[key] = value
+        return value
+
+    return callback
+
+
+def connection_options(command):
+    """--coordinator/--token/--tls-ca also after the command name (`nomoat worker start --coordinator ...`)."""
+    for name, key, help_text in (
+        ("--tls-ca", "tls_ca", "CA certificate of a coordinator that uses TLS."),
+        ("--token", "token", "Bearer token (default: NOMOAT_TOKEN)."),
+        ("--coordinator", "coordinator", "HOST:PORT of the coordinator (default: NOMOAT_COORDINATOR)."),
+    ):
+        command = click.option(name, default=None, expose_value=False, is_eager=True,
+                               callback=_remember(key), help=help_text)(command)
+    return command
+
+
 def _client(ctx: click.Context) -> CoordinatorClient:
     o = ctx.obj
     return CoordinatorClient(o["coordinator"], o["token"], o["tls_ca"])
@@ -135,6 +156,7 @@ def worker() -> None:
 
 
 @worker.command("start", epilog=f"Example: {EXAMPLES['worker']}")
+@connection_options
 @click.option("--ray-address", default="", help="HEAD:PORT of the Ray cluster; default: what the coordinator says.")
 @click.option("--simulate-gpu", default=None, metavar="NAME:VRAM_GB[:TFLOPS]",
               help="Pretend to have this card (no GPU needed; trains on the CPU).")
@@ -169,6 +191,7 @@ def worker_start(ctx, ray_address, simulate_gpu, name, threads, cache_dir, node_
 
 
 @main.command(epilog=f"Example: {EXAMPLES['submit']}")
+@connection_options
 @click.argument("dataset", type=click.Path(exists=True, dir_okay=False))
 @click.option("--name", default="", help="A name for the job.")
 @click.option("--wait", is_flag=True, help="Show progress until the job's adapters are folded.")
@@ -200,6 +223,7 @@ def submit(ctx, dataset, name, wait, rank, alpha, seq_len, learning_rate, batch_
 
 
 @main.command(epilog=f"Example: {EXAMPLES['status']}")
+@connection_options
 @click.argument("job", required=False, default="")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.pass_context
@@ -218,6 +242,7 @@ def status(ctx, job, as_json) -> None:
 
 
 @main.command(epilog=f"Example: {EXAMPLES['pull']}")
+@connection_options
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder to write the model into.")
 @click.option("--version", default=-1, help="Version number (default: the newest).")
 @click.option("--since", default=None, type=int,

@@ -40,9 +40,10 @@ def test_submit_train_fold_pull_through_the_cli(tmp_path: Path) -> None:
         coordinator.wait_for("volunteers join with", timeout=240)
         assert "nomoat worker start" in coordinator.output()
         env = {"NOMOAT_COORDINATOR": address}
-        worker_env = {**env, "NOMOAT_TOKEN": (data_dir / "worker.token").read_text().strip()}
+        worker_env = {"NOMOAT_TOKEN": (data_dir / "worker.token").read_text().strip()}
         for i, card in enumerate(("RTX 3060:12", "RTX 4090:24")):
-            workers.append(Proc(["worker", "start", "--simulate-gpu", card, "--threads", "1",
+            # the way the coordinator's printed join command passes the address
+            workers.append(Proc(["worker", "start", "--coordinator", address, "--simulate-gpu", card, "--threads", "1",
                                  "--name", f"volunteer-{i}", "--cache-dir", str(tmp_path / f"cache-{i}")],
                                 tmp_path / f"worker-{i}.log", env=worker_env))
             workers[-1].wait_for("joined", timeout=180)
