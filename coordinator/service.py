@@ -148,7 +148,8 @@ class JobsServicer(rpc.JobsServicer):
         versions = [
             pb.VersionInfo(version=v["version"], parent=v["parent"], eval_loss=v["eval_loss"],
                            adapters=len(v.get("adapters", [])), created=_float(v.get("created"), 0.0),
-                           job_id=v.get("job_id", ""))
+                           job_id=v.get("job_id", ""), adapter_ids=[a["id"] for a in v.get("adapters", [])],
+                           operation=v.get("metrics", {}).get("operation", ""))
             for v in ledger.versions()
         ]
         return pb.StatusReply(jobs=jobs, workers=workers, versions=versions)
@@ -284,8 +285,30 @@ class ModelsServicer(rpc.ModelsServicer):
         return [(p, sha) for p, sha in sorted(history.hf_files(number).items()) if not p.startswith("nomoat-")]
 
 
+class AdminServicer(rpc.AdminServicer):
+    """Admin-only calls (the interceptor lets only admin tokens through)."""
+
+    def __init__(self, deps: Deps) -> None:
+        self.deps = deps
+
+    def Rollback(self, request, context):
+        try:
+            number, loss = self.deps.operations.rollback(request.version)
+        except ValueError as exc:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        return pb.VersionReply(version=number, eval_loss=loss)
+
+    def Unmerge(self, request, context):
+        try:
+            number, loss = self.deps.operations.unmerge(request.adapter_id)
+        except ValueError as exc:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        return pb.VersionReply(version=number, eval_loss=loss)
+
+
 def add_all(server: grpc.Server, deps: Deps) -> None:
     rpc.add_DatasetsServicer_to_server(DatasetsServicer(deps), server)
     rpc.add_JobsServicer_to_server(JobsServicer(deps), server)
     rpc.add_WorkersServicer_to_server(WorkersServicer(deps), server)
     rpc.add_ModelsServicer_to_server(ModelsServicer(deps), server)
+    rpc.add_AdminServicer_to_server(AdminServicer(deps), server)

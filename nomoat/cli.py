@@ -263,6 +263,33 @@ def pull(ctx, out, version, since, fmt) -> None:
         click.echo(f"version {number} written to {out}")
 
 
+@main.group()
+def admin() -> None:
+    """Change the running model's history (admin token). Every change is a new version."""
+
+
+@admin.command("rollback", epilog="Example: nomoat admin rollback 3")
+@connection_options
+@click.argument("version", type=int)
+@click.pass_context
+def admin_rollback(ctx, version: int) -> None:
+    """Make the newest version equal to VERSION (as a new version; history is kept)."""
+    with _client(ctx) as client:
+        reply = client.rollback(version)
+    click.echo(f"version {reply.version} has the weights of version {version}")
+
+
+@admin.command("unmerge", epilog="Example: nomoat admin unmerge 3f1c0a9e2b7d4c5a6e80")
+@connection_options
+@click.argument("adapter")
+@click.pass_context
+def admin_unmerge(ctx, adapter: str) -> None:
+    """Remove one adapter's contribution exactly (as a new version)."""
+    with _client(ctx) as client:
+        reply = client.unmerge(adapter)
+    click.echo(f"version {reply.version} no longer contains adapter {adapter}")
+
+
 @main.command(epilog=f"Example: {EXAMPLES['demo']}")
 @click.option("--workdir", default=None, type=click.Path(file_okay=False), help="Keep everything here.")
 @click.option("--listen", default="127.0.0.1:0", help="Coordinator address (port 0: a free one).")

@@ -64,6 +64,7 @@ class CoordinatorClient:
         self.jobs = rpc.JobsStub(self.channel)
         self.workers = rpc.WorkersStub(self.channel)
         self.models = rpc.ModelsStub(self.channel)
+        self.admin = rpc.AdminStub(self.channel)
 
     def close(self) -> None:
         self.channel.close()
@@ -202,3 +203,11 @@ class CoordinatorClient:
                 yield pb.UploadChunk(data=data[i : i + CHUNK])
 
         return self._call(self.workers.Upload, chunks(), timeout=timeout)
+
+    # -- admin --------------------------------------------------------------------------------
+
+    def rollback(self, version: int) -> pb.VersionReply:
+        return self._call(self.admin.Rollback, pb.RollbackRequest(version=version), timeout=3600)
+
+    def unmerge(self, adapter_id: str) -> pb.VersionReply:
+        return self._call(self.admin.Unmerge, pb.UnmergeRequest(adapter_id=adapter_id), timeout=3600)

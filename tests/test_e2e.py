@@ -66,6 +66,18 @@ def test_submit_train_fold_pull_through_the_cli(tmp_path: Path) -> None:
         pulled = run(["pull", "--out", str(tmp_path / "model")], admin, timeout=300)
         assert pulled.returncode == 0, pulled.stderr
         assert held_out_loss(tmp_path / "model", test) < held_out_loss(tiny_model_path(), test)
+
+        # The history is kept: a rollback and an unmerge are new versions with lineage.
+        newest = versions[-1]["version"]
+        assert run(["admin", "rollback", "1"], worker_env | env, timeout=60).returncode != 0  # not an admin
+        rolled = run(["admin", "rollback", "1"], admin, timeout=300)
+        assert rolled.returncode == 0 and f"version {newest + 1} has the weights of version 1" in rolled.stdout
+        first_adapter = versions[1]["adapterIds"][0]
+        unmerged = run(["admin", "unmerge", first_adapter], admin, timeout=300)
+        assert unmerged.returncode == 0, unmerged.stderr
+        after = json.loads(run(["status", "--json"], admin, timeout=60).stdout)["versions"]
+        assert [v.get("operation", "") for v in after[-2:]] == ["rollback", "unmerge"]
+        assert after[-1]["parent"] == newest + 1
     finally:
         codes = [w.interrupt() for w in workers] + [coordinator.interrupt()]
     assert "worker left the cluster" in workers[0].output()

@@ -128,20 +128,24 @@ class WorkerInfo(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., name: _Optional[str] = ..., card: _Optional[_Union[Card, _Mapping]] = ..., last_seen: _Optional[float] = ..., tasks_done: _Optional[int] = ..., state: _Optional[str] = ...) -> None: ...
 
 class VersionInfo(_message.Message):
-    __slots__ = ("version", "parent", "eval_loss", "adapters", "created", "job_id")
+    __slots__ = ("version", "parent", "eval_loss", "adapters", "created", "job_id", "adapter_ids", "operation")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     PARENT_FIELD_NUMBER: _ClassVar[int]
     EVAL_LOSS_FIELD_NUMBER: _ClassVar[int]
     ADAPTERS_FIELD_NUMBER: _ClassVar[int]
     CREATED_FIELD_NUMBER: _ClassVar[int]
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_IDS_FIELD_NUMBER: _ClassVar[int]
+    OPERATION_FIELD_NUMBER: _ClassVar[int]
     version: int
     parent: int
     eval_loss: float
     adapters: int
     created: float
     job_id: str
-    def __init__(self, version: _Optional[int] = ..., parent: _Optional[int] = ..., eval_loss: _Optional[float] = ..., adapters: _Optional[int] = ..., created: _Optional[float] = ..., job_id: _Optional[str] = ...) -> None: ...
+    adapter_ids: _containers.RepeatedScalarFieldContainer[str]
+    operation: str
+    def __init__(self, version: _Optional[int] = ..., parent: _Optional[int] = ..., eval_loss: _Optional[float] = ..., adapters: _Optional[int] = ..., created: _Optional[float] = ..., job_id: _Optional[str] = ..., adapter_ids: _Optional[_Iterable[str]] = ..., operation: _Optional[str] = ...) -> None: ...
 
 class StatusReply(_message.Message):
     __slots__ = ("jobs", "workers", "versions")
