@@ -106,17 +106,20 @@ class Folder:
         candidates = [c for c in (self._gate(e, current, job_ids, parent_loss) for e in entries) if c]
         if not candidates:
             return None
-        modules = sorted({m for c in candidates for m in c.adapter.factors})
         while candidates:
             weights = folding.fold_weights(
                 [c.tokens for c in candidates], [c.tau for c in candidates], self.settings.max_staleness
             )
+            delta = folding.build_patch([c.adapter for c in candidates], weights)
+            patch = self._outer_step(delta, current)
+            modules = patch.modules()
             with self.model.restorable(modules) as checkpoint:
-                patch = folding.fold(self.model.master(modules), [c.adapter for c in candidates], weights)
+                folding.apply_patch(self.model.master(modules), patch)
                 loss = self._eval(job_ids)
                 if loss <= parent_loss + self.settings.eval_epsilon:
                     checkpoint.keep()
-                    return self._publish(current, candidates, weights, patch, loss, parent_loss, job_ids, modules)
+                    return self._publish(current, candidates, weights, patch, loss, parent_loss, job_ids,
+                                         delta if patch is not delta else None)
             worst = max(candidates, key=lambda c: c.solo_loss)
             self.ledger.reject_adapter(
                 worst.adapter_id,
@@ -149,7 +152,19 @@ class Folder:
             self.ledger.reject_adapter(adapter_id, str(exc))
             return None
 
-    def _publish(self, current, candidates, weights, patch, loss, parent_loss, job_ids, modules) -> int:
+    def _outer_step(self, delta: adapter_format.Adapter, current: int) -> adapter_format.Adapter:
+        """Plain folding applies the delta itself; with --outer-momentum, DiLoCo's Nesterov step."""
+        if not self.settings.outer_momentum:
+            return delta
+        previous = []
+        for v in range(current, 0, -1):
+            record = self.ledger.version(v)
+            if record.get("metrics", {}).get("operation") or len(previous) >= self.settings.outer_terms:
+                break  # a rollback or unmerge resets the momentum
+            previous.append(adapter_format.from_bytes(self.store.get(record.get("delta") or record["patch"])))
+        return folding.nesterov_patch(delta, previous, self.settings.outer_momentum, self.settings.outer_lr)
+
+    def _publish(self, current, candidates, weights, patch, loss, parent_loss, job_ids, delta=None) -> int:
         number = current + 1
         record = {
             "parent": current,
@@ -159,6 +174,8 @@ class Folder:
             "metrics": {"parent_loss": parent_loss, "jobs": job_ids},
             "job_id": ",".join(job_ids),
         }
+        if delta is not None:  # the plain fold, which the next outer steps' momentum is made of
+            record["delta"] = self.store.put(adapter_format.to_bytes(delta))
         if number % self.settings.snapshot_every == 0:
             record["files"] = self.model.publish(self.store)
         self.ledger.publish_version(

@@ -291,3 +291,16 @@ def patch_delta(patch: Adapter, module: str) -> torch.Tensor:
     """Dense ``ΔW`` of one module (for tests and small rollback checks; O(d_out·d_in) memory)."""
     a, b = patch.factors[module]
     return patch.scale * (b.to(torch.float32) @ a.to(torch.float32))
+
+
+def nesterov_patch(delta: Adapter, previous: Sequence[Adapter], momentum: float, lr: float) -> Adapter:
+    """DiLoCo's outer step (Nesterov momentum on the folded delta) as one exact low-rank patch.
+
+    With the outer "gradient" g_t = Δ_t, Nesterov momentum steps by Δ_t + μ·m_t where
+    m_t = Σ_k μ^(t−k) Δ_k, i.e. (1+μ)·Δ_t + Σ_{j≥1} μ^(j+1)·Δ_(t−j). Every Δ is itself a
+    concatenated LoRA, so the step is too: the deltas' factors side by side, each scaled.
+    ``previous`` are the plain deltas of the preceding folds, newest first; the caller truncates
+    the (geometrically vanishing) tail.
+    """
+    coefficients = [lr * (1.0 + momentum)] + [lr * momentum ** (j + 2) for j in range(len(previous))]
+    return build_patch([delta, *previous], coefficients)

@@ -43,6 +43,10 @@ class Settings:
     eval_epsilon: float = 0.02  # nats of held-out loss a fold or an adapter may cost
     norm_factor: float = 20.0  # ‖ΔW‖ may be at most this × the median of recent adapters
     snapshot_every: int = 10  # a full snapshot every N versions; patches in between
+    # Optional outer optimizer (DiLoCo): Nesterov momentum on the folded delta. 0 turns it off.
+    outer_momentum: float = 0.0
+    outer_lr: float = 1.0
+    outer_terms: int = 8  # past deltas kept in the momentum (μ^9 ≈ 0.39 at μ = 0.9: a truncation)
 
     # Leases: a dispatched task may wait this long for Ray to place it; once its worker
     # heartbeats, each heartbeat buys lease_ttl_s more.
