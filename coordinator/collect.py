@@ -53,8 +53,8 @@ def receive(
         if int(task.get("base_version", -1)) != manifest.base_version:
             return Accepted(
                 "refused",
-                f"the manifest names base version {manifest.base_version} but the task was "
-                f"leased on version {task['base_version']}",
+                f"the manifest names base version {manifest.base_version} but the task's run was "
+                f"given version {task['base_version']}",
             )
         config = json.loads(ledger.job(task["job"])["config"])
         try:

@@ -55,6 +55,18 @@ redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
 return ''
 """
 
+# KEYS: task. ARGV: fence, newest version. The first call of a lease fixes the version the run
+# trains on; later calls return the same. Returns -1 when the fence is not the current lease.
+_CLAIM = """
+if redis.call('HGET', KEYS[1], 'state') ~= 'leased' or redis.call('HGET', KEYS[1], 'fence') ~= ARGV[1] then
+  return -1
+end
+if redis.call('HGET', KEYS[1], 'claimed') ~= ARGV[1] then
+  redis.call('HSET', KEYS[1], 'claimed', ARGV[1], 'base_version', ARGV[2])
+end
+return tonumber(redis.call('HGET', KEYS[1], 'base_version'))
+"""
+
 # KEYS: LEASES, PENDING. ARGV: now, task key prefix. Returns the ids whose lease expired.
 _EXPIRE = """
 local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
@@ -136,6 +148,7 @@ class Ledger:
         self.r = client
         self._lease = client.register_script(_LEASE)
         self._heartbeat = client.register_script(_HEARTBEAT)
+        self._claim = client.register_script(_CLAIM)
         self._expire = client.register_script(_EXPIRE)
         self._release = client.register_script(_RELEASE)
         self._accept = client.register_script(_ACCEPT)
@@ -205,6 +218,10 @@ class Ledger:
         """Extend a lease; returns "" when extended, else why not."""
         reason = self._heartbeat(keys=[keys.task(task_id), keys.LEASES], args=[task_id, fence, deadline])
         return reason.decode() if isinstance(reason, bytes) else reason
+
+    def claim(self, task_id: str, fence: int, newest_version: int) -> int:
+        """The version this lease's run trains on, fixed at its first claim; -1 if not the lease."""
+        return int(self._claim(keys=[keys.task(task_id)], args=[fence, newest_version]))
 
     def lease_problem(self, task_id: str, fence: int) -> str:
         """"" if (task, fence) holds the current lease, else a sentence saying why not."""

@@ -192,9 +192,13 @@ class WorkersServicer(rpc.WorkersServicer):
 
     def Heartbeat(self, request, context):
         deadline = time.time() + self.deps.settings.lease_ttl_s
-        reason = self.deps.ledger.heartbeat(request.task_id, request.fence, deadline)
-        self.deps.ledger.touch_worker(request.worker_id)
-        return pb.HeartbeatReply(ok=not reason, deadline=deadline if not reason else 0.0, reason=reason)
+        ledger = self.deps.ledger
+        reason = ledger.heartbeat(request.task_id, request.fence, deadline)
+        ledger.touch_worker(request.worker_id)
+        if reason:
+            return pb.HeartbeatReply(ok=False, deadline=0.0, reason=reason)
+        base = ledger.claim(request.task_id, request.fence, ledger.latest_version() or 0)
+        return pb.HeartbeatReply(ok=True, deadline=deadline, base_version=max(base, 0))
 
     def FetchShard(self, request, context):
         problem = self.deps.ledger.lease_problem(request.task_id, request.fence)

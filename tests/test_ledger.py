@@ -171,3 +171,14 @@ def test_restart_caps_old_leases_but_heartbeats_keep_them(ledger):
     assert ledger.heartbeat(a, fa, time.time() + 100) == ""  # a live worker renews its lease
     assert ledger.expire_leases(now=time.time() + 10) == [b]
     assert ledger.task(a)["state"] == "leased" and ledger.task(b)["state"] == "pending"
+
+
+def test_first_claim_fixes_the_version_a_run_trains_on(ledger):
+    (task_id,) = make_job(ledger, n_tasks=1)
+    fence = ledger.lease(task_id, time.time() + 60, 0, max_attempts=3)
+    assert ledger.claim(task_id, fence, 3) == 3  # the newest version when the run started
+    assert ledger.claim(task_id, fence, 5) == 3  # later heartbeats do not move it
+    assert ledger.claim(task_id, fence + 1, 5) == -1
+    ledger.expire_leases(now=time.time() + 100)
+    new = ledger.lease(task_id, time.time() + 60, 0, max_attempts=3)
+    assert ledger.claim(task_id, new, 5) == 5  # a new lease is a new run

@@ -35,6 +35,7 @@ class Heartbeat(threading.Thread):
         self.client, self.task_id, self.fence, self.worker_id = client, task_id, fence, worker_id
         self.interval = interval
         self.lost = ""
+        self.base_version = -1  # the version to train on, as the coordinator fixes it
         self._halt = threading.Event()
 
     def beat(self) -> None:
@@ -46,6 +47,8 @@ class Heartbeat(threading.Thread):
         if not reply.ok:
             self.lost = reply.reason
             self._halt.set()
+        elif self.base_version < 0:
+            self.base_version = reply.base_version
 
     def run(self) -> None:
         while not self._halt.wait(self.interval):
@@ -76,11 +79,14 @@ def run_task(spec: dict[str, Any]) -> dict[str, Any]:
 
         torch.set_num_threads(threads)
     worker_id = os.environ.get("NOMOAT_WORKER_ID", "")
-    task_id, fence, base_version = spec["task_id"], int(spec["fence"]), int(spec["base_version"])
+    task_id, fence = spec["task_id"], int(spec["fence"])
     with CoordinatorClient(spec["coordinator"], spec["token"], spec.get("tls_ca") or None) as client:
         heartbeat = Heartbeat(client, task_id, fence, worker_id, interval=max(1.0, spec["lease_ttl_s"] / 4))
-        heartbeat.beat()  # claims the lease for this worker before any work starts
+        heartbeat.beat()  # claims the lease (and learns the version to train on) before any work
         heartbeat.check()
+        if heartbeat.base_version < 0:
+            raise TaskAborted("the coordinator could not be reached to start the task")
+        base_version = heartbeat.base_version
         heartbeat.start()
         try:
             texts = [json.loads(line)["text"] for line in client.fetch_shard(task_id, fence).splitlines()]

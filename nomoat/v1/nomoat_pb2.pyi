@@ -242,14 +242,16 @@ class HeartbeatRequest(_message.Message):
     def __init__(self, task_id: _Optional[str] = ..., fence: _Optional[int] = ..., worker_id: _Optional[str] = ..., event: _Optional[str] = ...) -> None: ...
 
 class HeartbeatReply(_message.Message):
-    __slots__ = ("ok", "deadline", "reason")
+    __slots__ = ("ok", "deadline", "reason", "base_version")
     OK_FIELD_NUMBER: _ClassVar[int]
     DEADLINE_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    BASE_VERSION_FIELD_NUMBER: _ClassVar[int]
     ok: bool
     deadline: float
     reason: str
-    def __init__(self, ok: _Optional[bool] = ..., deadline: _Optional[float] = ..., reason: _Optional[str] = ...) -> None: ...
+    base_version: int
+    def __init__(self, ok: _Optional[bool] = ..., deadline: _Optional[float] = ..., reason: _Optional[str] = ..., base_version: _Optional[int] = ...) -> None: ...
 
 class FetchShardRequest(_message.Message):
     __slots__ = ("task_id", "fence")
