@@ -142,7 +142,7 @@ class Folder:
                 adapter, folding.staleness_factor(tau), self.validation(entry["job"]), seq_len
             )
             own_parent = self._eval([entry["job"]]) if len(job_ids) > 1 else parent_loss
-            if candidate.solo_loss > own_parent + self.settings.eval_epsilon:
+            if candidate.solo_loss > own_parent + self.settings.adapter_epsilon:
                 raise folding.AdapterRejected(
                     f"it makes held-out loss worse ({candidate.solo_loss:.4f} against {own_parent:.4f})"
                 )

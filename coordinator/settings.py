@@ -40,7 +40,12 @@ class Settings:
     fold_every: int = 4
     fold_timeout_s: float = 120.0
     max_staleness: int = 16
-    eval_epsilon: float = 0.02  # nats of held-out loss a fold or an adapter may cost
+    eval_epsilon: float = 0.02  # nats of held-out loss a new version may cost against its parent
+    # Nats one adapter, added whole to the current version, may cost. Looser than eval_epsilon:
+    # an adapter trained on an older version overshoots when added whole on top of a newer one
+    # that already holds its peers' progress, yet is useful averaged into a fold; this gate is for
+    # broken or hostile adapters, whose damage is far larger.
+    adapter_epsilon: float = 0.1
     norm_factor: float = 20.0  # ‖ΔW‖ may be at most this × the median of recent adapters
     snapshot_every: int = 10  # a full snapshot every N versions; patches in between
     # Optional outer optimizer (DiLoCo): Nesterov momentum on the folded delta. 0 turns it off.
