@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from coordinator import folding
-from coordinator.ledger import Accepted, Ledger
+from coordinator.ledger import Accepted, Ledger, adapter_id_for
 from coordinator.store import BlobStore
 from nomoat import adapter as adapter_format
 
@@ -31,6 +31,27 @@ class Manifest:
     sha256: str
     size: int
     worker_id: str = ""
+
+
+def precheck(ledger: Ledger, task_id: str, fence: int, sha256: str) -> Accepted | None:
+    """Before any bytes are stored: None when (task, fence) holds the lease, else the answer.
+
+    A retry of an upload that was already accepted is answered "duplicate" at once. The ledger
+    decides again, atomically, when the upload is complete; this only keeps a stale or unknown
+    lease from making the coordinator store its bytes.
+    """
+    task = ledger.task(task_id)
+    if task is None:
+        return Accepted("refused", f"there is no task {task_id!r}")
+    if task["state"] == "done":
+        if task.get("adapter") == adapter_id_for(task_id, fence, sha256):
+            return Accepted("duplicate", task["adapter"])
+        return Accepted("refused", "the task is already done: a result from another lease was accepted")
+    if task["state"] != "leased":
+        return Accepted("refused", f"the task is {task['state']}, not leased")
+    if int(task["fence"]) != fence:
+        return Accepted("refused", f"stale fence {fence}: the lease was re-issued with fence {task['fence']}")
+    return None
 
 
 def receive(

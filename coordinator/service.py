@@ -16,7 +16,7 @@ from typing import Any
 
 import grpc
 
-from coordinator import collect, submit
+from coordinator import collect, submit, uploads
 from coordinator.auth import TokenRegistry, caller
 from coordinator.history import plan_catch_up
 from coordinator.ledger import Ledger
@@ -42,6 +42,7 @@ class Deps:
     ray_auth_token: str
     history: Any = None  # coordinator.history.History: snapshots, patches, rebuilds
     operations: Any = None  # coordinator.folder.Folder: rollback and unmerge (admin)
+    uploads: Any = None  # coordinator.uploads.PartialUploads; made in data_dir/uploads when first needed
 
 
 def _float(value: str | None, default: float = float("nan")) -> float:
@@ -211,32 +212,54 @@ class WorkersServicer(rpc.WorkersServicer):
         for i in range(0, len(data), CHUNK):
             yield pb.DataChunk(data=data[i : i + CHUNK])
 
+    def _partials(self) -> uploads.PartialUploads:
+        if self.deps.uploads is None:
+            self.deps.uploads = uploads.PartialUploads(self.deps.settings.data_dir / "uploads")
+        return self.deps.uploads
+
+    def UploadOffset(self, request, context):
+        return pb.UploadOffsetReply(offset=self._partials().offset(request.task_id, request.fence, request.sha256))
+
     def Upload(self, request_iterator, context):
         limit = self.deps.settings.max_adapter_bytes
-        manifest, parts, size = None, [], 0
-        for chunk in request_iterator:
-            if chunk.WhichOneof("part") == "manifest":
-                if manifest is not None:
-                    context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the manifest was sent twice")
-                manifest = chunk.manifest
-                if manifest.size > limit:
-                    return pb.UploadReply(accepted=False,
-                                          reason=f"the adapter is {manifest.size} bytes; the limit is {limit}")
-                continue
-            if manifest is None:
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first message must be the manifest")
-            size += len(chunk.data)
-            if size > manifest.size:
-                return pb.UploadReply(accepted=False, reason="more bytes arrived than the manifest announced")
-            parts.append(chunk.data)
-        if manifest is None:
+        first = next(request_iterator, None)
+        if first is None:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "no manifest was sent")
+        if first.WhichOneof("part") != "manifest":
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first message must be the manifest")
+        manifest = first.manifest
+        if manifest.size > limit:
+            return pb.UploadReply(accepted=False, reason=f"the adapter is {manifest.size} bytes; the limit is {limit}")
         m = collect.Manifest(
             task_id=manifest.task_id, fence=manifest.fence, base_version=manifest.base_version,
             rank=manifest.rank, alpha=manifest.alpha, tokens=manifest.tokens, train_loss=manifest.train_loss,
             sha256=manifest.sha256, size=manifest.size, worker_id=manifest.worker_id,
         )
-        result = collect.receive(self.deps.ledger, self.deps.store, self.deps.shapes, m, b"".join(parts))
+
+        def blocks():
+            for chunk in request_iterator:
+                if chunk.WhichOneof("part") == "manifest":
+                    context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the manifest was sent twice")
+                yield chunk.data
+
+        result = collect.precheck(self.deps.ledger, m.task_id, m.fence, m.sha256)
+        if result is None:
+            partials = self._partials()
+            try:
+                data = partials.receive(m.task_id, m.fence, m.sha256, m.size, manifest.offset, blocks())
+            except uploads.UploadRefused as exc:
+                result = collect.Accepted("refused", str(exc))
+            except uploads.UploadRetry as exc:
+                context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+            except grpc.RpcError:  # the client went away mid-stream: what arrived is kept
+                context.abort(grpc.StatusCode.CANCELLED, "the upload broke off; send the rest from UploadOffset")
+            else:
+                if data is None:
+                    held = partials.offset(m.task_id, m.fence, m.sha256)
+                    context.abort(grpc.StatusCode.DATA_LOSS,
+                                  f"the upload stopped at byte {held} of {m.size}; resume from offset {held}")
+                result = collect.receive(self.deps.ledger, self.deps.store, self.deps.shapes, m, data)
+                partials.discard(m.task_id, m.fence, m.sha256)
         if result.ok:
             return pb.UploadReply(accepted=True, adapter_id=result.detail)
         log.warning("upload for %s refused: %s", manifest.task_id, result.detail)

@@ -196,13 +196,24 @@ class CoordinatorClient:
         parts = self._stream(self.workers.FetchShard, pb.FetchShardRequest(task_id=task_id, fence=fence), 600)
         return b"".join(p.data for p in parts)
 
-    def upload(self, manifest: pb.AdapterManifest, data: bytes, timeout: float = 600) -> pb.UploadReply:
+    def upload(self, manifest: pb.AdapterManifest, data: bytes, timeout: float = 600,
+               offset: int = 0) -> pb.UploadReply:
+        """Send ``data`` from byte ``offset`` on (what the coordinator lacks, per upload_offset)."""
+        resumed = pb.AdapterManifest()
+        resumed.CopyFrom(manifest)
+        resumed.offset = offset
+
         def chunks() -> Iterator[pb.UploadChunk]:
-            yield pb.UploadChunk(manifest=manifest)
-            for i in range(0, len(data), CHUNK):
+            yield pb.UploadChunk(manifest=resumed)
+            for i in range(offset, len(data), CHUNK):
                 yield pb.UploadChunk(data=data[i : i + CHUNK])
 
         return self._call(self.workers.Upload, chunks(), timeout=timeout)
+
+    def upload_offset(self, task_id: str, fence: int, sha256: str) -> int:
+        """How many bytes of this upload the coordinator already holds from a broken-off try."""
+        request = pb.UploadOffsetRequest(task_id=task_id, fence=fence, sha256=sha256)
+        return self._call(self.workers.UploadOffset, request, timeout=15).offset
 
     # -- admin --------------------------------------------------------------------------------
 

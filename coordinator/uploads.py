@@ -1,0 +1,116 @@
+"""Partial uploads: the bytes of an adapter upload that broke off, kept so the worker can resume.
+
+An upload is named by (task, fence, sha256) and its bytes are appended, as they arrive, to
+``uploads/<task>-<fence>-<sha256>.part`` in the data dir; a stream that breaks off leaves the
+file behind, and ``UploadOffset`` tells the worker how many bytes are here, so it sends only the
+rest. Nothing is accepted until the whole file's sha256 matches the manifest; a mismatch removes
+the file. A part is never larger than its manifest's size, which is at most max_adapter_bytes,
+and only the current lease of a task may start one (the caller checks), so the folder stays
+small; parts nobody came back for are swept after a day.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
+_SHA = re.compile(r"^[0-9a-f]{64}$")
+
+
+class UploadRefused(Exception):
+    """The upload can never succeed as sent; the message says why (a final answer)."""
+
+
+class UploadRetry(Exception):
+    """The upload cannot go on now but may be retried; the message says how."""
+
+
+class PartialUploads:
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self._lock = threading.Lock()
+        self._busy: set[Path] = set()
+
+    def path(self, task_id: str, fence: int, sha256: str) -> Path:
+        if not _NAME.match(task_id) or task_id.startswith(".") or not _SHA.match(sha256):
+            raise UploadRefused("the manifest's task id or sha256 is malformed")
+        return self.root / f"{task_id}-{int(fence)}-{sha256}.part"
+
+    def offset(self, task_id: str, fence: int, sha256: str) -> int:
+        """How many bytes of this upload the coordinator holds (0 when none)."""
+        try:
+            return self.path(task_id, fence, sha256).stat().st_size
+        except (OSError, UploadRefused):
+            return 0
+
+    @contextmanager
+    def _exclusive(self, path: Path) -> Iterator[None]:
+        with self._lock:
+            if path in self._busy:
+                raise UploadRetry("another stream of this upload is still being received; retry shortly")
+            self._busy.add(path)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._busy.discard(path)
+
+    def receive(self, task_id: str, fence: int, sha256: str, size: int, offset: int,
+                blocks: Iterable[bytes]) -> bytes | None:
+        """Write ``blocks`` from byte ``offset`` on; the whole, checked file once it is complete.
+
+        Returns None when the stream ended before ``size`` bytes (the part is kept for a
+        resume). Raises UploadRefused for a sha256 mismatch or too many bytes (the part is
+        removed), UploadRetry when ``offset`` is past what is held. If the stream breaks off
+        (the client went away), what arrived is kept and the exception goes on up.
+        """
+        path = self.path(task_id, fence, sha256)
+        with self._exclusive(path):
+            held = path.stat().st_size if path.exists() else 0
+            if offset > held:
+                raise UploadRetry(f"the coordinator holds {held} bytes of this upload; resume from offset {held}")
+            received = offset
+            self.root.mkdir(parents=True, exist_ok=True)
+            with open(path, "r+b" if path.exists() else "wb") as fh:
+                fh.truncate(offset)
+                fh.seek(offset)
+                for block in blocks:
+                    received += len(block)
+                    if received > size:
+                        fh.close()
+                        path.unlink(missing_ok=True)
+                        raise UploadRefused("more bytes arrived than the manifest announced")
+                    fh.write(block)
+                    fh.flush()  # a broken stream keeps every byte that arrived
+            if received < size:
+                return None
+            data = path.read_bytes()
+            if hashlib.sha256(data).hexdigest() != sha256:
+                path.unlink(missing_ok=True)
+                raise UploadRefused("the upload's sha256 does not match its manifest: it was corrupted on the way")
+            return data
+
+    def discard(self, task_id: str, fence: int, sha256: str) -> None:
+        try:
+            self.path(task_id, fence, sha256).unlink(missing_ok=True)
+        except UploadRefused:
+            pass
+
+    def sweep(self, max_age_s: float = 24 * 3600) -> int:
+        """Remove parts untouched for ``max_age_s``; returns how many."""
+        removed = 0
+        cutoff = time.time() - max_age_s
+        for part in self.root.glob("*.part") if self.root.exists() else ():
+            try:
+                if part.stat().st_mtime < cutoff:
+                    part.unlink()
+                    removed += 1
+            except OSError:
+                pass
+        return removed
