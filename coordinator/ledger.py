@@ -44,15 +44,48 @@ redis.call('ZADD', KEYS[3], ARGV[2], ARGV[1])
 return fence
 """
 
-# KEYS: task, LEASES. ARGV: task id, fence, new deadline.
-_HEARTBEAT = """
+# Who holds a lease: the first caller of a fence (its token hash, and its worker id once one is
+# named) holds it; later calls under that fence must come from the same token and worker. KEYS[1]
+# is the task. An empty token checks nothing (admin, or the coordinator itself).
+_HOLD = """
+local function hold(fence, worker, token)
+  if token == '' then return '' end
+  if redis.call('HGET', KEYS[1], 'holder_fence') ~= fence then
+    redis.call('HSET', KEYS[1], 'holder_fence', fence, 'holder_token', token, 'holder_worker', worker)
+    return ''
+  end
+  if redis.call('HGET', KEYS[1], 'holder_token') ~= token then
+    return 'the task is leased to another worker (another token holds its lease)'
+  end
+  local held = redis.call('HGET', KEYS[1], 'holder_worker')
+  if worker ~= '' and held == '' then redis.call('HSET', KEYS[1], 'holder_worker', worker)
+  elseif worker ~= '' and held ~= worker then return 'the task is leased to worker ' .. held .. ', not ' .. worker
+  end
+  return ''
+end
+"""
+
+# KEYS: task, LEASES. ARGV: task id, fence, new deadline, worker id, token hash (see _HOLD).
+_HEARTBEAT = _HOLD + """
 local state = redis.call('HGET', KEYS[1], 'state')
 if not state then return "there is no task '" .. ARGV[1] .. "'" end
 if state ~= 'leased' then return 'the task is ' .. state .. ', not leased' end
 if redis.call('HGET', KEYS[1], 'fence') ~= ARGV[2] then return 'the lease was re-issued (stale fence)' end
+local refused = hold(ARGV[2], ARGV[4], ARGV[5])
+if refused ~= '' then return refused end
 redis.call('HSET', KEYS[1], 'deadline', ARGV[3])
 redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
 return ''
+"""
+
+# KEYS: task. ARGV: task id, fence, worker id, token hash. "" when the caller holds the current
+# lease (claiming it if no one does), else why not.
+_HOLD_LEASE = _HOLD + """
+local state = redis.call('HGET', KEYS[1], 'state')
+if not state then return "there is no task '" .. ARGV[1] .. "'" end
+if state ~= 'leased' then return 'task ' .. ARGV[1] .. ' is ' .. state .. ', not leased' end
+if redis.call('HGET', KEYS[1], 'fence') ~= ARGV[2] then return 'the lease was re-issued (stale fence)' end
+return hold(ARGV[2], ARGV[3], ARGV[4])
 """
 
 # KEYS: task. ARGV: fence, newest version. The first call of a lease fixes the version the run
@@ -148,6 +181,7 @@ class Ledger:
         self.r = client
         self._lease = client.register_script(_LEASE)
         self._heartbeat = client.register_script(_HEARTBEAT)
+        self._hold = client.register_script(_HOLD_LEASE)
         self._claim = client.register_script(_CLAIM)
         self._expire = client.register_script(_EXPIRE)
         self._release = client.register_script(_RELEASE)
@@ -214,9 +248,19 @@ class Ledger:
             )
         )
 
-    def heartbeat(self, task_id: str, fence: int, deadline: float) -> str:
-        """Extend a lease; returns "" when extended, else why not."""
-        reason = self._heartbeat(keys=[keys.task(task_id), keys.LEASES], args=[task_id, fence, deadline])
+    def heartbeat(self, task_id: str, fence: int, deadline: float, worker_id: str = "", token_hash: str = "") -> str:
+        """Extend a lease; returns "" when extended, else why not.
+
+        With a ``token_hash`` the caller must hold the lease (the first caller of a fence takes
+        it); without, nothing is checked.
+        """
+        reason = self._heartbeat(keys=[keys.task(task_id), keys.LEASES],
+                                 args=[task_id, fence, deadline, worker_id, token_hash])
+        return reason.decode() if isinstance(reason, bytes) else reason
+
+    def hold(self, task_id: str, fence: int, worker_id: str, token_hash: str) -> str:
+        """"" when this caller holds (task, fence)'s lease, taking it if no one does; else why not."""
+        reason = self._hold(keys=[keys.task(task_id)], args=[task_id, fence, worker_id, token_hash])
         return reason.decode() if isinstance(reason, bytes) else reason
 
     def claim(self, task_id: str, fence: int, newest_version: int) -> int:
@@ -377,6 +421,10 @@ class Ledger:
         pipe.hsetnx(keys.worker(worker_id), "tasks_done", 0)
         pipe.zadd(keys.WORKERS, {worker_id: now})
         pipe.execute()
+
+    def worker(self, worker_id: str) -> dict[str, str] | None:
+        data = _decode(self.r.hgetall(keys.worker(worker_id)))
+        return data or None
 
     def touch_worker(self, worker_id: str) -> None:
         if worker_id:

@@ -17,7 +17,7 @@ from typing import Any
 import grpc
 
 from coordinator import collect, submit, uploads
-from coordinator.auth import TokenRegistry, caller
+from coordinator.auth import Identity, TokenRegistry, caller, token_id
 from coordinator.history import plan_catch_up
 from coordinator.ledger import Ledger
 from coordinator.settings import Settings
@@ -173,6 +173,28 @@ class JobsServicer(rpc.JobsServicer):
             time.sleep(0.5)
 
 
+def _identity(context: grpc.ServicerContext, deps: Deps) -> Identity:
+    identity = caller(context, deps.registry)
+    if identity is None:  # revoked since the interceptor let the call in
+        context.abort(grpc.StatusCode.UNAUTHENTICATED, "the token is not valid (unknown or revoked)")
+    return identity
+
+
+def _holder(deps: Deps, identity: Identity, worker_id: str) -> tuple[str, str]:
+    """(problem, token hash) for the lease checks: a worker token acts only for its own tasks.
+
+    Admin is exempt (an empty hash checks nothing). A worker id named in a call must not belong
+    to a worker registered with another token, so no token can act or be credited as another.
+    """
+    if identity.role == "admin":
+        return "", ""
+    if worker_id:
+        registered = deps.ledger.worker(worker_id)
+        if registered is not None and registered.get("token") != identity.token_hash:
+            return f"worker {worker_id} was registered with another token; use the worker id Register gave you", ""
+    return "", identity.token_hash
+
+
 class WorkersServicer(rpc.WorkersServicer):
     def __init__(self, deps: Deps) -> None:
         self.deps = deps
@@ -194,10 +216,11 @@ class WorkersServicer(rpc.WorkersServicer):
     def Heartbeat(self, request, context):
         deadline = time.time() + self.deps.settings.lease_ttl_s
         ledger = self.deps.ledger
-        reason = ledger.heartbeat(request.task_id, request.fence, deadline)
-        ledger.touch_worker(request.worker_id)
+        reason, token_hash = _holder(self.deps, _identity(context, self.deps), request.worker_id)
+        reason = reason or ledger.heartbeat(request.task_id, request.fence, deadline, request.worker_id, token_hash)
         if reason:
             return pb.HeartbeatReply(ok=False, deadline=0.0, reason=reason)
+        ledger.touch_worker(request.worker_id)
         base = ledger.claim(request.task_id, request.fence, ledger.latest_version() or 0)
         return pb.HeartbeatReply(ok=True, deadline=deadline, base_version=max(base, 0))
 
@@ -205,6 +228,10 @@ class WorkersServicer(rpc.WorkersServicer):
         problem = self.deps.ledger.lease_problem(request.task_id, request.fence)
         if problem:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, problem)
+        _, token_hash = _holder(self.deps, _identity(context, self.deps), "")
+        problem = self.deps.ledger.hold(request.task_id, request.fence, "", token_hash)
+        if problem:
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, problem)
         task = self.deps.ledger.task(request.task_id)
         job = self.deps.ledger.job(task["job"])
         lines = self.deps.store.get(job["records"]).splitlines(keepends=True)
@@ -243,6 +270,11 @@ class WorkersServicer(rpc.WorkersServicer):
                 yield chunk.data
 
         result = collect.precheck(self.deps.ledger, m.task_id, m.fence, m.sha256)
+        if result is None:
+            problem, token_hash = _holder(self.deps, _identity(context, self.deps), m.worker_id)
+            problem = problem or self.deps.ledger.hold(m.task_id, m.fence, m.worker_id, token_hash)
+            if problem:
+                result = collect.Accepted("refused", problem)
         if result is None:
             partials = self._partials()
             try:
@@ -317,6 +349,29 @@ class AdminServicer(rpc.AdminServicer):
 
     def __init__(self, deps: Deps) -> None:
         self.deps = deps
+
+    def CreateToken(self, request, context):
+        try:
+            token = self.deps.registry.create(request.role, request.name)
+        except ValueError as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        log.info("a %s token was created (%s)", request.role, request.name or request.role)
+        return pb.CreateTokenReply(token=token, token_id=token_id(token))
+
+    def RevokeToken(self, request, context):
+        if not request.token:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "name the token to revoke, or its token id")
+        if not self.deps.registry.revoke(request.token):
+            context.abort(grpc.StatusCode.NOT_FOUND,
+                          "no such token: give the token or its id as `nomoat token list` shows it")
+        log.info("token %s was revoked", token_id(request.token))
+        return pb.RevokeTokenReply(revoked=True)
+
+    def ListTokens(self, request, context):
+        return pb.ListTokensReply(tokens=[
+            pb.TokenInfo(token_id=e.token_id, role=e.role, name=e.name, created=e.created)
+            for e in self.deps.registry.list()
+        ])
 
     def Rollback(self, request, context):
         try:

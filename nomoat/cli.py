@@ -294,6 +294,53 @@ def admin_unmerge(ctx, adapter: str) -> None:
     click.echo(f"version {reply.version} no longer contains adapter {adapter}")
 
 
+@main.group()
+def token() -> None:
+    """Issue, list and revoke bearer tokens (admin token)."""
+
+
+@token.command("create", epilog="Example: NOMOAT_TOKEN=$(nomoat token create --role submitter --name alice)")
+@connection_options
+@click.option("--role", required=True, type=click.Choice(["worker", "submitter", "reader", "admin"]),
+              help="What the token may do: worker (train), submitter (submit jobs), reader (status, pull), admin.")
+@click.option("--name", default="", help="Who the token is for (shown by `nomoat token list`).")
+@click.pass_context
+def token_create(ctx, role: str, name: str) -> None:
+    """Issue a new token; it is printed once, alone on stdout, and cannot be shown again."""
+    with _client(ctx) as client:
+        reply = client.create_token(role, name)
+    click.echo(reply.token)
+    click.echo(f"token id {reply.token_id} ({role}); revoke with: nomoat token revoke {reply.token_id}", err=True)
+
+
+@token.command("revoke", epilog="Example: nomoat token revoke 9f2c...e1 (a token id from `nomoat token list`)")
+@connection_options
+@click.argument("token_or_id")
+@click.pass_context
+def token_revoke(ctx, token_or_id: str) -> None:
+    """Revoke a token, given itself or its id. Other coordinators sharing the ledger refuse it within 5 s."""
+    with _client(ctx) as client:
+        client.revoke_token(token_or_id)
+    click.echo("revoked")
+
+
+@token.command("list", epilog="Example: nomoat token list --json")
+@connection_options
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_context
+def token_list(ctx, as_json: bool) -> None:
+    """Every valid token by id (tokens themselves are never stored), with role, name and age."""
+    with _client(ctx) as client:
+        tokens = client.list_tokens()
+    rows = [{"token_id": t.token_id, "role": t.role, "name": t.name, "created": t.created} for t in tokens]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    for row in rows:
+        created = time.strftime("%Y-%m-%d %H:%M", time.localtime(row["created"]))
+        click.echo(f"{row['token_id']}  {row['role']:<9}  {created}  {row['name']}")
+
+
 @main.command(epilog=f"Example: {EXAMPLES['demo']}")
 @click.option("--workdir", default=None, type=click.Path(file_okay=False), help="Keep everything here.")
 @click.option("--listen", default="127.0.0.1:0", help="Coordinator address (port 0: a free one).")

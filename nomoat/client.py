@@ -36,7 +36,11 @@ def _explain(exc: grpc.RpcError, address: str) -> NomoatError:
     code = exc.code() if hasattr(exc, "code") else None
     detail = exc.details() if hasattr(exc, "details") else str(exc)
     if code == grpc.StatusCode.UNAVAILABLE:
-        return NomoatError(f"cannot reach the coordinator at {address} ({detail}); is it running?")
+        if "handshake" in (detail or "").lower():
+            return NomoatError(f"cannot reach the coordinator at {address}: the TLS handshake failed ({detail}); "
+                               "is --tls-ca the CA that signed its certificate?")
+        return NomoatError(f"cannot reach the coordinator at {address} ({detail}); is it running"
+                           " (and, if it uses TLS, did you pass --tls-ca)?")
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return NomoatError(f"the coordinator at {address} did not answer in time")
     if code == grpc.StatusCode.UNAUTHENTICATED:
@@ -222,3 +226,12 @@ class CoordinatorClient:
 
     def unmerge(self, adapter_id: str) -> pb.VersionReply:
         return self._call(self.admin.Unmerge, pb.UnmergeRequest(adapter_id=adapter_id), timeout=3600)
+
+    def create_token(self, role: str, name: str = "") -> pb.CreateTokenReply:
+        return self._call(self.admin.CreateToken, pb.CreateTokenRequest(role=role, name=name))
+
+    def revoke_token(self, token_or_id: str) -> bool:
+        return self._call(self.admin.RevokeToken, pb.RevokeTokenRequest(token=token_or_id)).revoked
+
+    def list_tokens(self) -> list[pb.TokenInfo]:
+        return list(self._call(self.admin.ListTokens, pb.ListTokensRequest()).tokens)
