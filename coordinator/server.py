@@ -70,6 +70,38 @@ def _secret_file(path: Path) -> str:
     return path.read_text().strip()
 
 
+MAX_MESSAGE = 8 << 20  # bytes in one gRPC message, either way; streams carry 1 MiB chunks
+MAX_CONCURRENT_RPCS = 256  # calls (streams included) in flight at once; more are refused
+RPC_THREADS = 32
+
+
+def grpc_server(deps: service.Deps) -> tuple[grpc.Server, health.HealthServicer]:
+    """Every servicer behind the token interceptor, with message and stream limits and the open
+    health check; not yet bound to an address (see :func:`bind`) or started."""
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=RPC_THREADS, thread_name_prefix="rpc"),
+        interceptors=[AuthInterceptor(deps.registry)],
+        options=[("grpc.max_receive_message_length", MAX_MESSAGE), ("grpc.max_send_message_length", MAX_MESSAGE)],
+        maximum_concurrent_rpcs=MAX_CONCURRENT_RPCS,
+    )
+    service.add_all(server, deps)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    return server, health_servicer
+
+
+def bind(server: grpc.Server, listen: str, tls_cert: str | None = None, tls_key: str | None = None) -> int:
+    """Listen on ``listen`` (TLS when given a certificate and key); returns the port."""
+    if tls_cert:
+        creds = grpc.ssl_server_credentials([(Path(tls_key).read_bytes(), Path(tls_cert).read_bytes())])
+        port = server.add_secure_port(listen, creds)
+    else:
+        port = server.add_insecure_port(listen)
+    if port == 0:
+        raise SystemExit(f"cannot listen on {listen}: the address is in use or invalid")
+    return port
+
+
 class Coordinator:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -146,24 +178,8 @@ class Coordinator:
         deps = service.Deps(self.settings, self.ledger, self.store, self.registry, self.model.tokenizer,
                             self.shapes, self.ray_address, self.ray_token, history=self.history)
         self.deps = deps
-        self.server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=32, thread_name_prefix="rpc"),
-            interceptors=[AuthInterceptor(self.registry)],
-            options=[("grpc.max_receive_message_length", 8 << 20), ("grpc.max_send_message_length", 8 << 20)],
-            maximum_concurrent_rpcs=256,
-        )
-        service.add_all(self.server, deps)
-        self.health = health.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        if self.settings.tls_cert:
-            creds = grpc.ssl_server_credentials(
-                [(Path(self.settings.tls_key).read_bytes(), Path(self.settings.tls_cert).read_bytes())]
-            )
-            port = self.server.add_secure_port(self.settings.listen, creds)
-        else:
-            port = self.server.add_insecure_port(self.settings.listen)
-        if port == 0:
-            raise SystemExit(f"cannot listen on {self.settings.listen}: the address is in use or invalid")
+        self.server, self.health = grpc_server(deps)
+        port = bind(self.server, self.settings.listen, self.settings.tls_cert, self.settings.tls_key)
         host = self.settings.listen.rsplit(":", 1)[0]
         self.address = f"{host}:{port}"
         if self.settings.listen.endswith(":0"):  # a free port was asked for: tell everyone the real one

@@ -1,0 +1,194 @@
+"""The coordinator's real gRPC server over loopback, for the security and fuzz tests.
+
+Built by ``coordinator.server.grpc_server`` and ``bind``, the functions the coordinator itself
+uses, so the token interceptor, the message and stream limits and TLS are the real ones. The
+ledger is the session's redis-server (flushed per test); version 0 is the tiny base model.
+Import the fixtures into a test module: ``from tests.rig import published, rig  # noqa: F401``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import ipaddress
+import json
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+from grpc_health.v1 import health_pb2
+
+from coordinator import service
+from coordinator.auth import TokenRegistry
+from coordinator.folder import Folder
+from coordinator.history import History
+from coordinator.ledger import Ledger
+from coordinator.model import RunningModel
+from coordinator.server import bind, grpc_server
+from coordinator.settings import Settings
+from coordinator.store import BlobStore
+from nomoat import adapter as adapter_format
+from nomoat.client import CoordinatorClient
+from nomoat.tiny import read_fortunes, tiny_model_path
+from nomoat.v1 import nomoat_pb2 as pb
+
+ROLES = ("worker", "submitter", "reader", "admin")
+RANK, ALPHA, TARGETS = 2, 4.0, ("q_proj", "v_proj")
+JOB = pb.JobConfig(lora_rank=RANK, lora_alpha=ALPHA, target_modules=TARGETS, tokens_per_task=300)
+TEXTS = [f"record {i}: {t}" for i, t in enumerate(read_fortunes()[2000:2060])]
+
+
+@dataclass
+class Published:
+    model: RunningModel
+    blobs: Path  # a store holding exactly version 0's files
+    files: dict[str, str]
+    shapes: dict[str, tuple[int, int]]
+
+
+@pytest.fixture(scope="module")
+def published(tmp_path_factory) -> Published:
+    model = RunningModel(tiny_model_path())
+    blobs = tmp_path_factory.mktemp("v0") / "blobs"
+    files = model.publish(BlobStore(blobs))
+    shapes = {name: (m.out_features, m.in_features) for name, m in model.model.named_modules()
+              if isinstance(m, torch.nn.Linear)}
+    return Published(model, blobs, files, shapes)
+
+
+@dataclass
+class Tls:
+    """A CA and a server certificate for 127.0.0.1 and localhost, made with ``cryptography``."""
+
+    ca: Path
+    cert: Path
+    key: Path
+
+    @classmethod
+    def make(cls, folder: Path, name: str = "test") -> Tls:
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.x509.oid import NameOID
+
+        now = datetime.datetime.now(datetime.timezone.utc)
+        valid = (now - datetime.timedelta(minutes=5), now + datetime.timedelta(days=1))
+
+        def subject(cn: str) -> x509.Name:
+            return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+        ca_key = ec.generate_private_key(ec.SECP256R1())
+        ca = (x509.CertificateBuilder().subject_name(subject(f"{name} CA")).issuer_name(subject(f"{name} CA"))
+              .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+              .not_valid_before(valid[0]).not_valid_after(valid[1])
+              .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+              .sign(ca_key, hashes.SHA256()))
+        key = ec.generate_private_key(ec.SECP256R1())
+        alt = x509.SubjectAlternativeName([x509.DNSName("localhost"),
+                                           x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
+        cert = (x509.CertificateBuilder().subject_name(subject("localhost")).issuer_name(ca.subject)
+                .public_key(key.public_key()).serial_number(x509.random_serial_number())
+                .not_valid_before(valid[0]).not_valid_after(valid[1])
+                .add_extension(alt, critical=False)
+                .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+                .sign(ca_key, hashes.SHA256()))
+        folder.mkdir(parents=True, exist_ok=True)
+        out = cls(folder / f"{name}-ca.pem", folder / f"{name}-server.pem", folder / f"{name}-server.key")
+        out.ca.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+        out.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        out.key.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                              serialization.NoEncryption()))
+        return out
+
+
+@dataclass
+class Rig:
+    address: str
+    deps: service.Deps
+    ledger: Ledger
+    registry: TokenRegistry
+    tokens: dict[str, str]
+    tmp: Path
+    server: grpc.Server
+    tls: Tls | None = None
+    _clients: list[CoordinatorClient] = field(default_factory=list)
+
+    def client(self, role: str | None = "admin", token: str | None = None) -> CoordinatorClient:
+        token = token if token is not None else (self.tokens[role] if role else "")
+        client = CoordinatorClient(self.address, token=token, tls_ca=str(self.tls.ca) if self.tls else None)
+        self._clients.append(client)
+        return client
+
+    def meta(self, role: str = "admin") -> tuple[tuple[str, str], ...]:
+        return (("authorization", f"Bearer {self.tokens[role]}"),)
+
+    def submit(self, texts=TEXTS, config: pb.JobConfig = JOB) -> pb.SubmitReply:
+        path = self.tmp / "d.jsonl"
+        path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+        return self.client("submitter").submit(path, name="job", config=config)
+
+    def lease(self, task_id: str, base_version: int = 0) -> int:
+        fence = self.ledger.lease(task_id, time.time() + 60, base_version, max_attempts=5)
+        assert fence > 0
+        return fence
+
+    def healthy(self) -> bool:
+        """The health check and a plain Status call both answer."""
+        from grpc_health.v1 import health_pb2_grpc
+
+        client = self.client("reader")
+        reply = health_pb2_grpc.HealthStub(client.channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+        client.status()
+        return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+    def close(self) -> None:
+        for client in self._clients:
+            client.close()
+        self.server.stop(0)
+
+
+def make_adapter(shapes: dict[str, tuple[int, int]], seed: int = 0, rank: int = RANK, alpha: float = ALPHA) -> bytes:
+    """A well-formed adapter for JOB's config (small random factors)."""
+    gen = torch.Generator().manual_seed(seed)
+    factors = {module: (torch.randn(rank, d_in, generator=gen) * 0.01, torch.randn(d_out, rank, generator=gen) * 0.01)
+               for module, (d_out, d_in) in sorted(shapes.items()) if module.rsplit(".", 1)[-1] in TARGETS}
+    return adapter_format.to_bytes(adapter_format.Adapter(factors, rank=rank, alpha=alpha))
+
+
+def manifest(task_id: str, fence: int, data: bytes, /, **changes) -> pb.AdapterManifest:
+    fields = dict(task_id=task_id, fence=fence, base_version=0, rank=RANK, alpha=ALPHA, tokens=300,
+                  train_loss=2.5, sha256=hashlib.sha256(data).hexdigest(), size=len(data), worker_id="")
+    fields.update(changes)
+    return pb.AdapterManifest(**fields)
+
+
+def start(redis_client, published: Published, tmp: Path, tls: Tls | None = None, cache_s: float = 5.0) -> Rig:
+    """A fresh ledger with version 0 and one token per role, served on a free loopback port."""
+    ledger = Ledger(redis_client)
+    shutil.copytree(published.blobs, tmp / "blobs")
+    store = BlobStore(tmp / "blobs")
+    ledger.publish_version(0, {"parent": -1, "files": published.files, "adapters": [], "eval_loss": "nan"})
+    registry = TokenRegistry(redis_client, cache_s=cache_s)
+    tokens = {role: registry.create(role) for role in ROLES}
+    settings = Settings(data_dir=tmp)
+    history = History(ledger, store, tmp)
+    deps = service.Deps(settings, ledger, store, registry, published.model.tokenizer, published.shapes,
+                        "10.0.0.1:6379", "ray-secret", history=history,
+                        operations=Folder(settings, ledger, store, published.model, history))
+    server, health_servicer = grpc_server(deps)
+    port = bind(server, "127.0.0.1:0", str(tls.cert) if tls else None, str(tls.key) if tls else None)
+    server.start()
+    health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    return Rig(f"127.0.0.1:{port}", deps, ledger, registry, tokens, tmp, server, tls)
+
+
+@pytest.fixture
+def rig(redis_client, published, tmp_path) -> Iterator[Rig]:
+    r = start(redis_client, published, tmp_path)
+    yield r
+    r.close()

@@ -1,0 +1,339 @@
+"""Who may do what, over real gRPC on loopback: tokens and roles, TLS, own-task leases, limits.
+
+The server is the coordinator's own (``coordinator.server.grpc_server`` and ``bind``, see
+tests/rig.py); the ledger is the session's real redis-server.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import grpc
+import pytest
+from click.testing import CliRunner
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from coordinator.auth import PERMISSIONS, TokenRegistry, token_id
+from coordinator.server import MAX_MESSAGE
+from nomoat.cli import main
+from nomoat.client import CoordinatorClient, NomoatError
+from nomoat.v1 import nomoat_pb2 as pb
+from tests import rig as rigs
+from tests.rig import Rig, Tls, make_adapter, manifest, published, rig  # noqa: F401  (fixtures)
+
+CARD = pb.Card(name="RTX 3060", vram_gb=12.0)
+
+
+def methods() -> list[tuple[str, bool, bool]]:
+    """(path, client streaming, server streaming) of every RPC in the proto."""
+    return [(f"/{s.full_name}/{m.name}", m.client_streaming, m.server_streaming)
+            for s in pb.DESCRIPTOR.services_by_name.values() for m in s.methods]
+
+
+def raw_call(channel: grpc.Channel, method: str, client_streaming: bool, server_streaming: bool,
+             payload: list[bytes], metadata=(), timeout: float = 10.0):
+    """Call ``method`` with already-serialized bytes; returns the raw reply bytes (a list if streamed)."""
+    if client_streaming:
+        call = (channel.stream_stream if server_streaming else channel.stream_unary)(method)
+        request = iter(payload)
+    else:
+        call = (channel.unary_stream if server_streaming else channel.unary_unary)(method)
+        request = payload[0] if payload else b""
+    reply = call(request, timeout=timeout, metadata=metadata)
+    return list(reply) if server_streaming else reply
+
+
+def code_of(fn) -> tuple[grpc.StatusCode, str]:
+    try:
+        fn()
+    except grpc.RpcError as exc:
+        return exc.code(), exc.details()
+    return grpc.StatusCode.OK, ""
+
+
+# -- tokens and roles ----------------------------------------------------------------------------
+
+
+def test_no_token_or_a_bad_token_is_unauthenticated_with_a_sentence(rig: Rig) -> None:
+    with pytest.raises(NomoatError, match="refused the token: no token: pass --token or set NOMOAT_TOKEN"):
+        rig.client(None).status()
+    with pytest.raises(NomoatError, match=r"refused the token: the token is not valid \(unknown or revoked\)"):
+        rig.client(token="nmt_a_made-up").status()
+    for path, cs, ss in methods():
+        code, detail = code_of(lambda: raw_call(rig.client(None).channel, path, cs, ss, [b""]))
+        assert code == grpc.StatusCode.UNAUTHENTICATED and detail.startswith("no token"), (path, code)
+
+
+def test_health_check_needs_no_token(rig: Rig) -> None:
+    reply = health_pb2_grpc.HealthStub(rig.client(None).channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+    assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+@pytest.mark.parametrize("role", rigs.ROLES)
+def test_each_role_reaches_exactly_its_methods(rig: Rig, role: str) -> None:
+    """Every RPC of the proto, called with an empty request: PERMISSION_DENIED iff not allowed."""
+    channel = rig.client(role).channel
+    for path, cs, ss in methods():
+        allowed = role == "admin" or role in PERMISSIONS.get(path, set())
+        code, detail = code_of(lambda: raw_call(channel, path, cs, ss, [b""], rig.meta(role)))
+        if allowed:
+            assert code not in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED,
+                                grpc.StatusCode.UNKNOWN, grpc.StatusCode.UNIMPLEMENTED), (role, path, code, detail)
+        else:
+            assert code == grpc.StatusCode.PERMISSION_DENIED, (role, path, code)
+            assert detail == f"a {role} token may not call {path.rsplit('/', 1)[-1]}"
+
+
+@pytest.mark.parametrize("role", ["reader", "submitter", "worker"])
+def test_only_admin_may_manage_tokens(rig: Rig, role: str) -> None:
+    client = rig.client(role)
+    for call in (lambda: client.create_token("admin"), client.list_tokens, lambda: client.revoke_token("x")):
+        with pytest.raises(NomoatError, match=f"not allowed: a {role} token may not call"):
+            call()
+
+
+def test_create_list_revoke_round_trip(rig: Rig) -> None:
+    admin = rig.client("admin")
+    made = admin.create_token("submitter", "alice")
+    assert made.token.startswith("nmt_s_") and made.token_id == token_id(made.token)
+    listed = {t.token_id: t for t in admin.list_tokens()}
+    assert listed[made.token_id].role == "submitter" and listed[made.token_id].name == "alice"
+    assert made.token not in str(admin.list_tokens())  # only ids are listed
+    assert len(listed) == len(rigs.ROLES) + 1
+
+    alice = rig.client(token=made.token)
+    assert alice.status() is not None
+    assert admin.revoke_token(made.token_id)  # by id; immediate on this coordinator
+    with pytest.raises(NomoatError, match="not valid"):
+        alice.status()
+    assert made.token_id not in {t.token_id for t in admin.list_tokens()}
+    with pytest.raises(NomoatError, match="no such token"):
+        admin.revoke_token(made.token)  # by the token itself: already gone
+
+    other = admin.create_token("reader")
+    assert admin.revoke_token(other.token)
+    with pytest.raises(NomoatError, match="not valid"):
+        rig.client(token=other.token).status()
+    with pytest.raises(NomoatError, match="unknown role 'root'"):
+        admin.create_token("root")
+
+
+def test_a_revocation_reaches_another_coordinator_within_its_cache_time(rig: Rig) -> None:
+    other = TokenRegistry(rig.registry.r, cache_s=0.5)  # a second coordinator on the same Redis
+    token = rig.registry.create("worker")
+    assert other.lookup(token) is not None
+    rig.registry.revoke(token)
+    assert rig.registry.lookup(token) is None
+    deadline = time.monotonic() + 2.0
+    while other.lookup(token) is not None:
+        assert time.monotonic() < deadline, "the revoked token was still accepted after the cache time"
+        time.sleep(0.05)
+
+
+def test_a_revoked_data_dir_token_is_replaced_not_revived(rig: Rig, tmp_path) -> None:
+    path = tmp_path / "worker.token"
+    first = rig.registry.ensure_file(path, "worker")
+    rig.registry.r.hdel("nomoat:tokens", token_id(first))  # Redis lost it: the same token comes back
+    assert rig.registry.ensure_file(path, "worker") == first and rig.registry.lookup(first)
+    rig.registry.revoke(first)  # an operator revoked it: a restart must not bring it back
+    second = rig.registry.ensure_file(path, "worker")
+    assert second != first and path.read_text().strip() == second
+    assert rig.registry.lookup(first) is None and rig.registry.lookup(second).role == "worker"
+    assert path.stat().st_mode & 0o777 == 0o600
+
+
+def test_token_commands(rig: Rig) -> None:
+    runner = CliRunner()
+    base = ["--coordinator", rig.address, "--token", rig.tokens["admin"]]
+    made = runner.invoke(main, [*base, "token", "create", "--role", "reader", "--name", "bob"])
+    assert made.exit_code == 0, made.output
+    token = made.stdout.strip()
+    assert made.stdout == token + "\n" and token.startswith("nmt_r_")  # $(nomoat token create ...) works
+    assert rig.registry.lookup(token).role == "reader"
+
+    listed = runner.invoke(main, [*base, "token", "list"])
+    assert listed.exit_code == 0 and f"{token_id(token)}  reader" in listed.stdout and "bob" in listed.stdout
+    assert token not in listed.stdout
+
+    denied = runner.invoke(main, ["--coordinator", rig.address, "--token", token, "token", "list"])
+    assert denied.exit_code == 1 and "not allowed: a reader token may not call ListTokens" in denied.stderr
+    assert "Traceback" not in denied.output
+
+    revoked = runner.invoke(main, ["token", "revoke", token_id(token), *base])  # options after the command too
+    assert revoked.exit_code == 0 and rig.registry.lookup(token) is None
+    again = runner.invoke(main, [*base, "token", "revoke", token])
+    assert again.exit_code == 1 and "no such token" in again.stderr
+    for command in ("create", "revoke", "list"):
+        helped = runner.invoke(main, ["token", command, "--help"])
+        assert helped.exit_code == 0 and "Example: " in helped.stdout
+
+
+# -- TLS -----------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def tls_rig(redis_client, published, tmp_path):  # noqa: F811
+    tls = Tls.make(tmp_path / "tls")
+    r = rigs.start(redis_client, published, tmp_path, tls=tls)
+    yield r
+    r.close()
+
+
+def test_tls_with_the_right_ca_works_and_everything_else_fails_with_a_sentence(tls_rig: Rig, tmp_path) -> None:
+    assert tls_rig.healthy()
+    assert tls_rig.client("reader").status() is not None
+
+    plain = CoordinatorClient(tls_rig.address, token=tls_rig.tokens["reader"])
+    with pytest.raises(NomoatError, match=r"cannot reach the coordinator .* if it uses TLS, did you pass --tls-ca"):
+        plain.status()
+    plain.close()
+
+    wrong = Tls.make(tmp_path / "other", name="other")
+    stranger = CoordinatorClient(tls_rig.address, token=tls_rig.tokens["reader"], tls_ca=str(wrong.ca))
+    with pytest.raises(NomoatError, match=f"cannot reach the coordinator at {tls_rig.address}: the TLS handshake "
+                                          r"failed .*; is --tls-ca the CA that signed its certificate\?"):
+        stranger.status()
+    stranger.close()
+    assert tls_rig.healthy()  # the refused handshakes left it serving
+
+
+# -- a worker acts only for the tasks leased to it ---------------------------------------------
+
+
+@pytest.fixture
+def two_workers(rig: Rig):
+    """Two volunteers with their own worker tokens, each registered once, and a leased task."""
+    alice = rig.client(token=rig.registry.create("worker", "alice"))
+    bob = rig.client(token=rig.registry.create("worker", "bob"))
+    ids = {"alice": alice.register("alice", CARD).worker_id, "bob": bob.register("bob", CARD).worker_id}
+    task_id = rig.ledger.task_ids(rig.submit().job_id)[0]
+    return alice, bob, ids, task_id, rig.lease(task_id)
+
+
+def test_the_first_heartbeat_takes_the_lease_and_others_are_refused(rig: Rig, two_workers) -> None:
+    alice, bob, ids, task_id, fence = two_workers
+    assert alice.heartbeat(task_id, fence, ids["alice"]).ok
+    task = rig.ledger.task(task_id)
+    assert (task["holder_worker"], task["holder_fence"]) == (ids["alice"], str(fence))
+
+    refused = bob.heartbeat(task_id, fence, ids["bob"])
+    assert not refused.ok and refused.reason == "the task is leased to another worker (another token holds its lease)"
+    with pytest.raises(NomoatError, match="not allowed: the task is leased to another worker"):
+        bob.fetch_shard(task_id, fence)
+    data = make_adapter(rig.deps.shapes)
+    stolen = bob.upload(manifest(task_id, fence, data, worker_id=ids["bob"]), data)
+    assert not stolen.accepted and "leased to another worker" in stolen.reason
+    assert rig.ledger.task(task_id)["state"] == "leased" and not rig.ledger.buffered()
+
+    admin = rig.client("admin")  # admin is exempt, and takes nothing
+    assert admin.heartbeat(task_id, fence).ok and admin.fetch_shard(task_id, fence)
+    assert rig.ledger.task(task_id)["holder_worker"] == ids["alice"]
+
+    assert alice.fetch_shard(task_id, fence)
+    done = alice.upload(manifest(task_id, fence, data, worker_id=ids["alice"]), data)
+    assert done.accepted, done.reason
+    assert rig.ledger.worker(ids["alice"])["tasks_done"] == "1" and rig.ledger.worker(ids["bob"])["tasks_done"] == "0"
+
+
+def test_the_first_fetch_or_upload_takes_an_unclaimed_lease_too(rig: Rig, two_workers) -> None:
+    alice, bob, ids, task_id, fence = two_workers
+    assert bob.fetch_shard(task_id, fence)  # no heartbeat yet: the fetch takes the lease
+    assert not alice.heartbeat(task_id, fence, ids["alice"]).ok
+    other = rig.ledger.task_ids(rig.ledger.job_ids()[0])[1]
+    other_fence = rig.lease(other)
+    data = make_adapter(rig.deps.shapes, seed=1)
+    assert alice.upload(manifest(other, other_fence, data, worker_id=ids["alice"]), data).accepted
+    assert not bob.heartbeat(other, other_fence, ids["bob"]).ok  # (it is done anyway)
+
+
+def test_a_reissued_lease_belongs_to_whoever_takes_the_new_fence(rig: Rig, two_workers) -> None:
+    alice, bob, ids, task_id, fence = two_workers
+    assert alice.heartbeat(task_id, fence, ids["alice"]).ok
+    assert rig.ledger.expire_leases(time.time() + 3600) == [task_id]
+    new = rig.lease(task_id)
+    assert bob.heartbeat(task_id, new, ids["bob"]).ok
+    stale = alice.heartbeat(task_id, fence, ids["alice"])
+    assert not stale.ok and "stale fence" in stale.reason
+
+
+def test_a_worker_token_cannot_act_or_be_credited_as_another_worker(rig: Rig, two_workers) -> None:
+    alice, bob, ids, task_id, fence = two_workers
+    beat = bob.heartbeat(task_id, fence, ids["alice"])
+    assert not beat.ok and beat.reason.startswith(f"worker {ids['alice']} was registered with another token")
+    data = make_adapter(rig.deps.shapes)
+    credit = bob.upload(manifest(task_id, fence, data, worker_id=ids["alice"]), data)
+    assert not credit.accepted and "registered with another token" in credit.reason
+    # The same token, two workers: the lease's worker is the one that named itself first.
+    second = alice.register("alice-laptop", CARD).worker_id
+    assert alice.heartbeat(task_id, fence, ids["alice"]).ok
+    beat = alice.heartbeat(task_id, fence, second)
+    assert not beat.ok and beat.reason == f"the task is leased to worker {ids['alice']}, not {second}"
+    credit = alice.upload(manifest(task_id, fence, data, worker_id=second), data)
+    assert not credit.accepted and "leased to worker" in credit.reason
+    assert rig.ledger.task(task_id)["state"] == "leased"
+    assert alice.upload(manifest(task_id, fence, data, worker_id=ids["alice"]), data).accepted
+
+
+def test_two_first_heartbeats_at_once_one_takes_the_lease(rig: Rig) -> None:
+    task_ids = rig.ledger.task_ids(rig.submit().job_id)
+    fences = {t: rig.lease(t) for t in task_ids}
+    results: dict[tuple[str, str], str] = {}
+
+    def beat(token: str) -> None:
+        for t, f in fences.items():
+            results[(token, t)] = rig.ledger.heartbeat(t, f, time.time() + 60, "", token)
+
+    threads = [threading.Thread(target=beat, args=(c * 64,)) for c in "ab"]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for t in task_ids:
+        assert sorted(results[(c * 64, t)] == "" for c in "ab") == [False, True]
+        assert rig.ledger.task(t)["holder_token"] in ("a" * 64, "b" * 64)
+
+
+# -- message and stream limits -------------------------------------------------------------------
+
+
+def test_an_oversized_message_is_refused_and_the_server_keeps_working(rig: Rig) -> None:
+    big = MAX_MESSAGE + 1024
+    channel = grpc.insecure_channel(rig.address, options=[("grpc.max_send_message_length", 4 * big)])
+    try:
+        code, detail = code_of(lambda: raw_call(channel, "/nomoat.v1.Jobs/Status", False, False,
+                                                [pb.StatusRequest(job_id="x" * big).SerializeToString()],
+                                                rig.meta("reader")))
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in detail, (code, detail)
+        task_id = rig.ledger.task_ids(rig.submit().job_id)[0]
+        first = pb.AdapterManifest(task_id=task_id, fence=rig.lease(task_id), size=2 * big, sha256="0" * 64)
+        chunks = [pb.UploadChunk(manifest=first).SerializeToString(),  # a stream's single message, too
+                  pb.UploadChunk(data=bytes(big)).SerializeToString()]
+        code, detail = code_of(lambda: raw_call(channel, "/nomoat.v1.Workers/Upload", True, False, chunks,
+                                                rig.meta("worker")))
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED, (code, detail)
+    finally:
+        channel.close()
+    assert rig.healthy()
+
+
+def test_streams_beyond_the_concurrency_limit_are_refused(redis_client, published, tmp_path,  # noqa: F811
+                                                          monkeypatch) -> None:
+    from coordinator import server as coordinator_server
+
+    monkeypatch.setattr(coordinator_server, "MAX_CONCURRENT_RPCS", 4)
+    monkeypatch.setattr(coordinator_server, "RPC_THREADS", 4)
+    small = rigs.start(redis_client, published, tmp_path)
+    try:
+        job_id = small.submit().job_id  # running: its Watch streams stay open
+        outcomes, streams = [], []  # kept: a dropped stream is cancelled
+        for _ in range(6):
+            streams.append(small.client("reader").watch(job_id, timeout=10))
+            try:
+                outcomes.append(next(streams[-1]).job.job_id == job_id)
+            except NomoatError as exc:
+                outcomes.append(str(exc))
+        assert outcomes[:4] == [True] * 4, outcomes
+        assert all("Concurrent RPC limit exceeded" in o for o in outcomes[4:]), outcomes
+    finally:
+        small.close()  # cancels the open streams
