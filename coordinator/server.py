@@ -136,10 +136,23 @@ class Coordinator:
         self.r = redis_client(url)
         self.r.ping()
         self.ledger = Ledger(self.r)
-        moved = self.ledger.cap_leases(time.time() + self.settings.lease_ttl_s)
-        if moved:
-            log.info("%d leases from before the restart must be renewed within %.0f s", moved,
-                     self.settings.lease_ttl_s)
+        if self._redis_server is not None:
+            self._spawn("redis-watch", self._watch_redis)
+
+    def _watch_redis(self) -> None:
+        """Restart the embedded redis-server if it dies; clients ride out the gap (redis_client)."""
+        delay = 0.5
+        while not self._stopping.wait(delay):
+            if self._redis_server.alive():
+                delay = 0.5
+                continue
+            log.warning("the embedded redis-server exited; restarting it on the same port and files")
+            try:
+                self._redis_server.restart()
+                log.warning("the embedded redis-server is back (pid %s)", self._redis_server.pid)
+            except Exception:  # noqa: BLE001  (keep trying: the ledger is useless without it)
+                log.exception("restarting redis-server failed")
+                delay = min(delay * 2, 10.0)
 
     def _start_model(self) -> None:
         self.history = History(self.ledger, self.store, self.data_dir)
@@ -162,12 +175,16 @@ class Coordinator:
 
         address = self.settings.ray_address
         if not address:
+            record = self.data_dir / "ray-head.json"
+            if ray_node.stop_leftovers(record):  # an earlier coordinator here was killed outright
+                log.warning("stopped what was left of the Ray head of an earlier coordinator")
             temp_dir = Path(tempfile.mkdtemp(prefix="nomoat-ray-"))
             self._ray_head, address = ray_node.head_node(
                 self.settings.ray_node_ip, self.settings.ray_port, self.ray_token, temp_dir,
                 self.data_dir / "logs" / "ray-head.log",
             )
             self._ray_head.start()
+            ray_node.remember(self._ray_head, temp_dir, record)
         self.ray_address = address
         ray.init(address=address, namespace="nomoat", log_to_driver=False, configure_logging=False)
         from coordinator.dispatch import RayDispatcher
@@ -196,10 +213,18 @@ class Coordinator:
                                    lambda job_config: task_resources(model_config, job_config))
         self.folder = Folder(self.settings, self.ledger, self.store, self.model, self.history)
         self.deps.operations = self.folder
-        for name, body in (("scheduler", self._schedule_loop), ("folder", self._fold_loop)):
-            thread = threading.Thread(target=body, name=name, daemon=True)
-            thread.start()
-            self._threads.append(thread)
+        # Counted from now, when workers can reach us again, not from when Redis came up.
+        moved = self.ledger.reset_leases(time.time() + self.settings.lease_ttl_s)
+        if moved:
+            log.info("%d leases from before the restart must be renewed within %.0f s", moved,
+                     self.settings.lease_ttl_s)
+        self._spawn("scheduler", self._schedule_loop)
+        self._spawn("folder", self._fold_loop)
+
+    def _spawn(self, name: str, body) -> None:
+        thread = threading.Thread(target=body, name=name, daemon=True)
+        thread.start()
+        self._threads.append(thread)
 
     def _schedule_loop(self) -> None:
         while not self._stopping.wait(self.settings.tick_s):
@@ -243,5 +268,6 @@ class Coordinator:
             log.exception("ray.shutdown failed")
         if self._ray_head is not None:
             self._ray_head.stop()
+            (self.data_dir / "ray-head.json").unlink(missing_ok=True)
         if self._redis_server is not None:
             self._redis_server.stop()

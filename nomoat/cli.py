@@ -110,10 +110,14 @@ def coordinator() -> None:
 @click.option("--outer-momentum", default=0.0, show_default=True,
               help="DiLoCo-style Nesterov momentum on each folded delta (0: plain folding).")
 @click.option("--outer-lr", default=1.0, show_default=True, help="Outer learning rate with --outer-momentum.")
+@click.option("--lease-ttl", default=90.0, show_default=True,
+              help="Seconds a task's lease lasts without a heartbeat before it is re-issued.")
+@click.option("--max-attempts", default=3, show_default=True, help="Leases a task gets before it fails.")
 @click.option("--tls-cert", default=None, type=click.Path(exists=True, dir_okay=False))
 @click.option("--tls-key", default=None, type=click.Path(exists=True, dir_okay=False))
 def coordinator_start(data_dir, listen, public_address, redis_url, ray_address, ray_node_ip, base_model,
-                      fold_every, fold_timeout, tokens_per_task, outer_momentum, outer_lr, tls_cert, tls_key) -> None:
+                      fold_every, fold_timeout, tokens_per_task, outer_momentum, outer_lr, lease_ttl, max_attempts,
+                      tls_cert, tls_key) -> None:
     """Start the coordinator: gRPC server, Redis ledger and Ray driver. Ctrl-C stops it."""
     from coordinator.server import Coordinator
     from coordinator.settings import JobDefaults, Settings
@@ -124,7 +128,7 @@ def coordinator_start(data_dir, listen, public_address, redis_url, ray_address, 
         data_dir=Path(data_dir).resolve(), listen=listen, public_address=public_address, redis_url=redis_url,
         ray_address=ray_address, ray_node_ip=ray_node_ip, base_model=base_model, fold_every=fold_every,
         fold_timeout_s=fold_timeout, job=JobDefaults(tokens_per_task=tokens_per_task),
-        outer_momentum=outer_momentum, outer_lr=outer_lr,
+        outer_momentum=outer_momentum, outer_lr=outer_lr, lease_ttl_s=lease_ttl, max_attempts=max_attempts,
         tls_cert=tls_cert, tls_key=tls_key,
     )
     node = Coordinator(settings)

@@ -3,29 +3,52 @@
 The node advertises the card as Ray custom resources (``vram_gb``, one ``nomoat_worker`` slot)
 and labels; the coordinator's tasks land on it when they fit. Ctrl-C (or SIGTERM) stops the node:
 a task still running there is retried elsewhere by Ray or re-issued by the coordinator.
+
+The agent outlives what it depends on. If its Ray node dies, or the Ray head stops answering
+(a coordinator that was killed takes its head with it, and its successor starts a new one), the
+agent stops the node, registers again (the coordinator says where Ray now is) and starts a new
+node, backing off while the coordinator is away. Adapters that a dying task left in the outbox
+are delivered from here (see worker.uploader).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import os
 import signal
 import socket
 import threading
+import time
 from pathlib import Path
 
-from nomoat.client import CoordinatorClient
+from nomoat.client import CoordinatorClient, NomoatError
 from nomoat.v1 import nomoat_pb2 as pb
 from worker import node as ray_node
+from worker import uploader
 from worker.cache import default_cache_dir
 from worker.probe import Card, ray_labels, ray_resources
 
 log = logging.getLogger("nomoat.worker")
 
+HEAD_GRACE_S = 10.0  # the head may not answer for this long before the node is replaced
+CHECK_EVERY_S = 1.0
+MAX_BACKOFF_S = 30.0
+
 
 def card_message(card: Card) -> pb.Card:
     return pb.Card(name=card.name, vram_gb=card.vram_gb, compute_capability=card.compute_capability,
                    bf16=card.bf16, backend=card.backend, simulated=card.simulated, tflops=card.tflops)
+
+
+def reachable(address: str, timeout: float = 2.0) -> bool:
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            return True
+    except (OSError, ValueError):
+        return False
 
 
 class WorkerAgent:
@@ -39,33 +62,72 @@ class WorkerAgent:
         self.threads = threads
         self.node_ip = node_ip
         self.node: ray_node.RayNode | None = None
+        self.head = ""  # the Ray head (GCS) address the node joined
         self.worker_id = ""
+        self.outbox = uploader.Outbox(self.cache_dir / "outbox")
         self._stop = threading.Event()
 
     def start(self) -> None:
         self.client.wait_ready()
         reply = self.client.register(self.name, card_message(self.card))
         self.worker_id = reply.worker_id
-        address = self.ray_address or reply.ray_address
+        self.head = self.ray_address or reply.ray_address
         env = {
             "NOMOAT_WORKER_ID": self.worker_id,
+            "NOMOAT_CARD": json.dumps(dataclasses.asdict(self.card)),  # tasks plan for this card
             "NOMOAT_CACHE_DIR": str(self.cache_dir),
             "NOMOAT_TORCH_THREADS": str(self.threads),
         }
         if self.card.simulated:
             env["CUDA_VISIBLE_DEVICES"] = ""  # a simulated card trains on the CPU
         log_path = self.cache_dir / "logs" / f"ray-node-{self.worker_id}.log"
-        self.node = ray_node.worker_node(address, reply.ray_auth_token, ray_resources(self.card),
+        self.node = ray_node.worker_node(self.head, reply.ray_auth_token, ray_resources(self.card),
                                          ray_labels(self.card), log_path, env=env, node_ip=self.node_ip)
         self.node.start()
 
     def run(self) -> None:
-        """Block until Ctrl-C / SIGTERM or until the node dies."""
+        """Block until Ctrl-C / SIGTERM, replacing the node whenever it or its head goes away."""
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: self._stop.set())
-        while not self._stop.wait(1.0):
-            if not self.node.alive():
-                raise RuntimeError(f"the Ray node stopped unexpectedly; see {self.node.log_path}")
+        # Its own thread: an adapter must reach a restarted coordinator before the lease it was
+        # made under runs out, even while the node is being replaced.
+        threading.Thread(target=self._deliver_orphans, name="outbox", daemon=True).start()
+        head_lost_at = None
+        while not self._stop.wait(CHECK_EVERY_S):
+            if self.node.alive() and reachable(self.head):
+                head_lost_at = None
+                continue
+            if self.node.alive():
+                head_lost_at = head_lost_at or time.monotonic()
+                if time.monotonic() - head_lost_at < HEAD_GRACE_S:
+                    continue
+                log.warning("the Ray head at %s stopped answering; leaving it", self.head)
+            else:
+                log.warning("the Ray node stopped (see %s)", self.node.log_path)
+            head_lost_at = None
+            self.rejoin()
+
+    def rejoin(self) -> None:
+        """Stop the node, then register and start a new one, backing off until it works."""
+        self.stop()
+        delay = 1.0
+        while not self._stop.is_set():
+            try:
+                self.start()
+                log.warning("worker %s rejoined the Ray cluster at %s", self.worker_id, self.head)
+                return
+            except (NomoatError, ray_node.RayNodeError) as exc:
+                log.warning("cannot rejoin yet (%s); trying again in %.0f s", exc, delay)
+                self.stop()
+            self._stop.wait(delay)
+            delay = min(delay * 2, MAX_BACKOFF_S)
+
+    def _deliver_orphans(self) -> None:
+        while not self._stop.wait(CHECK_EVERY_S):
+            try:
+                uploader.deliver_orphans(self.client, self.outbox)
+            except Exception:  # noqa: BLE001  (the outbox must never take the agent down)
+                log.exception("delivering the outbox failed")
 
     def stop(self) -> None:
         if self.node is not None:

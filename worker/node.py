@@ -3,6 +3,11 @@
 ``ray stop`` would stop every Ray process on the machine, including other volunteers' nodes
 and the head; a blocking ``ray start`` stops exactly its own node when terminated, which is
 what lets several workers (and a coordinator) share one machine.
+
+On Linux the node also shares its starter's fate: if the worker or coordinator process is
+killed outright (SIGKILL, OOM killer), the kernel kills ``ray start``, whose own processes
+(raylet, GCS) Ray binds to it the same way. Ray's agents can outlive a raylet that died like
+that; :meth:`RayNode.stop` and :func:`stop_leftovers` (run by the next coordinator) end them.
 """
 
 from __future__ import annotations
@@ -17,7 +22,21 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
-RAY_CLI = [sys.executable, "-c", "from ray.scripts.scripts import main; main()", "start"]
+# Before Ray starts: ask the kernel to SIGKILL this process when its starter dies (Linux; a
+# no-op elsewhere), and give up if the starter is already gone. Done in the child itself
+# rather than in a preexec_fn, which is not safe in a process that runs gRPC threads.
+_BOOT = """
+import ctypes, os, signal, sys
+try:
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+except (OSError, AttributeError):
+    pass
+if os.getppid() != int(os.environ.get("NOMOAT_PARENT_PID") or os.getppid()):
+    sys.exit("the process that started this Ray node is gone")
+from ray.scripts.scripts import main
+main()
+"""
+RAY_CLI = [sys.executable, "-c", _BOOT, "start"]
 
 
 class RayNodeError(RuntimeError):
@@ -36,7 +55,7 @@ class RayNode:
         log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
             [*RAY_CLI, *self.args, "--block", "--disable-usage-stats"],
-            env=self.env,
+            env={**self.env, "NOMOAT_PARENT_PID": str(os.getpid())},
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -57,14 +76,21 @@ class RayNode:
         return self.proc is not None and self.proc.poll() is None
 
     def stop(self, timeout: float = 30.0) -> None:
-        if not self.alive():
+        if self.proc is None:
             return
-        self.proc.send_signal(signal.SIGTERM)
+        if self.alive():
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                pass
+        # The node's session is its own: whatever is still in it (Ray's agents outlive a raylet
+        # that died abnormally) belongs to this node and goes too.
         try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
             os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
+        except (ProcessLookupError, PermissionError):
+            pass
+        self.proc.wait()
 
 
 def auth_env(token: str) -> dict[str, str]:
@@ -126,3 +152,45 @@ def worker_node(
     if node_ip:
         args.append(f"--node-ip-address={node_ip}")
     return RayNode(args, {**auth_env(token), **dict(env)}, log_path)
+
+
+def _holds_file_under(pid: int, folder: str) -> bool:
+    try:
+        return any(os.readlink(f"/proc/{pid}/fd/{fd}").startswith(folder) for fd in os.listdir(f"/proc/{pid}/fd"))
+    except OSError:
+        return False
+
+
+def stop_leftovers(record: Path) -> int:
+    """Kill what is left of a node recorded by :func:`remember` whose starter was killed; how many.
+
+    Ray's raylet and GCS die with ``ray start`` (fate-shared), but helpers they started (the
+    dashboard and runtime-env agents) can linger for good. They are in the node's process
+    group and hold files in its temp dir; nothing else is touched.
+    """
+    try:
+        saved = json.loads(Path(record).read_text())
+        pgid, temp_dir = int(saved["pgid"]), str(saved["temp_dir"])
+    except (OSError, ValueError, KeyError):
+        return 0
+    victims = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            pid = int(entry.name)
+            try:
+                if os.getpgid(pid) == pgid and _holds_file_under(pid, temp_dir):
+                    victims.append(pid)
+            except OSError:
+                continue
+    for pid in victims:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    Path(record).unlink(missing_ok=True)
+    return len(victims)
+
+
+def remember(node: RayNode, temp_dir: Path, record: Path) -> None:
+    """Note a started node's process group and temp dir, for :func:`stop_leftovers` after a crash."""
+    Path(record).write_text(json.dumps({"pgid": node.proc.pid, "temp_dir": str(temp_dir)}))

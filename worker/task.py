@@ -19,7 +19,7 @@ from typing import Any
 from nomoat import adapter as adapter_format
 from nomoat.client import CoordinatorClient, NomoatError
 from worker import uploader
-from worker.cache import ModelCache
+from worker.cache import ModelCache, default_cache_dir
 from worker.trainer import LoraSpec, TrainSpec, train_adapter
 
 log = logging.getLogger("nomoat.task")
@@ -71,6 +71,19 @@ class TaskOutcome:
     seconds: float
 
 
+def _deliver(client: CoordinatorClient, manifest: Any, data: bytes) -> uploader.UploadResult:
+    """Upload, keeping the adapter in the outbox until the coordinator answers (see uploader)."""
+    outbox = uploader.Outbox(default_cache_dir() / "outbox")
+    key = outbox.put(manifest, data)
+    try:
+        sent = uploader.upload(client, manifest, data)
+    except BaseException:
+        outbox.give_up(key)  # the worker agent goes on trying
+        raise
+    outbox.remove(key)
+    return sent
+
+
 def run_task(spec: dict[str, Any]) -> dict[str, Any]:
     """Run one leased task; raises TaskAborted (or the trainer's error) when it cannot finish."""
     threads = int(os.environ.get("NOMOAT_TORCH_THREADS", "0"))
@@ -102,7 +115,7 @@ def run_task(spec: dict[str, Any]) -> dict[str, Any]:
             data = adapter_format.to_bytes(adapter)
             manifest = uploader.manifest_for(task_id, fence, base_version, lora.rank, lora.alpha,
                                              result.tokens, result.train_loss, data, worker_id)
-            sent = uploader.upload(client, manifest, data)
+            sent = _deliver(client, manifest, data)
         finally:
             heartbeat.stop()
     if not sent.accepted:

@@ -1,16 +1,26 @@
-"""Upload: stream an adapter and its manifest to the coordinator, retrying what can be retried.
+"""Upload: get a finished adapter to the coordinator, resuming broken streams, until it answers.
 
 Uploads are idempotent per (task, fence, sha256) on the coordinator's side, so resending after a
-broken connection is always safe: a copy that already arrived is answered "accepted" again.
+broken connection is always safe: a copy that already arrived is answered "accepted" again. Each
+try first asks how many bytes the coordinator kept from an earlier, broken-off try
+(``UploadOffset``) and sends only the rest; the coordinator checks the whole file's sha256.
 A refusal (stale lease, failed check) is final and is not retried.
+
+A finished adapter is also written to the worker's outbox (a folder in its cache dir) before it
+is sent, and removed once the coordinator has answered. If the process running the task dies
+first (its Ray node went down with a restarted coordinator's head, say), the worker agent finds
+the entry and delivers it: work that was done is not thrown away.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import os
+import re
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from nomoat.client import CoordinatorClient, NomoatError
 from nomoat.v1 import nomoat_pb2 as pb
@@ -34,16 +44,126 @@ def manifest_for(task_id: str, fence: int, base_version: int, rank: int, alpha: 
     )
 
 
+def send_once(client: CoordinatorClient, manifest: pb.AdapterManifest, data: bytes, attempt: int = 1) -> UploadResult:
+    """One try: ask what the coordinator holds, send the rest. NomoatError when it did not answer."""
+    held = client.upload_offset(manifest.task_id, manifest.fence, manifest.sha256)
+    offset = held if 0 <= held <= len(data) else 0
+    if offset:
+        log.info("resuming the upload of %s at byte %d of %d", manifest.task_id, offset, len(data))
+    reply = client.upload(manifest, data, offset=offset)
+    return UploadResult(reply.accepted, reply.adapter_id, reply.reason, attempt)
+
+
 def upload(client: CoordinatorClient, manifest: pb.AdapterManifest, data: bytes,
-           attempts: int = 6, backoff_s: float = 1.0) -> UploadResult:
-    for attempt in range(1, attempts + 1):
+           patience_s: float = 600.0, backoff_s: float = 1.0, max_backoff_s: float = 5.0) -> UploadResult:
+    """Send until the coordinator answers; a coordinator being restarted is waited for ``patience_s``."""
+    deadline = time.monotonic() + patience_s
+    attempt = 0
+    while True:
+        attempt += 1
         try:
-            reply = client.upload(manifest, data)
-            return UploadResult(reply.accepted, reply.adapter_id, reply.reason, attempt)
+            return send_once(client, manifest, data, attempt)
         except NomoatError as exc:
-            if attempt == attempts:
+            delay = min(backoff_s * 2 ** (attempt - 1), max_backoff_s)
+            if time.monotonic() + delay > deadline:
                 raise
-            delay = backoff_s * 2 ** (attempt - 1)
             log.warning("upload of %s failed (%s); retrying in %.0f s", manifest.task_id, exc, delay)
             time.sleep(delay)
-    raise AssertionError("unreachable")
+
+
+# -- the outbox -------------------------------------------------------------------------------
+
+_SAFE = re.compile(r"[^A-Za-z0-9_.-]")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@dataclass(frozen=True)
+class Entry:
+    key: str
+    manifest: pb.AdapterManifest
+    data: bytes
+    age_s: float
+
+
+class Outbox:
+    """Finished adapters not yet answered by the coordinator: ``<task>-<fence>.{adapter,manifest,owner}``.
+
+    The ``.owner`` file holds the pid of the process sending it; an entry whose owner is gone
+    (or gave it up) is an orphan, for the worker agent to deliver.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    def _key(self, manifest: pb.AdapterManifest) -> str:
+        return _SAFE.sub("_", manifest.task_id)[:128] + f"-{manifest.fence}"
+
+    def put(self, manifest: pb.AdapterManifest, data: bytes) -> str:
+        self.root.mkdir(parents=True, exist_ok=True)
+        key = self._key(manifest)
+        (self.root / f"{key}.owner").write_text(str(os.getpid()))
+        (self.root / f"{key}.adapter").write_bytes(data)
+        tmp = self.root / f"{key}.manifest.tmp"
+        tmp.write_bytes(manifest.SerializeToString())
+        tmp.replace(self.root / f"{key}.manifest")  # last: an entry with a manifest is complete
+        return key
+
+    def give_up(self, key: str) -> None:
+        """The owner stops trying (it ran out of patience); the agent takes over."""
+        (self.root / f"{key}.owner").unlink(missing_ok=True)
+
+    def remove(self, key: str) -> None:
+        for suffix in (".manifest", ".adapter", ".owner"):
+            (self.root / f"{key}{suffix}").unlink(missing_ok=True)
+
+    def orphans(self) -> list[Entry]:
+        found = []
+        for path in sorted(self.root.glob("*.manifest")) if self.root.exists() else ():
+            key = path.name[: -len(".manifest")]
+            try:
+                owner = int((self.root / f"{key}.owner").read_text() or 0)
+            except (OSError, ValueError):
+                owner = 0
+            if owner and _alive(owner):
+                continue
+            try:
+                manifest = pb.AdapterManifest.FromString(path.read_bytes())
+                data = (self.root / f"{key}.adapter").read_bytes()
+                age = time.time() - path.stat().st_mtime
+            except Exception:  # noqa: BLE001  (a damaged entry is worth nothing: drop it)
+                self.remove(key)
+                continue
+            found.append(Entry(key, manifest, data, age))
+        return found
+
+
+def deliver_orphans(client: CoordinatorClient, outbox: Outbox, max_age_s: float = 24 * 3600) -> int:
+    """One try for each orphaned entry; returns how many the coordinator answered."""
+    answered = 0
+    for entry in outbox.orphans():
+        if entry.age_s > max_age_s:
+            outbox.remove(entry.key)
+            continue
+        try:
+            result = send_once(client, entry.manifest, entry.data)
+        except NomoatError as exc:
+            log.info("the adapter of %s is still waiting for the coordinator (%s)", entry.manifest.task_id, exc)
+            continue
+        outbox.remove(entry.key)
+        answered += 1
+        if result.accepted:
+            log.warning("delivered the adapter of %s (fence %d) left by a stopped task: %s",
+                        entry.manifest.task_id, entry.manifest.fence, result.adapter_id)
+        else:
+            log.warning("the adapter of %s left by a stopped task was refused: %s",
+                        entry.manifest.task_id, result.reason)
+    return answered
