@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -80,7 +81,7 @@ def receive(
         config = json.loads(ledger.job(task["job"])["config"])
         try:
             adapter = adapter_format.from_bytes(data)
-            if adapter.rank != manifest.rank or abs(adapter.alpha - manifest.alpha) > 1e-6 * manifest.alpha:
+            if adapter.rank != manifest.rank or not math.isclose(adapter.alpha, manifest.alpha, rel_tol=1e-6):
                 raise folding.AdapterRejected(
                     f"the manifest says rank {manifest.rank}, alpha {manifest.alpha} but the file holds "
                     f"rank {adapter.rank}, alpha {adapter.alpha}"

@@ -11,7 +11,7 @@ import hashlib
 import logging
 import secrets
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import grpc
@@ -181,18 +181,22 @@ def _identity(context: grpc.ServicerContext, deps: Deps) -> Identity:
 
 
 def _holder(deps: Deps, identity: Identity, worker_id: str) -> tuple[str, str]:
-    """(problem, token hash) for the lease checks: a worker token acts only for its own tasks.
+    """(worker id, token hash) for the lease checks: a worker token acts only for its own tasks.
 
-    Admin is exempt (an empty hash checks nothing). A worker id named in a call must not belong
-    to a worker registered with another token, so no token can act or be credited as another.
+    Admin is exempt (an empty hash checks nothing). A worker id registered with another token is
+    dropped, so no token is seen or credited as another's worker. (Dropped, not refused: in Ray
+    mode a task calls with the coordinator's worker token while its worker may have joined with
+    a token of its own; its work still counts, only not towards that worker.)
     """
     if identity.role == "admin":
-        return "", ""
+        return worker_id, ""
     if worker_id:
         registered = deps.ledger.worker(worker_id)
         if registered is not None and registered.get("token") != identity.token_hash:
-            return f"worker {worker_id} was registered with another token; use the worker id Register gave you", ""
-    return "", identity.token_hash
+            log.warning("a call named worker %s, which was registered with another token; ignoring the name",
+                        worker_id)
+            return "", identity.token_hash
+    return worker_id, identity.token_hash
 
 
 class WorkersServicer(rpc.WorkersServicer):
@@ -216,11 +220,11 @@ class WorkersServicer(rpc.WorkersServicer):
     def Heartbeat(self, request, context):
         deadline = time.time() + self.deps.settings.lease_ttl_s
         ledger = self.deps.ledger
-        reason, token_hash = _holder(self.deps, _identity(context, self.deps), request.worker_id)
-        reason = reason or ledger.heartbeat(request.task_id, request.fence, deadline, request.worker_id, token_hash)
+        worker_id, token_hash = _holder(self.deps, _identity(context, self.deps), request.worker_id)
+        reason = ledger.heartbeat(request.task_id, request.fence, deadline, worker_id, token_hash)
         if reason:
             return pb.HeartbeatReply(ok=False, deadline=0.0, reason=reason)
-        ledger.touch_worker(request.worker_id)
+        ledger.touch_worker(worker_id)
         base = ledger.claim(request.task_id, request.fence, ledger.latest_version() or 0)
         return pb.HeartbeatReply(ok=True, deadline=deadline, base_version=max(base, 0))
 
@@ -271,8 +275,9 @@ class WorkersServicer(rpc.WorkersServicer):
 
         result = collect.precheck(self.deps.ledger, m.task_id, m.fence, m.sha256)
         if result is None:
-            problem, token_hash = _holder(self.deps, _identity(context, self.deps), m.worker_id)
-            problem = problem or self.deps.ledger.hold(m.task_id, m.fence, m.worker_id, token_hash)
+            worker_id, token_hash = _holder(self.deps, _identity(context, self.deps), m.worker_id)
+            m = replace(m, worker_id=worker_id)  # the worker credited, if any
+            problem = self.deps.ledger.hold(m.task_id, m.fence, m.worker_id, token_hash)
             if problem:
                 result = collect.Accepted("refused", problem)
         if result is None:
