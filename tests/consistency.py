@@ -44,6 +44,19 @@ def problems(ledger: Ledger) -> tuple[list[str], dict[str, int]]:
             if task.get("job") != job_id:
                 bad.append(f"task {task_id} is listed by job {job_id} but names job {task.get('job')}")
             tasks[task_id] = task
+    # A speculative twin (a second lease on a leased task, see Ledger.speculate) is not one of
+    # its job's tasks; the original names it, and each must look like a task of its own.
+    for task_id, task in list(tasks.items()):
+        if task.get("twin"):
+            twin = ledger.task(task["twin"])
+            if twin is None or twin.get("twin_of") != task_id:
+                bad.append(f"task {task_id} names twin {task['twin']!r}, which is not its twin")
+            else:
+                tasks[task["twin"]] = twin
+
+    def related(task_id: str) -> set[str]:
+        task = tasks[task_id]
+        return {task_id, *(t for t in (task.get("twin"), task.get("twin_of")) if t in tasks)}
 
     for task_id, task in tasks.items():
         state = task.get("state")
@@ -59,7 +72,8 @@ def problems(ledger: Ledger) -> tuple[list[str], dict[str, int]]:
             adapter = ledger.adapter(task.get("adapter", "")) if task.get("adapter") else None
             if adapter is None:
                 bad.append(f"task {task_id} is done but its adapter {task.get('adapter')!r} has no record")
-            elif (adapter.get("task"), adapter.get("fence")) != (task_id, task.get("fence")):
+            elif not any((adapter.get("task"), adapter.get("fence")) == (t, tasks[t].get("fence"))
+                         for t in related(task_id)):
                 bad.append(f"task {task_id}'s adapter belongs to {adapter.get('task')} fence {adapter.get('fence')}")
     for task_id in set(pending) | set(leases):
         if task_id not in tasks:
@@ -107,8 +121,10 @@ def problems(ledger: Ledger) -> tuple[list[str], dict[str, int]]:
     if counted != len(folded):
         bad.append(f"jobs count {counted} folded adapters but versions hold {len(folded)}")
 
-    states = Counter(t.get("state") for t in tasks.values())
-    counts = {"jobs": len(ledger.job_ids()), "tasks": len(tasks), **{s: states.get(s, 0) for s in TASK_STATES},
+    own = [t for t in tasks.values() if not t.get("twin_of")]
+    states = Counter(t.get("state") for t in own)
+    counts = {"jobs": len(ledger.job_ids()), "tasks": len(own), "twins": len(tasks) - len(own),
+              **{s: states.get(s, 0) for s in TASK_STATES},
               "adapters": len(adapters), "buffered": len(set(buffer)), "folded": len(folded),
               "versions": len(versions)}
     return bad, counts
