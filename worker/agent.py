@@ -109,7 +109,7 @@ class WorkerAgent:
 
     def rejoin(self) -> None:
         """Stop the node, then register and start a new one, backing off until it works."""
-        self.stop()
+        self.stop(timeout=5.0)  # without its head, a node's own shutdown only hangs
         delay = 1.0
         while not self._stop.is_set():
             try:
@@ -117,8 +117,8 @@ class WorkerAgent:
                 log.warning("worker %s rejoined the Ray cluster at %s", self.worker_id, self.head)
                 return
             except (NomoatError, ray_node.RayNodeError) as exc:
-                log.warning("cannot rejoin yet (%s); trying again in %.0f s", exc, delay)
-                self.stop()
+                log.warning("cannot rejoin yet (%s); trying again in %.0f s", str(exc).splitlines()[0], delay)
+                self.stop(timeout=5.0)
             self._stop.wait(delay)
             delay = min(delay * 2, MAX_BACKOFF_S)
 
@@ -129,6 +129,6 @@ class WorkerAgent:
             except Exception:  # noqa: BLE001  (the outbox must never take the agent down)
                 log.exception("delivering the outbox failed")
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 30.0) -> None:
         if self.node is not None:
-            self.node.stop()
+            self.node.stop(timeout)
