@@ -1,21 +1,30 @@
-"""Dispatch leased tasks to Ray: each becomes a Ray task that asks for what its card must have.
+"""Dispatch leased tasks to Ray: each run becomes a Ray task pinned to the card the scheduler chose.
 
-A task asks for one ``nomoat_slot`` (one task per card at a time) and the ``vram_gb`` its
-memory plan needs, so Ray only places it on a node whose card can hold it. Ray retries a task
-whose node died; other failures come back through :meth:`poll` so the scheduler can release
-the lease and re-issue the task with a new fence.
+A run asks for one ``nomoat_worker`` slot (one run per card at a time) and the ``vram_gb`` its
+memory plan needs, and is pinned to one node (hard node affinity): the scheduler picks the card,
+sizing the run for it, and Ray enforces that the card can hold it. A run is one or more
+consecutive units (ledger tasks) of a job, trained one after another on that card, each under its
+own lease and fence. Ray does not retry a run itself: every failure, a dead node included, comes
+back through :meth:`poll` so the scheduler releases the lease and re-issues the task with a new
+fence (a rerun under the old fence would let a late upload from the dead run through).
+
+Every Ray call of the coordinator lives here; the scheduler sees :class:`Node` and
+:class:`~coordinator.scheduler.Finished`.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+from dataclasses import dataclass, field
 from typing import Any
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from coordinator.scheduler import Finished
+from coordinator.scheduler import Finished, Node
 from coordinator.submit import JobConfig
-from worker.planner import ModelShape, min_vram_gb
+from worker.planner import min_vram_gb, shape_for
 from worker.probe import VRAM_RESOURCE, WORKER_RESOURCE
 from worker.task import run_task
 
@@ -27,8 +36,8 @@ def task_resources(model_config: Any, config: JobConfig) -> dict[str, float]:
 
     Quantized plans are left out until the trainer can load a 4/8-bit base (bitsandbytes).
     """
-    need = min_vram_gb(ModelShape.from_config(model_config), config.lora_rank, len(config.target_modules),
-                       config.seq_len, "cuda", allow_quantization=False)
+    need = min_vram_gb(shape_for(config.plan_model, model_config), config.lora_rank,
+                       len(config.target_modules), config.seq_len, "cuda", allow_quantization=False)
     return {WORKER_RESOURCE: 1.0, VRAM_RESOURCE: need}
 
 
@@ -39,42 +48,100 @@ def describe(exc: BaseException) -> str:
     return f"{type(cause).__name__}: {text[-1] if text else ''}"[:500]
 
 
+def run_units(specs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The Ray task: train the run's units in order on this node; one unit's failure is its own.
+
+    A unit that failed for want of memory ends the run: the rest would fail the same way here.
+    """
+    from worker.planner import bigger_card_than
+
+    units, stop = [], ""
+    for spec in specs:
+        if stop:
+            units.append({"task_id": spec["task_id"], "fence": spec["fence"], "error": stop})
+            continue
+        try:
+            units.append({**run_task(spec), "fence": spec["fence"], "error": ""})
+        except Exception as exc:  # noqa: BLE001  (reported per unit, not raised)
+            error = describe(exc)
+            units.append({"task_id": spec["task_id"], "fence": spec["fence"], "error": error})
+            if bigger_card_than(error) is not None:
+                stop = error
+    return {"worker_id": os.environ.get("NOMOAT_WORKER_ID", ""), "units": units}
+
+
+@dataclass
+class _Run:
+    units: list[tuple[str, int, int]]  # (task id, fence, tokens), in the order they train
+    node_id: str
+    cancelled: set[str] = field(default_factory=set)
+
+
 class RayDispatcher:
     def __init__(self) -> None:
-        self._remote = ray.remote(run_task)
-        self._refs: dict[ray.ObjectRef, tuple[str, int]] = {}
+        self._remote = ray.remote(run_units)
+        self._runs: dict[ray.ObjectRef, _Run] = {}
 
-    def submit(self, spec: dict[str, Any], resources: dict[str, float]) -> None:
+    def nodes(self) -> list[Node]:
+        """The live nomoat worker nodes, and whether one of our runs occupies each."""
+        busy = {run.node_id for run in self._runs.values()}
+        found = []
+        for node in ray.nodes():
+            resources = node.get("Resources", {})
+            if node.get("Alive") and resources.get(WORKER_RESOURCE):
+                found.append(Node(node["NodeID"], float(resources.get(VRAM_RESOURCE, 0.0)),
+                                  node["NodeID"] in busy))
+        return found
+
+    def submit(self, specs: list[dict[str, Any]], resources: dict[str, float], node_id: str) -> None:
         ref = self._remote.options(
-            name=f"nomoat:{spec['task_id']}",
+            name="nomoat:" + ",".join(s["task_id"] for s in specs)[:200],
             num_cpus=0,
             resources=resources,
-            max_retries=1,  # node death; a task's own errors are the scheduler's to retry
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
+            max_retries=0,  # retries are the scheduler's: each one gets a new lease and fence
             retry_exceptions=False,
-        ).remote(spec)
-        self._refs[ref] = (spec["task_id"], spec["fence"])
+        ).remote(specs)
+        self._runs[ref] = _Run([(s["task_id"], s["fence"], int(s.get("tokens", 0))) for s in specs], node_id)
 
     def poll(self) -> list[Finished]:
-        if not self._refs:
+        if not self._runs:
             return []
-        ready, _ = ray.wait(list(self._refs), num_returns=len(self._refs), timeout=0)
+        ready, _ = ray.wait(list(self._runs), num_returns=len(self._runs), timeout=0)
         finished = []
         for ref in ready:
-            task_id, fence = self._refs.pop(ref)
+            run = self._runs.pop(ref)
             try:
-                ray.get(ref)
-                finished.append(Finished(task_id, fence, ""))
+                result = ray.get(ref)
             except ray.exceptions.TaskCancelledError:
                 continue
-            except Exception as exc:  # noqa: BLE001  (any task failure is reported, not raised)
-                finished.append(Finished(task_id, fence, describe(exc)))
+            except Exception as exc:  # noqa: BLE001  (any failure is reported, not raised)
+                error = describe(exc)
+                finished += [Finished(t, f, error, node_id=run.node_id) for t, f, _ in run.units]
+                continue
+            for unit in result["units"]:
+                finished.append(Finished(unit["task_id"], unit["fence"], unit["error"],
+                                         tokens=int(unit.get("tokens", 0)), seconds=float(unit.get("seconds", 0.0)),
+                                         worker_id=result["worker_id"], node_id=run.node_id))
         return finished
 
-    def cancel(self, task_id: str) -> None:
-        for ref, (tid, _) in list(self._refs.items()):
-            if tid == task_id:
+    def cancel(self, task_id: str, only_alone: bool = False) -> None:
+        """Cancel the run holding ``task_id``; with ``only_alone``, only if it is its only unit."""
+        for ref, run in list(self._runs.items()):
+            ids = [t for t, _, _ in run.units]
+            if task_id in ids and (len(ids) == 1 or not only_alone):
                 ray.cancel(ref, force=True)
-                self._refs.pop(ref, None)
+                self._runs.pop(ref, None)
 
     def in_flight(self) -> int:
-        return len(self._refs)
+        return len(self._runs)
+
+    def placement(self) -> dict[str, tuple[str, int]]:
+        """Task id -> (node id, tokens its run trains up to and including it)."""
+        where = {}
+        for run in self._runs.values():
+            ahead = 0
+            for task_id, _, tokens in run.units:
+                ahead += tokens
+                where[task_id] = (run.node_id, ahead)
+        return where

@@ -129,8 +129,10 @@ redis.call('ZADD', KEYS[3], ARGV[4], ARGV[1])
 return 'pending'
 """
 
-# KEYS: task, LEASES, adapter, FOLD_BUFFER, worker. ARGV: task id, fence, adapter id, now,
-# then field/value pairs for the adapter hash. Returns {status, adapter id or reason}.
+# KEYS: task, LEASES, adapter, FOLD_BUFFER, worker, partner, PENDING. ARGV: task id, fence, adapter id,
+# now, partner id, then field/value pairs for the adapter hash. Returns {status, adapter id or
+# reason}. The partner is the task's speculative twin (or the twin's original, see _SPECULATE):
+# the first accepted result marks both done, so the other run's upload is refused.
 _ACCEPT = """
 local state = redis.call('HGET', KEYS[1], 'state')
 if state == 'done' then
@@ -144,11 +146,57 @@ if fence ~= ARGV[2] then
 end
 redis.call('HSET', KEYS[1], 'state', 'done', 'adapter', ARGV[3], 'finished', ARGV[4])
 redis.call('ZREM', KEYS[2], ARGV[1])
-for i = 5, #ARGV, 2 do redis.call('HSET', KEYS[3], ARGV[i], ARGV[i + 1]) end
+if ARGV[5] ~= '' and redis.call('HGET', KEYS[6], 'state') ~= 'done' then
+  redis.call('HSET', KEYS[6], 'state', 'done', 'adapter', ARGV[3], 'finished', ARGV[4])
+  redis.call('ZREM', KEYS[2], ARGV[5])
+  redis.call('ZREM', KEYS[7], ARGV[5])
+end
+for i = 6, #ARGV, 2 do redis.call('HSET', KEYS[3], ARGV[i], ARGV[i + 1]) end
 redis.call('HSET', KEYS[3], 'state', 'buffered', 'accepted', ARGV[4])
 redis.call('RPUSH', KEYS[4], ARGV[3])
 if redis.call('EXISTS', KEYS[5]) == 1 then redis.call('HINCRBY', KEYS[5], 'tasks_done', 1) end
 return {'accepted', ARGV[3]}
+"""
+
+
+# Speculation: a second lease on a leased task, held by a twin task "<id>.spec" with its own fence
+# (so heartbeats, shard fetches, claims and lease holders work unchanged). The twin is not one of
+# the job's tasks; its attempts are spent, so if it fails or expires it is retired, never re-run.
+# KEYS: task, twin, LEASES, FENCE. ARGV: task id, twin id, deadline, now.
+# Returns the twin's fence; 0 when the task is not leased or already has a live twin.
+_SPECULATE = """
+if redis.call('HGET', KEYS[1], 'state') ~= 'leased' then return 0 end
+if redis.call('HGET', KEYS[1], 'twin_of') then return 0 end
+if redis.call('HGET', KEYS[2], 'state') == 'leased' or redis.call('HGET', KEYS[2], 'state') == 'done' then
+  return 0
+end
+local fence = redis.call('INCR', KEYS[4])
+local t = redis.call('HMGET', KEYS[1], 'job', 'start', 'end', 'index', 'tokens')
+redis.call('DEL', KEYS[2])
+redis.call('HSET', KEYS[2], 'task_id', ARGV[2], 'job', t[1], 'start', t[2], 'end', t[3], 'index', t[4],
+           'tokens', t[5], 'twin_of', ARGV[1], 'state', 'leased', 'fence', fence, 'deadline', ARGV[3],
+           'leased_at', ARGV[4], 'attempts', 1000000)
+redis.call('HSET', KEYS[1], 'twin', ARGV[2])
+redis.call('ZADD', KEYS[3], ARGV[3], ARGV[2])
+return fence
+"""
+
+# KEYS: task. ARGV: event, now, how many to keep. Appends to the task's "events" (JSON list).
+_EVENT = """
+local events = cjson.decode(redis.call('HGET', KEYS[1], 'events') or '[]')
+table.insert(events, {ARGV[2], ARGV[1]})
+while #events > tonumber(ARGV[3]) do table.remove(events, 1) end
+redis.call('HSET', KEYS[1], 'events', cjson.encode(events))
+return #events
+"""
+
+# KEYS: worker. ARGV: tokens, seconds. Measured speed: total tokens over total training seconds.
+_SPEED = """
+local tokens = redis.call('HINCRBYFLOAT', KEYS[1], 'tokens_trained', ARGV[1])
+local seconds = redis.call('HINCRBYFLOAT', KEYS[1], 'train_seconds', ARGV[2])
+local speed = tonumber(tokens) / math.max(tonumber(seconds), 1e-6)
+redis.call('HSET', KEYS[1], 'tokens_per_s', tostring(speed))
+return tostring(speed)
 """
 
 
@@ -186,6 +234,9 @@ class Ledger:
         self._expire = client.register_script(_EXPIRE)
         self._release = client.register_script(_RELEASE)
         self._accept = client.register_script(_ACCEPT)
+        self._speculate = client.register_script(_SPECULATE)
+        self._event = client.register_script(_EVENT)
+        self._speed = client.register_script(_SPEED)
 
     # -- jobs ---------------------------------------------------------------------------------
 
@@ -325,6 +376,43 @@ class Ledger:
     def leased(self) -> list[tuple[str, float]]:
         return [(t.decode(), s) for t, s in self.r.zrange(keys.LEASES, 0, -1, withscores=True)]
 
+    def tasks_by_id(self, task_ids: list[str]) -> list[dict[str, str]]:
+        """The tasks named, in that order (one round trip); a task that is gone is left out."""
+        pipe = self.r.pipeline(transaction=False)
+        for task_id in task_ids:
+            pipe.hgetall(keys.task(task_id))
+        return [t for t in (_decode(d) for d in pipe.execute()) if t]
+
+    def set_task(self, task_id: str, **fields: Any) -> None:
+        self.r.hset(keys.task(task_id), mapping=_str_fields(fields))
+
+    def add_task_event(self, task_id: str, event: str, keep: int = 32) -> None:
+        """Record something about a task's run (an out-of-memory retry, say) on the task."""
+        self._event(keys=[keys.task(task_id)], args=[event[:500], time.time(), keep])
+
+    def task_events(self, task_id: str) -> list[tuple[float, str]]:
+        raw = self.r.hget(keys.task(task_id), "events")
+        return [(float(t), e) for t, e in json.loads(raw)] if raw else []
+
+    def speculate(self, task_id: str, deadline: float) -> tuple[str, int]:
+        """Lease a leased task a second time, to a twin task with its own fence: (twin id, fence).
+
+        Fence 0 when the task is not leased or already has a twin. Whichever of the two runs
+        uploads first completes both (see _ACCEPT); the other's upload is refused.
+        """
+        twin = twin_id(task_id)
+        fence = self._speculate(keys=[keys.task(task_id), keys.task(twin), keys.LEASES, keys.FENCE],
+                                args=[task_id, twin, deadline, time.time()])
+        return twin, int(fence)
+
+    def retire_twin(self, twin: str) -> None:
+        """A twin whose lease expired goes nowhere (the original still runs): not pending, failed."""
+        pipe = self.r.pipeline(transaction=True)
+        pipe.zrem(keys.PENDING, twin)
+        pipe.zrem(keys.LEASES, twin)
+        pipe.hset(keys.task(twin), mapping={"state": "failed", "error": "the speculative run expired"})
+        pipe.execute()
+
     # -- adapters -----------------------------------------------------------------------------
 
     def accept_upload(
@@ -338,10 +426,12 @@ class Ledger:
         for k, v in _str_fields({**fields, "task": task_id, "fence": fence, "sha256": sha256,
                                  "job": task["job"], "worker": worker_id}).items():
             flat += [k, v]
+        partner = task.get("twin") or task.get("twin_of") or ""
         status, detail = self._accept(
             keys=[keys.task(task_id), keys.LEASES, keys.adapter(adapter_id), keys.FOLD_BUFFER,
-                  keys.worker(worker_id) if worker_id else keys.worker("-")],
-            args=[task_id, fence, adapter_id, time.time(), *flat],
+                  keys.worker(worker_id) if worker_id else keys.worker("-"), keys.task(partner or "-"),
+                  keys.PENDING],
+            args=[task_id, fence, adapter_id, time.time(), partner, *flat],
         )
         return Accepted(status.decode(), detail.decode())
 
@@ -442,6 +532,12 @@ class Ledger:
         data = _decode(self.r.hgetall(keys.worker(worker_id)))
         return data or None
 
+    def record_speed(self, worker_id: str, tokens: int, seconds: float) -> float:
+        """Add a finished run to the worker's measured tokens per second; returns the new figure."""
+        if not worker_id or seconds <= 0:
+            return 0.0
+        return float(self._speed(keys=[keys.worker(worker_id)], args=[tokens, seconds]))
+
     def touch_worker(self, worker_id: str) -> None:
         if worker_id:
             self.r.zadd(keys.WORKERS, {worker_id: time.time()}, xx=True)
@@ -455,6 +551,15 @@ class Ledger:
             {**_decode(w), "worker_id": wid.decode(), "last_seen": str(seen)}
             for (wid, seen), w in zip(entries, pipe.execute())
         ]
+
+
+def twin_id(task_id: str) -> str:
+    """The id of a task's speculative twin (see Ledger.speculate)."""
+    return f"{task_id}.spec"
+
+
+def is_twin(task_id: str) -> bool:
+    return task_id.endswith(".spec")
 
 
 def _str_fields(fields: dict[str, Any]) -> dict[str, str]:

@@ -1,22 +1,38 @@
-"""Schedule: pending tasks are leased and dispatched; expired or failed ones go back in the queue.
+"""Schedule: pending tasks are sized into runs for the cards that are free, leased and dispatched;
+expired or failed ones go back in the queue; stragglers near a job's end are run twice.
 
-The ledger is the source of truth; the dispatcher (Ray here) is how a leased task reaches a
-node. Ray places each task on a node whose advertised resources fit it and retries it if the
-node dies; the lease deadline catches hangs; a task whose Ray run failed is released and, while
-it has attempts left, leased again with a new fence.
+The ledger is the source of truth; the dispatcher (Ray here) is how a leased task reaches a card.
+One round (:meth:`Scheduler.tick`):
+
+1. expire leases whose deadline passed (the dispatcher cancels their runs);
+2. collect finished units: failures are released (while attempts are left) and a failure for want
+   of memory raises the task's VRAM demand above the card it failed on; successes add to the
+   worker's measured tokens per second, and cancel the speculative partner run if there is one;
+3. give every free card a run: the oldest pending task that fits it, plus following units of the
+   same job, as many as the card gets through in about ``target_task_seconds`` at its measured
+   speed (one unit while its speed is unknown). Fast cards take big runs, slow cards small ones,
+   and every unit keeps its own lease, fence and adapter, so idempotency is unchanged;
+4. near a job's end (cards idle, nothing pending that fits them) issue the outstanding tasks
+   expected to finish last to idle cards that would finish them sooner (``Ledger.speculate``);
+5. warn on a job whose pending tasks fit no card in the cluster;
+6. update job states.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from coordinator.ledger import Ledger
+from coordinator.ledger import Ledger, is_twin
 from coordinator.settings import Settings
 from coordinator.submit import JobConfig
+from worker.planner import bigger_card_than
+from worker.probe import VRAM_RESOURCE
 
 log = logging.getLogger("nomoat.scheduler")
 
@@ -26,15 +42,38 @@ class Finished:
     task_id: str
     fence: int
     error: str  # "" on success
+    tokens: int = 0
+    seconds: float = 0.0
+    worker_id: str = ""
+    node_id: str = ""
+
+
+@dataclass(frozen=True)
+class Node:
+    """A worker's card, as placement sees it."""
+
+    node_id: str
+    vram_gb: float
+    busy: bool  # one of our runs occupies it
 
 
 class Dispatcher(Protocol):
-    """How a leased task reaches a worker (Ray now; an outbound gRPC pull mode later)."""
+    """How a leased run reaches a card (Ray now; an outbound gRPC pull mode later)."""
 
-    def submit(self, spec: dict[str, Any], resources: dict[str, float]) -> None: ...
+    def nodes(self) -> list[Node]: ...
+    def submit(self, specs: list[dict[str, Any]], resources: dict[str, float], node_id: str) -> None: ...
     def poll(self) -> list[Finished]: ...
-    def cancel(self, task_id: str) -> None: ...
+    def cancel(self, task_id: str, only_alone: bool = False) -> None: ...
     def in_flight(self) -> int: ...
+    def placement(self) -> dict[str, tuple[str, int]]: ...
+
+
+def units_for(speed: float, unit_tokens: int, target_seconds: float, most: int) -> int:
+    """How many units a card of ``speed`` tokens/s gets in a run: about ``target_seconds`` of
+    work, at least one, one while its speed is unknown."""
+    if speed <= 0 or unit_tokens <= 0:
+        return 1
+    return max(1, min(most, round(speed * target_seconds / unit_tokens)))
 
 
 @dataclass
@@ -45,11 +84,19 @@ class Scheduler:
     worker_token: str
     task_resources: Any  # callable(JobConfig) -> dict[str, float]
     _configs: dict[str, JobConfig] = field(default_factory=dict)
+    speeds: dict[str, float] = field(default_factory=dict)  # node id -> measured tokens/s
+    # The runs dispatched lately, (node id, units, tokens): what sizing did, for logs and tests.
+    runs: deque = field(default_factory=lambda: deque(maxlen=1000))
 
     def config(self, job_id: str) -> JobConfig:
         if job_id not in self._configs:
             self._configs[job_id] = JobConfig.from_dict(json.loads(self.ledger.job(job_id)["config"]))
         return self._configs[job_id]
+
+    def need_gb(self, task: dict[str, str]) -> float:
+        """The VRAM a task needs: its job's plan, or more than a card it ran out of memory on."""
+        need = self.task_resources(self.config(task["job"]))[VRAM_RESOURCE]
+        return max(need, float(task.get("min_vram_gb") or 0.0))
 
     def tick(self, now: float | None = None) -> set[str]:
         """One round; returns the running jobs with nothing left to train (ready for a last fold)."""
@@ -57,13 +104,32 @@ class Scheduler:
         for task_id in self.ledger.expire_leases(now):
             log.warning("lease of %s expired; it goes back in the queue", task_id)
             self.dispatcher.cancel(task_id)
+            if is_twin(task_id):
+                self.ledger.retire_twin(task_id)
         for done in self.dispatcher.poll():
-            if done.error:
-                state = self.ledger.release(done.task_id, done.fence, done.error, self.settings.max_attempts)
-                if state:
-                    log.warning("task %s failed (%s); now %s", done.task_id, done.error, state)
-        self._dispatch(now)
+            self._finished(done)
+        nodes = self.dispatcher.nodes()
+        idle = self._dispatch(now, nodes)
+        if self.settings.speculate and idle:
+            self._speculate(now, idle)
+        self._warn(nodes)
         return self._update_jobs()
+
+    def _finished(self, done: Finished) -> None:
+        if done.error:
+            state = self.ledger.release(done.task_id, done.fence, done.error, self.settings.max_attempts)
+            if state:
+                log.warning("task %s failed (%s); now %s", done.task_id, done.error, state)
+            failed_on = bigger_card_than(done.error)
+            if state == "pending" and failed_on is not None:
+                self.ledger.set_task(done.task_id, min_vram_gb=failed_on + 0.01)
+            return
+        if done.seconds > 0 and done.worker_id:
+            self.speeds[done.node_id] = self.ledger.record_speed(done.worker_id, done.tokens, done.seconds)
+        task = self.ledger.task(done.task_id) or {}
+        partner = task.get("twin") or task.get("twin_of")
+        if partner:  # the first result won; stop the other run (it would also stop by itself)
+            self.dispatcher.cancel(partner, only_alone=True)
 
     def spec(self, task: dict[str, str], fence: int, base_version: int) -> dict[str, Any]:
         config = self.config(task["job"])
@@ -72,31 +138,123 @@ class Scheduler:
             "job_id": task["job"],
             "fence": fence,
             "base_version": base_version,
+            "tokens": int(task.get("tokens") or 0),
             "coordinator": self.settings.join_address,
             "token": self.worker_token,
             "lora": {"rank": config.lora_rank, "alpha": config.lora_alpha,
                      "target_modules": list(config.target_modules)},
             "train": {"seq_len": config.seq_len, "batch_size": config.batch_size,
                       "learning_rate": config.learning_rate, "epochs": config.epochs,
-                      "seed": int(task.get("index", 0))},
+                      "seed": int(task.get("index", 0)), "plan_model": config.plan_model},
             "lease_ttl_s": self.settings.lease_ttl_s,
         }
 
-    def _dispatch(self, now: float) -> None:
+    def _dispatch(self, now: float, nodes: list[Node]) -> list[Node]:
+        """Give each free card a run sized for it, fastest cards first; returns the cards left idle."""
+        free = sorted((n for n in nodes if not n.busy), key=lambda n: -self.speeds.get(n.node_id, 0.0))
         room = self.settings.max_in_flight - self.dispatcher.in_flight()
-        if room <= 0:
-            return
+        if not free or room <= 0:
+            return free
+        # Pending tasks no free card can hold (their job fits nowhere now) must not crowd out the rest.
+        largest = max(n.vram_gb for n in free)
+        ids = [i for i in self.ledger.pending(self.settings.pending_window) if not is_twin(i)]
+        queue = [t for t in self.ledger.tasks_by_id(ids) if self.need_gb(t) <= largest]
+        queue = queue[: len(free) * self.settings.max_units_per_run * 2]
         base_version = self.ledger.latest_version() or 0
-        for task_id in self.ledger.pending(room):
-            fence = self.ledger.lease(task_id, now + self.settings.queue_timeout_s, base_version,
-                                      self.settings.max_attempts)
-            if fence <= 0:
-                if fence < 0:
-                    log.warning("task %s failed: no attempts left", task_id)
+        idle = []
+        for node in free:
+            if room <= 0:
+                idle.append(node)
+                continue
+            run = self._take_run(queue, node)
+            if not run:
+                idle.append(node)
+                continue
+            specs = []
+            for task in run:
+                fence = self.ledger.lease(task["task_id"], now + self.settings.queue_timeout_s, base_version,
+                                          self.settings.max_attempts)
+                if fence > 0:
+                    specs.append(self.spec(task, fence, base_version))
+                elif fence < 0:
+                    log.warning("task %s failed: no attempts left", task["task_id"])
+            if specs:
+                need = max(self.need_gb(t) for t in run)
+                self.dispatcher.submit(specs, {**self.task_resources(self.config(run[0]["job"])), VRAM_RESOURCE: need},
+                                       node.node_id)
+                self.runs.append((node.node_id, len(specs), sum(s["tokens"] for s in specs)))
+                room -= 1
+            else:
+                idle.append(node)
+        return idle
+
+    def _take_run(self, queue: list[dict[str, str]], node: Node) -> list[dict[str, str]]:
+        """Take from ``queue`` the oldest task that fits ``node`` and the following units of its
+        job that fit, as many as the card's speed warrants."""
+        first = next((t for t in queue if not is_twin(t["task_id"]) and self.need_gb(t) <= node.vram_gb), None)
+        if first is None:
+            return []
+        n = units_for(self.speeds.get(node.node_id, 0.0), int(first.get("tokens") or 0),
+                      self.settings.target_task_seconds, self.settings.max_units_per_run)
+        run = [t for t in queue if t["job"] == first["job"] and not is_twin(t["task_id"])
+               and self.need_gb(t) <= node.vram_gb][:n]
+        for task in run:
+            queue.remove(task)
+        return run
+
+    def _speculate(self, now: float, idle: list[Node]) -> None:
+        """Issue the outstanding tasks expected to finish last to idle cards that would beat them."""
+        where = self.dispatcher.placement()
+        outstanding = []
+        for task_id, _ in self.ledger.leased():
+            if is_twin(task_id) or task_id not in where:
                 continue
             task = self.ledger.task(task_id)
-            config = self.config(task["job"])
-            self.dispatcher.submit(self.spec(task, fence, base_version), self.task_resources(config))
+            if task is None or task.get("state") != "leased" or task.get("twin"):
+                continue
+            node_id, ahead = where[task_id]
+            speed = self.speeds.get(node_id, 0.0)
+            eta = float(task.get("leased_at", now)) + ahead / speed if speed > 0 else math.inf
+            outstanding.append((eta, task))
+        outstanding.sort(key=lambda e: -e[0])  # expected last first
+        cards = sorted(idle, key=lambda n: -self.speeds.get(n.node_id, 0.0))
+        for eta, task in outstanding:
+            card = next((c for c in cards if self.need_gb(task) <= c.vram_gb
+                         and self.speeds.get(c.node_id, 0.0) > 0), None)
+            if card is None:
+                continue
+            own_eta = now + int(task.get("tokens") or 0) / self.speeds[card.node_id]
+            if own_eta >= eta:
+                continue  # the run it would race is expected to finish first
+            twin, fence = self.ledger.speculate(task["task_id"], now + self.settings.queue_timeout_s)
+            if fence <= 0:
+                continue
+            log.info("task %s runs long; also issued as %s", task["task_id"], twin)
+            twin_task = {**task, "task_id": twin}
+            self.dispatcher.submit([self.spec(twin_task, fence, self.ledger.latest_version() or 0)],
+                                   {**self.task_resources(self.config(task["job"])), VRAM_RESOURCE: self.need_gb(task)},
+                                   card.node_id)
+            cards.remove(card)
+            if not cards:
+                return
+
+    def _warn(self, nodes: list[Node]) -> None:
+        """A job whose pending tasks fit no card in the cluster says so (JobInfo.warning)."""
+        largest = max((n.vram_gb for n in nodes), default=0.0)
+        for job_id in self.ledger.job_ids():
+            job = self.ledger.job(job_id)
+            if job.get("state") != "running":
+                continue
+            needs = [self.need_gb(t) for t in self.ledger.tasks(job_id) if t.get("state") == "pending"]
+            warning = ""
+            if nodes and needs and min(needs) > largest:
+                warning = (f"its tasks need a card with at least {min(needs):.1f} GB of VRAM, but the largest "
+                           f"of the {len(nodes)} cards in the cluster has {largest:g} GB; they wait until a "
+                           "bigger card joins (a shorter --seq-len or a smaller LoRA rank needs less)")
+            if warning != job.get("warning", ""):
+                self.ledger.set_job(job_id, warning=warning)
+                if warning:
+                    log.warning("job %s: %s", job_id, warning)
 
     def _update_jobs(self) -> set[str]:
         idle: set[str] = set()

@@ -70,6 +70,7 @@ def job_info(deps: Deps, job_id: str) -> pb.JobInfo | None:
         tokens=int(job.get("tokens", 0)),
         dataset_sha256=job.get("dataset", ""),
         base_loss=_float(job.get("base_loss")),
+        warning=job.get("warning", ""),
     )
 
 
@@ -225,6 +226,8 @@ class WorkersServicer(rpc.WorkersServicer):
         if reason:
             return pb.HeartbeatReply(ok=False, deadline=0.0, reason=reason)
         ledger.touch_worker(worker_id)
+        if request.event:
+            ledger.add_task_event(request.task_id, request.event)
         base = ledger.claim(request.task_id, request.fence, ledger.latest_version() or 0)
         return pb.HeartbeatReply(ok=True, deadline=deadline, base_version=max(base, 0))
 

@@ -19,7 +19,10 @@ class JobDefaults:
     learning_rate: float = 2e-3
     batch_size: int = 8
     epochs: int = 1
-    tokens_per_task: int = 8192
+    tokens_per_task: int = 8192  # one unit: what a lease, a fence and an adapter cover
+    # Plan memory as if the base model were this one (worker.planner.PRESET_CONFIGS); "" plans for
+    # the base model itself. For simulated clusters, where the tiny model stands in for a real one.
+    plan_model: str = ""
 
 
 @dataclass(frozen=True)
@@ -59,6 +62,14 @@ class Settings:
     lease_ttl_s: float = 90.0
     max_attempts: int = 3
     max_in_flight: int = 64
+    # Throughput-aware sizing: a dispatch to a card is a run of consecutive units (tasks) of one
+    # job, as many as the card's measured tokens/s gets through in about target_task_seconds.
+    target_task_seconds: float = 60.0
+    max_units_per_run: int = 16
+    pending_window: int = 2000  # pending tasks looked at per round, oldest first
+    # Near a job's end (nothing pending, a card idle) its slowest outstanding tasks also go to
+    # idle cards; the first valid result wins (see Ledger.speculate).
+    speculate: bool = True
 
     validation_fraction: float = 0.05
     max_validation_records: int = 256

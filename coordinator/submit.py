@@ -32,6 +32,7 @@ class JobConfig:
     batch_size: int
     epochs: int
     tokens_per_task: int
+    plan_model: str = ""  # see JobDefaults.plan_model
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

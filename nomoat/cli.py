@@ -210,8 +210,11 @@ def worker_start(ctx, ray_address, simulate_gpu, name, threads, cache_dir, node_
 @click.option("--batch-size", default=0, help="Sequences per optimizer step.")
 @click.option("--epochs", default=0, help="Passes over each task's shard.")
 @click.option("--tokens-per-task", default=0, help="Task size in tokens.")
+@click.option("--give-up-after", default=60.0, show_default=True,
+              help="With --wait: seconds a job whose tasks fit no card may wait before this exits (the job stays queued).")
 @click.pass_context
-def submit(ctx, dataset, name, wait, rank, alpha, seq_len, learning_rate, batch_size, epochs, tokens_per_task):
+def submit(ctx, dataset, name, wait, rank, alpha, seq_len, learning_rate, batch_size, epochs, tokens_per_task,
+           give_up_after):
     """Submit a dataset (.jsonl with text / prompt+completion / messages, or .txt) as a job."""
     from nomoat.v1 import nomoat_pb2 as pb
 
@@ -224,7 +227,10 @@ def submit(ctx, dataset, name, wait, rank, alpha, seq_len, learning_rate, batch_
         if wait:
             from nomoat.progress import follow
 
-            job = follow(client, reply.job_id)
+            job = follow(client, reply.job_id, grace_s=give_up_after)
+            if job.state == "running" and job.warning:
+                _fail(f"job {reply.job_id} cannot run on this cluster: {job.warning}. It stays queued; "
+                      "`nomoat status` shows when it starts.")
             if job.state != "done":
                 _fail(f"job {reply.job_id} {job.state}: {job.error or 'see nomoat status'}")
     click.echo(reply.job_id if not wait else f"job {reply.job_id} done")

@@ -191,10 +191,9 @@ class CoordinatorClient:
     def register(self, name: str, card: pb.Card, node_id: str = "") -> pb.RegisterReply:
         return self._call(self.workers.Register, pb.RegisterRequest(name=name, card=card, node_id=node_id))
 
-    def heartbeat(self, task_id: str, fence: int, worker_id: str = "") -> pb.HeartbeatReply:
-        return self._call(
-            self.workers.Heartbeat, pb.HeartbeatRequest(task_id=task_id, fence=fence, worker_id=worker_id), timeout=15
-        )
+    def heartbeat(self, task_id: str, fence: int, worker_id: str = "", event: str = "") -> pb.HeartbeatReply:
+        request = pb.HeartbeatRequest(task_id=task_id, fence=fence, worker_id=worker_id, event=event)
+        return self._call(self.workers.Heartbeat, request, timeout=15)
 
     def fetch_shard(self, task_id: str, fence: int) -> bytes:
         parts = self._stream(self.workers.FetchShard, pb.FetchShardRequest(task_id=task_id, fence=fence), 600)

@@ -19,21 +19,36 @@ def _loss(value: float) -> str:
     return "-" if value is None or math.isnan(value) or value == 0.0 else f"{value:.4f}"
 
 
-def follow(client: CoordinatorClient, job_id: str) -> pb.JobInfo:
-    """Show a job's progress until it finishes; returns its final state."""
+def follow(client: CoordinatorClient, job_id: str, grace_s: float = 60.0) -> pb.JobInfo:
+    """Show a job's progress until it finishes; returns its final state.
+
+    Returns early, the job still running, when it has carried a warning (its tasks fit no card
+    in the cluster) for ``grace_s`` seconds: waiting on would hang until a bigger card joins.
+    """
     job = None
     with Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
         TextColumn("{task.fields[detail]}"), TimeElapsedColumn(), console=console, transient=False,
     ) as bar:
         row = bar.add_task(job_id, total=None, detail="")
-        for update in client.watch(job_id):
-            job = update.job
-            t = job.tasks
-            bar.update(row, total=job.total_tasks, completed=t.done + t.failed,
-                       detail=(f"version {update.current_version}  eval loss {_loss(update.eval_loss)}  "
-                               f"folded {job.adapters_folded}  leased {t.leased}  failed {t.failed}"))
-            if update.finished:
+        while True:
+            for update in client.watch(job_id):
+                job = update.job
+                t = job.tasks
+                bar.update(row, total=job.total_tasks, completed=t.done + t.failed,
+                           detail=(f"version {update.current_version}  eval loss {_loss(update.eval_loss)}  "
+                                   f"folded {job.adapters_folded}  leased {t.leased}  failed {t.failed}"
+                                   + (f"  [yellow]{job.warning}" if job.warning else "")))
+                if update.finished or job.warning:
+                    break
+            if job is None or job.state != "running" or not job.warning:
+                break
+            # Watch only speaks on change, and a job that fits nowhere does not change: poll.
+            since = time.monotonic()
+            while job.warning and job.state == "running" and time.monotonic() - since < grace_s:
+                time.sleep(0.5)
+                job = client.status(job_id).jobs[0]
+            if job.warning or job.state != "running":
                 break
     if job is None:
         raise RuntimeError("the coordinator sent no progress")
@@ -44,12 +59,12 @@ def print_status(reply: pb.StatusReply) -> None:
     out = Console()
     jobs = Table(title="jobs")
     for col in ("job", "name", "state", "tasks done/total", "pending", "leased", "failed", "folded",
-                "rejected", "base loss", "error"):
+                "rejected", "base loss", "error", "warning"):
         jobs.add_column(col)
     for j in reply.jobs:
         jobs.add_row(j.job_id, j.name, j.state, f"{j.tasks.done}/{j.total_tasks}", str(j.tasks.pending),
                      str(j.tasks.leased), str(j.tasks.failed), str(j.adapters_folded), str(j.adapters_rejected),
-                     _loss(j.base_loss), j.error)
+                     _loss(j.base_loss), j.error, j.warning)
     workers = Table(title="workers")
     for col in ("worker", "name", "card", "VRAM GB", "backend", "tasks done", "state", "seen"):
         workers.add_column(col)

@@ -28,6 +28,7 @@ which the trainer should keep true or this module should learn about:
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -418,3 +419,54 @@ def min_vram_gb(
     need = estimate_peak_bytes(shape, lora_rank, n_target_modules_per_layer, seq_len, 1,
                                precision, True, quantization, backend=backend, attention=attention)
     return math.ceil(need / GiB / (1 - headroom) * 100) / 100
+
+
+# Shapes of real models, by name. A simulated cluster (demo, tests, benchmarks) trains the tiny
+# model on the CPU but can plan memory as if it trained one of these (JobConfig.plan_model), so
+# placement, fitting and out-of-memory recovery meet realistic numbers.
+PRESET_CONFIGS: dict[str, dict[str, Any]] = {
+    "llama-3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                         num_attention_heads=32, num_key_value_heads=8, head_dim=64,
+                         vocab_size=128256, tie_word_embeddings=True),
+    "llama-3.2-3b": dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=28,
+                         num_attention_heads=24, num_key_value_heads=8, head_dim=128,
+                         vocab_size=128256, tie_word_embeddings=True),
+    "llama-2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                       num_attention_heads=32, num_key_value_heads=32, head_dim=128,
+                       vocab_size=32000, tie_word_embeddings=False),
+}
+
+
+def shape_for(plan_model: str, model_config: Any) -> ModelShape:
+    """The shape to plan with: the named preset, else the model's own config."""
+    if not plan_model:
+        return ModelShape.from_config(model_config)
+    if plan_model not in PRESET_CONFIGS:
+        raise ValueError(f"plan_model {plan_model!r} is not one of {', '.join(PRESET_CONFIGS)}.")
+    from types import SimpleNamespace
+
+    return ModelShape.from_config(SimpleNamespace(**PRESET_CONFIGS[plan_model]))
+
+
+def planning_card(card: Card) -> Card:
+    """A simulated card plans as the CUDA card it stands for (16-bit, CUDA overheads), though it
+    trains on the CPU in fp32: its VRAM is pretend, and so must its plan be."""
+    if not card.simulated:
+        return card
+    from dataclasses import replace
+
+    return replace(card, backend="cuda", bf16=True, fp16=True)
+
+
+_BIGGER_CARD = re.compile(r"needs a card with more than ([0-9.]+) GB")
+
+
+def bigger_card_reason(vram_gb: float) -> str:
+    """The words a task fails with when it needs more VRAM than its card (see bigger_card_than)."""
+    return f"it needs a card with more than {vram_gb:g} GB."
+
+
+def bigger_card_than(reason: str) -> float | None:
+    """The VRAM a failed task's card had, when it failed for lack of memory; else None."""
+    match = _BIGGER_CARD.search(reason)
+    return float(match.group(1)) if match else None

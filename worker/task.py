@@ -13,16 +13,24 @@ import json
 import logging
 import os
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from nomoat import adapter as adapter_format
 from nomoat.client import CoordinatorClient, NomoatError
-from worker import uploader
+from worker import planner, uploader
 from worker.cache import ModelCache, default_cache_dir
+from worker.probe import Card, probe
 from worker.trainer import LoraSpec, TrainSpec, train_adapter
 
 log = logging.getLogger("nomoat.task")
+
+# Test hooks, set in a worker node's environment (tests, demo, benchmarks; never in production):
+# every micro-batch above N runs out of memory (0: even micro-batch 1 does) ...
+INJECT_OOM_ENV = "NOMOAT_INJECT_OOM_ABOVE_MICRO_BATCH"
+# ... and a simulated card takes at least tokens / (TFLOPS x R) seconds per task, so cards that
+# differ in TFLOPS differ in speed although all of them train on the same CPU.
+SIM_SPEED_ENV = "NOMOAT_SIMULATED_TOKENS_PER_TFLOP"
 
 
 class TaskAborted(RuntimeError):
@@ -49,6 +57,14 @@ class Heartbeat(threading.Thread):
             self._halt.set()
         elif self.base_version < 0:
             self.base_version = reply.base_version
+
+    def note(self, event: str) -> None:
+        """Record ``event`` about this run in the ledger (an out-of-memory retry, say)."""
+        log.warning("task %s: %s", self.task_id, event)
+        try:
+            self.client.heartbeat(self.task_id, self.fence, self.worker_id, event=event)
+        except NomoatError as exc:
+            log.warning("could not record %r: %s", event, exc)
 
     def run(self) -> None:
         while not self._halt.wait(self.interval):
@@ -84,6 +100,69 @@ def _deliver(client: CoordinatorClient, manifest: Any, data: bytes) -> uploader.
     return sent
 
 
+def node_card() -> Card:
+    """The card of the node this runs on: the agent passes its probe (or simulation) down."""
+    raw = os.environ.get("NOMOAT_CARD")
+    return Card(**json.loads(raw)) if raw else probe()
+
+
+def memory_plan(spec: dict[str, Any], card: Card, model_dir: Any) -> tuple[planner.Plan, TrainSpec]:
+    """Plan the task for ``card`` (worker.planner) and turn the plan into the trainer's spec.
+
+    Raises TaskAborted, naming the VRAM it needs, when no plan fits: the scheduler then asks for
+    a bigger card.
+    """
+    from transformers import AutoConfig
+
+    train_cfg, lora_cfg = spec["train"], spec["lora"]
+    plan_model = train_cfg.get("plan_model", "")
+    shape = planner.shape_for(plan_model, None if plan_model else AutoConfig.from_pretrained(model_dir))
+    try:
+        chosen = planner.plan(shape, lora_cfg["rank"], len(lora_cfg["target_modules"]), train_cfg["seq_len"],
+                              train_cfg["batch_size"], planner.planning_card(card), allow_quantization=False)
+    except planner.DoesNotFit as exc:
+        raise TaskAborted(f"{exc} {planner.bigger_card_reason(card.vram_gb)}") from None
+    min_seconds = 0.0
+    rate = float(os.environ.get(SIM_SPEED_ENV) or 0)
+    if rate > 0 and card.simulated:
+        min_seconds = float(spec.get("tokens", 0)) / (card.tflops * rate)
+    train = TrainSpec(**{k: train_cfg[k] for k in ("seq_len", "batch_size", "learning_rate", "epochs", "seed")},
+                      micro_batch=chosen.micro_batch, precision=chosen.precision,
+                      gradient_checkpointing=chosen.gradient_checkpointing, min_seconds=min_seconds)
+    return chosen, train
+
+
+def train_fitting(model_dir: Any, texts: list[str], lora: LoraSpec, train: TrainSpec, card: Card,
+                  heartbeat: Heartbeat) -> tuple[Any, Any]:
+    """Train; on out-of-memory halve the micro-batch (same effective batch) and retry on this card.
+
+    Each retry is recorded in the ledger. When micro-batch 1 runs out too, the task fails with a
+    reason that makes the scheduler retry it on a card with more VRAM than this one.
+    """
+    import torch
+
+    inject = os.environ.get(INJECT_OOM_ENV)
+    device = "cuda" if card.backend == "cuda" and not card.simulated else "cpu"
+    micro = train.micro_batch
+    while True:
+        try:
+            if inject is not None and micro > int(inject):
+                raise torch.OutOfMemoryError(f"injected by {INJECT_OOM_ENV}={inject} (a test hook)")
+            return train_adapter(model_dir, texts, lora, replace(train, micro_batch=micro), device=device,
+                                 progress=lambda step, total, loss: heartbeat.check())
+        except torch.OutOfMemoryError:
+            if device == "cuda":
+                torch.cuda.empty_cache()
+            if micro == 1:
+                heartbeat.note(f"out of memory at micro-batch 1 on {card.name} ({card.vram_gb:g} GB); "
+                               "moving to a bigger card")
+                raise TaskAborted(f"out of memory even at micro-batch 1 on {card.name}: "
+                                  f"{planner.bigger_card_reason(card.vram_gb)}") from None
+            heartbeat.note(f"out of memory at micro-batch {micro} on {card.name} ({card.vram_gb:g} GB); "
+                           f"retrying at micro-batch {micro // 2}")
+            micro //= 2
+
+
 def run_task(spec: dict[str, Any]) -> dict[str, Any]:
     """Run one leased task; raises TaskAborted (or the trainer's error) when it cannot finish."""
     threads = int(os.environ.get("NOMOAT_TORCH_THREADS", "0"))
@@ -106,11 +185,9 @@ def run_task(spec: dict[str, Any]) -> dict[str, Any]:
             model_dir = ModelCache().ensure(client, base_version)
             lora = LoraSpec(rank=spec["lora"]["rank"], alpha=spec["lora"]["alpha"],
                             target_modules=tuple(spec["lora"]["target_modules"]))
-            train = TrainSpec(**{k: spec["train"][k] for k in ("seq_len", "batch_size", "learning_rate",
-                                                               "epochs", "seed")},
-                              micro_batch=int(spec.get("micro_batch") or spec["train"]["batch_size"]))
-            adapter, result = train_adapter(model_dir, texts, lora, train,
-                                            progress=lambda step, total, loss: heartbeat.check())
+            card = node_card()
+            _, train = memory_plan(spec, card, model_dir)
+            adapter, result = train_fitting(model_dir, texts, lora, train, card, heartbeat)
             heartbeat.check()
             data = adapter_format.to_bytes(adapter)
             manifest = uploader.manifest_for(task_id, fence, base_version, lora.rank, lora.alpha,

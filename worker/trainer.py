@@ -56,6 +56,13 @@ class TrainSpec:
     epochs: int = 1
     seed: int = 0
     max_steps: int | None = None
+    # The memory plan (worker.planner.plan). The frozen base computes in ``precision`` on CUDA;
+    # the CPU always runs fp32. The LoRA factors and their optimizer state stay fp32 regardless.
+    precision: str = "fp32"  # "fp32" | "bf16" | "fp16"
+    gradient_checkpointing: bool = False
+    # Test hook (simulated cards): pad the run's wall time to at least this many seconds, as a
+    # slower card would take. 0 leaves it alone.
+    min_seconds: float = 0.0
 
 
 @dataclass
@@ -85,13 +92,30 @@ def _check(lora: LoraSpec, train: TrainSpec) -> None:
         raise ValueError("epochs and max_steps must be at least 1")
 
 
-def _lora_model(model_dir: Path, lora: LoraSpec, device: str) -> torch.nn.Module:
-    """The base model in float32 with fresh LoRA factors on ``lora.target_modules``.
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
-    float32 because a small update vanishes in bf16 rounding (see DESIGN, folding math); PEFT
-    draws A from torch's global generator, which the caller has seeded, and starts B at zero.
+
+def compute_dtype(precision: str, device: str) -> torch.dtype:
+    """The base model's dtype: the plan's on an accelerator, fp32 on the CPU (slow and lossy in
+    16 bits there)."""
+    if precision not in _DTYPES:
+        raise ValueError(f"precision {precision!r} is not one of {', '.join(_DTYPES)}")
+    return torch.float32 if str(device).startswith("cpu") else _DTYPES[precision]
+
+
+def _lora_model(model_dir: Path, lora: LoraSpec, device: str, dtype: torch.dtype = torch.float32,
+                checkpointing: bool = False) -> torch.nn.Module:
+    """The base model in ``dtype`` with fresh fp32 LoRA factors on ``lora.target_modules``.
+
+    The factors are fp32 (PEFT's ``autocast_adapter_dtype``) because a small update vanishes in
+    bf16 rounding (see DESIGN, folding math); PEFT draws A from torch's global generator, which
+    the caller has seeded, and starts B at zero.
     """
-    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    if checkpointing:
+        # Non-reentrant: works with frozen inputs (no enable_input_require_grads needed).
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        base.config.use_cache = False
     config = LoraConfig(
         r=lora.rank,
         lora_alpha=lora.alpha,
@@ -122,7 +146,8 @@ def train_adapter(
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     blocks = pack(tokenizer, texts, train.seq_len)
-    model = _lora_model(model_dir, lora, device)
+    model = _lora_model(model_dir, lora, device, compute_dtype(train.precision, device),
+                        train.gradient_checkpointing)
 
     steps_per_epoch = math.ceil(len(blocks) / train.batch_size)
     total_steps = steps_per_epoch * train.epochs
@@ -131,6 +156,9 @@ def train_adapter(
 
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=train.learning_rate, weight_decay=0.0)
+    # fp16's narrow range underflows small gradients without loss scaling; bf16 and fp32 need none.
+    scaler = torch.amp.GradScaler(str(device).split(":")[0],
+                                  enabled=compute_dtype(train.precision, device) == torch.float16)
     gen = torch.Generator().manual_seed(train.seed)
     step, tokens, targets_seen, loss_total = 0, 0, 0, 0.0
     while step < total_steps:
@@ -145,9 +173,10 @@ def train_adapter(
             batch_loss = 0.0
             for micro in batch.split(train.micro_batch):
                 total, _ = loss_sum(model, micro.to(device))
-                (total / n_targets).backward()
+                scaler.scale(total / n_targets).backward()
                 batch_loss += total.item()
-            opt.step()
+            scaler.step(opt)
+            scaler.update()
             step += 1
             tokens += n_tokens(batch)
             targets_seen += n_targets
@@ -155,6 +184,10 @@ def train_adapter(
             if progress is not None:
                 progress(step, total_steps, batch_loss / n_targets)
 
+    while time.time() - t0 < train.min_seconds:  # test hook: a slower (simulated) card
+        time.sleep(min(0.5, train.min_seconds - (time.time() - t0)))
+        if progress is not None:  # lets the caller stop a run whose lease is gone
+            progress(step, total_steps, loss_total / max(1, targets_seen))
     state = get_peft_model_state_dict(model)
     adapter = from_peft_state_dict(state, rank=lora.rank, alpha=lora.alpha)
     result = TrainResult(
