@@ -170,18 +170,15 @@ def cluster_factory(tmp_path: Path):
         cluster.close()
 
 
-def leased_tasks(ledger, job_id: str) -> list[tuple[str, int]]:
-    return [(t["task_id"], int(t["fence"])) for t in ledger.tasks(job_id) if t["state"] == "leased"]
-
-
 # -- an upload cut off halfway ----------------------------------------------------------------
 
 
 def test_an_upload_cut_off_halfway_resumes_and_a_corrupted_one_is_refused(cluster_factory) -> None:
-    cluster = cluster_factory()  # no workers: the test is the worker
+    cluster = cluster_factory()  # no workers: the test leases two tasks itself and is their worker
     job_id = cluster.submit(lines=200, tokens_per_task=2000)
-    (task, fence), (other, other_fence), *_ = wait_until(lambda: leased_tasks(cluster.ledger, job_id), 60,
-                                                          "the tasks to be leased")
+    task, other = cluster.ledger.task_ids(job_id)[:2]
+    fence, other_fence = (cluster.ledger.lease(t, time.time() + 600, 0, max_attempts=3) for t in (task, other))
+    assert fence > 0 and other_fence > 0
     worker = cluster.client("worker")
     assert worker.heartbeat(task, fence).ok and worker.heartbeat(other, other_fence).ok
     data = adapter_bytes(cluster.ledger.job(job_id))
