@@ -341,22 +341,6 @@ class Ledger:
         )
         return state.decode() if isinstance(state, bytes) else state
 
-    def cap_leases(self, deadline: float) -> int:
-        """Bring every lease deadline forward to at most ``deadline``; returns how many moved.
-
-        A restarted coordinator does this: the Ray tasks its predecessor dispatched may be gone,
-        and a worker that is still alive keeps its lease by heartbeating before the new deadline.
-        """
-        moved = 0
-        for task_id, current in self.leased():
-            if current > deadline:
-                pipe = self.r.pipeline(transaction=True)
-                pipe.zadd(keys.LEASES, {task_id: deadline}, xx=True, lt=True)
-                pipe.hset(keys.task(task_id), "deadline", deadline)
-                pipe.execute()
-                moved += 1
-        return moved
-
     def reset_leases(self, deadline: float) -> int:
         """Set every lease's deadline to ``deadline`` (later or earlier); returns how many.
 

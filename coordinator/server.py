@@ -28,13 +28,14 @@ from redis.retry import Retry
 from coordinator import service
 from coordinator.auth import AuthInterceptor, TokenRegistry
 from coordinator.folder import Folder
-from coordinator.ledger import Ledger
 from coordinator.history import History
+from coordinator.ledger import Ledger
 from coordinator.model import RunningModel
 from coordinator.redis_server import EmbeddedRedis
 from coordinator.scheduler import Scheduler
 from coordinator.settings import Settings
 from coordinator.store import BlobStore
+from coordinator.uploads import PartialUploads
 from worker import node as ray_node
 
 log = logging.getLogger("nomoat.coordinator")
@@ -193,7 +194,11 @@ class Coordinator:
 
     def _start_grpc(self) -> None:
         deps = service.Deps(self.settings, self.ledger, self.store, self.registry, self.model.tokenizer,
-                            self.shapes, self.ray_address, self.ray_token, history=self.history)
+                            self.shapes, self.ray_address, self.ray_token, history=self.history,
+                            uploads=PartialUploads(self.data_dir / "uploads"))
+        swept = deps.uploads.sweep()  # parts of uploads nobody came back for in a day
+        if swept:
+            log.info("removed %d abandoned partial uploads", swept)
         self.deps = deps
         self.server, self.health = grpc_server(deps)
         port = bind(self.server, self.settings.listen, self.settings.tls_cert, self.settings.tls_key)

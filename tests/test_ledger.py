@@ -163,11 +163,12 @@ def test_state_survives_a_redis_restart(redis_server, tmp_path):
     server.stop()
 
 
-def test_restart_caps_old_leases_but_heartbeats_keep_them(ledger):
+def test_restart_gives_every_lease_one_ttl_and_heartbeats_keep_them(ledger):
     a, b = make_job(ledger, n_tasks=2)
     fa = ledger.lease(a, time.time() + 900, 0, max_attempts=3)
-    ledger.lease(b, time.time() + 900, 0, max_attempts=3)
-    assert ledger.cap_leases(time.time() + 5) == 2
+    ledger.lease(b, time.time() - 100, 0, max_attempts=3)  # ran out while the coordinator was down
+    assert ledger.reset_leases(time.time() + 5) == 2
+    assert ledger.expire_leases(now=time.time()) == []  # nobody lost a lease to the downtime
     assert ledger.heartbeat(a, fa, time.time() + 100) == ""  # a live worker renews its lease
     assert ledger.expire_leases(now=time.time() + 10) == [b]
     assert ledger.task(a)["state"] == "leased" and ledger.task(b)["state"] == "pending"
