@@ -165,7 +165,8 @@ class Folder:
     def _outer_step(self, delta: adapter_format.Adapter, current: int) -> adapter_format.Adapter:
         """Plain folding applies the delta itself; with --outer-momentum, DiLoCo's Nesterov step."""
         if not self.settings.outer_momentum:
-            return delta
+            lr = self.settings.outer_lr
+            return delta if lr == 1.0 else folding.build_patch([delta], [lr])
         previous = []
         for v in range(current, 0, -1):
             record = self.ledger.version(v)

@@ -77,6 +77,9 @@ class WorkerAgent:
             "NOMOAT_CARD": json.dumps(dataclasses.asdict(self.card)),  # tasks plan for this card
             "NOMOAT_CACHE_DIR": str(self.cache_dir),
             "NOMOAT_TORCH_THREADS": str(self.threads),
+            # Tasks on this node talk to the coordinator as this volunteer, so the leases they
+            # take are this volunteer's and no other worker token can act for them.
+            "NOMOAT_WORKER_TOKEN": self.client.token,
         }
         if self.card.simulated:
             env["CUDA_VISIBLE_DEVICES"] = ""  # a simulated card trains on the CPU

@@ -172,7 +172,8 @@ def run_task(spec: dict[str, Any]) -> dict[str, Any]:
         torch.set_num_threads(threads)
     worker_id = os.environ.get("NOMOAT_WORKER_ID", "")
     task_id, fence = spec["task_id"], int(spec["fence"])
-    with CoordinatorClient(spec["coordinator"], spec["token"], spec.get("tls_ca") or None) as client:
+    token = os.environ.get("NOMOAT_WORKER_TOKEN") or spec["token"]  # the volunteer's own, when it has one
+    with CoordinatorClient(spec["coordinator"], token, spec.get("tls_ca") or None) as client:
         heartbeat = Heartbeat(client, task_id, fence, worker_id, interval=max(1.0, spec["lease_ttl_s"] / 4))
         heartbeat.beat()  # claims the lease (and learns the version to train on) before any work
         heartbeat.check()
