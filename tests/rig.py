@@ -4,6 +4,7 @@ Built by ``coordinator.server.grpc_server`` and ``bind``, the functions the coor
 uses, so the token interceptor, the message and stream limits and TLS are the real ones. The
 ledger is the session's redis-server (flushed per test); version 0 is the tiny base model.
 Import the fixtures into a test module: ``from tests.rig import published, rig  # noqa: F401``.
+Used by the service, security and fuzz tests.
 """
 
 from __future__ import annotations
@@ -116,7 +117,12 @@ class Rig:
     tmp: Path
     server: grpc.Server
     tls: Tls | None = None
+    store: BlobStore | None = None
+    v0_files: dict[str, str] = field(default_factory=dict)
     _clients: list[CoordinatorClient] = field(default_factory=list)
+
+    def blob_files(self) -> set[str]:
+        return {p.name for p in self.store.root.rglob("*") if p.is_file()}
 
     def client(self, role: str | None = "admin", token: str | None = None) -> CoordinatorClient:
         token = token if token is not None else (self.tokens[role] if role else "")
@@ -184,7 +190,7 @@ def start(redis_client, published: Published, tmp: Path, tls: Tls | None = None,
     port = bind(server, "127.0.0.1:0", str(tls.cert) if tls else None, str(tls.key) if tls else None)
     server.start()
     health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-    return Rig(f"127.0.0.1:{port}", deps, ledger, registry, tokens, tmp, server, tls)
+    return Rig(f"127.0.0.1:{port}", deps, ledger, registry, tokens, tmp, server, tls, store, dict(published.files))
 
 
 @pytest.fixture

@@ -11,132 +11,20 @@ import hashlib
 import json
 import math
 import pickle
-import shutil
 import time
-from collections.abc import Iterator
-from concurrent import futures
-from dataclasses import dataclass
-from pathlib import Path
 
 import grpc
 import pytest
 import torch
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from coordinator import service
-from coordinator.auth import AuthInterceptor, TokenRegistry
-from coordinator.history import History
-from coordinator.ledger import Ledger
-from coordinator.model import RunningModel
-from coordinator.settings import Settings
-from coordinator.store import BlobStore
 from coordinator.submit import read_records
 from nomoat import adapter as adapter_format
 from nomoat.client import CoordinatorClient, NomoatError
-from nomoat.tiny import read_fortunes, tiny_model_path, train_tokenizer
 from nomoat.v1 import nomoat_pb2 as pb
+from tests.rig import ALPHA, RANK, TARGETS, TEXTS, Rig, published, rig  # noqa: F401  (fixtures)
 
-RANK, ALPHA, TARGETS = 2, 4.0, ("q_proj", "v_proj")
-JOB = pb.JobConfig(lora_rank=RANK, lora_alpha=ALPHA, target_modules=TARGETS, tokens_per_task=300)
-TEXTS = [f"record {i}: {t}" for i, t in enumerate(read_fortunes()[2000:2060])]
-
-
-# -- the base model and version 0, built once per module --------------------------------------------
-
-@pytest.fixture(scope="module")
-def base_folder(tmp_path_factory) -> Path:
-    if (tiny_model_path() / "config.json").exists():
-        return tiny_model_path()
-    out = tmp_path_factory.mktemp("base")
-    tokenizer = train_tokenizer(read_fortunes()[:2000])
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
-                         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    LlamaForCausalLM(config).save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
-    return out
-
-
-@dataclass
-class Published:
-    model: RunningModel
-    blobs: Path  # a store holding exactly version 0's files
-    files: dict[str, str]
-    shapes: dict[str, tuple[int, int]]
-
-
-@pytest.fixture(scope="module")
-def published(base_folder, tmp_path_factory) -> Published:
-    model = RunningModel(base_folder)
-    blobs = tmp_path_factory.mktemp("v0") / "blobs"
-    files = model.publish(BlobStore(blobs))
-    # As Coordinator._start_model: every linear layer of the base model.
-    shapes = model.shapes({name.rsplit(".", 1)[-1] for name, m in model.model.named_modules()
-                           if m.__class__.__name__ == "Linear"})
-    return Published(model, blobs, files, shapes)
-
-
-# -- one server per test (cheap), on a freshly flushed Redis ----------------------------------------
-
-@dataclass
-class Rig:
-    address: str
-    deps: service.Deps
-    ledger: Ledger
-    store: BlobStore
-    tokens: dict[str, str]
-    tmp: Path
-    v0_files: dict[str, str]
-
-    def client(self, role: str | None = "admin") -> CoordinatorClient:
-        client = CoordinatorClient(self.address, token=self.tokens[role] if role else "")
-        self._clients.append(client)
-        return client
-
-    def meta(self, role: str = "admin") -> tuple[tuple[str, str], ...]:
-        return (("authorization", f"Bearer {self.tokens[role]}"),)
-
-    def blob_files(self) -> set[str]:
-        return {p.name for p in self.store.root.rglob("*") if p.is_file()}
-
-    def submit(self, texts=TEXTS, config: pb.JobConfig = JOB, name: str = "d.jsonl") -> pb.SubmitReply:
-        path = self.tmp / name
-        path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
-        return self.client("submitter").submit(path, name="job", config=config)
-
-    def lease(self, task_id: str, base_version: int = 0) -> int:
-        fence = self.ledger.lease(task_id, time.time() + 60, base_version, max_attempts=5)
-        assert fence > 0
-        return fence
-
-
-@pytest.fixture
-def rig(redis_client, published, tmp_path) -> Iterator[Rig]:
-    ledger = Ledger(redis_client)
-    shutil.copytree(published.blobs, tmp_path / "blobs")
-    store = BlobStore(tmp_path / "blobs")
-    ledger.publish_version(0, {"parent": -1, "files": published.files, "adapters": [], "eval_loss": "nan"})
-    registry = TokenRegistry(redis_client)
-    tokens = {role: registry.create(role) for role in ("worker", "submitter", "reader", "admin")}
-    deps = service.Deps(Settings(data_dir=tmp_path), ledger, store, registry, published.model.tokenizer,
-                        published.shapes, "10.0.0.1:6379", "ray-secret",
-                        history=History(ledger, store, tmp_path))
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8), interceptors=[AuthInterceptor(registry)])
-    service.add_all(server, deps)
-    health_servicer = health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-    r = Rig(f"127.0.0.1:{port}", deps, ledger, store, tokens, tmp_path, dict(published.files))
-    r._clients = []
-    yield r
-    for client in r._clients:
-        client.close()
-    server.stop(0)
 
 
 def rpc_error(call) -> grpc.RpcError:
