@@ -23,7 +23,7 @@ from coordinator.submit import read_records
 from nomoat import adapter as adapter_format
 from nomoat.client import CoordinatorClient, NomoatError
 from nomoat.v1 import nomoat_pb2 as pb
-from tests.rig import ALPHA, RANK, TARGETS, TEXTS, Rig, published, rig  # noqa: F401  (fixtures)
+from tests.rig import ALPHA, RANK, TARGETS, TEXTS, Rig, manifest, published, rig  # noqa: F401  (fixtures)
 
 
 
@@ -313,13 +313,6 @@ def make_adapter(rig: Rig, rank: int = RANK, alpha: float = ALPHA, seed: int = 0
     if bad:
         bad(factors)
     return adapter_format.to_bytes(adapter_format.Adapter(factors, rank=rank, alpha=alpha))
-
-
-def manifest(task_id: str, fence: int, data: bytes, /, **changes) -> pb.AdapterManifest:
-    fields = dict(task_id=task_id, fence=fence, base_version=0, rank=RANK, alpha=ALPHA, tokens=300,
-                  train_loss=2.5, sha256=hashlib.sha256(data).hexdigest(), size=len(data), worker_id="")
-    fields.update(changes)
-    return pb.AdapterManifest(**fields)
 
 
 @pytest.fixture
