@@ -28,6 +28,7 @@ from nomoat.v1 import nomoat_pb2_grpc as rpc
 
 log = logging.getLogger("nomoat.service")
 CHUNK = 1 << 20
+MAX_EVENT_CHARS = 1000  # a heartbeat's event note, as kept in the ledger
 
 
 @dataclass
@@ -207,6 +208,8 @@ class WorkersServicer(rpc.WorkersServicer):
     def Register(self, request, context):
         if not request.name or len(request.name) > 200:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a worker needs a name of at most 200 characters")
+        if len(request.node_id) > 200 or len(request.card.name) > 200:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the node id and card name are limited to 200 characters")
         worker_id = "w-" + secrets.token_hex(4)
         identity = caller(context, self.deps.registry)
         self.deps.ledger.register_worker(worker_id, {
@@ -227,7 +230,7 @@ class WorkersServicer(rpc.WorkersServicer):
             return pb.HeartbeatReply(ok=False, deadline=0.0, reason=reason)
         ledger.touch_worker(worker_id)
         if request.event:
-            ledger.add_task_event(request.task_id, request.event)
+            ledger.add_task_event(request.task_id, request.event[:MAX_EVENT_CHARS])
         base = ledger.claim(request.task_id, request.fence, ledger.latest_version() or 0)
         return pb.HeartbeatReply(ok=True, deadline=deadline, base_version=max(base, 0))
 
@@ -335,6 +338,9 @@ class ModelsServicer(rpc.ModelsServicer):
     def _files(self, request, number: int) -> list[tuple[str, bytes | str]]:
         """What to send: (path, bytes) for made-up files, (path, sha256) for files in the store."""
         history = self.deps.history
+        if request.format not in pb.PullRequest.Format.values():
+            raise ValueError(f"unknown pull format {request.format}; this coordinator knows "
+                             f"{', '.join(pb.PullRequest.Format.keys())}")
         if request.format == pb.PullRequest.PEFT:
             return sorted(history.peft(request.since, number).items())
         if request.format == pb.PullRequest.PATCHES:

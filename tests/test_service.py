@@ -468,3 +468,14 @@ def test_pulling_a_missing_version_fails_cleanly(rig: Rig) -> None:
     with pytest.raises(NomoatError, match="there is no version 7"):
         rig.client("reader").pull(out, version=7)
     assert not out.exists() and not list(rig.tmp.glob(".model-*"))
+
+
+def test_an_unknown_pull_format_is_refused(rig: Rig) -> None:
+    err = rpc_error(lambda: rig.client("reader").models.Pull(pb.PullRequest(version=0, format=7), timeout=10,
+                                                             metadata=rig.meta("reader")).next())
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "unknown pull format 7" in err.details()
+
+
+def test_overlong_registration_fields_are_refused(rig: Rig) -> None:
+    with pytest.raises(NomoatError, match="limited to 200 characters"):
+        rig.client("worker").register("w", pb.Card(name="x"), node_id="n" * 201)
