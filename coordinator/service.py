@@ -8,6 +8,7 @@ false`` and the reason, so the worker can log it and move on.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import secrets
 import time
@@ -19,7 +20,7 @@ import grpc
 from coordinator import collect, submit, uploads
 from coordinator.auth import Identity, TokenRegistry, caller, token_id
 from coordinator.history import plan_catch_up
-from coordinator.ledger import Ledger
+from coordinator.ledger import TASK_STATES, Ledger
 from coordinator.settings import Settings
 from coordinator.store import BlobStore
 from nomoat.records import DatasetError
@@ -29,6 +30,7 @@ from nomoat.v1 import nomoat_pb2_grpc as rpc
 log = logging.getLogger("nomoat.service")
 CHUNK = 1 << 20
 MAX_EVENT_CHARS = 1000  # a heartbeat's event note, as kept in the ledger
+MAX_JOB_EVENTS = 20  # the newest task notes a job's status shows
 
 
 @dataclass
@@ -57,7 +59,12 @@ def job_info(deps: Deps, job_id: str) -> pb.JobInfo | None:
     job = deps.ledger.job(job_id)
     if job is None:
         return None
-    counts = deps.ledger.task_counts(job_id)
+    tasks = deps.ledger.tasks(job_id)
+    counts = dict.fromkeys(TASK_STATES, 0)
+    events: list[tuple[float, str]] = []
+    for task in tasks:
+        counts[task["state"]] = counts.get(task["state"], 0) + 1
+        events += [(t, f"{task['task_id']}: {e}") for t, e in json.loads(task.get("events") or "[]")]
     return pb.JobInfo(
         job_id=job_id,
         name=job.get("name", ""),
@@ -72,6 +79,7 @@ def job_info(deps: Deps, job_id: str) -> pb.JobInfo | None:
         dataset_sha256=job.get("dataset", ""),
         base_loss=_float(job.get("base_loss")),
         warning=job.get("warning", ""),
+        events=[e for _, e in sorted(events)[-MAX_JOB_EVENTS:]],
     )
 
 

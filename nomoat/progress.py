@@ -81,3 +81,8 @@ def print_status(reply: pb.StatusReply) -> None:
                          _loss(v.eval_loss), v.job_id)
     for table in (jobs, workers, versions):
         out.print(table)
+    for j in reply.jobs:
+        if j.events:
+            out.print(f"[bold]{j.job_id}[/]: latest notes from its runs")
+            for event in j.events:
+                out.print(f"  {event}", markup=False, highlight=False)

@@ -298,7 +298,12 @@ def test_the_coordinator_killed_mid_job_resumes_everything_on_restart(cluster_fa
     old_redis = procs.redis_pid(cluster.data_dir)
     old.p.send_signal(signal.SIGSTOP)
     try:
-        (in_flight, *_) = wait_until(lambda: outbox_entries(cluster), 90, "an upload in flight")
+        # An outbox entry whose task is still leased: its upload has not been accepted yet (an
+        # entry can outlive its acceptance by a moment, until the worker removes it).
+        (in_flight, *_) = wait_until(
+            lambda: [e for e in outbox_entries(cluster)
+                     if ledger.task(e.task_id)["state"] == "leased" and ledger.task(e.task_id)["fence"] == str(e.fence)],
+            90, "an upload in flight")
         versions_before = ledger.versions()
     finally:
         old.p.send_signal(signal.SIGKILL)  # the coordinator alone, as kill -9 or the OOM killer would

@@ -55,6 +55,7 @@ def test_a_task_out_of_memory_at_micro_batch_one_moves_to_a_bigger_card(tmp_path
                 assert time.monotonic() < end, job
                 time.sleep(0.5)
         assert job.state == "done", job
+        assert any("moving to a bigger card" in e for e in job.events), job.events  # `nomoat status` shows them
 
         tasks = coordinator.ledger.tasks(reply.job_id)
         moved = [t for t in tasks if any("moving to a bigger card" in e
