@@ -280,10 +280,7 @@ class Ledger:
         return [_decode(t) for t in pipe.execute()]
 
     def task_counts(self, job_id: str) -> dict[str, int]:
-        counts = dict.fromkeys(TASK_STATES, 0)
-        for task in self.tasks(job_id):
-            counts[task["state"]] = counts.get(task["state"], 0) + 1
-        return counts
+        return count_states(self.tasks(job_id))
 
     # -- leases -------------------------------------------------------------------------------
 
@@ -544,6 +541,14 @@ def twin_id(task_id: str) -> str:
 
 def is_twin(task_id: str) -> bool:
     return task_id.endswith(".spec")
+
+
+def count_states(tasks: list[dict[str, str]]) -> dict[str, int]:
+    """How many of ``tasks`` are in each state (every state present, zero or more)."""
+    counts = dict.fromkeys(TASK_STATES, 0)
+    for task in tasks:
+        counts[task["state"]] = counts.get(task["state"], 0) + 1
+    return counts
 
 
 def _str_fields(fields: dict[str, Any]) -> dict[str, str]:

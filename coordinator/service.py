@@ -20,7 +20,7 @@ import grpc
 from coordinator import collect, submit, uploads
 from coordinator.auth import Identity, TokenRegistry, caller, token_id
 from coordinator.history import plan_catch_up
-from coordinator.ledger import TASK_STATES, Ledger
+from coordinator.ledger import Ledger, count_states
 from coordinator.settings import Settings
 from coordinator.store import BlobStore
 from nomoat.records import DatasetError
@@ -60,11 +60,8 @@ def job_info(deps: Deps, job_id: str) -> pb.JobInfo | None:
     if job is None:
         return None
     tasks = deps.ledger.tasks(job_id)
-    counts = dict.fromkeys(TASK_STATES, 0)
-    events: list[tuple[float, str]] = []
-    for task in tasks:
-        counts[task["state"]] = counts.get(task["state"], 0) + 1
-        events += [(t, f"{task['task_id']}: {e}") for t, e in json.loads(task.get("events") or "[]")]
+    counts = count_states(tasks)
+    events = [(t, f"{task['task_id']}: {e}") for task in tasks for t, e in json.loads(task.get("events") or "[]")]
     return pb.JobInfo(
         job_id=job_id,
         name=job.get("name", ""),
@@ -322,7 +319,7 @@ class ModelsServicer(rpc.ModelsServicer):
         self.deps = deps
 
     def Pull(self, request, context):
-        ledger, history = self.deps.ledger, self.deps.history
+        ledger = self.deps.ledger
         number = ledger.latest_version() if request.version < 0 else request.version
         if number is None or ledger.version(number) is None:
             context.abort(grpc.StatusCode.NOT_FOUND, f"there is no version {request.version}")

@@ -7,7 +7,6 @@ lost and nothing folded twice; see docs/faults.md for the list.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 import signal
