@@ -163,17 +163,15 @@ class Folder:
             return None
 
     def _outer_step(self, delta: adapter_format.Adapter, current: int) -> adapter_format.Adapter:
-        """Plain folding applies the delta itself; with --outer-momentum, DiLoCo's Nesterov step."""
-        if not self.settings.outer_momentum:
-            lr = self.settings.outer_lr
-            return delta if lr == 1.0 else folding.build_patch([delta], [lr])
+        """Plain folding applies the delta (times --outer-lr); with --outer-momentum, DiLoCo's
+        Nesterov step over the plain deltas of the versions before (a rollback or unmerge resets it)."""
         previous = []
-        for v in range(current, 0, -1):
+        for v in range(current, 0, -1) if self.settings.outer_momentum else ():
             record = self.ledger.version(v)
             if record.get("metrics", {}).get("operation") or len(previous) >= self.settings.outer_terms:
-                break  # a rollback or unmerge resets the momentum
+                break
             previous.append(adapter_format.from_bytes(self.store.get(record.get("delta") or record["patch"])))
-        return folding.nesterov_patch(delta, previous, self.settings.outer_momentum, self.settings.outer_lr)
+        return folding.outer_step(delta, previous, self.settings.outer_momentum, self.settings.outer_lr)
 
     def _publish(self, current, candidates, weights, patch, loss, parent_loss, job_ids, delta=None) -> int:
         number = current + 1

@@ -304,3 +304,11 @@ def nesterov_patch(delta: Adapter, previous: Sequence[Adapter], momentum: float,
     """
     coefficients = [lr * (1.0 + momentum)] + [lr * momentum ** (j + 2) for j in range(len(previous))]
     return build_patch([delta, *previous], coefficients)
+
+
+def outer_step(delta: Adapter, previous: Sequence[Adapter], momentum: float, lr: float) -> Adapter:
+    """The patch a fold applies: the folded delta itself, scaled by ``lr`` (an outer SGD step),
+    or with ``momentum`` DiLoCo's Nesterov step (:func:`nesterov_patch`)."""
+    if momentum:
+        return nesterov_patch(delta, previous, momentum, lr)
+    return delta if lr == 1.0 else build_patch([delta], [lr])

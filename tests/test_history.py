@@ -228,3 +228,16 @@ def test_outer_momentum_is_nesterov_on_the_folded_deltas(ledger, tmp_path):
     # the applied steps are still exact low-rank patches: rebuilding replays them bit for bit
     rebuilt = rig.history.rebuild(3).master(list(weights[0]))
     assert all(torch.equal(rebuilt[m], weights[3][m]) for m in weights[0])
+
+
+def test_outer_lr_without_momentum_scales_each_fold(ledger, tmp_path):
+    rig = Rig(ledger, tmp_path, outer_lr=1.5, snapshot_every=100)
+    before = rig.master()
+    rig.offer(rig.adapter())
+    rig.offer(rig.adapter())
+    assert rig.folder.maybe_fold(set()) == 1
+    after = rig.master()
+    record = rig.ledger.version(1)
+    delta = fmt.from_bytes(rig.store.get(record["delta"]))  # the plain fold, kept beside the applied patch
+    for m in before:
+        torch.testing.assert_close(after[m] - before[m], 1.5 * folding.patch_delta(delta, m), rtol=1e-4, atol=1e-6)
