@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import shutil
 import tempfile
 import threading
 import time
@@ -111,6 +112,7 @@ class Coordinator:
         self._threads: list[threading.Thread] = []
         self._redis_server: EmbeddedRedis | None = None
         self._ray_head: ray_node.RayNode | None = None
+        self._ray_temp_dir: Path | None = None
         self.idle_jobs: set[str] = set()
         self.server: grpc.Server | None = None
 
@@ -180,6 +182,7 @@ class Coordinator:
             if ray_node.stop_leftovers(record):  # an earlier coordinator here was killed outright
                 log.warning("stopped what was left of the Ray head of an earlier coordinator")
             temp_dir = Path(tempfile.mkdtemp(prefix="nomoat-ray-"))
+            self._ray_temp_dir = temp_dir
             self._ray_head, address = ray_node.head_node(
                 self.settings.ray_node_ip, self.settings.ray_port, self.ray_token, temp_dir,
                 self.data_dir / "logs" / "ray-head.log",
@@ -274,5 +277,8 @@ class Coordinator:
         if self._ray_head is not None:
             self._ray_head.stop()
             (self.data_dir / "ray-head.json").unlink(missing_ok=True)
+            # Ray's session files (sockets, its own logs); ours are in data_dir/logs. After a crash
+            # they stay until the next start here has stopped what is left of that head.
+            shutil.rmtree(self._ray_temp_dir, ignore_errors=True)
         if self._redis_server is not None:
             self._redis_server.stop()

@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -188,6 +190,10 @@ def stop_leftovers(record: Path) -> int:
         except OSError:
             pass
     Path(record).unlink(missing_ok=True)
+    # Its session files too, if the record points where head nodes' temp dirs are made.
+    temp = Path(temp_dir)
+    if temp.name.startswith("nomoat-ray-") and temp.parent == Path(tempfile.gettempdir()):
+        shutil.rmtree(temp, ignore_errors=True)
     return len(victims)
 
 
