@@ -27,8 +27,12 @@ is saved as a model folder that later tasks train from.
 
     quality ratio = (L_test(base) − L_test(distributed)) / (L_test(base) − L_test(centralized))
 
-The table varies ``tokens_per_task`` and ``fold_every`` (hence folds per T tokens); the row marked
-``*`` is the coordinator's defaults (``Settings``/``JobDefaults``), whose ratio is ``quality_ratio``.
+The table varies ``tokens_per_task`` and ``fold_every`` (hence folds per T tokens) and the outer
+step; the row marked ``*`` is the coordinator's defaults (``Settings``/``JobDefaults``), whose ratio
+is ``quality_ratio``. Rows with one worker are the sequential reference: the same tasks one after
+another, each a fresh LoRA on the version the one before produced (what fresh per-task adapters
+reach with no parallelism at all). A second table repeats the comparison with ``--regime-epochs``
+epochs per task on both sides, where the centralized run has (nearly) stopped improving.
 
 **Stacked versus single**: the train set submitted ``--rounds`` times in a row (jobs one after
 another, default settings): many folded versions whose patches together have rank far above one
@@ -157,9 +161,15 @@ class Bench:
         return Outcome(loss, 1, 1, 0, 0, patch_rank=lora.rank, delta=self._probe_delta(running),
                        seconds=time.time() - t0)
 
-    def distributed(self, loop: Loop, rounds: int = 1) -> Outcome:
-        """The coordinator's asynchronous loop, simulated in order of (simulated) time."""
+    def distributed(self, loop: Loop, rounds: int = 1, workers: int = 0, epochs: int = 0,
+                    sequential: bool = False) -> Outcome:
+        """The coordinator's asynchronous loop, simulated in order of (simulated) time.
+
+        ``workers`` (default ``--workers``) cards; ``epochs`` (default the job's) per task, as a
+        job submitted with ``--epochs`` trains each task's shard. ``sequential``: one card that
+        starts its next task only once its last adapter is folded (the no-parallelism reference)."""
         t0 = time.time()
+        spec = replace(self.train_spec, epochs=epochs or self.train_spec.epochs)
         ranges = split_tasks(self.counts, loop.tokens_per_task)
         tasks = []  # (job, index, texts, tokens): ``rounds`` jobs of the same records, in turn
         for job in range(rounds):
@@ -175,7 +185,8 @@ class Bench:
         recent_norms: list[float] = []
         previous_deltas: list[Adapter] = []  # newest first, for the outer optimizer
         out = Outcome(math.nan, 0, 0, 0, 0)
-        speeds = [WORKER_SPEEDS[w % len(WORKER_SPEEDS)] for w in range(self.args.workers)]
+        speeds = [WORKER_SPEEDS[w % len(WORKER_SPEEDS)] for w in range(1 if sequential else workers or self.args.workers)]
+        waiting: list[int] = []  # sequential: the card, until the fold
 
         def take(worker: int, now: float) -> None:
             if pending:
@@ -192,12 +203,15 @@ class Bench:
                 now, worker, task = heapq.heappop(events)
                 job, index, texts, _ = tasks[task]
                 base = in_flight.pop(task)
-                adapter, result = train_adapter(folders[base], texts, self.lora,
-                                                replace(self.train_spec, seed=index), device=self.device)
+                adapter, result = train_adapter(folders[base], texts, self.lora, replace(spec, seed=index),
+                                                device=self.device)
                 buffer.append({"adapter": adapter, "tokens": result.tokens, "base": base, "job": job,
                                "accepted": now})
                 out.adapters += 1
-                take(worker, now)  # the card starts its next task before the fold runs
+                if sequential:
+                    waiting.append(worker)
+                else:
+                    take(worker, now)  # the card starts its next task before the fold runs
             else:
                 now = timeout_at
             idle_jobs = {j for j in {b["job"] for b in buffer}
@@ -205,14 +219,17 @@ class Bench:
             due = (len(buffer) >= loop.fold_every
                    or (buffer and now - buffer[0]["accepted"] >= loop.fold_timeout_s)
                    or any(b["job"] in idle_jobs for b in buffer))
+            if due:
+                entries, buffer = buffer[: max(loop.fold_every, 1) * 4], buffer[max(loop.fold_every, 1) * 4:]
+                published = self._fold(running, loop, entries, version, recent_norms, previous_deltas, out)
+                if published:
+                    version += 1
+                    folders[version] = self._save(running, version)
+                    out.versions += 1
+            while waiting:
+                take(waiting.pop(), now)
             if not due:
                 continue
-            entries, buffer = buffer[: max(loop.fold_every, 1) * 4], buffer[max(loop.fold_every, 1) * 4:]
-            published = self._fold(running, loop, entries, version, recent_norms, previous_deltas, out)
-            if published:
-                version += 1
-                folders[version] = self._save(running, version)
-                out.versions += 1
             busy = {tasks[t][0] for t in (*pending, *in_flight)} | {b["job"] for b in buffer}
             while rounds > 1 and len(out.round_losses) < rounds and len(out.round_losses) not in busy:
                 out.round_losses.append(running.eval_loss(self.test, self.job.seq_len))
@@ -250,10 +267,8 @@ class Bench:
             weights = folding.fold_weights([c["tokens"] for c in candidates], [c["tau"] for c in candidates],
                                            loop.max_staleness)
             delta = folding.build_patch([c["adapter"] for c in candidates], weights)
-            patch = delta
-            if loop.outer_momentum:
-                patch = folding.nesterov_patch(delta, previous_deltas[: loop.outer_terms],
-                                               loop.outer_momentum, loop.outer_lr)
+            patch = folding.outer_step(delta, previous_deltas[: loop.outer_terms] if loop.outer_momentum else [],
+                                       loop.outer_momentum, loop.outer_lr)
             modules = patch.modules()
             with running.restorable(modules) as checkpoint:
                 folding.apply_patch(running.master(modules), patch)
@@ -297,6 +312,26 @@ def effective_rank(delta: torch.Tensor) -> tuple[int, float]:
     return numerical, entropy
 
 
+def run_table(bench: Bench, rows: list[tuple[Loop, int]], central: Outcome, defaults: Loop, epochs: int = 0) -> list[dict]:
+    print(f"\n{'':2}{'tokens/task':>11} {'fold_every':>10} {'momentum':>8} {'outer_lr':>8} {'workers':>7} {'tasks':>5} "
+          f"{'folds':>5} {'mean tau':>8} {'refused':>7} {'test loss':>9} {'ratio':>6} {'time':>5}", flush=True)
+    table = []
+    for loop, workers in rows:
+        o = bench.distributed(loop, workers=workers, epochs=epochs, sequential=workers == 1)
+        r = bench.ratio(o, central)
+        is_default = loop == defaults and workers == bench.args.workers
+        tau = sum(o.taus) / max(1, len(o.taus))
+        print(f"{'*' if is_default else '':2}{loop.tokens_per_task:>11} {loop.fold_every:>10} {loop.outer_momentum:>8g} "
+              f"{loop.outer_lr:>8g} {workers:>7} {o.adapters:>5} {o.versions:>5} {tau:>8.2f} {o.rejected + o.dropped:>7} "
+              f"{o.test_loss:>9.4f} {r:>6.3f} {o.seconds:>4.0f}s", flush=True)
+        table.append({"tokens_per_task": loop.tokens_per_task, "fold_every": loop.fold_every,
+                      "outer_momentum": loop.outer_momentum, "outer_lr": loop.outer_lr, "workers": workers,
+                      "tasks": o.adapters, "folds": o.versions, "mean_tau": round(tau, 2),
+                      "refused": o.rejected + o.dropped, "test_loss": round(o.test_loss, 4), "ratio": round(r, 4),
+                      "defaults": is_default})
+    return table
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -306,7 +341,10 @@ def main() -> None:
     parser.add_argument("--records", type=int, default=0, help="use only the first N records (0: all)")
     parser.add_argument("--test-fraction", type=float, default=0.1)
     parser.add_argument("--threads", type=int, default=1, help="torch threads on the CPU")
-    parser.add_argument("--rows", default="", help="extra table rows TOKENS_PER_TASK:FOLD_EVERY[:MOMENTUM[:OUTER_LR]],...")
+    parser.add_argument("--rows", default="",
+                        help="extra table rows TOKENS_PER_TASK:FOLD_EVERY[:MOMENTUM[:OUTER_LR[:WORKERS]]],...")
+    parser.add_argument("--regime-epochs", type=int, default=3,
+                        help="second table: every task and the centralized run train this many epochs (1: skip)")
     parser.add_argument("--no-default-rows", action="store_true", help="table: the defaults row and --rows only")
     parser.add_argument("--no-stacked", action="store_true", help="skip stacked-vs-single")
     parser.add_argument("--lr", type=float, default=0.0, help="override the job's learning rate (both sides)")
@@ -322,6 +360,9 @@ def main() -> None:
 
     bench = Bench(args)
     defaults = Loop.defaults(bench.settings, bench.job)
+    if args.quick:  # a smoke run on a few hundred records: still at least one task per worker
+        defaults = replace(defaults, tokens_per_task=min(defaults.tokens_per_task,
+                                                         max(64, bench.total_tokens // args.workers)))
     print(f"corpus: {len(bench.train)} train records ({bench.total_tokens} tokens = T), "
           f"{len(bench.val)} validation (fold gates), {len(bench.test)} test; base test loss {bench.base_test:.4f}",
           flush=True)
@@ -334,39 +375,45 @@ def main() -> None:
     print(f"centralized LoRA on T tokens: test loss {central.test_loss:.4f} "
           f"(reduction {bench.base_test - central.test_loss:.4f}) [{central.seconds:.0f}s]", flush=True)
 
-    n = defaults.tokens_per_task
-    rows = [defaults]
+    # Rows: (loop, workers). One worker is the sequential reference: the same tasks trained one
+    # after another, each a fresh LoRA on the version before (no parallelism, no staleness): the
+    # most any folding of fresh per-task adapters can reach.
+    rows = [(defaults, args.workers)]
     if not (args.quick or args.no_default_rows):
-        rows = [replace(defaults, tokens_per_task=4 * n, fold_every=4),
-                replace(defaults, tokens_per_task=2 * n, fold_every=4),
-                defaults,
-                replace(defaults, tokens_per_task=2 * n, fold_every=1),
-                replace(defaults, fold_every=2),
-                replace(defaults, fold_every=1),
-                replace(defaults, outer_momentum=0.9, outer_lr=0.7)]  # DiLoCo's outer Nesterov
+        rows = [(defaults, args.workers),
+                (replace(defaults, tokens_per_task=16384), args.workers),
+                (replace(defaults, tokens_per_task=8192), args.workers),
+                (replace(defaults, tokens_per_task=8192, fold_every=1), args.workers),
+                (replace(defaults, tokens_per_task=8192, outer_lr=2.0), args.workers),  # FedAvg server lr
+                (replace(defaults, tokens_per_task=8192, outer_momentum=0.9, outer_lr=0.7), args.workers),  # DiLoCo
+                (replace(defaults, fold_every=1), 1),
+                (replace(defaults, tokens_per_task=8192, fold_every=1), 1)]
     for spec in filter(None, args.rows.split(",")):
         parts = spec.split(":")
-        rows.append(replace(defaults, tokens_per_task=int(parts[0]), fold_every=int(parts[1]),
-                            outer_momentum=float(parts[2]) if len(parts) > 2 else 0.0,
-                            outer_lr=float(parts[3]) if len(parts) > 3 else 1.0))
-    print(f"\n{'':2}{'tokens/task':>11} {'fold_every':>10} {'momentum':>8} {'outer_lr':>8} {'tasks':>5} {'folds':>5} "
-          f"{'mean tau':>8} {'refused':>7} {'test loss':>9} {'ratio':>6} {'time':>5}", flush=True)
-    table = []
-    for loop in rows:
-        o = bench.distributed(loop)
-        r = bench.ratio(o, central)
-        mark = "*" if loop == defaults else ""
-        tau = sum(o.taus) / max(1, len(o.taus))
-        print(f"{mark:2}{loop.tokens_per_task:>11} {loop.fold_every:>10} {loop.outer_momentum:>8g} {loop.outer_lr:>8g} {o.adapters:>5} "
-              f"{o.versions:>5} {tau:>8.2f} {o.rejected + o.dropped:>7} {o.test_loss:>9.4f} {r:>6.3f} "
-              f"{o.seconds:>4.0f}s", flush=True)
-        table.append({"tokens_per_task": loop.tokens_per_task, "fold_every": loop.fold_every,
-                      "outer_momentum": loop.outer_momentum, "outer_lr": loop.outer_lr, "tasks": o.adapters, "folds": o.versions,
-                      "mean_tau": round(tau, 2), "refused": o.rejected + o.dropped,
-                      "test_loss": round(o.test_loss, 4), "ratio": round(r, 4), "defaults": loop == defaults})
+        rows.append((replace(defaults, tokens_per_task=int(parts[0]), fold_every=int(parts[1]),
+                             outer_momentum=float(parts[2]) if len(parts) > 2 else 0.0,
+                             outer_lr=float(parts[3]) if len(parts) > 3 else 1.0),
+                     int(parts[4]) if len(parts) > 4 else args.workers))
+    table = run_table(bench, rows, central, defaults)
     quality = next(t["ratio"] for t in table if t["defaults"])
-    print("(* = the coordinator's defaults; folds = published versions per T tokens; "
-          "ratio = loss reduction / the centralized LoRA's)", flush=True)
+    print("(* = the coordinator's defaults; folds = published versions per T tokens; ratio = loss reduction / "
+          "the centralized LoRA's; workers 1 = the tasks one after another, the sequential reference)", flush=True)
+
+    # The same comparison where the centralized run has (nearly) stopped improving: every task, and
+    # the centralized run, trains ``--regime-epochs`` epochs of its records.
+    regime: dict = {}
+    if args.regime_epochs > 1 and not args.quick:
+        e = args.regime_epochs
+        curve = {1: central.test_loss}
+        for k in range(2, e + 1):
+            curve[k] = bench.centralized(epochs=k).test_loss
+        central_e = curve[e]
+        print(f"\n{e} epochs per task (T = {e} x {bench.total_tokens} tokens): centralized test loss by epoch "
+              + ", ".join(f"{k}: {v:.4f}" for k, v in curve.items()), flush=True)
+        regime_rows = [(defaults, args.workers), (replace(defaults, tokens_per_task=8192), args.workers),
+                       (replace(defaults, fold_every=1), 1)]
+        regime = {"epochs": e, "centralized_by_epoch": {k: round(v, 4) for k, v in curve.items()},
+                  "table": run_table(bench, regime_rows, Outcome(central_e, 1, 1, 0, 0), defaults, epochs=e)}
 
     stacked_ratio, stacked_info = math.nan, {}
     if not args.no_stacked:
@@ -405,6 +452,7 @@ def main() -> None:
         "train_tokens": bench.total_tokens,
         "workers": args.workers,
         "stacked": stacked_info,
+        "regime": regime,
         "device": args.device,
         "seconds": round(seconds, 1),
     }))

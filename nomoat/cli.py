@@ -13,6 +13,7 @@ from pathlib import Path
 
 import click
 
+from coordinator.settings import JobDefaults, Settings
 from nomoat.client import CoordinatorClient, NomoatError, default_address
 
 EXAMPLES = {
@@ -104,15 +105,19 @@ def coordinator() -> None:
 @click.option("--ray-address", default=None, help="Existing Ray cluster (HEAD:PORT); default: start a head.")
 @click.option("--ray-node-ip", default="127.0.0.1", show_default=True, help="IP the Ray head binds to.")
 @click.option("--base-model", default="tiny", show_default=True, help="Hugging Face model folder, or 'tiny'.")
-@click.option("--fold-every", default=4, show_default=True, help="Fold when this many adapters wait.")
-@click.option("--fold-timeout", default=120.0, show_default=True, help="...or when the oldest waited this long (s).")
-@click.option("--tokens-per-task", default=8192, show_default=True, help="Default task size in tokens.")
-@click.option("--outer-momentum", default=0.0, show_default=True,
+@click.option("--fold-every", default=Settings.fold_every, show_default=True, help="Fold when this many adapters wait.")
+@click.option("--fold-timeout", default=Settings.fold_timeout_s, show_default=True,
+              help="...or when the oldest waited this long (s).")
+@click.option("--tokens-per-task", default=JobDefaults.tokens_per_task, show_default=True,
+              help="Default task size in tokens (one adapter each).")
+@click.option("--outer-momentum", default=Settings.outer_momentum, show_default=True,
               help="DiLoCo-style Nesterov momentum on each folded delta (0: plain folding).")
-@click.option("--outer-lr", default=1.0, show_default=True, help="Outer learning rate with --outer-momentum.")
-@click.option("--lease-ttl", default=90.0, show_default=True,
+@click.option("--outer-lr", default=Settings.outer_lr, show_default=True,
+              help="Outer learning rate: each folded delta is applied times this (with or without momentum).")
+@click.option("--lease-ttl", default=Settings.lease_ttl_s, show_default=True,
               help="Seconds a task's lease lasts without a heartbeat before it is re-issued.")
-@click.option("--max-attempts", default=3, show_default=True, help="Leases a task gets before it fails.")
+@click.option("--max-attempts", default=Settings.max_attempts, show_default=True,
+              help="Leases a task gets before it fails.")
 @click.option("--tls-cert", default=None, type=click.Path(exists=True, dir_okay=False))
 @click.option("--tls-key", default=None, type=click.Path(exists=True, dir_okay=False))
 def coordinator_start(data_dir, listen, public_address, redis_url, ray_address, ray_node_ip, base_model,
@@ -120,7 +125,6 @@ def coordinator_start(data_dir, listen, public_address, redis_url, ray_address, 
                       tls_cert, tls_key) -> None:
     """Start the coordinator: gRPC server, Redis ledger and Ray driver. Ctrl-C stops it."""
     from coordinator.server import Coordinator
-    from coordinator.settings import JobDefaults, Settings
 
     if bool(tls_cert) != bool(tls_key):
         _fail("--tls-cert and --tls-key go together")
