@@ -75,9 +75,9 @@ class Folder:
     def record_base_losses(self) -> None:
         """Give every new job the loss of the version it starts from, for comparison."""
         latest = self.ledger.latest_version() or 0
-        for job_id in self.ledger.job_ids():
+        for job_id in self.ledger.running_job_ids():
             job = self.ledger.job(job_id)
-            if job.get("state") == "running" and "base_loss" not in job:
+            if job and job.get("state") == "running" and "base_loss" not in job:
                 self.ledger.set_job(job_id, base_loss=self._eval([job_id]), base_version=latest)
 
     # -- folding ------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ point into the blob store.
 PREFIX = "nomoat:"
 
 JOBS = PREFIX + "jobs"  # zset: job id -> created (unix seconds)
+RUNNING_JOBS = PREFIX + "jobs:running"  # zset: the jobs in state "running" -> created
 PENDING = PREFIX + "tasks:pending"  # zset: task id -> enqueue time (FIFO order for dispatch)
 LEASES = PREFIX + "tasks:leases"  # zset: task id -> lease deadline (unix seconds)
 FENCE = PREFIX + "fence"  # counter: fencing tokens, strictly increasing across all tasks

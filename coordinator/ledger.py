@@ -246,6 +246,7 @@ class Ledger:
         pipe = self.r.pipeline(transaction=True)
         pipe.hset(keys.job(job_id), mapping={**_str_fields(fields), "state": "running", "created": now})
         pipe.zadd(keys.JOBS, {job_id: now})
+        pipe.zadd(keys.RUNNING_JOBS, {job_id: now})
         for i, task in enumerate(tasks):
             task_id = task["task_id"]
             pipe.hset(
@@ -263,8 +264,32 @@ class Ledger:
     def job_ids(self) -> list[str]:
         return [j.decode() for j in self.r.zrange(keys.JOBS, 0, -1)]
 
+    def running_job_ids(self) -> list[str]:
+        """The jobs still running, oldest first: what the scheduler and folder loops look at each
+        tick, however many finished jobs the ledger holds."""
+        return [j.decode() for j in self.r.zrange(keys.RUNNING_JOBS, 0, -1)]
+
+    def index_running_jobs(self) -> int:
+        """Rebuild the running-jobs index from the job records (a ledger written before it
+        existed); how many jobs it lists."""
+        running = {}
+        for job_id, created in self.r.zrange(keys.JOBS, 0, -1, withscores=True):
+            if self.r.hget(keys.job(job_id.decode()), "state") == b"running":
+                running[job_id] = created
+        pipe = self.r.pipeline(transaction=True)
+        pipe.delete(keys.RUNNING_JOBS)
+        if running:
+            pipe.zadd(keys.RUNNING_JOBS, running)
+        pipe.execute()
+        return len(running)
+
     def set_job(self, job_id: str, **fields: Any) -> None:
-        self.r.hset(keys.job(job_id), mapping=_str_fields(fields))
+        """Update a job's fields; a job leaving state "running" leaves the running index with it."""
+        pipe = self.r.pipeline(transaction=True)
+        pipe.hset(keys.job(job_id), mapping=_str_fields(fields))
+        if "state" in fields and fields["state"] != "running":
+            pipe.zrem(keys.RUNNING_JOBS, job_id)
+        pipe.execute()
 
     def task_ids(self, job_id: str) -> list[str]:
         return [t.decode() for t in self.r.lrange(keys.job_tasks(job_id), 0, -1)]

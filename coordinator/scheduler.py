@@ -241,9 +241,9 @@ class Scheduler:
     def _warn(self, nodes: list[Node]) -> None:
         """A job whose pending tasks fit no card in the cluster says so (JobInfo.warning)."""
         largest = max((n.vram_gb for n in nodes), default=0.0)
-        for job_id in self.ledger.job_ids():
+        for job_id in self.ledger.running_job_ids():
             job = self.ledger.job(job_id)
-            if job.get("state") != "running":
+            if not job or job.get("state") != "running":
                 continue
             needs = [self.need_gb(t) for t in self.ledger.tasks(job_id) if t.get("state") == "pending"]
             warning = ""
@@ -259,9 +259,9 @@ class Scheduler:
     def _update_jobs(self) -> set[str]:
         idle: set[str] = set()
         buffered_jobs = {a.get("job") for a in self.ledger.buffered()}
-        for job_id in self.ledger.job_ids():
+        for job_id in self.ledger.running_job_ids():
             job = self.ledger.job(job_id)
-            if job.get("state") != "running":
+            if not job or job.get("state") != "running":
                 continue
             counts = self.ledger.task_counts(job_id)
             if counts["pending"] or counts["leased"]:

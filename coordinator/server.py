@@ -139,6 +139,7 @@ class Coordinator:
         self.r = redis_client(url)
         self.r.ping()
         self.ledger = Ledger(self.r)
+        self.ledger.index_running_jobs()  # once per start: ledgers from before the index, or drift
         if self._redis_server is not None:
             self._spawn("redis-watch", self._watch_redis)
 

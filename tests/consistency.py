@@ -27,6 +27,7 @@ def problems(ledger: Ledger) -> tuple[list[str], dict[str, int]]:
     pending, leases = _zset(ledger, keys.PENDING), _zset(ledger, keys.LEASES)
     fence_counter = int(ledger.r.get(keys.FENCE) or 0)
     tasks: dict[str, dict[str, str]] = {}
+    running = set(ledger.running_job_ids())
     for job_id in ledger.job_ids():
         job = ledger.job(job_id)
         if job is None:
@@ -34,6 +35,9 @@ def problems(ledger: Ledger) -> tuple[list[str], dict[str, int]]:
             continue
         if job.get("state") not in ("running", "done", "failed"):
             bad.append(f"job {job_id} is in state {job.get('state')!r}")
+        if (job.get("state") == "running") != (job_id in running):
+            bad.append(f"job {job_id} is {job.get('state')} but {'not ' if job_id not in running else ''}"
+                       "in the running-jobs index")
         ids = ledger.task_ids(job_id)
         if len(ids) != len(set(ids)):
             bad.append(f"job {job_id} lists a task twice")

@@ -183,3 +183,20 @@ def test_first_claim_fixes_the_version_a_run_trains_on(ledger):
     ledger.expire_leases(now=time.time() + 100)
     new = ledger.lease(task_id, time.time() + 60, 0, max_attempts=3)
     assert ledger.claim(task_id, new, 5) == 5  # a new lease is a new run
+
+
+def test_running_jobs_index_follows_job_state_and_can_be_rebuilt(ledger):
+    for job_id in ("j-a", "j-b", "j-c"):
+        make_job(ledger, 1, job_id)
+    assert ledger.running_job_ids() == ["j-a", "j-b", "j-c"]
+    ledger.set_job("j-b", state="done", finished=time.time())
+    ledger.set_job("j-a", warning="waiting for a bigger card")  # not a state change
+    ledger.set_job("j-c", state="failed", error="every task failed")
+    assert ledger.running_job_ids() == ["j-a"]
+    assert ledger.job_ids() == ["j-a", "j-b", "j-c"]  # the finished ones are still listed
+    # A ledger written before the index existed: rebuilt from the job records at start.
+    ledger.r.delete("nomoat:jobs:running")
+    make_job(ledger, 1, "j-d")
+    ledger.r.zrem("nomoat:jobs:running", "j-d")
+    assert ledger.index_running_jobs() == 2
+    assert ledger.running_job_ids() == ["j-a", "j-d"]
