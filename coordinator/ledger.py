@@ -527,8 +527,13 @@ class Ledger:
     # -- workers ------------------------------------------------------------------------------
 
     def register_worker(self, worker_id: str, fields: dict[str, Any]) -> None:
+        """Record a worker; one registering again keeps its counters, and its measured speed
+        unless its card changed."""
         now = time.time()
+        card = self.r.hget(keys.worker(worker_id), "card")
         pipe = self.r.pipeline(transaction=True)
+        if card is not None and card.decode() != str(fields.get("card", "")):
+            pipe.hdel(keys.worker(worker_id), "tokens_trained", "train_seconds", "tokens_per_s")
         pipe.hset(keys.worker(worker_id), mapping=_str_fields({**fields, "registered": now}))
         pipe.hsetnx(keys.worker(worker_id), "tasks_done", 0)
         pipe.zadd(keys.WORKERS, {worker_id: now})

@@ -215,14 +215,20 @@ class WorkersServicer(rpc.WorkersServicer):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a worker needs a name of at most 200 characters")
         if len(request.node_id) > 200 or len(request.card.name) > 200:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the node id and card name are limited to 200 characters")
-        worker_id = "w-" + secrets.token_hex(4)
+        if len(request.worker_id) > 64:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a worker id is at most 64 characters")
         identity = caller(context, self.deps.registry)
-        self.deps.ledger.register_worker(worker_id, {
+        token_hash = identity.token_hash if identity else ""
+        ledger = self.deps.ledger
+        known = ledger.worker(request.worker_id) if request.worker_id else None
+        rejoining = known is not None and known.get("token") == token_hash  # one volunteer's own id only
+        worker_id = request.worker_id if rejoining else "w-" + secrets.token_hex(4)
+        ledger.register_worker(worker_id, {
             "name": request.name, "card": request.card.SerializeToString().hex(),
-            "node_id": request.node_id, "token": identity.token_hash if identity else "",
+            "node_id": request.node_id, "token": token_hash,
         })
-        log.info("worker %s registered: %s with %s (%.0f GB)", worker_id, request.name, request.card.name,
-                 request.card.vram_gb)
+        log.info("worker %s %s: %s with %s (%.0f GB)", worker_id, "rejoined" if rejoining else "registered",
+                 request.name, request.card.name, request.card.vram_gb)
         return pb.RegisterReply(worker_id=worker_id, ray_address=self.deps.ray_address,
                                 ray_auth_token=self.deps.ray_auth_token)
 

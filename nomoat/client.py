@@ -188,8 +188,9 @@ class CoordinatorClient:
 
     # -- workers ------------------------------------------------------------------------------
 
-    def register(self, name: str, card: pb.Card, node_id: str = "") -> pb.RegisterReply:
-        return self._call(self.workers.Register, pb.RegisterRequest(name=name, card=card, node_id=node_id))
+    def register(self, name: str, card: pb.Card, node_id: str = "", worker_id: str = "") -> pb.RegisterReply:
+        request = pb.RegisterRequest(name=name, card=card, node_id=node_id, worker_id=worker_id)
+        return self._call(self.workers.Register, request)
 
     def heartbeat(self, task_id: str, fence: int, worker_id: str = "", event: str = "") -> pb.HeartbeatReply:
         request = pb.HeartbeatRequest(task_id=task_id, fence=fence, worker_id=worker_id, event=event)

@@ -248,6 +248,28 @@ def test_register_returns_a_worker_id_and_how_to_join_ray(rig: Rig) -> None:
         rig.client("worker").register("", CARD)
 
 
+def test_a_worker_registering_again_keeps_its_id_only_with_its_own_token(rig: Rig) -> None:
+    alice = rig.client(token=rig.registry.create("worker", "alice"))
+    first = alice.register("alice-desktop", CARD).worker_id
+    rig.ledger.r.hset(f"nomoat:worker:{first}", mapping={"tasks_done": 3, "tokens_per_s": 900.0})
+    again = alice.register("alice-desktop", CARD, node_id="node-2", worker_id=first)
+    assert again.worker_id == first
+    (worker,) = rig.ledger.workers()
+    assert (worker["node_id"], worker["tasks_done"], worker["tokens_per_s"]) == ("node-2", "3", "900.0")
+    # Another card under the same id: its measured speed no longer applies.
+    bigger = pb.Card(name="RTX 4090", vram_gb=24.0, backend="cuda")
+    assert alice.register("alice-desktop", bigger, worker_id=first).worker_id == first
+    assert "tokens_per_s" not in rig.ledger.worker(first)
+    # Someone else's id, or one nobody has: a new id, the old record untouched.
+    bob = rig.client(token=rig.registry.create("worker", "bob"))
+    stolen = bob.register("bob", CARD, worker_id=first).worker_id
+    made_up = bob.register("bob", CARD, worker_id="w-00000000").worker_id
+    assert len({first, stolen, made_up}) == 3 and "w-00000000" != made_up
+    assert rig.ledger.worker(first)["name"] == "alice-desktop"
+    with pytest.raises(NomoatError, match="at most 64 characters"):
+        bob.register("bob", CARD, worker_id="w" * 65)
+
+
 def test_heartbeat_extends_only_the_current_lease(rig: Rig) -> None:
     reply = rig.submit()
     task_id = rig.ledger.task_ids(reply.job_id)[0]

@@ -69,7 +69,8 @@ class WorkerAgent:
 
     def start(self) -> None:
         self.client.wait_ready()
-        reply = self.client.register(self.name, card_message(self.card))
+        # Registering again after the node was replaced: the same worker, under the same id.
+        reply = self.client.register(self.name, card_message(self.card), worker_id=self.worker_id)
         self.worker_id = reply.worker_id
         self.head = self.ray_address or reply.ray_address
         env = {

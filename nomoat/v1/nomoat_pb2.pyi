@@ -212,14 +212,16 @@ class Card(_message.Message):
     def __init__(self, name: _Optional[str] = ..., vram_gb: _Optional[float] = ..., compute_capability: _Optional[str] = ..., bf16: _Optional[bool] = ..., backend: _Optional[str] = ..., simulated: _Optional[bool] = ..., tflops: _Optional[float] = ...) -> None: ...
 
 class RegisterRequest(_message.Message):
-    __slots__ = ("name", "card", "node_id")
+    __slots__ = ("name", "card", "node_id", "worker_id")
     NAME_FIELD_NUMBER: _ClassVar[int]
     CARD_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     name: str
     card: Card
     node_id: str
-    def __init__(self, name: _Optional[str] = ..., card: _Optional[_Union[Card, _Mapping]] = ..., node_id: _Optional[str] = ...) -> None: ...
+    worker_id: str
+    def __init__(self, name: _Optional[str] = ..., card: _Optional[_Union[Card, _Mapping]] = ..., node_id: _Optional[str] = ..., worker_id: _Optional[str] = ...) -> None: ...
 
 class RegisterReply(_message.Message):
     __slots__ = ("worker_id", "ray_address", "ray_auth_token")
