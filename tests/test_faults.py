@@ -316,6 +316,7 @@ def test_the_coordinator_killed_mid_job_resumes_everything_on_restart(cluster_fa
     assert not left, f"the old coordinator's Ray head left {left}"
     for name in ("one", "two"):
         cluster.workers[name].wait_for("rejoined the Ray cluster", timeout=120)
+    assert len(ledger.workers()) == 2, "a rejoining worker must keep its id, not leave a ghost behind"
 
     wait_until(lambda: all(cluster.job_state(j) in ("done", "failed") for j in jobs), 300, "both jobs", every=1)
     assert [cluster.job_state(j) for j in jobs] == ["done", "done"], [ledger.job(j) for j in jobs]
