@@ -48,6 +48,11 @@ class Deps:
     uploads: Any = None  # coordinator.uploads.PartialUploads; made in data_dir/uploads when first needed
 
 
+def _active(last_seen: float, now: float, settings: Settings) -> bool:
+    """A worker heard from within three lease lifetimes counts as active."""
+    return now - last_seen < 3 * settings.lease_ttl_s
+
+
 def _float(value: str | None, default: float = float("nan")) -> float:
     try:
         return float(value) if value not in (None, "") else default
@@ -152,7 +157,7 @@ class JobsServicer(rpc.JobsServicer):
             workers.append(pb.WorkerInfo(
                 worker_id=w["worker_id"], name=w.get("name", ""), card=card, last_seen=seen,
                 tasks_done=int(w.get("tasks_done", 0)),
-                state="active" if now - seen < 3 * self.deps.settings.lease_ttl_s else "gone"))
+                state="active" if _active(seen, now, self.deps.settings) else "gone"))
         versions = [
             pb.VersionInfo(version=v["version"], parent=v["parent"], eval_loss=v["eval_loss"],
                            adapters=len(v.get("adapters", [])), created=_float(v.get("created"), 0.0),
@@ -222,6 +227,15 @@ class WorkersServicer(rpc.WorkersServicer):
         ledger = self.deps.ledger
         known = ledger.worker(request.worker_id) if request.worker_id else None
         rejoining = known is not None and known.get("token") == token_hash  # one volunteer's own id only
+        if not rejoining:
+            now, cap = time.time(), self.deps.settings.max_workers_per_token
+            active = sum(1 for w in ledger.workers()
+                         if w.get("token") == token_hash and _active(_float(w.get("last_seen"), 0.0), now,
+                                                                     self.deps.settings))
+            if active >= cap:
+                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                              f"this token already has {active} active workers, the most one token may have "
+                              f"(--max-workers-per-token {cap}); stop one, or ask the operator for another token")
         worker_id = request.worker_id if rejoining else "w-" + secrets.token_hex(4)
         ledger.register_worker(worker_id, {
             "name": request.name, "card": request.card.SerializeToString().hex(),

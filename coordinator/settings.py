@@ -65,6 +65,9 @@ class Settings:
     queue_timeout_s: float = 900.0
     lease_ttl_s: float = 90.0
     max_attempts: int = 3
+    # Workers one token may have active at once (a volunteer with several cards runs one each);
+    # bounds what a leaked or abused worker token can register.
+    max_workers_per_token: int = 16
     max_in_flight: int = 64
     # Throughput-aware sizing: a dispatch to a card is a run of consecutive units (tasks) of one
     # job, as many as the card's measured tokens/s gets through in about target_task_seconds.

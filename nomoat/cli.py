@@ -118,11 +118,13 @@ def coordinator() -> None:
               help="Seconds a task's lease lasts without a heartbeat before it is re-issued.")
 @click.option("--max-attempts", default=Settings.max_attempts, show_default=True,
               help="Leases a task gets before it fails.")
+@click.option("--max-workers-per-token", default=Settings.max_workers_per_token, show_default=True,
+              help="Workers one token may have active at once.")
 @click.option("--tls-cert", default=None, type=click.Path(exists=True, dir_okay=False))
 @click.option("--tls-key", default=None, type=click.Path(exists=True, dir_okay=False))
 def coordinator_start(data_dir, listen, public_address, redis_url, ray_address, ray_node_ip, base_model,
                       fold_every, fold_timeout, tokens_per_task, outer_momentum, outer_lr, lease_ttl, max_attempts,
-                      tls_cert, tls_key) -> None:
+                      max_workers_per_token, tls_cert, tls_key) -> None:
     """Start the coordinator: gRPC server, Redis ledger and Ray driver. Ctrl-C stops it."""
     from coordinator.server import Coordinator
 
@@ -133,6 +135,7 @@ def coordinator_start(data_dir, listen, public_address, redis_url, ray_address, 
         ray_address=ray_address, ray_node_ip=ray_node_ip, base_model=base_model, fold_every=fold_every,
         fold_timeout_s=fold_timeout, job=JobDefaults(tokens_per_task=tokens_per_task),
         outer_momentum=outer_momentum, outer_lr=outer_lr, lease_ttl_s=lease_ttl, max_attempts=max_attempts,
+        max_workers_per_token=max_workers_per_token,
         tls_cert=tls_cert, tls_key=tls_key,
     )
     node = Coordinator(settings)

@@ -12,6 +12,7 @@ import json
 import math
 import pickle
 import time
+from dataclasses import replace
 
 import grpc
 import pytest
@@ -268,6 +269,23 @@ def test_a_worker_registering_again_keeps_its_id_only_with_its_own_token(rig: Ri
     assert rig.ledger.worker(first)["name"] == "alice-desktop"
     with pytest.raises(NomoatError, match="at most 64 characters"):
         bob.register("bob", CARD, worker_id="w" * 65)
+
+
+def test_one_token_may_have_only_so_many_active_workers(rig: Rig) -> None:
+    rig.deps.settings = replace(rig.deps.settings, max_workers_per_token=2)
+    alice = rig.client(token=rig.registry.create("worker", "alice"))
+    first, _ = (alice.register(f"alice-{i}", CARD).worker_id for i in range(2))
+    with pytest.raises(NomoatError, match="already has 2 active workers"):
+        alice.register("alice-2", CARD)
+    assert len(rig.ledger.workers()) == 2  # nothing recorded for the refused one
+    # A worker registering again under its own id is not a new one.
+    assert alice.register("alice-0", CARD, worker_id=first).worker_id == first
+    # Another volunteer's token has its own allowance.
+    bob = rig.client(token=rig.registry.create("worker", "bob"))
+    assert bob.register("bob", CARD).worker_id
+    # A worker not heard from in three lease lifetimes no longer counts.
+    rig.ledger.r.zadd("nomoat:workers", {first: time.time() - 3 * rig.deps.settings.lease_ttl_s - 1})
+    assert alice.register("alice-2", CARD).worker_id
 
 
 def test_heartbeat_extends_only_the_current_lease(rig: Rig) -> None:
