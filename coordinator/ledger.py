@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import secrets
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -198,6 +199,14 @@ local speed = tonumber(tokens) / math.max(tonumber(seconds), 1e-6)
 redis.call('HSET', KEYS[1], 'tokens_per_s', tostring(speed))
 return tostring(speed)
 """
+
+
+class TooManyWorkers(Exception):
+    """A token already has as many active workers as it may."""
+
+    def __init__(self, active: int) -> None:
+        super().__init__(f"{active} active workers")
+        self.active = active
 
 
 @dataclass(frozen=True)
@@ -525,6 +534,26 @@ class Ledger:
             pipe.execute()
 
     # -- workers ------------------------------------------------------------------------------
+
+    def admit_worker(self, requested_id: str, fields: dict[str, Any], *, active_since: float,
+                     most: int) -> tuple[str, bool]:
+        """Register a worker; returns (its id, whether it rejoined under ``requested_id``).
+
+        A worker keeps the id it asks for only if the same token (``fields["token"]``) registered
+        it. A new one is refused (:class:`TooManyWorkers`) once its token has ``most`` workers
+        seen since ``active_since``; two registrations racing may both pass, a bound not a quota.
+        """
+        token = str(fields.get("token", ""))
+        known = self.worker(requested_id) if requested_id else None
+        rejoining = known is not None and known.get("token") == token
+        if not rejoining:
+            active = sum(1 for w in self.workers()
+                         if w.get("token") == token and float(w.get("last_seen") or 0) >= active_since)
+            if active >= most:
+                raise TooManyWorkers(active)
+        worker_id = requested_id if rejoining else "w-" + secrets.token_hex(4)
+        self.register_worker(worker_id, fields)
+        return worker_id, rejoining
 
     def register_worker(self, worker_id: str, fields: dict[str, Any]) -> None:
         """Record a worker; one registering again keeps its counters, and its measured speed

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import secrets
 import time
 from dataclasses import dataclass, replace
 from typing import Any
@@ -20,7 +19,7 @@ import grpc
 from coordinator import collect, submit, uploads
 from coordinator.auth import Identity, TokenRegistry, caller, token_id
 from coordinator.history import plan_catch_up
-from coordinator.ledger import Ledger, count_states
+from coordinator.ledger import Ledger, TooManyWorkers, count_states
 from coordinator.settings import Settings
 from coordinator.store import BlobStore
 from nomoat.records import DatasetError
@@ -48,9 +47,11 @@ class Deps:
     uploads: Any = None  # coordinator.uploads.PartialUploads; made in data_dir/uploads when first needed
 
 
+ACTIVE_TTLS = 3  # a worker heard from within this many lease lifetimes counts as active
+
+
 def _active(last_seen: float, now: float, settings: Settings) -> bool:
-    """A worker heard from within three lease lifetimes counts as active."""
-    return now - last_seen < 3 * settings.lease_ttl_s
+    return now - last_seen < ACTIVE_TTLS * settings.lease_ttl_s
 
 
 def _float(value: str | None, default: float = float("nan")) -> float:
@@ -223,24 +224,17 @@ class WorkersServicer(rpc.WorkersServicer):
         if len(request.worker_id) > 64:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a worker id is at most 64 characters")
         identity = caller(context, self.deps.registry)
-        token_hash = identity.token_hash if identity else ""
-        ledger = self.deps.ledger
-        known = ledger.worker(request.worker_id) if request.worker_id else None
-        rejoining = known is not None and known.get("token") == token_hash  # one volunteer's own id only
-        if not rejoining:
-            now, cap = time.time(), self.deps.settings.max_workers_per_token
-            active = sum(1 for w in ledger.workers()
-                         if w.get("token") == token_hash and _active(_float(w.get("last_seen"), 0.0), now,
-                                                                     self.deps.settings))
-            if active >= cap:
-                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                              f"this token already has {active} active workers, the most one token may have "
-                              f"(--max-workers-per-token {cap}); stop one, or ask the operator for another token")
-        worker_id = request.worker_id if rejoining else "w-" + secrets.token_hex(4)
-        ledger.register_worker(worker_id, {
-            "name": request.name, "card": request.card.SerializeToString().hex(),
-            "node_id": request.node_id, "token": token_hash,
-        })
+        settings = self.deps.settings
+        try:
+            worker_id, rejoining = self.deps.ledger.admit_worker(request.worker_id, {
+                "name": request.name, "card": request.card.SerializeToString().hex(),
+                "node_id": request.node_id, "token": identity.token_hash if identity else "",
+            }, active_since=time.time() - ACTIVE_TTLS * settings.lease_ttl_s, most=settings.max_workers_per_token)
+        except TooManyWorkers as exc:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          f"this token already has {exc.active} active workers, the most one token may have "
+                          f"(--max-workers-per-token {settings.max_workers_per_token}); stop one, or ask the "
+                          "operator for another token")
         log.info("worker %s %s: %s with %s (%.0f GB)", worker_id, "rejoined" if rejoining else "registered",
                  request.name, request.card.name, request.card.vram_gb)
         return pb.RegisterReply(worker_id=worker_id, ray_address=self.deps.ray_address,
