@@ -244,7 +244,8 @@ def test_a_worker_killed_mid_task_is_replaced_and_its_late_upload_refused(cluste
     ((task, fence), *_) = wait_until(claimed_on_victim, 120, "a task training on the victim")
     procs.kill_tree(victim.p.pid)
     killed_at = time.monotonic()
-    assert not procs.running_tasks(victim)
+    # SIGKILL is delivered, and a process torn down, asynchronously: gone within seconds.
+    wait_until(lambda: not procs.running_tasks(victim), 10, "the victim's task process to die", every=0.05)
 
     def reissued():
         t = cluster.ledger.task(task)
@@ -295,18 +296,32 @@ def test_the_coordinator_killed_mid_job_resumes_everything_on_restart(cluster_fa
     old = cluster.coordinator
     old_tree = procs.descendants(old.p.pid)
     old_redis = procs.redis_pid(cluster.data_dir)
-    old.p.send_signal(signal.SIGSTOP)
-    try:
+    def uploads_in_flight():
         # An outbox entry whose task is still leased: its upload has not been accepted yet (an
         # entry can outlive its acceptance by a moment, until the worker removes it).
-        (in_flight, *_) = wait_until(
-            lambda: [e for e in outbox_entries(cluster)
-                     if ledger.task(e.task_id)["state"] == "leased" and ledger.task(e.task_id)["fence"] == str(e.fence)],
-            90, "an upload in flight")
-        versions_before = ledger.versions()
+        return [e for e in outbox_entries(cluster)
+                if ledger.task(e.task_id)["state"] == "leased" and ledger.task(e.task_id)["fence"] == str(e.fence)]
+
+    in_flight = None
+    old.p.send_signal(signal.SIGSTOP)
+    try:
+        for freezes in range(1, 7):
+            end = time.monotonic() + 20
+            while not in_flight and time.monotonic() < end:
+                in_flight = next(iter(uploads_in_flight()), None)
+                time.sleep(0.2)
+            if in_flight:
+                versions_before = ledger.versions()
+                break
+            # Nothing could finish: every busy worker was waiting on the coordinator (fetching its
+            # shard, or the patch of the version just folded). Let it answer, then freeze again.
+            old.p.send_signal(signal.SIGCONT)
+            time.sleep(2)
+            old.p.send_signal(signal.SIGSTOP)
     finally:
         old.p.send_signal(signal.SIGKILL)  # the coordinator alone, as kill -9 or the OOM killer would
     old.p.wait()
+    assert in_flight, "no upload was in flight during six freezes of 20 s"
     assert ledger.task(in_flight.task_id)["state"] == "leased"  # it had not been accepted
 
     cluster.start_coordinator()  # same data dir, same address
@@ -326,7 +341,8 @@ def test_the_coordinator_killed_mid_job_resumes_everything_on_restart(cluster_fa
     assert task["state"] == "done" and task["adapter"] == expected, (task, "the in-flight upload was lost")
     assert ledger.adapter(expected)["state"] in ("folded", "rejected")
     assert not outbox_entries(cluster)
-    print(json.dumps({"in_flight_task": in_flight.task_id, "versions_before": len(versions_before), **figures}))
+    print(json.dumps({"in_flight_task": in_flight.task_id, "versions_before": len(versions_before),
+                      "freezes": freezes, **figures}))
 
 
 # -- Redis killed mid-job ---------------------------------------------------------------------
