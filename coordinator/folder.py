@@ -64,13 +64,17 @@ class Folder:
             self._validation[job_id] = read_records(self.store.get(job["records"]), 0, int(job["n_validation"]))
         return self._validation[job_id]
 
+    def _seq_len(self, job_id: str) -> int:
+        return JobConfig.from_dict(json.loads(self.ledger.job(job_id)["config"])).seq_len
+
+    def _job_losses(self, job_ids: list[str]) -> dict[str, float]:
+        """Held-out loss of the current model on each job's validation slice."""
+        return {j: self.model.eval_loss(self.validation(j), self._seq_len(j)) for j in job_ids}
+
     def _eval(self, job_ids: list[str]) -> float:
         """Mean held-out loss over the jobs' validation slices (each job weighs the same)."""
-        losses = []
-        for job_id in job_ids:
-            seq_len = JobConfig.from_dict(json.loads(self.ledger.job(job_id)["config"])).seq_len
-            losses.append(self.model.eval_loss(self.validation(job_id), seq_len))
-        return sum(losses) / len(losses)
+        losses = self._job_losses(job_ids)
+        return sum(losses.values()) / len(losses)
 
     def record_base_losses(self) -> None:
         """Give every new job the loss of the version it starts from, for comparison."""
@@ -112,8 +116,9 @@ class Folder:
     def fold(self, entries: list[dict[str, str]]) -> int | None:
         current = self.ledger.latest_version()
         job_ids = sorted({e["job"] for e in entries})
-        parent_loss = self._eval(job_ids)
-        candidates = [c for c in (self._gate(e, current, job_ids, parent_loss) for e in entries) if c]
+        parents = self._job_losses(job_ids)  # each job's, once: every adapter of it is gated against it
+        parent_loss = sum(parents.values()) / len(parents)
+        candidates = [c for c in (self._gate(e, current, parents[e["job"]]) for e in entries) if c]
         if not candidates:
             return None
         while candidates:
@@ -138,7 +143,8 @@ class Folder:
             candidates.remove(worst)
         return None
 
-    def _gate(self, entry: dict[str, str], current: int, job_ids: list[str], parent_loss: float) -> Candidate | None:
+    def _gate(self, entry: dict[str, str], current: int, own_parent: float) -> Candidate | None:
+        """The adapter, if it passes the gates; ``own_parent`` is its job's held-out loss now."""
         adapter_id = entry["adapter_id"]
         try:
             adapter = adapter_format.from_bytes(self.store.get(entry["sha256"]))
@@ -147,11 +153,9 @@ class Folder:
             norm = folding.delta_norm(adapter)
             folding.check_norm(norm, self.ledger.recent_norms(), self.settings.norm_factor)
             candidate = Candidate(adapter_id, entry["job"], adapter, int(entry["tokens"]), tau, norm)
-            seq_len = JobConfig.from_dict(json.loads(self.ledger.job(entry["job"])["config"])).seq_len
             candidate.solo_loss = self.model.loss_with(
-                adapter, folding.staleness_factor(tau), self.validation(entry["job"]), seq_len
+                adapter, folding.staleness_factor(tau), self.validation(entry["job"]), self._seq_len(entry["job"])
             )
-            own_parent = self._eval([entry["job"]]) if len(job_ids) > 1 else parent_loss
             if candidate.solo_loss > own_parent + self.settings.adapter_epsilon:
                 raise folding.AdapterRejected(
                     f"it makes held-out loss worse ({candidate.solo_loss:.4f} against {own_parent:.4f})"
