@@ -281,10 +281,11 @@ class Ledger:
     def index_running_jobs(self) -> int:
         """Rebuild the running-jobs index from the job records (a ledger written before it
         existed); how many jobs it lists."""
-        running = {}
-        for job_id, created in self.r.zrange(keys.JOBS, 0, -1, withscores=True):
-            if self.r.hget(keys.job(job_id.decode()), "state") == b"running":
-                running[job_id] = created
+        jobs = self.r.zrange(keys.JOBS, 0, -1, withscores=True)
+        pipe = self.r.pipeline(transaction=False)
+        for job_id, _ in jobs:
+            pipe.hget(keys.job(job_id.decode()), "state")
+        running = {job_id: created for (job_id, created), state in zip(jobs, pipe.execute()) if state == b"running"}
         pipe = self.r.pipeline(transaction=True)
         pipe.delete(keys.RUNNING_JOBS)
         if running:
