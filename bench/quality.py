@@ -228,11 +228,10 @@ class Bench:
                     out.versions += 1
             while waiting:
                 take(waiting.pop(), now)
-            if not due:
-                continue
-            busy = {tasks[t][0] for t in (*pending, *in_flight)} | {b["job"] for b in buffer}
-            while rounds > 1 and len(out.round_losses) < rounds and len(out.round_losses) not in busy:
-                out.round_losses.append(running.eval_loss(self.test, self.job.seq_len))
+            if due and rounds > 1:  # a job (round) with nothing outstanding: its test loss
+                busy = {tasks[t][0] for t in (*pending, *in_flight)} | {b["job"] for b in buffer}
+                while len(out.round_losses) < rounds and len(out.round_losses) not in busy:
+                    out.round_losses.append(running.eval_loss(self.test, self.job.seq_len))
         out.test_loss = running.eval_loss(self.test, self.job.seq_len)
         out.delta = self._probe_delta(running)
         out.seconds = time.time() - t0
@@ -404,16 +403,13 @@ def main() -> None:
     regime: dict = {}
     if args.regime_epochs > 1 and not args.quick:
         e = args.regime_epochs
-        curve = {1: central.test_loss}
-        for k in range(2, e + 1):
-            curve[k] = bench.centralized(epochs=k).test_loss
-        central_e = curve[e]
+        curve = {1: central, **{k: bench.centralized(epochs=k) for k in range(2, e + 1)}}
         print(f"\n{e} epochs per task (T = {e} x {bench.total_tokens} tokens): centralized test loss by epoch "
-              + ", ".join(f"{k}: {v:.4f}" for k, v in curve.items()), flush=True)
+              + ", ".join(f"{k}: {o.test_loss:.4f}" for k, o in curve.items()), flush=True)
         regime_rows = [(defaults, args.workers), (replace(defaults, tokens_per_task=8192), args.workers),
                        (replace(defaults, fold_every=1), 1)]
-        regime = {"epochs": e, "centralized_by_epoch": {k: round(v, 4) for k, v in curve.items()},
-                  "table": run_table(bench, regime_rows, Outcome(central_e, 1, 1, 0, 0), defaults, epochs=e)}
+        regime = {"epochs": e, "centralized_by_epoch": {k: round(o.test_loss, 4) for k, o in curve.items()},
+                  "table": run_table(bench, regime_rows, curve[e], defaults, epochs=e)}
 
     stacked_ratio, stacked_info = math.nan, {}
     if not args.no_stacked:
