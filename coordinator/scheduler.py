@@ -28,7 +28,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from coordinator.ledger import Ledger, is_twin
+from coordinator.ledger import Ledger, count_states, is_twin
 from coordinator.settings import Settings
 from coordinator.submit import JobConfig
 from worker.planner import bigger_card_than
@@ -112,8 +112,7 @@ class Scheduler:
         idle = self._dispatch(now, nodes)
         if self.settings.speculate and idle:
             self._speculate(now, idle)
-        self._warn(nodes)
-        return self._update_jobs()
+        return self._review_jobs(nodes)
 
     def _finished(self, done: Finished) -> None:
         if done.error:
@@ -238,42 +237,49 @@ class Scheduler:
             if not cards:
                 return
 
-    def _warn(self, nodes: list[Node]) -> None:
-        """A job whose pending tasks fit no card in the cluster says so (JobInfo.warning)."""
+    def _review_jobs(self, nodes: list[Node]) -> set[str]:
+        """One pass over the running jobs, each job's tasks read once: say when a job's pending
+        tasks fit no card, and end the jobs with nothing left to train. Returns the jobs whose
+        last adapters still wait in the fold buffer (ready for a last fold)."""
         largest = max((n.vram_gb for n in nodes), default=0.0)
-        for job_id in self.ledger.running_job_ids():
-            job = self.ledger.job(job_id)
-            if not job or job.get("state") != "running":
-                continue
-            needs = [self.need_gb(t) for t in self.ledger.tasks(job_id) if t.get("state") == "pending"]
-            warning = ""
-            if nodes and needs and min(needs) > largest:
-                warning = (f"its tasks need a card with at least {min(needs):.1f} GB of VRAM, but the largest "
-                           f"of the {len(nodes)} cards in the cluster has {largest:g} GB; they wait until a "
-                           "bigger card joins (a shorter --seq-len or a smaller LoRA rank needs less)")
-            if warning != job.get("warning", ""):
-                self.ledger.set_job(job_id, warning=warning)
-                if warning:
-                    log.warning("job %s: %s", job_id, warning)
-
-    def _update_jobs(self) -> set[str]:
         idle: set[str] = set()
-        buffered_jobs = {a.get("job") for a in self.ledger.buffered()}
         for job_id in self.ledger.running_job_ids():
             job = self.ledger.job(job_id)
             if not job or job.get("state") != "running":
                 continue
-            counts = self.ledger.task_counts(job_id)
+            tasks = self.ledger.tasks(job_id)
+            self._warn(job_id, job, tasks, nodes, largest)
+            counts = count_states(tasks)
             if counts["pending"] or counts["leased"]:
                 continue
-            if job_id in buffered_jobs:
+            # Read after the tasks: every adapter of the job is then either in the buffer or
+            # already counted by the job record read next.
+            if any(a.get("job") == job_id for a in self.ledger.buffered()):
                 idle.add(job_id)
-                continue
-            if counts["done"] == 0:
-                self.ledger.set_job(job_id, state="failed", error="every task failed; see `nomoat status`")
-            elif int(job.get("adapters_folded", 0)) == 0:
-                self.ledger.set_job(job_id, state="failed",
-                                    error="no adapter of this job passed the checks to be folded")
             else:
-                self.ledger.set_job(job_id, state="done", finished=time.time())
+                self._end(job_id, self.ledger.job(job_id) or job, counts)
         return idle
+
+    def _warn(self, job_id: str, job: dict[str, str], tasks: list[dict[str, str]], nodes: list[Node],
+              largest: float) -> None:
+        """A job whose pending tasks fit no card in the cluster says so (JobInfo.warning)."""
+        needs = [self.need_gb(t) for t in tasks if t.get("state") == "pending"]
+        warning = ""
+        if nodes and needs and min(needs) > largest:
+            warning = (f"its tasks need a card with at least {min(needs):.1f} GB of VRAM, but the largest "
+                       f"of the {len(nodes)} cards in the cluster has {largest:g} GB; they wait until a "
+                       "bigger card joins (a shorter --seq-len or a smaller LoRA rank needs less)")
+        if warning != job.get("warning", ""):
+            self.ledger.set_job(job_id, warning=warning)
+            if warning:
+                log.warning("job %s: %s", job_id, warning)
+
+    def _end(self, job_id: str, job: dict[str, str], counts: dict[str, int]) -> None:
+        """A job with nothing pending, leased or buffered is done, or failed if nothing of it folded."""
+        if counts["done"] == 0:
+            self.ledger.set_job(job_id, state="failed", error="every task failed; see `nomoat status`")
+        elif int(job.get("adapters_folded", 0)) == 0:
+            self.ledger.set_job(job_id, state="failed",
+                                error="no adapter of this job passed the checks to be folded")
+        else:
+            self.ledger.set_job(job_id, state="done", finished=time.time())
