@@ -12,14 +12,18 @@ import hashlib
 import json
 import random
 import secrets
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from coordinator.errors import Incomplete, InvalidRequest
 from coordinator.ledger import Ledger
 from coordinator.settings import JobDefaults, Settings
 from coordinator.store import BlobStore
 from nomoat.records import DatasetError, parse_dataset
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
 @dataclass(frozen=True)
@@ -114,11 +118,75 @@ def read_records(data: bytes, start: int = 0, end: int | None = None) -> list[st
     return [json.loads(line)["text"] for line in lines[start:end]]
 
 
+@dataclass(frozen=True)
+class DatasetHeader:
+    """The first part of a streamed dataset: what it is and how many bytes follow."""
+
+    filename: str
+    name: str
+    size: int
+    requested: dict[str, Any]  # the job config asked for; zero or empty fields take the defaults
+
+
+@dataclass(frozen=True)
+class DatasetDigest:
+    """The last part of a streamed dataset: the sha256 of all its bytes."""
+
+    sha256: str
+
+
+DatasetPart = DatasetHeader | bytes | DatasetDigest
+
+
+def receive(
+    settings: Settings,
+    ledger: Ledger,
+    store: BlobStore,
+    tokenizer: PreTrainedTokenizerBase,
+    modules: Sequence[str],
+    parts: Iterable[DatasetPart],
+) -> SubmitResult:
+    """Assemble a streamed dataset (header, bytes, digest), check it arrived whole, and submit it.
+
+    The size is checked as the bytes arrive, so an oversized stream is refused before it is
+    held in memory. Raises InvalidRequest for a malformed stream or dataset, Incomplete when
+    the bytes do not add up to the header's size and sha256; nothing is stored then.
+    """
+    limit = settings.max_dataset_bytes
+    header, chunks, received, digest, claimed = None, [], 0, hashlib.sha256(), None
+    for part in parts:
+        if header is None and not isinstance(part, DatasetHeader):
+            raise InvalidRequest("the first message must be the header")
+        if isinstance(part, DatasetHeader):
+            if header is not None:
+                raise InvalidRequest("the header was sent twice")
+            header = part
+            if header.size > limit:
+                raise InvalidRequest(f"the dataset is {header.size} bytes; this coordinator accepts at most {limit}")
+        elif isinstance(part, bytes):
+            received += len(part)
+            if received > min(limit, header.size):
+                raise InvalidRequest("more data arrived than the header announced")
+            digest.update(part)
+            chunks.append(part)
+        else:
+            claimed = part.sha256
+    if header is None:
+        raise InvalidRequest("no dataset was sent")
+    if received != header.size or claimed != digest.hexdigest():
+        raise Incomplete("the dataset arrived incomplete or damaged (size or sha256 mismatch); nothing was stored")
+    try:
+        return submit(settings, ledger, store, tokenizer, modules, b"".join(chunks), header.filename, header.name,
+                      header.requested)
+    except DatasetError as exc:
+        raise InvalidRequest(f"{header.filename}: {exc}") from None
+
+
 def submit(
     settings: Settings,
     ledger: Ledger,
     store: BlobStore,
-    tokenizer,
+    tokenizer: PreTrainedTokenizerBase,
     modules: Sequence[str],
     data: bytes,
     filename: str,

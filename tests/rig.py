@@ -24,7 +24,7 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2
 
-from coordinator import service
+from coordinator import service, submit
 from coordinator.auth import TokenRegistry
 from coordinator.folder import Folder
 from coordinator.history import History
@@ -156,6 +156,18 @@ class Rig:
         for client in self._clients:
             client.close()
         self.server.stop(0)
+
+
+def submit_job(rig: Rig, texts=TEXTS, filename: str = "d.jsonl") -> submit.SubmitResult:
+    """Submit JOB's config over ``texts`` through the domain call the Submit servicer makes (no gRPC)."""
+    data = "".join(json.dumps({"text": t}) + "\n" for t in texts).encode()
+    requested = {"lora_rank": JOB.lora_rank, "lora_alpha": JOB.lora_alpha,
+                 "target_modules": list(JOB.target_modules), "tokens_per_task": JOB.tokens_per_task}
+    d = rig.deps
+    return submit.receive(d.settings, d.ledger, d.store, d.tokenizer, list(d.shapes), [
+        submit.DatasetHeader(filename, "job", len(data), requested), data,
+        submit.DatasetDigest(hashlib.sha256(data).hexdigest()),
+    ])
 
 
 def make_adapter(shapes: dict[str, tuple[int, int]], seed: int = 0, rank: int = RANK, alpha: float = ALPHA) -> bytes:
