@@ -1,0 +1,88 @@
+"""Leases as a worker meets them: who holds one, renewing it, and reading the task's shard.
+
+A task's lease is (task, fence) in the ledger; a run renews it by heartbeat and may read its
+shard of the job's records only while it holds it. The ledger decides atomically whether a
+fence still holds the lease; this module decides *who* the caller is for that check (the
+worker id and token it may act as) and turns the ledger's answers into replies and errors.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+from coordinator.auth import Identity
+from coordinator.errors import NotPermitted, WrongState
+from coordinator.ledger import Ledger
+from coordinator.settings import Settings
+from coordinator.store import BlobStore
+
+log = logging.getLogger("nomoat.leases")
+MAX_EVENT_CHARS = 1000  # a heartbeat's event note, as kept in the ledger
+
+
+@dataclass(frozen=True)
+class Beat:
+    """The answer to a heartbeat: the new deadline and the version to train on, or why not."""
+
+    ok: bool
+    deadline: float = 0.0
+    reason: str = ""
+    base_version: int = 0
+
+
+def holder(ledger: Ledger, identity: Identity, worker_id: str) -> tuple[str, str]:
+    """(worker id, token hash) for the lease checks: a worker token acts only for its own tasks.
+
+    Admin is exempt (an empty hash checks nothing). A worker id registered with another token is
+    dropped, so no token is seen or credited as another's worker. (Dropped, not refused: in Ray
+    mode a task calls with the coordinator's worker token while its worker may have joined with
+    a token of its own; its work still counts, only not towards that worker.)
+    """
+    if identity.role == "admin":
+        return worker_id, ""
+    if worker_id:
+        registered = ledger.worker(worker_id)
+        if registered is not None and registered.get("token") != identity.token_hash:
+            log.warning("a call named worker %s, which was registered with another token; ignoring the name",
+                        worker_id)
+            return "", identity.token_hash
+    return worker_id, identity.token_hash
+
+
+def heartbeat(ledger: Ledger, settings: Settings, identity: Identity, worker_id: str, task_id: str,
+              fence: int, event: str = "") -> Beat:
+    """Renew (task, fence)'s lease for one more lease lifetime and record the run's note.
+
+    The first heartbeat of a run fixes its base version (the newest one then), so a task that
+    waited in Ray's queue does not start from a stale model; later ones repeat it.
+    """
+    deadline = time.time() + settings.lease_ttl_s
+    worker_id, token_hash = holder(ledger, identity, worker_id)
+    reason = ledger.heartbeat(task_id, fence, deadline, worker_id, token_hash)
+    if reason:
+        return Beat(ok=False, reason=reason)
+    ledger.touch_worker(worker_id)
+    if event:
+        ledger.add_task_event(task_id, event[:MAX_EVENT_CHARS])
+    base = ledger.claim(task_id, fence, ledger.latest_version() or 0)
+    return Beat(ok=True, deadline=deadline, base_version=max(base, 0))
+
+
+def fetch_shard(ledger: Ledger, store: BlobStore, identity: Identity, task_id: str, fence: int) -> bytes:
+    """The task's records (JSON lines), for the current holder of its lease only.
+
+    Raises WrongState for a stale or unknown lease, NotPermitted when another token holds it.
+    """
+    problem = ledger.lease_problem(task_id, fence)
+    if problem:
+        raise WrongState(problem)
+    _, token_hash = holder(ledger, identity, "")
+    problem = ledger.hold(task_id, fence, "", token_hash)
+    if problem:
+        raise NotPermitted(problem)
+    task = ledger.task(task_id)
+    job = ledger.job(task["job"])
+    lines = store.get(job["records"]).splitlines(keepends=True)
+    return b"".join(lines[int(task["start"]) : int(task["end"])])
