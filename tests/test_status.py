@@ -1,0 +1,51 @@
+"""Status summaries called directly (no gRPC): jobs, workers (active or gone) and versions."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from coordinator import keys, status, workers
+from coordinator.errors import NotFound
+from tests.rig import Rig, published, rig, submit_job  # noqa: F401  (fixtures)
+
+
+def test_the_overview_counts_a_jobs_tasks_and_shows_its_newest_notes(rig: Rig) -> None:
+    job_id = submit_job(rig).job_id
+    task_ids = rig.ledger.task_ids(job_id)
+    rig.lease(task_ids[0])
+    rig.ledger.add_task_event(task_ids[0], "out of memory at micro-batch 8; retrying with 4")
+    view = status.overview(rig.ledger, rig.deps.settings, job_id)
+    (job,) = view.jobs
+    assert (job.job_id, job.name, job.state, job.total_tasks) == (job_id, "job", "running", len(task_ids))
+    assert job.tasks["leased"] == 1 and job.tasks["pending"] == len(task_ids) - 1
+    assert job.events == [f"{task_ids[0]}: out of memory at micro-batch 8; retrying with 4"]
+    assert [v.version for v in view.versions] == [0] and view.versions[0].parent == -1
+    assert status.overview(rig.ledger, rig.deps.settings).jobs == view.jobs
+
+
+def test_a_worker_not_heard_from_for_three_lease_lifetimes_is_gone(rig: Rig) -> None:
+    identity = rig.registry.lookup(rig.tokens["worker"])
+    joining = workers.Registration("", "w", "node", b"\x0a\x04card", "card", 8.0)
+    quiet = workers.register(rig.ledger, rig.deps.settings, identity, joining)
+    heard = workers.register(rig.ledger, rig.deps.settings, identity, joining)
+    gone = time.time() - workers.ACTIVE_TTLS * rig.deps.settings.lease_ttl_s - 1
+    rig.ledger.r.zadd(keys.WORKERS, {quiet: gone})
+    states = {w.worker_id: (w.state, w.card) for w in status.overview(rig.ledger, rig.deps.settings).workers}
+    assert states == {quiet: ("gone", b"\x0a\x04card"), heard: ("active", b"\x0a\x04card")}
+
+
+def test_an_unknown_job_is_not_found(rig: Rig) -> None:
+    with pytest.raises(NotFound, match="there is no job 'j-nope'"):
+        status.overview(rig.ledger, rig.deps.settings, "j-nope")
+    with pytest.raises(NotFound, match="there is no job 'j-nope'"):
+        status.progress(rig.ledger, "j-nope")
+
+
+def test_progress_is_finished_once_the_job_no_longer_runs(rig: Rig) -> None:
+    job_id = submit_job(rig).job_id
+    assert not status.progress(rig.ledger, job_id).finished
+    rig.ledger.set_job(job_id, state="done")
+    now = status.progress(rig.ledger, job_id)
+    assert now.finished and now.current_version == 0 and now.job.state == "done"
