@@ -1,0 +1,97 @@
+"""Pull: which files a pull of (format, since, version) sends, and their bytes in blocks.
+
+Three formats, as the proto names them: a Hugging Face folder of the version; a PEFT adapter
+folder holding the exact update from ``since`` to the version; and, for worker caches, the
+cheapest catch-up from ``since`` (a snapshot and/or patch files, see
+``coordinator.history.plan_catch_up``). Files already in the blob store are sent from there by
+sha256; made-up files (a PEFT folder) are sent from memory.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from coordinator.errors import InvalidRequest, NotFound
+from coordinator.history import History, plan_catch_up
+from coordinator.ledger import Ledger
+from coordinator.store import BlobStore
+
+
+class Format(enum.IntEnum):
+    """PullRequest.Format of the proto (tests/test_pull.py keeps the two the same)."""
+
+    HF = 0
+    PEFT = 1
+    PATCHES = 2
+
+
+@dataclass(frozen=True)
+class PullFile:
+    path: str
+    size: int
+    sha256: str
+    data: bytes | None = None  # a made-up file's bytes; None for a file in the store (by sha256)
+
+
+@dataclass(frozen=True)
+class PullPlan:
+    version: int
+    files: list[PullFile]
+
+
+def plan(ledger: Ledger, history: History, store: BlobStore, fmt: int, since: int, version: int) -> PullPlan:
+    """What a pull sends; ``version`` < 0 means the newest.
+
+    Raises NotFound for a version that does not exist, InvalidRequest for an unknown format or
+    a ``since`` the format cannot start from.
+    """
+    number = ledger.latest_version() if version < 0 else version
+    if number is None or ledger.version(number) is None:
+        raise NotFound(f"there is no version {version}")
+    try:
+        files = _files(ledger, history, fmt, since, number)
+    except ValueError as exc:
+        raise InvalidRequest(str(exc)) from None
+    return PullPlan(number, [
+        PullFile(p, len(data), hashlib.sha256(data).hexdigest(), data) if isinstance(data, bytes)
+        else PullFile(p, store.size(data), data)
+        for p, data in files
+    ])
+
+
+def _files(ledger: Ledger, history: History, fmt: int, since: int, number: int) -> list[tuple[str, bytes | str]]:
+    """What to send: (path, bytes) for made-up files, (path, sha256) for files in the store."""
+    if fmt not in Format._value2member_map_:
+        raise ValueError(f"unknown pull format {fmt}; this coordinator knows "
+                         f"{', '.join(Format.__members__)}")
+    if fmt == Format.PEFT:
+        return sorted(history.peft(since, number).items())
+    if fmt == Format.PATCHES:
+        if since > number:
+            raise ValueError(f"version {since} is newer than version {number}")
+        patches, snapshots = history.sizes(number)
+        newest_snapshot = snapshots[max(snapshots)]  # what a whole folder costs today
+        catch_up = plan_catch_up(since, number, patches, snapshots, full_bytes=newest_snapshot)
+        files: list[tuple[str, bytes | str]] = []
+        if catch_up.snapshot is not None:
+            files += [(f"snapshot/{p}", sha) for p, sha in sorted(history.hf_files(catch_up.snapshot).items())
+                      if not p.startswith("nomoat-")]
+        files += [(f"patches/{v:06d}.safetensors", ledger.version(v)["patch"]) for v in catch_up.patches]
+        return files
+    return [(p, sha) for p, sha in sorted(history.hf_files(number).items()) if not p.startswith("nomoat-")]
+
+
+def blocks(store: BlobStore, pulled: PullPlan, size: int) -> Iterator[tuple[str, int, bytes]]:
+    """(path, offset, bytes) of every file in the plan, in blocks of at most ``size`` bytes."""
+    for f in pulled.files:
+        if f.data is None:
+            pieces = store.chunks(f.sha256, size)
+        else:
+            pieces = (f.data[i : i + size] for i in range(0, len(f.data), size))
+        offset = 0
+        for block in pieces:
+            yield f.path, offset, block
+            offset += len(block)
