@@ -11,12 +11,16 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, replace
 
 from coordinator import folding
+from coordinator.auth import Identity
+from coordinator.errors import Incomplete, WrongState
+from coordinator.leases import holder
 from coordinator.ledger import Accepted, Ledger, adapter_id_for
 from coordinator.store import BlobStore
+from coordinator.uploads import PartialUploads, UploadRefused, UploadRetry
 from nomoat import adapter as adapter_format
 
 
@@ -32,6 +36,49 @@ class Manifest:
     sha256: str
     size: int
     worker_id: str = ""
+
+
+def upload(
+    ledger: Ledger,
+    store: BlobStore,
+    shapes: Mapping[str, tuple[int, int]],
+    partials: PartialUploads,
+    identity: Identity,
+    manifest: Manifest,
+    offset: int,
+    blocks: Iterable[bytes],
+    *,
+    max_bytes: int,
+) -> Accepted:
+    """The whole upload: refuse early what cannot be accepted, receive the bytes from
+    ``offset`` on (resumable, see PartialUploads), then check and record the adapter.
+
+    Every answer about the adapter is an Accepted (refusals included). Raises WrongState when
+    the upload cannot go on now but may be resumed, Incomplete when the stream ended early
+    (the bytes so far are kept; the message says where to resume).
+    """
+    if manifest.size > max_bytes:
+        return Accepted("refused", f"the adapter is {manifest.size} bytes; the limit is {max_bytes}")
+    result = precheck(ledger, manifest.task_id, manifest.fence, manifest.sha256)
+    if result is not None:
+        return result
+    worker_id, token_hash = holder(ledger, identity, manifest.worker_id)
+    m = replace(manifest, worker_id=worker_id)  # the worker credited, if any
+    problem = ledger.hold(m.task_id, m.fence, m.worker_id, token_hash)
+    if problem:
+        return Accepted("refused", problem)
+    try:
+        data = partials.receive(m.task_id, m.fence, m.sha256, m.size, offset, blocks)
+    except UploadRefused as exc:
+        return Accepted("refused", str(exc))
+    except UploadRetry as exc:
+        raise WrongState(str(exc)) from None
+    if data is None:
+        held = partials.offset(m.task_id, m.fence, m.sha256)
+        raise Incomplete(f"the upload stopped at byte {held} of {m.size}; resume from offset {held}")
+    result = receive(ledger, store, shapes, m, data)
+    partials.discard(m.task_id, m.fence, m.sha256)
+    return result
 
 
 def precheck(ledger: Ledger, task_id: str, fence: int, sha256: str) -> Accepted | None:

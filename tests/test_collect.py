@@ -1,0 +1,111 @@
+"""The upload workflow and the dataset stream called directly (no gRPC).
+
+``collect.upload`` is what the Upload servicer calls: early refusals, a resumable receive, then
+the checks and the ledger's acceptance. ``submit.receive`` is what Submit calls: the stream of
+header, bytes and digest is checked before anything is stored. Real ledger, store and parts
+folder from the rig.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+
+from coordinator import collect, submit
+from coordinator.auth import Identity
+from coordinator.errors import Incomplete, InvalidRequest, WrongState
+from coordinator.uploads import PartialUploads
+from tests.rig import ALPHA, RANK, Rig, make_adapter, published, rig, submit_job  # noqa: F401  (fixtures)
+
+LIMIT = 1 << 24
+
+
+def manifest(task_id: str, fence: int, data: bytes, **changes) -> collect.Manifest:
+    fields = dict(task_id=task_id, fence=fence, base_version=0, rank=RANK, alpha=ALPHA, tokens=300,
+                  train_loss=2.5, sha256=hashlib.sha256(data).hexdigest(), size=len(data))
+    return collect.Manifest(**{**fields, **changes})
+
+
+@pytest.fixture
+def leased(rig: Rig) -> tuple[str, int]:
+    task_id = rig.ledger.task_ids(submit_job(rig).job_id)[0]
+    return task_id, rig.lease(task_id)
+
+
+@pytest.fixture
+def partials(rig: Rig) -> PartialUploads:
+    return PartialUploads(rig.tmp / "uploads")
+
+
+def upload(rig: Rig, partials: PartialUploads, m: collect.Manifest, blocks, offset: int = 0,
+           who: Identity | None = None, max_bytes: int = LIMIT) -> collect.Accepted:
+    who = who or rig.registry.lookup(rig.tokens["worker"])
+    return collect.upload(rig.ledger, rig.store, rig.deps.shapes, partials, who, m, offset, blocks,
+                          max_bytes=max_bytes)
+
+
+def test_an_upload_broken_off_resumes_from_what_arrived(rig: Rig, leased, partials) -> None:
+    task_id, fence = leased
+    data = make_adapter(rig.deps.shapes)
+    m = manifest(task_id, fence, data)
+    half = len(data) // 2
+    with pytest.raises(Incomplete, match=f"the upload stopped at byte {half} of {len(data)}; "
+                                         f"resume from offset {half}"):
+        upload(rig, partials, m, [data[:half]])
+    with pytest.raises(WrongState, match=f"resume from offset {half}"):
+        upload(rig, partials, m, [data[half + 1:]], offset=half + 1)
+    result = upload(rig, partials, m, [data[half:]], offset=half)
+    assert result.ok and result.status == "accepted"
+    assert partials.offset(task_id, fence, m.sha256) == 0  # the part is gone once accepted
+    again = upload(rig, partials, m, [data])
+    assert (again.status, again.detail) == ("duplicate", result.detail)
+
+
+def test_what_cannot_be_accepted_is_refused_before_bytes_are_kept(rig: Rig, leased, partials) -> None:
+    task_id, fence = leased
+    data = make_adapter(rig.deps.shapes)
+    too_big = upload(rig, partials, manifest(task_id, fence, data), [data], max_bytes=len(data) - 1)
+    assert (too_big.status, too_big.detail) == (
+        "refused", f"the adapter is {len(data)} bytes; the limit is {len(data) - 1}")
+    stale = upload(rig, partials, manifest(task_id, fence + 1, data), [data])
+    assert stale.status == "refused" and "stale fence" in stale.detail
+    bob = Identity("worker", "bob", "b" * 64)
+    rig.ledger.hold(task_id, fence, "", rig.registry.lookup(rig.tokens["worker"]).token_hash)  # ours now
+    theirs = upload(rig, partials, manifest(task_id, fence, data), [data], who=bob)
+    assert theirs.status == "refused" and "another token holds its lease" in theirs.detail
+    assert not (rig.tmp / "uploads").exists() or not any((rig.tmp / "uploads").iterdir())
+
+
+def test_an_adapter_that_lies_about_its_rank_is_refused(rig: Rig, leased, partials) -> None:
+    task_id, fence = leased
+    data = make_adapter(rig.deps.shapes)
+    result = upload(rig, partials, manifest(task_id, fence, data, rank=RANK + 1), [data])
+    assert result.status == "refused" and "the manifest says rank" in result.detail
+
+
+def dataset_parts(data: bytes, size: int | None = None, sha: str | None = None) -> list[submit.DatasetPart]:
+    header = submit.DatasetHeader("d.jsonl", "job", len(data) if size is None else size, {})
+    return [header, data, submit.DatasetDigest(sha or hashlib.sha256(data).hexdigest())]
+
+
+@pytest.mark.parametrize("parts, error, message", [
+    ([], InvalidRequest, "no dataset was sent"),
+    ([b"x"], InvalidRequest, "the first message must be the header"),
+    (dataset_parts(b'{"text": "a"}\n') * 2, InvalidRequest, "the header was sent twice"),
+    (dataset_parts(b'{"text": "a"}\n', size=3), InvalidRequest, "more data arrived than the header announced"),
+    (dataset_parts(b'{"text": "a"}\n', sha="0" * 64), Incomplete, "arrived incomplete or damaged"),
+    (dataset_parts(b'{"text": "a"}\n{"txt": "b"}\n'), InvalidRequest, "^d.jsonl: "),
+])
+def test_a_bad_dataset_stream_is_refused_and_nothing_is_stored(rig: Rig, parts, error, message) -> None:
+    before = rig.blob_files()
+    d = rig.deps
+    with pytest.raises(error, match=message):
+        submit.receive(d.settings, d.ledger, d.store, d.tokenizer, list(d.shapes), parts)
+    assert rig.blob_files() == before and rig.ledger.job_ids() == []
+
+
+def test_a_whole_dataset_stream_becomes_a_job(rig: Rig) -> None:
+    result = submit_job(rig)
+    assert result.tasks == len(rig.ledger.task_ids(result.job_id)) > 0
+    assert rig.ledger.job(result.job_id)["name"] == "job"
