@@ -4,6 +4,10 @@ The checks here are the cheap, structural ones that need no model: the bytes mat
 manifest's size and sha256, they are a nomoat safetensors adapter (never a pickle), the manifest
 tells the truth about rank, alpha and base version, and keys and shapes match the job's LoRA
 config. The expensive gates (norm against recent adapters, held-out loss) run at fold time.
+
+``upload`` is the whole workflow the Upload call runs: refuse early what cannot be accepted
+(too big, a stale lease, another token's lease) before any byte is kept, receive the rest of a
+resumable upload, then ``receive`` checks and records it.
 """
 
 from __future__ import annotations
