@@ -20,13 +20,14 @@ import time
 from dataclasses import dataclass
 
 from coordinator import folding
-from coordinator.history import History, chain_patch
+from coordinator.history import History
 from coordinator.ledger import Ledger
 from coordinator.model import RunningModel
 from coordinator.settings import Settings
 from coordinator.store import BlobStore
 from coordinator.submit import JobConfig, read_records
 from nomoat import adapter as adapter_format
+from nomoat import lora
 
 log = logging.getLogger("nomoat.fold")
 
@@ -215,7 +216,7 @@ class Folder:
             if not 0 <= target < current:
                 raise ValueError(f"cannot roll back to version {target}: choose one from 0 to {current - 1}")
             model = self.history.rebuild(target)
-            undo = chain_patch([self.history.patch(v) for v in range(target + 1, current + 1)], sign=-1.0)
+            undo = lora.chain([self.history.patch(v) for v in range(target + 1, current + 1)], sign=-1.0)
             jobs = self._recent_jobs(target + 1, current)
             self.model = model
             loss = self._eval(jobs) if jobs else math.nan

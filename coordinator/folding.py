@@ -1,6 +1,8 @@
 """Folding: validate, weigh and merge LoRA adapters into the running model's fp32 master weights.
 
-Pure tensor math, no I/O. The rules are decided in DESIGN.md ("Folding math"):
+Pure tensor math, no I/O: the fold policy (weights, gates, the outer step). The patch math it
+rests on (``build_patch``, ``apply_patch``) lives in :mod:`nomoat.lora`, which the worker's cache
+uses too. The rules are decided in DESIGN.md ("Folding math"):
 
 * adapter i stands for ``ΔW_i = (alpha_i / r_i) · B_i A_i``; factors are never averaged, products
   are (``mean(B) @ mean(A)`` is off by ``Σ p_i (B_i − B̄)(A_i − Ā)``);
@@ -34,7 +36,9 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from nomoat.adapter import KIND_ADAPTER, KIND_PATCH, Adapter
+from nomoat.adapter import KIND_ADAPTER, Adapter
+# The patch math has one home, shared with the worker; folding re-exports it as its fold API.
+from nomoat.lora import apply_patch, build_patch, patch_delta
 
 __all__ = [
     "AdapterRejected",
@@ -181,102 +185,6 @@ def _few(names: Sequence[str], n: int = 3) -> str:
 # Folding
 
 
-def build_patch(
-    adapters: Sequence[Adapter], weights: Sequence[float], device: torch.device | str | None = None
-) -> Adapter:
-    """The exact patch of a fold, kind ``"patch"`` (scale 1).
-
-    Per module ``A = [A_1; …; A_K]`` and ``B = [c_1 B_1 | … | c_K B_K]`` with
-    ``c_i = w_i · alpha_i / r_i``, so its rank is Σ r_i over the adapters that target the module.
-
-    Adapters may target different module sets (e.g. from different jobs); each module
-    concatenates the adapters that have it. ``device`` defaults to where the factors are; folding
-    passes the master's device so the concatenation is built where the GEMM runs.
-    """
-    if not adapters:
-        raise ValueError("there are no adapters to fold")
-    if len(weights) != len(adapters):
-        raise ValueError(f"got {len(adapters)} adapters but {len(weights)} weights")
-    coefs = [float(w) * a.scale for w, a in zip(weights, adapters)]
-    if not all(math.isfinite(c) for c in coefs):
-        raise ValueError(f"fold coefficients must be finite, got {coefs}")
-    device = torch.device(device) if device is not None else None
-    members: dict[str, list[int]] = {}
-    for i, adapter in enumerate(adapters):
-        for module in adapter.factors:
-            members.setdefault(module, []).append(i)
-    scales: dict[tuple, torch.Tensor] = {}  # one column-scale vector per membership
-    factors = {}
-    for module, idx in sorted(members.items()):
-        pairs = [adapters[i].factors[module] for i in idx]
-        _check_pairs(module, pairs)
-        dev = device if device is not None else pairs[0][0].device
-        key = (*idx, str(dev))
-        if key not in scales:
-            ranks = torch.tensor([a.shape[0] for a, _ in pairs])
-            per_adapter = torch.tensor([coefs[i] for i in idx], dtype=torch.float32)
-            scales[key] = per_adapter.repeat_interleave(ranks).to(dev)
-        factors[module] = _concat(pairs, scales[key])
-    # Per-module ranks may differ; the declared rank is informational (the shapes are the truth).
-    rank = max(a.shape[0] for a, _ in factors.values())
-    return Adapter(factors, rank=rank, alpha=float(rank), kind=KIND_PATCH)
-
-
-def _check_pairs(module: str, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-    d_in, d_out = pairs[0][0].shape[-1], pairs[0][1].shape[0]
-    for a, b in pairs:
-        fits = a.dim() == 2 and b.dim() == 2 and a.shape[0] == b.shape[1]
-        if not fits or a.shape[1] != d_in or b.shape[0] != d_out:
-            raise ValueError(
-                f"{module}: factor shapes {tuple(a.shape)} / {tuple(b.shape)} do not fit "
-                f"a [{d_out}, {d_in}] weight"
-            )
-
-
-def _concat(
-    pairs: list[tuple[torch.Tensor, torch.Tensor]], column_scale: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``[A_1; …; A_K]`` and ``[B_1 | … | B_K] · diag(column_scale)`` in three tensor ops.
-
-    A fixed number of ops per module, not 2K: on a GPU every op is a launch, and on a CPU shared
-    with other processes every OpenMP parallel region can stall on a descheduled thread. The
-    extra pass for the scale is over d_out·Σr numbers, small next to the GEMM's d_out·d_in·Σr.
-    """
-    device = column_scale.device
-    with torch.no_grad():
-        a_cat = torch.cat([a.to(device, torch.float32) for a, _ in pairs], dim=0)
-        b_cat = torch.cat([b.to(device, torch.float32) for _, b in pairs], dim=1)
-        b_cat.mul_(column_scale)
-    return a_cat, b_cat
-
-
-def apply_patch(master: dict[str, torch.Tensor], patch: Adapter, sign: float = 1.0) -> None:
-    """``W += sign · scale · B @ A`` in place, one GEMM per module, in the master's fp32.
-
-    ``sign=-1`` undoes an earlier ``apply_patch`` of the same patch up to fp32 rounding.
-    """
-    missing = sorted(set(patch.factors) - set(master))
-    if missing:
-        raise ValueError(
-            f"the model has no weight for {len(missing)} patched module(s): {_few(missing)}"
-        )
-    coef = float(sign) * patch.scale
-    with torch.no_grad():
-        for module, (a, b) in patch.factors.items():
-            w = master[module]
-            if w.dtype != torch.float32:
-                # bf16 would silently drop most of a small update: the design keeps fp32 masters.
-                raise ValueError(f"{module}: the master weight is {w.dtype}; folding needs float32")
-            if w.shape != (b.shape[0], a.shape[1]):
-                raise ValueError(
-                    f"{module}: the patch makes a {b.shape[0]}×{a.shape[1]} update for a "
-                    f"{tuple(w.shape)} weight"
-                )
-            a = a.to(w.device, torch.float32)
-            b = b.to(w.device, torch.float32)
-            w.addmm_(b, a, alpha=coef)
-
-
 def fold(
     master: dict[str, torch.Tensor], adapters: Sequence[Adapter], weights: Sequence[float]
 ) -> Adapter:
@@ -285,12 +193,6 @@ def fold(
     patch = build_patch(adapters, weights, device=device)
     apply_patch(master, patch)
     return patch
-
-
-def patch_delta(patch: Adapter, module: str) -> torch.Tensor:
-    """Dense ``ΔW`` of one module (for tests and small rollback checks; O(d_out·d_in) memory)."""
-    a, b = patch.factors[module]
-    return patch.scale * (b.to(torch.float32) @ a.to(torch.float32))
 
 
 def nesterov_patch(delta: Adapter, previous: Sequence[Adapter], momentum: float, lr: float) -> Adapter:
