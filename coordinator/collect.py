@@ -40,6 +40,7 @@ class Manifest:
     sha256: str
     size: int
     worker_id: str = ""
+    lineage: str = ""  # the model lineage of base_version; empty from workers that predate it
 
 
 def upload(
@@ -53,6 +54,7 @@ def upload(
     blocks: Iterable[bytes],
     *,
     max_bytes: int,
+    lineage: str = "",
 ) -> Accepted:
     """The whole upload: refuse early what cannot be accepted, receive the bytes from
     ``offset`` on (resumable, see PartialUploads), then check and record the adapter.
@@ -63,6 +65,9 @@ def upload(
     """
     if manifest.size > max_bytes:
         return Accepted("refused", f"the adapter is {manifest.size} bytes; the limit is {max_bytes}")
+    if manifest.lineage and manifest.lineage != lineage:  # trained on another coordinator's model
+        return Accepted("refused", f"the adapter was trained on model lineage {manifest.lineage}, "
+                                   f"not this coordinator's {lineage}")
     result = precheck(ledger, manifest.task_id, manifest.fence, manifest.sha256)
     if result is not None:
         return result

@@ -5,8 +5,12 @@ Every version stores its *patch*: the exact low-rank update from its parent (the
 weighted factors of what was folded, or the negated chain for a rollback). Every
 ``snapshot_every``-th version, version 0, and every rollback also store a *snapshot*: the whole
 Hugging Face folder, plus the fp32 master of the linear layers when the base dtype is not fp32.
-A version pulled as a folder is built once and kept, and then serves as a snapshot too. Any version is its nearest snapshot at or below it plus the patches after that, applied in
-fp32 in order — the same operations the folder performed, so the rebuild is exact.
+A version pulled as a folder is built once and kept, and then serves as a snapshot too. Any
+version is its nearest snapshot at or below it plus the patches after that, applied in fp32 in
+order — the same operations the folder performed, so the rebuild is exact.
+
+Version numbers belong to a *lineage* (:mod:`nomoat.lineage`), fixed by version 0 and recorded in
+the ledger: whoever holds a version outside the ledger names it by both.
 
 Catching up from version ``have`` to ``want`` takes the cheaper (in bytes) of the patch chain
 ``have+1 … want`` and the nearest snapshot at or below ``want`` plus the patches after it.
@@ -20,11 +24,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from coordinator import folding
 from coordinator.ledger import Ledger
-from coordinator.model import RunningModel, materialize
+from coordinator.model import RunningModel, materialize, pulled
 from coordinator.store import BlobStore
 from nomoat import adapter as adapter_format
+from nomoat import lora
+from nomoat.lineage import Lineage, new_lineage
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -58,11 +63,6 @@ def plan_catch_up(have: int | None, want: int, patch_bytes: dict[int, int],
     if not options:
         raise ValueError(f"version {want} has no snapshot at or below it")
     return min(options, key=lambda o: (o.bytes, o.snapshot is not None))
-
-
-def chain_patch(patches: Sequence[adapter_format.Adapter], sign: float = 1.0) -> adapter_format.Adapter:
-    """One exact LoRA for several consecutive patches (their factors concatenated per module)."""
-    return folding.build_patch(list(patches), [sign] * len(patches))
 
 
 def peft_files(patch: adapter_format.Adapter) -> dict[str, bytes]:
@@ -100,6 +100,19 @@ class History:
         self.store = store
         self.dir = Path(data_dir) / "versions"
         self._lock = threading.Lock()
+        self._lineage: Lineage | None = None
+
+    def lineage(self) -> Lineage:
+        """The lineage version 0 fixed; made (once, whoever asks first) for a ledger without one."""
+        if self._lineage is None:
+            found = self.ledger.lineage()
+            if found is None:
+                base = self.ledger.version(0)
+                if base is None or not base.get("files"):
+                    raise ValueError("there is no version 0 yet, so no model lineage")
+                found = self.ledger.fix_lineage(new_lineage(base["files"]))
+            self._lineage = found
+        return self._lineage
 
     def patch(self, version: int) -> adapter_format.Adapter:
         return adapter_format.from_bytes(self.store.get(self.ledger.version(version)["patch"]))
@@ -112,6 +125,8 @@ class History:
         raise ValueError(f"no snapshot at or below version {version}")
 
     def sizes(self, upto: int) -> tuple[dict[int, int], dict[int, int]]:
+        """Bytes of each version's patch, and of each snapshot as a pull sends it (without the
+        coordinator's fp32 master, which stays here), for versions up to ``upto``."""
         patches, snapshots = {}, {}
         for record in self.ledger.versions():
             v = record["version"]
@@ -120,7 +135,7 @@ class History:
             if record.get("patch"):
                 patches[v] = self.store.size(record["patch"])
             if record.get("files"):
-                snapshots[v] = sum(self.store.size(sha) for sha in record["files"].values())
+                snapshots[v] = sum(self.store.size(sha) for sha in pulled(record["files"]).values())
         return patches, snapshots
 
     def rebuild(self, version: int) -> RunningModel:
@@ -130,7 +145,7 @@ class History:
         model = RunningModel(folder)
         for v in range(base + 1, version + 1):
             patch = self.patch(v)
-            folding.apply_patch(model.master(patch.modules()), patch)
+            lora.apply_patch(model.master(patch.modules()), patch)
         return model
 
     def hf_files(self, version: int) -> dict[str, str]:
@@ -151,4 +166,4 @@ class History:
     def peft(self, since: int, until: int) -> dict[str, bytes]:
         if not 0 <= since < until:
             raise ValueError(f"a PEFT patch needs 0 <= since < version (got since {since}, version {until})")
-        return peft_files(chain_patch([self.patch(v) for v in range(since + 1, until + 1)]))
+        return peft_files(lora.chain([self.patch(v) for v in range(since + 1, until + 1)]))

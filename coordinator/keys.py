@@ -16,6 +16,7 @@ VERSIONS = PREFIX + "versions"  # zset: version number -> version number
 LATEST = PREFIX + "versions:latest"  # string: newest published version number
 WORKERS = PREFIX + "workers"  # zset: worker id -> last seen
 RECENT_NORMS = PREFIX + "fold:norms"  # list: ‖ΔW‖ of recently accepted adapters (norm gate)
+LINEAGE = PREFIX + "lineage"  # string: JSON of the model lineage version 0 fixed (id, base file hashes)
 
 
 def job(job_id: str) -> str:

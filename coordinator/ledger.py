@@ -24,6 +24,7 @@ from typing import Any
 import redis
 
 from coordinator import keys
+from nomoat.lineage import Lineage
 
 TASK_STATES = ("pending", "leased", "done", "failed")
 
@@ -496,6 +497,17 @@ class Ledger:
         for n in numbers:
             pipe.hgetall(keys.version(n))
         return [_version_record(n, _decode(d)) for n, d in zip(numbers, pipe.execute())]
+
+    def lineage(self) -> Lineage | None:
+        """The model lineage fixed with version 0 (None for a ledger that has none yet)."""
+        raw = self.r.get(keys.LINEAGE)
+        return None if raw is None else Lineage.from_json(raw)
+
+    def fix_lineage(self, lineage: Lineage) -> Lineage:
+        """Record ``lineage`` unless one is recorded already (SET NX: the first writer wins, so
+        coordinators sharing a ledger agree); returns the lineage that holds."""
+        self.r.set(keys.LINEAGE, lineage.to_json(), nx=True)
+        return self.lineage()
 
     def set_version_files(self, number: int, files: dict[str, str]) -> None:
         """Record a snapshot (a Hugging Face folder in the blob store) made for a version later."""

@@ -2,12 +2,15 @@
 
 Only the folder thread touches a ``RunningModel``. Master weights stay in float32 whatever the
 base model's dtype, because a small low-rank update added in bf16 is mostly rounded away;
-published weights are cast back to the base dtype, and (when that dtype is not float32) the
-exact fp32 master of the adapted matrices is stored beside them so a restart loses nothing.
+published weights are cast back to the base dtype (and the folder's config says so, so a
+version rebuilt from it publishes in that dtype again), and (when that dtype is not float32) the
+exact fp32 master of the linear layers is stored beside them so a restart loses nothing. That
+master is the coordinator's own: pulls never send it (:func:`pulled`).
 """
 
 from __future__ import annotations
 
+import copy
 import tempfile
 from contextlib import contextmanager
 from collections.abc import Iterator, Mapping, Sequence
@@ -19,10 +22,16 @@ from safetensors.torch import save as st_save
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from coordinator.store import BlobStore
-from nomoat import packing
+from nomoat import lora, packing
 from nomoat.adapter import Adapter
 
-MASTER_FILE = "nomoat-master.safetensors"  # not part of the pulled folder
+PRIVATE_PREFIX = "nomoat-"  # files of a stored version that only the coordinator reads
+MASTER_FILE = PRIVATE_PREFIX + "master.safetensors"
+
+
+def pulled(files: Mapping[str, str]) -> dict[str, str]:
+    """The files of a stored version that a pull sends: all but the coordinator's own."""
+    return {path: sha for path, sha in files.items() if not path.startswith(PRIVATE_PREFIX)}
 
 
 class Checkpoint:
@@ -86,10 +95,8 @@ class RunningModel:
 
     def loss_with(self, adapter: Adapter, weight: float, texts: Sequence[str], seq_len: int) -> float:
         """Held-out loss of (current + weight·ΔW) without changing the model."""
-        from coordinator import folding
-
         with self.restorable(adapter.modules()):
-            folding.apply_patch(self.master(adapter.modules()), folding.build_patch([adapter], [weight]))
+            lora.apply_patch(self.master(adapter.modules()), lora.build_patch([adapter], [weight]))
             return self.eval_loss(texts, seq_len)
 
     # -- publishing ---------------------------------------------------------------------------
@@ -104,6 +111,12 @@ class RunningModel:
             out = Path(tmp)
             state = {k: v.to(self.base_dtype) for k, v in self.model.state_dict().items()}
             self.model.save_pretrained(out, state_dict=state, safe_serialization=True)
+            # save_pretrained writes the dtype of the live (fp32) parameters into config.json; the
+            # folder holds base-dtype weights, and whoever loads it (a user, a worker, this class
+            # rebuilding a later version) must see that dtype, or the next snapshot is fp32.
+            config = copy.deepcopy(self.model.config)
+            config.dtype = self.base_dtype
+            config.save_pretrained(out)
             self.tokenizer.save_pretrained(out)
             if self.base_dtype != torch.float32:
                 linear = [n for n, m in self.model.named_modules() if isinstance(m, torch.nn.Linear)]

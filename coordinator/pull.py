@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from coordinator.errors import InvalidRequest, NotFound
 from coordinator.history import History, plan_catch_up
 from coordinator.ledger import Ledger
+from coordinator.model import pulled
 from coordinator.store import BlobStore
 
 
@@ -40,6 +41,7 @@ class PullFile:
 class PullPlan:
     version: int
     files: list[PullFile]
+    lineage: str = ""  # the model lineage the version belongs to (see nomoat.lineage)
 
 
 def plan(ledger: Ledger, history: History, store: BlobStore, fmt: int, since: int, version: int) -> PullPlan:
@@ -59,7 +61,7 @@ def plan(ledger: Ledger, history: History, store: BlobStore, fmt: int, since: in
         PullFile(p, len(data), hashlib.sha256(data).hexdigest(), data) if isinstance(data, bytes)
         else PullFile(p, store.size(data), data)
         for p, data in files
-    ])
+    ], history.lineage().id)
 
 
 def _files(ledger: Ledger, history: History, fmt: int, since: int, number: int) -> list[tuple[str, bytes | str]]:
@@ -77,11 +79,10 @@ def _files(ledger: Ledger, history: History, fmt: int, since: int, number: int) 
         catch_up = plan_catch_up(since, number, patches, snapshots, full_bytes=newest_snapshot)
         files: list[tuple[str, bytes | str]] = []
         if catch_up.snapshot is not None:
-            files += [(f"snapshot/{p}", sha) for p, sha in sorted(history.hf_files(catch_up.snapshot).items())
-                      if not p.startswith("nomoat-")]
+            files += [(f"snapshot/{p}", sha) for p, sha in sorted(pulled(history.hf_files(catch_up.snapshot)).items())]
         files += [(f"patches/{v:06d}.safetensors", ledger.version(v)["patch"]) for v in catch_up.patches]
         return files
-    return [(p, sha) for p, sha in sorted(history.hf_files(number).items()) if not p.startswith("nomoat-")]
+    return sorted(pulled(history.hf_files(number)).items())
 
 
 def blocks(store: BlobStore, pulled: PullPlan, size: int) -> Iterator[tuple[str, int, bytes]]:

@@ -169,6 +169,7 @@ class Coordinator:
         else:
             self.model = self.history.rebuild(latest)
             log.info("resuming from version %d", latest)
+        log.info("model lineage %s", self.history.lineage().id)  # fixed with version 0, once
         self.shapes = {name: (m.out_features, m.in_features) for name, m in self.model.model.named_modules()
                        if isinstance(m, torch.nn.Linear)}
 

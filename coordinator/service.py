@@ -212,14 +212,14 @@ class WorkersServicer(rpc.WorkersServicer):
         worker_id = workers.register(self.deps.ledger, self.deps.settings, caller(context, self.deps.registry),
                                      joining)
         return pb.RegisterReply(worker_id=worker_id, ray_address=self.deps.ray_address,
-                                ray_auth_token=self.deps.ray_auth_token)
+                                ray_auth_token=self.deps.ray_auth_token, lineage=self.deps.history.lineage().id)
 
     @_answers
     def Heartbeat(self, request, context):
         beat = leases.heartbeat(self.deps.ledger, self.deps.settings, _identity(context, self.deps),
                                 request.worker_id, request.task_id, request.fence, request.event)
         return pb.HeartbeatReply(ok=beat.ok, deadline=beat.deadline, reason=beat.reason,
-                                 base_version=beat.base_version)
+                                 base_version=beat.base_version, lineage=self.deps.history.lineage().id)
 
     @_answers
     def FetchShard(self, request, context):
@@ -247,10 +247,12 @@ class WorkersServicer(rpc.WorkersServicer):
         manifest = collect.Manifest(
             task_id=m.task_id, fence=m.fence, base_version=m.base_version, rank=m.rank, alpha=m.alpha,
             tokens=m.tokens, train_loss=m.train_loss, sha256=m.sha256, size=m.size, worker_id=m.worker_id,
+            lineage=m.lineage,
         )
         result = collect.upload(self.deps.ledger, self.deps.store, self.deps.shapes, self._partials(),
                                 _identity(context, self.deps), manifest, m.offset, _adapter_blocks(request_iterator),
-                                max_bytes=self.deps.settings.max_adapter_bytes)
+                                max_bytes=self.deps.settings.max_adapter_bytes,
+                                lineage=self.deps.history.lineage().id)
         if result.ok:
             return pb.UploadReply(accepted=True, adapter_id=result.detail)
         log.warning("upload for %s refused: %s", m.task_id, result.detail)
@@ -265,7 +267,7 @@ class ModelsServicer(rpc.ModelsServicer):
     def Pull(self, request, context):
         plan = pull.plan(self.deps.ledger, self.deps.history, self.deps.store, request.format, request.since,
                          request.version)
-        yield pb.PullChunk(header=pb.PullHeader(version=plan.version, files=[
+        yield pb.PullChunk(header=pb.PullHeader(version=plan.version, lineage=plan.lineage, files=[
             pb.FileEntry(path=f.path, size=f.size, sha256=f.sha256) for f in plan.files
         ]))
         for path, offset, block in pull.blocks(self.deps.store, plan, CHUNK):

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import grpc
 
+from nomoat.lineage import STAMP, Stamp, file_sha256
 from nomoat.v1 import nomoat_pb2 as pb
 from nomoat.v1 import nomoat_pb2_grpc as rpc
 
@@ -136,11 +137,14 @@ class CoordinatorClient:
 
     # -- pull ---------------------------------------------------------------------------------
 
-    def pull(self, out: Path, version: int = -1, timeout: float = 3600, fmt: str = "hf", since: int = 0) -> int:
+    def pull(self, out: Path, version: int = -1, timeout: float = 3600, fmt: str = "hf", since: int = 0,
+             lineage: str = "") -> int:
         """Write a version's Hugging Face folder into ``out``; returns the version number.
 
         Files land in a temporary folder beside ``out`` and are checked against their sha256
-        before the folder is moved into place, so ``out`` is never half-written.
+        before the folder is moved into place, so ``out`` is never half-written. The folder gets
+        a stamp (:data:`nomoat.lineage.STAMP`) naming the model lineage and version it holds and
+        every file's sha256. With ``lineage``, a coordinator serving another lineage is refused.
         """
         out = Path(out)
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -148,43 +152,50 @@ class CoordinatorClient:
         try:
             request = pb.PullRequest(version=version, since=since,
                                      format=pb.PullRequest.Format.Value(fmt.upper()))
-            number, entries = self._pull_into(tmp, request, timeout)
-            for entry in entries:
-                got = hashlib.sha256((tmp / entry.path).read_bytes()).hexdigest()
-                if got != entry.sha256 or (tmp / entry.path).stat().st_size != entry.size:
+            header = self._pull_into(tmp, request, timeout, lineage)
+            for entry in header.files:
+                path = tmp / entry.path
+                if path.stat().st_size != entry.size or file_sha256(path) != entry.sha256:
                     raise NomoatError(f"{entry.path} arrived damaged (sha256 mismatch); pull again")
+            if header.lineage:
+                Stamp(header.lineage, header.version, {e.path: e.sha256 for e in header.files}).write(tmp)
             if out.exists():
                 shutil.rmtree(out)
             tmp.rename(out)
-            return number
+            return header.version
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
 
-    def _pull_into(self, tmp: Path, request: pb.PullRequest, timeout: float):
-        number, entries, handles = -1, [], {}
+    def _pull_into(self, tmp: Path, request: pb.PullRequest, timeout: float, lineage: str) -> pb.PullHeader:
+        header, handles = None, {}
         try:
             for chunk in self._stream(self.models.Pull, request, timeout):
                 if chunk.HasField("header"):
-                    number, entries = chunk.header.version, list(chunk.header.files)
-                    allowed = {e.path for e in entries}
-                    for e in entries:
+                    header = chunk.header
+                    if lineage and header.lineage != lineage:
+                        raise NomoatError(
+                            f"the coordinator at {self.address} now serves model lineage {header.lineage or '(none)'}, "
+                            f"not {lineage}: it was restarted with another data dir or base model, so its version "
+                            f"{header.version} is not the model this task was given; the task must start again")
+                    allowed = {e.path for e in header.files}
+                    for e in header.files:
                         target = (tmp / e.path).resolve()
-                        if tmp.resolve() not in target.parents:
+                        if tmp.resolve() not in target.parents or e.path == STAMP:
                             raise NomoatError(f"the coordinator sent an unsafe file name {e.path!r}")
                         target.parent.mkdir(parents=True, exist_ok=True)
                         handles[e.path] = open(target, "wb")
                     continue
                 part = chunk.file
-                if number < 0 or part.path not in allowed:
+                if header is None or part.path not in allowed:
                     raise NomoatError("the coordinator's pull stream was malformed")
                 handles[part.path].write(part.data)
         finally:
             for fh in handles.values():
                 fh.close()
-        if number < 0:
+        if header is None:
             raise NomoatError("the coordinator sent no model")
-        return number, entries
+        return header
 
     # -- workers ------------------------------------------------------------------------------
 

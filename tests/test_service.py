@@ -22,6 +22,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from coordinator.submit import read_records
 from nomoat import adapter as adapter_format
+from nomoat import lineage
 from nomoat.client import CoordinatorClient, NomoatError
 from nomoat.v1 import nomoat_pb2 as pb
 from tests.rig import ALPHA, RANK, TARGETS, TEXTS, Rig, manifest, published, rig  # noqa: F401  (fixtures)
@@ -490,11 +491,13 @@ def test_an_adapter_over_the_size_limit_is_refused(rig: Rig, leased) -> None:
 def test_pull_streams_a_loadable_model_folder(rig: Rig) -> None:
     out = rig.tmp / "model"
     assert rig.client("reader").pull(out) == 0
-    names = {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()}
+    names = {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()} - {lineage.STAMP}
     assert names == {p for p in rig.v0_files if not p.startswith("nomoat-")}
     assert "config.json" in names and "model.safetensors" in names
     for name in names:
         assert hashlib.sha256((out / name).read_bytes()).hexdigest() == rig.v0_files[name]
+    # the folder names what it holds: version 0 of this coordinator's lineage, with every file's hash
+    assert lineage.problem(out, rig.deps.history.lineage().id, 0) == ""
     model = AutoModelForCausalLM.from_pretrained(out)
     tokenizer = AutoTokenizer.from_pretrained(out)
     ids = tokenizer("hello world", return_tensors="pt")["input_ids"]

@@ -64,6 +64,7 @@ class WorkerAgent:
         self.node: ray_node.RayNode | None = None
         self.head = ""  # the Ray head (GCS) address the node joined
         self.worker_id = ""
+        self.lineage = ""  # the coordinator's model lineage: only its adapters leave the outbox
         self.outbox = uploader.Outbox(self.cache_dir / "outbox")
         self._stop = threading.Event()
 
@@ -71,7 +72,7 @@ class WorkerAgent:
         self.client.wait_ready()
         # Registering again after the node was replaced: the same worker, under the same id.
         reply = self.client.register(self.name, card_message(self.card), worker_id=self.worker_id)
-        self.worker_id = reply.worker_id
+        self.worker_id, self.lineage = reply.worker_id, reply.lineage
         self.head = self.ray_address or reply.ray_address
         env = {
             "NOMOAT_WORKER_ID": self.worker_id,
@@ -129,7 +130,7 @@ class WorkerAgent:
     def _deliver_orphans(self) -> None:
         while not self._stop.wait(CHECK_EVERY_S):
             try:
-                uploader.deliver_orphans(self.client, self.outbox)
+                uploader.deliver_orphans(self.client, self.outbox, self.lineage)
             except Exception:  # noqa: BLE001  (the outbox must never take the agent down)
                 log.exception("delivering the outbox failed")
 

@@ -44,6 +44,7 @@ class Heartbeat(threading.Thread):
         self.interval = interval
         self.lost = ""
         self.base_version = -1  # the version to train on, as the coordinator fixes it
+        self.lineage = ""  # the model lineage that version belongs to
         self._halt = threading.Event()
 
     def beat(self) -> None:
@@ -56,7 +57,7 @@ class Heartbeat(threading.Thread):
             self.lost = reply.reason
             self._halt.set()
         elif self.base_version < 0:
-            self.base_version = reply.base_version
+            self.base_version, self.lineage = reply.base_version, reply.lineage
 
     def note(self, event: str) -> None:
         """Record ``event`` about this run in the ledger (an out-of-memory retry, say)."""
@@ -183,7 +184,7 @@ def run_task(spec: dict[str, Any]) -> dict[str, Any]:
         heartbeat.start()
         try:
             texts = [json.loads(line)["text"] for line in client.fetch_shard(task_id, fence).splitlines()]
-            model_dir = ModelCache().ensure(client, base_version)
+            model_dir = ModelCache().ensure(client, heartbeat.lineage, base_version)
             lora = LoraSpec(rank=spec["lora"]["rank"], alpha=spec["lora"]["alpha"],
                             target_modules=tuple(spec["lora"]["target_modules"]))
             card = node_card()
@@ -192,7 +193,7 @@ def run_task(spec: dict[str, Any]) -> dict[str, Any]:
             heartbeat.check()
             data = adapter_format.to_bytes(adapter)
             manifest = uploader.manifest_for(task_id, fence, base_version, lora.rank, lora.alpha,
-                                             result.tokens, result.train_loss, data, worker_id)
+                                             result.tokens, result.train_loss, data, worker_id, heartbeat.lineage)
             sent = _deliver(client, manifest, data)
         finally:
             heartbeat.stop()

@@ -9,7 +9,9 @@ A refusal (stale lease, failed check) is final and is not retried.
 A finished adapter is also written to the worker's outbox (a folder in its cache dir) before it
 is sent, and removed once the coordinator has answered. If the process running the task dies
 first (its Ray node went down with a restarted coordinator's head, say), the worker agent finds
-the entry and delivers it: work that was done is not thrown away.
+the entry and delivers it: work that was done is not thrown away. An entry names the model
+lineage its adapter was trained in (the manifest's ``lineage``) and goes only to a coordinator of
+that lineage: a volunteer who serves two coordinators never hands one the other's work.
 """
 
 from __future__ import annotations
@@ -37,10 +39,11 @@ class UploadResult:
 
 
 def manifest_for(task_id: str, fence: int, base_version: int, rank: int, alpha: float, tokens: int,
-                 train_loss: float, data: bytes, worker_id: str = "") -> pb.AdapterManifest:
+                 train_loss: float, data: bytes, worker_id: str = "", lineage: str = "") -> pb.AdapterManifest:
     return pb.AdapterManifest(
         task_id=task_id, fence=fence, base_version=base_version, rank=rank, alpha=alpha, tokens=tokens,
         train_loss=train_loss, sha256=hashlib.sha256(data).hexdigest(), size=len(data), worker_id=worker_id,
+        lineage=lineage,
     )
 
 
@@ -95,7 +98,8 @@ class Entry:
 
 
 class Outbox:
-    """Finished adapters not yet answered by the coordinator: ``<task>-<fence>.{adapter,manifest,owner}``.
+    """Finished adapters not yet answered by the coordinator:
+    ``<lineage>.<task>-<fence>.{adapter,manifest,owner}``.
 
     The ``.owner`` file holds the pid of the process sending it; an entry whose owner is gone
     (or gave it up) is an orphan, for the worker agent to deliver.
@@ -105,7 +109,9 @@ class Outbox:
         self.root = Path(root)
 
     def _key(self, manifest: pb.AdapterManifest) -> str:
-        return _SAFE.sub("_", manifest.task_id)[:128] + f"-{manifest.fence}"
+        # The lineage is part of the name: two coordinators may both have a task "t-1" at fence 1.
+        lineage = _SAFE.sub("_", manifest.lineage)[:64] + "." if manifest.lineage else ""
+        return lineage + _SAFE.sub("_", manifest.task_id)[:128] + f"-{manifest.fence}"
 
     def put(self, manifest: pb.AdapterManifest, data: bytes) -> str:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -146,13 +152,16 @@ class Outbox:
         return found
 
 
-def deliver_orphans(client: CoordinatorClient, outbox: Outbox, max_age_s: float = 24 * 3600) -> int:
-    """One try for each orphaned entry; returns how many the coordinator answered."""
+def deliver_orphans(client: CoordinatorClient, outbox: Outbox, lineage: str, max_age_s: float = 24 * 3600) -> int:
+    """One try for each orphaned entry of ``lineage`` (the coordinator's, as it said when the
+    worker registered); returns how many the coordinator answered."""
     answered = 0
     for entry in outbox.orphans():
         if entry.age_s > max_age_s:
             outbox.remove(entry.key)
             continue
+        if not lineage or entry.manifest.lineage != lineage:
+            continue  # another coordinator's work (or one from before lineages): it stays until too old
         try:
             result = send_once(client, entry.manifest, entry.data)
         except NomoatError as exc:

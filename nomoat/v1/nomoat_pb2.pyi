@@ -224,14 +224,16 @@ class RegisterRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ..., card: _Optional[_Union[Card, _Mapping]] = ..., node_id: _Optional[str] = ..., worker_id: _Optional[str] = ...) -> None: ...
 
 class RegisterReply(_message.Message):
-    __slots__ = ("worker_id", "ray_address", "ray_auth_token")
+    __slots__ = ("worker_id", "ray_address", "ray_auth_token", "lineage")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     RAY_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     RAY_AUTH_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    LINEAGE_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     ray_address: str
     ray_auth_token: str
-    def __init__(self, worker_id: _Optional[str] = ..., ray_address: _Optional[str] = ..., ray_auth_token: _Optional[str] = ...) -> None: ...
+    lineage: str
+    def __init__(self, worker_id: _Optional[str] = ..., ray_address: _Optional[str] = ..., ray_auth_token: _Optional[str] = ..., lineage: _Optional[str] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
     __slots__ = ("task_id", "fence", "worker_id", "event")
@@ -246,16 +248,18 @@ class HeartbeatRequest(_message.Message):
     def __init__(self, task_id: _Optional[str] = ..., fence: _Optional[int] = ..., worker_id: _Optional[str] = ..., event: _Optional[str] = ...) -> None: ...
 
 class HeartbeatReply(_message.Message):
-    __slots__ = ("ok", "deadline", "reason", "base_version")
+    __slots__ = ("ok", "deadline", "reason", "base_version", "lineage")
     OK_FIELD_NUMBER: _ClassVar[int]
     DEADLINE_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     BASE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    LINEAGE_FIELD_NUMBER: _ClassVar[int]
     ok: bool
     deadline: float
     reason: str
     base_version: int
-    def __init__(self, ok: _Optional[bool] = ..., deadline: _Optional[float] = ..., reason: _Optional[str] = ..., base_version: _Optional[int] = ...) -> None: ...
+    lineage: str
+    def __init__(self, ok: _Optional[bool] = ..., deadline: _Optional[float] = ..., reason: _Optional[str] = ..., base_version: _Optional[int] = ..., lineage: _Optional[str] = ...) -> None: ...
 
 class FetchShardRequest(_message.Message):
     __slots__ = ("task_id", "fence")
@@ -272,7 +276,7 @@ class DataChunk(_message.Message):
     def __init__(self, data: _Optional[bytes] = ...) -> None: ...
 
 class AdapterManifest(_message.Message):
-    __slots__ = ("task_id", "fence", "base_version", "rank", "alpha", "tokens", "train_loss", "sha256", "size", "worker_id", "offset", "train_seconds")
+    __slots__ = ("task_id", "fence", "base_version", "rank", "alpha", "tokens", "train_loss", "sha256", "size", "worker_id", "offset", "train_seconds", "lineage")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     FENCE_FIELD_NUMBER: _ClassVar[int]
     BASE_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -285,6 +289,7 @@ class AdapterManifest(_message.Message):
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     TRAIN_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    LINEAGE_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     fence: int
     base_version: int
@@ -297,7 +302,8 @@ class AdapterManifest(_message.Message):
     worker_id: str
     offset: int
     train_seconds: float
-    def __init__(self, task_id: _Optional[str] = ..., fence: _Optional[int] = ..., base_version: _Optional[int] = ..., rank: _Optional[int] = ..., alpha: _Optional[float] = ..., tokens: _Optional[int] = ..., train_loss: _Optional[float] = ..., sha256: _Optional[str] = ..., size: _Optional[int] = ..., worker_id: _Optional[str] = ..., offset: _Optional[int] = ..., train_seconds: _Optional[float] = ...) -> None: ...
+    lineage: str
+    def __init__(self, task_id: _Optional[str] = ..., fence: _Optional[int] = ..., base_version: _Optional[int] = ..., rank: _Optional[int] = ..., alpha: _Optional[float] = ..., tokens: _Optional[int] = ..., train_loss: _Optional[float] = ..., sha256: _Optional[str] = ..., size: _Optional[int] = ..., worker_id: _Optional[str] = ..., offset: _Optional[int] = ..., train_seconds: _Optional[float] = ..., lineage: _Optional[str] = ...) -> None: ...
 
 class UploadChunk(_message.Message):
     __slots__ = ("manifest", "data")
@@ -346,12 +352,14 @@ class FileEntry(_message.Message):
     def __init__(self, path: _Optional[str] = ..., size: _Optional[int] = ..., sha256: _Optional[str] = ...) -> None: ...
 
 class PullHeader(_message.Message):
-    __slots__ = ("version", "files")
+    __slots__ = ("version", "files", "lineage")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     FILES_FIELD_NUMBER: _ClassVar[int]
+    LINEAGE_FIELD_NUMBER: _ClassVar[int]
     version: int
     files: _containers.RepeatedCompositeFieldContainer[FileEntry]
-    def __init__(self, version: _Optional[int] = ..., files: _Optional[_Iterable[_Union[FileEntry, _Mapping]]] = ...) -> None: ...
+    lineage: str
+    def __init__(self, version: _Optional[int] = ..., files: _Optional[_Iterable[_Union[FileEntry, _Mapping]]] = ..., lineage: _Optional[str] = ...) -> None: ...
 
 class FileChunk(_message.Message):
     __slots__ = ("path", "offset", "data")
