@@ -79,7 +79,8 @@ def _files(ledger: Ledger, history: History, fmt: int, since: int, number: int) 
         catch_up = plan_catch_up(since, number, patches, snapshots, full_bytes=newest_snapshot)
         files: list[tuple[str, bytes | str]] = []
         if catch_up.snapshot is not None:
-            files += [(f"snapshot/{p}", sha) for p, sha in sorted(pulled(history.hf_files(catch_up.snapshot)).items())]
+            snapshot = pulled(history.hf_files(catch_up.snapshot))
+            files += [(f"snapshot/{p}", sha) for p, sha in sorted(snapshot.items())]
         files += [(f"patches/{v:06d}.safetensors", ledger.version(v)["patch"]) for v in catch_up.patches]
         return files
     return sorted(pulled(history.hf_files(number)).items())
