@@ -103,7 +103,7 @@ def test_create_list_revoke_round_trip(rig: Rig) -> None:
     assert len(listed) == len(rigs.ROLES) + 1
 
     alice = rig.client(token=made.token)
-    assert alice.status() is not None
+    assert [(v.version, v.parent) for v in alice.status().versions] == [(0, -1)]  # the rig's base model
     assert admin.revoke_token(made.token_id)  # by id; immediate on this coordinator
     with pytest.raises(NomoatError, match="not valid"):
         alice.status()
@@ -182,7 +182,7 @@ def tls_rig(redis_client, published, tmp_path):  # noqa: F811
 
 def test_tls_with_the_right_ca_works_and_everything_else_fails_with_a_sentence(tls_rig: Rig, tmp_path) -> None:
     assert tls_rig.healthy()
-    assert tls_rig.client("reader").status() is not None
+    assert [(v.version, v.parent) for v in tls_rig.client("reader").status().versions] == [(0, -1)]
 
     plain = CoordinatorClient(tls_rig.address, token=tls_rig.tokens["reader"])
     with pytest.raises(NomoatError, match=r"cannot reach the coordinator .* if it uses TLS, did you pass --tls-ca"):
