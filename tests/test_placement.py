@@ -129,17 +129,17 @@ def test_an_out_of_memory_run_retries_with_a_smaller_micro_batch(cluster) -> Non
 
 def test_speculation_shortens_the_tail_and_never_folds_a_task_twice(cluster) -> None:
     coordinator, client, tmp, _ = cluster
-    started = time.monotonic()
     reply = client.submit(dataset(tmp, "tail", 60, 3), name="tail")
     job = wait_done(client, reply.job_id, timeout=150)
-    took = time.monotonic() - started
     tasks = coordinator.ledger.tasks(reply.job_id)
     twins = [coordinator.ledger.task(t["twin"]) for t in tasks if t.get("twin")]
     assert twins, "nothing was speculated"
     won = [t for t in tasks if t.get("twin") and coordinator.ledger.adapter(t["adapter"])["task"] == t["twin"]]
     assert won, "no speculative run won"
-    # The small card needs 512 / (1 x 20) = 26 s for a unit; the job was done sooner.
-    assert took < 512 / RATE, took
+    # Each raced a run already under way, and beat it (that it races the right runs, those
+    # expected to finish last, on cards that would finish sooner, is tests/test_scheduler.py's).
+    for task in won:
+        assert float(coordinator.ledger.task(task["twin"])["leased_at"]) > float(task["leased_at"]), task
     # Exactly one adapter per task was accepted, and each task's result is folded once.
     accepted = [a for a in adapters_of(coordinator, reply.job_id) if a["state"] in ("buffered", "folded")]
     originals = [a["task"].removesuffix(".spec") for a in accepted]
@@ -150,7 +150,10 @@ def test_speculation_shortens_the_tail_and_never_folds_a_task_twice(cluster) -> 
 
 
 def test_a_fast_card_gets_more_tokens_per_run_than_a_slow_one(cluster) -> None:
-    coordinator, _, _, _ = cluster
+    coordinator, client, tmp, _ = cluster
+    coordinator.scheduler.runs.clear()  # this job's runs only, whatever ran before it
+    reply = client.submit(dataset(tmp, "sizing", 60, 5), name="sizing")
+    wait_done(client, reply.job_id, timeout=150)
     vram = {n.node_id: n.vram_gb for n in coordinator.dispatcher.nodes()}
     per_card: dict[float, list[int]] = {}
     for node_id, _, tokens in coordinator.scheduler.runs:
