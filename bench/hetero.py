@@ -99,7 +99,7 @@ def main() -> None:
             unit = math.ceil(total * 0.95 / (len(CARDS) * args.units_per_card))
             aware_s, aware_tasks = run_job(client, data, unit, "aware")
             print(json.dumps({"variant": "aware", "makespan_s": round(aware_s, 1), "tasks": aware_tasks}), flush=True)
-            speeds = {w.get("name"): round(float(w.get("tokens_per_s", 0)), 1) for w in coordinator.ledger.workers()}
+            speeds = {w.name: round(w.tokens_per_s, 1) for w in coordinator.ledger.workers.all()}
     finally:
         for w in workers:
             w.interrupt()

@@ -1,29 +1,22 @@
 """Who may call what: bearer tokens with roles, checked on every RPC by a server interceptor.
 
-Tokens are random strings shown once; Redis keeps only their sha256 (the token id), with the
-role. The first start of a coordinator writes an admin token and a worker token into its data dir
-(mode 0600). The standard gRPC health check stays open. Every method not listed in PERMISSIONS
+Tokens are random strings shown once; the ledger keeps only their sha256 (the token id), with
+the role (coordinator.ledger.tokens). The first start of a coordinator writes an admin token and a
+worker token into its data dir (mode 0600). The standard gRPC health check stays open. Every method not listed in PERMISSIONS
 (the Admin service) is for admin tokens only.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
-import redis
 
-from coordinator import keys
+from coordinator.ledger.tokens import ROLES, TokenEntry, Tokens, hash_token, token_id  # noqa: F401 (ROLES, token_id: used from here)
 
-ROLES = ("worker", "submitter", "reader", "admin")
-TOKENS = keys.PREFIX + "tokens"  # hash: sha256(token) -> {"role", "name", "created"}
-REVOKED = keys.PREFIX + "tokens:revoked"  # set: token ids revoked (a data-dir token is not revived)
 CACHE_S = 5.0  # how long a coordinator trusts a token it looked up; another's revocation waits this long
 _CACHE_MAX = 4096
 
@@ -51,40 +44,16 @@ class Identity:
     token_hash: str
 
 
-@dataclass(frozen=True)
-class TokenEntry:
-    token_id: str  # sha256 of the token
-    role: str
-    name: str
-    created: float
-
-
-def _hash(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
-
-
-def token_id(token_or_id: str) -> str:
-    """A token id is given as is (64 hex digits); a token becomes its id."""
-    if len(token_or_id) == 64 and all(c in "0123456789abcdef" for c in token_or_id):
-        return token_or_id
-    return _hash(token_or_id)
-
-
 class TokenRegistry:
-    def __init__(self, client: redis.Redis, cache_s: float = CACHE_S) -> None:
-        self.r = client
+    """The ledger's tokens as the interceptor uses them: looked up with a short cache."""
+
+    def __init__(self, tokens: Tokens, cache_s: float = CACHE_S) -> None:
+        self.tokens = tokens
         self.cache_s = cache_s
         self._cache: dict[str, tuple[float, Identity]] = {}
 
     def create(self, role: str, name: str = "") -> str:
-        if role not in ROLES:
-            raise ValueError(f"unknown role {role!r}; choose one of {', '.join(ROLES)}")
-        if len(name) > 200:
-            raise ValueError("a token name may be at most 200 characters")
-        token = f"nmt_{role[0]}_{secrets.token_urlsafe(24)}"
-        record = {"role": role, "name": name or role, "created": time.time()}
-        self.r.hset(TOKENS, _hash(token), json.dumps(record))
-        return token
+        return self.tokens.create(role, name)
 
     def revoke(self, token_or_id: str) -> bool:
         """Revoke a token, given itself or its id; False when no such token is registered.
@@ -93,32 +62,21 @@ class TokenRegistry:
         """
         h = token_id(token_or_id)
         self._cache.pop(h, None)
-        pipe = self.r.pipeline(transaction=True)
-        pipe.hdel(TOKENS, h)
-        pipe.sadd(REVOKED, h)
-        removed, _ = pipe.execute()
-        return bool(removed)
+        return self.tokens.revoke(h)
 
     def list(self) -> list[TokenEntry]:
-        """Every registered token (by id, never the token itself), oldest first."""
-        entries = []
-        for h, raw in self.r.hgetall(TOKENS).items():
-            record = json.loads(raw)
-            entries.append(TokenEntry(h.decode() if isinstance(h, bytes) else h, record["role"],
-                                      record.get("name", ""), float(record.get("created", 0.0))))
-        return sorted(entries, key=lambda e: (e.created, e.token_id))
+        return self.tokens.list()
 
     def lookup(self, token: str) -> Identity | None:
-        h = _hash(token)
+        h = hash_token(token)
         cached = self._cache.get(h)
         if cached and cached[0] > time.monotonic():
             return cached[1]
-        raw = self.r.hget(TOKENS, h)
-        if not raw:
+        entry = self.tokens.get(h)
+        if entry is None:
             self._cache.pop(h, None)
             return None  # misses are not cached: random tokens must not grow the cache
-        record = json.loads(raw)
-        identity = Identity(record["role"], record.get("name", ""), h)
+        identity = Identity(entry.role, entry.name, h)
         # A short cache keeps Redis off the hot path; another coordinator's revocation takes
         # effect here within cache_s.
         if len(self._cache) >= _CACHE_MAX:
@@ -133,13 +91,12 @@ class TokenRegistry:
         """
         if path.exists():
             token = path.read_text().strip()
-            h = _hash(token)
-            if self.r.sismember(REVOKED, h):
+            h = hash_token(token)
+            if self.tokens.revoked(h):
                 path.unlink()
                 return self.ensure_file(path, role)
             if self.lookup(token) is None:
-                record = {"role": role, "name": role, "created": time.time()}
-                self.r.hset(TOKENS, h, json.dumps(record))
+                self.tokens.restore(h, role, role)
                 self._cache.pop(h, None)
             return token
         token = self.create(role, name=f"{role} (data dir)")

@@ -13,7 +13,6 @@ resumable upload, then ``receive`` checks and records it.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
@@ -22,7 +21,7 @@ from coordinator import folding
 from coordinator.auth import Identity
 from coordinator.errors import Incomplete, WrongState
 from coordinator.leases import holder
-from coordinator.ledger import Accepted, Ledger, adapter_id_for
+from coordinator.ledger import Accepted, Ledger
 from coordinator.store import BlobStore
 from coordinator.uploads import PartialUploads, UploadRefused, UploadRetry
 from nomoat import adapter as adapter_format
@@ -73,7 +72,7 @@ def upload(
         return result
     worker_id, token_hash = holder(ledger, identity, manifest.worker_id)
     m = replace(manifest, worker_id=worker_id)  # the worker credited, if any
-    problem = ledger.hold(m.task_id, m.fence, m.worker_id, token_hash)
+    problem = ledger.leases.hold(m.task_id, m.fence, m.worker_id, token_hash)
     if problem:
         return Accepted("refused", problem)
     try:
@@ -97,18 +96,7 @@ def precheck(ledger: Ledger, task_id: str, fence: int, sha256: str) -> Accepted 
     decides again, atomically, when the upload is complete; this only keeps a stale or unknown
     lease from making the coordinator store its bytes.
     """
-    task = ledger.task(task_id)
-    if task is None:
-        return Accepted("refused", f"there is no task {task_id!r}")
-    if task["state"] == "done":
-        if task.get("adapter") == adapter_id_for(task_id, fence, sha256):
-            return Accepted("duplicate", task["adapter"])
-        return Accepted("refused", "the task is already done: a result from another lease was accepted")
-    if task["state"] != "leased":
-        return Accepted("refused", f"the task is {task['state']}, not leased")
-    if int(task["fence"]) != fence:
-        return Accepted("refused", f"stale fence {fence}: the lease was re-issued with fence {task['fence']}")
-    return None
+    return ledger.adapters.precheck(task_id, fence, sha256)
 
 
 def receive(
@@ -124,17 +112,17 @@ def receive(
     digest = hashlib.sha256(data).hexdigest()
     if digest != manifest.sha256:
         return Accepted("refused", "the upload's sha256 does not match its manifest: it was corrupted on the way")
-    task = ledger.task(manifest.task_id)
+    task = ledger.tasks.get(manifest.task_id)
     if task is None:
         return Accepted("refused", f"there is no task {manifest.task_id!r}")
-    if task["state"] == "leased" and int(task["fence"]) == manifest.fence:
-        if int(task.get("base_version", -1)) != manifest.base_version:
+    if not ledger.leases.problem(manifest.task_id, manifest.fence):
+        if task.base_version != manifest.base_version:
             return Accepted(
                 "refused",
                 f"the manifest names base version {manifest.base_version} but the task's run was "
-                f"given version {task['base_version']}",
+                f"given version {task.base_version}",
             )
-        config = json.loads(ledger.job(task["job"])["config"])
+        config = ledger.jobs.get(task.job).config
         try:
             adapter = adapter_format.from_bytes(data)
             if adapter.rank != manifest.rank or not math.isclose(adapter.alpha, manifest.alpha, rel_tol=1e-6):
@@ -142,20 +130,17 @@ def receive(
                     f"the manifest says rank {manifest.rank}, alpha {manifest.alpha} but the file holds "
                     f"rank {adapter.rank}, alpha {adapter.alpha}"
                 )
-            targets = set(config["target_modules"])
+            targets = set(config.target_modules)
             expected = {m: s for m, s in shapes.items() if m.rsplit(".", 1)[-1] in targets}
-            folding.check_structure(adapter, expected, config["lora_rank"], config["lora_alpha"])
+            folding.check_structure(adapter, expected, config.lora_rank, config.lora_alpha)
         except (adapter_format.AdapterFormatError, folding.AdapterRejected) as exc:
             return Accepted("refused", f"the adapter was refused: {exc}")
         store.put(data)
-    fields = {
-        "base_version": manifest.base_version,
-        "rank": manifest.rank,
-        "alpha": manifest.alpha,
-        # The fold weighs adapters by tokens trained; a worker may not claim more than its task holds.
-        "tokens": min(manifest.tokens, int(task.get("tokens") or manifest.tokens)),
-        "train_loss": manifest.train_loss,
-        "size": manifest.size,
-    }
     # The ledger decides under its own atomicity whether this fence still holds the lease.
-    return ledger.accept_upload(manifest.task_id, manifest.fence, digest, fields, manifest.worker_id)
+    return ledger.adapters.accept(
+        manifest.task_id, manifest.fence, digest, worker_id=manifest.worker_id,
+        base_version=manifest.base_version, rank=manifest.rank, alpha=manifest.alpha,
+        # The fold weighs adapters by tokens trained; a worker may not claim more than its task holds.
+        tokens=min(manifest.tokens, task.tokens or manifest.tokens),
+        train_loss=manifest.train_loss, size=manifest.size,
+    )

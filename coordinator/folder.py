@@ -12,20 +12,21 @@ otherwise the worst contributor is dropped and the fold retried, or nothing is p
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from coordinator import folding
 from coordinator.history import History
-from coordinator.ledger import Ledger
+from coordinator.ledger import AdapterRecord, AdapterState, FoldedAdapter, JobState, Ledger, VersionRecord
 from coordinator.model import RunningModel
 from coordinator.settings import Settings
 from coordinator.store import BlobStore
-from coordinator.submit import JobConfig, read_records
+from coordinator.submit import read_records
 from nomoat import adapter as adapter_format
 from nomoat import lora
 
@@ -61,12 +62,12 @@ class Folder:
 
     def validation(self, job_id: str) -> list[str]:
         if job_id not in self._validation:
-            job = self.ledger.job(job_id)
-            self._validation[job_id] = read_records(self.store.get(job["records"]), 0, int(job["n_validation"]))
+            job = self.ledger.jobs.get(job_id)
+            self._validation[job_id] = read_records(self.store.get(job.records), 0, job.n_validation)
         return self._validation[job_id]
 
     def _seq_len(self, job_id: str) -> int:
-        return JobConfig.from_dict(json.loads(self.ledger.job(job_id)["config"])).seq_len
+        return self.ledger.jobs.get(job_id).config.seq_len
 
     def _job_losses(self, job_ids: list[str]) -> dict[str, float]:
         """Held-out loss of the current model on each job's validation slice."""
@@ -79,31 +80,31 @@ class Folder:
 
     def record_base_losses(self) -> None:
         """Give every new job the loss of the version it starts from, for comparison."""
-        latest = self.ledger.latest_version() or 0
-        for job_id in self.ledger.running_job_ids():
-            job = self.ledger.job(job_id)
-            if job and job.get("state") == "running" and "base_loss" not in job:
-                self.ledger.set_job(job_id, base_loss=self._eval([job_id]), base_version=latest)
+        latest = self.ledger.versions.latest() or 0
+        for job_id in self.ledger.jobs.running_ids():
+            job = self.ledger.jobs.get(job_id)
+            if job and job.state is JobState.RUNNING and job.base_loss is None:
+                self.ledger.jobs.set_base(job_id, self._eval([job_id]), latest)
 
     # -- folding ------------------------------------------------------------------------------
 
-    def due(self, buffered: list[dict[str, str]], idle_jobs: set[str], now: float) -> bool:
+    def due(self, buffered: list[AdapterRecord], idle_jobs: set[str], now: float) -> bool:
         if not buffered:
             return False
         if len(buffered) >= self.settings.fold_every:
             return True
-        if now - float(buffered[0].get("accepted", now)) >= self.settings.fold_timeout_s:
+        if now - (buffered[0].accepted or now) >= self.settings.fold_timeout_s:
             return True
-        return any(a.get("job") in idle_jobs for a in buffered)
+        return any(a.job in idle_jobs for a in buffered)
 
     def maybe_fold(self, idle_jobs: set[str], now: float | None = None) -> int | None:
         """Fold if due; returns the published version number, or None."""
         with self.lock:
             if self._resync:
-                self.model = self.history.rebuild(self.ledger.latest_version())
+                self.model = self.history.rebuild(self.ledger.versions.latest())
                 self._resync = False
             self.record_base_losses()
-            buffered = self.ledger.buffered()
+            buffered = self.ledger.adapters.buffered()
             if not self.due(buffered, idle_jobs, now or time.time()):
                 return None
             try:
@@ -114,12 +115,12 @@ class Folder:
                 self._resync = True
                 raise
 
-    def fold(self, entries: list[dict[str, str]]) -> int | None:
-        current = self.ledger.latest_version()
-        job_ids = sorted({e["job"] for e in entries})
+    def fold(self, entries: list[AdapterRecord]) -> int | None:
+        current = self.ledger.versions.latest()
+        job_ids = sorted({e.job for e in entries})
         parents = self._job_losses(job_ids)  # each job's, once: every adapter of it is gated against it
         parent_loss = sum(parents.values()) / len(parents)
-        candidates = [c for c in (self._gate(e, current, parents[e["job"]]) for e in entries) if c]
+        candidates = [c for c in (self._gate(e, current, parents[e.job]) for e in entries) if c]
         if not candidates:
             return None
         while candidates:
@@ -137,25 +138,25 @@ class Folder:
                     return self._publish(current, candidates, weights, patch, loss, parent_loss, job_ids,
                                          delta if patch is not delta else None)
             worst = max(candidates, key=lambda c: c.solo_loss)
-            self.ledger.reject_adapter(
+            self.ledger.adapters.reject(
                 worst.adapter_id,
                 f"folding it made held-out loss worse ({loss:.4f} against {parent_loss:.4f})",
             )
             candidates.remove(worst)
         return None
 
-    def _gate(self, entry: dict[str, str], current: int, own_parent: float) -> Candidate | None:
+    def _gate(self, entry: AdapterRecord, current: int, own_parent: float) -> Candidate | None:
         """The adapter, if it passes the gates; ``own_parent`` is its job's held-out loss now."""
-        adapter_id = entry["adapter_id"]
+        adapter_id = entry.adapter_id
         try:
-            adapter = adapter_format.from_bytes(self.store.get(entry["sha256"]))
-            tau = current - int(entry["base_version"])
-            folding.fold_weights([int(entry["tokens"])], [tau], self.settings.max_staleness)
+            adapter = adapter_format.from_bytes(self.store.get(entry.sha256))
+            tau = current - entry.base_version
+            folding.fold_weights([entry.tokens], [tau], self.settings.max_staleness)
             norm = folding.delta_norm(adapter)
-            folding.check_norm(norm, self.ledger.recent_norms(), self.settings.norm_factor)
-            candidate = Candidate(adapter_id, entry["job"], adapter, int(entry["tokens"]), tau, norm)
+            folding.check_norm(norm, self.ledger.adapters.recent_norms(), self.settings.norm_factor)
+            candidate = Candidate(adapter_id, entry.job, adapter, entry.tokens, tau, norm)
             candidate.solo_loss = self.model.loss_with(
-                adapter, folding.staleness_factor(tau), self.validation(entry["job"]), self._seq_len(entry["job"])
+                adapter, folding.staleness_factor(tau), self.validation(entry.job), self._seq_len(entry.job)
             )
             if candidate.solo_loss > own_parent + self.settings.adapter_epsilon:
                 raise folding.AdapterRejected(
@@ -164,7 +165,7 @@ class Folder:
             return candidate
         except (adapter_format.AdapterFormatError, folding.AdapterRejected, FileNotFoundError) as exc:
             log.warning("adapter %s rejected: %s", adapter_id, exc)
-            self.ledger.reject_adapter(adapter_id, str(exc))
+            self.ledger.adapters.reject(adapter_id, str(exc))
             return None
 
     def _outer_step(self, delta: adapter_format.Adapter, current: int) -> adapter_format.Adapter:
@@ -172,47 +173,54 @@ class Folder:
         Nesterov step over the plain deltas of the versions before (a rollback or unmerge resets it)."""
         previous = []
         for v in range(current, 0, -1) if self.settings.outer_momentum else ():
-            record = self.ledger.version(v)
-            if record.get("metrics", {}).get("operation") or len(previous) >= self.settings.outer_terms:
+            record = self.ledger.versions.get(v)
+            if record.operation or len(previous) >= self.settings.outer_terms:
                 break
-            previous.append(adapter_format.from_bytes(self.store.get(record.get("delta") or record["patch"])))
+            previous.append(adapter_format.from_bytes(self.store.get(record.delta or record.patch)))
         return folding.outer_step(delta, previous, self.settings.outer_momentum, self.settings.outer_lr)
 
-    def _publish(self, current, candidates, weights, patch, loss, parent_loss, job_ids, delta=None) -> int:
+    def _new_version(self, current: int, patch: adapter_format.Adapter, adapters: Sequence[FoldedAdapter],
+                     loss: float, metrics: dict[str, Any], job_id: str, *, snapshot: bool = False,
+                     delta: adapter_format.Adapter | None = None) -> VersionRecord:
+        """The record of the version after ``current``: every version after 0 is made here (a
+        fold, a rollback, an unmerge). Its patch (and plain delta) go to the store; every
+        ``snapshot_every``-th version, and any with ``snapshot``, also stores the model folder.
+        (Publishing it fails if ``current`` is no longer the newest: another fold came first.)"""
         number = current + 1
-        record = {
-            "parent": current,
-            "patch": self.store.put(adapter_format.to_bytes(patch)),
-            "adapters": [{"id": c.adapter_id, "weight": w, "tau": c.tau} for c, w in zip(candidates, weights)],
-            "eval_loss": loss,
-            "metrics": {"parent_loss": parent_loss, "jobs": job_ids},
-            "job_id": ",".join(job_ids),
-        }
-        if delta is not None:  # the plain fold, which the next outer steps' momentum is made of
-            record["delta"] = self.store.put(adapter_format.to_bytes(delta))
-        if number % self.settings.snapshot_every == 0:
-            record["files"] = self.model.publish(self.store)
-        self.ledger.publish_version(
-            number, record,
+        return VersionRecord(
+            version=number, parent=current, patch=self.store.put(adapter_format.to_bytes(patch)),
+            files=self.model.publish(self.store) if snapshot or number % self.settings.snapshot_every == 0 else {},
+            adapters=tuple(adapters), eval_loss=loss, metrics=metrics, job_id=job_id,
+            delta=self.store.put(adapter_format.to_bytes(delta)) if delta is not None else "",
+        )
+
+    def _publish(self, current, candidates, weights, patch, loss, parent_loss, job_ids, delta=None) -> int:
+        # ``delta``: the plain fold, which the next outer steps' momentum is made of
+        record = self._new_version(
+            current, patch, [FoldedAdapter(c.adapter_id, w, c.tau) for c, w in zip(candidates, weights)], loss,
+            {"parent_loss": parent_loss, "jobs": job_ids}, ",".join(job_ids), delta=delta)
+        self.ledger.versions.publish(
+            record,
             folded=[(c.adapter_id, w) for c, w in zip(candidates, weights)],
             norms=[c.norm for c in candidates],
         )
         log.info("published version %d: %d adapters, held-out loss %.4f (parent %.4f)",
-                 number, len(candidates), loss, parent_loss)
-        return number
+                 record.version, len(candidates), loss, parent_loss)
+        return record.version
 
     # -- history operations (admin) -----------------------------------------------------------
 
     def _recent_jobs(self, first: int, last: int) -> list[str]:
         jobs = set()
         for v in range(max(first, 1), last + 1):
-            jobs.update((self.ledger.version(v) or {}).get("metrics", {}).get("jobs", []))
-        return sorted(j for j in jobs if self.ledger.job(j))
+            record = self.ledger.versions.get(v)
+            jobs.update(record.jobs if record else [])
+        return sorted(j for j in jobs if self.ledger.jobs.get(j))
 
     def rollback(self, target: int) -> tuple[int, float]:
         """A new version whose weights equal version ``target``'s exactly."""
         with self.lock:
-            current = self.ledger.latest_version()
+            current = self.ledger.versions.latest()
             if not 0 <= target < current:
                 raise ValueError(f"cannot roll back to version {target}: choose one from 0 to {current - 1}")
             model = self.history.rebuild(target)
@@ -220,46 +228,29 @@ class Folder:
             jobs = self._recent_jobs(target + 1, current)
             self.model = model
             loss = self._eval(jobs) if jobs else math.nan
-            number = current + 1
-            self.ledger.publish_version(number, {
-                "parent": current,
-                "patch": self.store.put(adapter_format.to_bytes(undo)),
-                # A rollback is a snapshot: its weights are version `target`'s bit for bit, which
-                # replaying the negated chain would only reproduce up to rounding.
-                "files": model.publish(self.store),
-                "adapters": [],
-                "eval_loss": loss,
-                "metrics": {"operation": "rollback", "target": target, "jobs": jobs},
-                "job_id": "",
-            })
-            log.info("version %d rolls back to version %d", number, target)
-            return number, loss
+            # A rollback is a snapshot: its weights are version `target`'s bit for bit, which
+            # replaying the negated chain would only reproduce up to rounding.
+            record = self.ledger.versions.publish(self._new_version(
+                current, undo, [], loss, {"operation": "rollback", "target": target, "jobs": jobs}, "", snapshot=True))
+            log.info("version %d rolls back to version %d", record.version, target)
+            return record.version, loss
 
     def unmerge(self, adapter_id: str) -> tuple[int, float]:
         """A new version without one adapter's contribution: W − w·s·B·A, exactly that product."""
         with self.lock:
-            entry = self.ledger.adapter(adapter_id)
-            if entry is None or entry.get("state") != "folded":
-                state = entry.get("state") if entry else "unknown"
+            entry = self.ledger.adapters.get(adapter_id)
+            if entry is None or entry.state is not AdapterState.FOLDED:
+                state = entry.state if entry else "unknown"
                 raise ValueError(f"adapter {adapter_id} is {state}; only a folded adapter can be unmerged")
-            adapter = adapter_format.from_bytes(self.store.get(entry["sha256"]))
-            patch = folding.build_patch([adapter], [-float(entry["weight"])])
-            current = self.ledger.latest_version()
+            adapter = adapter_format.from_bytes(self.store.get(entry.sha256))
+            patch = folding.build_patch([adapter], [-entry.weight])
+            current = self.ledger.versions.latest()
             folding.apply_patch(self.model.master(patch.modules()), patch)
-            jobs = self._recent_jobs(int(entry["version"]), current)
+            jobs = self._recent_jobs(entry.version, current)
             loss = self._eval(jobs) if jobs else math.nan
-            number = current + 1
-            record = {
-                "parent": current,
-                "patch": self.store.put(adapter_format.to_bytes(patch)),
-                "adapters": [{"id": adapter_id, "weight": -float(entry["weight"]), "tau": 0}],
-                "eval_loss": loss,
-                "metrics": {"operation": "unmerge", "adapter": adapter_id, "jobs": jobs},
-                "job_id": entry.get("job", ""),
-            }
-            if number % self.settings.snapshot_every == 0:
-                record["files"] = self.model.publish(self.store)
-            self.ledger.publish_version(number, record)
-            self.ledger.mark_unmerged(adapter_id, number)
-            log.info("version %d unmerges adapter %s", number, adapter_id)
-            return number, loss
+            record = self.ledger.versions.publish(self._new_version(
+                current, patch, [FoldedAdapter(adapter_id, -entry.weight, 0)], loss,
+                {"operation": "unmerge", "adapter": adapter_id, "jobs": jobs}, entry.job))
+            self.ledger.adapters.mark_unmerged(adapter_id, record.version)
+            log.info("version %d unmerges adapter %s", record.version, adapter_id)
+            return record.version, loss

@@ -105,22 +105,22 @@ class History:
     def lineage(self) -> Lineage:
         """The lineage version 0 fixed; made (once, whoever asks first) for a ledger without one."""
         if self._lineage is None:
-            found = self.ledger.lineage()
+            found = self.ledger.versions.lineage()
             if found is None:
-                base = self.ledger.version(0)
-                if base is None or not base.get("files"):
+                base = self.ledger.versions.get(0)
+                if base is None or not base.files:
                     raise ValueError("there is no version 0 yet, so no model lineage")
-                found = self.ledger.fix_lineage(new_lineage(base["files"]))
+                found = self.ledger.versions.fix_lineage(new_lineage(base.files))
             self._lineage = found
         return self._lineage
 
     def patch(self, version: int) -> adapter_format.Adapter:
-        return adapter_format.from_bytes(self.store.get(self.ledger.version(version)["patch"]))
+        return adapter_format.from_bytes(self.store.get(self.ledger.versions.get(version).patch))
 
     def snapshot_at_or_below(self, version: int) -> int:
         for v in range(version, -1, -1):
-            record = self.ledger.version(v)
-            if record and record.get("files"):
+            record = self.ledger.versions.get(v)
+            if record and record.files:
                 return v
         raise ValueError(f"no snapshot at or below version {version}")
 
@@ -128,20 +128,20 @@ class History:
         """Bytes of each version's patch, and of each snapshot as a pull sends it (without the
         coordinator's fp32 master, which stays here), for versions up to ``upto``."""
         patches, snapshots = {}, {}
-        for record in self.ledger.versions():
-            v = record["version"]
+        for record in self.ledger.versions.all():
+            v = record.version
             if v > upto:
                 break
-            if record.get("patch"):
-                patches[v] = self.store.size(record["patch"])
-            if record.get("files"):
-                snapshots[v] = sum(self.store.size(sha) for sha in pulled(record["files"]).values())
+            if record.patch:
+                patches[v] = self.store.size(record.patch)
+            if record.files:
+                snapshots[v] = sum(self.store.size(sha) for sha in pulled(record.files).values())
         return patches, snapshots
 
     def rebuild(self, version: int) -> RunningModel:
         """The model of ``version``, exactly: nearest snapshot plus the patches after it."""
         base = self.snapshot_at_or_below(version)
-        folder = materialize(self.store, self.ledger.version(base)["files"], self.dir / str(base))
+        folder = materialize(self.store, self.ledger.versions.get(base).files, self.dir / str(base))
         model = RunningModel(folder)
         for v in range(base + 1, version + 1):
             patch = self.patch(v)
@@ -150,18 +150,17 @@ class History:
 
     def hf_files(self, version: int) -> dict[str, str]:
         """The version's Hugging Face folder in the store (path -> sha256), built once if needed."""
-        record = self.ledger.version(version)
+        record = self.ledger.versions.get(version)
         if record is None:
             raise KeyError(version)
-        if record.get("files"):
-            return record["files"]
+        if record.files:
+            return record.files
         with self._lock:
-            record = self.ledger.version(version)
-            if not record.get("files"):
+            files = self.ledger.versions.get(version).files
+            if not files:
                 files = self.rebuild(version).publish(self.store)
-                self.ledger.set_version_files(version, files)
-                record["files"] = files
-        return record["files"]
+                self.ledger.versions.set_files(version, files)
+        return files
 
     def peft(self, since: int, until: int) -> dict[str, bytes]:
         if not 0 <= since < until:

@@ -17,6 +17,8 @@ LATEST = PREFIX + "versions:latest"  # string: newest published version number
 WORKERS = PREFIX + "workers"  # zset: worker id -> last seen
 RECENT_NORMS = PREFIX + "fold:norms"  # list: ‖ΔW‖ of recently accepted adapters (norm gate)
 LINEAGE = PREFIX + "lineage"  # string: JSON of the model lineage version 0 fixed (id, base file hashes)
+TOKENS = PREFIX + "tokens"  # hash: sha256(token) -> JSON {"role", "name", "created"}
+REVOKED = PREFIX + "tokens:revoked"  # set: token ids revoked (a data-dir token is not revived)
 
 
 def job(job_id: str) -> str:
@@ -45,5 +47,5 @@ def version(number: int) -> str:
 
 
 def worker(worker_id: str) -> str:
-    """Hash: name, card JSON, node id, registered, tasks done."""
+    """Hash: name, card (serialized proto, hex), node id, token hash, registered, counters, speed."""
     return f"{PREFIX}worker:{worker_id}"

@@ -43,8 +43,8 @@ def holder(ledger: Ledger, identity: Identity, worker_id: str) -> tuple[str, str
     if identity.role == "admin":
         return worker_id, ""
     if worker_id:
-        registered = ledger.worker(worker_id)
-        if registered is not None and registered.get("token") != identity.token_hash:
+        registered = ledger.workers.get(worker_id)
+        if registered is not None and registered.token != identity.token_hash:
             log.warning("a call named worker %s, which was registered with another token; ignoring the name",
                         worker_id)
             return "", identity.token_hash
@@ -56,18 +56,15 @@ def heartbeat(ledger: Ledger, settings: Settings, identity: Identity, worker_id:
     """Renew (task, fence)'s lease for one more lease lifetime and record the run's note.
 
     The first heartbeat of a run fixes its base version (the newest one then), so a task that
-    waited in Ray's queue does not start from a stale model; later ones repeat it.
+    waited in Ray's queue does not start from a stale model; later ones repeat it. All of it is
+    one step in the ledger: a lease lost meanwhile is answered as lost, never as renewed.
     """
     deadline = time.time() + settings.lease_ttl_s
     worker_id, token_hash = holder(ledger, identity, worker_id)
-    reason = ledger.heartbeat(task_id, fence, deadline, worker_id, token_hash)
-    if reason:
-        return Beat(ok=False, reason=reason)
-    ledger.touch_worker(worker_id)
-    if event:
-        ledger.add_task_event(task_id, event[:MAX_EVENT_CHARS])
-    base = ledger.claim(task_id, fence, ledger.latest_version() or 0)
-    return Beat(ok=True, deadline=deadline, base_version=max(base, 0))
+    beat = ledger.leases.heartbeat(task_id, fence, deadline, worker_id, token_hash, event[:MAX_EVENT_CHARS])
+    if not beat.ok:
+        return Beat(ok=False, reason=beat.reason)
+    return Beat(ok=True, deadline=beat.deadline, base_version=beat.base_version)
 
 
 def fetch_shard(ledger: Ledger, store: BlobStore, identity: Identity, task_id: str, fence: int) -> bytes:
@@ -75,14 +72,14 @@ def fetch_shard(ledger: Ledger, store: BlobStore, identity: Identity, task_id: s
 
     Raises WrongState for a stale or unknown lease, NotPermitted when another token holds it.
     """
-    problem = ledger.lease_problem(task_id, fence)
+    problem = ledger.leases.problem(task_id, fence)
     if problem:
         raise WrongState(problem)
     _, token_hash = holder(ledger, identity, "")
-    problem = ledger.hold(task_id, fence, "", token_hash)
+    problem = ledger.leases.hold(task_id, fence, "", token_hash)
     if problem:
         raise NotPermitted(problem)
-    task = ledger.task(task_id)
-    job = ledger.job(task["job"])
-    lines = store.get(job["records"]).splitlines(keepends=True)
-    return b"".join(lines[int(task["start"]) : int(task["end"])])
+    task = ledger.tasks.get(task_id)
+    job = ledger.jobs.get(task.job)
+    lines = store.get(job.records).splitlines(keepends=True)
+    return b"".join(lines[task.start : task.end])

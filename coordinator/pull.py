@@ -50,8 +50,8 @@ def plan(ledger: Ledger, history: History, store: BlobStore, fmt: int, since: in
     Raises NotFound for a version that does not exist, InvalidRequest for an unknown format or
     a ``since`` the format cannot start from.
     """
-    number = ledger.latest_version() if version < 0 else version
-    if number is None or ledger.version(number) is None:
+    number = ledger.versions.latest() if version < 0 else version
+    if number is None or ledger.versions.get(number) is None:
         raise NotFound(f"there is no version {version}")
     try:
         files = _files(ledger, history, fmt, since, number)
@@ -81,7 +81,7 @@ def _files(ledger: Ledger, history: History, fmt: int, since: int, number: int) 
         if catch_up.snapshot is not None:
             snapshot = pulled(history.hf_files(catch_up.snapshot))
             files += [(f"snapshot/{p}", sha) for p, sha in sorted(snapshot.items())]
-        files += [(f"patches/{v:06d}.safetensors", ledger.version(v)["patch"]) for v in catch_up.patches]
+        files += [(f"patches/{v:06d}.safetensors", ledger.versions.get(v).patch) for v in catch_up.patches]
         return files
     return sorted(pulled(history.hf_files(number)).items())
 

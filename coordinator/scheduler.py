@@ -10,7 +10,7 @@ One round (:meth:`Scheduler.tick`):
    worker's measured tokens per second, and cancel the speculative partner run if there is one;
 3. give every free card a run: the oldest pending task that fits it, plus following units of the
    same job, as many as the card gets through in about ``target_task_seconds`` at its measured
-   speed (one unit while its speed is unknown). Fast cards take big runs, slow cards small ones,
+   speed as the ledger holds it (one unit while its speed is unknown). Fast cards take big runs, slow cards small ones,
    and every unit keeps its own lease, fence and adapter, so idempotency is unchanged;
 4. near a job's end (cards idle, nothing pending that fits them) issue the outstanding tasks
    expected to finish last to idle cards that would finish them sooner (``Ledger.speculate``);
@@ -20,17 +20,15 @@ One round (:meth:`Scheduler.tick`):
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
-from coordinator.ledger import Ledger, count_states, is_twin
+from coordinator.ledger import JobConfig, JobRecord, JobState, Ledger, TaskRecord, TaskState, count_states, is_twin
 from coordinator.settings import Settings
-from coordinator.submit import JobConfig
 from worker.planner import bigger_card_than
 from worker.probe import VRAM_RESOURCE
 
@@ -84,102 +82,106 @@ class Scheduler:
     worker_token: str
     task_resources: Any  # callable(JobConfig) -> dict[str, float]
     _configs: dict[str, JobConfig] = field(default_factory=dict)
-    speeds: dict[str, float] = field(default_factory=dict)  # node id -> measured tokens/s
     # The runs dispatched lately, (node id, units, tokens): what sizing did, for logs and tests.
     runs: deque = field(default_factory=lambda: deque(maxlen=1000))
 
     def config(self, job_id: str) -> JobConfig:
         if job_id not in self._configs:
-            self._configs[job_id] = JobConfig.from_dict(json.loads(self.ledger.job(job_id)["config"]))
+            self._configs[job_id] = self.ledger.jobs.get(job_id).config
         return self._configs[job_id]
 
-    def need_gb(self, task: dict[str, str]) -> float:
+    def need_gb(self, task: TaskRecord) -> float:
         """The VRAM a task needs: its job's plan, or more than a card it ran out of memory on."""
-        need = self.task_resources(self.config(task["job"]))[VRAM_RESOURCE]
-        return max(need, float(task.get("min_vram_gb") or 0.0))
+        need = self.task_resources(self.config(task.job))[VRAM_RESOURCE]
+        return max(need, task.min_vram_gb)
+
+    def speeds(self) -> dict[str, float]:
+        """Node id -> the measured tokens/s of its worker, as the ledger holds it (the one source:
+        a restarted coordinator sizes runs as its predecessor did)."""
+        return self.ledger.workers.speeds_by_node()
 
     def tick(self, now: float | None = None) -> set[str]:
         """One round; returns the running jobs with nothing left to train (ready for a last fold)."""
         now = now or time.time()
-        for task_id in self.ledger.expire_leases(now):
+        for task_id in self.ledger.leases.expire(now):
             log.warning("lease of %s expired; it goes back in the queue", task_id)
             self.dispatcher.cancel(task_id)
             if is_twin(task_id):
-                self.ledger.retire_twin(task_id)
+                self.ledger.leases.retire_twin(task_id)
         for done in self.dispatcher.poll():
             self._finished(done)
         nodes = self.dispatcher.nodes()
-        idle = self._dispatch(now, nodes)
+        speeds = self.speeds()
+        idle = self._dispatch(now, nodes, speeds)
         if self.settings.speculate and idle:
-            self._speculate(now, idle)
+            self._speculate(now, idle, speeds)
         return self._review_jobs(nodes)
 
     def _finished(self, done: Finished) -> None:
         if done.error:
-            state = self.ledger.release(done.task_id, done.fence, done.error, self.settings.max_attempts)
+            state = self.ledger.leases.release(done.task_id, done.fence, done.error, self.settings.max_attempts)
             if state:
                 log.warning("task %s failed (%s); now %s", done.task_id, done.error, state)
             failed_on = bigger_card_than(done.error)
-            if state == "pending" and failed_on is not None:
-                self.ledger.set_task(done.task_id, min_vram_gb=failed_on + 0.01)
+            if state is TaskState.PENDING and failed_on is not None:
+                self.ledger.tasks.require_vram(done.task_id, failed_on + 0.01)
             return
-        if done.seconds > 0 and done.worker_id:
-            self.speeds[done.node_id] = self.ledger.record_speed(done.worker_id, done.tokens, done.seconds)
-        task = self.ledger.task(done.task_id) or {}
-        partner = task.get("twin") or task.get("twin_of")
+        self.ledger.workers.record_run(done.worker_id, done.node_id, done.tokens, done.seconds)
+        task = self.ledger.tasks.get(done.task_id)
+        partner = task.partner if task else ""
         if partner:  # the first result won; stop the other run (it would also stop by itself)
             self.dispatcher.cancel(partner, only_alone=True)
 
-    def spec(self, task: dict[str, str], fence: int, base_version: int) -> dict[str, Any]:
-        config = self.config(task["job"])
+    def spec(self, task: TaskRecord, fence: int, base_version: int) -> dict[str, Any]:
+        config = self.config(task.job)
         return {
-            "task_id": task["task_id"],
-            "job_id": task["job"],
+            "task_id": task.task_id,
+            "job_id": task.job,
             "fence": fence,
             "base_version": base_version,
-            "tokens": int(task.get("tokens") or 0),
+            "tokens": task.tokens,
             "coordinator": self.settings.join_address,
             "token": self.worker_token,
             "lora": {"rank": config.lora_rank, "alpha": config.lora_alpha,
                      "target_modules": list(config.target_modules)},
             "train": {"seq_len": config.seq_len, "batch_size": config.batch_size,
                       "learning_rate": config.learning_rate, "epochs": config.epochs,
-                      "seed": int(task.get("index", 0)), "plan_model": config.plan_model},
+                      "seed": task.index, "plan_model": config.plan_model},
             "lease_ttl_s": self.settings.lease_ttl_s,
         }
 
-    def _dispatch(self, now: float, nodes: list[Node]) -> list[Node]:
+    def _dispatch(self, now: float, nodes: list[Node], speeds: dict[str, float]) -> list[Node]:
         """Give each free card a run sized for it, fastest cards first; returns the cards left idle."""
-        free = sorted((n for n in nodes if not n.busy), key=lambda n: -self.speeds.get(n.node_id, 0.0))
+        free = sorted((n for n in nodes if not n.busy), key=lambda n: -speeds.get(n.node_id, 0.0))
         room = self.settings.max_in_flight - self.dispatcher.in_flight()
         if not free or room <= 0:
             return free
         # Pending tasks no free card can hold (their job fits nowhere now) must not crowd out the rest.
         largest = max(n.vram_gb for n in free)
-        ids = [i for i in self.ledger.pending(self.settings.pending_window) if not is_twin(i)]
-        queue = [t for t in self.ledger.tasks_by_id(ids) if self.need_gb(t) <= largest]
+        ids = [i for i in self.ledger.leases.pending(self.settings.pending_window) if not is_twin(i)]
+        queue = [t for t in self.ledger.tasks.many(ids) if self.need_gb(t) <= largest]
         queue = queue[: len(free) * self.settings.max_units_per_run * 2]
-        base_version = self.ledger.latest_version() or 0
+        base_version = self.ledger.versions.latest() or 0
         idle = []
         for node in free:
             if room <= 0:
                 idle.append(node)
                 continue
-            run = self._take_run(queue, node)
+            run = self._take_run(queue, node, speeds.get(node.node_id, 0.0))
             if not run:
                 idle.append(node)
                 continue
             specs = []
             for task in run:
-                fence = self.ledger.lease(task["task_id"], now + self.settings.queue_timeout_s, base_version,
-                                          self.settings.max_attempts)
+                fence = self.ledger.leases.lease(task.task_id, now + self.settings.queue_timeout_s, base_version,
+                                                 self.settings.max_attempts)
                 if fence > 0:
                     specs.append(self.spec(task, fence, base_version))
                 elif fence < 0:
-                    log.warning("task %s failed: no attempts left", task["task_id"])
+                    log.warning("task %s failed: no attempts left", task.task_id)
             if specs:
                 need = max(self.need_gb(t) for t in run)
-                self.dispatcher.submit(specs, {**self.task_resources(self.config(run[0]["job"])), VRAM_RESOURCE: need},
+                self.dispatcher.submit(specs, {**self.task_resources(self.config(run[0].job)), VRAM_RESOURCE: need},
                                        node.node_id)
                 self.runs.append((node.node_id, len(specs), sum(s["tokens"] for s in specs)))
                 room -= 1
@@ -187,51 +189,49 @@ class Scheduler:
                 idle.append(node)
         return idle
 
-    def _take_run(self, queue: list[dict[str, str]], node: Node) -> list[dict[str, str]]:
+    def _take_run(self, queue: list[TaskRecord], node: Node, speed: float) -> list[TaskRecord]:
         """Take from ``queue`` the oldest task that fits ``node`` and the following units of its
-        job that fit, as many as the card's speed warrants."""
-        first = next((t for t in queue if not is_twin(t["task_id"]) and self.need_gb(t) <= node.vram_gb), None)
+        job that fit, as many as the card's ``speed`` warrants."""
+        first = next((t for t in queue if not is_twin(t.task_id) and self.need_gb(t) <= node.vram_gb), None)
         if first is None:
             return []
-        n = units_for(self.speeds.get(node.node_id, 0.0), int(first.get("tokens") or 0),
-                      self.settings.target_task_seconds, self.settings.max_units_per_run)
-        run = [t for t in queue if t["job"] == first["job"] and not is_twin(t["task_id"])
+        n = units_for(speed, first.tokens, self.settings.target_task_seconds, self.settings.max_units_per_run)
+        run = [t for t in queue if t.job == first.job and not is_twin(t.task_id)
                and self.need_gb(t) <= node.vram_gb][:n]
         for task in run:
             queue.remove(task)
         return run
 
-    def _speculate(self, now: float, idle: list[Node]) -> None:
+    def _speculate(self, now: float, idle: list[Node], speeds: dict[str, float]) -> None:
         """Issue the outstanding tasks expected to finish last to idle cards that would beat them."""
         where = self.dispatcher.placement()
+        ids = [lease.task_id for lease in self.ledger.leases.leased()
+               if not is_twin(lease.task_id) and lease.task_id in where]
         outstanding = []
-        for task_id, _ in self.ledger.leased():
-            if is_twin(task_id) or task_id not in where:
+        for task in self.ledger.tasks.many(ids):
+            if task.state is not TaskState.LEASED or task.twin:
                 continue
-            task = self.ledger.task(task_id)
-            if task is None or task.get("state") != "leased" or task.get("twin"):
-                continue
-            node_id, ahead = where[task_id]
-            speed = self.speeds.get(node_id, 0.0)
-            eta = float(task.get("leased_at", now)) + ahead / speed if speed > 0 else math.inf
+            node_id, ahead = where[task.task_id]
+            speed = speeds.get(node_id, 0.0)
+            eta = (task.leased_at or now) + ahead / speed if speed > 0 else math.inf
             outstanding.append((eta, task))
         outstanding.sort(key=lambda e: -e[0])  # expected last first
-        cards = sorted(idle, key=lambda n: -self.speeds.get(n.node_id, 0.0))
+        cards = sorted(idle, key=lambda n: -speeds.get(n.node_id, 0.0))
         for eta, task in outstanding:
-            card = next((c for c in cards if self.need_gb(task) <= c.vram_gb
-                         and self.speeds.get(c.node_id, 0.0) > 0), None)
+            card = next((c for c in cards if self.need_gb(task) <= c.vram_gb and speeds.get(c.node_id, 0.0) > 0),
+                        None)
             if card is None:
                 continue
-            own_eta = now + int(task.get("tokens") or 0) / self.speeds[card.node_id]
+            own_eta = now + task.tokens / speeds[card.node_id]
             if own_eta >= eta:
                 continue  # the run it would race is expected to finish first
-            twin, fence = self.ledger.speculate(task["task_id"], now + self.settings.queue_timeout_s)
+            twin, fence = self.ledger.leases.speculate(task.task_id, now + self.settings.queue_timeout_s)
             if fence <= 0:
                 continue
-            log.info("task %s runs long; also issued as %s", task["task_id"], twin)
-            twin_task = {**task, "task_id": twin}
-            self.dispatcher.submit([self.spec(twin_task, fence, self.ledger.latest_version() or 0)],
-                                   {**self.task_resources(self.config(task["job"])), VRAM_RESOURCE: self.need_gb(task)},
+            log.info("task %s runs long; also issued as %s", task.task_id, twin)
+            twin_task = replace(task, task_id=twin)
+            self.dispatcher.submit([self.spec(twin_task, fence, self.ledger.versions.latest() or 0)],
+                                   {**self.task_resources(self.config(task.job)), VRAM_RESOURCE: self.need_gb(task)},
                                    card.node_id)
             cards.remove(card)
             if not cards:
@@ -243,43 +243,42 @@ class Scheduler:
         last adapters still wait in the fold buffer (ready for a last fold)."""
         largest = max((n.vram_gb for n in nodes), default=0.0)
         idle: set[str] = set()
-        for job_id in self.ledger.running_job_ids():
-            job = self.ledger.job(job_id)
-            if not job or job.get("state") != "running":
+        for job_id in self.ledger.jobs.running_ids():
+            job = self.ledger.jobs.get(job_id)
+            if not job or job.state is not JobState.RUNNING:
                 continue
-            tasks = self.ledger.tasks(job_id)
+            tasks = self.ledger.tasks.of_job(job_id)
             self._warn(job_id, job, tasks, nodes, largest)
             counts = count_states(tasks)
             if counts["pending"] or counts["leased"]:
                 continue
             # Read after the tasks: every adapter of the job is then either in the buffer or
             # already counted by the job record read next.
-            if any(a.get("job") == job_id for a in self.ledger.buffered()):
+            if any(a.job == job_id for a in self.ledger.adapters.buffered()):
                 idle.add(job_id)
             else:
-                self._end(job_id, self.ledger.job(job_id) or job, counts)
+                self._end(job_id, self.ledger.jobs.get(job_id) or job, counts)
         return idle
 
-    def _warn(self, job_id: str, job: dict[str, str], tasks: list[dict[str, str]], nodes: list[Node],
+    def _warn(self, job_id: str, job: JobRecord, tasks: list[TaskRecord], nodes: list[Node],
               largest: float) -> None:
         """A job whose pending tasks fit no card in the cluster says so (JobInfo.warning)."""
-        needs = [self.need_gb(t) for t in tasks if t.get("state") == "pending"]
+        needs = [self.need_gb(t) for t in tasks if t.state is TaskState.PENDING]
         warning = ""
         if nodes and needs and min(needs) > largest:
             warning = (f"its tasks need a card with at least {min(needs):.1f} GB of VRAM, but the largest "
                        f"of the {len(nodes)} cards in the cluster has {largest:g} GB; they wait until a "
                        "bigger card joins (a shorter --seq-len or a smaller LoRA rank needs less)")
-        if warning != job.get("warning", ""):
-            self.ledger.set_job(job_id, warning=warning)
+        if warning != job.warning:
+            self.ledger.jobs.set_warning(job_id, warning)
             if warning:
                 log.warning("job %s: %s", job_id, warning)
 
-    def _end(self, job_id: str, job: dict[str, str], counts: dict[str, int]) -> None:
+    def _end(self, job_id: str, job: JobRecord, counts: dict[str, int]) -> None:
         """A job with nothing pending, leased or buffered is done, or failed if nothing of it folded."""
         if counts["done"] == 0:
-            self.ledger.set_job(job_id, state="failed", error="every task failed; see `nomoat status`")
-        elif int(job.get("adapters_folded", 0)) == 0:
-            self.ledger.set_job(job_id, state="failed",
-                                error="no adapter of this job passed the checks to be folded")
+            self.ledger.jobs.finish(job_id, JobState.FAILED, "every task failed; see `nomoat status`")
+        elif job.adapters_folded == 0:
+            self.ledger.jobs.finish(job_id, JobState.FAILED, "no adapter of this job passed the checks to be folded")
         else:
-            self.ledger.set_job(job_id, state="done", finished=time.time())
+            self.ledger.jobs.finish(job_id, JobState.DONE)

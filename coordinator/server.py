@@ -30,7 +30,7 @@ from coordinator import service
 from coordinator.auth import AuthInterceptor, TokenRegistry
 from coordinator.folder import Folder
 from coordinator.history import History
-from coordinator.ledger import Ledger
+from coordinator.ledger import Ledger, VersionRecord
 from coordinator.model import RunningModel
 from coordinator.redis_server import EmbeddedRedis
 from coordinator.scheduler import Scheduler
@@ -122,7 +122,7 @@ class Coordinator:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.data_dir, 0o700)
         self._start_redis()
-        self.registry = TokenRegistry(self.r)
+        self.registry = TokenRegistry(self.ledger.tokens)
         self.admin_token = self.registry.ensure_file(self.data_dir / "admin.token", "admin")
         self.worker_token = self.registry.ensure_file(self.data_dir / "worker.token", "worker")
         self.store = BlobStore(self.data_dir / "blobs")
@@ -139,7 +139,7 @@ class Coordinator:
         self.r = redis_client(url)
         self.r.ping()
         self.ledger = Ledger(self.r)
-        self.ledger.index_running_jobs()  # once per start: ledgers from before the index, or drift
+        self.ledger.jobs.index_running()  # once per start: ledgers from before the index, or drift
         if self._redis_server is not None:
             self._spawn("redis-watch", self._watch_redis)
 
@@ -160,11 +160,11 @@ class Coordinator:
 
     def _start_model(self) -> None:
         self.history = History(self.ledger, self.store, self.data_dir)
-        latest = self.ledger.latest_version()
+        latest = self.ledger.versions.latest()
         if latest is None:
             self.model = RunningModel(base_model_folder(self.settings.base_model))
             files = self.model.publish(self.store)
-            self.ledger.publish_version(0, {"parent": -1, "files": files, "adapters": [], "eval_loss": "nan"})
+            self.ledger.versions.publish(VersionRecord(version=0, parent=-1, files=files))
             log.info("version 0 is the base model %s", self.settings.base_model)
         else:
             self.model = self.history.rebuild(latest)
@@ -224,7 +224,7 @@ class Coordinator:
         self.folder = Folder(self.settings, self.ledger, self.store, self.model, self.history)
         self.deps.operations = self.folder
         # Counted from now, when workers can reach us again, not from when Redis came up.
-        moved = self.ledger.reset_leases(time.time() + self.settings.lease_ttl_s)
+        moved = self.ledger.leases.reset(time.time() + self.settings.lease_ttl_s)
         if moved:
             log.info("%d leases from before the restart must be renewed within %.0f s", moved,
                      self.settings.lease_ttl_s)

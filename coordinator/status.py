@@ -7,7 +7,6 @@ messages.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 
@@ -74,62 +73,51 @@ class Progress:
     finished: bool
 
 
-def _float(value: str | None, default: float = float("nan")) -> float:
-    try:
-        return float(value) if value not in (None, "") else default
-    except ValueError:
-        return default
-
-
 def job(ledger: Ledger, job_id: str) -> JobSummary | None:
-    record = ledger.job(job_id)
+    record = ledger.jobs.get(job_id)
     if record is None:
         return None
-    tasks = ledger.tasks(job_id)
-    events = [(t, f"{task['task_id']}: {e}") for task in tasks for t, e in json.loads(task.get("events") or "[]")]
+    tasks = ledger.tasks.of_job(job_id)
+    events = [(t, f"{task.task_id}: {e}") for task in tasks for t, e in task.events]
     return JobSummary(
         job_id=job_id,
-        name=record.get("name", ""),
-        state=record.get("state", ""),
+        name=record.name,
+        state=record.state.value,
         tasks=count_states(tasks),
-        total_tasks=int(record.get("total_tasks", 0)),
-        adapters_folded=int(record.get("adapters_folded", 0)),
-        adapters_rejected=int(record.get("adapters_rejected", 0)),
-        error=record.get("error", ""),
-        created=_float(record.get("created"), 0.0),
-        tokens=int(record.get("tokens", 0)),
-        dataset_sha256=record.get("dataset", ""),
-        base_loss=_float(record.get("base_loss")),
-        warning=record.get("warning", ""),
+        total_tasks=record.total_tasks,
+        adapters_folded=record.adapters_folded,
+        adapters_rejected=record.adapters_rejected,
+        error=record.error,
+        created=record.created,
+        tokens=record.tokens,
+        dataset_sha256=record.dataset,
+        base_loss=float("nan") if record.base_loss is None else record.base_loss,
+        warning=record.warning,
         events=[e for _, e in sorted(events)[-MAX_JOB_EVENTS:]],
     )
 
 
 def workers(ledger: Ledger, settings: Settings) -> list[WorkerSummary]:
     now = time.time()
-    out = []
-    for w in ledger.workers():
-        seen = _float(w.get("last_seen"), 0.0)
-        out.append(WorkerSummary(
-            worker_id=w["worker_id"], name=w.get("name", ""), card=bytes.fromhex(w.get("card") or ""),
-            last_seen=seen, tasks_done=int(w.get("tasks_done", 0)),
-            state="active" if is_active(seen, now, settings) else "gone"))
-    return out
+    return [
+        WorkerSummary(worker_id=w.worker_id, name=w.name, card=w.card, last_seen=w.last_seen,
+                      tasks_done=w.tasks_done, state="active" if is_active(w.last_seen, now, settings) else "gone")
+        for w in ledger.workers.all()
+    ]
 
 
 def versions(ledger: Ledger) -> list[VersionSummary]:
     return [
-        VersionSummary(version=v["version"], parent=v["parent"], eval_loss=v["eval_loss"],
-                       adapters=len(v.get("adapters", [])), created=_float(v.get("created"), 0.0),
-                       job_id=v.get("job_id", ""), adapter_ids=[a["id"] for a in v.get("adapters", [])],
-                       operation=v.get("metrics", {}).get("operation", ""))
-        for v in ledger.versions()
+        VersionSummary(version=v.version, parent=v.parent, eval_loss=v.eval_loss, adapters=len(v.adapters),
+                       created=v.created, job_id=v.job_id, adapter_ids=[a.id for a in v.adapters],
+                       operation=v.operation)
+        for v in ledger.versions.all()
     ]
 
 
 def overview(ledger: Ledger, settings: Settings, job_id: str = "") -> Overview:
     """One job (or every job when ``job_id`` is empty), every worker and every version."""
-    ids = [job_id] if job_id else ledger.job_ids()
+    ids = [job_id] if job_id else ledger.jobs.ids()
     jobs = [j for j in (job(ledger, i) for i in ids) if j is not None]
     if job_id and not jobs:
         raise NotFound(f"there is no job {job_id!r}")
@@ -141,7 +129,7 @@ def progress(ledger: Ledger, job_id: str) -> Progress:
     summary = job(ledger, job_id)
     if summary is None:
         raise NotFound(f"there is no job {job_id!r}")
-    latest = ledger.latest_version() or 0
-    record = ledger.version(latest) or {}
-    return Progress(summary, current_version=latest, eval_loss=record.get("eval_loss", 0.0),
+    latest = ledger.versions.latest() or 0
+    record = ledger.versions.get(latest)
+    return Progress(summary, current_version=latest, eval_loss=record.eval_loss if record else 0.0,
                     finished=summary.state != "running")

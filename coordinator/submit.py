@@ -17,35 +17,13 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 from coordinator.errors import Incomplete, InvalidRequest
-from coordinator.ledger import Ledger
+from coordinator.ledger import JobConfig, JobRecord, Ledger, TaskRecord  # JobConfig: still importable from here
 from coordinator.settings import JobDefaults, Settings
 from coordinator.store import BlobStore
 from nomoat.records import DatasetError, parse_dataset
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
-
-
-@dataclass(frozen=True)
-class JobConfig:
-    lora_rank: int
-    lora_alpha: float
-    target_modules: tuple[str, ...]
-    seq_len: int
-    learning_rate: float
-    batch_size: int
-    epochs: int
-    tokens_per_task: int
-    plan_model: str = ""  # see JobDefaults.plan_model
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["target_modules"] = list(self.target_modules)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> JobConfig:
-        return cls(**{**d, "target_modules": tuple(d["target_modules"])})
 
 
 @dataclass(frozen=True)
@@ -218,29 +196,14 @@ def submit(
     records_sha = store.put(records_blob(records))
     job_id = "j-" + secrets.token_hex(4)
     tasks = [
-        {
-            "task_id": f"{job_id}-t{i:03d}",
-            "index": i,
-            "start": n_val + s,
-            "end": n_val + e,
-            "tokens": sum(counts[s:e]) * config.epochs,
-        }
+        TaskRecord(task_id=f"{job_id}-t{i:03d}", job=job_id, index=i, start=n_val + s, end=n_val + e,
+                   tokens=sum(counts[s:e]) * config.epochs)
         for i, (s, e) in enumerate(ranges)
     ]
-    ledger.create_job(
-        job_id,
-        {
-            "name": name or filename,
-            "dataset": dataset_sha,
-            "records": records_sha,
-            "n_records": len(records),
-            "n_validation": n_val,
-            "tokens": sum(counts) * config.epochs,
-            "config": config.to_dict(),
-            "total_tasks": len(tasks),
-            "adapters_folded": 0,
-            "adapters_rejected": 0,
-        },
+    ledger.jobs.create(
+        JobRecord(job_id=job_id, name=name or filename, config=config, dataset=dataset_sha, records=records_sha,
+                  n_records=len(records), n_validation=n_val, tokens=sum(counts) * config.epochs,
+                  total_tasks=len(tasks)),
         tasks,
     )
     return SubmitResult(job_id, len(tasks), len(records), sum(counts) * config.epochs, n_val)

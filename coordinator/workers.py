@@ -51,10 +51,10 @@ def register(ledger: Ledger, settings: Settings, identity: Identity | None, join
     if len(joining.worker_id) > MAX_ID_CHARS:
         raise InvalidRequest(f"a worker id is at most {MAX_ID_CHARS} characters")
     try:
-        worker_id, rejoining = ledger.admit_worker(joining.worker_id, {
-            "name": joining.name, "card": joining.card.hex(),
-            "node_id": joining.node_id, "token": identity.token_hash if identity else "",
-        }, active_since=time.time() - ACTIVE_TTLS * settings.lease_ttl_s, most=settings.max_workers_per_token)
+        worker_id, rejoining = ledger.workers.admit(
+            joining.worker_id, name=joining.name, card=joining.card, node_id=joining.node_id,
+            token=identity.token_hash if identity else "",
+            active_since=time.time() - ACTIVE_TTLS * settings.lease_ttl_s, most=settings.max_workers_per_token)
     except TooManyWorkers as exc:
         raise LimitReached(
             f"this token already has {exc.active} active workers, the most one token may have "

@@ -28,7 +28,7 @@ from coordinator import service, submit
 from coordinator.auth import TokenRegistry
 from coordinator.folder import Folder
 from coordinator.history import History
-from coordinator.ledger import Ledger
+from coordinator.ledger import Ledger, VersionRecord
 from coordinator.model import RunningModel
 from coordinator.server import bind, grpc_server
 from coordinator.settings import Settings
@@ -139,7 +139,7 @@ class Rig:
         return self.client("submitter").submit(path, name="job", config=config)
 
     def lease(self, task_id: str, base_version: int = 0) -> int:
-        fence = self.ledger.lease(task_id, time.time() + 60, base_version, max_attempts=5)
+        fence = self.ledger.leases.lease(task_id, time.time() + 60, base_version, max_attempts=5)
         assert fence > 0
         return fence
 
@@ -190,8 +190,8 @@ def start(redis_client, published: Published, tmp: Path, tls: Tls | None = None,
     ledger = Ledger(redis_client)
     shutil.copytree(published.blobs, tmp / "blobs")
     store = BlobStore(tmp / "blobs")
-    ledger.publish_version(0, {"parent": -1, "files": published.files, "adapters": [], "eval_loss": "nan"})
-    registry = TokenRegistry(redis_client, cache_s=cache_s)
+    ledger.versions.publish(VersionRecord(version=0, parent=-1, files=dict(published.files)))
+    registry = TokenRegistry(ledger.tokens, cache_s=cache_s)
     tokens = {role: registry.create(role) for role in ROLES}
     settings = Settings(data_dir=tmp)
     history = History(ledger, store, tmp)

@@ -36,13 +36,13 @@ def test_jobs_complete_while_workers_and_the_coordinator_are_killed(tmp_path) ->
             cluster.add_worker(name)
         jobs = [cluster.submit(lines=240, tokens_per_task=2500, seed=s) for s in (1, 2)]
         started = time.monotonic()
-        total = sum(len(cluster.ledger.task_ids(j)) for j in jobs)
+        total = sum(len(cluster.ledger.tasks.ids(j)) for j in jobs)
         # Each fault comes when a random number of tasks is done (so always mid-job), plus jitter.
         thresholds = sorted(rng.sample(range(1, max(int(total * 0.6), len(FAULTS) + 1)), len(FAULTS)))
         made = {"workers_killed": 0, "coordinator_restarts": 0}
 
         def done() -> int:
-            return sum(cluster.ledger.task_counts(j)["done"] for j in jobs)
+            return sum(cluster.ledger.tasks.counts(j)["done"] for j in jobs)
 
         for fault, threshold in zip(rng.sample(FAULTS, len(FAULTS)), thresholds):
             wait_until(lambda: done() >= threshold, BUDGET_S, f"{threshold} tasks done", every=0.2)
@@ -62,7 +62,7 @@ def test_jobs_complete_while_workers_and_the_coordinator_are_killed(tmp_path) ->
         left = BUDGET_S - (time.monotonic() - started)
         wait_until(lambda: all(cluster.job_state(j) in ("done", "failed") for j in jobs), max(left, 30),
                    "the jobs to finish", every=1)
-        wait_until(lambda: not cluster.ledger.buffered(), 30, "the last fold")
+        wait_until(lambda: not cluster.ledger.adapters.buffered(), 30, "the last fold")
         figures = ledger_figures(cluster.ledger)
         report = {
             "seed": seed,
@@ -81,6 +81,6 @@ def test_jobs_complete_while_workers_and_the_coordinator_are_killed(tmp_path) ->
         print("CHAOS " + json.dumps(report))
         check_ledger(cluster.ledger)
         assert report["adapters_lost"] == 0 and report["duplicate_folds"] == 0, report
-        assert report["jobs_completed"] == len(jobs), [cluster.ledger.job(j) for j in jobs]
+        assert report["jobs_completed"] == len(jobs), [cluster.ledger.jobs.get(j) for j in jobs]
     finally:
         cluster.close()

@@ -29,7 +29,7 @@ def manifest(task_id: str, fence: int, data: bytes, **changes) -> collect.Manife
 
 @pytest.fixture
 def leased(rig: Rig) -> tuple[str, int]:
-    task_id = rig.ledger.task_ids(submit_job(rig).job_id)[0]
+    task_id = rig.ledger.tasks.ids(submit_job(rig).job_id)[0]
     return task_id, rig.lease(task_id)
 
 
@@ -71,7 +71,7 @@ def test_what_cannot_be_accepted_is_refused_before_bytes_are_kept(rig: Rig, leas
     stale = upload(rig, partials, manifest(task_id, fence + 1, data), [data])
     assert stale.status == "refused" and "stale fence" in stale.detail
     bob = Identity("worker", "bob", "b" * 64)
-    rig.ledger.hold(task_id, fence, "", rig.registry.lookup(rig.tokens["worker"]).token_hash)  # ours now
+    rig.ledger.leases.hold(task_id, fence, "", rig.registry.lookup(rig.tokens["worker"]).token_hash)  # ours now
     theirs = upload(rig, partials, manifest(task_id, fence, data), [data], who=bob)
     assert theirs.status == "refused" and "another token holds its lease" in theirs.detail
     assert not (rig.tmp / "uploads").exists() or not any((rig.tmp / "uploads").iterdir())
@@ -102,10 +102,10 @@ def test_a_bad_dataset_stream_is_refused_and_nothing_is_stored(rig: Rig, parts, 
     d = rig.deps
     with pytest.raises(error, match=message):
         submit.receive(d.settings, d.ledger, d.store, d.tokenizer, list(d.shapes), parts)
-    assert rig.blob_files() == before and rig.ledger.job_ids() == []
+    assert rig.blob_files() == before and rig.ledger.jobs.ids() == []
 
 
 def test_a_whole_dataset_stream_becomes_a_job(rig: Rig) -> None:
     result = submit_job(rig)
-    assert result.tasks == len(rig.ledger.task_ids(result.job_id)) > 0
-    assert rig.ledger.job(result.job_id)["name"] == "job"
+    assert result.tasks == len(rig.ledger.tasks.ids(result.job_id)) > 0
+    assert rig.ledger.jobs.get(result.job_id).name == "job"

@@ -17,6 +17,7 @@ import grpc
 import pytest
 import torch
 
+from coordinator.ledger import JobRecord, VersionRecord
 from nomoat import adapter as adapter_format
 from nomoat.client import CoordinatorClient
 from nomoat.demo import DEMO_DATA
@@ -40,22 +41,22 @@ def token(data_dir: Path, role: str) -> str:
     return (data_dir / f"{role}.token").read_text().strip()
 
 
-def adapter_bytes(job: dict[str, str], seed: int = 0) -> bytes:
+def adapter_bytes(job: JobRecord, seed: int = 0) -> bytes:
     """A well-formed adapter for a job of the tiny model (small random factors)."""
     from nomoat.tiny import tiny_model_path
     from transformers import AutoModelForCausalLM
 
-    config = json.loads(job["config"])
+    config = job.config
     model = AutoModelForCausalLM.from_pretrained(tiny_model_path())
     gen = torch.Generator().manual_seed(seed)
-    rank, targets = config["lora_rank"], set(config["target_modules"])
+    rank, targets = config.lora_rank, set(config.target_modules)
     factors = {
         name: (torch.randn(rank, m.in_features, generator=gen) * 1e-3,
                torch.randn(m.out_features, rank, generator=gen) * 1e-3)
         for name, m in model.named_modules()
         if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in targets
     }
-    return adapter_format.to_bytes(adapter_format.Adapter(factors, rank=rank, alpha=config["lora_alpha"]))
+    return adapter_format.to_bytes(adapter_format.Adapter(factors, rank=rank, alpha=config.lora_alpha))
 
 
 class Cluster:
@@ -94,7 +95,8 @@ class Cluster:
                                  config=config).job_id
 
     def job_state(self, job_id: str) -> str:
-        return (self.ledger.job(job_id) or {}).get("state", "")
+        job = self.ledger.jobs.get(job_id)
+        return job.state.value if job else ""
 
     def close(self) -> None:
         for proc in self.workers.values():
@@ -107,40 +109,39 @@ class Cluster:
         procs.kill_leftovers(self.data_dir)
 
 
-def ledger_figures(ledger, versions_before: list[dict] = ()) -> dict[str, int]:
+def ledger_figures(ledger, versions_before: list[VersionRecord] = ()) -> dict[str, int]:
     """What the ledger says about lost and twice-folded work (call it when the cluster is idle).
 
     lost: accepted adapters (a task is done with it) that are neither folded, rejected nor
     buffered; duplicate_folds: folds of an adapter beyond its first; versions_changed: versions
     seen earlier that are gone or different now.
     """
-    versions = ledger.versions()
+    versions = ledger.versions.all()
     changed = sum(1 for old, new in zip(versions_before, versions)
-                  if (old["version"], old.get("patch"), old.get("adapters")) !=
-                  (new["version"], new.get("patch"), new.get("adapters")))
+                  if (old.version, old.patch, old.adapters) != (new.version, new.patch, new.adapters))
     changed += max(0, len(versions_before) - len(versions))
-    folded_in = [a["id"] for v in versions if not v.get("metrics", {}).get("operation")
-                 for a in v.get("adapters", [])]
-    buffered = {a["adapter_id"] for a in ledger.buffered()}
+    folded_in = [a.id for v in versions if not v.operation for a in v.adapters]
+    buffered = {a.adapter_id for a in ledger.adapters.buffered()}
     accepted = lost = reissued = 0
-    for job_id in ledger.job_ids():
-        for task in ledger.tasks(job_id):
-            reissued += max(0, int(task.get("attempts", 0)) - 1)
-            if task["state"] != "done":
+    for job_id in ledger.jobs.ids():
+        for task in ledger.tasks.of_job(job_id):
+            reissued += max(0, task.attempts - 1)
+            if task.state != "done":
                 continue
             accepted += 1
-            state = (ledger.adapter(task["adapter"]) or {}).get("state")
-            if not ((state == "folded" and task["adapter"] in folded_in) or state == "rejected"
-                    or (state == "buffered" and task["adapter"] in buffered)):
+            adapter = ledger.adapters.get(task.adapter)
+            state = adapter.state if adapter else None
+            if not ((state == "folded" and task.adapter in folded_in) or state == "rejected"
+                    or (state == "buffered" and task.adapter in buffered)):
                 lost += 1
-    counted = sum(int((ledger.job(j) or {}).get("adapters_folded", 0)) for j in ledger.job_ids())
+    counted = sum(job.adapters_folded for job in map(ledger.jobs.get, ledger.jobs.ids()) if job)
     return {"accepted": accepted, "folded": len(folded_in), "lost": lost,
             "duplicate_folds": len(folded_in) - len(set(folded_in)), "folded_counted": counted,
             "versions": len(versions), "versions_changed": changed, "reissued": reissued,
-            "numbered_in_order": int([v["version"] for v in versions] == list(range(len(versions))))}
+            "numbered_in_order": int([v.version for v in versions] == list(range(len(versions))))}
 
 
-def check_ledger(ledger, versions_before: list[dict] = ()) -> dict[str, int]:
+def check_ledger(ledger, versions_before: list[VersionRecord] = ()) -> dict[str, int]:
     """Nothing lost, nothing twice: every accepted adapter is folded, rejected or still buffered,
     at most one version folds it, and the versions seen earlier are still there, unchanged."""
     figures = ledger_figures(ledger, versions_before)
@@ -175,12 +176,12 @@ def cluster_factory(tmp_path: Path):
 def test_an_upload_cut_off_halfway_resumes_and_a_corrupted_one_is_refused(cluster_factory) -> None:
     cluster = cluster_factory()  # no workers: the test leases two tasks itself and is their worker
     job_id = cluster.submit(lines=200, tokens_per_task=2000)
-    task, other = cluster.ledger.task_ids(job_id)[:2]
-    fence, other_fence = (cluster.ledger.lease(t, time.time() + 600, 0, max_attempts=3) for t in (task, other))
+    task, other = cluster.ledger.tasks.ids(job_id)[:2]
+    fence, other_fence = (cluster.ledger.leases.lease(t, time.time() + 600, 0, max_attempts=3) for t in (task, other))
     assert fence > 0 and other_fence > 0
     worker = cluster.client("worker")
     assert worker.heartbeat(task, fence).ok and worker.heartbeat(other, other_fence).ok
-    data = adapter_bytes(cluster.ledger.job(job_id))
+    data = adapter_bytes(cluster.ledger.jobs.get(job_id))
     manifest = uploader.manifest_for(task, fence, 0, 8, 16.0, 1000, 2.5, data)
     pieces = [data[i : i + 4096] for i in range(0, len(data), 4096)]
     half = sum(len(p) for p in pieces[: len(pieces) // 2])
@@ -198,18 +199,18 @@ def test_an_upload_cut_off_halfway_resumes_and_a_corrupted_one_is_refused(cluste
         worker.workers.Upload(cut_off(manifest, pieces), timeout=30, metadata=meta)
     parts = list((cluster.data_dir / "uploads").glob("*.part"))
     assert [p.stat().st_size for p in parts] == [half]
-    assert cluster.ledger.task(task)["state"] == "leased"
+    assert cluster.ledger.tasks.get(task).state == "leased"
 
     sent = uploader.upload(worker, manifest, data)  # the worker's own path: asks the offset, sends the rest
     assert sent.accepted and sent.attempts == 1, sent
-    assert cluster.ledger.task(task)["adapter"] == sent.adapter_id
+    assert cluster.ledger.tasks.get(task).adapter == sent.adapter_id
     assert not list((cluster.data_dir / "uploads").glob("*.part"))
     again = worker.upload(manifest, data)  # a retry of an accepted upload is answered the same, once
     assert again.accepted and again.adapter_id == sent.adapter_id
-    assert [a["adapter_id"] for a in cluster.ledger.buffered()].count(sent.adapter_id) == 1
+    assert [a.adapter_id for a in cluster.ledger.adapters.buffered()].count(sent.adapter_id) == 1
 
     # The other task: the first half arrives, then the rest arrives damaged.
-    good = adapter_bytes(cluster.ledger.job(job_id), seed=1)
+    good = adapter_bytes(cluster.ledger.jobs.get(job_id), seed=1)
     m2 = uploader.manifest_for(other, other_fence, 0, 8, 16.0, 1000, 2.5, good)
     good_pieces = [good[i : i + 4096] for i in range(0, len(good), 4096)]
     with pytest.raises(grpc.RpcError):
@@ -222,7 +223,7 @@ def test_an_upload_cut_off_halfway_resumes_and_a_corrupted_one_is_refused(cluste
     assert not refused.accepted and "sha256 does not match" in refused.reason
     assert not list((cluster.data_dir / "uploads").glob("*.part"))  # the damaged part is gone
     assert worker.upload_offset(other, other_fence, m2.sha256) == 0
-    assert cluster.ledger.task(other)["state"] == "leased"  # the lease survives; a clean upload is taken
+    assert cluster.ledger.tasks.get(other).state == "leased"  # the lease survives; a clean upload is taken
     assert worker.upload(m2, good).accepted
     worker.close()
 
@@ -238,8 +239,8 @@ def test_a_worker_killed_mid_task_is_replaced_and_its_late_upload_refused(cluste
 
     def claimed_on_victim():
         mine = procs.running_tasks(victim)
-        return [(t["task_id"], int(t["fence"])) for t in cluster.ledger.tasks(job_id)
-                if t["task_id"] in mine and t["state"] == "leased" and t.get("claimed") == t["fence"]]
+        return [(t.task_id, t.fence) for t in cluster.ledger.tasks.of_job(job_id)
+                if t.task_id in mine and t.state == "leased" and t.claimed == t.fence]
 
     ((task, fence), *_) = wait_until(claimed_on_victim, 120, "a task training on the victim")
     procs.kill_tree(victim.p.pid)
@@ -248,22 +249,22 @@ def test_a_worker_killed_mid_task_is_replaced_and_its_late_upload_refused(cluste
     wait_until(lambda: not procs.running_tasks(victim), 10, "the victim's task process to die", every=0.05)
 
     def reissued():
-        t = cluster.ledger.task(task)
-        return t if int(t["fence"]) > fence else None
+        t = cluster.ledger.tasks.get(task)
+        return t if t.fence > fence else None
 
     new = wait_until(reissued, 60, f"task {task} to be re-issued")
     reissue_s = time.monotonic() - killed_at
-    data = adapter_bytes(cluster.ledger.job(job_id))
+    data = adapter_bytes(cluster.ledger.jobs.get(job_id))
     with cluster.client("worker") as late:
         reply = late.upload(uploader.manifest_for(task, fence, 0, 8, 16.0, 1000, 2.5, data), data)
     assert not reply.accepted, reply
     assert f"stale fence {fence}" in reply.reason or "already done" in reply.reason, reply.reason
 
     wait_until(lambda: cluster.job_state(job_id) in ("done", "failed"), 300, "the job to finish", every=1)
-    assert cluster.job_state(job_id) == "done", cluster.ledger.job(job_id)
-    final = cluster.ledger.task(task)
-    assert final["state"] == "done" and int(final["fence"]) >= int(new["fence"]) > fence
-    assert cluster.ledger.adapter(final["adapter"])["fence"] == new["fence"]
+    assert cluster.job_state(job_id) == "done", cluster.ledger.jobs.get(job_id)
+    final = cluster.ledger.tasks.get(task)
+    assert final.state == "done" and final.fence >= new.fence > fence
+    assert cluster.ledger.adapters.get(final.adapter).fence == new.fence
     figures = check_ledger(cluster.ledger)
     print(json.dumps({"reissued_after_s": round(reissue_s, 1), **figures}))
 
@@ -289,7 +290,7 @@ def test_the_coordinator_killed_mid_job_resumes_everything_on_restart(cluster_fa
     cluster.add_worker("two", "RTX 4090:24")
     jobs = [cluster.submit(lines=240, tokens_per_task=3000, seed=s) for s in (1, 2)]
     ledger = cluster.ledger
-    wait_until(lambda: len(ledger.versions()) >= 2, 240, "a first fold")
+    wait_until(lambda: len(ledger.versions.all()) >= 2, 240, "a first fold")
 
     # Freeze the coordinator until a finished task is uploading to it, then kill it: that
     # upload is in flight at the moment of death. Its Ray head dies with it (fate-shared).
@@ -300,7 +301,7 @@ def test_the_coordinator_killed_mid_job_resumes_everything_on_restart(cluster_fa
         # An outbox entry whose task is still leased: its upload has not been accepted yet (an
         # entry can outlive its acceptance by a moment, until the worker removes it).
         return [e for e in outbox_entries(cluster)
-                if ledger.task(e.task_id)["state"] == "leased" and ledger.task(e.task_id)["fence"] == str(e.fence)]
+                if ledger.tasks.get(e.task_id).state == "leased" and ledger.tasks.get(e.task_id).fence == e.fence]
 
     in_flight = None
     old.p.send_signal(signal.SIGSTOP)
@@ -311,7 +312,7 @@ def test_the_coordinator_killed_mid_job_resumes_everything_on_restart(cluster_fa
                 in_flight = next(iter(uploads_in_flight()), None)
                 time.sleep(0.2)
             if in_flight:
-                versions_before = ledger.versions()
+                versions_before = ledger.versions.all()
                 break
             # Nothing could finish: every busy worker was waiting on the coordinator (fetching its
             # shard, or the patch of the version just folded). Let it answer, then freeze again.
@@ -322,7 +323,7 @@ def test_the_coordinator_killed_mid_job_resumes_everything_on_restart(cluster_fa
         old.p.send_signal(signal.SIGKILL)  # the coordinator alone, as kill -9 or the OOM killer would
     old.p.wait()
     assert in_flight, "no upload was in flight during six freezes of 20 s"
-    assert ledger.task(in_flight.task_id)["state"] == "leased"  # it had not been accepted
+    assert ledger.tasks.get(in_flight.task_id).state == "leased"  # it had not been accepted
 
     cluster.start_coordinator()  # same data dir, same address
     assert not procs.pid_alive(old_redis), "the restarted coordinator left the old redis-server running"
@@ -331,15 +332,15 @@ def test_the_coordinator_killed_mid_job_resumes_everything_on_restart(cluster_fa
     assert not left, f"the old coordinator's Ray head left {left}"
     for name in ("one", "two"):
         cluster.workers[name].wait_for("rejoined the Ray cluster", timeout=120)
-    assert len(ledger.workers()) == 2, "a rejoining worker must keep its id, not leave a ghost behind"
+    assert len(ledger.workers.all()) == 2, "a rejoining worker must keep its id, not leave a ghost behind"
 
     wait_until(lambda: all(cluster.job_state(j) in ("done", "failed") for j in jobs), 300, "both jobs", every=1)
-    assert [cluster.job_state(j) for j in jobs] == ["done", "done"], [ledger.job(j) for j in jobs]
+    assert [cluster.job_state(j) for j in jobs] == ["done", "done"], [ledger.jobs.get(j) for j in jobs]
     figures = check_ledger(ledger, versions_before)
-    task = ledger.task(in_flight.task_id)
+    task = ledger.tasks.get(in_flight.task_id)
     expected = adapter_id_for(in_flight.task_id, in_flight.fence, in_flight.sha256)
-    assert task["state"] == "done" and task["adapter"] == expected, (task, "the in-flight upload was lost")
-    assert ledger.adapter(expected)["state"] in ("folded", "rejected")
+    assert task.state == "done" and task.adapter == expected, (task, "the in-flight upload was lost")
+    assert ledger.adapters.get(expected).state in ("folded", "rejected")
     assert not outbox_entries(cluster)
     print(json.dumps({"in_flight_task": in_flight.task_id, "versions_before": len(versions_before),
                       "freezes": freezes, **figures}))
@@ -353,9 +354,9 @@ def test_redis_killed_mid_job_is_restarted_and_nothing_accepted_is_lost(cluster_
     cluster.add_worker("one")
     job_id = cluster.submit(lines=240, tokens_per_task=3000)
     ledger = cluster.ledger
-    wait_until(lambda: ledger.task_counts(job_id)["done"] >= 2, 240, "two accepted adapters")
-    accepted = {t["adapter"] for t in ledger.tasks(job_id) if t["state"] == "done"}
-    versions_before = ledger.versions()
+    wait_until(lambda: ledger.tasks.counts(job_id)["done"] >= 2, 240, "two accepted adapters")
+    accepted = {t.adapter for t in ledger.tasks.of_job(job_id) if t.state == "done"}
+    versions_before = ledger.versions.all()
 
     old = procs.redis_pid(cluster.data_dir)
     procs.kill_tree(old)
@@ -364,9 +365,9 @@ def test_redis_killed_mid_job_is_restarted_and_nothing_accepted_is_lost(cluster_
     cluster.coordinator.wait_for("redis-server is back", timeout=30)
 
     wait_until(lambda: cluster.job_state(job_id) in ("done", "failed"), 300, "the job", every=1)
-    assert cluster.job_state(job_id) == "done", ledger.job(job_id)
+    assert cluster.job_state(job_id) == "done", ledger.jobs.get(job_id)
     figures = check_ledger(ledger, versions_before)
     for adapter_id in accepted:  # accepted before the kill: still there, and accounted for
-        assert ledger.adapter(adapter_id)["state"] in ("folded", "rejected", "buffered")
+        assert ledger.adapters.get(adapter_id).state in ("folded", "rejected", "buffered")
     assert procs.redis_pid(cluster.data_dir) == new
     print(json.dumps({"accepted_before_kill": len(accepted), **figures}))

@@ -45,7 +45,7 @@ class World:
     def __init__(self, rig: Rig) -> None:
         self.rig = rig
         self.job_id = rig.submit().job_id
-        self.task_ids = rig.ledger.task_ids(self.job_id)
+        self.task_ids = rig.ledger.tasks.ids(self.job_id)
         self.worker_ids = [rig.client("worker").register(f"w{i}", pb.Card(name="RTX", vram_gb=8)).worker_id
                            for i in range(2)]
         # Three leases held by the worker token, one done task with a buffered adapter.
@@ -259,11 +259,11 @@ def test_every_rpc_survives_random_and_malformed_requests(rig: Rig, world: World
 @pytest.mark.parametrize("alpha", [float("nan"), float("inf"), -4.0, 0.0])
 def test_a_manifest_that_lies_about_alpha_is_refused(rig: Rig, alpha: float) -> None:
     """Found by reading what the fuzzer could send: NaN compared false, so a NaN alpha passed."""
-    task_id = rig.ledger.task_ids(rig.submit().job_id)[0]
+    task_id = rig.ledger.tasks.ids(rig.submit().job_id)[0]
     data = make_adapter(rig.deps.shapes)
     reply = rig.client("worker").upload(manifest(task_id, rig.lease(task_id), data, alpha=alpha), data)
     assert not reply.accepted and "the manifest says rank 2, alpha" in reply.reason, reply
-    assert rig.ledger.task(task_id)["state"] == "leased"
+    assert rig.ledger.tasks.get(task_id).state == "leased"
 
 
 def _corrupt(world: World, case: str) -> str:

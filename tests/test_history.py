@@ -13,7 +13,7 @@ import torch
 from coordinator import folding
 from coordinator.folder import Folder
 from coordinator.history import History, peft_files, plan_catch_up
-from coordinator.ledger import Ledger
+from coordinator.ledger import Ledger, VersionRecord
 from coordinator.model import RunningModel, materialize
 from coordinator.settings import JobDefaults, Settings
 from coordinator.store import BlobStore
@@ -53,8 +53,7 @@ class Rig:
         self.settings = Settings(data_dir=tmp_path, fold_every=2, eval_epsilon=0.02,
                                  job=JobDefaults(lora_rank=RANK, lora_alpha=8.0, tokens_per_task=1000), **settings)
         model = RunningModel(tiny_model_path())
-        ledger.publish_version(0, {"parent": -1, "files": model.publish(self.store), "adapters": [],
-                                   "eval_loss": "nan"})
+        ledger.versions.publish(VersionRecord(version=0, parent=-1, files=model.publish(self.store)))
         self.history = History(ledger, self.store, tmp_path)
         self.folder = Folder(self.settings, ledger, self.store, model, self.history)
         self.targets = model.shapes(list(self.settings.job.target_modules))
@@ -72,13 +71,13 @@ class Rig:
 
     def offer(self, adapter: fmt.Adapter, base_version: int | None = None) -> str:
         """Lease the next task and upload ``adapter`` for it, as a worker would."""
-        task_id = self.ledger.pending(1)[0]
-        base = self.ledger.latest_version() if base_version is None else base_version
-        fence = self.ledger.lease(task_id, time.time() + 60, base, max_attempts=3)
+        task_id = self.ledger.leases.pending(1)[0]
+        base = self.ledger.versions.latest() if base_version is None else base_version
+        fence = self.ledger.leases.lease(task_id, time.time() + 60, base, max_attempts=3)
         data = fmt.to_bytes(adapter)
         sha = self.store.put(data)
-        accepted = self.ledger.accept_upload(task_id, fence, sha, {"base_version": base, "tokens": 1000,
-                                                                    "rank": RANK, "alpha": 8.0})
+        accepted = self.ledger.adapters.accept(task_id, fence, sha, base_version=base, tokens=1000, rank=RANK,
+                                               alpha=8.0)
         assert accepted.ok
         return accepted.detail
 
@@ -99,7 +98,7 @@ def test_patch_chain_rebuilds_every_version_exactly(rig: Rig):
         number = rig.folder.maybe_fold(set())
         assert number is not None
         weights[number] = rig.master()
-    assert rig.ledger.version(3).get("files") and not rig.ledger.version(4).get("files")
+    assert rig.ledger.versions.get(3).files and not rig.ledger.versions.get(4).files
     for version, expected in weights.items():
         rebuilt = rig.history.rebuild(version).master(list(rig.targets))
         assert all(torch.equal(rebuilt[m], expected[m]) for m in expected), f"version {version} differs"
@@ -141,8 +140,8 @@ def test_rollback_restores_the_old_weights_exactly_as_a_new_version(rig: Rig):
     rig.offer(rig.adapter())
     assert rig.folder.maybe_fold(set()) == 2
     number, _ = rig.folder.rollback(1)
-    assert number == 3 and rig.ledger.version(3)["parent"] == 2
-    assert rig.ledger.version(3)["metrics"]["operation"] == "rollback"
+    assert number == 3 and rig.ledger.versions.get(3).parent == 2
+    assert rig.ledger.versions.get(3).operation == "rollback"
     now = rig.master()
     assert all(torch.equal(now[m], at_one[m]) for m in at_one)
     assert all(torch.equal(rig.history.rebuild(3).master(list(at_one))[m], at_one[m]) for m in at_one)
@@ -156,9 +155,9 @@ def test_unmerge_removes_exactly_one_contribution(rig: Rig):
     second = rig.offer(rig.adapter())
     assert rig.folder.maybe_fold(set()) == 1
     number, _ = rig.folder.unmerge(first)
-    assert number == 2 and rig.ledger.adapter(first)["state"] == "unmerged"
-    kept = fmt.from_bytes(rig.store.get(rig.ledger.adapter(second)["sha256"]))
-    only_second = folding.build_patch([kept], [float(rig.ledger.adapter(second)["weight"])])
+    assert number == 2 and rig.ledger.adapters.get(first).state == "unmerged"
+    kept = fmt.from_bytes(rig.store.get(rig.ledger.adapters.get(second).sha256))
+    only_second = folding.build_patch([kept], [rig.ledger.adapters.get(second).weight])
     after = rig.master()
     for m, w in before.items():
         torch.testing.assert_close(after[m], w + folding.patch_delta(only_second, m), rtol=0, atol=1e-6)
@@ -170,13 +169,13 @@ def test_harmful_adapter_is_rejected_and_nothing_is_published(rig: Rig):
     good = rig.offer(rig.adapter())
     harmful = rig.offer(rig.adapter(scale=0.02 * 1000**0.5))  # ΔW = B·A: 1000 times a normal update
     assert rig.folder.maybe_fold(set()) == 1
-    assert "worse" in rig.ledger.adapter(harmful)["reason"] or "norm" in rig.ledger.adapter(harmful)["reason"]
-    assert rig.ledger.adapter(good)["state"] == "folded"
+    assert "worse" in rig.ledger.adapters.get(harmful).reason or "norm" in rig.ledger.adapters.get(harmful).reason
+    assert rig.ledger.adapters.get(good).state == "folded"
     before = rig.master()
     rig.offer(rig.adapter(scale=0.02 * 1000**0.5))
     rig.offer(rig.adapter(scale=0.02 * 1000**0.5))
     assert rig.folder.maybe_fold(set()) is None
-    assert rig.ledger.latest_version() == 1
+    assert rig.ledger.versions.latest() == 1
     assert all(torch.equal(before[m], w) for m, w in rig.master().items())
 
 
@@ -189,9 +188,9 @@ def test_stale_adapter_is_refused_with_its_reason(ledger, tmp_path):
     stale = rig.offer(rig.adapter(), base_version=0)  # τ = 2 > 1
     fresh = rig.offer(rig.adapter())
     assert rig.folder.maybe_fold(set()) == 3
-    assert rig.ledger.adapter(stale)["state"] == "rejected"
-    assert "stale" in rig.ledger.adapter(stale)["reason"] or "τ" in rig.ledger.adapter(stale)["reason"]
-    assert rig.ledger.adapter(fresh)["state"] == "folded"
+    assert rig.ledger.adapters.get(stale).state == "rejected"
+    assert "stale" in rig.ledger.adapters.get(stale).reason or "τ" in rig.ledger.adapters.get(stale).reason
+    assert rig.ledger.adapters.get(fresh).state == "folded"
 
 
 def test_worker_catches_up_by_applying_patches(rig: Rig, tmp_path: Path):
@@ -203,7 +202,7 @@ def test_worker_catches_up_by_applying_patches(rig: Rig, tmp_path: Path):
     patches = []
     for v in (1, 2):
         path = tmp_path / f"{v}.safetensors"
-        path.write_bytes(rig.store.get(rig.ledger.version(v)["patch"]))
+        path.write_bytes(rig.store.get(rig.ledger.versions.get(v).patch))
         patches.append(path)
     apply_patches(folder, patches)
     caught_up = RunningModel(folder).master(list(rig.targets))
@@ -219,7 +218,7 @@ def test_outer_momentum_is_nesterov_on_the_folded_deltas(ledger, tmp_path):
         rig.offer(rig.adapter())
         assert rig.folder.maybe_fold(set()) is not None
         weights.append(rig.master())
-    deltas = [fmt.from_bytes(rig.store.get(rig.ledger.version(v)["delta"])) for v in (1, 2, 3)]
+    deltas = [fmt.from_bytes(rig.store.get(rig.ledger.versions.get(v).delta)) for v in (1, 2, 3)]
     mu, lr = 0.5, 0.8
     for m in weights[0]:
         d = [folding.patch_delta(x, m) for x in deltas]
@@ -237,7 +236,7 @@ def test_outer_lr_without_momentum_scales_each_fold(ledger, tmp_path):
     rig.offer(rig.adapter())
     assert rig.folder.maybe_fold(set()) == 1
     after = rig.master()
-    record = rig.ledger.version(1)
-    delta = fmt.from_bytes(rig.store.get(record["delta"]))  # the plain fold, kept beside the applied patch
+    record = rig.ledger.versions.get(1)
+    delta = fmt.from_bytes(rig.store.get(record.delta))  # the plain fold, kept beside the applied patch
     for m in before:
         torch.testing.assert_close(after[m] - before[m], 1.5 * folding.patch_delta(delta, m), rtol=1e-4, atol=1e-6)

@@ -23,7 +23,7 @@ def identity(rig: Rig, role: str = "worker") -> Identity:
 
 @pytest.fixture
 def leased(rig: Rig) -> tuple[str, int]:
-    task_id = rig.ledger.task_ids(submit_job(rig).job_id)[0]
+    task_id = rig.ledger.tasks.ids(submit_job(rig).job_id)[0]
     return task_id, rig.lease(task_id)
 
 
@@ -47,7 +47,7 @@ def test_a_heartbeat_renews_the_lease_and_fixes_the_base_version(rig: Rig, lease
                             "out of memory at micro-batch 8; retrying with 4")
     assert beat.ok and beat.reason == "" and beat.base_version == 0
     assert beat.deadline >= before + rig.deps.settings.lease_ttl_s
-    assert [e for _, e in rig.ledger.task_events(task_id)] == ["out of memory at micro-batch 8; retrying with 4"]
+    assert [e for _, e in rig.ledger.tasks.get(task_id).events] == ["out of memory at micro-batch 8; retrying with 4"]
 
 
 def test_a_heartbeat_for_a_stale_fence_is_answered_not_ok(rig: Rig, leased) -> None:
@@ -58,10 +58,10 @@ def test_a_heartbeat_for_a_stale_fence_is_answered_not_ok(rig: Rig, leased) -> N
 
 def test_the_shard_is_the_tasks_records_for_its_holder_only(rig: Rig, leased) -> None:
     task_id, fence = leased
-    task = rig.ledger.task(task_id)
-    records = rig.store.get(rig.ledger.job(task["job"])["records"]).splitlines(keepends=True)
+    task = rig.ledger.tasks.get(task_id)
+    records = rig.store.get(rig.ledger.jobs.get(task.job).records).splitlines(keepends=True)
     shard = leases.fetch_shard(rig.ledger, rig.store, identity(rig), task_id, fence)
-    assert shard == b"".join(records[int(task["start"]) : int(task["end"])])
+    assert shard == b"".join(records[task.start : task.end])
     with pytest.raises(NotPermitted, match="another token holds its lease"):
         leases.fetch_shard(rig.ledger, rig.store, Identity("worker", "bob", "b" * 64), task_id, fence)
     with pytest.raises(WrongState, match=f"stale fence {fence + 1}"):

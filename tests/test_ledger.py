@@ -8,35 +8,47 @@ import time
 
 import pytest
 
-from coordinator.ledger import Ledger, adapter_id_for
+from coordinator.ledger import (AdapterState, JobConfig, JobRecord, JobState, Ledger, TaskRecord, TaskState,
+                                VersionRecord, adapter_id_for)
+
+CONFIG = JobConfig(lora_rank=4, lora_alpha=8.0, target_modules=("q_proj",), seq_len=64, learning_rate=1e-3,
+                   batch_size=2, epochs=1, tokens_per_task=100)
 
 
-def make_job(ledger: Ledger, n_tasks: int = 3, job_id: str = "j-test") -> list[str]:
-    tasks = [{"task_id": f"{job_id}-t{i}", "index": i, "start": i, "end": i + 1, "tokens": 10}
+def make_job(ledger: Ledger, n_tasks: int = 3, job_id: str = "j-test", tokens: int = 10) -> list[str]:
+    tasks = [TaskRecord(task_id=f"{job_id}-t{i}", job=job_id, index=i, start=i, end=i + 1, tokens=tokens)
              for i in range(n_tasks)]
-    ledger.create_job(job_id, {"name": "test", "config": {"lora_rank": 4}, "total_tasks": n_tasks}, tasks)
-    return [t["task_id"] for t in tasks]
+    ledger.jobs.create(JobRecord(job_id=job_id, name="test", config=CONFIG, total_tasks=n_tasks), tasks)
+    return [t.task_id for t in tasks]
 
 
 def accept(ledger: Ledger, task_id: str, fence: int, sha: str = "a" * 64):
-    return ledger.accept_upload(task_id, fence, sha, {"tokens": 10, "base_version": 0}, worker_id="")
+    return ledger.adapters.accept(task_id, fence, sha, tokens=10, base_version=0)
+
+
+def publish_versions(ledger: Ledger, upto: int) -> None:
+    first = (ledger.versions.latest() if ledger.versions.latest() is not None else -1) + 1
+    for n in range(first, upto + 1):
+        ledger.versions.publish(VersionRecord(version=n, parent=n - 1))
 
 
 def test_new_job_tasks_are_pending_in_order(ledger):
     ids = make_job(ledger)
-    assert ledger.pending() == ids
-    assert ledger.task_counts("j-test") == {"pending": 3, "leased": 0, "done": 0, "failed": 0}
-    assert ledger.job("j-test")["state"] == "running"
+    assert ledger.leases.pending() == ids
+    assert ledger.tasks.counts("j-test") == {"pending": 3, "leased": 0, "done": 0, "failed": 0}
+    job = ledger.jobs.get("j-test")
+    assert job.state is JobState.RUNNING and job.config == CONFIG and job.total_tasks == 3
+    assert [t.task_id for t in ledger.tasks.of_job("j-test")] == ids
 
 
 def test_fences_strictly_increase_and_lease_once(ledger):
     a, b, _ = make_job(ledger)
-    f1 = ledger.lease(a, time.time() + 60, 0, max_attempts=3)
-    f2 = ledger.lease(b, time.time() + 60, 0, max_attempts=3)
+    f1 = ledger.leases.lease(a, time.time() + 60, 0, max_attempts=3)
+    f2 = ledger.leases.lease(b, time.time() + 60, 0, max_attempts=3)
     assert 0 < f1 < f2
-    assert ledger.lease(a, time.time() + 60, 0, max_attempts=3) == 0  # already leased
-    assert ledger.task(a)["state"] == "leased"
-    assert a not in ledger.pending()
+    assert ledger.leases.lease(a, time.time() + 60, 0, max_attempts=3) == 0  # already leased
+    assert ledger.tasks.get(a).state == "leased"
+    assert a not in ledger.leases.pending()
 
 
 def test_concurrent_leasing_gives_each_task_to_one_caller(ledger):
@@ -46,7 +58,7 @@ def test_concurrent_leasing_gives_each_task_to_one_caller(ledger):
 
     def grab():
         for task_id in ids:
-            fence = ledger.lease(task_id, time.time() + 60, 0, max_attempts=3)
+            fence = ledger.leases.lease(task_id, time.time() + 60, 0, max_attempts=3)
             if fence > 0:
                 with lock:
                     won.append((task_id, fence))
@@ -62,12 +74,12 @@ def test_concurrent_leasing_gives_each_task_to_one_caller(ledger):
 
 def test_expired_lease_is_reissued_with_new_fence_and_old_fence_refused(ledger):
     (task_id,) = make_job(ledger, n_tasks=1)
-    old = ledger.lease(task_id, time.time() + 0.01, 0, max_attempts=3)
-    assert ledger.expire_leases(now=time.time() + 1) == [task_id]
-    assert ledger.task(task_id)["state"] == "pending"
-    new = ledger.lease(task_id, time.time() + 60, 0, max_attempts=3)
+    old = ledger.leases.lease(task_id, time.time() + 0.01, 0, max_attempts=3)
+    assert ledger.leases.expire(now=time.time() + 1) == [task_id]
+    assert ledger.tasks.get(task_id).state == "pending"
+    new = ledger.leases.lease(task_id, time.time() + 60, 0, max_attempts=3)
     assert new > old
-    assert "stale fence" in ledger.heartbeat(task_id, old, time.time() + 60)
+    assert "stale fence" in ledger.leases.heartbeat(task_id, old, time.time() + 60).reason
     refused = accept(ledger, task_id, old)
     assert refused.status == "refused" and "fence" in refused.detail
     assert accept(ledger, task_id, new).status == "accepted"
@@ -75,42 +87,42 @@ def test_expired_lease_is_reissued_with_new_fence_and_old_fence_refused(ledger):
 
 def test_heartbeat_extends_only_the_current_lease(ledger):
     (task_id,) = make_job(ledger, n_tasks=1)
-    fence = ledger.lease(task_id, time.time() + 1, 0, max_attempts=3)
-    assert ledger.heartbeat(task_id, fence, time.time() + 100) == ""
-    assert ledger.expire_leases(now=time.time() + 50) == []
-    assert ledger.task(task_id)["state"] == "leased"
+    fence = ledger.leases.lease(task_id, time.time() + 1, 0, max_attempts=3)
+    assert ledger.leases.heartbeat(task_id, fence, time.time() + 100).ok
+    assert ledger.leases.expire(now=time.time() + 50) == []
+    assert ledger.tasks.get(task_id).state == "leased"
 
 
 def test_upload_is_idempotent_per_task_fence_sha(ledger):
     (task_id,) = make_job(ledger, n_tasks=1)
-    fence = ledger.lease(task_id, time.time() + 60, 0, max_attempts=3)
+    fence = ledger.leases.lease(task_id, time.time() + 60, 0, max_attempts=3)
     first = accept(ledger, task_id, fence)
     again = accept(ledger, task_id, fence)
     other = accept(ledger, task_id, fence, sha="b" * 64)
     assert first.status == "accepted" and again.status == "duplicate"
     assert first.detail == again.detail == adapter_id_for(task_id, fence, "a" * 64)
     assert other.status == "refused"
-    assert [a["adapter_id"] for a in ledger.buffered()] == [first.detail]
-    assert ledger.task(task_id)["state"] == "done"
+    assert [a.adapter_id for a in ledger.adapters.buffered()] == [first.detail]
+    assert ledger.tasks.get(task_id).state == "done"
 
 
 def test_release_retries_then_fails(ledger):
     (task_id,) = make_job(ledger, n_tasks=1)
     for attempt in range(1, 3):
-        fence = ledger.lease(task_id, time.time() + 60, 0, max_attempts=2)
+        fence = ledger.leases.lease(task_id, time.time() + 60, 0, max_attempts=2)
         assert fence > 0
-        state = ledger.release(task_id, fence, f"boom {attempt}", max_attempts=2)
-    assert state == "failed"
-    assert ledger.task(task_id)["error"] == "boom 2"
-    assert ledger.release(task_id, fence, "late", max_attempts=2) == ""  # not leased any more
+        state = ledger.leases.release(task_id, fence, f"boom {attempt}", max_attempts=2)
+    assert state is TaskState.FAILED
+    assert ledger.tasks.get(task_id).error == "boom 2"
+    assert ledger.leases.release(task_id, fence, "late", max_attempts=2) is None  # not leased any more
 
 
 def test_lease_refuses_a_task_out_of_attempts(ledger):
     (task_id,) = make_job(ledger, n_tasks=1)
-    fence = ledger.lease(task_id, time.time() + 0.01, 0, max_attempts=1)
-    ledger.expire_leases(now=time.time() + 1)
-    assert ledger.lease(task_id, time.time() + 60, 0, max_attempts=1) == -1
-    assert ledger.task(task_id)["state"] == "failed"
+    fence = ledger.leases.lease(task_id, time.time() + 0.01, 0, max_attempts=1)
+    ledger.leases.expire(now=time.time() + 1)
+    assert ledger.leases.lease(task_id, time.time() + 60, 0, max_attempts=1) == -1
+    assert ledger.tasks.get(task_id).state == "failed"
     assert fence > 0
 
 
@@ -118,32 +130,34 @@ def test_publish_is_atomic_and_sequential(ledger):
     a, b = make_job(ledger, n_tasks=2)
     ids = []
     for task_id in (a, b):
-        fence = ledger.lease(task_id, time.time() + 60, 0, max_attempts=3)
+        fence = ledger.leases.lease(task_id, time.time() + 60, 0, max_attempts=3)
         ids.append(accept(ledger, task_id, fence).detail)
-    ledger.publish_version(0, {"parent": -1, "files": {}, "eval_loss": "nan"})
+    ledger.versions.publish(VersionRecord(version=0, parent=-1))
     with pytest.raises(ValueError, match="next version is 1"):
-        ledger.publish_version(2, {"parent": 0, "files": {}})
-    ledger.publish_version(1, {"parent": 0, "files": {}, "eval_loss": 1.5}, folded=[(ids[0], 0.5)], norms=[2.0])
-    assert ledger.latest_version() == 1
-    assert [a["adapter_id"] for a in ledger.buffered()] == [ids[1]]
-    assert ledger.adapter(ids[0])["state"] == "folded"
-    assert ledger.job("j-test")["adapters_folded"] == "1"
-    assert ledger.version(1)["parent"] == 0 and ledger.version(1)["eval_loss"] == 1.5
-    assert ledger.recent_norms() == [2.0]
+        ledger.versions.publish(VersionRecord(version=2, parent=0))
+    ledger.versions.publish(VersionRecord(version=1, parent=0, eval_loss=1.5), folded=[(ids[0], 0.5)], norms=[2.0])
+    assert ledger.versions.latest() == 1
+    assert [a.adapter_id for a in ledger.adapters.buffered()] == [ids[1]]
+    assert ledger.adapters.get(ids[0]).state == "folded"
+    assert ledger.adapters.get(ids[0]).version == 1 and ledger.adapters.get(ids[0]).weight == 0.5
+    assert ledger.jobs.get("j-test").adapters_folded == 1
+    assert ledger.versions.get(1).parent == 0 and ledger.versions.get(1).eval_loss == 1.5
+    assert ledger.adapters.recent_norms() == [2.0]
     # A second coordinator trying to publish the same number loses.
     with pytest.raises(ValueError):
-        ledger.publish_version(1, {"parent": 0, "files": {}}, folded=[(ids[1], 0.5)])
-    assert [a["adapter_id"] for a in ledger.buffered()] == [ids[1]]
+        ledger.versions.publish(VersionRecord(version=1, parent=0), folded=[(ids[1], 0.5)])
+    assert [a.adapter_id for a in ledger.adapters.buffered()] == [ids[1]]
 
 
 def test_rejected_adapter_leaves_the_buffer_with_its_reason(ledger):
     (task_id,) = make_job(ledger, n_tasks=1)
-    fence = ledger.lease(task_id, time.time() + 60, 0, max_attempts=3)
+    fence = ledger.leases.lease(task_id, time.time() + 60, 0, max_attempts=3)
     adapter_id = accept(ledger, task_id, fence).detail
-    ledger.reject_adapter(adapter_id, "too large a norm")
-    assert ledger.buffered() == []
-    assert ledger.adapter(adapter_id)["reason"] == "too large a norm"
-    assert ledger.job("j-test")["adapters_rejected"] == "1"
+    ledger.adapters.reject(adapter_id, "too large a norm")
+    assert ledger.adapters.buffered() == []
+    assert ledger.adapters.get(adapter_id).reason == "too large a norm"
+    assert ledger.adapters.get(adapter_id).state is AdapterState.REJECTED
+    assert ledger.jobs.get("j-test").adapters_rejected == 1
 
 
 def test_state_survives_a_redis_restart(redis_server, tmp_path):
@@ -153,50 +167,135 @@ def test_state_survives_a_redis_restart(redis_server, tmp_path):
     server = EmbeddedRedis(tmp_path / "r")
     ledger = Ledger(redis_client(server.start()))
     (task_id,) = make_job(ledger, n_tasks=1)
-    fence = ledger.lease(task_id, time.time() + 60, 0, max_attempts=3)
+    fence = ledger.leases.lease(task_id, time.time() + 60, 0, max_attempts=3)
     ledger.r.execute_command("BGREWRITEAOF")
     time.sleep(1.2)  # appendfsync everysec
     server.stop()
     server.start()
-    assert ledger.task(task_id)["state"] == "leased"  # the client reconnects by itself
-    assert ledger.lease_problem(task_id, fence) == ""
+    assert ledger.tasks.get(task_id).state == "leased"  # the client reconnects by itself
+    assert ledger.leases.problem(task_id, fence) == ""
     server.stop()
 
 
 def test_restart_gives_every_lease_one_ttl_and_heartbeats_keep_them(ledger):
     a, b = make_job(ledger, n_tasks=2)
-    fa = ledger.lease(a, time.time() + 900, 0, max_attempts=3)
-    ledger.lease(b, time.time() - 100, 0, max_attempts=3)  # ran out while the coordinator was down
-    assert ledger.reset_leases(time.time() + 5) == 2
-    assert ledger.expire_leases(now=time.time()) == []  # nobody lost a lease to the downtime
-    assert ledger.heartbeat(a, fa, time.time() + 100) == ""  # a live worker renews its lease
-    assert ledger.expire_leases(now=time.time() + 10) == [b]
-    assert ledger.task(a)["state"] == "leased" and ledger.task(b)["state"] == "pending"
+    fa = ledger.leases.lease(a, time.time() + 900, 0, max_attempts=3)
+    ledger.leases.lease(b, time.time() - 100, 0, max_attempts=3)  # ran out while the coordinator was down
+    assert ledger.leases.reset(time.time() + 5) == 2
+    assert ledger.leases.expire(now=time.time()) == []  # nobody lost a lease to the downtime
+    assert ledger.leases.heartbeat(a, fa, time.time() + 100).ok  # a live worker renews its lease
+    assert ledger.leases.expire(now=time.time() + 10) == [b]
+    assert ledger.tasks.get(a).state == "leased" and ledger.tasks.get(b).state == "pending"
 
 
 def test_first_claim_fixes_the_version_a_run_trains_on(ledger):
     (task_id,) = make_job(ledger, n_tasks=1)
-    fence = ledger.lease(task_id, time.time() + 60, 0, max_attempts=3)
-    assert ledger.claim(task_id, fence, 3) == 3  # the newest version when the run started
-    assert ledger.claim(task_id, fence, 5) == 3  # later heartbeats do not move it
-    assert ledger.claim(task_id, fence + 1, 5) == -1
-    ledger.expire_leases(now=time.time() + 100)
-    new = ledger.lease(task_id, time.time() + 60, 0, max_attempts=3)
-    assert ledger.claim(task_id, new, 5) == 5  # a new lease is a new run
+    fence = ledger.leases.lease(task_id, time.time() + 60, 0, max_attempts=3)
+    publish_versions(ledger, 3)
+    assert ledger.leases.heartbeat(task_id, fence, time.time() + 60).base_version == 3  # newest at the start
+    publish_versions(ledger, 5)
+    assert ledger.leases.heartbeat(task_id, fence, time.time() + 60).base_version == 3  # later ones keep it
+    stale = ledger.leases.heartbeat(task_id, fence + 1, time.time() + 60)
+    assert not stale.ok and stale.base_version == -1
+    ledger.leases.expire(now=time.time() + 100)
+    new = ledger.leases.lease(task_id, time.time() + 60, 0, max_attempts=3)
+    assert ledger.leases.heartbeat(task_id, new, time.time() + 60).base_version == 5  # a new lease is a new run
 
 
 def test_running_jobs_index_follows_job_state_and_can_be_rebuilt(ledger):
     for job_id in ("j-a", "j-b", "j-c"):
         make_job(ledger, 1, job_id)
-    assert ledger.running_job_ids() == ["j-a", "j-b", "j-c"]
-    ledger.set_job("j-b", state="done", finished=time.time())
-    ledger.set_job("j-a", warning="waiting for a bigger card")  # not a state change
-    ledger.set_job("j-c", state="failed", error="every task failed")
-    assert ledger.running_job_ids() == ["j-a"]
-    assert ledger.job_ids() == ["j-a", "j-b", "j-c"]  # the finished ones are still listed
+    assert ledger.jobs.running_ids() == ["j-a", "j-b", "j-c"]
+    ledger.jobs.finish("j-b", JobState.DONE)
+    ledger.jobs.set_warning("j-a", "waiting for a bigger card")  # not a state change
+    ledger.jobs.finish("j-c", JobState.FAILED, "every task failed")
+    assert ledger.jobs.running_ids() == ["j-a"]
+    assert ledger.jobs.get("j-c").error == "every task failed" and ledger.jobs.get("j-a").warning
+    assert ledger.jobs.ids() == ["j-a", "j-b", "j-c"]  # the finished ones are still listed
     # A ledger written before the index existed: rebuilt from the job records at start.
     ledger.r.delete("nomoat:jobs:running")
     make_job(ledger, 1, "j-d")
     ledger.r.zrem("nomoat:jobs:running", "j-d")
-    assert ledger.index_running_jobs() == 2
-    assert ledger.running_job_ids() == ["j-a", "j-d"]
+    assert ledger.jobs.index_running() == 2
+    assert ledger.jobs.running_ids() == ["j-a", "j-d"]
+
+
+def test_a_heartbeat_under_a_lost_lease_changes_nothing_and_claims_no_version(ledger):
+    """Bug 5: the heartbeat is one step; a stale fence neither extends, notes nor claims."""
+    (task_id,) = make_job(ledger, n_tasks=1)
+    publish_versions(ledger, 2)
+    old = ledger.leases.lease(task_id, time.time() + 60, 0, max_attempts=3)
+    ledger.leases.expire(now=time.time() + 100)
+    new = ledger.leases.lease(task_id, time.time() + 60, 0, max_attempts=3)
+    before = ledger.tasks.get(task_id)
+    lost = ledger.leases.heartbeat(task_id, old, time.time() + 600, "w-1", "a" * 64, event="still training")
+    assert not lost.ok and "stale fence" in lost.reason and lost.base_version == -1
+    assert ledger.tasks.get(task_id) == before  # no deadline, holder, event or claimed version
+    publish_versions(ledger, 3)
+    assert ledger.leases.heartbeat(task_id, new, time.time() + 60, event="started").base_version == 3
+    assert [e for _, e in ledger.tasks.get(task_id).events] == ["started"]
+
+
+def test_records_are_typed_and_states_print_as_before(ledger):
+    (task_id,) = make_job(ledger, n_tasks=1, tokens=1234)
+    task = ledger.tasks.get(task_id)
+    assert (task.tokens, task.fence, task.state, task.events) == (1234, 0, TaskState.PENDING, ())
+    assert str(task.state) == f"{task.state}" == "pending" and task.state == "pending"
+    fence = ledger.leases.lease(task_id, time.time() + 60, 0, max_attempts=3)
+    adapter = ledger.adapters.get(accept(ledger, task_id, fence).detail)
+    assert (adapter.task, adapter.fence, adapter.tokens, adapter.state) == (task_id, fence, 10, AdapterState.BUFFERED)
+    assert ledger.tasks.get(task_id).adapter == adapter.adapter_id
+
+
+# -- the scheduler sizes runs from the speeds the ledger holds (bug 6) -----------------------------
+
+
+class FakeDispatcher:
+    """A fake dispatcher (no Ray): one free card, and a record of what was submitted to it."""
+
+    def __init__(self, node_id: str, vram_gb: float = 24.0) -> None:
+        from coordinator.scheduler import Node
+
+        self.card = Node(node_id, vram_gb, busy=False)
+        self.submitted: list[tuple[list[dict], str]] = []
+
+    def nodes(self):
+        return [self.card]
+
+    def submit(self, specs, resources, node_id):
+        self.submitted.append((specs, node_id))
+
+    def poll(self):
+        return []
+
+    def cancel(self, task_id, only_alone=False):
+        pass
+
+    def in_flight(self):
+        return len(self.submitted)
+
+    def placement(self):
+        return {}
+
+
+def test_a_restarted_scheduler_sizes_a_fast_cards_run_from_the_speed_the_ledger_holds(ledger, tmp_path):
+    from coordinator.scheduler import Finished, Scheduler
+    from coordinator.settings import Settings
+    from worker.probe import VRAM_RESOURCE
+
+    settings = Settings(data_dir=tmp_path, target_task_seconds=10.0, max_units_per_run=8, speculate=False)
+    make_job(ledger, n_tasks=10, tokens=100)
+    ledger.workers.register("w-fast", name="fast", card=b"", token="t")
+
+    def scheduler(dispatcher) -> Scheduler:
+        return Scheduler(settings, ledger, dispatcher, "token", lambda config: {VRAM_RESOURCE: 4.0})
+
+    before = scheduler(FakeDispatcher("node-fast"))
+    before._finished(Finished("j-test-t9", 0, "", tokens=400, seconds=1.0, worker_id="w-fast", node_id="node-fast"))
+    assert ledger.workers.get("w-fast").tokens_per_s == 400.0
+    # The coordinator restarts: a new scheduler, the same ledger and cluster.
+    dispatcher = FakeDispatcher("node-fast")
+    scheduler(dispatcher).tick()
+    ((specs, node_id),) = dispatcher.submitted
+    # 400 tokens/s x 10 s over 100-token units: 8 units (the most a run takes), not 1 for a stranger.
+    assert node_id == "node-fast" and len(specs) == 8

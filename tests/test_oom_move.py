@@ -8,7 +8,6 @@ down to 1, fail there, and are re-issued only to cards with more than 6 GB.
 
 from __future__ import annotations
 
-import json
 import time
 
 import pytest
@@ -57,19 +56,19 @@ def test_a_task_out_of_memory_at_micro_batch_one_moves_to_a_bigger_card(tmp_path
         assert job.state == "done", job
         assert any("moving to a bigger card" in e for e in job.events), job.events  # `nomoat status` shows them
 
-        tasks = coordinator.ledger.tasks(reply.job_id)
+        tasks = coordinator.ledger.tasks.of_job(reply.job_id)
         moved = [t for t in tasks if any("moving to a bigger card" in e
-                                         for _, e in coordinator.ledger.task_events(t["task_id"]))]
+                                         for _, e in t.events)]
         assert moved, "no task was given to the small card"
         for task in moved:
-            events = [e for _, e in coordinator.ledger.task_events(task["task_id"])]
+            events = [e for _, e in task.events]
             assert any("retrying at micro-batch 1" in e for e in events), events
-            assert float(task["min_vram_gb"]) > 6.0
-            assert task["state"] == "done"
-            adapter = coordinator.ledger.adapter(task["adapter"])
+            assert task.min_vram_gb > 6.0
+            assert task.state == "done"
+            adapter = coordinator.ledger.adapters.get(task.adapter)
             card = pb.Card()
-            card.ParseFromString(bytes.fromhex(coordinator.ledger.worker(adapter["worker"])["card"]))
-            assert card.vram_gb == 24.0, json.dumps(adapter)
+            card.ParseFromString(coordinator.ledger.workers.get(adapter.worker).card)
+            assert card.vram_gb == 24.0, adapter
     finally:
         for w in workers:
             w.interrupt()

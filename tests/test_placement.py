@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.ledger import is_twin
+from coordinator.ledger import AdapterRecord, is_twin
 from coordinator.server import Coordinator
 from coordinator.settings import JobDefaults, Settings
 from nomoat.client import CoordinatorClient
@@ -92,14 +92,13 @@ def wait_done(client: CoordinatorClient, job_id: str, timeout: float) -> pb.JobI
 
 def card_of(coordinator: Coordinator, worker_id: str) -> pb.Card:
     card = pb.Card()
-    card.ParseFromString(bytes.fromhex(coordinator.ledger.worker(worker_id)["card"]))
+    card.ParseFromString(coordinator.ledger.workers.get(worker_id).card)
     return card
 
 
-def adapters_of(coordinator: Coordinator, job_id: str) -> list[dict]:
-    keys = coordinator.r.keys("nomoat:adapter:*")
-    found = [coordinator.ledger.adapter(k.decode().rsplit(":", 1)[1]) for k in keys]
-    return [a for a in found if a and a.get("job") == job_id]
+def adapters_of(coordinator: Coordinator, job_id: str) -> list[AdapterRecord]:
+    found = [coordinator.ledger.adapters.get(a) for a in coordinator.ledger.adapters.ids()]
+    return [a for a in found if a and a.job == job_id]
 
 
 def test_a_task_too_big_for_the_small_card_goes_to_a_big_one(cluster) -> None:
@@ -107,46 +106,46 @@ def test_a_task_too_big_for_the_small_card_goes_to_a_big_one(cluster) -> None:
     reply = client.submit(dataset(tmp, "long", 40, 1), name="long",
                           config=pb.JobConfig(seq_len=1024, tokens_per_task=2048))
     wait_done(client, reply.job_id, timeout=120)
-    adapters = [a for a in adapters_of(coordinator, reply.job_id) if a["state"] in ("buffered", "folded")]
+    adapters = [a for a in adapters_of(coordinator, reply.job_id) if a.state in ("buffered", "folded")]
     assert len(adapters) == reply.tasks
-    assert {card_of(coordinator, a["worker"]).vram_gb for a in adapters} <= {12.0, 24.0}
+    assert {card_of(coordinator, a.worker).vram_gb for a in adapters} <= {12.0, 24.0}
 
 
 def test_an_out_of_memory_run_retries_with_a_smaller_micro_batch(cluster) -> None:
     coordinator, client, tmp, _ = cluster
     reply = client.submit(dataset(tmp, "oom", 60, 2), name="oom")
     wait_done(client, reply.job_id, timeout=150)
-    tasks = coordinator.ledger.tasks(reply.job_id)
-    assert all(t["state"] == "done" for t in tasks)
-    retried = [t for t in tasks if t.get("events")]
+    tasks = coordinator.ledger.tasks.of_job(reply.job_id)
+    assert all(t.state == "done" for t in tasks)
+    retried = [t for t in tasks if t.events]
     assert retried, "no task ran on the 12 GB card"
     for task in retried:
-        events = [e for _, e in coordinator.ledger.task_events(task["task_id"])]
+        events = [e for _, e in task.events]
         assert any("out of memory at micro-batch 8" in e and "retrying at micro-batch 4" in e for e in events)
         assert any("out of memory at micro-batch 4" in e and "retrying at micro-batch 2" in e for e in events)
-        assert coordinator.ledger.adapter(task["adapter"])["state"] in ("buffered", "folded")
+        assert coordinator.ledger.adapters.get(task.adapter).state in ("buffered", "folded")
 
 
 def test_speculation_shortens_the_tail_and_never_folds_a_task_twice(cluster) -> None:
     coordinator, client, tmp, _ = cluster
     reply = client.submit(dataset(tmp, "tail", 60, 3), name="tail")
     job = wait_done(client, reply.job_id, timeout=150)
-    tasks = coordinator.ledger.tasks(reply.job_id)
-    twins = [coordinator.ledger.task(t["twin"]) for t in tasks if t.get("twin")]
+    tasks = coordinator.ledger.tasks.of_job(reply.job_id)
+    twins = [coordinator.ledger.tasks.get(t.twin) for t in tasks if t.twin]
     assert twins, "nothing was speculated"
-    won = [t for t in tasks if t.get("twin") and coordinator.ledger.adapter(t["adapter"])["task"] == t["twin"]]
+    won = [t for t in tasks if t.twin and coordinator.ledger.adapters.get(t.adapter).task == t.twin]
     assert won, "no speculative run won"
     # Each raced a run already under way, and beat it (that it races the right runs, those
     # expected to finish last, on cards that would finish sooner, is tests/test_scheduler.py's).
     for task in won:
-        assert float(coordinator.ledger.task(task["twin"])["leased_at"]) > float(task["leased_at"]), task
+        assert coordinator.ledger.tasks.get(task.twin).leased_at > task.leased_at, task
     # Exactly one adapter per task was accepted, and each task's result is folded once.
-    accepted = [a for a in adapters_of(coordinator, reply.job_id) if a["state"] in ("buffered", "folded")]
-    originals = [a["task"].removesuffix(".spec") for a in accepted]
-    assert sorted(originals) == sorted(t["task_id"] for t in tasks)
+    accepted = [a for a in adapters_of(coordinator, reply.job_id) if a.state in ("buffered", "folded")]
+    originals = [a.task.removesuffix(".spec") for a in accepted]
+    assert sorted(originals) == sorted(t.task_id for t in tasks)
     assert job.adapters_folded == len(tasks)
-    folded = [a for v in coordinator.ledger.versions() for a in v.get("adapters", [])]
-    assert len({a["id"] for a in folded}) == len(folded)
+    folded = [a for v in coordinator.ledger.versions.all() for a in v.adapters]
+    assert len({a.id for a in folded}) == len(folded)
 
 
 def test_a_fast_card_gets_more_tokens_per_run_than_a_slow_one(cluster) -> None:
@@ -159,8 +158,7 @@ def test_a_fast_card_gets_more_tokens_per_run_than_a_slow_one(cluster) -> None:
     for node_id, _, tokens in coordinator.scheduler.runs:
         per_card.setdefault(vram.get(node_id), []).append(tokens)
     assert max(per_card[24.0]) > max(per_card[6.0]), per_card
-    speeds = {card_of(coordinator, w["worker_id"]).vram_gb: float(w.get("tokens_per_s", 0))
-              for w in coordinator.ledger.workers()}
+    speeds = {card_of(coordinator, w.worker_id).vram_gb: w.tokens_per_s for w in coordinator.ledger.workers.all()}
     # The ledger keeps each worker's measured tokens/s; the 20- and 10-TFLOPS cards differ 2x.
     # (The 1-TFLOPS card may have finished nothing: speculative twins beat all its runs.)
     assert speeds[24.0] > 1.5 * speeds[12.0] > 0, speeds
@@ -178,4 +176,4 @@ def test_a_job_that_fits_no_card_says_so(cluster) -> None:
     (job,) = [j for j in status["jobs"] if j["state"] == "running"]
     assert "need a card with at least" in job["warning"]
     assert job["tasks"]["pending"] == job["totalTasks"]
-    assert not any(is_twin(t) for t, _ in coordinator.ledger.leased())
+    assert not any(is_twin(lease.task_id) for lease in coordinator.ledger.leases.leased())

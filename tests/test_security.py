@@ -14,7 +14,9 @@ import pytest
 from click.testing import CliRunner
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from coordinator import keys
 from coordinator.auth import PERMISSIONS, TokenRegistry, token_id
+from coordinator.ledger import Ledger
 from coordinator.server import MAX_MESSAGE
 from nomoat.cli import main
 from nomoat.client import CoordinatorClient, NomoatError
@@ -120,7 +122,7 @@ def test_create_list_revoke_round_trip(rig: Rig) -> None:
 
 
 def test_a_revocation_reaches_another_coordinator_within_its_cache_time(rig: Rig) -> None:
-    other = TokenRegistry(rig.registry.r, cache_s=0.5)  # a second coordinator on the same Redis
+    other = TokenRegistry(Ledger(rig.ledger.r).tokens, cache_s=0.5)  # a second coordinator on the same Redis
     token = rig.registry.create("worker")
     assert other.lookup(token) is not None
     rig.registry.revoke(token)
@@ -134,7 +136,7 @@ def test_a_revocation_reaches_another_coordinator_within_its_cache_time(rig: Rig
 def test_a_revoked_data_dir_token_is_replaced_not_revived(rig: Rig, tmp_path) -> None:
     path = tmp_path / "worker.token"
     first = rig.registry.ensure_file(path, "worker")
-    rig.registry.r.hdel("nomoat:tokens", token_id(first))  # Redis lost it: the same token comes back
+    rig.ledger.r.hdel(keys.TOKENS, token_id(first))  # Redis lost it: the same token comes back
     assert rig.registry.ensure_file(path, "worker") == first and rig.registry.lookup(first)
     rig.registry.revoke(first)  # an operator revoked it: a restart must not bring it back
     second = rig.registry.ensure_file(path, "worker")
@@ -207,15 +209,15 @@ def two_workers(rig: Rig):
     alice = rig.client(token=rig.registry.create("worker", "alice"))
     bob = rig.client(token=rig.registry.create("worker", "bob"))
     ids = {"alice": alice.register("alice", CARD).worker_id, "bob": bob.register("bob", CARD).worker_id}
-    task_id = rig.ledger.task_ids(rig.submit().job_id)[0]
+    task_id = rig.ledger.tasks.ids(rig.submit().job_id)[0]
     return alice, bob, ids, task_id, rig.lease(task_id)
 
 
 def test_the_first_heartbeat_takes_the_lease_and_others_are_refused(rig: Rig, two_workers) -> None:
     alice, bob, ids, task_id, fence = two_workers
     assert alice.heartbeat(task_id, fence, ids["alice"]).ok
-    task = rig.ledger.task(task_id)
-    assert (task["holder_worker"], task["holder_fence"]) == (ids["alice"], str(fence))
+    task = rig.ledger.tasks.get(task_id)
+    assert (task.holder_worker, task.holder_fence) == (ids["alice"], fence)
 
     refused = bob.heartbeat(task_id, fence, ids["bob"])
     assert not refused.ok and refused.reason == "the task is leased to another worker (another token holds its lease)"
@@ -224,23 +226,23 @@ def test_the_first_heartbeat_takes_the_lease_and_others_are_refused(rig: Rig, tw
     data = make_adapter(rig.deps.shapes)
     stolen = bob.upload(manifest(task_id, fence, data, worker_id=ids["bob"]), data)
     assert not stolen.accepted and "leased to another worker" in stolen.reason
-    assert rig.ledger.task(task_id)["state"] == "leased" and not rig.ledger.buffered()
+    assert rig.ledger.tasks.get(task_id).state == "leased" and not rig.ledger.adapters.buffered()
 
     admin = rig.client("admin")  # admin is exempt, and takes nothing
     assert admin.heartbeat(task_id, fence).ok and admin.fetch_shard(task_id, fence)
-    assert rig.ledger.task(task_id)["holder_worker"] == ids["alice"]
+    assert rig.ledger.tasks.get(task_id).holder_worker == ids["alice"]
 
     assert alice.fetch_shard(task_id, fence)
     done = alice.upload(manifest(task_id, fence, data, worker_id=ids["alice"]), data)
     assert done.accepted, done.reason
-    assert rig.ledger.worker(ids["alice"])["tasks_done"] == "1" and rig.ledger.worker(ids["bob"])["tasks_done"] == "0"
+    assert rig.ledger.workers.get(ids["alice"]).tasks_done == 1 and rig.ledger.workers.get(ids["bob"]).tasks_done == 0
 
 
 def test_the_first_fetch_or_upload_takes_an_unclaimed_lease_too(rig: Rig, two_workers) -> None:
     alice, bob, ids, task_id, fence = two_workers
     assert bob.fetch_shard(task_id, fence)  # no heartbeat yet: the fetch takes the lease
     assert not alice.heartbeat(task_id, fence, ids["alice"]).ok
-    other = rig.ledger.task_ids(rig.ledger.job_ids()[0])[1]
+    other = rig.ledger.tasks.ids(rig.ledger.jobs.ids()[0])[1]
     other_fence = rig.lease(other)
     data = make_adapter(rig.deps.shapes, seed=1)
     assert alice.upload(manifest(other, other_fence, data, worker_id=ids["alice"]), data).accepted
@@ -250,7 +252,7 @@ def test_the_first_fetch_or_upload_takes_an_unclaimed_lease_too(rig: Rig, two_wo
 def test_a_reissued_lease_belongs_to_whoever_takes_the_new_fence(rig: Rig, two_workers) -> None:
     alice, bob, ids, task_id, fence = two_workers
     assert alice.heartbeat(task_id, fence, ids["alice"]).ok
-    assert rig.ledger.expire_leases(time.time() + 3600) == [task_id]
+    assert rig.ledger.leases.expire(time.time() + 3600) == [task_id]
     new = rig.lease(task_id)
     assert bob.heartbeat(task_id, new, ids["bob"]).ok
     stale = alice.heartbeat(task_id, fence, ids["alice"])
@@ -262,14 +264,14 @@ def test_a_worker_token_cannot_act_or_be_credited_as_another_worker(rig: Rig, tw
     # Bob names Alice's worker id: the name is dropped (not refused: see service._holder), so Bob
     # holds the lease as himself and his result credits no one, least of all Alice.
     assert bob.heartbeat(task_id, fence, ids["alice"]).ok
-    assert (rig.ledger.task(task_id)["holder_worker"], rig.ledger.task(task_id)["holder_token"]) == \
+    assert (rig.ledger.tasks.get(task_id).holder_worker, rig.ledger.tasks.get(task_id).holder_token) == \
         ("", token_id(bob.token))
     assert not alice.heartbeat(task_id, fence, ids["alice"]).ok
     data = make_adapter(rig.deps.shapes)
     credited = bob.upload(manifest(task_id, fence, data, worker_id=ids["alice"]), data)
     assert credited.accepted, credited.reason
-    assert rig.ledger.adapter(credited.adapter_id)["worker"] == ""
-    assert [rig.ledger.worker(ids[w])["tasks_done"] for w in ("alice", "bob")] == ["0", "0"]
+    assert rig.ledger.adapters.get(credited.adapter_id).worker == ""
+    assert [rig.ledger.workers.get(ids[w]).tasks_done for w in ("alice", "bob")] == [0, 0]
 
 
 def test_one_token_two_workers_the_lease_is_the_first_named_ones(rig: Rig, two_workers) -> None:
@@ -281,19 +283,19 @@ def test_one_token_two_workers_the_lease_is_the_first_named_ones(rig: Rig, two_w
     data = make_adapter(rig.deps.shapes)
     credit = alice.upload(manifest(task_id, fence, data, worker_id=laptop), data)
     assert not credit.accepted and "leased to worker" in credit.reason
-    assert rig.ledger.task(task_id)["state"] == "leased"
+    assert rig.ledger.tasks.get(task_id).state == "leased"
     assert alice.upload(manifest(task_id, fence, data, worker_id=ids["alice"]), data).accepted
-    assert rig.ledger.worker(ids["alice"])["tasks_done"] == "1"
+    assert rig.ledger.workers.get(ids["alice"]).tasks_done == 1
 
 
 def test_two_first_heartbeats_at_once_one_takes_the_lease(rig: Rig) -> None:
-    task_ids = rig.ledger.task_ids(rig.submit().job_id)
+    task_ids = rig.ledger.tasks.ids(rig.submit().job_id)
     fences = {t: rig.lease(t) for t in task_ids}
     results: dict[tuple[str, str], str] = {}
 
     def beat(token: str) -> None:
         for t, f in fences.items():
-            results[(token, t)] = rig.ledger.heartbeat(t, f, time.time() + 60, "", token)
+            results[(token, t)] = rig.ledger.leases.heartbeat(t, f, time.time() + 60, "", token).reason
 
     threads = [threading.Thread(target=beat, args=(c * 64,)) for c in "ab"]
     for thread in threads:
@@ -302,7 +304,7 @@ def test_two_first_heartbeats_at_once_one_takes_the_lease(rig: Rig) -> None:
         thread.join()
     for t in task_ids:
         assert sorted(results[(c * 64, t)] == "" for c in "ab") == [False, True]
-        assert rig.ledger.task(t)["holder_token"] in ("a" * 64, "b" * 64)
+        assert rig.ledger.tasks.get(t).holder_token in ("a" * 64, "b" * 64)
 
 
 # -- message and stream limits -------------------------------------------------------------------
@@ -316,7 +318,7 @@ def test_an_oversized_message_is_refused_and_the_server_keeps_working(rig: Rig) 
                                                 [pb.StatusRequest(job_id="x" * big).SerializeToString()],
                                                 rig.meta("reader")))
         assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in detail, (code, detail)
-        task_id = rig.ledger.task_ids(rig.submit().job_id)[0]
+        task_id = rig.ledger.tasks.ids(rig.submit().job_id)[0]
         first = pb.AdapterManifest(task_id=task_id, fence=rig.lease(task_id), size=2 * big, sha256="0" * 64)
         chunks = [pb.UploadChunk(manifest=first).SerializeToString(),  # a stream's single message, too
                   pb.UploadChunk(data=bytes(big)).SerializeToString()]

@@ -20,6 +20,7 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from coordinator.ledger import JobState, VersionRecord
 from coordinator.submit import read_records
 from nomoat import adapter as adapter_format
 from nomoat import lineage
@@ -85,7 +86,7 @@ def test_worker_may_not_submit(rig: Rig) -> None:
     path.write_text('{"text": "a"}\n{"text": "b"}\n')
     with pytest.raises(NomoatError, match="not allowed: a worker token may not call Submit"):
         rig.client("worker").submit(path)
-    assert rig.ledger.job_ids() == []
+    assert rig.ledger.jobs.ids() == []
 
 
 def test_reader_may_read_but_not_submit_or_work(rig: Rig) -> None:
@@ -120,16 +121,15 @@ def test_submit_makes_a_job_of_pending_tasks(rig: Rig) -> None:
     reply = rig.submit()
     assert reply.job_id.startswith("j-") and reply.records == len(TEXTS) and reply.validation_records == 3
     assert reply.tasks > 1 and reply.tokens > 0
-    job = rig.ledger.job(reply.job_id)
-    assert job["name"] == "job" and job["state"] == "running" and int(job["total_tasks"]) == reply.tasks
-    config = json.loads(job["config"])
-    assert (config["lora_rank"], config["lora_alpha"]) == (RANK, ALPHA)
-    assert config["target_modules"] == list(TARGETS)
-    counts = rig.ledger.task_counts(reply.job_id)
+    job = rig.ledger.jobs.get(reply.job_id)
+    assert job.name == "job" and job.state == "running" and job.total_tasks == reply.tasks
+    assert (job.config.lora_rank, job.config.lora_alpha) == (RANK, ALPHA)
+    assert job.config.target_modules == tuple(TARGETS)
+    counts = rig.ledger.tasks.counts(reply.job_id)
     assert counts == {"pending": reply.tasks, "leased": 0, "done": 0, "failed": 0}
-    assert len(rig.ledger.pending()) == reply.tasks
+    assert len(rig.ledger.leases.pending()) == reply.tasks
     data = "".join(json.dumps({"text": t}) + "\n" for t in TEXTS).encode()
-    assert job["dataset"] == hashlib.sha256(data).hexdigest() and rig.store.get(job["dataset"]) == data
+    assert job.dataset == hashlib.sha256(data).hexdigest() and rig.store.get(job.dataset) == data
     status = rig.client("reader").status(reply.job_id)
     (info,) = status.jobs
     assert (info.job_id, info.total_tasks, info.tasks.pending, info.tokens) == \
@@ -139,7 +139,7 @@ def test_submit_makes_a_job_of_pending_tasks(rig: Rig) -> None:
 
 def _nothing_stored(rig: Rig) -> None:
     assert rig.blob_files() == set(rig.v0_files.values())
-    assert rig.ledger.job_ids() == [] and rig.ledger.pending() == []
+    assert rig.ledger.jobs.ids() == [] and rig.ledger.leases.pending() == []
 
 
 def test_bad_record_is_refused_naming_the_line_and_nothing_is_stored(rig: Rig) -> None:
@@ -210,7 +210,7 @@ def test_a_hand_built_stream_with_the_right_sha256_is_accepted(rig: Rig) -> None
     reply = rig.client().datasets.Submit(_chunks(GOOD, hashlib.sha256(GOOD).hexdigest()), timeout=30,
                                          metadata=rig.meta("submitter"))
     assert reply.records == 3 and reply.tasks == 1
-    assert rig.ledger.job(reply.job_id)["name"] == "n"
+    assert rig.ledger.jobs.get(reply.job_id).name == "n"
 
 
 def test_status_of_an_unknown_job_is_not_found(rig: Rig) -> None:
@@ -220,7 +220,7 @@ def test_status_of_an_unknown_job_is_not_found(rig: Rig) -> None:
 
 def test_watch_ends_when_the_job_finishes(rig: Rig) -> None:
     job_id = rig.submit().job_id
-    rig.ledger.set_job(job_id, state="done")
+    rig.ledger.jobs.finish(job_id, JobState.DONE)
     updates = list(rig.client("reader").watch(job_id, timeout=10))
     assert len(updates) == 1 and updates[0].finished and updates[0].job.state == "done"
     assert updates[0].current_version == 0
@@ -240,10 +240,10 @@ def test_register_returns_a_worker_id_and_how_to_join_ray(rig: Rig) -> None:
     reply = rig.client("worker").register("alice-desktop", CARD, node_id="node-1")
     assert reply.worker_id.startswith("w-")
     assert (reply.ray_address, reply.ray_auth_token) == ("10.0.0.1:6379", "ray-secret")
-    (worker,) = rig.ledger.workers()
-    assert worker["worker_id"] == reply.worker_id and worker["name"] == "alice-desktop"
-    assert worker["node_id"] == "node-1"
-    assert worker["token"] == hashlib.sha256(rig.tokens["worker"].encode()).hexdigest()
+    (worker,) = rig.ledger.workers.all()
+    assert worker.worker_id == reply.worker_id and worker.name == "alice-desktop"
+    assert worker.node_id == "node-1" and worker.card == CARD.SerializeToString()
+    assert worker.token == hashlib.sha256(rig.tokens["worker"].encode()).hexdigest()
     (info,) = rig.client("reader").status().workers
     assert (info.name, info.card, info.state) == ("alice-desktop", CARD, "active")
     with pytest.raises(NomoatError, match="a worker needs a name"):
@@ -256,18 +256,18 @@ def test_a_worker_registering_again_keeps_its_id_only_with_its_own_token(rig: Ri
     rig.ledger.r.hset(f"nomoat:worker:{first}", mapping={"tasks_done": 3, "tokens_per_s": 900.0})
     again = alice.register("alice-desktop", CARD, node_id="node-2", worker_id=first)
     assert again.worker_id == first
-    (worker,) = rig.ledger.workers()
-    assert (worker["node_id"], worker["tasks_done"], worker["tokens_per_s"]) == ("node-2", "3", "900.0")
+    (worker,) = rig.ledger.workers.all()
+    assert (worker.node_id, worker.tasks_done, worker.tokens_per_s) == ("node-2", 3, 900.0)
     # Another card under the same id: its measured speed no longer applies.
     bigger = pb.Card(name="RTX 4090", vram_gb=24.0, backend="cuda")
     assert alice.register("alice-desktop", bigger, worker_id=first).worker_id == first
-    assert "tokens_per_s" not in rig.ledger.worker(first)
+    assert rig.ledger.workers.get(first).tokens_per_s == 0.0  # unknown again
     # Someone else's id, or one nobody has: a new id, the old record untouched.
     bob = rig.client(token=rig.registry.create("worker", "bob"))
     stolen = bob.register("bob", CARD, worker_id=first).worker_id
     made_up = bob.register("bob", CARD, worker_id="w-00000000").worker_id
     assert len({first, stolen, made_up}) == 3 and "w-00000000" != made_up
-    assert rig.ledger.worker(first)["name"] == "alice-desktop"
+    assert rig.ledger.workers.get(first).name == "alice-desktop"
     with pytest.raises(NomoatError, match="at most 64 characters"):
         bob.register("bob", CARD, worker_id="w" * 65)
 
@@ -278,7 +278,7 @@ def test_one_token_may_have_only_so_many_active_workers(rig: Rig) -> None:
     first, _ = (alice.register(f"alice-{i}", CARD).worker_id for i in range(2))
     with pytest.raises(NomoatError, match="already has 2 active workers"):
         alice.register("alice-2", CARD)
-    assert len(rig.ledger.workers()) == 2  # nothing recorded for the refused one
+    assert len(rig.ledger.workers.all()) == 2  # nothing recorded for the refused one
     # A worker registering again under its own id is not a new one.
     assert alice.register("alice-0", CARD, worker_id=first).worker_id == first
     # Another volunteer's token has its own allowance.
@@ -291,7 +291,7 @@ def test_one_token_may_have_only_so_many_active_workers(rig: Rig) -> None:
 
 def test_heartbeat_extends_only_the_current_lease(rig: Rig) -> None:
     reply = rig.submit()
-    task_id = rig.ledger.task_ids(reply.job_id)[0]
+    task_id = rig.ledger.tasks.ids(reply.job_id)[0]
     worker = rig.client("worker")
     pending = worker.heartbeat(task_id, 1)
     assert not pending.ok and pending.reason == "the task is pending, not leased"
@@ -299,10 +299,41 @@ def test_heartbeat_extends_only_the_current_lease(rig: Rig) -> None:
     before = time.time()
     ok = worker.heartbeat(task_id, fence, worker_id="w-1")
     assert ok.ok and ok.reason == "" and before + 89 < ok.deadline < time.time() + 91
-    assert float(rig.ledger.task(task_id)["deadline"]) == pytest.approx(ok.deadline)
+    assert rig.ledger.tasks.get(task_id).deadline == pytest.approx(ok.deadline)
     stale = worker.heartbeat(task_id, fence + 1)
     assert not stale.ok and stale.deadline == 0.0 and "stale fence" in stale.reason
-    assert float(rig.ledger.task(task_id)["deadline"]) == pytest.approx(ok.deadline)
+    assert rig.ledger.tasks.get(task_id).deadline == pytest.approx(ok.deadline)
+
+
+def test_a_heartbeat_whose_lease_is_reissued_meanwhile_never_says_ok_with_the_wrong_version(
+        rig: Rig, monkeypatch) -> None:
+    """Bug 5: a heartbeat was four ledger calls; a lease re-issued between them still got
+    ``ok=True, base_version=0``. Here the lease is re-issued right after the heartbeat's first
+    script runs (whatever it is): the reply must be a true answer from one moment of the ledger."""
+    task_id = rig.ledger.tasks.ids(rig.submit().job_id)[0]
+    for n in (1, 2):
+        rig.ledger.versions.publish(VersionRecord(version=n, parent=n - 1))
+    fence = rig.lease(task_id)
+    client = rig.ledger.r
+    evalsha, reissued = client.evalsha, []
+
+    def then_reissue(*args):
+        answer = evalsha(*args)
+        if not reissued:  # as a coordinator whose lease expired would, between two steps
+            reissued.append(True)
+            rig.ledger.leases.expire(now=time.time() + 10**6)
+            reissued.append(rig.ledger.leases.lease(task_id, time.time() + 60, 0, max_attempts=5))
+        return answer
+
+    monkeypatch.setattr(client, "evalsha", then_reissue)
+    reply = rig.client("worker").heartbeat(task_id, fence, worker_id="")
+    monkeypatch.undo()
+    assert reissued[-1] > fence  # the lease did move on
+    # Either the heartbeat came first (the run trains on version 2, the newest when it began) or
+    # it came after the re-issue (lost); never ok with a version nobody claimed.
+    assert (reply.ok and reply.base_version == 2) or (not reply.ok and "stale fence" in reply.reason), reply
+    lost = rig.client("worker").heartbeat(task_id, fence)
+    assert not lost.ok and "stale fence" in lost.reason and lost.base_version == 0
 
 
 def test_heartbeat_for_an_unknown_task_is_refused_with_a_sentence(rig: Rig) -> None:
@@ -312,7 +343,7 @@ def test_heartbeat_for_an_unknown_task_is_refused_with_a_sentence(rig: Rig) -> N
 
 
 def test_fetch_shard_needs_the_current_fence(rig: Rig) -> None:
-    task_id = rig.ledger.task_ids(rig.submit().job_id)[0]
+    task_id = rig.ledger.tasks.ids(rig.submit().job_id)[0]
     worker = rig.client("worker")
     with pytest.raises(NomoatError, match="is pending, not leased"):
         worker.fetch_shard(task_id, 1)
@@ -326,16 +357,16 @@ def test_fetch_shard_needs_the_current_fence(rig: Rig) -> None:
 def test_fetch_shard_returns_exactly_the_tasks_records(rig: Rig) -> None:
     texts = TEXTS + ["line\u2028separator and next\x85line", "two\nlines and a \r"]
     reply = rig.submit(texts=texts)
-    job = rig.ledger.job(reply.job_id)
-    records = read_records(rig.store.get(job["records"]))
-    n_val = int(job["n_validation"])
+    job = rig.ledger.jobs.get(reply.job_id)
+    records = read_records(rig.store.get(job.records))
+    n_val = job.n_validation
     worker = rig.client("worker")
     seen: list[str] = []
-    for task in rig.ledger.tasks(reply.job_id):
-        fence = rig.lease(task["task_id"])
-        data = worker.fetch_shard(task["task_id"], fence)
+    for task in rig.ledger.tasks.of_job(reply.job_id):
+        fence = rig.lease(task.task_id)
+        data = worker.fetch_shard(task.task_id, fence)
         shard = [json.loads(line)["text"] for line in data.decode().split("\n") if line]
-        assert shard == records[int(task["start"]) : int(task["end"])] and shard
+        assert shard == records[task.start : task.end] and shard
         seen += shard
     assert seen == records[n_val:]
     assert sorted(seen + records[:n_val]) == sorted(texts)
@@ -358,7 +389,7 @@ def make_adapter(rig: Rig, rank: int = RANK, alpha: float = ALPHA, seed: int = 0
 
 @pytest.fixture
 def leased(rig: Rig) -> tuple[str, int]:
-    task_id = rig.ledger.task_ids(rig.submit().job_id)[0]
+    task_id = rig.ledger.tasks.ids(rig.submit().job_id)[0]
     return task_id, rig.lease(task_id)
 
 
@@ -371,18 +402,18 @@ def test_upload_is_accepted_once_and_idempotent(rig: Rig, leased) -> None:
     assert first.accepted and first.reason == "" and len(first.adapter_id) == 20
     again = worker.upload(manifest(task_id, fence, data, worker_id=worker_id), data)
     assert again.accepted and again.adapter_id == first.adapter_id
-    (buffered,) = rig.ledger.buffered()
-    assert buffered["adapter_id"] == first.adapter_id
-    assert buffered["sha256"] == hashlib.sha256(data).hexdigest()
-    assert (buffered["tokens"], buffered["rank"], buffered["worker"]) == ("300", str(RANK), worker_id)
-    assert rig.store.get(buffered["sha256"]) == data
-    task = rig.ledger.task(task_id)
-    assert task["state"] == "done" and task["adapter"] == first.adapter_id
-    assert rig.ledger.workers()[0]["tasks_done"] == "1"
+    (buffered,) = rig.ledger.adapters.buffered()
+    assert buffered.adapter_id == first.adapter_id
+    assert buffered.sha256 == hashlib.sha256(data).hexdigest()
+    assert (buffered.tokens, buffered.rank, buffered.worker) == (300, RANK, worker_id)
+    assert rig.store.get(buffered.sha256) == data
+    task = rig.ledger.tasks.get(task_id)
+    assert task.state == "done" and task.adapter == first.adapter_id
+    assert rig.ledger.workers.all()[0].tasks_done == 1
     other = make_adapter(rig, seed=1)  # a different result for the same lease is not a retry
     late = worker.upload(manifest(task_id, fence, other), other)
     assert not late.accepted and "already done" in late.reason
-    assert len(rig.ledger.buffered()) == 1
+    assert len(rig.ledger.adapters.buffered()) == 1
 
 
 def test_an_upload_may_not_claim_more_tokens_than_its_task_holds(rig: Rig, leased) -> None:
@@ -390,13 +421,13 @@ def test_an_upload_may_not_claim_more_tokens_than_its_task_holds(rig: Rig, lease
     data = make_adapter(rig)
     reply = rig.client("worker").upload(manifest(task_id, fence, data, tokens=10**15), data)
     assert reply.accepted
-    (buffered,) = rig.ledger.buffered()
-    assert buffered["tokens"] == rig.ledger.task(task_id)["tokens"] != str(10**15)
+    (buffered,) = rig.ledger.adapters.buffered()
+    assert buffered.tokens == rig.ledger.tasks.get(task_id).tokens != 10**15
 
 
 def test_upload_with_the_fence_of_an_expired_lease_is_refused(rig: Rig, leased) -> None:
     task_id, old = leased
-    assert rig.ledger.expire_leases(now=time.time() + 10**6) == [task_id]
+    assert rig.ledger.leases.expire(now=time.time() + 10**6) == [task_id]
     data = make_adapter(rig)
     worker = rig.client("worker")
     waiting = worker.upload(manifest(task_id, old, data), data)
@@ -405,9 +436,9 @@ def test_upload_with_the_fence_of_an_expired_lease_is_refused(rig: Rig, leased) 
     assert new > old
     stale = worker.upload(manifest(task_id, old, data), data)
     assert not stale.accepted and "fence" in stale.reason and str(new) in stale.reason
-    assert rig.ledger.buffered() == [] and rig.ledger.task(task_id)["state"] == "leased"
+    assert rig.ledger.adapters.buffered() == [] and rig.ledger.tasks.get(task_id).state == "leased"
     fresh = worker.upload(manifest(task_id, new, data), data)
-    assert fresh.accepted and len(rig.ledger.buffered()) == 1
+    assert fresh.accepted and len(rig.ledger.adapters.buffered()) == 1
 
 
 def _nan(factors) -> None:
@@ -453,8 +484,8 @@ def test_bad_uploads_are_refused_and_nothing_is_buffered(rig: Rig, leased, build
     reply = rig.client("worker").upload(manifest(task_id, fence, data, **changes), data)
     assert not reply.accepted and reply.adapter_id == ""
     assert reason in reply.reason, reply.reason
-    assert rig.ledger.buffered() == []
-    assert rig.ledger.task(task_id)["state"] == "leased"
+    assert rig.ledger.adapters.buffered() == []
+    assert rig.ledger.tasks.get(task_id).state == "leased"
     assert rig.blob_files() == files_before
     good = make_adapter(rig)  # the lease survives a refused upload
     assert rig.client("worker").upload(manifest(task_id, fence, good), good).accepted
@@ -476,7 +507,7 @@ def test_a_second_manifest_is_invalid(rig: Rig, leased) -> None:
     stub = rig.client().workers
     err = rpc_error(lambda: stub.Upload(iter(chunks), timeout=10, metadata=rig.meta("worker")))
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "sent twice" in err.details()
-    assert rig.ledger.buffered() == []
+    assert rig.ledger.adapters.buffered() == []
 
 
 def test_an_adapter_over_the_size_limit_is_refused(rig: Rig, leased) -> None:

@@ -8,14 +8,16 @@ import pytest
 
 from coordinator import keys, status, workers
 from coordinator.errors import NotFound
+from coordinator.ledger import JobState
 from tests.rig import Rig, published, rig, submit_job  # noqa: F401  (fixtures)
 
 
 def test_the_overview_counts_a_jobs_tasks_and_shows_its_newest_notes(rig: Rig) -> None:
     job_id = submit_job(rig).job_id
-    task_ids = rig.ledger.task_ids(job_id)
-    rig.lease(task_ids[0])
-    rig.ledger.add_task_event(task_ids[0], "out of memory at micro-batch 8; retrying with 4")
+    task_ids = rig.ledger.tasks.ids(job_id)
+    fence = rig.lease(task_ids[0])
+    note = "out of memory at micro-batch 8; retrying with 4"
+    assert rig.ledger.leases.heartbeat(task_ids[0], fence, time.time() + 60, event=note).ok  # as a run notes it
     view = status.overview(rig.ledger, rig.deps.settings, job_id)
     (job,) = view.jobs
     assert (job.job_id, job.name, job.state, job.total_tasks) == (job_id, "job", "running", len(task_ids))
@@ -46,6 +48,6 @@ def test_an_unknown_job_is_not_found(rig: Rig) -> None:
 def test_progress_is_finished_once_the_job_no_longer_runs(rig: Rig) -> None:
     job_id = submit_job(rig).job_id
     assert not status.progress(rig.ledger, job_id).finished
-    rig.ledger.set_job(job_id, state="done")
+    rig.ledger.jobs.finish(job_id, JobState.DONE)
     now = status.progress(rig.ledger, job_id)
     assert now.finished and now.current_version == 0 and now.job.state == "done"

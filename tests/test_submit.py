@@ -139,36 +139,36 @@ def test_submit_records_a_job_whose_tasks_cover_the_training_records(env, tokeni
     _, ledger, store = env
     result = run(env, tokenizer, dataset())
     assert result.records == len(TEXTS) and result.validation_records == 5  # 5 % of 100
-    job = ledger.job(result.job_id)
-    assert job["state"] == "running" and job["name"] == "test"
-    assert (int(job["n_records"]), int(job["n_validation"])) == (100, 5)
-    assert int(job["total_tasks"]) == result.tasks
-    assert store.get(job["dataset"]) == dataset()
-    records = read_records(store.get(job["records"]))
+    job = ledger.jobs.get(result.job_id)
+    assert job.state == "running" and job.name == "test"
+    assert (job.n_records, job.n_validation) == (100, 5)
+    assert job.total_tasks == result.tasks
+    assert store.get(job.dataset) == dataset()
+    records = read_records(store.get(job.records))
     assert sorted(records) == sorted(TEXTS) and records != TEXTS  # shuffled, nothing lost
-    tasks = ledger.tasks(result.job_id)
+    tasks = ledger.tasks.of_job(result.job_id)
     assert len(tasks) == result.tasks > 1
-    assert [t["state"] for t in tasks] == ["pending"] * result.tasks
-    assert ledger.pending() == [t["task_id"] for t in tasks]
-    bounds = [(int(t["start"]), int(t["end"])) for t in tasks]
+    assert [t.state for t in tasks] == ["pending"] * result.tasks
+    assert ledger.leases.pending() == [t.task_id for t in tasks]
+    bounds = [(t.start, t.end) for t in tasks]
     assert bounds[0][0] == 5 and bounds[-1][1] == 100
     assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
     counts = [len(ids) + 1 for ids in tokenizer(records[5:], add_special_tokens=False)["input_ids"]]
-    assert result.tokens == sum(counts) == int(job["tokens"])
-    assert [int(t["tokens"]) for t in tasks] == [sum(counts[s - 5 : e - 5]) for s, e in bounds]
-    assert json.loads(job["config"])["tokens_per_task"] == 200
+    assert result.tokens == sum(counts) == job.tokens
+    assert [t.tokens for t in tasks] == [sum(counts[s - 5 : e - 5]) for s, e in bounds]
+    assert job.config.tokens_per_task == 200
 
 
 def test_validation_slice_is_deterministic_for_the_same_bytes(env, tokenizer) -> None:
     _, ledger, store = env
     first, second = run(env, tokenizer, dataset()), run(env, tokenizer, dataset())
     assert first.job_id != second.job_id
-    a, b = ledger.job(first.job_id), ledger.job(second.job_id)
-    assert a["records"] == b["records"] and a["n_validation"] == b["n_validation"]
-    assert [(t["start"], t["end"]) for t in ledger.tasks(first.job_id)] == \
-           [(t["start"], t["end"]) for t in ledger.tasks(second.job_id)]
+    a, b = ledger.jobs.get(first.job_id), ledger.jobs.get(second.job_id)
+    assert a.records == b.records and a.n_validation == b.n_validation
+    assert [(t.start, t.end) for t in ledger.tasks.of_job(first.job_id)] == \
+           [(t.start, t.end) for t in ledger.tasks.of_job(second.job_id)]
     other = run(env, tokenizer, dataset(TEXTS[::-1]))  # same records, other bytes: another shuffle
-    assert ledger.job(other.job_id)["records"] != a["records"]
+    assert ledger.jobs.get(other.job_id).records != a.records
 
 
 @pytest.mark.parametrize(("data", "filename", "requested", "match"), [
@@ -185,31 +185,31 @@ def test_a_refused_submission_stores_nothing(env, tokenizer, data, filename, req
     with pytest.raises(DatasetError, match=match):
         run(env, tokenizer, data, filename, requested)
     assert stored(store) == []
-    assert ledger.job_ids() == [] and ledger.pending() == []
+    assert ledger.jobs.ids() == [] and ledger.leases.pending() == []
 
 
 def test_a_dataset_over_the_size_limit_is_refused(tmp_path, ledger, tokenizer) -> None:
     env = (Settings(data_dir=tmp_path, max_dataset_bytes=1000), ledger, BlobStore(tmp_path / "blobs"))
     with pytest.raises(DatasetError, match="at most 1000"):
         run(env, tokenizer, dataset())
-    assert stored(env[2]) == [] and ledger.job_ids() == []
+    assert stored(env[2]) == [] and ledger.jobs.ids() == []
 
 
 def test_epochs_multiply_task_tokens(env, tokenizer) -> None:
     _, ledger, _ = env
     once = run(env, tokenizer, dataset())
     twice = run(env, tokenizer, dataset(), requested={"epochs": 2})
-    assert [2 * int(t["tokens"]) for t in ledger.tasks(once.job_id)] == \
-           [int(t["tokens"]) for t in ledger.tasks(twice.job_id)]
-    assert int(ledger.job(twice.job_id)["tokens"]) == 2 * int(ledger.job(once.job_id)["tokens"])
+    assert [2 * t.tokens for t in ledger.tasks.of_job(once.job_id)] == \
+           [t.tokens for t in ledger.tasks.of_job(twice.job_id)]
+    assert ledger.jobs.get(twice.job_id).tokens == 2 * ledger.jobs.get(once.job_id).tokens
 
 
 def test_small_dataset_keeps_one_validation_record_and_one_task(env, tokenizer) -> None:
     _, ledger, _ = env
     result = run(env, tokenizer, dataset(TEXTS[:2]))
     assert (result.records, result.validation_records, result.tasks) == (2, 1, 1)
-    (task,) = ledger.tasks(result.job_id)
-    assert (task["start"], task["end"]) == ("1", "2")
+    (task,) = ledger.tasks.of_job(result.job_id)
+    assert (task.start, task.end) == (1, 2)
 
 
 @pytest.mark.parametrize("texts", [
@@ -234,7 +234,7 @@ def test_task_tokens_count_what_the_trainer_packs(env, tokenizer) -> None:
     _, ledger, store = env
     texts = [f"{t} <|eos|> and <|pad|> are just text here" for t in TEXTS[:40]]
     result = run(env, tokenizer, dataset(texts), requested={"epochs": 3})
-    records = read_records(store.get(ledger.job(result.job_id)["records"]))
-    for task in ledger.tasks(result.job_id):
-        shard = records[int(task["start"]) : int(task["end"])]
-        assert int(task["tokens"]) == 3 * n_tokens(pack(tokenizer, shard, 16))
+    records = read_records(store.get(ledger.jobs.get(result.job_id).records))
+    for task in ledger.tasks.of_job(result.job_id):
+        shard = records[task.start : task.end]
+        assert task.tokens == 3 * n_tokens(pack(tokenizer, shard, 16))

@@ -1,0 +1,50 @@
+"""The ledger: all coordinator state, kept in Redis, one module per noun.
+
+``Ledger(client)`` is the one handle callers keep; each noun hangs off it (``ledger.jobs``,
+``ledger.tasks``, ``ledger.leases``, ``ledger.adapters``, ``ledger.versions``,
+``ledger.workers``, ``ledger.tokens``) and returns the typed records of
+:mod:`coordinator.ledger.records`. Every key is in :mod:`coordinator.keys`.
+
+Guarantees (see DESIGN.md, "Ledger"):
+
+* Every transition that touches several keys is atomic: a Lua script, or WATCH/MULTI.
+* A task is leased with a fencing token from one strictly increasing counter; anything carrying
+  an older fence is refused, and one Lua function decides that for every script (leases.py).
+* An upload is accepted at most once per (task, fence, sha256) (adapters.py).
+* A version is published, and its adapters leave the fold buffer, in one transaction (versions.py).
+"""
+
+from __future__ import annotations
+
+import redis
+
+from coordinator.ledger.adapters import Accepted, Adapters, adapter_id_for
+from coordinator.ledger.jobs import Jobs
+from coordinator.ledger.leases import Heartbeat, Leases, is_twin, twin_id
+from coordinator.ledger.records import (AdapterRecord, AdapterState, FoldedAdapter, JobConfig, JobRecord, JobState,
+                                        Lease, TaskRecord, TaskState, VersionRecord, WorkerRecord)
+from coordinator.ledger.tasks import Tasks, count_states
+from coordinator.ledger.tokens import ROLES, TokenEntry, Tokens, token_id
+from coordinator.ledger.versions import Versions
+from coordinator.ledger.workers import TooManyWorkers, Workers
+
+
+class Ledger:
+    """Coordinator state in Redis. Thread-safe: every call is one or a few Redis round trips."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.r = client
+        self.jobs = Jobs(client)
+        self.tasks = Tasks(client)
+        self.leases = Leases(client)
+        self.adapters = Adapters(client)
+        self.versions = Versions(client)
+        self.workers = Workers(client)
+        self.tokens = Tokens(client)
+
+__all__ = [
+    "Accepted", "AdapterRecord", "AdapterState", "Adapters", "FoldedAdapter", "Heartbeat", "JobConfig", "JobRecord",
+    "JobState", "Jobs", "Lease", "Leases", "Ledger", "ROLES", "TaskRecord", "TaskState", "Tasks", "TokenEntry",
+    "Tokens", "TooManyWorkers", "VersionRecord", "Versions", "WorkerRecord", "Workers", "adapter_id_for",
+    "count_states", "is_twin", "token_id", "twin_id",
+]

@@ -1,0 +1,152 @@
+"""Adapters: an upload is accepted at most once per (task, fence, sha256), then waits in the fold
+buffer until a version folds it (coordinator.ledger.versions) or the gates reject it.
+
+The adapter id is derived from (task, fence, sha256), so a retried upload finds its own earlier
+acceptance and is told so. Acceptance marks the task done, holding the current lease or not at
+all (:data:`coordinator.ledger.leases.CURRENT_LEASE`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass
+
+import redis
+
+from coordinator import keys
+from coordinator.ledger.leases import CURRENT_LEASE
+from coordinator.ledger.records import AdapterRecord, AdapterState, adapter_from_hash, decode, to_fields
+
+# acceptable(key, task id, fence, adapter id): nil when an upload under (task, fence) may be
+# accepted, else the answer {status, detail}: a retry of the accepted upload is a duplicate.
+_ACCEPTABLE = CURRENT_LEASE + """
+local function acceptable(key, task_id, fence, adapter_id)
+  local t = redis.call('HMGET', key, 'state', 'adapter')
+  if t[1] == 'done' then
+    if t[2] == adapter_id then return {'duplicate', adapter_id} end
+    return {'refused', 'the task is already done: a result from another lease was accepted'}
+  end
+  local problem = lease_problem(key, task_id, fence)
+  if problem ~= '' then return {'refused', problem} end
+  return nil
+end
+"""
+
+# KEYS: task. ARGV: task id, fence, adapter id. {"", ""} when the upload may proceed.
+_PRECHECK = _ACCEPTABLE + """
+return acceptable(KEYS[1], ARGV[1], ARGV[2], ARGV[3]) or {'', ''}
+"""
+
+# KEYS: task, LEASES, adapter, FOLD_BUFFER, worker, partner, PENDING. ARGV: task id, fence, adapter id,
+# now, partner id, then field/value pairs for the adapter hash. Returns {status, adapter id or
+# reason}. The partner is the task's speculative twin (or the twin's original, see
+# Leases.speculate): the first accepted result marks both done, so the other run's upload is refused.
+_ACCEPT = _ACCEPTABLE + """
+local answer = acceptable(KEYS[1], ARGV[1], ARGV[2], ARGV[3])
+if answer then return answer end
+redis.call('HSET', KEYS[1], 'state', 'done', 'adapter', ARGV[3], 'finished', ARGV[4])
+redis.call('ZREM', KEYS[2], ARGV[1])
+if ARGV[5] ~= '' and redis.call('HGET', KEYS[6], 'state') ~= 'done' then
+  redis.call('HSET', KEYS[6], 'state', 'done', 'adapter', ARGV[3], 'finished', ARGV[4])
+  redis.call('ZREM', KEYS[2], ARGV[5])
+  redis.call('ZREM', KEYS[7], ARGV[5])
+end
+for i = 6, #ARGV, 2 do redis.call('HSET', KEYS[3], ARGV[i], ARGV[i + 1]) end
+redis.call('HSET', KEYS[3], 'state', 'buffered', 'accepted', ARGV[4])
+redis.call('RPUSH', KEYS[4], ARGV[3])
+if redis.call('EXISTS', KEYS[5]) == 1 then redis.call('HINCRBY', KEYS[5], 'tasks_done', 1) end
+return {'accepted', ARGV[3]}
+"""
+
+
+@dataclass(frozen=True)
+class Accepted:
+    status: str  # accepted | duplicate | refused
+    detail: str  # the adapter id, or the reason for a refusal
+
+    @property
+    def ok(self) -> bool:
+        return self.status in ("accepted", "duplicate")
+
+
+def adapter_id_for(task_id: str, fence: int, sha256: str) -> str:
+    """Deterministic, so a retried upload of the same result maps onto the same adapter."""
+    return hashlib.sha256(f"{task_id}/{fence}/{sha256}".encode()).hexdigest()[:20]
+
+
+class Adapters:
+    def __init__(self, client: redis.Redis) -> None:
+        self.r = client
+        self._precheck = client.register_script(_PRECHECK)
+        self._accept = client.register_script(_ACCEPT)
+
+    def precheck(self, task_id: str, fence: int, sha256: str) -> Accepted | None:
+        """None when an upload under (task, fence) would be taken now, else the answer it gets.
+
+        For before any bytes are stored; :meth:`accept` decides again, atomically.
+        """
+        status, detail = self._precheck(keys=[keys.task(task_id)],
+                                        args=[task_id, fence, adapter_id_for(task_id, fence, sha256)])
+        return Accepted(status.decode(), detail.decode()) if status else None
+
+    def accept(self, task_id: str, fence: int, sha256: str, *, worker_id: str = "", base_version: int = 0,
+               rank: int = 0, alpha: float = 0.0, tokens: int = 0, train_loss: float = 0.0,
+               size: int = 0) -> Accepted:
+        """Accept an uploaded adapter if (task, fence) holds the lease: the task is done and the
+        adapter waits in the fold buffer, credited to ``worker_id`` when one is named."""
+        adapter_id = adapter_id_for(task_id, fence, sha256)
+        raw = self.r.hmget(keys.task(task_id), "job", "twin", "twin_of")
+        job, twin, twin_of = (v.decode() if v else "" for v in raw)
+        if not job:
+            return Accepted("refused", f"there is no task {task_id!r}")
+        fields = to_fields({"base_version": base_version, "rank": rank, "alpha": alpha, "tokens": tokens,
+                            "train_loss": train_loss, "size": size, "task": task_id, "fence": fence,
+                            "sha256": sha256, "job": job, "worker": worker_id})
+        partner = twin or twin_of
+        status, detail = self._accept(
+            keys=[keys.task(task_id), keys.LEASES, keys.adapter(adapter_id), keys.FOLD_BUFFER,
+                  keys.worker(worker_id or "-"), keys.task(partner or "-"), keys.PENDING],
+            args=[task_id, fence, adapter_id, time.time(), partner, *(x for kv in fields.items() for x in kv)],
+        )
+        return Accepted(status.decode(), detail.decode())
+
+    def get(self, adapter_id: str) -> AdapterRecord | None:
+        data = decode(self.r.hgetall(keys.adapter(adapter_id)))
+        return adapter_from_hash(adapter_id, data) if data else None
+
+    def ids(self) -> list[str]:
+        """Every adapter ever accepted (a scan: for checks and reports, not for hot paths)."""
+        prefix = keys.adapter("")
+        return [k.decode()[len(prefix):] for k in self.r.scan_iter(match=keys.adapter("*"), count=1000)]
+
+    def buffered(self) -> list[AdapterRecord]:
+        """Adapters accepted and waiting to be folded, oldest first."""
+        ids = [a.decode() for a in self.r.lrange(keys.FOLD_BUFFER, 0, -1)]
+        pipe = self.r.pipeline(transaction=False)
+        for adapter_id in ids:
+            pipe.hgetall(keys.adapter(adapter_id))
+        return [adapter_from_hash(i, decode(a)) for i, a in zip(ids, pipe.execute())]
+
+    def buffer_ids(self) -> list[str]:
+        """The fold buffer as it stands, duplicates and all (for checks)."""
+        return [a.decode() for a in self.r.lrange(keys.FOLD_BUFFER, 0, -1)]
+
+    def reject(self, adapter_id: str, reason: str) -> None:
+        """Take an adapter out of the buffer for good, with the reason; its job counts it."""
+        job = self.r.hget(keys.adapter(adapter_id), "job")
+        pipe = self.r.pipeline(transaction=True)
+        pipe.lrem(keys.FOLD_BUFFER, 0, adapter_id)
+        pipe.hset(keys.adapter(adapter_id), mapping={"state": AdapterState.REJECTED.value, "reason": reason})
+        if job:
+            pipe.hincrby(keys.job(job.decode()), "adapters_rejected", 1)
+        pipe.execute()
+
+    def mark_unmerged(self, adapter_id: str, version: int) -> None:
+        """A folded adapter that ``version`` took out of the model again."""
+        self.r.hset(keys.adapter(adapter_id), mapping={"state": AdapterState.UNMERGED.value, "unmerged_in": version})
+
+    def recent_norms(self, limit: int = 64) -> list[float]:
+        """‖ΔW‖ of the most recently folded adapters, newest first (the norm gate's reference)."""
+        return [float(x) for x in self.r.lrange(keys.RECENT_NORMS, 0, limit - 1)]
+

@@ -1,0 +1,82 @@
+"""Jobs: a submitted dataset and its tasks, running until nothing of it is left to train.
+
+The running jobs are also indexed on their own (``keys.RUNNING_JOBS``), so the loops that look
+at them every tick read only those, however many finished jobs the ledger holds.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import redis
+
+from coordinator import keys
+from coordinator.ledger.records import (JobRecord, JobState, TaskRecord, decode, job_from_hash,
+                                        new_job_fields, new_task_fields, to_fields)
+
+
+class Jobs:
+    def __init__(self, client: redis.Redis) -> None:
+        self.r = client
+
+    def create(self, job: JobRecord, tasks: Sequence[TaskRecord]) -> None:
+        """Record a job and its tasks, all pending in shard order, in one transaction."""
+        now = time.time()
+        pipe = self.r.pipeline(transaction=True)
+        pipe.hset(keys.job(job.job_id), mapping=new_job_fields(job, now))
+        pipe.zadd(keys.JOBS, {job.job_id: now})
+        pipe.zadd(keys.RUNNING_JOBS, {job.job_id: now})
+        for i, task in enumerate(tasks):
+            pipe.hset(keys.task(task.task_id), mapping=new_task_fields(task))
+            pipe.rpush(keys.job_tasks(job.job_id), task.task_id)
+            pipe.zadd(keys.PENDING, {task.task_id: now + i * 1e-6})
+        pipe.execute()
+
+    def get(self, job_id: str) -> JobRecord | None:
+        data = decode(self.r.hgetall(keys.job(job_id)))
+        return job_from_hash(job_id, data) if data else None
+
+    def ids(self) -> list[str]:
+        """Every job, oldest first."""
+        return [j.decode() for j in self.r.zrange(keys.JOBS, 0, -1)]
+
+    def running_ids(self) -> list[str]:
+        """The jobs still running, oldest first: what the scheduler and folder loops look at each
+        tick, however many finished jobs the ledger holds."""
+        return [j.decode() for j in self.r.zrange(keys.RUNNING_JOBS, 0, -1)]
+
+    def index_running(self) -> int:
+        """Rebuild the running-jobs index from the job records (a ledger written before it
+        existed); how many jobs it lists."""
+        jobs = self.r.zrange(keys.JOBS, 0, -1, withscores=True)
+        pipe = self.r.pipeline(transaction=False)
+        for job_id, _ in jobs:
+            pipe.hget(keys.job(job_id.decode()), "state")
+        states = pipe.execute()
+        running = {job_id: created for (job_id, created), state in zip(jobs, states)
+                   if state == JobState.RUNNING.value.encode()}
+        pipe = self.r.pipeline(transaction=True)
+        pipe.delete(keys.RUNNING_JOBS)
+        if running:
+            pipe.zadd(keys.RUNNING_JOBS, running)
+        pipe.execute()
+        return len(running)
+
+    def finish(self, job_id: str, state: JobState, error: str = "") -> None:
+        """End a job (done, or failed with ``error``); it leaves the running index with it."""
+        if state is JobState.RUNNING:
+            raise ValueError("a job is finished as done or failed, not running")
+        pipe = self.r.pipeline(transaction=True)
+        fields = {"state": state, "error": error or None, "finished": time.time()}
+        pipe.hset(keys.job(job_id), mapping=to_fields(fields))
+        pipe.zrem(keys.RUNNING_JOBS, job_id)
+        pipe.execute()
+
+    def set_warning(self, job_id: str, warning: str) -> None:
+        """Why the job's tasks wait (no card fits them), "" when nothing holds it up."""
+        self.r.hset(keys.job(job_id), "warning", warning)
+
+    def set_base(self, job_id: str, loss: float, version: int) -> None:
+        """The held-out loss of the version the job starts from, for comparison."""
+        self.r.hset(keys.job(job_id), mapping=to_fields({"base_loss": loss, "base_version": version}))

@@ -1,0 +1,71 @@
+"""Tasks: the units of a job (a shard of its records each), read as TaskRecords.
+
+Tasks are created with their job (coordinator.ledger.jobs) and change state through their
+leases (coordinator.ledger.leases) and accepted uploads (coordinator.ledger.adapters).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+
+import redis
+
+from coordinator import keys
+from coordinator.ledger.records import TaskRecord, TaskState, decode, task_from_hash
+
+# add_event(key, event, now, keep): append (now, event) to the task's "events" (a JSON list),
+# keeping the newest ``keep``.
+EVENT = """
+local function add_event(key, event, now, keep)
+  local events = cjson.decode(redis.call('HGET', key, 'events') or '[]')
+  table.insert(events, {now, event})
+  while #events > tonumber(keep) do table.remove(events, 1) end
+  redis.call('HSET', key, 'events', cjson.encode(events))
+end
+"""
+
+_ADD_EVENT = EVENT + "add_event(KEYS[1], ARGV[1], ARGV[2], ARGV[3])"
+
+
+def count_states(tasks: Iterable[TaskRecord]) -> dict[str, int]:
+    """How many of ``tasks`` are in each state (every state present, zero or more)."""
+    counts = {s.value: 0 for s in TaskState}
+    for task in tasks:
+        counts[task.state.value] += 1
+    return counts
+
+
+class Tasks:
+    def __init__(self, client: redis.Redis) -> None:
+        self.r = client
+        self._event = client.register_script(_ADD_EVENT)
+
+    def get(self, task_id: str) -> TaskRecord | None:
+        data = decode(self.r.hgetall(keys.task(task_id)))
+        return task_from_hash(data) if data else None
+
+    def ids(self, job_id: str) -> list[str]:
+        """The job's task ids in shard order."""
+        return [t.decode() for t in self.r.lrange(keys.job_tasks(job_id), 0, -1)]
+
+    def many(self, task_ids: Iterable[str]) -> list[TaskRecord]:
+        """The tasks named, in that order (one round trip); a task that is gone is left out."""
+        pipe = self.r.pipeline(transaction=False)
+        for task_id in task_ids:
+            pipe.hgetall(keys.task(task_id))
+        return [task_from_hash(d) for d in (decode(raw) for raw in pipe.execute()) if d]
+
+    def of_job(self, job_id: str) -> list[TaskRecord]:
+        return self.many(self.ids(job_id))
+
+    def counts(self, job_id: str) -> dict[str, int]:
+        return count_states(self.of_job(job_id))
+
+    def require_vram(self, task_id: str, gb: float) -> None:
+        """The task runs out of memory on cards below ``gb``: place it only on bigger ones."""
+        self.r.hset(keys.task(task_id), "min_vram_gb", gb)
+
+    def add_event(self, task_id: str, event: str, keep: int = 32) -> None:
+        """Record something about a task's run (an out-of-memory retry, say) on the task."""
+        self._event(keys=[keys.task(task_id)], args=[event[:500], time.time(), keep])

@@ -1,0 +1,88 @@
+"""Versions: the running model's lineage, 0 (the base model), 1, 2, ... each with its parent.
+
+A version is published, and its adapters leave the fold buffer, in one transaction: an adapter
+is never folded twice, and a coordinator that dies mid-fold folds the same buffer again.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import replace
+
+import redis
+
+from coordinator import keys
+from coordinator.ledger.records import AdapterState, VersionRecord, decode, version_fields, version_from_hash
+from nomoat.lineage import Lineage
+
+
+class Versions:
+    def __init__(self, client: redis.Redis) -> None:
+        self.r = client
+
+    def latest(self) -> int | None:
+        """The newest published version, None before version 0 exists."""
+        value = self.r.get(keys.LATEST)
+        return None if value is None else int(value)
+
+    def get(self, number: int) -> VersionRecord | None:
+        data = decode(self.r.hgetall(keys.version(number)))
+        return version_from_hash(number, data) if data else None
+
+    def all(self) -> list[VersionRecord]:
+        """Every version, oldest first."""
+        numbers = [int(v) for v in self.r.zrange(keys.VERSIONS, 0, -1)]
+        pipe = self.r.pipeline(transaction=False)
+        for n in numbers:
+            pipe.hgetall(keys.version(n))
+        return [version_from_hash(n, decode(d)) for n, d in zip(numbers, pipe.execute())]
+
+    def lineage(self) -> Lineage | None:
+        """The model lineage fixed with version 0 (None for a ledger that has none yet)."""
+        raw = self.r.get(keys.LINEAGE)
+        return None if raw is None else Lineage.from_json(raw)
+
+    def fix_lineage(self, lineage: Lineage) -> Lineage:
+        """Record ``lineage`` unless one is recorded already (SET NX: the first writer wins, so
+        coordinators sharing a ledger agree); returns the lineage that holds."""
+        self.r.set(keys.LINEAGE, lineage.to_json(), nx=True)
+        return self.lineage()
+
+    def set_files(self, number: int, files: dict[str, str]) -> None:
+        """Record a snapshot (a Hugging Face folder in the blob store) made for a version later."""
+        self.r.hset(keys.version(number), "files", json.dumps(files))
+
+    def publish(self, record: VersionRecord, folded: Sequence[tuple[str, float]] = (),
+                norms: Sequence[float] = ()) -> VersionRecord:
+        """Publish ``record`` and take its ``folded`` (adapter id, weight) out of the buffer,
+        atomically; ``norms`` join the recent norms. Returns the record as stored.
+
+        Refuses (ValueError) unless the record's number is exactly one past the newest version,
+        so two coordinators racing to fold cannot both publish.
+        """
+        number = record.version
+        record = replace(record, created=time.time())
+        with self.r.pipeline(transaction=True) as pipe:
+            pipe.watch(keys.LATEST)
+            latest = pipe.get(keys.LATEST)
+            expected = 0 if latest is None else int(latest) + 1
+            if number != expected:
+                raise ValueError(f"version {number} cannot be published: the next version is {expected}")
+            jobs = [pipe.hget(keys.adapter(a), "job") for a, _ in folded]
+            pipe.multi()
+            pipe.hset(keys.version(number), mapping=version_fields(record))
+            pipe.zadd(keys.VERSIONS, {str(number): number})
+            pipe.set(keys.LATEST, number)
+            for (adapter_id, weight), job in zip(folded, jobs):
+                pipe.lrem(keys.FOLD_BUFFER, 0, adapter_id)
+                pipe.hset(keys.adapter(adapter_id),
+                          mapping={"state": AdapterState.FOLDED.value, "version": number, "weight": weight})
+                if job:
+                    pipe.hincrby(keys.job(job.decode()), "adapters_folded", 1)
+            for norm in norms:
+                pipe.lpush(keys.RECENT_NORMS, norm)
+            pipe.ltrim(keys.RECENT_NORMS, 0, 255)
+            pipe.execute()
+        return record

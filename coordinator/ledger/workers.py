@@ -1,0 +1,105 @@
+"""Workers: the volunteers' machines, who registered them, when they were last heard from, and how
+fast their cards train.
+
+The measured speed (tokens per second over every run a worker finished) lives here and only
+here: the scheduler sizes runs from it, so a restarted coordinator knows every card's speed.
+Which Ray node a worker runs on is recorded with each finished run, and that is how the
+scheduler finds a card's speed from the node Ray shows it.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+
+import redis
+
+from coordinator import keys
+from coordinator.ledger.records import WorkerRecord, decode, to_fields, worker_from_hash
+
+# KEYS: worker. ARGV: tokens, seconds, node id. Adds a finished run: the worker's speed is its
+# total tokens over its total training seconds; it ran on that node. Returns the new speed.
+_RUN = """
+local tokens = redis.call('HINCRBYFLOAT', KEYS[1], 'tokens_trained', ARGV[1])
+local seconds = redis.call('HINCRBYFLOAT', KEYS[1], 'train_seconds', ARGV[2])
+local speed = tonumber(tokens) / math.max(tonumber(seconds), 1e-6)
+redis.call('HSET', KEYS[1], 'tokens_per_s', tostring(speed))
+if ARGV[3] ~= '' then redis.call('HSET', KEYS[1], 'node_id', ARGV[3]) end
+return tostring(speed)
+"""
+
+
+class TooManyWorkers(Exception):
+    """A token already has as many active workers as it may."""
+
+    def __init__(self, active: int) -> None:
+        super().__init__(f"{active} active workers")
+        self.active = active
+
+
+class Workers:
+    def __init__(self, client: redis.Redis) -> None:
+        self.r = client
+        self._run = client.register_script(_RUN)
+
+    def admit(self, requested_id: str, *, name: str, card: bytes, node_id: str, token: str,
+              active_since: float, most: int) -> tuple[str, bool]:
+        """Register a worker; returns (its id, whether it rejoined under ``requested_id``).
+
+        A worker keeps the id it asks for only if the same token (its hash) registered it. A new
+        one is refused (:class:`TooManyWorkers`) once its token has ``most`` workers seen since
+        ``active_since``; two registrations racing may both pass, a bound not a quota.
+        """
+        known = self.get(requested_id) if requested_id else None
+        rejoining = known is not None and known.token == token
+        if not rejoining:
+            active = sum(1 for w in self.all() if w.token == token and w.last_seen >= active_since)
+            if active >= most:
+                raise TooManyWorkers(active)
+        worker_id = requested_id if rejoining else "w-" + secrets.token_hex(4)
+        self.register(worker_id, name=name, card=card, node_id=node_id, token=token)
+        return worker_id, rejoining
+
+    def register(self, worker_id: str, *, name: str, card: bytes, node_id: str = "", token: str = "") -> None:
+        """Record a worker; one registering again keeps its counters, and its measured speed
+        unless its card changed."""
+        now = time.time()
+        key = keys.worker(worker_id)
+        fields = to_fields({"name": name, "card": card, "node_id": node_id, "token": token, "registered": now})
+        known = self.r.hget(key, "card")
+        pipe = self.r.pipeline(transaction=True)
+        if known is not None and known.decode() != fields["card"]:
+            pipe.hdel(key, "tokens_trained", "train_seconds", "tokens_per_s")
+        pipe.hset(key, mapping=fields)
+        pipe.hsetnx(key, "tasks_done", 0)
+        pipe.zadd(keys.WORKERS, {worker_id: now})
+        pipe.execute()
+
+    def get(self, worker_id: str) -> WorkerRecord | None:
+        data = decode(self.r.hgetall(keys.worker(worker_id)))
+        if not data:
+            return None
+        return worker_from_hash(worker_id, data, self.r.zscore(keys.WORKERS, worker_id) or 0.0)
+
+    def all(self) -> list[WorkerRecord]:
+        """Every worker ever registered, least recently seen first."""
+        entries = self.r.zrange(keys.WORKERS, 0, -1, withscores=True)
+        pipe = self.r.pipeline(transaction=False)
+        for worker_id, _ in entries:
+            pipe.hgetall(keys.worker(worker_id.decode()))
+        return [worker_from_hash(wid.decode(), decode(w), seen) for (wid, seen), w in zip(entries, pipe.execute())]
+
+    def record_run(self, worker_id: str, node_id: str, tokens: int, seconds: float) -> float:
+        """Add a finished run, on ``node_id``, to the worker's measured tokens per second; returns
+        the new figure (0 when there is nothing to measure)."""
+        if not worker_id or seconds <= 0:
+            return 0.0
+        return float(self._run(keys=[keys.worker(worker_id)], args=[tokens, seconds, node_id]))
+
+    def speeds_by_node(self) -> dict[str, float]:
+        """Ray node id -> the measured tokens/s of the worker last seen on it (known speeds only)."""
+        speeds: dict[str, float] = {}
+        for worker in self.all():  # least recently seen first: the newest claim on a node wins
+            if worker.node_id and worker.tokens_per_s > 0:
+                speeds[worker.node_id] = worker.tokens_per_s
+        return speeds
