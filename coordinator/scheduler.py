@@ -13,7 +13,7 @@ One round (:meth:`Scheduler.tick`):
    speed as the ledger holds it (one unit while its speed is unknown). Fast cards take big runs, slow cards small ones,
    and every unit keeps its own lease, fence and adapter, so idempotency is unchanged;
 4. near a job's end (cards idle, nothing pending that fits them) issue the outstanding tasks
-   expected to finish last to idle cards that would finish them sooner (``Ledger.speculate``);
+   expected to finish last to idle cards that would finish them sooner (``Leases.speculate``);
 5. warn on a job whose pending tasks fit no card in the cluster;
 6. update job states.
 """
