@@ -22,7 +22,14 @@ from typing import Any
 
 from coordinator import folding
 from coordinator.history import History
-from coordinator.ledger import AdapterRecord, AdapterState, FoldedAdapter, JobState, Ledger, VersionRecord
+from coordinator.ledger import (
+    AdapterRecord,
+    AdapterState,
+    FoldedAdapter,
+    JobState,
+    Ledger,
+    VersionRecord,
+)
 from coordinator.model import RunningModel
 from coordinator.settings import Settings
 from coordinator.store import BlobStore

@@ -27,7 +27,16 @@ from collections import deque
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
-from coordinator.ledger import JobConfig, JobRecord, JobState, Ledger, TaskRecord, TaskState, count_states, is_twin
+from coordinator.ledger import (
+    JobConfig,
+    JobRecord,
+    JobState,
+    Ledger,
+    TaskRecord,
+    TaskState,
+    count_states,
+    is_twin,
+)
 from coordinator.settings import Settings
 from worker.planner import bigger_card_than
 from worker.probe import VRAM_RESOURCE

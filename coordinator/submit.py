@@ -17,7 +17,12 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 from coordinator.errors import Incomplete, InvalidRequest
-from coordinator.ledger import JobConfig, JobRecord, Ledger, TaskRecord  # JobConfig: still importable from here
+from coordinator.ledger import (  # JobConfig: still importable from here
+    JobConfig,
+    JobRecord,
+    Ledger,
+    TaskRecord,
+)
 from coordinator.settings import JobDefaults, Settings
 from coordinator.store import BlobStore
 from nomoat.records import DatasetError, parse_dataset

@@ -43,8 +43,9 @@ def token(data_dir: Path, role: str) -> str:
 
 def adapter_bytes(job: JobRecord, seed: int = 0) -> bytes:
     """A well-formed adapter for a job of the tiny model (small random factors)."""
-    from nomoat.tiny import tiny_model_path
     from transformers import AutoModelForCausalLM
+
+    from nomoat.tiny import tiny_model_path
 
     config = job.config
     model = AutoModelForCausalLM.from_pretrained(tiny_model_path())

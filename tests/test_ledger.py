@@ -8,8 +8,17 @@ import time
 
 import pytest
 
-from coordinator.ledger import (AdapterState, JobConfig, JobRecord, JobState, Ledger, TaskRecord, TaskState,
-                                VersionRecord, adapter_id_for)
+from coordinator.ledger import (
+    AdapterState,
+    JobConfig,
+    JobRecord,
+    JobState,
+    Ledger,
+    TaskRecord,
+    TaskState,
+    VersionRecord,
+    adapter_id_for,
+)
 
 CONFIG = JobConfig(lora_rank=4, lora_alpha=8.0, target_modules=("q_proj",), seq_len=64, learning_rate=1e-3,
                    batch_size=2, epochs=1, tokens_per_task=100)

@@ -29,7 +29,6 @@ from nomoat.v1 import nomoat_pb2 as pb
 from tests.rig import ALPHA, RANK, TARGETS, TEXTS, Rig, manifest, published, rig  # noqa: F401  (fixtures)
 
 
-
 def rpc_error(call) -> grpc.RpcError:
     with pytest.raises(grpc.RpcError) as info:
         call()

@@ -21,8 +21,19 @@ import redis
 from coordinator.ledger.adapters import Accepted, Adapters, adapter_id_for
 from coordinator.ledger.jobs import Jobs
 from coordinator.ledger.leases import Heartbeat, Leases, is_twin, twin_id
-from coordinator.ledger.records import (AdapterRecord, AdapterState, FoldedAdapter, JobConfig, JobRecord, JobState,
-                                        Lease, TaskRecord, TaskState, VersionRecord, WorkerRecord)
+from coordinator.ledger.records import (
+    AdapterRecord,
+    AdapterState,
+    FoldedAdapter,
+    JobConfig,
+    JobRecord,
+    JobState,
+    Lease,
+    TaskRecord,
+    TaskState,
+    VersionRecord,
+    WorkerRecord,
+)
 from coordinator.ledger.tasks import Tasks, count_states
 from coordinator.ledger.tokens import ROLES, TokenEntry, Tokens, token_id
 from coordinator.ledger.versions import Versions
@@ -42,9 +53,35 @@ class Ledger:
         self.workers = Workers(client)
         self.tokens = Tokens(client)
 
+
 __all__ = [
-    "Accepted", "AdapterRecord", "AdapterState", "Adapters", "FoldedAdapter", "Heartbeat", "JobConfig", "JobRecord",
-    "JobState", "Jobs", "Lease", "Leases", "Ledger", "ROLES", "TaskRecord", "TaskState", "Tasks", "TokenEntry",
-    "Tokens", "TooManyWorkers", "VersionRecord", "Versions", "WorkerRecord", "Workers", "adapter_id_for",
-    "count_states", "is_twin", "token_id", "twin_id",
+    "ROLES",
+    "Accepted",
+    "AdapterRecord",
+    "AdapterState",
+    "Adapters",
+    "FoldedAdapter",
+    "Heartbeat",
+    "JobConfig",
+    "JobRecord",
+    "JobState",
+    "Jobs",
+    "Lease",
+    "Leases",
+    "Ledger",
+    "TaskRecord",
+    "TaskState",
+    "Tasks",
+    "TokenEntry",
+    "Tokens",
+    "TooManyWorkers",
+    "VersionRecord",
+    "Versions",
+    "WorkerRecord",
+    "Workers",
+    "adapter_id_for",
+    "count_states",
+    "is_twin",
+    "token_id",
+    "twin_id",
 ]

@@ -16,7 +16,13 @@ import redis
 
 from coordinator import keys
 from coordinator.ledger.leases import CURRENT_LEASE
-from coordinator.ledger.records import AdapterRecord, AdapterState, adapter_from_hash, decode, to_fields
+from coordinator.ledger.records import (
+    AdapterRecord,
+    AdapterState,
+    adapter_from_hash,
+    decode,
+    to_fields,
+)
 
 # acceptable(key, task id, fence, adapter id): nil when an upload under (task, fence) may be
 # accepted, else the answer {status, detail}: a retry of the accepted upload is a duplicate.

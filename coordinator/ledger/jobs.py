@@ -12,8 +12,16 @@ from collections.abc import Sequence
 import redis
 
 from coordinator import keys
-from coordinator.ledger.records import (JobRecord, JobState, TaskRecord, decode, job_from_hash,
-                                        new_job_fields, new_task_fields, to_fields)
+from coordinator.ledger.records import (
+    JobRecord,
+    JobState,
+    TaskRecord,
+    decode,
+    job_from_hash,
+    new_job_fields,
+    new_task_fields,
+    to_fields,
+)
 
 
 class Jobs:

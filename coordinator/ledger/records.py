@@ -209,7 +209,7 @@ def decode(mapping: dict[bytes | str, Any]) -> dict[str, str]:
 
 
 def to_fields(fields: dict[str, Any]) -> dict[str, str]:
-    """A record's fields as Redis hash values: JSON for documents, "" for None left out."""
+    """A record's fields as Redis hash values: JSON for documents, hex for bytes; None is left out."""
     out = {}
     for key, value in fields.items():
         if value is None:

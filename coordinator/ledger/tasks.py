@@ -6,7 +6,6 @@ leases (coordinator.ledger.leases) and accepted uploads (coordinator.ledger.adap
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterable
 
 import redis
@@ -15,7 +14,7 @@ from coordinator import keys
 from coordinator.ledger.records import TaskRecord, TaskState, decode, task_from_hash
 
 # add_event(key, event, now, keep): append (now, event) to the task's "events" (a JSON list),
-# keeping the newest ``keep``.
+# keeping the newest ``keep``. A worker's notes arrive with its heartbeats (Leases.heartbeat).
 EVENT = """
 local function add_event(key, event, now, keep)
   local events = cjson.decode(redis.call('HGET', key, 'events') or '[]')
@@ -24,8 +23,6 @@ local function add_event(key, event, now, keep)
   redis.call('HSET', key, 'events', cjson.encode(events))
 end
 """
-
-_ADD_EVENT = EVENT + "add_event(KEYS[1], ARGV[1], ARGV[2], ARGV[3])"
 
 
 def count_states(tasks: Iterable[TaskRecord]) -> dict[str, int]:
@@ -39,7 +36,6 @@ def count_states(tasks: Iterable[TaskRecord]) -> dict[str, int]:
 class Tasks:
     def __init__(self, client: redis.Redis) -> None:
         self.r = client
-        self._event = client.register_script(_ADD_EVENT)
 
     def get(self, task_id: str) -> TaskRecord | None:
         data = decode(self.r.hgetall(keys.task(task_id)))
@@ -65,7 +61,3 @@ class Tasks:
     def require_vram(self, task_id: str, gb: float) -> None:
         """The task runs out of memory on cards below ``gb``: place it only on bigger ones."""
         self.r.hset(keys.task(task_id), "min_vram_gb", gb)
-
-    def add_event(self, task_id: str, event: str, keep: int = 32) -> None:
-        """Record something about a task's run (an out-of-memory retry, say) on the task."""
-        self._event(keys=[keys.task(task_id)], args=[event[:500], time.time(), keep])

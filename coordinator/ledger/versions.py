@@ -14,7 +14,13 @@ from dataclasses import replace
 import redis
 
 from coordinator import keys
-from coordinator.ledger.records import AdapterState, VersionRecord, decode, version_fields, version_from_hash
+from coordinator.ledger.records import (
+    AdapterState,
+    VersionRecord,
+    decode,
+    version_fields,
+    version_from_hash,
+)
 from nomoat.lineage import Lineage
 
 
