@@ -7,6 +7,7 @@ messages.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
@@ -91,7 +92,7 @@ def job(ledger: Ledger, job_id: str) -> JobSummary | None:
         created=record.created,
         tokens=record.tokens,
         dataset_sha256=record.dataset,
-        base_loss=float("nan") if record.base_loss is None else record.base_loss,
+        base_loss=math.nan if record.base_loss is None else record.base_loss,
         warning=record.warning,
         events=[e for _, e in sorted(events)[-MAX_JOB_EVENTS:]],
     )
