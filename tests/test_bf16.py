@@ -14,6 +14,7 @@ from safetensors import safe_open
 from safetensors.torch import load as st_load
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+from coordinator.ledger import VersionRecord
 from coordinator.model import MASTER_FILE, RunningModel, materialize
 from coordinator.store import BlobStore
 from nomoat import adapter as fmt
@@ -75,8 +76,8 @@ def test_a_bf16_base_is_pulled_in_bf16_at_every_version(bf16_rig: Rig, bf16_publ
     fp32_bytes = 4 * sum(p.numel() for p in model.model.state_dict().values())
     # Version 1 has no snapshot: pulling it makes one on demand, from version 0's folder.
     patch = small_patches(bf16_published.shapes, 1, 0.05)[0]
-    bf16_rig.ledger.publish_version(1, {"parent": 0, "patch": bf16_rig.store.put(fmt.to_bytes(patch)),
-                                        "adapters": [], "eval_loss": "nan"})
+    bf16_rig.ledger.versions.publish(
+        VersionRecord(version=1, parent=0, patch=bf16_rig.store.put(fmt.to_bytes(patch))))
     for version in (0, 1):
         out = bf16_rig.tmp / f"pulled-{version}"
         assert bf16_rig.client("reader").pull(out, version=version) == version

@@ -13,7 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from coordinator.history import History
-from coordinator.ledger import Ledger
+from coordinator.ledger import Ledger, VersionRecord
 from coordinator.model import RunningModel
 from coordinator.store import BlobStore
 from nomoat import adapter as fmt
@@ -124,8 +124,7 @@ def test_catching_up_by_patches_stays_in_the_lineage(rig_a, tmp_path):
     cache.ensure(client, name, 0)
     shapes = {m: s for m, s in rig_a.deps.shapes.items() if m.endswith(("q_proj", "v_proj"))}
     patch = lora.build_patch([fmt.from_bytes(make_adapter(shapes, seed=3))], [1.0])
-    rig_a.ledger.publish_version(1, {"parent": 0, "patch": rig_a.store.put(fmt.to_bytes(patch)),
-                                     "adapters": [], "eval_loss": "nan"})
+    rig_a.ledger.versions.publish(VersionRecord(version=1, parent=0, patch=rig_a.store.put(fmt.to_bytes(patch))))
     folder = cache.ensure(client, name, 1)
     assert folder == cache.folder(name, 1) and lineage.problem(folder, name, 1) == ""
     got = RunningModel(folder).master(patch.modules())
@@ -142,7 +141,7 @@ def test_a_pull_from_a_coordinator_of_another_lineage_is_refused(two, tmp_path):
 
 def leased_upload(rig: Rig, name: str) -> tuple[pb.AdapterManifest, bytes]:
     """A task of a fresh job leased on ``rig`` and an adapter for it, as a task leaves it behind."""
-    task_id = rig.ledger.task_ids(rig.submit().job_id)[0]
+    task_id = rig.ledger.tasks.ids(rig.submit().job_id)[0]
     fence = rig.lease(task_id)
     data = make_adapter(rig.deps.shapes, seed=1)
     return uploader.manifest_for(task_id, fence, 0, RANK, ALPHA, 300, 2.5, data, lineage=name), data
@@ -161,7 +160,7 @@ def test_the_outbox_delivers_an_adapter_only_to_a_coordinator_of_its_lineage(two
     assert uploader.deliver_orphans(a.client("worker"), outbox, la) == 1
     assert outbox.orphans() == []
     for rig in (a, b):
-        assert [t["state"] for t in rig.ledger.tasks(rig.ledger.job_ids()[0])].count("done") == 1
+        assert [t.state for t in rig.ledger.tasks.of_job(rig.ledger.jobs.ids()[0])].count("done") == 1
 
 
 def test_an_upload_of_another_lineage_is_refused(two):
@@ -173,12 +172,12 @@ def test_an_upload_of_another_lineage_is_refused(two):
 
 def test_the_lineage_is_fixed_once_for_version_0(ledger: Ledger, published, tmp_path):
     store = BlobStore(tmp_path / "blobs")
-    ledger.publish_version(0, {"parent": -1, "files": published.files, "adapters": [], "eval_loss": "nan"})
-    assert ledger.lineage() is None  # a ledger from before lineages: the first to ask fixes one
+    ledger.versions.publish(VersionRecord(version=0, parent=-1, files=dict(published.files)))
+    assert ledger.versions.lineage() is None  # a ledger from before lineages: the first to ask fixes one
     made = History(ledger, store, tmp_path).lineage()
     assert made.base_files == published.files and lineage.check_id(made.id) == made.id
-    assert History(ledger, store, tmp_path).lineage() == made == ledger.lineage()
-    assert ledger.fix_lineage(lineage.new_lineage(published.files)) == made  # the first writer wins
+    assert History(ledger, store, tmp_path).lineage() == made == ledger.versions.lineage()
+    assert ledger.versions.fix_lineage(lineage.new_lineage(published.files)) == made  # the first writer wins
 
 
 def test_a_malformed_lineage_never_names_a_cache_folder(tmp_path):
