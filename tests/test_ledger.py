@@ -259,52 +259,32 @@ def test_records_are_typed_and_states_print_as_before(ledger):
 # -- the scheduler sizes runs from the speeds the ledger holds (bug 6) -----------------------------
 
 
-class FakeDispatcher:
-    """A fake dispatcher (no Ray): one free card, and a record of what was submitted to it."""
-
-    def __init__(self, node_id: str, vram_gb: float = 24.0) -> None:
-        from coordinator.scheduler import Node
-
-        self.card = Node(node_id, vram_gb, busy=False)
-        self.submitted: list[tuple[list[dict], str]] = []
-
-    def nodes(self):
-        return [self.card]
-
-    def submit(self, specs, resources, node_id):
-        self.submitted.append((specs, node_id))
-
-    def poll(self):
-        return []
-
-    def cancel(self, task_id, only_alone=False):
-        pass
-
-    def in_flight(self):
-        return len(self.submitted)
-
-    def placement(self):
-        return {}
-
-
 def test_a_restarted_scheduler_sizes_a_fast_cards_run_from_the_speed_the_ledger_holds(ledger, tmp_path):
-    from coordinator.scheduler import Finished, Scheduler
+    from coordinator.scheduler import Scheduler
     from coordinator.settings import Settings
+    from tests.fakes import FakeCard, FakeDispatcher
     from worker.probe import VRAM_RESOURCE
 
+    fast = FakeCard("node-fast", 24.0, 400.0)
     settings = Settings(data_dir=tmp_path, target_task_seconds=10.0, max_units_per_run=8, speculate=False)
-    make_job(ledger, n_tasks=10, tokens=100)
-    ledger.workers.register("w-fast", name="fast", card=b"", token="t")
+    tasks = make_job(ledger, n_tasks=10, tokens=100)
+    ledger.versions.publish(VersionRecord(version=0, parent=-1))
+    ledger.workers.register(fast.worker_id, name="fast", card=b"", token="t")
 
-    def scheduler(dispatcher) -> Scheduler:
+    def scheduler(dispatcher: FakeDispatcher) -> Scheduler:
         return Scheduler(settings, ledger, dispatcher, "token", lambda config: {VRAM_RESOURCE: 4.0})
 
-    before = scheduler(FakeDispatcher("node-fast"))
-    before._finished(Finished("j-test-t9", 0, "", tokens=400, seconds=1.0, worker_id="w-fast", node_id="node-fast"))
-    assert ledger.workers.get("w-fast").tokens_per_s == 400.0
-    # The coordinator restarts: a new scheduler, the same ledger and cluster.
-    dispatcher = FakeDispatcher("node-fast")
-    scheduler(dispatcher).tick()
-    ((specs, node_id),) = dispatcher.submitted
-    # 400 tokens/s x 10 s over 100-token units: 8 units (the most a run takes), not 1 for a stranger.
-    assert node_id == "node-fast" and len(specs) == 8
+    first = FakeDispatcher([fast])
+    before = scheduler(first)
+    before.tick(first.now)
+    assert [len(r.specs) for r in first.submitted] == [1]  # a stranger: one unit
+    first.advance(1.0)  # 100 tokens at 400 tokens/s
+    before.tick(first.now)
+    assert ledger.workers.get(fast.worker_id).tokens_per_s == 400.0
+    # The coordinator restarts: a new scheduler over the same ledger and cluster.
+    again = FakeDispatcher([fast], start=first.now)
+    ledger.leases.expire(now=first.now + 10**6)  # the runs before the restart are gone
+    scheduler(again).tick(again.now)
+    # 400 tokens/s x 10 s over 100-token units: 8 units (the most a run takes), not 1.
+    assert [len(r.specs) for r in again.submitted] == [8] and again.submitted[0].card == fast
+    assert set(again.submitted[0].task_ids) <= set(tasks)

@@ -15,10 +15,17 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.ledger import Ledger, twin_id
+from coordinator.ledger import (
+    FoldedAdapter,
+    JobConfig,
+    JobRecord,
+    Ledger,
+    TaskRecord,
+    VersionRecord,
+    twin_id,
+)
 from coordinator.scheduler import Scheduler
 from coordinator.settings import Settings
-from coordinator.submit import JobConfig
 from tests import consistency
 from tests.fakes import FakeCard, FakeDispatcher, Upload, unit_of
 from worker.probe import VRAM_RESOURCE, WORKER_RESOURCE
@@ -39,10 +46,9 @@ def make_job(ledger: Ledger, job_id: str, tasks: int, tokens: int = 100, seq_len
     config = JobConfig(lora_rank=2, lora_alpha=4.0, target_modules=("q_proj",), seq_len=seq_len,
                        learning_rate=1e-3, batch_size=8, epochs=1, tokens_per_task=tokens)
     ids = [f"{job_id}-t{i:03d}" for i in range(tasks)]
-    ledger.create_job(job_id, {"name": job_id, "config": config.to_dict(), "total_tasks": tasks,
-                               "adapters_folded": 0, "adapters_rejected": 0},
-                      [{"task_id": t, "index": i, "start": i, "end": i + 1, "tokens": tokens}
-                       for i, t in enumerate(ids)])
+    ledger.jobs.create(JobRecord(job_id=job_id, name=job_id, config=config, total_tasks=tasks),
+                       [TaskRecord(task_id=t, job=job_id, index=i, start=i, end=i + 1, tokens=tokens)
+                        for i, t in enumerate(ids)])
     return ids
 
 
@@ -51,44 +57,45 @@ def upload_to(ledger: Ledger) -> Upload:
     def upload(spec, worker_id: str) -> str:
         task_id, fence, tokens = unit_of(spec)
         sha = hashlib.sha256(f"{task_id}/{fence}".encode()).hexdigest()
-        accepted = ledger.accept_upload(task_id, fence, sha, {"tokens": tokens}, worker_id)
+        accepted = ledger.adapters.accept(task_id, fence, sha, tokens=tokens, worker_id=worker_id)
         return "" if accepted.ok else accepted.detail
     return upload
 
 
 def state(ledger: Ledger, task_id: str) -> str:
-    return ledger.task(task_id)["state"]
+    return ledger.tasks.get(task_id).state
 
 
 def fence(ledger: Ledger, task_id: str) -> int:
-    return int(ledger.task(task_id)["fence"])
+    return ledger.tasks.get(task_id).fence
 
 
 def heartbeat(ledger: Ledger, task_id: str, deadline: float) -> None:
     """What the service does with a worker's heartbeat: extend the run's lease to ``deadline``."""
-    assert ledger.heartbeat(task_id, fence(ledger, task_id), deadline) == ""
+    assert ledger.leases.heartbeat(task_id, fence(ledger, task_id), deadline).ok
 
 
-def job_field(ledger: Ledger, job_id: str, name: str) -> str:
-    return ledger.job(job_id).get(name, "")
+def job_field(ledger: Ledger, job_id: str, name: str):
+    return getattr(ledger.jobs.get(job_id), name)
 
 
 def buffered_tasks(ledger: Ledger) -> list[str]:
     """The task (or twin) of every adapter in the fold buffer."""
-    return [a["task"] for a in ledger.buffered()]
+    return [a.task for a in ledger.adapters.buffered()]
 
 
 def fold(ledger: Ledger) -> list[str]:
     """What the folder does: publish every buffered adapter in the next version; their ids."""
-    ids = [a["adapter_id"] for a in ledger.buffered()]
-    number = ledger.latest_version() + 1
-    ledger.publish_version(number, {"parent": number - 1, "adapters": [{"id": a} for a in ids]},
-                           folded=[(a, 1.0 / len(ids)) for a in ids])
+    ids = [a.adapter_id for a in ledger.adapters.buffered()]
+    number = ledger.versions.latest() + 1
+    ledger.versions.publish(VersionRecord(version=number, parent=number - 1,
+                                          adapters=tuple(FoldedAdapter(a, 1.0 / len(ids)) for a in ids)),
+                            folded=[(a, 1.0 / len(ids)) for a in ids])
     return ids
 
 
 def folded_ids(ledger: Ledger) -> list[str]:
-    return [a["id"] for v in ledger.versions() for a in v.get("adapters", [])]
+    return [a.id for v in ledger.versions.all() for a in v.adapters]
 
 
 # -- the rig -------------------------------------------------------------------------------------
@@ -101,10 +108,12 @@ BIG = FakeCard("big", 24.0, 1000.0, "RTX 4090")
 @pytest.fixture
 def make(ledger):
     """make(cards, **settings) -> (scheduler, fake): a scheduler over ``cards`` and version 0."""
-    ledger.publish_version(0, {"parent": -1})
+    ledger.versions.publish(VersionRecord(version=0, parent=-1))
 
     def build(cards: list[FakeCard], **overrides) -> tuple[Scheduler, FakeDispatcher]:
         settings = Settings(data_dir=Path("unused"), **{"target_task_seconds": 1.0, **overrides})
+        for card in cards:  # every card's worker registered first, as a joining worker is
+            ledger.workers.register(card.worker_id, name=card.name, card=b"")
         fake = FakeDispatcher(cards, upload=upload_to(ledger))
         return Scheduler(settings, ledger, fake, "worker-token", task_resources), fake
 
@@ -216,7 +225,7 @@ def test_a_straggler_is_raced_and_the_first_result_wins(ledger, straggling) -> N
     assert sorted(buffered_tasks(ledger)) == sorted([tasks[0], twin, tasks[2]])
     fold(ledger)
     scheduler.tick(fake.now)
-    assert job_field(ledger, "j", "state") == "done" and job_field(ledger, "j", "adapters_folded") == "3"
+    assert job_field(ledger, "j", "state") == "done" and job_field(ledger, "j", "adapters_folded") == 3
 
 
 def test_when_both_runs_of_a_raced_task_finish_only_the_first_is_folded(ledger, straggling) -> None:
@@ -226,7 +235,7 @@ def test_when_both_runs_of_a_raced_task_finish_only_the_first_is_folded(ledger, 
     fake.complete(twin)  # ... so the twin's upload is refused
     scheduler.tick(fake.now)
     assert sorted(buffered_tasks(ledger)) == sorted(tasks)
-    assert twin not in ledger.pending() and fake.in_flight() == 0
+    assert twin not in ledger.leases.pending() and fake.in_flight() == 0
     fold(ledger)
     scheduler.tick(fake.now)
     assert len(set(folded_ids(ledger))) == len(folded_ids(ledger)) == 3
@@ -242,7 +251,7 @@ def test_a_slow_idle_card_does_not_race_a_fast_cards_run(ledger, make) -> None:
     scheduler.tick(fake.now)  # the fast card takes the last task, the slow one stays idle
     assert on(fake, fast) == [[tasks[0]], [tasks[2]]] and on(fake, slow) == [[tasks[1]]]
     # 100 tokens: 0.1 s on the fast card, 10 s on the slow one. No twin.
-    assert not ledger.task(tasks[2]).get("twin") and fake.in_flight() == 1
+    assert not ledger.tasks.get(tasks[2]).twin and fake.in_flight() == 1
 
 
 @pytest.mark.xfail(strict=True, reason="scheduler bug: a job whose raced task's original run fails for good "
@@ -266,7 +275,7 @@ def test_a_job_does_not_end_while_a_twin_of_its_task_still_runs(ledger, make) ->
     assert scheduler.tick(fake.now) == {"j"}
     fold(ledger)
     scheduler.tick(fake.now)
-    assert job_field(ledger, "j", "state") == "done" and job_field(ledger, "j", "adapters_folded") == "2"
+    assert job_field(ledger, "j", "state") == "done" and job_field(ledger, "j", "adapters_folded") == 2
 
 
 # -- leases --------------------------------------------------------------------------------------
@@ -283,7 +292,7 @@ def test_an_expired_lease_is_reissued_with_a_new_fence_and_the_old_one_refused(l
     assert [r.task_ids for r in fake.cancelled] == [[task]]
     assert len(fake.submitted) == 2 and unit_of(fake.submitted[1].specs[0])[1] == fence(ledger, task) > old
     sha = hashlib.sha256(b"late").hexdigest()
-    late = ledger.accept_upload(task, old, sha, {"tokens": 100}, SMALL.worker_id)
+    late = ledger.adapters.accept(task, old, sha, tokens=100, worker_id=SMALL.worker_id)
     assert not late.ok and "stale fence" in late.detail
     fake.complete(task)
     scheduler.tick(fake.now)
@@ -320,7 +329,7 @@ def test_a_twin_whose_lease_expired_is_retired_never_rerun(ledger, straggling) -
     fake.hang(twin)
     fake.advance(scheduler.settings.queue_timeout_s + 1)
     scheduler.tick(fake.now)
-    assert state(ledger, twin) == "failed" and twin not in ledger.pending()
+    assert state(ledger, twin) == "failed" and twin not in ledger.leases.pending()
     assert all(twin not in r.task_ids for r in fake.running)
     assert state(ledger, tasks[1]) == "leased"  # the original, re-issued
 
@@ -338,7 +347,7 @@ def test_a_failing_task_is_retried_until_its_attempts_run_out(ledger, make) -> N
         fake.fail(task, "RuntimeError: the loss is nan")
     scheduler.tick(fake.now)
     assert len(fake.submitted) == 3 and fences == sorted(set(fences))
-    assert state(ledger, task) == "failed" and "the loss is nan" in ledger.task(task)["error"]
+    assert state(ledger, task) == "failed" and "the loss is nan" in ledger.tasks.get(task).error
     assert job_field(ledger, "j", "state") == "failed"
     assert "every task failed" in job_field(ledger, "j", "error")
 
@@ -379,8 +388,8 @@ def test_a_job_whose_adapters_were_all_rejected_fails_with_a_sentence(ledger, ma
     scheduler.tick(fake.now)
     fake.advance(1.0)
     assert scheduler.tick(fake.now) == {"j"}
-    (adapter,) = ledger.buffered()
-    ledger.reject_adapter(adapter["adapter_id"], "its held-out loss is worse than the current model's")
+    (adapter,) = ledger.adapters.buffered()
+    ledger.adapters.reject(adapter.adapter_id, "its held-out loss is worse than the current model's")
     scheduler.tick(fake.now)
     assert job_field(ledger, "j", "state") == "failed"
     assert job_field(ledger, "j", "error") == "no adapter of this job passed the checks to be folded"
