@@ -9,7 +9,16 @@ PY := $(VENV)/bin/python
 # `pip install nomoat` on a GPU machine still picks the CUDA build it wants.
 TORCH ?= torch==2.13.0
 
-.PHONY: install demo test test-fast bench proto clean
+.PHONY: install debian-packages demo test test-fast bench proto clean
+
+# Debian packages some tests need (.ci/debian-packages): installed when missing and we are root
+# (CI, a fresh machine); otherwise the tests that need them skip and say why.
+debian-packages:
+	@missing=$$(grep -v '^#' .ci/debian-packages | xargs -r -n1 sh -c 'dpkg -s "$$0" >/dev/null 2>&1 || echo "$$0"'); \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	  else echo "not root: skipping Debian packages $$missing (tests that need them will skip)"; fi; \
+	fi
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -23,10 +32,10 @@ install: $(VENV)/.installed
 demo: install
 	$(VENV)/bin/nomoat demo
 
-test: install
+test: install debian-packages
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-test-fast: install
+test-fast: install debian-packages
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 proto: install
