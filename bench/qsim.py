@@ -56,7 +56,8 @@ class Loop:
     outer_lr: float = 1.0
     outer_terms: int = 8
     # Levers (issue 10). task_batch 0: the job's batch. warm: "none" (a fresh LoRA per task),
-    # "worker" (the worker's previous adapter and its AdamW moments), "job" (rank-r SVD of the
+    # "worker" (the worker's previous adapter and its AdamW moments; "worker-fresh-adam" without
+    # the moments), "job" (rank-r SVD of the
     # patch that made the task's base version). normalise: w_i = n_i s(τ_i) / Σ n_j s(τ_j).
     task_batch: int = 0
     lr_mult: float = 1.0
@@ -200,8 +201,10 @@ class Bench:
                 job, index, texts, _ = tasks[task]
                 base = in_flight.pop(task)
                 start, moments = None, None
-                if loop.warm == "worker" and worker in carries:
+                if loop.warm.startswith("worker") and worker in carries:
                     start, moments = carries[worker].factors, carries[worker].optimizer_state
+                    if loop.warm == "worker-fresh-adam":
+                        moments = None
                 elif loop.warm == "job" and base in patches:
                     start = start_from_patch(patches[base], self.lora.rank, self.lora.alpha)
                 adapter, result = train_adapter(folders[base], texts, self.lora, replace(spec, seed=index),
