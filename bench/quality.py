@@ -57,8 +57,10 @@ from bench.qsim import PROBE_MODULE, Bench, Loop, Outcome, effective_rank  # noq
 
 LR_SWEEP = (0.5, 1.0, 2.0, 4.0)
 # The levers the benchmark recommends as the coordinator's defaults (fields of qsim.Loop; the task
-# batch is the job's batch divided by the workers, filled in per run).
-RECOMMENDED = {"lr_mult": 2.0, "warm": "job", "normalise": True}
+# batch is the job's batch divided by the workers, filled in per run). Measured (bench/README.md):
+# keep the global batch at lr x2 with normalised staleness weights and fresh adapters; the job's
+# warm start gained ~0.04 in one pass but lost 0.3 over many rounds, LoRA+ and Nesterov did not help.
+RECOMMENDED = {"lr_mult": 2.0, "normalise": True}
 
 
 def say(part: str, text: str) -> None:
