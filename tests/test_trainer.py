@@ -137,3 +137,100 @@ def test_bad_specs_are_refused_before_any_work(lora, train, match):
 def test_no_texts_is_a_clear_error():
     with pytest.raises(ValueError, match="no texts"):
         train_adapter(tiny_model_path(), [], LORA, SHORT)
+
+
+# -- levers: LoRA+ and warm starts (issue 10) ---------------------------------------------------
+
+
+def base_weights() -> dict[str, torch.Tensor]:
+    return {n: m.weight.detach().clone() for n, m in
+            AutoModelForCausalLM.from_pretrained(tiny_model_path()).named_modules()
+            if isinstance(m, torch.nn.Linear)}
+
+
+def test_lr_b_ratio_scales_only_the_b_factors_step():
+    # From B = 0, A's gradient is zero on the first step, and Adam's first step is lr·sign(g):
+    # so after one step A is untouched and B is exactly ratio times the one-rate run's B.
+    one, _ = train_adapter(tiny_model_path(), TRAIN_TEXTS, LORA, TrainSpec(max_steps=1))
+    plus, _ = train_adapter(tiny_model_path(), TRAIN_TEXTS, LORA, TrainSpec(max_steps=1, lr_b_ratio=16.0))
+    for name in one.factors:
+        (a1, b1), (a16, b16) = one.factors[name], plus.factors[name]
+        assert torch.equal(a1, a16), name
+        assert torch.allclose(b16, 16.0 * b1, rtol=1e-4, atol=1e-9), name
+
+
+def test_a_fresh_start_returns_the_trained_factors_and_carries_them():
+    adapter, result = train_adapter(tiny_model_path(), TRAIN_TEXTS, LORA, SHORT)
+    assert result.carry is not None and identical(adapter, result.carry.factors)
+    assert adapter.rank == LORA.rank and "warm_start" not in adapter.meta
+    assert set(result.carry.optimizer_state) and all(
+        {"exp_avg", "exp_avg_sq"} <= set(s) for s in result.carry.optimizer_state.values())
+
+
+def test_a_warm_started_model_starts_at_the_base_version():
+    # Texts that pack into one batch: the first step's loss is the loss of the model trained on,
+    # before any update, and must be the base model's own loss on those blocks.
+    texts = TRAIN_TEXTS[:12]
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_path())
+    blocks = pack(tokenizer, texts, 128)
+    assert len(blocks) <= 8
+    start, _ = train_adapter(tiny_model_path(), TRAIN_TEXTS[100:400], LORA, TrainSpec(max_steps=10))
+    seen: list[float] = []
+    train_adapter(tiny_model_path(), texts, LORA, TrainSpec(max_steps=1), start=start,
+                  progress=lambda step, total, loss: seen.append(loss))
+    base_loss = mean_loss(AutoModelForCausalLM.from_pretrained(tiny_model_path()), blocks)
+    assert seen[0] == pytest.approx(base_loss, abs=1e-5)
+
+
+def test_a_warm_started_contribution_added_to_the_base_is_the_trained_model():
+    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+
+    first, r1 = train_adapter(tiny_model_path(), TRAIN_TEXTS[:300], LORA, TrainSpec(max_steps=8))
+    start = r1.carry.factors
+    contrib, r2 = train_adapter(tiny_model_path(), TRAIN_TEXTS[300:600], LORA, TrainSpec(max_steps=8, seed=1),
+                                start=start, optimizer_state=r1.carry.optimizer_state)
+    assert contrib.rank == 2 * LORA.rank and contrib.scale == LORA.alpha / LORA.rank
+    assert contrib.meta["warm_start"] == "1"
+    # The trained PEFT model, rebuilt independently: base − s·B₀A₀, then PEFT's own merge of (A₁, B₁).
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_path())
+    modules = dict(model.named_modules())
+    with torch.no_grad():
+        for name, (a0, b0) in start.factors.items():
+            modules[name].weight -= start.scale * (b0 @ a0)
+    peft_model = get_peft_model(model, LoraConfig(r=LORA.rank, lora_alpha=LORA.alpha,
+                                                  target_modules=list(LORA.target_modules)))
+    end = r2.carry.factors
+    set_peft_model_state_dict(peft_model, {f"base_model.model.{m}.lora_{x}.weight": t for m, (a, b) in
+                                           end.factors.items() for x, t in (("A", a), ("B", b))})
+    trained = {n: m.weight for n, m in peft_model.merge_and_unload().named_modules()
+               if isinstance(m, torch.nn.Linear)}
+    base = base_weights()
+    for name in contrib.factors:
+        folded = base[name] + delta(contrib, name)
+        assert torch.allclose(folded, trained[name], atol=1e-5, rtol=0), name
+    assert not identical(end, start)
+
+
+def test_carried_moments_change_the_run_and_foreign_state_is_refused():
+    _, r1 = train_adapter(tiny_model_path(), TRAIN_TEXTS[:300], LORA, SHORT)
+    with_m, _ = train_adapter(tiny_model_path(), TRAIN_TEXTS[300:600], LORA, SHORT,
+                              start=r1.carry.factors, optimizer_state=r1.carry.optimizer_state)
+    without, _ = train_adapter(tiny_model_path(), TRAIN_TEXTS[300:600], LORA, SHORT, start=r1.carry.factors)
+    assert not identical(with_m, without)
+    with pytest.raises(ValueError, match="rank-4"):
+        train_adapter(tiny_model_path(), TRAIN_TEXTS, LoraSpec(rank=4, alpha=8.0), SHORT, start=r1.carry.factors)
+    with pytest.raises(ValueError, match="optimizer state"):
+        train_adapter(tiny_model_path(), TRAIN_TEXTS, LORA, SHORT,
+                      optimizer_state={"x": {}})
+
+
+def test_start_from_patch_reproduces_a_low_rank_patch():
+    from coordinator import folding
+    from worker.warmstart import start_from_patch
+
+    adapter, _ = train_adapter(tiny_model_path(), TRAIN_TEXTS[:300], LoraSpec(rank=4, alpha=8.0), SHORT)
+    patch = folding.build_patch([adapter], [0.5])  # rank 4 <= 8: the truncation is exact
+    start = start_from_patch(patch, rank=8, alpha=16.0)
+    for name in patch.factors:
+        expected = folding.patch_delta(patch, name)
+        assert torch.allclose(delta(start, name), expected, atol=1e-6 * (1 + expected.abs().max().item()))

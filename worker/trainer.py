@@ -3,17 +3,27 @@
 No networking here (no gRPC, Ray or Redis): the Ray task, the outbound-only worker and the tests
 all call :func:`train_adapter` the same way. Read it top to bottom:
 
-1. load the base model in float32 and wrap it with a fresh, seeded PEFT LoRA;
+1. load the base model in float32 and wrap it with a fresh, seeded PEFT LoRA, or, warm-started
+   (``start=``), with the start factors loaded into the LoRA and ``s·B₀A₀`` subtracted from the
+   base weights so the model trained on is still exactly the base version (:mod:`worker.warmstart`);
 2. pack the texts into ``seq_len`` blocks (:mod:`nomoat.packing`, the same packing the
    coordinator evaluates with);
 3. per epoch, shuffle the blocks with the seed and take ``batch_size`` blocks per optimizer step,
    fed through the model ``micro_batch`` at a time (gradient accumulation);
-4. return the LoRA factors as an :class:`~nomoat.adapter.Adapter`, with how many tokens it saw.
+   AdamW, with B's learning rate ``lr_b_ratio`` times A's (LoRA+; 1 is one rate for both);
+4. return what the task contributes as an :class:`~nomoat.adapter.Adapter` (the LoRA itself, or
+   for a warm start the exact rank-2r difference), with how many tokens it saw, and in
+   ``result.carry`` the trained factors and AdamW's moments: what the same worker passes back as
+   ``start=`` / ``optimizer_state=`` to continue the job on the next version. The carry never
+   leaves the worker.
 
 Example::
 
     from worker.trainer import LoraSpec, TrainSpec, train_adapter
     adapter, result = train_adapter(tiny_model_path(), texts, LoraSpec(), TrainSpec(max_steps=20))
+    # the next task of the same job, on the next version, continues where this one ended:
+    nxt, _ = train_adapter(next_version, more_texts, LoraSpec(), TrainSpec(max_steps=20),
+                           start=result.carry.factors, optimizer_state=result.carry.optimizer_state)
 """
 
 from __future__ import annotations
@@ -21,7 +31,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -30,6 +40,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from nomoat.adapter import Adapter, from_peft_state_dict
 from nomoat.packing import PAD, loss_sum, n_tokens, pack
+from worker import warmstart
 
 LLAMA_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -53,6 +64,9 @@ class TrainSpec:
     batch_size: int = 8
     micro_batch: int = 8
     learning_rate: float = 2e-3
+    # LoRA+ (Hayou et al. 2024): B's learning rate is this times ``learning_rate`` (A's). 1.0: one
+    # rate for both, as plain LoRA.
+    lr_b_ratio: float = 1.0
     epochs: int = 1
     seed: int = 0
     max_steps: int | None = None
@@ -65,12 +79,26 @@ class TrainSpec:
     min_seconds: float = 0.0
 
 
+OptimizerState = dict[str, dict[str, torch.Tensor]]  # PEFT parameter name -> AdamW's state for it
+
+
+@dataclass
+class Carry:
+    """What a worker keeps to continue the same job on a newer version: the trained factors
+    ``(A₁, B₁)`` (the next task's ``start``) and AdamW's moments. Local to the worker: only the
+    contribution is uploaded."""
+
+    factors: Adapter
+    optimizer_state: OptimizerState
+
+
 @dataclass
 class TrainResult:
     tokens: int  # real (non-padding) tokens fed through the model, over all steps taken
     train_loss: float  # mean next-token loss over those steps, per token
     steps: int  # optimizer steps taken
     seconds: float
+    carry: Carry | None = field(default=None, repr=False)
 
 
 Progress = Callable[[int, int, float], None]  # (step, total_steps, loss of that step)
@@ -90,6 +118,8 @@ def _check(lora: LoraSpec, train: TrainSpec) -> None:
         )
     if train.epochs < 1 or (train.max_steps is not None and train.max_steps < 1):
         raise ValueError("epochs and max_steps must be at least 1")
+    if not (train.lr_b_ratio > 0 and math.isfinite(train.lr_b_ratio)):
+        raise ValueError(f"lr_b_ratio must be a positive number (got {train.lr_b_ratio})")
 
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -104,14 +134,25 @@ def compute_dtype(precision: str, device: str) -> torch.dtype:
 
 
 def _lora_model(model_dir: Path, lora: LoraSpec, device: str, dtype: torch.dtype = torch.float32,
-                checkpointing: bool = False) -> torch.nn.Module:
-    """The base model in ``dtype`` with fresh fp32 LoRA factors on ``lora.target_modules``.
+                checkpointing: bool = False, start: Adapter | None = None) -> torch.nn.Module:
+    """The base model in ``dtype`` with fp32 LoRA factors on ``lora.target_modules``: fresh, or
+    ``start``'s with ``s·B₀A₀`` taken off the base weights first.
 
     The factors are fp32 (PEFT's ``autocast_adapter_dtype``) because a small update vanishes in
     bf16 rounding (see DESIGN, folding math); PEFT draws A from torch's global generator, which
-    the caller has seeded, and starts B at zero.
+    the caller has seeded, and starts B at zero. The subtraction is done in fp32 and only then cast
+    to ``dtype``, so in fp32 the warm-started model equals the base version to fp32 rounding.
     """
-    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    if start is None:
+        base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    else:
+        base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        modules = dict(base.named_modules())
+        missing = sorted(m for m in start.factors if m not in modules)
+        if missing:
+            raise ValueError(f"the start factors name modules the model lacks (e.g. {', '.join(missing[:3])})")
+        warmstart.subtract_start({m: modules[m].weight for m in start.factors}, start)
+        base = base.to(dtype)
     if checkpointing:
         # Non-reentrant: works with frozen inputs (no enable_input_require_grads needed).
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -124,9 +165,44 @@ def _lora_model(model_dir: Path, lora: LoraSpec, device: str, dtype: torch.dtype
         bias="none",
         task_type="CAUSAL_LM",
     )
-    model = get_peft_model(base, config).to(device)
+    model = get_peft_model(base, config)
+    if start is not None:
+        _load_factors(model, start, lora)
+    model = model.to(device)
     model.train()
     return model
+
+
+def _load_factors(model: torch.nn.Module, start: Adapter, lora: LoraSpec) -> None:
+    layers = {name.removeprefix("base_model.model."): m for name, m in model.named_modules()
+              if hasattr(m, "lora_A") and "default" in getattr(m, "lora_A", {})}
+    warmstart.check_start(start, lora.rank, lora.alpha, set(layers))
+    with torch.no_grad():
+        for module, (a0, b0) in start.factors.items():
+            layers[module].lora_A["default"].weight.copy_(a0)
+            layers[module].lora_B["default"].weight.copy_(b0)
+
+
+def _optimizer(model: torch.nn.Module, train: TrainSpec,
+               state: OptimizerState | None) -> tuple[torch.optim.Optimizer, dict[torch.nn.Parameter, str]]:
+    """AdamW over the LoRA factors; B's group at ``lr_b_ratio`` times A's rate (one group at 1.0,
+    exactly as before the option existed). ``state`` (a previous task's moments, by parameter
+    name) is loaded into it."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if train.lr_b_ratio == 1.0:
+        groups: list = [p for _, p in named]
+    else:
+        groups = [{"params": [p for n, p in named if ".lora_B." not in n]},
+                  {"params": [p for n, p in named if ".lora_B." in n],
+                   "lr": train.learning_rate * train.lr_b_ratio}]
+    opt = torch.optim.AdamW(groups, lr=train.learning_rate, weight_decay=0.0)
+    names = {p: n for n, p in named}
+    if state is not None:
+        if set(state) != set(names.values()):
+            raise ValueError("the optimizer state is for other parameters; carry it only within one job's LoRA")
+        for p, n in names.items():
+            opt.state[p] = {k: v.to(p.device).clone() if v.dim() else v.clone() for k, v in state[n].items()}
+    return opt, names
 
 
 def train_adapter(
@@ -137,9 +213,16 @@ def train_adapter(
     *,
     device: str = "cpu",
     progress: Progress | None = None,
+    start: Adapter | None = None,
+    optimizer_state: OptimizerState | None = None,
 ) -> tuple[Adapter, TrainResult]:
-    """Train a fresh LoRA on ``texts`` over the model in ``model_dir``; the same inputs give the
-    same adapter."""
+    """Train a LoRA on ``texts`` over the model in ``model_dir`` and return its contribution; the
+    same inputs give the same adapter.
+
+    ``start``: begin from these factors (same rank, alpha and modules) instead of a fresh LoRA;
+    the returned adapter is then the exact difference, rank 2r (:func:`warmstart.contribution`).
+    ``optimizer_state``: AdamW moments to continue from (``result.carry.optimizer_state`` of the
+    task that produced ``start``)."""
     _check(lora, train)
     t0 = time.time()
     torch.manual_seed(train.seed)  # LoRA's A, and dropout if any, draw from the global generator
@@ -147,15 +230,14 @@ def train_adapter(
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     blocks = pack(tokenizer, texts, train.seq_len)
     model = _lora_model(model_dir, lora, device, compute_dtype(train.precision, device),
-                        train.gradient_checkpointing)
+                        train.gradient_checkpointing, start)
 
     steps_per_epoch = math.ceil(len(blocks) / train.batch_size)
     total_steps = steps_per_epoch * train.epochs
     if train.max_steps is not None:
         total_steps = min(total_steps, train.max_steps)
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=train.learning_rate, weight_decay=0.0)
+    opt, names = _optimizer(model, train, optimizer_state)
     # fp16's narrow range underflows small gradients without loss scaling; bf16 and fp32 need none.
     scaler = torch.amp.GradScaler(str(device).split(":")[0],
                                   enabled=compute_dtype(train.precision, device) == torch.float16)
@@ -189,8 +271,10 @@ def train_adapter(
         if progress is not None:  # lets the caller stop a run whose lease is gone
             progress(step, total_steps, loss_total / max(1, targets_seen))
     state = get_peft_model_state_dict(model)
-    adapter = from_peft_state_dict(state, rank=lora.rank, alpha=lora.alpha)
+    end = from_peft_state_dict(state, rank=lora.rank, alpha=lora.alpha)
+    moments = {names[p]: {k: v.detach().to("cpu").clone() for k, v in s.items()} for p, s in opt.state.items()}
     result = TrainResult(
-        tokens=tokens, train_loss=loss_total / targets_seen, steps=step, seconds=time.time() - t0
+        tokens=tokens, train_loss=loss_total / targets_seen, steps=step, seconds=time.time() - t0,
+        carry=Carry(end, moments),
     )
-    return adapter, result
+    return warmstart.contribution(end, start), result
