@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -117,6 +118,7 @@ class OperatorCluster:
 
     def stop(self) -> None:
         self.head.stop()
+        shutil.rmtree(self.ray_temp, ignore_errors=True)
         self.redis.terminate()
         self.redis.wait(30)
 
