@@ -41,6 +41,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig  # noq
 from nomoat.demo import DEMO_DATA  # noqa: E402
 from nomoat.packing import PAD, inputs, pack  # noqa: E402
 from nomoat.tiny import tiny_model_path  # noqa: E402
+from nomoat import memory  # noqa: E402
 from worker import planner  # noqa: E402
 from worker.probe import parse_simulated, probe  # noqa: E402
 from worker.trainer import LLAMA_LINEARS, LoraSpec, TrainSpec, compute_dtype, train_adapter  # noqa: E402
@@ -101,7 +102,7 @@ def main() -> None:
 
     card = probe() if cuda else parse_simulated("cpu:8:1")
     lora = LoraSpec(rank=8, alpha=16.0, target_modules=LLAMA_LINEARS)
-    shape = planner.ModelShape.from_config(LlamaConfig(**shape_cfg, tie_word_embeddings=False))
+    shape = memory.ModelShape.from_config(LlamaConfig(**shape_cfg, tie_word_embeddings=False))
     backend = "cuda" if cuda else "cpu"
     plan_card = card if cuda else replace(card, backend="cpu")
     chosen = planner.plan(shape, lora.rank, len(lora.target_modules), seq_len, 16, plan_card,
@@ -129,11 +130,11 @@ def main() -> None:
     plain_tokens, plain_s = plain_peft(folder, texts, lora, train, args.device)
     plain = plain_tokens / plain_s
 
-    est = planner.estimate(shape, lora.rank, len(lora.target_modules), seq_len, chosen.micro_batch,
+    est = memory.estimate(shape, lora.rank, len(lora.target_modules), seq_len, chosen.micro_batch,
                            chosen.precision, chosen.gradient_checkpointing, None, backend=backend)
     counted = est.total - est.overhead  # the allocator counts neither the context nor fragmentation
     if not cuda:
-        counted = est.total - planner._FIXED_OVERHEAD["cpu"]  # RSS does count fragmentation
+        counted = est.total - memory._FIXED_OVERHEAD["cpu"]  # RSS does count fragmentation
         counted -= est.base_weights  # the weights were already resident from the warm-up run
     error = (counted - measured) / measured if measured > 0 else math.nan
     print(json.dumps({

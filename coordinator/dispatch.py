@@ -8,14 +8,15 @@ own lease and fence. Ray does not retry a run itself: every failure, a dead node
 back through :meth:`poll` so the scheduler releases the lease and re-issues the task with a new
 fence (a rerun under the old fence would let a late upload from the dead run through).
 
-Every Ray call of the coordinator lives here; the scheduler sees :class:`Node` and
-:class:`~coordinator.scheduler.Finished`.
+What crosses Ray is plain data: a list of :class:`~nomoat.spec.TaskSpec` in, a list of
+:class:`~nomoat.spec.UnitResult` out, of :func:`worker.task.run_units`, the worker's entry point
+and the only worker code the coordinator names. Every Ray call of the coordinator lives here; the
+scheduler sees :class:`Node` and :class:`~coordinator.scheduler.Finished`.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,9 +25,10 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from coordinator.scheduler import Finished, Node
 from coordinator.submit import JobConfig
-from worker.planner import min_vram_gb, shape_for
-from worker.probe import VRAM_RESOURCE, WORKER_RESOURCE
-from worker.task import run_task
+from nomoat.memory import min_vram_gb, shape_for
+from nomoat.raynode import VRAM_RESOURCE, WORKER_ID_LABEL, WORKER_RESOURCE
+from nomoat.spec import TaskSpec, UnitResult, error_line
+from worker.task import run_units
 
 log = logging.getLogger("nomoat.dispatch")
 
@@ -43,37 +45,14 @@ def task_resources(model_config: Any, config: JobConfig) -> dict[str, float]:
 
 def describe(exc: BaseException) -> str:
     """One line for the ledger: Ray wraps the task's own exception; keep its message."""
-    cause = getattr(exc, "cause", None) or exc
-    text = str(cause).strip().splitlines()
-    return f"{type(cause).__name__}: {text[-1] if text else ''}"[:500]
-
-
-def run_units(specs: list[dict[str, Any]]) -> dict[str, Any]:
-    """The Ray task: train the run's units in order on this node; one unit's failure is its own.
-
-    A unit that failed for want of memory ends the run: the rest would fail the same way here.
-    """
-    from worker.planner import bigger_card_than
-
-    units, stop = [], ""
-    for spec in specs:
-        if stop:
-            units.append({"task_id": spec["task_id"], "fence": spec["fence"], "error": stop})
-            continue
-        try:
-            units.append({**run_task(spec), "fence": spec["fence"], "error": ""})
-        except Exception as exc:  # noqa: BLE001  (reported per unit, not raised)
-            error = describe(exc)
-            units.append({"task_id": spec["task_id"], "fence": spec["fence"], "error": error})
-            if bigger_card_than(error) is not None:
-                stop = error
-    return {"worker_id": os.environ.get("NOMOAT_WORKER_ID", ""), "units": units}
+    return error_line(getattr(exc, "cause", None) or exc)
 
 
 @dataclass
 class _Run:
     units: list[tuple[str, int, int]]  # (task id, fence, tokens), in the order they train
     node_id: str
+    worker_id: str
     cancelled: set[str] = field(default_factory=set)
 
 
@@ -90,19 +69,20 @@ class RayDispatcher:
             resources = node.get("Resources", {})
             if node.get("Alive") and resources.get(WORKER_RESOURCE):
                 found.append(Node(node["NodeID"], float(resources.get(VRAM_RESOURCE, 0.0)),
-                                  node["NodeID"] in busy))
+                                  node["NodeID"] in busy,
+                                  worker_id=(node.get("Labels") or {}).get(WORKER_ID_LABEL, "")))
         return found
 
-    def submit(self, specs: list[dict[str, Any]], resources: dict[str, float], node_id: str) -> None:
+    def submit(self, specs: list[TaskSpec], resources: dict[str, float], node_id: str) -> None:
         ref = self._remote.options(
-            name="nomoat:" + ",".join(s["task_id"] for s in specs)[:200],
+            name="nomoat:" + ",".join(s.task_id for s in specs)[:200],
             num_cpus=0,
             resources=resources,
             scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
             max_retries=0,  # retries are the scheduler's: each one gets a new lease and fence
             retry_exceptions=False,
         ).remote(specs)
-        self._runs[ref] = _Run([(s["task_id"], s["fence"], int(s.get("tokens", 0))) for s in specs], node_id)
+        self._runs[ref] = _Run([(s.task_id, s.fence, s.tokens) for s in specs], node_id, specs[0].worker_id)
 
     def poll(self) -> list[Finished]:
         if not self._runs:
@@ -112,17 +92,14 @@ class RayDispatcher:
         for ref in ready:
             run = self._runs.pop(ref)
             try:
-                result = ray.get(ref)
+                units: list[UnitResult] = ray.get(ref)
             except ray.exceptions.TaskCancelledError:
                 continue
             except Exception as exc:  # noqa: BLE001  (any failure is reported, not raised)
                 error = describe(exc)
                 finished += [Finished(t, f, error, node_id=run.node_id) for t, f, _ in run.units]
                 continue
-            for unit in result["units"]:
-                finished.append(Finished(unit["task_id"], unit["fence"], unit["error"],
-                                         tokens=int(unit.get("tokens", 0)), seconds=float(unit.get("seconds", 0.0)),
-                                         worker_id=result["worker_id"], node_id=run.node_id))
+            finished += [Finished.of(unit, run.worker_id, run.node_id) for unit in units]
         return finished
 
     def cancel(self, task_id: str, only_alone: bool = False) -> None:

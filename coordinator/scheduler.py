@@ -38,8 +38,10 @@ from coordinator.ledger import (
     is_twin,
 )
 from coordinator.settings import Settings
-from worker.planner import bigger_card_than
-from worker.probe import VRAM_RESOURCE
+from nomoat import card as cards
+from nomoat.raynode import VRAM_RESOURCE
+from nomoat.spec import LoraConfig, TaskSpec, TrainConfig, UnitResult
+from nomoat.v1 import nomoat_pb2 as pb
 
 log = logging.getLogger("nomoat.scheduler")
 
@@ -53,6 +55,14 @@ class Finished:
     seconds: float = 0.0
     worker_id: str = ""
     node_id: str = ""
+    # > 0: out of memory on every plan of its card; the VRAM a card needs to be given the task
+    needs_vram_gb: float = 0.0
+
+    @classmethod
+    def of(cls, unit: UnitResult, worker_id: str, node_id: str) -> Finished:
+        """A unit's result as the worker's task reported it, from the run on ``node_id``."""
+        return cls(unit.task_id, unit.fence, unit.error, tokens=unit.tokens, seconds=unit.seconds,
+                   worker_id=worker_id, node_id=node_id, needs_vram_gb=unit.needs_vram_gb)
 
 
 @dataclass(frozen=True)
@@ -62,13 +72,14 @@ class Node:
     node_id: str
     vram_gb: float
     busy: bool  # one of our runs occupies it
+    worker_id: str = ""  # whose card it is (its ledger worker record); "" when the node does not say
 
 
 class Dispatcher(Protocol):
     """How a leased run reaches a card (Ray now; an outbound gRPC pull mode later)."""
 
     def nodes(self) -> list[Node]: ...
-    def submit(self, specs: list[dict[str, Any]], resources: dict[str, float], node_id: str) -> None: ...
+    def submit(self, specs: list[TaskSpec], resources: dict[str, float], node_id: str) -> None: ...
     def poll(self) -> list[Finished]: ...
     def cancel(self, task_id: str, only_alone: bool = False) -> None: ...
     def in_flight(self) -> int: ...
@@ -131,9 +142,8 @@ class Scheduler:
             state = self.ledger.leases.release(done.task_id, done.fence, done.error, self.settings.max_attempts)
             if state:
                 log.warning("task %s failed (%s); now %s", done.task_id, done.error, state)
-            failed_on = bigger_card_than(done.error)
-            if state is TaskState.PENDING and failed_on is not None:
-                self.ledger.tasks.require_vram(done.task_id, failed_on + 0.01)
+            if state is TaskState.PENDING and done.needs_vram_gb > 0:
+                self.ledger.tasks.require_vram(done.task_id, done.needs_vram_gb)
             return
         self.ledger.workers.record_run(done.worker_id, done.node_id, done.tokens, done.seconds)
         task = self.ledger.tasks.get(done.task_id)
@@ -141,23 +151,25 @@ class Scheduler:
         if partner:  # the first result won; stop the other run (it would also stop by itself)
             self.dispatcher.cancel(partner, only_alone=True)
 
-    def spec(self, task: TaskRecord, fence: int, base_version: int) -> dict[str, Any]:
+    def spec(self, task: TaskRecord, fence: int, base_version: int, node: Node) -> TaskSpec:
+        """What the worker on ``node`` needs to train ``task`` under ``fence``."""
         config = self.config(task.job)
-        return {
-            "task_id": task.task_id,
-            "job_id": task.job,
-            "fence": fence,
-            "base_version": base_version,
-            "tokens": task.tokens,
-            "coordinator": self.settings.join_address,
-            "token": self.worker_token,
-            "lora": {"rank": config.lora_rank, "alpha": config.lora_alpha,
-                     "target_modules": list(config.target_modules)},
-            "train": {"seq_len": config.seq_len, "batch_size": config.batch_size,
-                      "learning_rate": config.learning_rate, "epochs": config.epochs,
-                      "seed": task.index, "plan_model": config.plan_model},
-            "lease_ttl_s": self.settings.lease_ttl_s,
-        }
+        return TaskSpec(
+            task_id=task.task_id, job_id=task.job, fence=fence, base_version=base_version,
+            tokens=task.tokens, coordinator=self.settings.join_address, token=self.worker_token,
+            lora=LoraConfig(config.lora_rank, config.lora_alpha, tuple(config.target_modules)),
+            train=TrainConfig(seq_len=config.seq_len, batch_size=config.batch_size,
+                              learning_rate=config.learning_rate, epochs=config.epochs,
+                              seed=task.index, plan_model=config.plan_model),
+            lease_ttl_s=self.settings.lease_ttl_s, worker_id=node.worker_id, card=self.card_of(node.worker_id),
+        )
+
+    def card_of(self, worker_id: str) -> cards.Card | None:
+        """The card ``worker_id`` registered (the run plans for it); None if the ledger has none."""
+        record = self.ledger.workers.get(worker_id) if worker_id else None
+        if record is None or not record.card:
+            return None
+        return cards.from_message(pb.Card.FromString(record.card))
 
     def _dispatch(self, now: float, nodes: list[Node], speeds: dict[str, float]) -> list[Node]:
         """Give each free card a run sized for it, fastest cards first; returns the cards left idle."""
@@ -185,14 +197,14 @@ class Scheduler:
                 fence = self.ledger.leases.lease(task.task_id, now + self.settings.queue_timeout_s, base_version,
                                                  self.settings.max_attempts)
                 if fence > 0:
-                    specs.append(self.spec(task, fence, base_version))
+                    specs.append(self.spec(task, fence, base_version, node))
                 elif fence < 0:
                     log.warning("task %s failed: no attempts left", task.task_id)
             if specs:
                 need = max(self.need_gb(t) for t in run)
                 self.dispatcher.submit(specs, {**self.task_resources(self.config(run[0].job)), VRAM_RESOURCE: need},
                                        node.node_id)
-                self.runs.append((node.node_id, len(specs), sum(s["tokens"] for s in specs)))
+                self.runs.append((node.node_id, len(specs), sum(s.tokens for s in specs)))
                 room -= 1
             else:
                 idle.append(node)
@@ -239,7 +251,7 @@ class Scheduler:
                 continue
             log.info("task %s runs long; also issued as %s", task.task_id, twin)
             twin_task = replace(task, task_id=twin)
-            self.dispatcher.submit([self.spec(twin_task, fence, self.ledger.versions.latest() or 0)],
+            self.dispatcher.submit([self.spec(twin_task, fence, self.ledger.versions.latest() or 0, card)],
                                    {**self.task_resources(self.config(task.job)), VRAM_RESOURCE: self.need_gb(task)},
                                    card.node_id)
             cards.remove(card)

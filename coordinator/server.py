@@ -1,6 +1,7 @@
 """The coordinator process: wires the ledger, store, running model, scheduler, folder and gRPC.
 
-Start-up order: Redis (embedded unless --redis-url), tokens, Ray (a head unless --ray-address),
+Start-up order: Redis (embedded unless --redis-url), tokens, Ray (a head of its own, with its own
+token, unless --ray-address names the operator's cluster, whose token it then uses),
 the running model (version 0 is the base model, published on first start; later starts load the
 newest version), then the gRPC server and two loops: the scheduler and the folder. Shutdown
 runs the same list backwards.
@@ -37,7 +38,7 @@ from coordinator.scheduler import Scheduler
 from coordinator.settings import Settings
 from coordinator.store import BlobStore
 from coordinator.uploads import PartialUploads
-from worker import node as ray_node
+from nomoat import raynode as ray_node
 
 log = logging.getLogger("nomoat.coordinator")
 
@@ -174,11 +175,20 @@ class Coordinator:
                        if isinstance(m, torch.nn.Linear)}
 
     def _start_ray(self) -> None:
-        self.ray_token = _secret_file(self.data_dir / "ray.token")
+        """Join the operator's Ray cluster with its own token, or start a head with ours.
+
+        Raises RayClusterError (a sentence) when the operator's cluster cannot be used.
+        """
+        address = self.settings.ray_address
+        if address:
+            # The cluster's token is the operator's; workers are given the same one to join it.
+            self.ray_token = ray_node.operator_token(self.settings.ray_token_file)
+            ray_node.check_token(address, self.ray_token)
+        else:
+            self.ray_token = _secret_file(self.data_dir / "ray.token")
         ray_node.use_ray_token(self.ray_token)
         import ray
 
-        address = self.settings.ray_address
         if not address:
             record = self.data_dir / "ray-head.json"
             if ray_node.stop_leftovers(record):  # an earlier coordinator here was killed outright
@@ -192,7 +202,10 @@ class Coordinator:
             self._ray_head.start()
             ray_node.remember(self._ray_head, temp_dir, record)
         self.ray_address = address
-        ray.init(address=address, namespace="nomoat", log_to_driver=False, configure_logging=False)
+        try:
+            ray.init(address=address, namespace="nomoat", log_to_driver=False, configure_logging=False)
+        except ConnectionError as exc:
+            raise ray_node.RayClusterError(f"cannot join the Ray cluster at {address}: {exc}") from None
         from coordinator.dispatch import RayDispatcher
 
         self.dispatcher = RayDispatcher()
@@ -257,8 +270,9 @@ class Coordinator:
     # -- shutdown -----------------------------------------------------------------------------
 
     def join_command(self) -> str:
+        tls = " --tls-ca CA.pem  # CA.pem: the CA that signed --tls-cert" if self.settings.tls_cert else ""
         return (f"NOMOAT_TOKEN={self.worker_token} nomoat worker start "
-                f"--coordinator {self.settings.join_address} --ray-address {self.ray_address}")
+                f"--coordinator {self.settings.join_address} --ray-address {self.ray_address}{tls}")
 
     def wait(self) -> None:
         self._stopping.wait()

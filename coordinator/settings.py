@@ -24,7 +24,7 @@ class JobDefaults:
     # folding: 32768 tokens is 32 steps at the default batch (8 x 128). bench/quality.py measured
     # the folded model's gain at 0.60 of one centralized run's with 32768, 0.49 with 8192.
     tokens_per_task: int = 32768
-    # Plan memory as if the base model were this one (worker.planner.PRESET_CONFIGS); "" plans for
+    # Plan memory as if the base model were this one (nomoat.memory.PRESET_CONFIGS); "" plans for
     # the base model itself. For simulated clusters, where the tiny model stands in for a real one.
     plan_model: str = ""
 
@@ -37,6 +37,8 @@ class Settings:
     public_address: str = ""
     redis_url: str | None = None  # None: start the embedded redis-server in data_dir/redis
     ray_address: str | None = None  # None: start a Ray head (token auth on, dashboard on loopback)
+    # The token of the cluster at ray_address; None: where Ray looks (RAY_AUTH_TOKEN, ~/.ray/auth_token).
+    ray_token_file: str | None = None
     ray_port: int = 0  # 0: pick a free port for the Ray head's GCS
     ray_node_ip: str = "127.0.0.1"
     base_model: str = "tiny"  # a Hugging Face model folder, or "tiny"

@@ -9,11 +9,11 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import click
 
-from coordinator.settings import JobDefaults, Settings
 from nomoat.client import CoordinatorClient, NomoatError, default_address
 
 EXAMPLES = {
@@ -92,63 +92,95 @@ def main(ctx: click.Context, coordinator: str, token: str, tls_ca: str | None, v
 # -- coordinator ------------------------------------------------------------------------------
 
 
-@main.group()
+class LazyGroup(click.Group):
+    """A group whose commands are built when first asked for, so that a command whose options
+    show one side's settings imports that side only when it is the command asked for."""
+
+    def __init__(self, *args, factories: dict[str, Callable[[], click.Command]] | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.factories = factories or {}
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *self.factories})
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name in self.factories and name not in self.commands:
+            self.add_command(self.factories[name](), name)
+        return super().get_command(ctx, name)
+
+
+def _coordinator_start() -> click.Command:
+    from coordinator.settings import JobDefaults, Settings
+
+    @click.command("start", epilog=f"Example: {EXAMPLES['coordinator']}")
+    @click.option("--data-dir", default="./nomoat-data", show_default=True, type=click.Path(file_okay=False))
+    @click.option("--listen", default="127.0.0.1:50051", show_default=True, help="gRPC address to listen on.")
+    @click.option("--public-address", default="", help="HOST:PORT volunteers use to reach this coordinator.")
+    @click.option("--redis-url", default=None,
+                  help="External Redis 6.2+/Valkey (redis://:PASSWORD@HOST:PORT/0); default: an embedded redis-server.")
+    @click.option("--ray-address", default=None, help="Existing Ray cluster (HEAD:PORT); default: start a head.")
+    @click.option("--ray-token-file", default=None, type=click.Path(dir_okay=False),
+                  help="With --ray-address: the file holding that cluster's token "
+                       "(default: RAY_AUTH_TOKEN, else ~/.ray/auth_token).")
+    @click.option("--ray-node-ip", default="127.0.0.1", show_default=True, help="IP the Ray head binds to.")
+    @click.option("--base-model", default="tiny", show_default=True, help="Hugging Face model folder, or 'tiny'.")
+    @click.option("--fold-every", default=Settings.fold_every, show_default=True,
+                  help="Fold when this many adapters wait.")
+    @click.option("--fold-timeout", default=Settings.fold_timeout_s, show_default=True,
+                  help="...or when the oldest waited this long (s).")
+    @click.option("--tokens-per-task", default=JobDefaults.tokens_per_task, show_default=True,
+                  help="Default task size in tokens (one adapter each).")
+    @click.option("--outer-momentum", default=Settings.outer_momentum, show_default=True,
+                  help="DiLoCo-style Nesterov momentum on each folded delta (0: plain folding).")
+    @click.option("--outer-lr", default=Settings.outer_lr, show_default=True,
+                  help="Outer learning rate: each folded delta is applied times this (with or without momentum).")
+    @click.option("--lease-ttl", default=Settings.lease_ttl_s, show_default=True,
+                  help="Seconds a task's lease lasts without a heartbeat before it is re-issued.")
+    @click.option("--max-attempts", default=Settings.max_attempts, show_default=True,
+                  help="Leases a task gets before it fails.")
+    @click.option("--max-workers-per-token", default=Settings.max_workers_per_token, show_default=True,
+                  help="Workers one token may have active at once.")
+    @click.option("--tls-cert", default=None, type=click.Path(exists=True, dir_okay=False))
+    @click.option("--tls-key", default=None, type=click.Path(exists=True, dir_okay=False))
+    def coordinator_start(data_dir, listen, public_address, redis_url, ray_address, ray_token_file, ray_node_ip,
+                          base_model, fold_every, fold_timeout, tokens_per_task, outer_momentum, outer_lr, lease_ttl,
+                          max_attempts, max_workers_per_token, tls_cert, tls_key) -> None:
+        """Start the coordinator: gRPC server, Redis ledger and Ray driver. Ctrl-C stops it."""
+        from coordinator.server import Coordinator
+        from nomoat.raynode import RayClusterError
+
+        if bool(tls_cert) != bool(tls_key):
+            _fail("--tls-cert and --tls-key go together")
+        if ray_token_file and not ray_address:
+            _fail("--ray-token-file is the token of the cluster that --ray-address names; pass both")
+        settings = Settings(
+            data_dir=Path(data_dir).resolve(), listen=listen, public_address=public_address, redis_url=redis_url,
+            ray_address=ray_address, ray_token_file=ray_token_file, ray_node_ip=ray_node_ip, base_model=base_model,
+            fold_every=fold_every, fold_timeout_s=fold_timeout, job=JobDefaults(tokens_per_task=tokens_per_task),
+            outer_momentum=outer_momentum, outer_lr=outer_lr, lease_ttl_s=lease_ttl, max_attempts=max_attempts,
+            max_workers_per_token=max_workers_per_token,
+            tls_cert=tls_cert, tls_key=tls_key,
+        )
+        node = Coordinator(settings)
+        try:
+            click.echo(f"starting the coordinator in {settings.data_dir} ...")
+            node.start()
+            click.echo(f"coordinator listening on {listen}; Ray cluster at {node.ray_address}")
+            click.echo(f"admin token: {settings.data_dir / 'admin.token'} (keep it secret)")
+            click.echo("volunteers join with:\n  " + node.join_command())
+            _wait_for_signal()
+        except RayClusterError as exc:
+            _fail(str(exc))
+        finally:
+            click.echo("shutting down ...")
+            node.stop()
+
+    return coordinator_start
+
+
+@main.group(cls=LazyGroup, factories={"start": _coordinator_start})
 def coordinator() -> None:
     """Run the coordinator (operators)."""
-
-
-@coordinator.command("start", epilog=f"Example: {EXAMPLES['coordinator']}")
-@click.option("--data-dir", default="./nomoat-data", show_default=True, type=click.Path(file_okay=False))
-@click.option("--listen", default="127.0.0.1:50051", show_default=True, help="gRPC address to listen on.")
-@click.option("--public-address", default="", help="HOST:PORT volunteers use to reach this coordinator.")
-@click.option("--redis-url", default=None, help="External Redis 6.2+/Valkey; default: an embedded redis-server.")
-@click.option("--ray-address", default=None, help="Existing Ray cluster (HEAD:PORT); default: start a head.")
-@click.option("--ray-node-ip", default="127.0.0.1", show_default=True, help="IP the Ray head binds to.")
-@click.option("--base-model", default="tiny", show_default=True, help="Hugging Face model folder, or 'tiny'.")
-@click.option("--fold-every", default=Settings.fold_every, show_default=True, help="Fold when this many adapters wait.")
-@click.option("--fold-timeout", default=Settings.fold_timeout_s, show_default=True,
-              help="...or when the oldest waited this long (s).")
-@click.option("--tokens-per-task", default=JobDefaults.tokens_per_task, show_default=True,
-              help="Default task size in tokens (one adapter each).")
-@click.option("--outer-momentum", default=Settings.outer_momentum, show_default=True,
-              help="DiLoCo-style Nesterov momentum on each folded delta (0: plain folding).")
-@click.option("--outer-lr", default=Settings.outer_lr, show_default=True,
-              help="Outer learning rate: each folded delta is applied times this (with or without momentum).")
-@click.option("--lease-ttl", default=Settings.lease_ttl_s, show_default=True,
-              help="Seconds a task's lease lasts without a heartbeat before it is re-issued.")
-@click.option("--max-attempts", default=Settings.max_attempts, show_default=True,
-              help="Leases a task gets before it fails.")
-@click.option("--max-workers-per-token", default=Settings.max_workers_per_token, show_default=True,
-              help="Workers one token may have active at once.")
-@click.option("--tls-cert", default=None, type=click.Path(exists=True, dir_okay=False))
-@click.option("--tls-key", default=None, type=click.Path(exists=True, dir_okay=False))
-def coordinator_start(data_dir, listen, public_address, redis_url, ray_address, ray_node_ip, base_model,
-                      fold_every, fold_timeout, tokens_per_task, outer_momentum, outer_lr, lease_ttl, max_attempts,
-                      max_workers_per_token, tls_cert, tls_key) -> None:
-    """Start the coordinator: gRPC server, Redis ledger and Ray driver. Ctrl-C stops it."""
-    from coordinator.server import Coordinator
-
-    if bool(tls_cert) != bool(tls_key):
-        _fail("--tls-cert and --tls-key go together")
-    settings = Settings(
-        data_dir=Path(data_dir).resolve(), listen=listen, public_address=public_address, redis_url=redis_url,
-        ray_address=ray_address, ray_node_ip=ray_node_ip, base_model=base_model, fold_every=fold_every,
-        fold_timeout_s=fold_timeout, job=JobDefaults(tokens_per_task=tokens_per_task),
-        outer_momentum=outer_momentum, outer_lr=outer_lr, lease_ttl_s=lease_ttl, max_attempts=max_attempts,
-        max_workers_per_token=max_workers_per_token,
-        tls_cert=tls_cert, tls_key=tls_key,
-    )
-    node = Coordinator(settings)
-    try:
-        click.echo(f"starting the coordinator in {settings.data_dir} ...")
-        node.start()
-        click.echo(f"coordinator listening on {listen}; Ray cluster at {node.ray_address}")
-        click.echo(f"admin token: {settings.data_dir / 'admin.token'} (keep it secret)")
-        click.echo("volunteers join with:\n  " + node.join_command())
-        _wait_for_signal()
-    finally:
-        click.echo("shutting down ...")
-        node.stop()
 
 
 def _wait_for_signal() -> None:
@@ -190,7 +222,8 @@ def worker_start(ctx, ray_address, simulate_gpu, name, threads, cache_dir, node_
     except ProbeError as exc:
         _fail(str(exc))
     agent = WorkerAgent(_client(ctx), card, name=name, ray_address=ray_address,
-                        cache_dir=Path(cache_dir) if cache_dir else None, threads=threads, node_ip=node_ip)
+                        cache_dir=Path(cache_dir) if cache_dir else None, threads=threads, node_ip=node_ip,
+                        tls_ca=ctx.obj["tls_ca"])
     try:
         agent.start()
         click.echo(f"worker {agent.worker_id} ({card.name}, {card.vram_gb:g} GB) joined; Ctrl-C to leave")

@@ -25,30 +25,31 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from coordinator.scheduler import Finished, Node
-from worker.planner import bigger_card_reason
-from worker.probe import VRAM_RESOURCE
+from nomoat.raynode import VRAM_RESOURCE
+from nomoat.spec import NeedsBiggerCard, TaskSpec, error_line
 
 # (spec, worker id) -> "" when the coordinator accepted the unit's adapter, else why not.
 Upload = Callable[[Any, str], str]
 
 
-def unit_of(spec: Any) -> tuple[str, int, int]:
+def unit_of(spec: TaskSpec) -> tuple[str, int, int]:
     """(task id, fence, tokens) of a task spec."""
-    return spec["task_id"], int(spec["fence"]), int(spec.get("tokens") or 0)
+    return spec.task_id, spec.fence, spec.tokens
 
 
 def node_of(card: FakeCard, busy: bool) -> Node:
     return Node(card.node_id, card.vram_gb, busy)
 
 
-def finished(task_id: str, fence: int, error: str, card: FakeCard, tokens: int = 0, seconds: float = 0.0) -> Finished:
+def finished(task_id: str, fence: int, error: str, card: FakeCard, tokens: int = 0, seconds: float = 0.0,
+             needs_vram_gb: float = 0.0) -> Finished:
     return Finished(task_id, fence, error, tokens=tokens, seconds=seconds, worker_id=card.worker_id,
-                    node_id=card.node_id)
+                    node_id=card.node_id, needs_vram_gb=needs_vram_gb)
 
 
-def oom_error(card: FakeCard) -> str:
-    """What a unit that ran out of memory even at micro-batch 1 reports (worker.task.train_fitting)."""
-    return f"TaskAborted: out of memory even at micro-batch 1 on {card.name}: {bigger_card_reason(card.vram_gb)}"
+def oom_error(card: FakeCard) -> NeedsBiggerCard:
+    """What a unit that ran out of memory even at micro-batch 1 raises (worker.task.train_fitting)."""
+    return NeedsBiggerCard.than(card.vram_gb, f"out of memory even at micro-batch 1 on {card.name}")
 
 
 @dataclass(frozen=True)
@@ -68,10 +69,11 @@ class FakeRun:
     """One submitted run: its units train in order on ``card``."""
 
     card: FakeCard
-    specs: list[Any]
+    specs: list[TaskSpec]
     resources: dict[str, float]
     started: float
     outcomes: dict[str, str] = field(default_factory=dict)  # task id -> error ("" done), once decided
+    needs_vram_gb: dict[str, float] = field(default_factory=dict)  # task id -> VRAM, for units out of memory
     hung: bool = False  # never ends by itself (a run that stopped heartbeating)
 
     @property
@@ -104,7 +106,7 @@ class FakeDispatcher:
         busy = {run.card.node_id for run in self.running}
         return [node_of(card, card.node_id in busy) for card in self.cards.values()]
 
-    def submit(self, specs: list[Any], resources: dict[str, float], node_id: str) -> None:
+    def submit(self, specs: list[TaskSpec], resources: dict[str, float], node_id: str) -> None:
         card = self.cards[node_id]
         # Ray's hard node affinity and custom resources would leave such a run pending forever.
         assert resources.get(VRAM_RESOURCE, 0.0) <= card.vram_gb, (
@@ -122,7 +124,8 @@ class FakeDispatcher:
                 task_id, fence, tokens = unit_of(spec)
                 error = run.outcomes[task_id]
                 if error:
-                    out.append(finished(task_id, fence, error, run.card))
+                    out.append(finished(task_id, fence, error, run.card,
+                                        needs_vram_gb=run.needs_vram_gb.get(task_id, 0.0)))
                 else:
                     out.append(finished(task_id, fence, "", run.card, tokens, tokens / run.card.tokens_per_s))
         return out
@@ -173,10 +176,12 @@ class FakeDispatcher:
 
     def oom(self, task_id: str) -> None:
         """That unit runs out of memory even at micro-batch 1; the rest of its run is not tried
-        (coordinator.dispatch.run_units stops there: the rest would run out the same way)."""
+        (worker.task.run_units stops there: the rest would run out the same way)."""
         run = self.run_of(task_id)
         rest = run.task_ids[run.task_ids.index(task_id):]
-        self._end(run, dict.fromkeys(rest, oom_error(run.card)))
+        oom = oom_error(run.card)
+        run.needs_vram_gb.update(dict.fromkeys(rest, oom.vram_gb))
+        self._end(run, dict.fromkeys(rest, error_line(oom)))
 
     def crash(self, task_id: str, error: str = "NodeDiedError: the node died") -> None:
         """The run holding ``task_id`` dies as a whole (its node died): every unit fails."""

@@ -9,7 +9,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from worker import node
+from nomoat import raynode as node
 
 
 def _record(tmp_path: Path, pgid: int, temp_dir: Path) -> Path:

@@ -12,16 +12,10 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from worker.planner import (
-    DoesNotFit,
-    ModelShape,
-    Plan,
-    estimate,
-    estimate_peak_bytes,
-    min_vram_gb,
-    plan,
-)
-from worker.probe import Card, parse_simulated
+from nomoat.card import Card
+from nomoat.memory import ModelShape, estimate, estimate_peak_bytes, min_vram_gb
+from worker.planner import DoesNotFit, Plan, plan
+from worker.probe import parse_simulated
 
 TINY = dict(hidden_size=128, intermediate_size=352, num_hidden_layers=4, num_attention_heads=4,
             num_key_value_heads=2, vocab_size=1000)

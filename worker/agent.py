@@ -1,7 +1,9 @@
 """``nomoat worker start``: register with the coordinator, join Ray as a node, run until stopped.
 
 The node advertises the card as Ray custom resources (``vram_gb``, one ``nomoat_worker`` slot)
-and labels; the coordinator's tasks land on it when they fit. Ctrl-C (or SIGTERM) stops the node:
+and labels, its worker id among them; the coordinator's tasks land on it when they fit, and their
+specs name this worker and its card. What only this machine knows (the volunteer's token and CA,
+the cache, threads) reaches the tasks through the node's environment (``worker.settings``). Ctrl-C (or SIGTERM) stops the node:
 a task still running there is retried elsewhere by Ray or re-issued by the coordinator.
 
 The agent outlives what it depends on. If its Ray node dies, or the Ray head stops answering
@@ -13,8 +15,6 @@ are delivered from here (see worker.uploader).
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
 import os
 import signal
@@ -23,23 +23,19 @@ import threading
 import time
 from pathlib import Path
 
+from nomoat import raynode as ray_node
+from nomoat.card import Card, to_message
 from nomoat.client import CoordinatorClient, NomoatError
-from nomoat.v1 import nomoat_pb2 as pb
-from worker import node as ray_node
 from worker import uploader
 from worker.cache import default_cache_dir
-from worker.probe import Card, ray_labels, ray_resources
+from worker.probe import ray_labels, ray_resources
+from worker.settings import NodeSettings
 
 log = logging.getLogger("nomoat.worker")
 
 HEAD_GRACE_S = 10.0  # the head may not answer for this long before the node is replaced
 CHECK_EVERY_S = 1.0
 MAX_BACKOFF_S = 30.0
-
-
-def card_message(card: Card) -> pb.Card:
-    return pb.Card(name=card.name, vram_gb=card.vram_gb, compute_capability=card.compute_capability,
-                   bf16=card.bf16, backend=card.backend, simulated=card.simulated, tflops=card.tflops)
 
 
 def reachable(address: str, timeout: float = 2.0) -> bool:
@@ -53,7 +49,8 @@ def reachable(address: str, timeout: float = 2.0) -> bool:
 
 class WorkerAgent:
     def __init__(self, client: CoordinatorClient, card: Card, name: str = "", ray_address: str = "",
-                 cache_dir: Path | None = None, threads: int = 0, node_ip: str | None = None) -> None:
+                 cache_dir: Path | None = None, threads: int = 0, node_ip: str | None = None,
+                 tls_ca: str | None = None) -> None:
         self.client = client
         self.card = card
         self.name = name or f"{socket.gethostname()}-{os.getpid()}"
@@ -61,6 +58,8 @@ class WorkerAgent:
         self.cache_dir = Path(cache_dir or default_cache_dir())
         self.threads = threads
         self.node_ip = node_ip
+        # The tasks on this node connect to the coordinator themselves, checking it with this CA.
+        self.tls_ca = str(Path(tls_ca).resolve()) if tls_ca else ""
         self.node: ray_node.RayNode | None = None
         self.head = ""  # the Ray head (GCS) address the node joined
         self.worker_id = ""
@@ -71,23 +70,19 @@ class WorkerAgent:
     def start(self) -> None:
         self.client.wait_ready()
         # Registering again after the node was replaced: the same worker, under the same id.
-        reply = self.client.register(self.name, card_message(self.card), worker_id=self.worker_id)
+        reply = self.client.register(self.name, to_message(self.card), worker_id=self.worker_id)
         self.worker_id, self.lineage = reply.worker_id, reply.lineage
         self.head = self.ray_address or reply.ray_address
-        env = {
-            "NOMOAT_WORKER_ID": self.worker_id,
-            "NOMOAT_CARD": json.dumps(dataclasses.asdict(self.card)),  # tasks plan for this card
-            "NOMOAT_CACHE_DIR": str(self.cache_dir),
-            "NOMOAT_TORCH_THREADS": str(self.threads),
-            # Tasks on this node talk to the coordinator as this volunteer, so the leases they
-            # take are this volunteer's and no other worker token can act for them.
-            "NOMOAT_WORKER_TOKEN": self.client.token,
-        }
+        # Tasks on this node talk to the coordinator as this volunteer, so the leases they take
+        # are this volunteer's and no other worker token can act for them.
+        env = NodeSettings(cache_dir=self.cache_dir, token=self.client.token, tls_ca=self.tls_ca,
+                           torch_threads=self.threads).env()
         if self.card.simulated:
             env["CUDA_VISIBLE_DEVICES"] = ""  # a simulated card trains on the CPU
+        labels = {**ray_labels(self.card), ray_node.WORKER_ID_LABEL: self.worker_id}
         log_path = self.cache_dir / "logs" / f"ray-node-{self.worker_id}.log"
         self.node = ray_node.worker_node(self.head, reply.ray_auth_token, ray_resources(self.card),
-                                         ray_labels(self.card), log_path, env=env, node_ip=self.node_ip)
+                                         labels, log_path, env=env, node_ip=self.node_ip)
         self.node.start()
 
     def run(self) -> None:

@@ -15,33 +15,14 @@ from __future__ import annotations
 import os
 import platform
 import re
-from dataclasses import dataclass
 
 import torch
 
+from nomoat.card import Card
+from nomoat.raynode import LABEL_PREFIX, VRAM_RESOURCE, WORKER_RESOURCE
+
 # A spec asking for more than this is a typo (an extra digit), not a card.
 _MAX_SIMULATED_VRAM_GB = 1024.0
-
-# Ray custom resource that only nomoat workers advertise: every nomoat task asks for it, so
-# training never lands on the coordinator's head node or on someone else's Ray nodes.
-WORKER_RESOURCE = "nomoat_worker"
-VRAM_RESOURCE = "vram_gb"
-LABEL_PREFIX = "nomoat/"
-
-
-@dataclass(frozen=True)
-class Card:
-    """One accelerator, as far as task sizing cares."""
-
-    name: str
-    vram_gb: float
-    free_vram_gb: float
-    compute_capability: str  # "8.6"; "" when not CUDA
-    bf16: bool
-    fp16: bool
-    backend: str  # "cuda" | "mps" | "cpu"
-    tflops: float  # rough dense fp16/bf16 throughput (fp32 on cpu); only sizes tasks
-    simulated: bool = False
 
 
 class ProbeError(ValueError):
@@ -211,7 +192,7 @@ def _positive_number(text: str, what: str, spec: str) -> float:
 def ray_resources(card: Card) -> dict[str, float]:
     """Custom resources the worker's Ray node advertises.
 
-    A task asks for ``{"nomoat_worker": 1, "vram_gb": planner.min_vram_gb(...)}``: the first keeps
+    A task asks for ``{"nomoat_worker": 1, "vram_gb": memory.min_vram_gb(...)}``: the first keeps
     training on nomoat nodes and runs one task per card at a time (the memory plan assumes the
     whole card); the second keeps tasks off cards too small for them.
     """

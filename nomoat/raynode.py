@@ -1,4 +1,8 @@
-"""A Ray node as a child process: ``ray start --block``, stopped with SIGTERM.
+"""Ray nodes, as both sides start and name them.
+
+What a nomoat node advertises (the resource names and labels the coordinator's tasks ask for),
+the node itself as a child process (``ray start --block``, stopped with SIGTERM), and the Ray
+cluster token: the coordinator's own for a head it starts, the operator's for a cluster it joins.
 
 ``ray stop`` would stop every Ray process on the machine, including other volunteers' nodes
 and the head; a blocking ``ray start`` stops exactly its own node when terminated, which is
@@ -39,6 +43,14 @@ from ray.scripts.scripts import main
 main()
 """
 RAY_CLI = [sys.executable, "-c", _BOOT, "start"]
+
+# Ray custom resource that only nomoat workers advertise: every nomoat task asks for it, so
+# training never lands on the coordinator's head node or on someone else's Ray nodes.
+WORKER_RESOURCE = "nomoat_worker"
+VRAM_RESOURCE = "vram_gb"
+LABEL_PREFIX = "nomoat/"
+# The worker a node belongs to (its ledger id): how the scheduler knows whose card a run lands on.
+WORKER_ID_LABEL = LABEL_PREFIX + "worker-id"
 
 
 class RayNodeError(RuntimeError):
@@ -112,6 +124,68 @@ def use_ray_token(token: str) -> None:
 
         Config.initialize("")
         AuthenticationTokenLoader.instance().reset_cache()
+
+
+class RayClusterError(RuntimeError):
+    """An existing Ray cluster cannot be used; the message says why and what to do."""
+
+
+# Where Ray itself looks for a cluster's token, in its order: `ray start --head` on a machine
+# without one writes a new one to the default file (`ray get-auth-token` prints it).
+TOKEN_ENV = "RAY_AUTH_TOKEN"
+TOKEN_PATH_ENV = "RAY_AUTH_TOKEN_PATH"
+
+
+def operator_token(token_file: str | Path | None = None, env: Mapping[str, str] | None = None) -> str:
+    """The token of a Ray cluster the operator started: ``token_file`` if given, else where Ray
+    looks (``RAY_AUTH_TOKEN``, the file ``RAY_AUTH_TOKEN_PATH`` names, ``~/.ray/auth_token``)."""
+    env = os.environ if env is None else env
+    if token_file:
+        path = Path(token_file).expanduser()
+        try:
+            token = path.read_text().strip()
+        except OSError as exc:
+            raise RayClusterError(f"cannot read the Ray token file {path}: {exc.strerror}") from None
+        if not token:
+            raise RayClusterError(f"the Ray token file {path} is empty; put the cluster's token in it "
+                                  "(`ray get-auth-token` on the head prints it)")
+        return token
+    if env.get(TOKEN_ENV, "").strip():
+        return env[TOKEN_ENV].strip()
+    home = Path(env.get("HOME") or Path.home())
+    for path in (env.get(TOKEN_PATH_ENV), home / ".ray" / "auth_token"):
+        if path and Path(path).expanduser().is_file():
+            token = Path(path).expanduser().read_text().strip()
+            if token:
+                return token
+    raise RayClusterError(
+        "no token for the Ray cluster was found: pass the file that holds it with --ray-token-file, "
+        f"or set {TOKEN_ENV} (`ray get-auth-token` on the head prints it)")
+
+
+def check_token(address: str, token: str, timeout: float = 10.0) -> None:
+    """Ask the cluster's GCS whether it accepts ``token``; raise a sentence if not.
+
+    ``ray.init`` with a wrong token retries for a long while and then reports a connection
+    failure; one call to the GCS answers at once and tells the two apart.
+    """
+    import grpc
+
+    with grpc.insecure_channel(address) as channel:
+        call = channel.unary_unary("/ray.rpc.NodeInfoGcsService/GetClusterId")
+        try:
+            call(b"", timeout=timeout, metadata=[("authorization", f"Bearer {token}")])
+        except grpc.RpcError as exc:
+            code = exc.code()
+            if code == grpc.StatusCode.UNAUTHENTICATED:
+                raise RayClusterError(
+                    f"the Ray cluster at {address} refused the token: it is not the token the cluster was "
+                    f"started with. Pass the cluster's own token with --ray-token-file or {TOKEN_ENV} "
+                    "(`ray get-auth-token` on the head prints it)") from None
+            if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                raise RayClusterError(f"cannot reach the Ray cluster at {address} (is its head running, "
+                                      "and is the address HEAD_IP:GCS_PORT?)") from None
+            # Anything else (a Ray that renamed this call, say) is left for ray.init to judge.
 
 
 def free_port(host: str = "127.0.0.1") -> int:
