@@ -102,13 +102,27 @@ class RayDispatcher:
             finished += [Finished.of(unit, run.worker_id, run.node_id) for unit in units]
         return finished
 
-    def cancel(self, task_id: str, only_alone: bool = False) -> None:
-        """Cancel the run holding ``task_id``; with ``only_alone``, only if it is its only unit."""
+    def cancel(self, task_id: str, only_alone: bool = False) -> list[tuple[str, int]]:
+        """Cancel the run holding ``task_id``; with ``only_alone``, only if it is its only unit.
+
+        Returns (task id, fence) of every unit of the run cancelled. Cancelling kills the run's
+        worker process (``force``: a hung trainer does not check for cancellation), so every unit
+        of it that had not uploaded yet is lost, not just ``task_id``: the scheduler puts them
+        back in the queue. A run that has already returned is left for :meth:`poll`, which
+        reports how each unit really ended (killing it would drop those results).
+        """
+        stopped: list[tuple[str, int]] = []
         for ref, run in list(self._runs.items()):
             ids = [t for t, _, _ in run.units]
-            if task_id in ids and (len(ids) == 1 or not only_alone):
-                ray.cancel(ref, force=True)
-                self._runs.pop(ref, None)
+            if task_id not in ids or (only_alone and len(ids) > 1):
+                continue
+            ended, _ = ray.wait([ref], timeout=0)
+            if ended:
+                continue
+            ray.cancel(ref, force=True)
+            self._runs.pop(ref, None)
+            stopped += [(t, f) for t, f, _ in run.units]
+        return stopped
 
     def in_flight(self) -> int:
         return len(self._runs)

@@ -4,7 +4,8 @@ expired or failed ones go back in the queue; stragglers near a job's end are run
 The ledger is the source of truth; the dispatcher (Ray here) is how a leased task reaches a card.
 One round (:meth:`Scheduler.tick`):
 
-1. expire leases whose deadline passed (the dispatcher cancels their runs);
+1. expire leases whose deadline passed: the dispatcher cancels their runs as a whole, and the
+   other units those runs still held go back in the queue (without spending an attempt);
 2. collect finished units: failures are released (while attempts are left) and a failure for want
    of memory raises the task's VRAM demand above the card it failed on; successes add to the
    worker's measured tokens per second, and cancel the speculative partner run if there is one;
@@ -15,7 +16,8 @@ One round (:meth:`Scheduler.tick`):
 4. near a job's end (cards idle, nothing pending that fits them) issue the outstanding tasks
    expected to finish last to idle cards that would finish them sooner (``Leases.speculate``);
 5. warn on a job whose pending tasks fit no card in the cluster;
-6. update job states.
+6. update job states: a job ends once none of its tasks is pending or leased, no twin of one
+   still runs (its result would complete the task), and its last adapters are folded.
 """
 
 from __future__ import annotations
@@ -81,7 +83,11 @@ class Dispatcher(Protocol):
     def nodes(self) -> list[Node]: ...
     def submit(self, specs: list[TaskSpec], resources: dict[str, float], node_id: str) -> None: ...
     def poll(self) -> list[Finished]: ...
-    def cancel(self, task_id: str, only_alone: bool = False) -> None: ...
+    def cancel(self, task_id: str, only_alone: bool = False) -> list[tuple[str, int]]:
+        """Stop the run holding ``task_id`` (with ``only_alone``, only if it is the run's one unit);
+        returns (task id, fence) of every unit of the runs stopped. A run that already ended is
+        left to :meth:`poll`, which reports each of its units."""
+        ...
     def in_flight(self) -> int: ...
     def placement(self) -> dict[str, tuple[str, int]]: ...
 
@@ -115,23 +121,24 @@ class Scheduler:
         need = self.task_resources(self.config(task.job))[VRAM_RESOURCE]
         return max(need, task.min_vram_gb)
 
-    def speeds(self) -> dict[str, float]:
+    def speeds(self, nodes: list[Node]) -> dict[str, float]:
         """Node id -> the measured tokens/s of its worker, as the ledger holds it (the one source:
-        a restarted coordinator sizes runs as its predecessor did)."""
-        return self.ledger.workers.speeds_by_node()
+        a restarted coordinator sizes runs as its predecessor did). A node that names its worker
+        takes that worker's speed, so a card whose Ray node was replaced keeps it."""
+        return self.ledger.workers.speeds_by_node({n.node_id: n.worker_id for n in nodes if n.worker_id})
 
     def tick(self, now: float | None = None) -> set[str]:
         """One round; returns the running jobs with nothing left to train (ready for a last fold)."""
         now = now or time.time()
         for task_id in self.ledger.leases.expire(now):
             log.warning("lease of %s expired; it goes back in the queue", task_id)
-            self.dispatcher.cancel(task_id)
             if is_twin(task_id):
                 self.ledger.leases.retire_twin(task_id)
+            self._cancel(task_id, f"its run was stopped when the lease of {task_id} expired")
         for done in self.dispatcher.poll():
             self._finished(done)
         nodes = self.dispatcher.nodes()
-        speeds = self.speeds()
+        speeds = self.speeds(nodes)
         idle = self._dispatch(now, nodes, speeds)
         if self.settings.speculate and idle:
             self._speculate(now, idle, speeds)
@@ -149,7 +156,15 @@ class Scheduler:
         task = self.ledger.tasks.get(done.task_id)
         partner = task.partner if task else ""
         if partner:  # the first result won; stop the other run (it would also stop by itself)
-            self.dispatcher.cancel(partner, only_alone=True)
+            self._cancel(partner, f"{done.task_id} finished first", only_alone=True)
+
+    def _cancel(self, task_id: str, why: str, only_alone: bool = False) -> None:
+        """Stop the run holding ``task_id``. A run stops as a whole (Ray kills its process), so
+        every unit of it still leased, one not yet trained or one mid-way, goes back in the queue
+        now rather than when its own lease runs out; units already uploaded are done and stay so."""
+        for unit, fence in self.dispatcher.cancel(task_id, only_alone=only_alone):
+            if unit != task_id and self.ledger.leases.requeue(unit, fence, why):
+                log.warning("task %s goes back in the queue: %s", unit, why)
 
     def spec(self, task: TaskRecord, fence: int, base_version: int, node: Node) -> TaskSpec:
         """What the worker on ``node`` needs to train ``task`` under ``fence``."""
@@ -271,7 +286,7 @@ class Scheduler:
             tasks = self.ledger.tasks.of_job(job_id)
             self._warn(job_id, job, tasks, nodes, largest)
             counts = count_states(tasks)
-            if counts["pending"] or counts["leased"]:
+            if counts["pending"] or counts["leased"] or self._twin_runs(tasks):
                 continue
             # Read after the tasks: every adapter of the job is then either in the buffer or
             # already counted by the job record read next.
@@ -280,6 +295,12 @@ class Scheduler:
             else:
                 self._end(job_id, self.ledger.jobs.get(job_id) or job, counts)
         return idle
+
+    def _twin_runs(self, tasks: list[TaskRecord]) -> bool:
+        """Whether a speculative twin of one of ``tasks`` still runs: its result would complete
+        the task, even one whose own run failed for good, so the job is not over yet."""
+        twins = [t.twin for t in tasks if t.twin and t.state is not TaskState.DONE]
+        return any(t.state is TaskState.LEASED for t in self.ledger.tasks.many(twins))
 
     def _warn(self, job_id: str, job: JobRecord, tasks: list[TaskRecord], nodes: list[Node],
               largest: float) -> None:

@@ -38,7 +38,8 @@ def unit_of(spec: TaskSpec) -> tuple[str, int, int]:
 
 
 def node_of(card: FakeCard, busy: bool) -> Node:
-    return Node(card.node_id, card.vram_gb, busy)
+    """What Ray shows of a card: its node, and its worker id (the label the agent gives the node)."""
+    return Node(card.node_id, card.vram_gb, busy, worker_id=card.worker_id)
 
 
 def finished(task_id: str, fence: int, error: str, card: FakeCard, tokens: int = 0, seconds: float = 0.0,
@@ -58,10 +59,11 @@ class FakeCard:
     vram_gb: float
     tokens_per_s: float
     name: str = "FakeCard"
+    worker: str = ""  # its worker's id; "" for one named after the node
 
     @property
     def worker_id(self) -> str:
-        return f"w-{self.node_id}"
+        return self.worker or f"w-{self.node_id}"
 
 
 @dataclass
@@ -130,11 +132,15 @@ class FakeDispatcher:
                     out.append(finished(task_id, fence, "", run.card, tokens, tokens / run.card.tokens_per_s))
         return out
 
-    def cancel(self, task_id: str, only_alone: bool = False) -> None:
+    def cancel(self, task_id: str, only_alone: bool = False) -> list[tuple[str, int]]:
+        """Like Ray's: the whole run stops (its units are all lost); a run that ended is left to poll."""
+        stopped = []
         for run in list(self.running):
             if task_id in run.task_ids and (len(run.specs) == 1 or not only_alone):
                 self.running.remove(run)
                 self.cancelled.append(run)
+                stopped += [unit_of(s)[:2] for s in run.specs]
+        return stopped
 
     def in_flight(self) -> int:
         return len(self.running)

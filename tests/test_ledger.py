@@ -126,6 +126,21 @@ def test_release_retries_then_fails(ledger):
     assert ledger.leases.release(task_id, fence, "late", max_attempts=2) is None  # not leased any more
 
 
+def test_a_requeued_unit_gets_its_attempt_back_and_a_requeued_twin_is_retired(ledger):
+    task_id, other = make_job(ledger, n_tasks=2)
+    fence = ledger.leases.lease(task_id, time.time() + 60, 0, max_attempts=1)
+    assert ledger.leases.requeue(task_id, fence + 1, "its run was stopped") is None  # not its lease
+    assert ledger.leases.requeue(task_id, fence, "its run was stopped") is TaskState.PENDING
+    task = ledger.tasks.get(task_id)
+    assert (task.state, task.attempts, task.error) == ("pending", 0, "its run was stopped")
+    assert task_id in ledger.leases.pending() and not ledger.leases.leased()
+    assert ledger.leases.lease(task_id, time.time() + 60, 0, max_attempts=1) > fence  # one attempt left
+    ledger.leases.lease(other, time.time() + 60, 0, max_attempts=1)
+    twin, twin_fence = ledger.leases.speculate(other, time.time() + 60)
+    assert ledger.leases.requeue(twin, twin_fence, "its run was stopped") is TaskState.FAILED
+    assert twin not in ledger.leases.pending() and ledger.tasks.get(other).state == "leased"
+
+
 def test_lease_refuses_a_task_out_of_attempts(ledger):
     (task_id,) = make_job(ledger, n_tasks=1)
     fence = ledger.leases.lease(task_id, time.time() + 0.01, 0, max_attempts=1)

@@ -181,6 +181,21 @@ def test_a_fast_card_gets_a_longer_run_than_a_slow_one(ledger, make) -> None:
     assert len(set(fences)) == len(fences) and all(state(ledger, t) == "leased" for t in fast_run + slow_run)
 
 
+def test_a_card_whose_ray_node_was_replaced_keeps_its_measured_speed(ledger, make) -> None:
+    # The agent labels its Ray node with its worker id; after a Ray restart the same worker's card
+    # is a new node, which no finished run has named yet.
+    before = FakeCard("node-1", 24.0, 1000.0, worker="w-fast")
+    after = FakeCard("node-2", 24.0, 1000.0, worker="w-fast")
+    scheduler, fake = make([before], target_task_seconds=1.0, max_units_per_run=16)
+    tasks = make_job(ledger, "j", 12, tokens=100)
+    scheduler.tick(fake.now)
+    fake.advance(0.1)  # one unit at 1000 tokens/s, recorded on node-1
+    del fake.cards[before.node_id]  # the node is gone; the next tick finds the worker on node-2
+    fake.add_card(after)
+    scheduler.tick(fake.now)
+    assert on(fake, after) == [tasks[1:11]], "the worker's first run on its new node was sized as a stranger's"
+
+
 def test_a_run_whose_node_died_releases_each_of_its_units(ledger, make) -> None:
     scheduler, fake = make([BIG], target_task_seconds=0.3)
     tasks = make_job(ledger, "j", 4, tokens=100)
@@ -254,9 +269,6 @@ def test_a_slow_idle_card_does_not_race_a_fast_cards_run(ledger, make) -> None:
     assert not ledger.tasks.get(tasks[2]).twin and fake.in_flight() == 1
 
 
-@pytest.mark.xfail(strict=True, reason="scheduler bug: a job whose raced task's original run fails for good "
-                   "ends (done after its other adapters fold) while the task's twin still runs; the twin's "
-                   "result is then accepted for a finished job")
 def test_a_job_does_not_end_while_a_twin_of_its_task_still_runs(ledger, make) -> None:
     slow, fast = FakeCard("slow", 24.0, 10.0), FakeCard("fast", 24.0, 1000.0)
     scheduler, fake = make([fast, slow], target_task_seconds=0.1, max_attempts=1)
@@ -299,9 +311,6 @@ def test_an_expired_lease_is_reissued_with_a_new_fence_and_the_old_one_refused(l
     assert state(ledger, task) == "done" and buffered_tasks(ledger) == [task]
 
 
-@pytest.mark.xfail(strict=True, reason="scheduler bug: when one unit's lease expires, the whole run is "
-                   "cancelled, but its other units stay leased, held by no run, until their own deadline "
-                   "(queue_timeout_s, 15 minutes by default) passes")
 def test_the_other_units_of_a_run_cancelled_for_an_expired_lease_go_back_in_the_queue(ledger, make) -> None:
     scheduler, fake = make([BIG], target_task_seconds=0.3)
     tasks = make_job(ledger, "j", 4)
@@ -320,6 +329,25 @@ def test_the_other_units_of_a_run_cancelled_for_an_expired_lease_go_back_in_the_
     held = fake.placement()
     stranded = [t for t in run[1:] if state(ledger, t) == "leased" and t not in held]
     assert stranded == [], f"{stranded} are leased to a run that was cancelled"
+
+
+def test_the_other_units_of_a_cancelled_run_do_not_spend_an_attempt(ledger, make) -> None:
+    scheduler, fake = make([BIG], target_task_seconds=0.3, max_attempts=1)
+    tasks = make_job(ledger, "j", 4)
+    scheduler.tick(fake.now)
+    fake.advance(0.1)
+    scheduler.tick(fake.now)
+    run = fake.submitted[-1].task_ids
+    heartbeat(ledger, run[0], fake.now + scheduler.settings.lease_ttl_s)
+    fake.hang(run[0])
+    fake.advance(scheduler.settings.lease_ttl_s + 1)
+    scheduler.tick(fake.now)
+    # The hung unit spent its one attempt; the two behind it never trained and run again.
+    assert state(ledger, run[0]) == "failed"
+    assert on(fake, BIG)[-1] == run[1:] and all(state(ledger, t) == "leased" for t in run[1:])
+    fake.advance(1.0)
+    scheduler.tick(fake.now)
+    assert [state(ledger, t) for t in tasks] == ["done", "failed", "done", "done"]
 
 
 def test_a_twin_whose_lease_expired_is_retired_never_rerun(ledger, straggling) -> None:

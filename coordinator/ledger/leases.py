@@ -129,6 +129,23 @@ redis.call('ZADD', KEYS[3], ARGV[4], ARGV[1])
 return 'pending'
 """
 
+# A leased unit whose run was stopped for another unit's sake (the dispatcher cancels a run as a
+# whole): back in the queue, the attempt its lease took given back, since it did not fail. A twin
+# goes nowhere (its original still runs): it is retired. KEYS: task, LEASES, PENDING. ARGV: task
+# id, fence, why, now. Returns the task's new state, "" when (task, fence) did not hold the lease.
+_REQUEUE = CURRENT_LEASE + """
+if lease_problem(KEYS[1], ARGV[1], ARGV[2]) ~= '' then return '' end
+redis.call('ZREM', KEYS[2], ARGV[1])
+if redis.call('HGET', KEYS[1], 'twin_of') then
+  redis.call('HSET', KEYS[1], 'state', 'failed', 'error', ARGV[3], 'finished', ARGV[4])
+  return 'failed'
+end
+local attempts = tonumber(redis.call('HGET', KEYS[1], 'attempts') or '1')
+redis.call('HSET', KEYS[1], 'state', 'pending', 'error', ARGV[3], 'attempts', math.max(attempts - 1, 0))
+redis.call('ZADD', KEYS[3], ARGV[4], ARGV[1])
+return 'pending'
+"""
+
 # Speculation: a second lease on a leased task, held by a twin task "<id>.spec" with its own fence
 # (so heartbeats, shard fetches and lease holders work unchanged). The twin is not one of the
 # job's tasks; its attempts are spent, so if it fails or expires it is retired, never re-run.
@@ -190,6 +207,7 @@ class Leases:
         self._hold = client.register_script(_HOLD_LEASE)
         self._expire = client.register_script(_EXPIRE)
         self._release = client.register_script(_RELEASE)
+        self._requeue = client.register_script(_REQUEUE)
         self._speculate = client.register_script(_SPECULATE)
 
     def pending(self, limit: int = 100) -> list[str]:
@@ -233,6 +251,14 @@ class Leases:
         """Give a failed task back to the queue (or fail it); None when the lease was not current."""
         state = _text(self._release(keys=[keys.task(task_id), keys.LEASES, keys.PENDING],
                                     args=[task_id, fence, error, time.time(), max_attempts]))
+        return TaskState(state) if state else None
+
+    def requeue(self, task_id: str, fence: int, why: str) -> TaskState | None:
+        """Put a unit whose run was stopped, through no fault of its own, back in the queue
+        without spending an attempt (a twin is retired instead); None when (task, fence) did not
+        hold the lease (the unit had finished, or its lease had already gone)."""
+        state = _text(self._requeue(keys=[keys.task(task_id), keys.LEASES, keys.PENDING],
+                                    args=[task_id, fence, why, time.time()]))
         return TaskState(state) if state else None
 
     def reset(self, deadline: float) -> int:

@@ -3,14 +3,16 @@ fast their cards train.
 
 The measured speed (tokens per second over every run a worker finished) lives here and only
 here: the scheduler sizes runs from it, so a restarted coordinator knows every card's speed.
-Which Ray node a worker runs on is recorded with each finished run, and that is how the
-scheduler finds a card's speed from the node Ray shows it.
+Which Ray node a worker runs on is recorded with each finished run; a node that names its worker
+(the agent labels its Ray node with the worker id) is matched by that name first, so a worker
+whose node was replaced keeps its speed.
 """
 
 from __future__ import annotations
 
 import secrets
 import time
+from collections.abc import Mapping
 
 import redis
 
@@ -96,10 +98,22 @@ class Workers:
             return 0.0
         return float(self._run(keys=[keys.worker(worker_id)], args=[tokens, seconds, node_id]))
 
-    def speeds_by_node(self) -> dict[str, float]:
-        """Ray node id -> the measured tokens/s of the worker last seen on it (known speeds only)."""
+    def speeds_by_node(self, claims: Mapping[str, str] | None = None) -> dict[str, float]:
+        """Ray node id -> the measured tokens/s of its worker (known speeds only).
+
+        ``claims`` (node id -> worker id) are the workers the nodes name themselves (their Ray
+        label): such a node takes its worker's speed even before a run there recorded the node,
+        as after a Ray restart gave the worker's card a new node. Any other node takes the speed
+        of the worker that last finished a run on it.
+        """
         speeds: dict[str, float] = {}
+        by_worker: dict[str, float] = {}
         for worker in self.all():  # least recently seen first: the newest claim on a node wins
-            if worker.node_id and worker.tokens_per_s > 0:
-                speeds[worker.node_id] = worker.tokens_per_s
+            if worker.tokens_per_s > 0:
+                by_worker[worker.worker_id] = worker.tokens_per_s
+                if worker.node_id:
+                    speeds[worker.node_id] = worker.tokens_per_s
+        for node_id, worker_id in (claims or {}).items():
+            if worker_id in by_worker:
+                speeds[node_id] = by_worker[worker_id]
         return speeds
