@@ -178,7 +178,7 @@ def part_levers(args: argparse.Namespace) -> dict:
             ("  + warm start (worker's own + moments)", replace(kgb, lr_mult=2.0, warm="worker")),
             ("  + warm start (worker's own, no moments)", replace(kgb, lr_mult=2.0, warm="worker-fresh-adam")),
             ("  + warm start (job's last fold)", replace(kgb, lr_mult=2.0, warm="job")),
-            ("recommended = the coordinator's defaults", recommended(defaults, t))]
+            ("recommended (coordinator defaults)", recommended(defaults, t))]
     if args.quick:
         rows = [rows[0], rows[-1]]
     table = run_rows(bench, part, rows, {})
