@@ -2,8 +2,10 @@
 asynchronous workers and folded as ``coordinator.folder.Folder`` folds, and the centralized and
 data-parallel baselines, all with the real trainer.
 
-:class:`Loop` holds what the coordinator folds with plus the levers of issue 10 (task batch, lr
-multiplier, LoRA+, warm starts, staleness normalisation, outer momentum); :class:`Bench` runs
+:class:`Loop` holds the coordinator's own :class:`coordinator.policy.FoldPolicy` (when a fold is
+due, the gates, the weights, the outer step, drop-the-worst, and each task's batch and lr: the
+folder and the scheduler call the same object) plus the levers of issue 10 the product does not
+have as settings (a task batch or lr other than the policy's, LoRA+, warm starts); :class:`Bench` runs
 one corpus: ``centralized(...)`` (one LoRA, any batch / lr / epochs: centralized and data-parallel
 are both this) and ``distributed(loop, ...)``. Corpora: ``demo`` (the packaged fortunes) and
 ``python-docs`` (the Python Language Reference topics that CPython ships as ``pydoc_data.topics``:
@@ -30,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from coordinator import folding  # noqa: E402
 from coordinator.model import RunningModel  # noqa: E402
+from coordinator.policy import FoldPolicy, TaskTraining  # noqa: E402
 from coordinator.settings import JobDefaults, Settings  # noqa: E402
 from coordinator.submit import split_tasks  # noqa: E402
 from nomoat.adapter import Adapter  # noqa: E402
@@ -43,33 +46,33 @@ PROBE_MODULE = "model.layers.1.mlp.down_proj"  # the matrix whose update's rank 
 
 @dataclass(frozen=True)
 class Loop:
-    """What the simulated coordinator folds with (the fields of ``Settings`` that matter here)."""
+    """One row: the fold policy the simulated coordinator folds with, and the levers beside it."""
 
+    policy: FoldPolicy
     tokens_per_task: int
-    fold_every: int
-    fold_timeout_s: float
-    max_staleness: int
-    eval_epsilon: float
-    adapter_epsilon: float
-    norm_factor: float
-    outer_momentum: float = 0.0
-    outer_lr: float = 1.0
-    outer_terms: int = 8
-    # Levers (issue 10). task_batch 0: the job's batch. warm: "none" (a fresh LoRA per task),
-    # "worker" (the worker's previous adapter and its AdamW moments; "worker-fresh-adam" without
-    # the moments), "job" (rank-r SVD of the
-    # patch that made the task's base version). normalise: w_i = n_i s(τ_i) / Σ n_j s(τ_j).
+    # Levers the product has no setting for (issue 10). task_batch / lr_mult 0: what the policy
+    # sizes a task at (the scheduler's rule: FoldPolicy.task_training). warm: "none" (a fresh LoRA
+    # per task), "worker" (the worker's previous adapter and its AdamW moments; "worker-fresh-adam"
+    # without the moments), "job" (rank-r SVD of the patch that made the task's base version).
     task_batch: int = 0
-    lr_mult: float = 1.0
+    lr_mult: float = 0.0
     lr_b_ratio: float = 1.0
     warm: str = "none"
-    normalise: bool = False
 
     @classmethod
     def defaults(cls, settings: Settings, job: JobDefaults) -> Loop:
-        return cls(job.tokens_per_task, settings.fold_every, settings.fold_timeout_s,
-                   settings.max_staleness, settings.eval_epsilon, settings.adapter_epsilon,
-                   settings.norm_factor, settings.outer_momentum, settings.outer_lr, settings.outer_terms)
+        """What the coordinator does at ``settings`` for a job with ``job``'s settings."""
+        return cls(FoldPolicy.of(settings), job.tokens_per_task)
+
+    def with_policy(self, **changes) -> Loop:
+        return replace(self, policy=replace(self.policy, **changes))
+
+    def training(self, batch_size: int, learning_rate: float, cards: int) -> TaskTraining:
+        """The batch and lr each task trains at, on ``cards`` workers."""
+        sized = self.policy.task_training(batch_size, learning_rate, cards)
+        return TaskTraining(self.task_batch or sized.batch_size,
+                            learning_rate * self.lr_mult if self.lr_mult else sized.learning_rate,
+                            sized.fold_width)
 
 
 @dataclass
@@ -101,18 +104,24 @@ def read_corpus(name: str) -> list[str]:
     raise SystemExit(f"unknown corpus {name!r}: use demo or python-docs")
 
 
+def coordinator_settings(args: argparse.Namespace, data_dir: Path) -> tuple[Settings, JobDefaults]:
+    """The coordinator's default settings, and its job defaults with ``--lr`` / ``--batch-size``."""
+    settings = Settings(data_dir=data_dir)
+    job = settings.job
+    if args.lr:
+        job = replace(job, learning_rate=args.lr)
+    if args.batch_size:
+        job = replace(job, batch_size=args.batch_size)
+    return settings, job
+
+
 class Bench:
     def __init__(self, args: argparse.Namespace, corpus: str = "demo") -> None:
         self.args = args
         self.device = args.device
         self.tmp = Path(tempfile.mkdtemp(prefix="nomoat-quality-"))
         self.base_dir = tiny_model_path()
-        self.settings = Settings(data_dir=self.tmp)
-        self.job = self.settings.job
-        if args.lr:
-            self.job = replace(self.job, learning_rate=args.lr)
-        if args.batch_size:
-            self.job = replace(self.job, batch_size=args.batch_size)
+        self.settings, self.job = coordinator_settings(args, self.tmp)
         self.lora = LoraSpec(rank=self.job.lora_rank, alpha=self.job.lora_alpha,
                              target_modules=tuple(self.job.target_modules))
         self.train_spec = TrainSpec(seq_len=self.job.seq_len, batch_size=self.job.batch_size,
@@ -162,9 +171,12 @@ class Bench:
         job submitted with ``--epochs`` trains each task's shard. ``sequential``: one card that
         starts its next task only once its last adapter is folded (the no-parallelism reference)."""
         t0 = time.time()
-        b = loop.task_batch or self.train_spec.batch_size
+        policy = loop.policy
+        n_workers = 1 if sequential else workers or self.args.workers
+        sized = loop.training(self.train_spec.batch_size, self.train_spec.learning_rate, n_workers)
+        b = sized.batch_size
         spec = replace(self.train_spec, epochs=epochs or self.train_spec.epochs, batch_size=b, micro_batch=b,
-                       learning_rate=self.train_spec.learning_rate * loop.lr_mult, lr_b_ratio=loop.lr_b_ratio)
+                       learning_rate=sized.learning_rate, lr_b_ratio=loop.lr_b_ratio)
         carries: dict[int, Carry] = {}  # worker -> its last trained factors and moments
         patches: dict[int, Adapter] = {}  # version -> the patch that made it
         ranges = split_tasks(self.counts, loop.tokens_per_task)
@@ -182,7 +194,7 @@ class Bench:
         recent_norms: list[float] = []
         previous_deltas: list[Adapter] = []  # newest first, for the outer optimizer
         out = Outcome(math.nan, 0, 0, 0, 0)
-        speeds = [WORKER_SPEEDS[w % len(WORKER_SPEEDS)] for w in range(1 if sequential else workers or self.args.workers)]
+        speeds = [WORKER_SPEEDS[w % len(WORKER_SPEEDS)] for w in range(n_workers)]
         waiting: list[int] = []  # sequential: the card, until the fold
 
         def take(worker: int, now: float) -> None:
@@ -195,7 +207,7 @@ class Bench:
             take(w, 0.0)
         while events or buffer:
             # The next thing that happens: an upload lands, or the oldest buffered adapter times out.
-            timeout_at = buffer[0]["accepted"] + loop.fold_timeout_s if buffer else math.inf
+            timeout_at = buffer[0]["accepted"] + policy.fold_timeout_s if buffer else math.inf
             if events and events[0][0] <= timeout_at:
                 now, worker, task = heapq.heappop(events)
                 job, index, texts, _ = tasks[task]
@@ -221,11 +233,10 @@ class Bench:
                 now = timeout_at
             idle_jobs = {j for j in {b["job"] for b in buffer}
                          if not any(tasks[t][0] == j for t in (*pending, *in_flight))}
-            due = (len(buffer) >= loop.fold_every
-                   or (buffer and now - buffer[0]["accepted"] >= loop.fold_timeout_s)
-                   or any(b["job"] in idle_jobs for b in buffer))
+            due = policy.due(len(buffer), now - buffer[0]["accepted"] if buffer else 0.0,
+                             any(b["job"] in idle_jobs for b in buffer))
             if due:
-                entries, buffer = buffer[: max(loop.fold_every, 1) * 4], buffer[max(loop.fold_every, 1) * 4:]
+                entries, buffer = buffer[: policy.take()], buffer[policy.take():]
                 published = self._fold(running, loop, entries, version, recent_norms, previous_deltas, out)
                 if published is not None:
                     version += 1
@@ -250,19 +261,19 @@ class Bench:
 
     def _fold(self, running: RunningModel, loop: Loop, entries: list[dict], current: int,
               recent_norms: list[float], previous_deltas: list[Adapter], out: Outcome) -> Adapter | None:
-        """Gate, weigh and fold ``entries``; the published patch, or None when nothing was."""
+        """Gate, weigh and fold ``entries`` (``recent_norms`` newest first, as the ledger keeps
+        them); the published patch, or None when nothing was. Every decision is the policy's."""
+        policy = loop.policy
         seq_len = self.job.seq_len
         parent_loss = running.eval_loss(self.val, seq_len)
         candidates = []
         for e in entries:
             tau = current - e["base"]
             try:
-                folding.fold_weights([e["tokens"]], [tau], loop.max_staleness)
                 norm = folding.delta_norm(e["adapter"])
-                folding.check_norm(norm, recent_norms[-64:], loop.norm_factor)
+                policy.admit(e["tokens"], tau, norm, recent_norms)
                 solo = running.loss_with(e["adapter"], folding.staleness_factor(tau), self.val, seq_len)
-                if solo > parent_loss + loop.adapter_epsilon:
-                    raise folding.AdapterRejected(f"solo loss {solo:.4f} against {parent_loss:.4f}")
+                policy.judge(solo, parent_loss)
             except folding.AdapterRejected as exc:
                 out.rejected += 1
                 if self.args.verbose:
@@ -270,21 +281,16 @@ class Bench:
                 continue
             candidates.append({**e, "tau": tau, "norm": norm, "solo": solo})
         while candidates:
-            weights = folding.fold_weights([c["tokens"] for c in candidates], [c["tau"] for c in candidates],
-                                           loop.max_staleness)
-            if loop.normalise:  # Σ n_j s(τ_j) instead of Σ n_j: the weights sum to 1
-                total = sum(weights)
-                weights = [w / total for w in weights]
+            weights = policy.weights([c["tokens"] for c in candidates], [c["tau"] for c in candidates])
             delta = folding.build_patch([c["adapter"] for c in candidates], weights)
-            patch = folding.outer_step(delta, previous_deltas[: loop.outer_terms] if loop.outer_momentum else [],
-                                       loop.outer_momentum, loop.outer_lr)
+            patch = policy.outer_step(delta, previous_deltas)
             modules = patch.modules()
             with running.restorable(modules) as checkpoint:
                 folding.apply_patch(running.master(modules), patch)
                 loss = running.eval_loss(self.val, seq_len)
-                if loss <= parent_loss + loop.eval_epsilon:
+                if policy.publishable(loss, parent_loss):
                     checkpoint.keep()
-                    recent_norms.extend(c["norm"] for c in candidates)
+                    recent_norms[:0] = [c["norm"] for c in reversed(candidates)]
                     previous_deltas.insert(0, delta)
                     out.taus.extend(c["tau"] for c in candidates)
                     out.patch_rank += patch.factors[PROBE_MODULE][0].shape[0]
@@ -292,7 +298,7 @@ class Bench:
                         print(f"    v{current + 1}: {len(candidates)} adapters, taus "
                               f"{[c['tau'] for c in candidates]}, val {parent_loss:.4f} -> {loss:.4f}", flush=True)
                     return patch
-            worst = max(candidates, key=lambda c: c["solo"])
+            worst = candidates[policy.worst([c["solo"] for c in candidates])]
             candidates = [c for c in candidates if c is not worst]
             out.dropped += 1
         return None

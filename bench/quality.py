@@ -16,15 +16,16 @@ Baselines, each at the job's learning rate and at its best of ×0.5, ×1, ×2, �
 Parts (``--parts``, run side by side with ``--jobs``):
 
 * ``baselines`` and ``levers`` (the one-pass table): the baselines; one row per lever on one pass
-  over the data: today's
-  coordinator defaults; *keep the global batch* (task batch b/K, K× the steps, same tokens per
+  over the data: the coordinator before issue 10 (batch b per task, weights over Σ n_j);
+  *keep the global batch* (task batch b/K, K× the steps, same tokens per
   task, lr ×1 or ×2); LoRA+ (``lr_b_ratio`` 16, 4); warm starts (the worker's previous adapter and
   its Adam moments; the job's latest folded factors); staleness normalisation (Σ n_j s(τ_j));
-  and the recommended combination (:data:`RECOMMENDED`), whose ratios are ``quality_ratio`` and
+  and the recommended row, which is the coordinator's defaults (``Settings`` and its
+  ``FoldPolicy``: what a user gets), whose ratios are ``quality_ratio`` and
   ``quality_vs_dataparallel``.
 * ``many``: ``--passes`` passes over the data in small tasks (≥ 30 folded versions): the
   recommended levers with plain averaging and with DiLoCo's outer Nesterov step (μ 0.9, outer lr
-  0.7 and 1.0), and today's defaults. The centralized run is converged there (its loss by epoch is
+  0.7 and 1.0), and the coordinator before issue 10. The centralized run is converged there (its loss by epoch is
   printed), so the recommended row against it is ``quality_converged``; against one LoRA of the
   same rank at the job's lr for as many epochs it is ``stacked_vs_single_ratio`` (the seed idea:
   stacked low-rank updates learn more than one LoRA on the same tokens).
@@ -53,14 +54,21 @@ import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.qsim import PROBE_MODULE, Bench, Loop, Outcome, effective_rank  # noqa: E402
+from bench.qsim import PROBE_MODULE, Bench, Loop, Outcome, coordinator_settings, effective_rank  # noqa: E402
+from coordinator.settings import JobDefaults, Settings  # noqa: E402
 
 LR_SWEEP = (0.5, 1.0, 2.0, 4.0)
-# The levers the benchmark recommends as the coordinator's defaults (fields of qsim.Loop; the task
-# batch is the job's batch divided by the workers, filled in per run). Measured (bench/README.md):
-# keep the global batch at lr x2 with normalised staleness weights and fresh adapters; the job's
-# warm start gained ~0.04 in one pass but lost 0.3 over many rounds, LoRA+ and Nesterov did not help.
-RECOMMENDED = {"lr_mult": 2.0, "normalise": True}
+# The recommended row is the coordinator's defaults (Settings, JobDefaults and the FoldPolicy built
+# from them: qsim.Loop.defaults), so what this measures is what a user gets. Measured
+# (bench/README.md): keep the global batch at lr x2 (sqrt(K), K = 4) with normalised staleness
+# weights and fresh adapters; the job's warm start gained ~0.04 in one pass but lost 0.3 over many
+# rounds, LoRA+ and Nesterov did not help.
+
+
+def before_issue_10(loop: Loop) -> Loop:
+    """The coordinator's defaults before issue 10: every task at the job's batch and lr, and
+    staleness weights over Σ n_j."""
+    return loop.with_policy(keep_global_batch=False, normalise=False)
 
 
 def say(part: str, text: str) -> None:
@@ -90,11 +98,14 @@ def run_rows(bench: Bench, part: str, rows: list[tuple[str, Loop]], refs: dict[s
         o = bench.distributed(loop, rounds=rounds)
         ratios = {k: round(bench.ratio(o, ref), 4) for k, ref in refs.items()}
         tau = sum(o.taus) / max(1, len(o.taus))
-        batch = loop.task_batch or bench.train_spec.batch_size
+        sized = loop.training(bench.train_spec.batch_size, bench.train_spec.learning_rate, bench.args.workers)
+        batch = sized.batch_size
         say(part, f"{label:34} {loop.tokens_per_task:>8} {batch:>5} {o.adapters:>5} {o.versions:>5} {tau:>5.2f} "
                   f"{o.rejected + o.dropped:>7} {o.test_loss:>7.4f} "
                   + " ".join(f"{r:>12.3f}" for r in ratios.values()) + f"  {o.seconds:.0f}s")
-        table.append({"row": label, "loop": asdict(loop), "tasks": o.adapters, "folds": o.versions,
+        table.append({"row": label, "loop": asdict(loop), "task_batch": batch,
+                      "lr_mult": round(sized.learning_rate / bench.train_spec.learning_rate, 4),
+                      "tasks": o.adapters, "folds": o.versions,
                       "mean_tau": round(tau, 2), "refused": o.rejected + o.dropped,
                       "test_loss": round(o.test_loss, 4), "ratios": ratios,
                       "round_test_losses": [round(x, 4) for x in o.round_losses],
@@ -120,8 +131,19 @@ def header(bench: Bench, part: str, corpus: str) -> None:
               f"x{bench.job.seq_len}")
 
 
-def recommended(defaults: Loop, bench: Bench, k: int, tokens: int) -> Loop:
-    return replace(defaults, tokens_per_task=tokens, task_batch=max(1, bench.job.batch_size // k), **RECOMMENDED)
+def recommended(defaults: Loop, tokens: int) -> Loop:
+    """The coordinator's defaults, at ``tokens`` per task."""
+    return replace(defaults, tokens_per_task=tokens)
+
+
+def recommended_levers(settings: Settings, job: JobDefaults, workers: int) -> dict:
+    """What the recommended row trains and folds with, read from the policy (for the JSON)."""
+    defaults = Loop.defaults(settings, job)
+    sized = defaults.training(job.batch_size, job.learning_rate, workers)
+    return {"keep_global_batch": defaults.policy.keep_global_batch, "task_batch": sized.batch_size,
+            "lr_mult": round(sized.learning_rate / job.learning_rate, 4),
+            "normalise": defaults.policy.normalise, "outer_momentum": defaults.policy.outer_momentum,
+            "warm": defaults.warm, "lr_b_ratio": defaults.lr_b_ratio}
 
 
 def part_baselines(args: argparse.Namespace) -> dict:
@@ -143,9 +165,10 @@ def part_levers(args: argparse.Namespace) -> dict:
     bench, defaults, k = setup(args, args.corpus)
     b = bench.job.batch_size
     t = args.task_tokens
-    kgb = replace(defaults, tokens_per_task=t, task_batch=max(1, b // k))
-    rows = [("today's defaults", defaults),
-            ("today's defaults, small tasks", replace(defaults, tokens_per_task=t)),
+    old = before_issue_10(defaults)
+    kgb = replace(old, tokens_per_task=t, task_batch=max(1, b // k), lr_mult=1.0)
+    rows = [("before issue 10 (batch b)", old),
+            ("before issue 10, small tasks", replace(old, tokens_per_task=t)),
             ("keep global batch (b/K), lr x1", kgb),
             ("keep global batch, lr x2", replace(kgb, lr_mult=2.0)),
             # LoRA+ keeps B's rate at the row above's (x2) and lowers A's: B at x2 x 4 or x 16 refuses
@@ -155,8 +178,7 @@ def part_levers(args: argparse.Namespace) -> dict:
             ("  + warm start (worker's own + moments)", replace(kgb, lr_mult=2.0, warm="worker")),
             ("  + warm start (worker's own, no moments)", replace(kgb, lr_mult=2.0, warm="worker-fresh-adam")),
             ("  + warm start (job's last fold)", replace(kgb, lr_mult=2.0, warm="job")),
-            ("  + normalised staleness weights", replace(kgb, lr_mult=2.0, normalise=True)),
-            ("recommended", recommended(defaults, bench, k, t))]
+            ("recommended (coordinator defaults)", recommended(defaults, t))]
     if args.quick:
         rows = [rows[0], rows[-1]]
     table = run_rows(bench, part, rows, {})
@@ -183,7 +205,7 @@ def onepass(base: dict, levers: dict) -> dict:
     for row in levers["table"]:
         row["ratios"] = {k: ratio(row["test_loss"], ref) for k, ref in refs.items()}
         loop = row["loop"]
-        print(f"  {row['row']:34} {loop['tokens_per_task']:>8} {loop['task_batch'] or '-':>5} {row['tasks']:>5} "
+        print(f"  {row['row']:34} {loop['tokens_per_task']:>8} {row['task_batch']:>5} {row['tasks']:>5} "
               f"{row['folds']:>5} {row['mean_tau']:>5.2f} {row['test_loss']:>7.4f} "
               + " ".join(f"{r:>12.3f}" for r in row["ratios"].values()), flush=True)
     rec, today = levers["table"][-1]["ratios"], levers["table"][0]["ratios"]
@@ -205,12 +227,12 @@ def part_many(args: argparse.Namespace) -> dict:
     say(part, f"centralized {p} epochs, lr x0.5: {central2.test_loss:.4f}")
     cbest = min((curve[p], central2), key=lambda o: o.test_loss)
     refs = {"single x1": curve[p], "central best": cbest}
-    rec = recommended(defaults, bench, k, args.many_task_tokens)
+    rec = recommended(defaults, args.many_task_tokens)
     rows = [("recommended", rec),
-            ("  + Nesterov 0.9, outer lr 0.7", replace(rec, outer_momentum=0.9, outer_lr=0.7)),
-            *([("  + Nesterov 0.9, outer lr 1.0", replace(rec, outer_momentum=0.9, outer_lr=1.0))]
+            ("  + Nesterov 0.9, outer lr 0.7", rec.with_policy(outer_momentum=0.9, outer_lr=0.7)),
+            *([("  + Nesterov 0.9, outer lr 1.0", rec.with_policy(outer_momentum=0.9, outer_lr=1.0))]
               if not args.no_nesterov_1 else []),
-            ("today's defaults (stacked rounds)", defaults)]
+            ("before issue 10 (stacked rounds)", before_issue_10(defaults))]
     if args.quick:
         rows = [rows[0], rows[-1]]
     table = run_rows(bench, part, rows, refs, rounds=p)
@@ -237,7 +259,7 @@ def part_corpus(args: argparse.Namespace) -> dict:
     central = sweep(bench, part, "centralized", b, mults=mults)
     dp = sweep(bench, part, "data-parallel", k * b, mults=mults)
     refs = {"central x1": central[1.0], "central best": best(central)[1], "dp best": best(dp)[1]}
-    rows = [("today's defaults", defaults), ("recommended", recommended(defaults, bench, k, args.task_tokens))]
+    rows = [("before issue 10", before_issue_10(defaults)), ("recommended", recommended(defaults, args.task_tokens))]
     table = run_rows(bench, part, rows, refs)
     return {"corpus": args.corpus2, "train_tokens": bench.total_tokens,
             "table": [{k2: v for k2, v in r.items() if k2 != "outcome"} for r in table],
@@ -293,7 +315,8 @@ def main() -> None:
         "quality_vs_dataparallel": one.get("quality_vs_dataparallel"),
         "quality_converged": many.get("quality_converged"),
         "stacked_vs_single_ratio": many.get("stacked_vs_single_ratio"),
-        "recommended": RECOMMENDED, "workers": args.workers, "records": args.records,
+        "recommended": recommended_levers(*coordinator_settings(args, Path("unused")), args.workers),
+        "workers": args.workers, "records": args.records,
         "onepass": one, "many": many, "second_corpus": other,
         "device": args.device, "seconds": round(seconds, 1),
     }, default=str))

@@ -8,6 +8,9 @@ Each adapter is gated (norm against recent adapters; held-out loss of current + 
 the survivors are folded at once (DESIGN.md's product rule, one GEMM per matrix), and the new
 version is published only if its held-out loss is not worse than its parent's by more than ε;
 otherwise the worst contributor is dropped and the fold retried, or nothing is published.
+
+Every decision is :class:`coordinator.policy.FoldPolicy`'s (the benchmark folds with the same
+object); this module does the reading, evaluating and publishing around them.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from coordinator.ledger import (
     VersionRecord,
 )
 from coordinator.model import RunningModel
+from coordinator.policy import FoldPolicy
 from coordinator.settings import Settings
 from coordinator.store import BlobStore
 from coordinator.submit import read_records
@@ -59,6 +63,7 @@ class Folder:
         self.store = store
         self.model = model
         self.history = history
+        self.policy = FoldPolicy.of(settings)
         # Folding, rollback and unmerge each turn the newest version into the next one; the
         # lock makes them take turns (admin calls arrive on gRPC threads).
         self.lock = threading.Lock()
@@ -96,13 +101,8 @@ class Folder:
     # -- folding ------------------------------------------------------------------------------
 
     def due(self, buffered: list[AdapterRecord], idle_jobs: set[str], now: float) -> bool:
-        if not buffered:
-            return False
-        if len(buffered) >= self.settings.fold_every:
-            return True
-        if now - (buffered[0].accepted or now) >= self.settings.fold_timeout_s:
-            return True
-        return any(a.job in idle_jobs for a in buffered)
+        oldest_wait = now - (buffered[0].accepted or now) if buffered else 0.0
+        return self.policy.due(len(buffered), oldest_wait, any(a.job in idle_jobs for a in buffered))
 
     def maybe_fold(self, idle_jobs: set[str], now: float | None = None) -> int | None:
         """Fold if due; returns the published version number, or None."""
@@ -115,7 +115,7 @@ class Folder:
             if not self.due(buffered, idle_jobs, now or time.time()):
                 return None
             try:
-                return self.fold(buffered[: max(self.settings.fold_every, 1) * 4])
+                return self.fold(buffered[: self.policy.take()])
             except Exception:
                 # A fold cut short (Redis went away mid-publish) may or may not have published:
                 # the ledger says which, so the weights are rebuilt from it before the next fold.
@@ -131,20 +131,18 @@ class Folder:
         if not candidates:
             return None
         while candidates:
-            weights = folding.fold_weights(
-                [c.tokens for c in candidates], [c.tau for c in candidates], self.settings.max_staleness
-            )
+            weights = self.policy.weights([c.tokens for c in candidates], [c.tau for c in candidates])
             delta = folding.build_patch([c.adapter for c in candidates], weights)
             patch = self._outer_step(delta, current)
             modules = patch.modules()
             with self.model.restorable(modules) as checkpoint:
                 folding.apply_patch(self.model.master(modules), patch)
                 loss = self._eval(job_ids)
-                if loss <= parent_loss + self.settings.eval_epsilon:
+                if self.policy.publishable(loss, parent_loss):
                     checkpoint.keep()
                     return self._publish(current, candidates, weights, patch, loss, parent_loss, job_ids,
                                          delta if patch is not delta else None)
-            worst = max(candidates, key=lambda c: c.solo_loss)
+            worst = candidates[self.policy.worst([c.solo_loss for c in candidates])]
             self.ledger.adapters.reject(
                 worst.adapter_id,
                 f"folding it made held-out loss worse ({loss:.4f} against {parent_loss:.4f})",
@@ -158,17 +156,13 @@ class Folder:
         try:
             adapter = adapter_format.from_bytes(self.store.get(entry.sha256))
             tau = current - entry.base_version
-            folding.fold_weights([entry.tokens], [tau], self.settings.max_staleness)
             norm = folding.delta_norm(adapter)
-            folding.check_norm(norm, self.ledger.adapters.recent_norms(), self.settings.norm_factor)
+            self.policy.admit(entry.tokens, tau, norm, self.ledger.adapters.recent_norms())
             candidate = Candidate(adapter_id, entry.job, adapter, entry.tokens, tau, norm)
             candidate.solo_loss = self.model.loss_with(
                 adapter, folding.staleness_factor(tau), self.validation(entry.job), self._seq_len(entry.job)
             )
-            if candidate.solo_loss > own_parent + self.settings.adapter_epsilon:
-                raise folding.AdapterRejected(
-                    f"it makes held-out loss worse ({candidate.solo_loss:.4f} against {own_parent:.4f})"
-                )
+            self.policy.judge(candidate.solo_loss, own_parent)
             return candidate
         except (adapter_format.AdapterFormatError, folding.AdapterRejected, FileNotFoundError) as exc:
             log.warning("adapter %s rejected: %s", adapter_id, exc)
@@ -179,12 +173,12 @@ class Folder:
         """Plain folding applies the delta (times --outer-lr); with --outer-momentum, DiLoCo's
         Nesterov step over the plain deltas of the versions before (a rollback or unmerge resets it)."""
         previous = []
-        for v in range(current, 0, -1) if self.settings.outer_momentum else ():
+        for v in range(current, 0, -1) if self.policy.wants_previous() else ():
             record = self.ledger.versions.get(v)
-            if record.operation or len(previous) >= self.settings.outer_terms:
+            if record.operation or len(previous) >= self.policy.wants_previous():
                 break
             previous.append(adapter_format.from_bytes(self.store.get(record.delta or record.patch)))
-        return folding.outer_step(delta, previous, self.settings.outer_momentum, self.settings.outer_lr)
+        return self.policy.outer_step(delta, previous)
 
     def _new_version(self, current: int, patch: adapter_format.Adapter, adapters: Sequence[FoldedAdapter],
                      loss: float, metrics: dict[str, Any], job_id: str, *, snapshot: bool = False,

@@ -10,7 +10,8 @@ One round (:meth:`Scheduler.tick`):
    of memory raises the task's VRAM demand above the card it failed on; successes add to the
    worker's measured tokens per second, and cancel the speculative partner run if there is one;
 3. give every free card a run: the oldest pending task that fits it, plus following units of the
-   same job, as many as the card gets through in about ``target_task_seconds`` at its measured
+   same job (each at the batch and lr the fold policy sizes it for: the job's batch divided by
+   the adapters the next fold will average, ``coordinator.policy``), as many as the card gets through in about ``target_task_seconds`` at its measured
    speed as the ledger holds it (one unit while its speed is unknown). Fast cards take big runs, slow cards small ones,
    and every unit keeps its own lease, fence and adapter, so idempotency is unchanged;
 4. near a job's end (cards idle, nothing pending that fits them) issue the outstanding tasks
@@ -39,6 +40,7 @@ from coordinator.ledger import (
     count_states,
     is_twin,
 )
+from coordinator.policy import FoldPolicy, TaskTraining
 from coordinator.settings import Settings
 from nomoat import card as cards
 from nomoat.raynode import VRAM_RESOURCE
@@ -110,6 +112,8 @@ class Scheduler:
     _configs: dict[str, JobConfig] = field(default_factory=dict)
     # The runs dispatched lately, (node id, units, tokens): what sizing did, for logs and tests.
     runs: deque = field(default_factory=lambda: deque(maxlen=1000))
+    # The cards the latest round saw: how many of them fit a job sizes its tasks (training()).
+    _nodes: list[Node] = field(default_factory=list)
 
     def config(self, job_id: str) -> JobConfig:
         if job_id not in self._configs:
@@ -166,15 +170,25 @@ class Scheduler:
             if unit != task_id and self.ledger.leases.requeue(unit, fence, why):
                 log.warning("task %s goes back in the queue: %s", unit, why)
 
+    def training(self, config: JobConfig) -> TaskTraining:
+        """The batch and lr a task of a job with ``config`` trains at: with keep_global_batch,
+        the job's batch divided by K = min(fold_every, the cards seen that fit the job), at
+        ``lr_scale(K)`` times its lr (coordinator.policy), so what one fold averages adds up
+        to the job's batch; the same tokens per task, K times the steps."""
+        need = self.task_resources(config)[VRAM_RESOURCE]
+        cards = sum(1 for n in self._nodes if n.vram_gb >= need)
+        return FoldPolicy.of(self.settings).task_training(config.batch_size, config.learning_rate, cards)
+
     def spec(self, task: TaskRecord, fence: int, base_version: int, node: Node) -> TaskSpec:
         """What the worker on ``node`` needs to train ``task`` under ``fence``."""
         config = self.config(task.job)
+        training = self.training(config)
         return TaskSpec(
             task_id=task.task_id, job_id=task.job, fence=fence, base_version=base_version,
             tokens=task.tokens, coordinator=self.settings.join_address, token=self.worker_token,
             lora=LoraConfig(config.lora_rank, config.lora_alpha, tuple(config.target_modules)),
-            train=TrainConfig(seq_len=config.seq_len, batch_size=config.batch_size,
-                              learning_rate=config.learning_rate, epochs=config.epochs,
+            train=TrainConfig(seq_len=config.seq_len, batch_size=training.batch_size,
+                              learning_rate=training.learning_rate, epochs=config.epochs,
                               seed=task.index, plan_model=config.plan_model),
             lease_ttl_s=self.settings.lease_ttl_s, worker_id=node.worker_id, card=self.card_of(node.worker_id),
         )
@@ -188,6 +202,7 @@ class Scheduler:
 
     def _dispatch(self, now: float, nodes: list[Node], speeds: dict[str, float]) -> list[Node]:
         """Give each free card a run sized for it, fastest cards first; returns the cards left idle."""
+        self._nodes = list(nodes)
         free = sorted((n for n in nodes if not n.busy), key=lambda n: -speeds.get(n.node_id, 0.0))
         room = self.settings.max_in_flight - self.dispatcher.in_flight()
         if not free or room <= 0:
@@ -216,6 +231,7 @@ class Scheduler:
                 elif fence < 0:
                     log.warning("task %s failed: no attempts left", task.task_id)
             if specs:
+                self.ledger.tasks.set_training((s.task_id, s.train.batch_size, s.train.learning_rate) for s in specs)
                 need = max(self.need_gb(t) for t in run)
                 self.dispatcher.submit(specs, {**self.task_resources(self.config(run[0].job)), VRAM_RESOURCE: need},
                                        node.node_id)

@@ -117,6 +117,7 @@ def _job_info(job: status.JobSummary) -> pb.JobInfo:
         total_tasks=job.total_tasks, adapters_folded=job.adapters_folded, adapters_rejected=job.adapters_rejected,
         error=job.error, created=job.created, tokens=job.tokens, dataset_sha256=job.dataset_sha256,
         base_loss=job.base_loss, warning=job.warning, events=job.events,
+        training=job.training,
     )
 
 

@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 
 from coordinator.errors import NotFound
-from coordinator.ledger import Ledger, count_states
+from coordinator.ledger import JobConfig, Ledger, TaskRecord, count_states
 from coordinator.settings import Settings
 from coordinator.workers import is_active
 
@@ -35,6 +35,7 @@ class JobSummary:
     base_loss: float  # nan until measured
     warning: str
     events: list[str]  # the newest notes of its tasks' runs, oldest first
+    training: str = ""  # what its newest leased task trains at ("batch 2, lr 0.004"); "" before any
 
 
 @dataclass(frozen=True)
@@ -95,7 +96,22 @@ def job(ledger: Ledger, job_id: str) -> JobSummary | None:
         base_loss=math.nan if record.base_loss is None else record.base_loss,
         warning=record.warning,
         events=[e for _, e in sorted(events)[-MAX_JOB_EVENTS:]],
+        training=training(record.config, tasks),
     )
+
+
+def training(config: JobConfig, tasks: list[TaskRecord]) -> str:
+    """What the job's newest leased task trains at, beside the job's own batch and lr (they differ
+    when the scheduler keeps the global batch: coordinator.policy); "" before any lease."""
+    leased = [t for t in tasks if t.batch_size > 0]
+    if not leased:
+        return ""
+    newest = max(leased, key=lambda t: t.leased_at)
+    text = f"batch {newest.batch_size}, lr {newest.learning_rate:.3g}"
+    if (newest.batch_size, newest.learning_rate) != (config.batch_size, config.learning_rate):
+        text += (f" (the job's batch {config.batch_size} over {max(1, config.batch_size // newest.batch_size)} "
+                 f"adapters a fold, lr x{newest.learning_rate / config.learning_rate:.3g})")
+    return text
 
 
 def workers(ledger: Ledger, settings: Settings) -> list[WorkerSummary]:

@@ -76,17 +76,17 @@ def test_losses(folders: dict[str, Path], texts: list[str], seq_len: int = 128) 
 
 def run_demo(workdir: Path | None = None, listen: str = "127.0.0.1:0") -> dict[str, float]:
     from coordinator.server import Coordinator
-    from coordinator.settings import JobDefaults, Settings
+    from coordinator.settings import Settings
     from nomoat.progress import follow
     from nomoat.tiny import tiny_model_path
 
     workdir = Path(workdir or tempfile.mkdtemp(prefix="nomoat-demo-"))
     workdir.mkdir(parents=True, exist_ok=True)
     console.print(f"[bold]nomoat demo[/] in {workdir}")
-    # Tasks of ~12k tokens, two epochs at batch 4 (~60 optimizer steps each): enough steps per
-    # task for each adapter to learn something before its update is averaged with the others.
-    settings = Settings(data_dir=workdir / "coordinator", listen=listen, fold_every=2, fold_timeout_s=60,
-                        job=JobDefaults(tokens_per_task=12000, batch_size=4, learning_rate=3e-3, epochs=2))
+    # The coordinator's own defaults, job settings included: what the demo shows is what a user
+    # gets (with two cards, each task trains at half the job's batch at lr x sqrt(2): Settings.
+    # keep_global_batch).
+    settings = Settings(data_dir=workdir / "coordinator", listen=listen)
     node = Coordinator(settings)
     workers: list[subprocess.Popen] = []
     try:

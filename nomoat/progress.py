@@ -82,6 +82,8 @@ def print_status(reply: pb.StatusReply) -> None:
     for table in (jobs, workers, versions):
         out.print(table)
     for j in reply.jobs:
+        if j.training:
+            out.print(f"[bold]{j.job_id}[/]: its tasks train at {j.training}", highlight=False)
         if j.events:
             out.print(f"[bold]{j.job_id}[/]: latest notes from its runs")
             for event in j.events:

@@ -247,9 +247,26 @@ def test_staleness_factor(tau: int, expected: float) -> None:
 
 
 def test_fold_weights_values() -> None:
-    w = fold_weights([100, 300], [0, 3], max_staleness=3)
+    # The earlier rule, behind the flag: divided by Σ n_j, so staleness shrinks the whole fold.
+    w = fold_weights([100, 300], [0, 3], max_staleness=3, normalise=False)
     assert w == pytest.approx([0.25, 0.75 * 0.5])
-    assert fold_weights([7, 7, 7, 7], [0, 0, 0, 0], max_staleness=0) == pytest.approx([0.25] * 4)
+    assert sum(w) < 1
+    for normalise in (True, False):
+        assert fold_weights([7, 7, 7, 7], [0, 0, 0, 0], max_staleness=0, normalise=normalise) \
+            == pytest.approx([0.25] * 4)
+
+
+def test_fold_weights_normalised_sum_to_one_with_stale_adapters() -> None:
+    # The default: divided by Σ n_j s(τ_j). Stale adapters get a smaller share, the fold its full size.
+    tokens, taus = [100, 300, 200], [0, 3, 8]
+    w = fold_weights(tokens, taus, max_staleness=8)
+    assert sum(w) == pytest.approx(1.0)
+    shares = [100 * 1.0, 300 * 0.5, 200 / 3]
+    assert w == pytest.approx([x / sum(shares) for x in shares])
+    # The ratio between two adapters is the same under both rules; only the total differs.
+    old = fold_weights(tokens, taus, max_staleness=8, normalise=False)
+    assert [a / old[0] for a in old] == pytest.approx([a / w[0] for a in w])
+    assert sum(old) == pytest.approx(sum(shares) / 600)
 
 
 WEIGHT_REFUSALS = [

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from coordinator import status
 from coordinator.ledger import (
     FoldedAdapter,
     JobConfig,
@@ -209,6 +210,48 @@ def test_a_run_whose_node_died_releases_each_of_its_units(ledger, make) -> None:
     scheduler.tick(fake.now)  # every unit back in the queue, and out again, each with a new fence
     assert fake.submitted[-1].task_ids == run
     assert all(fence(ledger, t) > before[t] for t in run)
+
+
+# -- keeping the global batch -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cards,fold_every,keep,batch,lr", [
+    (1, 4, True, 8, 1e-3),                 # K = 1: one card, the job's own batch and lr
+    (2, 4, True, 4, 1e-3 * 2 ** 0.5),      # K = 2 cards
+    (4, 4, True, 2, 2e-3),                 # K = 4: the measured x2
+    (6, 4, True, 2, 2e-3),                 # K = fold_every: a fold averages at most 4
+    (4, 2, True, 4, 1e-3 * 2 ** 0.5),      # ... however many cards there are
+    (4, 4, False, 8, 1e-3),                # keep_global_batch off: the job's
+])
+def test_a_task_trains_at_the_job_batch_over_the_adapters_a_fold_averages(
+        ledger, make, cards: int, fold_every: int, keep: bool, batch: int, lr: float) -> None:
+    scheduler, fake = make([FakeCard(f"c{i}", 24.0, 100.0) for i in range(cards)],
+                           fold_every=fold_every, keep_global_batch=keep)
+    tasks = make_job(ledger, "j", cards, tokens=100)  # batch 8, lr 1e-3
+    scheduler.tick(fake.now)
+    specs = [s for run in fake.submitted for s in run.specs]
+    assert len(specs) == cards
+    for spec in specs:
+        # The same tokens per task (so K times the steps), the job's batch over K, lr x sqrt(K).
+        assert spec.tokens == 100
+        assert spec.train.batch_size == batch
+        assert spec.train.learning_rate == pytest.approx(lr)
+    # The ledger and `nomoat status` say what the tasks train at.
+    record = ledger.tasks.get(tasks[0])
+    assert (record.batch_size, record.learning_rate) == (batch, pytest.approx(lr))
+    shown = status.job(ledger, "j").training
+    assert shown.startswith(f"batch {batch}, lr {lr:.3g}")
+    assert ("over" in shown) == (batch != 8)
+
+
+def test_a_card_too_small_for_the_job_does_not_count_towards_the_fold(ledger, make) -> None:
+    # SMALL (6 GB) cannot hold a seq-len-1024 task (8 GB): only the two big cards work the job.
+    scheduler, fake = make([SMALL, BIG, FakeCard("big2", 24.0, 1000.0)])
+    make_job(ledger, "long", 3, seq_len=1024)
+    scheduler.tick(fake.now)
+    specs = [s for run in fake.submitted for s in run.specs]
+    assert [s.train.batch_size for s in specs] == [4, 4]
+    assert all(s.train.learning_rate == pytest.approx(1e-3 * 2 ** 0.5) for s in specs)
 
 
 # -- speculation near a job's end ----------------------------------------------------------------

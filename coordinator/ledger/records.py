@@ -113,6 +113,10 @@ class TaskRecord:
     holder_fence: int = 0
     holder_token: str = ""
     holder_worker: str = ""
+    # What the newest lease's run trains at (coordinator.policy.FoldPolicy.task_training: the
+    # job's batch and lr, or its batch / K at a scaled lr); 0 until the task is first leased.
+    batch_size: int = 0
+    learning_rate: float = 0.0
 
     @property
     def partner(self) -> str:
@@ -266,6 +270,7 @@ def task_from_hash(data: dict[str, str]) -> TaskRecord:
         twin=data.get("twin", ""), twin_of=data.get("twin_of", ""),
         holder_fence=_num(data, "holder_fence", int), holder_token=data.get("holder_token", ""),
         holder_worker=data.get("holder_worker", ""),
+        batch_size=_num(data, "batch_size", int), learning_rate=_num(data, "learning_rate", float),
     )
 
 

@@ -33,9 +33,17 @@ def count_states(tasks: Iterable[TaskRecord]) -> dict[str, int]:
     return counts
 
 
+_SET_TRAINING = """
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  redis.call('HSET', KEYS[1], 'batch_size', ARGV[1], 'learning_rate', ARGV[2])
+end
+"""
+
+
 class Tasks:
     def __init__(self, client: redis.Redis) -> None:
         self.r = client
+        self._set_training = client.register_script(_SET_TRAINING)
 
     def get(self, task_id: str) -> TaskRecord | None:
         data = decode(self.r.hgetall(keys.task(task_id)))
@@ -57,6 +65,14 @@ class Tasks:
 
     def counts(self, job_id: str) -> dict[str, int]:
         return count_states(self.of_job(job_id))
+
+    def set_training(self, runs: Iterable[tuple[str, int, float]]) -> None:
+        """Record (task id, batch size, learning rate) of each leased unit: what its run trains at."""
+        pipe = self.r.pipeline(transaction=False)
+        for task_id, batch_size, learning_rate in runs:
+            # Only onto a task that still exists (a job removed meanwhile leaves no stray hash).
+            self._set_training(keys=[keys.task(task_id)], args=[batch_size, repr(learning_rate)], client=pipe)
+        pipe.execute()
 
     def require_vram(self, task_id: str, gb: float) -> None:
         """The task runs out of memory on cards below ``gb``: place it only on bigger ones."""

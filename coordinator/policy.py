@@ -1,0 +1,154 @@
+"""The fold policy: every decision of a fold, as pure code the folder and the benchmark share.
+
+A strategy in Flower's manner, one method per step of a fold, each deciding from numbers it is
+given (the caller does the I/O: reading adapters, evaluating losses, publishing):
+
+1. :meth:`FoldPolicy.due`: is a fold due (enough adapters wait, the oldest waited long enough,
+   or a job with nothing else outstanding waits on the buffer)? :meth:`FoldPolicy.take` says how
+   many of the buffered adapters one fold looks at;
+2. :meth:`FoldPolicy.admit` and :meth:`FoldPolicy.judge`: the per-adapter gates, before its
+   held-out evaluation (staleness, update norm) and after it (its solo loss);
+3. :meth:`FoldPolicy.weights`: each survivor's weight (DESIGN.md, "Folding math");
+4. :meth:`FoldPolicy.outer_step`: the patch the fold applies (plain, or DiLoCo's Nesterov step);
+5. :meth:`FoldPolicy.publishable` and :meth:`FoldPolicy.worst`: publish the fold, or drop the
+   worst contributor and retry.
+
+It also sizes the tasks whose adapters a fold will average (:meth:`FoldPolicy.task_training`):
+K adapters trained from one version and averaged act as one step of their summed batch, so each
+task trains at the job's batch divided by K, with K times the steps (the same tokens), at
+:func:`lr_scale` times the job's learning rate. ``coordinator.scheduler`` calls it when it builds
+a task, ``bench/qsim.py`` when it simulates one.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from coordinator import folding
+from coordinator.settings import Settings
+from nomoat.adapter import Adapter
+
+# How many of the most recently folded adapters' norms the norm gate compares against.
+RECENT_NORMS = 64
+
+
+def lr_scale(k: int) -> float:
+    """The learning-rate multiplier for a task trained at 1/k of the job's batch: ``sqrt(k)``.
+
+    k tasks at batch b/k take k times the (noisier) steps that one task at batch b would take;
+    the square-root rule for a smaller batch under Adam makes their steps larger again.
+    bench/quality.py measured it at k = 4 (one pass, 4 workers on the demo corpus; bench/README.md):
+    at the job's lr the folded model reached 0.670 of the best centralized run, at twice it (the
+    rule's sqrt(4)) 0.742; 0.781 together with normalised staleness weights. k = 1 is the job's lr.
+    """
+    if k < 1:
+        raise ValueError(f"a fold averages at least one adapter, not {k}")
+    return math.sqrt(k)
+
+
+@dataclass(frozen=True)
+class TaskTraining:
+    """The batch and learning rate one task trains at, and the K they were sized for."""
+
+    batch_size: int
+    learning_rate: float
+    fold_width: int  # K: the adapters the next fold is expected to average (1: not scaled)
+
+
+@dataclass(frozen=True)
+class FoldPolicy:
+    """The fields of :class:`coordinator.settings.Settings` that decide a fold, and the decisions."""
+
+    fold_every: int = 4
+    fold_timeout_s: float = 120.0
+    max_staleness: int = 16
+    eval_epsilon: float = 0.02
+    adapter_epsilon: float = 0.1
+    norm_factor: float = 20.0
+    normalise: bool = True
+    outer_momentum: float = 0.0
+    outer_lr: float = 1.0
+    outer_terms: int = 8
+    keep_global_batch: bool = True
+
+    @classmethod
+    def of(cls, settings: Settings) -> FoldPolicy:
+        return cls(
+            fold_every=settings.fold_every, fold_timeout_s=settings.fold_timeout_s,
+            max_staleness=settings.max_staleness, eval_epsilon=settings.eval_epsilon,
+            adapter_epsilon=settings.adapter_epsilon, norm_factor=settings.norm_factor,
+            normalise=settings.normalise_staleness, outer_momentum=settings.outer_momentum,
+            outer_lr=settings.outer_lr, outer_terms=settings.outer_terms,
+            keep_global_batch=settings.keep_global_batch,
+        )
+
+    # -- task sizing --------------------------------------------------------------------------
+
+    def fold_width(self, cards: int) -> int:
+        """K, the adapters the next fold of a job averages: ``fold_every`` of them, or fewer when
+        fewer cards can work the job at once; at least 1."""
+        return max(1, min(self.fold_every, cards))
+
+    def task_training(self, batch_size: int, learning_rate: float, cards: int) -> TaskTraining:
+        """The batch and lr a task of a job with ``batch_size`` and ``learning_rate`` trains at,
+        while ``cards`` cards can work the job at once (keep the global batch: DESIGN.md)."""
+        if not self.keep_global_batch:
+            return TaskTraining(batch_size, learning_rate, 1)
+        k = self.fold_width(cards)
+        return TaskTraining(max(1, batch_size // k), learning_rate * lr_scale(k), k)
+
+    # -- when -------------------------------------------------------------------------------
+
+    def due(self, buffered: int, oldest_wait_s: float, a_job_waits: bool) -> bool:
+        """Fold now? ``buffered`` adapters wait, the oldest for ``oldest_wait_s``; ``a_job_waits``:
+        one of them belongs to a job with nothing else outstanding (its tail must not be stuck)."""
+        if buffered <= 0:
+            return False
+        return buffered >= self.fold_every or oldest_wait_s >= self.fold_timeout_s or a_job_waits
+
+    def take(self) -> int:
+        """How many of the buffered adapters, oldest first, one fold looks at."""
+        return max(self.fold_every, 1) * 4
+
+    # -- the gates ----------------------------------------------------------------------------
+
+    def admit(self, tokens: int, tau: int, norm: float, recent_norms: Sequence[float]) -> None:
+        """The gates before an adapter's held-out evaluation: its token count and staleness can
+        be weighed, its update norm is within ``norm_factor`` of the recent median. Raises
+        :class:`coordinator.folding.AdapterRejected` with the reason."""
+        folding.fold_weights([tokens], [tau], self.max_staleness)
+        folding.check_norm(norm, list(recent_norms)[:RECENT_NORMS], self.norm_factor)
+
+    def judge(self, solo_loss: float, parent_loss: float) -> None:
+        """The gate after it: the current model plus the adapter alone (at its staleness factor)
+        may not be worse on its job's held-out slice by more than ``adapter_epsilon``."""
+        if not solo_loss <= parent_loss + self.adapter_epsilon:
+            raise folding.AdapterRejected(
+                f"it makes held-out loss worse ({solo_loss:.4f} against {parent_loss:.4f})"
+            )
+
+    # -- the fold -----------------------------------------------------------------------------
+
+    def weights(self, tokens: Sequence[int], taus: Sequence[int]) -> list[float]:
+        return folding.fold_weights(tokens, taus, self.max_staleness, normalise=self.normalise)
+
+    def outer_step(self, delta: Adapter, previous: Sequence[Adapter]) -> Adapter:
+        """The patch to apply for the folded ``delta``; ``previous``: the plain deltas of the
+        folds before, newest first (only read with outer momentum, at most ``outer_terms``)."""
+        previous = list(previous)[: self.outer_terms] if self.outer_momentum else []
+        return folding.outer_step(delta, previous, self.outer_momentum, self.outer_lr)
+
+    def wants_previous(self) -> int:
+        """How many previous plain deltas :meth:`outer_step` reads (0 without outer momentum)."""
+        return self.outer_terms if self.outer_momentum else 0
+
+    def publishable(self, loss: float, parent_loss: float) -> bool:
+        """Publish the folded version? Its held-out loss may be worse by ``eval_epsilon`` at most."""
+        return loss <= parent_loss + self.eval_epsilon
+
+    @staticmethod
+    def worst(solo_losses: Sequence[float]) -> int:
+        """The contributor to drop when a fold is not publishable: the worst solo loss."""
+        return max(range(len(solo_losses)), key=lambda i: solo_losses[i])

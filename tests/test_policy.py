@@ -1,0 +1,79 @@
+"""The fold policy's decisions from plain numbers (coordinator/policy.py): the folder and the
+quality benchmark both fold through it, so its rules are stated here once."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+from coordinator.folding import AdapterRejected
+from coordinator.policy import FoldPolicy, lr_scale
+from coordinator.settings import Settings
+
+
+def test_the_policy_is_the_settings() -> None:
+    settings = Settings(data_dir=Path("unused"), fold_every=3, max_staleness=5, normalise_staleness=False,
+                        keep_global_batch=False, outer_momentum=0.9, outer_terms=2)
+    policy = FoldPolicy.of(settings)
+    assert (policy.fold_every, policy.max_staleness, policy.normalise, policy.keep_global_batch,
+            policy.outer_momentum, policy.wants_previous()) == (3, 5, False, False, 0.9, 2)
+    assert FoldPolicy.of(Settings(data_dir=Path("unused"))) == FoldPolicy()  # the same defaults
+
+
+@pytest.mark.parametrize("buffered,wait,job_waits,due", [
+    (0, 999.0, True, False),   # nothing to fold
+    (3, 0.0, False, False),    # fewer than fold_every, none waited long
+    (4, 0.0, False, True),     # fold_every wait
+    (1, 120.0, False, True),   # the oldest waited fold_timeout_s
+    (1, 0.0, True, True),      # a job with nothing else outstanding
+])
+def test_a_fold_is_due(buffered: int, wait: float, job_waits: bool, due: bool) -> None:
+    assert FoldPolicy(fold_every=4, fold_timeout_s=120.0).due(buffered, wait, job_waits) is due
+
+
+def test_the_gates() -> None:
+    policy = FoldPolicy(max_staleness=2, norm_factor=10.0, adapter_epsilon=0.1)
+    policy.admit(100, 2, 5.0, [1.0, 1.0])
+    with pytest.raises(AdapterRejected, match="more than the bound of 2"):
+        policy.admit(100, 3, 1.0, [])
+    with pytest.raises(AdapterRejected, match="exceeds 10"):
+        policy.admit(100, 0, 11.0, [1.0] * 3)
+    # Only the newest 64 norms count (newest first, as the ledger keeps them).
+    policy.admit(100, 0, 11.0, [2.0] * 64 + [0.001] * 200)
+    policy.judge(4.09, 4.0)
+    for worse in (4.11, math.nan):
+        with pytest.raises(AdapterRejected, match="held-out loss worse"):
+            policy.judge(worse, 4.0)
+
+
+def test_publish_or_drop_the_worst() -> None:
+    policy = FoldPolicy(eval_epsilon=0.02)
+    assert policy.publishable(4.01, 4.0) and not policy.publishable(4.03, 4.0)
+    assert FoldPolicy.worst([4.1, 4.3, 4.2]) == 1
+
+
+def test_weights_follow_the_normalise_setting() -> None:
+    assert sum(FoldPolicy().weights([100, 100], [0, 3])) == pytest.approx(1.0)
+    assert FoldPolicy(normalise=False).weights([100, 100], [0, 3]) == pytest.approx([0.5, 0.25])
+
+
+def test_lr_scale_is_the_measured_rule() -> None:
+    assert lr_scale(1) == 1.0 and lr_scale(4) == 2.0  # x2 at K = 4 (bench/README.md)
+    with pytest.raises(ValueError):
+        lr_scale(0)
+
+
+@pytest.mark.parametrize("cards,keep,batch,lr,k", [
+    (0, True, 8, 1e-3, 1), (1, True, 8, 1e-3, 1), (2, True, 4, 1e-3 * math.sqrt(2), 2),
+    (4, True, 2, 2e-3, 4), (16, True, 2, 2e-3, 4), (4, False, 8, 1e-3, 1),
+])
+def test_task_training_keeps_the_global_batch(cards: int, keep: bool, batch: int, lr: float, k: int) -> None:
+    sized = FoldPolicy(fold_every=4, keep_global_batch=keep).task_training(8, 1e-3, cards)
+    assert (sized.batch_size, sized.fold_width) == (batch, k)
+    assert sized.learning_rate == pytest.approx(lr)
+
+
+def test_a_batch_smaller_than_the_fold_stays_one() -> None:
+    assert FoldPolicy(fold_every=8).task_training(2, 1e-3, 8).batch_size == 1
