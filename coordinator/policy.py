@@ -72,6 +72,7 @@ class FoldPolicy:
     outer_lr: float = 1.0
     outer_terms: int = 8
     keep_global_batch: bool = True
+    task_seconds: float = 60.0  # about how long a card's run of a job takes (target_task_seconds)
 
     @classmethod
     def of(cls, settings: Settings) -> FoldPolicy:
@@ -81,15 +82,20 @@ class FoldPolicy:
             adapter_epsilon=settings.adapter_epsilon, norm_factor=settings.norm_factor,
             normalise=settings.normalise_staleness, outer_momentum=settings.outer_momentum,
             outer_lr=settings.outer_lr, outer_terms=settings.outer_terms,
-            keep_global_batch=settings.keep_global_batch,
+            keep_global_batch=settings.keep_global_batch, task_seconds=settings.target_task_seconds,
         )
 
     # -- task sizing --------------------------------------------------------------------------
 
     def fold_width(self, cards: int) -> int:
         """K, the adapters the next fold of a job averages: ``fold_every`` of them, or fewer when
-        fewer cards can work the job at once; at least 1."""
-        return max(1, min(self.fold_every, cards))
+        the ``cards`` working the job deliver fewer before the fold timeout fires; at least 1.
+
+        Each card hands in about one run per ``task_seconds``, and until the fold every run trains
+        from the same version, so a card's second run before the timeout is one more adapter of
+        the same fold (2 cards, fold_every 4, 120 s timeout, 60 s runs: K = 4, not 2)."""
+        per_card = max(1, int(self.fold_timeout_s // max(self.task_seconds, 1e-9)))
+        return max(1, min(self.fold_every, cards * per_card))
 
     def task_training(self, batch_size: int, learning_rate: float, cards: int) -> TaskTraining:
         """The batch and lr a task of a job with ``batch_size`` and ``learning_rate`` trains at,

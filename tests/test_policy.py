@@ -70,9 +70,19 @@ def test_lr_scale_is_the_measured_rule() -> None:
     (4, True, 2, 2e-3, 4), (16, True, 2, 2e-3, 4), (4, False, 8, 1e-3, 1),
 ])
 def test_task_training_keeps_the_global_batch(cards: int, keep: bool, batch: int, lr: float, k: int) -> None:
-    sized = FoldPolicy(fold_every=4, keep_global_batch=keep).task_training(8, 1e-3, cards)
+    # One run per card before the fold times out (60 s runs, 60 s timeout).
+    sized = FoldPolicy(fold_every=4, keep_global_batch=keep, fold_timeout_s=60.0,
+                       task_seconds=60.0).task_training(8, 1e-3, cards)
     assert (sized.batch_size, sized.fold_width) == (batch, k)
     assert sized.learning_rate == pytest.approx(lr)
+
+
+@pytest.mark.parametrize("cards,timeout,k", [(1, 120.0, 2), (2, 120.0, 4), (1, 600.0, 4), (2, 30.0, 2)])
+def test_a_cards_runs_before_the_fold_timeout_count_towards_the_fold(cards: int, timeout: float, k: int) -> None:
+    # 60 s runs: a card hands in timeout // 60 adapters (at least one) of the same version.
+    policy = FoldPolicy(fold_every=4, fold_timeout_s=timeout, task_seconds=60.0)
+    assert policy.fold_width(cards) == k
+    assert policy.task_training(8, 1e-3, cards).batch_size == 8 // k
 
 
 def test_a_batch_smaller_than_the_fold_stays_one() -> None:

@@ -225,8 +225,9 @@ def test_a_run_whose_node_died_releases_each_of_its_units(ledger, make) -> None:
 ])
 def test_a_task_trains_at_the_job_batch_over_the_adapters_a_fold_averages(
         ledger, make, cards: int, fold_every: int, keep: bool, batch: int, lr: float) -> None:
+    # One run per card before the fold times out (1 s runs, 1 s timeout): K counts cards.
     scheduler, fake = make([FakeCard(f"c{i}", 24.0, 100.0) for i in range(cards)],
-                           fold_every=fold_every, keep_global_batch=keep)
+                           fold_every=fold_every, keep_global_batch=keep, fold_timeout_s=1.0)
     tasks = make_job(ledger, "j", cards, tokens=100)  # batch 8, lr 1e-3
     scheduler.tick(fake.now)
     specs = [s for run in fake.submitted for s in run.specs]
@@ -246,7 +247,7 @@ def test_a_task_trains_at_the_job_batch_over_the_adapters_a_fold_averages(
 
 def test_a_card_too_small_for_the_job_does_not_count_towards_the_fold(ledger, make) -> None:
     # SMALL (6 GB) cannot hold a seq-len-1024 task (8 GB): only the two big cards work the job.
-    scheduler, fake = make([SMALL, BIG, FakeCard("big2", 24.0, 1000.0)])
+    scheduler, fake = make([SMALL, BIG, FakeCard("big2", 24.0, 1000.0)], fold_timeout_s=1.0)
     make_job(ledger, "long", 3, seq_len=1024)
     scheduler.tick(fake.now)
     specs = [s for run in fake.submitted for s in run.specs]
