@@ -120,10 +120,16 @@ def test_an_out_of_memory_run_retries_with_a_smaller_micro_batch(cluster) -> Non
     retried = [t for t in tasks if t.events]
     assert retried, "no task ran on the 12 GB card"
     for task in retried:
+        # Halved from the task's own batch (the job's, divided to keep the global batch) down to
+        # 2, the most the 12 GB card's hook lets through; the same effective batch throughout.
         events = [e for _, e in task.events]
-        assert any("out of memory at micro-batch 8" in e and "retrying at micro-batch 4" in e for e in events)
-        assert any("out of memory at micro-batch 4" in e and "retrying at micro-batch 2" in e for e in events)
-        assert coordinator.ledger.adapters.get(task.adapter).state in ("buffered", "folded")
+        assert task.batch_size > 2, task
+        micro = task.batch_size
+        while micro > 2:
+            assert any(f"out of memory at micro-batch {micro}" in e and f"retrying at micro-batch {micro // 2}" in e
+                       for e in events), (micro, events)
+            micro //= 2
+        assert coordinator.ledger.adapters.get(task.adapter).state in ("buffered", "folded", "rejected")
 
 
 def test_speculation_shortens_the_tail_and_never_folds_a_task_twice(cluster) -> None:
@@ -139,11 +145,12 @@ def test_speculation_shortens_the_tail_and_never_folds_a_task_twice(cluster) -> 
     # expected to finish last, on cards that would finish sooner, is tests/test_scheduler.py's).
     for task in won:
         assert coordinator.ledger.tasks.get(task.twin).leased_at > task.leased_at, task
-    # Exactly one adapter per task was accepted, and each task's result is folded once.
-    accepted = [a for a in adapters_of(coordinator, reply.job_id) if a.state in ("buffered", "folded")]
+    # Exactly one adapter per task was accepted, and each task's result is folded at most once
+    # (the fold's own check may still refuse one: it then counts as rejected, not folded).
+    accepted = [a for a in adapters_of(coordinator, reply.job_id) if a.state in ("buffered", "folded", "rejected")]
     originals = [a.task.removesuffix(".spec") for a in accepted]
     assert sorted(originals) == sorted(t.task_id for t in tasks)
-    assert job.adapters_folded == len(tasks)
+    assert job.adapters_folded + job.adapters_rejected == len(tasks)
     folded = [a for v in coordinator.ledger.versions.all() for a in v.adapters]
     assert len({a.id for a in folded}) == len(folded)
 
