@@ -36,7 +36,7 @@ test: install debian-packages
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: install debian-packages
-	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not slow" --hypothesis-profile=fast $(PYTEST_ARGS)
 
 proto: install
 	$(PY) -m nomoat.codegen

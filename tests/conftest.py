@@ -7,15 +7,29 @@ saying so, so that the fast tier stays fast.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
 import pytest
 import redis
+from hypothesis import settings
 
 from coordinator.ledger import Ledger
 from coordinator.redis_server import EmbeddedRedis
 from tests import procs
+
+# One intra-op thread per process (a value already set wins). The tiny model's matmuls are too
+# small to gain from a second thread, and on a busy machine torch's OpenMP threads spin waiting for
+# each other: ten training steps took 1.5 s with one thread and 3.7 s with two, on two shared
+# cores. Set before any test module imports torch (nothing above does), so that it holds in
+# every process the tests start.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+# The inner loop's share of each property's examples: `make test-fast` passes
+# --hypothesis-profile=fast; the whole suite (`make test`, CI) keeps hypothesis' default profile,
+# and with it every property's full count (tests/test_fuzz.py's examples()).
+settings.register_profile("fast", max_examples=20)
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,9 @@ orders of otherwise well-formed chunk streams, and random tokens. Properties, af
 * the ledger stays consistent (tests/consistency.py);
 * afterwards the health check and a plain Status call still answer.
 
-Bounded: 100-150 examples per RPC, derandomized so CI sees the same cases every run.
+Bounded: 100-150 examples per RPC in the whole suite (``make test``, CI), a fifth of that in the
+inner loop (``make test-fast`` loads the hypothesis profile "fast", tests/conftest.py);
+derandomized so CI sees the same cases every run.
 """
 
 from __future__ import annotations
@@ -37,6 +39,12 @@ RPCS = {f"/{s.full_name}/{m.name}": m for s in SERVICES for m in s.methods}
 # Server-streaming RPCs that stream for as long as a job runs: read the first message, then hang up.
 FIRST_ONLY = {"/nomoat.v1.Jobs/Watch"}
 HEAVY = {"/nomoat.v1.Models/Pull", "/nomoat.v1.Datasets/Submit", "/nomoat.v1.Workers/Upload"}
+
+
+def examples(full: int) -> int:
+    """``full`` under hypothesis' default profile (100 examples: the whole suite); under another
+    profile, the same share of ``full`` as its max_examples is of 100 ("fast": a fifth)."""
+    return max(1, full * settings.default.max_examples // 100)
 
 
 class World:
@@ -236,7 +244,7 @@ def test_every_rpc_survives_random_and_malformed_requests(rig: Rig, world: World
     channel = grpc.insecure_channel(rig.address, options=[("grpc.max_receive_message_length", 16 << 20)])
     answers: dict[str, int] = {}
 
-    @settings(max_examples=100 if path in HEAVY else 150, deadline=None, derandomize=True, database=None,
+    @settings(max_examples=examples(100 if path in HEAVY else 150), deadline=None, derandomize=True, database=None,
               suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
                                      HealthCheck.data_too_large, HealthCheck.filter_too_much])
     @given(payload=requests(world, method), token=tokens(world))
