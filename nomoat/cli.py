@@ -213,7 +213,8 @@ def worker() -> None:
               help="Pretend to have this card (no GPU needed; trains on the CPU).")
 @click.option("--name", default="", help="How this worker shows up in `nomoat status`.")
 @click.option("--threads", default=0, help="CPU threads per task (0: torch's default).")
-@click.option("--cache-dir", default=None, type=click.Path(file_okay=False), help="Where model versions are cached.")
+@click.option("--cache-dir", default=None, envvar="NOMOAT_CACHE_DIR", type=click.Path(file_okay=False),
+              help="Where model versions are cached (default ~/.cache/nomoat).")
 @click.option("--node-ip", default=None, help="IP this Ray node advertises (default: Ray's choice).")
 @click.pass_context
 def worker_start(ctx, ray_address, simulate_gpu, name, threads, cache_dir, node_ip) -> None:

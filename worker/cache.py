@@ -36,7 +36,9 @@ _WEIGHT = ".weight"
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("NOMOAT_CACHE_DIR") or Path.home() / ".cache" / "nomoat")
+    """Where versions are cached when nobody said (``--cache-dir``, or NOMOAT_CACHE_DIR, read by
+    the CLI and by :class:`worker.settings.NodeSettings`)."""
+    return Path.home() / ".cache" / "nomoat"
 
 
 def apply_patches(folder: Path, patches: list[Path]) -> None:
