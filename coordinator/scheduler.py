@@ -129,7 +129,7 @@ class Scheduler:
         """Node id -> the measured tokens/s of its worker, as the ledger holds it (the one source:
         a restarted coordinator sizes runs as its predecessor did). A node that names its worker
         takes that worker's speed, so a card whose Ray node was replaced keeps it."""
-        return self.ledger.workers.speeds_by_node({n.node_id: n.worker_id for n in nodes if n.worker_id})
+        return self.ledger.workers.speeds_by_node({n.node_id: n.worker_id for n in nodes})
 
     def tick(self, now: float | None = None) -> set[str]:
         """One round; returns the running jobs with nothing left to train (ready for a last fold)."""

@@ -98,22 +98,27 @@ class Workers:
             return 0.0
         return float(self._run(keys=[keys.worker(worker_id)], args=[tokens, seconds, node_id]))
 
-    def speeds_by_node(self, claims: Mapping[str, str] | None = None) -> dict[str, float]:
+    def speeds_by_node(self, claims: Mapping[str, str]) -> dict[str, float]:
         """Ray node id -> the measured tokens/s of its worker (known speeds only).
 
-        ``claims`` (node id -> worker id) are the workers the nodes name themselves (their Ray
-        label): such a node takes its worker's speed even before a run there recorded the node,
-        as after a Ray restart gave the worker's card a new node. Any other node takes the speed
-        of the worker that last finished a run on it.
+        ``claims`` maps each node the scheduler sees to the worker it names itself (its Ray label;
+        "" for a node with none). A named node takes its worker's speed, read for that worker
+        alone, even before a run there recorded the node (as after a Ray restart gave the card a
+        new node). Only when some node names no worker are all workers read, for the one that
+        last finished a run on it: the scheduler asks every tick, and the workers ever
+        registered grow without bound.
         """
+        named = {node: worker for node, worker in claims.items() if worker}
         speeds: dict[str, float] = {}
-        by_worker: dict[str, float] = {}
-        for worker in self.all():  # least recently seen first: the newest claim on a node wins
-            if worker.tokens_per_s > 0:
-                by_worker[worker.worker_id] = worker.tokens_per_s
-                if worker.node_id:
+        if len(named) < len(claims):
+            for worker in self.all():  # least recently seen first: the newest claim on a node wins
+                if worker.tokens_per_s > 0 and worker.node_id in claims:
                     speeds[worker.node_id] = worker.tokens_per_s
-        for node_id, worker_id in (claims or {}).items():
-            if worker_id in by_worker:
-                speeds[node_id] = by_worker[worker_id]
+        pipe = self.r.pipeline(transaction=False)
+        for worker_id in named.values():
+            pipe.hget(keys.worker(worker_id), "tokens_per_s")
+        for node, raw in zip(named, pipe.execute()):
+            speed = float(raw) if raw else 0.0
+            if speed > 0:
+                speeds[node] = speed
         return speeds
