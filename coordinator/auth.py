@@ -31,6 +31,7 @@ PERMISSIONS: dict[str, set[str]] = {
     "/nomoat.v1.Workers/FetchShard": {"worker", "admin"},
     "/nomoat.v1.Workers/Upload": {"worker", "admin"},
     "/nomoat.v1.Workers/UploadOffset": {"worker", "admin"},
+    "/nomoat.v1.Workers/Stats": {"worker", "admin"},  # a volunteer's own record (its token's)
     "/nomoat.v1.Models/Pull": _ANY,
     # Every /nomoat.v1.Admin/ method: admin only (not listed).
 }

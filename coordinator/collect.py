@@ -16,15 +16,19 @@ import hashlib
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
-from coordinator import folding
+from coordinator import folding, trust
 from coordinator.auth import Identity
 from coordinator.errors import Incomplete, WrongState
 from coordinator.leases import holder
-from coordinator.ledger import Accepted, Ledger
+from coordinator.ledger import Accepted, Check, Ledger
 from coordinator.store import BlobStore
 from coordinator.uploads import PartialUploads, UploadRefused, UploadRetry
 from nomoat import adapter as adapter_format
+
+if TYPE_CHECKING:
+    from coordinator.replication import Replication
 
 
 @dataclass(frozen=True)
@@ -54,13 +58,16 @@ def upload(
     *,
     max_bytes: int,
     lineage: str = "",
+    replication: Replication | None = None,
 ) -> Accepted:
     """The whole upload: refuse early what cannot be accepted, receive the bytes from
     ``offset`` on (resumable, see PartialUploads), then check and record the adapter.
 
     Every answer about the adapter is an Accepted (refusals included). Raises WrongState when
     the upload cannot go on now but may be resumed, Incomplete when the stream ended early
-    (the bytes so far are kept; the message says where to resume).
+    (the bytes so far are kept; the message says where to resume). An adapter that fails a check
+    counts against its volunteer's trust (the token it came with); with ``replication``, the
+    adapter of a replicated task is held until its replicas settle.
     """
     if manifest.size > max_bytes:
         return Accepted("refused", f"the adapter is {manifest.size} bytes; the limit is {max_bytes}")
@@ -84,8 +91,11 @@ def upload(
     if data is None:
         held = partials.offset(m.task_id, m.fence, m.sha256)
         raise Incomplete(f"the upload stopped at byte {held} of {m.size}; resume from offset {held}")
-    result = receive(ledger, store, shapes, m, data)
+    volunteer = trust.volunteer_of(token_hash, worker_id)
+    result = receive(ledger, store, shapes, m, data, volunteer=volunteer, replication=replication)
     partials.discard(m.task_id, m.fence, m.sha256)
+    if result.check is not None:
+        ledger.trust.record(volunteer, result.check.value, result.detail)
     return result
 
 
@@ -105,13 +115,19 @@ def receive(
     shapes: Mapping[str, tuple[int, int]],
     manifest: Manifest,
     data: bytes,
+    *,
+    volunteer: str = "",
+    replication: Replication | None = None,
 ) -> Accepted:
-    """Check an upload and record it; never raises for bad input, refuses with a reason."""
+    """Check an upload and record it; never raises for bad input, refuses with a reason (and
+    the check it failed, when it failed one)."""
     if len(data) != manifest.size:
-        return Accepted("refused", f"the upload has {len(data)} bytes but the manifest says {manifest.size}")
+        return Accepted("refused", f"the upload has {len(data)} bytes but the manifest says {manifest.size}",
+                        Check.CORRUPT)
     digest = hashlib.sha256(data).hexdigest()
     if digest != manifest.sha256:
-        return Accepted("refused", "the upload's sha256 does not match its manifest: it was corrupted on the way")
+        return Accepted("refused", "the upload's sha256 does not match its manifest: it was corrupted on the way",
+                        Check.CORRUPT)
     task = ledger.tasks.get(manifest.task_id)
     if task is None:
         return Accepted("refused", f"there is no task {manifest.task_id!r}")
@@ -120,7 +136,7 @@ def receive(
             return Accepted(
                 "refused",
                 f"the manifest names base version {manifest.base_version} but the task's run was "
-                f"given version {task.base_version}",
+                f"given version {task.base_version}", Check.MALFORMED,
             )
         config = ledger.jobs.get(task.job).config
         try:
@@ -134,7 +150,7 @@ def receive(
             expected = {m: s for m, s in shapes.items() if m.rsplit(".", 1)[-1] in targets}
             folding.check_structure(adapter, expected, config.lora_rank, config.lora_alpha)
         except (adapter_format.AdapterFormatError, folding.AdapterRejected) as exc:
-            return Accepted("refused", f"the adapter was refused: {exc}")
+            return Accepted("refused", f"the adapter was refused: {exc}", Check.MALFORMED)
         store.put(data)
     # The ledger decides under its own atomicity whether this fence still holds the lease.
     return ledger.adapters.accept(
@@ -142,5 +158,6 @@ def receive(
         base_version=manifest.base_version, rank=manifest.rank, alpha=manifest.alpha,
         # The fold weighs adapters by tokens trained; a worker may not claim more than its task holds.
         tokens=min(manifest.tokens, task.tokens or manifest.tokens),
-        train_loss=manifest.train_loss, size=manifest.size,
+        train_loss=manifest.train_loss, size=manifest.size, volunteer=volunteer,
+        hold=replication.hold_for(task, volunteer) if replication is not None else None,
     )

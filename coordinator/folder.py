@@ -28,6 +28,7 @@ from coordinator.history import History
 from coordinator.ledger import (
     AdapterRecord,
     AdapterState,
+    Check,
     FoldedAdapter,
     JobState,
     Ledger,
@@ -145,7 +146,7 @@ class Folder:
             worst = candidates[self.policy.worst([c.solo_loss for c in candidates])]
             self.ledger.adapters.reject(
                 worst.adapter_id,
-                f"folding it made held-out loss worse ({loss:.4f} against {parent_loss:.4f})",
+                f"folding it made held-out loss worse ({loss:.4f} against {parent_loss:.4f})", check=Check.FOLD,
             )
             candidates.remove(worst)
         return None
@@ -166,7 +167,9 @@ class Folder:
             return candidate
         except (adapter_format.AdapterFormatError, folding.AdapterRejected, FileNotFoundError) as exc:
             log.warning("adapter %s rejected: %s", adapter_id, exc)
-            self.ledger.adapters.reject(adapter_id, str(exc))
+            # The check it failed counts against its volunteer; a blob the store lost does not.
+            check = None if isinstance(exc, FileNotFoundError) else Check(getattr(exc, "check", "malformed"))
+            self.ledger.adapters.reject(adapter_id, str(exc), check=check)
             return None
 
     def _outer_step(self, delta: adapter_format.Adapter, current: int) -> adapter_format.Adapter:

@@ -56,7 +56,15 @@ __all__ = [
 
 
 class AdapterRejected(ValueError):
-    """An adapter (or its bookkeeping) fails a gate; the message is a sentence saying why."""
+    """An adapter (or its bookkeeping) fails a gate; the message is a sentence saying why.
+
+    ``check`` names the kind of gate (a ``coordinator.ledger.Check`` value: "malformed", "norm",
+    "loss", "stale"), which the volunteer's trust record counts.
+    """
+
+    def __init__(self, message: str, check: str = "malformed") -> None:
+        super().__init__(message)
+        self.check = check
 
 
 # ---------------------------------------------------------------------------------------------
@@ -67,7 +75,7 @@ def staleness_factor(tau: int) -> float:
     """``s(τ) = (1 + τ)^(-1/2)``: an adapter trained τ versions ago counts less, never zero."""
     if tau < 0:
         raise AdapterRejected(
-            f"staleness {tau} is negative: the adapter's base is newer than the model"
+            f"staleness {tau} is negative: the adapter's base is newer than the model", check="stale"
         )
     return (1.0 + tau) ** -0.5
 
@@ -93,12 +101,12 @@ def fold_weights(tokens: Sequence[int], taus: Sequence[int], max_staleness: int,
             raise AdapterRejected(f"adapter {i} reports {n} trained tokens; it must be positive")
         if tau < 0:
             raise AdapterRejected(
-                f"adapter {i} has staleness {tau}: its base version is newer than the current one"
+                f"adapter {i} has staleness {tau}: its base version is newer than the current one", check="stale"
             )
         if tau > max_staleness:
             raise AdapterRejected(
                 f"adapter {i} is {tau} versions stale, more than the bound of {max_staleness}; "
-                "retrain it on a newer base"
+                "retrain it on a newer base", check="stale"
             )
     shares = [n * staleness_factor(tau) for n, tau in zip(tokens, taus)]
     total = sum(shares) if normalise else float(sum(tokens))
@@ -171,7 +179,7 @@ def check_norm(norm: float, recent: Sequence[float], factor: float) -> None:
     """Refuse ``norm > factor × median(recent)``; with no history only finiteness is checked."""
     if not math.isfinite(norm) or norm < 0:
         raise AdapterRejected(
-            f"the adapter's update norm is {norm}, not a finite non-negative number"
+            f"the adapter's update norm is {norm}, not a finite non-negative number", check="norm"
         )
     if not recent:
         return
@@ -179,7 +187,7 @@ def check_norm(norm: float, recent: Sequence[float], factor: float) -> None:
     if norm > bound:
         raise AdapterRejected(
             f"the adapter's update norm {norm:.4g} exceeds {factor:g} × the recent median "
-            f"({bound:.4g}); it would move the model too far at once"
+            f"({bound:.4g}); it would move the model too far at once", check="norm"
         )
 
 

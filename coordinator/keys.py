@@ -19,6 +19,7 @@ RECENT_NORMS = PREFIX + "fold:norms"  # list: ‖ΔW‖ of recently accepted ada
 LINEAGE = PREFIX + "lineage"  # string: JSON of the model lineage version 0 fixed (id, base file hashes)
 TOKENS = PREFIX + "tokens"  # hash: sha256(token) -> JSON {"role", "name", "created"}
 REVOKED = PREFIX + "tokens:revoked"  # set: token ids revoked (a data-dir token is not revived)
+REPLICATED = PREFIX + "replicas:open"  # zset: task id of each replicated task not yet settled -> opened
 
 
 def job(job_id: str) -> str:
@@ -49,3 +50,19 @@ def version(number: int) -> str:
 def worker(worker_id: str) -> str:
     """Hash: name, card (serialized proto, hex), node id, token hash, registered, counters, speed."""
     return f"{PREFIX}worker:{worker_id}"
+
+
+def trust(volunteer: str) -> str:
+    """Hash: a volunteer's outcome counts ("n:<outcome>") and its newest outcomes ("recent", JSON)."""
+    return f"{PREFIX}trust:{volunteer}"
+
+
+def trust_versions(volunteer: str) -> str:
+    """Zset: version number -> how many of the volunteer's adapters were folded into it."""
+    return f"{PREFIX}trust:{volunteer}:versions"
+
+
+def replicas(task_id: str) -> str:
+    """Hash: a replicated task's runs (JSON list), their adapters (JSON run -> adapter), base
+    version, state, opened."""
+    return f"{PREFIX}replicas:{task_id}"

@@ -132,7 +132,7 @@ class FoldPolicy:
         may not be worse on its job's held-out slice by more than ``adapter_epsilon``."""
         if not solo_loss <= parent_loss + self.adapter_epsilon:
             raise folding.AdapterRejected(
-                f"it makes held-out loss worse ({solo_loss:.4f} against {parent_loss:.4f})"
+                f"it makes held-out loss worse ({solo_loss:.4f} against {parent_loss:.4f})", check="loss"
             )
 
     # -- the fold -----------------------------------------------------------------------------

@@ -40,6 +40,7 @@ from coordinator.ledger import (
     count_states,
     is_twin,
 )
+from coordinator import trust
 from coordinator.policy import FoldPolicy, TaskTraining
 from coordinator.settings import Settings
 from nomoat import card as cards
@@ -114,6 +115,8 @@ class Scheduler:
     runs: deque = field(default_factory=lambda: deque(maxlen=1000))
     # The cards the latest round saw: how many of them fit a job sizes its tasks (training()).
     _nodes: list[Node] = field(default_factory=list)
+    # Settles replicated tasks each round (coordinator.replication.Replication); None: none are.
+    replication: Any = None
 
     def config(self, job_id: str) -> JobConfig:
         if job_id not in self._configs:
@@ -141,6 +144,8 @@ class Scheduler:
             self._cancel(task_id, f"its run was stopped when the lease of {task_id} expired")
         for done in self.dispatcher.poll():
             self._finished(done)
+        if self.replication is not None:
+            self.replication.sweep(now)
         nodes = self.dispatcher.nodes()
         speeds = self.speeds(nodes)
         idle = self._dispatch(now, nodes, speeds)
@@ -200,10 +205,20 @@ class Scheduler:
             return None
         return cards.from_message(pb.Card.FromString(record.card))
 
+    def standings(self, nodes: list[Node]) -> dict[str, tuple[str, trust.Standing]]:
+        """Node id -> (its volunteer, where that volunteer's trust stands: coordinator.trust)."""
+        volunteers = self.ledger.trust.of_workers(n.worker_id for n in nodes)
+        records = self.ledger.trust.many(volunteers.values())
+        return {n.node_id: (volunteers.get(n.worker_id, ""), trust.standing(records.get(volunteers.get(n.worker_id, ""))))
+                for n in nodes}
+
     def _dispatch(self, now: float, nodes: list[Node], speeds: dict[str, float]) -> list[Node]:
-        """Give each free card a run sized for it, fastest cards first; returns the cards left idle."""
+        """Give each free card a run sized for it, trusted and fastest cards first (a volunteer
+        whose work keeps failing the checks gets smaller runs, then none); returns the cards left idle."""
         self._nodes = list(nodes)
-        free = sorted((n for n in nodes if not n.busy), key=lambda n: -speeds.get(n.node_id, 0.0))
+        standing = self.standings([n for n in nodes if not n.busy])
+        free = sorted((n for n in nodes if not n.busy),
+                      key=lambda n: (-standing[n.node_id][1].share, -speeds.get(n.node_id, 0.0)))
         room = self.settings.max_in_flight - self.dispatcher.in_flight()
         if not free or room <= 0:
             return free
@@ -215,10 +230,11 @@ class Scheduler:
         base_version = self.ledger.versions.latest() or 0
         idle = []
         for node in free:
-            if room <= 0:
+            volunteer, stands = standing[node.node_id]
+            if room <= 0 or not stands.eligible:
                 idle.append(node)
                 continue
-            run = self._take_run(queue, node, speeds.get(node.node_id, 0.0))
+            run = self._take_run(queue, node, speeds.get(node.node_id, 0.0), volunteer, stands.share)
             if not run:
                 idle.append(node)
                 continue
@@ -226,8 +242,8 @@ class Scheduler:
             for task in run:
                 fence = self.ledger.leases.lease(task.task_id, now + self.settings.queue_timeout_s, base_version,
                                                  self.settings.max_attempts)
-                if fence > 0:
-                    specs.append(self.spec(task, fence, base_version, node))
+                if fence > 0:  # a replica run trains on the version its task was given (pinned)
+                    specs.append(self.spec(task, fence, task.base_version if task.pinned else base_version, node))
                 elif fence < 0:
                     log.warning("task %s failed: no attempts left", task.task_id)
             if specs:
@@ -241,15 +257,19 @@ class Scheduler:
                 idle.append(node)
         return idle
 
-    def _take_run(self, queue: list[TaskRecord], node: Node, speed: float) -> list[TaskRecord]:
+    def _take_run(self, queue: list[TaskRecord], node: Node, speed: float, volunteer: str = "",
+                  share: float = 1.0) -> list[TaskRecord]:
         """Take from ``queue`` the oldest task that fits ``node`` and the following units of its
-        job that fit, as many as the card's ``speed`` warrants."""
-        first = next((t for t in queue if not is_twin(t.task_id) and self.need_gb(t) <= node.vram_gb), None)
+        job that fit, as many as the card's ``speed`` warrants, cut to the volunteer's ``share``
+        (coordinator.trust); a replica run never goes to a volunteer whose run it checks."""
+        def fits(t: TaskRecord) -> bool:
+            return not is_twin(t.task_id) and self.need_gb(t) <= node.vram_gb and volunteer not in t.avoid
+
+        first = next((t for t in queue if fits(t)), None)
         if first is None:
             return []
         n = units_for(speed, first.tokens, self.settings.target_task_seconds, self.settings.max_units_per_run)
-        run = [t for t in queue if t.job == first.job and not is_twin(t.task_id)
-               and self.need_gb(t) <= node.vram_gb][:n]
+        run = [t for t in queue if t.job == first.job and fits(t)][:trust.units(n, share)]
         for task in run:
             queue.remove(task)
         return run
@@ -261,8 +281,8 @@ class Scheduler:
                if not is_twin(lease.task_id) and lease.task_id in where]
         outstanding = []
         for task in self.ledger.tasks.many(ids):
-            if task.state is not TaskState.LEASED or task.twin:
-                continue
+            if task.state is not TaskState.LEASED or task.twin or task.replica_of:
+                continue  # a replica run is not raced: its twin could land on a volunteer it checks
             node_id, ahead = where[task.task_id]
             speed = speeds.get(node_id, 0.0)
             eta = (task.leased_at or now) + ahead / speed if speed > 0 else math.inf
@@ -302,8 +322,8 @@ class Scheduler:
             tasks = self.ledger.tasks.of_job(job_id)
             self._warn(job_id, job, tasks, nodes, largest)
             counts = count_states(tasks)
-            if counts["pending"] or counts["leased"] or self._twin_runs(tasks):
-                continue
+            if counts["pending"] or counts["leased"] or self._twin_runs(tasks) or self.ledger.replicas.unsettled(job_id):
+                continue  # (a replicated task's adapters are held until its replicas settle)
             # Read after the tasks: every adapter of the job is then either in the buffer or
             # already counted by the job record read next.
             if any(a.job == job_id for a in self.ledger.adapters.buffered()):

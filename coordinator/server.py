@@ -34,6 +34,7 @@ from coordinator.history import History
 from coordinator.ledger import Ledger, VersionRecord
 from coordinator.model import RunningModel
 from coordinator.redis_server import EmbeddedRedis
+from coordinator.replication import Replication
 from coordinator.scheduler import Scheduler
 from coordinator.settings import Settings
 from coordinator.store import BlobStore
@@ -213,7 +214,8 @@ class Coordinator:
     def _start_grpc(self) -> None:
         deps = service.Deps(self.settings, self.ledger, self.store, self.registry, self.model.tokenizer,
                             self.shapes, self.ray_address, self.ray_token, history=self.history,
-                            uploads=PartialUploads(self.data_dir / "uploads"))
+                            uploads=PartialUploads(self.data_dir / "uploads"),
+                            replication=Replication(self.settings, self.ledger, self.store))
         swept = deps.uploads.sweep()  # parts of uploads nobody came back for in a day
         if swept:
             log.info("removed %d abandoned partial uploads", swept)
@@ -233,7 +235,8 @@ class Coordinator:
 
         model_config = self.model.model.config
         self.scheduler = Scheduler(self.settings, self.ledger, self.dispatcher, self.worker_token,
-                                   lambda job_config: task_resources(model_config, job_config))
+                                   lambda job_config: task_resources(model_config, job_config),
+                                   replication=self.deps.replication)
         self.folder = Folder(self.settings, self.ledger, self.store, self.model, self.history)
         self.deps.operations = self.folder
         # Counted from now, when workers can reach us again, not from when Redis came up.

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 import grpc
 
-from coordinator import admin, collect, leases, pull, status, submit, workers
+from coordinator import admin, collect, leases, pull, stats, status, submit, workers
 from coordinator.auth import Identity, TokenRegistry, caller, token_id
 from coordinator.errors import (
     BrokenOff,
@@ -44,6 +44,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
     from coordinator.folder import Folder
+    from coordinator.replication import Replication
 
 log = logging.getLogger("nomoat.service")
 CHUNK = 1 << 20
@@ -73,6 +74,7 @@ class Deps:
     history: History | None = None  # snapshots, patches, rebuilds
     operations: Folder | None = None  # rollback and unmerge (admin); set once the folder runs
     uploads: PartialUploads | None = None  # made in data_dir/uploads when first needed
+    replication: Replication | None = None  # holds replicated tasks' adapters (None: none are replicated)
 
 
 def _answers(method: Callable) -> Callable:
@@ -123,7 +125,8 @@ def _job_info(job: status.JobSummary) -> pb.JobInfo:
 
 def _worker_info(w: status.WorkerSummary) -> pb.WorkerInfo:
     return pb.WorkerInfo(worker_id=w.worker_id, name=w.name, card=pb.Card.FromString(w.card),
-                         last_seen=w.last_seen, tasks_done=w.tasks_done, state=w.state)
+                         last_seen=w.last_seen, tasks_done=w.tasks_done, state=w.state, trust=w.trust,
+                         trust_score=w.trust_score, trust_reason=w.trust_reason)
 
 
 def _version_info(v: status.VersionSummary) -> pb.VersionInfo:
@@ -253,11 +256,22 @@ class WorkersServicer(rpc.WorkersServicer):
         result = collect.upload(self.deps.ledger, self.deps.store, self.deps.shapes, self._partials(),
                                 _identity(context, self.deps), manifest, m.offset, _adapter_blocks(request_iterator),
                                 max_bytes=self.deps.settings.max_adapter_bytes,
-                                lineage=self.deps.history.lineage().id)
+                                lineage=self.deps.history.lineage().id, replication=self.deps.replication)
         if result.ok:
             return pb.UploadReply(accepted=True, adapter_id=result.detail)
         log.warning("upload for %s refused: %s", m.task_id, result.detail)
         return pb.UploadReply(accepted=False, reason=result.detail)
+
+    @_answers
+    def Stats(self, request, context):
+        mine = stats.of_caller(self.deps.ledger, self.deps.settings, _identity(context, self.deps), request.worker_id)
+        return pb.WorkerStatsReply(
+            volunteer=mine.volunteer, workers=[_worker_info(w) for w in mine.workers], tasks_done=mine.tasks_done,
+            tokens_trained=mine.tokens_trained, adapters_folded=mine.folded, adapters_refused=mine.refused,
+            replicas_agreed=mine.agreed, replicas_disagreed=mine.disagreed,
+            reasons=[pb.CheckCount(check=k, count=n) for k, n in mine.reasons.items()], recent=mine.recent,
+            versions=[pb.VersionShare(version=v, adapters=n) for v, n in mine.versions.items()],
+            trust=mine.standing.level.value, trust_score=mine.standing.score, trust_reason=mine.standing.why)
 
 
 class ModelsServicer(rpc.ModelsServicer):

@@ -11,6 +11,7 @@ import math
 import time
 from dataclasses import dataclass
 
+from coordinator import trust
 from coordinator.errors import NotFound
 from coordinator.ledger import JobConfig, Ledger, TaskRecord, count_states
 from coordinator.settings import Settings
@@ -46,6 +47,9 @@ class WorkerSummary:
     last_seen: float
     tasks_done: int
     state: str  # active | gone
+    trust: str = "trusted"  # its volunteer's standing: trusted | throttled | excluded (coordinator.trust)
+    trust_score: float = 1.0
+    trust_reason: str = ""  # why it is throttled or excluded
 
 
 @dataclass(frozen=True)
@@ -116,11 +120,17 @@ def training(config: JobConfig, tasks: list[TaskRecord]) -> str:
 
 def workers(ledger: Ledger, settings: Settings) -> list[WorkerSummary]:
     now = time.time()
-    return [
-        WorkerSummary(worker_id=w.worker_id, name=w.name, card=w.card, last_seen=w.last_seen,
-                      tasks_done=w.tasks_done, state="active" if is_active(w.last_seen, now, settings) else "gone")
-        for w in ledger.workers.all()
-    ]
+    every = ledger.workers.all()
+    volunteers = {w.worker_id: trust.volunteer_of(w.token, w.worker_id) for w in every}
+    records = ledger.trust.many(volunteers.values())
+    out = []
+    for w in every:
+        standing = trust.standing(records.get(volunteers[w.worker_id]))
+        out.append(WorkerSummary(
+            worker_id=w.worker_id, name=w.name, card=w.card, last_seen=w.last_seen, tasks_done=w.tasks_done,
+            state="active" if is_active(w.last_seen, now, settings) else "gone", trust=standing.level.value,
+            trust_score=standing.score, trust_reason=standing.why))
+    return out
 
 
 def versions(ledger: Ledger) -> list[VersionSummary]:

@@ -240,6 +240,47 @@ def worker_start(ctx, ray_address, simulate_gpu, name, threads, cache_dir, node_
         click.echo("worker left the cluster")
 
 
+@worker.command("stats", epilog="Example: nomoat worker stats --token $(cat my-worker.token)")
+@connection_options
+@click.option("--worker", "worker_id", default="", help="Admin only: the volunteer of this worker id.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_context
+def worker_stats(ctx, worker_id: str, as_json: bool) -> None:
+    """What this token's volunteer gave: tasks, tokens, adapters folded or refused (and why),
+    the versions they are in, and its trust."""
+    with _client(ctx) as client:
+        reply = client.worker_stats(worker_id)
+    if as_json:
+        from google.protobuf.json_format import MessageToDict
+
+        click.echo(json.dumps(MessageToDict(reply, always_print_fields_with_no_presence=True), indent=2))
+        return
+    click.echo(_stats_text(reply))
+
+
+def _stats_text(reply) -> str:
+    """`nomoat worker stats` as lines of at most about 80 columns."""
+    lines = [f"volunteer {reply.volunteer}: {reply.trust} (trust {reply.trust_score:.2f})"]
+    if reply.trust_reason:
+        lines.append(f"  {reply.trust_reason}")
+    lines.append(f"tasks done {reply.tasks_done}, tokens trained {reply.tokens_trained:,.0f}")
+    lines.append(f"adapters folded {reply.adapters_folded}, refused {reply.adapters_refused}"
+                 + (" (" + ", ".join(f"{r.check} {r.count}" for r in reply.reasons) + ")" if reply.reasons else ""))
+    lines.append(f"replicas agreed {reply.replicas_agreed}, disagreed {reply.replicas_disagreed}")
+    if reply.versions:
+        lines.append("in versions: " + ", ".join(
+            f"{v.version}" + (f" ({v.adapters} adapters)" if v.adapters > 1 else "") for v in reply.versions))
+    else:
+        lines.append("in versions: none yet")
+    for w in reply.workers:
+        lines.append(f"worker {w.worker_id} {w.name} ({w.card.name}): {w.tasks_done} tasks, {w.state}")
+    failed = [r for r in reply.recent if ": accepted" not in r and ": agreed" not in r]
+    if failed:
+        lines.append("latest refusals:")
+        lines += [f"  {r}" for r in failed[-5:]]
+    return "\n".join(lines)
+
+
 # -- submit / status / pull -------------------------------------------------------------------
 
 

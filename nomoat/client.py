@@ -232,6 +232,10 @@ class CoordinatorClient:
 
     # -- admin --------------------------------------------------------------------------------
 
+    def worker_stats(self, worker_id: str = "") -> pb.WorkerStatsReply:
+        """What this token's volunteer gave (an admin token may name a worker)."""
+        return self._call(self.workers.Stats, pb.WorkerStatsRequest(worker_id=worker_id))
+
     def rollback(self, version: int) -> pb.VersionReply:
         return self._call(self.admin.Rollback, pb.RollbackRequest(version=version), timeout=3600)
 

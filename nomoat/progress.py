@@ -81,6 +81,9 @@ def print_status(reply: pb.StatusReply) -> None:
                          _loss(v.eval_loss), v.job_id)
     for table in (jobs, workers, versions):
         out.print(table)
+    for w in reply.workers:  # a volunteer whose work keeps failing the checks is told so
+        if w.trust and w.trust != "trusted":
+            out.print(f"[bold]worker {w.worker_id}[/] ({w.name}) is {w.trust_reason}", highlight=False)
     for j in reply.jobs:
         if j.training:
             out.print(f"[bold]{j.job_id}[/]: its tasks train at {j.training}", highlight=False)

@@ -73,6 +73,31 @@ def problems(ledger: Ledger) -> tuple[list[str], dict[str, int]]:
             else:
                 tasks[task.twin] = twin
 
+    # A replicated task's replica runs (coordinator.ledger.replicas) are not its job's tasks
+    # either; its group names them, and at most one adapter of a group is ever folded.
+    groups = [ledger.replicas.get(k.decode()[len(keys.replicas("")):])
+              for k in ledger.r.scan_iter(match=keys.replicas("*"), count=1000)]
+    open_ids = set(ledger.r.zrange(keys.REPLICATED, 0, -1))
+    for group in groups:
+        if group.task_id not in tasks:
+            bad.append(f"replica group {group.task_id} belongs to no task")
+        if group.open != (group.task_id.encode() in open_ids):
+            bad.append(f"replica group {group.task_id} is {group.state} but "
+                       f"{'not ' if group.open else ''}in the open groups")
+        for run in group.runs:
+            replica = ledger.tasks.get(run)
+            if replica is None or replica.replica_of != group.task_id:
+                bad.append(f"replica group {group.task_id} names run {run!r}, which is not its replica")
+            else:
+                tasks[run] = replica
+        results = [ledger.adapters.get(a) for a in group.results.values()]
+        live = [a for a in results if a and a.state in (AdapterState.BUFFERED, AdapterState.FOLDED,
+                                                       AdapterState.UNMERGED)]
+        if len(live) > 1:
+            bad.append(f"replicated task {group.task_id} has {len(live)} adapters buffered or folded")
+        if group.open and any(a is None or a.state is not AdapterState.HELD for a in results):
+            bad.append(f"replica group {group.task_id} is open but not every adapter of it is held")
+
     def related(task_id: str) -> set[str]:
         task = tasks[task_id]
         return {task_id, *(t for t in (task.twin, task.twin_of) if t in tasks)}
@@ -137,9 +162,10 @@ def problems(ledger: Ledger) -> tuple[list[str], dict[str, int]]:
     if counted != len(folded):
         bad.append(f"jobs count {counted} folded adapters but versions hold {len(folded)}")
 
-    own = [t for t in tasks.values() if not t.twin_of]
+    own = [t for t in tasks.values() if not t.twin_of and not t.replica_of]
     states = Counter(t.state.value for t in own)
-    counts = {"jobs": len(job_ids), "tasks": len(own), "twins": len(tasks) - len(own),
+    counts = {"jobs": len(job_ids), "tasks": len(own), "twins": sum(1 for t in tasks.values() if t.twin_of),
+              "replicas": sum(1 for t in tasks.values() if t.replica_of),
               **{s: states.get(s, 0) for s in TASK_STATES},
               "adapters": len(adapters), "buffered": len(set(buffer)), "folded": len(folded),
               "versions": len(versions)}

@@ -2,7 +2,7 @@
 
 ``Ledger(client)`` is the one handle callers keep; each noun hangs off it (``ledger.jobs``,
 ``ledger.tasks``, ``ledger.leases``, ``ledger.adapters``, ``ledger.versions``,
-``ledger.workers``, ``ledger.tokens``) and returns the typed records of
+``ledger.workers``, ``ledger.tokens``, ``ledger.trust``, ``ledger.replicas``) and returns the typed records of
 :mod:`coordinator.ledger.records`. Every key is in :mod:`coordinator.keys`.
 
 Guarantees (see DESIGN.md, "Ledger"):
@@ -24,18 +24,24 @@ from coordinator.ledger.leases import Heartbeat, Leases, is_twin, twin_id
 from coordinator.ledger.records import (
     AdapterRecord,
     AdapterState,
+    Check,
     FoldedAdapter,
     JobConfig,
     JobRecord,
     JobState,
     Lease,
+    ReplicaGroup,
     TaskRecord,
     TaskState,
+    TrustEvent,
+    TrustRecord,
     VersionRecord,
     WorkerRecord,
 )
+from coordinator.ledger.replicas import Hold, Replicas, Settlement, replica_id
 from coordinator.ledger.tasks import Tasks, count_states
 from coordinator.ledger.tokens import ROLES, TokenEntry, Tokens, token_id
+from coordinator.ledger.trust import Trust
 from coordinator.ledger.versions import Versions
 from coordinator.ledger.workers import TooManyWorkers, Workers
 
@@ -52,6 +58,8 @@ class Ledger:
         self.versions = Versions(client)
         self.workers = Workers(client)
         self.tokens = Tokens(client)
+        self.trust = Trust(client)
+        self.replicas = Replicas(client)
 
 
 __all__ = [
@@ -60,6 +68,8 @@ __all__ = [
     "AdapterRecord",
     "AdapterState",
     "Adapters",
+    "Check",
+    "Hold",
     "FoldedAdapter",
     "Heartbeat",
     "JobConfig",
@@ -69,12 +79,18 @@ __all__ = [
     "Lease",
     "Leases",
     "Ledger",
+    "ReplicaGroup",
+    "Replicas",
+    "Settlement",
     "TaskRecord",
     "TaskState",
     "Tasks",
     "TokenEntry",
     "Tokens",
     "TooManyWorkers",
+    "Trust",
+    "TrustEvent",
+    "TrustRecord",
     "VersionRecord",
     "Versions",
     "WorkerRecord",
@@ -82,6 +98,7 @@ __all__ = [
     "adapter_id_for",
     "count_states",
     "is_twin",
+    "replica_id",
     "token_id",
     "twin_id",
 ]

@@ -9,6 +9,7 @@ all (:data:`coordinator.ledger.leases.CURRENT_LEASE`).
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 from dataclasses import dataclass
 
@@ -19,10 +20,13 @@ from coordinator.ledger.leases import CURRENT_LEASE
 from coordinator.ledger.records import (
     AdapterRecord,
     AdapterState,
+    Check,
     adapter_from_hash,
     decode,
     to_fields,
 )
+from coordinator.ledger.replicas import HOLD_RESULT, Hold
+from coordinator.ledger.trust import Trust
 
 # acceptable(key, task id, fence, adapter id): nil when an upload under (task, fence) may be
 # accepted, else the answer {status, detail}: a retry of the accepted upload is a duplicate.
@@ -44,11 +48,15 @@ _PRECHECK = _ACCEPTABLE + """
 return acceptable(KEYS[1], ARGV[1], ARGV[2], ARGV[3]) or {'', ''}
 """
 
-# KEYS: task, LEASES, adapter, FOLD_BUFFER, worker, partner, PENDING. ARGV: task id, fence, adapter id,
-# now, partner id, then field/value pairs for the adapter hash. Returns {status, adapter id or
-# reason}. The partner is the task's speculative twin (or the twin's original, see
-# Leases.speculate): the first accepted result marks both done, so the other run's upload is refused.
-_ACCEPT = _ACCEPTABLE + """
+# KEYS: task, LEASES, adapter, FOLD_BUFFER, worker, partner, PENDING, then for a replicated task
+# its replica group, the run to open, REPLICATED and the task it repeats (see replicas.py).
+# ARGV: task id, fence, adapter id, now, partner id, replicated task id ("" for none), run to open
+# ("" for none), the volunteers that run avoids (JSON), base version, then field/value pairs for
+# the adapter hash. Returns {status, adapter id or reason}. The partner is the task's speculative
+# twin (or the twin's original, see Leases.speculate): the first accepted result marks both done,
+# so the other run's upload is refused. A run of a replicated task is held, not buffered, until
+# its replicas settle (coordinator.replication).
+_ACCEPT = _ACCEPTABLE + HOLD_RESULT + """
 local answer = acceptable(KEYS[1], ARGV[1], ARGV[2], ARGV[3])
 if answer then return answer end
 redis.call('HSET', KEYS[1], 'state', 'done', 'adapter', ARGV[3], 'finished', ARGV[4])
@@ -58,9 +66,15 @@ if ARGV[5] ~= '' and redis.call('HGET', KEYS[6], 'state') ~= 'done' then
   redis.call('ZREM', KEYS[2], ARGV[5])
   redis.call('ZREM', KEYS[7], ARGV[5])
 end
-for i = 6, #ARGV, 2 do redis.call('HSET', KEYS[3], ARGV[i], ARGV[i + 1]) end
-redis.call('HSET', KEYS[3], 'state', 'buffered', 'accepted', ARGV[4])
-redis.call('RPUSH', KEYS[4], ARGV[3])
+for i = 10, #ARGV, 2 do redis.call('HSET', KEYS[3], ARGV[i], ARGV[i + 1]) end
+if ARGV[6] == '' then
+  redis.call('HSET', KEYS[3], 'state', 'buffered', 'accepted', ARGV[4])
+  redis.call('RPUSH', KEYS[4], ARGV[3])
+else
+  redis.call('HSET', KEYS[3], 'state', 'held', 'accepted', ARGV[4])
+  hold_result(KEYS[8], KEYS[11], KEYS[9], KEYS[10], KEYS[7], ARGV[6], ARGV[1], ARGV[3], ARGV[4], ARGV[7],
+              ARGV[8], ARGV[9])
+end
 if redis.call('EXISTS', KEYS[5]) == 1 then redis.call('HINCRBY', KEYS[5], 'tasks_done', 1) end
 return {'accepted', ARGV[3]}
 """
@@ -70,6 +84,7 @@ return {'accepted', ARGV[3]}
 class Accepted:
     status: str  # accepted | duplicate | refused
     detail: str  # the adapter id, or the reason for a refusal
+    check: Check | None = None  # the check a refused adapter failed (None: refused for another reason)
 
     @property
     def ok(self) -> bool:
@@ -86,6 +101,7 @@ class Adapters:
         self.r = client
         self._precheck = client.register_script(_PRECHECK)
         self._accept = client.register_script(_ACCEPT)
+        self.trust = Trust(client)
 
     def precheck(self, task_id: str, fence: int, sha256: str) -> Accepted | None:
         """None when an upload under (task, fence) would be taken now, else the answer it gets.
@@ -98,9 +114,11 @@ class Adapters:
 
     def accept(self, task_id: str, fence: int, sha256: str, *, worker_id: str = "", base_version: int = 0,
                rank: int = 0, alpha: float = 0.0, tokens: int = 0, train_loss: float = 0.0,
-               size: int = 0) -> Accepted:
+               size: int = 0, volunteer: str = "", hold: Hold | None = None) -> Accepted:
         """Accept an uploaded adapter if (task, fence) holds the lease: the task is done and the
-        adapter waits in the fold buffer, credited to ``worker_id`` when one is named."""
+        adapter waits in the fold buffer, credited to ``worker_id`` (and its trust to
+        ``volunteer``) when one is named. With ``hold`` it is a run of a replicated task: it is
+        held in the task's replica group instead, which opens ``hold.open`` if that is named."""
         adapter_id = adapter_id_for(task_id, fence, sha256)
         raw = self.r.hmget(keys.task(task_id), "job", "twin", "twin_of")
         job, twin, twin_of = (v.decode() if v else "" for v in raw)
@@ -108,12 +126,16 @@ class Adapters:
             return Accepted("refused", f"there is no task {task_id!r}")
         fields = to_fields({"base_version": base_version, "rank": rank, "alpha": alpha, "tokens": tokens,
                             "train_loss": train_loss, "size": size, "task": task_id, "fence": fence,
-                            "sha256": sha256, "job": job, "worker": worker_id})
+                            "sha256": sha256, "job": job, "worker": worker_id, "volunteer": volunteer})
         partner = twin or twin_of
+        hold = hold or Hold("")
         status, detail = self._accept(
             keys=[keys.task(task_id), keys.LEASES, keys.adapter(adapter_id), keys.FOLD_BUFFER,
-                  keys.worker(worker_id or "-"), keys.task(partner or "-"), keys.PENDING],
-            args=[task_id, fence, adapter_id, time.time(), partner, *(x for kv in fields.items() for x in kv)],
+                  keys.worker(worker_id or "-"), keys.task(partner or "-"), keys.PENDING,
+                  keys.replicas(hold.task or "-"), keys.task(hold.open or "-"), keys.REPLICATED,
+                  keys.task(hold.task or "-")],
+            args=[task_id, fence, adapter_id, time.time(), partner, hold.task, hold.open, json.dumps(list(hold.avoid)),
+                  base_version, *(x for kv in fields.items() for x in kv)],
         )
         return Accepted(status.decode(), detail.decode())
 
@@ -138,14 +160,17 @@ class Adapters:
         """The fold buffer as it stands, duplicates and all (for checks)."""
         return [a.decode() for a in self.r.lrange(keys.FOLD_BUFFER, 0, -1)]
 
-    def reject(self, adapter_id: str, reason: str) -> None:
-        """Take an adapter out of the buffer for good, with the reason; its job counts it."""
-        job = self.r.hget(keys.adapter(adapter_id), "job")
+    def reject(self, adapter_id: str, reason: str, check: Check | None = None) -> None:
+        """Take an adapter out of the buffer for good, with the reason; its job counts it, and
+        the trust record of its volunteer counts ``check`` (the check it failed) when one is named."""
+        job, volunteer = self.r.hmget(keys.adapter(adapter_id), "job", "volunteer")
         pipe = self.r.pipeline(transaction=True)
         pipe.lrem(keys.FOLD_BUFFER, 0, adapter_id)
         pipe.hset(keys.adapter(adapter_id), mapping={"state": AdapterState.REJECTED.value, "reason": reason})
         if job:
             pipe.hincrby(keys.job(job.decode()), "adapters_rejected", 1)
+        if volunteer and check is not None:
+            self.trust.record_in(pipe, volunteer.decode(), check.value, reason)
         pipe.execute()
 
     def mark_unmerged(self, adapter_id: str, version: int) -> None:

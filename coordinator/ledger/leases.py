@@ -64,7 +64,8 @@ if attempts >= tonumber(ARGV[5]) then
 end
 local fence = redis.call('INCR', KEYS[4])
 redis.call('HSET', KEYS[1], 'state', 'leased', 'fence', fence, 'deadline', ARGV[2],
-           'base_version', ARGV[3], 'leased_at', ARGV[4], 'attempts', attempts + 1)
+           'leased_at', ARGV[4], 'attempts', attempts + 1)
+if redis.call('HGET', KEYS[1], 'pinned') ~= '1' then redis.call('HSET', KEYS[1], 'base_version', ARGV[3]) end
 redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('ZADD', KEYS[3], ARGV[2], ARGV[1])
 return fence
@@ -72,7 +73,7 @@ return fence
 
 # One heartbeat, atomically: the lease check, the holder check, the new deadline, the worker seen,
 # the event noted, and the version the run trains on (fixed by the first heartbeat of a lease:
-# the newest version then; later ones return the same).
+# the newest version then, unless the task is pinned to one; later ones return the same).
 # KEYS: task, LEASES, WORKERS, LATEST. ARGV: task id, fence, deadline, worker id, token hash, now,
 # event ("" for none), events kept. Returns {"" or why not, base version or -1}.
 _HEARTBEAT = CURRENT_LEASE + HOLD + EVENT + """
@@ -84,7 +85,10 @@ redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
 if ARGV[4] ~= '' then redis.call('ZADD', KEYS[3], 'XX', ARGV[6], ARGV[4]) end
 if ARGV[7] ~= '' then add_event(KEYS[1], ARGV[7], ARGV[6], ARGV[8]) end
 if redis.call('HGET', KEYS[1], 'claimed') ~= ARGV[2] then
-  redis.call('HSET', KEYS[1], 'claimed', ARGV[2], 'base_version', redis.call('GET', KEYS[4]) or '0')
+  redis.call('HSET', KEYS[1], 'claimed', ARGV[2])
+  if redis.call('HGET', KEYS[1], 'pinned') ~= '1' then  -- a replica run keeps its task's version
+    redis.call('HSET', KEYS[1], 'base_version', redis.call('GET', KEYS[4]) or '0')
+  end
 end
 return {'', tonumber(redis.call('HGET', KEYS[1], 'base_version'))}
 """

@@ -40,6 +40,20 @@ class AdapterState(_State):
     FOLDED = "folded"
     REJECTED = "rejected"
     UNMERGED = "unmerged"
+    HELD = "held"  # a run of a replicated task: waits until its replicas settle (coordinator.replication)
+    REPLICA = "replica"  # agreed with a replica that was folded instead (a task is folded once)
+
+
+class Check(_State):
+    """Why a volunteer's contribution failed a check: the kinds its trust record counts."""
+
+    CORRUPT = "corrupt"  # the bytes do not match the manifest's size or sha256
+    MALFORMED = "malformed"  # not a nomoat adapter of the job's LoRA config, or a manifest that lies
+    NORM = "norm"  # its update norm is far beyond the recent median
+    LOSS = "loss"  # adding it alone makes held-out loss worse
+    FOLD = "fold"  # dropped as the worst contributor of a fold that was not publishable
+    STALE = "stale"  # trained on a version too old to fold (the schedule's doing, not the volunteer's)
+    DISAGREED = "disagreed"  # its replicas, run with the same seed and shard, came out otherwise
 
 
 @dataclass(frozen=True)
@@ -117,6 +131,12 @@ class TaskRecord:
     # job's batch and lr, or its batch / K at a scaled lr); 0 until the task is first leased.
     batch_size: int = 0
     learning_rate: float = 0.0
+    # A replica run of a replicated task (coordinator.replication): the task it repeats, the
+    # volunteers it may not go to (those whose runs it checks), and base_version fixed (pinned)
+    # at creation so that every run of the task trains from the same version.
+    replica_of: str = ""
+    avoid: tuple[str, ...] = ()
+    pinned: bool = False
 
     @property
     def partner(self) -> str:
@@ -147,6 +167,7 @@ class AdapterRecord:
     state: AdapterState = AdapterState.BUFFERED
     accepted: float = 0.0
     reason: str = ""  # why it was rejected
+    volunteer: str = ""  # whose work it is: the uploader's token id (or its worker id), for trust
     version: int | None = None  # the version it was folded into
     weight: float | None = None  # its weight in that fold
     unmerged_in: int | None = None
@@ -200,6 +221,72 @@ class WorkerRecord:
     tokens_trained: float = 0.0
     train_seconds: float = 0.0
     tokens_per_s: float = 0.0  # measured; 0 while unknown
+
+
+@dataclass(frozen=True)
+class TrustEvent:
+    """One outcome of a volunteer's contribution: ``accepted`` (folded), ``agreed`` (a replica
+    matched it), or the :class:`Check` it failed; with when and a sentence."""
+
+    at: float
+    outcome: str
+    detail: str = ""
+
+    @property
+    def failed(self) -> bool:
+        return self.outcome not in ("accepted", "agreed")
+
+
+@dataclass(frozen=True)
+class TrustRecord:
+    """What a volunteer's contributions earned: counts per outcome, and the newest outcomes
+    (what :func:`coordinator.trust.standing` reads), oldest first."""
+
+    volunteer: str
+    counts: dict[str, int] = field(default_factory=dict)  # outcome ("accepted", "agreed", a Check) -> count
+    recent: tuple[TrustEvent, ...] = ()
+    versions: dict[int, int] = field(default_factory=dict)  # version -> its adapters folded into it
+
+    @property
+    def accepted(self) -> int:
+        return self.counts.get("accepted", 0)
+
+    @property
+    def agreed(self) -> int:
+        return self.counts.get("agreed", 0)
+
+    @property
+    def disagreed(self) -> int:
+        return self.counts.get(Check.DISAGREED.value, 0)
+
+    @property
+    def refused(self) -> int:
+        """Contributions that failed a check, a disagreement included."""
+        return sum(n for k, n in self.counts.items() if k not in ("accepted", "agreed"))
+
+    def reasons(self) -> dict[str, int]:
+        """Failed checks by kind, most frequent first."""
+        failed = {k: n for k, n in self.counts.items() if k not in ("accepted", "agreed") and n}
+        return dict(sorted(failed.items(), key=lambda kv: -kv[1]))
+
+
+@dataclass(frozen=True)
+class ReplicaGroup:
+    """A replicated task: the runs that repeat it (with the same seed, shard and base version)
+    and the adapter each run of it handed in, until the group is settled."""
+
+    task_id: str
+    job: str = ""
+    base_version: int = 0
+    state: str = "open"  # open | agreed | settled | unsettled | unverified
+    opened: float = 0.0
+    runs: tuple[str, ...] = ()  # the replica runs, in the order they were opened
+    results: dict[str, str] = field(default_factory=dict)  # run (the task, its twin or a replica) -> adapter id
+    settled: float = 0.0
+
+    @property
+    def open(self) -> bool:
+        return self.state == "open"
 
 
 # -- conversion ------------------------------------------------------------------------------
@@ -271,6 +358,8 @@ def task_from_hash(data: dict[str, str]) -> TaskRecord:
         holder_fence=_num(data, "holder_fence", int), holder_token=data.get("holder_token", ""),
         holder_worker=data.get("holder_worker", ""),
         batch_size=_num(data, "batch_size", int), learning_rate=_num(data, "learning_rate", float),
+        replica_of=data.get("replica_of", ""), avoid=tuple(json.loads(data.get("avoid") or "[]")),
+        pinned=data.get("pinned") == "1",
     )
 
 
@@ -296,7 +385,7 @@ def adapter_from_hash(adapter_id: str, data: dict[str, str]) -> AdapterRecord:
         alpha=_num(data, "alpha", float), tokens=_num(data, "tokens", int),
         train_loss=_num(data, "train_loss", float, math.nan), size=_num(data, "size", int),
         state=AdapterState(data.get("state", "buffered")), accepted=_num(data, "accepted", float),
-        reason=data.get("reason", ""), version=_maybe(data, "version", int),
+        reason=data.get("reason", ""), volunteer=data.get("volunteer", ""), version=_maybe(data, "version", int),
         weight=_maybe(data, "weight", float), unmerged_in=_maybe(data, "unmerged_in", int),
     )
 
@@ -331,4 +420,19 @@ def worker_from_hash(worker_id: str, data: dict[str, str], last_seen: float) -> 
         last_seen=last_seen, tasks_done=_num(data, "tasks_done", int),
         tokens_trained=_num(data, "tokens_trained", float), train_seconds=_num(data, "train_seconds", float),
         tokens_per_s=_num(data, "tokens_per_s", float),
+    )
+
+
+def trust_from_hash(volunteer: str, data: dict[str, str], versions: dict[str, float]) -> TrustRecord:
+    counts = {k[2:]: int(float(v)) for k, v in data.items() if k.startswith("n:")}
+    recent = tuple(TrustEvent(float(t), o, d) for t, o, d in json.loads(data.get("recent") or "[]"))
+    return TrustRecord(volunteer, counts, recent, {int(v): int(n) for v, n in versions.items()})
+
+
+def replica_group_from_hash(task_id: str, data: dict[str, str]) -> ReplicaGroup:
+    return ReplicaGroup(
+        task_id=task_id, job=data.get("job", ""), base_version=_num(data, "base_version", int),
+        state=data.get("state", "open"), opened=_num(data, "opened", float),
+        runs=tuple(json.loads(data.get("runs") or "[]")), results=dict(json.loads(data.get("results") or "{}")),
+        settled=_num(data, "settled", float),
     )

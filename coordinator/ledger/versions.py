@@ -14,6 +14,7 @@ from dataclasses import replace
 import redis
 
 from coordinator import keys
+from coordinator.ledger.trust import Trust
 from coordinator.ledger.records import (
     AdapterState,
     VersionRecord,
@@ -27,6 +28,7 @@ from nomoat.lineage import Lineage
 class Versions:
     def __init__(self, client: redis.Redis) -> None:
         self.r = client
+        self.trust = Trust(client)
 
     def latest(self) -> int | None:
         """The newest published version, None before version 0 exists."""
@@ -77,6 +79,7 @@ class Versions:
             if number != expected:
                 raise ValueError(f"version {number} cannot be published: the next version is {expected}")
             jobs = [pipe.hget(keys.adapter(a), "job") for a, _ in folded]
+            volunteers = [pipe.hget(keys.adapter(a), "volunteer") for a, _ in folded]
             pipe.multi()
             pipe.hset(keys.version(number), mapping=version_fields(record))
             pipe.zadd(keys.VERSIONS, {str(number): number})
@@ -87,6 +90,10 @@ class Versions:
                           mapping={"state": AdapterState.FOLDED.value, "version": number, "weight": weight})
                 if job:
                     pipe.hincrby(keys.job(job.decode()), "adapters_folded", 1)
+            for volunteer in volunteers:  # each folded adapter counts for its volunteer's trust
+                if volunteer:
+                    self.trust.record_in(pipe, volunteer.decode(), "accepted", f"folded into version {number}")
+                    self.trust.folded_in_version(pipe, volunteer.decode(), number)
             for norm in norms:
                 pipe.lpush(keys.RECENT_NORMS, norm)
             pipe.ltrim(keys.RECENT_NORMS, 0, 255)

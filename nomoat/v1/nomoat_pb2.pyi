@@ -116,20 +116,26 @@ class JobInfo(_message.Message):
     def __init__(self, job_id: _Optional[str] = ..., name: _Optional[str] = ..., state: _Optional[str] = ..., tasks: _Optional[_Union[TaskCounts, _Mapping]] = ..., total_tasks: _Optional[int] = ..., adapters_folded: _Optional[int] = ..., adapters_rejected: _Optional[int] = ..., error: _Optional[str] = ..., created: _Optional[float] = ..., tokens: _Optional[int] = ..., dataset_sha256: _Optional[str] = ..., base_loss: _Optional[float] = ..., warning: _Optional[str] = ..., events: _Optional[_Iterable[str]] = ..., training: _Optional[str] = ...) -> None: ...
 
 class WorkerInfo(_message.Message):
-    __slots__ = ("worker_id", "name", "card", "last_seen", "tasks_done", "state")
+    __slots__ = ("worker_id", "name", "card", "last_seen", "tasks_done", "state", "trust", "trust_score", "trust_reason")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     CARD_FIELD_NUMBER: _ClassVar[int]
     LAST_SEEN_FIELD_NUMBER: _ClassVar[int]
     TASKS_DONE_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
+    TRUST_FIELD_NUMBER: _ClassVar[int]
+    TRUST_SCORE_FIELD_NUMBER: _ClassVar[int]
+    TRUST_REASON_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     name: str
     card: Card
     last_seen: float
     tasks_done: int
     state: str
-    def __init__(self, worker_id: _Optional[str] = ..., name: _Optional[str] = ..., card: _Optional[_Union[Card, _Mapping]] = ..., last_seen: _Optional[float] = ..., tasks_done: _Optional[int] = ..., state: _Optional[str] = ...) -> None: ...
+    trust: str
+    trust_score: float
+    trust_reason: str
+    def __init__(self, worker_id: _Optional[str] = ..., name: _Optional[str] = ..., card: _Optional[_Union[Card, _Mapping]] = ..., last_seen: _Optional[float] = ..., tasks_done: _Optional[int] = ..., state: _Optional[str] = ..., trust: _Optional[str] = ..., trust_score: _Optional[float] = ..., trust_reason: _Optional[str] = ...) -> None: ...
 
 class VersionInfo(_message.Message):
     __slots__ = ("version", "parent", "eval_loss", "adapters", "created", "job_id", "adapter_ids", "operation")
@@ -178,6 +184,60 @@ class JobProgress(_message.Message):
     eval_loss: float
     finished: bool
     def __init__(self, job: _Optional[_Union[JobInfo, _Mapping]] = ..., current_version: _Optional[int] = ..., eval_loss: _Optional[float] = ..., finished: _Optional[bool] = ...) -> None: ...
+
+class WorkerStatsRequest(_message.Message):
+    __slots__ = ("worker_id",)
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    def __init__(self, worker_id: _Optional[str] = ...) -> None: ...
+
+class CheckCount(_message.Message):
+    __slots__ = ("check", "count")
+    CHECK_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    check: str
+    count: int
+    def __init__(self, check: _Optional[str] = ..., count: _Optional[int] = ...) -> None: ...
+
+class VersionShare(_message.Message):
+    __slots__ = ("version", "adapters")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    ADAPTERS_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    adapters: int
+    def __init__(self, version: _Optional[int] = ..., adapters: _Optional[int] = ...) -> None: ...
+
+class WorkerStatsReply(_message.Message):
+    __slots__ = ("volunteer", "workers", "tasks_done", "tokens_trained", "adapters_folded", "adapters_refused", "replicas_agreed", "replicas_disagreed", "reasons", "recent", "versions", "trust", "trust_score", "trust_reason")
+    VOLUNTEER_FIELD_NUMBER: _ClassVar[int]
+    WORKERS_FIELD_NUMBER: _ClassVar[int]
+    TASKS_DONE_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_TRAINED_FIELD_NUMBER: _ClassVar[int]
+    ADAPTERS_FOLDED_FIELD_NUMBER: _ClassVar[int]
+    ADAPTERS_REFUSED_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_AGREED_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_DISAGREED_FIELD_NUMBER: _ClassVar[int]
+    REASONS_FIELD_NUMBER: _ClassVar[int]
+    RECENT_FIELD_NUMBER: _ClassVar[int]
+    VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    TRUST_FIELD_NUMBER: _ClassVar[int]
+    TRUST_SCORE_FIELD_NUMBER: _ClassVar[int]
+    TRUST_REASON_FIELD_NUMBER: _ClassVar[int]
+    volunteer: str
+    workers: _containers.RepeatedCompositeFieldContainer[WorkerInfo]
+    tasks_done: int
+    tokens_trained: float
+    adapters_folded: int
+    adapters_refused: int
+    replicas_agreed: int
+    replicas_disagreed: int
+    reasons: _containers.RepeatedCompositeFieldContainer[CheckCount]
+    recent: _containers.RepeatedScalarFieldContainer[str]
+    versions: _containers.RepeatedCompositeFieldContainer[VersionShare]
+    trust: str
+    trust_score: float
+    trust_reason: str
+    def __init__(self, volunteer: _Optional[str] = ..., workers: _Optional[_Iterable[_Union[WorkerInfo, _Mapping]]] = ..., tasks_done: _Optional[int] = ..., tokens_trained: _Optional[float] = ..., adapters_folded: _Optional[int] = ..., adapters_refused: _Optional[int] = ..., replicas_agreed: _Optional[int] = ..., replicas_disagreed: _Optional[int] = ..., reasons: _Optional[_Iterable[_Union[CheckCount, _Mapping]]] = ..., recent: _Optional[_Iterable[str]] = ..., versions: _Optional[_Iterable[_Union[VersionShare, _Mapping]]] = ..., trust: _Optional[str] = ..., trust_score: _Optional[float] = ..., trust_reason: _Optional[str] = ...) -> None: ...
 
 class UploadOffsetRequest(_message.Message):
     __slots__ = ("task_id", "fence", "sha256")

@@ -269,6 +269,11 @@ class WorkersStub:
                 request_serializer=nomoat_dot_v1_dot_nomoat__pb2.UploadOffsetRequest.SerializeToString,
                 response_deserializer=nomoat_dot_v1_dot_nomoat__pb2.UploadOffsetReply.FromString,
                 _registered_method=True)
+        self.Stats = channel.unary_unary(
+                '/nomoat.v1.Workers/Stats',
+                request_serializer=nomoat_dot_v1_dot_nomoat__pb2.WorkerStatsRequest.SerializeToString,
+                response_deserializer=nomoat_dot_v1_dot_nomoat__pb2.WorkerStatsReply.FromString,
+                _registered_method=True)
 
 
 class WorkersServicer:
@@ -311,6 +316,14 @@ class WorkersServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Stats(self, request, context):
+        """What a volunteer gave (`nomoat worker stats`): its workers, tasks, tokens, adapters folded
+        and refused (with reasons), the versions they are in, and its trust.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkersServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -338,6 +351,11 @@ def add_WorkersServicer_to_server(servicer, server):
                     servicer.UploadOffset,
                     request_deserializer=nomoat_dot_v1_dot_nomoat__pb2.UploadOffsetRequest.FromString,
                     response_serializer=nomoat_dot_v1_dot_nomoat__pb2.UploadOffsetReply.SerializeToString,
+            ),
+            'Stats': grpc.unary_unary_rpc_method_handler(
+                    servicer.Stats,
+                    request_deserializer=nomoat_dot_v1_dot_nomoat__pb2.WorkerStatsRequest.FromString,
+                    response_serializer=nomoat_dot_v1_dot_nomoat__pb2.WorkerStatsReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -478,6 +496,33 @@ class Workers:
             '/nomoat.v1.Workers/UploadOffset',
             nomoat_dot_v1_dot_nomoat__pb2.UploadOffsetRequest.SerializeToString,
             nomoat_dot_v1_dot_nomoat__pb2.UploadOffsetReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Stats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nomoat.v1.Workers/Stats',
+            nomoat_dot_v1_dot_nomoat__pb2.WorkerStatsRequest.SerializeToString,
+            nomoat_dot_v1_dot_nomoat__pb2.WorkerStatsReply.FromString,
             options,
             channel_credentials,
             insecure,

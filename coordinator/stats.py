@@ -1,0 +1,69 @@
+"""What a volunteer gave: `nomoat worker stats`, read from the ledger for the caller's token.
+
+A volunteer is its token (coordinator.trust.volunteer_of): every worker registered with it, the
+tasks they handed in, the tokens they trained, what became of their adapters (folded, refused
+and why, replicas that agreed or not), the versions of the model they are in, and the trust all
+of that earned. Plain records; the service turns them into the reply.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from coordinator import status, trust
+from coordinator.auth import Identity
+from coordinator.errors import NotFound
+from coordinator.ledger import Ledger
+from coordinator.settings import Settings
+
+
+@dataclass(frozen=True)
+class VolunteerStats:
+    volunteer: str  # its token's name, or the token id
+    workers: list[status.WorkerSummary]
+    tasks_done: int
+    tokens_trained: float
+    folded: int
+    refused: int
+    agreed: int
+    disagreed: int
+    reasons: dict[str, int]  # failed check -> count
+    recent: list[str]  # its newest outcomes, oldest first
+    versions: dict[int, int]  # version -> its adapters folded into it
+    standing: trust.Standing
+
+
+def of_caller(ledger: Ledger, settings: Settings, identity: Identity, worker_id: str = "") -> VolunteerStats:
+    """The stats of the caller's own volunteer; an admin may name a worker to see its volunteer's.
+
+    Raises NotFound for a worker the ledger does not know (admin only: others always see their own).
+    """
+    volunteer = identity.token_hash
+    if identity.role == "admin" and worker_id:
+        worker = ledger.workers.get(worker_id)
+        if worker is None:
+            raise NotFound(f"there is no worker {worker_id!r}")
+        volunteer = trust.volunteer_of(worker.token, worker.worker_id)
+    return of(ledger, settings, volunteer)
+
+
+def of(ledger: Ledger, settings: Settings, volunteer: str) -> VolunteerStats:
+    mine = {w.worker_id: w for w in ledger.workers.all() if trust.volunteer_of(w.token, w.worker_id) == volunteer}
+    record = ledger.trust.get(volunteer)
+    entry = ledger.tokens.get(volunteer)
+    return VolunteerStats(
+        volunteer=(entry.name if entry and entry.name else volunteer[:16]),
+        workers=[w for w in status.workers(ledger, settings) if w.worker_id in mine],
+        tasks_done=sum(w.tasks_done for w in mine.values()),
+        tokens_trained=sum(w.tokens_trained for w in mine.values()),
+        folded=record.accepted if record else 0,
+        refused=record.refused if record else 0,
+        agreed=record.agreed if record else 0,
+        disagreed=record.disagreed if record else 0,
+        reasons=record.reasons() if record else {},
+        recent=[f"{time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(e.at))}: {e.outcome}"
+                + (f": {e.detail}" if e.detail else "") for e in (record.recent if record else ())],
+        versions=dict(sorted(record.versions.items())) if record else {},
+        standing=trust.standing(record),
+    )

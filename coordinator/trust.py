@@ -1,0 +1,133 @@
+"""Trust: what a volunteer's contributions earned, and how much work it gets for it.
+
+One pure rule, :func:`standing`, reads a volunteer's :class:`~coordinator.ledger.TrustRecord`
+(its newest outcomes: adapters folded, replicas that agreed, checks failed) and says where it
+stands. The scheduler asks :func:`allowed_share` how large a run the volunteer's card may take
+(0: none), the collect step asks :func:`replicate_rate` how many of its tasks are run a second
+time by another volunteer, and ``nomoat status`` shows :attr:`Standing.why`.
+
+The score is a Beta posterior mean over the last ``WINDOW`` outcomes, started from
+``PRIOR_GOOD`` good outcomes so that a new volunteer is trusted:
+
+    score = (good + PRIOR_GOOD) / (good + bad + PRIOR_GOOD)
+
+with each outcome weighed by :data:`WEIGHTS` (an adapter folded counts 1, a replica that
+agreed 2; a failed check 1, a fold's worst contributor 0.5, a disagreement with two replicas 2;
+staleness is the schedule's doing and counts nothing). Below ``THROTTLE`` a volunteer is
+throttled: its runs are cut to ``score`` of their size, it is served after trusted cards, and
+every task it hands in is replicated, so it can earn its way back only with work that others
+reproduce. Below ``EXCLUDE`` it gets no tasks. A malicious volunteer (every adapter refused)
+is throttled after 3 failures and excluded after 7 (with disagreements, after 2 and 4); an
+honest one with 30 adapters folded stays trusted through 15 failures in a row of the window.
+
+Only the newest ``WINDOW`` outcomes count: years of good work do not buy a volunteer unlimited
+bad work later. An excluded volunteer earns nothing new, so it stays excluded until an operator
+clears its record (:meth:`coordinator.ledger.trust.Trust.clear`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import Enum
+
+from coordinator.ledger.records import Check, TrustEvent, TrustRecord
+from coordinator.ledger.trust import KEPT as WINDOW  # the newest outcomes the score reads: all the ledger keeps
+PRIOR_GOOD = 2.0  # a new volunteer starts as if two of its adapters had been folded
+THROTTLE = 0.5  # below: fewer tasks, and every one replicated
+EXCLUDE = 0.25  # below: no tasks
+
+# How much each outcome counts: positive for good work, negative for a failed check.
+WEIGHTS: dict[str, float] = {
+    "accepted": 1.0,
+    "agreed": 2.0,
+    Check.CORRUPT.value: -1.0,
+    Check.MALFORMED.value: -1.0,
+    Check.NORM.value: -1.0,
+    Check.LOSS.value: -1.0,
+    Check.FOLD.value: -0.5,  # an honest adapter can be the worst of a fold that did not publish
+    Check.STALE.value: 0.0,
+    Check.DISAGREED.value: -2.0,  # two other volunteers reproduced the task, and it did not
+}
+
+
+class Level(str, Enum):
+    TRUSTED = "trusted"
+    THROTTLED = "throttled"
+    EXCLUDED = "excluded"
+
+    __str__ = str.__str__
+
+
+@dataclass(frozen=True)
+class Standing:
+    level: Level
+    score: float
+    share: float  # of a normal run's units its card is given (0: none)
+    why: str = ""  # a sentence, "" when trusted
+
+    @property
+    def eligible(self) -> bool:
+        return self.share > 0
+
+
+TRUSTED = Standing(Level.TRUSTED, 1.0, 1.0)  # a volunteer with no record (or a node that names none)
+
+
+def score(recent: Sequence[TrustEvent]) -> float:
+    """The Beta posterior mean of good work over the newest ``WINDOW`` outcomes."""
+    good = bad = 0.0
+    for event in list(recent)[-WINDOW:]:
+        weight = WEIGHTS.get(event.outcome, -1.0)  # an outcome unknown here counts as a failure
+        if weight > 0:
+            good += weight
+        else:
+            bad -= weight
+    return (good + PRIOR_GOOD) / (good + bad + PRIOR_GOOD)
+
+
+def standing(record: TrustRecord | None) -> Standing:
+    """Where a volunteer stands, from its record alone (None: nothing known, trusted)."""
+    if record is None or not record.recent:
+        return TRUSTED
+    s = score(record.recent)
+    if s >= THROTTLE:
+        return Standing(Level.TRUSTED, s, 1.0)
+    failed = [e for e in record.recent[-WINDOW:] if e.failed and WEIGHTS.get(e.outcome, -1.0) < 0]
+    kinds = sorted({e.outcome for e in failed})
+    last = failed[-1].detail if failed else ""
+    because = (f"{len(failed)} of its last {min(len(record.recent), WINDOW)} contributions failed the checks "
+               f"({', '.join(kinds)})" + (f"; the latest: {last}" if last else ""))
+    if s < EXCLUDE:
+        return Standing(Level.EXCLUDED, s, 0.0, f"excluded (trust {s:.2f}): {because}")
+    return Standing(Level.THROTTLED, s, s, f"throttled to {s:.0%} of a run, every task checked by a replica "
+                                           f"(trust {s:.2f}): {because}")
+
+
+def allowed_share(record: TrustRecord | None) -> float:
+    """The share of a normal run a volunteer's card is given: 1 when trusted, 0 when excluded."""
+    return standing(record).share
+
+
+def eligible(record: TrustRecord | None) -> bool:
+    """Whether a volunteer may be given tasks at all."""
+    return standing(record).eligible
+
+
+def units(n: int, share: float) -> int:
+    """A run of ``n`` units cut to ``share`` of it (at least one while the share is above 0)."""
+    if share <= 0:
+        return 0
+    return max(1, int(n * min(share, 1.0)))
+
+
+def replicate_rate(record: TrustRecord | None, fraction: float) -> float:
+    """The chance a task this volunteer hands in is run again by another: the configured
+    ``fraction`` for a trusted volunteer, every task for a throttled one."""
+    return fraction if standing(record).level is Level.TRUSTED else 1.0
+
+
+def volunteer_of(token_hash: str, worker_id: str) -> str:
+    """Whose work it is: the token it was done with (one token per volunteer; its several cards
+    are one volunteer), else the worker id (a caller with no token of its own, admin)."""
+    return token_hash or worker_id

@@ -1,0 +1,190 @@
+"""Trust: the pure rule (coordinator.trust), the replication rule (coordinator.replication's
+pure part), and the ledger's trust records over the session's real redis-server."""
+
+from __future__ import annotations
+
+import torch
+import pytest
+
+from coordinator import replication, trust
+from coordinator.ledger import Check, Ledger, TrustEvent, TrustRecord
+from coordinator.replication import ReplicationPolicy, Run, decide, distance, sampled
+from nomoat.adapter import Adapter
+
+
+def record(*outcomes: str) -> TrustRecord:
+    return TrustRecord("v", {}, tuple(TrustEvent(float(i), o, f"reason {i}") for i, o in enumerate(outcomes)))
+
+
+# -- the trust rule ---------------------------------------------------------------------------
+
+
+def test_a_new_volunteer_is_trusted_with_a_whole_run() -> None:
+    for new in (None, record()):
+        standing = trust.standing(new)
+        assert standing.level is trust.Level.TRUSTED and standing.share == 1.0 and standing.why == ""
+        assert trust.allowed_share(new) == 1.0 and trust.eligible(new)
+
+
+@pytest.mark.parametrize("failures, level", [
+    (2, trust.Level.TRUSTED), (3, trust.Level.THROTTLED), (6, trust.Level.THROTTLED), (7, trust.Level.EXCLUDED),
+])
+def test_failed_checks_throttle_then_exclude(failures: int, level: trust.Level) -> None:
+    standing = trust.standing(record(*[Check.NORM.value] * failures))
+    assert standing.level is level
+    if level is trust.Level.THROTTLED:
+        assert 0 < standing.share < 1 and standing.why.startswith("throttled")
+        assert f"{failures} of its last {failures} contributions failed the checks (norm)" in standing.why
+    if level is trust.Level.EXCLUDED:
+        assert standing.share == 0 and not trust.eligible(record(*[Check.NORM.value] * failures))
+        assert standing.why.startswith("excluded") and "the latest: reason 6" in standing.why
+
+
+def test_disagreements_weigh_twice() -> None:
+    assert trust.standing(record(Check.DISAGREED.value)).level is trust.Level.TRUSTED
+    assert trust.standing(record(*[Check.DISAGREED.value] * 2)).level is trust.Level.THROTTLED
+    assert trust.standing(record(*[Check.DISAGREED.value] * 4)).level is trust.Level.EXCLUDED
+
+
+def test_good_work_outweighs_occasional_failures_but_only_within_the_window() -> None:
+    honest = ["accepted"] * 30 + [Check.LOSS.value] * 2
+    assert trust.standing(record(*honest)).level is trust.Level.TRUSTED
+    # A long good history does not buy unlimited bad work: only the newest WINDOW outcomes count.
+    turned = ["accepted"] * 200 + [Check.LOSS.value] * 26  # 6 good, 26 bad in the window: 8/34
+    assert trust.standing(record(*turned)).level is trust.Level.EXCLUDED
+    # Replicas that agree earn trust back faster than plain folds.
+    assert trust.score(record(*[Check.NORM.value] * 3, "agreed").recent) > \
+        trust.score(record(*[Check.NORM.value] * 3, "accepted").recent)
+
+
+def test_staleness_is_not_held_against_a_volunteer() -> None:
+    assert trust.standing(record(*[Check.STALE.value] * 20)).score == 1.0
+
+
+def test_runs_are_cut_to_the_share_and_throttled_volunteers_are_always_replicated() -> None:
+    assert trust.units(8, 1.0) == 8 and trust.units(8, 0.4) == 3 and trust.units(8, 0.01) == 1
+    assert trust.units(8, 0.0) == 0
+    assert trust.replicate_rate(None, 0.05) == 0.05
+    assert trust.replicate_rate(record(*[Check.NORM.value] * 3), 0.05) == 1.0
+
+
+def test_a_volunteer_is_its_token() -> None:
+    assert trust.volunteer_of("tokenhash", "w-1") == "tokenhash"
+    assert trust.volunteer_of("", "w-1") == "w-1"
+
+
+# -- the replication rule -----------------------------------------------------------------------
+
+
+def adapter(seed: int, scale: float = 1.0) -> Adapter:
+    gen = torch.Generator().manual_seed(seed)
+    factors = {m: (torch.randn(2, 16, generator=gen) * 0.01, torch.randn(24, 2, generator=gen) * 0.01 * scale)
+               for m in ("layers.0.q_proj", "layers.0.v_proj")}
+    return Adapter(factors, rank=2, alpha=4.0)
+
+
+def test_the_distance_of_two_updates() -> None:
+    a = adapter(0)
+    assert distance(a, adapter(0)) == 0.0
+    assert distance(a, adapter(0, scale=50.0)) == pytest.approx(49 / 50, rel=1e-5)
+    assert 1.2 < distance(a, adapter(1)) < 1.6  # independent random updates: about sqrt(2)
+    # Against the dense difference of ΔW = s·B·A, module by module.
+    b = adapter(1)
+    dense = sum(float(((a.scale * (a.factors[m][1] @ a.factors[m][0]) - b.scale * (b.factors[m][1] @ b.factors[m][0]))
+                       .double() ** 2).sum()) for m in a.factors) ** 0.5
+    larger = max(sum(float(((x.scale * x.factors[m][1] @ x.factors[m][0]).double() ** 2).sum())
+                     for m in x.factors) ** 0.5 for x in (a, b))
+    assert distance(a, b) == pytest.approx(dense / larger, rel=1e-5)
+
+
+def test_agreement_needs_the_update_and_the_loss() -> None:
+    policy = ReplicationPolicy(tolerance=0.05, loss_tolerance=0.05)
+    assert replication.agree(adapter(0), adapter(0), 2.50, 2.52, policy)
+    assert not replication.agree(adapter(0), adapter(0), 2.50, 2.70, policy)
+    assert not replication.agree(adapter(0), adapter(0, scale=50), 2.5, 2.5, policy)
+
+
+def test_sampling_is_a_fixed_share_of_tasks() -> None:
+    ids = [f"j-1-t{i:04d}" for i in range(4000)]
+    share = sum(sampled(t, 0.05) for t in ids) / len(ids)
+    assert 0.04 < share < 0.06
+    assert [sampled(t, 0.05) for t in ids] == [sampled(t, 0.05) for t in ids]
+    assert not any(sampled(t, 0.0) for t in ids) and all(sampled(t, 1.0) for t in ids)
+
+
+RUNS = [Run("t", "a0", "alice"), Run("t.r1", "a1", "bob"), Run("t.r2", "a2", "carol")]
+
+
+def agreeing(*pairs: tuple[int, int]):
+    return lambda i, j: (i, j) in pairs or (j, i) in pairs
+
+
+def test_one_result_waits_for_its_replica_or_is_folded_unverified() -> None:
+    assert decide("t", RUNS[:1], agreeing(), waiting=True, opened=2).wait
+    verdict = decide("t", RUNS[:1], agreeing(), waiting=False, opened=2)
+    assert verdict.settlement.state == "unverified" and verdict.settlement.fold == "a0"
+    assert verdict.settlement.outcomes == ()
+
+
+def test_two_that_agree_fold_one() -> None:
+    how = decide("t", RUNS[:2], agreeing((0, 1)), waiting=False, opened=2).settlement
+    assert how.fold == "a0" and [a for a, _ in how.replicas] == ["a1"] and how.rejected == ()
+    assert sorted(how.outcomes) == [("alice", "agreed", "task t: 2 runs agreed"),
+                                    ("bob", "agreed", "task t: 2 runs agreed")]
+
+
+def test_two_that_disagree_ask_a_third_and_its_majority_settles() -> None:
+    assert decide("t", RUNS[:2], agreeing(), waiting=False, opened=2).third
+    assert decide("t", RUNS[:2], agreeing(), waiting=True, opened=3).wait
+    how = decide("t", RUNS, agreeing((0, 2)), waiting=False, opened=3).settlement
+    assert how.fold == "a0" and [a for a, _ in how.replicas] == ["a2"]
+    assert [a for a, _ in how.rejected] == ["a1"]
+    assert ("bob", Check.DISAGREED.value) in [(v, o) for v, o, _ in how.outcomes]
+    assert {v for v, o, _ in how.outcomes if o == "agreed"} == {"alice", "carol"}
+    # The task's own run can be the outlier: then a replica is folded.
+    how = decide("t", RUNS, agreeing((1, 2)), waiting=False, opened=3).settlement
+    assert how.fold == "a1" and [a for a, _ in how.rejected] == ["a0"]
+
+
+def test_no_majority_rejects_every_run_without_blame() -> None:
+    how = decide("t", RUNS, agreeing(), waiting=False, opened=3).settlement
+    assert how.state == "unsettled" and how.fold == "" and len(how.rejected) == 3 and how.outcomes == ()
+    how = decide("t", RUNS[:2], agreeing(), waiting=False, opened=3).settlement
+    assert how.state == "unsettled" and len(how.rejected) == 2 and how.outcomes == ()
+
+
+# -- the ledger's trust records ---------------------------------------------------------------
+
+
+def test_trust_records_count_and_keep_the_newest(ledger: Ledger) -> None:
+    assert ledger.trust.get("alice") is None
+    for i in range(40):
+        ledger.trust.record("alice", "accepted" if i % 4 else Check.LOSS.value, f"event {i}")
+    got = ledger.trust.get("alice")
+    assert got.accepted == 30 and got.refused == 10 and got.reasons() == {"loss": 10}
+    assert len(got.recent) == trust.WINDOW and got.recent[-1].detail == "event 39"
+    assert [e.detail for e in got.recent] == [f"event {i}" for i in range(40 - trust.WINDOW, 40)]
+    assert ledger.trust.many(["alice", "bob"]).keys() == {"alice"}
+    ledger.trust.clear("alice")
+    assert ledger.trust.get("alice") is None
+
+
+def test_a_rejection_counts_against_the_adapters_volunteer_in_the_same_step(ledger: Ledger) -> None:
+    from tests.test_scheduler import make_job
+
+    task = make_job(ledger, "j", 1)[0]
+    fence = ledger.leases.lease(task, 1e12, 0, 3)
+    accepted = ledger.adapters.accept(task, fence, "ab" * 32, tokens=10, volunteer="mallory")
+    assert ledger.adapters.get(accepted.detail).volunteer == "mallory"
+    ledger.adapters.reject(accepted.detail, "it makes held-out loss worse", check=Check.LOSS)
+    mallory = ledger.trust.get("mallory")
+    assert mallory.reasons() == {"loss": 1} and mallory.recent[-1].detail == "it makes held-out loss worse"
+    # A rejection that names no check (a blob the store lost) is not held against anyone.
+    ledger.adapters.reject(accepted.detail, "the blob is gone")
+    assert ledger.trust.get("mallory").refused == 1
+
+
+def test_workers_map_to_their_token(ledger: Ledger) -> None:
+    ledger.workers.register("w-a", name="a", card=b"", token="tok-a")
+    ledger.workers.register("w-b", name="b", card=b"")
+    assert ledger.trust.of_workers(["w-a", "w-b", ""]) == {"w-a": "tok-a", "w-b": "w-b"}
