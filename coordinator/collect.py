@@ -82,18 +82,23 @@ def upload(
     problem = ledger.leases.hold(m.task_id, m.fence, m.worker_id, token_hash)
     if problem:
         return Accepted("refused", problem)
+    volunteer = trust.volunteer_of(token_hash, worker_id)
     try:
         data = partials.receive(m.task_id, m.fence, m.sha256, m.size, offset, blocks)
-    except UploadRefused as exc:
-        return Accepted("refused", str(exc))
+    except UploadRefused as exc:  # bytes that do not match their manifest
+        return _counted(ledger, volunteer, Accepted("refused", str(exc), Check.CORRUPT))
     except UploadRetry as exc:
         raise WrongState(str(exc)) from None
     if data is None:
         held = partials.offset(m.task_id, m.fence, m.sha256)
         raise Incomplete(f"the upload stopped at byte {held} of {m.size}; resume from offset {held}")
-    volunteer = trust.volunteer_of(token_hash, worker_id)
     result = receive(ledger, store, shapes, m, data, volunteer=volunteer, replication=replication)
     partials.discard(m.task_id, m.fence, m.sha256)
+    return _counted(ledger, volunteer, result)
+
+
+def _counted(ledger: Ledger, volunteer: str, result: Accepted) -> Accepted:
+    """A refusal for a failed check counts against the volunteer's trust (coordinator.trust)."""
     if result.check is not None:
         ledger.trust.record(volunteer, result.check.value, result.detail)
     return result

@@ -19,7 +19,7 @@ RECENT_NORMS = PREFIX + "fold:norms"  # list: ‖ΔW‖ of recently accepted ada
 LINEAGE = PREFIX + "lineage"  # string: JSON of the model lineage version 0 fixed (id, base file hashes)
 TOKENS = PREFIX + "tokens"  # hash: sha256(token) -> JSON {"role", "name", "created"}
 REVOKED = PREFIX + "tokens:revoked"  # set: token ids revoked (a data-dir token is not revived)
-REPLICATED = PREFIX + "replicas:open"  # zset: task id of each replicated task not yet settled -> opened
+REPLICATED = PREFIX + "replicated"  # zset: task id of each replicated task not yet settled -> opened
 
 
 def job(job_id: str) -> str:

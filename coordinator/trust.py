@@ -14,11 +14,12 @@ The score is a Beta posterior mean over the last ``WINDOW`` outcomes, started fr
 with each outcome weighed by :data:`WEIGHTS` (an adapter folded counts 1, a replica that
 agreed 2; a failed check 1, a fold's worst contributor 0.5, a disagreement with two replicas 2;
 staleness is the schedule's doing and counts nothing). Below ``THROTTLE`` a volunteer is
-throttled: its runs are cut to ``score`` of their size, it is served after trusted cards, and
-every task it hands in is replicated, so it can earn its way back only with work that others
-reproduce. Below ``EXCLUDE`` it gets no tasks. A malicious volunteer (every adapter refused)
-is throttled after 3 failures and excluded after 7 (with disagreements, after 2 and 4); an
-honest one with 30 adapters folded stays trusted through 15 failures in a row of the window.
+throttled, on probation: it gets one task at a time (a run of one unit, served after trusted
+cards, and the next only once the last one it handed in is settled), and every task it hands in
+is replicated, so it can earn its way back only with work that others reproduce. Below
+``EXCLUDE`` it gets no tasks. A malicious volunteer (every adapter refused) is throttled after 3
+failures and excluded after 7 (with disagreements, after 2 and 4); an honest one with 30
+adapters folded stays trusted through 15 failures in a row of the window.
 
 Only the newest ``WINDOW`` outcomes count: years of good work do not buy a volunteer unlimited
 bad work later. An excluded volunteer earns nothing new, so it stays excluded until an operator
@@ -63,7 +64,7 @@ class Level(str, Enum):
 class Standing:
     level: Level
     score: float
-    share: float  # of a normal run's units its card is given (0: none)
+    share: float  # 1: whole runs; between 0 and 1: one unit at a time (the score); 0: no task now
     why: str = ""  # a sentence, "" when trusted
 
     @property
@@ -100,8 +101,10 @@ def standing(record: TrustRecord | None) -> Standing:
                f"({', '.join(kinds)})" + (f"; the latest: {last}" if last else ""))
     if s < EXCLUDE:
         return Standing(Level.EXCLUDED, s, 0.0, f"excluded (trust {s:.2f}): {because}")
-    return Standing(Level.THROTTLED, s, s, f"throttled to {s:.0%} of a run, every task checked by a replica "
-                                           f"(trust {s:.2f}): {because}")
+    # On probation: one task at a time, each checked by replicas before it is given the next.
+    share = 0.0 if record.held > 0 else s
+    return Standing(Level.THROTTLED, s, share, f"throttled: one task at a time, each checked by a replica "
+                                               f"(trust {s:.2f}): {because}")
 
 
 def allowed_share(record: TrustRecord | None) -> float:
@@ -115,10 +118,11 @@ def eligible(record: TrustRecord | None) -> bool:
 
 
 def units(n: int, share: float) -> int:
-    """A run of ``n`` units cut to ``share`` of it (at least one while the share is above 0)."""
+    """How many of a run's ``n`` units a volunteer with ``share`` is given: all when trusted, one
+    on probation, none when it may take no task now."""
     if share <= 0:
         return 0
-    return max(1, int(n * min(share, 1.0)))
+    return n if share >= 1.0 else min(n, 1)
 
 
 def replicate_rate(record: TrustRecord | None, fraction: float) -> float:

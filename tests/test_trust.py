@@ -57,12 +57,21 @@ def test_good_work_outweighs_occasional_failures_but_only_within_the_window() ->
         trust.score(record(*[Check.NORM.value] * 3, "accepted").recent)
 
 
+def test_a_throttled_volunteer_waits_until_its_last_task_is_checked() -> None:
+    throttled = record(*[Check.NORM.value] * 3)
+    assert trust.standing(throttled).share > 0
+    waiting = TrustRecord("v", {}, throttled.recent, held=1)
+    assert trust.standing(waiting).level is trust.Level.THROTTLED and trust.allowed_share(waiting) == 0
+    trusted = TrustRecord("v", {}, record("accepted").recent, held=3)  # a trusted one is not held back
+    assert trust.allowed_share(trusted) == 1.0
+
+
 def test_staleness_is_not_held_against_a_volunteer() -> None:
     assert trust.standing(record(*[Check.STALE.value] * 20)).score == 1.0
 
 
 def test_runs_are_cut_to_the_share_and_throttled_volunteers_are_always_replicated() -> None:
-    assert trust.units(8, 1.0) == 8 and trust.units(8, 0.4) == 3 and trust.units(8, 0.01) == 1
+    assert trust.units(8, 1.0) == 8 and trust.units(8, 0.4) == 1 and trust.units(8, 0.01) == 1
     assert trust.units(8, 0.0) == 0
     assert trust.replicate_rate(None, 0.05) == 0.05
     assert trust.replicate_rate(record(*[Check.NORM.value] * 3), 0.05) == 1.0

@@ -49,10 +49,11 @@ return acceptable(KEYS[1], ARGV[1], ARGV[2], ARGV[3]) or {'', ''}
 """
 
 # KEYS: task, LEASES, adapter, FOLD_BUFFER, worker, partner, PENDING, then for a replicated task
-# its replica group, the run to open, REPLICATED and the task it repeats (see replicas.py).
+# its replica group, the run to open, REPLICATED, the task it repeats and the volunteer's trust
+# record (see replicas.py).
 # ARGV: task id, fence, adapter id, now, partner id, replicated task id ("" for none), run to open
-# ("" for none), the volunteers that run avoids (JSON), base version, then field/value pairs for
-# the adapter hash. Returns {status, adapter id or reason}. The partner is the task's speculative
+# ("" for none), the volunteers that run avoids (JSON), base version, the volunteer, then
+# field/value pairs for the adapter hash. Returns {status, adapter id or reason}. The partner is the task's speculative
 # twin (or the twin's original, see Leases.speculate): the first accepted result marks both done,
 # so the other run's upload is refused. A run of a replicated task is held, not buffered, until
 # its replicas settle (coordinator.replication).
@@ -66,7 +67,7 @@ if ARGV[5] ~= '' and redis.call('HGET', KEYS[6], 'state') ~= 'done' then
   redis.call('ZREM', KEYS[2], ARGV[5])
   redis.call('ZREM', KEYS[7], ARGV[5])
 end
-for i = 10, #ARGV, 2 do redis.call('HSET', KEYS[3], ARGV[i], ARGV[i + 1]) end
+for i = 11, #ARGV, 2 do redis.call('HSET', KEYS[3], ARGV[i], ARGV[i + 1]) end
 if ARGV[6] == '' then
   redis.call('HSET', KEYS[3], 'state', 'buffered', 'accepted', ARGV[4])
   redis.call('RPUSH', KEYS[4], ARGV[3])
@@ -74,6 +75,7 @@ else
   redis.call('HSET', KEYS[3], 'state', 'held', 'accepted', ARGV[4])
   hold_result(KEYS[8], KEYS[11], KEYS[9], KEYS[10], KEYS[7], ARGV[6], ARGV[1], ARGV[3], ARGV[4], ARGV[7],
               ARGV[8], ARGV[9])
+  if ARGV[10] ~= '' then redis.call('HINCRBY', KEYS[12], 'held', 1) end
 end
 if redis.call('EXISTS', KEYS[5]) == 1 then redis.call('HINCRBY', KEYS[5], 'tasks_done', 1) end
 return {'accepted', ARGV[3]}
@@ -133,9 +135,9 @@ class Adapters:
             keys=[keys.task(task_id), keys.LEASES, keys.adapter(adapter_id), keys.FOLD_BUFFER,
                   keys.worker(worker_id or "-"), keys.task(partner or "-"), keys.PENDING,
                   keys.replicas(hold.task or "-"), keys.task(hold.open or "-"), keys.REPLICATED,
-                  keys.task(hold.task or "-")],
+                  keys.task(hold.task or "-"), keys.trust(volunteer or "-")],
             args=[task_id, fence, adapter_id, time.time(), partner, hold.task, hold.open, json.dumps(list(hold.avoid)),
-                  base_version, *(x for kv in fields.items() for x in kv)],
+                  base_version, volunteer, *(x for kv in fields.items() for x in kv)],
         )
         return Accepted(status.decode(), detail.decode())
 

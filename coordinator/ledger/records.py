@@ -246,6 +246,7 @@ class TrustRecord:
     counts: dict[str, int] = field(default_factory=dict)  # outcome ("accepted", "agreed", a Check) -> count
     recent: tuple[TrustEvent, ...] = ()
     versions: dict[int, int] = field(default_factory=dict)  # version -> its adapters folded into it
+    held: int = 0  # its adapters held in replica groups, waiting to be checked
 
     @property
     def accepted(self) -> int:
@@ -426,7 +427,8 @@ def worker_from_hash(worker_id: str, data: dict[str, str], last_seen: float) -> 
 def trust_from_hash(volunteer: str, data: dict[str, str], versions: dict[str, float]) -> TrustRecord:
     counts = {k[2:]: int(float(v)) for k, v in data.items() if k.startswith("n:")}
     recent = tuple(TrustEvent(float(t), o, d) for t, o, d in json.loads(data.get("recent") or "[]"))
-    return TrustRecord(volunteer, counts, recent, {int(v): int(n) for v, n in versions.items()})
+    return TrustRecord(volunteer, counts, recent, {int(v): int(n) for v, n in versions.items()},
+                       held=_num(data, "held", int))
 
 
 def replica_group_from_hash(task_id: str, data: dict[str, str]) -> ReplicaGroup:

@@ -28,7 +28,8 @@ from coordinator.ledger.trust import Trust
 
 # open_run(group, task key, run key, PENDING, task id, run id, now, avoid JSON, base version):
 # a pending replica run that repeats the task's shard, pinned to the base version, avoiding those
-# volunteers; listed in the group's runs. Nothing when the run exists already.
+# volunteers, first in the queue (the adapters it checks are held until it is in, and grow stale
+# meanwhile); listed in the group's runs. Nothing when the run exists already.
 OPEN_RUN = """
 local function open_run(group, task_key, run_key, pending, task_id, run, now, avoid, base)
   if redis.call('EXISTS', run_key) == 1 then return end
@@ -37,7 +38,7 @@ local function open_run(group, task_key, run_key, pending, task_id, run, now, av
              'end', t[4] or '0', 'tokens', t[5] or '0', 'min_vram_gb', t[6] or '0', 'state', 'pending',
              'attempts', '0', 'fence', '0', 'replica_of', task_id, 'avoid', avoid, 'pinned', '1',
              'base_version', base)
-  redis.call('ZADD', pending, now, run)
+  redis.call('ZADD', pending, 0, run)  -- ahead of the queue: a held adapter waits on it
   local runs = cjson.decode(redis.call('HGET', group, 'runs') or '[]')
   table.insert(runs, run)
   redis.call('HSET', group, 'runs', cjson.encode(runs))
@@ -138,7 +139,11 @@ class Replicas:
             if now.get("state") != "open" or json.loads(now.get("results") or "{}") != group.results:
                 return False
             jobs = {a: pipe.hget(keys.adapter(a), "job") for a, _ in how.rejected}
+            holders = [pipe.hget(keys.adapter(a), "volunteer") for a in group.results.values()]
             pipe.multi()
+            for volunteer in holders:  # their contributions are no longer waiting to be checked
+                if volunteer:
+                    pipe.hincrby(keys.trust(volunteer.decode()), "held", -1)
             if how.fold:
                 pipe.hset(keys.adapter(how.fold), "state", AdapterState.BUFFERED.value)
                 pipe.rpush(keys.FOLD_BUFFER, how.fold)

@@ -1,0 +1,243 @@
+"""Replicated tasks and trust through the real collect and fold flow (no processes).
+
+The upload workflow (``collect.upload``), the replica groups it holds adapters in, the sweep that
+settles them, the real Folder folding into a real tiny model, and the real Scheduler placing runs
+on tests/fakes.py's FakeDispatcher (Ray's stand-in). Volunteers are real worker tokens; honest
+ones hand in the adapter their task's seed makes (two honest runs of one seed are the same, as
+bench/replication.py measures the trainer's are), a malicious one the same scaled x50.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, replace
+
+import pytest
+import torch
+
+from coordinator import collect, status, trust
+from coordinator.auth import Identity
+from coordinator.folder import Folder
+from coordinator.history import History
+from coordinator.ledger import AdapterState, Check, Ledger, TaskState
+from coordinator.model import RunningModel
+from coordinator.replication import Replication
+from coordinator.scheduler import Scheduler
+from coordinator.uploads import PartialUploads
+from nomoat import adapter as adapter_format
+from nomoat.tiny import read_fortunes, tiny_model_path
+from tests import consistency
+from tests.fakes import FakeCard, FakeDispatcher
+from tests.rig import ALPHA, RANK, TARGETS, Rig, published, rig, submit_job  # noqa: F401  (fixtures)
+from worker.probe import VRAM_RESOURCE, WORKER_RESOURCE
+
+LIMIT = 1 << 24
+TEXTS = [f"record {i}: {t}" for i, t in enumerate(read_fortunes()[1000:1200])]
+
+
+@dataclass
+class Volunteer:
+    name: str
+    worker_id: str
+    identity: Identity
+    scale: float = 1.0  # x50: malicious
+
+    @property
+    def id(self) -> str:
+        return self.identity.token_hash
+
+
+def volunteer(rig: Rig, name: str, scale: float = 1.0) -> Volunteer:
+    token = rig.registry.create("worker", name=name)
+    identity = rig.registry.lookup(token)
+    worker_id = f"w-{name}"
+    rig.ledger.workers.register(worker_id, name=name, card=b"", token=identity.token_hash)
+    return Volunteer(name, worker_id, identity, scale)
+
+
+def result(rig: Rig, seed: int, scale: float = 1.0) -> bytes:
+    """The adapter a run of the task with ``seed`` hands in: the same seed, the same adapter."""
+    gen = torch.Generator().manual_seed(seed)
+    factors = {m: (torch.randn(RANK, d_in, generator=gen) * 0.01, torch.randn(d_out, RANK, generator=gen) * 0.01 * scale)
+               for m, (d_out, d_in) in sorted(rig.deps.shapes.items()) if m.rsplit(".", 1)[-1] in TARGETS}
+    return adapter_format.to_bytes(adapter_format.Adapter(factors, rank=RANK, alpha=ALPHA))
+
+
+@pytest.fixture
+def replicating(rig: Rig) -> Replication:
+    """Every task replicated, so that each test meets a replica without hunting for a sampled id."""
+    return Replication(replace(rig.deps.settings, replicate_fraction=1.0), rig.ledger, rig.store)
+
+
+def hand_in(rig: Rig, repl: Replication, who: Volunteer, task_id: str, seed: int,
+            scale: float | None = None) -> collect.Accepted:
+    """Lease ``task_id`` and upload the run's adapter as ``who``, through the Upload workflow."""
+    task = rig.ledger.tasks.get(task_id)
+    fence = rig.ledger.leases.lease(task_id, 1e12, task.base_version if task.pinned else 0, 5)
+    assert fence > 0, f"{task_id} could not be leased"
+    base = rig.ledger.tasks.get(task_id).base_version
+    data = result(rig, seed, who.scale if scale is None else scale)
+    m = collect.Manifest(task_id=task_id, fence=fence, base_version=base, rank=RANK, alpha=ALPHA, tokens=300,
+                         train_loss=2.5, sha256=hashlib.sha256(data).hexdigest(), size=len(data),
+                         worker_id=who.worker_id)
+    return collect.upload(rig.ledger, rig.store, rig.deps.shapes, PartialUploads(rig.tmp / "uploads"), who.identity,
+                          m, 0, [data], max_bytes=LIMIT, replication=repl)
+
+
+def folder(rig: Rig, **settings) -> Folder:
+    s = replace(rig.deps.settings, **settings)
+    return Folder(s, rig.ledger, rig.store, RunningModel(tiny_model_path()), History(rig.ledger, rig.store, rig.tmp))
+
+
+def test_a_replicated_pair_that_agrees_is_folded_once(rig: Rig, replicating: Replication) -> None:
+    alice, bob = volunteer(rig, "alice"), volunteer(rig, "bob")
+    task = rig.ledger.tasks.ids(submit_job(rig).job_id)[0]
+    first = hand_in(rig, replicating, alice, task, seed=0)
+    assert first.status == "accepted"
+    assert rig.ledger.adapters.get(first.detail).state is AdapterState.HELD
+    assert rig.ledger.adapters.buffer_ids() == []  # held, not buffered
+    replica = rig.ledger.tasks.get(f"{task}.r1")
+    assert (replica.state, replica.replica_of, replica.avoid, replica.pinned) == (
+        TaskState.PENDING, task, (alice.id,), True)
+    assert replicating.sweep() == []  # its replica has not run yet
+    second = hand_in(rig, replicating, bob, f"{task}.r1", seed=0)
+    assert second.status == "accepted"
+    assert replicating.sweep() == [task]
+    assert rig.ledger.adapters.buffer_ids() == [first.detail]
+    assert rig.ledger.adapters.get(second.detail).state is AdapterState.REPLICA
+    assert replicating.sweep() == []  # settled once
+    version = folder(rig).fold(rig.ledger.adapters.buffered())
+    assert [a.id for a in rig.ledger.versions.get(version).adapters] == [first.detail]
+    assert rig.ledger.trust.get(alice.id).counts == {"agreed": 1, "accepted": 1}
+    assert rig.ledger.trust.get(alice.id).versions == {version: 1}
+    assert rig.ledger.trust.get(bob.id).counts == {"agreed": 1}
+    consistency.check(rig.ledger)
+
+
+def test_a_pair_that_disagrees_is_held_until_a_third_settles_it(rig: Rig, replicating: Replication) -> None:
+    alice, bob, carol = volunteer(rig, "alice"), volunteer(rig, "bob", scale=50.0), volunteer(rig, "carol")
+    task = rig.ledger.tasks.ids(submit_job(rig).job_id)[0]
+    first = hand_in(rig, replicating, alice, task, seed=0)
+    second = hand_in(rig, replicating, bob, f"{task}.r1", seed=0)
+    assert replicating.sweep() == []
+    third = rig.ledger.tasks.get(f"{task}.r2")
+    assert third.state is TaskState.PENDING and set(third.avoid) == {alice.id, bob.id}
+    assert rig.ledger.adapters.buffer_ids() == []  # neither is folded meanwhile
+    assert {rig.ledger.adapters.get(a).state for a in (first.detail, second.detail)} == {AdapterState.HELD}
+    assert rig.ledger.replicas.unsettled(rig.ledger.tasks.get(task).job)
+    consistency.check(rig.ledger)
+    last = hand_in(rig, replicating, carol, f"{task}.r2", seed=0)
+    assert replicating.sweep() == [task]
+    assert rig.ledger.adapters.buffer_ids() == [first.detail]
+    outlier = rig.ledger.adapters.get(second.detail)
+    assert outlier.state is AdapterState.REJECTED and "disagreed with 2 other runs" in outlier.reason
+    assert rig.ledger.adapters.get(last.detail).state is AdapterState.REPLICA
+    assert rig.ledger.trust.get(bob.id).counts == {Check.DISAGREED.value: 1}
+    assert rig.ledger.trust.get(alice.id).counts == {"agreed": 1}
+    assert rig.ledger.trust.get(carol.id).counts == {"agreed": 1}
+    assert rig.ledger.jobs.get(rig.ledger.tasks.get(task).job).adapters_rejected == 1
+    consistency.check(rig.ledger)
+
+
+def test_a_task_is_replicated_only_when_another_volunteer_can_take_it(rig: Rig, replicating: Replication) -> None:
+    alice = volunteer(rig, "alice")
+    task = rig.ledger.tasks.ids(submit_job(rig).job_id)[0]
+    alone = hand_in(rig, replicating, alice, task, seed=0)
+    assert rig.ledger.adapters.get(alone.detail).state is AdapterState.BUFFERED
+    assert rig.ledger.replicas.get(task) is None
+
+
+def test_a_replica_no_one_runs_leaves_its_task_folded_unverified(rig: Rig) -> None:
+    alice, _ = volunteer(rig, "alice"), volunteer(rig, "bob")
+    repl = Replication(replace(rig.deps.settings, replicate_fraction=1.0, replica_timeout_s=60), rig.ledger, rig.store)
+    task = rig.ledger.tasks.ids(submit_job(rig).job_id)[0]
+    first = hand_in(rig, repl, alice, task, seed=0)
+    opened = rig.ledger.replicas.get(task).opened
+    assert repl.sweep(now=opened + 30) == []
+    assert repl.sweep(now=opened + 61) == [task]
+    assert rig.ledger.adapters.buffer_ids() == [first.detail]
+    gone = rig.ledger.tasks.get(f"{task}.r1")
+    assert gone.state is TaskState.FAILED and "settled without it" in gone.error
+    assert rig.ledger.leases.pending() == [t for t in rig.ledger.leases.pending() if not t.endswith(".r1")]
+    consistency.check(rig.ledger)
+
+
+def test_a_check_failed_at_upload_counts_against_the_token(rig: Rig, replicating: Replication) -> None:
+    mallory = volunteer(rig, "mallory")
+    task = rig.ledger.tasks.ids(submit_job(rig).job_id)[0]
+    fence = rig.lease(task)
+    data = result(rig, 0)
+    m = collect.Manifest(task_id=task, fence=fence, base_version=0, rank=RANK, alpha=ALPHA, tokens=300,
+                         train_loss=2.5, sha256="0" * 64, size=len(data), worker_id=mallory.worker_id)
+    refused = collect.upload(rig.ledger, rig.store, rig.deps.shapes, PartialUploads(rig.tmp / "uploads"),
+                             mallory.identity, m, 0, [data], max_bytes=LIMIT, replication=replicating)
+    assert refused.status == "refused" and refused.check is Check.CORRUPT
+    assert rig.ledger.trust.get(mallory.id).reasons() == {"corrupt": 1}
+
+
+# -- a malicious volunteer, end to end through the scheduler --------------------------------------
+
+
+def test_a_malicious_volunteer_ends_with_no_tasks(rig: Rig) -> None:
+    """Two honest volunteers work a job on the scheduler; once the first version is out, mallory
+    joins and hands in every adapter scaled x50. The fold's gates refuse its adapters, its trust
+    drops, it is put on probation (one task at a time, each replicated and outvoted), and it is
+    excluded: its card gets no more runs. The honest ones finish the job; nothing of mallory's is
+    folded, and nothing twice.
+
+    (Had mallory been there for the first fold, two of its adapters would have been folded: with
+    no recent norms the norm gate has nothing to compare with, and x50 of a small update does
+    not cost the tiny model the 0.1 nats the loss gate asks for. Noted in the report.)"""
+    settings = replace(rig.deps.settings, fold_every=4, fold_timeout_s=1e9, speculate=False, replicate_fraction=0.05,
+                       max_units_per_run=1)
+    people = {v.worker_id: v for v in (volunteer(rig, "alice"), volunteer(rig, "bob"),
+                                       volunteer(rig, "mallory", scale=50.0))}
+    mallory = people["w-mallory"]
+    repl = Replication(settings, rig.ledger, rig.store)
+    fold = folder(rig, fold_every=4, fold_timeout_s=1e9)
+    job = submit_job(rig, texts=TEXTS).job_id
+    partials = PartialUploads(rig.tmp / "uploads")
+
+    def upload(spec, worker_id: str) -> str:
+        who = people[worker_id]
+        data = result(rig, spec.train.seed, who.scale)
+        m = collect.Manifest(task_id=spec.task_id, fence=spec.fence, base_version=spec.base_version, rank=RANK,
+                             alpha=ALPHA, tokens=spec.tokens, train_loss=2.5, sha256=hashlib.sha256(data).hexdigest(),
+                             size=len(data), worker_id=worker_id)
+        got = collect.upload(rig.ledger, rig.store, rig.deps.shapes, partials, who.identity, m, 0, [data],
+                             max_bytes=LIMIT, replication=repl)
+        return "" if got.ok else got.detail
+
+    cards = {w: FakeCard(f"node-{w}", 8.0, 300.0, worker=w) for w in people}
+    fake = FakeDispatcher([cards["w-alice"], cards["w-bob"]], upload=upload)
+    scheduler = Scheduler(settings, rig.ledger, fake, "", lambda config: {WORKER_RESOURCE: 1.0, VRAM_RESOURCE: 1.0},
+                          replication=repl)
+    excluded_at = None
+    for _ in range(400):
+        idle = scheduler.tick(fake.now)
+        fold.maybe_fold(idle, now=fake.now)
+        if rig.ledger.versions.latest() == 1 and mallory.worker_id not in {c.worker_id for c in fake.cards.values()}:
+            fake.add_card(cards[mallory.worker_id])  # it joins a running coordinator
+        for worker in people.values():  # they are heard from (status' "active")
+            rig.ledger.r.zadd("nomoat:workers", {worker.worker_id: fake.now})
+        if excluded_at is None and trust.standing(rig.ledger.trust.get(mallory.id)).level is trust.Level.EXCLUDED:
+            excluded_at = len([r for r in fake.submitted if r.card.worker_id == mallory.worker_id])
+            left = rig.ledger.tasks.counts(job)["pending"]
+        if rig.ledger.jobs.get(job).state.value != "running":
+            break
+        fake.advance(1.0)
+    runs = [r for r in fake.submitted if r.card.worker_id == mallory.worker_id]
+    assert excluded_at is not None, f"mallory was never excluded: {rig.ledger.trust.get(mallory.id)}"
+    assert left > 0, "the job had nothing left to give mallory by the time it was excluded"
+    assert len(runs) == excluded_at, "mallory's card got runs after it was excluded"
+    assert rig.ledger.jobs.get(job).state.value == "done"
+    record = rig.ledger.trust.get(mallory.id)
+    assert record.refused >= 4 and set(record.reasons()) <= {"norm", "loss", "fold", "disagreed"}
+    assert record.accepted == 0 and record.versions == {}
+    folded = [a.id for v in rig.ledger.versions.all() for a in v.adapters]
+    assert folded and not any(rig.ledger.adapters.get(a).volunteer == mallory.id for a in folded)
+    shown = {w.worker_id: w for w in status.workers(rig.ledger, settings)}
+    assert shown[mallory.worker_id].trust == "excluded" and "failed the checks" in shown[mallory.worker_id].trust_reason
+    assert shown["w-alice"].trust == "trusted"
+    counts = consistency.check(rig.ledger)
+    assert counts["tasks"] == rig.ledger.jobs.get(job).total_tasks
