@@ -50,6 +50,7 @@ class Volunteer:
 def volunteer(rig: Rig, name: str, scale: float = 1.0) -> Volunteer:
     token = rig.registry.create("worker", name=name)
     identity = rig.registry.lookup(token)
+    _TOKENS[identity.token_hash] = token
     worker_id = f"w-{name}"
     rig.ledger.workers.register(worker_id, name=name, card=b"", token=identity.token_hash)
     return Volunteer(name, worker_id, identity, scale)
@@ -241,3 +242,82 @@ def test_a_malicious_volunteer_ends_with_no_tasks(rig: Rig) -> None:
     assert shown["w-alice"].trust == "trusted"
     counts = consistency.check(rig.ledger)
     assert counts["tasks"] == rig.ledger.jobs.get(job).total_tasks
+
+
+# -- what a volunteer sees: `nomoat worker stats`, and `nomoat status` ------------------------------
+
+
+def test_worker_stats_show_what_a_volunteer_gave(rig: Rig, replicating: Replication) -> None:
+    from click.testing import CliRunner
+
+    from nomoat.cli import main
+
+    alice, bob = volunteer(rig, "alice"), volunteer(rig, "bob", scale=50.0)
+    rig.ledger.r.hincrby("nomoat:worker:w-alice", "tokens_trained", 600)
+    tasks = rig.ledger.tasks.ids(submit_job(rig).job_id)
+    first = hand_in(rig, replicating, alice, tasks[0], seed=0)
+    hand_in(rig, replicating, bob, f"{tasks[0]}.r1", seed=0)  # x50: it disagrees
+    hand_in(rig, replicating, alice, tasks[1], seed=1)
+    replicating.sweep()  # tasks[0] asks a third; tasks[1] waits for its replica
+    carol = volunteer(rig, "carol")
+    hand_in(rig, replicating, carol, f"{tasks[0]}.r2", seed=0)
+    replicating.sweep()
+    folder(rig).fold(rig.ledger.adapters.buffered())
+    assert rig.ledger.adapters.get(first.detail).state is AdapterState.FOLDED
+
+    reply = rig.client(token=rig.registry.create("reader")).status()  # any role sees trust in status
+    by_id = {w.worker_id: w for w in reply.workers}
+    assert by_id["w-alice"].trust == "trusted" and by_id["w-bob"].trust == "trusted"  # one disagreement
+    stats = rig.client(token=_token_of(rig, alice)).worker_stats()
+    assert stats.volunteer == "alice" and [w.worker_id for w in stats.workers] == ["w-alice"]
+    assert (stats.tasks_done, stats.tokens_trained, stats.adapters_folded, stats.replicas_agreed) == (2, 600, 1, 1)
+    assert [(v.version, v.adapters) for v in stats.versions] == [(1, 1)]
+    mine = rig.client(token=_token_of(rig, bob)).worker_stats()
+    assert (mine.adapters_refused, mine.replicas_disagreed) == (1, 1)
+    assert [(r.check, r.count) for r in mine.reasons] == [("disagreed", 1)]
+    # An admin may look at any worker's volunteer; a worker token sees only its own.
+    assert rig.client("admin").worker_stats("w-bob").volunteer == "bob"
+    assert rig.client(token=_token_of(rig, bob)).worker_stats("w-alice").volunteer == "bob"
+
+    out = CliRunner().invoke(main, ["--coordinator", rig.address, "--token", _token_of(rig, bob), "worker", "stats"])
+    assert out.exit_code == 0, out.output
+    lines = out.output.splitlines()
+    assert lines[0] == "volunteer bob: trusted (trust 0.50)"
+    assert "adapters folded 0, refused 1 (disagreed 1)" in lines
+    assert "replicas agreed 0, disagreed 1" in lines and "in versions: none yet" in lines
+    assert any("disagreed with 2 other runs" in line for line in lines)
+    assert max(len(line) for line in lines[:6]) <= 80
+    out = CliRunner().invoke(main, ["--coordinator", rig.address, "--token", _token_of(rig, alice), "worker", "stats"])
+    assert "in versions: 1" in out.output and "adapters folded 1, refused 0" in out.output
+    refused = CliRunner().invoke(main, ["--coordinator", rig.address, "--token", rig.tokens["submitter"], "worker",
+                                        "stats"])
+    assert refused.exit_code == 1 and "a submitter token may not call Stats" in refused.output
+
+
+def test_status_says_when_a_volunteer_is_throttled_or_excluded_and_why(rig: Rig) -> None:
+    from rich.console import Console
+
+    from nomoat import progress
+
+    mallory = volunteer(rig, "mallory")
+    for _ in range(7):
+        rig.ledger.trust.record(mallory.id, Check.NORM.value, "the adapter's update norm 5.1 exceeds 20 x ...")
+    reply = rig.client("reader").status()
+    (shown,) = [w for w in reply.workers if w.worker_id == "w-mallory"]
+    assert shown.trust == "excluded" and shown.trust_score == pytest.approx(2 / 9)
+    assert shown.trust_reason.startswith("excluded (trust 0.22): 7 of its last 7 contributions failed the checks (norm)")
+    console = Console(record=True, width=200)
+    original = progress.Console
+    progress.Console = lambda: console
+    try:
+        progress.print_status(reply)
+    finally:
+        progress.Console = original
+    assert "worker w-mallory (mallory) is excluded (trust 0.22)" in console.export_text()
+
+
+_TOKENS: dict[str, str] = {}
+
+
+def _token_of(rig: Rig, who: Volunteer) -> str:
+    return _TOKENS[who.id]
