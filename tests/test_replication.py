@@ -27,7 +27,7 @@ from coordinator.uploads import PartialUploads
 from nomoat import adapter as adapter_format
 from nomoat.tiny import read_fortunes, tiny_model_path
 from tests import consistency
-from tests.fakes import FakeCard, FakeDispatcher
+from tests.fakes import FakeCard, FakeDispatcher, node_of
 from tests.rig import ALPHA, RANK, TARGETS, Rig, published, rig, submit_job  # noqa: F401  (fixtures)
 from worker.probe import VRAM_RESOURCE, WORKER_RESOURCE
 
@@ -321,3 +321,23 @@ _TOKENS: dict[str, str] = {}
 
 def _token_of(rig: Rig, who: Volunteer) -> str:
     return _TOKENS[who.id]
+
+
+def test_a_replica_run_keeps_its_tasks_version_and_avoids_its_volunteer(rig: Rig, replicating: Replication) -> None:
+    alice, bob = volunteer(rig, "alice"), volunteer(rig, "bob")
+    task = rig.ledger.tasks.ids(submit_job(rig).job_id)[0]
+    hand_in(rig, replicating, alice, task, seed=0)
+    rig.ledger.r.set("nomoat:versions:latest", 3)  # the model moved on meanwhile
+    run = f"{task}.r1"
+    assert rig.ledger.leases.pending()[0] == run  # first in the queue: a held adapter waits on it
+    scheduler = Scheduler(rig.deps.settings, rig.ledger, FakeDispatcher([]), "",
+                          lambda c: {WORKER_RESOURCE: 1.0, VRAM_RESOURCE: 1.0})
+    queue = rig.ledger.tasks.many(rig.ledger.leases.pending())
+    for who, expected in ((alice, False), (bob, True)):  # alice's own task's replica is not hers to run
+        node = node_of(FakeCard(f"n-{who.name}", 8.0, 0.0, worker=who.worker_id), False)
+        taken = [t.task_id for t in scheduler._take_run(list(queue), node, 0.0, who.id)]
+        assert (run in taken) is expected, taken
+    fence = rig.ledger.leases.lease(run, 1e12, 3, 5)
+    beat = rig.ledger.leases.heartbeat(run, fence, 1e12, bob.worker_id, bob.id)
+    assert beat.ok and beat.base_version == 0  # pinned: trained on the version its task was
+    assert rig.ledger.tasks.get(run).base_version == 0

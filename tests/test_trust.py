@@ -107,9 +107,9 @@ def test_the_distance_of_two_updates() -> None:
 
 
 def test_agreement_needs_the_update_and_the_loss() -> None:
-    policy = ReplicationPolicy(tolerance=0.05, loss_tolerance=0.05)
-    assert replication.agree(adapter(0), adapter(0), 2.50, 2.52, policy)
-    assert not replication.agree(adapter(0), adapter(0), 2.50, 2.70, policy)
+    policy = ReplicationPolicy(tolerance=0.05, loss_tolerance=0.02)
+    assert replication.agree(adapter(0), adapter(0), 2.50, 2.51, policy)
+    assert not replication.agree(adapter(0), adapter(0), 2.50, 2.55, policy)
     assert not replication.agree(adapter(0), adapter(0, scale=50), 2.5, 2.5, policy)
 
 
