@@ -143,11 +143,15 @@ def _coordinator_start() -> click.Command:
                   help="Leases a task gets before it fails.")
     @click.option("--max-workers-per-token", default=Settings.max_workers_per_token, show_default=True,
                   help="Workers one token may have active at once.")
+    @click.option("--replicate-fraction", default=Settings.replicate_fraction, show_default=True,
+                  type=click.FloatRange(0.0, 1.0),
+                  help="Share of tasks also run by a second volunteer and compared (docs/trust.md).")
     @click.option("--tls-cert", default=None, type=click.Path(exists=True, dir_okay=False))
     @click.option("--tls-key", default=None, type=click.Path(exists=True, dir_okay=False))
     def coordinator_start(data_dir, listen, public_address, redis_url, ray_address, ray_token_file, ray_node_ip,
                           base_model, fold_every, fold_timeout, tokens_per_task, outer_momentum, outer_lr,
-                          keep_global_batch, lease_ttl, max_attempts, max_workers_per_token, tls_cert, tls_key) -> None:
+                          keep_global_batch, lease_ttl, max_attempts, max_workers_per_token, replicate_fraction,
+                          tls_cert, tls_key) -> None:
         """Start the coordinator: gRPC server, Redis ledger and Ray driver. Ctrl-C stops it."""
         from coordinator.server import Coordinator
         from nomoat.raynode import RayClusterError
@@ -162,7 +166,7 @@ def _coordinator_start() -> click.Command:
             fold_every=fold_every, fold_timeout_s=fold_timeout, job=JobDefaults(tokens_per_task=tokens_per_task),
             outer_momentum=outer_momentum, outer_lr=outer_lr, keep_global_batch=keep_global_batch,
             lease_ttl_s=lease_ttl, max_attempts=max_attempts,
-            max_workers_per_token=max_workers_per_token,
+            max_workers_per_token=max_workers_per_token, replicate_fraction=replicate_fraction,
             tls_cert=tls_cert, tls_key=tls_key,
         )
         node = Coordinator(settings)
