@@ -35,6 +35,8 @@ PERMISSIONS: dict[str, set[str]] = {
     # Every /nomoat.v1.Admin/ method: admin only (not listed).
 }
 OPEN_PREFIXES = ("/grpc.health.v1.Health/",)
+# Who may open the coordinator's HTTP port (coordinator.web: the dashboard, its API, /metrics).
+HTTP_ROLES = {"reader", "admin"}
 
 
 @dataclass(frozen=True)

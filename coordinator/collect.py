@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 
@@ -21,10 +22,20 @@ from coordinator import folding
 from coordinator.auth import Identity
 from coordinator.errors import Incomplete, WrongState
 from coordinator.leases import holder
-from coordinator.ledger import Accepted, Ledger
+from coordinator.ledger import Accepted, Ledger, Refusal
+from coordinator.ledger.adapters import REFUSED_LEASE
 from coordinator.store import BlobStore
 from coordinator.uploads import PartialUploads, UploadRefused, UploadRetry
 from nomoat import adapter as adapter_format
+
+
+# Why an upload was refused, as a short code (a Prometheus label: coordinator.metrics) beside its
+# sentence; REFUSED_LEASE (the ledger's: the upload does not hold the task's current lease) is the sixth.
+REFUSED_SIZE = "too_big"  # over max_adapter_bytes
+REFUSED_LINEAGE = "lineage"  # trained on another coordinator's model
+REFUSED_TRANSFER = "transfer"  # the bytes do not match the manifest's size or sha256
+REFUSED_BASE = "base_version"  # the manifest names another base version than the lease's run was given
+REFUSED_FORMAT = "format"  # not a nomoat safetensors adapter of the job's shapes, rank and alpha
 
 
 @dataclass(frozen=True)
@@ -58,15 +69,30 @@ def upload(
     """The whole upload: refuse early what cannot be accepted, receive the bytes from
     ``offset`` on (resumable, see PartialUploads), then check and record the adapter.
 
-    Every answer about the adapter is an Accepted (refusals included). Raises WrongState when
-    the upload cannot go on now but may be resumed, Incomplete when the stream ended early
-    (the bytes so far are kept; the message says where to resume).
+    Every answer about the adapter is an Accepted (refusals included), and is counted in the
+    ledger (coordinator.ledger.counters: uploads by outcome, bytes, refusals with their reasons).
+    Raises WrongState when the upload cannot go on now but may be resumed, Incomplete when the
+    stream ended early (the bytes so far are kept; the message says where to resume).
     """
+    result = _upload(ledger, store, shapes, partials, identity, manifest, offset, blocks, max_bytes=max_bytes,
+                     lineage=lineage)
+    refusal = None
+    if result.status == "refused":
+        task = ledger.tasks.get(manifest.task_id)
+        refusal = Refusal(time.time(), "upload", result.kind or REFUSED_LEASE, result.detail, manifest.task_id,
+                          manifest.worker_id, task.job if task else "")
+    ledger.counters.upload(result.status, manifest.size, refusal)
+    return result
+
+
+def _upload(ledger: Ledger, store: BlobStore, shapes: Mapping[str, tuple[int, int]], partials: PartialUploads,
+            identity: Identity, manifest: Manifest, offset: int, blocks: Iterable[bytes], *, max_bytes: int,
+            lineage: str) -> Accepted:
     if manifest.size > max_bytes:
-        return Accepted("refused", f"the adapter is {manifest.size} bytes; the limit is {max_bytes}")
+        return Accepted("refused", f"the adapter is {manifest.size} bytes; the limit is {max_bytes}", REFUSED_SIZE)
     if manifest.lineage and manifest.lineage != lineage:  # trained on another coordinator's model
         return Accepted("refused", f"the adapter was trained on model lineage {manifest.lineage}, "
-                                   f"not this coordinator's {lineage}")
+                                   f"not this coordinator's {lineage}", REFUSED_LINEAGE)
     result = precheck(ledger, manifest.task_id, manifest.fence, manifest.sha256)
     if result is not None:
         return result
@@ -74,11 +100,11 @@ def upload(
     m = replace(manifest, worker_id=worker_id)  # the worker credited, if any
     problem = ledger.leases.hold(m.task_id, m.fence, m.worker_id, token_hash)
     if problem:
-        return Accepted("refused", problem)
+        return Accepted("refused", problem, REFUSED_LEASE)
     try:
         data = partials.receive(m.task_id, m.fence, m.sha256, m.size, offset, blocks)
     except UploadRefused as exc:
-        return Accepted("refused", str(exc))
+        return Accepted("refused", str(exc), REFUSED_TRANSFER)
     except UploadRetry as exc:
         raise WrongState(str(exc)) from None
     if data is None:
@@ -108,19 +134,21 @@ def receive(
 ) -> Accepted:
     """Check an upload and record it; never raises for bad input, refuses with a reason."""
     if len(data) != manifest.size:
-        return Accepted("refused", f"the upload has {len(data)} bytes but the manifest says {manifest.size}")
+        return Accepted("refused", f"the upload has {len(data)} bytes but the manifest says {manifest.size}",
+                        REFUSED_TRANSFER)
     digest = hashlib.sha256(data).hexdigest()
     if digest != manifest.sha256:
-        return Accepted("refused", "the upload's sha256 does not match its manifest: it was corrupted on the way")
+        return Accepted("refused", "the upload's sha256 does not match its manifest: it was corrupted on the way",
+                        REFUSED_TRANSFER)
     task = ledger.tasks.get(manifest.task_id)
     if task is None:
-        return Accepted("refused", f"there is no task {manifest.task_id!r}")
+        return Accepted("refused", f"there is no task {manifest.task_id!r}", REFUSED_LEASE)
     if not ledger.leases.problem(manifest.task_id, manifest.fence):
         if task.base_version != manifest.base_version:
             return Accepted(
                 "refused",
                 f"the manifest names base version {manifest.base_version} but the task's run was "
-                f"given version {task.base_version}",
+                f"given version {task.base_version}", REFUSED_BASE,
             )
         config = ledger.jobs.get(task.job).config
         try:
@@ -134,7 +162,7 @@ def receive(
             expected = {m: s for m, s in shapes.items() if m.rsplit(".", 1)[-1] in targets}
             folding.check_structure(adapter, expected, config.lora_rank, config.lora_alpha)
         except (adapter_format.AdapterFormatError, folding.AdapterRejected) as exc:
-            return Accepted("refused", f"the adapter was refused: {exc}")
+            return Accepted("refused", f"the adapter was refused: {exc}", REFUSED_FORMAT)
         store.put(data)
     # The ledger decides under its own atomicity whether this fence still holds the lease.
     return ledger.adapters.accept(

@@ -114,13 +114,16 @@ class Folder:
             buffered = self.ledger.adapters.buffered()
             if not self.due(buffered, idle_jobs, now or time.time()):
                 return None
+            started = time.monotonic()
             try:
-                return self.fold(buffered[: self.policy.take()])
+                version = self.fold(buffered[: self.policy.take()])
             except Exception:
                 # A fold cut short (Redis went away mid-publish) may or may not have published:
                 # the ledger says which, so the weights are rebuilt from it before the next fold.
                 self._resync = True
                 raise
+            self.ledger.counters.fold(time.monotonic() - started, published=version is not None)
+            return version
 
     def fold(self, entries: list[AdapterRecord]) -> int | None:
         current = self.ledger.versions.latest()

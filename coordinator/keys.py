@@ -19,6 +19,10 @@ RECENT_NORMS = PREFIX + "fold:norms"  # list: ‖ΔW‖ of recently accepted ada
 LINEAGE = PREFIX + "lineage"  # string: JSON of the model lineage version 0 fixed (id, base file hashes)
 TOKENS = PREFIX + "tokens"  # hash: sha256(token) -> JSON {"role", "name", "created"}
 REVOKED = PREFIX + "tokens:revoked"  # set: token ids revoked (a data-dir token is not revived)
+# hash: counter name -> count, what happened since the ledger began (coordinator.ledger.counters;
+# the lease scripts in coordinator.ledger.leases add to "leases", "reissues", "leases_expired")
+COUNTERS = PREFIX + "counters"
+REFUSALS = PREFIX + "refusals:recent"  # list: JSON of the newest refusals (uploads, fold gates), newest first
 
 
 def job(job_id: str) -> str:

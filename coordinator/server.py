@@ -38,6 +38,7 @@ from coordinator.scheduler import Scheduler
 from coordinator.settings import Settings
 from coordinator.store import BlobStore
 from coordinator.uploads import PartialUploads
+from coordinator.web.server import WebServer
 from nomoat import raynode as ray_node
 
 log = logging.getLogger("nomoat.coordinator")
@@ -116,6 +117,8 @@ class Coordinator:
         self._ray_temp_dir: Path | None = None
         self.idle_jobs: set[str] = set()
         self.server: grpc.Server | None = None
+        self.web: WebServer | None = None  # the HTTP port, when settings.http names one
+        self.web_error = ""  # why it could not be served, when it could not
 
     # -- start-up -----------------------------------------------------------------------------
 
@@ -131,6 +134,7 @@ class Coordinator:
         self._start_ray()
         self._start_grpc()
         self._start_loops()
+        self._start_http()
 
     def _start_redis(self) -> None:
         url = self.settings.redis_url
@@ -244,6 +248,24 @@ class Coordinator:
         self._spawn("scheduler", self._schedule_loop)
         self._spawn("folder", self._fold_loop)
 
+    def _start_http(self) -> None:
+        """The dashboard and /metrics on their own port, opened with a reader token (one is kept in
+        the data dir for the operator). Not being able to listen is noted in ``web_error``, not
+        raised: the coordinator serves its workers either way (the command decides)."""
+        if not self.settings.http:
+            return
+        self.reader_token = self.registry.ensure_file(self.data_dir / "reader.token", "reader")
+        try:
+            self.web = WebServer(self.settings.http, self.ledger, self.settings, self.registry,
+                                 self.settings.http_interval_s, self.settings.tls_cert, self.settings.tls_key)
+        except (OSError, ValueError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            self.web_error = f"the dashboard cannot listen on {self.settings.http}: {reason}"
+            log.warning("%s", self.web_error)
+            return
+        self.web.start()
+        log.info("dashboard at %s", self.web.url)
+
     def _spawn(self, name: str, body) -> None:
         thread = threading.Thread(target=body, name=name, daemon=True)
         thread.start()
@@ -279,6 +301,8 @@ class Coordinator:
 
     def stop(self) -> None:
         self._stopping.set()
+        if self.web is not None:
+            self.web.stop()
         if self.server is not None:
             self.health.enter_graceful_shutdown()
             self.server.stop(grace=5).wait()

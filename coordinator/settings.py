@@ -96,6 +96,10 @@ class Settings:
     tick_s: float = 0.5
     tls_cert: str | None = None
     tls_key: str | None = None
+    # HOST:PORT of the HTTP port (coordinator.web: the dashboard, its data, /metrics); "" serves
+    # none. (`nomoat coordinator start` serves 127.0.0.1:8470 unless told otherwise.)
+    http: str = ""
+    http_interval_s: float = 1.0  # how often the dashboard's live stream reads the ledger
 
     @property
     def join_address(self) -> str:

@@ -36,6 +36,7 @@ class JobSummary:
     warning: str
     events: list[str]  # the newest notes of its tasks' runs, oldest first
     training: str = ""  # what its newest leased task trains at ("batch 2, lr 0.004"); "" before any
+    base_version: int = -1  # the version base_loss was measured on; -1 until measured
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,7 @@ class WorkerSummary:
     last_seen: float
     tasks_done: int
     state: str  # active | gone
+    tokens_per_s: float = 0.0  # measured over its finished runs; 0 while unknown
 
 
 @dataclass(frozen=True)
@@ -97,6 +99,7 @@ def job(ledger: Ledger, job_id: str) -> JobSummary | None:
         warning=record.warning,
         events=[e for _, e in sorted(events)[-MAX_JOB_EVENTS:]],
         training=training(record.config, tasks),
+        base_version=-1 if record.base_version is None else record.base_version,
     )
 
 
@@ -118,7 +121,8 @@ def workers(ledger: Ledger, settings: Settings) -> list[WorkerSummary]:
     now = time.time()
     return [
         WorkerSummary(worker_id=w.worker_id, name=w.name, card=w.card, last_seen=w.last_seen,
-                      tasks_done=w.tasks_done, state="active" if is_active(w.last_seen, now, settings) else "gone")
+                      tasks_done=w.tasks_done, state="active" if is_active(w.last_seen, now, settings) else "gone",
+                      tokens_per_s=w.tokens_per_s)
         for w in ledger.workers.all()
     ]
 

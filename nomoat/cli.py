@@ -145,9 +145,14 @@ def _coordinator_start() -> click.Command:
                   help="Workers one token may have active at once.")
     @click.option("--tls-cert", default=None, type=click.Path(exists=True, dir_okay=False))
     @click.option("--tls-key", default=None, type=click.Path(exists=True, dir_okay=False))
-    def coordinator_start(data_dir, listen, public_address, redis_url, ray_address, ray_token_file, ray_node_ip,
+    @click.option("--http", "http", default=DASHBOARD, show_default=True,
+                  help="HOST:PORT of the read-only dashboard and Prometheus /metrics (opened with a reader "
+                       "token); 'off' serves neither.")
+    @click.pass_context
+    def coordinator_start(ctx, data_dir, listen, public_address, redis_url, ray_address, ray_token_file, ray_node_ip,
                           base_model, fold_every, fold_timeout, tokens_per_task, outer_momentum, outer_lr,
-                          keep_global_batch, lease_ttl, max_attempts, max_workers_per_token, tls_cert, tls_key) -> None:
+                          keep_global_batch, lease_ttl, max_attempts, max_workers_per_token, tls_cert, tls_key,
+                          http) -> None:
         """Start the coordinator: gRPC server, Redis ledger and Ray driver. Ctrl-C stops it."""
         from coordinator.server import Coordinator
         from nomoat.raynode import RayClusterError
@@ -156,6 +161,10 @@ def _coordinator_start() -> click.Command:
             _fail("--tls-cert and --tls-key go together")
         if ray_token_file and not ray_address:
             _fail("--ray-token-file is the token of the cluster that --ray-address names; pass both")
+        http = "" if http.lower() in ("off", "") else http
+        host, _, port = http.rpartition(":")
+        if http and (not host or not port.isdigit()):
+            _fail(f"--http {http}: give HOST:PORT, such as {DASHBOARD}, or 'off'")
         settings = Settings(
             data_dir=Path(data_dir).resolve(), listen=listen, public_address=public_address, redis_url=redis_url,
             ray_address=ray_address, ray_token_file=ray_token_file, ray_node_ip=ray_node_ip, base_model=base_model,
@@ -163,7 +172,7 @@ def _coordinator_start() -> click.Command:
             outer_momentum=outer_momentum, outer_lr=outer_lr, keep_global_batch=keep_global_batch,
             lease_ttl_s=lease_ttl, max_attempts=max_attempts,
             max_workers_per_token=max_workers_per_token,
-            tls_cert=tls_cert, tls_key=tls_key,
+            tls_cert=tls_cert, tls_key=tls_key, http=http,
         )
         node = Coordinator(settings)
         try:
@@ -172,6 +181,7 @@ def _coordinator_start() -> click.Command:
             click.echo(f"coordinator listening on {listen}; Ray cluster at {node.ray_address}")
             click.echo(f"admin token: {settings.data_dir / 'admin.token'} (keep it secret)")
             click.echo("volunteers join with:\n  " + node.join_command())
+            _say_dashboard(node, explicit=ctx.get_parameter_source("http") is not click.core.ParameterSource.DEFAULT)
             _wait_for_signal()
         except RayClusterError as exc:
             _fail(str(exc))
@@ -180,6 +190,27 @@ def _coordinator_start() -> click.Command:
             node.stop()
 
     return coordinator_start
+
+
+DASHBOARD = "127.0.0.1:8470"  # the coordinator's HTTP port unless --http says otherwise
+
+
+def _say_dashboard(node, explicit: bool) -> None:
+    """Where the dashboard is, and how to open it; a port that could not be had fails the command
+    only when the operator chose it (the default one taken is a warning: gRPC serves regardless)."""
+    if node.web is not None:
+        click.echo(f"dashboard: {node.web.url}")
+        click.echo(f"  open it with ?token=$(cat {node.data_dir / 'reader.token'}), or any reader token "
+                   "(nomoat token create --role reader)")
+        host = node.web.host
+        if not node.web.tls and host not in ("127.0.0.1", "localhost", "::1"):
+            click.secho("  warning: the dashboard is reachable beyond this machine without TLS, so its token "
+                        "travels in the clear; pass --tls-cert/--tls-key", fg="yellow", err=True)
+    elif node.web_error:
+        if explicit:
+            _fail(f"{node.web_error}; choose another --http HOST:PORT, or --http off")
+        click.secho(f"warning: {node.web_error}; no dashboard (choose one with --http HOST:PORT)", fg="yellow",
+                    err=True)
 
 
 @main.group(cls=LazyGroup, factories={"start": _coordinator_start})

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import redis
 
 from coordinator import keys
+from coordinator.ledger.counters import Counters, Refusal
 from coordinator.ledger.leases import CURRENT_LEASE
 from coordinator.ledger.records import (
     AdapterRecord,
@@ -66,10 +67,14 @@ return {'accepted', ARGV[3]}
 """
 
 
+REFUSED_LEASE = "lease"  # the kind of a refusal the ledger decides: (task, fence) does not hold the lease
+
+
 @dataclass(frozen=True)
 class Accepted:
     status: str  # accepted | duplicate | refused
     detail: str  # the adapter id, or the reason for a refusal
+    kind: str = ""  # a refusal's short code, for counting (coordinator.collect's REFUSED_*)
 
     @property
     def ok(self) -> bool:
@@ -94,7 +99,7 @@ class Adapters:
         """
         status, detail = self._precheck(keys=[keys.task(task_id)],
                                         args=[task_id, fence, adapter_id_for(task_id, fence, sha256)])
-        return Accepted(status.decode(), detail.decode()) if status else None
+        return _answer(status, detail) if status else None
 
     def accept(self, task_id: str, fence: int, sha256: str, *, worker_id: str = "", base_version: int = 0,
                rank: int = 0, alpha: float = 0.0, tokens: int = 0, train_loss: float = 0.0,
@@ -105,7 +110,7 @@ class Adapters:
         raw = self.r.hmget(keys.task(task_id), "job", "twin", "twin_of")
         job, twin, twin_of = (v.decode() if v else "" for v in raw)
         if not job:
-            return Accepted("refused", f"there is no task {task_id!r}")
+            return Accepted("refused", f"there is no task {task_id!r}", REFUSED_LEASE)
         fields = to_fields({"base_version": base_version, "rank": rank, "alpha": alpha, "tokens": tokens,
                             "train_loss": train_loss, "size": size, "task": task_id, "fence": fence,
                             "sha256": sha256, "job": job, "worker": worker_id})
@@ -115,7 +120,14 @@ class Adapters:
                   keys.worker(worker_id or "-"), keys.task(partner or "-"), keys.PENDING],
             args=[task_id, fence, adapter_id, time.time(), partner, *(x for kv in fields.items() for x in kv)],
         )
-        return Accepted(status.decode(), detail.decode())
+        return _answer(status, detail)
+
+    def many(self, adapter_ids: list[str]) -> list[AdapterRecord]:
+        """The adapters of ``adapter_ids`` that exist, in that order (one round trip)."""
+        pipe = self.r.pipeline(transaction=False)
+        for adapter_id in adapter_ids:
+            pipe.hgetall(keys.adapter(adapter_id))
+        return [adapter_from_hash(i, d) for i, d in zip(adapter_ids, map(decode, pipe.execute())) if d]
 
     def get(self, adapter_id: str) -> AdapterRecord | None:
         data = decode(self.r.hgetall(keys.adapter(adapter_id)))
@@ -139,13 +151,16 @@ class Adapters:
         return [a.decode() for a in self.r.lrange(keys.FOLD_BUFFER, 0, -1)]
 
     def reject(self, adapter_id: str, reason: str) -> None:
-        """Take an adapter out of the buffer for good, with the reason; its job counts it."""
-        job = self.r.hget(keys.adapter(adapter_id), "job")
+        """Take an adapter out of the buffer for good, with the reason; its job counts it, and the
+        refusal is counted and kept among the recent ones (coordinator.ledger.counters)."""
+        job, task, worker = (v.decode() if v else "" for v in
+                             self.r.hmget(keys.adapter(adapter_id), "job", "task", "worker"))
         pipe = self.r.pipeline(transaction=True)
         pipe.lrem(keys.FOLD_BUFFER, 0, adapter_id)
         pipe.hset(keys.adapter(adapter_id), mapping={"state": AdapterState.REJECTED.value, "reason": reason})
         if job:
-            pipe.hincrby(keys.job(job.decode()), "adapters_rejected", 1)
+            pipe.hincrby(keys.job(job), "adapters_rejected", 1)
+        Counters(self.r).refuse(Refusal(time.time(), "fold", "gate", reason, task, worker, job), pipe)
         pipe.execute()
 
     def mark_unmerged(self, adapter_id: str, version: int) -> None:
@@ -156,3 +171,9 @@ class Adapters:
         """‖ΔW‖ of the most recently folded adapters, newest first (the norm gate's reference)."""
         return [float(x) for x in self.r.lrange(keys.RECENT_NORMS, 0, limit - 1)]
 
+
+
+def _answer(status: bytes, detail: bytes) -> Accepted:
+    """The scripts' answer; what they refuse, they refuse for the lease."""
+    status_text = status.decode()
+    return Accepted(status_text, detail.decode(), REFUSED_LEASE if status_text == "refused" else "")

@@ -52,8 +52,9 @@ local function hold(key, fence, worker, token)
 end
 """
 
-# KEYS: task, PENDING, LEASES, FENCE. ARGV: task id, deadline, base version, now, max attempts.
-# Returns the new fence, 0 when the task is not pending, -1 when it ran out of attempts.
+# KEYS: task, PENDING, LEASES, FENCE, COUNTERS. ARGV: task id, deadline, base version, now, max
+# attempts. Returns the new fence, 0 when the task is not pending, -1 when it ran out of attempts.
+# Counts the lease, and a re-issue when the task had a fence before (coordinator.ledger.counters).
 _LEASE = """
 if redis.call('HGET', KEYS[1], 'state') ~= 'pending' then return 0 end
 local attempts = tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0')
@@ -62,6 +63,8 @@ if attempts >= tonumber(ARGV[5]) then
   redis.call('ZREM', KEYS[2], ARGV[1])
   return -1
 end
+redis.call('HINCRBY', KEYS[5], 'leases', 1)
+if tonumber(redis.call('HGET', KEYS[1], 'fence') or '0') > 0 then redis.call('HINCRBY', KEYS[5], 'reissues', 1) end
 local fence = redis.call('INCR', KEYS[4])
 redis.call('HSET', KEYS[1], 'state', 'leased', 'fence', fence, 'deadline', ARGV[2],
            'base_version', ARGV[3], 'leased_at', ARGV[4], 'attempts', attempts + 1)
@@ -100,12 +103,14 @@ if problem ~= '' then return problem end
 return hold(KEYS[1], ARGV[2], ARGV[3], ARGV[4])
 """
 
-# KEYS: LEASES, PENDING. ARGV: now, task key prefix. Returns the ids whose lease expired.
+# KEYS: LEASES, PENDING, COUNTERS. ARGV: now, task key prefix. Returns the ids whose lease expired
+# (each counted as "leases_expired").
 _EXPIRE = """
 local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
 for _, id in ipairs(ids) do
   local t = ARGV[2] .. id
   if redis.call('HGET', t, 'state') == 'leased' then
+    redis.call('HINCRBY', KEYS[3], 'leases_expired', 1)
     redis.call('HSET', t, 'state', 'pending', 'error', 'the lease expired')
     redis.call('ZADD', KEYS[2], ARGV[1], id)
   end
@@ -149,7 +154,7 @@ return 'pending'
 # Speculation: a second lease on a leased task, held by a twin task "<id>.spec" with its own fence
 # (so heartbeats, shard fetches and lease holders work unchanged). The twin is not one of the
 # job's tasks; its attempts are spent, so if it fails or expires it is retired, never re-run.
-# KEYS: task, twin, LEASES, FENCE. ARGV: task id, twin id, deadline, now.
+# KEYS: task, twin, LEASES, FENCE, COUNTERS. ARGV: task id, twin id, deadline, now.
 # Returns the twin's fence; 0 when the task is not leased or already has a live twin.
 _SPECULATE = """
 if redis.call('HGET', KEYS[1], 'state') ~= 'leased' then return 0 end
@@ -157,6 +162,7 @@ if redis.call('HGET', KEYS[1], 'twin_of') then return 0 end
 if redis.call('HGET', KEYS[2], 'state') == 'leased' or redis.call('HGET', KEYS[2], 'state') == 'done' then
   return 0
 end
+redis.call('HINCRBY', KEYS[5], 'speculations', 1)
 local fence = redis.call('INCR', KEYS[4])
 local t = redis.call('HMGET', KEYS[1], 'job', 'start', 'end', 'index', 'tokens')
 redis.call('DEL', KEYS[2])
@@ -216,7 +222,7 @@ class Leases:
 
     def lease(self, task_id: str, deadline: float, base_version: int, max_attempts: int) -> int:
         """Lease a pending task; returns its new fence, 0 if not pending, -1 if it has failed."""
-        return int(self._lease(keys=[keys.task(task_id), keys.PENDING, keys.LEASES, keys.FENCE],
+        return int(self._lease(keys=[keys.task(task_id), keys.PENDING, keys.LEASES, keys.FENCE, keys.COUNTERS],
                                args=[task_id, deadline, base_version, time.time(), max_attempts]))
 
     def heartbeat(self, task_id: str, fence: int, deadline: float, worker_id: str = "", token_hash: str = "",
@@ -244,7 +250,7 @@ class Leases:
 
     def expire(self, now: float | None = None) -> list[str]:
         """Put every task whose lease ran out back in the queue; returns their ids."""
-        ids = self._expire(keys=[keys.LEASES, keys.PENDING], args=[now or time.time(), keys.task("")])
+        ids = self._expire(keys=[keys.LEASES, keys.PENDING, keys.COUNTERS], args=[now or time.time(), keys.task("")])
         return [i.decode() for i in ids]
 
     def release(self, task_id: str, fence: int, error: str, max_attempts: int) -> TaskState | None:
@@ -288,7 +294,7 @@ class Leases:
         uploads first completes both (see coordinator.ledger.adapters); the other's is refused.
         """
         twin = twin_id(task_id)
-        fence = self._speculate(keys=[keys.task(task_id), keys.task(twin), keys.LEASES, keys.FENCE],
+        fence = self._speculate(keys=[keys.task(task_id), keys.task(twin), keys.LEASES, keys.FENCE, keys.COUNTERS],
                                 args=[task_id, twin, deadline, time.time()])
         return twin, int(fence)
 
