@@ -28,7 +28,6 @@ from coordinator.store import BlobStore
 from coordinator.uploads import PartialUploads, UploadRefused, UploadRetry
 from nomoat import adapter as adapter_format
 
-
 # Why an upload was refused, as a short code (a Prometheus label: coordinator.metrics) beside its
 # sentence; REFUSED_LEASE (the ledger's: the upload does not hold the task's current lease) is the sixth.
 REFUSED_SIZE = "too_big"  # over max_adapter_bytes

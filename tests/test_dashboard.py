@@ -86,6 +86,41 @@ def test_a_reader_token_opens_the_page_by_header_or_address_and_a_revoked_one_no
     assert get(web.url, rig.tokens["reader"], header=False)[:2] == (401, BAD_TOKEN + "\n")
 
 
+def test_with_the_coordinators_certificate_the_port_is_https(rig: Rig) -> None:
+    import ssl
+
+    from tests.rig import Tls
+
+    tls = Tls.make(rig.tmp / "tls")
+    server = WebServer("127.0.0.1:0", rig.ledger, rig.deps.settings, rig.registry, tls_cert=str(tls.cert),
+                       tls_key=str(tls.key))
+    server.start()
+    try:
+        assert server.url.startswith("https://127.0.0.1:")
+        context = ssl.create_default_context(cafile=str(tls.ca))
+        request = urllib.request.Request(server.url + "api/snapshot",
+                                         headers={"Authorization": f"Bearer {rig.tokens['reader']}"})
+        with urllib.request.urlopen(request, timeout=30, context=context) as reply:
+            assert reply.status == 200 and json.loads(reply.read())["versions"][0]["version"] == 0
+        with pytest.raises(OSError):  # plain HTTP gets no answer from a TLS port
+            urllib.request.urlopen(server.url.replace("https", "http") + "healthz", timeout=30).read()
+    finally:
+        server.stop()
+
+
+def test_a_chosen_port_that_is_taken_fails_the_command_and_the_default_one_only_warns(capsys) -> None:
+    from types import SimpleNamespace
+
+    from nomoat import cli
+
+    taken = SimpleNamespace(web=None, web_error="the dashboard cannot listen on 127.0.0.1:8470: Address in use")
+    cli._say_dashboard(taken, explicit=False)
+    assert "warning: the dashboard cannot listen on 127.0.0.1:8470" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli._say_dashboard(taken, explicit=True)
+    assert "choose another --http HOST:PORT, or --http off" in capsys.readouterr().err
+
+
 # -- the live stream ---------------------------------------------------------------------------
 
 
@@ -293,10 +328,9 @@ def test_the_page_follows_a_training_job_live_in_chromium(tmp_path: Path) -> Non
         coordinator.wait_for("dashboard: ", timeout=240)
         assert f"dashboard: http://{http}/" in coordinator.output()
         reader = (data_dir / "reader.token").read_text().strip()
-        for i, card in enumerate(("RTX 3060:12", "RTX 4090:24")):
+        for i, card in enumerate(("RTX 3060:12", "RTX 4090:24")):  # one after the other: Ray starts are heavy
             procs.append(worker(address, data_dir, tmp_path, f"volunteer-{i}", card))
-        for p in procs:
-            p.wait_for("joined", timeout=180)
+            procs[-1].wait_for("joined", timeout=240)
         admin = {"NOMOAT_COORDINATOR": address, "NOMOAT_TOKEN": (data_dir / "admin.token").read_text().strip()}
         submitted = run(["submit", str(dataset), "--name", "live"], admin, timeout=300)
         assert submitted.returncode == 0, submitted.stdout + submitted.stderr

@@ -153,7 +153,10 @@ class WebServer:
         if tls_cert:
             context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
             context.load_cert_chain(tls_cert, tls_key)
-            self._httpd.socket = context.wrap_socket(self._httpd.socket, server_side=True)
+            # The handshake happens in the request's own thread, on its first read: a client that
+            # stalls in it must not hold up the accept loop.
+            self._httpd.socket = context.wrap_socket(self._httpd.socket, server_side=True,
+                                                     do_handshake_on_connect=False)
         self.port = self._httpd.server_address[1]  # the real one when 0 asked for a free port
         self._thread = threading.Thread(target=self._httpd.serve_forever, name="http", daemon=True)
 
@@ -195,6 +198,10 @@ def _token(authorization: str, query_token: str) -> str:
 class _Server(ThreadingHTTPServer):
     daemon_threads = True  # a stream left open never holds up shutdown
     allow_reuse_address = True
+
+    def handle_error(self, request, client_address) -> None:
+        # A client that broke off, or spoke plain HTTP to the TLS port: its problem, not a traceback.
+        log.debug("a request from %s broke off", client_address[0], exc_info=True)
 
 
 def _handler(web: WebServer) -> type[BaseHTTPRequestHandler]:
