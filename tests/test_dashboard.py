@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import re
 import shutil
 import time
@@ -150,7 +149,8 @@ def test_the_stream_sends_a_change_as_it_happens(rig: Rig, web: WebServer) -> No
     rig.lease(rig.ledger.tasks.ids(job_id)[0])
     changed = next(stream)
     assert changed["jobs"][0]["tasks"]["leased"] == 1
-    assert web.metrics.process.streams._value.get() == 1  # this process's open streams
+    scraped = samples(get(web.url + "metrics", rig.tokens["reader"])[1])
+    assert scraped[("nomoat_http_streams", ())] == 1  # this process's open streams: this one
 
 
 # -- the dashboard's data ------------------------------------------------------------------------
@@ -308,6 +308,108 @@ def browser(download_dir: Path):
     return webdriver.Chrome(service=Service(executable_path=str(CHROMEDRIVER)), options=options)
 
 
+def keep_screenshot(driver, tmp_path: Path, name: str) -> Path:
+    """Save a screenshot in the test's tmp dir and under artifacts/ (printed): what the page showed."""
+    shot = tmp_path / name
+    driver.save_screenshot(str(shot))
+    ARTIFACTS.mkdir(exist_ok=True)
+    kept = ARTIFACTS / name
+    shutil.copy(shot, kept)
+    print(f"\ndashboard screenshot: {kept} (and {shot})")
+    assert kept.stat().st_size > 10_000
+    return kept
+
+
+def wait_for(predicate, timeout: float, what: str):
+    end = time.monotonic() + timeout
+    while not (value := predicate()):
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(0.2)
+    return value
+
+
+# The page redraws on every event, so it is read in one script each time (elements found by one
+# call may be replaced before the next).
+def on_page(driver, script: str):
+    return driver.execute_script(script)
+
+
+def finished_on_page(driver) -> int:
+    return on_page(driver, "const c = document.querySelector('article.job'); return c ? +c.dataset.finished : -1")
+
+
+def points_on_page(driver) -> list[int]:
+    return on_page(driver, "return [...document.querySelectorAll('#loss-chart circle.point')]"
+                           ".map((c) => +c.dataset.version).sort((a, b) => a - b)")
+
+
+def texts_on_page(driver, selector: str) -> list[str]:
+    return on_page(driver, f"return [...document.querySelectorAll({json.dumps(selector)})].map((e) => e.textContent)")
+
+
+@pytest.mark.slow
+def test_the_page_follows_the_ledger_live_in_chromium(rig: Rig, web: WebServer, tmp_path: Path) -> None:
+    """The page over the in-process server while the test moves a job on through the domain calls
+    the servicers make (leases, uploads of hand-made adapters, folds): no Ray, so it runs anywhere."""
+    from coordinator import workers
+    from nomoat.v1 import nomoat_pb2 as pb
+
+    job_id = submit_job(rig).job_id
+    identity = rig.registry.lookup(rig.tokens["worker"])
+    volunteers = []
+    for name, card, vram, speed in (("volunteer-0", "RTX 3060", 12, 310.0), ("volunteer-1", "RTX 4090", 24, 920.0)):
+        message = pb.Card(name=card, vram_gb=vram, simulated=True)
+        joining = workers.Registration("", name, f"node-{name}", message.SerializeToString(), card, vram)
+        volunteers.append(workers.register(rig.ledger, rig.deps.settings, identity, joining))
+        rig.ledger.workers.record_run(volunteers[-1], f"node-{name}", int(speed * 10), 10.0)
+    partials = PartialUploads(rig.tmp / "uploads")
+    tasks = iter(rig.ledger.tasks.ids(job_id))
+
+    def train(n: int, seed: int) -> None:
+        for i in range(n):
+            task_id, worker_id = next(tasks), volunteers[i % 2]
+            base = rig.ledger.versions.latest()
+            fence = rig.lease(task_id, base)
+            data = make_adapter(rig.deps.shapes, seed=seed + i)
+            m = collect.Manifest(task_id=task_id, fence=fence, base_version=base, rank=RANK,
+                                 alpha=ALPHA, tokens=300, train_loss=2.5, sha256=hashlib.sha256(data).hexdigest(),
+                                 size=len(data), worker_id=worker_id)
+            assert collect.upload(rig.ledger, rig.store, rig.deps.shapes, partials, identity, m, 0, [data],
+                                  max_bytes=1 << 24).ok
+            if i == 0:  # the same result again under an older fence: refused, and shown with its reason
+                collect.upload(rig.ledger, rig.store, rig.deps.shapes, partials, identity,
+                               collect.Manifest(**{**m.__dict__, "fence": fence - 1}), 0, [data], max_bytes=1 << 24)
+        assert rig.deps.operations.maybe_fold({job_id}) is not None
+
+    driver = browser(tmp_path / "chromium")
+    try:
+        driver.get(web.url + "?token=nmt_r_wrong")
+        assert BAD_TOKEN in driver.find_element("tag name", "body").text
+        driver.get(web.url + f"?token={rig.tokens['reader']}")
+        wait_for(lambda: driver.find_elements("css selector", "#live[data-state=live]"), 60, "the live stream")
+        driver.execute_script("window.notReloaded = true")  # gone if the page reloads
+        assert finished_on_page(driver) == 0
+        for round_, n in enumerate((2, 3)):
+            before = finished_on_page(driver)
+            train(n, seed=10 * round_)
+            wait_for(lambda: finished_on_page(driver) == before + n, 30, "the job's progress to move on the page")
+            versions = len(rig.ledger.versions.all())
+            wait_for(lambda: len(points_on_page(driver)) == versions, 30, "one chart point per version")
+            assert points_on_page(driver) == list(range(versions))
+        assert driver.execute_script("return window.notReloaded === true")
+        total = len(rig.ledger.tasks.ids(job_id))
+        bar = on_page(driver, "const p = document.querySelector('article.job progress'); return [p.value, p.max]")
+        assert bar == [5, total]
+        assert texts_on_page(driver, "#workers tbody .worker-name") == ["volunteer-0", "volunteer-1"]
+        assert texts_on_page(driver, "#workers tbody td.num")[::2] == ["310 tok/s", "920 tok/s"]
+        refusals = texts_on_page(driver, "#refusals tbody td.reason")
+        assert refusals == ["the task is already done: a result from another lease was accepted"] * 2
+        keep_screenshot(driver, tmp_path, "dashboard-inprocess.png")
+    finally:
+        driver.quit()
+
+
 @pytest.mark.slow
 def test_the_page_follows_a_training_job_live_in_chromium(tmp_path: Path) -> None:
     import random
@@ -347,43 +449,26 @@ def test_the_page_follows_a_training_job_live_in_chromium(tmp_path: Path) -> Non
             cards = driver.find_elements("css selector", "article.job")
             return int(cards[0].get_attribute("data-finished")) if cards else -1
 
-        wait_until(lambda: finished() >= 0, 60, "the job's card")
-        first = finished()
-        total = int(driver.find_element("css selector", "article.job progress").get_attribute("max"))
+        wait_until(lambda: finished_on_page(driver) >= 0, 60, "the job's card")
+        first = finished_on_page(driver)
+        total = on_page(driver, "return document.querySelector('article.job progress').max")
         assert first < total, "the job finished before the page could watch it"
-        wait_until(lambda: finished() > first, 600, "the job's progress to move on the page", every=1)
+        wait_until(lambda: finished_on_page(driver) > first, 600, "the job's progress to move on the page", every=1)
         assert driver.execute_script("return window.notReloaded === true")
-
-        def settled() -> bool:
-            state = driver.find_element("css selector", "article.job .badge").text
-            return state in ("done", "failed")
-
-        wait_until(settled, 900, "the job to finish, as the page shows it", every=2)
-        assert driver.find_element("css selector", "article.job .badge").text == "done"
-        versions = json.loads(get(f"http://{http}/api/snapshot", reader)[1])["loss_curve"]
-
-        def points() -> list[int]:
-            return sorted(int(c.get_attribute("data-version"))
-                          for c in driver.find_elements("css selector", "#loss-chart circle.point"))
-
-        ledger_versions = len(json.loads(run(["status", "--json"], admin, timeout=60).stdout)["versions"])
-        wait_until(lambda: len(points()) == ledger_versions, 30, "one chart point per version")
-        assert points() == list(range(ledger_versions)) == [p["version"] for p in versions]
+        wait_until(lambda: texts_on_page(driver, "article.job .badge") in (["done"], ["failed"]), 900,
+                   "the job to finish, as the page shows it", every=2)
+        assert texts_on_page(driver, "article.job .badge") == ["done"]
+        versions = len(json.loads(run(["status", "--json"], admin, timeout=60).stdout)["versions"])
+        wait_until(lambda: len(points_on_page(driver)) == versions, 30, "one chart point per version")
+        assert points_on_page(driver) == list(range(versions))
         assert driver.execute_script("return window.notReloaded === true")
-        rows = driver.find_elements("css selector", "#workers tbody tr")
-        assert {r.find_element("css selector", ".worker-name").text for r in rows} == {"volunteer-0", "volunteer-1"}
+        assert sorted(texts_on_page(driver, "#workers tbody .worker-name")) == ["volunteer-0", "volunteer-1"]
 
-        shot = tmp_path / "dashboard.png"
-        driver.save_screenshot(str(shot))
-        ARTIFACTS.mkdir(exist_ok=True)
-        kept = ARTIFACTS / "dashboard.png"
-        shutil.copy(shot, kept)
-        scraped = get(f"http://{http}/metrics", reader)[1]
-        (ARTIFACTS / "dashboard-metrics.txt").write_text(scraped)
-        print(f"\ndashboard screenshot: {kept} (and {shot}); metrics: {ARTIFACTS / 'dashboard-metrics.txt'}")
+        keep_screenshot(driver, tmp_path, "dashboard.png")
+        (ARTIFACTS / "dashboard-metrics.txt").write_text(get(f"http://{http}/metrics", reader)[1])
+        print(f"the job's metrics: {ARTIFACTS / 'dashboard-metrics.txt'}")
     finally:
         if driver is not None:
             driver.quit()
         codes = [p.interrupt() for p in procs] + [coordinator.interrupt()]
     assert codes == [0] * len(codes), codes
-    assert os.path.getsize(kept) > 10_000

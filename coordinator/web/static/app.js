@@ -119,10 +119,11 @@ function renderChart(points) {
   l0 -= pad; l1 += pad;
   const x = (v) => (v1 === v0 ? (L + W - R) / 2 : L + ((v - v0) / (v1 - v0)) * (W - L - R));
   const y = (l) => T + ((l1 - l) / (l1 - l0)) * (H - T - B);
+  const digits = Math.min(6, Math.max(2, Math.ceil(-Math.log10((l1 - l0) / 4)) + 1));  // labels that differ
   for (let i = 0; i <= 4; i++) {  // horizontal grid with loss labels
     const l = l0 + ((l1 - l0) * i) / 4;
     children.push(el("svg:line", { x1: L, x2: W - R, y1: y(l), y2: y(l), class: "grid" }));
-    children.push(el("svg:text", { x: L - 6, y: y(l) + 4, "text-anchor": "end", class: "axis" }, l.toFixed(3)));
+    children.push(el("svg:text", { x: L - 6, y: y(l) + 4, "text-anchor": "end", class: "axis" }, l.toFixed(digits)));
   }
   const ticks = [...new Set([v0, Math.round((v0 + v1) / 2), v1])];
   for (const v of ticks) {
@@ -140,10 +141,12 @@ function renderChart(points) {
 function renderVersions(d) {
   renderChart(d.loss_curve);
   const losses = new Map(d.loss_curve.map((p) => [p.version, p.loss]));
+  const names = new Map(d.workers.map((w) => [w.worker_id, w.name]));
   fill($("versions").tBodies[0], d.versions.map((v) => {
     const made = v.operation || (v.version === 0 ? "base model" : `fold of ${v.adapters}`);
-    const chips = v.contributions.map((c) => el("span", { class: "chip", title: `adapter ${c.adapter_id}, ${c.tokens} tokens` },
-      `${c.worker || "?"} · ${(100 * c.weight).toFixed(0)} %`));
+    const chips = v.contributions.map((c) => el("span", {
+      class: "chip", title: `adapter ${c.adapter_id} by worker ${c.worker || "?"}: ${c.tokens} tokens, train loss ${fmt.loss(c.train_loss)}`,
+    }, `${names.get(c.worker) || c.worker || "?"} · ${(100 * c.weight).toFixed(0)} %`));
     return el("tr", { "data-version": v.version },
       el("td", { class: "num" }, v.version),
       el("td", { class: "num" }, v.parent >= 0 ? v.parent : "–"),
