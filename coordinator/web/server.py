@@ -119,6 +119,7 @@ class Feed:
             return None if self._stopping.is_set() else (self._seq, self._payload)
 
     def _run(self) -> None:
+        failing = False
         while not self._stopping.is_set():
             with self._cond:
                 while self._watchers == 0 and not self._stopping.is_set():
@@ -127,8 +128,13 @@ class Feed:
                 return
             try:
                 self.refresh()
+                if failing:
+                    log.info("the dashboard reads its data again")
+                failing = False
             except Exception:  # noqa: BLE001  (Redis away, say: the streams keep the last data)
-                log.warning("reading the dashboard's data failed; retrying", exc_info=True)
+                if not failing:  # once, not every interval, until it works again
+                    log.warning("reading the dashboard's data failed; retrying", exc_info=True)
+                failing = True
             self._stopping.wait(self.interval_s)
 
 
