@@ -214,6 +214,7 @@ def _handler(web: WebServer) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         server_version = "nomoat"
         sys_version = ""
+        _route = "other"  # the request counts' path label, set per request
 
         def log_message(self, format: str, *args) -> None:  # noqa: A002  (the base class's name)
             log.debug("%s %s", self.client_address[0], format % args)
