@@ -297,8 +297,12 @@ CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver"
 def browser(download_dir: Path):
     if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
         pytest.skip("needs Debian's chromium and chromium-driver (.ci/debian-packages; `make debian-packages`)")
+    import os
+
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
+
+    os.environ.setdefault("SE_OFFLINE", "true")  # Selenium Manager must never fetch a browser or driver
 
     options = webdriver.ChromeOptions()
     options.binary_location = str(CHROMIUM)
