@@ -307,6 +307,14 @@ def task_report(ledger, job_id: str) -> dict[str, dict]:
     return report
 
 
+def tasks_by(report: dict[str, dict]) -> dict[str, int]:
+    """Worker name -> how many of the job's kept adapters it made."""
+    counts: dict[str, int] = {}
+    for entry in report.values():
+        counts[entry["by"]] = counts.get(entry["by"], 0) + 1
+    return counts
+
+
 def assert_each_task_once(report: dict[str, dict]) -> None:
     """Every task done, with one adapter kept; none folded twice, none of a task folded twice."""
     for task_id, entry in report.items():
@@ -444,6 +452,7 @@ def cut_link_mid_task(hub: Hub, candidates: list[Volunteer], seed: int, lines: i
     assert_each_task_once(report)
     assert report[task]["fence"] > fence and report[task]["attempts"] >= 2, report[task]
     return {"cut": victim.name, "reissued_after_link_down_s": round(reissue_s, 1), "tasks": len(report),
+            "by": tasks_by(report),
             **hub.ledger(ledger_checks)}
 
 
@@ -493,7 +502,7 @@ def test_a_job_across_ray_and_outbound_workers_and_a_cut_link(hub: Hub, trusted:
     by = {e["by"] for e in report.values()}
     assert "home" in by and by & {"trusted", "spare"}, f"both kinds of worker should have done tasks: {report}"
 
-    print(json.dumps({"netns_mixed_job_s": round(took, 1), "tasks": len(report)}))
+    print(json.dumps({"netns_mixed_job_s": round(took, 1), "tasks": len(report), "by": tasks_by(report)}))
     # A second job; the NAT'd worker's cable is pulled while it trains one of its tasks.
     figures = cut_link_mid_task(hub, [outbound], seed=3, lines=200, tokens_per_task=512)
     print(json.dumps({"netns_outbound_link_cut": figures}))
