@@ -36,6 +36,7 @@ class JobSummary:
     warning: str
     events: list[str]  # the newest notes of its tasks' runs, oldest first
     training: str = ""  # what its newest leased task trains at ("batch 2, lr 0.004"); "" before any
+    noise_scale: float = 0.0  # its gradient noise scale B_simple in sequences (coordinator.noise); 0: none yet
 
 
 @dataclass(frozen=True)
@@ -97,6 +98,7 @@ def job(ledger: Ledger, job_id: str) -> JobSummary | None:
         warning=record.warning,
         events=[e for _, e in sorted(events)[-MAX_JOB_EVENTS:]],
         training=training(record.config, tasks),
+        noise_scale=record.noise.b_simple() or 0.0,
     )
 
 

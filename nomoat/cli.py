@@ -255,16 +255,19 @@ def worker_start(ctx, ray_address, simulate_gpu, name, threads, cache_dir, node_
 @click.option("--batch-size", default=0, help="Sequences per optimizer step.")
 @click.option("--epochs", default=0, help="Passes over each task's shard.")
 @click.option("--tokens-per-task", default=0, help="Task size in tokens.")
+@click.option("--warm-start", is_flag=True,
+              help="Each task continues from its worker's previous adapter of this job (factors and optimizer state).")
 @click.option("--give-up-after", default=60.0, show_default=True,
               help="With --wait: seconds a job whose tasks fit no card may wait before this exits (the job stays queued).")
 @click.pass_context
 def submit(ctx, dataset, name, wait, rank, alpha, seq_len, learning_rate, batch_size, epochs, tokens_per_task,
-           give_up_after):
+           warm_start, give_up_after):
     """Submit a dataset (.jsonl with text / prompt+completion / messages, or .txt) as a job."""
     from nomoat.v1 import nomoat_pb2 as pb
 
     config = pb.JobConfig(lora_rank=rank, lora_alpha=alpha, seq_len=seq_len, learning_rate=learning_rate,
-                          batch_size=batch_size, epochs=epochs, tokens_per_task=tokens_per_task)
+                          batch_size=batch_size, epochs=epochs, tokens_per_task=tokens_per_task,
+                          warm_start=warm_start)
     with _client(ctx) as client:
         reply = client.submit(Path(dataset), name=name, config=config)
         click.echo(f"job {reply.job_id}: {reply.records} records, {reply.tokens} tokens, {reply.tasks} tasks "

@@ -106,8 +106,8 @@ class GradientNorms:
 
     micro_sq: float = 0.0  # E|g_micro|², averaged over every micro-batch of every step
     batch_sq: float = 0.0  # E|g_batch|², averaged over the steps
-    micro_batch: float = 0.0  # sequences per micro-batch (mean)
-    batch_size: float = 0.0  # sequences per batch (mean)
+    micro_batch: float = 0.0  # sequences per micro-batch (harmonic mean)
+    batch_size: float = 0.0  # sequences per batch (harmonic mean)
 
 
 @dataclass(frozen=True)

@@ -227,23 +227,26 @@ def _sq_norm(params: Sequence[torch.nn.Parameter], before: list[torch.Tensor | N
 
 
 class _NormSums:
-    """Running means of the two squared gradient norms and the two batch sizes."""
+    """Running means of the two squared gradient norms, and the harmonic means of the two batch
+    sizes: E|g_b|² = |G|² + tr(Σ)/b is linear in 1/b, so over batches of different sizes (a
+    batch of 5 is micro-batches of 2, 2 and 1; an epoch's last batch is short) the mean norm
+    belongs to the harmonic mean size."""
 
     def __init__(self) -> None:
-        self.m_sq = self.m_n = self.b_sq = self.b_n = 0.0
+        self.m_sq = self.m_inv = self.b_sq = self.b_inv = 0.0
         self.m_count = self.b_count = 0
 
     def micro(self, sq: float, size: int) -> None:
-        self.m_sq, self.m_n, self.m_count = self.m_sq + sq, self.m_n + size, self.m_count + 1
+        self.m_sq, self.m_inv, self.m_count = self.m_sq + sq, self.m_inv + 1.0 / size, self.m_count + 1
 
     def batch(self, sq: float, size: int) -> None:
-        self.b_sq, self.b_n, self.b_count = self.b_sq + sq, self.b_n + size, self.b_count + 1
+        self.b_sq, self.b_inv, self.b_count = self.b_sq + sq, self.b_inv + 1.0 / size, self.b_count + 1
 
     def result(self) -> GradientNorms:
         if not self.b_count:
             return GradientNorms()
         return GradientNorms(self.m_sq / self.m_count, self.b_sq / self.b_count,
-                             self.m_n / self.m_count, self.b_n / self.b_count)
+                             self.m_count / self.m_inv, self.b_count / self.b_inv)
 
 
 def train_adapter(
@@ -284,9 +287,6 @@ def train_adapter(
                                   enabled=compute_dtype(train.precision, device) == torch.float16)
     gen = torch.Generator().manual_seed(train.seed)
     params = [p for p in model.parameters() if p.requires_grad]
-    # Two micro-batches per step at least: the gradient noise needs two batch sizes (same
-    # gradient, a little less memory; a batch of one sequence is measured by nothing).
-    micro_size = min(train.micro_batch, max(1, train.batch_size // 2))
     norms = _NormSums()
     step, tokens, targets_seen, loss_total = 0, 0, 0, 0.0
     while step < total_steps:
@@ -299,7 +299,9 @@ def train_adapter(
             n_targets = max(1, int((batch[:, 1:] != PAD).sum()))
             opt.zero_grad(set_to_none=True)
             batch_loss = 0.0
-            micros = batch.split(micro_size)
+            # Two micro-batches per step at least: the gradient noise needs two batch sizes (the
+            # same gradient, a little less memory; a batch of one sequence measures nothing).
+            micros = batch.split(min(train.micro_batch, max(1, len(batch) // 2)))
             for micro in micros:
                 before = _grads(params) if len(micros) > 1 else None
                 total, _ = loss_sum(model, micro.to(device))
