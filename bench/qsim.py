@@ -152,6 +152,10 @@ class Bench:
         self.base_test = running.eval_loss(self.test, self.job.seq_len)
         self.base_probe = running.master([PROBE_MODULE])[PROBE_MODULE].detach().clone().cpu()
 
+    def base_loss(self, seq_len: int) -> float:
+        """The base model's test loss at ``seq_len`` (a part that changes the job's blocks)."""
+        return RunningModel(self.base_dir, self.device).eval_loss(self.test, seq_len)
+
     # -- the two sides ------------------------------------------------------------------------
 
     def centralized(self, epochs: int = 1, batch: int = 0, lr_mult: float = 1.0) -> Outcome:
