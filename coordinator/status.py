@@ -111,7 +111,7 @@ def training(config: JobConfig, tasks: list[TaskRecord]) -> str:
     newest = max(leased, key=lambda t: t.leased_at)
     text = f"batch {newest.batch_size}, lr {newest.learning_rate:.3g}"
     if (newest.batch_size, newest.learning_rate) != (config.batch_size, config.learning_rate):
-        text += (f" (the job's batch {config.batch_size} over {max(1, config.batch_size // newest.batch_size)} "
+        text += (f" (the job's batch {config.batch_size} over {newest.fold_width} "
                  f"adapters a fold, lr x{newest.learning_rate / config.learning_rate:.3g})")
     return text
 
