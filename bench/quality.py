@@ -24,13 +24,19 @@ Parts (``--parts``, run side by side with ``--jobs``):
   ``FoldPolicy``: what a user gets), whose ratios are ``quality_ratio`` and
   ``quality_vs_dataparallel``.
 * ``many``: ``--passes`` passes over the data in small tasks (≥ 30 folded versions): the
-  recommended levers with plain averaging and with DiLoCo's outer Nesterov step (μ 0.9, outer lr
-  0.7 and 1.0), and the coordinator before issue 10. The centralized run is converged there (its loss by epoch is
+  recommended levers with plain averaging, and the coordinator before issue 10. The centralized run is converged there (its loss by epoch is
   printed), so the recommended row against it is ``quality_converged``; against one LoRA of the
   same rank at the job's lr for as many epochs it is ``stacked_vs_single_ratio`` (the seed idea:
   stacked low-rank updates learn more than one LoRA on the same tokens).
+* ``outer``: the many-rounds regime with DiLoCo's outer Nesterov step (μ 0.9, outer lr 0.1, 0.3,
+  1.0), against the ``many`` part's references.
 * ``corpus``: the key ratios again on a corpus this project did not write (``--corpus2``,
   default ``python-docs``: the Language Reference topics CPython ships in ``pydoc_data``).
+* ``few``: a small job (3 tasks of ``--few-records`` records, 64-token blocks, 3 workers), folded
+  one by one and together: before issue 10's partial folds every adapter of it was refused.
+
+The one-pass and second-corpus parts also have a row that sizes each task's batch from the job's
+gradient noise scale (``Settings.size_from_noise``; the B_noise column is the estimate).
 
     python bench/quality.py [--records N] [--jobs 3] [--device cpu|cuda] [--quick]
 
