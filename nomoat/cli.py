@@ -137,6 +137,8 @@ def _coordinator_start() -> click.Command:
     @click.option("--keep-global-batch/--no-keep-global-batch", default=Settings.keep_global_batch,
                   show_default=True,
                   help="Train each task at the job's batch / the adapters one fold averages, at a scaled lr.")
+    @click.option("--size-from-noise", is_flag=True, default=Settings.size_from_noise,
+                  help="Size the global batch from each job's gradient noise scale (at most the job's batch).")
     @click.option("--lease-ttl", default=Settings.lease_ttl_s, show_default=True,
                   help="Seconds a task's lease lasts without a heartbeat before it is re-issued.")
     @click.option("--max-attempts", default=Settings.max_attempts, show_default=True,
@@ -147,7 +149,8 @@ def _coordinator_start() -> click.Command:
     @click.option("--tls-key", default=None, type=click.Path(exists=True, dir_okay=False))
     def coordinator_start(data_dir, listen, public_address, redis_url, ray_address, ray_token_file, ray_node_ip,
                           base_model, fold_every, fold_timeout, tokens_per_task, outer_momentum, outer_lr,
-                          keep_global_batch, lease_ttl, max_attempts, max_workers_per_token, tls_cert, tls_key) -> None:
+                          keep_global_batch, size_from_noise, lease_ttl, max_attempts, max_workers_per_token, tls_cert,
+                          tls_key) -> None:
         """Start the coordinator: gRPC server, Redis ledger and Ray driver. Ctrl-C stops it."""
         from coordinator.server import Coordinator
         from nomoat.raynode import RayClusterError
@@ -161,7 +164,7 @@ def _coordinator_start() -> click.Command:
             ray_address=ray_address, ray_token_file=ray_token_file, ray_node_ip=ray_node_ip, base_model=base_model,
             fold_every=fold_every, fold_timeout_s=fold_timeout, job=JobDefaults(tokens_per_task=tokens_per_task),
             outer_momentum=outer_momentum, outer_lr=outer_lr, keep_global_batch=keep_global_batch,
-            lease_ttl_s=lease_ttl, max_attempts=max_attempts,
+            size_from_noise=size_from_noise, lease_ttl_s=lease_ttl, max_attempts=max_attempts,
             max_workers_per_token=max_workers_per_token,
             tls_cert=tls_cert, tls_key=tls_key,
         )
