@@ -64,7 +64,8 @@ class Settings:
     keep_global_batch: bool = True
     # Size the global batch from the job's gradient noise scale (coordinator.noise, from the
     # norms its workers report): between K and the job's batch, at the noise scale
-    # (FoldPolicy.task_training). bench/quality.py decides the default (bench/README.md).
+    # (FoldPolicy.task_training). Off: on the tiny model the noise scale measured ~150-260
+    # sequences, far above a job's batch of 8, so it would keep the job's batch (bench/README.md).
     size_from_noise: bool = False
     # A fold of m adapters whose tasks were sized for K > m (the fold timed out, a small job) takes
     # m/K of a step (FoldPolicy.weights): each adapter counts as its share of the job's batch.
