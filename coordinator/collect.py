@@ -22,8 +22,9 @@ from coordinator import folding
 from coordinator.auth import Identity
 from coordinator.errors import Incomplete, WrongState
 from coordinator.leases import holder
-from coordinator.ledger import Accepted, Ledger, Refusal
+from coordinator.ledger import Accepted, JobConfig, Ledger, Refusal
 from coordinator.ledger.adapters import REFUSED_LEASE
+from coordinator.noise import Sample
 from coordinator.store import BlobStore
 from coordinator.uploads import PartialUploads, UploadRefused, UploadRetry
 from nomoat import adapter as adapter_format
@@ -50,6 +51,7 @@ class Manifest:
     size: int
     worker_id: str = ""
     lineage: str = ""  # the model lineage of base_version; empty from workers that predate it
+    gradients: Sample = Sample(0.0, 0.0, 0.0, 0.0)  # the worker's gradient noise measurement
 
 
 def upload(
@@ -159,15 +161,28 @@ def receive(
                 )
             targets = set(config.target_modules)
             expected = {m: s for m, s in shapes.items() if m.rsplit(".", 1)[-1] in targets}
-            folding.check_structure(adapter, expected, config.lora_rank, config.lora_alpha)
+            rank, alpha = expected_shape(config, adapter)
+            folding.check_structure(adapter, expected, rank, alpha)
         except (adapter_format.AdapterFormatError, folding.AdapterRejected) as exc:
             return Accepted("refused", f"the adapter was refused: {exc}", REFUSED_FORMAT)
         store.put(data)
     # The ledger decides under its own atomicity whether this fence still holds the lease.
-    return ledger.adapters.accept(
+    accepted = ledger.adapters.accept(
         manifest.task_id, manifest.fence, digest, worker_id=manifest.worker_id,
         base_version=manifest.base_version, rank=manifest.rank, alpha=manifest.alpha,
         # The fold weighs adapters by tokens trained; a worker may not claim more than its task holds.
         tokens=min(manifest.tokens, task.tokens or manifest.tokens),
-        train_loss=manifest.train_loss, size=manifest.size,
+        train_loss=manifest.train_loss, size=manifest.size, gradients=manifest.gradients,
     )
+    if accepted.status == "accepted":
+        ledger.jobs.add_noise(task.job, manifest.gradients)
+    return accepted
+
+
+def expected_shape(config: JobConfig, adapter: adapter_format.Adapter) -> tuple[int, float]:
+    """The rank and alpha an upload of a job with ``config`` must have: the job's, or for a
+    warm-start job's contribution (metadata warm_start "1") twice each, the exact rank-2r
+    difference ``[s·B₁ | −s·B₀]·[A₁; A₀]`` with the same scale."""
+    if config.warm_start and adapter.meta.get(adapter_format.META_WARM) == "1":
+        return 2 * config.lora_rank, 2.0 * config.lora_alpha
+    return config.lora_rank, config.lora_alpha

@@ -53,6 +53,8 @@ class Candidate:
     tau: int
     norm: float
     solo_loss: float = math.nan
+    task_id: str = ""
+    fold_width: int = 1  # K its task's batch was divided for (FoldPolicy.weights)
 
 
 class Folder:
@@ -133,8 +135,13 @@ class Folder:
         candidates = [c for c in (self._gate(e, current, parents[e.job]) for e in entries) if c]
         if not candidates:
             return None
+        # K, the fold width each one's task was sized for: a fold of fewer takes part of a step.
+        widths = {t.task_id: t.fold_width for t in self.ledger.tasks.many([c.task_id for c in candidates])}
+        for c in candidates:
+            c.fold_width = widths.get(c.task_id, 1)
         while candidates:
-            weights = self.policy.weights([c.tokens for c in candidates], [c.tau for c in candidates])
+            weights = self.policy.weights([c.tokens for c in candidates], [c.tau for c in candidates],
+                                          max(c.fold_width for c in candidates))
             delta = folding.build_patch([c.adapter for c in candidates], weights)
             patch = self._outer_step(delta, current)
             modules = patch.modules()
@@ -161,7 +168,7 @@ class Folder:
             tau = current - entry.base_version
             norm = folding.delta_norm(adapter)
             self.policy.admit(entry.tokens, tau, norm, self.ledger.adapters.recent_norms())
-            candidate = Candidate(adapter_id, entry.job, adapter, entry.tokens, tau, norm)
+            candidate = Candidate(adapter_id, entry.job, adapter, entry.tokens, tau, norm, task_id=entry.task)
             candidate.solo_loss = self.model.loss_with(
                 adapter, folding.staleness_factor(tau), self.validation(entry.job), self._seq_len(entry.job)
             )

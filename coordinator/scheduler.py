@@ -110,6 +110,7 @@ class Scheduler:
     worker_token: str
     task_resources: Any  # callable(JobConfig) -> dict[str, float]
     _configs: dict[str, JobConfig] = field(default_factory=dict)
+    _total_tasks: dict[str, int] = field(default_factory=dict)
     # The runs dispatched lately, (node id, units, tokens): what sizing did, for logs and tests.
     runs: deque = field(default_factory=lambda: deque(maxlen=1000))
     # The cards the latest round saw: how many of them fit a job sizes its tasks (training()).
@@ -117,8 +118,13 @@ class Scheduler:
 
     def config(self, job_id: str) -> JobConfig:
         if job_id not in self._configs:
-            self._configs[job_id] = self.ledger.jobs.get(job_id).config
+            job = self.ledger.jobs.get(job_id)
+            self._configs[job_id], self._total_tasks[job_id] = job.config, job.total_tasks
         return self._configs[job_id]
+
+    def total_tasks(self, job_id: str) -> int:
+        self.config(job_id)
+        return self._total_tasks[job_id]
 
     def need_gb(self, task: TaskRecord) -> float:
         """The VRAM a task needs: its job's plan, or more than a card it ran out of memory on."""
@@ -170,26 +176,35 @@ class Scheduler:
             if unit != task_id and self.ledger.leases.requeue(unit, fence, why):
                 log.warning("task %s goes back in the queue: %s", unit, why)
 
-    def training(self, config: JobConfig) -> TaskTraining:
+    def training(self, config: JobConfig, noise_scale: float | None = None, tasks: int | None = None) -> TaskTraining:
         """The batch and lr a task of a job with ``config`` trains at: with keep_global_batch,
         the job's batch divided by K = min(fold_every, the cards seen that fit the job), at
         ``lr_scale(K)`` times its lr (coordinator.policy), so what one fold averages adds up
-        to the job's batch; the same tokens per task, K times the steps."""
+        to the job's batch; the same tokens per task, K times the steps. ``noise_scale``: the
+        job's gradient noise scale, which sizes the global batch with --size-from-noise."""
         need = self.task_resources(config)[VRAM_RESOURCE]
         cards = sum(1 for n in self._nodes if n.vram_gb >= need)
-        return FoldPolicy.of(self.settings).task_training(config.batch_size, config.learning_rate, cards)
+        return FoldPolicy.of(self.settings).task_training(config.batch_size, config.learning_rate, cards,
+                                                          noise_scale, tasks)
 
-    def spec(self, task: TaskRecord, fence: int, base_version: int, node: Node) -> TaskSpec:
-        """What the worker on ``node`` needs to train ``task`` under ``fence``."""
+    def job_training(self, job_id: str) -> TaskTraining:
+        """What the job's next task trains at (its noise scale read only when it sizes tasks)."""
+        noise = self.ledger.jobs.noise(job_id).b_simple() if self.settings.size_from_noise else None
+        return self.training(self.config(job_id), noise, self.total_tasks(job_id))
+
+    def spec(self, task: TaskRecord, fence: int, base_version: int, node: Node,
+             training: TaskTraining | None = None) -> TaskSpec:
+        """What the worker on ``node`` needs to train ``task`` under ``fence`` (at ``training``,
+        by default the job's :meth:`job_training`)."""
         config = self.config(task.job)
-        training = self.training(config)
+        training = training or self.job_training(task.job)
         return TaskSpec(
             task_id=task.task_id, job_id=task.job, fence=fence, base_version=base_version,
             tokens=task.tokens, coordinator=self.settings.join_address, token=self.worker_token,
             lora=LoraConfig(config.lora_rank, config.lora_alpha, tuple(config.target_modules)),
             train=TrainConfig(seq_len=config.seq_len, batch_size=training.batch_size,
                               learning_rate=training.learning_rate, epochs=config.epochs,
-                              seed=task.index, plan_model=config.plan_model),
+                              seed=task.index, plan_model=config.plan_model, warm_start=config.warm_start),
             lease_ttl_s=self.settings.lease_ttl_s, worker_id=node.worker_id, card=self.card_of(node.worker_id),
         )
 
@@ -223,15 +238,17 @@ class Scheduler:
                 idle.append(node)
                 continue
             specs = []
+            training = self.job_training(run[0].job)
             for task in run:
                 fence = self.ledger.leases.lease(task.task_id, now + self.settings.queue_timeout_s, base_version,
                                                  self.settings.max_attempts)
                 if fence > 0:
-                    specs.append(self.spec(task, fence, base_version, node))
+                    specs.append(self.spec(task, fence, base_version, node, training))
                 elif fence < 0:
                     log.warning("task %s failed: no attempts left", task.task_id)
             if specs:
-                self.ledger.tasks.set_training((s.task_id, s.train.batch_size, s.train.learning_rate) for s in specs)
+                self.ledger.tasks.set_training((s.task_id, s.train.batch_size, s.train.learning_rate,
+                                                training.fold_width) for s in specs)
                 need = max(self.need_gb(t) for t in run)
                 self.dispatcher.submit(specs, {**self.task_resources(self.config(run[0].job)), VRAM_RESOURCE: need},
                                        node.node_id)

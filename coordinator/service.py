@@ -34,6 +34,7 @@ from coordinator.errors import (
 )
 from coordinator.history import History
 from coordinator.ledger import Ledger
+from coordinator.noise import Sample
 from coordinator.settings import Settings
 from coordinator.store import BlobStore
 from coordinator.uploads import PartialUploads
@@ -117,7 +118,7 @@ def _job_info(job: status.JobSummary) -> pb.JobInfo:
         total_tasks=job.total_tasks, adapters_folded=job.adapters_folded, adapters_rejected=job.adapters_rejected,
         error=job.error, created=job.created, tokens=job.tokens, dataset_sha256=job.dataset_sha256,
         base_loss=job.base_loss, warning=job.warning, events=job.events,
-        training=job.training,
+        training=job.training, noise_scale=job.noise_scale,
     )
 
 
@@ -145,6 +146,7 @@ def _dataset_parts(request_iterator: Iterator[pb.SubmitChunk]) -> Iterator[submi
                 "batch_size": h.config.batch_size,
                 "epochs": h.config.epochs,
                 "tokens_per_task": h.config.tokens_per_task,
+                "warm_start": h.config.warm_start,
             })
         elif kind == "sha256":
             yield submit.DatasetDigest(chunk.sha256)
@@ -249,6 +251,7 @@ class WorkersServicer(rpc.WorkersServicer):
             task_id=m.task_id, fence=m.fence, base_version=m.base_version, rank=m.rank, alpha=m.alpha,
             tokens=m.tokens, train_loss=m.train_loss, sha256=m.sha256, size=m.size, worker_id=m.worker_id,
             lineage=m.lineage,
+            gradients=Sample(m.grad_micro_sq, m.grad_batch_sq, m.grad_micro_batch, m.grad_batch_size),
         )
         result = collect.upload(self.deps.ledger, self.deps.store, self.deps.shapes, self._partials(),
                                 _identity(context, self.deps), manifest, m.offset, _adapter_blocks(request_iterator),

@@ -27,6 +27,10 @@ class JobDefaults:
     # Plan memory as if the base model were this one (nomoat.memory.PRESET_CONFIGS); "" plans for
     # the base model itself. For simulated clusters, where the tiny model stands in for a real one.
     plan_model: str = ""
+    # Opt-in warm starts: each task continues from its worker's previous adapter of the job (its
+    # factors and AdamW moments, kept on the worker) and uploads the exact rank-2r difference.
+    # Off by default: bench/quality.py measured it no better than fresh adapters (bench/README.md).
+    warm_start: bool = False
 
 
 @dataclass(frozen=True)
@@ -58,6 +62,14 @@ class Settings:
     # coordinator.policy.lr_scale(K) times the job's lr. Measured by bench/quality.py (4 workers,
     # one pass): 0.45 of the best centralized run without it, 0.74 with it (bench/README.md).
     keep_global_batch: bool = True
+    # Size the global batch from the job's gradient noise scale (coordinator.noise, from the
+    # norms its workers report): between K and the job's batch, at the noise scale
+    # (FoldPolicy.task_training). Off: on the tiny model the noise scale measured ~150-260
+    # sequences, far above a job's batch of 8, so it would keep the job's batch (bench/README.md).
+    size_from_noise: bool = False
+    # A fold of m adapters whose tasks were sized for K > m (the fold timed out, a small job) takes
+    # m/K of a step (FoldPolicy.weights): each adapter counts as its share of the job's batch.
+    partial_folds: bool = True
     eval_epsilon: float = 0.02  # nats of held-out loss a new version may cost against its parent
     # Nats one adapter, added whole to the current version, may cost. Looser than eval_epsilon:
     # an adapter trained on an older version overshoots when added whole on top of a newer one

@@ -37,6 +37,7 @@ class JobSummary:
     events: list[str]  # the newest notes of its tasks' runs, oldest first
     training: str = ""  # what its newest leased task trains at ("batch 2, lr 0.004"); "" before any
     base_version: int = -1  # the version base_loss was measured on; -1 until measured
+    noise_scale: float = 0.0  # its gradient noise scale B_simple in sequences (coordinator.noise); 0: none yet
 
 
 @dataclass(frozen=True)
@@ -100,6 +101,7 @@ def job(ledger: Ledger, job_id: str) -> JobSummary | None:
         events=[e for _, e in sorted(events)[-MAX_JOB_EVENTS:]],
         training=training(record.config, tasks),
         base_version=-1 if record.base_version is None else record.base_version,
+        noise_scale=record.noise.b_simple() or 0.0,
     )
 
 
@@ -112,7 +114,7 @@ def training(config: JobConfig, tasks: list[TaskRecord]) -> str:
     newest = max(leased, key=lambda t: t.leased_at)
     text = f"batch {newest.batch_size}, lr {newest.learning_rate:.3g}"
     if (newest.batch_size, newest.learning_rate) != (config.batch_size, config.learning_rate):
-        text += (f" (the job's batch {config.batch_size} over {max(1, config.batch_size // newest.batch_size)} "
+        text += (f" (the job's batch {config.batch_size} over {newest.fold_width} "
                  f"adapters a fold, lr x{newest.learning_rate / config.learning_rate:.3g})")
     return text
 

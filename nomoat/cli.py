@@ -137,6 +137,8 @@ def _coordinator_start() -> click.Command:
     @click.option("--keep-global-batch/--no-keep-global-batch", default=Settings.keep_global_batch,
                   show_default=True,
                   help="Train each task at the job's batch / the adapters one fold averages, at a scaled lr.")
+    @click.option("--size-from-noise", is_flag=True, default=Settings.size_from_noise,
+                  help="Size the global batch from each job's gradient noise scale (at most the job's batch).")
     @click.option("--lease-ttl", default=Settings.lease_ttl_s, show_default=True,
                   help="Seconds a task's lease lasts without a heartbeat before it is re-issued.")
     @click.option("--max-attempts", default=Settings.max_attempts, show_default=True,
@@ -151,8 +153,8 @@ def _coordinator_start() -> click.Command:
     @click.pass_context
     def coordinator_start(ctx, data_dir, listen, public_address, redis_url, ray_address, ray_token_file, ray_node_ip,
                           base_model, fold_every, fold_timeout, tokens_per_task, outer_momentum, outer_lr,
-                          keep_global_batch, lease_ttl, max_attempts, max_workers_per_token, tls_cert, tls_key,
-                          http) -> None:
+                          keep_global_batch, size_from_noise, lease_ttl, max_attempts, max_workers_per_token, tls_cert,
+                          tls_key, http) -> None:
         """Start the coordinator: gRPC server, Redis ledger and Ray driver. Ctrl-C stops it."""
         from coordinator.server import Coordinator
         from nomoat.raynode import RayClusterError
@@ -170,7 +172,7 @@ def _coordinator_start() -> click.Command:
             ray_address=ray_address, ray_token_file=ray_token_file, ray_node_ip=ray_node_ip, base_model=base_model,
             fold_every=fold_every, fold_timeout_s=fold_timeout, job=JobDefaults(tokens_per_task=tokens_per_task),
             outer_momentum=outer_momentum, outer_lr=outer_lr, keep_global_batch=keep_global_batch,
-            lease_ttl_s=lease_ttl, max_attempts=max_attempts,
+            size_from_noise=size_from_noise, lease_ttl_s=lease_ttl, max_attempts=max_attempts,
             max_workers_per_token=max_workers_per_token,
             tls_cert=tls_cert, tls_key=tls_key, http=http,
         )
@@ -286,16 +288,19 @@ def worker_start(ctx, ray_address, simulate_gpu, name, threads, cache_dir, node_
 @click.option("--batch-size", default=0, help="Sequences per optimizer step.")
 @click.option("--epochs", default=0, help="Passes over each task's shard.")
 @click.option("--tokens-per-task", default=0, help="Task size in tokens.")
+@click.option("--warm-start", is_flag=True,
+              help="Each task continues from its worker's previous adapter of this job (factors and optimizer state).")
 @click.option("--give-up-after", default=60.0, show_default=True,
               help="With --wait: seconds a job whose tasks fit no card may wait before this exits (the job stays queued).")
 @click.pass_context
 def submit(ctx, dataset, name, wait, rank, alpha, seq_len, learning_rate, batch_size, epochs, tokens_per_task,
-           give_up_after):
+           warm_start, give_up_after):
     """Submit a dataset (.jsonl with text / prompt+completion / messages, or .txt) as a job."""
     from nomoat.v1 import nomoat_pb2 as pb
 
     config = pb.JobConfig(lora_rank=rank, lora_alpha=alpha, seq_len=seq_len, learning_rate=learning_rate,
-                          batch_size=batch_size, epochs=epochs, tokens_per_task=tokens_per_task)
+                          batch_size=batch_size, epochs=epochs, tokens_per_task=tokens_per_task,
+                          warm_start=warm_start)
     with _client(ctx) as client:
         reply = client.submit(Path(dataset), name=name, config=config)
         click.echo(f"job {reply.job_id}: {reply.records} records, {reply.tokens} tokens, {reply.tasks} tasks "

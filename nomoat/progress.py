@@ -84,6 +84,9 @@ def print_status(reply: pb.StatusReply) -> None:
     for j in reply.jobs:
         if j.training:
             out.print(f"[bold]{j.job_id}[/]: its tasks train at {j.training}", highlight=False)
+        if j.noise_scale > 0:
+            out.print(f"[bold]{j.job_id}[/]: gradient noise scale {j.noise_scale:.3g} sequences "
+                      "(about the batch beyond which a larger one buys little)", highlight=False)
         if j.events:
             out.print(f"[bold]{j.job_id}[/]: latest notes from its runs")
             for event in j.events:

@@ -158,11 +158,12 @@ class Rig:
         self.server.stop(0)
 
 
-def submit_job(rig: Rig, texts=TEXTS, filename: str = "d.jsonl") -> submit.SubmitResult:
-    """Submit JOB's config over ``texts`` through the domain call the Submit servicer makes (no gRPC)."""
+def submit_job(rig: Rig, texts=TEXTS, filename: str = "d.jsonl", **config) -> submit.SubmitResult:
+    """Submit JOB's config (and ``config``'s fields) over ``texts`` through the domain call the
+    Submit servicer makes (no gRPC)."""
     data = "".join(json.dumps({"text": t}) + "\n" for t in texts).encode()
     requested = {"lora_rank": JOB.lora_rank, "lora_alpha": JOB.lora_alpha,
-                 "target_modules": list(JOB.target_modules), "tokens_per_task": JOB.tokens_per_task}
+                 "target_modules": list(JOB.target_modules), "tokens_per_task": JOB.tokens_per_task, **config}
     d = rig.deps
     return submit.receive(d.settings, d.ledger, d.store, d.tokenizer, list(d.shapes), [
         submit.DatasetHeader(filename, "job", len(data), requested), data,

@@ -23,9 +23,10 @@ from nomoat import adapter as adapter_format
 from nomoat.card import Card
 from nomoat.client import CoordinatorClient, NomoatError
 from nomoat.memory import shape_for
-from nomoat.spec import NeedsBiggerCard, TaskSpec, UnitResult, error_line
+from nomoat.spec import GradientNorms, NeedsBiggerCard, TaskSpec, UnitResult, error_line
 from worker import planner, uploader
 from worker.cache import ModelCache
+from worker.carry import CarryStore
 from worker.probe import probe
 from worker.settings import INJECT_OOM_ENV, NodeSettings
 from worker.trainer import LoraSpec, TrainSpec, train_adapter
@@ -88,6 +89,7 @@ class TaskOutcome:
     tokens: int
     train_loss: float
     seconds: float
+    norms: GradientNorms = GradientNorms()
 
 
 def _deliver(client: CoordinatorClient, manifest: Any, data: bytes, outbox_dir: Path) -> uploader.UploadResult:
@@ -136,12 +138,13 @@ def memory_plan(spec: TaskSpec, card: Card, model_dir: Any, node: NodeSettings) 
 
 
 def train_fitting(model_dir: Any, texts: list[str], lora: LoraSpec, train: TrainSpec, card: Card,
-                  heartbeat: Heartbeat, inject_oom_above: int | None = None) -> tuple[Any, Any]:
+                  heartbeat: Heartbeat, inject_oom_above: int | None = None, carry: Any = None) -> tuple[Any, Any]:
     """Train; on out-of-memory halve the micro-batch (same effective batch) and retry on this card.
 
     Each retry is recorded in the ledger. When micro-batch 1 runs out too, the task raises
     NeedsBiggerCard, and the scheduler retries it on a card with more VRAM than this one.
-    ``inject_oom_above`` is a test hook: micro-batches above it run out of memory.
+    ``inject_oom_above`` is a test hook: micro-batches above it run out of memory. ``carry``: a
+    warm-started job's previous factors and moments on this worker (worker.carry), or None.
     """
     import torch
 
@@ -152,7 +155,9 @@ def train_fitting(model_dir: Any, texts: list[str], lora: LoraSpec, train: Train
             if inject_oom_above is not None and micro > inject_oom_above:
                 raise torch.OutOfMemoryError(f"injected by {INJECT_OOM_ENV}={inject_oom_above} (a test hook)")
             return train_adapter(model_dir, texts, lora, replace(train, micro_batch=micro), device=device,
-                                 progress=lambda step, total, loss: heartbeat.check())
+                                 progress=lambda step, total, loss: heartbeat.check(),
+                                 start=carry.factors if carry else None,
+                                 optimizer_state=carry.optimizer_state if carry else None)
         except torch.OutOfMemoryError:
             if device == "cuda":
                 torch.cuda.empty_cache()
@@ -184,18 +189,25 @@ def run_task(spec: TaskSpec, node: NodeSettings) -> TaskOutcome:
             lora = LoraSpec(rank=spec.lora.rank, alpha=spec.lora.alpha, target_modules=spec.lora.target_modules)
             card = node_card(spec)
             _, train = memory_plan(spec, card, model_dir, node)
-            adapter, result = train_fitting(model_dir, texts, lora, train, card, heartbeat, node.inject_oom_above)
+            carries = CarryStore(node.cache_dir / "carry")
+            carry = carries.load(heartbeat.lineage, spec.job_id) if spec.train.warm_start else None
+            adapter, result = train_fitting(model_dir, texts, lora, train, card, heartbeat, node.inject_oom_above,
+                                            carry)
             heartbeat.check()
             data = adapter_format.to_bytes(adapter)
-            manifest = uploader.manifest_for(task_id, fence, base_version, lora.rank, lora.alpha,
-                                             result.tokens, result.train_loss, data, worker_id, heartbeat.lineage)
+            # A warm start's contribution is the exact rank-2r difference: its own rank and alpha.
+            manifest = uploader.manifest_for(task_id, fence, base_version, adapter.rank, adapter.alpha,
+                                             result.tokens, result.train_loss, data, worker_id, heartbeat.lineage,
+                                             result.norms)
             sent = _deliver(client, manifest, data, node.cache_dir / "outbox")
+            if spec.train.warm_start and sent.accepted and result.carry is not None:
+                carries.save(heartbeat.lineage, spec.job_id, result.carry)  # what the job's next task here continues
         finally:
             heartbeat.stop()
     if not sent.accepted:
         raise TaskAborted(f"the coordinator refused the adapter: {sent.reason}")
     log.info("task %s done: %d tokens, loss %.3f", task_id, result.tokens, result.train_loss)
-    return TaskOutcome(task_id, sent.adapter_id, result.tokens, result.train_loss, result.seconds)
+    return TaskOutcome(task_id, sent.adapter_id, result.tokens, result.train_loss, result.seconds, result.norms)
 
 
 def run_units(specs: list[TaskSpec], node: NodeSettings | None = None) -> list[UnitResult]:
@@ -225,5 +237,5 @@ def run_units(specs: list[TaskSpec], node: NodeSettings | None = None) -> list[U
             units.append(UnitResult(spec.task_id, spec.fence, error_line(exc)))
         else:
             units.append(UnitResult(spec.task_id, spec.fence, adapter_id=done.adapter_id, tokens=done.tokens,
-                                    train_loss=done.train_loss, seconds=done.seconds))
+                                    train_loss=done.train_loss, seconds=done.seconds, norms=done.norms))
     return units

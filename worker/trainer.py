@@ -9,7 +9,8 @@ all call :func:`train_adapter` the same way. Read it top to bottom:
 2. pack the texts into ``seq_len`` blocks (:mod:`nomoat.packing`, the same packing the
    coordinator evaluates with);
 3. per epoch, shuffle the blocks with the seed and take ``batch_size`` blocks per optimizer step,
-   fed through the model ``micro_batch`` at a time (gradient accumulation);
+   fed through the model ``micro_batch`` at a time (gradient accumulation; at most half the batch,
+   so each step has two batch sizes to measure the gradient noise from: ``result.norms``);
    AdamW, with B's learning rate ``lr_b_ratio`` times A's (LoRA+; 1 is one rate for both);
 4. return what the task contributes as an :class:`~nomoat.adapter.Adapter` (the LoRA itself, or
    for a warm start the exact rank-2r difference), with how many tokens it saw, and in
@@ -40,6 +41,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from nomoat.adapter import Adapter, from_peft_state_dict
 from nomoat.packing import PAD, loss_sum, n_tokens, pack
+from nomoat.spec import GradientNorms
 from worker import warmstart
 
 LLAMA_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -99,6 +101,7 @@ class TrainResult:
     steps: int  # optimizer steps taken
     seconds: float
     carry: Carry | None = field(default=None, repr=False)
+    norms: GradientNorms = field(default_factory=GradientNorms)
 
 
 Progress = Callable[[int, int, float], None]  # (step, total_steps, loss of that step)
@@ -205,6 +208,47 @@ def _optimizer(model: torch.nn.Module, train: TrainSpec,
     return opt, names
 
 
+def _grads(params: Sequence[torch.nn.Parameter]) -> list[torch.Tensor | None]:
+    return [None if p.grad is None else p.grad.detach().clone() for p in params]
+
+
+def _sq_norm(params: Sequence[torch.nn.Parameter], before: list[torch.Tensor | None] | None,
+             scale: float) -> float:
+    """``|scale · (grad − before)|²`` over ``params`` (``before`` None: the gradient itself)."""
+    total = 0.0
+    for i, p in enumerate(params):
+        if p.grad is None:
+            continue
+        g = p.grad.detach().float()
+        if before is not None and before[i] is not None:
+            g = g - before[i].float()
+        total += float(g.pow(2).sum())
+    return total * scale * scale
+
+
+class _NormSums:
+    """Running means of the two squared gradient norms, and the harmonic means of the two batch
+    sizes: E|g_b|² = |G|² + tr(Σ)/b is linear in 1/b, so over batches of different sizes (a
+    batch of 5 is micro-batches of 2, 2 and 1; an epoch's last batch is short) the mean norm
+    belongs to the harmonic mean size."""
+
+    def __init__(self) -> None:
+        self.m_sq = self.m_inv = self.b_sq = self.b_inv = 0.0
+        self.m_count = self.b_count = 0
+
+    def micro(self, sq: float, size: int) -> None:
+        self.m_sq, self.m_inv, self.m_count = self.m_sq + sq, self.m_inv + 1.0 / size, self.m_count + 1
+
+    def batch(self, sq: float, size: int) -> None:
+        self.b_sq, self.b_inv, self.b_count = self.b_sq + sq, self.b_inv + 1.0 / size, self.b_count + 1
+
+    def result(self) -> GradientNorms:
+        if not self.b_count:
+            return GradientNorms()
+        return GradientNorms(self.m_sq / self.m_count, self.b_sq / self.b_count,
+                             self.m_count / self.m_inv, self.b_count / self.b_inv)
+
+
 def train_adapter(
     model_dir: Path,
     texts: Sequence[str],
@@ -242,6 +286,8 @@ def train_adapter(
     scaler = torch.amp.GradScaler(str(device).split(":")[0],
                                   enabled=compute_dtype(train.precision, device) == torch.float16)
     gen = torch.Generator().manual_seed(train.seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    norms = _NormSums()
     step, tokens, targets_seen, loss_total = 0, 0, 0, 0.0
     while step < total_steps:
         order = torch.randperm(len(blocks), generator=gen)
@@ -253,10 +299,19 @@ def train_adapter(
             n_targets = max(1, int((batch[:, 1:] != PAD).sum()))
             opt.zero_grad(set_to_none=True)
             batch_loss = 0.0
-            for micro in batch.split(train.micro_batch):
+            # Two micro-batches per step at least: the gradient noise needs two batch sizes (the
+            # same gradient, a little less memory; a batch of one sequence measures nothing).
+            micros = batch.split(min(train.micro_batch, max(1, len(batch) // 2)))
+            for micro in micros:
+                before = _grads(params) if len(micros) > 1 else None
                 total, _ = loss_sum(model, micro.to(device))
                 scaler.scale(total / n_targets).backward()
                 batch_loss += total.item()
+                if before is not None:  # this micro-batch's own mean gradient: its share, rescaled
+                    share = n_targets / max(1, int((micro[:, 1:] != PAD).sum())) / scaler.get_scale()
+                    norms.micro(_sq_norm(params, before, share), len(micro))
+            if len(micros) > 1:
+                norms.batch(_sq_norm(params, None, 1.0 / scaler.get_scale()), len(batch))
             scaler.step(opt)
             scaler.update()
             step += 1
@@ -275,6 +330,6 @@ def train_adapter(
     moments = {names[p]: {k: v.detach().to("cpu").clone() for k, v in s.items()} for p, s in opt.state.items()}
     result = TrainResult(
         tokens=tokens, train_loss=loss_total / targets_seen, steps=step, seconds=time.time() - t0,
-        carry=Carry(end, moments),
+        carry=Carry(end, moments), norms=norms.result(),
     )
     return warmstart.contribution(end, start), result

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nomoat.client import CoordinatorClient, NomoatError
+from nomoat.spec import GradientNorms
 from nomoat.v1 import nomoat_pb2 as pb
 
 log = logging.getLogger("nomoat.uploader")
@@ -39,11 +40,14 @@ class UploadResult:
 
 
 def manifest_for(task_id: str, fence: int, base_version: int, rank: int, alpha: float, tokens: int,
-                 train_loss: float, data: bytes, worker_id: str = "", lineage: str = "") -> pb.AdapterManifest:
+                 train_loss: float, data: bytes, worker_id: str = "", lineage: str = "",
+                 norms: GradientNorms | None = None) -> pb.AdapterManifest:
+    norms = norms or GradientNorms()
     return pb.AdapterManifest(
         task_id=task_id, fence=fence, base_version=base_version, rank=rank, alpha=alpha, tokens=tokens,
         train_loss=train_loss, sha256=hashlib.sha256(data).hexdigest(), size=len(data), worker_id=worker_id,
-        lineage=lineage,
+        lineage=lineage, grad_micro_sq=norms.micro_sq, grad_batch_sq=norms.batch_sq,
+        grad_micro_batch=norms.micro_batch, grad_batch_size=norms.batch_size,
     )
 
 

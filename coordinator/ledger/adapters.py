@@ -17,6 +17,7 @@ import redis
 from coordinator import keys
 from coordinator.ledger.counters import Counters, Refusal
 from coordinator.ledger.leases import CURRENT_LEASE
+from coordinator.noise import Sample
 from coordinator.ledger.records import (
     AdapterRecord,
     AdapterState,
@@ -103,7 +104,7 @@ class Adapters:
 
     def accept(self, task_id: str, fence: int, sha256: str, *, worker_id: str = "", base_version: int = 0,
                rank: int = 0, alpha: float = 0.0, tokens: int = 0, train_loss: float = 0.0,
-               size: int = 0) -> Accepted:
+               size: int = 0, gradients: Sample | None = None) -> Accepted:
         """Accept an uploaded adapter if (task, fence) holds the lease: the task is done and the
         adapter waits in the fold buffer, credited to ``worker_id`` when one is named."""
         adapter_id = adapter_id_for(task_id, fence, sha256)
@@ -113,7 +114,7 @@ class Adapters:
             return Accepted("refused", f"there is no task {task_id!r}", REFUSED_LEASE)
         fields = to_fields({"base_version": base_version, "rank": rank, "alpha": alpha, "tokens": tokens,
                             "train_loss": train_loss, "size": size, "task": task_id, "fence": fence,
-                            "sha256": sha256, "job": job, "worker": worker_id})
+                            "sha256": sha256, "job": job, "worker": worker_id, **_gradient_fields(gradients)})
         partner = twin or twin_of
         status, detail = self._accept(
             keys=[keys.task(task_id), keys.LEASES, keys.adapter(adapter_id), keys.FOLD_BUFFER,
@@ -171,6 +172,12 @@ class Adapters:
         """‖ΔW‖ of the most recently folded adapters, newest first (the norm gate's reference)."""
         return [float(x) for x in self.r.lrange(keys.RECENT_NORMS, 0, limit - 1)]
 
+
+def _gradient_fields(sample: Sample | None) -> dict[str, float]:
+    if sample is None:
+        return {}
+    return {"grad_micro_sq": sample.micro_sq, "grad_batch_sq": sample.batch_sq,
+            "grad_micro_batch": sample.micro_batch, "grad_batch_size": sample.batch_size}
 
 
 def _answer(status: bytes, detail: bytes) -> Accepted:
