@@ -14,7 +14,7 @@ into place. The raw side only counts the bytes it receives. Both run alternately
 times each after one warm-up of each (the blob files are then in the page cache for both); the
 figure is each side's best run, since on a shared machine the slow runs measure the neighbours.
 
-    python bench/pull.py [--mb 400] [--shards 4] [--repeats 3] [--chunk-kib 2048]
+    python bench/pull.py [--mb 400] [--shards 4] [--repeats 5] [--chunk-kib 2048]
 
 Last line: one JSON object with ``pull_vs_raw_grpc`` (target >= 0.7), ``pull_mb_s``,
 ``raw_grpc_mb_s`` and every run. Other benchmarks call :func:`measure` on a folder of their own
@@ -27,6 +27,7 @@ import argparse
 import hashlib
 import json
 import multiprocessing
+import os
 import shutil
 import statistics
 import sys
@@ -49,9 +50,15 @@ class PullFigures:
     chunk: int
     pull_mb_s: float  # best of the repeats
     raw_grpc_mb_s: float
-    pull_vs_raw_grpc: float
+    pull_vs_raw_grpc: float  # best against best
+    paired_median: float  # the median of pull / raw over runs side by side (load shifts cancel)
     pull_runs: list[float]
     raw_runs: list[float]
+    # CPU seconds per GB, client and server processes together: what a machine without a spare
+    # core pays, and the throughput ratio that follows when CPU is all that limits
+    pull_cpu_s_per_gb: float
+    raw_cpu_s_per_gb: float
+    pull_vs_raw_grpc_cpu: float
 
 
 def make_folder(folder: Path, mb: int = 400, shards: int = 4, seed: int = 0) -> Path:
@@ -156,6 +163,15 @@ def _serve(folder: str, data_dir: str, chunk: int, conn) -> None:
         embedded.stop()
 
 
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` so far (Linux; 0 elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _raw_once(channel: grpc.Channel) -> tuple[int, float]:
     stream = channel.unary_stream(RAW_METHOD, request_serializer=None, response_deserializer=None)
     start, n = time.perf_counter(), 0
@@ -191,17 +207,25 @@ def measure(folder: Path, repeats: int = 3, chunk: int | None = None, work_dir: 
         port, raw_port, token, total = answer
         raw_channel = grpc.insecure_channel(f"127.0.0.1:{raw_port}",
                                             options=[("grpc.max_receive_message_length", MAX_MESSAGE)])
-        raw_runs, pull_runs = [], []
+        raw_runs, pull_runs, cpu = [], [], {"raw": 0.0, "pull": 0.0}
+
+        def cpu_now() -> float:
+            return time.process_time() + _cpu_s(server.pid)
+
         with CoordinatorClient(f"127.0.0.1:{port}", token=token) as client:
             client.wait_ready()
             for i in range(repeats + 1):  # the first of each is the warm-up
+                before = cpu_now()
                 n, took = _raw_once(raw_channel)
                 if n != total:
                     raise RuntimeError(f"the raw stream sent {n} bytes, not {total}")
+                between = cpu_now()
                 pulled = _pull_once(client, tmp / "out")
                 if i:
                     raw_runs.append(total / took / 1e6)
                     pull_runs.append(total / pulled / 1e6)
+                    cpu["raw"] += between - before
+                    cpu["pull"] += cpu_now() - between
                 print(f"  {'warm-up' if not i else f'run {i}'}: raw gRPC {total / took / 1e6:7.1f} MB/s   "
                       f"pull {total / pulled / 1e6:7.1f} MB/s", flush=True)
         raw_channel.close()
@@ -210,15 +234,19 @@ def measure(folder: Path, repeats: int = 3, chunk: int | None = None, work_dir: 
         server.join(60)
         shutil.rmtree(tmp, ignore_errors=True)
     best_pull, best_raw = max(pull_runs), max(raw_runs)
+    gb = total * repeats / 1e9
     return PullFigures(total, chunk, round(best_pull, 1), round(best_raw, 1), round(best_pull / best_raw, 3),
-                       [round(r, 1) for r in pull_runs], [round(r, 1) for r in raw_runs])
+                       round(statistics.median(p / r for p, r in zip(pull_runs, raw_runs)), 3),
+                       [round(r, 1) for r in pull_runs], [round(r, 1) for r in raw_runs],
+                       round(cpu["pull"] / gb, 2), round(cpu["raw"] / gb, 2),
+                       round(cpu["raw"] / cpu["pull"], 3) if cpu["pull"] else 0.0)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mb", type=int, default=400, help="Size of the model folder.")
     parser.add_argument("--shards", type=int, default=4)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--chunk-kib", type=int, default=0, help="Bytes per message (default: the coordinator's).")
     parser.add_argument("--folder", type=Path, default=None, help="Pull this folder instead of a made-up one.")
     args = parser.parse_args()
@@ -234,8 +262,10 @@ def main() -> None:
         if made is not None:
             shutil.rmtree(made, ignore_errors=True)
     print(f"{figures.bytes / 1e6:.0f} MB in {figures.chunk >> 10} KiB chunks: pull {figures.pull_mb_s} MB/s, "
-          f"raw gRPC {figures.raw_grpc_mb_s} MB/s (median {statistics.median(figures.pull_runs):.1f} vs "
-          f"{statistics.median(figures.raw_runs):.1f}): pull_vs_raw_grpc {figures.pull_vs_raw_grpc}")
+          f"raw gRPC {figures.raw_grpc_mb_s} MB/s (best of {args.repeats}): pull_vs_raw_grpc "
+          f"{figures.pull_vs_raw_grpc}, run by run {figures.paired_median} (median)")
+    print(f"CPU, client and server together: pull {figures.pull_cpu_s_per_gb} s/GB, raw gRPC "
+          f"{figures.raw_cpu_s_per_gb} s/GB (ratio {figures.pull_vs_raw_grpc_cpu})")
     print(json.dumps(asdict(figures)))
 
 
