@@ -252,9 +252,11 @@ class Partial:
         if state is None or (state.fmt, state.since) != (fmt, since):
             self.clear()
             return []
-        points = []
+        points, root = [], self.dir.resolve()
         for path, (sha, size) in state.files.items():
             held = self.dir / path
+            if root not in held.resolve().parents:
+                continue  # not a name a header could have given (the header's are checked)
             n = held.stat().st_size if held.is_file() else 0
             if n > size:
                 held.unlink()
@@ -491,8 +493,10 @@ def pull(call: Callable[[pb.PullRequest], Iterable[bytes]], out: Path, request: 
             del request.resume[:]
             request.resume.extend(partial.resume_points(request.format, request.since))
             held = sum(r.offset for r in request.resume)
+            stream = None
             try:
-                header = _receive(call(request), partial, request, lineage, address, report)
+                stream = call(request)
+                header = _receive(stream, partial, request, lineage, address, report)
                 partial.commit(header)
                 report.finish(header)
                 return header
@@ -502,6 +506,9 @@ def pull(call: Callable[[pb.PullRequest], Iterable[bytes]], out: Path, request: 
                 reason = str(explain(exc))
             except _Retry as exc:
                 reason = str(exc)
+            finally:
+                if hasattr(stream, "cancel"):
+                    stream.cancel()  # a try given up: the server stops sending now, not at the deadline
             if sum(r.offset for r in partial.resume_points(request.format, request.since)) > held:
                 failures, last_progress = 0, time.monotonic()  # it got somewhere: patience starts again
             delay = min(backoff_s * 2 ** failures, max_backoff_s)
