@@ -282,3 +282,20 @@ def test_sha256_of_resumed_files_covers_the_kept_prefix(rig: Rig) -> None:
     rig.client("reader").pull(out)
     data = (out / WEIGHTS).read_bytes()
     assert hashlib.sha256(data).hexdigest() == served(rig)[WEIGHTS]
+
+
+def test_nomoat_pull_resumes_and_prints_a_line_per_file_when_piped(rig: Rig) -> None:
+    from click.testing import CliRunner
+
+    from nomoat.cli import main
+
+    out = rig.tmp / "model"
+    held = cut_pull(rig, out, after=total(rig) // 2)
+    result = CliRunner().invoke(main, ["--coordinator", rig.address, "--token", rig.tokens["reader"],
+                                       "pull", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert result.stdout == f"version 0 written to {out}\n"
+    lines = result.stderr.splitlines()
+    assert lines[0] == f"resuming: {held / 1e6:.1f} MB of {total(rig) / 1e6:.1f} MB are here from an earlier pull"
+    assert len(lines) == len(served(rig)) + 2 and lines[-1].startswith("pulled version 0: ")
+    assert_pulled(out, served(rig))
