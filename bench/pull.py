@@ -33,6 +33,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from concurrent import futures
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -180,12 +181,13 @@ def _raw_once(channel: grpc.Channel) -> tuple[int, float]:
     return n, time.perf_counter() - start
 
 
-def _pull_once(client, out: Path) -> float:
-    start = time.perf_counter()
+def _pull_once(client, out: Path, cpu: Callable[[], float]) -> tuple[float, float]:
+    """Seconds and CPU seconds of one pull (removing the folder after it counts in neither)."""
+    start, cpu_start = time.perf_counter(), cpu()
     client.pull(out, 0)
-    took = time.perf_counter() - start
+    took, cpu_took = time.perf_counter() - start, cpu() - cpu_start
     shutil.rmtree(out)
-    return took
+    return took, cpu_took
 
 
 def measure(folder: Path, repeats: int = 3, chunk: int | None = None, work_dir: Path | None = None) -> PullFigures:
@@ -219,13 +221,13 @@ def measure(folder: Path, repeats: int = 3, chunk: int | None = None, work_dir: 
                 n, took = _raw_once(raw_channel)
                 if n != total:
                     raise RuntimeError(f"the raw stream sent {n} bytes, not {total}")
-                between = cpu_now()
-                pulled = _pull_once(client, tmp / "out")
+                raw_cpu = cpu_now() - before
+                pulled, pull_cpu = _pull_once(client, tmp / "out", cpu_now)
                 if i:
                     raw_runs.append(total / took / 1e6)
                     pull_runs.append(total / pulled / 1e6)
-                    cpu["raw"] += between - before
-                    cpu["pull"] += cpu_now() - between
+                    cpu["raw"] += raw_cpu
+                    cpu["pull"] += pull_cpu
                 print(f"  {'warm-up' if not i else f'run {i}'}: raw gRPC {total / took / 1e6:7.1f} MB/s   "
                       f"pull {total / pulled / 1e6:7.1f} MB/s", flush=True)
         raw_channel.close()

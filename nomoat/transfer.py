@@ -271,6 +271,9 @@ class Partial:
         for held in list(self._files()):
             if not starts.get(str(held.relative_to(self.dir))):
                 held.unlink()
+        for folder in sorted((p for p in self.dir.rglob("*") if p.is_dir()), reverse=True):
+            if not any(folder.iterdir()):
+                folder.rmdir()  # a folder this version no longer has (a catch-up's snapshot/) must not appear
         state = State(header.lineage, header.version, fmt, since,
                       {e.path: (e.sha256, e.size) for e in header.files})
         tmp = self.dir / f"{STATE}.tmp"
