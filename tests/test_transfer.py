@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import io
 import threading
+import types
 from pathlib import Path
 
 import pytest
@@ -35,6 +36,28 @@ WEIGHTS = "model.safetensors"
 @pytest.fixture(autouse=True)
 def small_blocks(monkeypatch) -> None:
     monkeypatch.setattr(pull, "CHUNK", BLOCK)
+
+
+@pytest.fixture
+def stall(monkeypatch):
+    """The server's first stream stops sending after ``stall.after`` bytes until released, so a
+    test that drops the connection there knows no more bytes were on their way."""
+    real = pull.blocks
+    state = types.SimpleNamespace(after=None, release=threading.Event(), calls=0)
+
+    def blocks(*args, **kwargs):
+        state.calls += 1
+        first, sent = state.calls == 1, 0
+        for item in real(*args, **kwargs):
+            if first and state.after is not None and sent >= state.after:
+                state.release.wait(30)
+                return
+            yield item
+            sent += len(item[2])
+
+    monkeypatch.setattr(pull, "blocks", blocks)
+    yield state
+    state.release.set()
 
 
 class Cut(Exception):
@@ -149,13 +172,15 @@ def test_a_cut_pull_resumes_and_sends_only_the_rest(rig: Rig) -> None:
     assert lineage.problem(out, rig.deps.history.lineage().id, 0) == ""  # stamped as pulled whole
 
 
-def test_a_dropped_connection_is_retried_and_resumed_in_the_same_call(rig: Rig) -> None:
+def test_a_dropped_connection_is_retried_and_resumed_in_the_same_call(rig: Rig, stall) -> None:
     """The server goes away mid-stream and comes back on the same port a moment later."""
     port = rig.address.rsplit(":", 1)[1]
     servers = []
+    stall.after = 8 * BLOCK
 
     def drop() -> None:
         rig.server.stop(0)
+        stall.release.set()
 
         def come_back() -> None:
             server, _ = grpc_server(rig.deps)
@@ -165,7 +190,7 @@ def test_a_dropped_connection_is_retried_and_resumed_in_the_same_call(rig: Rig) 
 
         threading.Timer(0.3, come_back).start()
 
-    seen = Counter(after=total(rig) // 3, then=drop)
+    seen = Counter(after=stall.after, then=drop)
     try:
         out = rig.tmp / "model"
         assert rig.client("reader").pull(out, progress=seen, patience_s=30) == 0
@@ -220,9 +245,15 @@ def test_a_refused_pull_is_not_retried_and_leaves_nothing(rig: Rig) -> None:
     assert seen.retries == [] and not out.exists() and not partial_of(out).exists()
 
 
-def test_a_pull_gives_up_after_its_patience_and_keeps_what_arrived(rig: Rig) -> None:
+def test_a_pull_gives_up_after_its_patience_and_keeps_what_arrived(rig: Rig, stall) -> None:
     out = rig.tmp / "model"
-    seen = Counter(after=total(rig) // 2, then=lambda: rig.server.stop(0))
+    stall.after = 8 * BLOCK
+
+    def drop() -> None:
+        rig.server.stop(0)
+        stall.release.set()
+
+    seen = Counter(after=stall.after, then=drop)
     with pytest.raises(NomoatError, match="run the same pull again to resume"):
         rig.client("reader").pull(out, progress=seen, patience_s=1.5)
     assert seen.retries and any(p.stat().st_size for p in partial_of(out).rglob("*.safetensors"))
