@@ -330,3 +330,21 @@ def test_nomoat_pull_resumes_and_prints_a_line_per_file_when_piped(rig: Rig) -> 
     assert lines[0] == f"resuming: {held / 1e6:.1f} MB of {total(rig) / 1e6:.1f} MB are here from an earlier pull"
     assert len(lines) == len(served(rig)) + 2 and lines[-1].startswith("pulled version 0: ")
     assert_pulled(out, served(rig))
+
+
+def test_a_resumed_catch_up_whose_plan_changed_leaves_no_stale_folder(tmp_path: Path) -> None:
+    """A catch-up cut while it sent a snapshot, resumed when the cheapest way is patches alone:
+    no empty snapshot/ may appear (the worker cache takes one as the folder to start from)."""
+    with transfer.Partial(tmp_path / "download") as partial:
+        first = pb.PullHeader(version=2, lineage="l", files=[pb.FileEntry(path="snapshot/model.safetensors",
+                                                                          size=8, sha256="a" * 64)])
+        partial.adopt(first, pull.Format.PATCHES, 0)
+        (partial.dir / "snapshot").mkdir()
+        (partial.dir / "snapshot" / "model.safetensors").write_bytes(b"half")  # what arrived before the cut
+        [point] = partial.resume_points(pull.Format.PATCHES, 0)
+        assert (point.path, point.offset) == ("snapshot/model.safetensors", 4)
+        later = pb.PullHeader(version=2, lineage="l", files=[pb.FileEntry(path="patches/000001.safetensors",
+                                                                          size=8, sha256="b" * 64)])
+        partial.adopt(later, pull.Format.PATCHES, 0)
+        assert not (partial.dir / "snapshot").exists()
+        assert partial.resume_points(pull.Format.PEFT, 0) == [] and not any(partial.dir.rglob("*.safetensors"))
