@@ -346,11 +346,17 @@ def status(ctx, job, as_json) -> None:
               help="hf: a whole Hugging Face model folder; peft: a PEFT adapter folder (needs --since).")
 @click.pass_context
 def pull(ctx, out, version, since, fmt) -> None:
-    """Download a model version as a Hugging Face folder, or only the update since a version you have."""
+    """Download a model version as a Hugging Face folder, or only the update since a version you have.
+
+    A pull whose connection drops is resumed where it stopped (after a wait, a few times); one
+    stopped (Ctrl-C) resumes when you run the same command again.
+    """
     if fmt == "peft" and since is None:
         _fail("--format peft needs --since VERSION (the version you already have)")
-    with _client(ctx) as client:
-        number = client.pull(Path(out), version, fmt=fmt, since=since or 0)
+    from nomoat.progress import PullBar
+
+    with _client(ctx) as client, PullBar() as bar:
+        number = client.pull(Path(out), version, fmt=fmt, since=since or 0, progress=bar)
     if fmt == "peft":
         click.echo(f"the update from version {since} to version {number} written to {out} "
                    f"(PeftModel.from_pretrained(<version {since}>, {out!r}).merge_and_unload())")

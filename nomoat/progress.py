@@ -1,4 +1,4 @@
-"""What people see: the progress bar of ``submit --wait`` and the tables of ``status``."""
+"""What people see: the progress bars of ``submit --wait`` and ``pull``, and the tables of ``status``."""
 
 from __future__ import annotations
 
@@ -6,7 +6,17 @@ import math
 import time
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.filesize import decimal
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
 from rich.table import Table
 
 from nomoat.client import CoordinatorClient
@@ -91,3 +101,66 @@ def print_status(reply: pb.StatusReply) -> None:
             out.print(f"[bold]{j.job_id}[/]: latest notes from its runs")
             for event in j.events:
                 out.print(f"  {event}", markup=False, highlight=False)
+
+
+class PullBar:
+    """What ``nomoat pull`` shows (a :class:`nomoat.transfer.Progress`): on a terminal, one bar
+    with the bytes, the rate and the time left; anywhere else (piped, a log file) no bar, one line
+    per file as it lands and a summary at the end, so a log gets a few lines, not thousands."""
+
+    def __init__(self, out: Console | None = None) -> None:
+        self.console = out or console
+        self.live = self.console.is_terminal
+        self._bar: Progress | None = None
+        self._row = None
+        self._began = 0.0
+        self._received = 0
+        self._kept = 0
+        self._listed: set[str] = set()
+
+    def __enter__(self) -> PullBar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None
+
+    def start(self, header: pb.PullHeader, held: int, note: str) -> None:
+        total = sum(e.size for e in header.files)
+        if note:
+            self.console.print(f"[yellow]{note}")
+        if not self._began:  # the first try; a retry's held bytes arrived in the tries before it
+            self._began, self._kept = time.monotonic(), held
+            if held and not self.live:
+                self.console.print(f"resuming: {decimal(held)} of {decimal(total)} are here from an earlier pull",
+                                   highlight=False)
+        if not self.live:
+            return
+        if self._bar is None:
+            self._bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(),
+                                 TransferSpeedColumn(), TimeRemainingColumn(), console=self.console)
+            self._bar.start()
+            self._row = self._bar.add_task(f"version {header.version}", total=total, completed=held)
+        else:
+            self._bar.update(self._row, description=f"version {header.version}", total=total, completed=held)
+
+    def advance(self, n: int) -> None:
+        self._received += n
+        if self._bar is not None:
+            self._bar.advance(self._row, n)
+
+    def file_done(self, path: str, size: int) -> None:
+        if not self.live and path not in self._listed:
+            self._listed.add(path)
+            self.console.print(f"  {path}  {decimal(size)}", highlight=False, markup=False)
+
+    def retry(self, reason: str, delay: float) -> None:
+        self.console.print(f"{reason}; resuming in {delay:.1f} s", highlight=False, markup=False)
+
+    def finish(self, header: pb.PullHeader) -> None:
+        self.__exit__()
+        took = max(time.monotonic() - self._began, 1e-6)
+        kept = f", {decimal(self._kept)} kept from an earlier pull" if self._kept else ""
+        self.console.print(f"pulled version {header.version}: {decimal(self._received)} in {took:.1f} s "
+                           f"({decimal(int(self._received / took))}/s){kept}", highlight=False)

@@ -338,7 +338,7 @@ class UploadReply(_message.Message):
     def __init__(self, accepted: _Optional[bool] = ..., adapter_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class PullRequest(_message.Message):
-    __slots__ = ("version", "format", "since")
+    __slots__ = ("version", "format", "since", "resume")
     class Format(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         HF: _ClassVar[PullRequest.Format]
@@ -350,20 +350,34 @@ class PullRequest(_message.Message):
     VERSION_FIELD_NUMBER: _ClassVar[int]
     FORMAT_FIELD_NUMBER: _ClassVar[int]
     SINCE_FIELD_NUMBER: _ClassVar[int]
+    RESUME_FIELD_NUMBER: _ClassVar[int]
     version: int
     format: PullRequest.Format
     since: int
-    def __init__(self, version: _Optional[int] = ..., format: _Optional[_Union[PullRequest.Format, str]] = ..., since: _Optional[int] = ...) -> None: ...
+    resume: _containers.RepeatedCompositeFieldContainer[ResumeFrom]
+    def __init__(self, version: _Optional[int] = ..., format: _Optional[_Union[PullRequest.Format, str]] = ..., since: _Optional[int] = ..., resume: _Optional[_Iterable[_Union[ResumeFrom, _Mapping]]] = ...) -> None: ...
+
+class ResumeFrom(_message.Message):
+    __slots__ = ("path", "sha256", "offset")
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    sha256: str
+    offset: int
+    def __init__(self, path: _Optional[str] = ..., sha256: _Optional[str] = ..., offset: _Optional[int] = ...) -> None: ...
 
 class FileEntry(_message.Message):
-    __slots__ = ("path", "size", "sha256")
+    __slots__ = ("path", "size", "sha256", "offset")
     PATH_FIELD_NUMBER: _ClassVar[int]
     SIZE_FIELD_NUMBER: _ClassVar[int]
     SHA256_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
     path: str
     size: int
     sha256: str
-    def __init__(self, path: _Optional[str] = ..., size: _Optional[int] = ..., sha256: _Optional[str] = ...) -> None: ...
+    offset: int
+    def __init__(self, path: _Optional[str] = ..., size: _Optional[int] = ..., sha256: _Optional[str] = ..., offset: _Optional[int] = ...) -> None: ...
 
 class PullHeader(_message.Message):
     __slots__ = ("version", "files", "lineage")
