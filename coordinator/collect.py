@@ -13,6 +13,7 @@ resumable upload, then ``receive`` checks and records it.
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
@@ -25,6 +26,9 @@ from coordinator.ledger import Accepted, Ledger
 from coordinator.store import BlobStore
 from coordinator.uploads import PartialUploads, UploadRefused, UploadRetry
 from nomoat import adapter as adapter_format
+from nomoat.logs import fields
+
+log = logging.getLogger("nomoat.collect")
 
 
 @dataclass(frozen=True)
@@ -56,12 +60,45 @@ def upload(
     lineage: str = "",
 ) -> Accepted:
     """The whole upload: refuse early what cannot be accepted, receive the bytes from
-    ``offset`` on (resumable, see PartialUploads), then check and record the adapter.
+    ``offset`` on (resumable, see PartialUploads), then check and record the adapter; the
+    answer is logged.
 
     Every answer about the adapter is an Accepted (refusals included). Raises WrongState when
     the upload cannot go on now but may be resumed, Incomplete when the stream ended early
     (the bytes so far are kept; the message says where to resume).
     """
+    result = _upload(ledger, store, shapes, partials, identity, manifest, offset, blocks, max_bytes=max_bytes,
+                     lineage=lineage)
+    log_answer(manifest, result)
+    return result
+
+
+def log_answer(m: Manifest, result: Accepted) -> None:
+    """One line for an upload's answer: accepted (or a duplicate of one), or refused and why."""
+    ids = dict(task=m.task_id, worker=m.worker_id or None, fence=m.fence, tokens=m.tokens, bytes=m.size)
+    if result.ok:
+        log.info("adapter %s of task %s (worker %s) accepted: %d tokens, train loss %.4f", result.detail,
+                 m.task_id, m.worker_id or "?", m.tokens, m.train_loss,
+                 extra=fields("upload.accepted", adapter=result.detail, train_loss=m.train_loss,
+                              duplicate=result.status == "duplicate", **ids))
+    else:
+        log.warning("upload of task %s (worker %s, fence %d) refused: %s", m.task_id, m.worker_id or "?", m.fence,
+                    result.detail, extra=fields("upload.refused", reason=result.detail, **ids))
+
+
+def _upload(
+    ledger: Ledger,
+    store: BlobStore,
+    shapes: Mapping[str, tuple[int, int]],
+    partials: PartialUploads,
+    identity: Identity,
+    manifest: Manifest,
+    offset: int,
+    blocks: Iterable[bytes],
+    *,
+    max_bytes: int,
+    lineage: str = "",
+) -> Accepted:
     if manifest.size > max_bytes:
         return Accepted("refused", f"the adapter is {manifest.size} bytes; the limit is {max_bytes}")
     if manifest.lineage and manifest.lineage != lineage:  # trained on another coordinator's model

@@ -17,6 +17,7 @@ from coordinator.errors import NotPermitted, WrongState
 from coordinator.ledger import Ledger
 from coordinator.settings import Settings
 from coordinator.store import BlobStore
+from nomoat.logs import fields
 
 log = logging.getLogger("nomoat.leases")
 MAX_EVENT_CHARS = 1000  # a heartbeat's event note, as kept in the ledger
@@ -64,6 +65,13 @@ def heartbeat(ledger: Ledger, settings: Settings, identity: Identity, worker_id:
     beat = ledger.leases.heartbeat(task_id, fence, deadline, worker_id, token_hash, event[:MAX_EVENT_CHARS])
     if not beat.ok:
         return Beat(ok=False, reason=beat.reason)
+    if beat.started:
+        log.info("task %s started on worker %s, from version %d", task_id, worker_id or "?", beat.base_version,
+                 extra=fields("task.started", task=task_id, worker=worker_id or None, fence=fence,
+                              base_version=beat.base_version))
+    if event:
+        log.info("task %s (worker %s): %s", task_id, worker_id or "?", event[:MAX_EVENT_CHARS],
+                 extra=fields("task.note", task=task_id, worker=worker_id or None, fence=fence, note=event))
     return Beat(ok=True, deadline=beat.deadline, base_version=beat.base_version)
 
 

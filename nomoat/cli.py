@@ -14,6 +14,7 @@ from pathlib import Path
 
 import click
 
+from nomoat import logs
 from nomoat.client import CoordinatorClient, NomoatError, default_address
 
 EXAMPLES = {
@@ -84,9 +85,23 @@ def main(ctx: click.Context, coordinator: str, token: str, tls_ca: str | None, v
     \b
     Example: nomoat demo
     """
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    ctx.obj = {"coordinator": coordinator, "token": token, "tls_ca": tls_ca}
+    # Before anything imports transformers: their progress bars are not ours to print.
+    logs.quiet_libraries()
+    logs.setup("plain", logging.INFO if verbose else logging.WARNING)
+    ctx.obj = {"coordinator": coordinator, "token": token, "tls_ca": tls_ca, "verbose": verbose}
+
+
+def log_format_option(command):
+    """--log-format for the long-running commands: they log one line per state change."""
+    return click.option(
+        "--log-format", type=click.Choice(logs.FORMATS), default="plain", show_default=True,
+        envvar="NOMOAT_LOG_FORMAT",
+        help="plain: sentences; json: one JSON object a line (ts, level, logger, event, message, job/task/"
+             "worker/version ids).")(command)
+
+
+def _start_logging(ctx: click.Context, fmt: str) -> None:
+    logs.setup(fmt, logging.DEBUG if ctx.find_root().obj.get("verbose") else logging.INFO)
 
 
 # -- coordinator ------------------------------------------------------------------------------
@@ -145,12 +160,17 @@ def _coordinator_start() -> click.Command:
                   help="Workers one token may have active at once.")
     @click.option("--tls-cert", default=None, type=click.Path(exists=True, dir_okay=False))
     @click.option("--tls-key", default=None, type=click.Path(exists=True, dir_okay=False))
-    def coordinator_start(data_dir, listen, public_address, redis_url, ray_address, ray_token_file, ray_node_ip,
+    @log_format_option
+    @click.pass_context
+    def coordinator_start(ctx, data_dir, listen, public_address, redis_url, ray_address, ray_token_file, ray_node_ip,
                           base_model, fold_every, fold_timeout, tokens_per_task, outer_momentum, outer_lr,
-                          keep_global_batch, lease_ttl, max_attempts, max_workers_per_token, tls_cert, tls_key) -> None:
+                          keep_global_batch, lease_ttl, max_attempts, max_workers_per_token, tls_cert, tls_key,
+                          log_format) -> None:
         """Start the coordinator: gRPC server, Redis ledger and Ray driver. Ctrl-C stops it."""
         from coordinator.server import Coordinator
         from nomoat.raynode import RayClusterError
+
+        _start_logging(ctx, log_format)
 
         if bool(tls_cert) != bool(tls_key):
             _fail("--tls-cert and --tls-key go together")
@@ -284,20 +304,19 @@ def submit(ctx, dataset, name, wait, rank, alpha, seq_len, learning_rate, batch_
 @main.command(epilog=f"Example: {EXAMPLES['status']}")
 @connection_options
 @click.argument("job", required=False, default="")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--json", "as_json", is_flag=True,
+              help="For scripts: the StatusReply as proto3 JSON, every field (keys: docs/status-json.md).")
 @click.pass_context
 def status(ctx, job, as_json) -> None:
     """Jobs, tasks by state, workers and their cards, versions with eval loss."""
-    from google.protobuf.json_format import MessageToDict
+    from nomoat import statusview
 
     with _client(ctx) as client:
         reply = client.status(job)
     if as_json:
-        click.echo(json.dumps(MessageToDict(reply, always_print_fields_with_no_presence=True), indent=2))
+        click.echo(statusview.as_json(reply))
         return
-    from nomoat.progress import print_status
-
-    print_status(reply)
+    statusview.print_status(reply)
 
 
 @main.command(epilog=f"Example: {EXAMPLES['pull']}")

@@ -1,4 +1,5 @@
-"""What people see: the progress bar of ``submit --wait`` and the tables of ``status``."""
+"""What people see while long work runs: the progress bar of ``submit --wait`` (``status`` is
+nomoat.statusview)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,6 @@ import time
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
 from nomoat.client import CoordinatorClient
 from nomoat.v1 import nomoat_pb2 as pb
@@ -53,38 +53,3 @@ def follow(client: CoordinatorClient, job_id: str, grace_s: float = 60.0) -> pb.
     if job is None:
         raise RuntimeError("the coordinator sent no progress")
     return job
-
-
-def print_status(reply: pb.StatusReply) -> None:
-    out = Console()
-    jobs = Table(title="jobs")
-    for col in ("job", "name", "state", "tasks done/total", "pending", "leased", "failed", "folded",
-                "rejected", "base loss", "error", "warning"):
-        jobs.add_column(col)
-    for j in reply.jobs:
-        jobs.add_row(j.job_id, j.name, j.state, f"{j.tasks.done}/{j.total_tasks}", str(j.tasks.pending),
-                     str(j.tasks.leased), str(j.tasks.failed), str(j.adapters_folded), str(j.adapters_rejected),
-                     _loss(j.base_loss), j.error, j.warning)
-    workers = Table(title="workers")
-    for col in ("worker", "name", "card", "VRAM GB", "backend", "tasks done", "state", "seen"):
-        workers.add_column(col)
-    now = time.time()
-    for w in reply.workers:
-        card = w.card.name + (" (simulated)" if w.card.simulated else "")
-        workers.add_row(w.worker_id, w.name, card, f"{w.card.vram_gb:g}", w.card.backend, str(w.tasks_done),
-                        w.state, f"{now - w.last_seen:.0f} s ago")
-    versions = Table(title="versions")
-    for col in ("version", "parent", "adapters", "eval loss", "jobs"):
-        versions.add_column(col)
-    for v in reply.versions:
-        versions.add_row(str(v.version), "-" if v.parent < 0 else str(v.parent), str(v.adapters),
-                         _loss(v.eval_loss), v.job_id)
-    for table in (jobs, workers, versions):
-        out.print(table)
-    for j in reply.jobs:
-        if j.training:
-            out.print(f"[bold]{j.job_id}[/]: its tasks train at {j.training}", highlight=False)
-        if j.events:
-            out.print(f"[bold]{j.job_id}[/]: latest notes from its runs")
-            for event in j.events:
-                out.print(f"  {event}", markup=False, highlight=False)
