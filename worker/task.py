@@ -22,6 +22,7 @@ from typing import Any
 from nomoat import adapter as adapter_format
 from nomoat.card import Card
 from nomoat.client import CoordinatorClient, NomoatError
+from nomoat.logs import quiet_libraries
 from nomoat.memory import shape_for
 from nomoat.spec import NeedsBiggerCard, TaskSpec, UnitResult, error_line
 from worker import planner, uploader
@@ -205,6 +206,7 @@ def run_units(specs: list[TaskSpec], node: NodeSettings | None = None) -> list[U
 
     A unit that needs a bigger card ends the run: the rest would run out of memory here too.
     """
+    quiet_libraries()  # this is a Ray worker process: our CLI's edge did not run here
     node = node or NodeSettings.from_env()
     if node.torch_threads > 0:
         import torch
