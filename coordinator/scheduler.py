@@ -62,12 +62,14 @@ class Finished:
     node_id: str = ""
     # > 0: out of memory on every plan of its card; the VRAM a card needs to be given the task
     needs_vram_gb: float = 0.0
+    handed_back: bool = False  # not started: its worker paused (worker.controls); not a failure
 
     @classmethod
     def of(cls, unit: UnitResult, worker_id: str, node_id: str) -> Finished:
         """A unit's result as the worker's task reported it, from the run on ``node_id``."""
         return cls(unit.task_id, unit.fence, unit.error, tokens=unit.tokens, seconds=unit.seconds,
-                   worker_id=worker_id, node_id=node_id, needs_vram_gb=unit.needs_vram_gb)
+                   worker_id=worker_id, node_id=node_id, needs_vram_gb=unit.needs_vram_gb,
+                   handed_back=unit.handed_back)
 
 
 @dataclass(frozen=True)
@@ -151,6 +153,13 @@ class Scheduler:
         return self._review_jobs(nodes)
 
     def _finished(self, done: Finished) -> None:
+        if done.handed_back:  # the volunteer paused before it started: queued again, no attempt spent
+            if self.ledger.leases.requeue(done.task_id, done.fence, done.error):
+                log.info("task %s handed back by worker %s (%s); it goes back in the queue", done.task_id,
+                         done.worker_id or "?", done.error,
+                         extra=fields("task.handed_back", task=done.task_id, worker=done.worker_id or None,
+                                      fence=done.fence, reason=done.error))
+            return
         if done.error:
             state = self.ledger.leases.release(done.task_id, done.fence, done.error, self.settings.max_attempts)
             if state:

@@ -1,10 +1,15 @@
-"""What people see while long work runs: the progress bar of ``submit --wait`` (``status`` is
-nomoat.statusview)."""
+"""What people see while long work runs: the progress bar of ``submit --wait``, and a worker's
+bar for the unit it trains (step, loss, tokens/s), fed through a small file by the process that
+trains. ``nomoat status`` is nomoat.statusview."""
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -53,3 +58,95 @@ def follow(client: CoordinatorClient, job_id: str, grace_s: float = 60.0) -> pb.
     if job is None:
         raise RuntimeError("the coordinator sent no progress")
     return job
+
+
+# -- a worker's current task ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TaskProgress:
+    """Where the unit a worker trains stands: written by the process that trains it, read by the
+    worker's own terminal (in Ray mode those are two processes: the Ray task and the agent)."""
+
+    task_id: str
+    step: int
+    total: int
+    loss: float
+    tokens_per_s: float
+    pid: int
+    note: str = ""  # e.g. "resting for --max-power"
+
+    def detail(self) -> str:
+        return f"loss {_loss(self.loss)}  {self.tokens_per_s:,.0f} tokens/s" + (f"  {self.note}" if self.note else "")
+
+    def line(self) -> str:
+        return f"step {self.step}/{self.total}  {self.detail()}"
+
+
+class ProgressFile:
+    """``TaskProgress`` as a small JSON file, replaced atomically at each step; gone between units."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    def write(self, progress: TaskProgress) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(asdict(progress)))
+        tmp.replace(self.path)
+
+    def clear(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+    def read(self) -> TaskProgress | None:
+        """The unit in training, or None (none, or the process that wrote it is gone)."""
+        try:
+            progress = TaskProgress(**json.loads(self.path.read_text()))
+        except (OSError, ValueError, TypeError):
+            return None
+        try:
+            os.kill(progress.pid, 0)
+        except ProcessLookupError:
+            return None
+        except PermissionError:
+            pass
+        return progress
+
+
+class TaskBar:
+    """The worker's terminal line for its current unit: a bar with step, loss and tokens/s.
+
+    Drawn only on a terminal (a service's log gets the per-unit log lines instead); log lines
+    print above it (nomoat.logs writes to the stderr rich redirects while it draws).
+    """
+
+    def __init__(self, console: Console | None = None) -> None:
+        self.console = console or Console(stderr=True)
+        self._bar: Progress | None = None
+        self._row = None
+        self._task = ""
+
+    @property
+    def enabled(self) -> bool:
+        return self.console.is_terminal
+
+    def show(self, progress: TaskProgress | None, waiting: str = "") -> None:
+        """Draw ``progress`` (None: no unit now; ``waiting`` says why, e.g. a pause)."""
+        if not self.enabled:
+            return
+        if self._bar is None:
+            self._bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("{task.fields[detail]}"), console=self.console, transient=True)
+            self._bar.start()
+            self._row = self._bar.add_task("waiting for work", total=None, detail="")
+        if progress is None:
+            self._bar.update(self._row, description=waiting or "waiting for work", total=None, completed=0,
+                             detail="")
+            return
+        self._bar.update(self._row, description=progress.task_id, total=progress.total, completed=progress.step,
+                         detail=progress.detail())
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None
