@@ -344,3 +344,33 @@ def test_under_the_target_there_is_no_rest() -> None:
     duty = DutyCycle(200.0, lambda: 150.0, clock=clock, sleep=clock.sleep)
     clock.t += 5
     assert duty.step() == 0.0 and clock.slept == []
+
+
+# -- the command line -------------------------------------------------------------------------
+
+
+def test_worker_start_refuses_bad_hours_with_a_sentence(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from nomoat.cli import main
+
+    result = CliRunner().invoke(main, ["worker", "start", "--simulate-gpu", "RTX 3060:12", "--cache-dir",
+                                       str(tmp_path), "--hours", "25-07"])
+    assert result.exit_code == 1
+    assert "error: --hours '25-07': 25:00 is not a time of day" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_worker_pause_and_resume_commands(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from nomoat.cli import main
+
+    runner = CliRunner()
+    paused = runner.invoke(main, ["worker", "pause", "--cache-dir", str(tmp_path)])
+    assert paused.exit_code == 0 and "paused" in paused.output
+    assert ControlFiles(tmp_path / "control").paused()
+    assert Controls(ControlSettings(tmp_path / "control")).allowed_now()[0] is False
+    resumed = runner.invoke(main, ["worker", "resume", "--cache-dir", str(tmp_path)])
+    assert resumed.exit_code == 0 and "resumed" in resumed.output
+    assert ControlFiles(tmp_path / "control").paused() is None
