@@ -8,6 +8,7 @@ the gRPC upload, the ledger's requeue.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import os
 import subprocess
 import threading
@@ -374,3 +375,56 @@ def test_worker_pause_and_resume_commands(tmp_path: Path) -> None:
     resumed = runner.invoke(main, ["worker", "resume", "--cache-dir", str(tmp_path)])
     assert resumed.exit_code == 0 and "resumed" in resumed.output
     assert ControlFiles(tmp_path / "control").paused() is None
+
+
+# -- the agent --------------------------------------------------------------------------------
+
+
+class FakeNode:
+    """Stands in for the agent's Ray node (the fast tier starts no Ray): records being stopped."""
+
+    log_path = Path("unused")
+
+    def __init__(self) -> None:
+        self.stopped = 0
+
+    def stop(self, timeout: float) -> None:
+        self.stopped += 1
+
+    def alive(self) -> bool:
+        return self.stopped == 0
+
+
+def test_a_pausing_agent_holds_its_node_lets_the_unit_finish_then_leaves_and_rejoins(tmp_path: Path) -> None:
+    from nomoat.progress import ProgressFile, TaskProgress
+    from worker import agent as agent_module
+    from worker.agent import WorkerAgent
+    from worker.probe import parse_simulated
+
+    controls = Controls(ControlSettings(tmp_path / "control"))
+    agent = WorkerAgent(client=None, card=parse_simulated("RTX 3060:12"), cache_dir=tmp_path, controls=controls)
+    agent.node = node = FakeNode()
+    rejoined = []
+    agent.rejoin = lambda: rejoined.append(controls.files.held())  # a real rejoin starts a Ray node
+    progress = ProgressFile(tmp_path / "control" / "progress.json")
+    progress.write(TaskProgress("t-1", 3, 10, 2.0, 100.0, os.getpid()))  # a unit is in training
+    seen: dict[str, object] = {}
+
+    def unit_ends() -> None:
+        seen["held while training"] = controls.files.held()
+        seen["stopped while training"] = node.stopped
+        progress.clear()
+
+    controls.files.pause()
+    threading.Timer(2.5, unit_ends).start()
+    threading.Timer(4.0, controls.files.resume).start()
+    agent_module.CHECK_EVERY_S, saved = 0.2, agent_module.CHECK_EVERY_S
+    try:
+        controls.wait_until_allowed = functools.partial(Controls.wait_until_allowed, controls, every_s=0.1)
+        agent.pause(controls.allowed_now()[1])
+    finally:
+        agent_module.CHECK_EVERY_S = saved
+    assert "paused by `nomoat worker pause`" in seen["held while training"]  # the tasks hand back the rest
+    assert seen["stopped while training"] == 0  # the unit in training was not killed
+    assert node.stopped == 1  # then the node left the cluster
+    assert rejoined == [None]  # and rejoined once resumed, the hold lifted first
