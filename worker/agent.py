@@ -132,7 +132,8 @@ class WorkerAgent:
         while not self._stop.is_set():
             try:
                 self.start()
-                log.warning("worker %s rejoined the Ray cluster at %s", self.worker_id, self.head)
+                log.warning("worker %s rejoined the Ray cluster at %s", self.worker_id, self.head,
+                            extra=fields("worker.rejoined", worker=self.worker_id, head=self.head))
                 return
             except (NomoatError, ray_node.RayNodeError) as exc:
                 log.warning("cannot rejoin yet (%s); trying again in %.0f s", str(exc).splitlines()[0], delay)

@@ -25,7 +25,7 @@ from typing import Any
 from nomoat import adapter as adapter_format
 from nomoat.card import Card
 from nomoat.client import CoordinatorClient, NomoatError
-from nomoat.logs import quiet_libraries
+from nomoat.logs import fields, quiet_libraries
 from nomoat.memory import shape_for
 from nomoat.progress import ProgressFile, TaskProgress
 from nomoat.spec import NeedsBiggerCard, TaskSpec, UnitResult, error_line
@@ -237,7 +237,10 @@ def run_task(spec: TaskSpec, node: NodeSettings, controls: Controls | None = Non
             progress.clear()
     if not sent.accepted:
         raise TaskAborted(f"the coordinator refused the adapter: {sent.reason}")
-    log.info("task %s done: %d tokens, loss %.3f", task_id, result.tokens, result.train_loss)
+    log.info("task %s done: %d tokens, loss %.3f, adapter %s accepted", task_id, result.tokens, result.train_loss,
+             sent.adapter_id, extra=fields("task.done", task=task_id, job=spec.job_id, worker=worker_id or None,
+                                           fence=fence, tokens=result.tokens, train_loss=result.train_loss,
+                                           seconds=result.seconds, adapter=sent.adapter_id))
     return TaskOutcome(task_id, sent.adapter_id, result.tokens, result.train_loss, result.seconds)
 
 
