@@ -75,7 +75,7 @@ def upload(
 
 def log_answer(m: Manifest, result: Accepted) -> None:
     """One line for an upload's answer: accepted (or a duplicate of one), or refused and why."""
-    ids = dict(task=m.task_id, worker=m.worker_id or None, fence=m.fence, tokens=m.tokens, bytes=m.size)
+    ids = {"task": m.task_id, "worker": m.worker_id or None, "fence": m.fence, "tokens": m.tokens, "bytes": m.size}
     if result.ok:
         log.info("adapter %s of task %s (worker %s) accepted: %d tokens, train loss %.4f", result.detail,
                  m.task_id, m.worker_id or "?", m.tokens, m.train_loss,

@@ -116,7 +116,7 @@ def test_a_request_above_the_burst_is_paid_for_by_the_next_one() -> None:
     assert clock() - 1000.0 == pytest.approx(9.6)
 
 
-def test_an_upload_is_paced_chunk_by_chunk(rig: Rig) -> None:
+def test_an_upload_is_paced_chunk_by_chunk(rig: Rig) -> None:  # noqa: F811
     _, _, (spec,) = leased_specs(rig, 1)
     data = rigs.make_adapter(rig.deps.shapes)
     manifest = rigs.manifest(spec.task_id, spec.fence, data, worker_id=spec.worker_id)
@@ -162,7 +162,7 @@ def test_wait_until_allowed_returns_once_resumed_or_when_stopped(tmp_path: Path)
 
 
 def test_a_paused_worker_hands_back_what_it_has_not_started_and_the_lease_rules_see_no_failure(
-        rig: Rig, tmp_path: Path) -> None:
+        rig: Rig, tmp_path: Path) -> None:  # noqa: F811
     s, node, specs = leased_specs(rig, 2)
     node_settings = NodeSettings(cache_dir=tmp_path / "cache")
     ControlFiles(node_settings.control_dir).hold("outside the hours 22:00-07:00 (local time)")  # the agent's call

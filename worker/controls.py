@@ -300,8 +300,8 @@ def find_gpu() -> Gpu:
         import pynvml
 
         return NvmlGpu(pynvml)
-    except Exception:  # noqa: BLE001  (no bindings, no driver, no card: try the next)
-        pass
+    except Exception as exc:  # noqa: BLE001  (no bindings, no driver, no card: try the next)
+        log.debug("NVML is not usable here (%s)", exc)
     if shutil.which("nvidia-smi"):
         return SmiGpu()
     return NoGpu()
@@ -479,7 +479,7 @@ class Controls:
                             "it watches the GPU only")
                 self._unknown_user_noted = True
             if idle is not None and idle < self.settings.idle_after_s:
-                return False, "the user is active (idle for less than " f"{self.settings.idle_after_s:.0f} s)"
+                return False, f"the user is active (idle for less than {self.settings.idle_after_s:.0f} s)"
         return True, ""
 
     def wait_until_allowed(self, stop: threading.Event | None = None, every_s: float = 5.0) -> bool:
