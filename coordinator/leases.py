@@ -75,6 +75,28 @@ def heartbeat(ledger: Ledger, settings: Settings, identity: Identity, worker_id:
     return Beat(ok=True, deadline=beat.deadline, base_version=beat.base_version)
 
 
+def hand_back(ledger: Ledger, task_id: str, fence: int, worker_id: str, reason: str,
+              identity: Identity | None = None) -> bool:
+    """A worker gives back a leased unit it has not started (its volunteer paused it:
+    worker.controls): back in the queue without spending an attempt, since nothing failed.
+
+    With ``identity`` (a call over the network) only the lease's holder may; without (the Ray
+    dispatcher's results) nothing is checked. False when (task, fence) no longer held the lease.
+    """
+    if ledger.leases.problem(task_id, fence):
+        return False  # finished, expired or re-issued meanwhile: nothing to give back
+    if identity is not None:
+        worker_id, token_hash = holder(ledger, identity, worker_id)
+        problem = ledger.leases.hold(task_id, fence, worker_id, token_hash)
+        if problem:
+            raise NotPermitted(problem)
+    if not ledger.leases.requeue(task_id, fence, reason):
+        return False
+    log.info("task %s handed back by worker %s (%s); it goes back in the queue", task_id, worker_id or "?", reason,
+             extra=fields("task.handed_back", task=task_id, worker=worker_id or None, fence=fence, reason=reason))
+    return True
+
+
 def fetch_shard(ledger: Ledger, store: BlobStore, identity: Identity, task_id: str, fence: int) -> bytes:
     """The task's records (JSON lines), for the current holder of its lease only.
 

@@ -40,6 +40,7 @@ from coordinator.ledger import (
     count_states,
     is_twin,
 )
+from coordinator.leases import hand_back
 from coordinator.policy import FoldPolicy, TaskTraining
 from coordinator.settings import Settings
 from nomoat import card as cards
@@ -154,11 +155,7 @@ class Scheduler:
 
     def _finished(self, done: Finished) -> None:
         if done.handed_back:  # the volunteer paused before it started: queued again, no attempt spent
-            if self.ledger.leases.requeue(done.task_id, done.fence, done.error):
-                log.info("task %s handed back by worker %s (%s); it goes back in the queue", done.task_id,
-                         done.worker_id or "?", done.error,
-                         extra=fields("task.handed_back", task=done.task_id, worker=done.worker_id or None,
-                                      fence=done.fence, reason=done.error))
+            hand_back(self.ledger, done.task_id, done.fence, done.worker_id, done.error)
             return
         if done.error:
             state = self.ledger.leases.release(done.task_id, done.fence, done.error, self.settings.max_attempts)

@@ -25,6 +25,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from typing import Any, TextIO
 
 FORMATS = ("plain", "json")
@@ -142,6 +143,10 @@ def quiet_libraries() -> None:
     """
     for key, value in QUIET_ENV.items():
         os.environ.setdefault(key, value)
+    # Deprecation notices about transformers' own internals ("is_gradient_checkpointing is
+    # deprecated") say nothing a volunteer or a submitter can act on.
+    for category in (FutureWarning, DeprecationWarning):
+        warnings.filterwarnings("ignore", category=category, module=r"(transformers|huggingface_hub|peft)(\.|$)")
     if "transformers" in sys.modules:
         from transformers.utils import logging as hf_logging
 

@@ -178,6 +178,22 @@ def test_a_paused_worker_hands_back_what_it_has_not_started_and_the_lease_rules_
         assert task.events == ()  # it never started: no heartbeat reached the coordinator
 
 
+def test_only_the_holder_of_a_lease_may_hand_it_back(rig: Rig) -> None:  # noqa: F811
+    from coordinator import leases
+    from coordinator.errors import NotPermitted
+
+    _, _, (spec,) = leased_specs(rig, 1)
+    holder = rig.registry.lookup(rig.tokens["worker"])
+    other = rig.registry.lookup(rig.registry.create("worker"))
+    assert leases.heartbeat(rig.ledger, rig.deps.settings, holder, spec.worker_id, spec.task_id, spec.fence).ok
+    with pytest.raises(NotPermitted):
+        leases.hand_back(rig.ledger, spec.task_id, spec.fence, "", "paused", identity=other)
+    assert leases.hand_back(rig.ledger, spec.task_id, spec.fence, spec.worker_id, "paused", identity=holder)
+    task = rig.ledger.tasks.get(spec.task_id)
+    assert task.state is TaskState.PENDING and task.attempts == 0
+    assert not leases.hand_back(rig.ledger, spec.task_id, spec.fence, spec.worker_id, "paused", identity=holder)
+
+
 # -- idle detection ---------------------------------------------------------------------------
 
 
