@@ -153,6 +153,8 @@ class WorkerAgent:
             if self._stop.wait(CHECK_EVERY_S):
                 break
         self.stop(timeout=30.0)  # out of the Ray cluster: no run is placed here while paused
+        log.info("worker %s left the Ray cluster until it may train again", self.worker_id,
+                 extra=fields("worker.left", worker=self.worker_id, reason=why))
         self.bar.show(None, waiting=f"paused: {why}")
         allowed = self.controls.wait_until_allowed(self._stop)
         self.controls.files.unhold()
