@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from rich.console import Console
+from rich.table import Column
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from nomoat.client import CoordinatorClient
@@ -24,6 +25,16 @@ def _loss(value: float) -> str:
     return "-" if value is None or math.isnan(value) or value == 0.0 else f"{value:.4f}"
 
 
+def job_bar(out: Console) -> Progress:
+    """The bar of ``submit --wait``: its detail wraps instead of being cut at 80 columns (a
+    pipe's width too)."""
+    return Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(bar_width=20), MofNCompleteColumn(),
+        TextColumn("{task.fields[detail]}", table_column=Column(overflow="fold", ratio=1)), TimeElapsedColumn(),
+        console=out, transient=False,
+    )
+
+
 def follow(client: CoordinatorClient, job_id: str, grace_s: float = 60.0) -> pb.JobInfo:
     """Show a job's progress until it finishes; returns its final state.
 
@@ -31,10 +42,7 @@ def follow(client: CoordinatorClient, job_id: str, grace_s: float = 60.0) -> pb.
     in the cluster) for ``grace_s`` seconds: waiting on would hang until a bigger card joins.
     """
     job = None
-    with Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("{task.fields[detail]}"), TimeElapsedColumn(), console=console, transient=False,
-    ) as bar:
+    with job_bar(console) as bar:
         row = bar.add_task(job_id, total=None, detail="")
         while True:
             for update in client.watch(job_id):

@@ -48,3 +48,16 @@ def test_the_bar_draws_on_a_terminal_and_stays_out_of_a_log(tmp_path: Path) -> N
     quiet.show(TaskProgress("t-1", 5, 32, 3.91, 1234.0, os.getpid()))
     quiet.close()
     assert log.file.getvalue() == ""
+
+
+def test_the_job_bar_wraps_its_detail_at_80_columns() -> None:
+    from nomoat.progress import job_bar
+
+    out = Console(file=io.StringIO(), width=80)
+    detail = "version 12  eval loss 4.0485  folded 40  leased 3  failed 1  [a long warning about cards]"
+    with job_bar(out) as bar:
+        row = bar.add_task("j-9659b49f", total=40, detail=detail)
+        bar.update(row, completed=37)
+    text = out.file.getvalue()
+    assert "…" not in text and max(len(line) for line in text.splitlines()) <= 80
+    assert "j-9659b49f" in text and "failed 1" in " ".join(text.split())
