@@ -152,6 +152,8 @@ class WorkerAgent:
             self.bar.show(current, waiting=f"finishing {current.task_id}, then pausing")
             if self._stop.wait(CHECK_EVERY_S):
                 break
+        # The run's results (the units handed back) reach the coordinator before the node goes.
+        self._stop.wait(2 * CHECK_EVERY_S)
         self.stop(timeout=30.0)  # out of the Ray cluster: no run is placed here while paused
         log.info("worker %s left the Ray cluster until it may train again", self.worker_id,
                  extra=fields("worker.left", worker=self.worker_id, reason=why))

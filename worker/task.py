@@ -226,7 +226,6 @@ def run_task(spec: TaskSpec, node: NodeSettings, controls: Controls | None = Non
             _, train = memory_plan(spec, card, model_dir, node)
             adapter, result = train_fitting(model_dir, texts, lora, train, card, heartbeat, node.inject_oom_above,
                                             on_step=step_reporter(task_id, train, controls, progress))
-            progress.clear()
             heartbeat.check()
             data = adapter_format.to_bytes(adapter)
             manifest = uploader.manifest_for(task_id, fence, base_version, lora.rank, lora.alpha,
@@ -234,7 +233,7 @@ def run_task(spec: TaskSpec, node: NodeSettings, controls: Controls | None = Non
             sent = _deliver(client, manifest, data, node.cache_dir / "outbox", pace=controls.throttle_upload)
         finally:
             heartbeat.stop()
-            progress.clear()
+            progress.clear()  # only now: a pausing agent waits for the upload too
     if not sent.accepted:
         raise TaskAborted(f"the coordinator refused the adapter: {sent.reason}")
     log.info("task %s done: %d tokens, loss %.3f, adapter %s accepted", task_id, result.tokens, result.train_loss,
