@@ -13,6 +13,7 @@ resumable upload, then ``receive`` checks and records it.
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import time
 from collections.abc import Iterable, Mapping
@@ -28,6 +29,9 @@ from coordinator.noise import Sample
 from coordinator.store import BlobStore
 from coordinator.uploads import PartialUploads, UploadRefused, UploadRetry
 from nomoat import adapter as adapter_format
+from nomoat.logs import fields
+
+log = logging.getLogger("nomoat.collect")
 
 # Why an upload was refused, as a short code (a Prometheus label: coordinator.metrics) beside its
 # sentence; REFUSED_LEASE (the ledger's: the upload does not hold the task's current lease) is the sixth.
@@ -68,7 +72,8 @@ def upload(
     lineage: str = "",
 ) -> Accepted:
     """The whole upload: refuse early what cannot be accepted, receive the bytes from
-    ``offset`` on (resumable, see PartialUploads), then check and record the adapter.
+    ``offset`` on (resumable, see PartialUploads), then check and record the adapter; the
+    answer is logged.
 
     Every answer about the adapter is an Accepted (refusals included), and is counted in the
     ledger (coordinator.ledger.counters: uploads by outcome, bytes, refusals with their reasons).
@@ -83,7 +88,21 @@ def upload(
         refusal = Refusal(time.time(), "upload", result.kind or REFUSED_LEASE, result.detail, manifest.task_id,
                           manifest.worker_id, task.job if task else "")
     ledger.counters.upload(result.status, manifest.size, refusal)
+    log_answer(manifest, result)
     return result
+
+
+def log_answer(m: Manifest, result: Accepted) -> None:
+    """One line for an upload's answer: accepted (or a duplicate of one), or refused and why."""
+    ids = {"task": m.task_id, "worker": m.worker_id or None, "fence": m.fence, "tokens": m.tokens, "bytes": m.size}
+    if result.ok:
+        log.info("adapter %s of task %s (worker %s) accepted: %d tokens, train loss %.4f", result.detail,
+                 m.task_id, m.worker_id or "?", m.tokens, m.train_loss,
+                 extra=fields("upload.accepted", adapter=result.detail, train_loss=m.train_loss,
+                              duplicate=result.status == "duplicate", **ids))
+    else:
+        log.warning("upload of task %s (worker %s, fence %d) refused: %s", m.task_id, m.worker_id or "?", m.fence,
+                    result.detail, extra=fields("upload.refused", reason=result.detail, **ids))
 
 
 def _upload(ledger: Ledger, store: BlobStore, shapes: Mapping[str, tuple[int, int]], partials: PartialUploads,

@@ -40,6 +40,7 @@ from coordinator.store import BlobStore
 from coordinator.submit import read_records
 from nomoat import adapter as adapter_format
 from nomoat import lora
+from nomoat.logs import fields
 
 log = logging.getLogger("nomoat.fold")
 
@@ -48,6 +49,7 @@ log = logging.getLogger("nomoat.fold")
 class Candidate:
     adapter_id: str
     job_id: str
+    worker_id: str
     adapter: adapter_format.Adapter
     tokens: int
     tau: int
@@ -134,6 +136,8 @@ class Folder:
         parent_loss = sum(parents.values()) / len(parents)
         candidates = [c for c in (self._gate(e, current, parents[e.job]) for e in entries) if c]
         if not candidates:
+            log.warning("no version after %d: all %d adapters were refused", current, len(entries),
+                        extra=fields("fold.empty", version=current, jobs=job_ids, adapters=len(entries)))
             return None
         # K, the fold width each one's task was sized for: a fold of fewer takes part of a step.
         widths = {t.task_id: t.fold_width for t in self.ledger.tasks.many([c.task_id for c in candidates])}
@@ -153,11 +157,17 @@ class Folder:
                     return self._publish(current, candidates, weights, patch, loss, parent_loss, job_ids,
                                          delta if patch is not delta else None)
             worst = candidates[self.policy.worst([c.solo_loss for c in candidates])]
-            self.ledger.adapters.reject(
-                worst.adapter_id,
-                f"folding it made held-out loss worse ({loss:.4f} against {parent_loss:.4f})",
-            )
+            reason = f"folding it made held-out loss worse ({loss:.4f} against {parent_loss:.4f})"
+            self.ledger.adapters.reject(worst.adapter_id, reason)
+            log.warning("the fold of %d adapters raised held-out loss %.4f -> %.4f; dropping the worst, %s "
+                        "(worker %s), and trying again", len(candidates), parent_loss, loss, worst.adapter_id,
+                        worst.worker_id or "?",
+                        extra=fields("adapter.dropped", job=worst.job_id, worker=worst.worker_id or None,
+                                     version=current, adapter=worst.adapter_id, loss=loss, parent_loss=parent_loss,
+                                     reason=reason))
             candidates.remove(worst)
+        log.warning("no version after %d: every fold of these adapters made held-out loss worse", current,
+                    extra=fields("fold.rolled_back", version=current, jobs=job_ids, adapters=len(entries)))
         return None
 
     def _gate(self, entry: AdapterRecord, current: int, own_parent: float) -> Candidate | None:
@@ -168,14 +178,18 @@ class Folder:
             tau = current - entry.base_version
             norm = folding.delta_norm(adapter)
             self.policy.admit(entry.tokens, tau, norm, self.ledger.adapters.recent_norms())
-            candidate = Candidate(adapter_id, entry.job, adapter, entry.tokens, tau, norm, task_id=entry.task)
+            candidate = Candidate(adapter_id, entry.job, entry.worker, adapter, entry.tokens, tau, norm,
+                                  task_id=entry.task)
             candidate.solo_loss = self.model.loss_with(
                 adapter, folding.staleness_factor(tau), self.validation(entry.job), self._seq_len(entry.job)
             )
             self.policy.judge(candidate.solo_loss, own_parent)
             return candidate
         except (adapter_format.AdapterFormatError, folding.AdapterRejected, FileNotFoundError) as exc:
-            log.warning("adapter %s rejected: %s", adapter_id, exc)
+            log.warning("adapter %s of task %s (worker %s) refused at the fold: %s", adapter_id, entry.task,
+                        entry.worker or "?", exc,
+                        extra=fields("adapter.rejected", job=entry.job, task=entry.task,
+                                     worker=entry.worker or None, adapter=adapter_id, reason=str(exc)))
             self.ledger.adapters.reject(adapter_id, str(exc))
             return None
 
@@ -215,8 +229,13 @@ class Folder:
             folded=[(c.adapter_id, w) for c, w in zip(candidates, weights)],
             norms=[c.norm for c in candidates],
         )
-        log.info("published version %d: %d adapters, held-out loss %.4f (parent %.4f)",
-                 record.version, len(candidates), loss, parent_loss)
+        log.info("folded version %d from %d adapters (jobs %s): held-out loss %.4f -> %.4f",
+                 record.version, len(candidates), ", ".join(job_ids), parent_loss, loss,
+                 extra=fields("version.folded", version=record.version, parent=current, jobs=job_ids,
+                              job=job_ids[0] if len(job_ids) == 1 else None, loss=loss, parent_loss=parent_loss,
+                              contributions=[{"adapter": c.adapter_id, "job": c.job_id, "worker": c.worker_id,
+                                              "weight": round(w, 6), "tokens": c.tokens, "staleness": c.tau}
+                                             for c, w in zip(candidates, weights)]))
         return record.version
 
     # -- history operations (admin) -----------------------------------------------------------
@@ -243,7 +262,8 @@ class Folder:
             # replaying the negated chain would only reproduce up to rounding.
             record = self.ledger.versions.publish(self._new_version(
                 current, undo, [], loss, {"operation": "rollback", "target": target, "jobs": jobs}, "", snapshot=True))
-            log.info("version %d rolls back to version %d", record.version, target)
+            log.info("version %d rolls back to version %d: held-out loss %.4f", record.version, target, loss,
+                     extra=fields("version.rollback", version=record.version, target=target, loss=loss, jobs=jobs))
             return record.version, loss
 
     def unmerge(self, adapter_id: str) -> tuple[int, float]:
@@ -263,5 +283,7 @@ class Folder:
                 current, patch, [FoldedAdapter(adapter_id, -entry.weight, 0)], loss,
                 {"operation": "unmerge", "adapter": adapter_id, "jobs": jobs}, entry.job))
             self.ledger.adapters.mark_unmerged(adapter_id, record.version)
-            log.info("version %d unmerges adapter %s", record.version, adapter_id)
+            log.info("version %d unmerges adapter %s (job %s): held-out loss %.4f", record.version, adapter_id,
+                     entry.job, loss, extra=fields("version.unmerged", version=record.version, job=entry.job,
+                                                   worker=entry.worker or None, adapter=adapter_id, loss=loss))
             return record.version, loss

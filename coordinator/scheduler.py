@@ -40,9 +40,11 @@ from coordinator.ledger import (
     count_states,
     is_twin,
 )
+from coordinator.leases import hand_back
 from coordinator.policy import FoldPolicy, TaskTraining
 from coordinator.settings import Settings
 from nomoat import card as cards
+from nomoat.logs import fields
 from nomoat.raynode import VRAM_RESOURCE
 from nomoat.spec import LoraConfig, TaskSpec, TrainConfig, UnitResult
 from nomoat.v1 import nomoat_pb2 as pb
@@ -61,12 +63,14 @@ class Finished:
     node_id: str = ""
     # > 0: out of memory on every plan of its card; the VRAM a card needs to be given the task
     needs_vram_gb: float = 0.0
+    handed_back: bool = False  # not started: its worker paused (worker.controls); not a failure
 
     @classmethod
     def of(cls, unit: UnitResult, worker_id: str, node_id: str) -> Finished:
         """A unit's result as the worker's task reported it, from the run on ``node_id``."""
         return cls(unit.task_id, unit.fence, unit.error, tokens=unit.tokens, seconds=unit.seconds,
-                   worker_id=worker_id, node_id=node_id, needs_vram_gb=unit.needs_vram_gb)
+                   worker_id=worker_id, node_id=node_id, needs_vram_gb=unit.needs_vram_gb,
+                   handed_back=unit.handed_back)
 
 
 @dataclass(frozen=True)
@@ -141,7 +145,8 @@ class Scheduler:
         """One round; returns the running jobs with nothing left to train (ready for a last fold)."""
         now = now or time.time()
         for task_id in self.ledger.leases.expire(now):
-            log.warning("lease of %s expired; it goes back in the queue", task_id)
+            log.warning("the lease of task %s expired; it goes back in the queue", task_id,
+                        extra=fields("lease.expired", task=task_id))
             if is_twin(task_id):
                 self.ledger.leases.retire_twin(task_id)
             self._cancel(task_id, f"its run was stopped when the lease of {task_id} expired")
@@ -155,10 +160,16 @@ class Scheduler:
         return self._review_jobs(nodes)
 
     def _finished(self, done: Finished) -> None:
+        if done.handed_back:  # the volunteer paused before it started: queued again, no attempt spent
+            hand_back(self.ledger, done.task_id, done.fence, done.worker_id, done.error)
+            return
         if done.error:
             state = self.ledger.leases.release(done.task_id, done.fence, done.error, self.settings.max_attempts)
             if state:
-                log.warning("task %s failed (%s); now %s", done.task_id, done.error, state)
+                log.warning("task %s failed on worker %s: %s; %s", done.task_id, done.worker_id or "?", done.error,
+                            "it goes back in the queue" if state is TaskState.PENDING else "no attempts are left",
+                            extra=fields("task.failed", task=done.task_id, worker=done.worker_id or None,
+                                         fence=done.fence, reason=done.error, now=state.value))
             if state is TaskState.PENDING and done.needs_vram_gb > 0:
                 self.ledger.tasks.require_vram(done.task_id, done.needs_vram_gb)
             return
@@ -174,7 +185,8 @@ class Scheduler:
         now rather than when its own lease runs out; units already uploaded are done and stay so."""
         for unit, fence in self.dispatcher.cancel(task_id, only_alone=only_alone):
             if unit != task_id and self.ledger.leases.requeue(unit, fence, why):
-                log.warning("task %s goes back in the queue: %s", unit, why)
+                log.warning("task %s goes back in the queue: %s", unit, why,
+                            extra=fields("task.requeued", task=unit, fence=fence, reason=why))
 
     def training(self, config: JobConfig, noise_scale: float | None = None, tasks: int | None = None) -> TaskTraining:
         """The batch and lr a task of a job with ``config`` trains at: with keep_global_batch,
@@ -244,8 +256,16 @@ class Scheduler:
                                                  self.settings.max_attempts)
                 if fence > 0:
                     specs.append(self.spec(task, fence, base_version, node, training))
+                    again = f" again (attempt {task.attempts + 1})" if task.attempts else ""
+                    log.info("task %s of job %s leased%s to worker %s (fence %d)", task.task_id, task.job, again,
+                             node.worker_id or node.node_id[:12], fence,
+                             extra=fields("task.reissued" if task.attempts else "task.leased", task=task.task_id,
+                                          job=task.job, worker=node.worker_id or None, fence=fence,
+                                          attempt=task.attempts + 1, base_version=base_version))
                 elif fence < 0:
-                    log.warning("task %s failed: no attempts left", task.task_id)
+                    log.warning("task %s failed: no attempts left", task.task_id,
+                                extra=fields("task.failed", task=task.task_id, job=task.job,
+                                             reason="no attempts left"))
             if specs:
                 self.ledger.tasks.set_training((s.task_id, s.train.batch_size, s.train.learning_rate,
                                                 training.fold_width) for s in specs)
@@ -297,7 +317,9 @@ class Scheduler:
             twin, fence = self.ledger.leases.speculate(task.task_id, now + self.settings.queue_timeout_s)
             if fence <= 0:
                 continue
-            log.info("task %s runs long; also issued as %s", task.task_id, twin)
+            log.info("task %s runs long; also issued as %s to worker %s", task.task_id, twin, card.worker_id or "?",
+                     extra=fields("task.speculated", task=task.task_id, job=task.job, twin=twin,
+                                  worker=card.worker_id or None, fence=fence))
             twin_task = replace(task, task_id=twin)
             self.dispatcher.submit([self.spec(twin_task, fence, self.ledger.versions.latest() or 0, card)],
                                    {**self.task_resources(self.config(task.job)), VRAM_RESOURCE: self.need_gb(task)},
@@ -347,13 +369,21 @@ class Scheduler:
         if warning != job.warning:
             self.ledger.jobs.set_warning(job_id, warning)
             if warning:
-                log.warning("job %s: %s", job_id, warning)
+                log.warning("job %s: %s", job_id, warning, extra=fields("job.waiting", job=job_id, reason=warning))
 
     def _end(self, job_id: str, job: JobRecord, counts: dict[str, int]) -> None:
         """A job with nothing pending, leased or buffered is done, or failed if nothing of it folded."""
         if counts["done"] == 0:
-            self.ledger.jobs.finish(job_id, JobState.FAILED, "every task failed; see `nomoat status`")
+            state, error = JobState.FAILED, "every task failed; see `nomoat status`"
         elif job.adapters_folded == 0:
-            self.ledger.jobs.finish(job_id, JobState.FAILED, "no adapter of this job passed the checks to be folded")
+            state, error = JobState.FAILED, "no adapter of this job passed the checks to be folded"
         else:
-            self.ledger.jobs.finish(job_id, JobState.DONE)
+            state, error = JobState.DONE, ""
+        self.ledger.jobs.finish(job_id, state, error)
+        extra = fields(f"job.{state.value}", job=job_id, tasks_done=counts["done"], tasks_failed=counts["failed"],
+                       adapters_folded=job.adapters_folded, adapters_rejected=job.adapters_rejected, reason=error or None)
+        if error:
+            log.warning("job %s failed: %s", job_id, error, extra=extra)
+        else:
+            log.info("job %s done: %d tasks trained, %d adapters folded, %d refused", job_id, counts["done"],
+                     job.adapters_folded, job.adapters_rejected, extra=extra)

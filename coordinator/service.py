@@ -174,7 +174,6 @@ class DatasetsServicer(rpc.DatasetsServicer):
         d = self.deps
         result = submit.receive(d.settings, d.ledger, d.store, d.tokenizer, list(d.shapes),
                                 _dataset_parts(request_iterator))
-        log.info("job %s: %d records, %d tasks", result.job_id, result.records, result.tasks)
         return pb.SubmitReply(job_id=result.job_id, tasks=result.tasks, records=result.records,
                               tokens=result.tokens, validation_records=result.validation_records)
 
@@ -260,7 +259,6 @@ class WorkersServicer(rpc.WorkersServicer):
                                 lineage=self.deps.history.lineage().id)
         if result.ok:
             return pb.UploadReply(accepted=True, adapter_id=result.detail)
-        log.warning("upload for %s refused: %s", m.task_id, result.detail)
         return pb.UploadReply(accepted=False, reason=result.detail)
 
 

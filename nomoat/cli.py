@@ -14,6 +14,7 @@ from pathlib import Path
 
 import click
 
+from nomoat import logs
 from nomoat.client import CoordinatorClient, NomoatError, default_address
 
 EXAMPLES = {
@@ -84,9 +85,23 @@ def main(ctx: click.Context, coordinator: str, token: str, tls_ca: str | None, v
     \b
     Example: nomoat demo
     """
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    ctx.obj = {"coordinator": coordinator, "token": token, "tls_ca": tls_ca}
+    # Before anything imports transformers: their progress bars are not ours to print.
+    logs.quiet_libraries()
+    logs.setup("plain", logging.INFO if verbose else logging.WARNING)
+    ctx.obj = {"coordinator": coordinator, "token": token, "tls_ca": tls_ca, "verbose": verbose}
+
+
+def log_format_option(command):
+    """--log-format for the long-running commands: they log one line per state change."""
+    return click.option(
+        "--log-format", type=click.Choice(logs.FORMATS), default="plain", show_default=True,
+        envvar="NOMOAT_LOG_FORMAT",
+        help="plain: sentences; json: one JSON object a line (ts, level, logger, event, message, job/task/"
+             "worker/version ids).")(command)
+
+
+def _start_logging(ctx: click.Context, fmt: str) -> None:
+    logs.setup(fmt, logging.DEBUG if ctx.find_root().obj.get("verbose") else logging.INFO)
 
 
 # -- coordinator ------------------------------------------------------------------------------
@@ -150,14 +165,17 @@ def _coordinator_start() -> click.Command:
     @click.option("--http", "http", default=DASHBOARD, show_default=True,
                   help="HOST:PORT of the read-only dashboard and Prometheus /metrics (opened with a reader "
                        "token); 'off' serves neither.")
+    @log_format_option
     @click.pass_context
     def coordinator_start(ctx, data_dir, listen, public_address, redis_url, ray_address, ray_token_file, ray_node_ip,
                           base_model, fold_every, fold_timeout, tokens_per_task, outer_momentum, outer_lr,
                           keep_global_batch, size_from_noise, lease_ttl, max_attempts, max_workers_per_token, tls_cert,
-                          tls_key, http) -> None:
+                          tls_key, http, log_format) -> None:
         """Start the coordinator: gRPC server, Redis ledger and Ray driver. Ctrl-C stops it."""
         from coordinator.server import Coordinator
         from nomoat.raynode import RayClusterError
+
+        _start_logging(ctx, log_format)
 
         if bool(tls_cert) != bool(tls_key):
             _fail("--tls-cert and --tls-key go together")
@@ -249,20 +267,42 @@ def worker() -> None:
 @click.option("--cache-dir", default=None, envvar="NOMOAT_CACHE_DIR", type=click.Path(file_okay=False),
               help="Where model versions are cached (default ~/.cache/nomoat).")
 @click.option("--node-ip", default=None, help="IP this Ray node advertises (default: Ray's choice).")
+@click.option("--idle-only", is_flag=True,
+              help="Train only while no other process uses the GPU and the user has been away 5 minutes.")
+@click.option("--hours", default=None, metavar="START-END",
+              help="Train only in this local-time window, e.g. 22-07 (wraps midnight) or 9:30-17:00.")
+@click.option("--max-power", default=0.0, metavar="WATTS",
+              help="Keep the card under this many watts: NVML's power limit where permitted, else resting between steps.")
+@click.option("--max-upload-mbps", default=0.0, metavar="MBIT/S", help="Pace adapter uploads to this many megabits a second.")
+@log_format_option
 @click.pass_context
-def worker_start(ctx, ray_address, simulate_gpu, name, threads, cache_dir, node_ip) -> None:
-    """Probe the GPU, join the Ray cluster and train tasks until Ctrl-C."""
+def worker_start(ctx, ray_address, simulate_gpu, name, threads, cache_dir, node_ip, idle_only, hours, max_power,
+                 max_upload_mbps, log_format) -> None:
+    """Probe the GPU, join the Ray cluster and train tasks until Ctrl-C.
+
+    `nomoat worker pause` / `resume` (same --cache-dir) stop and restart taking work.
+    """
     from worker.agent import WorkerAgent
+    from worker.controls import ControlError, Controls, NoGpu, find_gpu
     from worker.probe import ProbeError, parse_simulated, probe
 
+    _start_logging(ctx, log_format)
     try:
         card = parse_simulated(simulate_gpu) if simulate_gpu else probe()
     except ProbeError as exc:
         _fail(str(exc))
-    agent = WorkerAgent(_client(ctx), card, name=name, ray_address=ray_address,
-                        cache_dir=Path(cache_dir) if cache_dir else None, threads=threads, node_ip=node_ip,
-                        tls_ca=ctx.obj["tls_ca"])
+    cache = Path(cache_dir) if cache_dir else None
     try:
+        settings = _control_settings(cache, idle_only, hours, max_power, max_upload_mbps)
+        controls = Controls(settings, gpu=find_gpu() if (idle_only or max_power) else NoGpu())
+        power_note = controls.limit_power()
+    except ControlError as exc:
+        _fail(str(exc))
+    agent = WorkerAgent(_client(ctx), card, name=name, ray_address=ray_address, cache_dir=cache, threads=threads,
+                        node_ip=node_ip, tls_ca=ctx.obj["tls_ca"], controls=controls)
+    try:
+        if settings.describe() or power_note:
+            click.echo("; ".join(x for x in (settings.describe(), power_note) if x))
         agent.start()
         click.echo(f"worker {agent.worker_id} ({card.name}, {card.vram_gb:g} GB) joined; Ctrl-C to leave")
         agent.run()
@@ -270,7 +310,47 @@ def worker_start(ctx, ray_address, simulate_gpu, name, threads, cache_dir, node_
         _fail(str(exc))
     finally:
         agent.stop()
+        controls.close()
         click.echo("worker left the cluster")
+
+
+def _control_settings(cache_dir: Path | None, idle_only: bool = False, hours: str | None = None,
+                      max_power: float = 0.0, max_upload_mbps: float = 0.0):
+    """The volunteer's controls from the options; ControlError (a sentence) for a bad value."""
+    from worker.cache import default_cache_dir
+    from worker.controls import ControlError, ControlSettings, Hours
+
+    if max_power < 0 or max_upload_mbps < 0:
+        raise ControlError("--max-power and --max-upload-mbps take a positive number (0: no limit)")
+    return ControlSettings(state_dir=Path(cache_dir or default_cache_dir()) / "control",
+                           hours=Hours.parse(hours) if hours else None, idle_only=idle_only,
+                           max_power_w=max_power, max_upload_mbps=max_upload_mbps)
+
+
+_cache_option = click.option("--cache-dir", default=None, envvar="NOMOAT_CACHE_DIR", type=click.Path(file_okay=False),
+                             help="The worker's cache dir, as given to `worker start` (default ~/.cache/nomoat).")
+
+
+@worker.command("pause", epilog="Example: nomoat worker pause   (later: nomoat worker resume)")
+@_cache_option
+def worker_pause(cache_dir) -> None:
+    """Stop taking work: the unit in training finishes, the rest go back to the coordinator."""
+    from worker.controls import ControlFiles
+
+    files = ControlFiles(_control_settings(Path(cache_dir) if cache_dir else None).state_dir)
+    files.pause()
+    click.echo(f"paused ({files.root / 'paused'}); the worker finishes its current unit and takes no more "
+               "until `nomoat worker resume`")
+
+
+@worker.command("resume", epilog="Example: nomoat worker resume")
+@_cache_option
+def worker_resume(cache_dir) -> None:
+    """Take work again after `nomoat worker pause`."""
+    from worker.controls import ControlFiles
+
+    files = ControlFiles(_control_settings(Path(cache_dir) if cache_dir else None).state_dir)
+    click.echo("resumed; the worker rejoins within a few seconds" if files.resume() else "the worker was not paused")
 
 
 # -- submit / status / pull -------------------------------------------------------------------
@@ -320,20 +400,19 @@ def submit(ctx, dataset, name, wait, rank, alpha, seq_len, learning_rate, batch_
 @main.command(epilog=f"Example: {EXAMPLES['status']}")
 @connection_options
 @click.argument("job", required=False, default="")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--json", "as_json", is_flag=True,
+              help="For scripts: the StatusReply as proto3 JSON, every field (keys: docs/status-json.md).")
 @click.pass_context
 def status(ctx, job, as_json) -> None:
     """Jobs, tasks by state, workers and their cards, versions with eval loss."""
-    from google.protobuf.json_format import MessageToDict
+    from nomoat import statusview
 
     with _client(ctx) as client:
         reply = client.status(job)
     if as_json:
-        click.echo(json.dumps(MessageToDict(reply, always_print_fields_with_no_presence=True), indent=2))
+        click.echo(statusview.as_json(reply))
         return
-    from nomoat.progress import print_status
-
-    print_status(reply)
+    statusview.print_status(reply)
 
 
 @main.command(epilog=f"Example: {EXAMPLES['pull']}")

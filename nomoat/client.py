@@ -179,8 +179,9 @@ class CoordinatorClient:
         return b"".join(p.data for p in parts)
 
     def upload(self, manifest: pb.AdapterManifest, data: bytes, timeout: float = 600,
-               offset: int = 0) -> pb.UploadReply:
-        """Send ``data`` from byte ``offset`` on (what the coordinator lacks, per upload_offset)."""
+               offset: int = 0, pace: Callable[[int], object] | None = None) -> pb.UploadReply:
+        """Send ``data`` from byte ``offset`` on (what the coordinator lacks, per upload_offset);
+        ``pace(n)`` is called before each chunk of n bytes (an upload limit waits there)."""
         resumed = pb.AdapterManifest()
         resumed.CopyFrom(manifest)
         resumed.offset = offset
@@ -188,6 +189,8 @@ class CoordinatorClient:
         def chunks() -> Iterator[pb.UploadChunk]:
             yield pb.UploadChunk(manifest=resumed)
             for i in range(offset, len(data), CHUNK):
+                if pace is not None:
+                    pace(len(data[i : i + CHUNK]))
                 yield pb.UploadChunk(data=data[i : i + CHUNK])
 
         return self._call(self.workers.Upload, chunks(), timeout=timeout)

@@ -123,6 +123,9 @@ class UnitResult:
     train_loss: float = 0.0
     seconds: float = 0.0
     norms: GradientNorms = GradientNorms()  # the gradient noise measurement its adapter was uploaded with
+    # Not started, given back because the volunteer paused (worker.controls); ``error`` says why.
+    # Back in the queue without spending an attempt: the unit did not fail.
+    handed_back: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return _plain(self)

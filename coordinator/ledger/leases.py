@@ -77,7 +77,8 @@ return fence
 # the event noted, and the version the run trains on (fixed by the first heartbeat of a lease:
 # the newest version then; later ones return the same).
 # KEYS: task, LEASES, WORKERS, LATEST. ARGV: task id, fence, deadline, worker id, token hash, now,
-# event ("" for none), events kept. Returns {"" or why not, base version or -1}.
+# event ("" for none), events kept. Returns {"" or why not, base version or -1, 1 when this beat
+# was the lease's first (its run started) else 0}.
 _HEARTBEAT = CURRENT_LEASE + HOLD + EVENT + """
 local problem = lease_problem(KEYS[1], ARGV[1], ARGV[2])
 if problem == '' then problem = hold(KEYS[1], ARGV[2], ARGV[4], ARGV[5]) end
@@ -86,10 +87,12 @@ redis.call('HSET', KEYS[1], 'deadline', ARGV[3])
 redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
 if ARGV[4] ~= '' then redis.call('ZADD', KEYS[3], 'XX', ARGV[6], ARGV[4]) end
 if ARGV[7] ~= '' then add_event(KEYS[1], ARGV[7], ARGV[6], ARGV[8]) end
+local first = 0
 if redis.call('HGET', KEYS[1], 'claimed') ~= ARGV[2] then
   redis.call('HSET', KEYS[1], 'claimed', ARGV[2], 'base_version', redis.call('GET', KEYS[4]) or '0')
+  first = 1
 end
-return {'', tonumber(redis.call('HGET', KEYS[1], 'base_version'))}
+return {'', tonumber(redis.call('HGET', KEYS[1], 'base_version')), first}
 """
 
 # KEYS: task. ARGV: task id, fence. "" when (task, fence) holds the current lease, else why not.
@@ -185,6 +188,7 @@ class Heartbeat:
     reason: str
     deadline: float = 0.0
     base_version: int = -1
+    started: bool = False  # this was the lease's first heartbeat: its run just started
 
     @property
     def ok(self) -> bool:
@@ -233,12 +237,12 @@ class Leases:
         With a ``token_hash`` the caller must hold the lease (the first caller of a fence takes
         it); without, nothing is checked.
         """
-        reason, base = self._heartbeat(
+        reason, base, *first = self._heartbeat(
             keys=[keys.task(task_id), keys.LEASES, keys.WORKERS, keys.LATEST],
             args=[task_id, fence, deadline, worker_id, token_hash, time.time(), event[:500], MAX_EVENTS])
         if reason:
             return Heartbeat(_text(reason))
-        return Heartbeat("", deadline, int(base))
+        return Heartbeat("", deadline, int(base), started=bool(first and int(first[0])))
 
     def problem(self, task_id: str, fence: int) -> str:
         """"" if (task, fence) holds the current lease, else a sentence saying why not."""
