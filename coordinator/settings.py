@@ -96,6 +96,11 @@ class Settings:
     tick_s: float = 0.5
     tls_cert: str | None = None
     tls_key: str | None = None
+    # Outbound-only workers (coordinator.outbound): the longest a long-poll for work is held, and
+    # how long a worker may go without asking for work (or reporting) before it leaves the cards
+    # the scheduler places runs on.
+    long_poll_s: float = 20.0
+    outbound_liveness_s: float = 60.0
 
     @property
     def join_address(self) -> str:

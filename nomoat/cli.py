@@ -171,7 +171,9 @@ def _coordinator_start() -> click.Command:
             node.start()
             click.echo(f"coordinator listening on {listen}; Ray cluster at {node.ray_address}")
             click.echo(f"admin token: {settings.data_dir / 'admin.token'} (keep it secret)")
-            click.echo("volunteers join with:\n  " + node.join_command())
+            click.echo("volunteers join with (outbound-only; no Ray, no open port):\n  " + node.join_command())
+            click.echo("trusted machines only (Ray mode; its token runs code on every node, never share it):\n  "
+                       + node.trusted_join_command())
             _wait_for_signal()
         except RayClusterError as exc:
             _fail(str(exc))
@@ -208,36 +210,52 @@ def worker() -> None:
 
 @worker.command("start", epilog=f"Example: {EXAMPLES['worker']}")
 @connection_options
-@click.option("--ray-address", default="", help="HEAD:PORT of the Ray cluster; default: what the coordinator says.")
+@click.option("--ray", "ray_mode", is_flag=True,
+              help="Join the coordinator's Ray cluster as a node (trusted machines only: needs a trusted-worker "
+                   "token). Default: outbound-only, no Ray and no open port.")
+@click.option("--ray-address", default="", help="With --ray: HEAD:PORT of the Ray cluster; default: what the "
+                                                "coordinator says.")
 @click.option("--simulate-gpu", default=None, metavar="NAME:VRAM_GB[:TFLOPS]",
               help="Pretend to have this card (no GPU needed; trains on the CPU).")
 @click.option("--name", default="", help="How this worker shows up in `nomoat status`.")
 @click.option("--threads", default=0, help="CPU threads per task (0: torch's default).")
 @click.option("--cache-dir", default=None, envvar="NOMOAT_CACHE_DIR", type=click.Path(file_okay=False),
               help="Where model versions are cached (default ~/.cache/nomoat).")
-@click.option("--node-ip", default=None, help="IP this Ray node advertises (default: Ray's choice).")
+@click.option("--node-ip", default=None, help="With --ray: IP this Ray node advertises (default: Ray's choice).")
 @click.pass_context
-def worker_start(ctx, ray_address, simulate_gpu, name, threads, cache_dir, node_ip) -> None:
-    """Probe the GPU, join the Ray cluster and train tasks until Ctrl-C."""
-    from worker.agent import WorkerAgent
+def worker_start(ctx, ray_mode, ray_address, simulate_gpu, name, threads, cache_dir, node_ip) -> None:
+    """Probe the GPU and train tasks until Ctrl-C: outbound-only (the default) or as a Ray node (--ray)."""
     from worker.probe import ProbeError, parse_simulated, probe
 
+    if (ray_address or node_ip) and not ray_mode:
+        _fail("--ray-address and --node-ip are for Ray mode; add --ray (it needs a trusted-worker token), "
+              "or leave them out to run outbound-only")
     try:
         card = parse_simulated(simulate_gpu) if simulate_gpu else probe()
     except ProbeError as exc:
         _fail(str(exc))
-    agent = WorkerAgent(_client(ctx), card, name=name, ray_address=ray_address,
-                        cache_dir=Path(cache_dir) if cache_dir else None, threads=threads, node_ip=node_ip,
-                        tls_ca=ctx.obj["tls_ca"])
+    cache = Path(cache_dir) if cache_dir else None
+    if ray_mode:
+        from worker.agent import WorkerAgent
+
+        agent = WorkerAgent(_client(ctx), card, name=name, ray_address=ray_address, cache_dir=cache,
+                            threads=threads, node_ip=node_ip, tls_ca=ctx.obj["tls_ca"])
+        joined, left = "joined the Ray cluster", "worker left the cluster"
+    else:
+        from worker.outbound import OutboundWorker
+
+        agent = OutboundWorker(_client(ctx), card, name=name, cache_dir=cache, threads=threads,
+                               tls_ca=ctx.obj["tls_ca"])
+        joined, left = "joined (outbound-only)", "worker left"
     try:
         agent.start()
-        click.echo(f"worker {agent.worker_id} ({card.name}, {card.vram_gb:g} GB) joined; Ctrl-C to leave")
+        click.echo(f"worker {agent.worker_id} ({card.name}, {card.vram_gb:g} GB) {joined}; Ctrl-C to leave")
         agent.run()
     except RuntimeError as exc:
         _fail(str(exc))
     finally:
         agent.stop()
-        click.echo("worker left the cluster")
+        click.echo(left)
 
 
 # -- submit / status / pull -------------------------------------------------------------------
@@ -356,8 +374,10 @@ def token() -> None:
 
 @token.command("create", epilog="Example: NOMOAT_TOKEN=$(nomoat token create --role submitter --name alice)")
 @connection_options
-@click.option("--role", required=True, type=click.Choice(["worker", "submitter", "reader", "admin"]),
-              help="What the token may do: worker (train), submitter (submit jobs), reader (status, pull), admin.")
+@click.option("--role", required=True,
+              type=click.Choice(["worker", "trusted-worker", "submitter", "reader", "admin"]),
+              help="What the token may do: worker (train, outbound-only), trusted-worker (also join the Ray "
+                   "cluster: machines you trust only), submitter (submit jobs), reader (status, pull), admin.")
 @click.option("--name", default="", help="Who the token is for (shown by `nomoat token list`).")
 @click.pass_context
 def token_create(ctx, role: str, name: str) -> None:

@@ -2,7 +2,7 @@
 
 ``Ledger(client)`` is the one handle callers keep; each noun hangs off it (``ledger.jobs``,
 ``ledger.tasks``, ``ledger.leases``, ``ledger.adapters``, ``ledger.versions``,
-``ledger.workers``, ``ledger.tokens``) and returns the typed records of
+``ledger.workers``, ``ledger.tokens``, ``ledger.inbox``) and returns the typed records of
 :mod:`coordinator.ledger.records`. Every key is in :mod:`coordinator.keys`.
 
 Guarantees (see DESIGN.md, "Ledger"):
@@ -19,6 +19,7 @@ from __future__ import annotations
 import redis
 
 from coordinator.ledger.adapters import Accepted, Adapters, adapter_id_for
+from coordinator.ledger.inbox import Inboxes, RunRecord, RunReport
 from coordinator.ledger.jobs import Jobs
 from coordinator.ledger.leases import Heartbeat, Leases, is_twin, twin_id
 from coordinator.ledger.records import (
@@ -52,6 +53,7 @@ class Ledger:
         self.versions = Versions(client)
         self.workers = Workers(client)
         self.tokens = Tokens(client)
+        self.inbox = Inboxes(client)
 
 
 __all__ = [
@@ -62,12 +64,15 @@ __all__ = [
     "Adapters",
     "FoldedAdapter",
     "Heartbeat",
+    "Inboxes",
     "JobConfig",
     "JobRecord",
     "JobState",
     "Jobs",
     "Lease",
     "Leases",
+    "RunRecord",
+    "RunReport",
     "Ledger",
     "TaskRecord",
     "TaskState",
