@@ -153,8 +153,9 @@ def coordinator(data_dir: Path, address: str, log: Path, *extra: str) -> Proc:
 
 
 def worker(address: str, data_dir: Path, tmp: Path, name: str, card: str = "RTX 3060:12") -> Proc:
-    token = (data_dir / "worker.token").read_text().strip()
-    return Proc(["worker", "start", "--coordinator", address, "--simulate-gpu", card, "--threads", "1",
+    """A Ray-mode volunteer (``--ray``): trusted, so it joins with the trusted-worker token."""
+    token = (data_dir / "trusted-worker.token").read_text().strip()
+    return Proc(["worker", "start", "--ray", "--coordinator", address, "--simulate-gpu", card, "--threads", "1",
                  "--name", name, "--cache-dir", str(tmp / f"cache-{name}")],
                 tmp / f"{name}.log", env={"NOMOAT_TOKEN": token})
 
