@@ -160,6 +160,15 @@ def worker(address: str, data_dir: Path, tmp: Path, name: str, card: str = "RTX 
                 tmp / f"{name}.log", env={"NOMOAT_TOKEN": token})
 
 
+def outbound_worker(address: str, data_dir: Path, tmp: Path, name: str, card: str = "RTX 3060:12",
+                    env: dict[str, str] | None = None) -> Proc:
+    """A public volunteer: outbound-only (no --ray), with the plain worker token."""
+    token = (data_dir / "worker.token").read_text().strip()
+    return Proc(["worker", "start", "--coordinator", address, "--simulate-gpu", card, "--threads", "1",
+                 "--name", name, "--cache-dir", str(tmp / f"cache-{name}")],
+                tmp / f"{name}.log", env={"NOMOAT_TOKEN": token, **(env or {})})
+
+
 def running_tasks(proc: Proc) -> set[str]:
     """Task ids whose Ray worker process runs under ``proc`` (Ray titles it ray::nomoat:<task>,<task>...)."""
     found = set()
