@@ -95,8 +95,13 @@ class Inboxes:
     # -- a frontend's side ---------------------------------------------------------------------
 
     def seen(self, worker_id: str, now: float | None = None) -> None:
-        """The worker asked for work (or reported): it is alive and may be given runs."""
-        self.r.zadd(keys.OUTBOUND_POLLS, {worker_id: now or time.time()})
+        """The worker asked for work (or reported): it is alive and may be given runs, and it
+        counts as seen (`nomoat status`) although it holds no lease to heartbeat."""
+        now = now or time.time()
+        pipe = self.r.pipeline(transaction=False)
+        pipe.zadd(keys.OUTBOUND_POLLS, {worker_id: now})
+        pipe.zadd(keys.WORKERS, {worker_id: now}, xx=True, gt=True)
+        pipe.execute()
 
     def take(self, worker_id: str, wait_s: float) -> tuple[str, list[str]] | None:
         """The next run in ``worker_id``'s inbox, waiting up to ``wait_s`` for one: (run id, specs)."""
