@@ -228,7 +228,7 @@ def request_work(ledger: Ledger, settings: Settings, identity: Identity, worker_
         return Work(run_id, tuple(specs))
     if held:
         return Work()  # waited the whole poll: ask again at once
-    polling = len(ledger.inbox.polling(time.time() - settings.outbound_liveness_s))
+    polling = ledger.inbox.polling_count(time.time() - settings.outbound_liveness_s)
     again = min(MAX_POLL_AGAIN_S, max(1.0, polling / POLLS_PER_S))
     return Work(poll_again_s=again * random.uniform(0.5, 1.5))
 

@@ -88,6 +88,10 @@ class Inboxes:
         """Worker id -> when it last asked for work, for those that asked since ``since``."""
         return {_text(w): s for w, s in self.r.zrangebyscore(keys.OUTBOUND_POLLS, since, "+inf", withscores=True)}
 
+    def polling_count(self, since: float) -> int:
+        """How many workers asked for work since ``since``."""
+        return int(self.r.zcount(keys.OUTBOUND_POLLS, since, "+inf"))
+
     def forget_before(self, before: float) -> int:
         """Drop the liveness entries of workers that have not asked since ``before``."""
         return int(self.r.zremrangebyscore(keys.OUTBOUND_POLLS, "-inf", f"({before}"))
