@@ -269,3 +269,13 @@ def test_a_stopping_worker_hands_back_the_units_it_has_not_started(rig: Rig, tmp
         assert task.state is TaskState.PENDING and task.attempts == 0 and "handed it back" in task.error
     assert d.poll() == [] and d.in_flight() == 0  # nothing to release: they are already back in the queue
     consistency.check(rig.ledger)
+
+
+def test_ray_only_flags_without_ray_mode_are_a_sentence() -> None:
+    from click.testing import CliRunner
+
+    from nomoat.cli import main
+
+    result = CliRunner().invoke(main, ["worker", "start", "--coordinator", "127.0.0.1:1", "--token", "t",
+                                       "--ray-address", "10.0.0.1:6379", "--simulate-gpu", "RTX 3060:12"])
+    assert result.exit_code == 1 and "add --ray" in result.output and "Traceback" not in result.output
