@@ -64,3 +64,8 @@ def inbox(worker_id: str) -> str:
 def outbound_run(run_id: str) -> str:
     """Hash: worker (its id), units (JSON [[task id, fence], ...]), taken (when it was handed out)."""
     return f"{PREFIX}outbound:run:{run_id}"
+
+
+def token_workers(token_hash: str) -> str:
+    """Set: the ids of the workers a token registered (how many it has active is read from WORKERS)."""
+    return f"{PREFIX}token:{token_hash}:workers"
