@@ -64,7 +64,7 @@ def serve(data_dir: Path, listen: str) -> None:
 
     settings = Settings(data_dir=data_dir, listen=listen, fold_every=10**9, fold_timeout_s=1e9, speculate=False,
                         max_in_flight=1_000_000, max_workers_per_token=1_000_000, target_task_seconds=WORK_S,
-                        lease_ttl_s=60.0, pending_window=5000,
+                        lease_ttl_s=60.0, pending_window=2000,
                         job=JobDefaults(lora_rank=1, lora_alpha=2.0, target_modules=("q_proj",), seq_len=32,
                                         tokens_per_task=64))
     node = Coordinator(settings)

@@ -42,7 +42,7 @@ log = logging.getLogger("nomoat.outbound")
 
 NODE_PREFIX = "outbound:"  # an outbound worker's node id is this and its worker id
 CARD_CACHE_S = 30.0  # how long the dispatcher trusts a worker's card as read from the ledger
-POLLS_PER_S = 200.0  # the short polls a frontend invites per second when its long-poll slots are full
+POLLS_PER_S = 100.0  # the short polls a frontend invites per second when its long-poll slots are full
 MAX_POLL_AGAIN_S = 30.0
 
 
