@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import random
 import secrets
 import threading
@@ -81,24 +82,19 @@ class OutboundDispatcher:
         self.ledger.inbox.forget_before(now - 10 * self.liveness_s)
         busy = {run.worker_id for run in self._runs.values()}
         ids = sorted(set(self.ledger.inbox.polling(now - self.liveness_s)) | busy)
-        found = []
-        for worker_id in ids:
-            vram = self._vram(worker_id, now)
-            if vram > 0:
-                found.append(Node(node_id_of(worker_id), vram, worker_id in busy, worker_id=worker_id))
-        return found
+        vram = self._vram(ids, now)
+        return [Node(node_id_of(w), vram[w], w in busy, worker_id=w) for w in ids if vram.get(w, 0.0) > 0]
 
-    def _vram(self, worker_id: str, now: float) -> float:
-        cached = self._cards.get(worker_id)
-        if cached and now - cached[1] < CARD_CACHE_S:
-            return cached[0]
-        record = self.ledger.workers.get(worker_id)
-        vram = 0.0
-        if record is not None and record.card:
-            # As a Ray node advertises it (worker.probe.ray_resources): rounded down, never more.
-            vram = int(cards.from_message(pb.Card.FromString(record.card)).vram_gb * 100) / 100
-        self._cards[worker_id] = (vram, now)
-        return vram
+    def _vram(self, worker_ids: list[str], now: float) -> dict[str, float]:
+        """Each worker's card VRAM as a Ray node would advertise it (worker.probe.ray_resources:
+        rounded down, never more), from the ledger in one round trip for those not cached."""
+        stale = [w for w in worker_ids if now - self._cards.get(w, (0.0, -math.inf))[1] >= CARD_CACHE_S]
+        for worker_id, raw in zip(stale, self.ledger.workers.cards(stale)):
+            vram = 0.0
+            if raw:
+                vram = int(cards.from_message(pb.Card.FromString(raw)).vram_gb * 100) / 100
+            self._cards[worker_id] = (vram, now)
+        return {w: self._cards[w][0] for w in worker_ids}
 
     def submit(self, specs: list[TaskSpec], resources: dict[str, float], node_id: str) -> None:
         """Put the run in its worker's inbox. The coordinator's own worker token stays here: an

@@ -95,6 +95,15 @@ class Workers:
             return None
         return worker_from_hash(worker_id, data, self.r.zscore(keys.WORKERS, worker_id) or 0.0)
 
+    def cards(self, worker_ids: list[str]) -> list[bytes]:
+        """The registered card (a serialized nomoat.v1.Card) of each worker, b"" for none; one round trip."""
+        pipe = self.r.pipeline(transaction=False)
+        for worker_id in worker_ids:
+            pipe.hget(keys.worker(worker_id), "card")
+        if not worker_ids:
+            return []
+        return [bytes.fromhex(raw.decode()) if raw else b"" for raw in pipe.execute()]  # kept as hex (records)
+
     def all(self) -> list[WorkerRecord]:
         """Every worker ever registered, least recently seen first."""
         entries = self.r.zrange(keys.WORKERS, 0, -1, withscores=True)
