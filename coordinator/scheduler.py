@@ -23,6 +23,7 @@ One round (:meth:`Scheduler.tick`):
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import time
@@ -249,8 +250,11 @@ class Scheduler:
         if first is None:
             return []
         n = units_for(speed, first.tokens, self.settings.target_task_seconds, self.settings.max_units_per_run)
-        run = [t for t in queue if t.job == first.job and not is_twin(t.task_id)
-               and self.need_gb(t) <= node.vram_gb][:n]
+        # Lazily, stopping at n: scanning the whole queue for every free card made a round with a
+        # thousand cards (outbound volunteers) quadratic.
+        fitting = (t for t in queue if t.job == first.job and not is_twin(t.task_id)
+                   and self.need_gb(t) <= node.vram_gb)
+        run = list(itertools.islice(fitting, n))
         for task in run:
             queue.remove(task)
         return run
