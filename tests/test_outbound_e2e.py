@@ -55,10 +55,11 @@ def test_one_scheduler_places_a_job_on_a_ray_worker_and_an_outbound_worker(clust
     cluster.workers["lab"].wait_for("joined the Ray cluster", timeout=180)
     lab_id = wait_until(lambda: next((w.worker_id for w in cluster.ledger.workers.all() if w.name == "lab"), None),
                         30, "the lab worker's record")
-    job_id = cluster.submit(lines=200, tokens_per_task=1500)
-    # The outbound volunteer joins once the Ray node holds a unit of the job: a card whose speed is
-    # measured gets a run of as many units as it trains in a minute, so a fast one alone at the
-    # start could take the whole job before Ray's new node is listed.
+    # More units than one run may hold (max_units_per_run 16): a card whose speed is measured gets
+    # a run of as many units as it trains in a minute, so with a small job one card could take it all.
+    job_id = cluster.submit(lines=400, tokens_per_task=500)
+    # The outbound volunteer joins once the Ray node holds a unit of the job, so that both do:
+    # alone at the start, it could take every unit before Ray's new node is listed.
     wait_until(lambda: any(t.holder_worker == lab_id for t in cluster.ledger.tasks.of_job(job_id)), 180,
                "the Ray worker to hold a unit", every=0.2)
     add_outbound(cluster, "home", "RTX 3060:12:13", env=SLOW_CARDS)
