@@ -53,3 +53,23 @@ def version(number: int) -> str:
 def worker(worker_id: str) -> str:
     """Hash: name, card (serialized proto, hex), node id, token hash, registered, counters, speed."""
     return f"{PREFIX}worker:{worker_id}"
+
+# Outbound-only workers (coordinator.ledger.inbox): the hand-off between the scheduler and
+# whichever coordinator frontend serves a worker's long-poll.
+OUTBOUND_POLLS = PREFIX + "outbound:polls"  # zset: worker id -> when it last asked for work
+OUTBOUND_RESULTS = PREFIX + "outbound:results"  # list: JSON run reports, for the scheduler
+
+
+def inbox(worker_id: str) -> str:
+    """List: JSON runs placed on an outbound worker, waiting for its next long-poll."""
+    return f"{PREFIX}outbound:inbox:{worker_id}"
+
+
+def outbound_run(run_id: str) -> str:
+    """Hash: worker (its id), units (JSON [[task id, fence], ...]), taken (when it was handed out)."""
+    return f"{PREFIX}outbound:run:{run_id}"
+
+
+def token_workers(token_hash: str) -> str:
+    """Set: the ids of the workers a token registered (how many it has active is read from WORKERS)."""
+    return f"{PREFIX}token:{token_hash}:workers"

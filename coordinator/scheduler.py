@@ -23,6 +23,7 @@ One round (:meth:`Scheduler.tick`):
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import time
@@ -84,7 +85,8 @@ class Node:
 
 
 class Dispatcher(Protocol):
-    """How a leased run reaches a card (Ray now; an outbound gRPC pull mode later)."""
+    """How a leased run reaches a card: Ray (coordinator.dispatch) or outbound-only gRPC
+    (coordinator.outbound); :class:`Dispatchers` puts several behind one scheduler."""
 
     def nodes(self) -> list[Node]: ...
     def submit(self, specs: list[TaskSpec], resources: dict[str, float], node_id: str) -> None: ...
@@ -285,8 +287,11 @@ class Scheduler:
         if first is None:
             return []
         n = units_for(speed, first.tokens, self.settings.target_task_seconds, self.settings.max_units_per_run)
-        run = [t for t in queue if t.job == first.job and not is_twin(t.task_id)
-               and self.need_gb(t) <= node.vram_gb][:n]
+        # Lazily, stopping at n: scanning the whole queue for every free card made a round with a
+        # thousand cards (outbound volunteers) quadratic.
+        fitting = (t for t in queue if t.job == first.job and not is_twin(t.task_id)
+                   and self.need_gb(t) <= node.vram_gb)
+        run = list(itertools.islice(fitting, n))
         for task in run:
             queue.remove(task)
         return run
@@ -387,3 +392,44 @@ class Scheduler:
         else:
             log.info("job %s done: %d tasks trained, %d adapters folded, %d refused", job_id, counts["done"],
                      job.adapters_folded, job.adapters_rejected, extra=extra)
+
+
+class Dispatchers:
+    """Several transports as one Dispatcher (Ray nodes and outbound workers alike): one scheduler
+    places runs on all their cards by the same rules. Each node belongs to the transport that
+    listed it; the rest is the sum of the parts."""
+
+    def __init__(self, *parts: Dispatcher) -> None:
+        self.parts = parts
+        self._owner: dict[str, Dispatcher] = {}
+
+    def nodes(self) -> list[Node]:
+        found: list[Node] = []
+        owner: dict[str, Dispatcher] = {}
+        for part in self.parts:
+            for node in part.nodes():
+                owner[node.node_id] = part
+                found.append(node)
+        self._owner = owner
+        return found
+
+    def submit(self, specs: list[TaskSpec], resources: dict[str, float], node_id: str) -> None:
+        part = self._owner.get(node_id)
+        if part is None:
+            raise KeyError(f"no transport lists node {node_id}")
+        part.submit(specs, resources, node_id)
+
+    def poll(self) -> list[Finished]:
+        return [done for part in self.parts for done in part.poll()]
+
+    def cancel(self, task_id: str, only_alone: bool = False) -> list[tuple[str, int]]:
+        return [unit for part in self.parts for unit in part.cancel(task_id, only_alone=only_alone)]
+
+    def in_flight(self) -> int:
+        return sum(part.in_flight() for part in self.parts)
+
+    def placement(self) -> dict[str, tuple[str, int]]:
+        where: dict[str, tuple[str, int]] = {}
+        for part in self.parts:
+            where.update(part.placement())
+        return where

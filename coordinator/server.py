@@ -75,6 +75,16 @@ def _secret_file(path: Path) -> str:
 
 
 MAX_MESSAGE = 8 << 20  # bytes in one gRPC message, either way; streams carry 1 MiB chunks
+# Outbound workers sit behind home routers whose NAT forgets an idle connection within minutes:
+# they ping every 30 s (nomoat.client), which the server must allow without a call in flight and
+# without counting them as abuse; it pings idle clients itself every minute to drop dead ones.
+KEEPALIVE = [
+    ("grpc.keepalive_time_ms", 60_000),
+    ("grpc.keepalive_timeout_ms", 20_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+    ("grpc.http2.max_ping_strikes", 0),  # 0: never close a connection for pinging too often
+]
 MAX_CONCURRENT_RPCS = 256  # calls (streams included) in flight at once; more are refused
 RPC_THREADS = 32
 
@@ -85,7 +95,8 @@ def grpc_server(deps: service.Deps) -> tuple[grpc.Server, health.HealthServicer]
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=RPC_THREADS, thread_name_prefix="rpc"),
         interceptors=[AuthInterceptor(deps.registry)],
-        options=[("grpc.max_receive_message_length", MAX_MESSAGE), ("grpc.max_send_message_length", MAX_MESSAGE)],
+        options=[("grpc.max_receive_message_length", MAX_MESSAGE), ("grpc.max_send_message_length", MAX_MESSAGE),
+                 *KEEPALIVE],
         maximum_concurrent_rpcs=MAX_CONCURRENT_RPCS,
     )
     service.add_all(server, deps)
@@ -129,6 +140,8 @@ class Coordinator:
         self.registry = TokenRegistry(self.ledger.tokens)
         self.admin_token = self.registry.ensure_file(self.data_dir / "admin.token", "admin")
         self.worker_token = self.registry.ensure_file(self.data_dir / "worker.token", "worker")
+        # For machines that trust each other only: it is given the Ray cluster's token.
+        self.trusted_token = self.registry.ensure_file(self.data_dir / "trusted-worker.token", "trusted-worker")
         self.store = BlobStore(self.data_dir / "blobs")
         self._start_model()
         self._start_ray()
@@ -211,8 +224,12 @@ class Coordinator:
         except ConnectionError as exc:
             raise ray_node.RayClusterError(f"cannot join the Ray cluster at {address}: {exc}") from None
         from coordinator.dispatch import RayDispatcher
+        from coordinator.outbound import OutboundDispatcher
+        from coordinator.scheduler import Dispatchers
 
-        self.dispatcher = RayDispatcher()
+        # One scheduler, two transports: trusted Ray nodes and outbound-only volunteers.
+        self.dispatcher = Dispatchers(RayDispatcher(),
+                                      OutboundDispatcher(self.ledger, self.settings.outbound_liveness_s))
 
     def _start_grpc(self) -> None:
         deps = service.Deps(self.settings, self.ledger, self.store, self.registry, self.model.tokenizer,
@@ -292,8 +309,15 @@ class Coordinator:
     # -- shutdown -----------------------------------------------------------------------------
 
     def join_command(self) -> str:
+        """What the public runs: an outbound-only worker (no Ray, no open port)."""
         tls = " --tls-ca CA.pem  # CA.pem: the CA that signed --tls-cert" if self.settings.tls_cert else ""
-        return (f"NOMOAT_TOKEN={self.worker_token} nomoat worker start "
+        return f"NOMOAT_TOKEN={self.worker_token} nomoat worker start --coordinator {self.settings.join_address}{tls}"
+
+    def trusted_join_command(self) -> str:
+        """What a machine that trusts this one runs to join the Ray cluster (never give it out:
+        its token lets the holder run code on every node)."""
+        tls = " --tls-ca CA.pem" if self.settings.tls_cert else ""
+        return (f"NOMOAT_TOKEN=$(cat {self.data_dir / 'trusted-worker.token'}) nomoat worker start --ray "
                 f"--coordinator {self.settings.join_address} --ray-address {self.ray_address}{tls}")
 
     def wait(self) -> None:

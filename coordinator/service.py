@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING
 
 import grpc
 
-from coordinator import admin, collect, leases, pull, status, submit, workers
-from coordinator.auth import Identity, TokenRegistry, caller, token_id
+from coordinator import admin, collect, leases, outbound, pull, status, submit, workers
+from coordinator.auth import Identity, TokenRegistry, caller, may_join_ray, token_id
 from coordinator.errors import (
     BrokenOff,
     Incomplete,
@@ -49,6 +49,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("nomoat.service")
 CHUNK = 1 << 20
+# Long-polls one frontend holds at once (each holds a server thread; coordinator.server has
+# RPC_THREADS): the rest of the threads stay free for heartbeats, uploads and everything else.
+LONG_POLL_SLOTS = 16
 
 _STATUS: dict[type[RequestError], grpc.StatusCode] = {
     InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
@@ -75,6 +78,7 @@ class Deps:
     history: History | None = None  # snapshots, patches, rebuilds
     operations: Folder | None = None  # rollback and unmerge (admin); set once the folder runs
     uploads: PartialUploads | None = None  # made in data_dir/uploads when first needed
+    long_polls: outbound.LongPolls | None = None  # outbound workers' long-polls this frontend holds at once
 
 
 def _answers(method: Callable) -> Callable:
@@ -212,10 +216,12 @@ class WorkersServicer(rpc.WorkersServicer):
     def Register(self, request, context):
         joining = workers.Registration(request.worker_id, request.name, request.node_id,
                                        request.card.SerializeToString(), request.card.name, request.card.vram_gb)
-        worker_id = workers.register(self.deps.ledger, self.deps.settings, caller(context, self.deps.registry),
-                                     joining)
-        return pb.RegisterReply(worker_id=worker_id, ray_address=self.deps.ray_address,
-                                ray_auth_token=self.deps.ray_auth_token, lineage=self.deps.history.lineage().id)
+        identity = caller(context, self.deps.registry)
+        worker_id = workers.register(self.deps.ledger, self.deps.settings, identity, joining)
+        ray = may_join_ray(identity)  # the Ray token lets its holder run code anywhere: trusted only
+        return pb.RegisterReply(worker_id=worker_id, ray_address=self.deps.ray_address if ray else "",
+                                ray_auth_token=self.deps.ray_auth_token if ray else "",
+                                lineage=self.deps.history.lineage().id)
 
     @_answers
     def Heartbeat(self, request, context):
@@ -260,6 +266,21 @@ class WorkersServicer(rpc.WorkersServicer):
         if result.ok:
             return pb.UploadReply(accepted=True, adapter_id=result.detail)
         return pb.UploadReply(accepted=False, reason=result.detail)
+
+
+    @_answers
+    def RequestWork(self, request, context):
+        if self.deps.long_polls is None:
+            self.deps.long_polls = outbound.LongPolls(LONG_POLL_SLOTS)
+        work = outbound.request_work(self.deps.ledger, self.deps.settings, _identity(context, self.deps),
+                                     request.worker_id, request.wait_s, self.deps.long_polls)
+        return pb.WorkReply(run_id=work.run_id, task_specs=list(work.specs), poll_again_s=work.poll_again_s)
+
+    @_answers
+    def ReportRun(self, request, context):
+        outbound.report_run(self.deps.ledger, _identity(context, self.deps), request.worker_id, request.run_id,
+                            list(request.units), list(request.handed_back))
+        return pb.RunReportReply(ok=True)
 
 
 class ModelsServicer(rpc.ModelsServicer):

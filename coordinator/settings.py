@@ -112,6 +112,11 @@ class Settings:
     # none. (`nomoat coordinator start` serves 127.0.0.1:8470 unless told otherwise.)
     http: str = ""
     http_interval_s: float = 1.0  # how often the dashboard's live stream reads the ledger
+    # Outbound-only workers (coordinator.outbound): the longest a long-poll for work is held, and
+    # how long a worker may go without asking for work (or reporting) before it leaves the cards
+    # the scheduler places runs on.
+    long_poll_s: float = 20.0
+    outbound_liveness_s: float = 60.0
 
     @property
     def join_address(self) -> str:

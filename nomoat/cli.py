@@ -200,7 +200,9 @@ def _coordinator_start() -> click.Command:
             node.start()
             click.echo(f"coordinator listening on {listen}; Ray cluster at {node.ray_address}")
             click.echo(f"admin token: {settings.data_dir / 'admin.token'} (keep it secret)")
-            click.echo("volunteers join with:\n  " + node.join_command())
+            click.echo("volunteers join with (outbound-only; no Ray, no open port):\n  " + node.join_command())
+            click.echo("trusted machines only (Ray mode; its token runs code on every node, never share it):\n  "
+                       + node.trusted_join_command())
             _say_dashboard(node, explicit=ctx.get_parameter_source("http") is not click.core.ParameterSource.DEFAULT)
             _wait_for_signal()
         except RayClusterError as exc:
@@ -259,14 +261,18 @@ def worker() -> None:
 
 @worker.command("start", epilog=f"Example: {EXAMPLES['worker']}")
 @connection_options
-@click.option("--ray-address", default="", help="HEAD:PORT of the Ray cluster; default: what the coordinator says.")
+@click.option("--ray", "ray_mode", is_flag=True,
+              help="Join the coordinator's Ray cluster as a node (trusted machines only: needs a trusted-worker "
+                   "token). Default: outbound-only, no Ray and no open port.")
+@click.option("--ray-address", default="", help="With --ray: HEAD:PORT of the Ray cluster; default: what the "
+                                                "coordinator says.")
 @click.option("--simulate-gpu", default=None, metavar="NAME:VRAM_GB[:TFLOPS]",
               help="Pretend to have this card (no GPU needed; trains on the CPU).")
 @click.option("--name", default="", help="How this worker shows up in `nomoat status`.")
 @click.option("--threads", default=0, help="CPU threads per task (0: torch's default).")
 @click.option("--cache-dir", default=None, envvar="NOMOAT_CACHE_DIR", type=click.Path(file_okay=False),
               help="Where model versions are cached (default ~/.cache/nomoat).")
-@click.option("--node-ip", default=None, help="IP this Ray node advertises (default: Ray's choice).")
+@click.option("--node-ip", default=None, help="With --ray: IP this Ray node advertises (default: Ray's choice).")
 @click.option("--idle-only", is_flag=True,
               help="Train only while no other process uses the GPU and the user has been away 5 minutes.")
 @click.option("--hours", default=None, metavar="START-END",
@@ -276,17 +282,19 @@ def worker() -> None:
 @click.option("--max-upload-mbps", default=0.0, metavar="MBIT/S", help="Pace adapter uploads to this many megabits a second.")
 @log_format_option
 @click.pass_context
-def worker_start(ctx, ray_address, simulate_gpu, name, threads, cache_dir, node_ip, idle_only, hours, max_power,
-                 max_upload_mbps, log_format) -> None:
-    """Probe the GPU, join the Ray cluster and train tasks until Ctrl-C.
+def worker_start(ctx, ray_mode, ray_address, simulate_gpu, name, threads, cache_dir, node_ip, idle_only, hours,
+                 max_power, max_upload_mbps, log_format) -> None:
+    """Probe the GPU and train tasks until Ctrl-C: outbound-only (the default) or as a Ray node (--ray).
 
     `nomoat worker pause` / `resume` (same --cache-dir) stop and restart taking work.
     """
-    from worker.agent import WorkerAgent
     from worker.controls import ControlError, Controls, NoGpu, find_gpu
     from worker.probe import ProbeError, parse_simulated, probe
 
     _start_logging(ctx, log_format)
+    if (ray_address or node_ip) and not ray_mode:
+        _fail("--ray-address and --node-ip are for Ray mode; add --ray (it needs a trusted-worker token), "
+              "or leave them out to run outbound-only")
     try:
         card = parse_simulated(simulate_gpu) if simulate_gpu else probe()
     except ProbeError as exc:
@@ -298,20 +306,30 @@ def worker_start(ctx, ray_address, simulate_gpu, name, threads, cache_dir, node_
         power_note = controls.limit_power()
     except ControlError as exc:
         _fail(str(exc))
-    agent = WorkerAgent(_client(ctx), card, name=name, ray_address=ray_address, cache_dir=cache, threads=threads,
-                        node_ip=node_ip, tls_ca=ctx.obj["tls_ca"], controls=controls)
+    if ray_mode:
+        from worker.agent import WorkerAgent
+
+        agent = WorkerAgent(_client(ctx), card, name=name, ray_address=ray_address, cache_dir=cache,
+                            threads=threads, node_ip=node_ip, tls_ca=ctx.obj["tls_ca"], controls=controls)
+        joined, left = "joined the Ray cluster", "worker left the cluster"
+    else:
+        from worker.outbound import OutboundWorker
+
+        agent = OutboundWorker(_client(ctx), card, name=name, cache_dir=cache, threads=threads,
+                               tls_ca=ctx.obj["tls_ca"], controls=controls)
+        joined, left = "joined (outbound-only)", "worker left"
     try:
         if settings.describe() or power_note:
             click.echo("; ".join(x for x in (settings.describe(), power_note) if x))
         agent.start()
-        click.echo(f"worker {agent.worker_id} ({card.name}, {card.vram_gb:g} GB) joined; Ctrl-C to leave")
+        click.echo(f"worker {agent.worker_id} ({card.name}, {card.vram_gb:g} GB) {joined}; Ctrl-C to leave")
         agent.run()
     except RuntimeError as exc:
         _fail(str(exc))
     finally:
         agent.stop()
         controls.close()
-        click.echo("worker left the cluster")
+        click.echo(left)
 
 
 def _control_settings(cache_dir: Path | None, idle_only: bool = False, hours: str | None = None,
@@ -477,8 +495,10 @@ def token() -> None:
 
 @token.command("create", epilog="Example: NOMOAT_TOKEN=$(nomoat token create --role submitter --name alice)")
 @connection_options
-@click.option("--role", required=True, type=click.Choice(["worker", "submitter", "reader", "admin"]),
-              help="What the token may do: worker (train), submitter (submit jobs), reader (status, pull), admin.")
+@click.option("--role", required=True,
+              type=click.Choice(["worker", "trusted-worker", "submitter", "reader", "admin"]),
+              help="What the token may do: worker (train, outbound-only), trusted-worker (also join the Ray "
+                   "cluster: machines you trust only), submitter (submit jobs), reader (status, pull), admin.")
 @click.option("--name", default="", help="Who the token is for (shown by `nomoat token list`).")
 @click.pass_context
 def token_create(ctx, role: str, name: str) -> None:

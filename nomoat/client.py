@@ -21,6 +21,14 @@ from nomoat.v1 import nomoat_pb2_grpc as rpc
 CHUNK = 1 << 20  # 1 MiB per message
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 MAX_MESSAGE = 8 << 20
+# A worker behind a home router: the router's NAT drops a connection idle for a few minutes, so
+# the channel pings every 30 s, with or without a call in flight (the coordinator allows it).
+KEEPALIVE = [
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),  # 0: keep pinging however long the line is quiet
+]
 
 
 class NomoatError(RuntimeError):
@@ -57,6 +65,7 @@ class CoordinatorClient:
         options = [
             ("grpc.max_receive_message_length", MAX_MESSAGE),
             ("grpc.max_send_message_length", MAX_MESSAGE),
+            *KEEPALIVE,
         ]
         if tls_ca:
             creds = grpc.ssl_channel_credentials(root_certificates=Path(tls_ca).read_bytes())
@@ -199,6 +208,16 @@ class CoordinatorClient:
         """How many bytes of this upload the coordinator already holds from a broken-off try."""
         request = pb.UploadOffsetRequest(task_id=task_id, fence=fence, sha256=sha256)
         return self._call(self.workers.UploadOffset, request, timeout=15).offset
+
+    def request_work(self, worker_id: str, wait_s: float) -> pb.WorkReply:
+        """Long-poll for the next run placed on this (outbound-only) worker."""
+        return self._call(self.workers.RequestWork, pb.WorkRequest(worker_id=worker_id, wait_s=wait_s),
+                          timeout=wait_s + 30)
+
+    def report_run(self, worker_id: str, run_id: str, units: list[str], handed_back: list[str]) -> None:
+        """Say how each unit of a run ended (UnitResult JSON), and which were handed back unstarted."""
+        request = pb.RunReport(worker_id=worker_id, run_id=run_id, units=units, handed_back=handed_back)
+        self._call(self.workers.ReportRun, request, timeout=30)
 
     # -- admin --------------------------------------------------------------------------------
 

@@ -38,7 +38,7 @@ from nomoat.client import CoordinatorClient
 from nomoat.tiny import read_fortunes, tiny_model_path
 from nomoat.v1 import nomoat_pb2 as pb
 
-ROLES = ("worker", "submitter", "reader", "admin")
+ROLES = ("worker", "trusted-worker", "submitter", "reader", "admin")
 RANK, ALPHA, TARGETS = 2, 4.0, ("q_proj", "v_proj")
 JOB = pb.JobConfig(lora_rank=RANK, lora_alpha=ALPHA, target_modules=TARGETS, tokens_per_task=300)
 TEXTS = [f"record {i}: {t}" for i, t in enumerate(read_fortunes()[2000:2060])]

@@ -1,4 +1,8 @@
-"""``nomoat worker start``: register with the coordinator, join Ray as a node, run until stopped.
+"""``nomoat worker start --ray``: register with the coordinator, join Ray as a node, run until stopped.
+
+Ray mode is for machines that trust each other: the coordinator gives the Ray cluster's token
+only to trusted-worker tokens (anyone holding it can run code on every node). The public runs
+outbound-only (worker.outbound).
 
 The node advertises the card as Ray custom resources (``vram_gb``, one ``nomoat_worker`` slot)
 and labels, its worker id among them; the coordinator's tasks land on it when they fit, and their
@@ -84,6 +88,10 @@ class WorkerAgent:
         # Registering again after the node was replaced: the same worker, under the same id.
         reply = self.client.register(self.name, to_message(self.card), worker_id=self.worker_id)
         self.worker_id, self.lineage = reply.worker_id, reply.lineage
+        if not reply.ray_auth_token:
+            raise NomoatError("Ray mode needs a trusted-worker token, and the coordinator gave this one no Ray "
+                              "cluster token; leave out --ray to run outbound-only, or ask the operator for a "
+                              "token made with `nomoat token create --role trusted-worker`")
         self.head = self.ray_address or reply.ray_address
         # Tasks on this node talk to the coordinator as this volunteer, so the leases they take
         # are this volunteer's and no other worker token can act for them.

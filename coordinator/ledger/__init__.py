@@ -2,7 +2,7 @@
 
 ``Ledger(client)`` is the one handle callers keep; each noun hangs off it (``ledger.jobs``,
 ``ledger.tasks``, ``ledger.leases``, ``ledger.adapters``, ``ledger.versions``,
-``ledger.workers``, ``ledger.tokens``, ``ledger.counters``) and returns the typed records of
+``ledger.workers``, ``ledger.tokens``, ``ledger.counters``, ``ledger.inbox``) and returns the typed records of
 :mod:`coordinator.ledger.records`. Every key is in :mod:`coordinator.keys`.
 
 Guarantees (see DESIGN.md, "Ledger"):
@@ -20,6 +20,7 @@ import redis
 
 from coordinator.ledger.adapters import Accepted, Adapters, adapter_id_for
 from coordinator.ledger.counters import Counters, Refusal, Tally
+from coordinator.ledger.inbox import Inboxes, RunRecord, RunReport
 from coordinator.ledger.jobs import Jobs
 from coordinator.ledger.leases import Heartbeat, Leases, is_twin, twin_id
 from coordinator.ledger.records import (
@@ -54,6 +55,7 @@ class Ledger:
         self.workers = Workers(client)
         self.tokens = Tokens(client)
         self.counters = Counters(client)
+        self.inbox = Inboxes(client)
 
 
 __all__ = [
@@ -65,12 +67,15 @@ __all__ = [
     "Counters",
     "FoldedAdapter",
     "Heartbeat",
+    "Inboxes",
     "JobConfig",
     "JobRecord",
     "JobState",
     "Jobs",
     "Lease",
     "Leases",
+    "RunRecord",
+    "RunReport",
     "Ledger",
     "Refusal",
     "Tally",

@@ -183,6 +183,42 @@ class JobProgress(_message.Message):
     finished: bool
     def __init__(self, job: _Optional[_Union[JobInfo, _Mapping]] = ..., current_version: _Optional[int] = ..., eval_loss: _Optional[float] = ..., finished: _Optional[bool] = ...) -> None: ...
 
+class WorkRequest(_message.Message):
+    __slots__ = ("worker_id", "wait_s")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    WAIT_S_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    wait_s: float
+    def __init__(self, worker_id: _Optional[str] = ..., wait_s: _Optional[float] = ...) -> None: ...
+
+class WorkReply(_message.Message):
+    __slots__ = ("run_id", "task_specs", "poll_again_s")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    TASK_SPECS_FIELD_NUMBER: _ClassVar[int]
+    POLL_AGAIN_S_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    task_specs: _containers.RepeatedScalarFieldContainer[str]
+    poll_again_s: float
+    def __init__(self, run_id: _Optional[str] = ..., task_specs: _Optional[_Iterable[str]] = ..., poll_again_s: _Optional[float] = ...) -> None: ...
+
+class RunReport(_message.Message):
+    __slots__ = ("worker_id", "run_id", "units", "handed_back")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    UNITS_FIELD_NUMBER: _ClassVar[int]
+    HANDED_BACK_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    run_id: str
+    units: _containers.RepeatedScalarFieldContainer[str]
+    handed_back: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, worker_id: _Optional[str] = ..., run_id: _Optional[str] = ..., units: _Optional[_Iterable[str]] = ..., handed_back: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class RunReportReply(_message.Message):
+    __slots__ = ("ok",)
+    OK_FIELD_NUMBER: _ClassVar[int]
+    ok: bool
+    def __init__(self, ok: _Optional[bool] = ...) -> None: ...
+
 class UploadOffsetRequest(_message.Message):
     __slots__ = ("task_id", "fence", "sha256")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
