@@ -254,6 +254,6 @@ def report_run(ledger: Ledger, identity: Identity, worker_id: str, run_id: str, 
     for task_id in handed_back:
         if task_id not in fences:
             raise InvalidRequest(f"task {task_id} is not a unit of run {run_id}")
-        hand_back(ledger, task_id, fences[task_id], worker_id, "handed back unstarted")
+        hand_back(ledger, task_id, fences[task_id], worker_id, f"worker {worker_id} handed it back unstarted")
     ledger.inbox.seen(worker_id)
     ledger.inbox.report(RunReport(run_id, worker_id, tuple(units), tuple(handed_back)))
