@@ -145,9 +145,14 @@ def _coordinator_start() -> click.Command:
                   help="Workers one token may have active at once.")
     @click.option("--tls-cert", default=None, type=click.Path(exists=True, dir_okay=False))
     @click.option("--tls-key", default=None, type=click.Path(exists=True, dir_okay=False))
+    @click.option("--device", default=Settings.device, show_default=True,
+                  help="Where the running model and its evaluations live: cpu, cuda (cuda:N), or auto.")
+    @click.option("--eval-tokens", default=Settings.eval_tokens, show_default=True, type=click.IntRange(min=0),
+                  help="Validation tokens each held-out evaluation reads (0: the whole slice); docs/evaluation.md.")
     def coordinator_start(data_dir, listen, public_address, redis_url, ray_address, ray_token_file, ray_node_ip,
                           base_model, fold_every, fold_timeout, tokens_per_task, outer_momentum, outer_lr,
-                          keep_global_batch, lease_ttl, max_attempts, max_workers_per_token, tls_cert, tls_key) -> None:
+                          keep_global_batch, lease_ttl, max_attempts, max_workers_per_token, tls_cert, tls_key,
+                          device, eval_tokens) -> None:
         """Start the coordinator: gRPC server, Redis ledger and Ray driver. Ctrl-C stops it."""
         from coordinator.server import Coordinator
         from nomoat.raynode import RayClusterError
@@ -163,7 +168,7 @@ def _coordinator_start() -> click.Command:
             outer_momentum=outer_momentum, outer_lr=outer_lr, keep_global_batch=keep_global_batch,
             lease_ttl_s=lease_ttl, max_attempts=max_attempts,
             max_workers_per_token=max_workers_per_token,
-            tls_cert=tls_cert, tls_key=tls_key,
+            tls_cert=tls_cert, tls_key=tls_key, device=device, eval_tokens=eval_tokens,
         )
         node = Coordinator(settings)
         try:

@@ -1,0 +1,203 @@
+"""Model weights on disk, one tensor at a time: (sharded) safetensors folders, read and written
+without ever holding a whole file, let alone a whole model, in memory.
+
+A 1B-parameter model is 2 GB in bf16 and 4 GB as the coordinator's fp32 master; a second copy of
+either in memory is what used to make the coordinator's peak twice its model. ``safetensors``'
+own ``save``/``save_file`` build every tensor's bytes in memory before writing, so this module
+writes the format itself (it is simple: an 8-byte little-endian header length, a JSON header
+with each tensor's dtype, shape and byte range, then the raw bytes): :class:`Writer` takes the
+tensors one by one, in the order its header lists them, and each goes to disk before the next is
+made. Reading goes through ``safe_open``, which maps the file and reads one tensor at a time.
+
+A Hugging Face folder holds its weights in ``model.safetensors``, or in shards named
+``model-00001-of-00003.safetensors`` … with ``model.safetensors.index.json`` mapping every tensor
+to its shard (what ``save_pretrained(max_shard_size=...)`` writes). :func:`weight_map` reads
+either layout, :func:`write_model` writes the same layout back for any tensors.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+SINGLE = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+# Shards a published folder is cut into: small enough that a pull resumes at a fraction of the
+# model and that readers never map one huge file, large enough that a 7B model has few files.
+SHARD_BYTES = 1 << 30
+PRIVATE_PREFIX = "nomoat-"  # files beside the weights that only nomoat reads (never model weights)
+
+_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """What a header says about one tensor before its bytes exist."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * torch.empty((), dtype=self.dtype).element_size()
+
+
+class Writer:
+    """A safetensors file written tensor by tensor, in the order of ``specs``.
+
+    The header (every dtype, shape and byte range) is written on opening, so each tensor handed
+    to :meth:`write` goes straight to disk; only it is ever in memory. Closing checks that every
+    tensor came. Readable by ``safe_open`` / ``load_file`` / ``from_pretrained`` like any other.
+    """
+
+    def __init__(self, path: Path, specs: Sequence[TensorSpec], metadata: dict[str, str] | None = None) -> None:
+        self.path = Path(path)
+        self.specs = list(specs)
+        header: dict[str, object] = {"__metadata__": {"format": "pt", **(metadata or {})}}
+        offset = 0
+        for spec in self.specs:
+            if spec.dtype not in _DTYPES:
+                raise ValueError(f"{spec.name}: safetensors cannot hold {spec.dtype}")
+            header[spec.name] = {"dtype": _DTYPES[spec.dtype], "shape": list(spec.shape),
+                                 "data_offsets": [offset, offset + spec.nbytes]}
+            offset += spec.nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+        self._fh = open(self.path, "wb")
+        self._fh.write(struct.pack("<Q", len(raw)) + raw)
+        self._next = 0
+
+    def write(self, tensor: torch.Tensor) -> None:
+        spec = self.specs[self._next]
+        if tensor.dtype != spec.dtype or tuple(tensor.shape) != spec.shape:
+            raise ValueError(f"{spec.name}: expected {spec.dtype} {spec.shape}, got {tensor.dtype} "
+                             f"{tuple(tensor.shape)}")
+        flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+        self._fh.write(flat.view(torch.uint8).numpy().data if flat.numel() else b"")
+        self._next += 1
+
+    def close(self) -> None:
+        self._fh.close()
+        if self._next != len(self.specs):
+            missing = [s.name for s in self.specs[self._next:]]
+            self.path.unlink(missing_ok=True)
+            raise ValueError(f"{self.path.name}: {len(missing)} tensor(s) were never written ({missing[0]}, …)")
+
+    def __enter__(self) -> Writer:
+        return self
+
+    def __exit__(self, exc_type, *exc: object) -> None:
+        if exc_type is not None:
+            self._fh.close()
+            self.path.unlink(missing_ok=True)
+        else:
+            self.close()
+
+
+def write_file(path: Path, specs: Sequence[TensorSpec], produce: Callable[[str], torch.Tensor],
+               metadata: dict[str, str] | None = None) -> None:
+    """Write one safetensors file, asking ``produce`` for each tensor in turn."""
+    with Writer(path, specs, metadata) as out:
+        for spec in specs:
+            out.write(produce(spec.name))
+
+
+def plan_shards(specs: Sequence[TensorSpec], max_bytes: int = SHARD_BYTES) -> list[list[TensorSpec]]:
+    """Consecutive groups of at most ``max_bytes`` (a bigger tensor gets a shard of its own)."""
+    shards: list[list[TensorSpec]] = [[]]
+    size = 0
+    for spec in specs:
+        if shards[-1] and size + spec.nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(spec)
+        size += spec.nbytes
+    return shards if shards[0] else []
+
+
+def shard_names(n: int) -> list[str]:
+    """Hugging Face's file names for ``n`` shards (``model.safetensors`` alone for one)."""
+    return [SINGLE] if n == 1 else [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+
+
+def write_model(folder: Path, specs: Sequence[TensorSpec], produce: Callable[[str], torch.Tensor],
+                max_shard_bytes: int = SHARD_BYTES,
+                tap: Callable[[str, torch.Tensor], None] | None = None) -> list[str]:
+    """Write a model's weights into ``folder`` in Hugging Face's layout; returns the file names.
+
+    Each tensor is produced once (in any dtype: it is cast to its spec's), written, and dropped.
+    ``tap`` sees every produced tensor before its cast, in order: the coordinator writes its fp32
+    master in the same pass, so nothing is produced twice.
+    """
+    shards = plan_shards(specs, max_shard_bytes)
+    names = shard_names(len(shards))
+    weight_map: dict[str, str] = {}
+    for name, shard in zip(names, shards):
+        with Writer(Path(folder) / name, shard) as out:
+            for spec in shard:
+                tensor = produce(spec.name)
+                if tap is not None:
+                    tap(spec.name, tensor)
+                out.write(tensor.to(spec.dtype))
+                weight_map[spec.name] = name
+                del tensor
+    if len(names) > 1:
+        total = sum(s.nbytes for s in specs)
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (Path(folder) / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        names.append(INDEX)
+    return names
+
+
+def weight_map(folder: Path) -> dict[str, str]:
+    """Tensor name -> the file of ``folder`` that holds it, for one file or a sharded folder."""
+    folder = Path(folder)
+    index = folder / INDEX
+    if index.exists():
+        return dict(json.loads(index.read_text())["weight_map"])
+    files = [folder / SINGLE] if (folder / SINGLE).exists() else sorted(
+        p for p in folder.glob("*.safetensors") if not p.name.startswith(PRIVATE_PREFIX))
+    found: dict[str, str] = {}
+    for path in files:
+        with safe_open(path, "pt") as fh:
+            found.update({key: path.name for key in fh.keys()})
+    if not found:
+        raise FileNotFoundError(f"{folder} holds no safetensors weights")
+    return found
+
+
+def weight_files(folder: Path) -> list[str]:
+    """The files that hold ``folder``'s model weights, in shard order."""
+    return sorted(set(weight_map(folder).values()))
+
+
+def specs_of(path: Path) -> list[TensorSpec]:
+    """Every tensor's spec in one safetensors file, in the order its data is laid out."""
+    raw = Path(path).open("rb").read(8)
+    (length,) = struct.unpack("<Q", raw)
+    with Path(path).open("rb") as fh:
+        fh.seek(8)
+        header = json.loads(fh.read(length))
+    header.pop("__metadata__", None)
+    by_name = {v: k for k, v in _DTYPES.items()}
+    ordered = sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0])
+    return [TensorSpec(k, by_name[v["dtype"]], tuple(v["shape"])) for k, v in ordered]
+
+
+def tensors(path: Path, names: Sequence[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) of one safetensors file (or of ``names`` in it), one tensor read at a time."""
+    with safe_open(Path(path), "pt") as fh:
+        for name in names if names is not None else list(fh.keys()):
+            yield name, fh.get_tensor(name)
