@@ -77,6 +77,10 @@ class RunningModel:
         self.model.eval()
         self.device = device
         self._load_master(Path(folder))
+        # Published versions are cut into shards like the base's (a sharded base keeps its shard
+        # size; one file is cut at weights.SHARD_BYTES).
+        files = weights.weight_files(folder)
+        self.shard_bytes = weights.largest_shard_bytes(folder) if len(files) > 1 else weights.SHARD_BYTES
 
     # -- weights ------------------------------------------------------------------------------
 
@@ -177,19 +181,21 @@ class RunningModel:
 
     # -- publishing ---------------------------------------------------------------------------
 
-    def publish(self, store: BlobStore, max_shard_bytes: int = weights.SHARD_BYTES) -> dict[str, str]:
+    def publish(self, store: BlobStore, max_shard_bytes: int | None = None) -> dict[str, str]:
         """Write the current weights as a Hugging Face folder into the store: path -> sha256.
 
         Weights are cast to the base dtype one tensor at a time on their way to disk, in shards
-        of ``max_shard_bytes``; when that dtype is not fp32, the fp32 master of every linear
-        layer goes beside them (written in the same pass), so the folder is an exact snapshot.
+        of ``max_shard_bytes`` (default: the base's shard size); when that dtype is not fp32,
+        the fp32 master of every linear layer goes beside them (written in the same pass), so
+        the folder is an exact snapshot.
         """
         tensors = self._named_tensors()
         specs = [weights.TensorSpec(n, self.base_dtype if t.is_floating_point() else t.dtype, tuple(t.shape))
                  for n, t in tensors.items()]
         masters = self._linear_weights(set(tensors)) if self.base_dtype != torch.float32 else {}
         with store.staging() as out:
-            _write_weights(out, specs, tensors.__getitem__, masters, max_shard_bytes)
+            shards = weights.plan_shards(specs, max_shard_bytes or self.shard_bytes)
+            _write_weights(out, shards, tensors.__getitem__, masters)
             # The config says the base dtype: whoever loads the folder (a user, a worker, this
             # class rebuilding a later version) must see it, or the next snapshot is fp32.
             config = copy.deepcopy(self.model.config)
@@ -201,27 +207,28 @@ class RunningModel:
             return store.adopt_folder(out)
 
 
-def _write_weights(out: Path, specs: list[weights.TensorSpec], produce: Callable[[str], torch.Tensor],
-                   masters: dict[str, str], max_shard_bytes: int) -> None:
+def _write_weights(out: Path, shards: list[list[weights.TensorSpec]], produce: Callable[[str], torch.Tensor],
+                   masters: dict[str, str]) -> None:
     """The weight shards, and the fp32 master of ``masters`` (weight name -> module) beside
     them in the same pass when there are any."""
     if not masters:
-        weights.write_model(out, specs, produce, max_shard_bytes)
+        weights.write_model(out, shards, produce)
         return
+    specs = [s for shard in shards for s in shard]
     master_specs = [weights.TensorSpec(masters[s.name], torch.float32, s.shape) for s in specs if s.name in masters]
     with weights.Writer(out / MASTER_FILE, master_specs) as master:
         def tap(name: str, tensor: torch.Tensor) -> None:
             if name in masters:
                 master.write(tensor.to(torch.float32))
 
-        weights.write_model(out, specs, produce, max_shard_bytes, tap=tap)
+        weights.write_model(out, shards, produce, tap=tap)
 
 
-def write_patched(store: BlobStore, folder: Path, files: Mapping[str, str], patches: Sequence[Adapter],
-                  max_shard_bytes: int = weights.SHARD_BYTES) -> dict[str, str]:
+def write_patched(store: BlobStore, folder: Path, files: Mapping[str, str], patches: Sequence[Adapter]
+                  ) -> dict[str, str]:
     """The snapshot of (the version in ``folder``) + ``patches``, written into the store tensor by
-    tensor: path -> sha256. ``files`` is ``folder``'s own path -> sha256 (files no patch changes
-    are shared with it).
+    tensor in ``folder``'s shard layout: path -> sha256. ``files`` is ``folder``'s own
+    path -> sha256 (its other files, config and tokenizer, are shared with it).
 
     The same arithmetic as rebuilding the model and publishing it (each patched weight taken in
     fp32 from the master, or the fp32 weights, and every patch added in order by
@@ -236,7 +243,8 @@ def write_patched(store: BlobStore, folder: Path, files: Mapping[str, str], patc
         master = stack.enter_context(safe_open(folder / MASTER_FILE, "pt")) \
             if (folder / MASTER_FILE).exists() else None
         master_names = set(master.keys()) if master is not None else set()
-        specs = [s for f in shard_files for s in weights.specs_of(folder / f)]
+        shards = [weights.specs_of(folder / f) for f in shard_files]
+        specs = [s for shard in shards for s in shard]
 
         def produce(name: str) -> torch.Tensor:
             module = name[: -len(_WEIGHT)] if name.endswith(_WEIGHT) else ""
@@ -250,7 +258,7 @@ def write_patched(store: BlobStore, folder: Path, files: Mapping[str, str], patc
 
         masters = {s.name: s.name[: -len(_WEIGHT)] for s in specs
                    if s.name.endswith(_WEIGHT) and s.name[: -len(_WEIGHT)] in master_names}
-        _write_weights(out, specs, produce, masters, max_shard_bytes)
+        _write_weights(out, shards, produce, masters)
         made = store.adopt_folder(out)
     weight_like = set(shard_files) | {weights.INDEX, MASTER_FILE}
     kept = {p: sha for p, sha in files.items() if p not in weight_like}

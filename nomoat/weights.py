@@ -132,16 +132,16 @@ def shard_names(n: int) -> list[str]:
     return [SINGLE] if n == 1 else [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
 
 
-def write_model(folder: Path, specs: Sequence[TensorSpec], produce: Callable[[str], torch.Tensor],
-                max_shard_bytes: int = SHARD_BYTES,
+def write_model(folder: Path, shards: Sequence[Sequence[TensorSpec]], produce: Callable[[str], torch.Tensor],
                 tap: Callable[[str, torch.Tensor], None] | None = None) -> list[str]:
-    """Write a model's weights into ``folder`` in Hugging Face's layout; returns the file names.
+    """Write a model's weights into ``folder`` in Hugging Face's layout, one file per shard
+    (:func:`plan_shards`, or a folder's own grouping); returns the file names.
 
     Each tensor is produced once (in any dtype: it is cast to its spec's), written, and dropped.
     ``tap`` sees every produced tensor before its cast, in order: the coordinator writes its fp32
     master in the same pass, so nothing is produced twice.
     """
-    shards = plan_shards(specs, max_shard_bytes)
+    specs = [s for shard in shards for s in shard]
     names = shard_names(len(shards))
     weight_map: dict[str, str] = {}
     for name, shard in zip(names, shards):
@@ -176,6 +176,16 @@ def weight_map(folder: Path) -> dict[str, str]:
     if not found:
         raise FileNotFoundError(f"{folder} holds no safetensors weights")
     return found
+
+
+def shards_of(folder: Path) -> list[list[TensorSpec]]:
+    """``folder``'s own grouping of its tensors into files, in shard order."""
+    return [specs_of(Path(folder) / name) for name in weight_files(folder)]
+
+
+def largest_shard_bytes(folder: Path) -> int:
+    """The bytes of ``folder``'s largest weights file: the shard size it was saved with."""
+    return max(sum(s.nbytes for s in shard) for shard in shards_of(folder))
 
 
 def weight_files(folder: Path) -> list[str]:
