@@ -177,13 +177,14 @@ def coordinator(args: argparse.Namespace) -> None:
                 accepted = ledger.adapters.accept(task_id, fence, sha, base_version=base, tokens=2048, rank=RANK,
                                                   alpha=ALPHA)
                 assert accepted.ok, accepted.detail
-            t0 = time.time()
+            t0, c0 = time.time(), time.process_time()
             number = folder.maybe_fold(set())
-            seconds = time.time() - t0
+            seconds, cpu = time.time() - t0, time.process_time() - c0
             if number is None:
                 raise SystemExit("the fold published nothing: every adapter was refused (see the log)")
             record = ledger.versions.get(number)
-            folds.append({"version": number, "seconds": round(seconds, 1), "eval_loss": round(record.eval_loss, 4),
+            folds.append({"version": number, "seconds": round(seconds, 1), "cpu_seconds": round(cpu, 1),
+                          "eval_loss": round(record.eval_loss, 4),
                           "parent_loss": round(record.metrics["parent_loss"], 4),
                           "paired_se": record.metrics.get("paired_se"), "snapshot": bool(record.files)})
             log(f"fold -> version {number}: {seconds:.1f} s", folds[-1])
@@ -356,6 +357,9 @@ def main(argv: list[str] | None = None) -> int:
     folds = c["folds"]
     summary = {
         "coordinator_seconds_per_fold": round(sum(f["seconds"] for f in folds) / len(folds), 1),
+        # CPU seconds the coordinator process spent per fold (all its threads): the wall time on a
+        # CPU that other processes share is this over the share it got.
+        "coordinator_cpu_seconds_per_fold": round(sum(f.get("cpu_seconds", 0) for f in folds) / len(folds), 1),
         "peak_rss_vs_bound": round(c["peak_rss_gb"] * GB / bound, 3),
         "pull_vs_raw_grpc": round(min(wk["raw_grpc_seconds"]) / wk["pull_seconds"], 3),
         "published_dtype": c["published_dtype"],

@@ -93,9 +93,9 @@ class Settings:
     # and its evaluations live: cpu, cuda (cuda:N), or auto (cuda when there is one).
     device: str = "cpu"
     # Tokens of a job's validation slice that every evaluation reads (the same tokens for parent
-    # and candidate, compared block by block). 2048 tokens put the paired difference's standard
-    # error at ~0.001-0.002 nats on the models measured, a tenth of eval_epsilon, and cost ~12 s
-    # per evaluation for a 1B model on two CPU cores. 0 reads the whole slice.
+    # and candidate, compared block by block). Measured by bench/eval_noise.py (docs/evaluation.md):
+    # at 2048 tokens the paired difference's spread is 0.010 nats on the tiny model with adapters
+    # trained for real (half of eval_epsilon; unpaired, 0.19). 0 reads the whole slice.
     eval_tokens: int = 2048
     validation_fraction: float = 0.05
     max_validation_records: int = 256
