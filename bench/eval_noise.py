@@ -80,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--random-adapters", action="store_true")
     parser.add_argument("--scale", type=float, default=2e-3, help="B's scale for random adapters")
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--eval-dtype", default="fp32", choices=["fp32", "bf16"])
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -91,9 +92,9 @@ def main(argv: list[str] | None = None) -> int:
                 else trained_adapters(model_dir, train_texts, args.adapters, args.steps))
     evals = model.eval_set(held_out, args.seq_len, args.max_tokens)
     t0 = time.time()
-    parent = model.losses(evals)
+    parent = model.losses(evals, dtype=args.eval_dtype)
     per_token_s = (time.time() - t0) / evals.tokens
-    candidates = [model.losses(evals, lora.build_patch([a], [1.0])) for a in adapters]
+    candidates = [model.losses(evals, lora.build_patch([a], [1.0]), args.eval_dtype) for a in adapters]
     blocks = len(evals.blocks)
     rows = []
     for budget in [int(b) for b in args.budgets.split(",")]:
@@ -121,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         print(rows[-1], flush=True)
     effects = [round(evaluation.paired(parent, c).difference, 4) for c in candidates]
     params = sum(p.numel() for p in model.model.parameters())
-    print(json.dumps({"model": str(model_dir), "params": params, "tokens": evals.tokens, "blocks": blocks,
+    print(json.dumps({"model": str(model_dir), "params": params, "eval_dtype": args.eval_dtype, "tokens": evals.tokens, "blocks": blocks,
                       "adapter_effects": effects, "seconds_per_1k_tokens": round(per_token_s * 1000, 2),
                       "rows": rows}))
     return 0

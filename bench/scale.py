@@ -137,6 +137,7 @@ def coordinator(args: argparse.Namespace) -> None:
     figures: dict = {}
     device = resolve_device(args.device)
     settings = Settings(data_dir=work, fold_every=K, fold_timeout_s=1e9, eval_tokens=args.eval_tokens,
+                        eval_dtype=args.eval_dtype,
                         device=device, snapshot_every=args.snapshot_every,
                         job=JobDefaults(lora_rank=RANK, lora_alpha=ALPHA, seq_len=args.seq_len,
                                         tokens_per_task=2048))
@@ -305,6 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--shard-size", default="500MB", help="the base's max_shard_size")
     parser.add_argument("--eval-tokens", type=int, default=512, help="the evaluation budget (Settings.eval_tokens)")
+    parser.add_argument("--eval-dtype", default="fp32", choices=["fp32", "bf16"], help="Settings.eval_dtype")
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--folds", type=int, default=2)
     parser.add_argument("--snapshot-every", type=int, default=10)
@@ -364,6 +366,7 @@ def main(argv: list[str] | None = None) -> int:
         "pull_vs_raw_grpc": round(min(wk["raw_grpc_seconds"]) / wk["pull_seconds"], 3),
         "published_dtype": c["published_dtype"],
         "params": params, "bound_gb": round(bound / GB, 2), "eval_tokens": args.eval_tokens,
+        "eval_dtype": args.eval_dtype,
         **{k: v for k, v in c.items() if k not in ("params",)}, **wk, **result,
         "total_seconds": round(time.time() - t_start, 1),
     }

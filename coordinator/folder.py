@@ -99,7 +99,7 @@ class Folder:
     def _job_losses(self, job_ids: list[str], patch: adapter_format.Adapter | None = None
                     ) -> dict[str, evaluation.Losses]:
         """Per-block held-out losses of the current model (plus ``patch``) on each job's set."""
-        return {j: self.model.losses(self._eval_set(j), patch) for j in job_ids}
+        return {j: self.model.losses(self._eval_set(j), patch, self.settings.eval_dtype) for j in job_ids}
 
     def _parents(self, job_ids: list[str], version: int) -> dict[str, evaluation.Losses]:
         """The current model's losses on each job's set, measured once per version: a fold's
@@ -190,7 +190,8 @@ class Folder:
             self.policy.admit(entry.tokens, tau, norm, self.ledger.adapters.recent_norms())
             candidate = Candidate(adapter_id, entry.job, adapter, entry.tokens, tau, norm)
             solo = lora.build_patch([adapter], [folding.staleness_factor(tau)])
-            compared = evaluation.paired(own_parent, self.model.losses(self._eval_set(entry.job), solo))
+            compared = evaluation.paired(
+                own_parent, self.model.losses(self._eval_set(entry.job), solo, self.settings.eval_dtype))
             candidate.solo_loss = compared.candidate
             log.debug("adapter %s: held-out %+.4f ± %.4f nats over %d tokens", adapter_id,
                       compared.difference, compared.se, compared.tokens)

@@ -163,13 +163,14 @@ class RunningModel:
     def eval_set(self, texts: Sequence[str], seq_len: int, budget: int = 0) -> evaluation.EvalSet:
         return evaluation.eval_set(self.tokenizer, texts, seq_len, budget)
 
-    def losses(self, evals: evaluation.EvalSet, patch: Adapter | None = None) -> evaluation.Losses:
+    def losses(self, evals: evaluation.EvalSet, patch: Adapter | None = None, dtype: str = "fp32"
+               ) -> evaluation.Losses:
         """Per-block losses of the current model, or of the current model plus ``patch`` (as a
-        side path: the weights are not changed)."""
+        side path: the weights are not changed); ``dtype``: see evaluation.block_losses."""
         if patch is None:
-            return evaluation.block_losses(self.model, evals)
+            return evaluation.block_losses(self.model, evals, dtype=dtype)
         with evaluation.plus(self.model, patch):
-            return evaluation.block_losses(self.model, evals)
+            return evaluation.block_losses(self.model, evals, dtype=dtype)
 
     def eval_loss(self, texts: Sequence[str], seq_len: int) -> float:
         blocks = packing.pack(self.tokenizer, texts, seq_len)

@@ -149,10 +149,12 @@ def _coordinator_start() -> click.Command:
                   help="Where the running model and its evaluations live: cpu, cuda (cuda:N), or auto.")
     @click.option("--eval-tokens", default=Settings.eval_tokens, show_default=True, type=click.IntRange(min=0),
                   help="Validation tokens each held-out evaluation reads (0: the whole slice); docs/evaluation.md.")
+    @click.option("--eval-dtype", default=Settings.eval_dtype, show_default=True, type=click.Choice(["fp32", "bf16"]),
+                  help="Precision of the evaluations' matmuls (bf16: autocast, much faster on AMX CPUs and GPUs).")
     def coordinator_start(data_dir, listen, public_address, redis_url, ray_address, ray_token_file, ray_node_ip,
                           base_model, fold_every, fold_timeout, tokens_per_task, outer_momentum, outer_lr,
                           keep_global_batch, lease_ttl, max_attempts, max_workers_per_token, tls_cert, tls_key,
-                          device, eval_tokens) -> None:
+                          device, eval_tokens, eval_dtype) -> None:
         """Start the coordinator: gRPC server, Redis ledger and Ray driver. Ctrl-C stops it."""
         from coordinator.server import Coordinator
         from nomoat.raynode import RayClusterError
@@ -169,6 +171,7 @@ def _coordinator_start() -> click.Command:
             lease_ttl_s=lease_ttl, max_attempts=max_attempts,
             max_workers_per_token=max_workers_per_token,
             tls_cert=tls_cert, tls_key=tls_key, device=device, eval_tokens=eval_tokens,
+            eval_dtype=eval_dtype,
         )
         node = Coordinator(settings)
         try:

@@ -88,7 +88,7 @@ def test_the_folder_gates_within_the_budget_and_records_the_paired_error(ledger,
     submit(settings, ledger, store, running.tokenizer, list(targets), data, "d.jsonl", "test", {})
     calls = []
     real = evaluation.block_losses
-    evaluation.block_losses = lambda m, evals, *a: calls.append(evals.tokens) or real(m, evals, *a)
+    evaluation.block_losses = lambda m, evals, *a, **k: calls.append(evals.tokens) or real(m, evals, *a, **k)
     try:
         for seed in (1, 2):
             task_id = ledger.leases.pending(1)[0]
@@ -109,3 +109,14 @@ def test_the_folder_gates_within_the_budget_and_records_the_paired_error(ledger,
         if m in patch.factors:
             lora.apply_patch({m: expected}, lora.restrict(patch, {m}))
         assert torch.equal(running.master([m])[m], expected), m
+
+
+def test_a_bf16_evaluation_measures_the_same_difference(model: RunningModel) -> None:
+    evals = model.eval_set(TEXTS, 64, 3000)
+    patch = lora.build_patch([adapter(model, 0.1)], [1.0])
+    exact = evaluation.paired(model.losses(evals), model.losses(evals, patch))
+    fast = evaluation.paired(model.losses(evals, dtype="bf16"), model.losses(evals, patch, "bf16"))
+    assert abs(exact.difference) > 0.01  # an effect the gate must see
+    assert fast.difference == pytest.approx(exact.difference, abs=0.2 * abs(exact.difference))
+    with pytest.raises(ValueError, match="not one of"):
+        model.losses(evals, dtype="int4")
