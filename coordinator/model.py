@@ -27,7 +27,6 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from coordinator import evaluation
@@ -106,7 +105,7 @@ class RunningModel:
     def _load_master(self, folder: Path) -> None:
         master = folder / MASTER_FILE
         if master.exists():
-            with safe_open(master, "pt") as fh:  # one tensor at a time
+            with weights.Reader(master) as fh:  # one tensor at a time
                 for name in fh.keys():
                     self.load_master({name: fh.get_tensor(name)})
 
@@ -240,8 +239,8 @@ def write_patched(store: BlobStore, folder: Path, files: Mapping[str, str], patc
     shard_files = sorted(set(layout.values()))
     patched_modules = {m for p in patches for m in p.factors}
     with ExitStack() as stack, store.staging() as out:
-        handles = {f: stack.enter_context(safe_open(folder / f, "pt")) for f in shard_files}
-        master = stack.enter_context(safe_open(folder / MASTER_FILE, "pt")) \
+        handles = {f: stack.enter_context(weights.Reader(folder / f)) for f in shard_files}
+        master = stack.enter_context(weights.Reader(folder / MASTER_FILE)) \
             if (folder / MASTER_FILE).exists() else None
         master_names = set(master.keys()) if master is not None else set()
         shards = [weights.specs_of(folder / f) for f in shard_files]

@@ -7,7 +7,8 @@ own ``save``/``save_file`` build every tensor's bytes in memory before writing, 
 writes the format itself (it is simple: an 8-byte little-endian header length, a JSON header
 with each tensor's dtype, shape and byte range, then the raw bytes): :class:`Writer` takes the
 tensors one by one, in the order its header lists them, and each goes to disk before the next is
-made. Reading goes through ``safe_open``, which maps the file and reads one tensor at a time.
+made. :class:`Reader` reads one tensor at a time with plain reads (no memory map, whose touched
+pages would count in the reader's resident set).
 
 A Hugging Face folder holds its weights in ``model.safetensors``, or in shards named
 ``model-00001-of-00003.safetensors`` … with ``model.safetensors.index.json`` mapping every tensor
@@ -25,8 +26,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 # Shards a published folder is cut into: small enough that a pull resumes at a fraction of the
@@ -171,8 +170,7 @@ def weight_map(folder: Path) -> dict[str, str]:
         p for p in folder.glob("*.safetensors") if not p.name.startswith(PRIVATE_PREFIX))
     found: dict[str, str] = {}
     for path in files:
-        with safe_open(path, "pt") as fh:
-            found.update({key: path.name for key in fh.keys()})
+        found.update({spec.name: path.name for spec in specs_of(path)})
     if not found:
         raise FileNotFoundError(f"{folder} holds no safetensors weights")
     return found
@@ -193,21 +191,65 @@ def weight_files(folder: Path) -> list[str]:
     return sorted(set(weight_map(folder).values()))
 
 
+def _header(fh) -> tuple[dict, int]:
+    (length,) = struct.unpack("<Q", fh.read(8))
+    header = json.loads(fh.read(length))
+    header.pop("__metadata__", None)
+    return header, 8 + length
+
+
 def specs_of(path: Path) -> list[TensorSpec]:
     """Every tensor's spec in one safetensors file, in the order its data is laid out."""
-    raw = Path(path).open("rb").read(8)
-    (length,) = struct.unpack("<Q", raw)
     with Path(path).open("rb") as fh:
-        fh.seek(8)
-        header = json.loads(fh.read(length))
-    header.pop("__metadata__", None)
+        header, _ = _header(fh)
     by_name = {v: k for k, v in _DTYPES.items()}
     ordered = sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0])
     return [TensorSpec(k, by_name[v["dtype"]], tuple(v["shape"])) for k, v in ordered]
 
 
+class Reader:
+    """One safetensors file read a tensor at a time with plain reads, not a memory map.
+
+    ``safe_open`` maps the file, and every page of it a reader touches counts in the process's
+    resident set until the kernel drops it: reading a 4 GB master through it puts 4 GB on the
+    coordinator's peak RSS, beside the 4 GB it is being read into. Here only the tensor asked for
+    is ever in memory."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._fh = open(self.path, "rb")
+        self._header, self._start = _header(self._fh)
+        self._dtypes = {v: k for k, v in _DTYPES.items()}
+
+    def keys(self) -> list[str]:
+        return sorted(self._header, key=lambda k: self._header[k]["data_offsets"][0])
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._header
+
+    def get_tensor(self, name: str) -> torch.Tensor:
+        info = self._header[name]
+        begin, end = info["data_offsets"]
+        out = torch.empty(tuple(info["shape"]), dtype=self._dtypes[info["dtype"]])
+        if end > begin:
+            self._fh.seek(self._start + begin)
+            view = memoryview(out.reshape(-1).view(torch.uint8).numpy())
+            if self._fh.readinto(view) != end - begin:
+                raise ValueError(f"{self.path.name}: {name} is cut short; the file is damaged")
+        return out
+
+    def close(self) -> None:
+        self._fh.close()
+
+    def __enter__(self) -> Reader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 def tensors(path: Path, names: Sequence[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) of one safetensors file (or of ``names`` in it), one tensor read at a time."""
-    with safe_open(Path(path), "pt") as fh:
-        for name in names if names is not None else list(fh.keys()):
+    with Reader(Path(path)) as fh:
+        for name in names if names is not None else fh.keys():
             yield name, fh.get_tensor(name)

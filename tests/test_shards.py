@@ -70,6 +70,8 @@ def test_the_writer_writes_what_safetensors_reads(tmp_path: Path) -> None:
     got = load_file(tmp_path / "x.safetensors")
     assert set(got) == set(tensors) and all(torch.equal(got[n], t) for n, t in tensors.items())
     assert weights.specs_of(tmp_path / "x.safetensors") == specs
+    with weights.Reader(tmp_path / "x.safetensors") as reader:  # plain reads, no memory map
+        assert reader.keys() == list(tensors) and all(torch.equal(reader.get_tensor(n), t) for n, t in tensors.items())
     with pytest.raises(ValueError, match="expected"):
         with weights.Writer(tmp_path / "y.safetensors", specs) as out:
             out.write(tensors["b"])  # out of order

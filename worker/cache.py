@@ -33,8 +33,6 @@ import tempfile
 import threading
 from pathlib import Path
 
-from safetensors import safe_open
-
 from nomoat import adapter as adapter_format
 from nomoat import lineage as lineages
 from nomoat import lora, weights
@@ -64,7 +62,7 @@ def apply_patches(folder: Path, patches: list[Path]) -> None:
         if not any(s.name.endswith(_WEIGHT) and s.name[: -len(_WEIGHT)] in touched for s in specs):
             continue
         tmp = path.with_name(f".{path.name}.patching")
-        with safe_open(path, "pt") as fh, weights.Writer(tmp, specs) as out:
+        with weights.Reader(path) as fh, weights.Writer(tmp, specs) as out:
             for spec in specs:
                 tensor = fh.get_tensor(spec.name)
                 module = spec.name[: -len(_WEIGHT)]
