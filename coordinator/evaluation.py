@@ -91,7 +91,10 @@ def block_losses(model: torch.nn.Module, evals: EvalSet, batch_size: int = BATCH
     was_training = model.training
     model.eval()
     sums, counts = [], []
-    autocast = torch.autocast(device.type, dtype=EVAL_DTYPES[dtype], enabled=EVAL_DTYPES[dtype] is not None)
+    # cache_enabled=False: autocast otherwise keeps every cast weight for the whole region, a
+    # full bf16 copy of the model (measured: +0.5 GB VmHWM at 1.1B before this).
+    autocast = torch.autocast(device.type, dtype=EVAL_DTYPES[dtype], enabled=EVAL_DTYPES[dtype] is not None,
+                              cache_enabled=False)
     try:
         with torch.no_grad(), autocast:
             for batch in evals.blocks.split(batch_size):

@@ -74,6 +74,7 @@ class RunningModel:
         placement = {} if device == "cpu" else {"device_map": {"": device}}
         self.model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **placement)
         self.model.eval()
+        self.model.requires_grad_(False)  # never trained here; gradients would only cost memory
         self.device = device
         self._load_master(Path(folder))
         # Published versions are cut into shards like the base's (a sharded base keeps its shard
