@@ -177,10 +177,16 @@ class Coordinator:
                 delay = min(delay * 2, 10.0)
 
     def _start_model(self) -> None:
-        self.history = History(self.ledger, self.store, self.data_dir)
+        from coordinator.model import resolve_device
+
+        try:
+            device = resolve_device(self.settings.device)
+        except ValueError as exc:
+            raise SystemExit(str(exc)) from None
+        self.history = History(self.ledger, self.store, self.data_dir, device)
         latest = self.ledger.versions.latest()
         if latest is None:
-            self.model = RunningModel(base_model_folder(self.settings.base_model))
+            self.model = RunningModel(base_model_folder(self.settings.base_model), device)
             files = self.model.publish(self.store)
             self.ledger.versions.publish(VersionRecord(version=0, parent=-1, files=files))
             log.info("version 0 is the base model %s", self.settings.base_model)

@@ -165,12 +165,18 @@ def _coordinator_start() -> click.Command:
     @click.option("--http", "http", default=DASHBOARD, show_default=True,
                   help="HOST:PORT of the read-only dashboard and Prometheus /metrics (opened with a reader "
                        "token); 'off' serves neither.")
+    @click.option("--device", default=Settings.device, show_default=True,
+                  help="Where the running model and its evaluations live: cpu, cuda (cuda:N), or auto.")
+    @click.option("--eval-tokens", default=Settings.eval_tokens, show_default=True, type=click.IntRange(min=0),
+                  help="Validation tokens each held-out evaluation reads (0: the whole slice); docs/evaluation.md.")
+    @click.option("--eval-dtype", default=Settings.eval_dtype, show_default=True, type=click.Choice(["fp32", "bf16"]),
+                  help="Precision of the evaluations' matmuls (bf16: autocast, much faster on AMX CPUs and GPUs).")
     @log_format_option
     @click.pass_context
     def coordinator_start(ctx, data_dir, listen, public_address, redis_url, ray_address, ray_token_file, ray_node_ip,
                           base_model, fold_every, fold_timeout, tokens_per_task, outer_momentum, outer_lr,
                           keep_global_batch, size_from_noise, lease_ttl, max_attempts, max_workers_per_token, tls_cert,
-                          tls_key, http, log_format) -> None:
+                          tls_key, http, device, eval_tokens, eval_dtype, log_format) -> None:
         """Start the coordinator: gRPC server, Redis ledger and Ray driver. Ctrl-C stops it."""
         from coordinator.server import Coordinator
         from nomoat.raynode import RayClusterError
@@ -192,7 +198,8 @@ def _coordinator_start() -> click.Command:
             outer_momentum=outer_momentum, outer_lr=outer_lr, keep_global_batch=keep_global_batch,
             size_from_noise=size_from_noise, lease_ttl_s=lease_ttl, max_attempts=max_attempts,
             max_workers_per_token=max_workers_per_token,
-            tls_cert=tls_cert, tls_key=tls_key, http=http,
+            tls_cert=tls_cert, tls_key=tls_key, http=http, device=device, eval_tokens=eval_tokens,
+            eval_dtype=eval_dtype,
         )
         node = Coordinator(settings)
         try:

@@ -35,7 +35,7 @@ from worker.carry import CarryStore
 from worker.controls import ControlFiles, Controls, ControlSettings, NoGpu, find_gpu
 from worker.probe import probe
 from worker.settings import INJECT_OOM_ENV, NodeSettings
-from worker.trainer import LoraSpec, TrainSpec, train_adapter
+from worker.trainer import LoraSpec, TrainSpec, can_quantize, train_adapter
 
 log = logging.getLogger("nomoat.task")
 
@@ -128,9 +128,11 @@ def memory_plan(spec: TaskSpec, card: Card, model_dir: Any, node: NodeSettings) 
     train_cfg, lora_cfg = spec.train, spec.lora
     plan_model = train_cfg.plan_model
     shape = shape_for(plan_model, None if plan_model else AutoConfig.from_pretrained(model_dir))
+    # A 4-bit base only where the trainer can load one: a real CUDA card with bitsandbytes here.
+    quantize = card.backend == "cuda" and not card.simulated and can_quantize("cuda")
     try:
         chosen = planner.plan(shape, lora_cfg.rank, len(lora_cfg.target_modules), train_cfg.seq_len,
-                              train_cfg.batch_size, planner.planning_card(card), allow_quantization=False)
+                              train_cfg.batch_size, planner.planning_card(card), allow_quantization=quantize)
     except planner.DoesNotFit as exc:
         raise NeedsBiggerCard.than(card.vram_gb, str(exc).rstrip(".")) from None
     min_seconds = 0.0
@@ -140,7 +142,8 @@ def memory_plan(spec: TaskSpec, card: Card, model_dir: Any, node: NodeSettings) 
     train = TrainSpec(seq_len=train_cfg.seq_len, batch_size=train_cfg.batch_size,
                       learning_rate=train_cfg.learning_rate, epochs=train_cfg.epochs, seed=train_cfg.seed,
                       micro_batch=chosen.micro_batch, precision=chosen.precision,
-                      gradient_checkpointing=chosen.gradient_checkpointing, min_seconds=min_seconds)
+                      gradient_checkpointing=chosen.gradient_checkpointing, quantization=chosen.quantization,
+                      min_seconds=min_seconds)
     return chosen, train
 
 

@@ -3,7 +3,8 @@
 No networking here (no gRPC, Ray or Redis): the Ray task, the outbound-only worker and the tests
 all call :func:`train_adapter` the same way. Read it top to bottom:
 
-1. load the base model in float32 and wrap it with a fresh, seeded PEFT LoRA, or, warm-started
+1. load the base model in float32 (on a GPU in the plan's precision, or in 4 bits: QLoRA, when
+   the plan says so) and wrap it with a fresh, seeded PEFT LoRA, or, warm-started
    (``start=``), with the start factors loaded into the LoRA and ``s·B₀A₀`` subtracted from the
    base weights so the model trained on is still exactly the base version (:mod:`worker.warmstart`);
 2. pack the texts into ``seq_len`` blocks (:mod:`nomoat.packing`, the same packing the
@@ -76,6 +77,9 @@ class TrainSpec:
     # the CPU always runs fp32. The LoRA factors and their optimizer state stay fp32 regardless.
     precision: str = "fp32"  # "fp32" | "bf16" | "fp16"
     gradient_checkpointing: bool = False
+    # "4bit": the frozen base is loaded in NF4 by bitsandbytes (QLoRA; CUDA only, the ``qlora``
+    # extra); the LoRA factors, their training and the exported adapter are the same as unquantized.
+    quantization: str | None = None
     # Test hook (simulated cards): pad the run's wall time to at least this many seconds, as a
     # slower card would take. 0 leaves it alone.
     min_seconds: float = 0.0
@@ -126,6 +130,29 @@ def _check(lora: LoraSpec, train: TrainSpec) -> None:
 
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+QUANTIZATIONS = ("4bit",)  # what _lora_model can load a base in; the planner plans no other
+
+
+def can_quantize(device: str) -> bool:
+    """Whether this process can load a 4-bit base on ``device``: CUDA, with bitsandbytes installed."""
+    import importlib.util
+
+    return str(device).startswith("cuda") and importlib.util.find_spec("bitsandbytes") is not None
+
+
+def _quantized_base(model_dir: Path, quantization: str, device: str, dtype: torch.dtype) -> torch.nn.Module:
+    """The base in NF4 with double quantization, computing in ``dtype``, placed on ``device``."""
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"quantization {quantization!r} is not one the trainer loads ({', '.join(QUANTIZATIONS)})")
+    if not can_quantize(device):
+        raise ValueError(f"a 4-bit base needs a CUDA device and bitsandbytes (pip install 'nomoat[qlora]'); "
+                         f"this task runs on {device}")
+    from transformers import BitsAndBytesConfig
+
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                bnb_4bit_compute_dtype=dtype)
+    return AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=config, dtype=dtype,
+                                                device_map={"": device})
 
 
 def compute_dtype(precision: str, device: str) -> torch.dtype:
@@ -137,7 +164,8 @@ def compute_dtype(precision: str, device: str) -> torch.dtype:
 
 
 def _lora_model(model_dir: Path, lora: LoraSpec, device: str, dtype: torch.dtype = torch.float32,
-                checkpointing: bool = False, start: Adapter | None = None) -> torch.nn.Module:
+                checkpointing: bool = False, start: Adapter | None = None,
+                quantization: str | None = None) -> torch.nn.Module:
     """The base model in ``dtype`` with fp32 LoRA factors on ``lora.target_modules``: fresh, or
     ``start``'s with ``s·B₀A₀`` taken off the base weights first.
 
@@ -146,7 +174,11 @@ def _lora_model(model_dir: Path, lora: LoraSpec, device: str, dtype: torch.dtype
     the caller has seeded, and starts B at zero. The subtraction is done in fp32 and only then cast
     to ``dtype``, so in fp32 the warm-started model equals the base version to fp32 rounding.
     """
-    if start is None:
+    if quantization is not None:
+        if start is not None:  # s·B₀A₀ would have to come off weights that are already NF4
+            raise ValueError("a warm start (start factors) cannot train on a 4-bit base; start from a fresh LoRA")
+        base = _quantized_base(model_dir, quantization, device, dtype)
+    elif start is None:
         base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
     else:
         base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
@@ -171,7 +203,8 @@ def _lora_model(model_dir: Path, lora: LoraSpec, device: str, dtype: torch.dtype
     model = get_peft_model(base, config)
     if start is not None:
         _load_factors(model, start, lora)
-    model = model.to(device)
+    if quantization is None:  # a 4-bit base was placed by device_map (bitsandbytes forbids .to)
+        model = model.to(device)
     model.train()
     return model
 
@@ -274,7 +307,7 @@ def train_adapter(
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     blocks = pack(tokenizer, texts, train.seq_len)
     model = _lora_model(model_dir, lora, device, compute_dtype(train.precision, device),
-                        train.gradient_checkpointing, start)
+                        train.gradient_checkpointing, start, train.quantization)
 
     steps_per_epoch = math.ceil(len(blocks) / train.batch_size)
     total_steps = steps_per_epoch * train.epochs
