@@ -77,10 +77,10 @@ def main() -> None:
     coordinator.start()
     workers = []
     try:
-        token = (base.data_dir / "worker.token").read_text().strip()
+        token = (base.data_dir / "trusted-worker.token").read_text().strip()
         for spec in CARDS:
             name = spec.split(":")[0]
-            workers.append(Proc(["worker", "start", "--coordinator", coordinator.address, "--simulate-gpu", spec,
+            workers.append(Proc(["worker", "start", "--ray", "--coordinator", coordinator.address, "--simulate-gpu", spec,
                                  "--threads", "1", "--name", name, "--cache-dir", str(tmp / f"cache-{name}")],
                                 tmp / f"{name}.log",
                                 env={"NOMOAT_TOKEN": token, "NOMOAT_SIMULATED_TOKENS_PER_TFLOP": str(args.rate)}))

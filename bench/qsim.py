@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from coordinator import folding  # noqa: E402
 from coordinator.model import RunningModel  # noqa: E402
+from coordinator.noise import NoiseScale, Sample  # noqa: E402
 from coordinator.policy import FoldPolicy, TaskTraining  # noqa: E402
 from coordinator.settings import JobDefaults, Settings  # noqa: E402
 from coordinator.submit import split_tasks  # noqa: E402
@@ -67,9 +68,12 @@ class Loop:
     def with_policy(self, **changes) -> Loop:
         return replace(self, policy=replace(self.policy, **changes))
 
-    def training(self, batch_size: int, learning_rate: float, cards: int) -> TaskTraining:
-        """The batch and lr each task trains at, on ``cards`` workers."""
-        sized = self.policy.task_training(batch_size, learning_rate, cards)
+    def training(self, batch_size: int, learning_rate: float, cards: int,
+                 noise_scale: float | None = None, tasks: int | None = None) -> TaskTraining:
+        """The batch and lr each task trains at, on ``cards`` workers, with the job's gradient
+        noise scale estimated so far (the policy uses it with ``size_from_noise``) and the
+        job's ``tasks``."""
+        sized = self.policy.task_training(batch_size, learning_rate, cards, noise_scale, tasks)
         return TaskTraining(self.task_batch or sized.batch_size,
                             learning_rate * self.lr_mult if self.lr_mult else sized.learning_rate,
                             sized.fold_width)
@@ -87,6 +91,8 @@ class Outcome:
     patch_rank: int = 0  # Σ of the published patches' ranks for PROBE_MODULE
     delta: torch.Tensor | None = None  # W_final − W_base of PROBE_MODULE
     seconds: float = 0.0
+    batches: list[int] = field(default_factory=list)  # each task's batch, in the order trained
+    noise_scale: float = math.nan  # the job's B_simple estimate at the end (coordinator.noise)
 
 
 def read_corpus(name: str) -> list[str]:
@@ -146,6 +152,10 @@ class Bench:
         self.base_test = running.eval_loss(self.test, self.job.seq_len)
         self.base_probe = running.master([PROBE_MODULE])[PROBE_MODULE].detach().clone().cpu()
 
+    def base_loss(self, seq_len: int) -> float:
+        """The base model's test loss at ``seq_len`` (a part that changes the job's blocks)."""
+        return RunningModel(self.base_dir, self.device).eval_loss(self.test, seq_len)
+
     # -- the two sides ------------------------------------------------------------------------
 
     def centralized(self, epochs: int = 1, batch: int = 0, lr_mult: float = 1.0) -> Outcome:
@@ -173,10 +183,9 @@ class Bench:
         t0 = time.time()
         policy = loop.policy
         n_workers = 1 if sequential else workers or self.args.workers
-        sized = loop.training(self.train_spec.batch_size, self.train_spec.learning_rate, n_workers)
-        b = sized.batch_size
-        spec = replace(self.train_spec, epochs=epochs or self.train_spec.epochs, batch_size=b, micro_batch=b,
-                       learning_rate=sized.learning_rate, lr_b_ratio=loop.lr_b_ratio)
+        spec = replace(self.train_spec, epochs=epochs or self.train_spec.epochs, lr_b_ratio=loop.lr_b_ratio)
+        noise = NoiseScale()  # the job's, as the coordinator keeps it from each accepted adapter
+        sizing: dict[int, TaskTraining] = {}  # task -> what it was leased to train at
         carries: dict[int, Carry] = {}  # worker -> its last trained factors and moments
         patches: dict[int, Adapter] = {}  # version -> the patch that made it
         ranges = split_tasks(self.counts, loop.tokens_per_task)
@@ -201,6 +210,8 @@ class Bench:
             if pending:
                 task = pending.pop()
                 in_flight[task] = version
+                sizing[task] = loop.training(self.train_spec.batch_size, self.train_spec.learning_rate, n_workers,
+                                             noise.b_simple(), len(ranges))
                 heapq.heappush(events, (now + tasks[task][3] / speeds[worker], worker, task))
 
         for w in range(len(speeds)):
@@ -219,11 +230,17 @@ class Bench:
                         moments = None
                 elif loop.warm == "job" and base in patches:
                     start = start_from_patch(patches[base], self.lora.rank, self.lora.alpha)
-                adapter, result = train_adapter(folders[base], texts, self.lora, replace(spec, seed=index),
+                sized = sizing.pop(task)
+                task_spec = replace(spec, seed=index, batch_size=sized.batch_size, micro_batch=sized.batch_size,
+                                    learning_rate=sized.learning_rate)
+                adapter, result = train_adapter(folders[base], texts, self.lora, task_spec,
                                                 device=self.device, start=start, optimizer_state=moments)
                 carries[worker] = result.carry
+                n = result.norms
+                noise = noise.add(Sample(n.micro_sq, n.batch_sq, n.micro_batch, n.batch_size))
+                out.batches.append(sized.batch_size)
                 buffer.append({"adapter": adapter, "tokens": result.tokens, "base": base, "job": job,
-                               "accepted": now})
+                               "accepted": now, "width": sized.fold_width})
                 out.adapters += 1
                 if sequential:
                     waiting.append(worker)
@@ -250,6 +267,7 @@ class Bench:
                 while len(out.round_losses) < rounds and len(out.round_losses) not in busy:
                     out.round_losses.append(running.eval_loss(self.test, self.job.seq_len))
         out.test_loss = running.eval_loss(self.test, self.job.seq_len)
+        out.noise_scale = noise.b_simple() or math.nan
         out.delta = self._probe_delta(running)
         out.seconds = time.time() - t0
         for v, path in folders.items():
@@ -281,7 +299,8 @@ class Bench:
                 continue
             candidates.append({**e, "tau": tau, "norm": norm, "solo": solo})
         while candidates:
-            weights = policy.weights([c["tokens"] for c in candidates], [c["tau"] for c in candidates])
+            weights = policy.weights([c["tokens"] for c in candidates], [c["tau"] for c in candidates],
+                                     max(c["width"] for c in candidates))
             delta = folding.build_patch([c["adapter"] for c in candidates], weights)
             patch = policy.outer_step(delta, previous_deltas)
             modules = patch.modules()

@@ -24,13 +24,19 @@ Parts (``--parts``, run side by side with ``--jobs``):
   ``FoldPolicy``: what a user gets), whose ratios are ``quality_ratio`` and
   ``quality_vs_dataparallel``.
 * ``many``: ``--passes`` passes over the data in small tasks (≥ 30 folded versions): the
-  recommended levers with plain averaging and with DiLoCo's outer Nesterov step (μ 0.9, outer lr
-  0.7 and 1.0), and the coordinator before issue 10. The centralized run is converged there (its loss by epoch is
+  recommended levers with plain averaging, and the coordinator before issue 10. The centralized run is converged there (its loss by epoch is
   printed), so the recommended row against it is ``quality_converged``; against one LoRA of the
   same rank at the job's lr for as many epochs it is ``stacked_vs_single_ratio`` (the seed idea:
   stacked low-rank updates learn more than one LoRA on the same tokens).
+* ``outer``: the many-rounds regime with DiLoCo's outer Nesterov step (μ 0.9, outer lr 0.1, 0.3,
+  1.0), against the ``many`` part's references.
 * ``corpus``: the key ratios again on a corpus this project did not write (``--corpus2``,
   default ``python-docs``: the Language Reference topics CPython ships in ``pydoc_data``).
+* ``few``: a small job (3 tasks of ``--few-records`` records, 64-token blocks, 3 workers), folded
+  one by one and together: before issue 10's partial folds every adapter of it was refused.
+
+The one-pass and second-corpus parts also have a row that sizes each task's batch from the job's
+gradient noise scale (``Settings.size_from_noise``; the B_noise column is the estimate).
 
     python bench/quality.py [--records N] [--jobs 3] [--device cpu|cuda] [--quick]
 
@@ -58,6 +64,7 @@ from bench.qsim import PROBE_MODULE, Bench, Loop, Outcome, coordinator_settings,
 from coordinator.settings import JobDefaults, Settings  # noqa: E402
 
 LR_SWEEP = (0.5, 1.0, 2.0, 4.0)
+OUTER_LRS = (0.1, 0.3, 1.0)  # DiLoCo's outer Nesterov (momentum 0.9) in the many-rounds part
 # The recommended row is the coordinator's defaults (Settings, JobDefaults and the FoldPolicy built
 # from them: qsim.Loop.defaults), so what this measures is what a user gets. Measured
 # (bench/README.md): keep the global batch at lr x2 (sqrt(K), K = 4) with normalised staleness
@@ -90,20 +97,22 @@ def best(outcomes: dict[float, Outcome]) -> tuple[float, Outcome]:
 
 
 def run_rows(bench: Bench, part: str, rows: list[tuple[str, Loop]], refs: dict[str, Outcome],
-             rounds: int = 1) -> list[dict]:
+             rounds: int = 1, workers: int = 0) -> list[dict]:
     say(part, f"{'row':34} {'tok/task':>8} {'batch':>5} {'tasks':>5} {'folds':>5} {'tau':>5} {'refused':>7} "
-              f"{'loss':>7} " + " ".join(f"{k:>12}" for k in refs) + "  time")
+              f"{'loss':>7} " + " ".join(f"{k:>12}" for k in refs) + "  B_noise  time")
     table = []
     for label, loop in rows:
-        o = bench.distributed(loop, rounds=rounds)
+        o = bench.distributed(loop, rounds=rounds, workers=workers)
         ratios = {k: round(bench.ratio(o, ref), 4) for k, ref in refs.items()}
         tau = sum(o.taus) / max(1, len(o.taus))
-        sized = loop.training(bench.train_spec.batch_size, bench.train_spec.learning_rate, bench.args.workers)
-        batch = sized.batch_size
+        sized = loop.training(bench.train_spec.batch_size, bench.train_spec.learning_rate, workers or bench.args.workers)
+        # The batch the tasks trained at (the last one's, when the noise scale sized them).
+        batch = o.batches[-1] if o.batches else sized.batch_size
         say(part, f"{label:34} {loop.tokens_per_task:>8} {batch:>5} {o.adapters:>5} {o.versions:>5} {tau:>5.2f} "
                   f"{o.rejected + o.dropped:>7} {o.test_loss:>7.4f} "
-                  + " ".join(f"{r:>12.3f}" for r in ratios.values()) + f"  {o.seconds:.0f}s")
+                  + " ".join(f"{r:>12.3f}" for r in ratios.values()) + f"  {o.noise_scale:>7.3g}  {o.seconds:.0f}s")
         table.append({"row": label, "loop": asdict(loop), "task_batch": batch,
+                      "task_batches": sorted(set(o.batches)), "noise_scale": round(o.noise_scale, 3),
                       "lr_mult": round(sized.learning_rate / bench.train_spec.learning_rate, 4),
                       "tasks": o.adapters, "folds": o.versions,
                       "mean_tau": round(tau, 2), "refused": o.rejected + o.dropped,
@@ -178,9 +187,10 @@ def part_levers(args: argparse.Namespace) -> dict:
             ("  + warm start (worker's own + moments)", replace(kgb, lr_mult=2.0, warm="worker")),
             ("  + warm start (worker's own, no moments)", replace(kgb, lr_mult=2.0, warm="worker-fresh-adam")),
             ("  + warm start (job's last fold)", replace(kgb, lr_mult=2.0, warm="job")),
+            ("  + batch from the noise scale", recommended(defaults, t).with_policy(size_from_noise=True)),
             ("recommended (coordinator defaults)", recommended(defaults, t))]
     if args.quick:
-        rows = [rows[0], rows[-1]]
+        rows = [rows[0], rows[-2], rows[-1]]
     table = run_rows(bench, part, rows, {})
     return {"table": [{k2: v for k2, v in r.items() if k2 != "outcome"} for r in table]}
 
@@ -229,9 +239,6 @@ def part_many(args: argparse.Namespace) -> dict:
     refs = {"single x1": curve[p], "central best": cbest}
     rec = recommended(defaults, args.many_task_tokens)
     rows = [("recommended", rec),
-            ("  + Nesterov 0.9, outer lr 0.7", rec.with_policy(outer_momentum=0.9, outer_lr=0.7)),
-            *([("  + Nesterov 0.9, outer lr 1.0", rec.with_policy(outer_momentum=0.9, outer_lr=1.0))]
-              if not args.no_nesterov_1 else []),
             ("before issue 10 (stacked rounds)", before_issue_10(defaults))]
     if args.quick:
         rows = [rows[0], rows[-1]]
@@ -242,12 +249,36 @@ def part_many(args: argparse.Namespace) -> dict:
     say(part, f"recommended, loss after each pass: {table[0]['round_test_losses']}")
     say(part, f"{PROBE_MODULE}: W_final - W_base rank {s_rank} (effective {s_eff:.1f}, patch ranks sum to "
               f"{o.patch_rank}) folded, rank {c_rank} (effective {c_eff:.1f}) single LoRA")
-    return {"passes": p, "centralized_by_epoch": {e: round(x.test_loss, 4) for e, x in curve.items()},
+    return {"passes": p, "base_test_loss": bench.base_test,
+            "refs": {k2: o2.test_loss for k2, o2 in refs.items()},
+            "centralized_by_epoch": {e: round(x.test_loss, 4) for e, x in curve.items()},
             "centralized_lr_half": round(central2.test_loss, 4),
             "table": [{k2: v for k2, v in r.items() if k2 != "outcome"} for r in table],
             "quality_converged": table[0]["ratios"]["central best"],
             "stacked_vs_single_ratio": table[0]["ratios"]["single x1"],
             "rank": s_rank, "effective_rank": round(s_eff, 1), "single_effective_rank": round(c_eff, 1)}
+
+
+def part_outer(args: argparse.Namespace) -> dict:
+    """The many-rounds regime again with DiLoCo's outer Nesterov step (momentum 0.9, ``OUTER_LRS``);
+    its ratios are taken against the 'many' part's references (:func:`outer_ratios`)."""
+    part = "outer"
+    bench, defaults, _ = setup(args, args.corpus)
+    rec = recommended(defaults, args.many_task_tokens)
+    rows = [(f"  + Nesterov 0.9, outer lr {lr:g}", rec.with_policy(outer_momentum=0.9, outer_lr=lr))
+            for lr in OUTER_LRS if not (args.no_nesterov_1 and lr == 1.0)]
+    table = run_rows(bench, part, rows, {}, rounds=args.passes)
+    return {"table": [{k2: v for k2, v in r.items() if k2 != "outcome"} for r in table]}
+
+
+def outer_ratios(many: dict, outer: dict) -> list[dict]:
+    """The outer-momentum rows against the many-rounds references (same split, same T)."""
+    base = many["base_test_loss"]
+    for row in outer["table"]:
+        row["ratios"] = {k: round((base - row["test_loss"]) / (base - ref), 4) for k, ref in many["refs"].items()}
+        print(f"  {row['row']:34} folds {row['folds']:>3} refused {row['refused']:>3} losses by pass "
+              f"{row['round_test_losses']} " + " ".join(f"{k} {r:.3f}" for k, r in row["ratios"].items()), flush=True)
+    return outer["table"]
 
 
 def part_corpus(args: argparse.Namespace) -> dict:
@@ -259,23 +290,54 @@ def part_corpus(args: argparse.Namespace) -> dict:
     central = sweep(bench, part, "centralized", b, mults=mults)
     dp = sweep(bench, part, "data-parallel", k * b, mults=mults)
     refs = {"central x1": central[1.0], "central best": best(central)[1], "dp best": best(dp)[1]}
-    rows = [("before issue 10", before_issue_10(defaults)), ("recommended", recommended(defaults, args.task_tokens))]
+    rec = recommended(defaults, args.task_tokens)
+    rows = [("before issue 10", before_issue_10(defaults)), ("recommended", rec),
+            ("  + batch from the noise scale", rec.with_policy(size_from_noise=True))]
     table = run_rows(bench, part, rows, refs)
     return {"corpus": args.corpus2, "train_tokens": bench.total_tokens,
             "table": [{k2: v for k2, v in r.items() if k2 != "outcome"} for r in table],
             "quality_ratio": table[1]["ratios"]["central best"],
             "quality_vs_dataparallel": table[1]["ratios"]["dp best"],
-            "quality_ratio_today": table[0]["ratios"]["central best"]}
+            "quality_ratio_today": table[0]["ratios"]["central best"],
+            "noise_sizing_ratio": table[2]["ratios"]["central best"]}
 
 
-PARTS = {"baselines": part_baselines, "levers": part_levers, "many": part_many, "corpus": part_corpus}
+def part_few(args: argparse.Namespace) -> dict:
+    """A small job: 3 tasks (each a third of ``--few-records`` records) on 3 workers, 64-token
+    blocks, as bench/hetero's "equal" variant. Folded one by one (each adapter's fold times out
+    before the next lands) its adapters were all refused before issue 10's partial folds."""
+    part = "few"
+    few = argparse.Namespace(**{**vars(args), "records": args.few_records, "workers": 3})
+    bench, defaults, _ = setup(few, args.corpus)
+    bench.job = replace(bench.job, seq_len=64)
+    bench.train_spec = replace(bench.train_spec, seq_len=64)
+    bench.base_test = bench.base_loss(64)
+    header(bench, part, args.corpus)
+    central = bench.centralized()
+    say(part, f"centralized (batch {bench.job.batch_size}, lr x1): test loss {central.test_loss:.4f}")
+    per = math.ceil(bench.total_tokens * 0.95 / 3)
+    rec = replace(defaults, tokens_per_task=per)
+    alone = rec.with_policy(fold_timeout_s=1.0)  # each adapter folds by itself
+    rows = [("one by one, before (b/4, whole steps)", replace(alone, task_batch=2, lr_mult=2.0)
+             .with_policy(partial_folds=False)),
+            ("one by one, recommended (b/3, m/K)", alone),
+            ("folded together, recommended", rec)]
+    table = run_rows(bench, part, rows, {"central x1": central}, workers=3)
+    return {"train_tokens": bench.total_tokens, "centralized": round(central.test_loss, 4),
+            "table": [{k2: v for k2, v in r.items() if k2 != "outcome"} for r in table],
+            "few_tasks_ratio": table[1]["ratios"]["central x1"]}
+
+
+PARTS = {"baselines": part_baselines, "levers": part_levers, "many": part_many, "outer": part_outer,
+         "corpus": part_corpus, "few": part_few}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--quick", action="store_true", help="400 records, few rows: a smoke run")
-    parser.add_argument("--parts", default="baselines,levers,many,corpus", help="which parts, comma-separated")
+    parser.add_argument("--parts", default="baselines,levers,many,outer,corpus,few", help="which parts, comma-separated")
+    parser.add_argument("--few-records", type=int, default=150, help="records of the 'few' part's small job")
     parser.add_argument("--jobs", type=int, default=1, help="parts run side by side in this many processes")
     parser.add_argument("--corpus", default="demo", help="demo or python-docs")
     parser.add_argument("--corpus2", default="python-docs", help="the corpus of the 'corpus' part")
@@ -303,13 +365,17 @@ def main() -> None:
         futures = {n: pool.submit(PARTS[n], args) for n in names}
         results = {n: f.result() for n, f in futures.items()}
     one = onepass(results["baselines"], results["levers"]) if {"baselines", "levers"} <= set(results) else {}
-    many, other = results.get("many", {}), results.get("corpus", {})
+    many, other, few = results.get("many", {}), results.get("corpus", {}), results.get("few", {})
+    if many and "outer" in results:
+        print(f"\nmany rounds with outer Nesterov (references: {many['refs']})", flush=True)
+        many["outer"] = outer_ratios(many, results["outer"])
     seconds = time.time() - t0
     print(f"\nquality_ratio {one.get('quality_ratio', math.nan):.3f} (target >= 0.90), quality_vs_dataparallel "
           f"{one.get('quality_vs_dataparallel', math.nan):.3f} (>= 1.0), quality_converged "
           f"{many.get('quality_converged', math.nan):.3f} (>= 0.97), stacked_vs_single_ratio "
           f"{many.get('stacked_vs_single_ratio', math.nan):.3f} (>= 1.0); {other.get('corpus', '')} quality_ratio "
-          f"{other.get('quality_ratio', math.nan):.3f}; {seconds:.0f}s on {args.device}", flush=True)
+          f"{other.get('quality_ratio', math.nan):.3f}; a 3-task job folded one by one "
+          f"{few.get('few_tasks_ratio', math.nan):.3f} of centralized; {seconds:.0f}s on {args.device}", flush=True)
     print(json.dumps({
         "quality_ratio": one.get("quality_ratio"),
         "quality_vs_dataparallel": one.get("quality_vs_dataparallel"),
@@ -317,7 +383,8 @@ def main() -> None:
         "stacked_vs_single_ratio": many.get("stacked_vs_single_ratio"),
         "recommended": recommended_levers(*coordinator_settings(args, Path("unused")), args.workers),
         "workers": args.workers, "records": args.records,
-        "onepass": one, "many": many, "second_corpus": other,
+        "few_tasks_ratio": few.get("few_tasks_ratio"),
+        "onepass": one, "many": many, "second_corpus": other, "few": few,
         "device": args.device, "seconds": round(seconds, 1),
     }, default=str))
 

@@ -21,21 +21,29 @@ CACHE_S = 5.0  # how long a coordinator trusts a token it looked up; another's r
 _CACHE_MAX = 4096
 
 # Which roles may call each method; admin may call everything.
-_ANY = {"worker", "submitter", "reader", "admin"}
+_ANY = {"worker", "trusted-worker", "submitter", "reader", "admin"}
+_WORKERS = {"worker", "trusted-worker", "admin"}
+# The roles that are given the Ray cluster's token on Register: anyone holding it can run code on
+# the coordinator's machine and every Ray node, so plain (public) worker tokens never get it.
+RAY_ROLES = frozenset({"trusted-worker", "admin"})
 PERMISSIONS: dict[str, set[str]] = {
     "/nomoat.v1.Datasets/Submit": {"submitter", "admin"},
     "/nomoat.v1.Jobs/Status": _ANY,
     "/nomoat.v1.Jobs/Watch": _ANY,
-    "/nomoat.v1.Workers/Register": {"worker", "admin"},
-    "/nomoat.v1.Workers/Heartbeat": {"worker", "admin"},
-    "/nomoat.v1.Workers/FetchShard": {"worker", "admin"},
-    "/nomoat.v1.Workers/Upload": {"worker", "admin"},
-    "/nomoat.v1.Workers/UploadOffset": {"worker", "admin"},
-    "/nomoat.v1.Workers/Stats": {"worker", "admin"},  # a volunteer's own record (its token's)
+    "/nomoat.v1.Workers/Register": _WORKERS,
+    "/nomoat.v1.Workers/Heartbeat": _WORKERS,
+    "/nomoat.v1.Workers/FetchShard": _WORKERS,
+    "/nomoat.v1.Workers/Upload": _WORKERS,
+    "/nomoat.v1.Workers/UploadOffset": _WORKERS,
+    "/nomoat.v1.Workers/RequestWork": _WORKERS,
+    "/nomoat.v1.Workers/ReportRun": _WORKERS,
+    "/nomoat.v1.Workers/Stats": _WORKERS,  # a volunteer's own record (its token's)
     "/nomoat.v1.Models/Pull": _ANY,
     # Every /nomoat.v1.Admin/ method: admin only (not listed).
 }
 OPEN_PREFIXES = ("/grpc.health.v1.Health/",)
+# Who may open the coordinator's HTTP port (coordinator.web: the dashboard, its API, /metrics).
+HTTP_ROLES = {"reader", "admin"}
 
 
 @dataclass(frozen=True)
@@ -43,6 +51,11 @@ class Identity:
     role: str
     name: str
     token_hash: str
+
+
+def may_join_ray(identity: Identity | None) -> bool:
+    """Whether this caller is given the Ray cluster's address and token (trusted machines only)."""
+    return identity is not None and identity.role in RAY_ROLES
 
 
 class TokenRegistry:

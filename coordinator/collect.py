@@ -13,7 +13,9 @@ resumable upload, then ``receive`` checks and records it.
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
@@ -22,10 +24,23 @@ from coordinator import folding, trust
 from coordinator.auth import Identity
 from coordinator.errors import Incomplete, WrongState
 from coordinator.leases import holder
-from coordinator.ledger import Accepted, Check, Ledger
+from coordinator.ledger import Accepted, Check, JobConfig, Ledger, Refusal
+from coordinator.ledger.adapters import REFUSED_LEASE
+from coordinator.noise import Sample
 from coordinator.store import BlobStore
 from coordinator.uploads import PartialUploads, UploadRefused, UploadRetry
 from nomoat import adapter as adapter_format
+from nomoat.logs import fields
+
+log = logging.getLogger("nomoat.collect")
+
+# Why an upload was refused, as a short code (a Prometheus label: coordinator.metrics) beside its
+# sentence; REFUSED_LEASE (the ledger's: the upload does not hold the task's current lease) is the sixth.
+REFUSED_SIZE = "too_big"  # over max_adapter_bytes
+REFUSED_LINEAGE = "lineage"  # trained on another coordinator's model
+REFUSED_TRANSFER = "transfer"  # the bytes do not match the manifest's size or sha256
+REFUSED_BASE = "base_version"  # the manifest names another base version than the lease's run was given
+REFUSED_FORMAT = "format"  # not a nomoat safetensors adapter of the job's shapes, rank and alpha
 
 if TYPE_CHECKING:
     from coordinator.replication import Replication
@@ -44,6 +59,7 @@ class Manifest:
     size: int
     worker_id: str = ""
     lineage: str = ""  # the model lineage of base_version; empty from workers that predate it
+    gradients: Sample = Sample(0.0, 0.0, 0.0, 0.0)  # the worker's gradient noise measurement
 
 
 def upload(
@@ -61,19 +77,54 @@ def upload(
     replication: Replication | None = None,
 ) -> Accepted:
     """The whole upload: refuse early what cannot be accepted, receive the bytes from
-    ``offset`` on (resumable, see PartialUploads), then check and record the adapter.
+    ``offset`` on (resumable, see PartialUploads), then check and record the adapter; the
+    answer is logged.
 
-    Every answer about the adapter is an Accepted (refusals included). Raises WrongState when
-    the upload cannot go on now but may be resumed, Incomplete when the stream ended early
-    (the bytes so far are kept; the message says where to resume). An adapter that fails a check
-    counts against its volunteer's trust (the token it came with); with ``replication``, the
-    adapter of a replicated task is held until its replicas settle.
+    Every answer about the adapter is an Accepted (refusals included), and is counted in the
+    ledger (coordinator.ledger.counters: uploads by outcome, bytes, refusals with their reasons;
+    an adapter held for its replicas counts as "held", neither buffered nor refused).
+    Raises WrongState when the upload cannot go on now but may be resumed, Incomplete when the
+    stream ended early (the bytes so far are kept; the message says where to resume). An adapter
+    that fails a check counts against its volunteer's trust (the token it came with); with
+    ``replication``, the adapter of a replicated task is held until its replicas settle.
     """
+    result = _upload(ledger, store, shapes, partials, identity, manifest, offset, blocks, max_bytes=max_bytes,
+                     lineage=lineage, replication=replication)
+    refusal = None
+    if result.status == "refused":
+        task = ledger.tasks.get(manifest.task_id)
+        refusal = Refusal(time.time(), "upload", result.kind or REFUSED_LEASE, result.detail, manifest.task_id,
+                          manifest.worker_id, task.job if task else "")
+    ledger.counters.upload("held" if result.held else result.status, manifest.size, refusal)
+    log_answer(manifest, result)
+    return result
+
+
+def log_answer(m: Manifest, result: Accepted) -> None:
+    """One line for an upload's answer: accepted (or a duplicate of one), or refused and why."""
+    ids = {"task": m.task_id, "worker": m.worker_id or None, "fence": m.fence, "tokens": m.tokens, "bytes": m.size}
+    if result.held:  # its task is replicated: it waits in the replica group (coordinator.replication)
+        log.info("adapter %s of task %s (worker %s) held until its replicas agree: %d tokens, train loss %.4f",
+                 result.detail, m.task_id, m.worker_id or "?", m.tokens, m.train_loss,
+                 extra=fields("replica.held", adapter=result.detail, train_loss=m.train_loss, **ids))
+    elif result.ok:
+        log.info("adapter %s of task %s (worker %s) accepted: %d tokens, train loss %.4f", result.detail,
+                 m.task_id, m.worker_id or "?", m.tokens, m.train_loss,
+                 extra=fields("upload.accepted", adapter=result.detail, train_loss=m.train_loss,
+                              duplicate=result.status == "duplicate", **ids))
+    else:
+        log.warning("upload of task %s (worker %s, fence %d) refused: %s", m.task_id, m.worker_id or "?", m.fence,
+                    result.detail, extra=fields("upload.refused", reason=result.detail, **ids))
+
+
+def _upload(ledger: Ledger, store: BlobStore, shapes: Mapping[str, tuple[int, int]], partials: PartialUploads,
+            identity: Identity, manifest: Manifest, offset: int, blocks: Iterable[bytes], *, max_bytes: int,
+            lineage: str, replication: Replication | None) -> Accepted:
     if manifest.size > max_bytes:
-        return Accepted("refused", f"the adapter is {manifest.size} bytes; the limit is {max_bytes}")
+        return Accepted("refused", f"the adapter is {manifest.size} bytes; the limit is {max_bytes}", REFUSED_SIZE)
     if manifest.lineage and manifest.lineage != lineage:  # trained on another coordinator's model
         return Accepted("refused", f"the adapter was trained on model lineage {manifest.lineage}, "
-                                   f"not this coordinator's {lineage}")
+                                   f"not this coordinator's {lineage}", REFUSED_LINEAGE)
     result = precheck(ledger, manifest.task_id, manifest.fence, manifest.sha256)
     if result is not None:
         return result
@@ -81,12 +132,12 @@ def upload(
     m = replace(manifest, worker_id=worker_id)  # the worker credited, if any
     problem = ledger.leases.hold(m.task_id, m.fence, m.worker_id, token_hash)
     if problem:
-        return Accepted("refused", problem)
+        return Accepted("refused", problem, REFUSED_LEASE)
     volunteer = trust.volunteer_of(token_hash, worker_id)
     try:
         data = partials.receive(m.task_id, m.fence, m.sha256, m.size, offset, blocks)
     except UploadRefused as exc:  # bytes that do not match their manifest
-        return _counted(ledger, volunteer, Accepted("refused", str(exc), Check.CORRUPT))
+        return _counted(ledger, volunteer, Accepted("refused", str(exc), REFUSED_TRANSFER, Check.CORRUPT))
     except UploadRetry as exc:
         raise WrongState(str(exc)) from None
     if data is None:
@@ -128,20 +179,20 @@ def receive(
     the check it failed, when it failed one)."""
     if len(data) != manifest.size:
         return Accepted("refused", f"the upload has {len(data)} bytes but the manifest says {manifest.size}",
-                        Check.CORRUPT)
+                        REFUSED_TRANSFER, Check.CORRUPT)
     digest = hashlib.sha256(data).hexdigest()
     if digest != manifest.sha256:
         return Accepted("refused", "the upload's sha256 does not match its manifest: it was corrupted on the way",
-                        Check.CORRUPT)
+                        REFUSED_TRANSFER, Check.CORRUPT)
     task = ledger.tasks.get(manifest.task_id)
     if task is None:
-        return Accepted("refused", f"there is no task {manifest.task_id!r}")
+        return Accepted("refused", f"there is no task {manifest.task_id!r}", REFUSED_LEASE)
     if not ledger.leases.problem(manifest.task_id, manifest.fence):
         if task.base_version != manifest.base_version:
             return Accepted(
                 "refused",
                 f"the manifest names base version {manifest.base_version} but the task's run was "
-                f"given version {task.base_version}", Check.MALFORMED,
+                f"given version {task.base_version}", REFUSED_BASE, Check.MALFORMED,
             )
         config = ledger.jobs.get(task.job).config
         try:
@@ -153,16 +204,30 @@ def receive(
                 )
             targets = set(config.target_modules)
             expected = {m: s for m, s in shapes.items() if m.rsplit(".", 1)[-1] in targets}
-            folding.check_structure(adapter, expected, config.lora_rank, config.lora_alpha)
+            rank, alpha = expected_shape(config, adapter)
+            folding.check_structure(adapter, expected, rank, alpha)
         except (adapter_format.AdapterFormatError, folding.AdapterRejected) as exc:
-            return Accepted("refused", f"the adapter was refused: {exc}", Check.MALFORMED)
+            return Accepted("refused", f"the adapter was refused: {exc}", REFUSED_FORMAT, Check.MALFORMED)
         store.put(data)
     # The ledger decides under its own atomicity whether this fence still holds the lease.
-    return ledger.adapters.accept(
+    accepted = ledger.adapters.accept(
         manifest.task_id, manifest.fence, digest, worker_id=manifest.worker_id,
         base_version=manifest.base_version, rank=manifest.rank, alpha=manifest.alpha,
         # The fold weighs adapters by tokens trained; a worker may not claim more than its task holds.
         tokens=min(manifest.tokens, task.tokens or manifest.tokens),
         train_loss=manifest.train_loss, size=manifest.size, volunteer=volunteer,
         hold=replication.hold_for(task, volunteer) if replication is not None else None,
+        gradients=manifest.gradients,
     )
+    if accepted.status == "accepted":
+        ledger.jobs.add_noise(task.job, manifest.gradients)
+    return accepted
+
+
+def expected_shape(config: JobConfig, adapter: adapter_format.Adapter) -> tuple[int, float]:
+    """The rank and alpha an upload of a job with ``config`` must have: the job's, or for a
+    warm-start job's contribution (metadata warm_start "1") twice each, the exact rank-2r
+    difference ``[s·B₁ | −s·B₀]·[A₁; A₀]`` with the same scale."""
+    if config.warm_start and adapter.meta.get(adapter_format.META_WARM) == "1":
+        return 2 * config.lora_rank, 2.0 * config.lora_alpha
+    return config.lora_rank, config.lora_alpha

@@ -9,6 +9,12 @@ the survivors are folded at once (DESIGN.md's product rule, one GEMM per matrix)
 version is published only if its held-out loss is not worse than its parent's by more than ε;
 otherwise the worst contributor is dropped and the fold retried, or nothing is published.
 
+Every held-out evaluation reads the job's budgeted blocks (``Settings.eval_tokens``) on the
+coordinator's device, and compares parent and candidate on the same blocks
+(:mod:`coordinator.evaluation`); a candidate is the current model plus its update as a side
+path, so a gate neither copies nor changes the master, and the fold's patch goes into the master
+only when the fold is published. The parent's losses are measured once per version.
+
 Every decision is :class:`coordinator.policy.FoldPolicy`'s (the benchmark folds with the same
 object); this module does the reading, evaluating and publishing around them.
 """
@@ -23,7 +29,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from coordinator import folding
+from coordinator import evaluation, folding
 from coordinator.history import History
 from coordinator.ledger import (
     AdapterRecord,
@@ -41,6 +47,7 @@ from coordinator.store import BlobStore
 from coordinator.submit import read_records
 from nomoat import adapter as adapter_format
 from nomoat import lora
+from nomoat.logs import fields
 
 log = logging.getLogger("nomoat.fold")
 
@@ -49,11 +56,14 @@ log = logging.getLogger("nomoat.fold")
 class Candidate:
     adapter_id: str
     job_id: str
+    worker_id: str
     adapter: adapter_format.Adapter
     tokens: int
     tau: int
     norm: float
     solo_loss: float = math.nan
+    task_id: str = ""
+    fold_width: int = 1  # K its task's batch was divided for (FoldPolicy.weights)
 
 
 class Folder:
@@ -69,6 +79,8 @@ class Folder:
         # lock makes them take turns (admin calls arrive on gRPC threads).
         self.lock = threading.Lock()
         self._validation: dict[str, list[str]] = {}
+        self._eval_sets: dict[str, evaluation.EvalSet] = {}
+        self._parent_losses: tuple[int | None, dict[str, evaluation.Losses]] = (None, {})
         self._resync = False
 
     # -- evaluation sets ----------------------------------------------------------------------
@@ -82,14 +94,31 @@ class Folder:
     def _seq_len(self, job_id: str) -> int:
         return self.ledger.jobs.get(job_id).config.seq_len
 
-    def _job_losses(self, job_ids: list[str]) -> dict[str, float]:
-        """Held-out loss of the current model on each job's validation slice."""
-        return {j: self.model.eval_loss(self.validation(j), self._seq_len(j)) for j in job_ids}
+    def _eval_set(self, job_id: str) -> evaluation.EvalSet:
+        """The job's budgeted blocks (Settings.eval_tokens): every evaluation of it reads these."""
+        if job_id not in self._eval_sets:
+            self._eval_sets[job_id] = self.model.eval_set(self.validation(job_id), self._seq_len(job_id),
+                                                          self.settings.eval_tokens)
+        return self._eval_sets[job_id]
+
+    def _job_losses(self, job_ids: list[str], patch: adapter_format.Adapter | None = None
+                    ) -> dict[str, evaluation.Losses]:
+        """Per-block held-out losses of the current model (plus ``patch``) on each job's set."""
+        return {j: self.model.losses(self._eval_set(j), patch, self.settings.eval_dtype) for j in job_ids}
+
+    def _parents(self, job_ids: list[str], version: int) -> dict[str, evaluation.Losses]:
+        """The current model's losses on each job's set, measured once per version: a fold's
+        candidate losses become the next fold's parent losses (the same model, the same blocks)."""
+        if self._parent_losses[0] != version:
+            self._parent_losses = (version, {})
+        known = self._parent_losses[1]
+        known.update(self._job_losses([j for j in job_ids if j not in known]))
+        return {j: known[j] for j in job_ids}
 
     def _eval(self, job_ids: list[str]) -> float:
-        """Mean held-out loss over the jobs' validation slices (each job weighs the same)."""
+        """Mean held-out loss over the jobs' sets (each job weighs the same)."""
         losses = self._job_losses(job_ids)
-        return sum(losses.values()) / len(losses)
+        return sum(v.mean for v in losses.values()) / len(losses)
 
     def record_base_losses(self) -> None:
         """Give every new job the loss of the version it starts from, for comparison."""
@@ -97,7 +126,7 @@ class Folder:
         for job_id in self.ledger.jobs.running_ids():
             job = self.ledger.jobs.get(job_id)
             if job and job.state is JobState.RUNNING and job.base_loss is None:
-                self.ledger.jobs.set_base(job_id, self._eval([job_id]), latest)
+                self.ledger.jobs.set_base(job_id, self._parents([job_id], latest)[job_id].mean, latest)
 
     # -- folding ------------------------------------------------------------------------------
 
@@ -109,64 +138,92 @@ class Folder:
         """Fold if due; returns the published version number, or None."""
         with self.lock:
             if self._resync:
-                self.model = self.history.rebuild(self.ledger.versions.latest())
+                self._parent_losses = (None, {})
+                self.model = self.history.rebuild(self.ledger.versions.latest(), into=self.model)
                 self._resync = False
             self.record_base_losses()
             buffered = self.ledger.adapters.buffered()
             if not self.due(buffered, idle_jobs, now or time.time()):
                 return None
+            started = time.monotonic()
             try:
-                return self.fold(buffered[: self.policy.take()])
+                version = self.fold(buffered[: self.policy.take()])
             except Exception:
                 # A fold cut short (Redis went away mid-publish) may or may not have published:
                 # the ledger says which, so the weights are rebuilt from it before the next fold.
                 self._resync = True
                 raise
+            self.ledger.counters.fold(time.monotonic() - started, published=version is not None)
+            return version
 
     def fold(self, entries: list[AdapterRecord]) -> int | None:
         current = self.ledger.versions.latest()
         job_ids = sorted({e.job for e in entries})
-        parents = self._job_losses(job_ids)  # each job's, once: every adapter of it is gated against it
-        parent_loss = sum(parents.values()) / len(parents)
+        parents = self._parents(job_ids, current)  # each job's, once: every adapter of it is gated against it
+        parent_loss = sum(p.mean for p in parents.values()) / len(parents)
         candidates = [c for c in (self._gate(e, current, parents[e.job]) for e in entries) if c]
         if not candidates:
+            log.warning("no version after %d: all %d adapters were refused", current, len(entries),
+                        extra=fields("fold.empty", version=current, jobs=job_ids, adapters=len(entries)))
             return None
+        # K, the fold width each one's task was sized for: a fold of fewer takes part of a step.
+        widths = {t.task_id: t.fold_width for t in self.ledger.tasks.many([c.task_id for c in candidates])}
+        for c in candidates:
+            c.fold_width = widths.get(c.task_id, 1)
         while candidates:
-            weights = self.policy.weights([c.tokens for c in candidates], [c.tau for c in candidates])
+            weights = self.policy.weights([c.tokens for c in candidates], [c.tau for c in candidates],
+                                          max(c.fold_width for c in candidates))
             delta = folding.build_patch([c.adapter for c in candidates], weights)
             patch = self._outer_step(delta, current)
-            modules = patch.modules()
-            with self.model.restorable(modules) as checkpoint:
-                folding.apply_patch(self.model.master(modules), patch)
-                loss = self._eval(job_ids)
-                if self.policy.publishable(loss, parent_loss):
-                    checkpoint.keep()
-                    return self._publish(current, candidates, weights, patch, loss, parent_loss, job_ids,
-                                         delta if patch is not delta else None)
+            # The folded model is evaluated as current + patch on the side (nothing copied), and
+            # the patch goes into the master only once the fold is to be published.
+            losses = self._job_losses(job_ids, patch)
+            compared = [evaluation.paired(parents[j], losses[j]) for j in job_ids]
+            loss = sum(c.candidate for c in compared) / len(compared)
+            if self.policy.publishable(loss, parent_loss):
+                folding.apply_patch(self.model.master(patch.modules()), patch)
+                self._parent_losses = (current + 1, losses)
+                se = math.sqrt(sum(c.se ** 2 for c in compared)) / len(compared)
+                return self._publish(current, candidates, weights, patch, loss, parent_loss, job_ids,
+                                     delta if patch is not delta else None,
+                                     {"paired_se": se, "eval_tokens": sum(c.tokens for c in compared)})
             worst = candidates[self.policy.worst([c.solo_loss for c in candidates])]
-            self.ledger.adapters.reject(
-                worst.adapter_id,
-                f"folding it made held-out loss worse ({loss:.4f} against {parent_loss:.4f})", check=Check.FOLD,
-            )
+            reason = f"folding it made held-out loss worse ({loss:.4f} against {parent_loss:.4f})"
+            self.ledger.adapters.reject(worst.adapter_id, reason, check=Check.FOLD)
+            log.warning("the fold of %d adapters raised held-out loss %.4f -> %.4f; dropping the worst, %s "
+                        "(worker %s), and trying again", len(candidates), parent_loss, loss, worst.adapter_id,
+                        worst.worker_id or "?",
+                        extra=fields("adapter.dropped", job=worst.job_id, worker=worst.worker_id or None,
+                                     version=current, adapter=worst.adapter_id, loss=loss, parent_loss=parent_loss,
+                                     reason=reason))
             candidates.remove(worst)
+        log.warning("no version after %d: every fold of these adapters made held-out loss worse", current,
+                    extra=fields("fold.rolled_back", version=current, jobs=job_ids, adapters=len(entries)))
         return None
 
-    def _gate(self, entry: AdapterRecord, current: int, own_parent: float) -> Candidate | None:
-        """The adapter, if it passes the gates; ``own_parent`` is its job's held-out loss now."""
+    def _gate(self, entry: AdapterRecord, current: int, own_parent: evaluation.Losses) -> Candidate | None:
+        """The adapter, if it passes the gates; ``own_parent``: its job's held-out losses now."""
         adapter_id = entry.adapter_id
         try:
             adapter = adapter_format.from_bytes(self.store.get(entry.sha256))
             tau = current - entry.base_version
             norm = folding.delta_norm(adapter)
             self.policy.admit(entry.tokens, tau, norm, self.ledger.adapters.recent_norms())
-            candidate = Candidate(adapter_id, entry.job, adapter, entry.tokens, tau, norm)
-            candidate.solo_loss = self.model.loss_with(
-                adapter, folding.staleness_factor(tau), self.validation(entry.job), self._seq_len(entry.job)
-            )
-            self.policy.judge(candidate.solo_loss, own_parent)
+            candidate = Candidate(adapter_id, entry.job, entry.worker, adapter, entry.tokens, tau, norm,
+                                  task_id=entry.task)
+            solo = lora.build_patch([adapter], [folding.staleness_factor(tau)])
+            compared = evaluation.paired(
+                own_parent, self.model.losses(self._eval_set(entry.job), solo, self.settings.eval_dtype))
+            candidate.solo_loss = compared.candidate
+            log.debug("adapter %s: held-out %+.4f ± %.4f nats over %d tokens", adapter_id,
+                      compared.difference, compared.se, compared.tokens)
+            self.policy.judge(compared.candidate, compared.parent)
             return candidate
         except (adapter_format.AdapterFormatError, folding.AdapterRejected, FileNotFoundError) as exc:
-            log.warning("adapter %s rejected: %s", adapter_id, exc)
+            log.warning("adapter %s of task %s (worker %s) refused at the fold: %s", adapter_id, entry.task,
+                        entry.worker or "?", exc,
+                        extra=fields("adapter.rejected", job=entry.job, task=entry.task,
+                                     worker=entry.worker or None, adapter=adapter_id, reason=str(exc)))
             # The check it failed counts against its volunteer; a blob the store lost does not.
             check = None if isinstance(exc, FileNotFoundError) else Check(getattr(exc, "check", "malformed"))
             self.ledger.adapters.reject(adapter_id, str(exc), check=check)
@@ -198,18 +255,24 @@ class Folder:
             delta=self.store.put(adapter_format.to_bytes(delta)) if delta is not None else "",
         )
 
-    def _publish(self, current, candidates, weights, patch, loss, parent_loss, job_ids, delta=None) -> int:
+    def _publish(self, current, candidates, weights, patch, loss, parent_loss, job_ids, delta=None,
+                 measured: dict[str, Any] | None = None) -> int:
         # ``delta``: the plain fold, which the next outer steps' momentum is made of
         record = self._new_version(
             current, patch, [FoldedAdapter(c.adapter_id, w, c.tau) for c, w in zip(candidates, weights)], loss,
-            {"parent_loss": parent_loss, "jobs": job_ids}, ",".join(job_ids), delta=delta)
+            {"parent_loss": parent_loss, "jobs": job_ids, **(measured or {})}, ",".join(job_ids), delta=delta)
         self.ledger.versions.publish(
             record,
             folded=[(c.adapter_id, w) for c, w in zip(candidates, weights)],
             norms=[c.norm for c in candidates],
         )
-        log.info("published version %d: %d adapters, held-out loss %.4f (parent %.4f)",
-                 record.version, len(candidates), loss, parent_loss)
+        log.info("folded version %d from %d adapters (jobs %s): held-out loss %.4f -> %.4f",
+                 record.version, len(candidates), ", ".join(job_ids), parent_loss, loss,
+                 extra=fields("version.folded", version=record.version, parent=current, jobs=job_ids,
+                              job=job_ids[0] if len(job_ids) == 1 else None, loss=loss, parent_loss=parent_loss,
+                              contributions=[{"adapter": c.adapter_id, "job": c.job_id, "worker": c.worker_id,
+                                              "weight": round(w, 6), "tokens": c.tokens, "staleness": c.tau}
+                                             for c, w in zip(candidates, weights)]))
         return record.version
 
     # -- history operations (admin) -----------------------------------------------------------
@@ -227,16 +290,21 @@ class Folder:
             current = self.ledger.versions.latest()
             if not 0 <= target < current:
                 raise ValueError(f"cannot roll back to version {target}: choose one from 0 to {current - 1}")
-            model = self.history.rebuild(target)
             undo = lora.chain([self.history.patch(v) for v in range(target + 1, current + 1)], sign=-1.0)
             jobs = self._recent_jobs(target + 1, current)
-            self.model = model
+            self._parent_losses = (None, {})
+            try:  # in place: a second model in memory is what the coordinator cannot afford
+                self.model = self.history.rebuild(target, into=self.model)
+            except Exception:
+                self._resync = True  # half-loaded weights: rebuilt from the ledger before the next fold
+                raise
             loss = self._eval(jobs) if jobs else math.nan
             # A rollback is a snapshot: its weights are version `target`'s bit for bit, which
             # replaying the negated chain would only reproduce up to rounding.
             record = self.ledger.versions.publish(self._new_version(
                 current, undo, [], loss, {"operation": "rollback", "target": target, "jobs": jobs}, "", snapshot=True))
-            log.info("version %d rolls back to version %d", record.version, target)
+            log.info("version %d rolls back to version %d: held-out loss %.4f", record.version, target, loss,
+                     extra=fields("version.rollback", version=record.version, target=target, loss=loss, jobs=jobs))
             return record.version, loss
 
     def unmerge(self, adapter_id: str) -> tuple[int, float]:
@@ -250,11 +318,14 @@ class Folder:
             patch = folding.build_patch([adapter], [-entry.weight])
             current = self.ledger.versions.latest()
             folding.apply_patch(self.model.master(patch.modules()), patch)
+            self._parent_losses = (None, {})
             jobs = self._recent_jobs(entry.version, current)
             loss = self._eval(jobs) if jobs else math.nan
             record = self.ledger.versions.publish(self._new_version(
                 current, patch, [FoldedAdapter(adapter_id, -entry.weight, 0)], loss,
                 {"operation": "unmerge", "adapter": adapter_id, "jobs": jobs}, entry.job))
             self.ledger.adapters.mark_unmerged(adapter_id, record.version)
-            log.info("version %d unmerges adapter %s", record.version, adapter_id)
+            log.info("version %d unmerges adapter %s (job %s): held-out loss %.4f", record.version, adapter_id,
+                     entry.job, loss, extra=fields("version.unmerged", version=record.version, job=entry.job,
+                                                   worker=entry.worker or None, adapter=adapter_id, loss=loss))
             return record.version, loss

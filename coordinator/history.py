@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from coordinator.ledger import Ledger
-from coordinator.model import RunningModel, materialize, pulled
+from coordinator.model import RunningModel, materialize, pulled, write_patched
 from coordinator.store import BlobStore
 from nomoat import adapter as adapter_format
 from nomoat import lora
@@ -95,10 +95,11 @@ def peft_files(patch: adapter_format.Adapter) -> dict[str, bytes]:
 
 
 class History:
-    def __init__(self, ledger: Ledger, store: BlobStore, data_dir: Path) -> None:
+    def __init__(self, ledger: Ledger, store: BlobStore, data_dir: Path, device: str = "cpu") -> None:
         self.ledger = ledger
         self.store = store
         self.dir = Path(data_dir) / "versions"
+        self.device = device  # where a rebuilt model's weights live (the coordinator's --device)
         self._lock = threading.Lock()
         self._lineage: Lineage | None = None
 
@@ -138,18 +139,26 @@ class History:
                 snapshots[v] = sum(self.store.size(sha) for sha in pulled(record.files).values())
         return patches, snapshots
 
-    def rebuild(self, version: int) -> RunningModel:
-        """The model of ``version``, exactly: nearest snapshot plus the patches after it."""
+    def rebuild(self, version: int, into: RunningModel | None = None) -> RunningModel:
+        """The model of ``version``, exactly: nearest snapshot plus the patches after it.
+
+        ``into``: a model of the same lineage to overwrite in place (the running model, during a
+        rollback), so that two models are never in memory at once."""
         base = self.snapshot_at_or_below(version)
         folder = materialize(self.store, self.ledger.versions.get(base).files, self.dir / str(base))
-        model = RunningModel(folder)
+        if into is None:
+            model = RunningModel(folder, self.device)
+        else:
+            model = into
+            model.load(folder)
         for v in range(base + 1, version + 1):
             patch = self.patch(v)
             lora.apply_patch(model.master(patch.modules()), patch)
         return model
 
     def hf_files(self, version: int) -> dict[str, str]:
-        """The version's Hugging Face folder in the store (path -> sha256), built once if needed."""
+        """The version's Hugging Face folder in the store (path -> sha256), built once if needed:
+        from its nearest snapshot and the patches after it, tensor by tensor (no model loaded)."""
         record = self.ledger.versions.get(version)
         if record is None:
             raise KeyError(version)
@@ -158,7 +167,11 @@ class History:
         with self._lock:
             files = self.ledger.versions.get(version).files
             if not files:
-                files = self.rebuild(version).publish(self.store)
+                base = self.snapshot_at_or_below(version)
+                base_files = self.ledger.versions.get(base).files
+                folder = materialize(self.store, base_files, self.dir / str(base))
+                patches = [self.patch(v) for v in range(base + 1, version + 1)]
+                files = write_patched(self.store, folder, base_files, patches)
                 self.ledger.versions.set_files(version, files)
         return files
 

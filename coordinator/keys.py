@@ -20,6 +20,10 @@ LINEAGE = PREFIX + "lineage"  # string: JSON of the model lineage version 0 fixe
 TOKENS = PREFIX + "tokens"  # hash: sha256(token) -> JSON {"role", "name", "created"}
 REVOKED = PREFIX + "tokens:revoked"  # set: token ids revoked (a data-dir token is not revived)
 REPLICATED = PREFIX + "replicated"  # zset: task id of each replicated task not yet settled -> opened
+# hash: counter name -> count, what happened since the ledger began (coordinator.ledger.counters;
+# the lease scripts in coordinator.ledger.leases add to "leases", "reissues", "leases_expired")
+COUNTERS = PREFIX + "counters"
+REFUSALS = PREFIX + "refusals:recent"  # list: JSON of the newest refusals (uploads, fold gates), newest first
 
 
 def job(job_id: str) -> str:
@@ -66,3 +70,22 @@ def replicas(task_id: str) -> str:
     """Hash: a replicated task's runs (JSON list), their adapters (JSON run -> adapter), base
     version, state, opened."""
     return f"{PREFIX}replicas:{task_id}"
+# Outbound-only workers (coordinator.ledger.inbox): the hand-off between the scheduler and
+# whichever coordinator frontend serves a worker's long-poll.
+OUTBOUND_POLLS = PREFIX + "outbound:polls"  # zset: worker id -> when it last asked for work
+OUTBOUND_RESULTS = PREFIX + "outbound:results"  # list: JSON run reports, for the scheduler
+
+
+def inbox(worker_id: str) -> str:
+    """List: JSON runs placed on an outbound worker, waiting for its next long-poll."""
+    return f"{PREFIX}outbound:inbox:{worker_id}"
+
+
+def outbound_run(run_id: str) -> str:
+    """Hash: worker (its id), units (JSON [[task id, fence], ...]), taken (when it was handed out)."""
+    return f"{PREFIX}outbound:run:{run_id}"
+
+
+def token_workers(token_hash: str) -> str:
+    """Set: the ids of the workers a token registered (how many it has active is read from WORKERS)."""
+    return f"{PREFIX}token:{token_hash}:workers"

@@ -17,6 +17,7 @@ from coordinator.errors import NotPermitted, WrongState
 from coordinator.ledger import Ledger
 from coordinator.settings import Settings
 from coordinator.store import BlobStore
+from nomoat.logs import fields
 
 log = logging.getLogger("nomoat.leases")
 MAX_EVENT_CHARS = 1000  # a heartbeat's event note, as kept in the ledger
@@ -64,7 +65,36 @@ def heartbeat(ledger: Ledger, settings: Settings, identity: Identity, worker_id:
     beat = ledger.leases.heartbeat(task_id, fence, deadline, worker_id, token_hash, event[:MAX_EVENT_CHARS])
     if not beat.ok:
         return Beat(ok=False, reason=beat.reason)
+    if beat.started:
+        log.info("task %s started on worker %s, from version %d", task_id, worker_id or "?", beat.base_version,
+                 extra=fields("task.started", task=task_id, worker=worker_id or None, fence=fence,
+                              base_version=beat.base_version))
+    if event:
+        log.info("task %s (worker %s): %s", task_id, worker_id or "?", event[:MAX_EVENT_CHARS],
+                 extra=fields("task.note", task=task_id, worker=worker_id or None, fence=fence, note=event))
     return Beat(ok=True, deadline=beat.deadline, base_version=beat.base_version)
+
+
+def hand_back(ledger: Ledger, task_id: str, fence: int, worker_id: str, reason: str,
+              identity: Identity | None = None) -> bool:
+    """A worker gives back a leased unit it has not started (its volunteer paused it:
+    worker.controls): back in the queue without spending an attempt, since nothing failed.
+
+    With ``identity`` (a call over the network) only the lease's holder may; without (the Ray
+    dispatcher's results) nothing is checked. False when (task, fence) no longer held the lease.
+    """
+    if ledger.leases.problem(task_id, fence):
+        return False  # finished, expired or re-issued meanwhile: nothing to give back
+    if identity is not None:
+        worker_id, token_hash = holder(ledger, identity, worker_id)
+        problem = ledger.leases.hold(task_id, fence, worker_id, token_hash)
+        if problem:
+            raise NotPermitted(problem)
+    if not ledger.leases.requeue(task_id, fence, reason):
+        return False
+    log.info("task %s handed back by worker %s (%s); it goes back in the queue", task_id, worker_id or "?", reason,
+             extra=fields("task.handed_back", task=task_id, worker=worker_id or None, fence=fence, reason=reason))
+    return True
 
 
 def fetch_shard(ledger: Ledger, store: BlobStore, identity: Identity, task_id: str, fence: int) -> bytes:

@@ -6,32 +6,55 @@ published weights are cast back to the base dtype (and the folder's config says 
 version rebuilt from it publishes in that dtype again), and (when that dtype is not float32) the
 exact fp32 master of the linear layers is stored beside them so a restart loses nothing. That
 master is the coordinator's own: pulls never send it (:func:`pulled`).
+
+Memory (issue 11): for P parameters the coordinator holds the 4P bytes of the master and never a
+second full copy. Loading reads one shard (and the master one tensor) at a time; gates evaluate a
+candidate as a side path (:func:`coordinator.evaluation.plus`) instead of changing or copying
+weights; publishing writes shard by shard, each tensor cast to the base dtype on its way to disk
+(:mod:`nomoat.weights`), and moves the files into the store by rename; a version that was never
+snapshotted is written from its nearest snapshot plus its patches, tensor by tensor
+(:func:`write_patched`), without loading a second model.
 """
 
 from __future__ import annotations
 
 import copy
+import os
+import shutil
 import tempfile
-from contextlib import contextmanager
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import torch
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from coordinator import evaluation
 from coordinator.store import BlobStore
-from nomoat import lora, packing
+from nomoat import lora, packing, weights
 from nomoat.adapter import Adapter
 
-PRIVATE_PREFIX = "nomoat-"  # files of a stored version that only the coordinator reads
+PRIVATE_PREFIX = weights.PRIVATE_PREFIX  # files of a stored version that only the coordinator reads
 MASTER_FILE = PRIVATE_PREFIX + "master.safetensors"
+_WEIGHT = ".weight"
 
 
 def pulled(files: Mapping[str, str]) -> dict[str, str]:
     """The files of a stored version that a pull sends: all but the coordinator's own."""
     return {path: sha for path, sha in files.items() if not path.startswith(PRIVATE_PREFIX)}
+
+
+def resolve_device(device: str) -> str:
+    """``cpu``, ``cuda`` (``cuda:N``), or ``auto`` (cuda when torch sees one); a sentence when the
+    device asked for is not there."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: this machine's torch sees no CUDA device; "
+                         "use --device cpu (or auto)")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise ValueError(f"--device {device}: choose cpu, cuda (cuda:N) or auto")
+    return device
 
 
 class Checkpoint:
@@ -46,14 +69,18 @@ class Checkpoint:
 class RunningModel:
     def __init__(self, folder: Path, device: str = "cpu") -> None:
         self.tokenizer = AutoTokenizer.from_pretrained(folder)
-        config_dtype = getattr(_config(folder), "dtype", None) or torch.float32
-        self.base_dtype = config_dtype if isinstance(config_dtype, torch.dtype) else getattr(torch, str(config_dtype))
-        self.model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(device)
+        self.base_dtype = _dtype_of(AutoConfig.from_pretrained(folder))
+        # Straight onto the device, shard by shard (no CPU copy of a model bound for a GPU).
+        placement = {} if device == "cpu" else {"device_map": {"": device}}
+        self.model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **placement)
         self.model.eval()
+        self.model.requires_grad_(False)  # never trained here; gradients would only cost memory
         self.device = device
-        master = Path(folder) / MASTER_FILE
-        if master.exists():
-            self.load_master(st_load(master.read_bytes()))
+        self._load_master(Path(folder))
+        # Published versions are cut into shards like the base's (a sharded base keeps its shard
+        # size; one file is cut at weights.SHARD_BYTES).
+        files = weights.weight_files(folder)
+        self.shard_bytes = weights.largest_shard_bytes(folder) if len(files) > 1 else weights.SHARD_BYTES
 
     # -- weights ------------------------------------------------------------------------------
 
@@ -72,13 +99,57 @@ class RunningModel:
         return {name: table[name].weight.data for name in modules}
 
     def load_master(self, tensors: Mapping[str, torch.Tensor]) -> None:
-        weights = self.master(list(tensors))
+        weights_ = self.master(list(tensors))
         for name, value in tensors.items():
-            weights[name].copy_(value.to(torch.float32))
+            weights_[name].copy_(value.to(torch.float32))
+
+    def _load_master(self, folder: Path) -> None:
+        master = folder / MASTER_FILE
+        if master.exists():
+            with weights.Reader(master) as fh:  # one tensor at a time
+                for name in fh.keys():
+                    self.load_master({name: fh.get_tensor(name)})
+
+    def load(self, folder: Path) -> None:
+        """Make this model the one in ``folder`` (same architecture), in place, shard by shard:
+        a rebuild that never holds two models."""
+        params = self.model.state_dict(keep_vars=True)
+        by_file: dict[str, list[str]] = {}
+        for name, file in weights.weight_map(folder).items():
+            by_file.setdefault(file, []).append(name)
+        missing = sorted(n for names in by_file.values() for n in names if n not in params)
+        if missing:
+            raise ValueError(f"{folder} holds weights this model lacks (e.g. {', '.join(missing[:3])})")
+        with torch.no_grad():
+            for file, names in sorted(by_file.items()):
+                for name, tensor in weights.tensors(Path(folder) / file, names):
+                    params[name].data.copy_(tensor)
+            self._load_master(Path(folder))
+
+    def _named_tensors(self) -> dict[str, torch.Tensor]:
+        """The state dict without tied duplicates (the first name of each storage, as
+        ``save_pretrained`` keeps it)."""
+        seen: set[int] = set()
+        out = {}
+        for name, tensor in self.model.state_dict().items():
+            key = tensor.untyped_storage().data_ptr()
+            if key in seen:
+                continue
+            seen.add(key)
+            out[name] = tensor
+        return out
+
+    def _linear_weights(self, names: set[str]) -> dict[str, str]:
+        """Weight name -> module name, for every nn.Linear whose weight is among ``names``."""
+        return {n + _WEIGHT: n for n, m in self.model.named_modules()
+                if isinstance(m, torch.nn.Linear) and n + _WEIGHT in names}
 
     @contextmanager
     def restorable(self, modules: Sequence[str]) -> Iterator[Checkpoint]:
-        """Undo every change to ``modules`` on exit, unless ``checkpoint.keep()`` was called."""
+        """Undo every change to ``modules`` on exit, unless ``checkpoint.keep()`` was called.
+
+        It copies ``modules``' weights: for benchmarks on small models. The folder evaluates
+        candidates with :meth:`losses` ``(…, patch)`` instead, which copies nothing."""
         checkpoint = Checkpoint({name: w.clone() for name, w in self.master(modules).items()})
         try:
             yield checkpoint
@@ -89,54 +160,122 @@ class RunningModel:
 
     # -- evaluation ---------------------------------------------------------------------------
 
+    def eval_set(self, texts: Sequence[str], seq_len: int, budget: int = 0) -> evaluation.EvalSet:
+        return evaluation.eval_set(self.tokenizer, texts, seq_len, budget)
+
+    def losses(self, evals: evaluation.EvalSet, patch: Adapter | None = None, dtype: str = "fp32"
+               ) -> evaluation.Losses:
+        """Per-block losses of the current model, or of the current model plus ``patch`` (as a
+        side path: the weights are not changed); ``dtype``: see evaluation.block_losses."""
+        if patch is None:
+            return evaluation.block_losses(self.model, evals, dtype=dtype)
+        with evaluation.plus(self.model, patch):
+            return evaluation.block_losses(self.model, evals, dtype=dtype)
+
     def eval_loss(self, texts: Sequence[str], seq_len: int) -> float:
         blocks = packing.pack(self.tokenizer, texts, seq_len)
         return packing.mean_loss(self.model, blocks)
 
     def loss_with(self, adapter: Adapter, weight: float, texts: Sequence[str], seq_len: int) -> float:
-        """Held-out loss of (current + weight·ΔW) without changing the model."""
-        with self.restorable(adapter.modules()):
-            lora.apply_patch(self.master(adapter.modules()), lora.build_patch([adapter], [weight]))
-            return self.eval_loss(texts, seq_len)
+        """Held-out loss of (current + weight·ΔW) without changing (or copying) the model."""
+        return self.losses(self.eval_set(texts, seq_len), lora.build_patch([adapter], [weight])).mean
 
     # -- publishing ---------------------------------------------------------------------------
 
-    def publish(self, store: BlobStore) -> dict[str, str]:
+    def publish(self, store: BlobStore, max_shard_bytes: int | None = None) -> dict[str, str]:
         """Write the current weights as a Hugging Face folder into the store: path -> sha256.
 
-        Weights are cast to the base dtype; when that is not fp32, the fp32 master of every
-        linear layer goes beside them, so the folder is an exact snapshot of the running model.
+        Weights are cast to the base dtype one tensor at a time on their way to disk, in shards
+        of ``max_shard_bytes`` (default: the base's shard size); when that dtype is not fp32,
+        the fp32 master of every linear layer goes beside them (written in the same pass), so
+        the folder is an exact snapshot.
         """
-        with tempfile.TemporaryDirectory() as tmp:
-            out = Path(tmp)
-            state = {k: v.to(self.base_dtype) for k, v in self.model.state_dict().items()}
-            self.model.save_pretrained(out, state_dict=state, safe_serialization=True)
-            # save_pretrained writes the dtype of the live (fp32) parameters into config.json; the
-            # folder holds base-dtype weights, and whoever loads it (a user, a worker, this class
-            # rebuilding a later version) must see that dtype, or the next snapshot is fp32.
+        tensors = self._named_tensors()
+        specs = [weights.TensorSpec(n, self.base_dtype if t.is_floating_point() else t.dtype, tuple(t.shape))
+                 for n, t in tensors.items()]
+        masters = self._linear_weights(set(tensors)) if self.base_dtype != torch.float32 else {}
+        with store.staging() as out:
+            shards = weights.plan_shards(specs, max_shard_bytes or self.shard_bytes)
+            _write_weights(out, shards, tensors.__getitem__, masters)
+            # The config says the base dtype: whoever loads the folder (a user, a worker, this
+            # class rebuilding a later version) must see it, or the next snapshot is fp32.
             config = copy.deepcopy(self.model.config)
             config.dtype = self.base_dtype
             config.save_pretrained(out)
+            if getattr(self.model, "generation_config", None) is not None and self.model.can_generate():
+                self.model.generation_config.save_pretrained(out)
             self.tokenizer.save_pretrained(out)
-            if self.base_dtype != torch.float32:
-                linear = [n for n, m in self.model.named_modules() if isinstance(m, torch.nn.Linear)]
-                master = {k: v.contiguous() for k, v in self.master(linear).items()}
-                (out / MASTER_FILE).write_bytes(st_save(master))
-            return {
-                str(p.relative_to(out)): store.put_file(p)
-                for p in sorted(out.rglob("*"))
-                if p.is_file()
-            }
+            return store.adopt_folder(out)
 
 
-def _config(folder: Path):
-    from transformers import AutoConfig
+def _write_weights(out: Path, shards: list[list[weights.TensorSpec]], produce: Callable[[str], torch.Tensor],
+                   masters: dict[str, str]) -> None:
+    """The weight shards, and the fp32 master of ``masters`` (weight name -> module) beside
+    them in the same pass when there are any."""
+    if not masters:
+        weights.write_model(out, shards, produce)
+        return
+    specs = [s for shard in shards for s in shard]
+    master_specs = [weights.TensorSpec(masters[s.name], torch.float32, s.shape) for s in specs if s.name in masters]
+    with weights.Writer(out / MASTER_FILE, master_specs) as master:
+        def tap(name: str, tensor: torch.Tensor) -> None:
+            if name in masters:
+                master.write(tensor.to(torch.float32))
 
-    return AutoConfig.from_pretrained(folder)
+        weights.write_model(out, shards, produce, tap=tap)
+
+
+def write_patched(store: BlobStore, folder: Path, files: Mapping[str, str], patches: Sequence[Adapter]
+                  ) -> dict[str, str]:
+    """The snapshot of (the version in ``folder``) + ``patches``, written into the store tensor by
+    tensor in ``folder``'s shard layout: path -> sha256. ``files`` is ``folder``'s own
+    path -> sha256 (its other files, config and tokenizer, are shared with it).
+
+    The same arithmetic as rebuilding the model and publishing it (each patched weight taken in
+    fp32 from the master, or the fp32 weights, and every patch added in order by
+    :func:`nomoat.lora.patched`, then cast once), without ever holding more than one tensor.
+    """
+    folder = Path(folder)
+    layout = weights.weight_map(folder)
+    shard_files = sorted(set(layout.values()))
+    patched_modules = {m for p in patches for m in p.factors}
+    with ExitStack() as stack, store.staging() as out:
+        handles = {f: stack.enter_context(weights.Reader(folder / f)) for f in shard_files}
+        master = stack.enter_context(weights.Reader(folder / MASTER_FILE)) \
+            if (folder / MASTER_FILE).exists() else None
+        master_names = set(master.keys()) if master is not None else set()
+        shards = [weights.specs_of(folder / f) for f in shard_files]
+        specs = [s for shard in shards for s in shard]
+
+        def produce(name: str) -> torch.Tensor:
+            module = name[: -len(_WEIGHT)] if name.endswith(_WEIGHT) else ""
+            if module in master_names:
+                value = master.get_tensor(module)
+            else:
+                value = handles[layout[name]].get_tensor(name)
+            if module in patched_modules:
+                value = lora.patched({module: value.to(torch.float32)}, patches)[module]
+            return value
+
+        masters = {s.name: s.name[: -len(_WEIGHT)] for s in specs
+                   if s.name.endswith(_WEIGHT) and s.name[: -len(_WEIGHT)] in master_names}
+        _write_weights(out, shards, produce, masters)
+        made = store.adopt_folder(out)
+    weight_like = set(shard_files) | {weights.INDEX, MASTER_FILE}
+    kept = {p: sha for p, sha in files.items() if p not in weight_like}
+    return {**kept, **made}
+
+
+def _dtype_of(config) -> torch.dtype:
+    found = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
+    return found if isinstance(found, torch.dtype) else getattr(torch, str(found))
 
 
 def materialize(store: BlobStore, files: Mapping[str, str], target: Path) -> Path:
-    """Write a version's files from the store into ``target`` (created atomically)."""
+    """Write a version's files from the store into ``target`` (created atomically).
+
+    Files are hard links to the (immutable) blobs where the file system allows, else streamed
+    copies: never read into memory."""
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -144,6 +283,9 @@ def materialize(store: BlobStore, files: Mapping[str, str], target: Path) -> Pat
     for rel, sha in files.items():
         path = tmp / rel
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(store.get(sha))
+        try:
+            os.link(store.path(sha), path)
+        except OSError:
+            shutil.copyfile(store.path(sha), path)
     tmp.rename(target)
     return target

@@ -34,7 +34,7 @@ from nomoat.adapter import Adapter
 RECENT_NORMS = 64
 
 
-def lr_scale(k: int) -> float:
+def lr_scale(k: float) -> float:
     """The learning-rate multiplier for a task trained at 1/k of the job's batch: ``sqrt(k)``.
 
     k tasks at batch b/k take k times the (noisier) steps that one task at batch b would take;
@@ -43,8 +43,8 @@ def lr_scale(k: int) -> float:
     at the job's lr the folded model reached 0.670 of the best centralized run, at twice it (the
     rule's sqrt(4)) 0.742; 0.781 together with normalised staleness weights. k = 1 is the job's lr.
     """
-    if k < 1:
-        raise ValueError(f"a fold averages at least one adapter, not {k}")
+    if not k >= 1:
+        raise ValueError(f"a task trains at the job's batch or a fraction of it, not 1/{k}")
     return math.sqrt(k)
 
 
@@ -73,6 +73,8 @@ class FoldPolicy:
     outer_terms: int = 8
     keep_global_batch: bool = True
     task_seconds: float = 60.0  # about how long a card's run of a job takes (target_task_seconds)
+    size_from_noise: bool = False
+    partial_folds: bool = True  # a fold of m < K adapters sized for K takes m/K of a step
 
     @classmethod
     def of(cls, settings: Settings) -> FoldPolicy:
@@ -83,27 +85,45 @@ class FoldPolicy:
             normalise=settings.normalise_staleness, outer_momentum=settings.outer_momentum,
             outer_lr=settings.outer_lr, outer_terms=settings.outer_terms,
             keep_global_batch=settings.keep_global_batch, task_seconds=settings.target_task_seconds,
+            size_from_noise=settings.size_from_noise, partial_folds=settings.partial_folds,
         )
 
     # -- task sizing --------------------------------------------------------------------------
 
-    def fold_width(self, cards: int) -> int:
+    def fold_width(self, cards: int, tasks: int | None = None) -> int:
         """K, the adapters the next fold of a job averages: ``fold_every`` of them, or fewer when
-        the ``cards`` working the job deliver fewer before the fold timeout fires; at least 1.
+        the ``cards`` working the job deliver fewer before the fold timeout fires, or when the
+        job has only ``tasks`` tasks in all; at least 1.
 
         Each card hands in about one run per ``task_seconds``, and until the fold every run trains
         from the same version, so a card's second run before the timeout is one more adapter of
         the same fold (2 cards, fold_every 4, 120 s timeout, 60 s runs: K = 4, not 2)."""
         per_card = max(1, int(self.fold_timeout_s // max(self.task_seconds, 1e-9)))
-        return max(1, min(self.fold_every, cards * per_card))
+        k = min(self.fold_every, cards * per_card)
+        if tasks is not None:
+            k = min(k, tasks)  # a 3-task job's fold never averages 4
+        return max(1, k)
 
-    def task_training(self, batch_size: int, learning_rate: float, cards: int) -> TaskTraining:
+    def task_training(self, batch_size: int, learning_rate: float, cards: int,
+                      noise_scale: float | None = None, tasks: int | None = None) -> TaskTraining:
         """The batch and lr a task of a job with ``batch_size`` and ``learning_rate`` trains at,
-        while ``cards`` cards can work the job at once (keep the global batch: DESIGN.md)."""
+        while ``cards`` cards can work the job at once (keep the global batch: DESIGN.md);
+        ``tasks``: how many tasks the job has in all (None: many).
+
+        With ``size_from_noise`` and a ``noise_scale`` (the job's B_simple in sequences:
+        coordinator.noise), the global batch the fold adds up to is the noise scale, rounded,
+        between K (one sequence per task) and the job's batch: Pollux's goodput idea, a batch not
+        far above the critical one, where a larger batch buys little progress per step. Tokens
+        per task stay the job's, so a smaller batch means more steps; the lr follows the
+        square-root rule for the batch each task trains at against the job's."""
         if not self.keep_global_batch:
             return TaskTraining(batch_size, learning_rate, 1)
-        k = self.fold_width(cards)
-        return TaskTraining(max(1, batch_size // k), learning_rate * lr_scale(k), k)
+        k = self.fold_width(cards, tasks)
+        global_batch = batch_size
+        if self.size_from_noise and noise_scale is not None and noise_scale > 0:
+            global_batch = min(batch_size, max(k, round(noise_scale)))
+        task_batch = max(1, global_batch // k)
+        return TaskTraining(task_batch, learning_rate * lr_scale(max(1.0, batch_size / task_batch)), k)
 
     # -- when -------------------------------------------------------------------------------
 
@@ -137,8 +157,22 @@ class FoldPolicy:
 
     # -- the fold -----------------------------------------------------------------------------
 
-    def weights(self, tokens: Sequence[int], taus: Sequence[int]) -> list[float]:
-        return folding.fold_weights(tokens, taus, self.max_staleness, normalise=self.normalise)
+    def weights(self, tokens: Sequence[int], taus: Sequence[int], fold_width: int = 1) -> list[float]:
+        """Each survivor's weight: ``n_i s(τ_i)`` normalised (DESIGN.md, "Folding math"), times
+        ``m / K`` when the fold holds only m of the ``fold_width`` = K adapters its tasks were
+        sized for (keep the global batch; ``partial_folds``).
+
+        An adapter trained at the job's batch / K is one K-th of a step: K of them average to one
+        step of the job's batch. Folded alone (the fold timed out, a small job's tail, a job with
+        fewer tasks than K) it would be a whole step taken on 1/K of the batch at a raised lr,
+        noisy enough that the publish gate refused every such fold (bench/README.md, a 3-task
+        job on short blocks). At m/K each adapter counts as its share of the step, whenever it
+        folds: a job's K adapters add up to one step however they are split across folds."""
+        weights = folding.fold_weights(tokens, taus, self.max_staleness, normalise=self.normalise)
+        if self.partial_folds and fold_width > len(weights):
+            share = len(weights) / fold_width
+            weights = [w * share for w in weights]
+        return weights
 
     def outer_step(self, delta: Adapter, previous: Sequence[Adapter]) -> Adapter:
         """The patch to apply for the folded ``delta``; ``previous``: the plain deltas of the

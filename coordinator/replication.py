@@ -63,6 +63,7 @@ from coordinator.store import BlobStore
 from coordinator.workers import is_active
 from nomoat import adapter as adapter_format
 from nomoat.adapter import Adapter
+from nomoat.logs import fields
 
 log = logging.getLogger("nomoat.replication")
 MAX_RUNS = 3  # the task, a replica, and a third to settle a disagreement
@@ -230,7 +231,9 @@ class Replication:
         if verdict.third:
             run = replica_id(group.task_id, len(group.runs) + 1)
             if self.ledger.replicas.add_run(group.task_id, run, [r.volunteer for r in runs]):
-                log.warning("the runs of task %s disagree; %s settles it", group.task_id, run)
+                log.warning("the runs of task %s disagree; %s settles it", group.task_id, run,
+                            extra=fields("replica.disagreed", task=group.task_id, job=group.job or None,
+                                         run=run, adapters=[r.adapter_id for r in runs]))
             return False
         if verdict.settlement is None:
             return False
@@ -239,8 +242,14 @@ class Replication:
             return False
         for pair in [p for p in self._agree if set(p) & set(group.results.values())]:
             del self._agree[pair]
-        log.info("replicated task %s %s%s", group.task_id, how.state,
-                 f"; {len(how.rejected)} adapter(s) rejected" if how.rejected else "")
+        # "replica.agreed": every run agreed; "replica.settled": any other end (a majority with an
+        # outlier rejected, no agreement at all, or no replica came in time).
+        log.log(logging.INFO if how.state in ("agreed", "unverified") else logging.WARNING,
+                "replicated task %s %s%s", group.task_id, how.state,
+                f"; {len(how.rejected)} adapter(s) rejected" if how.rejected else "",
+                extra=fields("replica.agreed" if how.state == "agreed" else "replica.settled", task=group.task_id,
+                             job=group.job or None, state=how.state, adapter=how.fold or None,
+                             runs=len(runs), rejected=[a for a, _ in how.rejected]))
         return True
 
     def _agrees(self, runs: list[Run], records: dict[str, AdapterRecord | None]) -> Callable[[int, int], bool]:

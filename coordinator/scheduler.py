@@ -23,6 +23,7 @@ One round (:meth:`Scheduler.tick`):
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import time
@@ -41,9 +42,11 @@ from coordinator.ledger import (
     is_twin,
 )
 from coordinator import trust
+from coordinator.leases import hand_back
 from coordinator.policy import FoldPolicy, TaskTraining
 from coordinator.settings import Settings
 from nomoat import card as cards
+from nomoat.logs import fields
 from nomoat.raynode import VRAM_RESOURCE
 from nomoat.spec import LoraConfig, TaskSpec, TrainConfig, UnitResult
 from nomoat.v1 import nomoat_pb2 as pb
@@ -62,12 +65,14 @@ class Finished:
     node_id: str = ""
     # > 0: out of memory on every plan of its card; the VRAM a card needs to be given the task
     needs_vram_gb: float = 0.0
+    handed_back: bool = False  # not started: its worker paused (worker.controls); not a failure
 
     @classmethod
     def of(cls, unit: UnitResult, worker_id: str, node_id: str) -> Finished:
         """A unit's result as the worker's task reported it, from the run on ``node_id``."""
         return cls(unit.task_id, unit.fence, unit.error, tokens=unit.tokens, seconds=unit.seconds,
-                   worker_id=worker_id, node_id=node_id, needs_vram_gb=unit.needs_vram_gb)
+                   worker_id=worker_id, node_id=node_id, needs_vram_gb=unit.needs_vram_gb,
+                   handed_back=unit.handed_back)
 
 
 @dataclass(frozen=True)
@@ -81,7 +86,8 @@ class Node:
 
 
 class Dispatcher(Protocol):
-    """How a leased run reaches a card (Ray now; an outbound gRPC pull mode later)."""
+    """How a leased run reaches a card: Ray (coordinator.dispatch) or outbound-only gRPC
+    (coordinator.outbound); :class:`Dispatchers` puts several behind one scheduler."""
 
     def nodes(self) -> list[Node]: ...
     def submit(self, specs: list[TaskSpec], resources: dict[str, float], node_id: str) -> None: ...
@@ -111,6 +117,7 @@ class Scheduler:
     worker_token: str
     task_resources: Any  # callable(JobConfig) -> dict[str, float]
     _configs: dict[str, JobConfig] = field(default_factory=dict)
+    _total_tasks: dict[str, int] = field(default_factory=dict)
     # The runs dispatched lately, (node id, units, tokens): what sizing did, for logs and tests.
     runs: deque = field(default_factory=lambda: deque(maxlen=1000))
     # The cards the latest round saw: how many of them fit a job sizes its tasks (training()).
@@ -120,8 +127,13 @@ class Scheduler:
 
     def config(self, job_id: str) -> JobConfig:
         if job_id not in self._configs:
-            self._configs[job_id] = self.ledger.jobs.get(job_id).config
+            job = self.ledger.jobs.get(job_id)
+            self._configs[job_id], self._total_tasks[job_id] = job.config, job.total_tasks
         return self._configs[job_id]
+
+    def total_tasks(self, job_id: str) -> int:
+        self.config(job_id)
+        return self._total_tasks[job_id]
 
     def need_gb(self, task: TaskRecord) -> float:
         """The VRAM a task needs: its job's plan, or more than a card it ran out of memory on."""
@@ -138,7 +150,8 @@ class Scheduler:
         """One round; returns the running jobs with nothing left to train (ready for a last fold)."""
         now = now or time.time()
         for task_id in self.ledger.leases.expire(now):
-            log.warning("lease of %s expired; it goes back in the queue", task_id)
+            log.warning("the lease of task %s expired; it goes back in the queue", task_id,
+                        extra=fields("lease.expired", task=task_id))
             if is_twin(task_id):
                 self.ledger.leases.retire_twin(task_id)
             self._cancel(task_id, f"its run was stopped when the lease of {task_id} expired")
@@ -154,10 +167,16 @@ class Scheduler:
         return self._review_jobs(nodes)
 
     def _finished(self, done: Finished) -> None:
+        if done.handed_back:  # the volunteer paused before it started: queued again, no attempt spent
+            hand_back(self.ledger, done.task_id, done.fence, done.worker_id, done.error)
+            return
         if done.error:
             state = self.ledger.leases.release(done.task_id, done.fence, done.error, self.settings.max_attempts)
             if state:
-                log.warning("task %s failed (%s); now %s", done.task_id, done.error, state)
+                log.warning("task %s failed on worker %s: %s; %s", done.task_id, done.worker_id or "?", done.error,
+                            "it goes back in the queue" if state is TaskState.PENDING else "no attempts are left",
+                            extra=fields("task.failed", task=done.task_id, worker=done.worker_id or None,
+                                         fence=done.fence, reason=done.error, now=state.value))
             if state is TaskState.PENDING and done.needs_vram_gb > 0:
                 self.ledger.tasks.require_vram(done.task_id, done.needs_vram_gb)
             return
@@ -173,28 +192,38 @@ class Scheduler:
         now rather than when its own lease runs out; units already uploaded are done and stay so."""
         for unit, fence in self.dispatcher.cancel(task_id, only_alone=only_alone):
             if unit != task_id and self.ledger.leases.requeue(unit, fence, why):
-                log.warning("task %s goes back in the queue: %s", unit, why)
+                log.warning("task %s goes back in the queue: %s", unit, why,
+                            extra=fields("task.requeued", task=unit, fence=fence, reason=why))
 
-    def training(self, config: JobConfig) -> TaskTraining:
+    def training(self, config: JobConfig, noise_scale: float | None = None, tasks: int | None = None) -> TaskTraining:
         """The batch and lr a task of a job with ``config`` trains at: with keep_global_batch,
         the job's batch divided by K = min(fold_every, the cards seen that fit the job), at
         ``lr_scale(K)`` times its lr (coordinator.policy), so what one fold averages adds up
-        to the job's batch; the same tokens per task, K times the steps."""
+        to the job's batch; the same tokens per task, K times the steps. ``noise_scale``: the
+        job's gradient noise scale, which sizes the global batch with --size-from-noise."""
         need = self.task_resources(config)[VRAM_RESOURCE]
         cards = sum(1 for n in self._nodes if n.vram_gb >= need)
-        return FoldPolicy.of(self.settings).task_training(config.batch_size, config.learning_rate, cards)
+        return FoldPolicy.of(self.settings).task_training(config.batch_size, config.learning_rate, cards,
+                                                          noise_scale, tasks)
 
-    def spec(self, task: TaskRecord, fence: int, base_version: int, node: Node) -> TaskSpec:
-        """What the worker on ``node`` needs to train ``task`` under ``fence``."""
+    def job_training(self, job_id: str) -> TaskTraining:
+        """What the job's next task trains at (its noise scale read only when it sizes tasks)."""
+        noise = self.ledger.jobs.noise(job_id).b_simple() if self.settings.size_from_noise else None
+        return self.training(self.config(job_id), noise, self.total_tasks(job_id))
+
+    def spec(self, task: TaskRecord, fence: int, base_version: int, node: Node,
+             training: TaskTraining | None = None) -> TaskSpec:
+        """What the worker on ``node`` needs to train ``task`` under ``fence`` (at ``training``,
+        by default the job's :meth:`job_training`)."""
         config = self.config(task.job)
-        training = self.training(config)
+        training = training or self.job_training(task.job)
         return TaskSpec(
             task_id=task.task_id, job_id=task.job, fence=fence, base_version=base_version,
             tokens=task.tokens, coordinator=self.settings.join_address, token=self.worker_token,
             lora=LoraConfig(config.lora_rank, config.lora_alpha, tuple(config.target_modules)),
             train=TrainConfig(seq_len=config.seq_len, batch_size=training.batch_size,
                               learning_rate=training.learning_rate, epochs=config.epochs,
-                              seed=task.index, plan_model=config.plan_model),
+                              seed=task.index, plan_model=config.plan_model, warm_start=config.warm_start),
             lease_ttl_s=self.settings.lease_ttl_s, worker_id=node.worker_id, card=self.card_of(node.worker_id),
         )
 
@@ -239,15 +268,27 @@ class Scheduler:
                 idle.append(node)
                 continue
             specs = []
+            training = self.job_training(run[0].job)
             for task in run:
                 fence = self.ledger.leases.lease(task.task_id, now + self.settings.queue_timeout_s, base_version,
                                                  self.settings.max_attempts)
-                if fence > 0:  # a replica run trains on the version its task was given (pinned)
-                    specs.append(self.spec(task, fence, task.base_version if task.pinned else base_version, node))
+                if fence > 0:
+                    # a replica run trains on the version its task was given (pinned)
+                    version = task.base_version if task.pinned else base_version
+                    specs.append(self.spec(task, fence, version, node, training))
+                    again = f" again (attempt {task.attempts + 1})" if task.attempts else ""
+                    log.info("task %s of job %s leased%s to worker %s (fence %d)", task.task_id, task.job, again,
+                             node.worker_id or node.node_id[:12], fence,
+                             extra=fields("task.reissued" if task.attempts else "task.leased", task=task.task_id,
+                                          job=task.job, worker=node.worker_id or None, fence=fence,
+                                          attempt=task.attempts + 1, base_version=version))
                 elif fence < 0:
-                    log.warning("task %s failed: no attempts left", task.task_id)
+                    log.warning("task %s failed: no attempts left", task.task_id,
+                                extra=fields("task.failed", task=task.task_id, job=task.job,
+                                             reason="no attempts left"))
             if specs:
-                self.ledger.tasks.set_training((s.task_id, s.train.batch_size, s.train.learning_rate) for s in specs)
+                self.ledger.tasks.set_training((s.task_id, s.train.batch_size, s.train.learning_rate,
+                                                training.fold_width) for s in specs)
                 need = max(self.need_gb(t) for t in run)
                 self.dispatcher.submit(specs, {**self.task_resources(self.config(run[0].job)), VRAM_RESOURCE: need},
                                        node.node_id)
@@ -269,7 +310,10 @@ class Scheduler:
         if first is None:
             return []
         n = units_for(speed, first.tokens, self.settings.target_task_seconds, self.settings.max_units_per_run)
-        run = [t for t in queue if t.job == first.job and fits(t)][:trust.units(n, share)]
+        # Lazily, stopping at n: scanning the whole queue for every free card made a round with a
+        # thousand cards (outbound volunteers) quadratic.
+        fitting = (t for t in queue if t.job == first.job and fits(t))
+        run = list(itertools.islice(fitting, trust.units(n, share)))
         for task in run:
             queue.remove(task)
         return run
@@ -300,7 +344,9 @@ class Scheduler:
             twin, fence = self.ledger.leases.speculate(task.task_id, now + self.settings.queue_timeout_s)
             if fence <= 0:
                 continue
-            log.info("task %s runs long; also issued as %s", task.task_id, twin)
+            log.info("task %s runs long; also issued as %s to worker %s", task.task_id, twin, card.worker_id or "?",
+                     extra=fields("task.speculated", task=task.task_id, job=task.job, twin=twin,
+                                  worker=card.worker_id or None, fence=fence))
             twin_task = replace(task, task_id=twin)
             self.dispatcher.submit([self.spec(twin_task, fence, self.ledger.versions.latest() or 0, card)],
                                    {**self.task_resources(self.config(task.job)), VRAM_RESOURCE: self.need_gb(task)},
@@ -350,13 +396,62 @@ class Scheduler:
         if warning != job.warning:
             self.ledger.jobs.set_warning(job_id, warning)
             if warning:
-                log.warning("job %s: %s", job_id, warning)
+                log.warning("job %s: %s", job_id, warning, extra=fields("job.waiting", job=job_id, reason=warning))
 
     def _end(self, job_id: str, job: JobRecord, counts: dict[str, int]) -> None:
         """A job with nothing pending, leased or buffered is done, or failed if nothing of it folded."""
         if counts["done"] == 0:
-            self.ledger.jobs.finish(job_id, JobState.FAILED, "every task failed; see `nomoat status`")
+            state, error = JobState.FAILED, "every task failed; see `nomoat status`"
         elif job.adapters_folded == 0:
-            self.ledger.jobs.finish(job_id, JobState.FAILED, "no adapter of this job passed the checks to be folded")
+            state, error = JobState.FAILED, "no adapter of this job passed the checks to be folded"
         else:
-            self.ledger.jobs.finish(job_id, JobState.DONE)
+            state, error = JobState.DONE, ""
+        self.ledger.jobs.finish(job_id, state, error)
+        extra = fields(f"job.{state.value}", job=job_id, tasks_done=counts["done"], tasks_failed=counts["failed"],
+                       adapters_folded=job.adapters_folded, adapters_rejected=job.adapters_rejected, reason=error or None)
+        if error:
+            log.warning("job %s failed: %s", job_id, error, extra=extra)
+        else:
+            log.info("job %s done: %d tasks trained, %d adapters folded, %d refused", job_id, counts["done"],
+                     job.adapters_folded, job.adapters_rejected, extra=extra)
+
+
+class Dispatchers:
+    """Several transports as one Dispatcher (Ray nodes and outbound workers alike): one scheduler
+    places runs on all their cards by the same rules. Each node belongs to the transport that
+    listed it; the rest is the sum of the parts."""
+
+    def __init__(self, *parts: Dispatcher) -> None:
+        self.parts = parts
+        self._owner: dict[str, Dispatcher] = {}
+
+    def nodes(self) -> list[Node]:
+        found: list[Node] = []
+        owner: dict[str, Dispatcher] = {}
+        for part in self.parts:
+            for node in part.nodes():
+                owner[node.node_id] = part
+                found.append(node)
+        self._owner = owner
+        return found
+
+    def submit(self, specs: list[TaskSpec], resources: dict[str, float], node_id: str) -> None:
+        part = self._owner.get(node_id)
+        if part is None:
+            raise KeyError(f"no transport lists node {node_id}")
+        part.submit(specs, resources, node_id)
+
+    def poll(self) -> list[Finished]:
+        return [done for part in self.parts for done in part.poll()]
+
+    def cancel(self, task_id: str, only_alone: bool = False) -> list[tuple[str, int]]:
+        return [unit for part in self.parts for unit in part.cancel(task_id, only_alone=only_alone)]
+
+    def in_flight(self) -> int:
+        return sum(part.in_flight() for part in self.parts)
+
+    def placement(self) -> dict[str, tuple[str, int]]:
+        where: dict[str, tuple[str, int]] = {}
+        for part in self.parts:
+            where.update(part.placement())
+        return where

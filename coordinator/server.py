@@ -39,6 +39,7 @@ from coordinator.scheduler import Scheduler
 from coordinator.settings import Settings
 from coordinator.store import BlobStore
 from coordinator.uploads import PartialUploads
+from coordinator.web.server import WebServer
 from nomoat import raynode as ray_node
 
 log = logging.getLogger("nomoat.coordinator")
@@ -75,6 +76,16 @@ def _secret_file(path: Path) -> str:
 
 
 MAX_MESSAGE = 8 << 20  # bytes in one gRPC message, either way; streams carry 1 MiB chunks
+# Outbound workers sit behind home routers whose NAT forgets an idle connection within minutes:
+# they ping every 30 s (nomoat.client), which the server must allow without a call in flight and
+# without counting them as abuse; it pings idle clients itself every minute to drop dead ones.
+KEEPALIVE = [
+    ("grpc.keepalive_time_ms", 60_000),
+    ("grpc.keepalive_timeout_ms", 20_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+    ("grpc.http2.max_ping_strikes", 0),  # 0: never close a connection for pinging too often
+]
 MAX_CONCURRENT_RPCS = 256  # calls (streams included) in flight at once; more are refused
 RPC_THREADS = 32
 
@@ -85,7 +96,8 @@ def grpc_server(deps: service.Deps) -> tuple[grpc.Server, health.HealthServicer]
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=RPC_THREADS, thread_name_prefix="rpc"),
         interceptors=[AuthInterceptor(deps.registry)],
-        options=[("grpc.max_receive_message_length", MAX_MESSAGE), ("grpc.max_send_message_length", MAX_MESSAGE)],
+        options=[("grpc.max_receive_message_length", MAX_MESSAGE), ("grpc.max_send_message_length", MAX_MESSAGE),
+                 *KEEPALIVE],
         maximum_concurrent_rpcs=MAX_CONCURRENT_RPCS,
     )
     service.add_all(server, deps)
@@ -117,6 +129,8 @@ class Coordinator:
         self._ray_temp_dir: Path | None = None
         self.idle_jobs: set[str] = set()
         self.server: grpc.Server | None = None
+        self.web: WebServer | None = None  # the HTTP port, when settings.http names one
+        self.web_error = ""  # why it could not be served, when it could not
 
     # -- start-up -----------------------------------------------------------------------------
 
@@ -127,11 +141,14 @@ class Coordinator:
         self.registry = TokenRegistry(self.ledger.tokens)
         self.admin_token = self.registry.ensure_file(self.data_dir / "admin.token", "admin")
         self.worker_token = self.registry.ensure_file(self.data_dir / "worker.token", "worker")
+        # For machines that trust each other only: it is given the Ray cluster's token.
+        self.trusted_token = self.registry.ensure_file(self.data_dir / "trusted-worker.token", "trusted-worker")
         self.store = BlobStore(self.data_dir / "blobs")
         self._start_model()
         self._start_ray()
         self._start_grpc()
         self._start_loops()
+        self._start_http()
 
     def _start_redis(self) -> None:
         url = self.settings.redis_url
@@ -161,10 +178,16 @@ class Coordinator:
                 delay = min(delay * 2, 10.0)
 
     def _start_model(self) -> None:
-        self.history = History(self.ledger, self.store, self.data_dir)
+        from coordinator.model import resolve_device
+
+        try:
+            device = resolve_device(self.settings.device)
+        except ValueError as exc:
+            raise SystemExit(str(exc)) from None
+        self.history = History(self.ledger, self.store, self.data_dir, device)
         latest = self.ledger.versions.latest()
         if latest is None:
-            self.model = RunningModel(base_model_folder(self.settings.base_model))
+            self.model = RunningModel(base_model_folder(self.settings.base_model), device)
             files = self.model.publish(self.store)
             self.ledger.versions.publish(VersionRecord(version=0, parent=-1, files=files))
             log.info("version 0 is the base model %s", self.settings.base_model)
@@ -208,8 +231,12 @@ class Coordinator:
         except ConnectionError as exc:
             raise ray_node.RayClusterError(f"cannot join the Ray cluster at {address}: {exc}") from None
         from coordinator.dispatch import RayDispatcher
+        from coordinator.outbound import OutboundDispatcher
+        from coordinator.scheduler import Dispatchers
 
-        self.dispatcher = RayDispatcher()
+        # One scheduler, two transports: trusted Ray nodes and outbound-only volunteers.
+        self.dispatcher = Dispatchers(RayDispatcher(),
+                                      OutboundDispatcher(self.ledger, self.settings.outbound_liveness_s))
 
     def _start_grpc(self) -> None:
         deps = service.Deps(self.settings, self.ledger, self.store, self.registry, self.model.tokenizer,
@@ -247,6 +274,24 @@ class Coordinator:
         self._spawn("scheduler", self._schedule_loop)
         self._spawn("folder", self._fold_loop)
 
+    def _start_http(self) -> None:
+        """The dashboard and /metrics on their own port, opened with a reader token (one is kept in
+        the data dir for the operator). Not being able to listen is noted in ``web_error``, not
+        raised: the coordinator serves its workers either way (the command decides)."""
+        if not self.settings.http:
+            return
+        self.reader_token = self.registry.ensure_file(self.data_dir / "reader.token", "reader")
+        try:
+            self.web = WebServer(self.settings.http, self.ledger, self.settings, self.registry,
+                                 self.settings.http_interval_s, self.settings.tls_cert, self.settings.tls_key)
+        except (OSError, ValueError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            self.web_error = f"the dashboard cannot listen on {self.settings.http}: {reason}"
+            log.warning("%s", self.web_error)
+            return
+        self.web.start()
+        log.info("dashboard at %s", self.web.url)
+
     def _spawn(self, name: str, body) -> None:
         thread = threading.Thread(target=body, name=name, daemon=True)
         thread.start()
@@ -273,8 +318,15 @@ class Coordinator:
     # -- shutdown -----------------------------------------------------------------------------
 
     def join_command(self) -> str:
+        """What the public runs: an outbound-only worker (no Ray, no open port)."""
         tls = " --tls-ca CA.pem  # CA.pem: the CA that signed --tls-cert" if self.settings.tls_cert else ""
-        return (f"NOMOAT_TOKEN={self.worker_token} nomoat worker start "
+        return f"NOMOAT_TOKEN={self.worker_token} nomoat worker start --coordinator {self.settings.join_address}{tls}"
+
+    def trusted_join_command(self) -> str:
+        """What a machine that trusts this one runs to join the Ray cluster (never give it out:
+        its token lets the holder run code on every node)."""
+        tls = " --tls-ca CA.pem" if self.settings.tls_cert else ""
+        return (f"NOMOAT_TOKEN=$(cat {self.data_dir / 'trusted-worker.token'}) nomoat worker start --ray "
                 f"--coordinator {self.settings.join_address} --ray-address {self.ray_address}{tls}")
 
     def wait(self) -> None:
@@ -282,6 +334,8 @@ class Coordinator:
 
     def stop(self) -> None:
         self._stopping.set()
+        if self.web is not None:
+            self.web.stop()
         if self.server is not None:
             self.health.enter_graceful_shutdown()
             self.server.stop(grace=5).wait()

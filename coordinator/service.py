@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING
 
 import grpc
 
-from coordinator import admin, collect, leases, pull, stats, status, submit, workers
-from coordinator.auth import Identity, TokenRegistry, caller, token_id
+from coordinator import admin, collect, leases, outbound, pull, stats, status, submit, workers
+from coordinator.auth import Identity, TokenRegistry, caller, may_join_ray, token_id
 from coordinator.errors import (
     BrokenOff,
     Incomplete,
@@ -34,9 +34,11 @@ from coordinator.errors import (
 )
 from coordinator.history import History
 from coordinator.ledger import Ledger
+from coordinator.noise import Sample
 from coordinator.settings import Settings
 from coordinator.store import BlobStore
 from coordinator.uploads import PartialUploads
+from nomoat import transfer
 from nomoat.v1 import nomoat_pb2 as pb
 from nomoat.v1 import nomoat_pb2_grpc as rpc
 
@@ -48,6 +50,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("nomoat.service")
 CHUNK = 1 << 20
+# Long-polls one frontend holds at once (each holds a server thread; coordinator.server has
+# RPC_THREADS): the rest of the threads stay free for heartbeats, uploads and everything else.
+LONG_POLL_SLOTS = 16
 
 _STATUS: dict[type[RequestError], grpc.StatusCode] = {
     InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
@@ -75,6 +80,7 @@ class Deps:
     operations: Folder | None = None  # rollback and unmerge (admin); set once the folder runs
     uploads: PartialUploads | None = None  # made in data_dir/uploads when first needed
     replication: Replication | None = None  # holds replicated tasks' adapters (None: none are replicated)
+    long_polls: outbound.LongPolls | None = None  # outbound workers' long-polls this frontend holds at once
 
 
 def _answers(method: Callable) -> Callable:
@@ -119,7 +125,7 @@ def _job_info(job: status.JobSummary) -> pb.JobInfo:
         total_tasks=job.total_tasks, adapters_folded=job.adapters_folded, adapters_rejected=job.adapters_rejected,
         error=job.error, created=job.created, tokens=job.tokens, dataset_sha256=job.dataset_sha256,
         base_loss=job.base_loss, warning=job.warning, events=job.events,
-        training=job.training,
+        training=job.training, noise_scale=job.noise_scale,
     )
 
 
@@ -148,6 +154,7 @@ def _dataset_parts(request_iterator: Iterator[pb.SubmitChunk]) -> Iterator[submi
                 "batch_size": h.config.batch_size,
                 "epochs": h.config.epochs,
                 "tokens_per_task": h.config.tokens_per_task,
+                "warm_start": h.config.warm_start,
             })
         elif kind == "sha256":
             yield submit.DatasetDigest(chunk.sha256)
@@ -174,7 +181,6 @@ class DatasetsServicer(rpc.DatasetsServicer):
         d = self.deps
         result = submit.receive(d.settings, d.ledger, d.store, d.tokenizer, list(d.shapes),
                                 _dataset_parts(request_iterator))
-        log.info("job %s: %d records, %d tasks", result.job_id, result.records, result.tasks)
         return pb.SubmitReply(job_id=result.job_id, tasks=result.tasks, records=result.records,
                               tokens=result.tokens, validation_records=result.validation_records)
 
@@ -213,10 +219,12 @@ class WorkersServicer(rpc.WorkersServicer):
     def Register(self, request, context):
         joining = workers.Registration(request.worker_id, request.name, request.node_id,
                                        request.card.SerializeToString(), request.card.name, request.card.vram_gb)
-        worker_id = workers.register(self.deps.ledger, self.deps.settings, caller(context, self.deps.registry),
-                                     joining)
-        return pb.RegisterReply(worker_id=worker_id, ray_address=self.deps.ray_address,
-                                ray_auth_token=self.deps.ray_auth_token, lineage=self.deps.history.lineage().id)
+        identity = caller(context, self.deps.registry)
+        worker_id = workers.register(self.deps.ledger, self.deps.settings, identity, joining)
+        ray = may_join_ray(identity)  # the Ray token lets its holder run code anywhere: trusted only
+        return pb.RegisterReply(worker_id=worker_id, ray_address=self.deps.ray_address if ray else "",
+                                ray_auth_token=self.deps.ray_auth_token if ray else "",
+                                lineage=self.deps.history.lineage().id)
 
     @_answers
     def Heartbeat(self, request, context):
@@ -252,6 +260,7 @@ class WorkersServicer(rpc.WorkersServicer):
             task_id=m.task_id, fence=m.fence, base_version=m.base_version, rank=m.rank, alpha=m.alpha,
             tokens=m.tokens, train_loss=m.train_loss, sha256=m.sha256, size=m.size, worker_id=m.worker_id,
             lineage=m.lineage,
+            gradients=Sample(m.grad_micro_sq, m.grad_batch_sq, m.grad_micro_batch, m.grad_batch_size),
         )
         result = collect.upload(self.deps.ledger, self.deps.store, self.deps.shapes, self._partials(),
                                 _identity(context, self.deps), manifest, m.offset, _adapter_blocks(request_iterator),
@@ -259,7 +268,6 @@ class WorkersServicer(rpc.WorkersServicer):
                                 lineage=self.deps.history.lineage().id, replication=self.deps.replication)
         if result.ok:
             return pb.UploadReply(accepted=True, adapter_id=result.detail)
-        log.warning("upload for %s refused: %s", m.task_id, result.detail)
         return pb.UploadReply(accepted=False, reason=result.detail)
 
     @_answers
@@ -273,6 +281,20 @@ class WorkersServicer(rpc.WorkersServicer):
             versions=[pb.VersionShare(version=v, adapters=n) for v, n in mine.versions.items()],
             trust=mine.standing.level.value, trust_score=mine.standing.score, trust_reason=mine.standing.why)
 
+    @_answers
+    def RequestWork(self, request, context):
+        if self.deps.long_polls is None:
+            self.deps.long_polls = outbound.LongPolls(LONG_POLL_SLOTS)
+        work = outbound.request_work(self.deps.ledger, self.deps.settings, _identity(context, self.deps),
+                                     request.worker_id, request.wait_s, self.deps.long_polls)
+        return pb.WorkReply(run_id=work.run_id, task_specs=list(work.specs), poll_again_s=work.poll_again_s)
+
+    @_answers
+    def ReportRun(self, request, context):
+        outbound.report_run(self.deps.ledger, _identity(context, self.deps), request.worker_id, request.run_id,
+                            list(request.units), list(request.handed_back))
+        return pb.RunReportReply(ok=True)
+
 
 class ModelsServicer(rpc.ModelsServicer):
     def __init__(self, deps: Deps) -> None:
@@ -282,11 +304,12 @@ class ModelsServicer(rpc.ModelsServicer):
     def Pull(self, request, context):
         plan = pull.plan(self.deps.ledger, self.deps.history, self.deps.store, request.format, request.since,
                          request.version)
+        start = pull.starts(plan, ((r.path, r.sha256, r.offset) for r in request.resume))
         yield pb.PullChunk(header=pb.PullHeader(version=plan.version, lineage=plan.lineage, files=[
-            pb.FileEntry(path=f.path, size=f.size, sha256=f.sha256) for f in plan.files
+            pb.FileEntry(path=f.path, size=f.size, sha256=f.sha256, offset=start.get(f.path, 0)) for f in plan.files
         ]))
-        for path, offset, block in pull.blocks(self.deps.store, plan, CHUNK):
-            yield pb.PullChunk(file=pb.FileChunk(path=path, offset=offset, data=block))
+        for path, offset, block in pull.blocks(self.deps.store, plan, pull.CHUNK, start):
+            yield transfer.file_chunk(path, offset, block)  # already serialized (see add_all)
 
 
 class AdminServicer(rpc.AdminServicer):
@@ -326,5 +349,11 @@ def add_all(server: grpc.Server, deps: Deps) -> None:
     rpc.add_DatasetsServicer_to_server(DatasetsServicer(deps), server)
     rpc.add_JobsServicer_to_server(JobsServicer(deps), server)
     rpc.add_WorkersServicer_to_server(WorkersServicer(deps), server)
-    rpc.add_ModelsServicer_to_server(ModelsServicer(deps), server)
+    # Models by hand: Pull yields its file chunks already framed (nomoat.transfer.file_chunk),
+    # which the generated registration would try to serialize again.
+    models = ModelsServicer(deps)
+    handlers = {"Pull": grpc.unary_stream_rpc_method_handler(
+        models.Pull, request_deserializer=pb.PullRequest.FromString, response_serializer=transfer.serialize)}
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("nomoat.v1.Models", handlers),))
+    server.add_registered_method_handlers("nomoat.v1.Models", handlers)
     rpc.add_AdminServicer_to_server(AdminServicer(deps), server)

@@ -27,6 +27,10 @@ class JobDefaults:
     # Plan memory as if the base model were this one (nomoat.memory.PRESET_CONFIGS); "" plans for
     # the base model itself. For simulated clusters, where the tiny model stands in for a real one.
     plan_model: str = ""
+    # Opt-in warm starts: each task continues from its worker's previous adapter of the job (its
+    # factors and AdamW moments, kept on the worker) and uploads the exact rank-2r difference.
+    # Off by default: bench/quality.py measured it no better than fresh adapters (bench/README.md).
+    warm_start: bool = False
 
 
 @dataclass(frozen=True)
@@ -58,6 +62,14 @@ class Settings:
     # coordinator.policy.lr_scale(K) times the job's lr. Measured by bench/quality.py (4 workers,
     # one pass): 0.45 of the best centralized run without it, 0.74 with it (bench/README.md).
     keep_global_batch: bool = True
+    # Size the global batch from the job's gradient noise scale (coordinator.noise, from the
+    # norms its workers report): between K and the job's batch, at the noise scale
+    # (FoldPolicy.task_training). Off: on the tiny model the noise scale measured ~150-260
+    # sequences, far above a job's batch of 8, so it would keep the job's batch (bench/README.md).
+    size_from_noise: bool = False
+    # A fold of m adapters whose tasks were sized for K > m (the fold timed out, a small job) takes
+    # m/K of a step (FoldPolicy.weights): each adapter counts as its share of the job's batch.
+    partial_folds: bool = True
     eval_epsilon: float = 0.02  # nats of held-out loss a new version may cost against its parent
     # Nats one adapter, added whole to the current version, may cost. Looser than eval_epsilon:
     # an adapter trained on an older version overshoots when added whole on top of a newer one
@@ -100,6 +112,17 @@ class Settings:
     replica_loss_tolerance: float = 0.02
     replica_timeout_s: float = 1800.0
 
+    # Held-out evaluation (coordinator/evaluation.py, docs/evaluation.md). Where the running model
+    # and its evaluations live: cpu, cuda (cuda:N), or auto (cuda when there is one).
+    device: str = "cpu"
+    # Tokens of a job's validation slice that every evaluation reads (the same tokens for parent
+    # and candidate, compared block by block). Measured by bench/eval_noise.py (docs/evaluation.md):
+    # at 2048 tokens the paired difference's spread is 0.010 nats on the tiny model with adapters
+    # trained for real (half of eval_epsilon; unpaired, 0.19). 0 reads the whole slice.
+    eval_tokens: int = 2048
+    # "bf16": evaluations run their matmuls under bf16 autocast (no second copy of the weights):
+    # ~6x faster than fp32 on a CPU with AMX (measured on this machine), the usual on a GPU.
+    eval_dtype: str = "fp32"
     validation_fraction: float = 0.05
     max_validation_records: int = 256
     max_dataset_bytes: int = 256 << 20
@@ -107,6 +130,15 @@ class Settings:
     tick_s: float = 0.5
     tls_cert: str | None = None
     tls_key: str | None = None
+    # HOST:PORT of the HTTP port (coordinator.web: the dashboard, its data, /metrics); "" serves
+    # none. (`nomoat coordinator start` serves 127.0.0.1:8470 unless told otherwise.)
+    http: str = ""
+    http_interval_s: float = 1.0  # how often the dashboard's live stream reads the ledger
+    # Outbound-only workers (coordinator.outbound): the longest a long-poll for work is held, and
+    # how long a worker may go without asking for work (or reporting) before it leaves the cards
+    # the scheduler places runs on.
+    long_poll_s: float = 20.0
+    outbound_liveness_s: float = 60.0
 
     @property
     def join_address(self) -> str:

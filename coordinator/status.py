@@ -37,6 +37,8 @@ class JobSummary:
     warning: str
     events: list[str]  # the newest notes of its tasks' runs, oldest first
     training: str = ""  # what its newest leased task trains at ("batch 2, lr 0.004"); "" before any
+    base_version: int = -1  # the version base_loss was measured on; -1 until measured
+    noise_scale: float = 0.0  # its gradient noise scale B_simple in sequences (coordinator.noise); 0: none yet
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,7 @@ class WorkerSummary:
     last_seen: float
     tasks_done: int
     state: str  # active | gone
+    tokens_per_s: float = 0.0  # measured over its finished runs; 0 while unknown
     trust: str = "trusted"  # its volunteer's standing: trusted | throttled | excluded (coordinator.trust)
     trust_score: float = 1.0
     trust_reason: str = ""  # why it is throttled or excluded
@@ -101,6 +104,8 @@ def job(ledger: Ledger, job_id: str) -> JobSummary | None:
         warning=record.warning,
         events=[e for _, e in sorted(events)[-MAX_JOB_EVENTS:]],
         training=training(record.config, tasks),
+        base_version=-1 if record.base_version is None else record.base_version,
+        noise_scale=record.noise.b_simple() or 0.0,
     )
 
 
@@ -113,7 +118,7 @@ def training(config: JobConfig, tasks: list[TaskRecord]) -> str:
     newest = max(leased, key=lambda t: t.leased_at)
     text = f"batch {newest.batch_size}, lr {newest.learning_rate:.3g}"
     if (newest.batch_size, newest.learning_rate) != (config.batch_size, config.learning_rate):
-        text += (f" (the job's batch {config.batch_size} over {max(1, config.batch_size // newest.batch_size)} "
+        text += (f" (the job's batch {config.batch_size} over {newest.fold_width} "
                  f"adapters a fold, lr x{newest.learning_rate / config.learning_rate:.3g})")
     return text
 
@@ -128,8 +133,8 @@ def workers(ledger: Ledger, settings: Settings) -> list[WorkerSummary]:
         standing = trust.standing(records.get(volunteers[w.worker_id]))
         out.append(WorkerSummary(
             worker_id=w.worker_id, name=w.name, card=w.card, last_seen=w.last_seen, tasks_done=w.tasks_done,
-            state="active" if is_active(w.last_seen, now, settings) else "gone", trust=standing.level.value,
-            trust_score=standing.score, trust_reason=standing.why))
+            state="active" if is_active(w.last_seen, now, settings) else "gone", tokens_per_s=w.tokens_per_s,
+            trust=standing.level.value, trust_score=standing.score, trust_reason=standing.why))
     return out
 
 

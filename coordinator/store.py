@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 CHUNK = 1 << 20
@@ -38,15 +40,50 @@ class BlobStore:
         return sha
 
     def put_file(self, source: Path) -> str:
-        h = hashlib.sha256()
-        with open(source, "rb") as fh:
-            for block in iter(lambda: fh.read(CHUNK), b""):
-                h.update(block)
-        sha = h.hexdigest()
+        """Store a copy of ``source``, streamed (a model shard is never read into memory)."""
+        sha = _file_sha256(source)
         target = self.path(sha)
         if not target.exists():
-            self._write(target, Path(source).read_bytes())
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-")
+            try:
+                with os.fdopen(fd, "wb") as out, open(source, "rb") as fh:
+                    shutil.copyfileobj(fh, out, CHUNK)
+                    out.flush()
+                    os.fsync(out.fileno())
+                os.replace(tmp, target)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
         return sha
+
+    @contextmanager
+    def staging(self) -> Iterator[Path]:
+        """A scratch folder on the store's own file system (removed on exit), whose files
+        :meth:`adopt_folder` moves into the store by rename rather than by copy."""
+        where = Path(tempfile.mkdtemp(dir=self.root, prefix=".staging-"))
+        try:
+            yield where
+        finally:
+            shutil.rmtree(where, ignore_errors=True)
+
+    def adopt(self, source: Path) -> str:
+        """Move ``source`` (a file in :meth:`staging`) into the store; returns its sha256."""
+        sha = _file_sha256(source)
+        target = self.path(sha)
+        if target.exists():
+            Path(source).unlink()
+        else:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with open(source, "rb") as fh:
+                os.fsync(fh.fileno())
+            os.replace(source, target)
+        return sha
+
+    def adopt_folder(self, folder: Path) -> dict[str, str]:
+        """Every file under ``folder`` moved into the store: relative path -> sha256."""
+        folder = Path(folder)
+        return {str(p.relative_to(folder)): self.adopt(p) for p in sorted(folder.rglob("*")) if p.is_file()}
 
     def get(self, sha256: str) -> bytes:
         return self.path(sha256).read_bytes()
@@ -70,3 +107,11 @@ class BlobStore:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(CHUNK), b""):
+            h.update(block)
+    return h.hexdigest()

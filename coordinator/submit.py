@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import random
 import secrets
 from collections.abc import Iterable, Sequence
@@ -25,10 +26,13 @@ from coordinator.ledger import (  # JobConfig: still importable from here
 )
 from coordinator.settings import JobDefaults, Settings
 from coordinator.store import BlobStore
+from nomoat.logs import fields
 from nomoat.records import DatasetError, parse_dataset
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
+
+log = logging.getLogger("nomoat.submit")
 
 
 @dataclass(frozen=True)
@@ -211,4 +215,9 @@ def submit(
                   total_tasks=len(tasks)),
         tasks,
     )
-    return SubmitResult(job_id, len(tasks), len(records), sum(counts) * config.epochs, n_val)
+    result = SubmitResult(job_id, len(tasks), len(records), sum(counts) * config.epochs, n_val)
+    log.info("job %s submitted: %d records, %d tokens, %d tasks (%d records held out)", job_id, result.records,
+             result.tokens, result.tasks, n_val, extra=fields("job.submitted", job=job_id, name=name,
+                                                             records=result.records, tokens=result.tokens,
+                                                             tasks=result.tasks, held_out=n_val))
+    return result

@@ -15,6 +15,7 @@ from coordinator.auth import Identity
 from coordinator.errors import InvalidRequest, LimitReached
 from coordinator.ledger import Ledger, TooManyWorkers
 from coordinator.settings import Settings
+from nomoat.logs import fields
 
 log = logging.getLogger("nomoat.workers")
 ACTIVE_TTLS = 3  # a worker heard from within this many lease lifetimes counts as active
@@ -61,5 +62,7 @@ def register(ledger: Ledger, settings: Settings, identity: Identity | None, join
             f"(--max-workers-per-token {settings.max_workers_per_token}); stop one, or ask the "
             "operator for another token") from None
     log.info("worker %s %s: %s with %s (%.0f GB)", worker_id, "rejoined" if rejoining else "registered",
-             joining.name, joining.card_name, joining.vram_gb)
+             joining.name, joining.card_name, joining.vram_gb,
+             extra=fields("worker.rejoined" if rejoining else "worker.registered", worker=worker_id,
+                          name=joining.name, card=joining.card_name, vram_gb=joining.vram_gb))
     return worker_id

@@ -29,6 +29,9 @@ from safetensors.torch import save as st_save
 FORMAT = "nomoat-lora/1"
 KIND_ADAPTER = "adapter"
 KIND_PATCH = "patch"
+# Metadata on a warm-started task's contribution: "1" when it is the exact difference
+# s·(B₁A₁ − B₀A₀), an adapter of rank 2r and alpha 2α (worker.warmstart).
+META_WARM = "warm_start"
 
 _A = ".lora_A"
 _B = ".lora_B"

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import click
 
+from nomoat import logs
 from nomoat.client import CoordinatorClient, NomoatError, default_address
 
 EXAMPLES = {
@@ -84,9 +85,23 @@ def main(ctx: click.Context, coordinator: str, token: str, tls_ca: str | None, v
     \b
     Example: nomoat demo
     """
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    ctx.obj = {"coordinator": coordinator, "token": token, "tls_ca": tls_ca}
+    # Before anything imports transformers: their progress bars are not ours to print.
+    logs.quiet_libraries()
+    logs.setup("plain", logging.INFO if verbose else logging.WARNING)
+    ctx.obj = {"coordinator": coordinator, "token": token, "tls_ca": tls_ca, "verbose": verbose}
+
+
+def log_format_option(command):
+    """--log-format for the long-running commands: they log one line per state change."""
+    return click.option(
+        "--log-format", type=click.Choice(logs.FORMATS), default="plain", show_default=True,
+        envvar="NOMOAT_LOG_FORMAT",
+        help="plain: sentences; json: one JSON object a line (ts, level, logger, event, message, job/task/"
+             "worker/version ids).")(command)
+
+
+def _start_logging(ctx: click.Context, fmt: str) -> None:
+    logs.setup(fmt, logging.DEBUG if ctx.find_root().obj.get("verbose") else logging.INFO)
 
 
 # -- coordinator ------------------------------------------------------------------------------
@@ -137,6 +152,8 @@ def _coordinator_start() -> click.Command:
     @click.option("--keep-global-batch/--no-keep-global-batch", default=Settings.keep_global_batch,
                   show_default=True,
                   help="Train each task at the job's batch / the adapters one fold averages, at a scaled lr.")
+    @click.option("--size-from-noise", is_flag=True, default=Settings.size_from_noise,
+                  help="Size the global batch from each job's gradient noise scale (at most the job's batch).")
     @click.option("--lease-ttl", default=Settings.lease_ttl_s, show_default=True,
                   help="Seconds a task's lease lasts without a heartbeat before it is re-issued.")
     @click.option("--max-attempts", default=Settings.max_attempts, show_default=True,
@@ -148,26 +165,45 @@ def _coordinator_start() -> click.Command:
                   help="Share of tasks also run by a second volunteer and compared (docs/trust.md).")
     @click.option("--tls-cert", default=None, type=click.Path(exists=True, dir_okay=False))
     @click.option("--tls-key", default=None, type=click.Path(exists=True, dir_okay=False))
-    def coordinator_start(data_dir, listen, public_address, redis_url, ray_address, ray_token_file, ray_node_ip,
+    @click.option("--http", "http", default=DASHBOARD, show_default=True,
+                  help="HOST:PORT of the read-only dashboard and Prometheus /metrics (opened with a reader "
+                       "token); 'off' serves neither.")
+    @click.option("--device", default=Settings.device, show_default=True,
+                  help="Where the running model and its evaluations live: cpu, cuda (cuda:N), or auto.")
+    @click.option("--eval-tokens", default=Settings.eval_tokens, show_default=True, type=click.IntRange(min=0),
+                  help="Validation tokens each held-out evaluation reads (0: the whole slice); docs/evaluation.md.")
+    @click.option("--eval-dtype", default=Settings.eval_dtype, show_default=True, type=click.Choice(["fp32", "bf16"]),
+                  help="Precision of the evaluations' matmuls (bf16: autocast, much faster on AMX CPUs and GPUs).")
+    @log_format_option
+    @click.pass_context
+    def coordinator_start(ctx, data_dir, listen, public_address, redis_url, ray_address, ray_token_file, ray_node_ip,
                           base_model, fold_every, fold_timeout, tokens_per_task, outer_momentum, outer_lr,
-                          keep_global_batch, lease_ttl, max_attempts, max_workers_per_token, replicate_fraction,
-                          tls_cert, tls_key) -> None:
+                          keep_global_batch, size_from_noise, lease_ttl, max_attempts, max_workers_per_token,
+                          replicate_fraction, tls_cert, tls_key, http, device, eval_tokens, eval_dtype,
+                          log_format) -> None:
         """Start the coordinator: gRPC server, Redis ledger and Ray driver. Ctrl-C stops it."""
         from coordinator.server import Coordinator
         from nomoat.raynode import RayClusterError
+
+        _start_logging(ctx, log_format)
 
         if bool(tls_cert) != bool(tls_key):
             _fail("--tls-cert and --tls-key go together")
         if ray_token_file and not ray_address:
             _fail("--ray-token-file is the token of the cluster that --ray-address names; pass both")
+        http = "" if http.lower() in ("off", "") else http
+        host, _, port = http.rpartition(":")
+        if http and (not host or not port.isdigit()):
+            _fail(f"--http {http}: give HOST:PORT, such as {DASHBOARD}, or 'off'")
         settings = Settings(
             data_dir=Path(data_dir).resolve(), listen=listen, public_address=public_address, redis_url=redis_url,
             ray_address=ray_address, ray_token_file=ray_token_file, ray_node_ip=ray_node_ip, base_model=base_model,
             fold_every=fold_every, fold_timeout_s=fold_timeout, job=JobDefaults(tokens_per_task=tokens_per_task),
             outer_momentum=outer_momentum, outer_lr=outer_lr, keep_global_batch=keep_global_batch,
-            lease_ttl_s=lease_ttl, max_attempts=max_attempts,
+            size_from_noise=size_from_noise, lease_ttl_s=lease_ttl, max_attempts=max_attempts,
             max_workers_per_token=max_workers_per_token, replicate_fraction=replicate_fraction,
-            tls_cert=tls_cert, tls_key=tls_key,
+            tls_cert=tls_cert, tls_key=tls_key, http=http, device=device, eval_tokens=eval_tokens,
+            eval_dtype=eval_dtype,
         )
         node = Coordinator(settings)
         try:
@@ -175,7 +211,10 @@ def _coordinator_start() -> click.Command:
             node.start()
             click.echo(f"coordinator listening on {listen}; Ray cluster at {node.ray_address}")
             click.echo(f"admin token: {settings.data_dir / 'admin.token'} (keep it secret)")
-            click.echo("volunteers join with:\n  " + node.join_command())
+            click.echo("volunteers join with (outbound-only; no Ray, no open port):\n  " + node.join_command())
+            click.echo("trusted machines only (Ray mode; its token runs code on every node, never share it):\n  "
+                       + node.trusted_join_command())
+            _say_dashboard(node, explicit=ctx.get_parameter_source("http") is not click.core.ParameterSource.DEFAULT)
             _wait_for_signal()
         except RayClusterError as exc:
             _fail(str(exc))
@@ -184,6 +223,27 @@ def _coordinator_start() -> click.Command:
             node.stop()
 
     return coordinator_start
+
+
+DASHBOARD = "127.0.0.1:8470"  # the coordinator's HTTP port unless --http says otherwise
+
+
+def _say_dashboard(node, explicit: bool) -> None:
+    """Where the dashboard is, and how to open it; a port that could not be had fails the command
+    only when the operator chose it (the default one taken is a warning: gRPC serves regardless)."""
+    if node.web is not None:
+        click.echo(f"dashboard: {node.web.url}")
+        click.echo(f"  open it with ?token=$(cat {node.data_dir / 'reader.token'}), or any reader token "
+                   "(nomoat token create --role reader)")
+        host = node.web.host
+        if not node.web.tls and host not in ("127.0.0.1", "localhost", "::1"):
+            click.secho("  warning: the dashboard is reachable beyond this machine without TLS, so its token "
+                        "travels in the clear; pass --tls-cert/--tls-key", fg="yellow", err=True)
+    elif node.web_error:
+        if explicit:
+            _fail(f"{node.web_error}; choose another --http HOST:PORT, or --http off")
+        click.secho(f"warning: {node.web_error}; no dashboard (choose one with --http HOST:PORT)", fg="yellow",
+                    err=True)
 
 
 @main.group(cls=LazyGroup, factories={"start": _coordinator_start})
@@ -212,36 +272,114 @@ def worker() -> None:
 
 @worker.command("start", epilog=f"Example: {EXAMPLES['worker']}")
 @connection_options
-@click.option("--ray-address", default="", help="HEAD:PORT of the Ray cluster; default: what the coordinator says.")
+@click.option("--ray", "ray_mode", is_flag=True,
+              help="Join the coordinator's Ray cluster as a node (trusted machines only: needs a trusted-worker "
+                   "token). Default: outbound-only, no Ray and no open port.")
+@click.option("--ray-address", default="", help="With --ray: HEAD:PORT of the Ray cluster; default: what the "
+                                                "coordinator says.")
 @click.option("--simulate-gpu", default=None, metavar="NAME:VRAM_GB[:TFLOPS]",
               help="Pretend to have this card (no GPU needed; trains on the CPU).")
 @click.option("--name", default="", help="How this worker shows up in `nomoat status`.")
 @click.option("--threads", default=0, help="CPU threads per task (0: torch's default).")
 @click.option("--cache-dir", default=None, envvar="NOMOAT_CACHE_DIR", type=click.Path(file_okay=False),
               help="Where model versions are cached (default ~/.cache/nomoat).")
-@click.option("--node-ip", default=None, help="IP this Ray node advertises (default: Ray's choice).")
+@click.option("--node-ip", default=None, help="With --ray: IP this Ray node advertises (default: Ray's choice).")
+@click.option("--idle-only", is_flag=True,
+              help="Train only while no other process uses the GPU and the user has been away 5 minutes.")
+@click.option("--hours", default=None, metavar="START-END",
+              help="Train only in this local-time window, e.g. 22-07 (wraps midnight) or 9:30-17:00.")
+@click.option("--max-power", default=0.0, metavar="WATTS",
+              help="Keep the card under this many watts: NVML's power limit where permitted, else resting between steps.")
+@click.option("--max-upload-mbps", default=0.0, metavar="MBIT/S", help="Pace adapter uploads to this many megabits a second.")
+@log_format_option
 @click.pass_context
-def worker_start(ctx, ray_address, simulate_gpu, name, threads, cache_dir, node_ip) -> None:
-    """Probe the GPU, join the Ray cluster and train tasks until Ctrl-C."""
-    from worker.agent import WorkerAgent
+def worker_start(ctx, ray_mode, ray_address, simulate_gpu, name, threads, cache_dir, node_ip, idle_only, hours,
+                 max_power, max_upload_mbps, log_format) -> None:
+    """Probe the GPU and train tasks until Ctrl-C: outbound-only (the default) or as a Ray node (--ray).
+
+    `nomoat worker pause` / `resume` (same --cache-dir) stop and restart taking work.
+    """
+    from worker.controls import ControlError, Controls, NoGpu, find_gpu
     from worker.probe import ProbeError, parse_simulated, probe
 
+    _start_logging(ctx, log_format)
+    if (ray_address or node_ip) and not ray_mode:
+        _fail("--ray-address and --node-ip are for Ray mode; add --ray (it needs a trusted-worker token), "
+              "or leave them out to run outbound-only")
     try:
         card = parse_simulated(simulate_gpu) if simulate_gpu else probe()
     except ProbeError as exc:
         _fail(str(exc))
-    agent = WorkerAgent(_client(ctx), card, name=name, ray_address=ray_address,
-                        cache_dir=Path(cache_dir) if cache_dir else None, threads=threads, node_ip=node_ip,
-                        tls_ca=ctx.obj["tls_ca"])
+    cache = Path(cache_dir) if cache_dir else None
     try:
+        settings = _control_settings(cache, idle_only, hours, max_power, max_upload_mbps)
+        controls = Controls(settings, gpu=find_gpu() if (idle_only or max_power) else NoGpu())
+        power_note = controls.limit_power()
+    except ControlError as exc:
+        _fail(str(exc))
+    if ray_mode:
+        from worker.agent import WorkerAgent
+
+        agent = WorkerAgent(_client(ctx), card, name=name, ray_address=ray_address, cache_dir=cache,
+                            threads=threads, node_ip=node_ip, tls_ca=ctx.obj["tls_ca"], controls=controls)
+        joined, left = "joined the Ray cluster", "worker left the cluster"
+    else:
+        from worker.outbound import OutboundWorker
+
+        agent = OutboundWorker(_client(ctx), card, name=name, cache_dir=cache, threads=threads,
+                               tls_ca=ctx.obj["tls_ca"], controls=controls)
+        joined, left = "joined (outbound-only)", "worker left"
+    try:
+        if settings.describe() or power_note:
+            click.echo("; ".join(x for x in (settings.describe(), power_note) if x))
         agent.start()
-        click.echo(f"worker {agent.worker_id} ({card.name}, {card.vram_gb:g} GB) joined; Ctrl-C to leave")
+        click.echo(f"worker {agent.worker_id} ({card.name}, {card.vram_gb:g} GB) {joined}; Ctrl-C to leave")
         agent.run()
     except RuntimeError as exc:
         _fail(str(exc))
     finally:
         agent.stop()
-        click.echo("worker left the cluster")
+        controls.close()
+        click.echo(left)
+
+
+def _control_settings(cache_dir: Path | None, idle_only: bool = False, hours: str | None = None,
+                      max_power: float = 0.0, max_upload_mbps: float = 0.0):
+    """The volunteer's controls from the options; ControlError (a sentence) for a bad value."""
+    from worker.cache import default_cache_dir
+    from worker.controls import ControlError, ControlSettings, Hours
+
+    if max_power < 0 or max_upload_mbps < 0:
+        raise ControlError("--max-power and --max-upload-mbps take a positive number (0: no limit)")
+    return ControlSettings(state_dir=Path(cache_dir or default_cache_dir()) / "control",
+                           hours=Hours.parse(hours) if hours else None, idle_only=idle_only,
+                           max_power_w=max_power, max_upload_mbps=max_upload_mbps)
+
+
+_cache_option = click.option("--cache-dir", default=None, envvar="NOMOAT_CACHE_DIR", type=click.Path(file_okay=False),
+                             help="The worker's cache dir, as given to `worker start` (default ~/.cache/nomoat).")
+
+
+@worker.command("pause", epilog="Example: nomoat worker pause   (later: nomoat worker resume)")
+@_cache_option
+def worker_pause(cache_dir) -> None:
+    """Stop taking work: the unit in training finishes, the rest go back to the coordinator."""
+    from worker.controls import ControlFiles
+
+    files = ControlFiles(_control_settings(Path(cache_dir) if cache_dir else None).state_dir)
+    files.pause()
+    click.echo(f"paused ({files.root / 'paused'}); the worker finishes its current unit and takes no more "
+               "until `nomoat worker resume`")
+
+
+@worker.command("resume", epilog="Example: nomoat worker resume")
+@_cache_option
+def worker_resume(cache_dir) -> None:
+    """Take work again after `nomoat worker pause`."""
+    from worker.controls import ControlFiles
+
+    files = ControlFiles(_control_settings(Path(cache_dir) if cache_dir else None).state_dir)
+    click.echo("resumed; the worker rejoins within a few seconds" if files.resume() else "the worker was not paused")
 
 
 @worker.command("stats", epilog="Example: nomoat worker stats --token $(cat my-worker.token)")
@@ -300,16 +438,19 @@ def _stats_text(reply) -> str:
 @click.option("--batch-size", default=0, help="Sequences per optimizer step.")
 @click.option("--epochs", default=0, help="Passes over each task's shard.")
 @click.option("--tokens-per-task", default=0, help="Task size in tokens.")
+@click.option("--warm-start", is_flag=True,
+              help="Each task continues from its worker's previous adapter of this job (factors and optimizer state).")
 @click.option("--give-up-after", default=60.0, show_default=True,
               help="With --wait: seconds a job whose tasks fit no card may wait before this exits (the job stays queued).")
 @click.pass_context
 def submit(ctx, dataset, name, wait, rank, alpha, seq_len, learning_rate, batch_size, epochs, tokens_per_task,
-           give_up_after):
+           warm_start, give_up_after):
     """Submit a dataset (.jsonl with text / prompt+completion / messages, or .txt) as a job."""
     from nomoat.v1 import nomoat_pb2 as pb
 
     config = pb.JobConfig(lora_rank=rank, lora_alpha=alpha, seq_len=seq_len, learning_rate=learning_rate,
-                          batch_size=batch_size, epochs=epochs, tokens_per_task=tokens_per_task)
+                          batch_size=batch_size, epochs=epochs, tokens_per_task=tokens_per_task,
+                          warm_start=warm_start)
     with _client(ctx) as client:
         reply = client.submit(Path(dataset), name=name, config=config)
         click.echo(f"job {reply.job_id}: {reply.records} records, {reply.tokens} tokens, {reply.tasks} tasks "
@@ -329,20 +470,19 @@ def submit(ctx, dataset, name, wait, rank, alpha, seq_len, learning_rate, batch_
 @main.command(epilog=f"Example: {EXAMPLES['status']}")
 @connection_options
 @click.argument("job", required=False, default="")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--json", "as_json", is_flag=True,
+              help="For scripts: the StatusReply as proto3 JSON, every field (keys: docs/status-json.md).")
 @click.pass_context
 def status(ctx, job, as_json) -> None:
     """Jobs, tasks by state, workers and their cards, versions with eval loss."""
-    from google.protobuf.json_format import MessageToDict
+    from nomoat import statusview
 
     with _client(ctx) as client:
         reply = client.status(job)
     if as_json:
-        click.echo(json.dumps(MessageToDict(reply, always_print_fields_with_no_presence=True), indent=2))
+        click.echo(statusview.as_json(reply))
         return
-    from nomoat.progress import print_status
-
-    print_status(reply)
+    statusview.print_status(reply)
 
 
 @main.command(epilog=f"Example: {EXAMPLES['pull']}")
@@ -355,11 +495,17 @@ def status(ctx, job, as_json) -> None:
               help="hf: a whole Hugging Face model folder; peft: a PEFT adapter folder (needs --since).")
 @click.pass_context
 def pull(ctx, out, version, since, fmt) -> None:
-    """Download a model version as a Hugging Face folder, or only the update since a version you have."""
+    """Download a model version as a Hugging Face folder, or only the update since a version you have.
+
+    A pull whose connection drops is resumed where it stopped (after a wait, a few times); one
+    stopped (Ctrl-C) resumes when you run the same command again.
+    """
     if fmt == "peft" and since is None:
         _fail("--format peft needs --since VERSION (the version you already have)")
-    with _client(ctx) as client:
-        number = client.pull(Path(out), version, fmt=fmt, since=since or 0)
+    from nomoat.progress import PullBar
+
+    with _client(ctx) as client, PullBar() as bar:
+        number = client.pull(Path(out), version, fmt=fmt, since=since or 0, progress=bar)
     if fmt == "peft":
         click.echo(f"the update from version {since} to version {number} written to {out} "
                    f"(PeftModel.from_pretrained(<version {since}>, {out!r}).merge_and_unload())")
@@ -401,8 +547,10 @@ def token() -> None:
 
 @token.command("create", epilog="Example: NOMOAT_TOKEN=$(nomoat token create --role submitter --name alice)")
 @connection_options
-@click.option("--role", required=True, type=click.Choice(["worker", "submitter", "reader", "admin"]),
-              help="What the token may do: worker (train), submitter (submit jobs), reader (status, pull), admin.")
+@click.option("--role", required=True,
+              type=click.Choice(["worker", "trusted-worker", "submitter", "reader", "admin"]),
+              help="What the token may do: worker (train, outbound-only), trusted-worker (also join the Ray "
+                   "cluster: machines you trust only), submitter (submit jobs), reader (status, pull), admin.")
 @click.option("--name", default="", help="Who the token is for (shown by `nomoat token list`).")
 @click.pass_context
 def token_create(ctx, role: str, name: str) -> None:

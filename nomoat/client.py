@@ -9,20 +9,26 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
 
-from nomoat.lineage import STAMP, Stamp, file_sha256
+from nomoat import transfer
 from nomoat.v1 import nomoat_pb2 as pb
 from nomoat.v1 import nomoat_pb2_grpc as rpc
 
 CHUNK = 1 << 20  # 1 MiB per message
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 MAX_MESSAGE = 8 << 20
+# A worker behind a home router: the router's NAT drops a connection idle for a few minutes, so
+# the channel pings every 30 s, with or without a call in flight (the coordinator allows it).
+KEEPALIVE = [
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),  # 0: keep pinging however long the line is quiet
+]
 
 
 class NomoatError(RuntimeError):
@@ -59,6 +65,7 @@ class CoordinatorClient:
         options = [
             ("grpc.max_receive_message_length", MAX_MESSAGE),
             ("grpc.max_send_message_length", MAX_MESSAGE),
+            *KEEPALIVE,
         ]
         if tls_ca:
             creds = grpc.ssl_channel_credentials(root_certificates=Path(tls_ca).read_bytes())
@@ -70,6 +77,11 @@ class CoordinatorClient:
         self.workers = rpc.WorkersStub(self.channel)
         self.models = rpc.ModelsStub(self.channel)
         self.admin = rpc.AdminStub(self.channel)
+        # Pull's chunks come as raw bytes, framed by nomoat.transfer: their data reaches the file
+        # as a view into the message, where the generated stub would copy it twice.
+        self._pull = self.channel.unary_stream("/nomoat.v1.Models/Pull",
+                                               request_serializer=pb.PullRequest.SerializeToString,
+                                               response_deserializer=None)
 
     def close(self) -> None:
         self.channel.close()
@@ -138,64 +150,28 @@ class CoordinatorClient:
     # -- pull ---------------------------------------------------------------------------------
 
     def pull(self, out: Path, version: int = -1, timeout: float = 3600, fmt: str = "hf", since: int = 0,
-             lineage: str = "") -> int:
-        """Write a version's Hugging Face folder into ``out``; returns the version number.
+             lineage: str = "", progress: transfer.Progress | None = None, patience_s: float = 300.0) -> int:
+        """Write a version's folder into ``out``; returns the version number.
 
-        Files land in a temporary folder beside ``out`` and are checked against their sha256
-        before the folder is moved into place, so ``out`` is never half-written. The folder gets
-        a stamp (:data:`nomoat.lineage.STAMP`) naming the model lineage and version it holds and
-        every file's sha256. With ``lineage``, a coordinator serving another lineage is refused.
+        ``fmt`` is hf (a Hugging Face folder), peft (the update since ``since``) or patches (a
+        worker cache's catch-up from ``since``). The folder is checked file by file against the
+        sha256 its header names and moved into place whole, with a stamp
+        (:data:`nomoat.lineage.STAMP`) naming its lineage, version and files; with ``lineage``, a
+        coordinator serving another lineage is refused. A stream that breaks off is resumed from
+        the bytes already here (see :mod:`nomoat.transfer`), retrying with backoff until no byte
+        has arrived for ``patience_s``; ``timeout`` bounds each try.
         """
-        out = Path(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
-        try:
-            request = pb.PullRequest(version=version, since=since,
-                                     format=pb.PullRequest.Format.Value(fmt.upper()))
-            header = self._pull_into(tmp, request, timeout, lineage)
-            for entry in header.files:
-                path = tmp / entry.path
-                if path.stat().st_size != entry.size or file_sha256(path) != entry.sha256:
-                    raise NomoatError(f"{entry.path} arrived damaged (sha256 mismatch); pull again")
-            if header.lineage:
-                Stamp(header.lineage, header.version, {e.path: e.sha256 for e in header.files}).write(tmp)
-            if out.exists():
-                shutil.rmtree(out)
-            tmp.rename(out)
-            return header.version
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
+        request = pb.PullRequest(version=version, since=since, format=pb.PullRequest.Format.Value(fmt.upper()))
 
-    def _pull_into(self, tmp: Path, request: pb.PullRequest, timeout: float, lineage: str) -> pb.PullHeader:
-        header, handles = None, {}
+        def call(req: pb.PullRequest) -> Iterator[bytes]:
+            return self._pull(req, timeout=timeout, metadata=self._meta)
+
         try:
-            for chunk in self._stream(self.models.Pull, request, timeout):
-                if chunk.HasField("header"):
-                    header = chunk.header
-                    if lineage and header.lineage != lineage:
-                        raise NomoatError(
-                            f"the coordinator at {self.address} now serves model lineage {header.lineage or '(none)'}, "
-                            f"not {lineage}: it was restarted with another data dir or base model, so its version "
-                            f"{header.version} is not the model this task was given; the task must start again")
-                    allowed = {e.path for e in header.files}
-                    for e in header.files:
-                        target = (tmp / e.path).resolve()
-                        if tmp.resolve() not in target.parents or e.path == STAMP:
-                            raise NomoatError(f"the coordinator sent an unsafe file name {e.path!r}")
-                        target.parent.mkdir(parents=True, exist_ok=True)
-                        handles[e.path] = open(target, "wb")
-                    continue
-                part = chunk.file
-                if header is None or part.path not in allowed:
-                    raise NomoatError("the coordinator's pull stream was malformed")
-                handles[part.path].write(part.data)
-        finally:
-            for fh in handles.values():
-                fh.close()
-        if header is None:
-            raise NomoatError("the coordinator sent no model")
-        return header
+            header = transfer.pull(call, Path(out), request, explain=lambda exc: _explain(exc, self.address),
+                                   lineage=lineage, address=self.address, report=progress, patience_s=patience_s)
+        except transfer.PullError as exc:
+            raise NomoatError(str(exc)) from None
+        return header.version
 
     # -- workers ------------------------------------------------------------------------------
 
@@ -212,8 +188,9 @@ class CoordinatorClient:
         return b"".join(p.data for p in parts)
 
     def upload(self, manifest: pb.AdapterManifest, data: bytes, timeout: float = 600,
-               offset: int = 0) -> pb.UploadReply:
-        """Send ``data`` from byte ``offset`` on (what the coordinator lacks, per upload_offset)."""
+               offset: int = 0, pace: Callable[[int], object] | None = None) -> pb.UploadReply:
+        """Send ``data`` from byte ``offset`` on (what the coordinator lacks, per upload_offset);
+        ``pace(n)`` is called before each chunk of n bytes (an upload limit waits there)."""
         resumed = pb.AdapterManifest()
         resumed.CopyFrom(manifest)
         resumed.offset = offset
@@ -221,6 +198,8 @@ class CoordinatorClient:
         def chunks() -> Iterator[pb.UploadChunk]:
             yield pb.UploadChunk(manifest=resumed)
             for i in range(offset, len(data), CHUNK):
+                if pace is not None:
+                    pace(len(data[i : i + CHUNK]))
                 yield pb.UploadChunk(data=data[i : i + CHUNK])
 
         return self._call(self.workers.Upload, chunks(), timeout=timeout)
@@ -229,6 +208,16 @@ class CoordinatorClient:
         """How many bytes of this upload the coordinator already holds from a broken-off try."""
         request = pb.UploadOffsetRequest(task_id=task_id, fence=fence, sha256=sha256)
         return self._call(self.workers.UploadOffset, request, timeout=15).offset
+
+    def request_work(self, worker_id: str, wait_s: float) -> pb.WorkReply:
+        """Long-poll for the next run placed on this (outbound-only) worker."""
+        return self._call(self.workers.RequestWork, pb.WorkRequest(worker_id=worker_id, wait_s=wait_s),
+                          timeout=wait_s + 30)
+
+    def report_run(self, worker_id: str, run_id: str, units: list[str], handed_back: list[str]) -> None:
+        """Say how each unit of a run ended (UnitResult JSON), and which were handed back unstarted."""
+        request = pb.RunReport(worker_id=worker_id, run_id=run_id, units=units, handed_back=handed_back)
+        self._call(self.workers.ReportRun, request, timeout=30)
 
     # -- admin --------------------------------------------------------------------------------
 

@@ -41,7 +41,7 @@ def split_demo_data(workdir: Path, test_fraction: float = 0.1) -> tuple[Path, li
 def start_worker(address: str, token: str, card: str, workdir: Path, index: int) -> subprocess.Popen:
     log = open(workdir / f"worker-{index}.log", "wb")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "nomoat.cli", "--coordinator", address, "worker", "start",
+        [sys.executable, "-m", "nomoat.cli", "--coordinator", address, "worker", "start", "--ray",
          "--simulate-gpu", card, "--name", f"volunteer-{index}", "--threads", "1",
          "--cache-dir", str(workdir / f"worker-{index}")],
         env={**os.environ, "NOMOAT_TOKEN": token}, stdout=log, stderr=subprocess.STDOUT,
@@ -94,7 +94,7 @@ def run_demo(workdir: Path | None = None, listen: str = "127.0.0.1:0") -> dict[s
         node.start()
         console.print(f"coordinator at {node.address}; starting two volunteers: {', '.join(CARDS)} ...")
         for i, card in enumerate(CARDS):  # one at a time: two Ray nodes starting at once can time out
-            workers.append(start_worker(node.address, node.worker_token, card, workdir, i))
+            workers.append(start_worker(node.address, node.trusted_token, card, workdir, i))
             wait_for_workers(workers)
         with CoordinatorClient(node.address, node.admin_token) as client:
             train, test = split_demo_data(workdir)

@@ -16,7 +16,7 @@ import hashlib
 import json
 import re
 import secrets
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,10 +64,14 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def folder_files(folder: Path) -> dict[str, str]:
-    """path -> sha256 of every file under ``folder`` but the stamp."""
+HashFile = Callable[[Path], str]
+
+
+def folder_files(folder: Path, hash_file: HashFile = file_sha256) -> dict[str, str]:
+    """path -> sha256 of every file under ``folder`` but the stamp (``hash_file``: how one file
+    is hashed; a cache passes a memoised one)."""
     return {
-        str(p.relative_to(folder)): file_sha256(p)
+        str(p.relative_to(folder)): hash_file(p)
         for p in sorted(Path(folder).rglob("*"))
         if p.is_file() and p.name != STAMP
     }
@@ -92,14 +96,14 @@ class Stamp:
             return None
 
 
-def stamp(folder: Path, lineage: str, version: int) -> Stamp:
+def stamp(folder: Path, lineage: str, version: int, hash_file: HashFile = file_sha256) -> Stamp:
     """Hash every file of ``folder`` and write its stamp as (``lineage``, ``version``)."""
-    made = Stamp(lineage, version, folder_files(folder))
+    made = Stamp(lineage, version, folder_files(folder, hash_file))
     made.write(folder)
     return made
 
 
-def problem(folder: Path, lineage: str, version: int) -> str:
+def problem(folder: Path, lineage: str, version: int, hash_file: HashFile = file_sha256) -> str:
     """Why ``folder`` is not version ``version`` of ``lineage`` as stamped, or "" when it is.
 
     Every file is hashed again: a file altered, added or removed since the stamp was written
@@ -111,7 +115,7 @@ def problem(folder: Path, lineage: str, version: int) -> str:
     if (found.lineage, found.version) != (lineage, version):
         return (f"{folder} holds version {found.version} of lineage {found.lineage}, "
                 f"not version {version} of lineage {lineage}")
-    now = folder_files(folder)
+    now = folder_files(folder, hash_file)
     changed = sorted((set(now) ^ set(found.files)) | {p for p in now if found.files.get(p) != now[p]})
     if changed:
         return f"{folder}: {len(changed)} file(s) differ from its stamp ({', '.join(changed[:3])})"

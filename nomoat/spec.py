@@ -68,6 +68,7 @@ class TrainConfig:
     epochs: int
     seed: int
     plan_model: str = ""  # plan memory as if the base were this preset (nomoat.memory); "": itself
+    warm_start: bool = False  # continue from this worker's carry of the job (worker.carry), if it has one
 
 
 @dataclass(frozen=True)
@@ -96,6 +97,20 @@ class TaskSpec:
 
 
 @dataclass(frozen=True)
+class GradientNorms:
+    """What the gradient noise scale is estimated from (McCandlish et al. 2018, appendix A): the
+    squared norm, summed over the LoRA parameters, of one micro-batch's mean gradient and of the
+    whole batch's, each averaged over the steps, with the two batch sizes in sequences. The
+    trainer measures them (``worker.trainer``); ``coordinator.noise`` turns them into B_simple.
+    Zero sizes: not measured (a batch of one sequence has no smaller micro-batch)."""
+
+    micro_sq: float = 0.0  # E|g_micro|², averaged over every micro-batch of every step
+    batch_sq: float = 0.0  # E|g_batch|², averaged over the steps
+    micro_batch: float = 0.0  # sequences per micro-batch (harmonic mean)
+    batch_size: float = 0.0  # sequences per batch (harmonic mean)
+
+
+@dataclass(frozen=True)
 class UnitResult:
     """How one unit of a run ended."""
 
@@ -107,6 +122,10 @@ class UnitResult:
     tokens: int = 0
     train_loss: float = 0.0
     seconds: float = 0.0
+    norms: GradientNorms = GradientNorms()  # the gradient noise measurement its adapter was uploaded with
+    # Not started, given back because the volunteer paused (worker.controls); ``error`` says why.
+    # Back in the queue without spending an attempt: the unit did not fail.
+    handed_back: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return _plain(self)

@@ -153,10 +153,20 @@ def coordinator(data_dir: Path, address: str, log: Path, *extra: str) -> Proc:
 
 
 def worker(address: str, data_dir: Path, tmp: Path, name: str, card: str = "RTX 3060:12") -> Proc:
+    """A Ray-mode volunteer (``--ray``): trusted, so it joins with the trusted-worker token."""
+    token = (data_dir / "trusted-worker.token").read_text().strip()
+    return Proc(["worker", "start", "--ray", "--coordinator", address, "--simulate-gpu", card, "--threads", "1",
+                 "--name", name, "--cache-dir", str(tmp / f"cache-{name}")],
+                tmp / f"{name}.log", env={"NOMOAT_TOKEN": token})
+
+
+def outbound_worker(address: str, data_dir: Path, tmp: Path, name: str, card: str = "RTX 3060:12",
+                    env: dict[str, str] | None = None) -> Proc:
+    """A public volunteer: outbound-only (no --ray), with the plain worker token."""
     token = (data_dir / "worker.token").read_text().strip()
     return Proc(["worker", "start", "--coordinator", address, "--simulate-gpu", card, "--threads", "1",
                  "--name", name, "--cache-dir", str(tmp / f"cache-{name}")],
-                tmp / f"{name}.log", env={"NOMOAT_TOKEN": token})
+                tmp / f"{name}.log", env={"NOMOAT_TOKEN": token, **(env or {})})
 
 
 def running_tasks(proc: Proc) -> set[str]:

@@ -38,7 +38,7 @@ from nomoat.client import CoordinatorClient
 from nomoat.tiny import read_fortunes, tiny_model_path
 from nomoat.v1 import nomoat_pb2 as pb
 
-ROLES = ("worker", "submitter", "reader", "admin")
+ROLES = ("worker", "trusted-worker", "submitter", "reader", "admin")
 RANK, ALPHA, TARGETS = 2, 4.0, ("q_proj", "v_proj")
 JOB = pb.JobConfig(lora_rank=RANK, lora_alpha=ALPHA, target_modules=TARGETS, tokens_per_task=300)
 TEXTS = [f"record {i}: {t}" for i, t in enumerate(read_fortunes()[2000:2060])]
@@ -158,11 +158,12 @@ class Rig:
         self.server.stop(0)
 
 
-def submit_job(rig: Rig, texts=TEXTS, filename: str = "d.jsonl") -> submit.SubmitResult:
-    """Submit JOB's config over ``texts`` through the domain call the Submit servicer makes (no gRPC)."""
+def submit_job(rig: Rig, texts=TEXTS, filename: str = "d.jsonl", **config) -> submit.SubmitResult:
+    """Submit JOB's config (and ``config``'s fields) over ``texts`` through the domain call the
+    Submit servicer makes (no gRPC)."""
     data = "".join(json.dumps({"text": t}) + "\n" for t in texts).encode()
     requested = {"lora_rank": JOB.lora_rank, "lora_alpha": JOB.lora_alpha,
-                 "target_modules": list(JOB.target_modules), "tokens_per_task": JOB.tokens_per_task}
+                 "target_modules": list(JOB.target_modules), "tokens_per_task": JOB.tokens_per_task, **config}
     d = rig.deps
     return submit.receive(d.settings, d.ledger, d.store, d.tokenizer, list(d.shapes), [
         submit.DatasetHeader(filename, "job", len(data), requested), data,

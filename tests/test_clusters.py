@@ -43,8 +43,8 @@ def settings(tmp: Path, **changes) -> Settings:
 
 def one_job(coordinator: Coordinator, tmp: Path, tls_ca: str | None = None) -> pb.JobInfo:
     """One volunteer joins; a small job is submitted and followed to its end."""
-    token = (coordinator.data_dir / "worker.token").read_text().strip()
-    args = ["worker", "start", "--coordinator", coordinator.address, "--simulate-gpu", "RTX 3060:12",
+    token = (coordinator.data_dir / "trusted-worker.token").read_text().strip()
+    args = ["worker", "start", "--ray", "--coordinator", coordinator.address, "--simulate-gpu", "RTX 3060:12",
             "--threads", "1", "--name", "volunteer", "--cache-dir", str(tmp / "cache")]
     worker = Proc(args + (["--tls-ca", tls_ca] if tls_ca else []), tmp / "worker.log", env={"NOMOAT_TOKEN": token})
     try:

@@ -15,8 +15,11 @@ import pytest
 from coordinator import collect, submit
 from coordinator.auth import Identity
 from coordinator.errors import Incomplete, InvalidRequest, WrongState
+from coordinator.noise import Sample
 from coordinator.uploads import PartialUploads
+from nomoat.adapter import from_bytes, to_bytes
 from tests.rig import ALPHA, RANK, Rig, make_adapter, published, rig, submit_job  # noqa: F401  (fixtures)
+from worker.warmstart import contribution
 
 LIMIT = 1 << 24
 
@@ -109,3 +112,39 @@ def test_a_whole_dataset_stream_becomes_a_job(rig: Rig) -> None:
     result = submit_job(rig)
     assert result.tasks == len(rig.ledger.tasks.ids(result.job_id)) > 0
     assert rig.ledger.jobs.get(result.job_id).name == "job"
+
+
+def warm_contribution(rig: Rig, marked: bool = True) -> bytes:
+    """What a warm-started task uploads: s·(B₁A₁ − B₀A₀) as one rank-2r, alpha-2α adapter."""
+    start, end = (from_bytes(make_adapter(rig.deps.shapes, seed=s)) for s in (1, 2))
+    warm = contribution(end, start)
+    if not marked:
+        warm.meta = {}
+    return to_bytes(warm)
+
+
+@pytest.mark.parametrize("warm_job,marked,accepted", [
+    (True, True, True),     # a warm-start job takes the exact rank-2r difference
+    (False, True, False),   # a job that did not ask for warm starts does not
+    (True, False, False),   # nor a rank-2r upload that does not say it is one
+])
+def test_a_warm_start_job_accepts_rank_2r_contributions(rig: Rig, partials, warm_job: bool, marked: bool,
+                                                       accepted: bool) -> None:
+    task_id = rig.ledger.tasks.ids(submit_job(rig, warm_start=warm_job).job_id)[0]
+    fence = rig.lease(task_id)
+    data = warm_contribution(rig, marked)
+    result = upload(rig, partials, manifest(task_id, fence, data, rank=2 * RANK, alpha=2 * ALPHA), [data])
+    assert (result.status == "accepted") is accepted, result.detail
+    if not accepted:
+        assert f"the job trains rank {RANK}" in result.detail
+
+
+def test_an_accepted_upload_records_its_gradient_norms_and_the_jobs_noise_scale(rig: Rig, leased, partials) -> None:
+    task_id, fence = leased
+    data = make_adapter(rig.deps.shapes)
+    sample = Sample(micro_sq=5.0, batch_sq=2.0, micro_batch=2, batch_size=8)  # |G|² 1, tr(Σ) 8
+    result = upload(rig, partials, manifest(task_id, fence, data, gradients=sample), [data])
+    assert result.status == "accepted"
+    assert rig.ledger.adapters.get(result.detail).gradients == sample
+    job = rig.ledger.jobs.get(rig.ledger.tasks.get(task_id).job)
+    assert job.noise.samples == 1 and job.noise.b_simple() == pytest.approx(8.0)

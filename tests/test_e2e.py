@@ -44,14 +44,14 @@ def test_submit_train_fold_pull_through_the_cli(tmp_path: Path) -> None:
         assert "nomoat worker start" in coordinator.output()
         env = {"NOMOAT_COORDINATOR": address}
         admin = {**env, "NOMOAT_TOKEN": (data_dir / "admin.token").read_text().strip()}
-        worker_env = {"NOMOAT_TOKEN": (data_dir / "worker.token").read_text().strip()}
+        worker_env = {"NOMOAT_TOKEN": (data_dir / "trusted-worker.token").read_text().strip()}
         # The second volunteer joins with a token of its own, issued by the admin.
-        own = run(["token", "create", "--role", "worker", "--name", "volunteer-1"], admin, timeout=60)
+        own = run(["token", "create", "--role", "trusted-worker", "--name", "volunteer-1"], admin, timeout=60)
         assert own.returncode == 0, own.stderr
         tokens = [worker_env, {"NOMOAT_TOKEN": own.stdout.strip()}]
         for i, card in enumerate(("RTX 3060:12", "RTX 4090:24")):
             # the way the coordinator's printed join command passes the address
-            workers.append(Proc(["worker", "start", "--coordinator", address, "--simulate-gpu", card, "--threads", "1",
+            workers.append(Proc(["worker", "start", "--ray", "--coordinator", address, "--simulate-gpu", card, "--threads", "1",
                                  "--name", f"volunteer-{i}", "--cache-dir", str(tmp_path / f"cache-{i}")],
                                 tmp_path / f"worker-{i}.log", env=tokens[i]))
             workers[-1].wait_for("joined", timeout=180)

@@ -240,3 +240,13 @@ def test_outer_lr_without_momentum_scales_each_fold(ledger, tmp_path):
     delta = fmt.from_bytes(rig.store.get(record.delta))  # the plain fold, kept beside the applied patch
     for m in before:
         torch.testing.assert_close(after[m] - before[m], 1.5 * folding.patch_delta(delta, m), rtol=1e-4, atol=1e-6)
+
+
+def test_an_adapter_folded_alone_takes_its_share_of_the_step_its_task_was_sized_for(rig: Rig):
+    # Its task trained at the job's batch / 3 (the scheduler recorded K = 3); the job waits on
+    # the buffer, so it folds alone: at 1/3, as among its two peers (FoldPolicy.weights).
+    task_id = rig.ledger.leases.pending(1)[0]
+    rig.ledger.tasks.set_training([(task_id, 2, 1e-3, 3)])
+    adapter_id = rig.offer(rig.adapter())
+    assert rig.folder.maybe_fold({rig.job}) == 1
+    assert rig.ledger.adapters.get(adapter_id).weight == pytest.approx(1 / 3)

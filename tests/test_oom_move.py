@@ -32,10 +32,10 @@ def test_a_task_out_of_memory_at_micro_batch_one_moves_to_a_bigger_card(tmp_path
     coordinator.start()
     workers = []
     try:
-        token = (settings.data_dir / "worker.token").read_text().strip()
+        token = (settings.data_dir / "trusted-worker.token").read_text().strip()
         for name, card, env in (("small", "GTX 1650:6:4", {"NOMOAT_INJECT_OOM_ABOVE_MICRO_BATCH": "0"}),
                                 ("big", "RTX 4090:24:20", {})):
-            workers.append(Proc(["worker", "start", "--coordinator", coordinator.address, "--simulate-gpu", card,
+            workers.append(Proc(["worker", "start", "--ray", "--coordinator", coordinator.address, "--simulate-gpu", card,
                                  "--threads", "1", "--name", name, "--cache-dir", str(tmp_path / f"cache-{name}")],
                                 tmp_path / f"{name}.log", env={"NOMOAT_TOKEN": token, **env}))
             workers[-1].wait_for("joined", timeout=180)

@@ -52,9 +52,9 @@ def cluster(tmp_path_factory):
     coordinator.start()
     workers = []
     try:
-        token = (settings.data_dir / "worker.token").read_text().strip()
+        token = (settings.data_dir / "trusted-worker.token").read_text().strip()
         for name, (card, env) in CARDS.items():
-            workers.append(Proc(["worker", "start", "--coordinator", coordinator.address, "--simulate-gpu", card,
+            workers.append(Proc(["worker", "start", "--ray", "--coordinator", coordinator.address, "--simulate-gpu", card,
                                  "--threads", "1", "--name", name, "--cache-dir", str(tmp / f"cache-{name}")],
                                 tmp / f"{name}.log",
                                 env={"NOMOAT_TOKEN": token, "NOMOAT_SIMULATED_TOKENS_PER_TFLOP": str(RATE), **env}))

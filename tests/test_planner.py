@@ -137,7 +137,8 @@ def test_does_not_fit_suggests_quantization_when_it_would_help():
         (LLAMA_1B, 24, 2048, (2, False, None)),
         (LLAMA_7B, 6, 512, None),
         (LLAMA_7B, 8, 512, (2, True, "4bit")),
-        (LLAMA_7B, 12, 512, (2, True, "8bit")),
+        # 4-bit with the full micro-batch, not 8-bit: the trainer loads no 8-bit base (issue 11)
+        (LLAMA_7B, 12, 512, (1, False, "4bit")),
         (LLAMA_7B, 12, 2048, (1, True, "4bit")),
         (LLAMA_7B, 24, 512, (1, False, None)),
         (LLAMA_7B, 24, 2048, (2, True, None)),
@@ -153,6 +154,22 @@ def test_plan_table(shape, vram_gb, seq_len, expected):
     assert (p.micro_batch, p.gradient_checkpointing, p.quantization) == expected
     assert p.micro_batch * p.grad_accum == 8
     assert p.est_peak_gb <= vram_gb * 0.85
+
+
+def test_the_planner_plans_only_quantizations_the_trainer_loads():
+    from worker.planner import TRAINABLE_QUANTIZATIONS
+    from worker.trainer import QUANTIZATIONS
+
+    assert set(TRAINABLE_QUANTIZATIONS) <= set(QUANTIZATIONS)
+    planned = set()
+    for shape in (LLAMA_1B, LLAMA_7B):
+        for vram in (4, 6, 8, 10, 12, 16, 24):
+            for seq_len in (256, 512, 1024, 2048):
+                try:
+                    planned.add(plan(shape, 8, 7, seq_len, 8, cuda_card(vram)).quantization)
+                except DoesNotFit:
+                    pass
+    assert "4bit" in planned and planned <= {None, *TRAINABLE_QUANTIZATIONS}
 
 
 def test_simulated_cards_plan_fp32_without_quantization():

@@ -87,3 +87,35 @@ def test_a_cards_runs_before_the_fold_timeout_count_towards_the_fold(cards: int,
 
 def test_a_batch_smaller_than_the_fold_stays_one() -> None:
     assert FoldPolicy(fold_every=8).task_training(2, 1e-3, 8).batch_size == 1
+
+
+def test_a_job_with_fewer_tasks_than_the_fold_sizes_for_its_own_count() -> None:
+    # 3 tasks on 4 cards: the fold never averages 4, so each trains at 8 // 3, not 8 // 4.
+    policy = FoldPolicy(fold_every=4, fold_timeout_s=60.0, task_seconds=60.0)
+    assert policy.fold_width(4, tasks=3) == 3 and policy.fold_width(4) == 4
+    sized = policy.task_training(8, 1e-3, 4, tasks=3)
+    assert (sized.batch_size, sized.fold_width) == (2, 3)
+
+
+def test_a_fold_of_fewer_adapters_than_they_were_sized_for_takes_that_share_of_a_step() -> None:
+    # One adapter of a width-3 fold, folded alone (the fold timed out): a third of a step, as it
+    # would weigh among its two peers; three of them (in one fold or three) add up to one step.
+    policy = FoldPolicy()
+    assert policy.weights([100], [0], fold_width=3) == pytest.approx([1 / 3])
+    assert sum(policy.weights([100, 300], [0, 0], fold_width=4)) == pytest.approx(0.5)
+    assert sum(policy.weights([100] * 5, [0] * 5, fold_width=4)) == pytest.approx(1.0)  # more: still one step
+    assert FoldPolicy(partial_folds=False).weights([100], [0], fold_width=3) == [1.0]
+
+
+@pytest.mark.parametrize("noise,batch,lr", [
+    (None, 2, 2e-3),          # no estimate yet: the job's batch over K, lr x sqrt(K)
+    (100.0, 2, 2e-3),         # above the job's batch: the job's batch stays the global batch
+    (4.4, 1, 1e-3 * math.sqrt(8)),  # a global batch of 4 over K = 4: batch 1, lr x sqrt(8)
+    (0.3, 1, 1e-3 * math.sqrt(8)),  # never below one sequence per task
+])
+def test_the_noise_scale_sizes_the_global_batch(noise: float | None, batch: int, lr: float) -> None:
+    policy = FoldPolicy(fold_every=4, size_from_noise=True)
+    sized = policy.task_training(8, 1e-3, 4, noise_scale=noise)
+    assert (sized.batch_size, sized.fold_width) == (batch, 4)
+    assert sized.learning_rate == pytest.approx(lr)
+    assert FoldPolicy(fold_every=4).task_training(8, 1e-3, 4, noise_scale=4.4).batch_size == 2  # off: unused

@@ -295,9 +295,11 @@ def test_worker_stats_show_what_a_volunteer_gave(rig: Rig, replicating: Replicat
 
 
 def test_status_says_when_a_volunteer_is_throttled_or_excluded_and_why(rig: Rig) -> None:
+    import io
+
     from rich.console import Console
 
-    from nomoat import progress
+    from nomoat import statusview
 
     mallory = volunteer(rig, "mallory")
     for _ in range(7):
@@ -306,14 +308,14 @@ def test_status_says_when_a_volunteer_is_throttled_or_excluded_and_why(rig: Rig)
     (shown,) = [w for w in reply.workers if w.worker_id == "w-mallory"]
     assert shown.trust == "excluded" and shown.trust_score == pytest.approx(2 / 9)
     assert shown.trust_reason.startswith("excluded (trust 0.22): 7 of its last 7 contributions failed the checks (norm)")
-    console = Console(record=True, width=200)
-    original = progress.Console
-    progress.Console = lambda: console
-    try:
-        progress.print_status(reply)
-    finally:
-        progress.Console = original
-    assert "worker w-mallory (mallory) is excluded (trust 0.22)" in console.export_text()
+    console = Console(file=io.StringIO(), width=80, highlight=False)
+    statusview.print_status(reply, console)
+    text = console.file.getvalue()
+    block = text[text.index("w-mallory"):]
+    assert "mallory" in block.splitlines()[0]
+    words = " ".join(block.split())
+    assert "trust excluded (trust 0.22): 7 of its last 7 contributions failed the checks (norm)" in words, text
+    assert "1 excluded" in text
 
 
 _TOKENS: dict[str, str] = {}

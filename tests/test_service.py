@@ -235,10 +235,14 @@ def test_watching_an_unknown_job_is_not_found(rig: Rig) -> None:
 CARD = pb.Card(name="RTX 3060", vram_gb=12.0, compute_capability="8.6", bf16=True, backend="cuda")
 
 
-def test_register_returns_a_worker_id_and_how_to_join_ray(rig: Rig) -> None:
+def test_register_returns_a_worker_id_and_how_to_join_ray_only_to_a_trusted_worker(rig: Rig) -> None:
     reply = rig.client("worker").register("alice-desktop", CARD, node_id="node-1")
     assert reply.worker_id.startswith("w-")
-    assert (reply.ray_address, reply.ray_auth_token) == ("10.0.0.1:6379", "ray-secret")
+    assert (reply.ray_address, reply.ray_auth_token) == ("", "")  # a plain (public) worker token: no Ray
+    trusted = rig.client("trusted-worker").register("lab-box", CARD, node_id="node-9")
+    assert (trusted.ray_address, trusted.ray_auth_token) == ("10.0.0.1:6379", "ray-secret")
+    rig.ledger.r.zrem("nomoat:workers", trusted.worker_id)  # the rest is about alice
+    rig.ledger.r.delete(f"nomoat:worker:{trusted.worker_id}")
     (worker,) = rig.ledger.workers.all()
     assert worker.worker_id == reply.worker_id and worker.name == "alice-desktop"
     assert worker.node_id == "node-1" and worker.card == CARD.SerializeToString()

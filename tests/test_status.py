@@ -51,3 +51,18 @@ def test_progress_is_finished_once_the_job_no_longer_runs(rig: Rig) -> None:
     rig.ledger.jobs.finish(job_id, JobState.DONE)
     now = status.progress(rig.ledger, job_id)
     assert now.finished and now.current_version == 0 and now.job.state == "done"
+
+
+def test_a_jobs_noise_scale_and_fold_width_show_in_its_status(rig: Rig) -> None:
+    from coordinator.noise import Sample
+
+    job_id = submit_job(rig).job_id
+    task_id = rig.ledger.tasks.ids(job_id)[0]
+    rig.lease(task_id)
+    rig.ledger.tasks.set_training([(task_id, 2, 4e-3, 3)])  # a 3-task fold: 8 // 2 would say 4
+    (job,) = status.overview(rig.ledger, rig.deps.settings, job_id).jobs
+    assert job.noise_scale == 0.0  # nothing measured yet
+    assert "over 3 adapters a fold" in job.training
+    rig.ledger.jobs.add_noise(job_id, Sample(5.0, 2.0, 2, 8))  # |G|² 1, tr(Σ) 8
+    (job,) = status.overview(rig.ledger, rig.deps.settings, job_id).jobs
+    assert job.noise_scale == pytest.approx(8.0)

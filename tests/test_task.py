@@ -80,3 +80,29 @@ def test_a_task_reaches_a_coordinator_that_uses_tls_with_the_nodes_ca(tls_rig: R
     (unit,) = run_units([spec], NodeSettings(cache_dir=tmp_path / "cache", tls_ca=str(tls_rig.tls.ca)))
     assert unit.error == "" and unit.adapter_id and unit.tokens > 0
     assert tls_rig.ledger.tasks.get(spec.task_id).state is TaskState.DONE
+
+
+def test_a_warm_start_job_continues_from_the_workers_carry_and_uploads_the_exact_difference(
+        rig: Rig, tmp_path: Path) -> None:
+    worker_id = rig.client("worker").register("volunteer", to_message(CARD)).worker_id
+    node = Node("ray-node-1", CARD.vram_gb, busy=False, worker_id=worker_id)
+    config = rigs.pb.JobConfig()
+    config.CopyFrom(rigs.JOB)
+    config.warm_start = True
+    job_id = rig.submit(config=config).job_id
+    tasks = rig.ledger.tasks.of_job(job_id)[:2]
+    s = scheduler(rig)
+    specs = [s.spec(t, rig.lease(t.task_id), 0, node) for t in tasks]
+    assert all(spec.train.warm_start for spec in specs)
+
+    cache = tmp_path / "cache"
+    units = run_units(specs, NodeSettings(cache_dir=cache))
+    assert [u.error for u in units] == ["", ""]
+    first, second = (rig.ledger.adapters.get(u.adapter_id) for u in units)
+    # The first had no carry (a fresh LoRA); the second started from it: rank 2r, alpha 2α.
+    assert (first.rank, first.alpha) == (rigs.RANK, rigs.ALPHA)
+    assert (second.rank, second.alpha) == (2 * rigs.RANK, 2 * rigs.ALPHA)
+    assert sorted(p.suffix for p in (cache / "carry").iterdir()) == [".adapter", ".moments"]
+    # Both reported their gradient norms; the job's noise scale counts them.
+    assert first.gradients.batch_size > first.gradients.micro_batch > 0
+    assert rig.ledger.jobs.get(job_id).noise.samples == 2

@@ -30,7 +30,7 @@ class Plan:
     grad_accum: int
     precision: str  # "fp32" | "bf16" | "fp16"
     gradient_checkpointing: bool
-    quantization: str | None  # None | "8bit" | "4bit"
+    quantization: str | None  # None | "4bit" (TRAINABLE_QUANTIZATIONS)
     est_peak_gb: float
 
 
@@ -52,11 +52,17 @@ def _precision_for(card: Card) -> str:
     return "fp16" if card.fp16 else "fp32"
 
 
+# What the trainer can load a base in besides its compute dtype (worker.trainer.QUANTIZATIONS):
+# the planner plans nothing else. 8-bit (bitsandbytes' LLM.int8) is priced by the memory model
+# but not trained, so it is never planned: NF4 is smaller and the QLoRA recipe.
+TRAINABLE_QUANTIZATIONS = ("4bit",)
+
+
 def _candidates(batch_size: int, backend: str, allow_quantization: bool):
     """(checkpointing, quantization, micro_batch), fastest first."""
     micro_batches = [m for m in (2**k for k in range(batch_size.bit_length()))
                      if batch_size % m == 0][::-1]
-    quantizations = [None] + (["8bit", "4bit"] if allow_quantization and backend == "cuda" else [])
+    quantizations = [None] + (list(TRAINABLE_QUANTIZATIONS) if allow_quantization and backend == "cuda" else [])
     for quantization in quantizations:
         for checkpointing in (False, True):
             for micro_batch in micro_batches:
@@ -78,8 +84,8 @@ def plan(
     """The fastest plan whose estimate fits in ``card.vram_gb * (1 - headroom)``.
 
     Fastest first: the full micro-batch in 16 bits, then smaller micro-batches (same effective
-    batch through accumulation), then gradient checkpointing (a third more compute), then 8-bit
-    and 4-bit base weights (CUDA only; slower matmuls and a small quality cost).
+    batch through accumulation), then gradient checkpointing (a third more compute), then 4-bit
+    base weights (CUDA with bitsandbytes only; slower matmuls and a small quality cost).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size is {batch_size}; it must be at least 1.")

@@ -20,6 +20,8 @@ TOKEN_ENV = "NOMOAT_WORKER_TOKEN"
 TLS_CA_ENV = "NOMOAT_TLS_CA"
 CACHE_DIR_ENV = "NOMOAT_CACHE_DIR"
 THREADS_ENV = "NOMOAT_TORCH_THREADS"
+MAX_POWER_ENV = "NOMOAT_MAX_POWER_W"  # the volunteer's --max-power, for the duty cycle in tasks
+MAX_UPLOAD_ENV = "NOMOAT_MAX_UPLOAD_MBPS"  # the volunteer's --max-upload-mbps, for the uploader
 # Test hooks (tests, demo, benchmarks; never in production), set in a worker's own environment:
 # every micro-batch above N runs out of memory (0: even micro-batch 1 does) ...
 INJECT_OOM_ENV = "NOMOAT_INJECT_OOM_ABOVE_MICRO_BATCH"
@@ -36,6 +38,8 @@ class NodeSettings:
     torch_threads: int = 0  # 0: torch's default
     inject_oom_above: int | None = None  # test hook: micro-batches above this run out of memory
     simulated_tokens_per_tflop: float = 0.0  # test hook: a simulated card's speed; 0: as fast as it goes
+    max_power_w: float = 0.0  # --max-power: 0 for no limit (worker.controls)
+    max_upload_mbps: float = 0.0  # --max-upload-mbps: 0 for no limit
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> NodeSettings:
@@ -48,6 +52,8 @@ class NodeSettings:
             torch_threads=int(env.get(THREADS_ENV) or 0),
             inject_oom_above=int(inject) if inject else None,
             simulated_tokens_per_tflop=float(env.get(SIM_SPEED_ENV) or 0),
+            max_power_w=float(env.get(MAX_POWER_ENV) or 0),
+            max_upload_mbps=float(env.get(MAX_UPLOAD_ENV) or 0),
         )
 
     def env(self) -> dict[str, str]:
@@ -58,4 +64,11 @@ class NodeSettings:
             TOKEN_ENV: self.token,
             TLS_CA_ENV: self.tls_ca,
             THREADS_ENV: str(self.torch_threads),
+            MAX_POWER_ENV: str(self.max_power_w),
+            MAX_UPLOAD_ENV: str(self.max_upload_mbps),
         }
+
+    @property
+    def control_dir(self) -> Path:
+        """Where the volunteer's pause and the agent's hold are (worker.controls.ControlFiles)."""
+        return self.cache_dir / "control"

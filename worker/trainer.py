@@ -3,13 +3,15 @@
 No networking here (no gRPC, Ray or Redis): the Ray task, the outbound-only worker and the tests
 all call :func:`train_adapter` the same way. Read it top to bottom:
 
-1. load the base model in float32 and wrap it with a fresh, seeded PEFT LoRA, or, warm-started
+1. load the base model in float32 (on a GPU in the plan's precision, or in 4 bits: QLoRA, when
+   the plan says so) and wrap it with a fresh, seeded PEFT LoRA, or, warm-started
    (``start=``), with the start factors loaded into the LoRA and ``s·B₀A₀`` subtracted from the
    base weights so the model trained on is still exactly the base version (:mod:`worker.warmstart`);
 2. pack the texts into ``seq_len`` blocks (:mod:`nomoat.packing`, the same packing the
    coordinator evaluates with);
 3. per epoch, shuffle the blocks with the seed and take ``batch_size`` blocks per optimizer step,
-   fed through the model ``micro_batch`` at a time (gradient accumulation);
+   fed through the model ``micro_batch`` at a time (gradient accumulation; at most half the batch,
+   so each step has two batch sizes to measure the gradient noise from: ``result.norms``);
    AdamW, with B's learning rate ``lr_b_ratio`` times A's (LoRA+; 1 is one rate for both);
 4. return what the task contributes as an :class:`~nomoat.adapter.Adapter` (the LoRA itself, or
    for a warm start the exact rank-2r difference), with how many tokens it saw, and in
@@ -40,6 +42,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from nomoat.adapter import Adapter, from_peft_state_dict
 from nomoat.packing import PAD, loss_sum, n_tokens, pack
+from nomoat.spec import GradientNorms
 from worker import warmstart
 
 LLAMA_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -74,6 +77,9 @@ class TrainSpec:
     # the CPU always runs fp32. The LoRA factors and their optimizer state stay fp32 regardless.
     precision: str = "fp32"  # "fp32" | "bf16" | "fp16"
     gradient_checkpointing: bool = False
+    # "4bit": the frozen base is loaded in NF4 by bitsandbytes (QLoRA; CUDA only, the ``qlora``
+    # extra); the LoRA factors, their training and the exported adapter are the same as unquantized.
+    quantization: str | None = None
     # Test hook (simulated cards): pad the run's wall time to at least this many seconds, as a
     # slower card would take. 0 leaves it alone.
     min_seconds: float = 0.0
@@ -99,6 +105,7 @@ class TrainResult:
     steps: int  # optimizer steps taken
     seconds: float
     carry: Carry | None = field(default=None, repr=False)
+    norms: GradientNorms = field(default_factory=GradientNorms)
 
 
 Progress = Callable[[int, int, float], None]  # (step, total_steps, loss of that step)
@@ -123,6 +130,29 @@ def _check(lora: LoraSpec, train: TrainSpec) -> None:
 
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+QUANTIZATIONS = ("4bit",)  # what _lora_model can load a base in; the planner plans no other
+
+
+def can_quantize(device: str) -> bool:
+    """Whether this process can load a 4-bit base on ``device``: CUDA, with bitsandbytes installed."""
+    import importlib.util
+
+    return str(device).startswith("cuda") and importlib.util.find_spec("bitsandbytes") is not None
+
+
+def _quantized_base(model_dir: Path, quantization: str, device: str, dtype: torch.dtype) -> torch.nn.Module:
+    """The base in NF4 with double quantization, computing in ``dtype``, placed on ``device``."""
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"quantization {quantization!r} is not one the trainer loads ({', '.join(QUANTIZATIONS)})")
+    if not can_quantize(device):
+        raise ValueError(f"a 4-bit base needs a CUDA device and bitsandbytes (pip install 'nomoat[qlora]'); "
+                         f"this task runs on {device}")
+    from transformers import BitsAndBytesConfig
+
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                bnb_4bit_compute_dtype=dtype)
+    return AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=config, dtype=dtype,
+                                                device_map={"": device})
 
 
 def compute_dtype(precision: str, device: str) -> torch.dtype:
@@ -134,7 +164,8 @@ def compute_dtype(precision: str, device: str) -> torch.dtype:
 
 
 def _lora_model(model_dir: Path, lora: LoraSpec, device: str, dtype: torch.dtype = torch.float32,
-                checkpointing: bool = False, start: Adapter | None = None) -> torch.nn.Module:
+                checkpointing: bool = False, start: Adapter | None = None,
+                quantization: str | None = None) -> torch.nn.Module:
     """The base model in ``dtype`` with fp32 LoRA factors on ``lora.target_modules``: fresh, or
     ``start``'s with ``s·B₀A₀`` taken off the base weights first.
 
@@ -143,7 +174,11 @@ def _lora_model(model_dir: Path, lora: LoraSpec, device: str, dtype: torch.dtype
     the caller has seeded, and starts B at zero. The subtraction is done in fp32 and only then cast
     to ``dtype``, so in fp32 the warm-started model equals the base version to fp32 rounding.
     """
-    if start is None:
+    if quantization is not None:
+        if start is not None:  # s·B₀A₀ would have to come off weights that are already NF4
+            raise ValueError("a warm start (start factors) cannot train on a 4-bit base; start from a fresh LoRA")
+        base = _quantized_base(model_dir, quantization, device, dtype)
+    elif start is None:
         base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
     else:
         base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
@@ -168,7 +203,8 @@ def _lora_model(model_dir: Path, lora: LoraSpec, device: str, dtype: torch.dtype
     model = get_peft_model(base, config)
     if start is not None:
         _load_factors(model, start, lora)
-    model = model.to(device)
+    if quantization is None:  # a 4-bit base was placed by device_map (bitsandbytes forbids .to)
+        model = model.to(device)
     model.train()
     return model
 
@@ -205,6 +241,47 @@ def _optimizer(model: torch.nn.Module, train: TrainSpec,
     return opt, names
 
 
+def _grads(params: Sequence[torch.nn.Parameter]) -> list[torch.Tensor | None]:
+    return [None if p.grad is None else p.grad.detach().clone() for p in params]
+
+
+def _sq_norm(params: Sequence[torch.nn.Parameter], before: list[torch.Tensor | None] | None,
+             scale: float) -> float:
+    """``|scale · (grad − before)|²`` over ``params`` (``before`` None: the gradient itself)."""
+    total = 0.0
+    for i, p in enumerate(params):
+        if p.grad is None:
+            continue
+        g = p.grad.detach().float()
+        if before is not None and before[i] is not None:
+            g = g - before[i].float()
+        total += float(g.pow(2).sum())
+    return total * scale * scale
+
+
+class _NormSums:
+    """Running means of the two squared gradient norms, and the harmonic means of the two batch
+    sizes: E|g_b|² = |G|² + tr(Σ)/b is linear in 1/b, so over batches of different sizes (a
+    batch of 5 is micro-batches of 2, 2 and 1; an epoch's last batch is short) the mean norm
+    belongs to the harmonic mean size."""
+
+    def __init__(self) -> None:
+        self.m_sq = self.m_inv = self.b_sq = self.b_inv = 0.0
+        self.m_count = self.b_count = 0
+
+    def micro(self, sq: float, size: int) -> None:
+        self.m_sq, self.m_inv, self.m_count = self.m_sq + sq, self.m_inv + 1.0 / size, self.m_count + 1
+
+    def batch(self, sq: float, size: int) -> None:
+        self.b_sq, self.b_inv, self.b_count = self.b_sq + sq, self.b_inv + 1.0 / size, self.b_count + 1
+
+    def result(self) -> GradientNorms:
+        if not self.b_count:
+            return GradientNorms()
+        return GradientNorms(self.m_sq / self.m_count, self.b_sq / self.b_count,
+                             self.m_count / self.m_inv, self.b_count / self.b_inv)
+
+
 def train_adapter(
     model_dir: Path,
     texts: Sequence[str],
@@ -230,7 +307,7 @@ def train_adapter(
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     blocks = pack(tokenizer, texts, train.seq_len)
     model = _lora_model(model_dir, lora, device, compute_dtype(train.precision, device),
-                        train.gradient_checkpointing, start)
+                        train.gradient_checkpointing, start, train.quantization)
 
     steps_per_epoch = math.ceil(len(blocks) / train.batch_size)
     total_steps = steps_per_epoch * train.epochs
@@ -242,6 +319,8 @@ def train_adapter(
     scaler = torch.amp.GradScaler(str(device).split(":")[0],
                                   enabled=compute_dtype(train.precision, device) == torch.float16)
     gen = torch.Generator().manual_seed(train.seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    norms = _NormSums()
     step, tokens, targets_seen, loss_total = 0, 0, 0, 0.0
     while step < total_steps:
         order = torch.randperm(len(blocks), generator=gen)
@@ -253,10 +332,19 @@ def train_adapter(
             n_targets = max(1, int((batch[:, 1:] != PAD).sum()))
             opt.zero_grad(set_to_none=True)
             batch_loss = 0.0
-            for micro in batch.split(train.micro_batch):
+            # Two micro-batches per step at least: the gradient noise needs two batch sizes (the
+            # same gradient, a little less memory; a batch of one sequence measures nothing).
+            micros = batch.split(min(train.micro_batch, max(1, len(batch) // 2)))
+            for micro in micros:
+                before = _grads(params) if len(micros) > 1 else None
                 total, _ = loss_sum(model, micro.to(device))
                 scaler.scale(total / n_targets).backward()
                 batch_loss += total.item()
+                if before is not None:  # this micro-batch's own mean gradient: its share, rescaled
+                    share = n_targets / max(1, int((micro[:, 1:] != PAD).sum())) / scaler.get_scale()
+                    norms.micro(_sq_norm(params, before, share), len(micro))
+            if len(micros) > 1:
+                norms.batch(_sq_norm(params, None, 1.0 / scaler.get_scale()), len(batch))
             scaler.step(opt)
             scaler.update()
             step += 1
@@ -275,6 +363,6 @@ def train_adapter(
     moments = {names[p]: {k: v.detach().to("cpu").clone() for k, v in s.items()} for p, s in opt.state.items()}
     result = TrainResult(
         tokens=tokens, train_loss=loss_total / targets_seen, steps=step, seconds=time.time() - t0,
-        carry=Carry(end, moments),
+        carry=Carry(end, moments), norms=norms.result(),
     )
     return warmstart.contribution(end, start), result

@@ -21,13 +21,16 @@ import logging
 import os
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from nomoat.client import CoordinatorClient, NomoatError
+from nomoat.spec import GradientNorms
 from nomoat.v1 import nomoat_pb2 as pb
 
 log = logging.getLogger("nomoat.uploader")
+Pace = Callable[[int], object]  # called with a chunk's size before it is sent
 
 
 @dataclass(frozen=True)
@@ -39,33 +42,39 @@ class UploadResult:
 
 
 def manifest_for(task_id: str, fence: int, base_version: int, rank: int, alpha: float, tokens: int,
-                 train_loss: float, data: bytes, worker_id: str = "", lineage: str = "") -> pb.AdapterManifest:
+                 train_loss: float, data: bytes, worker_id: str = "", lineage: str = "",
+                 norms: GradientNorms | None = None) -> pb.AdapterManifest:
+    norms = norms or GradientNorms()
     return pb.AdapterManifest(
         task_id=task_id, fence=fence, base_version=base_version, rank=rank, alpha=alpha, tokens=tokens,
         train_loss=train_loss, sha256=hashlib.sha256(data).hexdigest(), size=len(data), worker_id=worker_id,
-        lineage=lineage,
+        lineage=lineage, grad_micro_sq=norms.micro_sq, grad_batch_sq=norms.batch_sq,
+        grad_micro_batch=norms.micro_batch, grad_batch_size=norms.batch_size,
     )
 
 
-def send_once(client: CoordinatorClient, manifest: pb.AdapterManifest, data: bytes, attempt: int = 1) -> UploadResult:
-    """One try: ask what the coordinator holds, send the rest. NomoatError when it did not answer."""
+def send_once(client: CoordinatorClient, manifest: pb.AdapterManifest, data: bytes, attempt: int = 1,
+              pace: Pace | None = None) -> UploadResult:
+    """One try: ask what the coordinator holds, send the rest. NomoatError when it did not answer.
+    ``pace(n)`` waits before each chunk of n bytes (``Controls.throttle_upload``: --max-upload-mbps)."""
     held = client.upload_offset(manifest.task_id, manifest.fence, manifest.sha256)
     offset = held if 0 <= held <= len(data) else 0
     if offset:
         log.info("resuming the upload of %s at byte %d of %d", manifest.task_id, offset, len(data))
-    reply = client.upload(manifest, data, offset=offset)
+    reply = client.upload(manifest, data, offset=offset, pace=pace)
     return UploadResult(reply.accepted, reply.adapter_id, reply.reason, attempt)
 
 
 def upload(client: CoordinatorClient, manifest: pb.AdapterManifest, data: bytes,
-           patience_s: float = 600.0, backoff_s: float = 1.0, max_backoff_s: float = 5.0) -> UploadResult:
+           patience_s: float = 600.0, backoff_s: float = 1.0, max_backoff_s: float = 5.0,
+           pace: Pace | None = None) -> UploadResult:
     """Send until the coordinator answers; a coordinator being restarted is waited for ``patience_s``."""
     deadline = time.monotonic() + patience_s
     attempt = 0
     while True:
         attempt += 1
         try:
-            return send_once(client, manifest, data, attempt)
+            return send_once(client, manifest, data, attempt, pace=pace)
         except NomoatError as exc:
             delay = min(backoff_s * 2 ** (attempt - 1), max_backoff_s)
             if time.monotonic() + delay > deadline:

@@ -20,9 +20,7 @@ from collections.abc import Mapping
 
 import torch
 
-from nomoat.adapter import KIND_ADAPTER, Adapter
-
-META_WARM = "warm_start"  # adapter metadata: "1" on a contribution built from a warm start
+from nomoat.adapter import KIND_ADAPTER, META_WARM, Adapter
 
 
 def contribution(end: Adapter, start: Adapter | None) -> Adapter:

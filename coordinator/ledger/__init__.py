@@ -2,7 +2,8 @@
 
 ``Ledger(client)`` is the one handle callers keep; each noun hangs off it (``ledger.jobs``,
 ``ledger.tasks``, ``ledger.leases``, ``ledger.adapters``, ``ledger.versions``,
-``ledger.workers``, ``ledger.tokens``, ``ledger.trust``, ``ledger.replicas``) and returns the typed records of
+``ledger.workers``, ``ledger.tokens``, ``ledger.counters``, ``ledger.inbox``, ``ledger.trust``,
+``ledger.replicas``) and returns the typed records of
 :mod:`coordinator.ledger.records`. Every key is in :mod:`coordinator.keys`.
 
 Guarantees (see DESIGN.md, "Ledger"):
@@ -19,6 +20,8 @@ from __future__ import annotations
 import redis
 
 from coordinator.ledger.adapters import Accepted, Adapters, adapter_id_for
+from coordinator.ledger.counters import Counters, Refusal, Tally
+from coordinator.ledger.inbox import Inboxes, RunRecord, RunReport
 from coordinator.ledger.jobs import Jobs
 from coordinator.ledger.leases import Heartbeat, Leases, is_twin, twin_id
 from coordinator.ledger.records import (
@@ -58,6 +61,8 @@ class Ledger:
         self.versions = Versions(client)
         self.workers = Workers(client)
         self.tokens = Tokens(client)
+        self.counters = Counters(client)
+        self.inbox = Inboxes(client)
         self.trust = Trust(client)
         self.replicas = Replicas(client)
 
@@ -69,19 +74,25 @@ __all__ = [
     "AdapterState",
     "Adapters",
     "Check",
+    "Counters",
     "Hold",
     "FoldedAdapter",
     "Heartbeat",
+    "Inboxes",
     "JobConfig",
     "JobRecord",
     "JobState",
     "Jobs",
     "Lease",
     "Leases",
+    "RunRecord",
+    "RunReport",
     "Ledger",
+    "Refusal",
     "ReplicaGroup",
     "Replicas",
     "Settlement",
+    "Tally",
     "TaskRecord",
     "TaskState",
     "Tasks",

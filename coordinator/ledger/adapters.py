@@ -11,12 +11,14 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import redis
 
 from coordinator import keys
+from coordinator.ledger.counters import Counters, Refusal
 from coordinator.ledger.leases import CURRENT_LEASE
+from coordinator.noise import Sample
 from coordinator.ledger.records import (
     AdapterRecord,
     AdapterState,
@@ -82,11 +84,16 @@ return {'accepted', ARGV[3]}
 """
 
 
+REFUSED_LEASE = "lease"  # the kind of a refusal the ledger decides: (task, fence) does not hold the lease
+
+
 @dataclass(frozen=True)
 class Accepted:
     status: str  # accepted | duplicate | refused
     detail: str  # the adapter id, or the reason for a refusal
+    kind: str = ""  # a refusal's short code, for counting (coordinator.collect's REFUSED_*)
     check: Check | None = None  # the check a refused adapter failed (None: refused for another reason)
+    held: bool = False  # accepted, but held in its task's replica group (not in the fold buffer yet)
 
     @property
     def ok(self) -> bool:
@@ -112,11 +119,12 @@ class Adapters:
         """
         status, detail = self._precheck(keys=[keys.task(task_id)],
                                         args=[task_id, fence, adapter_id_for(task_id, fence, sha256)])
-        return Accepted(status.decode(), detail.decode()) if status else None
+        return _answer(status, detail) if status else None
 
     def accept(self, task_id: str, fence: int, sha256: str, *, worker_id: str = "", base_version: int = 0,
                rank: int = 0, alpha: float = 0.0, tokens: int = 0, train_loss: float = 0.0,
-               size: int = 0, volunteer: str = "", hold: Hold | None = None) -> Accepted:
+               size: int = 0, volunteer: str = "", hold: Hold | None = None,
+               gradients: Sample | None = None) -> Accepted:
         """Accept an uploaded adapter if (task, fence) holds the lease: the task is done and the
         adapter waits in the fold buffer, credited to ``worker_id`` (and its trust to
         ``volunteer``) when one is named. With ``hold`` it is a run of a replicated task: it is
@@ -125,10 +133,11 @@ class Adapters:
         raw = self.r.hmget(keys.task(task_id), "job", "twin", "twin_of")
         job, twin, twin_of = (v.decode() if v else "" for v in raw)
         if not job:
-            return Accepted("refused", f"there is no task {task_id!r}")
+            return Accepted("refused", f"there is no task {task_id!r}", REFUSED_LEASE)
         fields = to_fields({"base_version": base_version, "rank": rank, "alpha": alpha, "tokens": tokens,
                             "train_loss": train_loss, "size": size, "task": task_id, "fence": fence,
-                            "sha256": sha256, "job": job, "worker": worker_id, "volunteer": volunteer})
+                            "sha256": sha256, "job": job, "worker": worker_id, "volunteer": volunteer,
+                            **_gradient_fields(gradients)})
         partner = twin or twin_of
         hold = hold or Hold("")
         status, detail = self._accept(
@@ -139,7 +148,15 @@ class Adapters:
             args=[task_id, fence, adapter_id, time.time(), partner, hold.task, hold.open, json.dumps(list(hold.avoid)),
                   base_version, volunteer, *(x for kv in fields.items() for x in kv)],
         )
-        return Accepted(status.decode(), detail.decode())
+        answer = _answer(status, detail)
+        return replace(answer, held=True) if hold.task and answer.status == "accepted" else answer
+
+    def many(self, adapter_ids: list[str]) -> list[AdapterRecord]:
+        """The adapters of ``adapter_ids`` that exist, in that order (one round trip)."""
+        pipe = self.r.pipeline(transaction=False)
+        for adapter_id in adapter_ids:
+            pipe.hgetall(keys.adapter(adapter_id))
+        return [adapter_from_hash(i, d) for i, d in zip(adapter_ids, map(decode, pipe.execute())) if d]
 
     def get(self, adapter_id: str) -> AdapterRecord | None:
         data = decode(self.r.hgetall(keys.adapter(adapter_id)))
@@ -163,16 +180,19 @@ class Adapters:
         return [a.decode() for a in self.r.lrange(keys.FOLD_BUFFER, 0, -1)]
 
     def reject(self, adapter_id: str, reason: str, check: Check | None = None) -> None:
-        """Take an adapter out of the buffer for good, with the reason; its job counts it, and
-        the trust record of its volunteer counts ``check`` (the check it failed) when one is named."""
-        job, volunteer = self.r.hmget(keys.adapter(adapter_id), "job", "volunteer")
+        """Take an adapter out of the buffer for good, with the reason; its job counts it, the
+        refusal is counted and kept among the recent ones (coordinator.ledger.counters), and the
+        trust record of its volunteer counts ``check`` (the check it failed) when one is named."""
+        job, task, worker, volunteer = (v.decode() if v else "" for v in
+                                        self.r.hmget(keys.adapter(adapter_id), "job", "task", "worker", "volunteer"))
         pipe = self.r.pipeline(transaction=True)
         pipe.lrem(keys.FOLD_BUFFER, 0, adapter_id)
         pipe.hset(keys.adapter(adapter_id), mapping={"state": AdapterState.REJECTED.value, "reason": reason})
         if job:
-            pipe.hincrby(keys.job(job.decode()), "adapters_rejected", 1)
+            pipe.hincrby(keys.job(job), "adapters_rejected", 1)
         if volunteer and check is not None:
-            self.trust.record_in(pipe, volunteer.decode(), check.value, reason)
+            self.trust.record_in(pipe, volunteer, check.value, reason)
+        Counters(self.r).refuse(Refusal(time.time(), "fold", "gate", reason, task, worker, job), pipe)
         pipe.execute()
 
     def mark_unmerged(self, adapter_id: str, version: int) -> None:
@@ -183,3 +203,15 @@ class Adapters:
         """‖ΔW‖ of the most recently folded adapters, newest first (the norm gate's reference)."""
         return [float(x) for x in self.r.lrange(keys.RECENT_NORMS, 0, limit - 1)]
 
+
+def _gradient_fields(sample: Sample | None) -> dict[str, float]:
+    if sample is None:
+        return {}
+    return {"grad_micro_sq": sample.micro_sq, "grad_batch_sq": sample.batch_sq,
+            "grad_micro_batch": sample.micro_batch, "grad_batch_size": sample.batch_size}
+
+
+def _answer(status: bytes, detail: bytes) -> Accepted:
+    """The scripts' answer; what they refuse, they refuse for the lease."""
+    status_text = status.decode()
+    return Accepted(status_text, detail.decode(), REFUSED_LEASE if status_text == "refused" else "")

@@ -12,12 +12,15 @@ from collections.abc import Sequence
 import redis
 
 from coordinator import keys
+from coordinator.noise import NoiseScale, Sample
 from coordinator.ledger.records import (
     JobRecord,
     JobState,
     TaskRecord,
+    NOISE_FIELDS,
     decode,
     job_from_hash,
+    noise_from_hash,
     new_job_fields,
     new_task_fields,
     to_fields,
@@ -84,6 +87,28 @@ class Jobs:
     def set_warning(self, job_id: str, warning: str) -> None:
         """Why the job's tasks wait (no card fits them), "" when nothing holds it up."""
         self.r.hset(keys.job(job_id), "warning", warning)
+
+    def noise(self, job_id: str) -> NoiseScale:
+        """The job's gradient noise scale estimate (empty before any measurement)."""
+        return noise_from_hash(decode(dict(zip(NOISE_FIELDS, self.r.hmget(keys.job(job_id), *NOISE_FIELDS)))))
+
+    def add_noise(self, job_id: str, sample: Sample) -> NoiseScale:
+        """Fold one accepted adapter's gradient measurement into the job's noise scale estimate
+        (read, update, write under WATCH: two uploads may land at once); the new estimate."""
+        key = keys.job(job_id)
+        with self.r.pipeline(transaction=True) as pipe:
+            while True:
+                try:
+                    pipe.watch(key)
+                    values = pipe.hmget(key, *NOISE_FIELDS)
+                    now = noise_from_hash(decode(dict(zip(NOISE_FIELDS, values))))
+                    new = now.add(sample)
+                    pipe.multi()
+                    pipe.hset(key, mapping=to_fields(dict(zip(NOISE_FIELDS, (new.g2, new.trace, new.samples)))))
+                    pipe.execute()
+                    return new
+                except redis.WatchError:
+                    continue
 
     def set_base(self, job_id: str, loss: float, version: int) -> None:
         """The held-out loss of the version the job starts from, for comparison."""

@@ -52,8 +52,9 @@ local function hold(key, fence, worker, token)
 end
 """
 
-# KEYS: task, PENDING, LEASES, FENCE. ARGV: task id, deadline, base version, now, max attempts.
-# Returns the new fence, 0 when the task is not pending, -1 when it ran out of attempts.
+# KEYS: task, PENDING, LEASES, FENCE, COUNTERS. ARGV: task id, deadline, base version, now, max
+# attempts. Returns the new fence, 0 when the task is not pending, -1 when it ran out of attempts.
+# Counts the lease, and a re-issue when the task had a fence before (coordinator.ledger.counters).
 _LEASE = """
 if redis.call('HGET', KEYS[1], 'state') ~= 'pending' then return 0 end
 local attempts = tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0')
@@ -62,6 +63,8 @@ if attempts >= tonumber(ARGV[5]) then
   redis.call('ZREM', KEYS[2], ARGV[1])
   return -1
 end
+redis.call('HINCRBY', KEYS[5], 'leases', 1)
+if tonumber(redis.call('HGET', KEYS[1], 'fence') or '0') > 0 then redis.call('HINCRBY', KEYS[5], 'reissues', 1) end
 local fence = redis.call('INCR', KEYS[4])
 redis.call('HSET', KEYS[1], 'state', 'leased', 'fence', fence, 'deadline', ARGV[2],
            'leased_at', ARGV[4], 'attempts', attempts + 1)
@@ -75,7 +78,8 @@ return fence
 # the event noted, and the version the run trains on (fixed by the first heartbeat of a lease:
 # the newest version then, unless the task is pinned to one; later ones return the same).
 # KEYS: task, LEASES, WORKERS, LATEST. ARGV: task id, fence, deadline, worker id, token hash, now,
-# event ("" for none), events kept. Returns {"" or why not, base version or -1}.
+# event ("" for none), events kept. Returns {"" or why not, base version or -1, 1 when this beat
+# was the lease's first (its run started) else 0}.
 _HEARTBEAT = CURRENT_LEASE + HOLD + EVENT + """
 local problem = lease_problem(KEYS[1], ARGV[1], ARGV[2])
 if problem == '' then problem = hold(KEYS[1], ARGV[2], ARGV[4], ARGV[5]) end
@@ -84,13 +88,15 @@ redis.call('HSET', KEYS[1], 'deadline', ARGV[3])
 redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
 if ARGV[4] ~= '' then redis.call('ZADD', KEYS[3], 'XX', ARGV[6], ARGV[4]) end
 if ARGV[7] ~= '' then add_event(KEYS[1], ARGV[7], ARGV[6], ARGV[8]) end
+local first = 0
 if redis.call('HGET', KEYS[1], 'claimed') ~= ARGV[2] then
   redis.call('HSET', KEYS[1], 'claimed', ARGV[2])
   if redis.call('HGET', KEYS[1], 'pinned') ~= '1' then  -- a replica run keeps its task's version
     redis.call('HSET', KEYS[1], 'base_version', redis.call('GET', KEYS[4]) or '0')
   end
+  first = 1
 end
-return {'', tonumber(redis.call('HGET', KEYS[1], 'base_version'))}
+return {'', tonumber(redis.call('HGET', KEYS[1], 'base_version')), first}
 """
 
 # KEYS: task. ARGV: task id, fence. "" when (task, fence) holds the current lease, else why not.
@@ -104,12 +110,14 @@ if problem ~= '' then return problem end
 return hold(KEYS[1], ARGV[2], ARGV[3], ARGV[4])
 """
 
-# KEYS: LEASES, PENDING. ARGV: now, task key prefix. Returns the ids whose lease expired.
+# KEYS: LEASES, PENDING, COUNTERS. ARGV: now, task key prefix. Returns the ids whose lease expired
+# (each counted as "leases_expired").
 _EXPIRE = """
 local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
 for _, id in ipairs(ids) do
   local t = ARGV[2] .. id
   if redis.call('HGET', t, 'state') == 'leased' then
+    redis.call('HINCRBY', KEYS[3], 'leases_expired', 1)
     redis.call('HSET', t, 'state', 'pending', 'error', 'the lease expired')
     redis.call('ZADD', KEYS[2], ARGV[1], id)
   end
@@ -153,7 +161,7 @@ return 'pending'
 # Speculation: a second lease on a leased task, held by a twin task "<id>.spec" with its own fence
 # (so heartbeats, shard fetches and lease holders work unchanged). The twin is not one of the
 # job's tasks; its attempts are spent, so if it fails or expires it is retired, never re-run.
-# KEYS: task, twin, LEASES, FENCE. ARGV: task id, twin id, deadline, now.
+# KEYS: task, twin, LEASES, FENCE, COUNTERS. ARGV: task id, twin id, deadline, now.
 # Returns the twin's fence; 0 when the task is not leased or already has a live twin.
 _SPECULATE = """
 if redis.call('HGET', KEYS[1], 'state') ~= 'leased' then return 0 end
@@ -161,6 +169,7 @@ if redis.call('HGET', KEYS[1], 'twin_of') then return 0 end
 if redis.call('HGET', KEYS[2], 'state') == 'leased' or redis.call('HGET', KEYS[2], 'state') == 'done' then
   return 0
 end
+redis.call('HINCRBY', KEYS[5], 'speculations', 1)
 local fence = redis.call('INCR', KEYS[4])
 local t = redis.call('HMGET', KEYS[1], 'job', 'start', 'end', 'index', 'tokens')
 redis.call('DEL', KEYS[2])
@@ -183,6 +192,7 @@ class Heartbeat:
     reason: str
     deadline: float = 0.0
     base_version: int = -1
+    started: bool = False  # this was the lease's first heartbeat: its run just started
 
     @property
     def ok(self) -> bool:
@@ -220,7 +230,7 @@ class Leases:
 
     def lease(self, task_id: str, deadline: float, base_version: int, max_attempts: int) -> int:
         """Lease a pending task; returns its new fence, 0 if not pending, -1 if it has failed."""
-        return int(self._lease(keys=[keys.task(task_id), keys.PENDING, keys.LEASES, keys.FENCE],
+        return int(self._lease(keys=[keys.task(task_id), keys.PENDING, keys.LEASES, keys.FENCE, keys.COUNTERS],
                                args=[task_id, deadline, base_version, time.time(), max_attempts]))
 
     def heartbeat(self, task_id: str, fence: int, deadline: float, worker_id: str = "", token_hash: str = "",
@@ -231,12 +241,12 @@ class Leases:
         With a ``token_hash`` the caller must hold the lease (the first caller of a fence takes
         it); without, nothing is checked.
         """
-        reason, base = self._heartbeat(
+        reason, base, *first = self._heartbeat(
             keys=[keys.task(task_id), keys.LEASES, keys.WORKERS, keys.LATEST],
             args=[task_id, fence, deadline, worker_id, token_hash, time.time(), event[:500], MAX_EVENTS])
         if reason:
             return Heartbeat(_text(reason))
-        return Heartbeat("", deadline, int(base))
+        return Heartbeat("", deadline, int(base), started=bool(first and int(first[0])))
 
     def problem(self, task_id: str, fence: int) -> str:
         """"" if (task, fence) holds the current lease, else a sentence saying why not."""
@@ -248,7 +258,7 @@ class Leases:
 
     def expire(self, now: float | None = None) -> list[str]:
         """Put every task whose lease ran out back in the queue; returns their ids."""
-        ids = self._expire(keys=[keys.LEASES, keys.PENDING], args=[now or time.time(), keys.task("")])
+        ids = self._expire(keys=[keys.LEASES, keys.PENDING, keys.COUNTERS], args=[now or time.time(), keys.task("")])
         return [i.decode() for i in ids]
 
     def release(self, task_id: str, fence: int, error: str, max_attempts: int) -> TaskState | None:
@@ -292,7 +302,7 @@ class Leases:
         uploads first completes both (see coordinator.ledger.adapters); the other's is refused.
         """
         twin = twin_id(task_id)
-        fence = self._speculate(keys=[keys.task(task_id), keys.task(twin), keys.LEASES, keys.FENCE],
+        fence = self._speculate(keys=[keys.task(task_id), keys.task(twin), keys.LEASES, keys.FENCE, keys.COUNTERS],
                                 args=[task_id, twin, deadline, time.time()])
         return twin, int(fence)
 

@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass, field
 from enum import Enum
 from typing import Any
 
+from coordinator.noise import NoiseScale, Sample
+
 
 class _State(str, Enum):
     """A state stored as its plain string: it prints, formats and serializes as the value."""
@@ -69,6 +71,9 @@ class JobConfig:
     epochs: int
     tokens_per_task: int
     plan_model: str = ""  # see JobDefaults.plan_model
+    # Each task continues from its worker's previous adapter of the job and uploads the exact
+    # rank-2r difference (worker.warmstart); opt-in (bench/quality.py measured it no better).
+    warm_start: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -100,6 +105,7 @@ class JobRecord:
     warning: str = ""
     base_loss: float | None = None  # held-out loss of the version the job started from
     base_version: int | None = None
+    noise: NoiseScale = NoiseScale()  # its gradient noise scale, from its accepted adapters
 
 
 @dataclass(frozen=True)
@@ -137,6 +143,7 @@ class TaskRecord:
     replica_of: str = ""
     avoid: tuple[str, ...] = ()
     pinned: bool = False
+    fold_width: int = 1  # K: the adapters whose fold its batch was divided for
 
     @property
     def partner(self) -> str:
@@ -171,6 +178,7 @@ class AdapterRecord:
     version: int | None = None  # the version it was folded into
     weight: float | None = None  # its weight in that fold
     unmerged_in: int | None = None
+    gradients: Sample = Sample(0.0, 0.0, 0.0, 0.0)  # its worker's gradient noise measurement
 
 
 @dataclass(frozen=True)
@@ -330,6 +338,14 @@ def _maybe(data: dict[str, str], key: str, kind: type) -> Any:
     return _num(data, key, kind, None)
 
 
+NOISE_FIELDS = ("noise_g2", "noise_trace", "noise_samples")  # a job's NoiseScale, in its hash
+
+
+def noise_from_hash(data: dict[str, str | None]) -> NoiseScale:
+    return NoiseScale(_num(data, "noise_g2", float), _num(data, "noise_trace", float),
+                      _num(data, "noise_samples", int))
+
+
 def job_from_hash(job_id: str, data: dict[str, str]) -> JobRecord:
     return JobRecord(
         job_id=job_id, name=data.get("name", ""), config=JobConfig.from_dict(json.loads(data["config"])),
@@ -341,6 +357,7 @@ def job_from_hash(job_id: str, data: dict[str, str]) -> JobRecord:
         adapters_rejected=_num(data, "adapters_rejected", int), error=data.get("error", ""),
         warning=data.get("warning", ""), base_loss=_maybe(data, "base_loss", float),
         base_version=_maybe(data, "base_version", int),
+        noise=noise_from_hash(data),
     )
 
 
@@ -361,6 +378,7 @@ def task_from_hash(data: dict[str, str]) -> TaskRecord:
         batch_size=_num(data, "batch_size", int), learning_rate=_num(data, "learning_rate", float),
         replica_of=data.get("replica_of", ""), avoid=tuple(json.loads(data.get("avoid") or "[]")),
         pinned=data.get("pinned") == "1",
+        fold_width=_num(data, "fold_width", int, 1),
     )
 
 
@@ -388,6 +406,8 @@ def adapter_from_hash(adapter_id: str, data: dict[str, str]) -> AdapterRecord:
         state=AdapterState(data.get("state", "buffered")), accepted=_num(data, "accepted", float),
         reason=data.get("reason", ""), volunteer=data.get("volunteer", ""), version=_maybe(data, "version", int),
         weight=_maybe(data, "weight", float), unmerged_in=_maybe(data, "unmerged_in", int),
+        gradients=Sample(_num(data, "grad_micro_sq", float), _num(data, "grad_batch_sq", float),
+                         _num(data, "grad_micro_batch", float), _num(data, "grad_batch_size", float)),
     )
 
 

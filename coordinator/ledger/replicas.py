@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import redis
 
 from coordinator import keys
+from coordinator.ledger.counters import Counters, Refusal
 from coordinator.ledger.records import AdapterState, ReplicaGroup, TaskState, decode, replica_group_from_hash
 from coordinator.ledger.trust import Trust
 
@@ -95,6 +96,9 @@ class Settlement:
     outcomes: tuple[tuple[str, str, str], ...] = ()  # (volunteer, outcome, detail)
 
 
+REFUSED_DISAGREED = "disagreed"  # the refusal kind of an adapter its replicas outvoted (or could not settle)
+
+
 def replica_id(task_id: str, n: int) -> str:
     """The n-th replica run of a task."""
     return f"{task_id}.r{n}"
@@ -138,7 +142,8 @@ class Replicas:
             now = decode(pipe.hgetall(key))
             if now.get("state") != "open" or json.loads(now.get("results") or "{}") != group.results:
                 return False
-            jobs = {a: pipe.hget(keys.adapter(a), "job") for a, _ in how.rejected}
+            owners = {a: [v.decode() if v else "" for v in pipe.hmget(keys.adapter(a), "job", "task", "worker")]
+                      for a, _ in how.rejected}
             holders = [pipe.hget(keys.adapter(a), "volunteer") for a in group.results.values()]
             pipe.multi()
             for volunteer in holders:  # their contributions are no longer waiting to be checked
@@ -151,8 +156,11 @@ class Replicas:
                 pipe.hset(keys.adapter(adapter_id), mapping={"state": AdapterState.REPLICA.value, "reason": why})
             for adapter_id, reason in how.rejected:
                 pipe.hset(keys.adapter(adapter_id), mapping={"state": AdapterState.REJECTED.value, "reason": reason})
-                if jobs[adapter_id]:
-                    pipe.hincrby(keys.job(jobs[adapter_id].decode()), "adapters_rejected", 1)
+                job, task, worker = owners[adapter_id]
+                if job:
+                    pipe.hincrby(keys.job(job), "adapters_rejected", 1)
+                # Counted with the fold gates' refusals (coordinator.ledger.counters), as its own kind.
+                Counters(self.r).refuse(Refusal(time.time(), "fold", REFUSED_DISAGREED, reason, task, worker, job), pipe)
             for volunteer, outcome, detail in how.outcomes:
                 self.trust.record_in(pipe, volunteer, outcome, detail)
             for run in retire:

@@ -35,7 +35,7 @@ def count_states(tasks: Iterable[TaskRecord]) -> dict[str, int]:
 
 _SET_TRAINING = """
 if redis.call('EXISTS', KEYS[1]) == 1 then
-  redis.call('HSET', KEYS[1], 'batch_size', ARGV[1], 'learning_rate', ARGV[2])
+  redis.call('HSET', KEYS[1], 'batch_size', ARGV[1], 'learning_rate', ARGV[2], 'fold_width', ARGV[3])
 end
 """
 
@@ -66,12 +66,14 @@ class Tasks:
     def counts(self, job_id: str) -> dict[str, int]:
         return count_states(self.of_job(job_id))
 
-    def set_training(self, runs: Iterable[tuple[str, int, float]]) -> None:
-        """Record (task id, batch size, learning rate) of each leased unit: what its run trains at."""
+    def set_training(self, runs: Iterable[tuple[str, int, float, int]]) -> None:
+        """Record (task id, batch size, learning rate, fold width K) of each leased unit: what its
+        run trains at, and how many adapters' fold its batch was divided for."""
         pipe = self.r.pipeline(transaction=False)
-        for task_id, batch_size, learning_rate in runs:
+        for task_id, batch_size, learning_rate, fold_width in runs:
             # Only onto a task that still exists (a job removed meanwhile leaves no stray hash).
-            self._set_training(keys=[keys.task(task_id)], args=[batch_size, repr(learning_rate)], client=pipe)
+            self._set_training(keys=[keys.task(task_id)], args=[batch_size, repr(learning_rate), fold_width],
+                               client=pipe)
         pipe.execute()
 
     def require_vram(self, task_id: str, gb: float) -> None:

@@ -17,7 +17,9 @@ import redis
 
 from coordinator import keys
 
-ROLES = ("worker", "submitter", "reader", "admin")
+# trusted-worker: a worker that may also join the Ray cluster (it receives the Ray token, and so
+# may run code on every node): for machines that trust each other, never for the public.
+ROLES = ("worker", "trusted-worker", "submitter", "reader", "admin")
 
 
 @dataclass(frozen=True)

@@ -55,7 +55,7 @@ class Workers:
         known = self.get(requested_id) if requested_id else None
         rejoining = known is not None and known.token == token
         if not rejoining:
-            active = sum(1 for w in self.all() if w.token == token and w.last_seen >= active_since)
+            active = self.active_of(token, active_since)
             if active >= most:
                 raise TooManyWorkers(active)
         worker_id = requested_id if rejoining else "w-" + secrets.token_hex(4)
@@ -75,13 +75,34 @@ class Workers:
         pipe.hset(key, mapping=fields)
         pipe.hsetnx(key, "tasks_done", 0)
         pipe.zadd(keys.WORKERS, {worker_id: now})
+        if token:
+            pipe.sadd(keys.token_workers(token), worker_id)
         pipe.execute()
+
+    def active_of(self, token: str, since: float) -> int:
+        """How many workers ``token`` registered were seen since ``since``: its own workers read
+        alone (a registration must not read every worker ever registered; with a thousand
+        volunteers joining that was most of the coordinator's time)."""
+        ids = [i.decode() for i in self.r.smembers(keys.token_workers(token))]
+        if not ids:
+            return 0
+        seen = self.r.zmscore(keys.WORKERS, ids)
+        return sum(1 for s in seen if s is not None and s >= since)
 
     def get(self, worker_id: str) -> WorkerRecord | None:
         data = decode(self.r.hgetall(keys.worker(worker_id)))
         if not data:
             return None
         return worker_from_hash(worker_id, data, self.r.zscore(keys.WORKERS, worker_id) or 0.0)
+
+    def cards(self, worker_ids: list[str]) -> list[bytes]:
+        """The registered card (a serialized nomoat.v1.Card) of each worker, b"" for none; one round trip."""
+        pipe = self.r.pipeline(transaction=False)
+        for worker_id in worker_ids:
+            pipe.hget(keys.worker(worker_id), "card")
+        if not worker_ids:
+            return []
+        return [bytes.fromhex(raw.decode()) if raw else b"" for raw in pipe.execute()]  # kept as hex (records)
 
     def all(self) -> list[WorkerRecord]:
         """Every worker ever registered, least recently seen first."""

@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class JobConfig(_message.Message):
-    __slots__ = ("lora_rank", "lora_alpha", "target_modules", "seq_len", "learning_rate", "batch_size", "epochs", "tokens_per_task")
+    __slots__ = ("lora_rank", "lora_alpha", "target_modules", "seq_len", "learning_rate", "batch_size", "epochs", "tokens_per_task", "warm_start")
     LORA_RANK_FIELD_NUMBER: _ClassVar[int]
     LORA_ALPHA_FIELD_NUMBER: _ClassVar[int]
     TARGET_MODULES_FIELD_NUMBER: _ClassVar[int]
@@ -17,6 +17,7 @@ class JobConfig(_message.Message):
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     EPOCHS_FIELD_NUMBER: _ClassVar[int]
     TOKENS_PER_TASK_FIELD_NUMBER: _ClassVar[int]
+    WARM_START_FIELD_NUMBER: _ClassVar[int]
     lora_rank: int
     lora_alpha: float
     target_modules: _containers.RepeatedScalarFieldContainer[str]
@@ -25,7 +26,8 @@ class JobConfig(_message.Message):
     batch_size: int
     epochs: int
     tokens_per_task: int
-    def __init__(self, lora_rank: _Optional[int] = ..., lora_alpha: _Optional[float] = ..., target_modules: _Optional[_Iterable[str]] = ..., seq_len: _Optional[int] = ..., learning_rate: _Optional[float] = ..., batch_size: _Optional[int] = ..., epochs: _Optional[int] = ..., tokens_per_task: _Optional[int] = ...) -> None: ...
+    warm_start: bool
+    def __init__(self, lora_rank: _Optional[int] = ..., lora_alpha: _Optional[float] = ..., target_modules: _Optional[_Iterable[str]] = ..., seq_len: _Optional[int] = ..., learning_rate: _Optional[float] = ..., batch_size: _Optional[int] = ..., epochs: _Optional[int] = ..., tokens_per_task: _Optional[int] = ..., warm_start: _Optional[bool] = ...) -> None: ...
 
 class SubmitHeader(_message.Message):
     __slots__ = ("name", "filename", "size", "config")
@@ -82,7 +84,7 @@ class TaskCounts(_message.Message):
     def __init__(self, pending: _Optional[int] = ..., leased: _Optional[int] = ..., done: _Optional[int] = ..., failed: _Optional[int] = ...) -> None: ...
 
 class JobInfo(_message.Message):
-    __slots__ = ("job_id", "name", "state", "tasks", "total_tasks", "adapters_folded", "adapters_rejected", "error", "created", "tokens", "dataset_sha256", "base_loss", "warning", "events", "training")
+    __slots__ = ("job_id", "name", "state", "tasks", "total_tasks", "adapters_folded", "adapters_rejected", "error", "created", "tokens", "dataset_sha256", "base_loss", "warning", "events", "training", "noise_scale")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -98,6 +100,7 @@ class JobInfo(_message.Message):
     WARNING_FIELD_NUMBER: _ClassVar[int]
     EVENTS_FIELD_NUMBER: _ClassVar[int]
     TRAINING_FIELD_NUMBER: _ClassVar[int]
+    NOISE_SCALE_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     name: str
     state: str
@@ -113,7 +116,8 @@ class JobInfo(_message.Message):
     warning: str
     events: _containers.RepeatedScalarFieldContainer[str]
     training: str
-    def __init__(self, job_id: _Optional[str] = ..., name: _Optional[str] = ..., state: _Optional[str] = ..., tasks: _Optional[_Union[TaskCounts, _Mapping]] = ..., total_tasks: _Optional[int] = ..., adapters_folded: _Optional[int] = ..., adapters_rejected: _Optional[int] = ..., error: _Optional[str] = ..., created: _Optional[float] = ..., tokens: _Optional[int] = ..., dataset_sha256: _Optional[str] = ..., base_loss: _Optional[float] = ..., warning: _Optional[str] = ..., events: _Optional[_Iterable[str]] = ..., training: _Optional[str] = ...) -> None: ...
+    noise_scale: float
+    def __init__(self, job_id: _Optional[str] = ..., name: _Optional[str] = ..., state: _Optional[str] = ..., tasks: _Optional[_Union[TaskCounts, _Mapping]] = ..., total_tasks: _Optional[int] = ..., adapters_folded: _Optional[int] = ..., adapters_rejected: _Optional[int] = ..., error: _Optional[str] = ..., created: _Optional[float] = ..., tokens: _Optional[int] = ..., dataset_sha256: _Optional[str] = ..., base_loss: _Optional[float] = ..., warning: _Optional[str] = ..., events: _Optional[_Iterable[str]] = ..., training: _Optional[str] = ..., noise_scale: _Optional[float] = ...) -> None: ...
 
 class WorkerInfo(_message.Message):
     __slots__ = ("worker_id", "name", "card", "last_seen", "tasks_done", "state", "trust", "trust_score", "trust_reason")
@@ -184,6 +188,42 @@ class JobProgress(_message.Message):
     eval_loss: float
     finished: bool
     def __init__(self, job: _Optional[_Union[JobInfo, _Mapping]] = ..., current_version: _Optional[int] = ..., eval_loss: _Optional[float] = ..., finished: _Optional[bool] = ...) -> None: ...
+
+class WorkRequest(_message.Message):
+    __slots__ = ("worker_id", "wait_s")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    WAIT_S_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    wait_s: float
+    def __init__(self, worker_id: _Optional[str] = ..., wait_s: _Optional[float] = ...) -> None: ...
+
+class WorkReply(_message.Message):
+    __slots__ = ("run_id", "task_specs", "poll_again_s")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    TASK_SPECS_FIELD_NUMBER: _ClassVar[int]
+    POLL_AGAIN_S_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    task_specs: _containers.RepeatedScalarFieldContainer[str]
+    poll_again_s: float
+    def __init__(self, run_id: _Optional[str] = ..., task_specs: _Optional[_Iterable[str]] = ..., poll_again_s: _Optional[float] = ...) -> None: ...
+
+class RunReport(_message.Message):
+    __slots__ = ("worker_id", "run_id", "units", "handed_back")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    UNITS_FIELD_NUMBER: _ClassVar[int]
+    HANDED_BACK_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    run_id: str
+    units: _containers.RepeatedScalarFieldContainer[str]
+    handed_back: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, worker_id: _Optional[str] = ..., run_id: _Optional[str] = ..., units: _Optional[_Iterable[str]] = ..., handed_back: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class RunReportReply(_message.Message):
+    __slots__ = ("ok",)
+    OK_FIELD_NUMBER: _ClassVar[int]
+    ok: bool
+    def __init__(self, ok: _Optional[bool] = ...) -> None: ...
 
 class WorkerStatsRequest(_message.Message):
     __slots__ = ("worker_id",)
@@ -338,7 +378,7 @@ class DataChunk(_message.Message):
     def __init__(self, data: _Optional[bytes] = ...) -> None: ...
 
 class AdapterManifest(_message.Message):
-    __slots__ = ("task_id", "fence", "base_version", "rank", "alpha", "tokens", "train_loss", "sha256", "size", "worker_id", "offset", "train_seconds", "lineage")
+    __slots__ = ("task_id", "fence", "base_version", "rank", "alpha", "tokens", "train_loss", "sha256", "size", "worker_id", "offset", "train_seconds", "lineage", "grad_micro_sq", "grad_batch_sq", "grad_micro_batch", "grad_batch_size")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     FENCE_FIELD_NUMBER: _ClassVar[int]
     BASE_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -352,6 +392,10 @@ class AdapterManifest(_message.Message):
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     TRAIN_SECONDS_FIELD_NUMBER: _ClassVar[int]
     LINEAGE_FIELD_NUMBER: _ClassVar[int]
+    GRAD_MICRO_SQ_FIELD_NUMBER: _ClassVar[int]
+    GRAD_BATCH_SQ_FIELD_NUMBER: _ClassVar[int]
+    GRAD_MICRO_BATCH_FIELD_NUMBER: _ClassVar[int]
+    GRAD_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     fence: int
     base_version: int
@@ -365,7 +409,11 @@ class AdapterManifest(_message.Message):
     offset: int
     train_seconds: float
     lineage: str
-    def __init__(self, task_id: _Optional[str] = ..., fence: _Optional[int] = ..., base_version: _Optional[int] = ..., rank: _Optional[int] = ..., alpha: _Optional[float] = ..., tokens: _Optional[int] = ..., train_loss: _Optional[float] = ..., sha256: _Optional[str] = ..., size: _Optional[int] = ..., worker_id: _Optional[str] = ..., offset: _Optional[int] = ..., train_seconds: _Optional[float] = ..., lineage: _Optional[str] = ...) -> None: ...
+    grad_micro_sq: float
+    grad_batch_sq: float
+    grad_micro_batch: float
+    grad_batch_size: float
+    def __init__(self, task_id: _Optional[str] = ..., fence: _Optional[int] = ..., base_version: _Optional[int] = ..., rank: _Optional[int] = ..., alpha: _Optional[float] = ..., tokens: _Optional[int] = ..., train_loss: _Optional[float] = ..., sha256: _Optional[str] = ..., size: _Optional[int] = ..., worker_id: _Optional[str] = ..., offset: _Optional[int] = ..., train_seconds: _Optional[float] = ..., lineage: _Optional[str] = ..., grad_micro_sq: _Optional[float] = ..., grad_batch_sq: _Optional[float] = ..., grad_micro_batch: _Optional[float] = ..., grad_batch_size: _Optional[float] = ...) -> None: ...
 
 class UploadChunk(_message.Message):
     __slots__ = ("manifest", "data")
@@ -386,7 +434,7 @@ class UploadReply(_message.Message):
     def __init__(self, accepted: _Optional[bool] = ..., adapter_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class PullRequest(_message.Message):
-    __slots__ = ("version", "format", "since")
+    __slots__ = ("version", "format", "since", "resume")
     class Format(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         HF: _ClassVar[PullRequest.Format]
@@ -398,20 +446,34 @@ class PullRequest(_message.Message):
     VERSION_FIELD_NUMBER: _ClassVar[int]
     FORMAT_FIELD_NUMBER: _ClassVar[int]
     SINCE_FIELD_NUMBER: _ClassVar[int]
+    RESUME_FIELD_NUMBER: _ClassVar[int]
     version: int
     format: PullRequest.Format
     since: int
-    def __init__(self, version: _Optional[int] = ..., format: _Optional[_Union[PullRequest.Format, str]] = ..., since: _Optional[int] = ...) -> None: ...
+    resume: _containers.RepeatedCompositeFieldContainer[ResumeFrom]
+    def __init__(self, version: _Optional[int] = ..., format: _Optional[_Union[PullRequest.Format, str]] = ..., since: _Optional[int] = ..., resume: _Optional[_Iterable[_Union[ResumeFrom, _Mapping]]] = ...) -> None: ...
+
+class ResumeFrom(_message.Message):
+    __slots__ = ("path", "sha256", "offset")
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    sha256: str
+    offset: int
+    def __init__(self, path: _Optional[str] = ..., sha256: _Optional[str] = ..., offset: _Optional[int] = ...) -> None: ...
 
 class FileEntry(_message.Message):
-    __slots__ = ("path", "size", "sha256")
+    __slots__ = ("path", "size", "sha256", "offset")
     PATH_FIELD_NUMBER: _ClassVar[int]
     SIZE_FIELD_NUMBER: _ClassVar[int]
     SHA256_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
     path: str
     size: int
     sha256: str
-    def __init__(self, path: _Optional[str] = ..., size: _Optional[int] = ..., sha256: _Optional[str] = ...) -> None: ...
+    offset: int
+    def __init__(self, path: _Optional[str] = ..., size: _Optional[int] = ..., sha256: _Optional[str] = ..., offset: _Optional[int] = ...) -> None: ...
 
 class PullHeader(_message.Message):
     __slots__ = ("version", "files", "lineage")

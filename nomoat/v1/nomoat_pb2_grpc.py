@@ -269,6 +269,16 @@ class WorkersStub:
                 request_serializer=nomoat_dot_v1_dot_nomoat__pb2.UploadOffsetRequest.SerializeToString,
                 response_deserializer=nomoat_dot_v1_dot_nomoat__pb2.UploadOffsetReply.FromString,
                 _registered_method=True)
+        self.RequestWork = channel.unary_unary(
+                '/nomoat.v1.Workers/RequestWork',
+                request_serializer=nomoat_dot_v1_dot_nomoat__pb2.WorkRequest.SerializeToString,
+                response_deserializer=nomoat_dot_v1_dot_nomoat__pb2.WorkReply.FromString,
+                _registered_method=True)
+        self.ReportRun = channel.unary_unary(
+                '/nomoat.v1.Workers/ReportRun',
+                request_serializer=nomoat_dot_v1_dot_nomoat__pb2.RunReport.SerializeToString,
+                response_deserializer=nomoat_dot_v1_dot_nomoat__pb2.RunReportReply.FromString,
+                _registered_method=True)
         self.Stats = channel.unary_unary(
                 '/nomoat.v1.Workers/Stats',
                 request_serializer=nomoat_dot_v1_dot_nomoat__pb2.WorkerStatsRequest.SerializeToString,
@@ -316,6 +326,21 @@ class WorkersServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RequestWork(self, request, context):
+        """Outbound-only workers (no Ray, no open port): a long-poll for the next run placed on this
+        worker; answers with a run, or with none after about `wait_s` (then poll again).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReportRun(self, request, context):
+        """How each unit of a run that RequestWork gave ended, and the units handed back unstarted.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Stats(self, request, context):
         """What a volunteer gave (`nomoat worker stats`): its workers, tasks, tokens, adapters folded
         and refused (with reasons), the versions they are in, and its trust.
@@ -351,6 +376,16 @@ def add_WorkersServicer_to_server(servicer, server):
                     servicer.UploadOffset,
                     request_deserializer=nomoat_dot_v1_dot_nomoat__pb2.UploadOffsetRequest.FromString,
                     response_serializer=nomoat_dot_v1_dot_nomoat__pb2.UploadOffsetReply.SerializeToString,
+            ),
+            'RequestWork': grpc.unary_unary_rpc_method_handler(
+                    servicer.RequestWork,
+                    request_deserializer=nomoat_dot_v1_dot_nomoat__pb2.WorkRequest.FromString,
+                    response_serializer=nomoat_dot_v1_dot_nomoat__pb2.WorkReply.SerializeToString,
+            ),
+            'ReportRun': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportRun,
+                    request_deserializer=nomoat_dot_v1_dot_nomoat__pb2.RunReport.FromString,
+                    response_serializer=nomoat_dot_v1_dot_nomoat__pb2.RunReportReply.SerializeToString,
             ),
             'Stats': grpc.unary_unary_rpc_method_handler(
                     servicer.Stats,
@@ -496,6 +531,60 @@ class Workers:
             '/nomoat.v1.Workers/UploadOffset',
             nomoat_dot_v1_dot_nomoat__pb2.UploadOffsetRequest.SerializeToString,
             nomoat_dot_v1_dot_nomoat__pb2.UploadOffsetReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RequestWork(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nomoat.v1.Workers/RequestWork',
+            nomoat_dot_v1_dot_nomoat__pb2.WorkRequest.SerializeToString,
+            nomoat_dot_v1_dot_nomoat__pb2.WorkReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportRun(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nomoat.v1.Workers/ReportRun',
+            nomoat_dot_v1_dot_nomoat__pb2.RunReport.SerializeToString,
+            nomoat_dot_v1_dot_nomoat__pb2.RunReportReply.FromString,
             options,
             channel_credentials,
             insecure,

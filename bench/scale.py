@@ -1,0 +1,384 @@
+"""Benchmark: the coordinator and a worker's cache at 1B parameters (issue 11).
+
+    nice python bench/scale.py                 # ~1.1B Llama on the CPU (under 10 minutes once built)
+    nice python bench/scale.py --device cuda   # the coordinator's model and evaluations on a GPU
+    python bench/scale.py --layers 2 --hidden 512 --intermediate 1408   # a small smoke run
+
+A Llama built from a LlamaConfig (TinyLlama's shape by default: hidden 2048, MLP 5632, 22 layers,
+32 heads, 4 KV heads, vocab 32000: 1.1B parameters) with random weights (this measures cost, not
+quality), saved once in bf16 shards (``save_pretrained(max_shard_size=...)``) under
+``--cache-dir`` and reused. Then, each part in its own process so that each one's peak RSS
+(VmHWM) is its own:
+
+* **coordinator** (the real pieces, in process: embedded redis-server, ledger, blob store,
+  RunningModel, History, Folder, and the real gRPC server with the real Models service): load the
+  base, publish version 0, submit a job, and fold ``--folds`` times K = 4 rank-16 adapters with
+  every gate (norm, per-adapter held-out gate, fold check; the budget ``--eval-tokens``), each
+  fold publishing its version as the server does (a patch; a whole snapshot every
+  ``snapshot_every`` versions, timed apart as ``snapshot_seconds``); build the newest version's
+  Hugging Face folder (from the nearest snapshot plus patches, tensor by tensor); then serve.
+* **worker**: over loopback gRPC, time a raw stream of the newest folder's bytes (a bare gRPC
+  handler on the same server, reading the same blob files, 1 MiB messages, received and
+  dropped), then the real pull of that folder (``CoordinatorClient.pull``: writes and checks
+  every file), and the raw stream again; then catch a worker cache (worker/cache.py) up: version 0
+  in full, then the newest version by patch.
+
+The memory bound is issue 11's: 4P (the fp32 master) + 2P (one published bf16 copy) + 1 GB.
+redis-server is a process of its own and is not counted (it holds the ledger, never blobs).
+
+The last line is JSON: ``coordinator_seconds_per_fold`` (gates + fold + publish, mean over the
+folds), ``peak_rss_vs_bound`` (the coordinator's VmHWM over the bound), ``pull_vs_raw_grpc``
+(raw stream seconds over pull seconds, the better of the two raw runs), ``published_dtype``,
+and every figure behind them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+
+GB = 1 << 30
+RANK, ALPHA, K = 16, 32.0, 4
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+RAW_METHOD = "/bench.Raw/Stream"
+
+
+def vm_hwm_bytes() -> int:
+    """This process's peak resident set size so far (VmHWM), in bytes."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def log(*parts: object) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}]", *parts, file=sys.stderr, flush=True)
+
+
+# -- build the base model (once) -----------------------------------------------------------------
+
+
+def model_dir(args: argparse.Namespace) -> Path:
+    name = f"llama-h{args.hidden}-i{args.intermediate}-l{args.layers}-v{args.vocab}-s{args.shard_size}"
+    return Path(args.cache_dir) / name
+
+
+def build(args: argparse.Namespace) -> dict:
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from nomoat.tiny import tiny_model_path
+
+    out = model_dir(args)
+    if (out / "config.json").exists():
+        return {"built": False}
+    t0 = time.time()
+    config = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
+                         num_hidden_layers=args.layers, num_attention_heads=args.heads,
+                         num_key_value_heads=args.kv_heads, max_position_embeddings=2048,
+                         tie_word_embeddings=False)
+    torch.manual_seed(0)
+    torch.set_default_dtype(torch.bfloat16)  # built in bf16 directly: 2 bytes a parameter, not 4
+    model = LlamaForCausalLM(config)
+    torch.set_default_dtype(torch.float32)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".build-"))
+    model.save_pretrained(tmp, max_shard_size=args.shard_size)
+    AutoTokenizer.from_pretrained(tiny_model_path()).save_pretrained(tmp)
+    tmp.rename(out)
+    return {"built": True, "build_seconds": round(time.time() - t0, 1)}
+
+
+# -- the coordinator part ------------------------------------------------------------------------
+
+
+def random_adapter(shapes: dict[str, tuple[int, int]], seed: int, scale: float):
+    import torch
+
+    from nomoat.adapter import Adapter
+
+    g = torch.Generator().manual_seed(seed)
+    factors = {m: (torch.randn(RANK, d_in, generator=g) / d_in ** 0.5,
+                   torch.randn(d_out, RANK, generator=g) * scale)
+               for m, (d_out, d_in) in shapes.items()}
+    return Adapter(factors, rank=RANK, alpha=ALPHA)
+
+
+def coordinator(args: argparse.Namespace) -> None:
+    import grpc
+    import redis
+    import torch
+
+    from coordinator import service
+    from coordinator.auth import TokenRegistry
+    from coordinator.folder import Folder
+    from coordinator.history import History
+    from coordinator.ledger import Ledger, VersionRecord
+    from coordinator.model import RunningModel, pulled, resolve_device
+    from coordinator.redis_server import EmbeddedRedis
+    from coordinator.server import bind, grpc_server
+    from coordinator.settings import JobDefaults, Settings
+    from coordinator.store import BlobStore
+    from coordinator.submit import submit
+    from nomoat import adapter as fmt
+    from nomoat.tiny import read_demo
+
+    torch.set_num_threads(args.threads)
+    work = Path(args.work)
+    figures: dict = {}
+    device = resolve_device(args.device)
+    settings = Settings(data_dir=work, fold_every=K, fold_timeout_s=1e9, eval_tokens=args.eval_tokens,
+                        eval_dtype=args.eval_dtype,
+                        device=device, snapshot_every=args.snapshot_every,
+                        job=JobDefaults(lora_rank=RANK, lora_alpha=ALPHA, seq_len=args.seq_len,
+                                        tokens_per_task=2048))
+    embedded = EmbeddedRedis(work / "redis")
+    url = embedded.start()
+    try:
+        ledger = Ledger(redis.Redis.from_url(url))
+        store = BlobStore(work / "blobs")
+        t0 = time.time()
+        model = RunningModel(Path(args.base), device)
+        figures["load_seconds"] = round(time.time() - t0, 1)
+        params = sum(p.numel() for p in model.model.parameters())
+        figures["params"] = params
+        figures["rss_after_load_gb"] = round(vm_hwm_bytes() / GB, 2)
+        t0 = time.time()
+        files = model.publish(store)
+        figures["publish_v0_seconds"] = round(time.time() - t0, 1)
+        ledger.versions.publish(VersionRecord(version=0, parent=-1, files=files))
+        history = History(ledger, store, work, device)
+        folder = Folder(settings, ledger, store, model, history)
+        shapes = model.shapes(TARGETS)
+        texts = read_demo()
+        data = "".join(json.dumps({"text": t}) + "\n" for t in texts).encode()
+        job = submit(settings, ledger, store, model.tokenizer, list(shapes), data, "demo.jsonl", "scale", {})
+        figures["validation_records"] = job.validation_records
+        t0 = time.time()
+        folder.record_base_losses()  # the parent's evaluation, once per version (and then reused)
+        figures["parent_eval_seconds"] = round(time.time() - t0, 1)
+        folds = []
+        seed = 0
+        for _ in range(args.folds):
+            base = ledger.versions.latest()
+            for _ in range(K):
+                seed += 1
+                task_id = ledger.leases.pending(1)[0]
+                fence = ledger.leases.lease(task_id, time.time() + 3600, base, max_attempts=3)
+                sha = store.put(fmt.to_bytes(random_adapter(shapes, seed, args.adapter_scale)))
+                accepted = ledger.adapters.accept(task_id, fence, sha, base_version=base, tokens=2048, rank=RANK,
+                                                  alpha=ALPHA)
+                assert accepted.ok, accepted.detail
+            t0, c0 = time.time(), time.process_time()
+            number = folder.maybe_fold(set())
+            seconds, cpu = time.time() - t0, time.process_time() - c0
+            if number is None:
+                raise SystemExit("the fold published nothing: every adapter was refused (see the log)")
+            record = ledger.versions.get(number)
+            folds.append({"version": number, "seconds": round(seconds, 1), "cpu_seconds": round(cpu, 1),
+                          "eval_loss": round(record.eval_loss, 4),
+                          "parent_loss": round(record.metrics["parent_loss"], 4),
+                          "paired_se": record.metrics.get("paired_se"), "snapshot": bool(record.files)})
+            log(f"fold -> version {number}: {seconds:.1f} s", folds[-1])
+        figures["folds"] = folds
+        latest = ledger.versions.latest()
+        t0 = time.time()
+        newest = history.hf_files(latest)  # its folder from the nearest snapshot + patches, streamed
+        figures["snapshot_build_seconds"] = round(time.time() - t0, 1)
+        t0 = time.time()
+        model.publish(store)  # what a snapshot version costs the fold that makes it
+        figures["snapshot_seconds"] = round(time.time() - t0, 1)
+        sent = pulled(newest)
+        figures["pull_bytes"] = sum(store.size(s) for s in sent.values())
+        figures["rss_before_serving_gb"] = round(vm_hwm_bytes() / GB, 2)
+
+        registry = TokenRegistry(ledger.tokens)
+        token = registry.create("admin")  # admin: the raw stream is not a method of the proto
+        deps = service.Deps(settings, ledger, store, registry, model.tokenizer, shapes, "", "", history=history,
+                            operations=folder)
+        server, _ = grpc_server(deps)
+        order = [sha for _, sha in sorted(sent.items())]
+
+        def raw(request: bytes, context):  # the same bytes as the pull, with nothing around them
+            for sha in order:
+                yield from store.chunks(sha, 1 << 20)
+
+        server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("bench.Raw", {
+            "Stream": grpc.unary_stream_rpc_method_handler(raw, request_deserializer=None, response_serializer=None),
+        })])
+        port = bind(server, "127.0.0.1:0")
+        server.start()
+        ready = {"address": f"127.0.0.1:{port}", "token": token, "lineage": history.lineage().id,
+                 "latest": latest, "bytes": figures["pull_bytes"]}
+        (work / "ready.json").write_text(json.dumps(ready))
+        sys.stdin.read()  # serve until the bench closes our stdin
+        server.stop(grace=2).wait()
+        figures["peak_rss_gb"] = round(vm_hwm_bytes() / GB, 3)
+        figures["published_dtype"] = str(model.base_dtype).removeprefix("torch.")
+        figures["device"] = device
+        (work / "coordinator.json").write_text(json.dumps(figures))
+    finally:
+        embedded.stop()
+
+
+# -- the worker part -----------------------------------------------------------------------------
+
+
+def worker(args: argparse.Namespace) -> None:
+    import grpc
+
+    from nomoat.client import MAX_MESSAGE, CoordinatorClient
+    from worker.cache import ModelCache
+
+    work = Path(args.work)
+    ready = json.loads((work / "ready.json").read_text())
+    figures: dict = {}
+
+    def raw_stream() -> float:
+        options = [("grpc.max_receive_message_length", MAX_MESSAGE)]
+        with grpc.insecure_channel(ready["address"], options=options) as channel:
+            call = channel.unary_stream(RAW_METHOD, request_serializer=None, response_deserializer=None)
+            t0 = time.time()
+            got = sum(len(b) for b in call(b"", metadata=(("authorization", f"Bearer {ready['token']}"),),
+                                           timeout=3600))
+            seconds = time.time() - t0
+        assert got == ready["bytes"], (got, ready["bytes"])
+        return seconds
+
+    with CoordinatorClient(ready["address"], ready["token"]) as client:
+        raws = [raw_stream()]
+        out = work / "pulled"
+        t0 = time.time()
+        client.pull(out, ready["latest"])
+        figures["pull_seconds"] = round(time.time() - t0, 2)
+        raws.append(raw_stream())
+        figures["raw_grpc_seconds"] = [round(r, 2) for r in raws]
+        figures["pull_mb_s"] = round(ready["bytes"] / figures["pull_seconds"] / 1e6, 1)
+        figures["raw_grpc_mb_s"] = round(ready["bytes"] / min(raws) / 1e6, 1)
+        shutil.rmtree(out, ignore_errors=True)
+        cache = ModelCache(work / "cache")
+        t0 = time.time()
+        cache.ensure(client, ready["lineage"], 0)
+        figures["cache_full_pull_seconds"] = round(time.time() - t0, 1)
+        t0 = time.time()
+        cache.ensure(client, ready["lineage"], ready["latest"])
+        figures["cache_catch_up_seconds"] = round(time.time() - t0, 1)
+        t0 = time.time()
+        cache.ensure(client, ready["lineage"], ready["latest"])  # checked against its stamp: memoised
+        figures["cache_check_seconds"] = round(time.time() - t0, 2)
+    figures["worker_peak_rss_gb"] = round(vm_hwm_bytes() / GB, 3)
+    (work / "worker.json").write_text(json.dumps(figures))
+
+
+# -- the bench -----------------------------------------------------------------------------------
+
+
+def part(args: argparse.Namespace, name: str, **extra: str) -> subprocess.Popen:
+    argv = [sys.executable, __file__, "--part", name]
+    for key, value in {**vars(args), **extra}.items():
+        if key != "part" and value is not None:
+            argv += [f"--{key.replace('_', '-')}", str(value)]
+    # Idle OpenMP threads sleep instead of spinning: on a CPU shared with other busy processes a
+    # spinning team stalls every parallel region (bench/fold.py measured it).
+    env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ}
+    return subprocess.Popen(argv, stdin=subprocess.PIPE, text=True, env=env)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cpu", help="the coordinator's device: cpu, cuda or auto")
+    parser.add_argument("--cache-dir", default="/tmp/nomoat-scale", help="where the base model is built, once")
+    parser.add_argument("--work", default=None, help="scratch dir for a run (default: a fresh one, removed after)")
+    parser.add_argument("--hidden", type=int, default=2048)
+    parser.add_argument("--intermediate", type=int, default=5632)
+    parser.add_argument("--layers", type=int, default=22)
+    parser.add_argument("--heads", type=int, default=32)
+    parser.add_argument("--kv-heads", type=int, default=4)
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--shard-size", default="500MB", help="the base's max_shard_size")
+    parser.add_argument("--eval-tokens", type=int, default=512, help="the evaluation budget (Settings.eval_tokens)")
+    parser.add_argument("--eval-dtype", default="fp32", choices=["fp32", "bf16"], help="Settings.eval_dtype")
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--folds", type=int, default=2)
+    parser.add_argument("--snapshot-every", type=int, default=10)
+    parser.add_argument("--adapter-scale", type=float, default=2e-4, help="size of the random adapters' B")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--part", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--base", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.part == "build":
+        print(json.dumps(build(args)))
+        return 0
+    if args.part == "coordinator":
+        coordinator(args)
+        return 0
+    if args.part == "worker":
+        worker(args)
+        return 0
+
+    t_start = time.time()
+    base = model_dir(args)
+    built = subprocess.run([sys.executable, __file__, "--part", "build", *_shape_argv(args)],
+                           check=True, capture_output=True, text=True)
+    result: dict = json.loads(built.stdout.strip().splitlines()[-1])
+    log(f"base model: {base} ({'built' if result['built'] else 'reused'})")
+    work = Path(args.work or tempfile.mkdtemp(prefix="nomoat-scale-run-", dir=args.cache_dir))
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        t0 = time.time()
+        coord = part(args, "coordinator", work=str(work), base=str(base))
+        while not (work / "ready.json").exists():
+            if coord.poll() is not None:
+                raise SystemExit("the coordinator part failed (see above)")
+            time.sleep(0.5)
+        result["coordinator_part_seconds"] = round(time.time() - t0, 1)
+        log("coordinator ready; pulling")
+        w = part(args, "worker", work=str(work), base=str(base))
+        w.stdin.close()
+        if w.wait() != 0:
+            raise SystemExit("the worker part failed (see above)")
+        coord.stdin.close()
+        if coord.wait() != 0:
+            raise SystemExit("the coordinator part failed (see above)")
+        c = json.loads((work / "coordinator.json").read_text())
+        wk = json.loads((work / "worker.json").read_text())
+    finally:
+        if not args.work:
+            shutil.rmtree(work, ignore_errors=True)
+    params = c["params"]
+    bound = 4 * params + 2 * params + GB
+    folds = c["folds"]
+    summary = {
+        "coordinator_seconds_per_fold": round(sum(f["seconds"] for f in folds) / len(folds), 1),
+        # CPU seconds the coordinator process spent per fold (all its threads): the wall time on a
+        # CPU that other processes share is this over the share it got.
+        "coordinator_cpu_seconds_per_fold": round(sum(f.get("cpu_seconds", 0) for f in folds) / len(folds), 1),
+        "peak_rss_vs_bound": round(c["peak_rss_gb"] * GB / bound, 3),
+        "pull_vs_raw_grpc": round(min(wk["raw_grpc_seconds"]) / wk["pull_seconds"], 3),
+        "published_dtype": c["published_dtype"],
+        "params": params, "bound_gb": round(bound / GB, 2), "eval_tokens": args.eval_tokens,
+        "eval_dtype": args.eval_dtype,
+        **{k: v for k, v in c.items() if k not in ("params",)}, **wk, **result,
+        "total_seconds": round(time.time() - t_start, 1),
+    }
+    print(json.dumps(summary))
+    return 0
+
+
+def _shape_argv(args: argparse.Namespace) -> list[str]:
+    return ["--cache-dir", args.cache_dir, "--hidden", str(args.hidden), "--intermediate", str(args.intermediate),
+            "--layers", str(args.layers), "--heads", str(args.heads), "--kv-heads", str(args.kv_heads),
+            "--vocab", str(args.vocab), "--shard-size", args.shard_size]
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,523 @@
+"""Pull transfer: a model folder streamed into place, resumable, checked, shown as it goes.
+
+The receiving end of ``Models.Pull``; ``nomoat pull`` and the worker cache both come here
+through :meth:`nomoat.client.CoordinatorClient.pull`. Read top to bottom:
+
+- **Framing.** A chunk of a file goes over the wire as a ``PullChunk(file=FileChunk(...))``,
+  built by :func:`file_chunk` with one copy of its bytes (building the message and serializing
+  it copied them twice and ran at a third of loopback speed), and read back by :func:`decode`
+  as a memoryview into the received message, so its bytes reach the file and the hash with no
+  copy at all. Both are the protobuf wire format, tested against the protobuf library.
+- **Partial folder.** Files land in ``.<name>.partial`` beside the target, with a state file
+  naming the lineage, version and every file's sha256 and size as the header announced them. A
+  pull that breaks off leaves it behind; the next try (this call retrying with backoff, or the
+  same command run again) asks for each file from the byte it holds (``PullRequest.resume``),
+  and the coordinator sends from there only a file that is still the same (same sha256). A
+  version that changed meanwhile (the newest moved on, or the coordinator's lineage changed) is
+  seen in the header: the files that changed start over, those that did not are kept.
+- **Checking.** Every file's sha256 is computed as it is written (the kept prefix is read back
+  once, then the new bytes follow), and checked when its last byte lands: no file is read twice,
+  and a damaged prefix (a disk that lost the tail of a write) is found and fetched again whole.
+- **Pipeline.** Writing and hashing run in a thread beside the one receiving, through a queue of
+  a few chunks, so memory stays bounded however large a shard is, and the two overlap.
+- **Commit.** When every file checks out the folder gets its stamp
+  (:data:`nomoat.lineage.STAMP`) and is renamed into place: the target is never half-written.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import queue
+import shutil
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import grpc
+from google.protobuf.message import DecodeError
+
+from nomoat.lineage import STAMP, Stamp
+from nomoat.v1 import nomoat_pb2 as pb
+
+log = logging.getLogger("nomoat.pull")
+
+STATE = "nomoat-pull.json"  # in the partial folder: what the header of the pull under way said
+_QUEUE = 4  # chunks between the receiving thread and the writing one
+_READ = 1 << 20  # block size when hashing a kept prefix back
+
+
+class PullError(RuntimeError):
+    """A pull that cannot go on (the caller turns it into a user's sentence)."""
+
+
+class _Retry(Exception):
+    """This try broke off but another may finish it (the partial folder keeps what arrived)."""
+
+
+# -- framing ----------------------------------------------------------------------------------
+
+_FILE_TAG = b"\x12"  # PullChunk.file: field 2, length-delimited
+_DATA_TAG = b"\x1a"  # FileChunk.data: field 3, length-delimited
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def file_chunk(path: str, offset: int, data: bytes) -> bytes:
+    """The wire bytes of ``PullChunk(file=FileChunk(path, offset, data))``, with one copy of data."""
+    head = pb.FileChunk(path=path, offset=offset).SerializeToString() + _DATA_TAG + _varint(len(data))
+    return b"".join((_FILE_TAG, _varint(len(head) + len(data)), head, data))
+
+
+def serialize(message: pb.PullChunk | bytes) -> bytes:
+    """Pull's response serializer: a header message, or a chunk already framed by :func:`file_chunk`."""
+    return message if isinstance(message, bytes) else message.SerializeToString()
+
+
+@dataclass(frozen=True)
+class Block:
+    path: str
+    offset: int
+    data: memoryview
+
+
+def _read_varint(view: memoryview, i: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = view[i]
+        i += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, i
+        shift += 7
+
+
+def _file_block(view: memoryview) -> Block | None:
+    """A FileChunk's fields, its data a view into ``view``; None for what this does not read."""
+    path, offset, data, i = "", 0, view[0:0], 0
+    while i < len(view):
+        key, i = _read_varint(view, i)
+        field, kind = key >> 3, key & 7
+        if kind == 0:
+            value, i = _read_varint(view, i)
+            if field == 2:
+                offset = value
+        elif kind == 2:
+            length, i = _read_varint(view, i)
+            value = view[i : i + length]
+            i += length
+            if field == 1:
+                path = bytes(value).decode()
+            elif field == 3:
+                data = value
+        else:
+            return None
+    return Block(path, offset, data) if i == len(view) else None
+
+
+def decode(raw: bytes) -> pb.PullHeader | Block:
+    """One PullChunk off the wire; PullError when it is not one."""
+    view = memoryview(raw)
+    try:
+        if raw[:1] == _FILE_TAG:
+            length, start = _read_varint(view, 1)
+            block = _file_block(view[start:]) if start + length == len(raw) else None
+            if block is not None:
+                return block
+        chunk = pb.PullChunk.FromString(raw)  # anything else a protobuf library may have written
+    except (IndexError, UnicodeDecodeError, DecodeError):
+        raise PullError("the coordinator's pull stream was malformed") from None
+    if chunk.HasField("header"):
+        return chunk.header
+    if chunk.HasField("file"):
+        return Block(chunk.file.path, chunk.file.offset, memoryview(chunk.file.data))
+    raise PullError("the coordinator's pull stream was malformed")
+
+
+# -- what the person sees ---------------------------------------------------------------------
+
+
+class Progress(Protocol):
+    """What a pull reports as it goes (nomoat.progress.PullBar draws it for the CLI)."""
+
+    def start(self, header: pb.PullHeader, held: int, note: str) -> None:
+        """The header arrived; ``held`` bytes of it are here from an earlier try."""
+
+    def advance(self, n: int) -> None:
+        """``n`` more bytes arrived."""
+
+    def file_done(self, path: str, size: int) -> None:
+        """A file is whole and checked (called from the writing thread)."""
+
+    def retry(self, reason: str, delay: float) -> None:
+        """The stream broke off (``reason``); the pull resumes in ``delay`` seconds."""
+
+    def finish(self, header: pb.PullHeader) -> None:
+        """Every file is in place."""
+
+
+class Quiet:
+    """No display; retries go to the log (workers, scripts)."""
+
+    def start(self, header: pb.PullHeader, held: int, note: str) -> None:
+        if note:
+            log.warning("%s", note)
+
+    def advance(self, n: int) -> None:
+        pass
+
+    def file_done(self, path: str, size: int) -> None:
+        pass
+
+    def retry(self, reason: str, delay: float) -> None:
+        log.warning("the pull broke off (%s); resuming in %.1f s", reason, delay)
+
+    def finish(self, header: pb.PullHeader) -> None:
+        pass
+
+
+# -- the partial folder -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class State:
+    lineage: str
+    version: int
+    fmt: int
+    since: int
+    files: dict[str, tuple[str, int]]  # path -> (sha256, size)
+
+    def to_json(self) -> str:
+        return json.dumps({"lineage": self.lineage, "version": self.version, "format": self.fmt,
+                           "since": self.since, "files": {p: list(v) for p, v in self.files.items()}})
+
+    @classmethod
+    def read(cls, path: Path) -> State | None:
+        try:
+            d = json.loads(path.read_text())
+            return cls(str(d["lineage"]), int(d["version"]), int(d["format"]), int(d["since"]),
+                       {str(p): (str(v[0]), int(v[1])) for p, v in d["files"].items()})
+        except (OSError, ValueError, KeyError, TypeError, IndexError):
+            return None
+
+
+class Partial:
+    """``.<name>.partial`` beside ``out``: a pull under way, held under a lock while in use."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = Path(out)
+        self.dir = self.out.parent / f".{self.out.name}.partial"
+        self._fd: int | None = None
+
+    def __enter__(self) -> Partial:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._fd = os.open(self.dir, os.O_RDONLY)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._fd)
+            self._fd = None
+            raise PullError(f"another pull into {self.out} is under way") from None
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.dir.exists() and next(self._files(), None) is None:
+            shutil.rmtree(self.dir, ignore_errors=True)  # nothing kept worth resuming from
+        if self._fd is not None:
+            os.close(self._fd)  # releases the lock
+            self._fd = None
+
+    def state(self) -> State | None:
+        return State.read(self.dir / STATE)
+
+    def _files(self) -> Iterator[Path]:
+        return (p for p in self.dir.rglob("*") if p.is_file() and p.name != STATE)
+
+    def resume_points(self, fmt: int, since: int) -> list[pb.ResumeFrom]:
+        """What the last try left, as the request asks for the rest; anything unusable is removed."""
+        state = self.state()
+        if state is None or (state.fmt, state.since) != (fmt, since):
+            self.clear()
+            return []
+        points, root = [], self.dir.resolve()
+        for path, (sha, size) in state.files.items():
+            held = self.dir / path
+            if root not in held.resolve().parents:
+                continue  # not a name a header could have given (the header's are checked)
+            n = held.stat().st_size if held.is_file() else 0
+            if n > size:
+                held.unlink()
+            elif n:
+                points.append(pb.ResumeFrom(path=path, sha256=sha, offset=n))
+        return points
+
+    def adopt(self, header: pb.PullHeader, fmt: int, since: int) -> str:
+        """Keep only what the header resumes, and record it; a sentence when the version moved."""
+        before = self.state()
+        starts = {e.path: e.offset for e in header.files}
+        for held in list(self._files()):
+            if not starts.get(str(held.relative_to(self.dir))):
+                held.unlink()
+        for folder in sorted((p for p in self.dir.rglob("*") if p.is_dir()), reverse=True):
+            if not any(folder.iterdir()):
+                folder.rmdir()  # a folder this version no longer has (a catch-up's snapshot/) must not appear
+        state = State(header.lineage, header.version, fmt, since,
+                      {e.path: (e.sha256, e.size) for e in header.files})
+        tmp = self.dir / f"{STATE}.tmp"
+        tmp.write_text(state.to_json())
+        tmp.replace(self.dir / STATE)
+        if before is None or (before.lineage, before.version) == (state.lineage, state.version):
+            return ""
+        kept = sum(1 for e in header.files if e.offset)
+        return (f"the coordinator now serves version {header.version}"
+                + (f" of lineage {header.lineage}" if before.lineage != header.lineage else "")
+                + f", not the version {before.version} this pull began with: {kept} file(s) of it are kept, "
+                  "the others start over")
+
+    def commit(self, header: pb.PullHeader) -> None:
+        """Stamp the folder and move it to ``out`` (replacing what was there)."""
+        (self.dir / STATE).unlink(missing_ok=True)
+        if header.lineage:
+            Stamp(header.lineage, header.version, {e.path: e.sha256 for e in header.files}).write(self.dir)
+        if self.out.exists():
+            shutil.rmtree(self.out)
+        self.dir.rename(self.out)
+
+    def clear(self) -> None:
+        for held in list(self._files()):
+            held.unlink()
+        (self.dir / STATE).unlink(missing_ok=True)
+
+
+# -- one try ----------------------------------------------------------------------------------
+
+
+class _File:
+    """One file of the pull: accounted for in the receiving thread, written and hashed in the
+    writing one, checked once both are done."""
+
+    def __init__(self, path: Path, entry: pb.FileEntry, on_done: Callable[[str, int], None]) -> None:
+        self.path, self.entry, self.on_done = path, entry, on_done
+        self.received = entry.offset  # the receiving thread's: bytes of the file so far
+        self.fh = None  # the writing thread's, as are the two below
+        self.digest = None
+        self.sha256 = ""  # set once every byte is written and hashed
+
+    def take(self, block: Block) -> bool:
+        """Account for a block (the caller's thread); whether it is the file's last."""
+        if block.offset != self.received or self.received + len(block.data) > self.entry.size:
+            raise PullError("the coordinator's pull stream was malformed")
+        self.received += len(block.data)
+        return self.received == self.entry.size
+
+    def store(self, block: Block | None, last: bool) -> None:
+        """Write and hash a block (the writing thread); the file's last closes and digests it."""
+        if self.fh is None:
+            self._open()
+        if block is not None:
+            self.fh.write(block.data)
+            self.digest.update(block.data)  # while the bytes are still in this core's cache
+        if last:
+            self.fh.close()
+            self.sha256 = self.digest.hexdigest()
+            if self.sha256 == self.entry.sha256:
+                self.on_done(self.entry.path, self.entry.size)
+
+    def _open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.digest = hashlib.sha256()
+        self.fh = open(self.path, "r+b" if self.entry.offset else "wb")  # noqa: SIM115  (closed in store/close)
+        if self.entry.offset:  # the kept prefix: read back once, so the whole file's sha256 is known
+            buf = bytearray(_READ)
+            view, left = memoryview(buf), self.entry.offset
+            while left:
+                n = self.fh.readinto(view[: min(left, _READ)])
+                if not n:
+                    break
+                self.digest.update(view[:n])
+                left -= n
+            self.fh.seek(self.entry.offset)
+            self.fh.truncate()
+
+    def check(self) -> None:
+        """After the stream (the writer stopped): the whole file is here and is the one named."""
+        if self.received < self.entry.size:
+            raise _Retry(f"the stream ended {self.entry.size - self.received} bytes short of {self.entry.path}")
+        if not self.sha256:  # no block came: an empty file, or one held whole from an earlier try
+            self.store(None, True)
+        if self.sha256 == self.entry.sha256:
+            return
+        self.path.unlink(missing_ok=True)
+        if self.entry.offset:
+            raise _Retry(f"the part of {self.entry.path} kept from an earlier try was damaged; "
+                         "fetching it again from the start")
+        raise PullError(f"{self.entry.path} arrived damaged (sha256 mismatch); pull again")
+
+    def close(self) -> None:
+        if self.fh is not None and not self.fh.closed:
+            self.fh.close()  # a try broken off: the bytes written so far stay for the next
+
+
+class _Writer:
+    """The thread that writes and hashes each block while the caller's receives the next; a short
+    queue between them keeps memory bounded however large the file.
+
+    One thread for both, not one each: on two busy cores (bench/pull.py) a block handed to a
+    third thread cost more than the overlap gained, and hashing a block just written finds it in
+    the core's cache.
+    """
+
+    def __init__(self) -> None:
+        self.queue: queue.Queue = queue.Queue(_QUEUE)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="pull-writer", daemon=True)
+        self.thread.start()
+
+    def put(self, item: tuple[_File, Block, bool]) -> None:
+        while True:
+            if self.error is not None:
+                raise self.error
+            try:
+                self.queue.put(item, timeout=0.2)
+                return
+            except queue.Full:
+                continue
+
+    def _run(self) -> None:
+        while (item := self.queue.get()) is not None:
+            if self.error is None:
+                try:
+                    item[0].store(item[1], item[2])
+                except BaseException as exc:  # noqa: BLE001  (handed to the receiving thread)
+                    self.error = exc
+
+    def close(self) -> None:
+        """Finish what is queued (a broken-off try keeps every byte that arrived), then stop."""
+        self.queue.put(None)
+        self.thread.join()
+
+
+def _check_header(header: pb.PullHeader, partial: Partial, asked: dict[str, pb.ResumeFrom], lineage: str,
+                  address: str) -> None:
+    if lineage and header.lineage != lineage:
+        raise PullError(
+            f"the coordinator at {address} now serves model lineage {header.lineage or '(none)'}, "
+            f"not {lineage}: it was restarted with another data dir or base model, so its version "
+            f"{header.version} is not the model this task was given; the task must start again")
+    root = partial.dir.resolve()
+    for e in header.files:
+        target = (root / e.path).resolve()
+        if root not in target.parents or e.path in (STAMP, STATE):
+            raise PullError(f"the coordinator sent an unsafe file name {e.path!r}")
+        point = asked.get(e.path)
+        if e.offset and (point is None or point.offset != e.offset or point.sha256 != e.sha256
+                         or e.offset > e.size):
+            raise PullError("the coordinator's pull stream was malformed")
+
+
+def _receive(stream: Iterable[bytes], partial: Partial, request: pb.PullRequest, lineage: str, address: str,
+             report: Progress) -> pb.PullHeader:
+    """One try: the header, then every block written into the partial folder and hashed."""
+    chunks = iter(stream)
+    first = next(chunks, None)
+    if first is None:
+        raise PullError("the coordinator sent no model")
+    header = decode(first)
+    if not isinstance(header, pb.PullHeader):
+        raise PullError("the coordinator's pull stream was malformed")
+    _check_header(header, partial, {r.path: r for r in request.resume}, lineage, address)
+    note = partial.adopt(header, request.format, request.since)
+    files = {e.path: _File(partial.dir / e.path, e, report.file_done) for e in header.files}
+    report.start(header, sum(e.offset for e in header.files), note)
+    writer = _Writer()
+    try:
+        for raw in chunks:
+            block = decode(raw)
+            file = files.get(block.path) if isinstance(block, Block) else None
+            if file is None:
+                raise PullError("the coordinator's pull stream was malformed")
+            writer.put((file, block, file.take(block)))
+            report.advance(len(block.data))
+    finally:
+        writer.close()
+        for file in files.values():
+            file.close()
+    if writer.error is not None:
+        raise writer.error
+    for file in files.values():
+        file.check()
+    return header
+
+
+# -- the whole pull ---------------------------------------------------------------------------
+
+# Codes a broken connection or a restarting coordinator answer with; anything else (not found,
+# refused, bad request) is an answer, and trying again would get the same one.
+_TRANSIENT = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED,
+              grpc.StatusCode.ABORTED, grpc.StatusCode.INTERNAL, grpc.StatusCode.RESOURCE_EXHAUSTED}
+
+
+def _transient(exc: grpc.RpcError) -> bool:
+    code = exc.code() if hasattr(exc, "code") else None
+    detail = (exc.details() if hasattr(exc, "details") else "") or ""
+    return code in _TRANSIENT and "larger than max" not in detail
+
+
+def pull(call: Callable[[pb.PullRequest], Iterable[bytes]], out: Path, request: pb.PullRequest, *,
+         explain: Callable[[grpc.RpcError], Exception], lineage: str = "", address: str = "",
+         report: Progress | None = None, patience_s: float = 300.0, backoff_s: float = 0.5,
+         max_backoff_s: float = 10.0) -> pb.PullHeader:
+    """Pull into ``out``, resuming after every break, until done or ``patience_s`` pass with no
+    byte arriving; returns the header of the version written.
+
+    ``call`` opens the stream (raw PullChunk messages); ``explain`` turns a gRPC error into the
+    exception the caller raises. A try that breaks off keeps what arrived; a pull given up keeps
+    it too, for the same command run again.
+    """
+    report = report or Quiet()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with Partial(out) as partial:
+        failures, last_progress = 0, time.monotonic()
+        while True:
+            del request.resume[:]
+            request.resume.extend(partial.resume_points(request.format, request.since))
+            held = sum(r.offset for r in request.resume)
+            stream = None
+            try:
+                stream = call(request)
+                header = _receive(stream, partial, request, lineage, address, report)
+                partial.commit(header)
+                report.finish(header)
+                return header
+            except grpc.RpcError as exc:
+                if not _transient(exc):
+                    raise explain(exc) from None
+                reason = str(explain(exc))
+            except _Retry as exc:
+                reason = str(exc)
+            finally:
+                if hasattr(stream, "cancel"):
+                    stream.cancel()  # a try given up: the server stops sending now, not at the deadline
+            if sum(r.offset for r in partial.resume_points(request.format, request.since)) > held:
+                failures, last_progress = 0, time.monotonic()  # it got somewhere: patience starts again
+            delay = min(backoff_s * 2 ** failures, max_backoff_s)
+            failures += 1
+            if time.monotonic() + delay - last_progress > patience_s:
+                raise PullError(f"{reason}; no byte arrived for {patience_s:.0f} s, so the pull stops here. "
+                                f"What arrived is kept in {partial.dir}: run the same pull again to resume")
+            report.retry(reason, delay)
+            time.sleep(delay)
