@@ -139,7 +139,8 @@ def _counters(ledger: Ledger) -> Iterator[Metric]:
     for outcome, n in t.uploads.items():
         uploads.add_metric([outcome], n)
     yield uploads
-    yield CounterMetricFamily("nomoat_upload_bytes", "Bytes of adapters accepted.", value=t.upload_bytes)
+    yield CounterMetricFamily("nomoat_upload_bytes", "Bytes of adapters accepted (held ones included).",
+                              value=t.upload_bytes)
     refusals = CounterMetricFamily("nomoat_refusals", "Uploads refused and adapters the fold gates rejected, by "
                                    "stage and reason.", labels=["stage", "reason"])
     for (stage, kind), n in sorted(t.refusals.items()):

@@ -279,3 +279,27 @@ def test_ray_only_flags_without_ray_mode_are_a_sentence() -> None:
     result = CliRunner().invoke(main, ["worker", "start", "--coordinator", "127.0.0.1:1", "--token", "t",
                                        "--ray-address", "10.0.0.1:6379", "--simulate-gpu", "RTX 3060:12"])
     assert result.exit_code == 1 and "add --ray" in result.output and "Traceback" not in result.output
+
+
+def test_a_task_that_avoids_a_volunteer_is_placed_on_another_outbound_one(rig: Rig) -> None:
+    """A replica run (coordinator.replication) must go to another volunteer whatever the
+    transport: here both volunteers are outbound workers, and every task avoids alice."""
+    from coordinator import trust
+
+    alice, alice_id = volunteer(rig, name="alice")
+    bob_token = rig.registry.create("worker", name="bob")
+    bob = rig.client(token=bob_token).register("bob", to_message(CARD)).worker_id
+    bob_id = rig.registry.lookup(bob_token)
+    d = OutboundDispatcher(rig.ledger)
+    for worker_id, me in ((alice, alice_id), (bob, bob_id)):
+        request_work(rig.ledger, rig.deps.settings, me, worker_id, 0, polls())
+    s = scheduler(rig, Dispatchers(d), max_units_per_run=2, target_task_seconds=1e6)
+    job_id = rig.submit().job_id
+    avoid = json.dumps([trust.volunteer_of(alice_id.token_hash, alice)])
+    for task_id in rig.ledger.tasks.ids(job_id):
+        rig.ledger.r.hset(f"nomoat:task:{task_id}", "avoid", avoid)
+    s.tick()
+    assert request_work(rig.ledger, rig.deps.settings, alice_id, alice, 0, polls()).run_id == ""
+    work = request_work(rig.ledger, rig.deps.settings, bob_id, bob, 1, polls())
+    specs = parse_specs(list(work.specs))
+    assert work.run_id and specs and all(x.worker_id == bob for x in specs)

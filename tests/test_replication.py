@@ -292,6 +292,8 @@ def test_worker_stats_show_what_a_volunteer_gave(rig: Rig, replicating: Replicat
     refused = CliRunner().invoke(main, ["--coordinator", rig.address, "--token", rig.tokens["submitter"], "worker",
                                         "stats"])
     assert refused.exit_code == 1 and "a submitter token may not call Stats" in refused.output
+    # A trusted (Ray-mode) volunteer's token may read its own record too.
+    assert rig.client("trusted-worker").worker_stats().workers == []
 
 
 def test_status_says_when_a_volunteer_is_throttled_or_excluded_and_why(rig: Rig) -> None:
@@ -343,3 +345,49 @@ def test_a_replica_run_keeps_its_tasks_version_and_avoids_its_volunteer(rig: Rig
     beat = rig.ledger.leases.heartbeat(run, fence, 1e12, bob.worker_id, bob.id)
     assert beat.ok and beat.base_version == 0  # pinned: trained on the version its task was
     assert rig.ledger.tasks.get(run).base_version == 0
+
+
+def test_replica_events_are_counted_and_logged(rig: Rig, replicating: Replication, caplog) -> None:
+    # A held upload is neither buffered nor refused (counted "held"); an outvoted adapter is a fold
+    # refusal of its own kind; each step of the group is one structured log line.
+    import logging
+
+    from nomoat.logs import record_fields
+
+    alice, bob, carol = volunteer(rig, "alice"), volunteer(rig, "bob", scale=50.0), volunteer(rig, "carol")
+    task = rig.ledger.tasks.ids(submit_job(rig).job_id)[0]
+    with caplog.at_level(logging.INFO):
+        first = hand_in(rig, replicating, alice, task, seed=0)
+        second = hand_in(rig, replicating, bob, f"{task}.r1", seed=0)
+        assert first.held and second.held
+        tally = rig.ledger.counters.tally()
+        assert tally.uploads["held"] == 2 and tally.uploads["accepted"] == 0 and tally.uploads["refused"] == 0
+        assert tally.upload_bytes > 0
+        replicating.sweep()
+        hand_in(rig, replicating, carol, f"{task}.r2", seed=0)
+        replicating.sweep()
+    events = [record_fields(r) for r in caplog.records if record_fields(r).get("event", "").startswith("replica.")]
+    assert [e["event"] for e in events] == ["replica.held", "replica.held", "replica.disagreed", "replica.held",
+                                            "replica.settled"]
+    assert events[2]["run"] == f"{task}.r2" and events[-1]["adapter"] == first.detail
+    assert events[-1]["rejected"] == [second.detail] and events[-1]["state"] == "settled"
+    tally = rig.ledger.counters.tally()
+    assert tally.refusals == {("fold", "disagreed"): 1}
+    (refusal,) = rig.ledger.counters.recent_refusals()
+    assert (refusal.task, refusal.worker, refusal.kind) == (f"{task}.r1", bob.worker_id, "disagreed")
+
+
+def test_an_agreeing_pair_logs_agreed(rig: Rig, replicating: Replication, caplog) -> None:
+    import logging
+
+    from nomoat.logs import record_fields
+
+    alice, bob = volunteer(rig, "alice"), volunteer(rig, "bob")
+    task = rig.ledger.tasks.ids(submit_job(rig).job_id)[0]
+    with caplog.at_level(logging.INFO):
+        hand_in(rig, replicating, alice, task, seed=0)
+        hand_in(rig, replicating, bob, f"{task}.r1", seed=0)
+        replicating.sweep()
+    events = [record_fields(r)["event"] for r in caplog.records if record_fields(r).get("event", "").startswith("replica.")]
+    assert events == ["replica.held", "replica.held", "replica.agreed"]
+    assert rig.ledger.counters.tally().refusals == {}

@@ -106,3 +106,18 @@ def test_json_keys_are_the_documented_ones() -> None:
     missing = documented - present
     assert not missing, f"documented but not in the output: {sorted(missing)}"
     assert data["jobs"][0]["jobId"] == JOB_IDS[0] and data["jobs"][0]["totalTasks"] == 40
+
+
+def test_a_throttled_or_excluded_worker_says_why_in_80_columns() -> None:
+    message = reply()
+    message.workers[0].trust, message.workers[0].trust_score = "throttled", 0.4
+    message.workers[0].trust_reason = ("throttled (trust 0.40): 4 of its last 8 contributions failed the checks "
+                                       "(norm 3, disagreed 1); one task at a time, each one replicated")
+    message.workers[1].trust = "trusted"
+    console = Console(file=io.StringIO(), width=80, highlight=False)
+    text = rendered(console, message)
+    check_readable(text, 80)
+    words = " ".join(text.split())
+    assert "trust throttled (trust 0.40): 4 of its last 8 contributions failed" in words, text
+    assert "1 active, 1 gone, 1 throttled" in words
+    assert words.count("trust ") == 2  # the throttled one's line (two "trust" words); the trusted one has none
