@@ -92,11 +92,12 @@ def _jobs(jobs: list[status.JobSummary]) -> Iterator[Metric]:
 
 
 def _workers(workers: list[status.WorkerSummary]) -> Iterator[Metric]:
-    count = GaugeMetricFamily("nomoat_workers", "Workers ever registered, by card and state (active: heard "
-                              "from within three lease lifetimes).", labels=["card", "state"])
-    by_card = Count((card(w.card).get("name", "unknown"), w.state) for w in workers)
-    for (name, state), n in sorted(by_card.items()):
-        count.add_metric([name, state], n)
+    count = GaugeMetricFamily("nomoat_workers", "Workers ever registered, by card, kind (ray: a trusted Ray node; "
+                              "outbound: a public volunteer) and state (active: heard from within three lease "
+                              "lifetimes).", labels=["card", "kind", "state"])
+    by_card = Count((card(w.card).get("name", "unknown"), w.kind, w.state) for w in workers)
+    for (name, kind, state), n in sorted(by_card.items()):
+        count.add_metric([name, kind, state], n)
     yield count
     speed = GaugeMetricFamily("nomoat_worker_tokens_per_second", "Measured training speed of each active worker.",
                               labels=["worker", "name", "card"])

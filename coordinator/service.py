@@ -132,7 +132,7 @@ def _job_info(job: status.JobSummary) -> pb.JobInfo:
 def _worker_info(w: status.WorkerSummary) -> pb.WorkerInfo:
     return pb.WorkerInfo(worker_id=w.worker_id, name=w.name, card=pb.Card.FromString(w.card),
                          last_seen=w.last_seen, tasks_done=w.tasks_done, state=w.state, trust=w.trust,
-                         trust_score=w.trust_score, trust_reason=w.trust_reason)
+                         trust_score=w.trust_score, trust_reason=w.trust_reason, kind=w.kind)
 
 
 def _version_info(v: status.VersionSummary) -> pb.VersionInfo:

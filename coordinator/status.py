@@ -53,6 +53,9 @@ class WorkerSummary:
     trust: str = "trusted"  # its volunteer's standing: trusted | throttled | excluded (coordinator.trust)
     trust_score: float = 1.0
     trust_reason: str = ""  # why it is throttled or excluded
+    # How it takes work: "ray" (a trusted machine, a node of the Ray cluster) or "outbound" (a
+    # public volunteer asking over gRPC); a Ray worker registers with its node id.
+    kind: str = "outbound"
 
 
 @dataclass(frozen=True)
@@ -134,7 +137,8 @@ def workers(ledger: Ledger, settings: Settings) -> list[WorkerSummary]:
         out.append(WorkerSummary(
             worker_id=w.worker_id, name=w.name, card=w.card, last_seen=w.last_seen, tasks_done=w.tasks_done,
             state="active" if is_active(w.last_seen, now, settings) else "gone", tokens_per_s=w.tokens_per_s,
-            trust=standing.level.value, trust_score=standing.score, trust_reason=standing.why))
+            trust=standing.level.value, trust_score=standing.score, trust_reason=standing.why,
+            kind="ray" if w.node_id else "outbound"))
     return out
 
 

@@ -38,6 +38,17 @@ def test_a_worker_not_heard_from_for_three_lease_lifetimes_is_gone(rig: Rig) -> 
     assert states == {quiet: ("gone", b"\x0a\x04card"), heard: ("active", b"\x0a\x04card")}
 
 
+def test_a_worker_shows_how_it_takes_work(rig: Rig) -> None:
+    # A Ray-mode worker registers with its Ray node's id; an outbound-only one has no node.
+    identity = rig.registry.lookup(rig.tokens["worker"])
+    ray = workers.register(rig.ledger, rig.deps.settings, identity,
+                           workers.Registration("", "trusted", "node-1", b"\x0a\x04card", "card", 8.0))
+    public = workers.register(rig.ledger, rig.deps.settings, identity,
+                              workers.Registration("", "home", "", b"\x0a\x04card", "card", 8.0))
+    kinds = {w.worker_id: w.kind for w in status.overview(rig.ledger, rig.deps.settings).workers}
+    assert kinds == {ray: "ray", public: "outbound"}
+
+
 def test_an_unknown_job_is_not_found(rig: Rig) -> None:
     with pytest.raises(NotFound, match="there is no job 'j-nope'"):
         status.overview(rig.ledger, rig.deps.settings, "j-nope")

@@ -120,7 +120,7 @@ class JobInfo(_message.Message):
     def __init__(self, job_id: _Optional[str] = ..., name: _Optional[str] = ..., state: _Optional[str] = ..., tasks: _Optional[_Union[TaskCounts, _Mapping]] = ..., total_tasks: _Optional[int] = ..., adapters_folded: _Optional[int] = ..., adapters_rejected: _Optional[int] = ..., error: _Optional[str] = ..., created: _Optional[float] = ..., tokens: _Optional[int] = ..., dataset_sha256: _Optional[str] = ..., base_loss: _Optional[float] = ..., warning: _Optional[str] = ..., events: _Optional[_Iterable[str]] = ..., training: _Optional[str] = ..., noise_scale: _Optional[float] = ...) -> None: ...
 
 class WorkerInfo(_message.Message):
-    __slots__ = ("worker_id", "name", "card", "last_seen", "tasks_done", "state", "trust", "trust_score", "trust_reason")
+    __slots__ = ("worker_id", "name", "card", "last_seen", "tasks_done", "state", "trust", "trust_score", "trust_reason", "kind")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     CARD_FIELD_NUMBER: _ClassVar[int]
@@ -130,6 +130,7 @@ class WorkerInfo(_message.Message):
     TRUST_FIELD_NUMBER: _ClassVar[int]
     TRUST_SCORE_FIELD_NUMBER: _ClassVar[int]
     TRUST_REASON_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     name: str
     card: Card
@@ -139,7 +140,8 @@ class WorkerInfo(_message.Message):
     trust: str
     trust_score: float
     trust_reason: str
-    def __init__(self, worker_id: _Optional[str] = ..., name: _Optional[str] = ..., card: _Optional[_Union[Card, _Mapping]] = ..., last_seen: _Optional[float] = ..., tasks_done: _Optional[int] = ..., state: _Optional[str] = ..., trust: _Optional[str] = ..., trust_score: _Optional[float] = ..., trust_reason: _Optional[str] = ...) -> None: ...
+    kind: str
+    def __init__(self, worker_id: _Optional[str] = ..., name: _Optional[str] = ..., card: _Optional[_Union[Card, _Mapping]] = ..., last_seen: _Optional[float] = ..., tasks_done: _Optional[int] = ..., state: _Optional[str] = ..., trust: _Optional[str] = ..., trust_score: _Optional[float] = ..., trust_reason: _Optional[str] = ..., kind: _Optional[str] = ...) -> None: ...
 
 class VersionInfo(_message.Message):
     __slots__ = ("version", "parent", "eval_loss", "adapters", "created", "job_id", "adapter_ids", "operation")
