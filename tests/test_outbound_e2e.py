@@ -93,6 +93,14 @@ def test_an_outbound_worker_killed_mid_task_has_its_task_reissued_and_nothing_fo
     done(cluster, job_id, timeout=600)
     figures = check_ledger(cluster.ledger)
     task = cluster.ledger.tasks.get(task_id)
-    assert task.state == "done" and task.fence > fence and task.attempts >= 2, task
-    assert cluster.ledger.adapters.get(task.adapter).worker != victim_id
-    assert figures["reissued"] >= 1 and figures["duplicate_folds"] == 0
+    assert task.state == "done", task
+    # Two lease rules can rescue it, and which one wins is a race: the lease runs out and the task
+    # is re-issued under a new fence, or (the rescuer idle, the task overdue) a speculative twin
+    # finishes first. Either way the adapter folded is not the victim's, and only one is.
+    twin = cluster.ledger.tasks.get(task.twin) if task.twin else None
+    rescued_by_twin = task.fence == fence and twin is not None and twin.state == "done"
+    assert rescued_by_twin or (task.fence > fence and task.attempts >= 2), (task, twin)
+    winner = twin if rescued_by_twin else task
+    assert cluster.ledger.adapters.get(winner.adapter).worker != victim_id
+    assert figures["duplicate_folds"] == 0
+    assert rescued_by_twin or figures["reissued"] >= 1
