@@ -124,7 +124,7 @@ def test_an_unsnapshotted_version_is_written_shard_by_shard_as_the_model_would_p
 
 
 def test_a_sharded_version_is_pulled_and_caught_up_by_patch_shard_by_shard(
-        sharded_rig: Rig, sharded_published: Published, tmp_path: Path) -> None:
+        sharded_rig: Rig, sharded_published: Published, tmp_path: Path, capfd: pytest.CaptureFixture) -> None:
     client = sharded_rig.client("reader")
     lineage = sharded_rig.deps.history.lineage().id
     cache = ModelCache(tmp_path / "cache")
@@ -133,7 +133,9 @@ def test_a_sharded_version_is_pulled_and_caught_up_by_patch_shard_by_shard(
     patch = small_patches(sharded_published.shapes, 1, 0.05)[0]
     sharded_rig.ledger.versions.publish(
         VersionRecord(version=1, parent=0, patch=sharded_rig.store.put(fmt.to_bytes(patch))))
+    assert "pulled version 0" in capfd.readouterr().err  # the volunteer sees the pull (not a terminal: a summary)
     v1 = cache.ensure(client, lineage, 1)  # from v0 by the patch
+    assert "pulled version 1" in capfd.readouterr().err  # ... and the catch-up
     want = materialize(sharded_rig.store, sharded_rig.deps.history.hf_files(1), tmp_path / "want")
     assert weights.weight_files(v1) == weights.weight_files(want)
     for name in weights.weight_files(v1):

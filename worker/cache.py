@@ -33,10 +33,13 @@ import tempfile
 import threading
 from pathlib import Path
 
+from rich.console import Console
+
 from nomoat import adapter as adapter_format
 from nomoat import lineage as lineages
 from nomoat import lora, weights
 from nomoat.client import CoordinatorClient
+from nomoat.progress import PullBar
 
 log = logging.getLogger("nomoat.cache")
 
@@ -178,15 +181,25 @@ class ModelCache:
         self._prune(lineage, version)
         return target
 
+    @staticmethod
+    def _bar() -> PullBar:
+        """What a volunteer sees while the model arrives: a bar with bytes and rate on a terminal,
+        one line per file and a summary in a log (the worker's stderr, or its Ray node's log)."""
+        return PullBar(Console(stderr=True))
+
     def _build(self, client: CoordinatorClient, lineage: str, version: int, staging: Path) -> None:
         """Make the stamped folder of (``lineage``, ``version``) in ``staging``."""
         have = next((v for v in reversed(self.cached(lineage))
                      if v <= version and self.usable(lineage, v) is not None), None)
         if have is None:
-            client.pull(staging, version, lineage=lineage)  # stamped by the pull, as checked
+            log.info("pulling version %d of the model", version)
+            with self._bar() as bar:
+                client.pull(staging, version, lineage=lineage, progress=bar)  # stamped by the pull, as checked
             return
+        log.info("catching up from version %d to %d by patch", have, version)
         download = staging.with_name(staging.name + "-download")
-        client.pull(download, version, fmt="patches", since=have, lineage=lineage)
+        with self._bar() as bar:
+            client.pull(download, version, fmt="patches", since=have, lineage=lineage, progress=bar)
         try:
             if (download / "snapshot").exists():
                 shutil.copytree(download / "snapshot", staging)
