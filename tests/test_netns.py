@@ -435,7 +435,8 @@ def cut_link_mid_task(hub: Hub, candidates: list[Volunteer], seed: int, lines: i
 
     names = " or ".join(v.name for v in candidates)
     try:
-        ((task, fence, holder), *_) = wait_until(training_on_a_candidate, 240, f"a task training on {names}")
+        ((task, fence, holder), *_) = wait_until(training_on_a_candidate, 240, f"a task training on {names}",
+                                                  every=0.2)
     except AssertionError as exc:
         held = hub.ledger(lambda ledger: [(t.task_id, t.state.value, t.holder_worker, t.fence, t.claimed)
                                           for t in ledger.tasks.of_job(job_id)])
@@ -504,5 +505,8 @@ def test_a_job_across_ray_and_outbound_workers_and_a_cut_link(hub: Hub, trusted:
 
     print(json.dumps({"netns_mixed_job_s": round(took, 1), "tasks": len(report), "by": tasks_by(report)}))
     # A second job; the NAT'd worker's cable is pulled while it trains one of its tasks.
-    figures = cut_link_mid_task(hub, [outbound], seed=3, lines=200, tokens_per_task=512)
+    # Tasks long enough (1500 tokens) that the NAT'd worker is seen mid-task even on a quiet
+    # machine (at 512 tokens it finished its share between two looks at the ledger), and more of
+    # them than one run of the fast card holds, so that the NAT'd worker gets some.
+    figures = cut_link_mid_task(hub, [outbound], seed=3, lines=800, tokens_per_task=1500)
     print(json.dumps({"netns_outbound_link_cut": figures}))
