@@ -23,7 +23,7 @@ from typing import Any
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from coordinator.scheduler import Finished, Node
+from coordinator.scheduler import Finished, Node, placement_of
 from coordinator.submit import JobConfig
 from nomoat.memory import min_vram_gb, shape_for
 from nomoat.raynode import VRAM_RESOURCE, WORKER_ID_LABEL, WORKER_RESOURCE
@@ -128,11 +128,4 @@ class RayDispatcher:
         return len(self._runs)
 
     def placement(self) -> dict[str, tuple[str, int]]:
-        """Task id -> (node id, tokens its run trains up to and including it)."""
-        where = {}
-        for run in self._runs.values():
-            ahead = 0
-            for task_id, _, tokens in run.units:
-                ahead += tokens
-                where[task_id] = (run.node_id, ahead)
-        return where
+        return placement_of((run.node_id, run.units) for run in self._runs.values())

@@ -34,7 +34,7 @@ from coordinator.auth import Identity
 from coordinator.errors import InvalidRequest, NotFound, NotPermitted
 from coordinator.leases import hand_back
 from coordinator.ledger import Ledger, RunReport
-from coordinator.scheduler import Finished, Node
+from coordinator.scheduler import Finished, Node, placement_of
 from coordinator.settings import Settings
 from nomoat import card as cards
 from nomoat.spec import SpecError, TaskSpec, UnitResult
@@ -135,14 +135,7 @@ class OutboundDispatcher:
         return len(self._runs)
 
     def placement(self) -> dict[str, tuple[str, int]]:
-        """Task id -> (node id, tokens its run trains up to and including it)."""
-        where = {}
-        for run in self._runs.values():
-            ahead = 0
-            for task_id, _, tokens in run.units:
-                ahead += tokens
-                where[task_id] = (run.node_id, ahead)
-        return where
+        return placement_of((run.node_id, run.units) for run in self._runs.values())
 
 
 def _finished(run: _Run, report: RunReport) -> list[Finished]:

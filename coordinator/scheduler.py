@@ -28,6 +28,7 @@ import logging
 import math
 import time
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
@@ -99,6 +100,19 @@ class Dispatcher(Protocol):
         ...
     def in_flight(self) -> int: ...
     def placement(self) -> dict[str, tuple[str, int]]: ...
+
+
+def placement_of(runs: Iterable[tuple[str, list[tuple[str, int, int]]]]) -> dict[str, tuple[str, int]]:
+    """What Dispatcher.placement answers, from (node id, units as (task id, fence, tokens) in
+    training order) of each run in flight: task id -> (node id, tokens its run trains up to and
+    including it). One rule for every transport."""
+    where = {}
+    for node_id, units in runs:
+        ahead = 0
+        for task_id, _, tokens in units:
+            ahead += tokens
+            where[task_id] = (node_id, ahead)
+    return where
 
 
 def units_for(speed: float, unit_tokens: int, target_seconds: float, most: int) -> int:
