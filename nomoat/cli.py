@@ -299,7 +299,8 @@ def worker_start(ctx, ray_mode, ray_address, simulate_gpu, name, threads, cache_
 
     `nomoat worker pause` / `resume` (same --cache-dir) stop and restart taking work.
     """
-    from worker.controls import ControlError, Controls, NoGpu, find_gpu
+    from worker.controls import ControlError, Controls
+    from worker.gpu import NoGpu, find_gpu
     from worker.probe import ProbeError, parse_simulated, probe
 
     _start_logging(ctx, log_format)

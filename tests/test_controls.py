@@ -23,21 +23,9 @@ from tests import rig as rigs
 from tests.rig import Rig, published, rig  # noqa: F401  (fixtures)
 from tests.test_task import leased_specs
 from worker import uploader
-from worker.controls import (
-    ControlError,
-    ControlFiles,
-    Controls,
-    ControlSettings,
-    DutyCycle,
-    Hours,
-    NvmlGpu,
-    SmiGpu,
-    TokenBucket,
-    own_pids,
-    parse_logind,
-    terminal_idle_seconds,
-    user_idle_seconds,
-)
+from worker.controls import ControlError, ControlFiles, Controls, ControlSettings, Hours, TokenBucket
+from worker.gpu import DutyCycle, NvmlGpu, SmiGpu, own_pids
+from worker.idle import parse_logind, terminal_idle_seconds, user_idle_seconds
 from worker.settings import NodeSettings
 from worker.task import run_units
 

@@ -27,8 +27,9 @@ more work until it may train again; to the coordinator it is a worker that went 
 after three lease lifetimes it shows as gone. The agent decides; the processes that train (Ray
 tasks in Ray mode) read its decision from ``<state dir>/held`` (:class:`ControlFiles`).
 
-The pieces are small and pure where they can be (:class:`Hours`, :class:`TokenBucket`,
-:class:`DutyCycle`, :func:`parse_logind`); :class:`Controls` puts them together behind
+The pieces are small and pure where they can be (:class:`Hours`, :class:`TokenBucket` here; the
+card's side in :mod:`worker.gpu`, :class:`~worker.gpu.DutyCycle` included; the user's in
+:mod:`worker.idle`); :class:`Controls` puts them together behind
 ``allowed_now()``, ``wait_until_allowed()``, ``throttle_upload()`` and ``duty_cycle()``.
 """
 
@@ -36,21 +37,17 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import os
 import re
-import shutil
-import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+
+from worker.gpu import DutyCycle, Gpu, NoGpu, own_pids
+from worker.idle import IDLE_AFTER_S, user_idle_seconds
 
 log = logging.getLogger("nomoat.controls")
-
-IDLE_AFTER_S = 300.0  # the user counts as active this long after the last key press
-MAX_SLEEP_S = 30.0  # one duty-cycle pause at most (a lease must keep being renewed)
 
 
 class ControlError(ValueError):
@@ -189,236 +186,6 @@ class ControlFiles:
     def stop_reason(self) -> str:
         """Why a process that trains must not start another unit now; "" when it may."""
         return self.paused() or self.held() or ""
-
-
-# -- the GPU ----------------------------------------------------------------------------------
-
-
-class Gpu(Protocol):
-    """What the controls ask of the card (NVML, nvidia-smi, or nothing)."""
-
-    def processes(self) -> set[int]: ...  # pids using it
-    def power_w(self) -> float | None: ...  # now, or None when it cannot be read
-    def set_power_limit(self, watts: float) -> str: ...  # "" when set, else why not
-    def restore(self) -> None: ...
-
-
-class NoGpu:
-    def processes(self) -> set[int]:
-        return set()
-
-    def power_w(self) -> float | None:
-        return None
-
-    def set_power_limit(self, watts: float) -> str:
-        return "this machine has no NVIDIA GPU that NVML or nvidia-smi can see"
-
-    def restore(self) -> None:
-        pass
-
-
-class NvmlGpu:
-    """The card through NVML. ``nvml`` is the ``pynvml`` module (nvidia-ml-py), or a stand-in."""
-
-    def __init__(self, nvml: Any, index: int = 0) -> None:
-        self.nvml = nvml
-        nvml.nvmlInit()
-        self.handle = nvml.nvmlDeviceGetHandleByIndex(index)
-        self._original_mw: int | None = None
-
-    def processes(self) -> set[int]:
-        found = set()
-        for query in (self.nvml.nvmlDeviceGetComputeRunningProcesses, self.nvml.nvmlDeviceGetGraphicsRunningProcesses):
-            try:
-                found.update(p.pid for p in query(self.handle))
-            except self.nvml.NVMLError:
-                pass
-        return found
-
-    def power_w(self) -> float | None:
-        try:
-            return self.nvml.nvmlDeviceGetPowerUsage(self.handle) / 1000.0
-        except self.nvml.NVMLError:
-            return None
-
-    def set_power_limit(self, watts: float) -> str:
-        try:
-            low, high = self.nvml.nvmlDeviceGetPowerManagementLimitConstraints(self.handle)
-            if not low <= watts * 1000 <= high:
-                return f"the card's power limit can be set between {low / 1000:.0f} and {high / 1000:.0f} W"
-            original = self.nvml.nvmlDeviceGetPowerManagementLimit(self.handle)
-            self.nvml.nvmlDeviceSetPowerManagementLimit(self.handle, int(watts * 1000))
-        except self.nvml.NVMLError as exc:
-            return f"NVML would not set the power limit ({exc}; setting it needs root)"
-        self._original_mw = original
-        return ""
-
-    def restore(self) -> None:
-        if self._original_mw is not None:
-            try:
-                self.nvml.nvmlDeviceSetPowerManagementLimit(self.handle, self._original_mw)
-            except self.nvml.NVMLError as exc:
-                log.warning("could not restore the card's power limit: %s", exc)
-            self._original_mw = None
-
-
-class SmiGpu:
-    """The card through ``nvidia-smi`` (read-only: setting a limit is left to NVML)."""
-
-    def __init__(self, run: Callable[..., subprocess.CompletedProcess] = subprocess.run, index: int = 0) -> None:
-        self.run, self.index = run, index
-
-    def _query(self, *args: str) -> list[str]:
-        try:
-            done = self.run(["nvidia-smi", f"--id={self.index}", *args, "--format=csv,noheader,nounits"],
-                            capture_output=True, text=True, timeout=10)
-        except (OSError, subprocess.TimeoutExpired):
-            return []
-        return [line.strip() for line in done.stdout.splitlines() if line.strip()] if done.returncode == 0 else []
-
-    def processes(self) -> set[int]:
-        return {int(line.split(",")[0]) for line in self._query("--query-compute-apps=pid")
-                if line.split(",")[0].strip().isdigit()}
-
-    def power_w(self) -> float | None:
-        lines = self._query("--query-gpu=power.draw")
-        try:
-            return float(lines[0]) if lines else None
-        except ValueError:
-            return None
-
-    def set_power_limit(self, watts: float) -> str:
-        return "setting a power limit needs NVML (pip install nvidia-ml-py) and root"
-
-    def restore(self) -> None:
-        pass
-
-
-def find_gpu() -> Gpu:
-    """NVML when its bindings and driver are here, else nvidia-smi when it is on PATH, else none."""
-    try:
-        import pynvml
-
-        return NvmlGpu(pynvml)
-    except Exception as exc:  # noqa: BLE001  (no bindings, no driver, no card: try the next)
-        log.debug("NVML is not usable here (%s)", exc)
-    if shutil.which("nvidia-smi"):
-        return SmiGpu()
-    return NoGpu()
-
-
-def own_pids(root: int | None = None, proc: Path = Path("/proc")) -> set[int]:
-    """``root`` (this process) and every process below it: the worker's own GPU users."""
-    root = os.getpid() if root is None else root
-    children: dict[int, list[int]] = {}
-    for entry in proc.iterdir() if proc.exists() else ():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        children.setdefault(ppid, []).append(int(entry.name))
-    mine, todo = set(), [root]
-    while todo:
-        pid = todo.pop()
-        if pid not in mine:
-            mine.add(pid)
-            todo += children.get(pid, [])
-    return mine
-
-
-# -- the user ---------------------------------------------------------------------------------
-
-
-def parse_logind(text: str, now: float) -> float | None:
-    """Seconds the user has been idle, from ``loginctl show-session -p IdleHint -p IdleSinceHint``
-    (the manager's properties); None when the output does not say."""
-    props = dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
-    hint = props.get("IdleHint")
-    if hint == "no":
-        return 0.0
-    if hint != "yes":
-        return None
-    since = props.get("IdleSinceHint", "0")
-    since_s = int(since) / 1e6 if since.isdigit() else 0.0
-    return max(0.0, now - since_s) if since_s > 0 else float("inf")
-
-
-def terminal_idle_seconds(now: float, paths: Iterable[Path]) -> float | None:
-    """Seconds since the newest read of any of these terminals (their atime); None if none."""
-    ages = []
-    for path in paths:
-        try:
-            ages.append(max(0.0, now - path.stat().st_atime))
-        except OSError:
-            continue
-    return min(ages) if ages else None
-
-
-def terminals(dev: Path = Path("/dev")) -> list[Path]:
-    found = [p for p in (dev / "pts").glob("[0-9]*")] if (dev / "pts").exists() else []
-    return found + [p for p in dev.glob("tty[0-9]*")]
-
-
-def user_idle_seconds(now: float | None = None,
-                      run: Callable[..., subprocess.CompletedProcess] = subprocess.run,
-                      dev: Path = Path("/dev")) -> float | None:
-    """How long the user has been away: logind's idle hint, else the terminals'; None if unknown."""
-    now = time.time() if now is None else now
-    try:
-        done = run(["loginctl", "show-session", "-p", "IdleHint", "-p", "IdleSinceHint"],
-                   capture_output=True, text=True, timeout=5)
-        idle = parse_logind(done.stdout, now) if done.returncode == 0 else None
-    except (OSError, subprocess.TimeoutExpired):
-        idle = None
-    if idle is not None:
-        return idle
-    return terminal_idle_seconds(now, terminals(dev))
-
-
-# -- duty cycling -----------------------------------------------------------------------------
-
-
-class DutyCycle:
-    """Keeps the card's average power under ``target_w`` by resting between steps.
-
-    Call :meth:`step` at each step boundary. It reads the power the card drew while working;
-    above the target it rests for ``worked * (p - target) / (target - p_rest)``, which brings the
-    average over work and rest to the target (``p_rest``, the power while resting, is measured
-    at the end of each rest). Without a power reading it does nothing.
-    """
-
-    def __init__(self, target_w: float, power: Callable[[], float | None],
-                 clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep) -> None:
-        self.target, self.power, self.clock, self.sleep = float(target_w), power, clock, sleep
-        self.rest_w = 0.0
-        self.since = clock()
-        self.warned = False
-
-    def step(self) -> float:
-        """Rest as long as needed after the work since the last call; returns the seconds rested."""
-        now = self.clock()
-        worked, self.since = now - self.since, now
-        drawn = self.power()
-        if drawn is None or drawn <= self.target or worked <= 0:
-            return 0.0
-        headroom = self.target - self.rest_w
-        if headroom <= 0:
-            if not self.warned:
-                log.warning("the card draws %.0f W even at rest, above --max-power %.0f W; resting as long as "
-                            "allowed between steps", self.rest_w, self.target)
-                self.warned = True
-            rest = MAX_SLEEP_S
-        else:
-            rest = min(MAX_SLEEP_S, worked * (drawn - self.target) / headroom)
-        self.sleep(rest)
-        resting = self.power()
-        if resting is not None:
-            self.rest_w = 0.5 * self.rest_w + 0.5 * resting if self.rest_w else resting
-        self.since = self.clock()
-        return rest
 
 
 # -- all together -----------------------------------------------------------------------------

@@ -32,7 +32,8 @@ from nomoat.spec import GradientNorms, NeedsBiggerCard, TaskSpec, UnitResult, er
 from worker import planner, uploader
 from worker.cache import ModelCache
 from worker.carry import CarryStore
-from worker.controls import ControlFiles, Controls, ControlSettings, NoGpu, find_gpu
+from worker.controls import ControlFiles, Controls, ControlSettings
+from worker.gpu import NoGpu, find_gpu
 from worker.probe import probe
 from worker.settings import INJECT_OOM_ENV, NodeSettings
 from worker.trainer import LoraSpec, TrainSpec, can_quantize, train_adapter
