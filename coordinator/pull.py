@@ -9,7 +9,7 @@ folder) are sent from memory.
 
 A client whose earlier pull broke off names the bytes it holds of each file (path, sha256,
 offset); :func:`starts` honours an offset only for a file of this plan with that same sha256, so
-a resumed file is always the one the client began (see nomoat/transfer.py for the other end).
+a resumed file is always the one the client began (see nomoat/transfer.py and nomoat/partial.py for the other end).
 """
 
 from __future__ import annotations

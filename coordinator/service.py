@@ -38,7 +38,7 @@ from coordinator.noise import Sample
 from coordinator.settings import Settings
 from coordinator.store import BlobStore
 from coordinator.uploads import PartialUploads
-from nomoat import transfer
+from nomoat import framing
 from nomoat.v1 import nomoat_pb2 as pb
 from nomoat.v1 import nomoat_pb2_grpc as rpc
 
@@ -309,7 +309,7 @@ class ModelsServicer(rpc.ModelsServicer):
             pb.FileEntry(path=f.path, size=f.size, sha256=f.sha256, offset=start.get(f.path, 0)) for f in plan.files
         ]))
         for path, offset, block in pull.blocks(self.deps.store, plan, pull.CHUNK, start):
-            yield transfer.file_chunk(path, offset, block)  # already serialized (see add_all)
+            yield framing.file_chunk(path, offset, block)  # already serialized (see add_all)
 
 
 class AdminServicer(rpc.AdminServicer):
@@ -349,11 +349,11 @@ def add_all(server: grpc.Server, deps: Deps) -> None:
     rpc.add_DatasetsServicer_to_server(DatasetsServicer(deps), server)
     rpc.add_JobsServicer_to_server(JobsServicer(deps), server)
     rpc.add_WorkersServicer_to_server(WorkersServicer(deps), server)
-    # Models by hand: Pull yields its file chunks already framed (nomoat.transfer.file_chunk),
+    # Models by hand: Pull yields its file chunks already framed (nomoat.framing.file_chunk),
     # which the generated registration would try to serialize again.
     models = ModelsServicer(deps)
     handlers = {"Pull": grpc.unary_stream_rpc_method_handler(
-        models.Pull, request_deserializer=pb.PullRequest.FromString, response_serializer=transfer.serialize)}
+        models.Pull, request_deserializer=pb.PullRequest.FromString, response_serializer=framing.serialize)}
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("nomoat.v1.Models", handlers),))
     server.add_registered_method_handlers("nomoat.v1.Models", handlers)
     rpc.add_AdminServicer_to_server(AdminServicer(deps), server)

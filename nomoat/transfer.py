@@ -3,18 +3,17 @@
 The receiving end of ``Models.Pull``; ``nomoat pull`` and the worker cache both come here
 through :meth:`nomoat.client.CoordinatorClient.pull`. Read top to bottom:
 
-- **Framing.** A chunk of a file goes over the wire as a ``PullChunk(file=FileChunk(...))``,
-  built by :func:`file_chunk` with one copy of its bytes (building the message and serializing
-  it copied them twice and ran at a third of loopback speed), and read back by :func:`decode`
-  as a memoryview into the received message, so its bytes reach the file and the hash with no
-  copy at all. Both are the protobuf wire format, tested against the protobuf library.
-- **Partial folder.** Files land in ``.<name>.partial`` beside the target, with a state file
-  naming the lineage, version and every file's sha256 and size as the header announced them. A
-  pull that breaks off leaves it behind; the next try (this call retrying with backoff, or the
-  same command run again) asks for each file from the byte it holds (``PullRequest.resume``),
-  and the coordinator sends from there only a file that is still the same (same sha256). A
-  version that changed meanwhile (the newest moved on, or the coordinator's lineage changed) is
-  seen in the header: the files that changed start over, those that did not are kept.
+- **Framing** (:mod:`nomoat.framing`). A chunk of a file goes over the wire as a
+  ``PullChunk(file=FileChunk(...))`` framed with one copy of its bytes, and is read back as a
+  memoryview into the received message, so its bytes reach the file and the hash with no copy.
+- **Partial folder** (:mod:`nomoat.partial`). Files land in ``.<name>.partial`` beside the
+  target, with a state file naming the lineage, version and every file's sha256 and size as the
+  header announced them. A pull that breaks off leaves it behind; the next try (this call
+  retrying with backoff, or the same command run again) asks for each file from the byte it
+  holds (``PullRequest.resume``), and the coordinator sends from there only a file that is still
+  the same (same sha256). A version that changed meanwhile (the newest moved on, or the
+  coordinator's lineage changed) is seen in the header: the files that changed start over, those
+  that did not are kept.
 - **Checking.** Every file's sha256 is computed as it is written (the kept prefix is read back
   once, then the new bytes follow), and checked when its last byte lands: no file is read twice,
   and a damaged prefix (a disk that lost the tail of a write) is found and fetched again whole.
@@ -26,125 +25,30 @@ through :meth:`nomoat.client.CoordinatorClient.pull`. Read top to bottom:
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
-import json
 import logging
-import os
 import queue
-import shutil
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Protocol
 
 import grpc
-from google.protobuf.message import DecodeError
 
-from nomoat.lineage import STAMP, Stamp
+from nomoat.framing import Block, PullError, decode
+from nomoat.lineage import STAMP
+from nomoat.partial import STATE, Partial
 from nomoat.v1 import nomoat_pb2 as pb
 
 log = logging.getLogger("nomoat.pull")
 
-STATE = "nomoat-pull.json"  # in the partial folder: what the header of the pull under way said
 _QUEUE = 4  # chunks between the receiving thread and the writing one
 _READ = 1 << 20  # block size when hashing a kept prefix back
 
 
-class PullError(RuntimeError):
-    """A pull that cannot go on (the caller turns it into a user's sentence)."""
-
-
 class _Retry(Exception):
     """This try broke off but another may finish it (the partial folder keeps what arrived)."""
-
-
-# -- framing ----------------------------------------------------------------------------------
-
-_FILE_TAG = b"\x12"  # PullChunk.file: field 2, length-delimited
-_DATA_TAG = b"\x1a"  # FileChunk.data: field 3, length-delimited
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while n > 0x7F:
-        out.append(n & 0x7F | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
-def file_chunk(path: str, offset: int, data: bytes) -> bytes:
-    """The wire bytes of ``PullChunk(file=FileChunk(path, offset, data))``, with one copy of data."""
-    head = pb.FileChunk(path=path, offset=offset).SerializeToString() + _DATA_TAG + _varint(len(data))
-    return b"".join((_FILE_TAG, _varint(len(head) + len(data)), head, data))
-
-
-def serialize(message: pb.PullChunk | bytes) -> bytes:
-    """Pull's response serializer: a header message, or a chunk already framed by :func:`file_chunk`."""
-    return message if isinstance(message, bytes) else message.SerializeToString()
-
-
-@dataclass(frozen=True)
-class Block:
-    path: str
-    offset: int
-    data: memoryview
-
-
-def _read_varint(view: memoryview, i: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        byte = view[i]
-        i += 1
-        value |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            return value, i
-        shift += 7
-
-
-def _file_block(view: memoryview) -> Block | None:
-    """A FileChunk's fields, its data a view into ``view``; None for what this does not read."""
-    path, offset, data, i = "", 0, view[0:0], 0
-    while i < len(view):
-        key, i = _read_varint(view, i)
-        field, kind = key >> 3, key & 7
-        if kind == 0:
-            value, i = _read_varint(view, i)
-            if field == 2:
-                offset = value
-        elif kind == 2:
-            length, i = _read_varint(view, i)
-            value = view[i : i + length]
-            i += length
-            if field == 1:
-                path = bytes(value).decode()
-            elif field == 3:
-                data = value
-        else:
-            return None
-    return Block(path, offset, data) if i == len(view) else None
-
-
-def decode(raw: bytes) -> pb.PullHeader | Block:
-    """One PullChunk off the wire; PullError when it is not one."""
-    view = memoryview(raw)
-    try:
-        if raw[:1] == _FILE_TAG:
-            length, start = _read_varint(view, 1)
-            block = _file_block(view[start:]) if start + length == len(raw) else None
-            if block is not None:
-                return block
-        chunk = pb.PullChunk.FromString(raw)  # anything else a protobuf library may have written
-    except (IndexError, UnicodeDecodeError, DecodeError):
-        raise PullError("the coordinator's pull stream was malformed") from None
-    if chunk.HasField("header"):
-        return chunk.header
-    if chunk.HasField("file"):
-        return Block(chunk.file.path, chunk.file.offset, memoryview(chunk.file.data))
-    raise PullError("the coordinator's pull stream was malformed")
 
 
 # -- what the person sees ---------------------------------------------------------------------
@@ -187,119 +91,6 @@ class Quiet:
 
     def finish(self, header: pb.PullHeader) -> None:
         pass
-
-
-# -- the partial folder -----------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class State:
-    lineage: str
-    version: int
-    fmt: int
-    since: int
-    files: dict[str, tuple[str, int]]  # path -> (sha256, size)
-
-    def to_json(self) -> str:
-        return json.dumps({"lineage": self.lineage, "version": self.version, "format": self.fmt,
-                           "since": self.since, "files": {p: list(v) for p, v in self.files.items()}})
-
-    @classmethod
-    def read(cls, path: Path) -> State | None:
-        try:
-            d = json.loads(path.read_text())
-            return cls(str(d["lineage"]), int(d["version"]), int(d["format"]), int(d["since"]),
-                       {str(p): (str(v[0]), int(v[1])) for p, v in d["files"].items()})
-        except (OSError, ValueError, KeyError, TypeError, IndexError):
-            return None
-
-
-class Partial:
-    """``.<name>.partial`` beside ``out``: a pull under way, held under a lock while in use."""
-
-    def __init__(self, out: Path) -> None:
-        self.out = Path(out)
-        self.dir = self.out.parent / f".{self.out.name}.partial"
-        self._fd: int | None = None
-
-    def __enter__(self) -> Partial:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self._fd = os.open(self.dir, os.O_RDONLY)
-        try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(self._fd)
-            self._fd = None
-            raise PullError(f"another pull into {self.out} is under way") from None
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.dir.exists() and next(self._files(), None) is None:
-            shutil.rmtree(self.dir, ignore_errors=True)  # nothing kept worth resuming from
-        if self._fd is not None:
-            os.close(self._fd)  # releases the lock
-            self._fd = None
-
-    def state(self) -> State | None:
-        return State.read(self.dir / STATE)
-
-    def _files(self) -> Iterator[Path]:
-        return (p for p in self.dir.rglob("*") if p.is_file() and p.name != STATE)
-
-    def resume_points(self, fmt: int, since: int) -> list[pb.ResumeFrom]:
-        """What the last try left, as the request asks for the rest; anything unusable is removed."""
-        state = self.state()
-        if state is None or (state.fmt, state.since) != (fmt, since):
-            self.clear()
-            return []
-        points, root = [], self.dir.resolve()
-        for path, (sha, size) in state.files.items():
-            held = self.dir / path
-            if root not in held.resolve().parents:
-                continue  # not a name a header could have given (the header's are checked)
-            n = held.stat().st_size if held.is_file() else 0
-            if n > size:
-                held.unlink()
-            elif n:
-                points.append(pb.ResumeFrom(path=path, sha256=sha, offset=n))
-        return points
-
-    def adopt(self, header: pb.PullHeader, fmt: int, since: int) -> str:
-        """Keep only what the header resumes, and record it; a sentence when the version moved."""
-        before = self.state()
-        starts = {e.path: e.offset for e in header.files}
-        for held in list(self._files()):
-            if not starts.get(str(held.relative_to(self.dir))):
-                held.unlink()
-        for folder in sorted((p for p in self.dir.rglob("*") if p.is_dir()), reverse=True):
-            if not any(folder.iterdir()):
-                folder.rmdir()  # a folder this version no longer has (a catch-up's snapshot/) must not appear
-        state = State(header.lineage, header.version, fmt, since,
-                      {e.path: (e.sha256, e.size) for e in header.files})
-        tmp = self.dir / f"{STATE}.tmp"
-        tmp.write_text(state.to_json())
-        tmp.replace(self.dir / STATE)
-        if before is None or (before.lineage, before.version) == (state.lineage, state.version):
-            return ""
-        kept = sum(1 for e in header.files if e.offset)
-        return (f"the coordinator now serves version {header.version}"
-                + (f" of lineage {header.lineage}" if before.lineage != header.lineage else "")
-                + f", not the version {before.version} this pull began with: {kept} file(s) of it are kept, "
-                  "the others start over")
-
-    def commit(self, header: pb.PullHeader) -> None:
-        """Stamp the folder and move it to ``out`` (replacing what was there)."""
-        (self.dir / STATE).unlink(missing_ok=True)
-        if header.lineage:
-            Stamp(header.lineage, header.version, {e.path: e.sha256 for e in header.files}).write(self.dir)
-        if self.out.exists():
-            shutil.rmtree(self.out)
-        self.dir.rename(self.out)
-
-    def clear(self) -> None:
-        for held in list(self._files()):
-            held.unlink()
-        (self.dir / STATE).unlink(missing_ok=True)
 
 
 # -- one try ----------------------------------------------------------------------------------

@@ -23,7 +23,8 @@ from rich.console import Console
 from coordinator import pull
 from coordinator.ledger import VersionRecord
 from coordinator.server import bind, grpc_server
-from nomoat import lineage, transfer
+from nomoat import framing, lineage, transfer
+from nomoat import partial as partial_folder
 from nomoat.client import NomoatError
 from nomoat.progress import PullBar
 from nomoat.v1 import nomoat_pb2 as pb
@@ -119,7 +120,7 @@ def cut_pull(rig: Rig, out: Path, after: int, version: int = 0) -> int:
     """Start a pull and stop it after ``after`` bytes; returns the bytes the partial folder kept."""
     with pytest.raises(Cut):
         rig.client("reader").pull(out, version, progress=Counter(after))
-    return sum(p.stat().st_size for p in partial_of(out).rglob("*") if p.name != transfer.STATE)
+    return sum(p.stat().st_size for p in partial_of(out).rglob("*") if p.name != partial_folder.STATE)
 
 
 # -- framing ----------------------------------------------------------------------------------
@@ -128,19 +129,19 @@ def cut_pull(rig: Rig, out: Path, after: int, version: int = 0) -> int:
 @given(st.text(max_size=40), st.integers(0, 2**63), st.binary(max_size=3000))
 def test_a_framed_chunk_is_the_protobuf_message(path: str, offset: int, data: bytes) -> None:
     made = pb.PullChunk(file=pb.FileChunk(path=path, offset=offset, data=data))
-    framed = transfer.file_chunk(path, offset, data)
+    framed = framing.file_chunk(path, offset, data)
     assert pb.PullChunk.FromString(framed) == made  # what any protobuf client reads
     for wire in (framed, made.SerializeToString()):  # and what this client reads of either
-        block = transfer.decode(wire)
+        block = framing.decode(wire)
         assert (block.path, block.offset, bytes(block.data)) == (path, offset, data)
 
 
 def test_a_header_and_garbage_are_told_apart() -> None:
     header = pb.PullHeader(version=3, lineage="l", files=[pb.FileEntry(path="a", size=1, sha256="x", offset=1)])
-    assert transfer.decode(pb.PullChunk(header=header).SerializeToString()) == header
+    assert framing.decode(pb.PullChunk(header=header).SerializeToString()) == header
     for garbage in (b"\x12\x05ab", b"\x12\x80", b"\xff\xff", b""):
-        with pytest.raises(transfer.PullError, match="malformed"):
-            transfer.decode(garbage)
+        with pytest.raises(framing.PullError, match="malformed"):
+            framing.decode(garbage)
 
 
 def test_the_server_resumes_only_the_same_file_within_its_size() -> None:
@@ -160,7 +161,7 @@ def test_a_cut_pull_resumes_and_sends_only_the_rest(rig: Rig) -> None:
     held = cut_pull(rig, out, after=total(rig) // 2)
     assert 0 < held < total(rig)
     assert not out.exists()  # the target is never half-written
-    state = transfer.State.read(partial_of(out) / transfer.STATE)
+    state = partial_folder.State.read(partial_of(out) / partial_folder.STATE)
     assert (state.version, state.lineage) == (0, rig.deps.history.lineage().id)
     assert {p: sha for p, (sha, _) in state.files.items()} == served(rig)
 
@@ -260,9 +261,9 @@ def test_a_pull_gives_up_after_its_patience_and_keeps_what_arrived(rig: Rig, sta
 
 
 def test_two_pulls_into_one_folder_do_not_mix(tmp_path: Path) -> None:
-    with transfer.Partial(tmp_path / "model"):
+    with partial_folder.Partial(tmp_path / "model"):
         with pytest.raises(transfer.PullError, match="another pull into .* is under way"):
-            transfer.Partial(tmp_path / "model").__enter__()
+            partial_folder.Partial(tmp_path / "model").__enter__()
 
 
 def test_a_file_damaged_on_the_way_is_refused(rig: Rig) -> None:
@@ -335,7 +336,7 @@ def test_nomoat_pull_resumes_and_prints_a_line_per_file_when_piped(rig: Rig) -> 
 def test_a_resumed_catch_up_whose_plan_changed_leaves_no_stale_folder(tmp_path: Path) -> None:
     """A catch-up cut while it sent a snapshot, resumed when the cheapest way is patches alone:
     no empty snapshot/ may appear (the worker cache takes one as the folder to start from)."""
-    with transfer.Partial(tmp_path / "download") as partial:
+    with partial_folder.Partial(tmp_path / "download") as partial:
         first = pb.PullHeader(version=2, lineage="l", files=[pb.FileEntry(path="snapshot/model.safetensors",
                                                                           size=8, sha256="a" * 64)])
         partial.adopt(first, pull.Format.PATCHES, 0)
