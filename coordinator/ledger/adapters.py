@@ -16,19 +16,13 @@ from dataclasses import dataclass, replace
 import redis
 
 from coordinator import keys
+from coordinator.ledger.codec import adapter_from_hash, decode, to_fields
 from coordinator.ledger.counters import Counters, Refusal
 from coordinator.ledger.leases import CURRENT_LEASE
-from coordinator.noise import Sample
-from coordinator.ledger.records import (
-    AdapterRecord,
-    AdapterState,
-    Check,
-    adapter_from_hash,
-    decode,
-    to_fields,
-)
+from coordinator.ledger.records import AdapterRecord, AdapterState, Check
 from coordinator.ledger.replicas import HOLD_RESULT, Hold
 from coordinator.ledger.trust import Trust
+from coordinator.noise import Sample
 
 # acceptable(key, task id, fence, adapter id): nil when an upload under (task, fence) may be
 # accepted, else the answer {status, detail}: a retry of the accepted upload is a duplicate.

@@ -12,19 +12,17 @@ from collections.abc import Sequence
 import redis
 
 from coordinator import keys
-from coordinator.noise import NoiseScale, Sample
-from coordinator.ledger.records import (
-    JobRecord,
-    JobState,
-    TaskRecord,
+from coordinator.ledger.codec import (
     NOISE_FIELDS,
     decode,
     job_from_hash,
-    noise_from_hash,
     new_job_fields,
     new_task_fields,
+    noise_from_hash,
     to_fields,
 )
+from coordinator.ledger.records import JobRecord, JobState, TaskRecord
+from coordinator.noise import NoiseScale, Sample
 
 
 class Jobs:

@@ -23,8 +23,9 @@ from dataclasses import dataclass
 import redis
 
 from coordinator import keys
+from coordinator.ledger.codec import decode, replica_group_from_hash
 from coordinator.ledger.counters import Counters, Refusal
-from coordinator.ledger.records import AdapterState, ReplicaGroup, TaskState, decode, replica_group_from_hash
+from coordinator.ledger.records import AdapterState, ReplicaGroup, TaskState
 from coordinator.ledger.trust import Trust
 
 # open_run(group, task key, run key, PENDING, task id, run id, now, avoid JSON, base version):

@@ -11,7 +11,8 @@ from collections.abc import Iterable
 import redis
 
 from coordinator import keys
-from coordinator.ledger.records import TaskRecord, TaskState, decode, task_from_hash
+from coordinator.ledger.codec import decode, task_from_hash
+from coordinator.ledger.records import TaskRecord, TaskState
 
 # add_event(key, event, now, keep): append (now, event) to the task's "events" (a JSON list),
 # keeping the newest ``keep``. A worker's notes arrive with its heartbeats (Leases.heartbeat).

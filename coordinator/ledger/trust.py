@@ -15,7 +15,8 @@ from collections.abc import Iterable
 import redis
 
 from coordinator import keys
-from coordinator.ledger.records import TrustRecord, decode, trust_from_hash
+from coordinator.ledger.codec import decode, trust_from_hash
+from coordinator.ledger.records import TrustRecord
 
 KEPT = 32  # outcomes kept per volunteer: the window coordinator.trust scores
 MAX_DETAIL = 300

@@ -14,14 +14,9 @@ from dataclasses import replace
 import redis
 
 from coordinator import keys
+from coordinator.ledger.codec import decode, version_fields, version_from_hash
+from coordinator.ledger.records import AdapterState, VersionRecord
 from coordinator.ledger.trust import Trust
-from coordinator.ledger.records import (
-    AdapterState,
-    VersionRecord,
-    decode,
-    version_fields,
-    version_from_hash,
-)
 from nomoat.lineage import Lineage
 
 

@@ -17,7 +17,8 @@ from collections.abc import Mapping
 import redis
 
 from coordinator import keys
-from coordinator.ledger.records import WorkerRecord, decode, to_fields, worker_from_hash
+from coordinator.ledger.codec import decode, to_fields, worker_from_hash
+from coordinator.ledger.records import WorkerRecord
 
 # KEYS: worker. ARGV: tokens, seconds, node id. Adds a finished run: the worker's speed is its
 # total tokens over its total training seconds; it ran on that node. Returns the new speed.
