@@ -12,8 +12,10 @@ version of the same lineage it holds: the low-rank patches in between, or a snap
 patches after it. Patches are applied with the coordinator's own code (:func:`nomoat.lora.patched`):
 each weight is upcast to fp32 once, every patch is added in order, and it is cast back to the
 file's dtype once, so a bf16 worker holds what the coordinator publishes. A folder appears by an
-atomic rename, so two tasks bringing up the same version at once both end up with a whole one.
-Old versions beyond ``keep`` (per lineage) are removed.
+atomic rename, built by one process at a time (a lock per version: another that needs it waits
+for that build); a build's pull has a fixed name, so one cut off is resumed by the next process
+that builds the version. Old versions beyond ``keep`` (per lineage) are removed, and what builds
+of versions older than the newest left unfinished is swept.
 
 Memory: a patch is applied one tensor at a time (each weight upcast, patched, cast back and
 written before the next is read, :mod:`nomoat.weights`), so catching up a 1B model never holds
@@ -25,12 +27,16 @@ changed in place gets a new mtime and is hashed again.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from rich.console import Console
@@ -165,21 +171,41 @@ class ModelCache:
         return None
 
     def ensure(self, client: CoordinatorClient, lineage: str, version: int) -> Path:
-        """The folder of version ``version`` of the coordinator's ``lineage``, built if needed."""
+        """The folder of version ``version`` of the coordinator's ``lineage``, built if needed.
+
+        One process builds a version at a time (a lock file per version); another that needs it
+        meanwhile waits and then uses that build. The build's download has a fixed name, so a
+        pull that broke off (the worker was stopped, the link went down) is resumed by whichever
+        process builds that version next, not started over."""
         target = self.usable(lineage, version)
         if target is None:
             target = self.folder(lineage, version)
             target.parent.mkdir(parents=True, exist_ok=True)
-            staging = target.parent / f".build-{version}-{os.getpid()}"
-            shutil.rmtree(staging, ignore_errors=True)
-            self._build(client, lineage, version, staging)
-            try:
-                staging.rename(target)
-                self.hashes.moved(staging, target)
-            except OSError:  # another task got there first; its copy is as good as ours
-                shutil.rmtree(staging, ignore_errors=True)
+            with _lock(self._lock_file(lineage, version)):
+                built = self.usable(lineage, version)  # another process built it while we waited
+                if built is None:
+                    staging = self._staging(lineage, version)
+                    shutil.rmtree(staging, ignore_errors=True)  # a build that died half-patched
+                    self._build(client, lineage, version, staging)
+                    staging.rename(target)
+                    self.hashes.moved(staging, target)
         self._prune(lineage, version)
         return target
+
+    def _lock_file(self, lineage: str, version: int) -> Path:
+        return self.folder(lineage, version).parent / f".{version}.lock"
+
+    def _staging(self, lineage: str, version: int) -> Path:
+        """Where version ``version`` is built; its pull's partial folder and a catch-up's download
+        (and that one's partial folder) are named after it."""
+        return self.folder(lineage, version).parent / f".build-{version}"
+
+    def _leftovers(self, lineage: str, version: int) -> list[Path]:
+        """What a build of ``version`` that never finished leaves: the staging folder, the
+        download, and their pulls' partial folders (nomoat.partial)."""
+        staging = self._staging(lineage, version)
+        download = staging.with_name(staging.name + "-download")
+        return [p for s in (staging, download) for p in (s, s.parent / f".{s.name}.partial")]
 
     @staticmethod
     def _bar() -> PullBar:
@@ -219,3 +245,39 @@ class ModelCache:
                 shutil.rmtree(self.folder(lineage, v), ignore_errors=True)
                 self.hashes.forget_under(self.folder(lineage, v))
         self.hashes.save()
+        self._sweep(lineage, newest)
+
+    def _sweep(self, lineage: str, newest: int) -> None:
+        """Remove what unfinished builds of versions before ``newest`` left behind (a pull given
+        up, a worker killed mid-build): nothing will resume them now that a newer one is here.
+        A version some process is still building (its lock is held) is left alone."""
+        where = self.folder(lineage, newest).parent
+        older = {int(m.group(1) or m.group(2)) for p in where.glob(".*") if (m := _LEFTOVER.fullmatch(p.name))}
+        for version in sorted(v for v in older if v < newest):
+            lock_file = self._lock_file(lineage, version)
+            with _lock(lock_file, wait=False) as held:
+                if not held:
+                    continue
+                for path in self._leftovers(lineage, version):
+                    shutil.rmtree(path, ignore_errors=True)
+                lock_file.unlink(missing_ok=True)
+
+
+# The names ModelCache._lock_file and ModelCache._leftovers give (group 1 or 2: the version).
+_LEFTOVER = re.compile(r"\.(\d+)\.lock|\.{1,2}build-(\d+)(?:-download)?(?:\.partial)?")
+
+
+@contextmanager
+def _lock(path: Path, wait: bool = True) -> Iterator[bool]:
+    """An exclusive lock on ``path`` (created if missing) for the block; with ``wait`` False,
+    yields False at once when another process holds it."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)  # releases the lock
