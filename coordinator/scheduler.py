@@ -9,8 +9,9 @@ One round (:meth:`Scheduler.tick`):
 2. collect finished units: failures are released (while attempts are left) and a failure for want
    of memory raises the task's VRAM demand above the card it failed on; successes add to the
    worker's measured tokens per second, and cancel the speculative partner run if there is one;
-3. give every free card a run: the oldest pending task that fits it, plus following units of the
-   same job (each at the batch and lr the fold policy sizes it for: the job's batch divided by
+3. give every free card a run: the oldest pending task that fits it (its plan in 16 bits, or on
+   a card whose worker loads a 4-bit base, in 4 bits where 16 do not fit: :class:`Need`), plus
+   following units of the same job (each at the batch and lr the fold policy sizes it for: the job's batch divided by
    the adapters the next fold will average, ``coordinator.policy``), as many as the card gets through in about ``target_task_seconds`` at its measured
    speed as the ledger holds it (one unit while its speed is unknown). Fast cards take big runs, slow cards small ones,
    and every unit keeps its own lease, fence and adapter, so idempotency is unchanged;
