@@ -41,14 +41,13 @@ from coordinator.history import History  # noqa: E402
 from coordinator.model import RunningModel  # noqa: E402
 from coordinator.redis_server import EmbeddedRedis  # noqa: E402
 from coordinator.replication import Replication  # noqa: E402
-from coordinator.scheduler import Scheduler  # noqa: E402
+from coordinator.scheduler import Need, Scheduler  # noqa: E402
 from coordinator.store import BlobStore  # noqa: E402
 from coordinator.uploads import PartialUploads  # noqa: E402
 from nomoat import adapter as adapter_format  # noqa: E402
 from nomoat.tiny import read_fortunes, tiny_model_path  # noqa: E402
 from tests.fakes import FakeCard, FakeDispatcher  # noqa: E402
 from tests.rig import ALPHA, RANK, TARGETS, Published, start, submit_job  # noqa: E402
-from worker.probe import VRAM_RESOURCE, WORKER_RESOURCE  # noqa: E402
 from worker.trainer import LoraSpec, TrainSpec, train_adapter  # noqa: E402
 
 
@@ -129,7 +128,7 @@ def run_job(client: redis.Redis, published: Published, tmp: Path, texts: list[st
             return "" if got.ok else got.detail
 
         fake = FakeDispatcher([FakeCard(f"node-{w}", 8.0, 300.0, worker=w) for w in people], upload=upload)
-        scheduler = Scheduler(settings, rig.ledger, fake, "", lambda c: {WORKER_RESOURCE: 1.0, VRAM_RESOURCE: 1.0},
+        scheduler = Scheduler(settings, rig.ledger, fake, "", lambda c: Need(1.0),
                               replication=repl)
         for _ in range(20000):
             idle = scheduler.tick(fake.now)

@@ -327,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
 
     t_start = time.time()
     base = model_dir(args)
-    built = subprocess.run([sys.executable, __file__, "--part", "build", *_shape_argv(args)],
+    built = subprocess.run([sys.executable, __file__, "--part", "build", *shape_argv(args)],
                            check=True, capture_output=True, text=True)
     result: dict = json.loads(built.stdout.strip().splitlines()[-1])
     log(f"base model: {base} ({'built' if result['built'] else 'reused'})")
@@ -374,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _shape_argv(args: argparse.Namespace) -> list[str]:
+def shape_argv(args: argparse.Namespace) -> list[str]:
     return ["--cache-dir", args.cache_dir, "--hidden", str(args.hidden), "--intermediate", str(args.intermediate),
             "--layers", str(args.layers), "--heads", str(args.heads), "--kv-heads", str(args.kv_heads),
             "--vocab", str(args.vocab), "--shard-size", args.shard_size]

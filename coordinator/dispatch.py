@@ -1,8 +1,9 @@
 """Dispatch leased tasks to Ray: each run becomes a Ray task pinned to the card the scheduler chose.
 
 A run asks for one ``nomoat_worker`` slot (one run per card at a time) and the ``vram_gb`` its
-memory plan needs, and is pinned to one node (hard node affinity): the scheduler picks the card,
-sizing the run for it, and Ray enforces that the card can hold it. A run is one or more
+memory plan needs on that card (the 4-bit plan's on a node labelled ``nomoat/loads-4bit``), and is
+pinned to one node (hard node affinity): the scheduler picks the card, sizing the run for it, and
+Ray enforces that the card can hold it. A run is one or more
 consecutive units (ledger tasks) of a job, trained one after another on that card, each under its
 own lease and fence. Ray does not retry a run itself: every failure, a dead node included, comes
 back through :meth:`poll` so the scheduler releases the lease and re-issues the task with a new
@@ -23,24 +24,35 @@ from typing import Any
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from coordinator.scheduler import Finished, Node, placement_of
+from coordinator.scheduler import Finished, Need, Node, placement_of
 from coordinator.submit import JobConfig
 from nomoat.memory import min_vram_gb, shape_for
-from nomoat.raynode import VRAM_RESOURCE, WORKER_ID_LABEL, WORKER_RESOURCE
+from nomoat.raynode import LOADS_4BIT_LABEL, VRAM_RESOURCE, WORKER_ID_LABEL, WORKER_RESOURCE
 from nomoat.spec import TaskSpec, UnitResult, error_line
 from worker.task import run_units
 
 log = logging.getLogger("nomoat.dispatch")
 
 
-def task_resources(model_config: Any, config: JobConfig) -> dict[str, float]:
-    """What a task of this job asks Ray for: one card to itself, with enough memory.
+def task_need(model_config: Any, config: JobConfig) -> Need:
+    """The VRAM a card needs for a task of this job: its smallest plan with the base in 16 bits,
+    and in 4 bits (NF4, QLoRA) for a card that can load one; the scheduler asks Ray for the one
+    that fits the card it picks."""
+    shape = shape_for(config.plan_model, model_config)
+    args = (shape, config.lora_rank, len(config.target_modules), config.seq_len, "cuda")
+    return Need(min_vram_gb(*args, allow_quantization=False), min_vram_gb(*args, allow_quantization=True))
 
-    Quantized plans are left out until the trainer can load a 4/8-bit base (bitsandbytes).
-    """
-    need = min_vram_gb(shape_for(config.plan_model, model_config), config.lora_rank,
-                       len(config.target_modules), config.seq_len, "cuda", allow_quantization=False)
-    return {WORKER_RESOURCE: 1.0, VRAM_RESOURCE: need}
+
+def node_of(entry: dict[str, Any], busy: set[str]) -> Node | None:
+    """A card, from an entry of ``ray.nodes()``: a live node that advertises a nomoat worker slot,
+    its VRAM, its worker (a label) and whether that worker loads a 4-bit base (a label); None for
+    any other node (the head, someone else's). ``busy``: the nodes our runs occupy."""
+    resources = entry.get("Resources") or {}
+    if not entry.get("Alive") or not resources.get(WORKER_RESOURCE):
+        return None
+    labels = entry.get("Labels") or {}
+    return Node(entry["NodeID"], float(resources.get(VRAM_RESOURCE, 0.0)), entry["NodeID"] in busy,
+                worker_id=labels.get(WORKER_ID_LABEL, ""), loads_4bit=labels.get(LOADS_4BIT_LABEL) == "true")
 
 
 def describe(exc: BaseException) -> str:
@@ -64,14 +76,7 @@ class RayDispatcher:
     def nodes(self) -> list[Node]:
         """The live nomoat worker nodes, and whether one of our runs occupies each."""
         busy = {run.node_id for run in self._runs.values()}
-        found = []
-        for node in ray.nodes():
-            resources = node.get("Resources", {})
-            if node.get("Alive") and resources.get(WORKER_RESOURCE):
-                found.append(Node(node["NodeID"], float(resources.get(VRAM_RESOURCE, 0.0)),
-                                  node["NodeID"] in busy,
-                                  worker_id=(node.get("Labels") or {}).get(WORKER_ID_LABEL, "")))
-        return found
+        return [node for entry in ray.nodes() if (node := node_of(entry, busy)) is not None]
 
     def submit(self, specs: list[TaskSpec], resources: dict[str, float], node_id: str) -> None:
         ref = self._remote.options(

@@ -67,6 +67,17 @@ class _Run:
         return node_id_of(self.worker_id)
 
 
+@dataclass(frozen=True)
+class _Card:
+    """What placement reads of a worker's registered card."""
+
+    vram_gb: float
+    loads_4bit: bool
+
+
+_NO_CARD = _Card(0.0, False)  # a worker whose record holds no card is no card to place on
+
+
 @dataclass
 class OutboundDispatcher:
     """The scheduler's Dispatcher for outbound-only workers (see the module docstring)."""
@@ -74,7 +85,7 @@ class OutboundDispatcher:
     ledger: Ledger
     liveness_s: float = 60.0
     _runs: dict[str, _Run] = field(default_factory=dict)
-    _cards: dict[str, tuple[float, float]] = field(default_factory=dict)  # worker -> (vram, read at)
+    _cards: dict[str, tuple[_Card, float]] = field(default_factory=dict)  # worker -> (its card, read at)
 
     def nodes(self) -> list[Node]:
         """The workers that asked for work within ``liveness_s``, and those with a run of ours
@@ -83,18 +94,21 @@ class OutboundDispatcher:
         self.ledger.inbox.forget_before(now - 10 * self.liveness_s)
         busy = {run.worker_id for run in self._runs.values()}
         ids = sorted(set(self.ledger.inbox.polling(now - self.liveness_s)) | busy)
-        vram = self._vram(ids, now)
-        return [Node(node_id_of(w), vram[w], w in busy, worker_id=w) for w in ids if vram.get(w, 0.0) > 0]
+        found = self._cards_of(ids, now)
+        return [Node(node_id_of(w), found[w].vram_gb, w in busy, worker_id=w, loads_4bit=found[w].loads_4bit)
+                for w in ids if found[w].vram_gb > 0]
 
-    def _vram(self, worker_ids: list[str], now: float) -> dict[str, float]:
-        """Each worker's card VRAM as a Ray node would advertise it (worker.probe.ray_resources:
-        rounded down, never more), from the ledger in one round trip for those not cached."""
-        stale = [w for w in worker_ids if now - self._cards.get(w, (0.0, -math.inf))[1] >= CARD_CACHE_S]
+    def _cards_of(self, worker_ids: list[str], now: float) -> dict[str, _Card]:
+        """Each worker's card as a Ray node would advertise it (worker.probe: its VRAM rounded
+        down, never more, and whether it loads a 4-bit base), from the ledger in one round trip
+        for those not cached."""
+        stale = [w for w in worker_ids if now - self._cards.get(w, (_NO_CARD, -math.inf))[1] >= CARD_CACHE_S]
         for worker_id, raw in zip(stale, self.ledger.workers.cards(stale)):
-            vram = 0.0
+            card = _NO_CARD
             if raw:
-                vram = int(cards.from_message(pb.Card.FromString(raw)).vram_gb * 100) / 100
-            self._cards[worker_id] = (vram, now)
+                registered = cards.from_message(pb.Card.FromString(raw))
+                card = _Card(int(registered.vram_gb * 100) / 100, registered.loads_4bit)
+            self._cards[worker_id] = (card, now)
         return {w: self._cards[w][0] for w in worker_ids}
 
     def submit(self, specs: list[TaskSpec], resources: dict[str, float], node_id: str) -> None:

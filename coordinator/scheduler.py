@@ -9,8 +9,9 @@ One round (:meth:`Scheduler.tick`):
 2. collect finished units: failures are released (while attempts are left) and a failure for want
    of memory raises the task's VRAM demand above the card it failed on; successes add to the
    worker's measured tokens per second, and cancel the speculative partner run if there is one;
-3. give every free card a run: the oldest pending task that fits it, plus following units of the
-   same job (each at the batch and lr the fold policy sizes it for: the job's batch divided by
+3. give every free card a run: the oldest pending task that fits it (its plan in 16 bits, or on
+   a card whose worker loads a 4-bit base, in 4 bits where 16 do not fit: :class:`Need`), plus
+   following units of the same job (each at the batch and lr the fold policy sizes it for: the job's batch divided by
    the adapters the next fold will average, ``coordinator.policy``), as many as the card gets through in about ``target_task_seconds`` at its measured
    speed as the ledger holds it (one unit while its speed is unknown). Fast cards take big runs, slow cards small ones,
    and every unit keeps its own lease, fence and adapter, so idempotency is unchanged;
@@ -48,7 +49,7 @@ from coordinator.policy import FoldPolicy, TaskTraining
 from coordinator.settings import Settings
 from nomoat import card as cards
 from nomoat.logs import fields
-from nomoat.raynode import VRAM_RESOURCE
+from nomoat.raynode import VRAM_RESOURCE, WORKER_RESOURCE
 from nomoat.spec import LoraConfig, TaskSpec, TrainConfig, UnitResult
 from nomoat.v1 import nomoat_pb2 as pb
 
@@ -84,6 +85,41 @@ class Node:
     vram_gb: float
     busy: bool  # one of our runs occupies it
     worker_id: str = ""  # whose card it is (its ledger worker record); "" when the node does not say
+    loads_4bit: bool = False  # its worker can load a 4-bit base (nomoat.card.Card.loads_4bit)
+
+
+@dataclass(frozen=True)
+class Need:
+    """The VRAM a card needs for a job's task, as the job's smallest plans ask (nomoat.memory,
+    headroom included): with the base in 16 bits, and in 4 bits (QLoRA) on a card that can load
+    one. The worker's planner (worker.planner.plan) takes the 16-bit plan where it fits and the
+    4-bit one only where it does not, so :meth:`on` asks Ray for the plan the card will run."""
+
+    vram_gb: float
+    vram_4bit_gb: float = 0.0  # 0: the job has no 4-bit plan
+
+    @property
+    def smallest(self) -> float:
+        """What a card that loads a 4-bit base needs at least."""
+        return min(self.vram_gb, self.vram_4bit_gb) if self.vram_4bit_gb > 0 else self.vram_gb
+
+    def on(self, vram_gb: float, loads_4bit: bool) -> float:
+        """What a card of ``vram_gb`` needs for the plan it would run: the 16-bit one, or where that
+        does not fit and the card loads a 4-bit base (``loads_4bit``), the 4-bit one."""
+        return self.smallest if loads_4bit and self.vram_gb > vram_gb else self.vram_gb
+
+
+def run_resources(vram_gb: float) -> dict[str, float]:
+    """What a run asks its card for: the card to itself (one nomoat_worker slot), and the VRAM
+    its plan on that card needs (the 4-bit figure on a card that trains it in 4 bits)."""
+    return {WORKER_RESOURCE: 1.0, VRAM_RESOURCE: vram_gb}
+
+
+def roomiest(nodes: Iterable[Node]) -> tuple[float, float]:
+    """The most VRAM among ``nodes``, and among those that load a 4-bit base (0.0: none)."""
+    nodes = list(nodes)
+    return (max((n.vram_gb for n in nodes), default=0.0),
+            max((n.vram_gb for n in nodes if n.loads_4bit), default=0.0))
 
 
 class Dispatcher(Protocol):
@@ -129,8 +165,9 @@ class Scheduler:
     ledger: Ledger
     dispatcher: Dispatcher
     worker_token: str
-    task_resources: Any  # callable(JobConfig) -> dict[str, float]
+    task_need: Any  # callable(JobConfig) -> Need (coordinator.dispatch.task_need)
     _configs: dict[str, JobConfig] = field(default_factory=dict)
+    _needs: dict[str, Need] = field(default_factory=dict)
     _total_tasks: dict[str, int] = field(default_factory=dict)
     # The runs dispatched lately, (node id, units, tokens): what sizing did, for logs and tests.
     runs: deque = field(default_factory=lambda: deque(maxlen=1000))
@@ -149,10 +186,29 @@ class Scheduler:
         self.config(job_id)
         return self._total_tasks[job_id]
 
-    def need_gb(self, task: TaskRecord) -> float:
-        """The VRAM a task needs: its job's plan, or more than a card it ran out of memory on."""
-        need = self.task_resources(self.config(task.job))[VRAM_RESOURCE]
-        return max(need, task.min_vram_gb)
+    def need(self, job_id: str) -> Need:
+        """What a card needs for a task of the job (computed once per job, as its config is read)."""
+        if job_id not in self._needs:
+            self._needs[job_id] = self.task_need(self.config(job_id))
+        return self._needs[job_id]
+
+    def need_gb(self, task: TaskRecord, node: Node | None = None) -> float:
+        """The VRAM a card needs to be given ``task``: its job's plan for ``node`` (Need.on; without
+        a node, in 16 bits), or more than a card the task ran out of memory on."""
+        need = self.need(task.job)
+        return max(need.on(node.vram_gb, node.loads_4bit) if node else need.vram_gb, task.min_vram_gb)
+
+    def fits(self, task: TaskRecord, node: Node) -> bool:
+        return self.need_gb(task, node) <= node.vram_gb
+
+    def fits_some(self, task: TaskRecord, room: tuple[float, float]) -> bool:
+        """Whether ``task`` fits one of the cards whose :func:`roomiest` is ``room``."""
+        largest, largest_4bit = room
+        return self.need_gb(task) <= largest or self.smallest_gb(task) <= largest_4bit
+
+    def smallest_gb(self, task: TaskRecord) -> float:
+        """The least VRAM a card may have and be given ``task``: one that loads a 4-bit base."""
+        return max(self.need(task.job).smallest, task.min_vram_gb)
 
     def speeds(self, nodes: list[Node]) -> dict[str, float]:
         """Node id -> the measured tokens/s of its worker, as the ledger holds it (the one source:
@@ -215,8 +271,8 @@ class Scheduler:
         ``lr_scale(K)`` times its lr (coordinator.policy), so what one fold averages adds up
         to the job's batch; the same tokens per task, K times the steps. ``noise_scale``: the
         job's gradient noise scale, which sizes the global batch with --size-from-noise."""
-        need = self.task_resources(config)[VRAM_RESOURCE]
-        cards = sum(1 for n in self._nodes if n.vram_gb >= need)
+        need = self.task_need(config)
+        cards = sum(1 for n in self._nodes if n.vram_gb >= need.on(n.vram_gb, n.loads_4bit))
         return FoldPolicy.of(self.settings).task_training(config.batch_size, config.learning_rate, cards,
                                                           noise_scale, tasks)
 
@@ -262,19 +318,19 @@ class Scheduler:
         standing = self.standings([n for n in nodes if not n.busy])
         free = sorted((n for n in nodes if not n.busy),
                       key=lambda n: (-standing[n.node_id][1].share, -speeds.get(n.node_id, 0.0)))
-        room = self.settings.max_in_flight - self.dispatcher.in_flight()
-        if not free or room <= 0:
+        slots = self.settings.max_in_flight - self.dispatcher.in_flight()
+        if not free or slots <= 0:
             return free
         # Pending tasks no free card can hold (their job fits nowhere now) must not crowd out the rest.
-        largest = max(n.vram_gb for n in free)
+        room = roomiest(free)
         ids = [i for i in self.ledger.leases.pending(self.settings.pending_window) if not is_twin(i)]
-        queue = [t for t in self.ledger.tasks.many(ids) if self.need_gb(t) <= largest]
+        queue = [t for t in self.ledger.tasks.many(ids) if self.fits_some(t, room)]
         queue = queue[: len(free) * self.settings.max_units_per_run * 2]
         base_version = self.ledger.versions.latest() or 0
         idle = []
         for node in free:
             volunteer, stands = standing[node.node_id]
-            if room <= 0 or not stands.eligible:
+            if slots <= 0 or not stands.eligible:
                 idle.append(node)
                 continue
             run = self._take_run(queue, node, speeds.get(node.node_id, 0.0), volunteer, stands.share)
@@ -303,11 +359,10 @@ class Scheduler:
             if specs:
                 self.ledger.tasks.set_training((s.task_id, s.train.batch_size, s.train.learning_rate,
                                                 training.fold_width) for s in specs)
-                need = max(self.need_gb(t) for t in run)
-                self.dispatcher.submit(specs, {**self.task_resources(self.config(run[0].job)), VRAM_RESOURCE: need},
-                                       node.node_id)
+                need = max(self.need_gb(t, node) for t in run)
+                self.dispatcher.submit(specs, run_resources(need), node.node_id)
                 self.runs.append((node.node_id, len(specs), sum(s.tokens for s in specs)))
-                room -= 1
+                slots -= 1
             else:
                 idle.append(node)
         return idle
@@ -318,7 +373,7 @@ class Scheduler:
         job that fit, as many as the card's ``speed`` warrants, cut to the volunteer's ``share``
         (coordinator.trust); a replica run never goes to a volunteer whose run it checks."""
         def fits(t: TaskRecord) -> bool:
-            return not is_twin(t.task_id) and self.need_gb(t) <= node.vram_gb and volunteer not in t.avoid
+            return not is_twin(t.task_id) and self.fits(t, node) and volunteer not in t.avoid
 
         first = next((t for t in queue if fits(t)), None)
         if first is None:
@@ -348,8 +403,7 @@ class Scheduler:
         outstanding.sort(key=lambda e: -e[0])  # expected last first
         cards = sorted(idle, key=lambda n: -speeds.get(n.node_id, 0.0))
         for eta, task in outstanding:
-            card = next((c for c in cards if self.need_gb(task) <= c.vram_gb and speeds.get(c.node_id, 0.0) > 0),
-                        None)
+            card = next((c for c in cards if self.fits(task, c) and speeds.get(c.node_id, 0.0) > 0), None)
             if card is None:
                 continue
             own_eta = now + task.tokens / speeds[card.node_id]
@@ -363,8 +417,7 @@ class Scheduler:
                                   worker=card.worker_id or None, fence=fence))
             twin_task = replace(task, task_id=twin)
             self.dispatcher.submit([self.spec(twin_task, fence, self.ledger.versions.latest() or 0, card)],
-                                   {**self.task_resources(self.config(task.job)), VRAM_RESOURCE: self.need_gb(task)},
-                                   card.node_id)
+                                   run_resources(self.need_gb(task, card)), card.node_id)
             cards.remove(card)
             if not cards:
                 return
@@ -373,14 +426,14 @@ class Scheduler:
         """One pass over the running jobs, each job's tasks read once: say when a job's pending
         tasks fit no card, and end the jobs with nothing left to train. Returns the jobs whose
         last adapters still wait in the fold buffer (ready for a last fold)."""
-        largest = max((n.vram_gb for n in nodes), default=0.0)
+        room = roomiest(nodes)
         idle: set[str] = set()
         for job_id in self.ledger.jobs.running_ids():
             job = self.ledger.jobs.get(job_id)
             if not job or job.state is not JobState.RUNNING:
                 continue
             tasks = self.ledger.tasks.of_job(job_id)
-            self._warn(job_id, job, tasks, nodes, largest)
+            self._warn(job_id, job, tasks, nodes, room)
             counts = count_states(tasks)
             if counts["pending"] or counts["leased"] or self._twin_runs(tasks) or self.ledger.replicas.unsettled(job_id):
                 continue  # (a replicated task's adapters are held until its replicas settle)
@@ -399,14 +452,13 @@ class Scheduler:
         return any(t.state is TaskState.LEASED for t in self.ledger.tasks.many(twins))
 
     def _warn(self, job_id: str, job: JobRecord, tasks: list[TaskRecord], nodes: list[Node],
-              largest: float) -> None:
+              room: tuple[float, float]) -> None:
         """A job whose pending tasks fit no card in the cluster says so (JobInfo.warning)."""
-        needs = [self.need_gb(t) for t in tasks if t.state is TaskState.PENDING]
+        pending = [t for t in tasks if t.state is TaskState.PENDING]
         warning = ""
-        if nodes and needs and min(needs) > largest:
-            warning = (f"its tasks need a card with at least {min(needs):.1f} GB of VRAM, but the largest "
-                       f"of the {len(nodes)} cards in the cluster has {largest:g} GB; they wait until a "
-                       "bigger card joins (a shorter --seq-len or a smaller LoRA rank needs less)")
+        if nodes and pending and not any(self.fits_some(t, room) for t in pending):
+            warning = waiting_for_a_card(min(self.need_gb(t) for t in pending),
+                                         min(self.smallest_gb(t) for t in pending), len(nodes), *room)
         if warning != job.warning:
             self.ledger.jobs.set_warning(job_id, warning)
             if warning:
@@ -428,6 +480,20 @@ class Scheduler:
         else:
             log.info("job %s done: %d tasks trained, %d adapters folded, %d refused", job_id, counts["done"],
                      job.adapters_folded, job.adapters_rejected, extra=extra)
+
+
+def waiting_for_a_card(need_gb: float, need_4bit_gb: float, n_cards: int, largest: float,
+                       largest_4bit: float) -> str:
+    """Why a job's tasks wait (JobInfo.warning): what they need, with a 4-bit base too where that
+    is less, against the largest card in the cluster (and the largest that loads 4-bit weights)."""
+    quantized = ""
+    if need_4bit_gb < need_gb:
+        quantized = (f" ({need_4bit_gb:.1f} GB on a CUDA card whose worker has bitsandbytes, which loads the "
+                     "model in 4 bits; " + (f"the largest such card has {largest_4bit:g} GB)" if largest_4bit
+                                            else "no such card is in the cluster)"))
+    return (f"its tasks need a card with at least {need_gb:.1f} GB of VRAM{quantized}, but the largest of the "
+            f"{n_cards} cards in the cluster has {largest:g} GB; they wait until a bigger card joins (a shorter "
+            "--seq-len or a smaller LoRA rank needs less)")
 
 
 class Dispatchers:

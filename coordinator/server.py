@@ -258,11 +258,11 @@ class Coordinator:
         self.health.set("", health_pb2.HealthCheckResponse.SERVING)
 
     def _start_loops(self) -> None:
-        from coordinator.dispatch import task_resources
+        from coordinator.dispatch import task_need
 
         model_config = self.model.model.config
         self.scheduler = Scheduler(self.settings, self.ledger, self.dispatcher, self.worker_token,
-                                   lambda job_config: task_resources(model_config, job_config),
+                                   lambda job_config: task_need(model_config, job_config),
                                    replication=self.deps.replication)
         self.folder = Folder(self.settings, self.ledger, self.store, self.model, self.history)
         self.deps.operations = self.folder

@@ -25,11 +25,16 @@ class Card:
     backend: str  # "cuda" | "mps" | "cpu"
     tflops: float  # rough dense fp16/bf16 throughput (fp32 on cpu); only sizes tasks
     simulated: bool = False
+    # It can load a base in 4 bits (NF4 by bitsandbytes, QLoRA): a real CUDA card whose worker has
+    # bitsandbytes (worker.trainer.can_quantize). The scheduler places on it the tasks whose 4-bit
+    # plan fits. Never a simulated card: it trains on the CPU.
+    loads_4bit: bool = False
 
 
 def to_message(card: Card) -> pb.Card:
     return pb.Card(name=card.name, vram_gb=card.vram_gb, compute_capability=card.compute_capability,
-                   bf16=card.bf16, backend=card.backend, simulated=card.simulated, tflops=card.tflops)
+                   bf16=card.bf16, backend=card.backend, simulated=card.simulated, tflops=card.tflops,
+                   loads_4bit=card.loads_4bit)
 
 
 def from_message(message: pb.Card) -> Card:
@@ -39,4 +44,6 @@ def from_message(message: pb.Card) -> Card:
     vram = round(float(message.vram_gb), 2)  # the probe's precision; float32 adds noise below it
     return Card(name=message.name, vram_gb=vram, free_vram_gb=vram, compute_capability=message.compute_capability,
                 bf16=message.bf16, fp16=message.backend in ("cuda", "mps"), backend=message.backend,
-                tflops=round(float(message.tflops), 3), simulated=message.simulated)
+                tflops=round(float(message.tflops), 3), simulated=message.simulated,
+                # what a simulated card claims is not believed: it trains on the CPU
+                loads_4bit=message.loads_4bit and message.backend == "cuda" and not message.simulated)

@@ -339,7 +339,8 @@ def worker_start(ctx, ray_mode, ray_address, simulate_gpu, name, threads, cache_
         if settings.describe() or power_note:
             click.echo("; ".join(x for x in (settings.describe(), power_note) if x))
         agent.start()
-        click.echo(f"worker {agent.worker_id} ({card.name}, {card.vram_gb:g} GB) {joined}; Ctrl-C to leave")
+        four = ", loads 4-bit bases" if card.loads_4bit else ""  # bitsandbytes on a CUDA card (QLoRA)
+        click.echo(f"worker {agent.worker_id} ({card.name}, {card.vram_gb:g} GB{four}) {joined}; Ctrl-C to leave")
         agent.run()
     except RuntimeError as exc:
         _fail(str(exc))

@@ -51,6 +51,9 @@ VRAM_RESOURCE = "vram_gb"
 LABEL_PREFIX = "nomoat/"
 # The worker a node belongs to (its ledger id): how the scheduler knows whose card a run lands on.
 WORKER_ID_LABEL = LABEL_PREFIX + "worker-id"
+# "true" on a node whose card loads a 4-bit base (Card.loads_4bit): the scheduler may place there
+# a task that fits the card only in 4 bits, and asks Ray for the 4-bit plan's VRAM.
+LOADS_4BIT_LABEL = LABEL_PREFIX + "loads-4bit"
 
 
 class RayNodeError(RuntimeError):

@@ -136,7 +136,8 @@ def worker_block(worker: pb.WorkerInfo, now: float) -> Table:
     card = worker.card
     grid = _grid()
     grid.add_row("card", f"{card.name}{' (simulated)' if card.simulated else ''}, {card.vram_gb:g} GB"
-                         + (f", {card.backend}" if card.backend else ""))
+                         + (f", {card.backend}" if card.backend else "")
+                         + (", 4-bit" if card.loads_4bit else ""))  # it trains bases too big for it in NF4
     grid.add_row("tasks", f"{worker.tasks_done} done")
     if worker.trust and worker.trust != "trusted":  # its volunteer's work keeps failing the checks: say why
         grid.add_row("trust", Text(worker.trust_reason or worker.trust,

@@ -39,7 +39,7 @@ def unit_of(spec: TaskSpec) -> tuple[str, int, int]:
 
 def node_of(card: FakeCard, busy: bool) -> Node:
     """What Ray shows of a card: its node, and its worker id (the label the agent gives the node)."""
-    return Node(card.node_id, card.vram_gb, busy, worker_id=card.worker_id)
+    return Node(card.node_id, card.vram_gb, busy, worker_id=card.worker_id, loads_4bit=card.loads_4bit)
 
 
 def finished(task_id: str, fence: int, error: str, card: FakeCard, tokens: int = 0, seconds: float = 0.0,
@@ -60,6 +60,7 @@ class FakeCard:
     tokens_per_s: float
     name: str = "FakeCard"
     worker: str = ""  # its worker's id; "" for one named after the node
+    loads_4bit: bool = False  # a CUDA card whose worker has bitsandbytes (the label its node carries)
 
     @property
     def worker_id(self) -> str:

@@ -275,10 +275,9 @@ def test_records_are_typed_and_states_print_as_before(ledger):
 
 
 def test_a_restarted_scheduler_sizes_a_fast_cards_run_from_the_speed_the_ledger_holds(ledger, tmp_path):
-    from coordinator.scheduler import Scheduler
+    from coordinator.scheduler import Need, Scheduler
     from coordinator.settings import Settings
     from tests.fakes import FakeCard, FakeDispatcher
-    from worker.probe import VRAM_RESOURCE
 
     fast = FakeCard("node-fast", 24.0, 400.0)
     settings = Settings(data_dir=tmp_path, target_task_seconds=10.0, max_units_per_run=8, speculate=False)
@@ -287,7 +286,7 @@ def test_a_restarted_scheduler_sizes_a_fast_cards_run_from_the_speed_the_ledger_
     ledger.workers.register(fast.worker_id, name="fast", card=b"", token="t")
 
     def scheduler(dispatcher: FakeDispatcher) -> Scheduler:
-        return Scheduler(settings, ledger, dispatcher, "token", lambda config: {VRAM_RESOURCE: 4.0})
+        return Scheduler(settings, ledger, dispatcher, "token", lambda config: Need(4.0))
 
     first = FakeDispatcher([fast])
     before = scheduler(first)

@@ -15,11 +15,10 @@ from coordinator.auth import Identity
 from coordinator.errors import InvalidRequest, NotPermitted
 from coordinator.ledger import TaskState
 from coordinator.outbound import LongPolls, OutboundDispatcher, is_outbound, report_run, request_work
-from coordinator.scheduler import Dispatchers, Node, Scheduler
+from coordinator.scheduler import Dispatchers, Need, Node, Scheduler
 from coordinator.settings import Settings
-from nomoat.card import to_message
+from nomoat.card import Card, to_message
 from nomoat.client import NomoatError
-from nomoat.raynode import VRAM_RESOURCE
 from nomoat.spec import TaskSpec, UnitResult
 from tests import consistency
 from tests.rig import Rig, published, rig  # noqa: F401  (fixtures)
@@ -38,7 +37,7 @@ def volunteer(r: Rig, role: str = "worker", name: str = "volunteer") -> tuple[st
 def scheduler(r: Rig, dispatcher, **changes) -> Scheduler:
     settings = replace(r.deps.settings, listen=r.address, speculate=False, **changes)
     return Scheduler(settings, r.ledger, dispatcher, r.tokens["worker"],
-                     task_resources=lambda config: {VRAM_RESOURCE: 1.0})
+                     task_need=lambda config: Need(1.0))
 
 
 def polls(n: int = 4) -> LongPolls:
@@ -76,6 +75,24 @@ def test_a_worker_that_polls_is_a_card_and_one_gone_quiet_is_not(rig: Rig) -> No
     assert is_outbound(node.node_id) and node.worker_id == worker_id and node.vram_gb == 12.0 and not node.busy
     rig.ledger.inbox.seen(worker_id, now=time.time() - 61)  # its last poll, past the liveness timeout
     assert d.nodes() == []
+
+
+def test_a_card_that_loads_4bit_says_so_in_its_registration_and_is_placed_as_such(rig: Rig) -> None:
+    # Fake: a real CUDA card whose worker has bitsandbytes, as worker.probe would describe it.
+    cuda = Card("NVIDIA GeForce RTX 2060", 6.0, 5.5, "7.5", False, True, "cuda", 25.8, loads_4bit=True)
+    # A simulated card trains on the CPU: what it claims about 4 bits is not believed.
+    claims = replace(CARD, loads_4bit=True)
+    d = OutboundDispatcher(rig.ledger, liveness_s=60)
+    ids = {}
+    for name, card in (("cuda", cuda), ("plain", replace(cuda, loads_4bit=False)), ("simulated", claims)):
+        ids[name] = rig.client("worker").register(name, to_message(card)).worker_id
+        request_work(rig.ledger, rig.deps.settings, rig.registry.lookup(rig.tokens["worker"]), ids[name], 0, polls())
+    nodes = {n.worker_id: n for n in d.nodes()}
+    assert nodes[ids["cuda"]].loads_4bit and nodes[ids["cuda"]].vram_gb == 6.0
+    assert not nodes[ids["plain"]].loads_4bit and not nodes[ids["simulated"]].loads_4bit
+    # The card a run's spec names (what the worker plans for) carries it too.
+    sched = scheduler(rig, d)
+    assert sched.card_of(ids["cuda"]).loads_4bit and not sched.card_of(ids["simulated"]).loads_4bit
 
 
 def test_a_run_crosses_the_ledger_as_data_and_its_report_comes_back(rig: Rig) -> None:

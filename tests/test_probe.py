@@ -110,3 +110,24 @@ def test_ray_resources_advertise_worker_and_vram():
 )
 def test_tflops_estimate(name, capability, expected):
     assert tflops_estimate(name, capability) == expected
+
+
+def test_a_simulated_card_never_claims_to_load_a_4bit_base():
+    # It trains on the CPU, where the trainer has no 4-bit path (worker.task.memory_plan).
+    card = parse_simulated("RTX 3060:12")
+    assert not card.loads_4bit and ray_labels(card)["nomoat/loads-4bit"] == "false"
+
+
+@pytest.mark.parametrize("loads_4bit", [True, False])
+def test_what_a_node_advertises_is_what_placement_reads(loads_4bit):
+    from coordinator.dispatch import node_of
+
+    # Fake: a CUDA card (none here); loads_4bit as worker.probe finds it with bitsandbytes or without.
+    card = Card("NVIDIA GeForce RTX 2060", 6.0, 5.5, "7.5", False, True, "cuda", 25.8, loads_4bit=loads_4bit)
+    labels = {**ray_labels(card), "nomoat/worker-id": "w-1"}
+    validate_node_label_syntax(labels)
+    entry = {"NodeID": "n1", "Alive": True, "Resources": {**ray_resources(card), "CPU": 1.0}, "Labels": labels}
+    node = node_of(entry, busy=set())
+    assert (node.vram_gb, node.worker_id, node.loads_4bit, node.busy) == (6.0, "w-1", loads_4bit, False)
+    assert node_of({**entry, "Alive": False}, set()) is None
+    assert node_of({**entry, "Resources": {"CPU": 1.0}}, set()) is None  # the head, or not ours

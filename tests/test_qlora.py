@@ -14,6 +14,7 @@ from nomoat.card import Card
 from nomoat.spec import LoraConfig, NeedsBiggerCard, TaskSpec, TrainConfig
 from nomoat.tiny import read_fortunes, tiny_model_path
 from worker.settings import NodeSettings
+from worker.probe import ray_labels
 from worker.task import memory_plan
 from worker.trainer import LoraSpec, TrainSpec, can_quantize, train_adapter
 
@@ -75,3 +76,19 @@ def test_a_4bit_base_trains_the_same_adapter_shape_as_bf16() -> None:
         assert b.abs().sum() > 0  # it trained
     assert (quant.rank, quant.alpha) == (plain.rank, plain.alpha)
     assert abs(r_quant.train_loss - r_plain.train_loss) < 0.5  # NF4 costs a little, not a different model
+
+
+def test_a_card_here_claims_no_4bit_base() -> None:
+    from worker.probe import probe
+
+    assert not probe().loads_4bit  # no CUDA card here: the trainer has no 4-bit path
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA card")
+def test_a_cuda_card_claims_a_4bit_base_exactly_when_bitsandbytes_is_there() -> None:
+    from worker.probe import probe
+
+    card = probe()
+    assert card.loads_4bit == (importlib.util.find_spec("bitsandbytes") is not None)
+    assert ray_labels(card)["nomoat/loads-4bit"] == ("true" if card.loads_4bit else "false")

@@ -22,14 +22,13 @@ from coordinator.history import History
 from coordinator.ledger import AdapterState, Check, Ledger, TaskState
 from coordinator.model import RunningModel
 from coordinator.replication import Replication
-from coordinator.scheduler import Scheduler
+from coordinator.scheduler import Need, Scheduler
 from coordinator.uploads import PartialUploads
 from nomoat import adapter as adapter_format
 from nomoat.tiny import read_fortunes, tiny_model_path
 from tests import consistency
 from tests.fakes import FakeCard, FakeDispatcher, node_of
 from tests.rig import ALPHA, RANK, TARGETS, Rig, published, rig, submit_job  # noqa: F401  (fixtures)
-from worker.probe import VRAM_RESOURCE, WORKER_RESOURCE
 
 LIMIT = 1 << 24
 TEXTS = [f"record {i}: {t}" for i, t in enumerate(read_fortunes()[1000:1200])]
@@ -211,7 +210,7 @@ def test_a_malicious_volunteer_ends_with_no_tasks(rig: Rig) -> None:
 
     cards = {w: FakeCard(f"node-{w}", 8.0, 300.0, worker=w) for w in people}
     fake = FakeDispatcher([cards["w-alice"], cards["w-bob"]], upload=upload)
-    scheduler = Scheduler(settings, rig.ledger, fake, "", lambda config: {WORKER_RESOURCE: 1.0, VRAM_RESOURCE: 1.0},
+    scheduler = Scheduler(settings, rig.ledger, fake, "", lambda config: Need(1.0),
                           replication=repl)
     excluded_at = None
     for _ in range(400):
@@ -335,7 +334,7 @@ def test_a_replica_run_keeps_its_tasks_version_and_avoids_its_volunteer(rig: Rig
     run = f"{task}.r1"
     assert rig.ledger.leases.pending()[0] == run  # first in the queue: a held adapter waits on it
     scheduler = Scheduler(rig.deps.settings, rig.ledger, FakeDispatcher([]), "",
-                          lambda c: {WORKER_RESOURCE: 1.0, VRAM_RESOURCE: 1.0})
+                          lambda c: Need(1.0))
     queue = rig.ledger.tasks.many(rig.ledger.leases.pending())
     for who, expected in ((alice, False), (bob, True)):  # alice's own task's replica is not hers to run
         node = node_of(FakeCard(f"n-{who.name}", 8.0, 0.0, worker=who.worker_id), False)

@@ -25,27 +25,30 @@ from coordinator.ledger import (
     VersionRecord,
     twin_id,
 )
-from coordinator.scheduler import Scheduler
+from coordinator.dispatch import task_need
+from coordinator.scheduler import Need, Scheduler
 from coordinator.settings import Settings
 from tests import consistency
 from tests.fakes import FakeCard, FakeDispatcher, Upload, unit_of
-from worker.probe import VRAM_RESOURCE, WORKER_RESOURCE
+from worker.probe import VRAM_RESOURCE
 
 # -- the ledger and task-spec fields these tests read: one place to adapt when they change ------
 
-# What a task of a job needs, by the job's sequence length (the real planner's figures are
-# tests/test_planner.py's business; here they only have to differ).
-VRAM_BY_SEQ_LEN = {64: 4.0, 1024: 8.0, 8192: 30.0}
+# What a task of a job needs, by the job's sequence length: in 16 bits, and with a 4-bit base on a
+# card that loads one (the real planner's figures are tests/test_planner.py's business; here they
+# only have to differ).
+NEED_BY_SEQ_LEN = {64: Need(4.0), 512: Need(6.5, 2.1), 1024: Need(8.0), 8192: Need(30.0, 9.0)}
 
 
-def task_resources(config: JobConfig) -> dict[str, float]:
-    return {WORKER_RESOURCE: 1.0, VRAM_RESOURCE: VRAM_BY_SEQ_LEN[config.seq_len]}
+def need_of(config: JobConfig) -> Need:
+    return NEED_BY_SEQ_LEN[config.seq_len]
 
 
-def make_job(ledger: Ledger, job_id: str, tasks: int, tokens: int = 100, seq_len: int = 64) -> list[str]:
+def make_job(ledger: Ledger, job_id: str, tasks: int, tokens: int = 100, seq_len: int = 64,
+             plan_model: str = "") -> list[str]:
     """Record a running job of ``tasks`` pending tasks of ``tokens`` tokens; returns their ids."""
     config = JobConfig(lora_rank=2, lora_alpha=4.0, target_modules=("q_proj",), seq_len=seq_len,
-                       learning_rate=1e-3, batch_size=8, epochs=1, tokens_per_task=tokens)
+                       learning_rate=1e-3, batch_size=8, epochs=1, tokens_per_task=tokens, plan_model=plan_model)
     ids = [f"{job_id}-t{i:03d}" for i in range(tasks)]
     ledger.jobs.create(JobRecord(job_id=job_id, name=job_id, config=config, total_tasks=tasks),
                        [TaskRecord(task_id=t, job=job_id, index=i, start=i, end=i + 1, tokens=tokens)
@@ -116,7 +119,7 @@ def make(ledger):
         for card in cards:  # every card's worker registered first, as a joining worker is
             ledger.workers.register(card.worker_id, name=card.name, card=b"")
         fake = FakeDispatcher(cards, upload=upload_to(ledger))
-        return Scheduler(settings, ledger, fake, "worker-token", task_resources), fake
+        return Scheduler(settings, ledger, fake, "worker-token", need_of), fake
 
     yield build
     consistency.check(ledger)
@@ -159,6 +162,84 @@ def test_a_unit_out_of_memory_on_its_card_moves_to_one_with_more_vram(ledger, ma
     fake.complete(task)
     scheduler.tick(fake.now)
     assert state(ledger, task) == "done"
+
+
+# -- 4-bit bases (QLoRA) --------------------------------------------------------------------------
+
+# Two 6 GB cards: one a CUDA card whose worker has bitsandbytes, one that cannot load 4 bits.
+QLORA = FakeCard("qlora", 6.0, 100.0, "RTX 2060", loads_4bit=True)
+PLAIN = FakeCard("plain", 6.0, 100.0, "GTX 1660 Ti")
+
+
+def test_a_small_card_that_loads_4bit_gets_a_task_that_fits_it_only_in_4_bits(ledger, make) -> None:
+    scheduler, fake = make([PLAIN, QLORA])
+    tasks = make_job(ledger, "j", 2, seq_len=512)  # 6.5 GB in 16 bits, 2.1 GB with a 4-bit base
+    scheduler.tick(fake.now)
+    assert on(fake, QLORA) == [[tasks[0]]] and on(fake, PLAIN) == []
+    # Ray is asked for what the card's plan needs: the 4-bit one.
+    assert fake.submitted[0].resources[VRAM_RESOURCE] == 2.1
+    assert job_field(ledger, "j", "warning") == ""  # it waits for no card
+    fake.complete(tasks[0])
+    scheduler.tick(fake.now)
+    assert on(fake, QLORA) == [[tasks[0]], [tasks[1]]] and on(fake, PLAIN) == []
+
+
+def test_a_card_that_cannot_load_4bit_is_not_given_a_task_that_fits_it_only_in_4_bits(ledger, make) -> None:
+    scheduler, fake = make([PLAIN])
+    tasks = make_job(ledger, "j", 2, seq_len=512)
+    scheduler.tick(fake.now)
+    assert fake.submitted == [] and all(state(ledger, t) == "pending" for t in tasks)
+    warning = job_field(ledger, "j", "warning")
+    assert "at least 6.5 GB of VRAM (2.1 GB on a CUDA card whose worker has bitsandbytes" in warning
+    assert "no such card is in the cluster" in warning
+    fake.add_card(QLORA)
+    scheduler.tick(fake.now)
+    assert on(fake, QLORA) == [[tasks[0]]] and job_field(ledger, "j", "warning") == ""
+
+
+def test_a_card_the_16bit_plan_fits_is_asked_for_that_plan_though_it_loads_4bit(ledger, make) -> None:
+    roomy = FakeCard("roomy", 12.0, 100.0, "RTX 3060", loads_4bit=True)
+    scheduler, fake = make([roomy])
+    make_job(ledger, "j", 1, seq_len=512)
+    scheduler.tick(fake.now)
+    # The worker's planner takes the 16-bit plan where it fits (worker.planner.plan): ask for it.
+    assert [r.resources[VRAM_RESOURCE] for r in fake.submitted] == [6.5]
+
+
+def test_a_job_that_fits_no_card_even_in_4_bits_says_so(ledger, make) -> None:
+    scheduler, fake = make([QLORA, BIG])
+    tasks = make_job(ledger, "huge", 2, seq_len=8192)  # 30 GB in 16 bits, 9 GB in 4 bits
+    scheduler.tick(fake.now)
+    assert fake.submitted == []
+    warning = job_field(ledger, "huge", "warning")
+    assert "at least 30.0 GB of VRAM (9.0 GB on a CUDA card whose worker has bitsandbytes" in warning
+    assert "the largest such card has 6 GB" in warning
+    assert "the largest of the 2 cards in the cluster has 24 GB" in warning
+    bigger = FakeCard("3060", 12.0, 100.0, "RTX 3060", loads_4bit=True)
+    fake.add_card(bigger)
+    scheduler.tick(fake.now)
+    assert on(fake, bigger) == [[tasks[0]]] and fake.submitted[0].resources[VRAM_RESOURCE] == 9.0
+    assert job_field(ledger, "huge", "warning") == ""
+
+
+def test_the_real_plans_put_a_7b_task_on_a_12gb_card_only_where_it_loads_4bit(ledger, make) -> None:
+    # The coordinator's own figures (nomoat.memory through coordinator.dispatch.task_need): a 7B
+    # base needs about 16 GB in bf16 and about 6 GB in NF4.
+    need = task_need(None, JobConfig(lora_rank=2, lora_alpha=4.0, target_modules=("q_proj",), seq_len=512,
+                                     learning_rate=1e-3, batch_size=8, epochs=1, tokens_per_task=100,
+                                     plan_model="llama-2-7b"))
+    assert need.vram_gb > 12.0 > need.vram_4bit_gb
+    scheduler, fake = make([])
+    scheduler.task_need = lambda config: task_need(None, config)
+    small_4bit = FakeCard("q12", 12.0, 100.0, "RTX 3060", loads_4bit=True)
+    small = FakeCard("p12", 12.0, 100.0, "RTX 3060")
+    for card in (small, small_4bit):
+        fake.add_card(card)
+        ledger.workers.register(card.worker_id, name=card.name, card=b"")
+    (task,) = make_job(ledger, "seven", 1, seq_len=512, plan_model="llama-2-7b")
+    scheduler.tick(fake.now)
+    assert on(fake, small_4bit) == [[task]] and on(fake, small) == []
+    assert fake.submitted[0].resources[VRAM_RESOURCE] == need.vram_4bit_gb
 
 
 # -- throughput sizing ---------------------------------------------------------------------------

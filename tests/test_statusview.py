@@ -33,7 +33,8 @@ def reply() -> pb.StatusReply:
     workers = [pb.WorkerInfo(worker_id="w-0badc0de", name="volunteer-with-a-long-hostname-0",
                              card=pb.Card(name="NVIDIA GeForce RTX 4090 Laptop GPU", vram_gb=16, simulated=True),
                              last_seen=NOW - 2, tasks_done=12, state="active"),
-               pb.WorkerInfo(worker_id="w-feedf00d", name="lab-1", card=pb.Card(name="A100", vram_gb=80),
+               pb.WorkerInfo(worker_id="w-feedf00d", name="lab-1",
+                             card=pb.Card(name="A100", vram_gb=80, backend="cuda", loads_4bit=True),
                              last_seen=NOW - 4000, tasks_done=0, state="gone")]
     versions = [pb.VersionInfo(version=0, parent=-1, eval_loss=0.0),
                 pb.VersionInfo(version=1, parent=0, eval_loss=4.18, adapters=4, job_id=",".join(JOB_IDS),
@@ -58,7 +59,7 @@ def check_readable(text: str, width: int) -> None:
     words = " ".join(text.split())
     for must in ("37 of 40 done", "every task failed", "out of memory at micro-batch 8", "30 folded, 7 refused",
                  "NVIDIA GeForce RTX 4090 Laptop GPU (simulated)", "they wait until a bigger card joins",
-                 "volunteer-with-a-long-hostname-0", "4.2687", "rollback", "1 active, 1 gone"):
+                 "volunteer-with-a-long-hostname-0", "4.2687", "rollback", "1 active, 1 gone", "80 GB, cuda, 4-bit"):
         assert must in words or must.replace(" ", "") in words.replace(" ", ""), must
 
 

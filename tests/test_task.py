@@ -10,9 +10,8 @@ from pathlib import Path
 import pytest
 
 from coordinator.ledger import TaskState
-from coordinator.scheduler import Finished, Node, Scheduler
+from coordinator.scheduler import Finished, Need, Node, Scheduler
 from nomoat.card import from_message, to_message
-from nomoat.raynode import VRAM_RESOURCE
 from tests import rig as rigs
 from tests.rig import Rig, Tls, published, rig  # noqa: F401  (fixtures)
 from worker.probe import parse_simulated
@@ -25,7 +24,7 @@ CARD = parse_simulated("GTX 1650:6:4")
 def scheduler(r: Rig) -> Scheduler:
     settings = replace(r.deps.settings, listen=r.address)  # where the tasks reach the coordinator
     return Scheduler(settings, r.ledger, dispatcher=None, worker_token=r.tokens["worker"],
-                     task_resources=lambda config: {VRAM_RESOURCE: 1.0})
+                     task_need=lambda config: Need(1.0))
 
 
 def leased_specs(r: Rig, n: int) -> tuple[Scheduler, Node, list]:

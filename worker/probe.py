@@ -6,8 +6,9 @@ heterogeneous cluster of "GPUs" on one CPU. ``ray_resources()`` and ``ray_labels
 into what its Ray node advertises, which is how the scheduler matches tasks to cards.
 
     >>> card = parse_simulated("RTX 3060:12")
-    >>> ray_resources(card)["vram_gb"], ray_labels(card)["nomoat/card"]
-    (12.0, 'RTX-3060')
+    >>> labels = ray_labels(card)
+    >>> ray_resources(card)["vram_gb"], labels["nomoat/card"], labels["nomoat/loads-4bit"]
+    (12.0, 'RTX-3060', 'false')
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import re
 import torch
 
 from nomoat.card import Card
-from nomoat.raynode import LABEL_PREFIX, VRAM_RESOURCE, WORKER_RESOURCE
+from nomoat.raynode import LABEL_PREFIX, LOADS_4BIT_LABEL, VRAM_RESOURCE, WORKER_RESOURCE
 
 # A spec asking for more than this is a typo (an extra digit), not a card.
 _MAX_SIMULATED_VRAM_GB = 1024.0
@@ -68,7 +69,16 @@ def _probe_cuda(index: int) -> Card:
         fp16=True,
         backend="cuda",
         tflops=tflops_estimate(props.name, capability),
+        loads_4bit=_loads_4bit(),
     )
+
+
+def _loads_4bit() -> bool:
+    """Whether this worker's trainer can load a 4-bit base on its CUDA card: the trainer's own rule
+    (bitsandbytes importable), so the card never claims what the trainer cannot do."""
+    from worker.trainer import can_quantize  # transformers and PEFT: only once a CUDA card is found
+
+    return can_quantize("cuda")
 
 
 def _probe_mps() -> Card:
@@ -214,6 +224,7 @@ def ray_labels(card: Card) -> dict[str, str]:
         f"{LABEL_PREFIX}fp16": "true" if card.fp16 else "false",
         f"{LABEL_PREFIX}compute-capability": card.compute_capability,  # "" is a valid value
         f"{LABEL_PREFIX}simulated": "true" if card.simulated else "false",
+        LOADS_4BIT_LABEL: "true" if card.loads_4bit else "false",
     }
 
 

@@ -298,7 +298,7 @@ class UploadOffsetReply(_message.Message):
     def __init__(self, offset: _Optional[int] = ...) -> None: ...
 
 class Card(_message.Message):
-    __slots__ = ("name", "vram_gb", "compute_capability", "bf16", "backend", "simulated", "tflops")
+    __slots__ = ("name", "vram_gb", "compute_capability", "bf16", "backend", "simulated", "tflops", "loads_4bit")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VRAM_GB_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_CAPABILITY_FIELD_NUMBER: _ClassVar[int]
@@ -306,6 +306,7 @@ class Card(_message.Message):
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     SIMULATED_FIELD_NUMBER: _ClassVar[int]
     TFLOPS_FIELD_NUMBER: _ClassVar[int]
+    LOADS_4BIT_FIELD_NUMBER: _ClassVar[int]
     name: str
     vram_gb: float
     compute_capability: str
@@ -313,7 +314,8 @@ class Card(_message.Message):
     backend: str
     simulated: bool
     tflops: float
-    def __init__(self, name: _Optional[str] = ..., vram_gb: _Optional[float] = ..., compute_capability: _Optional[str] = ..., bf16: _Optional[bool] = ..., backend: _Optional[str] = ..., simulated: _Optional[bool] = ..., tflops: _Optional[float] = ...) -> None: ...
+    loads_4bit: bool
+    def __init__(self, name: _Optional[str] = ..., vram_gb: _Optional[float] = ..., compute_capability: _Optional[str] = ..., bf16: _Optional[bool] = ..., backend: _Optional[str] = ..., simulated: _Optional[bool] = ..., tflops: _Optional[float] = ..., loads_4bit: _Optional[bool] = ...) -> None: ...
 
 class RegisterRequest(_message.Message):
     __slots__ = ("name", "card", "node_id", "worker_id")

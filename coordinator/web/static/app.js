@@ -90,7 +90,7 @@ function renderWorkers(d) {
   $("workers").tHead.rows[0].replaceChildren(...head.map((h) => el("th", {}, h)));
   fill($("workers").tBodies[0], d.workers.map((w) => {
     const card = w.card || {};
-    const cardText = card.name ? `${card.name}${card.vram_gb ? ` · ${card.vram_gb} GB` : ""}${card.simulated ? " (simulated)" : ""}` : "–";
+    const cardText = card.name ? `${card.name}${card.vram_gb ? ` · ${card.vram_gb} GB` : ""}${card.simulated ? " (simulated)" : ""}${card.loads_4bit ? " · 4-bit" : ""}` : "–";
     return el("tr", { class: w.state, "data-worker": w.worker_id },
       el("td", {}, el("span", { class: "worker-name" }, w.name), el("span", { class: "dim" }, ` ${w.worker_id}`)),
       ...optional.map(([, , get]) => el("td", {}, get(w) ?? "–")),
