@@ -16,7 +16,6 @@ from coordinator.errors import InvalidRequest, NotPermitted
 from coordinator.ledger import TaskState
 from coordinator.outbound import LongPolls, OutboundDispatcher, is_outbound, report_run, request_work
 from coordinator.scheduler import Dispatchers, Need, Node, Scheduler
-from coordinator.settings import Settings
 from nomoat.card import Card, to_message
 from nomoat.client import NomoatError
 from nomoat.spec import TaskSpec, UnitResult

@@ -19,7 +19,7 @@ from coordinator import collect, status, trust
 from coordinator.auth import Identity
 from coordinator.folder import Folder
 from coordinator.history import History
-from coordinator.ledger import AdapterState, Check, Ledger, TaskState
+from coordinator.ledger import AdapterState, Check, TaskState
 from coordinator.model import RunningModel
 from coordinator.replication import Replication
 from coordinator.scheduler import Need, Scheduler
