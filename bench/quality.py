@@ -32,6 +32,9 @@ Parts (``--parts``, run side by side with ``--jobs``):
   1.0), against the ``many`` part's references.
 * ``corpus``: the key ratios again on a corpus this project did not write (``--corpus2``,
   default ``python-docs``: the Language Reference topics CPython ships in ``pydoc_data``).
+* ``sweep``: around the recommended row on ``--corpus``, one lever at a time: the task lr
+  multiplier (x1.5, x3, x4 against the defaults' x2), ``fold_every`` (2, 8 against 4), tokens per
+  task (1536, 6144 against ``--task-tokens``).
 * ``few``: a small job (3 tasks of ``--few-records`` records, 64-token blocks, 3 workers), folded
   one by one and together: before issue 10's partial folds every adapter of it was refused.
 
@@ -64,7 +67,11 @@ from bench.qsim import PROBE_MODULE, Bench, Loop, Outcome, coordinator_settings,
 from coordinator.settings import JobDefaults, Settings  # noqa: E402
 
 LR_SWEEP = (0.5, 1.0, 2.0, 4.0)
-OUTER_LRS = (0.1, 0.3, 1.0)  # DiLoCo's outer Nesterov (momentum 0.9) in the many-rounds part
+OUTER_LRS = (0.1, 0.3, 1.0)
+# The 'sweep' part, around the recommended row (lr x2, fold_every 4, --task-tokens per task).
+SWEEP_LR_MULTS = (1.5, 3.0, 4.0)
+SWEEP_FOLD_EVERY = (2, 8)
+SWEEP_TASK_TOKENS = (1536, 6144)  # DiLoCo's outer Nesterov (momentum 0.9) in the many-rounds part
 # The recommended row is the coordinator's defaults (Settings, JobDefaults and the FoldPolicy built
 # from them: qsim.Loop.defaults), so what this measures is what a user gets. Measured
 # (bench/README.md): keep the global batch at lr x2 (sqrt(K), K = 4) with normalised staleness
@@ -328,8 +335,26 @@ def part_few(args: argparse.Namespace) -> dict:
             "few_tasks_ratio": table[1]["ratios"]["central x1"]}
 
 
+def part_sweep(args: argparse.Namespace) -> dict:
+    """A cheap sweep around the recommended row on ``--corpus``: the task lr multiplier (keep the
+    global batch), ``fold_every`` and tokens per task, one lever at a time. Ratios: against the
+    baselines of the same corpus and split (bench/README.md)."""
+    part = "sweep"
+    bench, defaults, _ = setup(args, args.corpus)
+    header(bench, part, args.corpus)
+    rec = recommended(defaults, args.task_tokens)
+    rows = [("recommended", rec)]
+    rows += [(f"  lr x{m:g}", replace(rec, lr_mult=m)) for m in SWEEP_LR_MULTS]
+    rows += [(f"  fold_every {f}", rec.with_policy(fold_every=f)) for f in SWEEP_FOLD_EVERY]
+    rows += [(f"  {t} tokens per task", recommended(defaults, t)) for t in SWEEP_TASK_TOKENS]
+    table = run_rows(bench, part, rows, {})
+    return {"corpus": args.corpus, "train_tokens": bench.total_tokens, "base_test_loss": bench.base_test,
+            "table": [{k2: v for k2, v in r.items() if k2 != "outcome"} for r in table]}
+
+
 PARTS = {"baselines": part_baselines, "levers": part_levers, "many": part_many, "outer": part_outer,
-         "corpus": part_corpus, "few": part_few}
+         "corpus": part_corpus, "few": part_few,
+         "sweep": part_sweep}
 
 
 def main() -> None:
@@ -384,7 +409,7 @@ def main() -> None:
         "recommended": recommended_levers(*coordinator_settings(args, Path("unused")), args.workers),
         "workers": args.workers, "records": args.records,
         "few_tasks_ratio": few.get("few_tasks_ratio"),
-        "onepass": one, "many": many, "second_corpus": other, "few": few,
+        "onepass": one, "many": many, "second_corpus": other, "few": few, "sweep": results.get("sweep", {}),
         "device": args.device, "seconds": round(seconds, 1),
     }, default=str))
 
