@@ -108,7 +108,10 @@ def run_rows(bench: Bench, part: str, rows: list[tuple[str, Loop]], refs: dict[s
     say(part, f"{'row':34} {'tok/task':>8} {'batch':>5} {'tasks':>5} {'folds':>5} {'tau':>5} {'refused':>7} "
               f"{'loss':>7} " + " ".join(f"{k:>12}" for k in refs) + "  B_noise  time")
     table = []
+    wanted = [w for w in bench.args.rows.split(",") if w]
     for label, loop in rows:
+        if wanted and not any(w in label for w in wanted):
+            continue
         o = bench.distributed(loop, rounds=rounds, workers=workers)
         ratios = {k: round(bench.ratio(o, ref), 4) for k, ref in refs.items()}
         tau = sum(o.taus) / max(1, len(o.taus))
@@ -117,13 +120,16 @@ def run_rows(bench: Bench, part: str, rows: list[tuple[str, Loop]], refs: dict[s
         batch = o.batches[-1] if o.batches else sized.batch_size
         say(part, f"{label:34} {loop.tokens_per_task:>8} {batch:>5} {o.adapters:>5} {o.versions:>5} {tau:>5.2f} "
                   f"{o.rejected + o.dropped:>7} {o.test_loss:>7.4f} "
-                  + " ".join(f"{r:>12.3f}" for r in ratios.values()) + f"  {o.noise_scale:>7.3g}  {o.seconds:.0f}s")
+                  + " ".join(f"{r:>12.3f}" for r in ratios.values()) + f"  {o.noise_scale:>7.3g}  {o.seconds:.0f}s"
+                  + (f"  (init {o.init_seconds:.1f}s = {o.init_seconds / max(1e-9, o.train_seconds - o.init_seconds):.0%}"
+                     f" of training)" if o.init_seconds else ""))
         table.append({"row": label, "loop": asdict(loop), "task_batch": batch,
                       "task_batches": sorted(set(o.batches)), "noise_scale": round(o.noise_scale, 3),
                       "lr_mult": round(sized.learning_rate / bench.train_spec.learning_rate, 4),
                       "tasks": o.adapters, "folds": o.versions,
                       "mean_tau": round(tau, 2), "refused": o.rejected + o.dropped,
                       "test_loss": round(o.test_loss, 4), "ratios": ratios,
+                      "init_cost": round(o.init_seconds / max(1e-9, o.train_seconds - o.init_seconds), 4),
                       "round_test_losses": [round(x, 4) for x in o.round_losses],
                       "outcome": o if rounds > 1 else None})
     return table
@@ -195,9 +201,17 @@ def part_levers(args: argparse.Namespace) -> dict:
             ("  + warm start (worker's own, no moments)", replace(kgb, lr_mult=2.0, warm="worker-fresh-adam")),
             ("  + warm start (job's last fold)", replace(kgb, lr_mult=2.0, warm="job")),
             ("  + batch from the noise scale", recommended(defaults, t).with_policy(size_from_noise=True)),
+            ("  + LoRA-GA init (each task's own)", replace(recommended(defaults, t), init="gradient")),
+            ("  + LoRA-GA init (shared per version)", replace(recommended(defaults, t), init="gradient-shared")),
+            # With B₀ ≠ 0 both factors move ΔW from the first step: a larger effective step than a
+            # fresh LoRA's at the same lr, so the same rows at a lower task lr.
+            ("  + LoRA-GA init (own), task lr x1", replace(recommended(defaults, t), init="gradient", lr_mult=1.0)),
+            ("  + LoRA-GA init (own), task lr x0.5", replace(recommended(defaults, t), init="gradient", lr_mult=0.5)),
+            ("  + LoRA-GA init (shared), task lr x0.5",
+             replace(recommended(defaults, t), init="gradient-shared", lr_mult=0.5)),
             ("recommended (coordinator defaults)", recommended(defaults, t))]
     if args.quick:
-        rows = [rows[0], rows[-2], rows[-1]]
+        rows = [rows[0], rows[-4], rows[-1]]
     table = run_rows(bench, part, rows, {})
     return {"table": [{k2: v for k2, v in r.items() if k2 != "outcome"} for r in table]}
 
@@ -299,14 +313,24 @@ def part_corpus(args: argparse.Namespace) -> dict:
     refs = {"central x1": central[1.0], "central best": best(central)[1], "dp best": best(dp)[1]}
     rec = recommended(defaults, args.task_tokens)
     rows = [("before issue 10", before_issue_10(defaults)), ("recommended", rec),
-            ("  + batch from the noise scale", rec.with_policy(size_from_noise=True))]
+            ("  + batch from the noise scale", rec.with_policy(size_from_noise=True)),
+            ("  + LoRA-GA init (each task's own)", replace(rec, init="gradient")),
+            ("  + LoRA-GA init (shared per version)", replace(rec, init="gradient-shared")),
+            ("  + LoRA-GA init (own), task lr x1", replace(rec, init="gradient", lr_mult=1.0)),
+            ("  + LoRA-GA init (own), task lr x0.5", replace(rec, init="gradient", lr_mult=0.5)),
+            ("  + LoRA-GA init (shared), task lr x0.5", replace(rec, init="gradient-shared", lr_mult=0.5))]
     table = run_rows(bench, part, rows, refs)
+    by_label = {r["row"]: r["ratios"] for r in table}  # --rows may have left some out
+
+    def ratio(label: str, ref: str) -> float:
+        return by_label.get(label, {}).get(ref, math.nan)
+
     return {"corpus": args.corpus2, "train_tokens": bench.total_tokens,
             "table": [{k2: v for k2, v in r.items() if k2 != "outcome"} for r in table],
-            "quality_ratio": table[1]["ratios"]["central best"],
-            "quality_vs_dataparallel": table[1]["ratios"]["dp best"],
-            "quality_ratio_today": table[0]["ratios"]["central best"],
-            "noise_sizing_ratio": table[2]["ratios"]["central best"]}
+            "quality_ratio": ratio("recommended", "central best"),
+            "quality_vs_dataparallel": ratio("recommended", "dp best"),
+            "quality_ratio_today": ratio("before issue 10", "central best"),
+            "noise_sizing_ratio": ratio("  + batch from the noise scale", "central best")}
 
 
 def part_few(args: argparse.Namespace) -> dict:
@@ -376,6 +400,8 @@ def main() -> None:
     parser.add_argument("--no-nesterov-1", action="store_true", help="'many' part: skip outer lr 1.0")
     parser.add_argument("--lr", type=float, default=0.0, help="override the job's learning rate")
     parser.add_argument("--batch-size", type=int, default=0, help="override the job's batch size")
+    parser.add_argument("--rows", default="", help="run only the rows whose label holds one of these "
+                        "comma-separated strings (default: all)")
     parser.add_argument("--verbose", action="store_true", help="print every fold and refusal")
     args = parser.parse_args()
     if args.quick:
