@@ -62,7 +62,9 @@ class Loop:
     # LoRA-GA (worker.gradinit): "gradient", each task starts from the SVD of the gradient on its
     # own blocks (TrainSpec.init); "gradient-shared", every task of a version starts from one such
     # start, estimated once on the version from a version-seeded sample of the job's records (the
-    # adapters of one fold share their subspaces). "random": PEFT's fresh LoRA.
+    # adapters of one fold share their subspaces). "principal": PiSSA, each task starts from the
+    # base version's own top-r SVD (shared by a version's tasks by construction). "random": PEFT's
+    # fresh LoRA.
     init: str = "random"
 
     @classmethod
@@ -191,7 +193,7 @@ class Bench:
         policy = loop.policy
         n_workers = 1 if sequential else workers or self.args.workers
         spec = replace(self.train_spec, epochs=epochs or self.train_spec.epochs, lr_b_ratio=loop.lr_b_ratio,
-                       init="gradient" if loop.init == "gradient" else "random")
+                       init=loop.init if loop.init in ("gradient", "principal") else "random")
         shared: dict[int, Adapter] = {}  # version -> its shared gradient-aligned start
         noise = NoiseScale()  # the job's, as the coordinator keeps it from each accepted adapter
         sizing: dict[int, TaskTraining] = {}  # task -> what it was leased to train at

@@ -209,6 +209,8 @@ def part_levers(args: argparse.Namespace) -> dict:
             ("  + LoRA-GA init (own), task lr x0.5", replace(recommended(defaults, t), init="gradient", lr_mult=0.5)),
             ("  + LoRA-GA init (shared), task lr x0.5",
              replace(recommended(defaults, t), init="gradient-shared", lr_mult=0.5)),
+            ("  + PiSSA init (the version's top-r SVD)", replace(recommended(defaults, t), init="principal")),
+            ("  + PiSSA init, task lr x0.5", replace(recommended(defaults, t), init="principal", lr_mult=0.5)),
             ("recommended (coordinator defaults)", recommended(defaults, t))]
     if args.quick:
         rows = [rows[0], rows[-4], rows[-1]]
@@ -318,7 +320,9 @@ def part_corpus(args: argparse.Namespace) -> dict:
             ("  + LoRA-GA init (shared per version)", replace(rec, init="gradient-shared")),
             ("  + LoRA-GA init (own), task lr x1", replace(rec, init="gradient", lr_mult=1.0)),
             ("  + LoRA-GA init (own), task lr x0.5", replace(rec, init="gradient", lr_mult=0.5)),
-            ("  + LoRA-GA init (shared), task lr x0.5", replace(rec, init="gradient-shared", lr_mult=0.5))]
+            ("  + LoRA-GA init (shared), task lr x0.5", replace(rec, init="gradient-shared", lr_mult=0.5)),
+            ("  + PiSSA init (the version's top-r SVD)", replace(rec, init="principal")),
+            ("  + PiSSA init, task lr x0.5", replace(rec, init="principal", lr_mult=0.5))]
     table = run_rows(bench, part, rows, refs)
     by_label = {r["row"]: r["ratios"] for r in table}  # --rows may have left some out
 

@@ -114,3 +114,21 @@ def test_a_gradient_start_with_given_factors_or_a_4bit_base_is_refused():
         train_adapter(tiny_model_path(), TEXTS, LORA, replace(GA, quantization="4bit"))
     with pytest.raises(ValueError, match="init must be"):
         train_adapter(tiny_model_path(), TEXTS, LORA, replace(GA, init="pissa"))
+
+
+def test_a_principal_start_is_the_weights_top_svd_and_leaves_the_model_unchanged():
+    from worker.warmstart import principal_start
+
+    w = torch.randn(40, 30, generator=torch.Generator().manual_seed(0))
+    start = principal_start({"m": w}, rank=4, alpha=8.0)
+    a0, b0 = start.factors["m"]
+    u, sv, vh = torch.linalg.svd(w.double())
+    best4 = (u[:, :4] * sv[:4]) @ vh[:4]
+    assert torch.allclose((start.scale * (b0 @ a0)).double(), best4, atol=1e-5)
+    texts = TEXTS[:12]
+    blocks = pack(AutoTokenizer.from_pretrained(tiny_model_path()), texts, 128)
+    seen: list[float] = []
+    contrib, _ = train_adapter(tiny_model_path(), texts, LORA, TrainSpec(max_steps=1, init="principal"),
+                               progress=lambda step, total, loss: seen.append(loss))
+    base_loss = mean_loss(AutoModelForCausalLM.from_pretrained(tiny_model_path()), blocks)
+    assert seen[0] == pytest.approx(base_loss, abs=1e-5) and contrib.rank == 2 * LORA.rank

@@ -89,11 +89,12 @@ class TrainSpec:
     # LoRA-GA (worker.gradinit): A₀, B₀ from the SVD of the full gradient estimated on
     # ``init_blocks`` of the task's own blocks, s·B₀A₀ taken off the base, and the upload is the
     # exact rank-2r difference, as for any warm start (so a job must accept warm-started adapters).
+    # "principal": PiSSA, the base weight's own top-r SVD (warmstart.principal_start), likewise.
     init: str = "random"
     init_blocks: int = 8
 
 
-INITS = ("random", "gradient")
+INITS = ("random", "gradient", "principal")
 
 OptimizerState = dict[str, dict[str, torch.Tensor]]  # PEFT parameter name -> AdamW's state for it
 
@@ -141,8 +142,8 @@ def _check(lora: LoraSpec, train: TrainSpec) -> None:
     if train.init not in INITS or train.init_blocks < 1:
         raise ValueError(f"init must be one of {', '.join(INITS)} with init_blocks >= 1 "
                          f"(got {train.init!r}, {train.init_blocks})")
-    if train.init == "gradient" and train.quantization is not None:
-        raise ValueError("a gradient-aligned start cannot train on a 4-bit base (s·B₀A₀ would come off NF4 "
+    if train.init != "random" and train.quantization is not None:
+        raise ValueError(f"a {train.init} start cannot train on a 4-bit base (s·B₀A₀ would come off NF4 "
                          "weights); use init 'random'")
 
 
@@ -369,11 +370,15 @@ def train_adapter(
     model = _lora_model(model_dir, lora, device, compute_dtype(train.precision, device),
                         train.gradient_checkpointing, start, train.quantization)
     init_seconds = 0.0
-    if train.init == "gradient":
+    if train.init != "random":
         if start is not None:
-            raise ValueError("a task starts from given factors or from a gradient-aligned start, not both")
+            raise ValueError(f"a task starts from given factors or from a {train.init} start, not both")
         t_init = time.time()
-        start = _estimate_start(model, blocks, lora, train, device)
+        if train.init == "gradient":
+            start = _estimate_start(model, blocks, lora, train, device)
+        else:
+            start = warmstart.principal_start({m: layer.get_base_layer().weight for m, layer in
+                                               _lora_layers(model).items()}, lora.rank, lora.alpha)
         _start_in_place(model, start, lora)
         init_seconds = time.time() - t_init
 
