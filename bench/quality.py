@@ -20,6 +20,8 @@ Parts (``--parts``, run side by side with ``--jobs``):
   *keep the global batch* (task batch b/K, K× the steps, same tokens per
   task, lr ×1 or ×2); LoRA+ (``lr_b_ratio`` 16, 4); warm starts (the worker's previous adapter and
   its Adam moments; the job's latest folded factors); staleness normalisation (Σ n_j s(τ_j));
+  gradient-aligned starts (LoRA-GA: each task's own, or one per version shared by its tasks) and
+  PiSSA starts (the version's top-r SVD), each at the task lr and lower (``TrainSpec.init``);
   and the recommended row, which is the coordinator's defaults (``Settings`` and its
   ``FoldPolicy``: what a user gets), whose ratios are ``quality_ratio`` and
   ``quality_vs_dataparallel``.
@@ -38,7 +40,8 @@ Parts (``--parts``, run side by side with ``--jobs``):
 * ``few``: a small job (3 tasks of ``--few-records`` records, 64-token blocks, 3 workers), folded
   one by one and together: before issue 10's partial folds every adapter of it was refused.
 
-The one-pass and second-corpus parts also have a row that sizes each task's batch from the job's
+``--rows a,b`` runs only the rows whose label holds one of the strings. The one-pass and
+second-corpus parts also have a row that sizes each task's batch from the job's
 gradient noise scale (``Settings.size_from_noise``; the B_noise column is the estimate).
 
     python bench/quality.py [--records N] [--jobs 3] [--device cpu|cuda] [--quick]
