@@ -38,7 +38,7 @@ from coordinator.settings import JobDefaults, Settings  # noqa: E402
 from coordinator.submit import split_tasks  # noqa: E402
 from nomoat.adapter import Adapter  # noqa: E402
 from nomoat.tiny import read_demo, tiny_model_path  # noqa: E402
-from worker.trainer import Carry, LoraSpec, TrainSpec, train_adapter  # noqa: E402
+from worker.trainer import Carry, LoraSpec, TrainSpec, gradient_start, train_adapter  # noqa: E402
 from worker.warmstart import start_from_patch  # noqa: E402
 
 WORKER_SPEEDS = (400.0, 320.0, 260.0, 200.0)  # simulated tokens/s; more workers cycle these
@@ -59,6 +59,13 @@ class Loop:
     lr_mult: float = 0.0
     lr_b_ratio: float = 1.0
     warm: str = "none"
+    # LoRA-GA (worker.gradinit): "gradient", each task starts from the SVD of the gradient on its
+    # own blocks (TrainSpec.init); "gradient-shared", every task of a version starts from one such
+    # start, estimated once on the version from a version-seeded sample of the job's records (the
+    # adapters of one fold share their subspaces). "principal": PiSSA, each task starts from the
+    # base version's own top-r SVD (shared by a version's tasks by construction). "random": PEFT's
+    # fresh LoRA.
+    init: str = "random"
 
     @classmethod
     def defaults(cls, settings: Settings, job: JobDefaults) -> Loop:
@@ -93,6 +100,8 @@ class Outcome:
     seconds: float = 0.0
     batches: list[int] = field(default_factory=list)  # each task's batch, in the order trained
     noise_scale: float = math.nan  # the job's B_simple estimate at the end (coordinator.noise)
+    train_seconds: float = 0.0  # Σ over tasks of the trainer's wall time (init included)
+    init_seconds: float = 0.0  # of which: estimating gradient-aligned starts (shared ones too)
 
 
 def read_corpus(name: str) -> list[str]:
@@ -183,7 +192,9 @@ class Bench:
         t0 = time.time()
         policy = loop.policy
         n_workers = 1 if sequential else workers or self.args.workers
-        spec = replace(self.train_spec, epochs=epochs or self.train_spec.epochs, lr_b_ratio=loop.lr_b_ratio)
+        spec = replace(self.train_spec, epochs=epochs or self.train_spec.epochs, lr_b_ratio=loop.lr_b_ratio,
+                       init=loop.init if loop.init in ("gradient", "principal") else "random")
+        shared: dict[int, Adapter] = {}  # version -> its shared gradient-aligned start
         noise = NoiseScale()  # the job's, as the coordinator keeps it from each accepted adapter
         sizing: dict[int, TaskTraining] = {}  # task -> what it was leased to train at
         carries: dict[int, Carry] = {}  # worker -> its last trained factors and moments
@@ -233,9 +244,19 @@ class Bench:
                 sized = sizing.pop(task)
                 task_spec = replace(spec, seed=index, batch_size=sized.batch_size, micro_batch=sized.batch_size,
                                     learning_rate=sized.learning_rate)
+                if loop.init == "gradient-shared":
+                    if base not in shared:
+                        t_init = time.time()
+                        shared[base] = gradient_start(folders[base], self._version_sample(base, spec), self.lora,
+                                                      replace(task_spec, seed=base), device=self.device)
+                        out.init_seconds += time.time() - t_init  # work as much as training is
+                        out.train_seconds += time.time() - t_init
+                    start = shared[base]
                 adapter, result = train_adapter(folders[base], texts, self.lora, task_spec,
                                                 device=self.device, start=start, optimizer_state=moments)
                 carries[worker] = result.carry
+                out.train_seconds += result.seconds
+                out.init_seconds += result.init_seconds
                 n = result.norms
                 noise = noise.add(Sample(n.micro_sq, n.batch_sq, n.micro_batch, n.batch_size))
                 out.batches.append(sized.batch_size)
@@ -321,6 +342,19 @@ class Bench:
             candidates = [c for c in candidates if c is not worst]
             out.dropped += 1
         return None
+
+    def _version_sample(self, version: int, spec: TrainSpec) -> list[str]:
+        """Records for a version's shared start: a version-seeded sample of the job's train
+        records, about 1.25 x ``spec.init_blocks`` blocks of them."""
+        order = list(range(len(self.train)))
+        random.Random(version).shuffle(order)
+        picked, tokens = [], 0
+        for i in order:
+            if tokens >= 1.25 * spec.init_blocks * spec.seq_len:
+                break
+            picked.append(self.train[i])
+            tokens += self.counts[i]
+        return picked
 
     def _save(self, running: RunningModel, version: int) -> Path:
         path = self.tmp / f"v{version}"

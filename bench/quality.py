@@ -20,6 +20,8 @@ Parts (``--parts``, run side by side with ``--jobs``):
   *keep the global batch* (task batch b/K, K× the steps, same tokens per
   task, lr ×1 or ×2); LoRA+ (``lr_b_ratio`` 16, 4); warm starts (the worker's previous adapter and
   its Adam moments; the job's latest folded factors); staleness normalisation (Σ n_j s(τ_j));
+  gradient-aligned starts (LoRA-GA: each task's own, or one per version shared by its tasks) and
+  PiSSA starts (the version's top-r SVD), each at the task lr and lower (``TrainSpec.init``);
   and the recommended row, which is the coordinator's defaults (``Settings`` and its
   ``FoldPolicy``: what a user gets), whose ratios are ``quality_ratio`` and
   ``quality_vs_dataparallel``.
@@ -32,10 +34,14 @@ Parts (``--parts``, run side by side with ``--jobs``):
   1.0), against the ``many`` part's references.
 * ``corpus``: the key ratios again on a corpus this project did not write (``--corpus2``,
   default ``python-docs``: the Language Reference topics CPython ships in ``pydoc_data``).
+* ``sweep``: around the recommended row on ``--corpus``, one lever at a time: the task lr
+  multiplier (x1.5, x3, x4 against the defaults' x2), ``fold_every`` (2, 8 against 4), tokens per
+  task (1536, 6144 against ``--task-tokens``).
 * ``few``: a small job (3 tasks of ``--few-records`` records, 64-token blocks, 3 workers), folded
   one by one and together: before issue 10's partial folds every adapter of it was refused.
 
-The one-pass and second-corpus parts also have a row that sizes each task's batch from the job's
+``--rows a,b`` runs only the rows whose label holds one of the strings. The one-pass and
+second-corpus parts also have a row that sizes each task's batch from the job's
 gradient noise scale (``Settings.size_from_noise``; the B_noise column is the estimate).
 
     python bench/quality.py [--records N] [--jobs 3] [--device cpu|cuda] [--quick]
@@ -64,7 +70,11 @@ from bench.qsim import PROBE_MODULE, Bench, Loop, Outcome, coordinator_settings,
 from coordinator.settings import JobDefaults, Settings  # noqa: E402
 
 LR_SWEEP = (0.5, 1.0, 2.0, 4.0)
-OUTER_LRS = (0.1, 0.3, 1.0)  # DiLoCo's outer Nesterov (momentum 0.9) in the many-rounds part
+OUTER_LRS = (0.1, 0.3, 1.0)
+# The 'sweep' part, around the recommended row (lr x2, fold_every 4, --task-tokens per task).
+SWEEP_LR_MULTS = (1.5, 3.0, 4.0)
+SWEEP_FOLD_EVERY = (2, 8)
+SWEEP_TASK_TOKENS = (1536, 6144)  # DiLoCo's outer Nesterov (momentum 0.9) in the many-rounds part
 # The recommended row is the coordinator's defaults (Settings, JobDefaults and the FoldPolicy built
 # from them: qsim.Loop.defaults), so what this measures is what a user gets. Measured
 # (bench/README.md): keep the global batch at lr x2 (sqrt(K), K = 4) with normalised staleness
@@ -101,7 +111,10 @@ def run_rows(bench: Bench, part: str, rows: list[tuple[str, Loop]], refs: dict[s
     say(part, f"{'row':34} {'tok/task':>8} {'batch':>5} {'tasks':>5} {'folds':>5} {'tau':>5} {'refused':>7} "
               f"{'loss':>7} " + " ".join(f"{k:>12}" for k in refs) + "  B_noise  time")
     table = []
+    wanted = [w for w in bench.args.rows.split(",") if w]
     for label, loop in rows:
+        if wanted and not any(w in label for w in wanted):
+            continue
         o = bench.distributed(loop, rounds=rounds, workers=workers)
         ratios = {k: round(bench.ratio(o, ref), 4) for k, ref in refs.items()}
         tau = sum(o.taus) / max(1, len(o.taus))
@@ -110,13 +123,16 @@ def run_rows(bench: Bench, part: str, rows: list[tuple[str, Loop]], refs: dict[s
         batch = o.batches[-1] if o.batches else sized.batch_size
         say(part, f"{label:34} {loop.tokens_per_task:>8} {batch:>5} {o.adapters:>5} {o.versions:>5} {tau:>5.2f} "
                   f"{o.rejected + o.dropped:>7} {o.test_loss:>7.4f} "
-                  + " ".join(f"{r:>12.3f}" for r in ratios.values()) + f"  {o.noise_scale:>7.3g}  {o.seconds:.0f}s")
+                  + " ".join(f"{r:>12.3f}" for r in ratios.values()) + f"  {o.noise_scale:>7.3g}  {o.seconds:.0f}s"
+                  + (f"  (init {o.init_seconds:.1f}s = {o.init_seconds / max(1e-9, o.train_seconds - o.init_seconds):.0%}"
+                     f" of training)" if o.init_seconds else ""))
         table.append({"row": label, "loop": asdict(loop), "task_batch": batch,
                       "task_batches": sorted(set(o.batches)), "noise_scale": round(o.noise_scale, 3),
                       "lr_mult": round(sized.learning_rate / bench.train_spec.learning_rate, 4),
                       "tasks": o.adapters, "folds": o.versions,
                       "mean_tau": round(tau, 2), "refused": o.rejected + o.dropped,
                       "test_loss": round(o.test_loss, 4), "ratios": ratios,
+                      "init_cost": round(o.init_seconds / max(1e-9, o.train_seconds - o.init_seconds), 4),
                       "round_test_losses": [round(x, 4) for x in o.round_losses],
                       "outcome": o if rounds > 1 else None})
     return table
@@ -188,9 +204,19 @@ def part_levers(args: argparse.Namespace) -> dict:
             ("  + warm start (worker's own, no moments)", replace(kgb, lr_mult=2.0, warm="worker-fresh-adam")),
             ("  + warm start (job's last fold)", replace(kgb, lr_mult=2.0, warm="job")),
             ("  + batch from the noise scale", recommended(defaults, t).with_policy(size_from_noise=True)),
+            ("  + LoRA-GA init (each task's own)", replace(recommended(defaults, t), init="gradient")),
+            ("  + LoRA-GA init (shared per version)", replace(recommended(defaults, t), init="gradient-shared")),
+            # With B₀ ≠ 0 both factors move ΔW from the first step: a larger effective step than a
+            # fresh LoRA's at the same lr, so the same rows at a lower task lr.
+            ("  + LoRA-GA init (own), task lr x1", replace(recommended(defaults, t), init="gradient", lr_mult=1.0)),
+            ("  + LoRA-GA init (own), task lr x0.5", replace(recommended(defaults, t), init="gradient", lr_mult=0.5)),
+            ("  + LoRA-GA init (shared), task lr x0.5",
+             replace(recommended(defaults, t), init="gradient-shared", lr_mult=0.5)),
+            ("  + PiSSA init (the version's top-r SVD)", replace(recommended(defaults, t), init="principal")),
+            ("  + PiSSA init, task lr x0.5", replace(recommended(defaults, t), init="principal", lr_mult=0.5)),
             ("recommended (coordinator defaults)", recommended(defaults, t))]
     if args.quick:
-        rows = [rows[0], rows[-2], rows[-1]]
+        rows = [rows[0], rows[-4], rows[-1]]
     table = run_rows(bench, part, rows, {})
     return {"table": [{k2: v for k2, v in r.items() if k2 != "outcome"} for r in table]}
 
@@ -292,14 +318,26 @@ def part_corpus(args: argparse.Namespace) -> dict:
     refs = {"central x1": central[1.0], "central best": best(central)[1], "dp best": best(dp)[1]}
     rec = recommended(defaults, args.task_tokens)
     rows = [("before issue 10", before_issue_10(defaults)), ("recommended", rec),
-            ("  + batch from the noise scale", rec.with_policy(size_from_noise=True))]
+            ("  + batch from the noise scale", rec.with_policy(size_from_noise=True)),
+            ("  + LoRA-GA init (each task's own)", replace(rec, init="gradient")),
+            ("  + LoRA-GA init (shared per version)", replace(rec, init="gradient-shared")),
+            ("  + LoRA-GA init (own), task lr x1", replace(rec, init="gradient", lr_mult=1.0)),
+            ("  + LoRA-GA init (own), task lr x0.5", replace(rec, init="gradient", lr_mult=0.5)),
+            ("  + LoRA-GA init (shared), task lr x0.5", replace(rec, init="gradient-shared", lr_mult=0.5)),
+            ("  + PiSSA init (the version's top-r SVD)", replace(rec, init="principal")),
+            ("  + PiSSA init, task lr x0.5", replace(rec, init="principal", lr_mult=0.5))]
     table = run_rows(bench, part, rows, refs)
+    by_label = {r["row"]: r["ratios"] for r in table}  # --rows may have left some out
+
+    def ratio(label: str, ref: str) -> float:
+        return by_label.get(label, {}).get(ref, math.nan)
+
     return {"corpus": args.corpus2, "train_tokens": bench.total_tokens,
             "table": [{k2: v for k2, v in r.items() if k2 != "outcome"} for r in table],
-            "quality_ratio": table[1]["ratios"]["central best"],
-            "quality_vs_dataparallel": table[1]["ratios"]["dp best"],
-            "quality_ratio_today": table[0]["ratios"]["central best"],
-            "noise_sizing_ratio": table[2]["ratios"]["central best"]}
+            "quality_ratio": ratio("recommended", "central best"),
+            "quality_vs_dataparallel": ratio("recommended", "dp best"),
+            "quality_ratio_today": ratio("before issue 10", "central best"),
+            "noise_sizing_ratio": ratio("  + batch from the noise scale", "central best")}
 
 
 def part_few(args: argparse.Namespace) -> dict:
@@ -328,8 +366,26 @@ def part_few(args: argparse.Namespace) -> dict:
             "few_tasks_ratio": table[1]["ratios"]["central x1"]}
 
 
+def part_sweep(args: argparse.Namespace) -> dict:
+    """A cheap sweep around the recommended row on ``--corpus``: the task lr multiplier (keep the
+    global batch), ``fold_every`` and tokens per task, one lever at a time. Ratios: against the
+    baselines of the same corpus and split (bench/README.md)."""
+    part = "sweep"
+    bench, defaults, _ = setup(args, args.corpus)
+    header(bench, part, args.corpus)
+    rec = recommended(defaults, args.task_tokens)
+    rows = [("recommended", rec)]
+    rows += [(f"  lr x{m:g}", replace(rec, lr_mult=m)) for m in SWEEP_LR_MULTS]
+    rows += [(f"  fold_every {f}", rec.with_policy(fold_every=f)) for f in SWEEP_FOLD_EVERY]
+    rows += [(f"  {t} tokens per task", recommended(defaults, t)) for t in SWEEP_TASK_TOKENS]
+    table = run_rows(bench, part, rows, {})
+    return {"corpus": args.corpus, "train_tokens": bench.total_tokens, "base_test_loss": bench.base_test,
+            "table": [{k2: v for k2, v in r.items() if k2 != "outcome"} for r in table]}
+
+
 PARTS = {"baselines": part_baselines, "levers": part_levers, "many": part_many, "outer": part_outer,
-         "corpus": part_corpus, "few": part_few}
+         "corpus": part_corpus, "few": part_few,
+         "sweep": part_sweep}
 
 
 def main() -> None:
@@ -351,6 +407,8 @@ def main() -> None:
     parser.add_argument("--no-nesterov-1", action="store_true", help="'many' part: skip outer lr 1.0")
     parser.add_argument("--lr", type=float, default=0.0, help="override the job's learning rate")
     parser.add_argument("--batch-size", type=int, default=0, help="override the job's batch size")
+    parser.add_argument("--rows", default="", help="run only the rows whose label holds one of these "
+                        "comma-separated strings (default: all)")
     parser.add_argument("--verbose", action="store_true", help="print every fold and refusal")
     args = parser.parse_args()
     if args.quick:
@@ -384,7 +442,7 @@ def main() -> None:
         "recommended": recommended_levers(*coordinator_settings(args, Path("unused")), args.workers),
         "workers": args.workers, "records": args.records,
         "few_tasks_ratio": few.get("few_tasks_ratio"),
-        "onepass": one, "many": many, "second_corpus": other, "few": few,
+        "onepass": one, "many": many, "second_corpus": other, "few": few, "sweep": results.get("sweep", {}),
         "device": args.device, "seconds": round(seconds, 1),
     }, default=str))
 

@@ -90,3 +90,19 @@ def start_from_patch(patch: Adapter, rank: int, alpha: float) -> Adapter:
         b0[:, :k] = u_r * (s_r / (s * row_norm))
         factors[module] = (a0.to(torch.float32).contiguous(), b0.to(torch.float32).contiguous())
     return Adapter(factors, rank=rank, alpha=alpha)
+
+
+def principal_start(weights: Mapping[str, torch.Tensor], rank: int, alpha: float) -> Adapter:
+    """PiSSA's start (Meng et al. 2024): per module the top-``rank`` singular triplets of the
+    weight itself, ``A₀ = √S_r V_rᵀ``, ``B₀ = U_r √S_r / s``, so ``s·B₀A₀`` is the weight's best
+    rank-r part and the model trains on the residual ``W − s·B₀A₀`` plus the adapter. Like any
+    start here it is subtracted from the base and the upload is the exact difference, so it fits
+    the folding rule; ``weights`` are the base version's, read, never changed."""
+    s = alpha / rank
+    factors = {}
+    for module, w in weights.items():
+        u, sv, vh = torch.linalg.svd(w.detach().to("cpu", torch.float64), full_matrices=False)
+        root = sv[:rank].sqrt()
+        factors[module] = ((root[:, None] * vh[:rank]).float().contiguous(),
+                           (u[:, :rank] * (root / s)).float().contiguous())
+    return Adapter(factors, rank=rank, alpha=alpha)
