@@ -10,7 +10,6 @@ that fold itself, says so in one log line, and the fold goes on.
 from __future__ import annotations
 
 import logging
-import time
 
 import pytest
 
