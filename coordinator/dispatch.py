@@ -10,14 +10,25 @@ back through :meth:`poll` so the scheduler releases the lease and re-issues the 
 fence (a rerun under the old fence would let a late upload from the dead run through).
 
 What crosses Ray is plain data: a list of :class:`~nomoat.spec.TaskSpec` in, a list of
-:class:`~nomoat.spec.UnitResult` out, of :func:`worker.task.run_units`, the worker's entry point
-and the only worker code the coordinator names. Every Ray call of the coordinator lives here; the
-scheduler sees :class:`Node` and :class:`~coordinator.scheduler.Finished`.
+:class:`~nomoat.spec.UnitResult` out, of :func:`worker.task.run_units`, the worker's training
+entry point. Every Ray call of the coordinator lives here; the scheduler sees :class:`Node` and
+:class:`~coordinator.scheduler.Finished`.
+
+Evaluation tasks (:meth:`RayDispatcher.evaluate`, for ``coordinator.evaluation.OnWorkers``) run
+:func:`worker.evaluate.run_evaluation`, the worker's other entry point: an
+:class:`~nomoat.evaluation.EvalTask` in, an :class:`~nomoat.evaluation.EvalReply` out. One asks
+for the card's whole ``nomoat_worker`` slot, as a run does, so it never shares a card with a
+training run (a second model on the card could push the run out of memory, and would slow it):
+it takes an idle card (the one with the most VRAM), or, when every card trains, waits on the card
+whose run has the fewest tokens left. While it waits or runs, :meth:`nodes` reports its card
+busy, so the scheduler gives it no new run and Ray starts the evaluation as soon as the card is
+free. An evaluation on a GPU takes seconds; the card goes back to training right after.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,9 +37,11 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from coordinator.scheduler import Finished, Need, Node, placement_of
 from coordinator.submit import JobConfig
+from nomoat.evaluation import EvalReply, EvalTask
 from nomoat.memory import min_vram_gb, shape_for
 from nomoat.raynode import LOADS_4BIT_LABEL, VRAM_RESOURCE, WORKER_ID_LABEL, WORKER_RESOURCE
 from nomoat.spec import TaskSpec, UnitResult, error_line
+from worker.evaluate import run_evaluation
 from worker.task import run_units
 
 log = logging.getLogger("nomoat.dispatch")
@@ -71,11 +84,17 @@ class _Run:
 class RayDispatcher:
     def __init__(self) -> None:
         self._remote = ray.remote(run_units)
+        self._evaluation = ray.remote(run_evaluation)
         self._runs: dict[ray.ObjectRef, _Run] = {}
+        self._evals: dict[ray.ObjectRef, str] = {}  # evaluation tasks waiting or running -> node id
+        # The scheduler's thread submits and polls runs; the folder's sends evaluations and reads
+        # the nodes: both go through this lock.
+        self._lock = threading.Lock()
 
     def nodes(self) -> list[Node]:
-        """The live nomoat worker nodes, and whether one of our runs occupies each."""
-        busy = {run.node_id for run in self._runs.values()}
+        """The live nomoat worker nodes, and whether one of our runs or evaluations occupies each."""
+        with self._lock:
+            busy = {run.node_id for run in self._runs.values()} | set(self._evals.values())
         return [node for entry in ray.nodes() if (node := node_of(entry, busy)) is not None]
 
     def submit(self, specs: list[TaskSpec], resources: dict[str, float], node_id: str) -> None:
@@ -87,15 +106,19 @@ class RayDispatcher:
             max_retries=0,  # retries are the scheduler's: each one gets a new lease and fence
             retry_exceptions=False,
         ).remote(specs)
-        self._runs[ref] = _Run([(s.task_id, s.fence, s.tokens) for s in specs], node_id, specs[0].worker_id)
+        with self._lock:
+            self._runs[ref] = _Run([(s.task_id, s.fence, s.tokens) for s in specs], node_id, specs[0].worker_id)
 
     def poll(self) -> list[Finished]:
-        if not self._runs:
+        with self._lock:
+            refs = list(self._runs)
+        if not refs:
             return []
-        ready, _ = ray.wait(list(self._runs), num_returns=len(self._runs), timeout=0)
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
         finished = []
         for ref in ready:
-            run = self._runs.pop(ref)
+            with self._lock:
+                run = self._runs.pop(ref)
             try:
                 units: list[UnitResult] = ray.get(ref)
             except ray.exceptions.TaskCancelledError:
@@ -117,7 +140,9 @@ class RayDispatcher:
         reports how each unit really ended (killing it would drop those results).
         """
         stopped: list[tuple[str, int]] = []
-        for ref, run in list(self._runs.items()):
+        with self._lock:
+            runs = list(self._runs.items())
+        for ref, run in runs:
             ids = [t for t, _, _ in run.units]
             if task_id not in ids or (only_alone and len(ids) > 1):
                 continue
@@ -125,7 +150,8 @@ class RayDispatcher:
             if ended:
                 continue
             ray.cancel(ref, force=True)
-            self._runs.pop(ref, None)
+            with self._lock:
+                self._runs.pop(ref, None)
             stopped += [(t, f) for t, f, _ in run.units]
         return stopped
 
@@ -133,4 +159,45 @@ class RayDispatcher:
         return len(self._runs)
 
     def placement(self) -> dict[str, tuple[str, int]]:
-        return placement_of((run.node_id, run.units) for run in self._runs.values())
+        with self._lock:
+            runs = list(self._runs.values())
+        return placement_of((run.node_id, run.units) for run in runs)
+
+    # -- evaluation tasks (coordinator.evaluation.OnWorkers) ----------------------------------
+
+    def eval_card(self, need_gb: float) -> Node | None:
+        """The card an evaluation goes to: an idle one with ``need_gb`` of VRAM (the most VRAM
+        first), else the busy one whose run has the fewest tokens left; None when none has it."""
+        fits = [n for n in self.nodes() if n.vram_gb >= need_gb]
+        idle = [n for n in fits if not n.busy]
+        if idle:
+            return max(idle, key=lambda n: n.vram_gb)
+        with self._lock:
+            ahead: dict[str, int] = {}
+            for run in self._runs.values():
+                ahead[run.node_id] = ahead.get(run.node_id, 0) + sum(tokens for _, _, tokens in run.units)
+            evaluating = set(self._evals.values())
+        return min((n for n in fits if n.node_id not in evaluating), key=lambda n: ahead.get(n.node_id, 0),
+                   default=None)
+
+    def evaluate(self, task: EvalTask, node: Node, need_gb: float, timeout_s: float) -> EvalReply:
+        """Run ``task`` on ``node``'s card and wait for it; raises the task's error, or
+        TimeoutError after ``timeout_s`` (waiting for the card included; the task is cancelled)."""
+        ref = self._evaluation.options(
+            name=f"nomoat-eval:v{task.version}",
+            num_cpus=0,
+            resources={WORKER_RESOURCE: 1.0, VRAM_RESOURCE: need_gb},
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node.node_id, soft=False),
+            max_retries=0,  # a failure falls back to the coordinator at once
+            retry_exceptions=False,
+        ).remote(task)
+        with self._lock:
+            self._evals[ref] = node.node_id
+        try:
+            return ray.get(ref, timeout=timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            ray.cancel(ref, force=True)
+            raise TimeoutError(f"no answer within {timeout_s:g} s") from None
+        finally:
+            with self._lock:
+                self._evals.pop(ref, None)

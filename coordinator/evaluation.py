@@ -1,188 +1,177 @@
-"""Held-out evaluation with a token budget, and paired comparisons of two models on it.
+"""Where held-out evaluations run: on the coordinator's own device, or on a trusted worker's card.
 
-Every gate compares two models on a job's validation slice: the current version against the
-current version plus one adapter, or plus the whole fold. At 1B parameters one forward pass
-costs about 2 GFLOP per token, so an evaluation over a whole 256-record slice takes minutes on a
-CPU. Two things make a small budget enough (docs/evaluation.md has the measurements):
+The math (budgeted blocks, per-block losses, paired comparisons, a candidate as a side path) is
+shared with the worker and lives in :mod:`nomoat.evaluation`; it is re-exported here for the
+coordinator's modules. This module is the seam the folder evaluates through:
 
-* a **budget**: an :class:`EvalSet` is the first ``budget`` tokens of the slice's packed blocks,
-  the same blocks every time, so the cost of a gate is fixed whatever the slice holds;
-* **pairing**: parent and candidate are scored on the very same blocks and the gate reads the
-  difference block by block. Most of a block's loss is the block (its text is easy or hard), and
-  that part cancels in the difference, so the standard error of the paired difference is a small
-  fraction of the error of either loss alone.
+* the folder asks an :class:`Evaluator` for one :class:`Batch`: the per-block losses of version v
+  on each job's blocks (the *parents*) and of v plus each of several patches (the *candidates*);
+  a fold asks twice, once for its parents and every adapter's solo gate, once for its fold check;
+* :class:`OnCoordinator` scores a batch on the running model, on ``--device``;
+* :class:`OnWorkers` sends the batch as one evaluation task to one trusted worker's card
+  (``coordinator.dispatch``; the worker's entry point is ``worker.evaluate``) and, when no card
+  can take it, the task fails or it takes longer than ``--eval-timeout``, scores it on the
+  coordinator instead, saying so in one log line: nothing is lost and the fold goes on.
 
-A candidate is never built as weights: :func:`plus` adds its low-rank update as a side path on
-each adapted linear layer (``y = W x + B (A x)``) for the duration of an evaluation, so the
-fp32 master is neither copied nor changed (bit for bit) by a gate.
+Pairing needs parent and candidate scored by the same arithmetic, so losses are never paired
+across places: an :class:`Evaluated` says where it was measured (``"coordinator"`` or the worker
+id), and parents a batch already knows are reused only by an evaluation in the same place.
+:func:`evaluator_for` picks the evaluator from ``--eval-on`` (docs/evaluation.md).
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
 
-import torch
-import torch.nn.functional as F
-
-from nomoat import packing
 from nomoat.adapter import Adapter
+from nomoat.evaluation import (  # noqa: F401  (re-exported: the coordinator's names for them)
+    BATCH_BLOCKS,
+    EVAL_DTYPES,
+    Comparison,
+    EvalReply,
+    EvalSet,
+    EvalTask,
+    Losses,
+    block_losses,
+    eval_set,
+    losses_with,
+    paired,
+    plus,
+    unpaired_se,
+)
+from nomoat.logs import fields
 
-BATCH_BLOCKS = 16  # blocks per forward pass
+if TYPE_CHECKING:
+    from coordinator.model import RunningModel
+    from coordinator.scheduler import Node
+    from coordinator.settings import Settings
 
+log = logging.getLogger("nomoat.evaluation")
 
-@dataclass(frozen=True)
-class EvalSet:
-    """The blocks every evaluation of one job reads: the first ``budget`` tokens of its slice."""
-
-    blocks: torch.Tensor  # [n_blocks, seq_len], packing.PAD after the last real token
-
-    @property
-    def tokens(self) -> int:
-        return packing.n_tokens(self.blocks)
-
-
-def eval_set(tokenizer, texts: Sequence[str], seq_len: int, budget: int) -> EvalSet:
-    """The validation slice packed into ``seq_len`` blocks, cut to about ``budget`` tokens.
-
-    Whole blocks only (at least one), in the slice's order, so the same texts always give the
-    same blocks; ``budget`` <= 0 keeps every block.
-    """
-    blocks = packing.pack(tokenizer, texts, seq_len)
-    if budget > 0:
-        real = (blocks != packing.PAD).sum(dim=1).cumsum(0)
-        keep = max(1, int((real <= budget).sum()))
-        blocks = blocks[:keep]
-    return EvalSet(blocks)
-
-
-@dataclass(frozen=True)
-class Losses:
-    """Summed next-token loss (nats) and target count of each block of an :class:`EvalSet`."""
-
-    sums: torch.Tensor  # float64 [n_blocks]
-    counts: torch.Tensor  # float64 [n_blocks]
-
-    @property
-    def mean(self) -> float:
-        return float(self.sums.sum() / self.counts.sum())
-
-    @property
-    def se(self) -> float:
-        """Standard error of :attr:`mean` with blocks as the independent units (ratio estimator)."""
-        return _ratio_se(self.sums, self.counts)
-
-
-EVAL_DTYPES = {"fp32": None, "bf16": torch.bfloat16}
-
-
-def block_losses(model: torch.nn.Module, evals: EvalSet, batch_size: int = BATCH_BLOCKS,
-                 dtype: str = "fp32") -> Losses:
-    """Per-block summed cross-entropy of ``model`` on ``evals`` (eval mode, no gradients).
-
-    ``dtype`` "bf16" runs the matmuls under bf16 autocast (each weight cast as it is used: no
-    second copy), several times faster on CPUs with AMX and on GPUs; parent and candidate then
-    share the same rounding of the weights, which the paired difference cancels."""
-    if dtype not in EVAL_DTYPES:
-        raise ValueError(f"evaluation dtype {dtype!r} is not one of {', '.join(EVAL_DTYPES)}")
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    sums, counts = [], []
-    # cache_enabled=False: autocast otherwise keeps every cast weight for the whole region, a
-    # full bf16 copy of the model (measured: +0.5 GB VmHWM at 1.1B before this).
-    autocast = torch.autocast(device.type, dtype=EVAL_DTYPES[dtype], enabled=EVAL_DTYPES[dtype] is not None,
-                              cache_enabled=False)
-    try:
-        with torch.no_grad(), autocast:
-            for batch in evals.blocks.split(batch_size):
-                batch = batch.to(device)
-                logits = model(input_ids=packing.inputs(batch)).logits[:, :-1].float()
-                targets = batch[:, 1:]
-                per_token = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=packing.PAD,
-                                            reduction="none")
-                sums.append(per_token.sum(dim=1).double().cpu())
-                counts.append((targets != packing.PAD).sum(dim=1).double().cpu())
-                del logits, per_token
-    finally:
-        model.train(was_training)
-    result = Losses(torch.cat(sums), torch.cat(counts))
-    if float(result.counts.sum()) == 0:
-        raise ValueError("the evaluation blocks hold no next-token targets (each block needs 2+ real tokens)")
-    return result
+COORDINATOR = "coordinator"  # Evaluated.where of an evaluation on the coordinator's own device
+EVAL_ON = ("auto", "coordinator", "workers")
 
 
 @dataclass(frozen=True)
-class Comparison:
-    """Candidate against parent on the same blocks."""
+class Batch:
+    """What one evaluation scores: version ``version`` on each of ``parents``' blocks, and version
+    plus each candidate's patch on its job's blocks (``sets``: job id -> its budgeted blocks)."""
 
-    parent: float  # mean loss, nats per token
-    candidate: float
-    se: float  # standard error of candidate - parent, from the per-block paired differences
-    tokens: int
+    version: int
+    sets: Mapping[str, EvalSet]
+    parents: tuple[str, ...] = ()
+    candidates: tuple[tuple[str, Adapter], ...] = ()
+    # Parents of this version already measured at ``known_where``: reused only by an evaluation
+    # there (losses from two places are never paired).
+    known: Mapping[str, Losses] = field(default_factory=dict)
+    known_where: str = ""
 
-    @property
-    def difference(self) -> float:
-        return self.candidate - self.parent
-
-
-def paired(parent: Losses, candidate: Losses) -> Comparison:
-    """Compare two models' losses on the same blocks: the mean difference and its standard error."""
-    if parent.counts.shape != candidate.counts.shape or not torch.equal(parent.counts, candidate.counts):
-        raise ValueError("a paired comparison needs both models' losses on the same blocks")
-    se = _ratio_se(candidate.sums - parent.sums, parent.counts)
-    return Comparison(parent.mean, candidate.mean, se, int(parent.counts.sum()))
+    def reusable(self, where: str) -> dict[str, Losses]:
+        return {j: self.known[j] for j in self.parents if j in self.known} if where == self.known_where else {}
 
 
-def unpaired_se(parent: Losses, candidate: Losses) -> float:
-    """The standard error the same difference would have if the two losses came from different
-    blocks (independent samples of the same size): the noise pairing removes. For the docs."""
-    return math.hypot(parent.se, candidate.se)
+@dataclass(frozen=True)
+class Evaluated:
+    parents: dict[str, Losses]  # job id -> the version's losses on its blocks
+    candidates: list[Losses]  # one per Batch.candidates, in order
+    where: str  # COORDINATOR, or the id of the worker whose card scored it
 
 
-def _ratio_se(sums: torch.Tensor, counts: torch.Tensor) -> float:
-    k = int(counts.numel())
-    if k < 2:
-        return math.nan
-    mean = sums.sum() / counts.sum()
-    resid = sums - mean * counts
-    var = float((resid * resid).sum()) * k / (k - 1)
-    return math.sqrt(var) / float(counts.sum())
+class Evaluator(Protocol):
+    def evaluate(self, batch: Batch) -> Evaluated: ...
 
 
-# -- a candidate as a side path --------------------------------------------------------------------
+class OnCoordinator:
+    """Every evaluation on the running model (which the folder keeps at the batch's version)."""
+
+    def __init__(self, model: RunningModel, dtype: str = "fp32") -> None:
+        self.model = model
+        self.dtype = dtype
+
+    def evaluate(self, batch: Batch) -> Evaluated:
+        known = batch.reusable(COORDINATOR)
+        parents = {j: known[j] if j in known else self.model.losses(batch.sets[j], None, self.dtype)
+                   for j in batch.parents}
+        candidates = [self.model.losses(batch.sets[j], patch, self.dtype) for j, patch in batch.candidates]
+        return Evaluated(parents, candidates, COORDINATOR)
 
 
-@contextmanager
-def plus(model: torch.nn.Module, patch: Adapter) -> Iterator[None]:
-    """Inside the block, every linear layer ``patch`` names computes ``W x + scale·B (A x)``.
+class Cards(Protocol):
+    """The trusted workers' cards an evaluation can be sent to (``coordinator.dispatch``)."""
 
-    The weights are untouched: what a candidate is (current + its ΔW) costs two thin matmuls per
-    adapted layer, not a copy of the model. Equal to merging ΔW into W up to float rounding.
-    """
-    modules = dict(model.named_modules())
-    missing = sorted(m for m in patch.factors if m not in modules)
-    if missing:
-        raise ValueError(f"the update names modules the model lacks (e.g. {', '.join(missing[:3])})")
-    handles = []
-    try:
-        for name, (a, b) in patch.factors.items():
-            layer = modules[name]
-            weight = layer.weight
-            a = a.to(weight.device, torch.float32)
-            b = (b.to(weight.device, torch.float32) * patch.scale)
-            handles.append(layer.register_forward_hook(_side_path(a, b)))
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
+    def eval_card(self, need_gb: float) -> Node | None:
+        """The card to evaluate on (None: no trusted card with ``need_gb`` is up)."""
+        ...
+
+    def evaluate(self, task: EvalTask, node: Node, need_gb: float, timeout_s: float) -> EvalReply:
+        """Run ``task`` on ``node``; raises when it fails or takes longer than ``timeout_s``."""
+        ...
 
 
-def _side_path(a: torch.Tensor, b: torch.Tensor):
-    def hook(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-        x = args[0]
-        return output + ((x.to(a.dtype) @ a.T) @ b.T).to(output.dtype)
+class OnWorkers:
+    """Each batch as one evaluation task on one trusted worker's card, else on the coordinator.
 
-    return hook
+    ``quiet``: with ``--eval-on auto`` no trusted card being up is the rule's own case (the
+    coordinator evaluates), not a fallback worth a warning."""
+
+    def __init__(self, cards: Cards, fallback: OnCoordinator, *, lineage: str, coordinator: str, token: str,
+                 dtype: str, timeout_s: float, need_gb: float, quiet: bool = False) -> None:
+        self.cards, self.fallback = cards, fallback
+        self.lineage, self.coordinator, self.token = lineage, coordinator, token
+        self.dtype, self.timeout_s, self.need_gb, self.quiet = dtype, timeout_s, need_gb, quiet
+
+    def evaluate(self, batch: Batch) -> Evaluated:
+        node = self.cards.eval_card(self.need_gb)
+        if node is None:
+            (log.debug if self.quiet else log.warning)(
+                "no trusted worker's card is up to evaluate version %d; evaluating it on the coordinator",
+                batch.version, extra=fields("eval.fallback", version=batch.version, reason="no trusted card"))
+            return self.fallback.evaluate(batch)
+        where = node.worker_id or node.node_id
+        known = batch.reusable(where)
+        jobs = sorted(batch.sets)
+        wanted = [j for j in batch.parents if j not in known]
+        task = EvalTask.of(self.lineage, batch.version, self.coordinator, self.token, self.dtype,
+                           [batch.sets[j] for j in jobs],
+                           [(jobs.index(j), None) for j in wanted] + [(jobs.index(j), p) for j, p in batch.candidates])
+        started = time.monotonic()
+        try:
+            reply = self.cards.evaluate(task, node, self.need_gb, self.timeout_s)
+            losses = reply.losses(task.eval_sets(), task.items)
+        except Exception as exc:  # noqa: BLE001  (any failure: the coordinator evaluates instead)
+            log.warning("the evaluation of version %d on worker %s did not come back (%s); evaluating it on the "
+                        "coordinator instead", batch.version, where, _reason(exc),
+                        extra=fields("eval.fallback", version=batch.version, worker=where, reason=_reason(exc)))
+            return self.fallback.evaluate(batch)
+        log.debug("version %d: %d evaluations on worker %s (%s) in %.1f s", batch.version, len(task.items), where,
+                  reply.device, time.monotonic() - started)
+        return Evaluated({**known, **dict(zip(wanted, losses))}, losses[len(wanted):], where)
+
+
+def _reason(exc: BaseException) -> str:
+    cause = getattr(exc, "cause", None) or exc  # Ray wraps the task's own exception
+    text = str(cause).strip().splitlines()
+    return f"{type(cause).__name__}: {text[-1] if text else ''}"[:300]
+
+
+def eval_vram_gb(n_params: int) -> float:
+    """VRAM an evaluation task asks its card for: the fp32 weights (a worker scores with the
+    coordinator's arithmetic) and a quarter more for activations of a batch of blocks."""
+    return round(n_params * 4 * 1.25 / 2**30 + 0.25, 2)
+
+
+def evaluator_for(settings: Settings, device: str, local: OnCoordinator, cards: Cards | None, *, lineage: str,
+                  token: str, n_params: int) -> Evaluator:
+    """``--eval-on``: coordinator; workers (falling back to the coordinator); auto, the default:
+    on the coordinator when its ``device`` is CUDA, else on a trusted worker when one is up."""
+    if settings.eval_on not in EVAL_ON:
+        raise ValueError(f"--eval-on {settings.eval_on}: choose one of {', '.join(EVAL_ON)}")
+    if cards is None or settings.eval_on == "coordinator" or (settings.eval_on == "auto" and device.startswith("cuda")):
+        return local
+    return OnWorkers(cards, local, lineage=lineage, coordinator=settings.join_address, token=token,
+                     dtype=settings.eval_dtype, timeout_s=settings.eval_timeout_s, need_gb=eval_vram_gb(n_params),
+                     quiet=settings.eval_on == "auto")

@@ -9,11 +9,15 @@ the survivors are folded at once (DESIGN.md's product rule, one GEMM per matrix)
 version is published only if its held-out loss is not worse than its parent's by more than ε;
 otherwise the worst contributor is dropped and the fold retried, or nothing is published.
 
-Every held-out evaluation reads the job's budgeted blocks (``Settings.eval_tokens``) on the
-coordinator's device, and compares parent and candidate on the same blocks
-(:mod:`coordinator.evaluation`); a candidate is the current model plus its update as a side
-path, so a gate neither copies nor changes the master, and the fold's patch goes into the master
-only when the fold is published. The parent's losses are measured once per version.
+Every held-out evaluation reads the job's budgeted blocks (``Settings.eval_tokens``) and compares
+parent and candidate on the same blocks (:mod:`coordinator.evaluation`); a candidate is the
+current model plus its update as a side path, so a gate neither copies nor changes the master,
+and the fold's patch goes into the master only when the fold is published. Evaluations go
+through an :class:`~coordinator.evaluation.Evaluator` (on the coordinator, or delegated to a
+trusted worker's card) in two batches per fold: the parents and every adapter's solo gate in
+one, the fold check in the other (and one more per retry after dropping the worst). The parent's
+losses are measured once per version and place: a fold's candidate losses become the next
+fold's parent losses when the next evaluation runs where they were measured.
 
 Every decision is :class:`coordinator.policy.FoldPolicy`'s (the benchmark folds with the same
 object); this module does the reading, evaluating and publishing around them.
@@ -64,23 +68,28 @@ class Candidate:
     solo_loss: float = math.nan
     task_id: str = ""
     fold_width: int = 1  # K its task's batch was divided for (FoldPolicy.weights)
+    entry: AdapterRecord | None = None
 
 
 class Folder:
     def __init__(self, settings: Settings, ledger: Ledger, store: BlobStore, model: RunningModel,
-                 history: History) -> None:
+                 history: History, evaluator: evaluation.Evaluator | None = None) -> None:
         self.settings = settings
         self.ledger = ledger
         self.store = store
         self.model = model
         self.history = history
         self.policy = FoldPolicy.of(settings)
+        # Where gates and fold checks are scored (coordinator.evaluation.evaluator_for picks it);
+        # rollback and unmerge score on the running model itself (their weights are not a version yet).
+        self.evaluator = evaluator or evaluation.OnCoordinator(model, settings.eval_dtype)
         # Folding, rollback and unmerge each turn the newest version into the next one; the
         # lock makes them take turns (admin calls arrive on gRPC threads).
         self.lock = threading.Lock()
         self._validation: dict[str, list[str]] = {}
         self._eval_sets: dict[str, evaluation.EvalSet] = {}
-        self._parent_losses: tuple[int | None, dict[str, evaluation.Losses]] = (None, {})
+        # (version, where they were measured, job id -> losses): the newest version's parents
+        self._parent_losses: tuple[int | None, str, dict[str, evaluation.Losses]] = (None, "", {})
         self._resync = False
 
     # -- evaluation sets ----------------------------------------------------------------------
@@ -101,24 +110,29 @@ class Folder:
                                                           self.settings.eval_tokens)
         return self._eval_sets[job_id]
 
-    def _job_losses(self, job_ids: list[str], patch: adapter_format.Adapter | None = None
-                    ) -> dict[str, evaluation.Losses]:
-        """Per-block held-out losses of the current model (plus ``patch``) on each job's set."""
-        return {j: self.model.losses(self._eval_set(j), patch, self.settings.eval_dtype) for j in job_ids}
+    def _evaluate(self, version: int, job_ids: list[str],
+                  candidates: Sequence[tuple[str, adapter_format.Adapter]] = ()) -> evaluation.Evaluated:
+        """One batch: the version's losses on each job's set (reusing those known for it, where
+        they were measured) and the version plus each candidate patch on its job's set."""
+        known_version, known_where, known = self._parent_losses
+        if known_version != version:
+            known_version, known_where, known = version, "", {}
+        jobs = sorted({*job_ids, *(j for j, _ in candidates)})
+        result = self.evaluator.evaluate(evaluation.Batch(
+            version, {j: self._eval_set(j) for j in jobs}, tuple(job_ids), tuple(candidates), known, known_where))
+        kept = known if result.where == known_where else {}
+        self._parent_losses = (version, result.where, {**kept, **result.parents})
+        return result
 
     def _parents(self, job_ids: list[str], version: int) -> dict[str, evaluation.Losses]:
-        """The current model's losses on each job's set, measured once per version: a fold's
-        candidate losses become the next fold's parent losses (the same model, the same blocks)."""
-        if self._parent_losses[0] != version:
-            self._parent_losses = (version, {})
-        known = self._parent_losses[1]
-        known.update(self._job_losses([j for j in job_ids if j not in known]))
-        return {j: known[j] for j in job_ids}
+        """The current model's losses on each job's set, measured once per version and place."""
+        return self._evaluate(version, job_ids).parents
 
     def _eval(self, job_ids: list[str]) -> float:
-        """Mean held-out loss over the jobs' sets (each job weighs the same)."""
-        losses = self._job_losses(job_ids)
-        return sum(v.mean for v in losses.values()) / len(losses)
+        """Mean held-out loss of the running model over the jobs' sets (each job weighs the same),
+        on the coordinator: after a rollback or unmerge, whose weights are not a version yet."""
+        losses = [self.model.losses(self._eval_set(j), None, self.settings.eval_dtype) for j in job_ids]
+        return sum(v.mean for v in losses) / len(losses)
 
     def record_base_losses(self) -> None:
         """Give every new job the loss of the version it starts from, for comparison."""
@@ -138,7 +152,7 @@ class Folder:
         """Fold if due; returns the published version number, or None."""
         with self.lock:
             if self._resync:
-                self._parent_losses = (None, {})
+                self._parent_losses = (None, "", {})
                 self.model = self.history.rebuild(self.ledger.versions.latest(), into=self.model)
                 self._resync = False
             self.record_base_losses()
@@ -159,9 +173,7 @@ class Folder:
     def fold(self, entries: list[AdapterRecord]) -> int | None:
         current = self.ledger.versions.latest()
         job_ids = sorted({e.job for e in entries})
-        parents = self._parents(job_ids, current)  # each job's, once: every adapter of it is gated against it
-        parent_loss = sum(p.mean for p in parents.values()) / len(parents)
-        candidates = [c for c in (self._gate(e, current, parents[e.job]) for e in entries) if c]
+        candidates = self._gate(entries, current)
         if not candidates:
             log.warning("no version after %d: all %d adapters were refused", current, len(entries),
                         extra=fields("fold.empty", version=current, jobs=job_ids, adapters=len(entries)))
@@ -177,16 +189,19 @@ class Folder:
             patch = self._outer_step(delta, current)
             # The folded model is evaluated as current + patch on the side (nothing copied), and
             # the patch goes into the master only once the fold is to be published.
-            losses = self._job_losses(job_ids, patch)
-            compared = [evaluation.paired(parents[j], losses[j]) for j in job_ids]
+            check = self._evaluate(current, job_ids, [(j, patch) for j in job_ids])
+            losses = dict(zip(job_ids, check.candidates))
+            compared = [evaluation.paired(check.parents[j], losses[j]) for j in job_ids]
             loss = sum(c.candidate for c in compared) / len(compared)
+            parent_loss = sum(c.parent for c in compared) / len(compared)
             if self.policy.publishable(loss, parent_loss):
                 folding.apply_patch(self.model.master(patch.modules()), patch)
-                self._parent_losses = (current + 1, losses)
+                self._parent_losses = (current + 1, check.where, losses)
                 se = math.sqrt(sum(c.se ** 2 for c in compared)) / len(compared)
                 return self._publish(current, candidates, weights, patch, loss, parent_loss, job_ids,
                                      delta if patch is not delta else None,
-                                     {"paired_se": se, "eval_tokens": sum(c.tokens for c in compared)})
+                                     {"paired_se": se, "eval_tokens": sum(c.tokens for c in compared),
+                                      "evaluated_on": check.where})
             worst = candidates[self.policy.worst([c.solo_loss for c in candidates])]
             reason = f"folding it made held-out loss worse ({loss:.4f} against {parent_loss:.4f})"
             self.ledger.adapters.reject(worst.adapter_id, reason, check=Check.FOLD)
@@ -201,33 +216,50 @@ class Folder:
                     extra=fields("fold.rolled_back", version=current, jobs=job_ids, adapters=len(entries)))
         return None
 
-    def _gate(self, entry: AdapterRecord, current: int, own_parent: evaluation.Losses) -> Candidate | None:
-        """The adapter, if it passes the gates; ``own_parent``: its job's held-out losses now."""
-        adapter_id = entry.adapter_id
+    def _gate(self, entries: list[AdapterRecord], current: int) -> list[Candidate]:
+        """The adapters that pass the gates: first the checks that need no model (format, staleness,
+        norm), then one evaluation of the jobs' parents and every survivor's solo update."""
+        admitted = [c for c in (self._admit(e, current) for e in entries) if c]
+        if not admitted:
+            return []
+        solos = [(c.job_id, lora.build_patch([c.adapter], [folding.staleness_factor(c.tau)])) for c in admitted]
+        scored = self._evaluate(current, sorted({e.job for e in entries}), solos)
+        passed = []
+        for candidate, losses in zip(admitted, scored.candidates):
+            compared = evaluation.paired(scored.parents[candidate.job_id], losses)
+            candidate.solo_loss = compared.candidate
+            log.debug("adapter %s: held-out %+.4f ± %.4f nats over %d tokens (on %s)", candidate.adapter_id,
+                      compared.difference, compared.se, compared.tokens, scored.where)
+            try:
+                self.policy.judge(compared.candidate, compared.parent)
+            except folding.AdapterRejected as exc:
+                self._refuse(candidate.entry, exc)
+                continue
+            passed.append(candidate)
+        return passed
+
+    def _admit(self, entry: AdapterRecord, current: int) -> Candidate | None:
+        """The adapter, if it passes the checks that need no evaluation."""
         try:
             adapter = adapter_format.from_bytes(self.store.get(entry.sha256))
             tau = current - entry.base_version
             norm = folding.delta_norm(adapter)
             self.policy.admit(entry.tokens, tau, norm, self.ledger.adapters.recent_norms())
-            candidate = Candidate(adapter_id, entry.job, entry.worker, adapter, entry.tokens, tau, norm,
-                                  task_id=entry.task)
-            solo = lora.build_patch([adapter], [folding.staleness_factor(tau)])
-            compared = evaluation.paired(
-                own_parent, self.model.losses(self._eval_set(entry.job), solo, self.settings.eval_dtype))
-            candidate.solo_loss = compared.candidate
-            log.debug("adapter %s: held-out %+.4f ± %.4f nats over %d tokens", adapter_id,
-                      compared.difference, compared.se, compared.tokens)
-            self.policy.judge(compared.candidate, compared.parent)
-            return candidate
+            return Candidate(entry.adapter_id, entry.job, entry.worker, adapter, entry.tokens, tau, norm,
+                             task_id=entry.task, entry=entry)
         except (adapter_format.AdapterFormatError, folding.AdapterRejected, FileNotFoundError) as exc:
-            log.warning("adapter %s of task %s (worker %s) refused at the fold: %s", adapter_id, entry.task,
-                        entry.worker or "?", exc,
-                        extra=fields("adapter.rejected", job=entry.job, task=entry.task,
-                                     worker=entry.worker or None, adapter=adapter_id, reason=str(exc)))
-            # The check it failed counts against its volunteer; a blob the store lost does not.
-            check = None if isinstance(exc, FileNotFoundError) else Check(getattr(exc, "check", "malformed"))
-            self.ledger.adapters.reject(adapter_id, str(exc), check=check)
+            self._refuse(entry, exc)
             return None
+
+    def _refuse(self, entry: AdapterRecord, exc: Exception) -> None:
+        adapter_id = entry.adapter_id
+        log.warning("adapter %s of task %s (worker %s) refused at the fold: %s", adapter_id, entry.task,
+                    entry.worker or "?", exc,
+                    extra=fields("adapter.rejected", job=entry.job, task=entry.task,
+                                 worker=entry.worker or None, adapter=adapter_id, reason=str(exc)))
+        # The check it failed counts against its volunteer; a blob the store lost does not.
+        check = None if isinstance(exc, FileNotFoundError) else Check(getattr(exc, "check", "malformed"))
+        self.ledger.adapters.reject(adapter_id, str(exc), check=check)
 
     def _outer_step(self, delta: adapter_format.Adapter, current: int) -> adapter_format.Adapter:
         """Plain folding applies the delta (times --outer-lr); with --outer-momentum, DiLoCo's
@@ -266,10 +298,13 @@ class Folder:
             folded=[(c.adapter_id, w) for c, w in zip(candidates, weights)],
             norms=[c.norm for c in candidates],
         )
-        log.info("folded version %d from %d adapters (jobs %s): held-out loss %.4f -> %.4f",
+        where = (measured or {}).get("evaluated_on", evaluation.COORDINATOR)
+        log.info("folded version %d from %d adapters (jobs %s): held-out loss %.4f -> %.4f, evaluated on %s",
                  record.version, len(candidates), ", ".join(job_ids), parent_loss, loss,
+                 where if where == evaluation.COORDINATOR else f"worker {where}",
                  extra=fields("version.folded", version=record.version, parent=current, jobs=job_ids,
                               job=job_ids[0] if len(job_ids) == 1 else None, loss=loss, parent_loss=parent_loss,
+                              evaluated_on=where,
                               contributions=[{"adapter": c.adapter_id, "job": c.job_id, "worker": c.worker_id,
                                               "weight": round(w, 6), "tokens": c.tokens, "staleness": c.tau}
                                              for c, w in zip(candidates, weights)]))
@@ -292,7 +327,7 @@ class Folder:
                 raise ValueError(f"cannot roll back to version {target}: choose one from 0 to {current - 1}")
             undo = lora.chain([self.history.patch(v) for v in range(target + 1, current + 1)], sign=-1.0)
             jobs = self._recent_jobs(target + 1, current)
-            self._parent_losses = (None, {})
+            self._parent_losses = (None, "", {})
             try:  # in place: a second model in memory is what the coordinator cannot afford
                 self.model = self.history.rebuild(target, into=self.model)
             except Exception:
@@ -318,7 +353,7 @@ class Folder:
             patch = folding.build_patch([adapter], [-entry.weight])
             current = self.ledger.versions.latest()
             folding.apply_patch(self.model.master(patch.modules()), patch)
-            self._parent_losses = (None, {})
+            self._parent_losses = (None, "", {})
             jobs = self._recent_jobs(entry.version, current)
             loss = self._eval(jobs) if jobs else math.nan
             record = self.ledger.versions.publish(self._new_version(

@@ -9,7 +9,7 @@ master is the coordinator's own: pulls never send it (:func:`pulled`).
 
 Memory (issue 11): for P parameters the coordinator holds the 4P bytes of the master and never a
 second full copy. Loading reads one shard (and the master one tensor) at a time; gates evaluate a
-candidate as a side path (:func:`coordinator.evaluation.plus`) instead of changing or copying
+candidate as a side path (:func:`nomoat.evaluation.plus`) instead of changing or copying
 weights; publishing writes shard by shard, each tensor cast to the base dtype on its way to disk
 (:mod:`nomoat.weights`), and moves the files into the store by rename; a version that was never
 snapshotted is written from its nearest snapshot plus its patches, tensor by tensor
@@ -29,9 +29,8 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from coordinator import evaluation
 from coordinator.store import BlobStore
-from nomoat import lora, packing, weights
+from nomoat import evaluation, lora, packing, weights
 from nomoat.adapter import Adapter
 
 PRIVATE_PREFIX = weights.PRIVATE_PREFIX  # files of a stored version that only the coordinator reads
@@ -167,10 +166,7 @@ class RunningModel:
                ) -> evaluation.Losses:
         """Per-block losses of the current model, or of the current model plus ``patch`` (as a
         side path: the weights are not changed); ``dtype``: see evaluation.block_losses."""
-        if patch is None:
-            return evaluation.block_losses(self.model, evals, dtype=dtype)
-        with evaluation.plus(self.model, patch):
-            return evaluation.block_losses(self.model, evals, dtype=dtype)
+        return evaluation.losses_with(self.model, evals, patch, dtype)
 
     def eval_loss(self, texts: Sequence[str], seq_len: int) -> float:
         blocks = packing.pack(self.tokenizer, texts, seq_len)

@@ -27,7 +27,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from coordinator import service
+from coordinator import evaluation, service
 from coordinator.auth import AuthInterceptor, TokenRegistry
 from coordinator.folder import Folder
 from coordinator.history import History
@@ -184,6 +184,7 @@ class Coordinator:
             device = resolve_device(self.settings.device)
         except ValueError as exc:
             raise SystemExit(str(exc)) from None
+        self.device = device
         self.history = History(self.ledger, self.store, self.data_dir, device)
         latest = self.ledger.versions.latest()
         if latest is None:
@@ -234,8 +235,10 @@ class Coordinator:
         from coordinator.outbound import OutboundDispatcher
         from coordinator.scheduler import Dispatchers
 
-        # One scheduler, two transports: trusted Ray nodes and outbound-only volunteers.
-        self.dispatcher = Dispatchers(RayDispatcher(),
+        # One scheduler, two transports: trusted Ray nodes and outbound-only volunteers. The Ray
+        # one also takes evaluation tasks (trusted workers only: --eval-on).
+        self.ray_dispatcher = RayDispatcher()
+        self.dispatcher = Dispatchers(self.ray_dispatcher,
                                       OutboundDispatcher(self.ledger, self.settings.outbound_liveness_s))
 
     def _start_grpc(self) -> None:
@@ -264,7 +267,8 @@ class Coordinator:
         self.scheduler = Scheduler(self.settings, self.ledger, self.dispatcher, self.worker_token,
                                    lambda job_config: task_need(model_config, job_config),
                                    replication=self.deps.replication)
-        self.folder = Folder(self.settings, self.ledger, self.store, self.model, self.history)
+        self.folder = Folder(self.settings, self.ledger, self.store, self.model, self.history,
+                             evaluator=self._evaluator())
         self.deps.operations = self.folder
         # Counted from now, when workers can reach us again, not from when Redis came up.
         moved = self.ledger.leases.reset(time.time() + self.settings.lease_ttl_s)
@@ -273,6 +277,22 @@ class Coordinator:
                      self.settings.lease_ttl_s)
         self._spawn("scheduler", self._schedule_loop)
         self._spawn("folder", self._fold_loop)
+
+    def _evaluator(self) -> evaluation.Evaluator:
+        """Where the folder's evaluations run (--eval-on; coordinator.evaluation.evaluator_for)."""
+        try:
+            chosen = evaluation.evaluator_for(
+                self.settings, self.device, evaluation.OnCoordinator(self.model, self.settings.eval_dtype),
+                self.ray_dispatcher, lineage=self.history.lineage().id, token=self.worker_token,
+                n_params=sum(p.numel() for p in self.model.model.parameters()))
+        except ValueError as exc:
+            raise SystemExit(str(exc)) from None
+        if isinstance(chosen, evaluation.OnWorkers):
+            log.info("evaluations run on trusted workers' cards when one is up (--eval-on %s), else on the "
+                     "coordinator's %s", self.settings.eval_on, self.device)
+        else:
+            log.info("evaluations run on the coordinator's %s", self.device)
+        return chosen
 
     def _start_http(self) -> None:
         """The dashboard and /metrics on their own port, opened with a reader token (one is kept in

@@ -123,6 +123,13 @@ class Settings:
     # "bf16": evaluations run their matmuls under bf16 autocast (no second copy of the weights):
     # ~6x faster than fp32 on a CPU with AMX (measured on this machine), the usual on a GPU.
     eval_dtype: str = "fp32"
+    # Where evaluations run (coordinator/evaluation.py): "coordinator" (on --device), "workers"
+    # (as evaluation tasks on trusted workers' cards, on the coordinator when none can take one),
+    # or "auto": on the coordinator when --device is CUDA or no trusted worker is up, else on one.
+    eval_on: str = "auto"
+    # A delegated evaluation that has not come back after this long (waiting for its card
+    # included) is given up and run on the coordinator; it bounds what a lost worker costs a fold.
+    eval_timeout_s: float = 120.0
     validation_fraction: float = 0.05
     max_validation_records: int = 256
     max_dataset_bytes: int = 256 << 20

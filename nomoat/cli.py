@@ -175,13 +175,20 @@ def _coordinator_start() -> click.Command:
                   help="Validation tokens each held-out evaluation reads (0: the whole slice); docs/evaluation.md.")
     @click.option("--eval-dtype", default=Settings.eval_dtype, show_default=True, type=click.Choice(["fp32", "bf16"]),
                   help="Precision of the evaluations' matmuls (bf16: autocast, much faster on AMX CPUs and GPUs).")
+    @click.option("--eval-on", default=Settings.eval_on, show_default=True,
+                  type=click.Choice(["auto", "coordinator", "workers"]),
+                  help="Where evaluations run: the coordinator's --device, trusted workers' cards, or auto "
+                       "(the coordinator when --device is CUDA or no trusted worker is up); docs/evaluation.md.")
+    @click.option("--eval-timeout", default=Settings.eval_timeout_s, show_default=True,
+                  type=click.FloatRange(min=0, min_open=True),
+                  help="Seconds a delegated evaluation may take before the coordinator runs it itself.")
     @log_format_option
     @click.pass_context
     def coordinator_start(ctx, data_dir, listen, public_address, redis_url, ray_address, ray_token_file, ray_node_ip,
                           base_model, fold_every, fold_timeout, tokens_per_task, outer_momentum, outer_lr,
                           keep_global_batch, size_from_noise, lease_ttl, max_attempts, max_workers_per_token,
                           replicate_fraction, tls_cert, tls_key, http, device, eval_tokens, eval_dtype,
-                          log_format) -> None:
+                          eval_on, eval_timeout, log_format) -> None:
         """Start the coordinator: gRPC server, Redis ledger and Ray driver. Ctrl-C stops it."""
         # OpenMP threads that sleep when idle, not spin (read when torch loads, just below): the
         # coordinator's evaluations share the CPU with its gRPC threads and Redis, and spinning
@@ -208,7 +215,7 @@ def _coordinator_start() -> click.Command:
             size_from_noise=size_from_noise, lease_ttl_s=lease_ttl, max_attempts=max_attempts,
             max_workers_per_token=max_workers_per_token, replicate_fraction=replicate_fraction,
             tls_cert=tls_cert, tls_key=tls_key, http=http, device=device, eval_tokens=eval_tokens,
-            eval_dtype=eval_dtype,
+            eval_dtype=eval_dtype, eval_on=eval_on, eval_timeout_s=eval_timeout,
         )
         node = Coordinator(settings)
         try:

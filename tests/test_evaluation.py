@@ -18,6 +18,7 @@ from coordinator.settings import JobDefaults, Settings
 from coordinator.store import BlobStore
 from coordinator.submit import submit
 from nomoat import adapter as fmt
+from nomoat import evaluation as shared
 from nomoat import lora
 from nomoat.tiny import read_demo, tiny_model_path
 
@@ -87,8 +88,8 @@ def test_the_folder_gates_within_the_budget_and_records_the_paired_error(ledger,
     data = "".join(json.dumps({"text": t}) + "\n" for t in read_demo()[:400]).encode()
     submit(settings, ledger, store, running.tokenizer, list(targets), data, "d.jsonl", "test", {})
     calls = []
-    real = evaluation.block_losses
-    evaluation.block_losses = lambda m, evals, *a, **k: calls.append(evals.tokens) or real(m, evals, *a, **k)
+    real = shared.block_losses
+    shared.block_losses = lambda m, evals, *a, **k: calls.append(evals.tokens) or real(m, evals, *a, **k)
     try:
         for seed in (1, 2):
             task_id = ledger.leases.pending(1)[0]
@@ -98,11 +99,12 @@ def test_the_folder_gates_within_the_budget_and_records_the_paired_error(ledger,
         before = {m: w.clone() for m, w in running.master(list(targets)).items()}
         assert folder.maybe_fold(set()) == 1
     finally:
-        evaluation.block_losses = real
+        shared.block_losses = real
     assert calls and all(t <= 1500 for t in calls)  # every evaluation read the budget, no more
     assert len(calls) == 4  # the parent once, two gates, the fold
     record = ledger.versions.get(1)
     assert 0 < record.metrics["paired_se"] < 0.02 and record.metrics["eval_tokens"] <= 1500
+    assert record.metrics["evaluated_on"] == "coordinator"
     patch = fmt.from_bytes(store.get(record.patch))
     for m, w in before.items():  # the fold went into the master exactly once
         expected = w.clone()

@@ -1,5 +1,5 @@
 """The dependency direction of DESIGN.md: the worker never imports the coordinator; the coordinator
-names only the worker's task entry point; the shared package imports neither side, except the CLI
+names only the worker's entry points (a training run, an evaluation) that it submits to Ray; the shared package imports neither side, except the CLI
 (and the demo), which import a side inside the command that needs it."""
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-TASK_ENTRY = "worker.task"  # what the coordinator submits to Ray (run_units)
+# What the coordinator submits to Ray: a training run, and an evaluation task.
+ENTRY_POINTS = {"worker.task", "worker.task.run_units", "worker.evaluate", "worker.evaluate.run_evaluation"}
 
 
 def imports(path: Path, top_level_only: bool = False) -> set[str]:
@@ -55,9 +56,9 @@ def test_the_worker_never_imports_the_coordinator(path: Path) -> None:
 
 
 @pytest.mark.parametrize("path", package("coordinator"), ids=lambda p: p.name)
-def test_the_coordinator_names_only_the_workers_task_entry_point(path: Path) -> None:
+def test_the_coordinator_names_only_the_workers_entry_points(path: Path) -> None:
     named = {m for m in imports(path) if side(m) == "worker"}
-    assert named <= {"worker", TASK_ENTRY, f"{TASK_ENTRY}.run_units"}, (path, named)
+    assert named <= {"worker", *ENTRY_POINTS}, (path, named)
 
 
 @pytest.mark.parametrize("path", package("nomoat"), ids=lambda p: p.name)
