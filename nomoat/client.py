@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -209,10 +210,23 @@ class CoordinatorClient:
         request = pb.UploadOffsetRequest(task_id=task_id, fence=fence, sha256=sha256)
         return self._call(self.workers.UploadOffset, request, timeout=15).offset
 
-    def request_work(self, worker_id: str, wait_s: float) -> pb.WorkReply:
-        """Long-poll for the next run placed on this (outbound-only) worker."""
-        return self._call(self.workers.RequestWork, pb.WorkRequest(worker_id=worker_id, wait_s=wait_s),
-                          timeout=wait_s + 30)
+    def request_work(self, worker_id: str, wait_s: float, stop: threading.Event | None = None) -> pb.WorkReply:
+        """Long-poll for the next run placed on this (outbound-only) worker. Setting ``stop``
+        cancels the poll at once (an empty reply): a volunteer's Ctrl-C does not wait it out. A
+        run the coordinator placed in that instant is lost with the reply; its leases run out and
+        it is issued again."""
+        request = pb.WorkRequest(worker_id=worker_id, wait_s=wait_s)
+        if stop is None:
+            return self._call(self.workers.RequestWork, request, timeout=wait_s + 30)
+        call = self.workers.RequestWork.future(request, timeout=wait_s + 30, metadata=self._meta)
+        while not call.done():
+            if stop.wait(0.1):
+                call.cancel()
+                return pb.WorkReply()
+        try:
+            return call.result()
+        except grpc.RpcError as exc:
+            raise _explain(exc, self.address) from None
 
     def report_run(self, worker_id: str, run_id: str, units: list[str], handed_back: list[str]) -> None:
         """Say how each unit of a run ended (UnitResult JSON), and which were handed back unstarted."""

@@ -287,6 +287,19 @@ def test_a_stopping_worker_hands_back_the_units_it_has_not_started(rig: Rig, tmp
     consistency.check(rig.ledger)
 
 
+def test_a_stop_ends_a_long_poll_at_once(rig: Rig, tmp_path) -> None:
+    """Ctrl-C while the worker waits for work (no job: the poll would last its whole 20 s)."""
+    worker = OutboundWorker(rig.client("worker"), CARD, name="idle", cache_dir=tmp_path / "cache", poll_wait_s=20.0)
+    worker.start()
+    thread = threading.Thread(target=worker.run, kwargs={"install_signals": False}, daemon=True)
+    thread.start()
+    time.sleep(1.0)  # inside the long-poll now
+    stopped = time.monotonic()
+    worker.stop()
+    thread.join(timeout=10)
+    assert not thread.is_alive() and time.monotonic() - stopped < 2.0
+
+
 def test_ray_only_flags_without_ray_mode_are_a_sentence() -> None:
     from click.testing import CliRunner
 

@@ -137,7 +137,7 @@ class OutboundWorker:
                 self._stop.wait(IDLE_CHECK_S)
                 continue
             try:
-                reply = self.client.request_work(self.worker_id, self.poll_wait_s)
+                reply = self.client.request_work(self.worker_id, self.poll_wait_s, stop=self._stop)
             except NomoatError as exc:
                 self._reconnect(backoff, exc)
                 continue
