@@ -28,6 +28,7 @@ import random
 import secrets
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 from coordinator.auth import Identity
@@ -46,6 +47,9 @@ NODE_PREFIX = "outbound:"  # an outbound worker's node id is this and its worker
 CARD_CACHE_S = 30.0  # how long the dispatcher trusts a worker's card as read from the ledger
 POLLS_PER_S = 100.0  # the short polls a frontend invites per second when its long-poll slots are full
 MAX_POLL_AGAIN_S = 30.0
+# A long-poll waits in slices this long (whole seconds: BLPOP's timeout on Redis before 6.0),
+# checking between them that its worker still waits for the answer.
+POLL_SLICE_S = 1.0
 
 
 def node_id_of(worker_id: str) -> str:
@@ -214,15 +218,22 @@ def _own(ledger: Ledger, identity: Identity, worker_id: str) -> None:
 
 
 def request_work(ledger: Ledger, settings: Settings, identity: Identity, worker_id: str, wait_s: float,
-                 polls: LongPolls) -> Work:
+                 polls: LongPolls, still_wanted: Callable[[], bool] = lambda: True) -> Work:
     """The next run placed on ``worker_id``, waiting up to ``wait_s`` (capped at the coordinator's
-    ``long_poll_s``) for one; when every long-poll slot is taken, no wait, and a time to ask again."""
+    ``long_poll_s``) for one; when every long-poll slot is taken, no wait, and a time to ask again.
+
+    The wait is taken in slices of ``POLL_SLICE_S``, and ends early once ``still_wanted()`` says
+    no (the worker cancelled its poll, the server is stopping): a poll nobody waits for does not
+    hold a slot and a server thread for the rest of its time."""
     _own(ledger, identity, worker_id)
     ledger.inbox.seen(worker_id)
     wait = max(0.0, min(wait_s, settings.long_poll_s))
     held = wait > 0 and polls.acquire()
     try:
-        got = ledger.inbox.take(worker_id, wait if held else 0.0)
+        end = time.monotonic() + wait
+        got = ledger.inbox.take(worker_id, min(wait, POLL_SLICE_S) if held else 0.0)
+        while got is None and held and end - time.monotonic() >= POLL_SLICE_S and still_wanted():
+            got = ledger.inbox.take(worker_id, POLL_SLICE_S)
     finally:
         if held:
             polls.release()

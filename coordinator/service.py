@@ -286,7 +286,8 @@ class WorkersServicer(rpc.WorkersServicer):
         if self.deps.long_polls is None:
             self.deps.long_polls = outbound.LongPolls(LONG_POLL_SLOTS)
         work = outbound.request_work(self.deps.ledger, self.deps.settings, _identity(context, self.deps),
-                                     request.worker_id, request.wait_s, self.deps.long_polls)
+                                     request.worker_id, request.wait_s, self.deps.long_polls,
+                                     still_wanted=context.is_active)
         return pb.WorkReply(run_id=work.run_id, task_specs=list(work.specs), poll_again_s=work.poll_again_s)
 
     @_answers

@@ -300,6 +300,18 @@ def test_a_stop_ends_a_long_poll_at_once(rig: Rig, tmp_path) -> None:
     assert not thread.is_alive() and time.monotonic() - stopped < 2.0
 
 
+def test_a_long_poll_nobody_waits_for_any_more_ends_and_frees_its_slot(rig: Rig, tmp_path) -> None:
+    """The worker cancelled its poll, or the server is stopping: the handler stops waiting within
+    a slice instead of holding a server thread and a slot for the rest of its 20 s."""
+    worker = OutboundWorker(rig.client("worker"), CARD, name="gone", cache_dir=tmp_path / "cache")
+    worker.start()
+    slots, started = polls(1), time.monotonic()
+    work = request_work(rig.ledger, rig.deps.settings, rig.registry.lookup(rig.tokens["worker"]), worker.worker_id,
+                        20.0, slots, still_wanted=lambda: time.monotonic() < started + 1.5)
+    assert not work.run_id and time.monotonic() - started < 4.0
+    assert slots.acquire()  # the slot is free again
+
+
 def test_ray_only_flags_without_ray_mode_are_a_sentence() -> None:
     from click.testing import CliRunner
 
