@@ -41,7 +41,8 @@ from coordinator.history import History  # noqa: E402
 from coordinator.model import RunningModel  # noqa: E402
 from coordinator.redis_server import EmbeddedRedis  # noqa: E402
 from coordinator.replication import Replication  # noqa: E402
-from coordinator.scheduler import Need, Scheduler  # noqa: E402
+from coordinator.scheduler import Scheduler  # noqa: E402
+from coordinator.transport import Need  # noqa: E402
 from coordinator.store import BlobStore  # noqa: E402
 from coordinator.uploads import PartialUploads  # noqa: E402
 from nomoat import adapter as adapter_format  # noqa: E402

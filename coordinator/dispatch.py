@@ -12,7 +12,7 @@ fence (a rerun under the old fence would let a late upload from the dead run thr
 What crosses Ray is plain data: a list of :class:`~nomoat.spec.TaskSpec` in, a list of
 :class:`~nomoat.spec.UnitResult` out, of :func:`worker.task.run_units`, the worker's training
 entry point. Every Ray call of the coordinator lives here; the scheduler sees :class:`Node` and
-:class:`~coordinator.scheduler.Finished`.
+:class:`~coordinator.transport.Finished`.
 
 Evaluation tasks (:meth:`RayDispatcher.evaluate`, for ``coordinator.evaluation.OnWorkers``) run
 :func:`worker.evaluate.run_evaluation`, the worker's other entry point: an
@@ -35,7 +35,7 @@ from typing import Any
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from coordinator.scheduler import Finished, Need, Node, placement_of
+from coordinator.transport import Finished, Need, Node, placement_of
 from coordinator.submit import JobConfig
 from nomoat.evaluation import EvalReply, EvalTask
 from nomoat.memory import min_vram_gb, shape_for

@@ -47,7 +47,7 @@ from nomoat.logs import fields
 
 if TYPE_CHECKING:
     from coordinator.model import RunningModel
-    from coordinator.scheduler import Node
+    from coordinator.transport import Node
     from coordinator.settings import Settings
 
 log = logging.getLogger("nomoat.evaluation")

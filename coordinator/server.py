@@ -233,7 +233,7 @@ class Coordinator:
             raise ray_node.RayClusterError(f"cannot join the Ray cluster at {address}: {exc}") from None
         from coordinator.dispatch import RayDispatcher
         from coordinator.outbound import OutboundDispatcher
-        from coordinator.scheduler import Dispatchers
+        from coordinator.transport import Dispatchers
 
         # One scheduler, two transports: trusted Ray nodes and outbound-only volunteers. The Ray
         # one also takes evaluation tasks (trusted workers only: --eval-on).

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from coordinator.ledger import TaskState
-from coordinator.scheduler import Finished
+from coordinator.transport import Finished
 from tests import rig as rigs
 from tests.rig import Rig, published, rig  # noqa: F401  (fixtures)
 from tests.test_task import leased_specs

@@ -23,7 +23,7 @@ import torch
 from coordinator import evaluation
 from coordinator.folder import Folder
 from coordinator.model import RunningModel
-from coordinator.scheduler import Node
+from coordinator.transport import Node
 from coordinator.settings import JobDefaults, Settings
 from coordinator.submit import submit
 from nomoat import adapter as fmt

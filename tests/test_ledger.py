@@ -275,7 +275,8 @@ def test_records_are_typed_and_states_print_as_before(ledger):
 
 
 def test_a_restarted_scheduler_sizes_a_fast_cards_run_from_the_speed_the_ledger_holds(ledger, tmp_path):
-    from coordinator.scheduler import Need, Scheduler
+    from coordinator.scheduler import Scheduler
+    from coordinator.transport import Need
     from coordinator.settings import Settings
     from tests.fakes import FakeCard, FakeDispatcher
 

@@ -15,7 +15,8 @@ from coordinator.auth import Identity
 from coordinator.errors import InvalidRequest, NotPermitted
 from coordinator.ledger import TaskState
 from coordinator.outbound import LongPolls, OutboundDispatcher, is_outbound, report_run, request_work
-from coordinator.scheduler import Dispatchers, Need, Node, Scheduler
+from coordinator.scheduler import Scheduler
+from coordinator.transport import Dispatchers, Need, Node
 from nomoat.card import Card, to_message
 from nomoat.client import NomoatError
 from nomoat.spec import TaskSpec, UnitResult

@@ -22,7 +22,8 @@ from coordinator.history import History
 from coordinator.ledger import AdapterState, Check, TaskState
 from coordinator.model import RunningModel
 from coordinator.replication import Replication
-from coordinator.scheduler import Need, Scheduler
+from coordinator.scheduler import Scheduler
+from coordinator.transport import Need
 from coordinator.uploads import PartialUploads
 from nomoat import adapter as adapter_format
 from nomoat.tiny import read_fortunes, tiny_model_path

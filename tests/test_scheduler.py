@@ -26,7 +26,8 @@ from coordinator.ledger import (
     twin_id,
 )
 from coordinator.dispatch import task_need
-from coordinator.scheduler import Need, Scheduler
+from coordinator.scheduler import Scheduler
+from coordinator.transport import Need
 from coordinator.settings import Settings
 from tests import consistency
 from tests.fakes import FakeCard, FakeDispatcher, Upload, unit_of
