@@ -110,13 +110,13 @@ def test_with_the_coordinators_certificate_the_port_is_https(rig: Rig) -> None:
 def test_a_chosen_port_that_is_taken_fails_the_command_and_the_default_one_only_warns(capsys) -> None:
     from types import SimpleNamespace
 
-    from nomoat import cli
+    from nomoat import cli_operator as cli
 
     taken = SimpleNamespace(web=None, web_error="the dashboard cannot listen on 127.0.0.1:8470: Address in use")
-    cli._say_dashboard(taken, explicit=False)
+    cli.say_dashboard(taken, explicit=False)
     assert "warning: the dashboard cannot listen on 127.0.0.1:8470" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        cli._say_dashboard(taken, explicit=True)
+        cli.say_dashboard(taken, explicit=True)
     assert "choose another --http HOST:PORT, or --http off" in capsys.readouterr().err
 
 
