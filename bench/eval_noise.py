@@ -10,10 +10,10 @@ blocks, for each budget b (tokens per evaluation):
 
 * ``paired_sd``: the spread (standard deviation) over disjoint windows of b tokens of the
   measured difference candidate − parent, both on the same window: the noise of the gate as
-  built (coordinator/evaluation.py);
+  built (coordinator/fold/evaluators.py);
 * ``unpaired_sd``: the same spread when the candidate is measured on one window and the parent on
   another: the noise of comparing losses measured on different tokens;
-* ``paired_se``: the standard error coordinator.evaluation.paired reports from one window (its
+* ``paired_se``: the standard error nomoat.evaluation.paired reports from one window (its
   mean over windows), to check it against ``paired_sd``;
 * ``seconds``: one evaluation of b tokens on this machine.
 
@@ -35,8 +35,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from coordinator import evaluation  # noqa: E402
-from coordinator.model import RunningModel  # noqa: E402
+
+from nomoat import evaluation
+from coordinator.model.running import RunningModel  # noqa: E402
 from nomoat import lora  # noqa: E402
 from nomoat.adapter import Adapter  # noqa: E402
 from nomoat.tiny import read_demo, tiny_model_path  # noqa: E402

@@ -8,7 +8,7 @@ Weights have Llama-like shapes (q/k/v/o, gate/up/down; hidden 1024, intermediate
 103M parameters in adapted matrices). For each rank in (8, 16) and K in (8, 32) random adapters
 are folded into the same fp32 weights three ways:
 
-* ``fold``      coordinator.folding.fold: concatenate, then one ``addmm_`` per matrix
+* ``fold``      coordinator.fold.folding.fold: concatenate, then one ``addmm_`` per matrix
                 (also timed in its two halves, ``build`` and ``apply``);
 * ``peft``      one adapter after another, as ``merge_and_unload`` does: materialize
                 ``(B @ A) * scaling``, then ``W += delta`` (K read/write passes over every weight);
@@ -44,7 +44,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from coordinator.folding import apply_patch, build_patch, fold, fold_weights  # noqa: E402
+from coordinator.fold.folding import apply_patch, build_patch, fold, fold_weights  # noqa: E402
 from nomoat.adapter import Adapter  # noqa: E402
 
 Weights = dict[str, torch.Tensor]

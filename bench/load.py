@@ -256,9 +256,9 @@ def figures(tally: Tally, seconds: float) -> dict[str, float]:
 
 def check_ledger(data_dir: Path, tallies: list[Tally]) -> dict[str, int]:
     """What the ledger says against what the workers saw."""
-    from coordinator import keys
+    from coordinator.ledger import keys
     from coordinator.ledger import Ledger, TaskState
-    from coordinator.redis_server import EmbeddedRedis
+    from coordinator.ledger.redis_server import EmbeddedRedis
     from coordinator.server import redis_client
 
     ledger = Ledger(redis_client(EmbeddedRedis(data_dir / "redis").url))

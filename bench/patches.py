@@ -23,8 +23,8 @@ import time
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from coordinator.folding import build_patch
-from coordinator.history import plan_catch_up
+from coordinator.fold.folding import build_patch
+from coordinator.model.history import plan_catch_up
 from nomoat.adapter import Adapter, to_bytes
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

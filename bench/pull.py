@@ -119,14 +119,16 @@ def _serve(folder: str, data_dir: str, chunk: int, conn) -> None:
     import redis
     from grpc_health.v1 import health_pb2
 
-    from coordinator import pull, service
-    from coordinator.auth import TokenRegistry
-    from coordinator.history import History
+    from coordinator.model import pull
+
+    from coordinator.gateway import servicers
+    from coordinator.gateway.auth import TokenRegistry
+    from coordinator.model.history import History
     from coordinator.ledger import Ledger, VersionRecord
-    from coordinator.redis_server import EmbeddedRedis
+    from coordinator.ledger.redis_server import EmbeddedRedis
     from coordinator.server import MAX_CONCURRENT_RPCS, MAX_MESSAGE, RPC_THREADS, bind, grpc_server
     from coordinator.settings import Settings
-    from coordinator.store import BlobStore
+    from coordinator.model.store import BlobStore
 
     pull.CHUNK = chunk  # the one knob this benchmark turns
     data = Path(data_dir)
@@ -140,7 +142,7 @@ def _serve(folder: str, data_dir: str, chunk: int, conn) -> None:
         registry = TokenRegistry(ledger.tokens)
         token = registry.create("reader")
         settings = Settings(data_dir=data)
-        deps = service.Deps(settings, ledger, store, registry, None, {}, "", "",
+        deps = servicers.Deps(settings, ledger, store, registry, None, {}, "", "",
                             history=History(ledger, store, data))
         real, health_servicer = grpc_server(deps)
         port = bind(real, "127.0.0.1:0")
@@ -193,7 +195,7 @@ def _pull_once(client, out: Path, cpu: Callable[[], float]) -> tuple[float, floa
 def measure(folder: Path, repeats: int = 3, chunk: int | None = None, work_dir: Path | None = None) -> PullFigures:
     """Serve ``folder`` as version 0 (child process) and time ``CoordinatorClient.pull`` of it
     against raw gRPC streaming of the same bytes; each side's best of ``repeats`` after a warm-up."""
-    from coordinator import pull
+    from coordinator.model import pull
     from nomoat.client import MAX_MESSAGE, CoordinatorClient
 
     chunk = chunk or pull.CHUNK

@@ -1,8 +1,8 @@
 """The simulated coordinator behind ``bench/quality.py``: one job's tasks trained by simulated
-asynchronous workers and folded as ``coordinator.folder.Folder`` folds, and the centralized and
+asynchronous workers and folded as ``coordinator.fold.folder.Folder`` folds, and the centralized and
 data-parallel baselines, all with the real trainer.
 
-:class:`Loop` holds the coordinator's own :class:`coordinator.policy.FoldPolicy` (when a fold is
+:class:`Loop` holds the coordinator's own :class:`coordinator.fold.policy.FoldPolicy` (when a fold is
 due, the gates, the weights, the outer step, drop-the-worst, and each task's batch and lr: the
 folder and the scheduler call the same object) plus the levers of issue 10 the product does not
 have as settings (a task batch or lr other than the policy's, LoRA+, warm starts); :class:`Bench` runs
@@ -30,12 +30,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from coordinator import folding  # noqa: E402
-from coordinator.model import RunningModel  # noqa: E402
-from coordinator.noise import NoiseScale, Sample  # noqa: E402
-from coordinator.policy import FoldPolicy, TaskTraining  # noqa: E402
+from coordinator.fold import folding  # noqa: E402
+from coordinator.model.running import RunningModel  # noqa: E402
+from coordinator.schedule.noise import NoiseScale, Sample  # noqa: E402
+from coordinator.fold.policy import FoldPolicy, TaskTraining  # noqa: E402
 from coordinator.settings import JobDefaults, Settings  # noqa: E402
-from coordinator.submit import split_tasks  # noqa: E402
+from coordinator.schedule.submit import split_tasks  # noqa: E402
 from nomoat.adapter import Adapter  # noqa: E402
 from nomoat.tiny import read_demo, tiny_model_path  # noqa: E402
 from worker.trainer import Carry, LoraSpec, TrainSpec, gradient_start, train_adapter  # noqa: E402
@@ -99,7 +99,7 @@ class Outcome:
     delta: torch.Tensor | None = None  # W_final − W_base of PROBE_MODULE
     seconds: float = 0.0
     batches: list[int] = field(default_factory=list)  # each task's batch, in the order trained
-    noise_scale: float = math.nan  # the job's B_simple estimate at the end (coordinator.noise)
+    noise_scale: float = math.nan  # the job's B_simple estimate at the end (coordinator.schedule.noise)
     train_seconds: float = 0.0  # Σ over tasks of the trainer's wall time (init included)
     init_seconds: float = 0.0  # of which: estimating gradient-aligned starts (shared ones too)
 
@@ -296,7 +296,7 @@ class Bench:
                 shutil.rmtree(path, ignore_errors=True)
         return out
 
-    # -- one fold, as coordinator.folder.Folder.fold does it ----------------------------------
+    # -- one fold, as coordinator.fold.folder.Folder.fold does it ----------------------------------
 
     def _fold(self, running: RunningModel, loop: Loop, entries: list[dict], current: int,
               recent_norms: list[float], previous_deltas: list[Adapter], out: Outcome) -> Adapter | None:

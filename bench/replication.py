@@ -6,7 +6,7 @@ Two parts, both on the CPU, both against a baseline measured in the same run:
 the same seed and plan; the same seed at another micro-batch (what another card's memory plan
 does, the same effective batch); another seed (an honest run of other work: what a replica that
 did not repeat the task looks like); the first run scaled x50 and a random update of its size.
-Each row prints the relative distance of the updates (coordinator.replication.distance) and the
+Each row prints the relative distance of the updates (coordinator.schedule.replication.distance) and the
 training-loss gap; ``replica_tolerance`` and ``replica_loss_tolerance`` must separate the first
 two from the rest.
 
@@ -35,16 +35,17 @@ import redis
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.fakes, tests.rig
-from coordinator import collect, replication  # noqa: E402
-from coordinator.folder import Folder  # noqa: E402
-from coordinator.history import History  # noqa: E402
-from coordinator.model import RunningModel  # noqa: E402
-from coordinator.redis_server import EmbeddedRedis  # noqa: E402
-from coordinator.replication import Replication  # noqa: E402
-from coordinator.scheduler import Scheduler  # noqa: E402
-from coordinator.transport import Need  # noqa: E402
-from coordinator.store import BlobStore  # noqa: E402
-from coordinator.uploads import PartialUploads  # noqa: E402
+from coordinator.collect import accept  # noqa: E402
+from coordinator.schedule import replication
+from coordinator.fold.folder import Folder  # noqa: E402
+from coordinator.model.history import History  # noqa: E402
+from coordinator.model.running import RunningModel  # noqa: E402
+from coordinator.ledger.redis_server import EmbeddedRedis  # noqa: E402
+from coordinator.schedule.replication import Replication  # noqa: E402
+from coordinator.schedule.scheduler import Scheduler  # noqa: E402
+from coordinator.schedule.transport import Need  # noqa: E402
+from coordinator.model.store import BlobStore  # noqa: E402
+from coordinator.collect.partial_uploads import PartialUploads  # noqa: E402
 from nomoat import adapter as adapter_format  # noqa: E402
 from nomoat.tiny import read_fortunes, tiny_model_path  # noqa: E402
 from tests.fakes import FakeCard, FakeDispatcher  # noqa: E402
@@ -121,10 +122,10 @@ def run_job(client: redis.Redis, published: Published, tmp: Path, texts: list[st
         def upload(spec, worker_id: str) -> str:
             identity, scale = people[worker_id]
             data = result(rig.deps.shapes, spec.train.seed, scale)
-            m = collect.Manifest(task_id=spec.task_id, fence=spec.fence, base_version=spec.base_version, rank=RANK,
+            m = accept.Manifest(task_id=spec.task_id, fence=spec.fence, base_version=spec.base_version, rank=RANK,
                                  alpha=ALPHA, tokens=spec.tokens, train_loss=2.5,
                                  sha256=hashlib.sha256(data).hexdigest(), size=len(data), worker_id=worker_id)
-            got = collect.upload(rig.ledger, rig.store, rig.deps.shapes, partials, identity, m, 0, [data],
+            got = accept.upload(rig.ledger, rig.store, rig.deps.shapes, partials, identity, m, 0, [data],
                                  max_bytes=1 << 26, replication=repl)
             return "" if got.ok else got.detail
 

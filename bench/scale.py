@@ -118,17 +118,17 @@ def coordinator(args: argparse.Namespace) -> None:
     import redis
     import torch
 
-    from coordinator import service
-    from coordinator.auth import TokenRegistry
-    from coordinator.folder import Folder
-    from coordinator.history import History
+    from coordinator.gateway import servicers
+    from coordinator.gateway.auth import TokenRegistry
+    from coordinator.fold.folder import Folder
+    from coordinator.model.history import History
     from coordinator.ledger import Ledger, VersionRecord
-    from coordinator.model import RunningModel, pulled, resolve_device
-    from coordinator.redis_server import EmbeddedRedis
+    from coordinator.model.running import RunningModel, pulled, resolve_device
+    from coordinator.ledger.redis_server import EmbeddedRedis
     from coordinator.server import bind, grpc_server
     from coordinator.settings import JobDefaults, Settings
-    from coordinator.store import BlobStore
-    from coordinator.submit import submit
+    from coordinator.model.store import BlobStore
+    from coordinator.schedule.submit import submit
     from nomoat import adapter as fmt
     from nomoat.tiny import read_demo
 
@@ -203,7 +203,7 @@ def coordinator(args: argparse.Namespace) -> None:
 
         registry = TokenRegistry(ledger.tokens)
         token = registry.create("admin")  # admin: the raw stream is not a method of the proto
-        deps = service.Deps(settings, ledger, store, registry, model.tokenizer, shapes, "", "", history=history,
+        deps = servicers.Deps(settings, ledger, store, registry, model.tokenizer, shapes, "", "", history=history,
                             operations=folder)
         server, _ = grpc_server(deps)
         order = [sha for _, sha in sorted(sent.items())]

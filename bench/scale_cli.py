@@ -87,7 +87,7 @@ def base_model(size: str, cache_dir: Path) -> tuple[Path, bool]:
 
 def small_dataset(out: Path, tokenizer_dir: Path, tasks: int, tokens_per_task: int) -> dict:
     """The fewest demo records that the coordinator splits into at least ``tasks`` tasks, whichever
-    record it holds back for validation (coordinator.submit counts tokens this way)."""
+    record it holds back for validation (coordinator.schedule.submit counts tokens this way)."""
     from transformers import AutoTokenizer
 
     from nomoat.tiny import read_demo

@@ -2,7 +2,7 @@
 
 Each class is one kind of answer a client acts on differently (fix the request, look elsewhere,
 retry later, resume, ask for another token). The message is the sentence the caller sees, so
-it says what was wrong and what to do. Nothing here knows gRPC: ``coordinator.service`` holds
+it says what was wrong and what to do. Nothing here knows gRPC: ``coordinator.gateway.servicers`` holds
 the one table from these classes to status codes.
 
 A refusal that is a normal outcome (an adapter that fails its checks) is not an error: it is

@@ -27,19 +27,21 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from coordinator import evaluation, service
-from coordinator.auth import AuthInterceptor, TokenRegistry
-from coordinator.folder import Folder
-from coordinator.history import History
+from coordinator.fold import evaluators
+
+from coordinator.gateway import servicers
+from coordinator.gateway.auth import AuthInterceptor, TokenRegistry
+from coordinator.fold.folder import Folder
+from coordinator.model.history import History
 from coordinator.ledger import Ledger, VersionRecord
-from coordinator.model import RunningModel
-from coordinator.redis_server import EmbeddedRedis
-from coordinator.replication import Replication
-from coordinator.scheduler import Scheduler
+from coordinator.model.running import RunningModel
+from coordinator.ledger.redis_server import EmbeddedRedis
+from coordinator.schedule.replication import Replication
+from coordinator.schedule.scheduler import Scheduler
 from coordinator.settings import Settings
-from coordinator.store import BlobStore
-from coordinator.uploads import PartialUploads
-from coordinator.web.server import WebServer
+from coordinator.model.store import BlobStore
+from coordinator.collect.partial_uploads import PartialUploads
+from coordinator.gateway.web.server import WebServer
 from nomoat import raynode as ray_node
 
 log = logging.getLogger("nomoat.coordinator")
@@ -90,7 +92,7 @@ MAX_CONCURRENT_RPCS = 256  # calls (streams included) in flight at once; more ar
 RPC_THREADS = 32
 
 
-def grpc_server(deps: service.Deps) -> tuple[grpc.Server, health.HealthServicer]:
+def grpc_server(deps: servicers.Deps) -> tuple[grpc.Server, health.HealthServicer]:
     """Every servicer behind the token interceptor, with message and stream limits and the open
     health check; not yet bound to an address (see :func:`bind`) or started."""
     server = grpc.server(
@@ -100,7 +102,7 @@ def grpc_server(deps: service.Deps) -> tuple[grpc.Server, health.HealthServicer]
                  *KEEPALIVE],
         maximum_concurrent_rpcs=MAX_CONCURRENT_RPCS,
     )
-    service.add_all(server, deps)
+    servicers.add_all(server, deps)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     return server, health_servicer
@@ -178,7 +180,7 @@ class Coordinator:
                 delay = min(delay * 2, 10.0)
 
     def _start_model(self) -> None:
-        from coordinator.model import resolve_device
+        from coordinator.model.running import resolve_device
 
         try:
             device = resolve_device(self.settings.device)
@@ -231,9 +233,9 @@ class Coordinator:
             ray.init(address=address, namespace="nomoat", log_to_driver=False, configure_logging=False)
         except ConnectionError as exc:
             raise ray_node.RayClusterError(f"cannot join the Ray cluster at {address}: {exc}") from None
-        from coordinator.dispatch import RayDispatcher
-        from coordinator.outbound import OutboundDispatcher
-        from coordinator.transport import Dispatchers
+        from coordinator.schedule.ray_dispatch import RayDispatcher
+        from coordinator.schedule.inbox_dispatch import OutboundDispatcher
+        from coordinator.schedule.transport import Dispatchers
 
         # One scheduler, two transports: trusted Ray nodes and outbound-only volunteers. The Ray
         # one also takes evaluation tasks (trusted workers only: --eval-on).
@@ -242,7 +244,7 @@ class Coordinator:
                                       OutboundDispatcher(self.ledger, self.settings.outbound_liveness_s))
 
     def _start_grpc(self) -> None:
-        deps = service.Deps(self.settings, self.ledger, self.store, self.registry, self.model.tokenizer,
+        deps = servicers.Deps(self.settings, self.ledger, self.store, self.registry, self.model.tokenizer,
                             self.shapes, self.ray_address, self.ray_token, history=self.history,
                             uploads=PartialUploads(self.data_dir / "uploads"),
                             replication=Replication(self.settings, self.ledger, self.store))
@@ -261,7 +263,7 @@ class Coordinator:
         self.health.set("", health_pb2.HealthCheckResponse.SERVING)
 
     def _start_loops(self) -> None:
-        from coordinator.dispatch import task_need
+        from coordinator.schedule.ray_dispatch import task_need
 
         model_config = self.model.model.config
         self.scheduler = Scheduler(self.settings, self.ledger, self.dispatcher, self.worker_token,
@@ -278,16 +280,16 @@ class Coordinator:
         self._spawn("scheduler", self._schedule_loop)
         self._spawn("folder", self._fold_loop)
 
-    def _evaluator(self) -> evaluation.Evaluator:
-        """Where the folder's evaluations run (--eval-on; coordinator.evaluation.evaluator_for)."""
+    def _evaluator(self) -> evaluators.Evaluator:
+        """Where the folder's evaluations run (--eval-on; coordinator.fold.evaluators.evaluator_for)."""
         try:
-            chosen = evaluation.evaluator_for(
-                self.settings, self.device, evaluation.OnCoordinator(self.model, self.settings.eval_dtype),
+            chosen = evaluators.evaluator_for(
+                self.settings, self.device, evaluators.OnCoordinator(self.model, self.settings.eval_dtype),
                 self.ray_dispatcher, lineage=self.history.lineage().id, token=self.worker_token,
                 n_params=sum(p.numel() for p in self.model.model.parameters()))
         except ValueError as exc:
             raise SystemExit(str(exc)) from None
-        if isinstance(chosen, evaluation.OnWorkers):
+        if isinstance(chosen, evaluators.OnWorkers):
             log.info("evaluations run on trusted workers' cards when one is up (--eval-on %s), else on the "
                      "coordinator's %s", self.settings.eval_on, self.device)
         else:

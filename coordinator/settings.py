@@ -59,10 +59,10 @@ class Settings:
     # Keep the global batch: the adapters one fold averages add up to the job's batch. Each task
     # trains at batch_size / K (K = the adapters the next fold averages: fold_every, or fewer
     # when fewer cards fit the job), K times the steps on the same tokens, at
-    # coordinator.policy.lr_scale(K) times the job's lr. Measured by bench/quality.py (4 workers,
+    # coordinator.fold.policy.lr_scale(K) times the job's lr. Measured by bench/quality.py (4 workers,
     # one pass): 0.45 of the best centralized run without it, 0.74 with it (bench/README.md).
     keep_global_batch: bool = True
-    # Size the global batch from the job's gradient noise scale (coordinator.noise, from the
+    # Size the global batch from the job's gradient noise scale (coordinator.schedule.noise, from the
     # norms its workers report): between K and the job's batch, at the noise scale
     # (FoldPolicy.task_training). Off: on the tiny model the noise scale measured ~150-260
     # sequences, far above a job's batch of 8, so it would keep the job's batch (bench/README.md).
@@ -100,7 +100,7 @@ class Settings:
     # Near a job's end (nothing pending, a card idle) its slowest outstanding tasks also go to
     # idle cards; the first valid result wins (see Ledger.speculate).
     speculate: bool = True
-    # Replication (coordinator.replication): this share of tasks is also run by a second
+    # Replication (coordinator.schedule.replication): this share of tasks is also run by a second
     # volunteer with the same seed, shard and base version, and the two adapters compared; every
     # task of a throttled volunteer is. Two runs agree within replica_tolerance (relative
     # Frobenius distance of their updates ΔW) and replica_loss_tolerance (nats of training loss);
@@ -112,7 +112,7 @@ class Settings:
     replica_loss_tolerance: float = 0.02
     replica_timeout_s: float = 1800.0
 
-    # Held-out evaluation (coordinator/evaluation.py, docs/evaluation.md). Where the running model
+    # Held-out evaluation (coordinator/fold/evaluators.py, docs/evaluation.md). Where the running model
     # and its evaluations live: cpu, cuda (cuda:N), or auto (cuda when there is one).
     device: str = "cpu"
     # Tokens of a job's validation slice that every evaluation reads (the same tokens for parent
@@ -123,7 +123,7 @@ class Settings:
     # "bf16": evaluations run their matmuls under bf16 autocast (no second copy of the weights):
     # ~6x faster than fp32 on a CPU with AMX (measured on this machine), the usual on a GPU.
     eval_dtype: str = "fp32"
-    # Where evaluations run (coordinator/evaluation.py): "coordinator" (on --device), "workers"
+    # Where evaluations run (coordinator/fold/evaluators.py): "coordinator" (on --device), "workers"
     # (as evaluation tasks on trusted workers' cards, on the coordinator when none can take one),
     # or "auto": on the coordinator when --device is CUDA or no trusted worker is up, else on one.
     eval_on: str = "auto"
@@ -137,11 +137,11 @@ class Settings:
     tick_s: float = 0.5
     tls_cert: str | None = None
     tls_key: str | None = None
-    # HOST:PORT of the HTTP port (coordinator.web: the dashboard, its data, /metrics); "" serves
+    # HOST:PORT of the HTTP port (coordinator.gateway.web: the dashboard, its data, /metrics); "" serves
     # none. (`nomoat coordinator start` serves 127.0.0.1:8470 unless told otherwise.)
     http: str = ""
     http_interval_s: float = 1.0  # how often the dashboard's live stream reads the ledger
-    # Outbound-only workers (coordinator.outbound): the longest a long-poll for work is held, and
+    # Outbound-only workers (coordinator.schedule.inbox_dispatch): the longest a long-poll for work is held, and
     # how long a worker may go without asking for work (or reporting) before it leaves the cards
     # the scheduler places runs on.
     long_poll_s: float = 20.0

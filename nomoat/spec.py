@@ -101,7 +101,7 @@ class GradientNorms:
     """What the gradient noise scale is estimated from (McCandlish et al. 2018, appendix A): the
     squared norm, summed over the LoRA parameters, of one micro-batch's mean gradient and of the
     whole batch's, each averaged over the steps, with the two batch sizes in sequences. The
-    trainer measures them (``worker.trainer``); ``coordinator.noise`` turns them into B_simple.
+    trainer measures them (``worker.trainer``); ``coordinator.schedule.noise`` turns them into B_simple.
     Zero sizes: not measured (a batch of one sequence has no smaller micro-batch)."""
 
     micro_sq: float = 0.0  # E|g_micro|², averaged over every micro-batch of every step

@@ -102,7 +102,7 @@ def job_block(job: pb.JobInfo, now: float) -> Table:
     grid.add_row("base loss", loss(job.base_loss))
     if job.training:
         grid.add_row("trains at", job.training)
-    if job.noise_scale > 0:  # coordinator.noise: about the batch beyond which a larger one buys little
+    if job.noise_scale > 0:  # coordinator.schedule.noise: about the batch beyond which a larger one buys little
         grid.add_row("noise scale", f"{job.noise_scale:.3g} sequences (gradient noise scale B_simple)")
     if job.warning:
         grid.add_row("warning", Text(job.warning, style="yellow"))

@@ -16,7 +16,7 @@ import redis
 from hypothesis import settings
 
 from coordinator.ledger import Ledger
-from coordinator.redis_server import EmbeddedRedis
+from coordinator.ledger.redis_server import EmbeddedRedis
 from tests import procs
 
 # One intra-op thread per process (a value already set wins). The tiny model's matmuls are too

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 
-from coordinator import keys
+from coordinator.ledger import keys
 from coordinator.ledger import AdapterState, JobState, Ledger, TaskRecord, TaskState
 
 ADAPTER_STATES = tuple(s.value for s in AdapterState)

@@ -1,6 +1,6 @@
 """Fakes for what a unit test cannot run: here, a Ray cluster of GPU cards.
 
-:class:`FakeDispatcher` is an in-memory :class:`coordinator.transport.Dispatcher` for tests
+:class:`FakeDispatcher` is an in-memory :class:`coordinator.schedule.transport.Dispatcher` for tests
 only. It holds cards (VRAM and a simulated speed in tokens per second) and the runs the
 scheduler submitted to them. A run ends, as a Ray task does, all at once:
 
@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from coordinator.transport import Finished, Node
+from coordinator.schedule.transport import Finished, Node
 from nomoat.raynode import VRAM_RESOURCE
 from nomoat.spec import NeedsBiggerCard, TaskSpec, error_line
 
@@ -92,7 +92,7 @@ class FakeRun:
 
 
 class FakeDispatcher:
-    """An in-memory stand-in for Ray (coordinator.dispatch.RayDispatcher), for tests only."""
+    """An in-memory stand-in for Ray (coordinator.schedule.ray_dispatch.RayDispatcher), for tests only."""
 
     def __init__(self, cards: list[FakeCard], upload: Upload | None = None, start: float | None = None) -> None:
         self.cards = {c.node_id: c for c in cards}

@@ -131,7 +131,7 @@ def kill_leftovers(data_dir: Path) -> None:
 def ledger_of(data_dir: Path):
     """The Ledger of the coordinator running on ``data_dir`` (its embedded Redis)."""
     from coordinator.ledger import Ledger
-    from coordinator.redis_server import EmbeddedRedis
+    from coordinator.ledger.redis_server import EmbeddedRedis
     from coordinator.server import redis_client
 
     return Ledger(redis_client(EmbeddedRedis(data_dir / "redis").url))

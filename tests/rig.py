@@ -24,15 +24,17 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2
 
-from coordinator import service, submit
-from coordinator.auth import TokenRegistry
-from coordinator.folder import Folder
-from coordinator.history import History
+from coordinator.gateway import servicers
+
+from coordinator.schedule import submit
+from coordinator.gateway.auth import TokenRegistry
+from coordinator.fold.folder import Folder
+from coordinator.model.history import History
 from coordinator.ledger import Ledger, VersionRecord
-from coordinator.model import RunningModel
+from coordinator.model.running import RunningModel
 from coordinator.server import bind, grpc_server
 from coordinator.settings import Settings
-from coordinator.store import BlobStore
+from coordinator.model.store import BlobStore
 from nomoat import adapter as adapter_format
 from nomoat.client import CoordinatorClient
 from nomoat.tiny import read_fortunes, tiny_model_path
@@ -110,7 +112,7 @@ class Tls:
 @dataclass
 class Rig:
     address: str
-    deps: service.Deps
+    deps: servicers.Deps
     ledger: Ledger
     registry: TokenRegistry
     tokens: dict[str, str]
@@ -196,7 +198,7 @@ def start(redis_client, published: Published, tmp: Path, tls: Tls | None = None,
     tokens = {role: registry.create(role) for role in ROLES}
     settings = Settings(data_dir=tmp)
     history = History(ledger, store, tmp)
-    deps = service.Deps(settings, ledger, store, registry, published.model.tokenizer, published.shapes,
+    deps = servicers.Deps(settings, ledger, store, registry, published.model.tokenizer, published.shapes,
                         "10.0.0.1:6379", "ray-secret", history=history,
                         operations=Folder(settings, ledger, store, published.model, history))
     server, health_servicer = grpc_server(deps)

@@ -15,8 +15,8 @@ from safetensors.torch import load as st_load
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from coordinator.ledger import VersionRecord
-from coordinator.model import MASTER_FILE, RunningModel, materialize
-from coordinator.store import BlobStore
+from coordinator.model.running import MASTER_FILE, RunningModel, materialize
+from coordinator.model.store import BlobStore
 from nomoat import adapter as fmt
 from nomoat import lineage, lora
 from nomoat.tiny import tiny_model_path

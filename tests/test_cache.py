@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from coordinator import pull
+from coordinator.model import pull
 from coordinator.ledger import VersionRecord
 from nomoat import adapter as fmt
 from nomoat import lineage, lora

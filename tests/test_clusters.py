@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from coordinator.redis_server import redis_server_binary
+from coordinator.ledger.redis_server import redis_server_binary
 from coordinator.server import Coordinator
 from coordinator.settings import JobDefaults, Settings
 from nomoat.client import CoordinatorClient

@@ -1,6 +1,6 @@
 """The upload workflow and the dataset stream called directly (no gRPC).
 
-``collect.upload`` is what the Upload servicer calls: early refusals, a resumable receive, then
+``accept.upload`` is what the Upload servicer calls: early refusals, a resumable receive, then
 the checks and the ledger's acceptance. ``submit.receive`` is what Submit calls: the stream of
 header, bytes and digest is checked before anything is stored. Real ledger, store and parts
 folder from the rig.
@@ -12,11 +12,13 @@ import hashlib
 
 import pytest
 
-from coordinator import collect, submit
-from coordinator.auth import Identity
+from coordinator.collect import accept
+
+from coordinator.schedule import submit
+from coordinator.gateway.auth import Identity
 from coordinator.errors import Incomplete, InvalidRequest, WrongState
-from coordinator.noise import Sample
-from coordinator.uploads import PartialUploads
+from coordinator.schedule.noise import Sample
+from coordinator.collect.partial_uploads import PartialUploads
 from nomoat.adapter import from_bytes, to_bytes
 from tests.rig import ALPHA, RANK, Rig, make_adapter, published, rig, submit_job  # noqa: F401  (fixtures)
 from worker.warmstart import contribution
@@ -24,10 +26,10 @@ from worker.warmstart import contribution
 LIMIT = 1 << 24
 
 
-def manifest(task_id: str, fence: int, data: bytes, **changes) -> collect.Manifest:
+def manifest(task_id: str, fence: int, data: bytes, **changes) -> accept.Manifest:
     fields = dict(task_id=task_id, fence=fence, base_version=0, rank=RANK, alpha=ALPHA, tokens=300,
                   train_loss=2.5, sha256=hashlib.sha256(data).hexdigest(), size=len(data))
-    return collect.Manifest(**{**fields, **changes})
+    return accept.Manifest(**{**fields, **changes})
 
 
 @pytest.fixture
@@ -41,10 +43,10 @@ def partials(rig: Rig) -> PartialUploads:
     return PartialUploads(rig.tmp / "uploads")
 
 
-def upload(rig: Rig, partials: PartialUploads, m: collect.Manifest, blocks, offset: int = 0,
-           who: Identity | None = None, max_bytes: int = LIMIT) -> collect.Accepted:
+def upload(rig: Rig, partials: PartialUploads, m: accept.Manifest, blocks, offset: int = 0,
+           who: Identity | None = None, max_bytes: int = LIMIT) -> accept.Accepted:
     who = who or rig.registry.lookup(rig.tokens["worker"])
-    return collect.upload(rig.ledger, rig.store, rig.deps.shapes, partials, who, m, offset, blocks,
+    return accept.upload(rig.ledger, rig.store, rig.deps.shapes, partials, who, m, offset, blocks,
                           max_bytes=max_bytes)
 
 

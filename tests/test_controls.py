@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from coordinator.ledger import TaskState
-from coordinator.transport import Finished
+from coordinator.schedule.transport import Finished
 from tests import rig as rigs
 from tests.rig import Rig, published, rig  # noqa: F401  (fixtures)
 from tests.test_task import leased_specs
@@ -167,19 +167,19 @@ def test_a_paused_worker_hands_back_what_it_has_not_started_and_the_lease_rules_
 
 
 def test_only_the_holder_of_a_lease_may_hand_it_back(rig: Rig) -> None:  # noqa: F811
-    from coordinator import leases
+    from coordinator.schedule import holder
     from coordinator.errors import NotPermitted
 
     _, _, (spec,) = leased_specs(rig, 1)
-    holder = rig.registry.lookup(rig.tokens["worker"])
+    owner = rig.registry.lookup(rig.tokens["worker"])
     other = rig.registry.lookup(rig.registry.create("worker"))
-    assert leases.heartbeat(rig.ledger, rig.deps.settings, holder, spec.worker_id, spec.task_id, spec.fence).ok
+    assert holder.heartbeat(rig.ledger, rig.deps.settings, owner, spec.worker_id, spec.task_id, spec.fence).ok
     with pytest.raises(NotPermitted):
-        leases.hand_back(rig.ledger, spec.task_id, spec.fence, "", "paused", identity=other)
-    assert leases.hand_back(rig.ledger, spec.task_id, spec.fence, spec.worker_id, "paused", identity=holder)
+        holder.hand_back(rig.ledger, spec.task_id, spec.fence, "", "paused", identity=other)
+    assert holder.hand_back(rig.ledger, spec.task_id, spec.fence, spec.worker_id, "paused", identity=owner)
     task = rig.ledger.tasks.get(spec.task_id)
     assert task.state is TaskState.PENDING and task.attempts == 0
-    assert not leases.hand_back(rig.ledger, spec.task_id, spec.fence, spec.worker_id, "paused", identity=holder)
+    assert not holder.hand_back(rig.ledger, spec.task_id, spec.fence, spec.worker_id, "paused", identity=owner)
 
 
 # -- idle detection ---------------------------------------------------------------------------

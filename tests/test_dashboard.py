@@ -24,10 +24,16 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from coordinator import collect, dashboard, metrics, status
+from coordinator.collect import accept
+
+from coordinator.observe import dashboard
+
+from coordinator.observe import metrics
+
+from coordinator.observe import status
 from coordinator.ledger import AdapterState
-from coordinator.uploads import PartialUploads
-from coordinator.web.server import BAD_TOKEN, NO_TOKEN, WebServer
+from coordinator.collect.partial_uploads import PartialUploads
+from coordinator.gateway.web.server import BAD_TOKEN, NO_TOKEN, WebServer
 from tests.rig import ALPHA, RANK, Rig, make_adapter, published, rig, submit_job  # noqa: F401  (fixtures)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -186,8 +192,8 @@ def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
             for family in text_string_to_metric_families(text) for s in family.samples}
 
 
-def _manifest(task_id: str, fence: int, data: bytes) -> collect.Manifest:
-    return collect.Manifest(task_id=task_id, fence=fence, base_version=0, rank=RANK, alpha=ALPHA, tokens=300,
+def _manifest(task_id: str, fence: int, data: bytes) -> accept.Manifest:
+    return accept.Manifest(task_id=task_id, fence=fence, base_version=0, rank=RANK, alpha=ALPHA, tokens=300,
                             train_loss=2.5, sha256=hashlib.sha256(data).hexdigest(), size=len(data))
 
 
@@ -205,7 +211,7 @@ def run_a_job_part_way(rig: Rig) -> tuple[str, int]:
     worker = rig.registry.lookup(rig.tokens["worker"])
     data = make_adapter(rig.deps.shapes)
     for f in (stale, fence):
-        collect.upload(rig.ledger, rig.store, rig.deps.shapes, partials, worker, _manifest(first, f, data), 0,
+        accept.upload(rig.ledger, rig.store, rig.deps.shapes, partials, worker, _manifest(first, f, data), 0,
                        [data], max_bytes=1 << 24)
     assert rig.deps.operations.maybe_fold({job_id}) == 1
     return job_id, len(data)
@@ -356,7 +362,7 @@ def texts_on_page(driver, selector: str) -> list[str]:
 def test_the_page_follows_the_ledger_live_in_chromium(rig: Rig, web: WebServer, tmp_path: Path) -> None:
     """The page over the in-process server while the test moves a job on through the domain calls
     the servicers make (leases, uploads of hand-made adapters, folds): no Ray, so it runs anywhere."""
-    from coordinator import workers
+    from coordinator.schedule import registration
     from nomoat.v1 import nomoat_pb2 as pb
 
     job_id = submit_job(rig).job_id
@@ -364,8 +370,8 @@ def test_the_page_follows_the_ledger_live_in_chromium(rig: Rig, web: WebServer, 
     volunteers = []
     for name, card, vram, speed in (("volunteer-0", "RTX 3060", 12, 310.0), ("volunteer-1", "RTX 4090", 24, 920.0)):
         message = pb.Card(name=card, vram_gb=vram, simulated=True)
-        joining = workers.Registration("", name, f"node-{name}", message.SerializeToString(), card, vram)
-        volunteers.append(workers.register(rig.ledger, rig.deps.settings, identity, joining))
+        joining = registration.Registration("", name, f"node-{name}", message.SerializeToString(), card, vram)
+        volunteers.append(registration.register(rig.ledger, rig.deps.settings, identity, joining))
         rig.ledger.workers.record_run(volunteers[-1], f"node-{name}", int(speed * 10), 10.0)
     partials = PartialUploads(rig.tmp / "uploads")
     tasks = iter(rig.ledger.tasks.ids(job_id))
@@ -376,14 +382,14 @@ def test_the_page_follows_the_ledger_live_in_chromium(rig: Rig, web: WebServer, 
             base = rig.ledger.versions.latest()
             fence = rig.lease(task_id, base)
             data = make_adapter(rig.deps.shapes, seed=seed + i)
-            m = collect.Manifest(task_id=task_id, fence=fence, base_version=base, rank=RANK,
+            m = accept.Manifest(task_id=task_id, fence=fence, base_version=base, rank=RANK,
                                  alpha=ALPHA, tokens=300, train_loss=2.5, sha256=hashlib.sha256(data).hexdigest(),
                                  size=len(data), worker_id=worker_id)
-            assert collect.upload(rig.ledger, rig.store, rig.deps.shapes, partials, identity, m, 0, [data],
+            assert accept.upload(rig.ledger, rig.store, rig.deps.shapes, partials, identity, m, 0, [data],
                                   max_bytes=1 << 24).ok
             if i == 0:  # the same result again under an older fence: refused, and shown with its reason
-                collect.upload(rig.ledger, rig.store, rig.deps.shapes, partials, identity,
-                               collect.Manifest(**{**m.__dict__, "fence": fence - 1}), 0, [data], max_bytes=1 << 24)
+                accept.upload(rig.ledger, rig.store, rig.deps.shapes, partials, identity,
+                               accept.Manifest(**{**m.__dict__, "fence": fence - 1}), 0, [data], max_bytes=1 << 24)
         assert rig.deps.operations.maybe_fold({job_id}) is not None
 
     driver = browser(tmp_path / "chromium")

@@ -5,7 +5,7 @@ that fails or takes too long is scored on the coordinator instead, and the fold 
 The worker's entry point (``worker.evaluate.run_evaluation``) runs in this process against the
 coordinator's real gRPC server (tests/rig.py) and the real tiny model. Ray, the transport between
 the two, is what the fast tier cannot start: :class:`InProcessCards` stands in for
-``coordinator.dispatch.RayDispatcher``'s evaluation calls (the real one is tests/test_eval_cluster.py's).
+``coordinator.schedule.ray_dispatch.RayDispatcher``'s evaluation calls (the real one is tests/test_eval_cluster.py's).
 """
 
 from __future__ import annotations
@@ -20,12 +20,14 @@ from concurrent.futures import TimeoutError as FutureTimeout
 import pytest
 import torch
 
-from coordinator import evaluation
-from coordinator.folder import Folder
-from coordinator.model import RunningModel
-from coordinator.transport import Node
+from coordinator.fold import evaluators
+
+from nomoat import evaluation
+from coordinator.fold.folder import Folder
+from coordinator.model.running import RunningModel
+from coordinator.schedule.transport import Node
 from coordinator.settings import JobDefaults, Settings
-from coordinator.submit import submit
+from coordinator.schedule.submit import submit
 from nomoat import adapter as fmt
 from nomoat import lora
 from nomoat.client import NomoatError
@@ -86,8 +88,8 @@ class InProcessCards:
             raise TimeoutError(f"no answer within {timeout_s:g} s") from None
 
 
-def on_workers(rig: Rig, model: RunningModel, cards: InProcessCards, timeout_s: float = 120.0) -> evaluation.OnWorkers:
-    return evaluation.OnWorkers(cards, evaluation.OnCoordinator(model), lineage=rig.deps.history.lineage().id,
+def on_workers(rig: Rig, model: RunningModel, cards: InProcessCards, timeout_s: float = 120.0) -> evaluators.OnWorkers:
+    return evaluators.OnWorkers(cards, evaluators.OnCoordinator(model), lineage=rig.deps.history.lineage().id,
                                 coordinator=rig.address, token=rig.tokens["worker"], dtype="fp32",
                                 timeout_s=timeout_s, need_gb=1.0)
 
@@ -136,9 +138,9 @@ def test_a_failed_or_late_or_impossible_delegation_is_scored_on_the_coordinator(
     model = published.model
     sets = {"job": model.eval_set(TEXTS[:60], 64, 1000)}
     patch = lora.build_patch([adapter(model, 0.05)], [1.0])
-    batch = evaluation.Batch(0, sets, ("job",), (("job", patch),))
-    local = evaluation.OnCoordinator(model).evaluate(batch)
-    assert local.where == evaluation.COORDINATOR
+    batch = evaluators.Batch(0, sets, ("job",), (("job", patch),))
+    local = evaluators.OnCoordinator(model).evaluate(batch)
+    assert local.where == evaluators.COORDINATOR
     other = new_lineage({"model.safetensors": "0" * 64}).id
     cases = {"fails": InProcessCards(node_settings(rig), lineage=other),
              "late": InProcessCards(node_settings(rig), delay_s=3.0),
@@ -147,7 +149,7 @@ def test_a_failed_or_late_or_impossible_delegation_is_scored_on_the_coordinator(
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="nomoat.evaluation"):
             got = on_workers(rig, model, cards, timeout_s=1.0).evaluate(batch)
-        assert got.where == evaluation.COORDINATOR, name
+        assert got.where == evaluators.COORDINATOR, name
         assert torch.equal(got.parents["job"].sums, local.parents["job"].sums), name
         assert torch.equal(got.candidates[0].sums, local.candidates[0].sums), name
         (line,) = [r.getMessage() for r in caplog.records]
@@ -160,16 +162,16 @@ def test_parents_are_reused_only_where_they_were_measured(rig, published) -> Non
     model = published.model
     sets = {"job": model.eval_set(TEXTS[:60], 64, 1000)}
     cards = InProcessCards(node_settings(rig))
-    known = evaluation.OnCoordinator(model).evaluate(evaluation.Batch(0, sets, ("job",)))
+    known = evaluators.OnCoordinator(model).evaluate(evaluators.Batch(0, sets, ("job",)))
     fake = evaluation.Losses(known.parents["job"].sums + 1.0, known.parents["job"].counts)
     # Measured on the coordinator: the worker scores its own parent, it does not pair with ours.
-    got = on_workers(rig, model, cards).evaluate(evaluation.Batch(0, sets, ("job",), (), {"job": fake}, "coordinator"))
+    got = on_workers(rig, model, cards).evaluate(evaluators.Batch(0, sets, ("job",), (), {"job": fake}, "coordinator"))
     assert got.where == WORKER and len(cards.tasks[-1].items) == 1
     torch.testing.assert_close(got.parents["job"].sums, known.parents["job"].sums, rtol=1e-5, atol=1e-4)
     # Measured on that worker: reused, and nothing is sent for it.
     patch = lora.build_patch([adapter(model, 0.05)], [1.0])
     again = on_workers(rig, model, cards).evaluate(
-        evaluation.Batch(0, sets, ("job",), (("job", patch),), {"job": fake}, WORKER))
+        evaluators.Batch(0, sets, ("job",), (("job", patch),), {"job": fake}, WORKER))
     assert again.parents["job"] is fake and len(cards.tasks[-1].items) == 1 and cards.tasks[-1].items[0].patch
 
 

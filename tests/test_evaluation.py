@@ -9,14 +9,14 @@ import time
 import pytest
 import torch
 
-from coordinator import evaluation
-from coordinator.folder import Folder
-from coordinator.history import History
+from nomoat import evaluation
+from coordinator.fold.folder import Folder
+from coordinator.model.history import History
 from coordinator.ledger import VersionRecord
-from coordinator.model import RunningModel
+from coordinator.model.running import RunningModel
 from coordinator.settings import JobDefaults, Settings
-from coordinator.store import BlobStore
-from coordinator.submit import submit
+from coordinator.model.store import BlobStore
+from coordinator.schedule.submit import submit
 from nomoat import adapter as fmt
 from nomoat import evaluation as shared
 from nomoat import lora

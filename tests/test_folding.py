@@ -10,7 +10,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from coordinator.folding import (
+from coordinator.fold.folding import (
     AdapterRejected,
     apply_patch,
     build_patch,

@@ -276,7 +276,7 @@ def test_a_manifest_that_lies_about_alpha_is_refused(rig: Rig, alpha: float) -> 
 
 def _corrupt(world: World, case: str) -> str:
     """Break the ledger one way, as a bug would; returns what the check must say."""
-    from coordinator import keys
+    from coordinator.ledger import keys
 
     r, leased, done = world.rig.ledger.r, world.task_ids[0], world.task_ids[3]
     if case == "leased and pending":

@@ -10,14 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from coordinator import folding
-from coordinator.folder import Folder
-from coordinator.history import History, peft_files, plan_catch_up
+from coordinator.fold import folding
+from coordinator.fold.folder import Folder
+from coordinator.model.history import History, peft_files, plan_catch_up
 from coordinator.ledger import Ledger, VersionRecord
-from coordinator.model import RunningModel, materialize
+from coordinator.model.running import RunningModel, materialize
 from coordinator.settings import JobDefaults, Settings
-from coordinator.store import BlobStore
-from coordinator.submit import submit
+from coordinator.model.store import BlobStore
+from coordinator.schedule.submit import submit
 from nomoat import adapter as fmt
 from nomoat.tiny import read_demo, tiny_model_path
 from worker.cache import apply_patches

@@ -11,8 +11,10 @@ from dataclasses import replace
 
 import pytest
 
-from coordinator import leases, workers
-from coordinator.auth import Identity
+from coordinator.schedule import holder
+
+from coordinator.schedule import registration
+from coordinator.gateway.auth import Identity
 from coordinator.errors import InvalidRequest, LimitReached, NotPermitted, WrongState
 from tests.rig import Rig, published, rig, submit_job  # noqa: F401  (fixtures)
 
@@ -28,22 +30,22 @@ def leased(rig: Rig) -> tuple[str, int]:
 
 
 def test_admin_acts_for_any_worker_and_checks_no_token(rig: Rig) -> None:
-    assert leases.holder(rig.ledger, identity(rig, "admin"), "w-1") == ("w-1", "")
+    assert holder.holder(rig.ledger, identity(rig, "admin"), "w-1") == ("w-1", "")
 
 
 def test_a_worker_id_registered_with_another_token_is_dropped(rig: Rig) -> None:
-    alice = workers.register(rig.ledger, rig.deps.settings, identity(rig, "worker"),
-                             workers.Registration("", "alice", "", b"", "card", 8.0))
+    alice = registration.register(rig.ledger, rig.deps.settings, identity(rig, "worker"),
+                             registration.Registration("", "alice", "", b"", "card", 8.0))
     bob = Identity("worker", "bob", "b" * 64)
-    assert leases.holder(rig.ledger, bob, alice) == ("", bob.token_hash)
-    assert leases.holder(rig.ledger, identity(rig), alice) == (alice, identity(rig).token_hash)
-    assert leases.holder(rig.ledger, bob, "w-unknown") == ("w-unknown", bob.token_hash)
+    assert holder.holder(rig.ledger, bob, alice) == ("", bob.token_hash)
+    assert holder.holder(rig.ledger, identity(rig), alice) == (alice, identity(rig).token_hash)
+    assert holder.holder(rig.ledger, bob, "w-unknown") == ("w-unknown", bob.token_hash)
 
 
 def test_a_heartbeat_renews_the_lease_and_fixes_the_base_version(rig: Rig, leased) -> None:
     task_id, fence = leased
     before = time.time()
-    beat = leases.heartbeat(rig.ledger, rig.deps.settings, identity(rig), "", task_id, fence,
+    beat = holder.heartbeat(rig.ledger, rig.deps.settings, identity(rig), "", task_id, fence,
                             "out of memory at micro-batch 8; retrying with 4")
     assert beat.ok and beat.reason == "" and beat.base_version == 0
     assert beat.deadline >= before + rig.deps.settings.lease_ttl_s
@@ -52,7 +54,7 @@ def test_a_heartbeat_renews_the_lease_and_fixes_the_base_version(rig: Rig, lease
 
 def test_a_heartbeat_for_a_stale_fence_is_answered_not_ok(rig: Rig, leased) -> None:
     task_id, fence = leased
-    beat = leases.heartbeat(rig.ledger, rig.deps.settings, identity(rig), "", task_id, fence + 1)
+    beat = holder.heartbeat(rig.ledger, rig.deps.settings, identity(rig), "", task_id, fence + 1)
     assert not beat.ok and beat.deadline == 0.0 and "fence" in beat.reason
 
 
@@ -60,22 +62,22 @@ def test_the_shard_is_the_tasks_records_for_its_holder_only(rig: Rig, leased) ->
     task_id, fence = leased
     task = rig.ledger.tasks.get(task_id)
     records = rig.store.get(rig.ledger.jobs.get(task.job).records).splitlines(keepends=True)
-    shard = leases.fetch_shard(rig.ledger, rig.store, identity(rig), task_id, fence)
+    shard = holder.fetch_shard(rig.ledger, rig.store, identity(rig), task_id, fence)
     assert shard == b"".join(records[task.start : task.end])
     with pytest.raises(NotPermitted, match="another token holds its lease"):
-        leases.fetch_shard(rig.ledger, rig.store, Identity("worker", "bob", "b" * 64), task_id, fence)
+        holder.fetch_shard(rig.ledger, rig.store, Identity("worker", "bob", "b" * 64), task_id, fence)
     with pytest.raises(WrongState, match=f"stale fence {fence + 1}"):
-        leases.fetch_shard(rig.ledger, rig.store, identity(rig), task_id, fence + 1)
+        holder.fetch_shard(rig.ledger, rig.store, identity(rig), task_id, fence + 1)
 
 
 def test_registration_checks_its_names_and_the_tokens_worker_limit(rig: Rig) -> None:
     settings = replace(rig.deps.settings, max_workers_per_token=1)
-    joining = workers.Registration("", "w", "node", b"", "card", 8.0)
+    joining = registration.Registration("", "w", "node", b"", "card", 8.0)
     with pytest.raises(InvalidRequest, match="a worker needs a name"):
-        workers.register(rig.ledger, settings, identity(rig), replace(joining, name=""))
+        registration.register(rig.ledger, settings, identity(rig), replace(joining, name=""))
     with pytest.raises(InvalidRequest, match="a worker id is at most 64"):
-        workers.register(rig.ledger, settings, identity(rig), replace(joining, worker_id="x" * 65))
-    first = workers.register(rig.ledger, settings, identity(rig), joining)
-    assert workers.register(rig.ledger, settings, identity(rig), replace(joining, worker_id=first)) == first
+        registration.register(rig.ledger, settings, identity(rig), replace(joining, worker_id="x" * 65))
+    first = registration.register(rig.ledger, settings, identity(rig), joining)
+    assert registration.register(rig.ledger, settings, identity(rig), replace(joining, worker_id=first)) == first
     with pytest.raises(LimitReached, match="this token already has 1 active workers"):
-        workers.register(rig.ledger, settings, identity(rig), joining)
+        registration.register(rig.ledger, settings, identity(rig), joining)

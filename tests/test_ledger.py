@@ -185,7 +185,7 @@ def test_rejected_adapter_leaves_the_buffer_with_its_reason(ledger):
 
 
 def test_state_survives_a_redis_restart(redis_server, tmp_path):
-    from coordinator.redis_server import EmbeddedRedis
+    from coordinator.ledger.redis_server import EmbeddedRedis
     from coordinator.server import redis_client
 
     server = EmbeddedRedis(tmp_path / "r")
@@ -275,8 +275,8 @@ def test_records_are_typed_and_states_print_as_before(ledger):
 
 
 def test_a_restarted_scheduler_sizes_a_fast_cards_run_from_the_speed_the_ledger_holds(ledger, tmp_path):
-    from coordinator.scheduler import Scheduler
-    from coordinator.transport import Need
+    from coordinator.schedule.scheduler import Scheduler
+    from coordinator.schedule.transport import Need
     from coordinator.settings import Settings
     from tests.fakes import FakeCard, FakeDispatcher
 

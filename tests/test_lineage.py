@@ -12,10 +12,10 @@ import redis
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from coordinator.history import History
+from coordinator.model.history import History
 from coordinator.ledger import Ledger, VersionRecord
-from coordinator.model import RunningModel
-from coordinator.store import BlobStore
+from coordinator.model.running import RunningModel
+from coordinator.model.store import BlobStore
 from nomoat import adapter as fmt
 from nomoat import lineage, lora
 from nomoat.client import NomoatError

@@ -9,7 +9,9 @@ import time
 
 import pytest
 
-from coordinator import collect, leases
+from coordinator.collect import accept
+
+from coordinator.schedule import holder
 from nomoat import logs
 from tests.test_history import Rig as FoldRig
 
@@ -89,14 +91,14 @@ def test_lease_start_and_upload_answers_are_logged_with_their_ids(ledger, tmp_pa
     out = capture("json")
     task_id = rig.ledger.leases.pending(1)[0]
     fence = rig.ledger.leases.lease(task_id, time.time() + 60, 0, max_attempts=3)
-    from coordinator.auth import Identity
+    from coordinator.gateway.auth import Identity
 
     admin = Identity(role="admin", name="admin", token_hash="")
-    assert leases.heartbeat(rig.ledger, rig.settings, admin, "w-1", task_id, fence).ok
-    assert leases.heartbeat(rig.ledger, rig.settings, admin, "w-1", task_id, fence).ok  # not a second start
-    stale = collect.Manifest(task_id=task_id, fence=fence + 7, base_version=0, rank=2, alpha=8.0, tokens=10,
+    assert holder.heartbeat(rig.ledger, rig.settings, admin, "w-1", task_id, fence).ok
+    assert holder.heartbeat(rig.ledger, rig.settings, admin, "w-1", task_id, fence).ok  # not a second start
+    stale = accept.Manifest(task_id=task_id, fence=fence + 7, base_version=0, rank=2, alpha=8.0, tokens=10,
                              train_loss=1.0, sha256="0" * 64, size=10, worker_id="w-1")
-    collect.log_answer(stale, collect.precheck(rig.ledger, task_id, fence + 7, "0" * 64))
+    accept.log_answer(stale, accept.precheck(rig.ledger, task_id, fence + 7, "0" * 64))
     lines = json_lines(out)
     (started,) = [line for line in lines if line["event"] == "task.started"]
     assert (started["task"], started["worker"], started["fence"]) == (task_id, "w-1", fence)

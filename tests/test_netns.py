@@ -37,7 +37,7 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.redis_server import redis_server_binary
+from coordinator.ledger.redis_server import redis_server_binary
 from nomoat.demo import DEMO_DATA
 from nomoat.raynode import auth_env
 from tests import netns

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from coordinator.noise import NoiseScale, Sample, unbiased
+from coordinator.schedule.noise import NoiseScale, Sample, unbiased
 from nomoat.packing import PAD, loss_sum, pack
 from nomoat.tiny import read_demo, tiny_model_path
 from worker.trainer import LoraSpec, TrainSpec, _lora_model, train_adapter

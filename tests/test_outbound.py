@@ -11,12 +11,12 @@ from dataclasses import replace
 
 import pytest
 
-from coordinator.auth import Identity
+from coordinator.gateway.auth import Identity
 from coordinator.errors import InvalidRequest, NotPermitted
 from coordinator.ledger import TaskState
-from coordinator.outbound import LongPolls, OutboundDispatcher, is_outbound, report_run, request_work
-from coordinator.scheduler import Scheduler
-from coordinator.transport import Dispatchers, Need, Node
+from coordinator.schedule.inbox_dispatch import LongPolls, OutboundDispatcher, is_outbound, report_run, request_work
+from coordinator.schedule.scheduler import Scheduler
+from coordinator.schedule.transport import Dispatchers, Need, Node
 from nomoat.card import Card, to_message
 from nomoat.client import NomoatError
 from nomoat.spec import TaskSpec, UnitResult
@@ -324,9 +324,9 @@ def test_ray_only_flags_without_ray_mode_are_a_sentence() -> None:
 
 
 def test_a_task_that_avoids_a_volunteer_is_placed_on_another_outbound_one(rig: Rig) -> None:
-    """A replica run (coordinator.replication) must go to another volunteer whatever the
+    """A replica run (coordinator.schedule.replication) must go to another volunteer whatever the
     transport: here both volunteers are outbound workers, and every task avoids alice."""
-    from coordinator import trust
+    from coordinator.schedule import standing
 
     alice, alice_id = volunteer(rig, name="alice")
     bob_token = rig.registry.create("worker", name="bob")
@@ -337,7 +337,7 @@ def test_a_task_that_avoids_a_volunteer_is_placed_on_another_outbound_one(rig: R
         request_work(rig.ledger, rig.deps.settings, me, worker_id, 0, polls())
     s = scheduler(rig, Dispatchers(d), max_units_per_run=2, target_task_seconds=1e6)
     job_id = rig.submit().job_id
-    avoid = json.dumps([trust.volunteer_of(alice_id.token_hash, alice)])
+    avoid = json.dumps([standing.volunteer_of(alice_id.token_hash, alice)])
     for task_id in rig.ledger.tasks.ids(job_id):
         rig.ledger.r.hset(f"nomoat:task:{task_id}", "avoid", avoid)
     s.tick()

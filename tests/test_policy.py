@@ -1,4 +1,4 @@
-"""The fold policy's decisions from plain numbers (coordinator/policy.py): the folder and the
+"""The fold policy's decisions from plain numbers (coordinator/fold/policy.py): the folder and the
 quality benchmark both fold through it, so its rules are stated here once."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.folding import AdapterRejected
-from coordinator.policy import FoldPolicy, lr_scale
+from coordinator.fold.folding import AdapterRejected
+from coordinator.fold.policy import FoldPolicy, lr_scale
 from coordinator.settings import Settings
 
 

@@ -120,7 +120,7 @@ def test_a_simulated_card_never_claims_to_load_a_4bit_base():
 
 @pytest.mark.parametrize("loads_4bit", [True, False])
 def test_what_a_node_advertises_is_what_placement_reads(loads_4bit):
-    from coordinator.dispatch import node_of
+    from coordinator.schedule.ray_dispatch import node_of
 
     # Fake: a CUDA card (none here); loads_4bit as worker.probe finds it with bitsandbytes or without.
     card = Card("NVIDIA GeForce RTX 2060", 6.0, 5.5, "7.5", False, True, "cuda", 25.8, loads_4bit=loads_4bit)

@@ -10,7 +10,7 @@ import hashlib
 
 import pytest
 
-from coordinator import pull
+from coordinator.model import pull
 from coordinator.errors import InvalidRequest, NotFound
 from nomoat.v1 import nomoat_pb2 as pb
 from tests.rig import Rig, published, rig  # noqa: F401  (fixtures)

@@ -1,6 +1,6 @@
 """Replicated tasks and trust through the real collect and fold flow (no processes).
 
-The upload workflow (``collect.upload``), the replica groups it holds adapters in, the sweep that
+The upload workflow (``accept.upload``), the replica groups it holds adapters in, the sweep that
 settles them, the real Folder folding into a real tiny model, and the real Scheduler placing runs
 on tests/fakes.py's FakeDispatcher (Ray's stand-in). Volunteers are real worker tokens; honest
 ones hand in the adapter their task's seed makes (two honest runs of one seed are the same, as
@@ -15,16 +15,20 @@ from dataclasses import dataclass, replace
 import pytest
 import torch
 
-from coordinator import collect, status, trust
-from coordinator.auth import Identity
-from coordinator.folder import Folder
-from coordinator.history import History
+from coordinator.collect import accept
+
+from coordinator.observe import status
+
+from coordinator.schedule import standing
+from coordinator.gateway.auth import Identity
+from coordinator.fold.folder import Folder
+from coordinator.model.history import History
 from coordinator.ledger import AdapterState, Check, TaskState
-from coordinator.model import RunningModel
-from coordinator.replication import Replication
-from coordinator.scheduler import Scheduler
-from coordinator.transport import Need
-from coordinator.uploads import PartialUploads
+from coordinator.model.running import RunningModel
+from coordinator.schedule.replication import Replication
+from coordinator.schedule.scheduler import Scheduler
+from coordinator.schedule.transport import Need
+from coordinator.collect.partial_uploads import PartialUploads
 from nomoat import adapter as adapter_format
 from nomoat.tiny import read_fortunes, tiny_model_path
 from tests import consistency
@@ -71,17 +75,17 @@ def replicating(rig: Rig) -> Replication:
 
 
 def hand_in(rig: Rig, repl: Replication, who: Volunteer, task_id: str, seed: int,
-            scale: float | None = None) -> collect.Accepted:
+            scale: float | None = None) -> accept.Accepted:
     """Lease ``task_id`` and upload the run's adapter as ``who``, through the Upload workflow."""
     task = rig.ledger.tasks.get(task_id)
     fence = rig.ledger.leases.lease(task_id, 1e12, task.base_version if task.pinned else 0, 5)
     assert fence > 0, f"{task_id} could not be leased"
     base = rig.ledger.tasks.get(task_id).base_version
     data = result(rig, seed, who.scale if scale is None else scale)
-    m = collect.Manifest(task_id=task_id, fence=fence, base_version=base, rank=RANK, alpha=ALPHA, tokens=300,
+    m = accept.Manifest(task_id=task_id, fence=fence, base_version=base, rank=RANK, alpha=ALPHA, tokens=300,
                          train_loss=2.5, sha256=hashlib.sha256(data).hexdigest(), size=len(data),
                          worker_id=who.worker_id)
-    return collect.upload(rig.ledger, rig.store, rig.deps.shapes, PartialUploads(rig.tmp / "uploads"), who.identity,
+    return accept.upload(rig.ledger, rig.store, rig.deps.shapes, PartialUploads(rig.tmp / "uploads"), who.identity,
                           m, 0, [data], max_bytes=LIMIT, replication=repl)
 
 
@@ -168,9 +172,9 @@ def test_a_check_failed_at_upload_counts_against_the_token(rig: Rig, replicating
     task = rig.ledger.tasks.ids(submit_job(rig).job_id)[0]
     fence = rig.lease(task)
     data = result(rig, 0)
-    m = collect.Manifest(task_id=task, fence=fence, base_version=0, rank=RANK, alpha=ALPHA, tokens=300,
+    m = accept.Manifest(task_id=task, fence=fence, base_version=0, rank=RANK, alpha=ALPHA, tokens=300,
                          train_loss=2.5, sha256="0" * 64, size=len(data), worker_id=mallory.worker_id)
-    refused = collect.upload(rig.ledger, rig.store, rig.deps.shapes, PartialUploads(rig.tmp / "uploads"),
+    refused = accept.upload(rig.ledger, rig.store, rig.deps.shapes, PartialUploads(rig.tmp / "uploads"),
                              mallory.identity, m, 0, [data], max_bytes=LIMIT, replication=replicating)
     assert refused.status == "refused" and refused.check is Check.CORRUPT
     assert rig.ledger.trust.get(mallory.id).reasons() == {"corrupt": 1}
@@ -202,10 +206,10 @@ def test_a_malicious_volunteer_ends_with_no_tasks(rig: Rig) -> None:
     def upload(spec, worker_id: str) -> str:
         who = people[worker_id]
         data = result(rig, spec.train.seed, who.scale)
-        m = collect.Manifest(task_id=spec.task_id, fence=spec.fence, base_version=spec.base_version, rank=RANK,
+        m = accept.Manifest(task_id=spec.task_id, fence=spec.fence, base_version=spec.base_version, rank=RANK,
                              alpha=ALPHA, tokens=spec.tokens, train_loss=2.5, sha256=hashlib.sha256(data).hexdigest(),
                              size=len(data), worker_id=worker_id)
-        got = collect.upload(rig.ledger, rig.store, rig.deps.shapes, partials, who.identity, m, 0, [data],
+        got = accept.upload(rig.ledger, rig.store, rig.deps.shapes, partials, who.identity, m, 0, [data],
                              max_bytes=LIMIT, replication=repl)
         return "" if got.ok else got.detail
 
@@ -221,7 +225,7 @@ def test_a_malicious_volunteer_ends_with_no_tasks(rig: Rig) -> None:
             fake.add_card(cards[mallory.worker_id])  # it joins a running coordinator
         for worker in people.values():  # they are heard from (status' "active")
             rig.ledger.r.zadd("nomoat:workers", {worker.worker_id: fake.now})
-        if excluded_at is None and trust.standing(rig.ledger.trust.get(mallory.id)).level is trust.Level.EXCLUDED:
+        if excluded_at is None and standing.standing(rig.ledger.trust.get(mallory.id)).level is standing.Level.EXCLUDED:
             excluded_at = len([r for r in fake.submitted if r.card.worker_id == mallory.worker_id])
             left = rig.ledger.tasks.counts(job)["pending"]
         if rig.ledger.jobs.get(job).state.value != "running":

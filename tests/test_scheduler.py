@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from coordinator import status
+from coordinator.observe import status
 from coordinator.ledger import (
     FoldedAdapter,
     JobConfig,
@@ -25,9 +25,9 @@ from coordinator.ledger import (
     VersionRecord,
     twin_id,
 )
-from coordinator.dispatch import task_need
-from coordinator.scheduler import Scheduler
-from coordinator.transport import Need
+from coordinator.schedule.ray_dispatch import task_need
+from coordinator.schedule.scheduler import Scheduler
+from coordinator.schedule.transport import Need
 from coordinator.settings import Settings
 from tests import consistency
 from tests.fakes import FakeCard, FakeDispatcher, Upload, unit_of
@@ -224,7 +224,7 @@ def test_a_job_that_fits_no_card_even_in_4_bits_says_so(ledger, make) -> None:
 
 
 def test_the_real_plans_put_a_7b_task_on_a_12gb_card_only_where_it_loads_4bit(ledger, make) -> None:
-    # The coordinator's own figures (nomoat.memory through coordinator.dispatch.task_need): a 7B
+    # The coordinator's own figures (nomoat.memory through coordinator.schedule.ray_dispatch.task_need): a 7B
     # base needs about 16 GB in bf16 and about 6 GB in NF4.
     need = task_need(None, JobConfig(lora_rank=2, lora_alpha=4.0, target_modules=("q_proj",), seq_len=512,
                                      learning_rate=1e-3, batch_size=8, epochs=1, tokens_per_task=100,

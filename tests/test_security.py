@@ -14,8 +14,8 @@ import pytest
 from click.testing import CliRunner
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from coordinator import keys
-from coordinator.auth import PERMISSIONS, TokenRegistry, token_id
+from coordinator.ledger import keys
+from coordinator.gateway.auth import PERMISSIONS, TokenRegistry, token_id
 from coordinator.ledger import Ledger
 from coordinator.server import MAX_MESSAGE
 from nomoat.cli import main

@@ -21,7 +21,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from coordinator.ledger import JobState, VersionRecord
-from coordinator.submit import read_records
+from coordinator.schedule.submit import read_records
 from nomoat import adapter as adapter_format
 from nomoat import lineage
 from nomoat.client import CoordinatorClient, NomoatError

@@ -17,8 +17,8 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from coordinator.ledger import VersionRecord
-from coordinator.model import MASTER_FILE, RunningModel, materialize
-from coordinator.store import BlobStore
+from coordinator.model.running import MASTER_FILE, RunningModel, materialize
+from coordinator.model.store import BlobStore
 from nomoat import adapter as fmt
 from nomoat import lora, weights
 from nomoat.tiny import tiny_model_path

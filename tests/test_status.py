@@ -6,7 +6,11 @@ import time
 
 import pytest
 
-from coordinator import keys, status, workers
+from coordinator.ledger import keys
+
+from coordinator.observe import status
+
+from coordinator.schedule import registration
 from coordinator.errors import NotFound
 from coordinator.ledger import JobState
 from tests.rig import Rig, published, rig, submit_job  # noqa: F401  (fixtures)
@@ -29,10 +33,10 @@ def test_the_overview_counts_a_jobs_tasks_and_shows_its_newest_notes(rig: Rig) -
 
 def test_a_worker_not_heard_from_for_three_lease_lifetimes_is_gone(rig: Rig) -> None:
     identity = rig.registry.lookup(rig.tokens["worker"])
-    joining = workers.Registration("", "w", "node", b"\x0a\x04card", "card", 8.0)
-    quiet = workers.register(rig.ledger, rig.deps.settings, identity, joining)
-    heard = workers.register(rig.ledger, rig.deps.settings, identity, joining)
-    gone = time.time() - workers.ACTIVE_TTLS * rig.deps.settings.lease_ttl_s - 1
+    joining = registration.Registration("", "w", "node", b"\x0a\x04card", "card", 8.0)
+    quiet = registration.register(rig.ledger, rig.deps.settings, identity, joining)
+    heard = registration.register(rig.ledger, rig.deps.settings, identity, joining)
+    gone = time.time() - registration.ACTIVE_TTLS * rig.deps.settings.lease_ttl_s - 1
     rig.ledger.r.zadd(keys.WORKERS, {quiet: gone})
     states = {w.worker_id: (w.state, w.card) for w in status.overview(rig.ledger, rig.deps.settings).workers}
     assert states == {quiet: ("gone", b"\x0a\x04card"), heard: ("active", b"\x0a\x04card")}
@@ -41,10 +45,10 @@ def test_a_worker_not_heard_from_for_three_lease_lifetimes_is_gone(rig: Rig) -> 
 def test_a_worker_shows_how_it_takes_work(rig: Rig) -> None:
     # A Ray-mode worker registers with its Ray node's id; an outbound-only one has no node.
     identity = rig.registry.lookup(rig.tokens["worker"])
-    ray = workers.register(rig.ledger, rig.deps.settings, identity,
-                           workers.Registration("", "trusted", "node-1", b"\x0a\x04card", "card", 8.0))
-    public = workers.register(rig.ledger, rig.deps.settings, identity,
-                              workers.Registration("", "home", "", b"\x0a\x04card", "card", 8.0))
+    ray = registration.register(rig.ledger, rig.deps.settings, identity,
+                           registration.Registration("", "trusted", "node-1", b"\x0a\x04card", "card", 8.0))
+    public = registration.register(rig.ledger, rig.deps.settings, identity,
+                              registration.Registration("", "home", "", b"\x0a\x04card", "card", 8.0))
     kinds = {w.worker_id: w.kind for w in status.overview(rig.ledger, rig.deps.settings).workers}
     assert kinds == {ray: "ray", public: "outbound"}
 
@@ -65,7 +69,7 @@ def test_progress_is_finished_once_the_job_no_longer_runs(rig: Rig) -> None:
 
 
 def test_a_jobs_noise_scale_and_fold_width_show_in_its_status(rig: Rig) -> None:
-    from coordinator.noise import Sample
+    from coordinator.schedule.noise import Sample
 
     job_id = submit_job(rig).job_id
     task_id = rig.ledger.tasks.ids(job_id)[0]

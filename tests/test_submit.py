@@ -11,8 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from coordinator.settings import JobDefaults, Settings
-from coordinator.store import BlobStore
-from coordinator.submit import JobConfig, read_records, records_blob, resolve_config, split_tasks, submit
+from coordinator.model.store import BlobStore
+from coordinator.schedule.submit import JobConfig, read_records, records_blob, resolve_config, split_tasks, submit
 from nomoat.records import DatasetError
 from nomoat.tiny import read_fortunes, train_tokenizer
 

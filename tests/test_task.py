@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from coordinator.ledger import TaskState
-from coordinator.scheduler import Scheduler
-from coordinator.transport import Finished, Need, Node
+from coordinator.schedule.scheduler import Scheduler
+from coordinator.schedule.transport import Finished, Need, Node
 from nomoat.card import from_message, to_message
 from tests import rig as rigs
 from tests.rig import Rig, Tls, published, rig  # noqa: F401  (fixtures)

@@ -225,7 +225,7 @@ def test_carried_moments_change_the_run_and_foreign_state_is_refused():
 
 
 def test_start_from_patch_reproduces_a_low_rank_patch():
-    from coordinator import folding
+    from coordinator.fold import folding
     from worker.warmstart import start_from_patch
 
     adapter, _ = train_adapter(tiny_model_path(), TRAIN_TEXTS[:300], LoraSpec(rank=4, alpha=8.0), SHORT)

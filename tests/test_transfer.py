@@ -20,7 +20,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from rich.console import Console
 
-from coordinator import pull
+from coordinator.model import pull
 from coordinator.ledger import VersionRecord
 from coordinator.server import bind, grpc_server
 from nomoat import framing, lineage, transfer

@@ -1,4 +1,4 @@
-"""Trust: the pure rule (coordinator.trust), the replication rule (coordinator.replication's
+"""Trust: the pure rule (coordinator.schedule.standing), the replication rule (coordinator.schedule.replication's
 pure part), and the ledger's trust records over the session's real redis-server."""
 
 from __future__ import annotations
@@ -6,9 +6,11 @@ from __future__ import annotations
 import torch
 import pytest
 
-from coordinator import replication, trust
+from coordinator.schedule import replication
+
+from coordinator.schedule import standing
 from coordinator.ledger import Check, Ledger, TrustEvent, TrustRecord
-from coordinator.replication import ReplicationPolicy, Run, decide, distance, sampled
+from coordinator.schedule.replication import ReplicationPolicy, Run, decide, distance, sampled
 from nomoat.adapter import Adapter
 
 
@@ -21,65 +23,65 @@ def record(*outcomes: str) -> TrustRecord:
 
 def test_a_new_volunteer_is_trusted_with_a_whole_run() -> None:
     for new in (None, record()):
-        standing = trust.standing(new)
-        assert standing.level is trust.Level.TRUSTED and standing.share == 1.0 and standing.why == ""
-        assert trust.allowed_share(new) == 1.0 and trust.eligible(new)
+        where = standing.standing(new)
+        assert where.level is standing.Level.TRUSTED and where.share == 1.0 and where.why == ""
+        assert standing.allowed_share(new) == 1.0 and standing.eligible(new)
 
 
 @pytest.mark.parametrize("failures, level", [
-    (2, trust.Level.TRUSTED), (3, trust.Level.THROTTLED), (6, trust.Level.THROTTLED), (7, trust.Level.EXCLUDED),
+    (2, standing.Level.TRUSTED), (3, standing.Level.THROTTLED), (6, standing.Level.THROTTLED), (7, standing.Level.EXCLUDED),
 ])
-def test_failed_checks_throttle_then_exclude(failures: int, level: trust.Level) -> None:
-    standing = trust.standing(record(*[Check.NORM.value] * failures))
-    assert standing.level is level
-    if level is trust.Level.THROTTLED:
-        assert 0 < standing.share < 1 and standing.why.startswith("throttled")
-        assert f"{failures} of its last {failures} contributions failed the checks (norm)" in standing.why
-    if level is trust.Level.EXCLUDED:
-        assert standing.share == 0 and not trust.eligible(record(*[Check.NORM.value] * failures))
-        assert standing.why.startswith("excluded") and "the latest: reason 6" in standing.why
+def test_failed_checks_throttle_then_exclude(failures: int, level: standing.Level) -> None:
+    where = standing.standing(record(*[Check.NORM.value] * failures))
+    assert where.level is level
+    if level is standing.Level.THROTTLED:
+        assert 0 < where.share < 1 and where.why.startswith("throttled")
+        assert f"{failures} of its last {failures} contributions failed the checks (norm)" in where.why
+    if level is standing.Level.EXCLUDED:
+        assert where.share == 0 and not standing.eligible(record(*[Check.NORM.value] * failures))
+        assert where.why.startswith("excluded") and "the latest: reason 6" in where.why
 
 
 def test_disagreements_weigh_twice() -> None:
-    assert trust.standing(record(Check.DISAGREED.value)).level is trust.Level.TRUSTED
-    assert trust.standing(record(*[Check.DISAGREED.value] * 2)).level is trust.Level.THROTTLED
-    assert trust.standing(record(*[Check.DISAGREED.value] * 4)).level is trust.Level.EXCLUDED
+    assert standing.standing(record(Check.DISAGREED.value)).level is standing.Level.TRUSTED
+    assert standing.standing(record(*[Check.DISAGREED.value] * 2)).level is standing.Level.THROTTLED
+    assert standing.standing(record(*[Check.DISAGREED.value] * 4)).level is standing.Level.EXCLUDED
 
 
 def test_good_work_outweighs_occasional_failures_but_only_within_the_window() -> None:
     honest = ["accepted"] * 30 + [Check.LOSS.value] * 2
-    assert trust.standing(record(*honest)).level is trust.Level.TRUSTED
+    assert standing.standing(record(*honest)).level is standing.Level.TRUSTED
     # A long good history does not buy unlimited bad work: only the newest WINDOW outcomes count.
     turned = ["accepted"] * 200 + [Check.LOSS.value] * 26  # 6 good, 26 bad in the window: 8/34
-    assert trust.standing(record(*turned)).level is trust.Level.EXCLUDED
+    assert standing.standing(record(*turned)).level is standing.Level.EXCLUDED
     # Replicas that agree earn trust back faster than plain folds.
-    assert trust.score(record(*[Check.NORM.value] * 3, "agreed").recent) > \
-        trust.score(record(*[Check.NORM.value] * 3, "accepted").recent)
+    assert standing.score(record(*[Check.NORM.value] * 3, "agreed").recent) > \
+        standing.score(record(*[Check.NORM.value] * 3, "accepted").recent)
 
 
 def test_a_throttled_volunteer_waits_until_its_last_task_is_checked() -> None:
     throttled = record(*[Check.NORM.value] * 3)
-    assert trust.standing(throttled).share > 0
+    assert standing.standing(throttled).share > 0
     waiting = TrustRecord("v", {}, throttled.recent, held=1)
-    assert trust.standing(waiting).level is trust.Level.THROTTLED and trust.allowed_share(waiting) == 0
+    assert standing.standing(waiting).level is standing.Level.THROTTLED and standing.allowed_share(waiting) == 0
     trusted = TrustRecord("v", {}, record("accepted").recent, held=3)  # a trusted one is not held back
-    assert trust.allowed_share(trusted) == 1.0
+    assert standing.allowed_share(trusted) == 1.0
 
 
 def test_staleness_is_not_held_against_a_volunteer() -> None:
-    assert trust.standing(record(*[Check.STALE.value] * 20)).score == 1.0
+    assert standing.standing(record(*[Check.STALE.value] * 20)).score == 1.0
 
 
 def test_runs_are_cut_to_the_share_and_throttled_volunteers_are_always_replicated() -> None:
-    assert trust.units(8, 1.0) == 8 and trust.units(8, 0.4) == 1 and trust.units(8, 0.01) == 1
-    assert trust.units(8, 0.0) == 0
-    assert trust.replicate_rate(None, 0.05) == 0.05
-    assert trust.replicate_rate(record(*[Check.NORM.value] * 3), 0.05) == 1.0
+    assert standing.units(8, 1.0) == 8 and standing.units(8, 0.4) == 1 and standing.units(8, 0.01) == 1
+    assert standing.units(8, 0.0) == 0
+    assert standing.replicate_rate(None, 0.05) == 0.05
+    assert standing.replicate_rate(record(*[Check.NORM.value] * 3), 0.05) == 1.0
 
 
 def test_a_volunteer_is_its_token() -> None:
-    assert trust.volunteer_of("tokenhash", "w-1") == "tokenhash"
-    assert trust.volunteer_of("", "w-1") == "w-1"
+    assert standing.volunteer_of("tokenhash", "w-1") == "tokenhash"
+    assert standing.volunteer_of("", "w-1") == "w-1"
 
 
 # -- the replication rule -----------------------------------------------------------------------
@@ -171,8 +173,8 @@ def test_trust_records_count_and_keep_the_newest(ledger: Ledger) -> None:
         ledger.trust.record("alice", "accepted" if i % 4 else Check.LOSS.value, f"event {i}")
     got = ledger.trust.get("alice")
     assert got.accepted == 30 and got.refused == 10 and got.reasons() == {"loss": 10}
-    assert len(got.recent) == trust.WINDOW and got.recent[-1].detail == "event 39"
-    assert [e.detail for e in got.recent] == [f"event {i}" for i in range(40 - trust.WINDOW, 40)]
+    assert len(got.recent) == standing.WINDOW and got.recent[-1].detail == "event 39"
+    assert [e.detail for e in got.recent] == [f"event {i}" for i in range(40 - standing.WINDOW, 40)]
     assert ledger.trust.many(["alice", "bob"]).keys() == {"alice"}
     ledger.trust.clear("alice")
     assert ledger.trust.get("alice") is None

@@ -45,7 +45,7 @@ class TaskAborted(RuntimeError):
     """The task cannot finish; the message says why (it is recorded in the ledger)."""
 
 
-class Heartbeat(threading.Thread):
+class LeaseKeeper(threading.Thread):
     def __init__(self, client: CoordinatorClient, task_id: str, fence: int, worker_id: str, interval: float) -> None:
         super().__init__(daemon=True, name=f"heartbeat-{task_id}")
         self.client, self.task_id, self.fence, self.worker_id = client, task_id, fence, worker_id
@@ -149,7 +149,7 @@ def memory_plan(spec: TaskSpec, card: Card, model_dir: Any, node: NodeSettings) 
 
 
 def train_fitting(model_dir: Any, texts: list[str], lora: LoraSpec, train: TrainSpec, card: Card,
-                  heartbeat: Heartbeat, inject_oom_above: int | None = None, carry: Any = None,
+                  heartbeat: LeaseKeeper, inject_oom_above: int | None = None, carry: Any = None,
                   on_step: Callable[[int, int, float], None] | None = None) -> tuple[Any, Any]:
     """Train; on out-of-memory halve the micro-batch (same effective batch) and retry on this card.
 
@@ -220,7 +220,7 @@ def run_task(spec: TaskSpec, node: NodeSettings, controls: Controls | None = Non
     task_id, fence, worker_id = spec.task_id, spec.fence, spec.worker_id
     token = node.token or spec.token  # the volunteer's own, when it has one
     with CoordinatorClient(spec.coordinator, token, node.tls_ca or None) as client:
-        heartbeat = Heartbeat(client, task_id, fence, worker_id, interval=max(1.0, spec.lease_ttl_s / 4))
+        heartbeat = LeaseKeeper(client, task_id, fence, worker_id, interval=max(1.0, spec.lease_ttl_s / 4))
         heartbeat.beat()  # claims the lease (and learns the version to train on) before any work
         heartbeat.check()
         if heartbeat.base_version < 0:

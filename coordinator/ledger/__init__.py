@@ -4,7 +4,7 @@
 ``ledger.tasks``, ``ledger.leases``, ``ledger.adapters``, ``ledger.versions``,
 ``ledger.workers``, ``ledger.tokens``, ``ledger.counters``, ``ledger.inbox``, ``ledger.trust``,
 ``ledger.replicas``) and returns the typed records of
-:mod:`coordinator.ledger.records`. Every key is in :mod:`coordinator.keys`.
+:mod:`coordinator.ledger.records`. Every key is in :mod:`coordinator.ledger.keys`.
 
 Guarantees (see DESIGN.md, "Ledger"):
 
@@ -23,7 +23,7 @@ from coordinator.ledger.adapters import Accepted, Adapters, adapter_id_for
 from coordinator.ledger.counters import Counters, Refusal, Tally
 from coordinator.ledger.inbox import Inboxes, RunRecord, RunReport
 from coordinator.ledger.jobs import Jobs
-from coordinator.ledger.leases import Heartbeat, Leases, is_twin, twin_id
+from coordinator.ledger.leases import Leases, Renewal, is_twin, twin_id
 from coordinator.ledger.records import (
     AdapterRecord,
     AdapterState,
@@ -77,7 +77,7 @@ __all__ = [
     "Counters",
     "Hold",
     "FoldedAdapter",
-    "Heartbeat",
+    "Renewal",
     "Inboxes",
     "JobConfig",
     "JobRecord",

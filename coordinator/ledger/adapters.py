@@ -15,14 +15,14 @@ from dataclasses import dataclass, replace
 
 import redis
 
-from coordinator import keys
+from coordinator.ledger import keys
 from coordinator.ledger.codec import adapter_from_hash, decode, to_fields
 from coordinator.ledger.counters import Counters, Refusal
 from coordinator.ledger.leases import CURRENT_LEASE
 from coordinator.ledger.records import AdapterRecord, AdapterState, Check
 from coordinator.ledger.replicas import HOLD_RESULT, Hold
 from coordinator.ledger.trust import Trust
-from coordinator.noise import Sample
+from coordinator.schedule.noise import Sample
 
 # acceptable(key, task id, fence, adapter id): nil when an upload under (task, fence) may be
 # accepted, else the answer {status, detail}: a retry of the accepted upload is a duplicate.
@@ -52,7 +52,7 @@ return acceptable(KEYS[1], ARGV[1], ARGV[2], ARGV[3]) or {'', ''}
 # field/value pairs for the adapter hash. Returns {status, adapter id or reason}. The partner is the task's speculative
 # twin (or the twin's original, see Leases.speculate): the first accepted result marks both done,
 # so the other run's upload is refused. A run of a replicated task is held, not buffered, until
-# its replicas settle (coordinator.replication).
+# its replicas settle (coordinator.schedule.replication).
 _ACCEPT = _ACCEPTABLE + HOLD_RESULT + """
 local answer = acceptable(KEYS[1], ARGV[1], ARGV[2], ARGV[3])
 if answer then return answer end
@@ -85,7 +85,7 @@ REFUSED_LEASE = "lease"  # the kind of a refusal the ledger decides: (task, fenc
 class Accepted:
     status: str  # accepted | duplicate | refused
     detail: str  # the adapter id, or the reason for a refusal
-    kind: str = ""  # a refusal's short code, for counting (coordinator.collect's REFUSED_*)
+    kind: str = ""  # a refusal's short code, for counting (coordinator.collect.accept's REFUSED_*)
     check: Check | None = None  # the check a refused adapter failed (None: refused for another reason)
     held: bool = False  # accepted, but held in its task's replica group (not in the fold buffer yet)
 

@@ -29,7 +29,7 @@ from coordinator.ledger.records import (
     VersionRecord,
     WorkerRecord,
 )
-from coordinator.noise import NoiseScale, Sample
+from coordinator.schedule.noise import NoiseScale, Sample
 
 
 def decode(mapping: dict[bytes | str, Any]) -> dict[str, str]:

@@ -6,7 +6,7 @@ from where its predecessor stopped, and several gRPC frontends sharing one ledge
 same figures (Prometheus then takes ``max`` across them, not ``sum``). The lease counters are
 added by the lease scripts themselves (coordinator.ledger.leases), in the same atomic step as the
 transition they count, so they never drift from the tasks' states. :meth:`Counters.tally` reads
-them all as one typed :class:`Tally` (coordinator.metrics turns it into Prometheus families).
+them all as one typed :class:`Tally` (coordinator.observe.metrics turns it into Prometheus families).
 """
 
 from __future__ import annotations
@@ -17,13 +17,13 @@ from dataclasses import asdict, dataclass, field
 
 import redis
 
-from coordinator import keys
+from coordinator.ledger import keys
 
 # The counter names in keys.COUNTERS that the lease scripts add to (their Lua names them as these).
 LEASES, REISSUES, LEASES_EXPIRED, SPECULATIONS = "leases", "reissues", "leases_expired", "speculations"
 UPLOAD_BYTES = "upload_bytes"
 # "held": accepted by the ledger but held in a replicated task's group until its replicas agree
-# (coordinator.replication), so neither buffered for a fold nor refused.
+# (coordinator.schedule.replication), so neither buffered for a fold nor refused.
 UPLOAD_OUTCOMES = ("accepted", "held", "duplicate", "refused")
 FOLD_OUTCOMES = ("published", "nothing")  # a fold that published a version, or one whose every adapter was dropped
 # Upper bounds (seconds) of the fold-duration histogram's buckets; +Inf is implied.
@@ -37,7 +37,7 @@ class Refusal:
 
     at: float
     stage: str  # "upload" or "fold"
-    kind: str  # a short, fixed code (coordinator.collect's REFUSED_*, or "gate"): a Prometheus label
+    kind: str  # a short, fixed code (coordinator.collect.accept's REFUSED_*, or "gate"): a Prometheus label
     reason: str  # the sentence the worker (or the status) was given
     task: str = ""
     worker: str = ""

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import redis
 
-from coordinator import keys
+from coordinator.ledger import keys
 
 RUN_RECORD_TTL_S = 7 * 24 * 3600  # a run record outlives any lease it carried
 

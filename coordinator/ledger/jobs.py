@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import redis
 
-from coordinator import keys
+from coordinator.ledger import keys
 from coordinator.ledger.codec import (
     NOISE_FIELDS,
     decode,
@@ -22,7 +22,7 @@ from coordinator.ledger.codec import (
     to_fields,
 )
 from coordinator.ledger.records import JobRecord, JobState, TaskRecord
-from coordinator.noise import NoiseScale, Sample
+from coordinator.schedule.noise import NoiseScale, Sample
 
 
 class Jobs:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import redis
 
-from coordinator import keys
+from coordinator.ledger import keys
 from coordinator.ledger.records import Lease, TaskState
 from coordinator.ledger.tasks import EVENT
 
@@ -185,7 +185,7 @@ MAX_EVENTS = 32  # the newest events a task keeps
 
 
 @dataclass(frozen=True)
-class Heartbeat:
+class Renewal:
     """What a heartbeat found: the lease extended to ``deadline`` and the version the run trains
     on, or (``reason`` set) the lease is lost and nothing was changed."""
 
@@ -234,7 +234,7 @@ class Leases:
                                args=[task_id, deadline, base_version, time.time(), max_attempts]))
 
     def heartbeat(self, task_id: str, fence: int, deadline: float, worker_id: str = "", token_hash: str = "",
-                  event: str = "") -> Heartbeat:
+                  event: str = "") -> Renewal:
         """Extend a lease, note the worker as seen and ``event`` on the task, and fix the version
         the run trains on, in one step; a lost lease changes nothing and says why.
 
@@ -245,8 +245,8 @@ class Leases:
             keys=[keys.task(task_id), keys.LEASES, keys.WORKERS, keys.LATEST],
             args=[task_id, fence, deadline, worker_id, token_hash, time.time(), event[:500], MAX_EVENTS])
         if reason:
-            return Heartbeat(_text(reason))
-        return Heartbeat("", deadline, int(base), started=bool(first and int(first[0])))
+            return Renewal(_text(reason))
+        return Renewal("", deadline, int(base), started=bool(first and int(first[0])))
 
     def problem(self, task_id: str, fence: int) -> str:
         """"" if (task, fence) holds the current lease, else a sentence saying why not."""

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 from enum import Enum
 from typing import Any
 
-from coordinator.noise import NoiseScale, Sample
+from coordinator.schedule.noise import NoiseScale, Sample
 
 
 class _State(str, Enum):
@@ -40,7 +40,7 @@ class AdapterState(_State):
     FOLDED = "folded"
     REJECTED = "rejected"
     UNMERGED = "unmerged"
-    HELD = "held"  # a run of a replicated task: waits until its replicas settle (coordinator.replication)
+    HELD = "held"  # a run of a replicated task: waits until its replicas settle (coordinator.schedule.replication)
     REPLICA = "replica"  # agreed with a replica that was folded instead (a task is folded once)
 
 
@@ -131,11 +131,11 @@ class TaskRecord:
     holder_fence: int = 0
     holder_token: str = ""
     holder_worker: str = ""
-    # What the newest lease's run trains at (coordinator.policy.FoldPolicy.task_training: the
+    # What the newest lease's run trains at (coordinator.fold.policy.FoldPolicy.task_training: the
     # job's batch and lr, or its batch / K at a scaled lr); 0 until the task is first leased.
     batch_size: int = 0
     learning_rate: float = 0.0
-    # A replica run of a replicated task (coordinator.replication): the task it repeats, the
+    # A replica run of a replicated task (coordinator.schedule.replication): the task it repeats, the
     # volunteers it may not go to (those whose runs it checks), and base_version fixed (pinned)
     # at creation so that every run of the task trains from the same version.
     replica_of: str = ""
@@ -246,7 +246,7 @@ class TrustEvent:
 @dataclass(frozen=True)
 class TrustRecord:
     """What a volunteer's contributions earned: counts per outcome, and the newest outcomes
-    (what :func:`coordinator.trust.standing` reads), oldest first."""
+    (what :func:`coordinator.schedule.standing.standing` reads), oldest first."""
 
     volunteer: str
     counts: dict[str, int] = field(default_factory=dict)  # outcome ("accepted", "agreed", a Check) -> count

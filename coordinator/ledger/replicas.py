@@ -1,7 +1,7 @@
 """Replica groups: a replicated task's runs and the adapters they handed in, until settled.
 
 A sample of tasks is run more than once, each run by another volunteer, with the same seed,
-shard and base version (coordinator.replication decides which, and how the runs are compared).
+shard and base version (coordinator.schedule.replication decides which, and how the runs are compared).
 The first adapter of such a task is accepted *held* (not buffered), in the same step that opens
 the group and its first replica run (:data:`HOLD_RESULT`, run inside the acceptance script of
 coordinator.ledger.adapters). A replica run is a task of its own, ``<task>.r1``, ``<task>.r2``,
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import redis
 
-from coordinator import keys
+from coordinator.ledger import keys
 from coordinator.ledger.codec import decode, replica_group_from_hash
 from coordinator.ledger.counters import Counters, Refusal
 from coordinator.ledger.records import AdapterState, ReplicaGroup, TaskState

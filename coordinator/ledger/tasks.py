@@ -10,7 +10,7 @@ from collections.abc import Iterable
 
 import redis
 
-from coordinator import keys
+from coordinator.ledger import keys
 from coordinator.ledger.codec import decode, task_from_hash
 from coordinator.ledger.records import TaskRecord, TaskState
 

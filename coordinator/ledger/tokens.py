@@ -2,7 +2,7 @@
 
 Tokens are random strings shown once; the ledger keeps only their id. A revoked id is also kept
 apart, so a token written in a data dir is never revived by a restart. Checking a caller's
-token on every call (with a short cache) is coordinator.auth's part.
+token on every call (with a short cache) is coordinator.gateway.auth's part.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import redis
 
-from coordinator import keys
+from coordinator.ledger import keys
 
 # trusted-worker: a worker that may also join the Ray cluster (it receives the Ray token, and so
 # may run code on every node): for machines that trust each other, never for the public.

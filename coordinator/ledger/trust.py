@@ -1,6 +1,6 @@
-"""Trust records: per volunteer, what its contributions came to (coordinator.trust reads them).
+"""Trust records: per volunteer, what its contributions came to (coordinator.schedule.standing reads them).
 
-A volunteer is the token its work arrives with (coordinator.trust.volunteer_of). Every outcome
+A volunteer is the token its work arrives with (coordinator.schedule.standing.volunteer_of). Every outcome
 is one atomic step (:data:`RECORD`): its count goes up and it joins the newest outcomes, of which
 ``KEPT`` are kept. Other ledger transitions record outcomes inside their own
 transaction through :meth:`Trust.record_in` (an adapter rejected at fold time, a version
@@ -14,11 +14,11 @@ from collections.abc import Iterable
 
 import redis
 
-from coordinator import keys
+from coordinator.ledger import keys
 from coordinator.ledger.codec import decode, trust_from_hash
 from coordinator.ledger.records import TrustRecord
 
-KEPT = 32  # outcomes kept per volunteer: the window coordinator.trust scores
+KEPT = 32  # outcomes kept per volunteer: the window coordinator.schedule.standing scores
 MAX_DETAIL = 300
 
 # KEYS: trust hash. ARGV: outcome, now, detail, how many to keep. Counts the outcome, keeps the newest.

@@ -13,7 +13,7 @@ from dataclasses import replace
 
 import redis
 
-from coordinator import keys
+from coordinator.ledger import keys
 from coordinator.ledger.codec import decode, version_fields, version_from_hash
 from coordinator.ledger.records import AdapterState, VersionRecord
 from coordinator.ledger.trust import Trust

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 
 import redis
 
-from coordinator import keys
+from coordinator.ledger import keys
 from coordinator.ledger.codec import decode, to_fields, worker_from_hash
 from coordinator.ledger.records import WorkerRecord
 

@@ -2,7 +2,7 @@
 
 Which tasks: :func:`sampled` picks ``replicate_fraction`` of them (5 % by default), by a hash of
 the task id, so the choice is the same on every coordinator and after a restart; every task of a
-throttled volunteer is replicated (coordinator.trust.replicate_rate). A task is replicated only
+throttled volunteer is replicated (coordinator.schedule.standing.replicate_rate). A task is replicated only
 when some other volunteer that may take tasks is active, since a replica must go to another one.
 
 How: the first adapter of a replicated task is accepted *held* and opens a replica run
@@ -46,7 +46,9 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from coordinator import folding, trust
+from coordinator.fold import folding
+
+from coordinator.schedule import standing
 from coordinator.ledger import (
     AdapterRecord,
     Check,
@@ -59,8 +61,8 @@ from coordinator.ledger import (
     replica_id,
 )
 from coordinator.settings import Settings
-from coordinator.store import BlobStore
-from coordinator.workers import is_active
+from coordinator.model.store import BlobStore
+from coordinator.schedule.registration import is_active
 from nomoat import adapter as adapter_format
 from nomoat.adapter import Adapter
 from nomoat.logs import fields
@@ -194,7 +196,7 @@ class Replication:
         origin = task.twin_of or task.task_id  # a speculative twin hands in its task's result
         if self.ledger.replicas.get(origin) is not None:
             return Hold(origin)
-        rate = trust.replicate_rate(self.ledger.trust.get(volunteer), self.policy.fraction)
+        rate = standing.replicate_rate(self.ledger.trust.get(volunteer), self.policy.fraction)
         if not sampled(origin, rate) or not self._someone_else(volunteer):
             return None
         return Hold(origin, open=replica_id(origin, 1), avoid=(volunteer,))
@@ -203,9 +205,9 @@ class Replication:
         """Whether an active volunteer other than ``volunteer`` may take tasks."""
         now = time.time()
         workers = [w for w in self.ledger.workers.all() if is_active(w.last_seen, now, self.settings)]
-        others = {trust.volunteer_of(w.token, w.worker_id) for w in workers} - {volunteer}
+        others = {standing.volunteer_of(w.token, w.worker_id) for w in workers} - {volunteer}
         records = self.ledger.trust.many(others)
-        return any(trust.eligible(records.get(v)) for v in others)
+        return any(standing.eligible(records.get(v)) for v in others)
 
     # -- the scheduler's round: settle what can be settled ----------------------------------------
 

@@ -1,6 +1,6 @@
 """What a volunteer gave: `nomoat worker stats`, read from the ledger for the caller's token.
 
-A volunteer is its token (coordinator.trust.volunteer_of): every worker registered with it, the
+A volunteer is its token (coordinator.schedule.standing.volunteer_of): every worker registered with it, the
 tasks they handed in, the tokens they trained, what became of their adapters (folded, refused
 and why, replicas that agreed or not), the versions of the model they are in, and the trust all
 of that earned. Plain records; the service turns them into the reply.
@@ -11,8 +11,11 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from coordinator import status, trust
-from coordinator.auth import Identity
+from coordinator.observe import status
+
+from coordinator.schedule import standing
+from coordinator.schedule.standing import Standing
+from coordinator.gateway.auth import Identity
 from coordinator.errors import NotFound
 from coordinator.ledger import Ledger
 from coordinator.settings import Settings
@@ -31,7 +34,7 @@ class VolunteerStats:
     reasons: dict[str, int]  # failed check -> count
     recent: list[str]  # its newest outcomes, oldest first
     versions: dict[int, int]  # version -> its adapters folded into it
-    standing: trust.Standing
+    standing: Standing
 
 
 def of_caller(ledger: Ledger, settings: Settings, identity: Identity, worker_id: str = "") -> VolunteerStats:
@@ -44,12 +47,12 @@ def of_caller(ledger: Ledger, settings: Settings, identity: Identity, worker_id:
         worker = ledger.workers.get(worker_id)
         if worker is None:
             raise NotFound(f"there is no worker {worker_id!r}")
-        volunteer = trust.volunteer_of(worker.token, worker.worker_id)
+        volunteer = standing.volunteer_of(worker.token, worker.worker_id)
     return of(ledger, settings, volunteer)
 
 
 def of(ledger: Ledger, settings: Settings, volunteer: str) -> VolunteerStats:
-    mine = {w.worker_id: w for w in ledger.workers.all() if trust.volunteer_of(w.token, w.worker_id) == volunteer}
+    mine = {w.worker_id: w for w in ledger.workers.all() if standing.volunteer_of(w.token, w.worker_id) == volunteer}
     record = ledger.trust.get(volunteer)
     entry = ledger.tokens.get(volunteer)
     return VolunteerStats(
@@ -65,5 +68,5 @@ def of(ledger: Ledger, settings: Settings, volunteer: str) -> VolunteerStats:
         recent=[f"{time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(e.at))}: {e.outcome}"
                 + (f": {e.detail}" if e.detail else "") for e in (record.recent if record else ())],
         versions=dict(sorted(record.versions.items())) if record else {},
-        standing=trust.standing(record),
+        standing=standing.standing(record),
     )

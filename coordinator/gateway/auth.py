@@ -42,7 +42,7 @@ PERMISSIONS: dict[str, set[str]] = {
     # Every /nomoat.v1.Admin/ method: admin only (not listed).
 }
 OPEN_PREFIXES = ("/grpc.health.v1.Health/",)
-# Who may open the coordinator's HTTP port (coordinator.web: the dashboard, its API, /metrics).
+# Who may open the coordinator's HTTP port (coordinator.gateway.web: the dashboard, its API, /metrics).
 HTTP_ROLES = {"reader", "admin"}
 
 

@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from coordinator.ledger import Ledger
-from coordinator.model import RunningModel, materialize, pulled, write_patched
-from coordinator.store import BlobStore
+from coordinator.model.running import RunningModel, materialize, pulled, write_patched
+from coordinator.model.store import BlobStore
 from nomoat import adapter as adapter_format
 from nomoat import lora
 from nomoat.lineage import Lineage, new_lineage

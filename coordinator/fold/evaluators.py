@@ -1,15 +1,15 @@
 """Where held-out evaluations run: on the coordinator's own device, or on a trusted worker's card.
 
 The math (budgeted blocks, per-block losses, paired comparisons, a candidate as a side path) is
-shared with the worker and lives in :mod:`nomoat.evaluation`; it is re-exported here for the
-coordinator's modules. This module is the seam the folder evaluates through:
+shared with the worker and lives in :mod:`nomoat.evaluation`. This module is the seam the folder
+evaluates through:
 
 * the folder asks an :class:`Evaluator` for one :class:`Batch`: the per-block losses of version v
   on each job's blocks (the *parents*) and of v plus each of several patches (the *candidates*);
   a fold asks twice, once for its parents and every adapter's solo gate, once for its fold check;
 * :class:`OnCoordinator` scores a batch on the running model, on ``--device``;
 * :class:`OnWorkers` sends the batch as one evaluation task to one trusted worker's card
-  (``coordinator.dispatch``; the worker's entry point is ``worker.evaluate``) and, when no card
+  (``coordinator.schedule.ray_dispatch``; the worker's entry point is ``worker.evaluate``) and, when no card
   can take it, the task fails or it takes longer than ``--eval-timeout``, scores it on the
   coordinator instead, saying so in one log line: nothing is lost and the fold goes on.
 
@@ -28,26 +28,17 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 from nomoat.adapter import Adapter
-from nomoat.evaluation import (  # noqa: F401  (re-exported: the coordinator's names for them)
-    BATCH_BLOCKS,
-    EVAL_DTYPES,
-    Comparison,
+from nomoat.evaluation import (
     EvalReply,
     EvalSet,
     EvalTask,
     Losses,
-    block_losses,
-    eval_set,
-    losses_with,
-    paired,
-    plus,
-    unpaired_se,
 )
 from nomoat.logs import fields
 
 if TYPE_CHECKING:
-    from coordinator.model import RunningModel
-    from coordinator.transport import Node
+    from coordinator.model.running import RunningModel
+    from coordinator.schedule.transport import Node
     from coordinator.settings import Settings
 
 log = logging.getLogger("nomoat.evaluation")
@@ -101,7 +92,7 @@ class OnCoordinator:
 
 
 class Cards(Protocol):
-    """The trusted workers' cards an evaluation can be sent to (``coordinator.dispatch``)."""
+    """The trusted workers' cards an evaluation can be sent to (``coordinator.schedule.ray_dispatch``)."""
 
     def eval_card(self, need_gb: float) -> Node | None:
         """The card to evaluate on (None: no trusted card with ``need_gb`` is up)."""

@@ -3,7 +3,7 @@
 Three formats, as the proto names them: a Hugging Face folder of the version; a PEFT adapter
 folder holding the exact update from ``since`` to the version; and, for worker caches, the
 cheapest catch-up from ``since`` (a snapshot and/or patch files, see
-``coordinator.history.plan_catch_up``). Files already in the blob store are sent from there by
+``coordinator.model.history.plan_catch_up``). Files already in the blob store are sent from there by
 sha256, read a block at a time (a shard of several GB is never in memory); made-up files (a PEFT
 folder) are sent from memory.
 
@@ -20,10 +20,10 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from coordinator.errors import InvalidRequest, NotFound
-from coordinator.history import History, plan_catch_up
+from coordinator.model.history import History, plan_catch_up
 from coordinator.ledger import Ledger
-from coordinator.model import pulled
-from coordinator.store import BlobStore
+from coordinator.model.running import pulled
+from coordinator.model.store import BlobStore
 
 
 # Bytes of a file per message. bench/pull.py on two shared cores: 1 MiB cost the least CPU per GB

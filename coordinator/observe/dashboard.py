@@ -1,6 +1,6 @@
 """The dashboard's data: what the web page shows, built from the same summaries as `nomoat status`.
 
-:func:`snapshot` takes :func:`coordinator.status.overview` (jobs, workers, versions) and adds
+:func:`snapshot` takes :func:`coordinator.observe.status.overview` (jobs, workers, versions) and adds
 what only the page shows: each job's progress and ETA, the held-out-loss curve (one point per
 version), the adapters each version folded with their weights and workers, and the newest
 refusals with their reasons (coordinator.ledger.counters). :func:`to_json` turns it into the
@@ -18,7 +18,7 @@ from typing import Any
 
 from google.protobuf.json_format import MessageToDict
 
-from coordinator import status
+from coordinator.observe import status
 from coordinator.ledger import Ledger, Refusal
 from coordinator.settings import Settings
 from nomoat.v1 import nomoat_pb2 as pb
@@ -146,7 +146,7 @@ def _worker(w: status.WorkerSummary) -> dict[str, Any]:
 
 
 def to_json(s: Snapshot) -> dict[str, Any]:
-    """The snapshot as the page reads it (coordinator/web/app.js)."""
+    """The snapshot as the page reads it (coordinator/gateway/web/app.js)."""
     return _plain({
         "at": s.at,
         "tokens_per_s": s.tokens_per_s,

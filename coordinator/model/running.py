@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from coordinator.store import BlobStore
+from coordinator.model.store import BlobStore
 from nomoat import evaluation, lora, packing, weights
 from nomoat.adapter import Adapter
 

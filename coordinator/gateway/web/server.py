@@ -1,10 +1,10 @@
 """The coordinator's HTTP port: the dashboard page, its data, a live stream of it, and /metrics.
 
 ``nomoat coordinator start --http 127.0.0.1:8470`` serves, on a port of its own (gRPC keeps its
-own): ``/`` the page (coordinator/web/static/, no build step, nothing fetched from elsewhere),
-``/api/snapshot`` its data as JSON (coordinator.dashboard), ``/api/events`` the same as
+own): ``/`` the page (coordinator/gateway/web/static/, no build step, nothing fetched from elsewhere),
+``/api/snapshot`` its data as JSON (coordinator.observe.dashboard), ``/api/events`` the same as
 server-sent events whenever it changes, ``/metrics`` Prometheus' text format
-(coordinator.metrics) and ``/healthz``. Everything but ``/healthz`` and the page's own static
+(coordinator.observe.metrics) and ``/healthz``. Everything but ``/healthz`` and the page's own static
 files needs a reader (or admin) token, as ``Authorization: Bearer TOKEN`` or ``?token=TOKEN``
 (the page passes on the one in its address to its API and stream calls: a browser's EventSource
 cannot send a header).
@@ -29,11 +29,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
-from coordinator import dashboard
-from coordinator.auth import HTTP_ROLES, Identity, TokenRegistry
+from coordinator.observe import dashboard
+from coordinator.gateway.auth import HTTP_ROLES, Identity, TokenRegistry
 from coordinator.ledger import Ledger
-from coordinator.metrics import CONTENT_TYPE as METRICS_TYPE
-from coordinator.metrics import Metrics
+from coordinator.observe.metrics import CONTENT_TYPE as METRICS_TYPE
+from coordinator.observe.metrics import Metrics
 from coordinator.settings import Settings
 
 log = logging.getLogger("nomoat.web")

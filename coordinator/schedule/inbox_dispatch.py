@@ -13,7 +13,7 @@ frontends can serve long-polls while one scheduler places runs:
 * :class:`OutboundDispatcher`, in the scheduler's process: the workers that asked for work
   lately are its cards (:meth:`~OutboundDispatcher.nodes`); a run placed on one goes into that
   worker's inbox; reports come back from the results list as
-  :class:`~coordinator.transport.Finished`.
+  :class:`~coordinator.schedule.transport.Finished`.
 * :func:`request_work` and :func:`report_run`, in whichever frontend the worker's call reached:
   a blocking pop on the caller's inbox, and the report checked against the run's record and
   passed on.
@@ -31,11 +31,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
-from coordinator.auth import Identity
+from coordinator.gateway.auth import Identity
 from coordinator.errors import InvalidRequest, NotFound, NotPermitted
-from coordinator.leases import hand_back
+from coordinator.schedule.holder import hand_back
 from coordinator.ledger import Ledger, RunReport
-from coordinator.transport import Finished, Node, placement_of
+from coordinator.schedule.transport import Finished, Node, placement_of
 from coordinator.settings import Settings
 from nomoat import card as cards
 from nomoat.spec import SpecError, TaskSpec, UnitResult

@@ -9,11 +9,11 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
-from coordinator.auth import TokenRegistry, token_id
+from coordinator.gateway.auth import TokenRegistry, token_id
 from coordinator.errors import InvalidRequest, NotFound, WrongState
 
 if TYPE_CHECKING:
-    from coordinator.folder import Folder
+    from coordinator.fold.folder import Folder
 
 log = logging.getLogger("nomoat.admin")
 

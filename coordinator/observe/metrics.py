@@ -4,7 +4,7 @@ Where each figure comes from, and so whether it survives a restart and agrees ac
 
 * from the ledger (Redis), read at every scrape, the same on every coordinator sharing it:
   tasks, jobs, workers (by card), tokens/s and versions, from the summaries `nomoat status`
-  shows (coordinator.status); and the counters of coordinator.ledger.counters, which survive a
+  shows (coordinator.observe.status); and the counters of coordinator.ledger.counters, which survive a
   restart: leases, re-issues, expired leases, uploads (by outcome, bytes), refusals by stage and
   reason, folds and their duration. Several frontends report the same values: aggregate them
   with ``max``, not ``sum``.
@@ -29,8 +29,8 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from coordinator import status
-from coordinator.dashboard import card
+from coordinator.observe import status
+from coordinator.observe.dashboard import card
 from coordinator.ledger import Ledger
 from coordinator.ledger.records import TaskState
 from coordinator.settings import Settings

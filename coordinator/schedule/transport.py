@@ -1,7 +1,7 @@
 """Transports: how a leased run reaches a card, as the scheduler sees it.
 
-A :class:`Dispatcher` is one transport (Ray nodes in ``coordinator.dispatch``, outbound-only
-workers in ``coordinator.outbound``); :class:`Dispatchers` puts several behind one scheduler. What
+A :class:`Dispatcher` is one transport (Ray nodes in ``coordinator.schedule.ray_dispatch``, outbound-only
+workers in ``coordinator.schedule.inbox_dispatch``); :class:`Dispatchers` puts several behind one scheduler. What
 crosses between them and the scheduler is plain data: the cards (:class:`Node`), what a job's task
 needs of one (:class:`Need`), the resources a run asks for, and how each unit ended
 (:class:`Finished`). :func:`placement_of` is the one rule every transport answers
@@ -85,8 +85,8 @@ def roomiest(nodes: Iterable[Node]) -> tuple[float, float]:
 
 
 class Dispatcher(Protocol):
-    """How a leased run reaches a card: Ray (coordinator.dispatch) or outbound-only gRPC
-    (coordinator.outbound); :class:`Dispatchers` puts several behind one scheduler."""
+    """How a leased run reaches a card: Ray (coordinator.schedule.ray_dispatch) or outbound-only gRPC
+    (coordinator.schedule.inbox_dispatch); :class:`Dispatchers` puts several behind one scheduler."""
 
     def nodes(self) -> list[Node]: ...
     def submit(self, specs: list[TaskSpec], resources: dict[str, float], node_id: str) -> None: ...

@@ -19,8 +19,24 @@ from typing import TYPE_CHECKING
 
 import grpc
 
-from coordinator import admin, collect, leases, outbound, pull, stats, status, submit, workers
-from coordinator.auth import Identity, TokenRegistry, caller, may_join_ray, token_id
+from coordinator.gateway import admin
+
+from coordinator.collect import accept
+
+from coordinator.schedule import holder
+
+from coordinator.schedule import inbox_dispatch
+
+from coordinator.model import pull
+
+from coordinator.observe import contributions
+
+from coordinator.observe import status
+
+from coordinator.schedule import submit
+
+from coordinator.schedule import registration
+from coordinator.gateway.auth import Identity, TokenRegistry, caller, may_join_ray, token_id
 from coordinator.errors import (
     BrokenOff,
     Incomplete,
@@ -32,12 +48,12 @@ from coordinator.errors import (
     Unauthenticated,
     WrongState,
 )
-from coordinator.history import History
+from coordinator.model.history import History
 from coordinator.ledger import Ledger
-from coordinator.noise import Sample
+from coordinator.schedule.noise import Sample
 from coordinator.settings import Settings
-from coordinator.store import BlobStore
-from coordinator.uploads import PartialUploads
+from coordinator.model.store import BlobStore
+from coordinator.collect.partial_uploads import PartialUploads
 from nomoat import framing
 from nomoat.v1 import nomoat_pb2 as pb
 from nomoat.v1 import nomoat_pb2_grpc as rpc
@@ -45,8 +61,8 @@ from nomoat.v1 import nomoat_pb2_grpc as rpc
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-    from coordinator.folder import Folder
-    from coordinator.replication import Replication
+    from coordinator.fold.folder import Folder
+    from coordinator.schedule.replication import Replication
 
 log = logging.getLogger("nomoat.service")
 CHUNK = 1 << 20
@@ -80,7 +96,7 @@ class Deps:
     operations: Folder | None = None  # rollback and unmerge (admin); set once the folder runs
     uploads: PartialUploads | None = None  # made in data_dir/uploads when first needed
     replication: Replication | None = None  # holds replicated tasks' adapters (None: none are replicated)
-    long_polls: outbound.LongPolls | None = None  # outbound workers' long-polls this frontend holds at once
+    long_polls: inbox_dispatch.LongPolls | None = None  # outbound workers' long-polls this frontend holds at once
 
 
 def _answers(method: Callable) -> Callable:
@@ -217,10 +233,10 @@ class WorkersServicer(rpc.WorkersServicer):
 
     @_answers
     def Register(self, request, context):
-        joining = workers.Registration(request.worker_id, request.name, request.node_id,
+        joining = registration.Registration(request.worker_id, request.name, request.node_id,
                                        request.card.SerializeToString(), request.card.name, request.card.vram_gb)
         identity = caller(context, self.deps.registry)
-        worker_id = workers.register(self.deps.ledger, self.deps.settings, identity, joining)
+        worker_id = registration.register(self.deps.ledger, self.deps.settings, identity, joining)
         ray = may_join_ray(identity)  # the Ray token lets its holder run code anywhere: trusted only
         return pb.RegisterReply(worker_id=worker_id, ray_address=self.deps.ray_address if ray else "",
                                 ray_auth_token=self.deps.ray_auth_token if ray else "",
@@ -228,14 +244,14 @@ class WorkersServicer(rpc.WorkersServicer):
 
     @_answers
     def Heartbeat(self, request, context):
-        beat = leases.heartbeat(self.deps.ledger, self.deps.settings, _identity(context, self.deps),
+        beat = holder.heartbeat(self.deps.ledger, self.deps.settings, _identity(context, self.deps),
                                 request.worker_id, request.task_id, request.fence, request.event)
         return pb.HeartbeatReply(ok=beat.ok, deadline=beat.deadline, reason=beat.reason,
                                  base_version=beat.base_version, lineage=self.deps.history.lineage().id)
 
     @_answers
     def FetchShard(self, request, context):
-        data = leases.fetch_shard(self.deps.ledger, self.deps.store, _identity(context, self.deps),
+        data = holder.fetch_shard(self.deps.ledger, self.deps.store, _identity(context, self.deps),
                                   request.task_id, request.fence)
         for block in _frames(data):
             yield pb.DataChunk(data=block)
@@ -256,13 +272,13 @@ class WorkersServicer(rpc.WorkersServicer):
         if first.WhichOneof("part") != "manifest":
             raise InvalidRequest("the first message must be the manifest")
         m = first.manifest
-        manifest = collect.Manifest(
+        manifest = accept.Manifest(
             task_id=m.task_id, fence=m.fence, base_version=m.base_version, rank=m.rank, alpha=m.alpha,
             tokens=m.tokens, train_loss=m.train_loss, sha256=m.sha256, size=m.size, worker_id=m.worker_id,
             lineage=m.lineage,
             gradients=Sample(m.grad_micro_sq, m.grad_batch_sq, m.grad_micro_batch, m.grad_batch_size),
         )
-        result = collect.upload(self.deps.ledger, self.deps.store, self.deps.shapes, self._partials(),
+        result = accept.upload(self.deps.ledger, self.deps.store, self.deps.shapes, self._partials(),
                                 _identity(context, self.deps), manifest, m.offset, _adapter_blocks(request_iterator),
                                 max_bytes=self.deps.settings.max_adapter_bytes,
                                 lineage=self.deps.history.lineage().id, replication=self.deps.replication)
@@ -272,7 +288,7 @@ class WorkersServicer(rpc.WorkersServicer):
 
     @_answers
     def Stats(self, request, context):
-        mine = stats.of_caller(self.deps.ledger, self.deps.settings, _identity(context, self.deps), request.worker_id)
+        mine = contributions.of_caller(self.deps.ledger, self.deps.settings, _identity(context, self.deps), request.worker_id)
         return pb.WorkerStatsReply(
             volunteer=mine.volunteer, workers=[_worker_info(w) for w in mine.workers], tasks_done=mine.tasks_done,
             tokens_trained=mine.tokens_trained, adapters_folded=mine.folded, adapters_refused=mine.refused,
@@ -284,15 +300,15 @@ class WorkersServicer(rpc.WorkersServicer):
     @_answers
     def RequestWork(self, request, context):
         if self.deps.long_polls is None:
-            self.deps.long_polls = outbound.LongPolls(LONG_POLL_SLOTS)
-        work = outbound.request_work(self.deps.ledger, self.deps.settings, _identity(context, self.deps),
+            self.deps.long_polls = inbox_dispatch.LongPolls(LONG_POLL_SLOTS)
+        work = inbox_dispatch.request_work(self.deps.ledger, self.deps.settings, _identity(context, self.deps),
                                      request.worker_id, request.wait_s, self.deps.long_polls,
                                      still_wanted=context.is_active)
         return pb.WorkReply(run_id=work.run_id, task_specs=list(work.specs), poll_again_s=work.poll_again_s)
 
     @_answers
     def ReportRun(self, request, context):
-        outbound.report_run(self.deps.ledger, _identity(context, self.deps), request.worker_id, request.run_id,
+        inbox_dispatch.report_run(self.deps.ledger, _identity(context, self.deps), request.worker_id, request.run_id,
                             list(request.units), list(request.handed_back))
         return pb.RunReportReply(ok=True)
 

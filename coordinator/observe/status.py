@@ -11,11 +11,11 @@ import math
 import time
 from dataclasses import dataclass
 
-from coordinator import trust
+from coordinator.schedule import standing
 from coordinator.errors import NotFound
 from coordinator.ledger import JobConfig, Ledger, TaskRecord, count_states
 from coordinator.settings import Settings
-from coordinator.workers import is_active
+from coordinator.schedule.registration import is_active
 
 MAX_JOB_EVENTS = 20  # the newest task notes a job's status shows
 
@@ -38,7 +38,7 @@ class JobSummary:
     events: list[str]  # the newest notes of its tasks' runs, oldest first
     training: str = ""  # what its newest leased task trains at ("batch 2, lr 0.004"); "" before any
     base_version: int = -1  # the version base_loss was measured on; -1 until measured
-    noise_scale: float = 0.0  # its gradient noise scale B_simple in sequences (coordinator.noise); 0: none yet
+    noise_scale: float = 0.0  # its gradient noise scale B_simple in sequences (coordinator.schedule.noise); 0: none yet
 
 
 @dataclass(frozen=True)
@@ -50,7 +50,7 @@ class WorkerSummary:
     tasks_done: int
     state: str  # active | gone
     tokens_per_s: float = 0.0  # measured over its finished runs; 0 while unknown
-    trust: str = "trusted"  # its volunteer's standing: trusted | throttled | excluded (coordinator.trust)
+    trust: str = "trusted"  # its volunteer's standing: trusted | throttled | excluded (coordinator.schedule.standing)
     trust_score: float = 1.0
     trust_reason: str = ""  # why it is throttled or excluded
     # How it takes work: "ray" (a trusted machine, a node of the Ray cluster) or "outbound" (a
@@ -114,7 +114,7 @@ def job(ledger: Ledger, job_id: str) -> JobSummary | None:
 
 def training(config: JobConfig, tasks: list[TaskRecord]) -> str:
     """What the job's newest leased task trains at, beside the job's own batch and lr (they differ
-    when the scheduler keeps the global batch: coordinator.policy); "" before any lease."""
+    when the scheduler keeps the global batch: coordinator.fold.policy); "" before any lease."""
     leased = [t for t in tasks if t.batch_size > 0]
     if not leased:
         return ""
@@ -129,15 +129,15 @@ def training(config: JobConfig, tasks: list[TaskRecord]) -> str:
 def workers(ledger: Ledger, settings: Settings) -> list[WorkerSummary]:
     now = time.time()
     every = ledger.workers.all()
-    volunteers = {w.worker_id: trust.volunteer_of(w.token, w.worker_id) for w in every}
+    volunteers = {w.worker_id: standing.volunteer_of(w.token, w.worker_id) for w in every}
     records = ledger.trust.many(volunteers.values())
     out = []
     for w in every:
-        standing = trust.standing(records.get(volunteers[w.worker_id]))
+        where = standing.standing(records.get(volunteers[w.worker_id]))
         out.append(WorkerSummary(
             worker_id=w.worker_id, name=w.name, card=w.card, last_seen=w.last_seen, tasks_done=w.tasks_done,
             state="active" if is_active(w.last_seen, now, settings) else "gone", tokens_per_s=w.tokens_per_s,
-            trust=standing.level.value, trust_score=standing.score, trust_reason=standing.why,
+            trust=where.level.value, trust_score=where.score, trust_reason=where.why,
             kind="ray" if w.node_id else "outbound"))
     return out
 

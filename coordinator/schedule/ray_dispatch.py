@@ -12,9 +12,9 @@ fence (a rerun under the old fence would let a late upload from the dead run thr
 What crosses Ray is plain data: a list of :class:`~nomoat.spec.TaskSpec` in, a list of
 :class:`~nomoat.spec.UnitResult` out, of :func:`worker.task.run_units`, the worker's training
 entry point. Every Ray call of the coordinator lives here; the scheduler sees :class:`Node` and
-:class:`~coordinator.transport.Finished`.
+:class:`~coordinator.schedule.transport.Finished`.
 
-Evaluation tasks (:meth:`RayDispatcher.evaluate`, for ``coordinator.evaluation.OnWorkers``) run
+Evaluation tasks (:meth:`RayDispatcher.evaluate`, for ``coordinator.fold.evaluators.OnWorkers``) run
 :func:`worker.evaluate.run_evaluation`, the worker's other entry point: an
 :class:`~nomoat.evaluation.EvalTask` in, an :class:`~nomoat.evaluation.EvalReply` out. One asks
 for the card's whole ``nomoat_worker`` slot, as a run does, so it never shares a card with a
@@ -35,8 +35,8 @@ from typing import Any
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from coordinator.transport import Finished, Need, Node, placement_of
-from coordinator.submit import JobConfig
+from coordinator.schedule.transport import Finished, Need, Node, placement_of
+from coordinator.schedule.submit import JobConfig
 from nomoat.evaluation import EvalReply, EvalTask
 from nomoat.memory import min_vram_gb, shape_for
 from nomoat.raynode import LOADS_4BIT_LABEL, VRAM_RESOURCE, WORKER_ID_LABEL, WORKER_RESOURCE
@@ -163,7 +163,7 @@ class RayDispatcher:
             runs = list(self._runs.values())
         return placement_of((run.node_id, run.units) for run in runs)
 
-    # -- evaluation tasks (coordinator.evaluation.OnWorkers) ----------------------------------
+    # -- evaluation tasks (coordinator.fold.evaluators.OnWorkers) ----------------------------------
 
     def eval_card(self, need_gb: float) -> Node | None:
         """The card an evaluation goes to: an idle one with ``need_gb`` of VRAM (the most VRAM

@@ -11,7 +11,7 @@ import logging
 import time
 from dataclasses import dataclass
 
-from coordinator.auth import Identity
+from coordinator.gateway.auth import Identity
 from coordinator.errors import InvalidRequest, LimitReached
 from coordinator.ledger import Ledger, TooManyWorkers
 from coordinator.settings import Settings

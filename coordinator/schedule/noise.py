@@ -17,7 +17,7 @@ job, bias-corrected as Adam's moments are) and only then divided.
 
 A worker measures them while it trains (``worker.trainer.GradientNorms``: a micro-batch and the
 whole batch of each step); the coordinator folds each accepted adapter's pair into its job's
-:class:`NoiseScale` and :meth:`coordinator.policy.FoldPolicy.task_training` may size tasks by it.
+:class:`NoiseScale` and :meth:`coordinator.fold.policy.FoldPolicy.task_training` may size tasks by it.
 """
 
 from __future__ import annotations

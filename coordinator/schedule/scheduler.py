@@ -12,7 +12,7 @@ One round (:meth:`Scheduler.tick`):
 3. give every free card a run: the oldest pending task that fits it (its plan in 16 bits, or on
    a card whose worker loads a 4-bit base, in 4 bits where 16 do not fit: :class:`Need`), plus
    following units of the same job (each at the batch and lr the fold policy sizes it for: the job's batch divided by
-   the adapters the next fold will average, ``coordinator.policy``), as many as the card gets through in about ``target_task_seconds`` at its measured
+   the adapters the next fold will average, ``coordinator.fold.policy``), as many as the card gets through in about ``target_task_seconds`` at its measured
    speed as the ledger holds it (one unit while its speed is unknown). Fast cards take big runs, slow cards small ones,
    and every unit keeps its own lease, fence and adapter, so idempotency is unchanged;
 4. near a job's end (cards idle, nothing pending that fits them) issue the outstanding tasks
@@ -42,11 +42,11 @@ from coordinator.ledger import (
     count_states,
     is_twin,
 )
-from coordinator import trust
-from coordinator.leases import hand_back
-from coordinator.policy import FoldPolicy, TaskTraining
+from coordinator.schedule import standing
+from coordinator.schedule.holder import hand_back
+from coordinator.fold.policy import FoldPolicy, TaskTraining
 from coordinator.settings import Settings
-from coordinator.transport import Dispatcher, Finished, Need, Node, roomiest, run_resources
+from coordinator.schedule.transport import Dispatcher, Finished, Need, Node, roomiest, run_resources
 from nomoat import card as cards
 from nomoat.logs import fields
 from nomoat.spec import LoraConfig, TaskSpec, TrainConfig
@@ -69,7 +69,7 @@ class Scheduler:
     ledger: Ledger
     dispatcher: Dispatcher
     worker_token: str
-    task_need: Any  # callable(JobConfig) -> Need (coordinator.dispatch.task_need)
+    task_need: Any  # callable(JobConfig) -> Need (coordinator.schedule.ray_dispatch.task_need)
     _configs: dict[str, JobConfig] = field(default_factory=dict)
     _needs: dict[str, Need] = field(default_factory=dict)
     _total_tasks: dict[str, int] = field(default_factory=dict)
@@ -77,7 +77,7 @@ class Scheduler:
     runs: deque = field(default_factory=lambda: deque(maxlen=1000))
     # The cards the latest round saw: how many of them fit a job sizes its tasks (training()).
     _nodes: list[Node] = field(default_factory=list)
-    # Settles replicated tasks each round (coordinator.replication.Replication); None: none are.
+    # Settles replicated tasks each round (coordinator.schedule.replication.Replication); None: none are.
     replication: Any = None
 
     def config(self, job_id: str) -> JobConfig:
@@ -172,7 +172,7 @@ class Scheduler:
     def training(self, config: JobConfig, noise_scale: float | None = None, tasks: int | None = None) -> TaskTraining:
         """The batch and lr a task of a job with ``config`` trains at: with keep_global_batch,
         the job's batch divided by K = min(fold_every, the cards seen that fit the job), at
-        ``lr_scale(K)`` times its lr (coordinator.policy), so what one fold averages adds up
+        ``lr_scale(K)`` times its lr (coordinator.fold.policy), so what one fold averages adds up
         to the job's batch; the same tokens per task, K times the steps. ``noise_scale``: the
         job's gradient noise scale, which sizes the global batch with --size-from-noise."""
         need = self.task_need(config)
@@ -208,11 +208,11 @@ class Scheduler:
             return None
         return cards.from_message(pb.Card.FromString(record.card))
 
-    def standings(self, nodes: list[Node]) -> dict[str, tuple[str, trust.Standing]]:
-        """Node id -> (its volunteer, where that volunteer's trust stands: coordinator.trust)."""
+    def standings(self, nodes: list[Node]) -> dict[str, tuple[str, standing.Standing]]:
+        """Node id -> (its volunteer, where that volunteer's trust stands: coordinator.schedule.standing)."""
         volunteers = self.ledger.trust.of_workers(n.worker_id for n in nodes)
         records = self.ledger.trust.many(volunteers.values())
-        return {n.node_id: (volunteers.get(n.worker_id, ""), trust.standing(records.get(volunteers.get(n.worker_id, ""))))
+        return {n.node_id: (volunteers.get(n.worker_id, ""), standing.standing(records.get(volunteers.get(n.worker_id, ""))))
                 for n in nodes}
 
     def _dispatch(self, now: float, nodes: list[Node], speeds: dict[str, float]) -> list[Node]:
@@ -275,7 +275,7 @@ class Scheduler:
                   share: float = 1.0) -> list[TaskRecord]:
         """Take from ``queue`` the oldest task that fits ``node`` and the following units of its
         job that fit, as many as the card's ``speed`` warrants, cut to the volunteer's ``share``
-        (coordinator.trust); a replica run never goes to a volunteer whose run it checks."""
+        (coordinator.schedule.standing); a replica run never goes to a volunteer whose run it checks."""
         def fits(t: TaskRecord) -> bool:
             return not is_twin(t.task_id) and self.fits(t, node) and volunteer not in t.avoid
 
@@ -286,7 +286,7 @@ class Scheduler:
         # Lazily, stopping at n: scanning the whole queue for every free card made a round with a
         # thousand cards (outbound volunteers) quadratic.
         fitting = (t for t in queue if t.job == first.job and fits(t))
-        run = list(itertools.islice(fitting, trust.units(n, share)))
+        run = list(itertools.islice(fitting, standing.units(n, share)))
         for task in run:
             queue.remove(task)
         return run

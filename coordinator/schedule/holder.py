@@ -12,11 +12,11 @@ import logging
 import time
 from dataclasses import dataclass
 
-from coordinator.auth import Identity
+from coordinator.gateway.auth import Identity
 from coordinator.errors import NotPermitted, WrongState
 from coordinator.ledger import Ledger
 from coordinator.settings import Settings
-from coordinator.store import BlobStore
+from coordinator.model.store import BlobStore
 from nomoat.logs import fields
 
 log = logging.getLogger("nomoat.leases")

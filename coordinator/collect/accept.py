@@ -20,21 +20,23 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
-from coordinator import folding, trust
-from coordinator.auth import Identity
+from coordinator.fold import folding
+
+from coordinator.schedule import standing
+from coordinator.gateway.auth import Identity
 from coordinator.errors import Incomplete, WrongState
-from coordinator.leases import holder
+from coordinator.schedule.holder import holder
 from coordinator.ledger import Accepted, Check, JobConfig, Ledger, Refusal
 from coordinator.ledger.adapters import REFUSED_LEASE
-from coordinator.noise import Sample
-from coordinator.store import BlobStore
-from coordinator.uploads import PartialUploads, UploadRefused, UploadRetry
+from coordinator.schedule.noise import Sample
+from coordinator.model.store import BlobStore
+from coordinator.collect.partial_uploads import PartialUploads, UploadRefused, UploadRetry
 from nomoat import adapter as adapter_format
 from nomoat.logs import fields
 
 log = logging.getLogger("nomoat.collect")
 
-# Why an upload was refused, as a short code (a Prometheus label: coordinator.metrics) beside its
+# Why an upload was refused, as a short code (a Prometheus label: coordinator.observe.metrics) beside its
 # sentence; REFUSED_LEASE (the ledger's: the upload does not hold the task's current lease) is the sixth.
 REFUSED_SIZE = "too_big"  # over max_adapter_bytes
 REFUSED_LINEAGE = "lineage"  # trained on another coordinator's model
@@ -43,7 +45,7 @@ REFUSED_BASE = "base_version"  # the manifest names another base version than th
 REFUSED_FORMAT = "format"  # not a nomoat safetensors adapter of the job's shapes, rank and alpha
 
 if TYPE_CHECKING:
-    from coordinator.replication import Replication
+    from coordinator.schedule.replication import Replication
 
 
 @dataclass(frozen=True)
@@ -103,7 +105,7 @@ def upload(
 def log_answer(m: Manifest, result: Accepted) -> None:
     """One line for an upload's answer: accepted (or a duplicate of one), or refused and why."""
     ids = {"task": m.task_id, "worker": m.worker_id or None, "fence": m.fence, "tokens": m.tokens, "bytes": m.size}
-    if result.held:  # its task is replicated: it waits in the replica group (coordinator.replication)
+    if result.held:  # its task is replicated: it waits in the replica group (coordinator.schedule.replication)
         log.info("adapter %s of task %s (worker %s) held until its replicas agree: %d tokens, train loss %.4f",
                  result.detail, m.task_id, m.worker_id or "?", m.tokens, m.train_loss,
                  extra=fields("replica.held", adapter=result.detail, train_loss=m.train_loss, **ids))
@@ -133,7 +135,7 @@ def _upload(ledger: Ledger, store: BlobStore, shapes: Mapping[str, tuple[int, in
     problem = ledger.leases.hold(m.task_id, m.fence, m.worker_id, token_hash)
     if problem:
         return Accepted("refused", problem, REFUSED_LEASE)
-    volunteer = trust.volunteer_of(token_hash, worker_id)
+    volunteer = standing.volunteer_of(token_hash, worker_id)
     try:
         data = partials.receive(m.task_id, m.fence, m.sha256, m.size, offset, blocks)
     except UploadRefused as exc:  # bytes that do not match their manifest
@@ -149,7 +151,7 @@ def _upload(ledger: Ledger, store: BlobStore, shapes: Mapping[str, tuple[int, in
 
 
 def _counted(ledger: Ledger, volunteer: str, result: Accepted) -> Accepted:
-    """A refusal for a failed check counts against the volunteer's trust (coordinator.trust)."""
+    """A refusal for a failed check counts against the volunteer's trust (coordinator.schedule.standing)."""
     if result.check is not None:
         ledger.trust.record(volunteer, result.check.value, result.detail)
     return result

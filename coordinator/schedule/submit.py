@@ -25,7 +25,7 @@ from coordinator.ledger import (  # JobConfig: still importable from here
     TaskRecord,
 )
 from coordinator.settings import JobDefaults, Settings
-from coordinator.store import BlobStore
+from coordinator.model.store import BlobStore
 from nomoat.logs import fields
 from nomoat.records import DatasetError, parse_dataset
 

@@ -16,7 +16,7 @@ given (the caller does the I/O: reading adapters, evaluating losses, publishing)
 It also sizes the tasks whose adapters a fold will average (:meth:`FoldPolicy.task_training`):
 K adapters trained from one version and averaged act as one step of their summed batch, so each
 task trains at the job's batch divided by K, with K times the steps (the same tokens), at
-:func:`lr_scale` times the job's learning rate. ``coordinator.scheduler`` calls it when it builds
+:func:`lr_scale` times the job's learning rate. ``coordinator.schedule.scheduler`` calls it when it builds
 a task, ``bench/qsim.py`` when it simulates one.
 """
 
@@ -26,7 +26,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from coordinator import folding
+from coordinator.fold import folding
 from coordinator.settings import Settings
 from nomoat.adapter import Adapter
 
@@ -111,7 +111,7 @@ class FoldPolicy:
         ``tasks``: how many tasks the job has in all (None: many).
 
         With ``size_from_noise`` and a ``noise_scale`` (the job's B_simple in sequences:
-        coordinator.noise), the global batch the fold adds up to is the noise scale, rounded,
+        coordinator.schedule.noise), the global batch the fold adds up to is the noise scale, rounded,
         between K (one sequence per task) and the job's batch: Pollux's goodput idea, a batch not
         far above the critical one, where a larger batch buys little progress per step. Tokens
         per task stay the job's, so a smaller batch means more steps; the lr follows the
@@ -143,7 +143,7 @@ class FoldPolicy:
     def admit(self, tokens: int, tau: int, norm: float, recent_norms: Sequence[float]) -> None:
         """The gates before an adapter's held-out evaluation: its token count and staleness can
         be weighed, its update norm is within ``norm_factor`` of the recent median. Raises
-        :class:`coordinator.folding.AdapterRejected` with the reason."""
+        :class:`coordinator.fold.folding.AdapterRejected` with the reason."""
         folding.fold_weights([tokens], [tau], self.max_staleness)
         folding.check_norm(norm, list(recent_norms)[:RECENT_NORMS], self.norm_factor)
 

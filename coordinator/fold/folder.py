@@ -10,16 +10,16 @@ version is published only if its held-out loss is not worse than its parent's by
 otherwise the worst contributor is dropped and the fold retried, or nothing is published.
 
 Every held-out evaluation reads the job's budgeted blocks (``Settings.eval_tokens``) and compares
-parent and candidate on the same blocks (:mod:`coordinator.evaluation`); a candidate is the
+parent and candidate on the same blocks (:mod:`coordinator.fold.evaluators`); a candidate is the
 current model plus its update as a side path, so a gate neither copies nor changes the master,
 and the fold's patch goes into the master only when the fold is published. Evaluations go
-through an :class:`~coordinator.evaluation.Evaluator` (on the coordinator, or delegated to a
+through an :class:`~coordinator.fold.evaluators.Evaluator` (on the coordinator, or delegated to a
 trusted worker's card) in two batches per fold: the parents and every adapter's solo gate in
 one, the fold check in the other (and one more per retry after dropping the worst). The parent's
 losses are measured once per version and place: a fold's candidate losses become the next
 fold's parent losses when the next evaluation runs where they were measured.
 
-Every decision is :class:`coordinator.policy.FoldPolicy`'s (the benchmark folds with the same
+Every decision is :class:`coordinator.fold.policy.FoldPolicy`'s (the benchmark folds with the same
 object); this module does the reading, evaluating and publishing around them.
 """
 
@@ -33,8 +33,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from coordinator import evaluation, folding
-from coordinator.history import History
+from coordinator.fold import evaluators
+
+from nomoat import evaluation
+
+from coordinator.fold import folding
+from coordinator.model.history import History
 from coordinator.ledger import (
     AdapterRecord,
     AdapterState,
@@ -44,11 +48,11 @@ from coordinator.ledger import (
     Ledger,
     VersionRecord,
 )
-from coordinator.model import RunningModel
-from coordinator.policy import FoldPolicy
+from coordinator.model.running import RunningModel
+from coordinator.fold.policy import FoldPolicy
 from coordinator.settings import Settings
-from coordinator.store import BlobStore
-from coordinator.submit import read_records
+from coordinator.model.store import BlobStore
+from coordinator.schedule.submit import read_records
 from nomoat import adapter as adapter_format
 from nomoat import lora
 from nomoat.logs import fields
@@ -73,16 +77,16 @@ class Candidate:
 
 class Folder:
     def __init__(self, settings: Settings, ledger: Ledger, store: BlobStore, model: RunningModel,
-                 history: History, evaluator: evaluation.Evaluator | None = None) -> None:
+                 history: History, evaluator: evaluators.Evaluator | None = None) -> None:
         self.settings = settings
         self.ledger = ledger
         self.store = store
         self.model = model
         self.history = history
         self.policy = FoldPolicy.of(settings)
-        # Where gates and fold checks are scored (coordinator.evaluation.evaluator_for picks it);
+        # Where gates and fold checks are scored (coordinator.fold.evaluators.evaluator_for picks it);
         # rollback and unmerge score on the running model itself (their weights are not a version yet).
-        self.evaluator = evaluator or evaluation.OnCoordinator(model, settings.eval_dtype)
+        self.evaluator = evaluator or evaluators.OnCoordinator(model, settings.eval_dtype)
         # Folding, rollback and unmerge each turn the newest version into the next one; the
         # lock makes them take turns (admin calls arrive on gRPC threads).
         self.lock = threading.Lock()
@@ -111,14 +115,14 @@ class Folder:
         return self._eval_sets[job_id]
 
     def _evaluate(self, version: int, job_ids: list[str],
-                  candidates: Sequence[tuple[str, adapter_format.Adapter]] = ()) -> evaluation.Evaluated:
+                  candidates: Sequence[tuple[str, adapter_format.Adapter]] = ()) -> evaluators.Evaluated:
         """One batch: the version's losses on each job's set (reusing those known for it, where
         they were measured) and the version plus each candidate patch on its job's set."""
         known_version, known_where, known = self._parent_losses
         if known_version != version:
             known_version, known_where, known = version, "", {}
         jobs = sorted({*job_ids, *(j for j, _ in candidates)})
-        result = self.evaluator.evaluate(evaluation.Batch(
+        result = self.evaluator.evaluate(evaluators.Batch(
             version, {j: self._eval_set(j) for j in jobs}, tuple(job_ids), tuple(candidates), known, known_where))
         kept = known if result.where == known_where else {}
         self._parent_losses = (version, result.where, {**kept, **result.parents})
@@ -298,10 +302,10 @@ class Folder:
             folded=[(c.adapter_id, w) for c, w in zip(candidates, weights)],
             norms=[c.norm for c in candidates],
         )
-        where = (measured or {}).get("evaluated_on", evaluation.COORDINATOR)
+        where = (measured or {}).get("evaluated_on", evaluators.COORDINATOR)
         log.info("folded version %d from %d adapters (jobs %s): held-out loss %.4f -> %.4f, evaluated on %s",
                  record.version, len(candidates), ", ".join(job_ids), parent_loss, loss,
-                 where if where == evaluation.COORDINATOR else f"worker {where}",
+                 where if where == evaluators.COORDINATOR else f"worker {where}",
                  extra=fields("version.folded", version=record.version, parent=current, jobs=job_ids,
                               job=job_ids[0] if len(job_ids) == 1 else None, loss=loss, parent_loss=parent_loss,
                               evaluated_on=where,

@@ -1,0 +1,1 @@
+"""The gateway role: gRPC servicers and the HTTP port; translate, authenticate, delegate."""

@@ -1,0 +1,1 @@
+"""The running model: master weights, versions and patches, pulls, and the blob store."""

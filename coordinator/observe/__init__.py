@@ -1,0 +1,1 @@
+"""Observe: status, volunteer contributions, the dashboard data and Prometheus metrics."""
