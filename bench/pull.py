@@ -126,7 +126,7 @@ def _serve(folder: str, data_dir: str, chunk: int, conn) -> None:
     from coordinator.model.history import History
     from coordinator.ledger import Ledger, VersionRecord
     from coordinator.ledger.redis_server import EmbeddedRedis
-    from coordinator.server import MAX_CONCURRENT_RPCS, MAX_MESSAGE, RPC_THREADS, bind, grpc_server
+    from coordinator.server import MAX_MESSAGE, bind, grpc_server
     from coordinator.settings import Settings
     from coordinator.model.store import BlobStore
 
@@ -148,10 +148,11 @@ def _serve(folder: str, data_dir: str, chunk: int, conn) -> None:
         port = bind(real, "127.0.0.1:0")
         real.start()
         health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-        raw = grpc.server(futures.ThreadPoolExecutor(max_workers=RPC_THREADS),
+        # The baseline: a plain threaded server with the limits the threaded gateway had.
+        raw = grpc.server(futures.ThreadPoolExecutor(max_workers=32),
                           options=[("grpc.max_receive_message_length", MAX_MESSAGE),
                                    ("grpc.max_send_message_length", MAX_MESSAGE)],
-                          maximum_concurrent_rpcs=MAX_CONCURRENT_RPCS)
+                          maximum_concurrent_rpcs=256)
         raw.add_generic_rpc_handlers((_raw_handler([store.path(files[p]) for p in sorted(files)], chunk),))
         raw_port = raw.add_insecure_port("127.0.0.1:0")
         raw.start()

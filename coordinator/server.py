@@ -9,6 +9,7 @@ runs the same list backwards.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import secrets
@@ -16,7 +17,6 @@ import shutil
 import tempfile
 import threading
 import time
-from concurrent import futures
 from dataclasses import replace
 from pathlib import Path
 
@@ -30,7 +30,11 @@ from redis.retry import Retry
 from coordinator.fold import evaluators
 
 from coordinator.gateway import servicers
+from coordinator.gateway.aio_server import LoopHealth, LoopServer
 from coordinator.gateway.auth import AuthInterceptor, TokenRegistry
+from coordinator.gateway.decoding import MessageCheck
+from coordinator.gateway.lanes import Lanes, Limits
+from coordinator.gateway.long_polls import Wakeups
 from coordinator.fold.folder import Folder
 from coordinator.model.history import History
 from coordinator.ledger import Ledger, VersionRecord
@@ -88,27 +92,40 @@ KEEPALIVE = [
     ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
     ("grpc.http2.max_ping_strikes", 0),  # 0: never close a connection for pinging too often
 ]
-MAX_CONCURRENT_RPCS = 256  # calls (streams included) in flight at once; more are refused
-RPC_THREADS = 32
 
 
-def grpc_server(deps: servicers.Deps) -> tuple[grpc.Server, health.HealthServicer]:
+def grpc_server(deps: servicers.Deps, limits: Limits | None = None) -> tuple[LoopServer, LoopHealth]:
     """Every servicer behind the token interceptor, with message and stream limits and the open
-    health check; not yet bound to an address (see :func:`bind`) or started."""
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=RPC_THREADS, thread_name_prefix="rpc"),
-        interceptors=[AuthInterceptor(deps.registry)],
-        options=[("grpc.max_receive_message_length", MAX_MESSAGE), ("grpc.max_send_message_length", MAX_MESSAGE),
-                 *KEEPALIVE],
-        maximum_concurrent_rpcs=MAX_CONCURRENT_RPCS,
-    )
-    servicers.add_all(server, deps)
-    health_servicer = health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    return server, health_servicer
+    health check, served by ``grpc.aio`` on a loop thread of its own (its lanes:
+    coordinator.gateway.lanes; ``limits``: as the settings say unless given); not yet bound to an
+    address (see :func:`bind`) or started."""
+    lanes = deps.lanes = Lanes(limits or Limits.of(deps.settings))
+    holder: dict[str, object] = {}
+
+    async def lookup(method: str, token: str):
+        return await lanes.run(lanes.for_method(method), deps.registry.lookup, token)
+
+    async def build() -> grpc.aio.Server:
+        server = grpc.aio.server(
+            interceptors=[AuthInterceptor(deps.registry, lookup), MessageCheck()],
+            options=[("grpc.max_receive_message_length", MAX_MESSAGE),
+                     ("grpc.max_send_message_length", MAX_MESSAGE), *KEEPALIVE],
+        )
+        deps.wakeups = Wakeups(deps.ledger, asyncio.get_running_loop())
+        servicers.add_all(server, deps)
+        holder["health"] = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(holder["health"], server)
+        return server
+
+    def stopped() -> None:
+        deps.wakeups.stop()
+        lanes.shutdown()
+
+    server = LoopServer(build, on_stop=stopped)
+    return server, LoopHealth(server, holder["health"])
 
 
-def bind(server: grpc.Server, listen: str, tls_cert: str | None = None, tls_key: str | None = None) -> int:
+def bind(server: LoopServer, listen: str, tls_cert: str | None = None, tls_key: str | None = None) -> int:
     """Listen on ``listen`` (TLS when given a certificate and key); returns the port."""
     if tls_cert:
         creds = grpc.ssl_server_credentials([(Path(tls_key).read_bytes(), Path(tls_cert).read_bytes())])
@@ -130,7 +147,7 @@ class Coordinator:
         self._ray_head: ray_node.RayNode | None = None
         self._ray_temp_dir: Path | None = None
         self.idle_jobs: set[str] = set()
-        self.server: grpc.Server | None = None
+        self.server: LoopServer | None = None
         self.web: WebServer | None = None  # the HTTP port, when settings.http names one
         self.web_error = ""  # why it could not be served, when it could not
 

@@ -146,6 +146,14 @@ class Settings:
     # the scheduler places runs on.
     long_poll_s: float = 20.0
     outbound_liveness_s: float = 60.0
+    # Streams one gateway holds at once, by kind (coordinator.gateway.lanes): past them a caller
+    # is refused at once with a sentence. Heartbeats and registration have threads of their own
+    # and are never refused for capacity.
+    max_watch_streams: int = 512
+    max_pull_streams: int = 32
+    max_shard_streams: int = 64
+    max_submit_streams: int = 8
+    max_upload_streams: int = 32
 
     @property
     def join_address(self) -> str:

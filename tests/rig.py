@@ -1,7 +1,7 @@
 """The coordinator's real gRPC server over loopback, for the security and fuzz tests.
 
 Built by ``coordinator.server.grpc_server`` and ``bind``, the functions the coordinator itself
-uses, so the token interceptor, the message and stream limits and TLS are the real ones. The
+uses (an asyncio server on a loop thread of its own), so the token interceptor, the message and stream limits and TLS are the real ones. The
 ledger is the session's redis-server (flushed per test); version 0 is the tiny base model.
 Import the fixtures into a test module: ``from tests.rig import published, rig  # noqa: F401``.
 Used by the service, security and fuzz tests.
@@ -28,6 +28,7 @@ from coordinator.gateway import servicers
 
 from coordinator.schedule import submit
 from coordinator.gateway.auth import TokenRegistry
+from coordinator.gateway.lanes import Limits
 from coordinator.fold.folder import Folder
 from coordinator.model.history import History
 from coordinator.ledger import Ledger, VersionRecord
@@ -188,20 +189,24 @@ def manifest(task_id: str, fence: int, data: bytes, /, **changes) -> pb.AdapterM
     return pb.AdapterManifest(**fields)
 
 
-def start(redis_client, published: Published, tmp: Path, tls: Tls | None = None, cache_s: float = 5.0) -> Rig:
-    """A fresh ledger with version 0 and one token per role, served on a free loopback port."""
+def start(redis_client, published: Published, tmp: Path, tls: Tls | None = None, cache_s: float = 5.0,
+          limits: Limits | None = None, **settings) -> Rig:
+    """A fresh ledger with version 0 and one token per role, served on a free loopback port.
+
+    ``settings``: Settings fields other than the data dir; ``limits``: the server's lanes
+    (coordinator.gateway.lanes; by default as the settings say)."""
     ledger = Ledger(redis_client)
     shutil.copytree(published.blobs, tmp / "blobs")
     store = BlobStore(tmp / "blobs")
     ledger.versions.publish(VersionRecord(version=0, parent=-1, files=dict(published.files)))
     registry = TokenRegistry(ledger.tokens, cache_s=cache_s)
     tokens = {role: registry.create(role) for role in ROLES}
-    settings = Settings(data_dir=tmp)
+    settings = Settings(data_dir=tmp, **settings)
     history = History(ledger, store, tmp)
     deps = servicers.Deps(settings, ledger, store, registry, published.model.tokenizer, published.shapes,
                         "10.0.0.1:6379", "ray-secret", history=history,
                         operations=Folder(settings, ledger, store, published.model, history))
-    server, health_servicer = grpc_server(deps)
+    server, health_servicer = grpc_server(deps, limits)
     port = bind(server, "127.0.0.1:0", str(tls.cert) if tls else None, str(tls.key) if tls else None)
     server.start()
     health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)

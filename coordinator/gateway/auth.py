@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,6 +82,11 @@ class TokenRegistry:
     def list(self) -> list[TokenEntry]:
         return self.tokens.list()
 
+    def cached(self, token: str) -> Identity | None:
+        """The identity of ``token`` if this coordinator looked it up lately (no ledger read)."""
+        cached = self._cache.get(hash_token(token))
+        return cached[1] if cached and cached[0] > time.monotonic() else None
+
     def lookup(self, token: str) -> Identity | None:
         h = hash_token(token)
         cached = self._cache.get(h)
@@ -137,8 +143,8 @@ def caller(context: grpc.ServicerContext, registry: TokenRegistry) -> Identity |
 
 
 def _denied(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
-    def abort(request_or_iterator, context):  # noqa: ARG001
-        context.abort(code, message)
+    async def abort(request_or_iterator, context):  # noqa: ARG001
+        await context.abort(code, message)
 
     if handler.request_streaming and handler.response_streaming:
         return grpc.stream_stream_rpc_method_handler(abort)
@@ -149,25 +155,38 @@ def _denied(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str)
     return grpc.unary_unary_rpc_method_handler(abort)
 
 
-class AuthInterceptor(grpc.ServerInterceptor):
-    def __init__(self, registry: TokenRegistry) -> None:
-        self.registry = registry
+def refusal(method: str, identity: Identity | None, token: str) -> tuple[grpc.StatusCode, str] | None:
+    """Why ``method`` is refused to the caller (code and sentence), or None when it may call it."""
+    if not token:
+        return grpc.StatusCode.UNAUTHENTICATED, "no token: pass --token or set NOMOAT_TOKEN"
+    if identity is None:
+        return grpc.StatusCode.UNAUTHENTICATED, "the token is not valid (unknown or revoked)"
+    allowed = PERMISSIONS.get(method, set())
+    if identity.role != "admin" and identity.role not in allowed:
+        return grpc.StatusCode.PERMISSION_DENIED, f"a {identity.role} token may not call {method.rsplit('/', 1)[-1]}"
+    return None
 
-    def intercept_service(self, continuation, handler_call_details):
+
+class AuthInterceptor(grpc.aio.ServerInterceptor):
+    """The token check of every call on the asyncio server. A token not in the registry's cache
+    is looked up in the ledger by ``lookup(method, token)`` (off the loop, in the method's lane)."""
+
+    def __init__(self, registry: TokenRegistry,
+                 lookup: Callable[[str, str], Awaitable[Identity | None]] | None = None) -> None:
+        self.registry = registry
+        self._lookup = lookup
+
+    async def intercept_service(self, continuation, handler_call_details):
         method = handler_call_details.method
-        handler = continuation(handler_call_details)
+        handler = await continuation(handler_call_details)
         if handler is None or method.startswith(OPEN_PREFIXES):
             return handler
         token = bearer(handler_call_details.invocation_metadata)
-        if not token:
-            return _denied(handler, grpc.StatusCode.UNAUTHENTICATED,
-                           "no token: pass --token or set NOMOAT_TOKEN")
-        identity = self.registry.lookup(token)
-        if identity is None:
-            return _denied(handler, grpc.StatusCode.UNAUTHENTICATED,
-                           "the token is not valid (unknown or revoked)")
-        allowed = PERMISSIONS.get(method, set())
-        if identity.role != "admin" and identity.role not in allowed:
-            return _denied(handler, grpc.StatusCode.PERMISSION_DENIED,
-                           f"a {identity.role} token may not call {method.rsplit('/', 1)[-1]}")
-        return handler
+        identity = None
+        if token:
+            identity = self.registry.cached(token)
+            if identity is None:
+                identity = (await self._lookup(method, token) if self._lookup is not None
+                            else self.registry.lookup(token))
+        refused = refusal(method, identity, token)
+        return handler if refused is None else _denied(handler, *refused)

@@ -9,17 +9,18 @@ is a normal reply with ``accepted = false`` and the reason, so the worker can lo
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import inspect
 import logging
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import grpc
 
-from coordinator.gateway import admin
+from coordinator.gateway import admin, long_polls
+from coordinator.gateway.lanes import CALLS, LANE_OF, STREAMS, Lanes
 
 from coordinator.collect import accept
 
@@ -66,9 +67,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("nomoat.service")
 CHUNK = 1 << 20
-# Long-polls one frontend holds at once (each holds a server thread; coordinator.server has
-# RPC_THREADS): the rest of the threads stay free for heartbeats, uploads and everything else.
-LONG_POLL_SLOTS = 16
+# Long-polls one frontend holds at once: a waiting poll holds no thread, only a look at its
+# inbox every few seconds (coordinator.gateway.long_polls).
+LONG_POLL_SLOTS = 4096
+WATCH_EVERY_S = 0.5  # how often a Watch stream looks at its job
+REQUEST_STREAMS = frozenset({"Submit", "Upload"})  # bodies that read the client's stream
 
 _STATUS: dict[type[RequestError], grpc.StatusCode] = {
     InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
@@ -97,30 +100,74 @@ class Deps:
     uploads: PartialUploads | None = None  # made in data_dir/uploads when first needed
     replication: Replication | None = None  # holds replicated tasks' adapters (None: none are replicated)
     long_polls: inbox_dispatch.LongPolls | None = None  # outbound workers' long-polls this frontend holds at once
+    lanes: Lanes | None = None  # the server's threads and stream slots (coordinator.server.grpc_server)
+    wakeups: long_polls.Wakeups | None = None  # wakes this frontend's long-polls when a run is placed
 
 
 def _answers(method: Callable) -> Callable:
-    """Answer a RequestError raised by ``method`` (or a domain call in it) with its status code."""
+    """Serve ``method`` on the asyncio server, and answer a RequestError raised by it (or a
+    domain call in it) with its status code.
 
-    def abort(context: grpc.ServicerContext, exc: RequestError) -> None:
+    A synchronous body runs in its lane's threads (coordinator.gateway.lanes.LANE_OF): a unary
+    call whole, a response stream one item at a time, a request stream (Submit, Upload) whole,
+    reading the client's messages as a plain iterator. A stream holds one of its kind's slots
+    for its length. An ``async def`` body (Watch, RequestWork) is written for the loop itself.
+    """
+    name = method.__name__
+    lane = LANE_OF.get(name, CALLS)
+
+    async def abort(context: grpc.aio.ServicerContext, exc: RequestError) -> None:
         code = next((c for kind, c in _STATUS.items() if isinstance(exc, kind)), grpc.StatusCode.UNKNOWN)
-        context.abort(code, str(exc))
+        await context.abort(code, str(exc))
+
+    if inspect.isasyncgenfunction(method):
+        @functools.wraps(method)
+        async def stream_on_loop(self, request, context):
+            try:
+                async for item in method(self, request, context):
+                    yield item
+            except RequestError as exc:
+                await abort(context, exc)
+        return stream_on_loop
+
+    if inspect.iscoroutinefunction(method):
+        @functools.wraps(method)
+        async def on_loop(self, request, context):
+            try:
+                return await method(self, request, context)
+            except RequestError as exc:
+                await abort(context, exc)
+        return on_loop
 
     if inspect.isgeneratorfunction(method):
         @functools.wraps(method)
-        def streaming(self, request, context):
+        async def streaming(self, request, context):
+            lanes = self.deps.lanes
             try:
-                yield from method(self, request, context)
+                async with lanes.stream(name):
+                    async for item in lanes.steps(method(self, request, context)):
+                        yield item
             except RequestError as exc:
-                abort(context, exc)
+                await abort(context, exc)
         return streaming
 
+    if name in REQUEST_STREAMS:
+        @functools.wraps(method)
+        async def consuming(self, request_iterator, context):
+            lanes = self.deps.lanes
+            try:
+                async with lanes.stream(name):
+                    return await lanes.consume(request_iterator, lambda messages: method(self, messages, context))
+            except RequestError as exc:
+                await abort(context, exc)
+        return consuming
+
     @functools.wraps(method)
-    def unary(self, request, context):
+    async def unary(self, request, context):
         try:
-            return method(self, request, context)
+            return await self.deps.lanes.run(lane, method, self, request, context)
         except RequestError as exc:
-            abort(context, exc)
+            await abort(context, exc)
     return unary
 
 
@@ -213,18 +260,20 @@ class JobsServicer(rpc.JobsServicer):
                               versions=[_version_info(v) for v in view.versions])
 
     @_answers
-    def Watch(self, request, context):
-        last = None
-        while context.is_active():
-            standing = status.progress(self.deps.ledger, request.job_id)
-            progress = pb.JobProgress(job=_job_info(standing.job), current_version=standing.current_version,
-                                      eval_loss=standing.eval_loss, finished=standing.finished)
-            if progress != last:
-                yield progress
-                last = progress
-            if progress.finished:
-                return
-            time.sleep(0.5)
+    async def Watch(self, request, context):
+        lanes = self.deps.lanes
+        async with lanes.stream("Watch"):
+            last = None
+            while not context.done():
+                standing = await lanes.run(STREAMS, status.progress, self.deps.ledger, request.job_id)
+                progress = pb.JobProgress(job=_job_info(standing.job), current_version=standing.current_version,
+                                          eval_loss=standing.eval_loss, finished=standing.finished)
+                if progress != last:
+                    yield progress
+                    last = progress
+                if progress.finished:
+                    return
+                await asyncio.sleep(WATCH_EVERY_S)
 
 
 class WorkersServicer(rpc.WorkersServicer):
@@ -261,6 +310,7 @@ class WorkersServicer(rpc.WorkersServicer):
             self.deps.uploads = PartialUploads(self.deps.settings.data_dir / "uploads")
         return self.deps.uploads
 
+    @_answers
     def UploadOffset(self, request, context):
         return pb.UploadOffsetReply(offset=self._partials().offset(request.task_id, request.fence, request.sha256))
 
@@ -298,12 +348,12 @@ class WorkersServicer(rpc.WorkersServicer):
             trust=mine.standing.level.value, trust_score=mine.standing.score, trust_reason=mine.standing.why)
 
     @_answers
-    def RequestWork(self, request, context):
-        if self.deps.long_polls is None:
-            self.deps.long_polls = inbox_dispatch.LongPolls(LONG_POLL_SLOTS)
-        work = inbox_dispatch.request_work(self.deps.ledger, self.deps.settings, _identity(context, self.deps),
-                                     request.worker_id, request.wait_s, self.deps.long_polls,
-                                     still_wanted=context.is_active)
+    async def RequestWork(self, request, context):
+        d = self.deps
+        if d.long_polls is None:
+            d.long_polls = inbox_dispatch.LongPolls(LONG_POLL_SLOTS)
+        work = await long_polls.request_work(d.lanes, d.wakeups, d.long_polls, d.ledger, d.settings,
+                                             lambda: _identity(context, d), request.worker_id, request.wait_s)
         return pb.WorkReply(run_id=work.run_id, task_specs=list(work.specs), poll_again_s=work.poll_again_s)
 
     @_answers
@@ -345,6 +395,7 @@ class AdminServicer(rpc.AdminServicer):
         admin.revoke_token(self.deps.registry, request.token)
         return pb.RevokeTokenReply(revoked=True)
 
+    @_answers
     def ListTokens(self, request, context):
         return pb.ListTokensReply(tokens=[
             pb.TokenInfo(token_id=e.token_id, role=e.role, name=e.name, created=e.created)
@@ -362,7 +413,7 @@ class AdminServicer(rpc.AdminServicer):
         return pb.VersionReply(version=number, eval_loss=loss)
 
 
-def add_all(server: grpc.Server, deps: Deps) -> None:
+def add_all(server: grpc.aio.Server, deps: Deps) -> None:
     rpc.add_DatasetsServicer_to_server(DatasetsServicer(deps), server)
     rpc.add_JobsServicer_to_server(JobsServicer(deps), server)
     rpc.add_WorkersServicer_to_server(WorkersServicer(deps), server)

@@ -59,6 +59,7 @@ class Inboxes:
         pipe.hset(key, mapping={"worker": worker_id, "units": json.dumps(units)})
         pipe.expire(key, RUN_RECORD_TTL_S)
         pipe.rpush(keys.inbox(worker_id), json.dumps({"run_id": run_id, "specs": specs}))
+        pipe.publish(keys.INBOX_WAKE, worker_id)
         pipe.execute()
 
     def withdraw(self, run_id: str, worker_id: str) -> bool:
@@ -119,6 +120,13 @@ class Inboxes:
         run = json.loads(raw)
         self.r.hset(keys.outbound_run(run["run_id"]), "taken", time.time())
         return run["run_id"], list(run["specs"])
+
+    def wakeups(self):
+        """A subscription to the workers whose inbox was given a run (``get_message()['data']``: a
+        worker id); it holds a connection of its own."""
+        sub = self.r.pubsub(ignore_subscribe_messages=True)
+        sub.subscribe(keys.INBOX_WAKE)
+        return sub
 
     def run(self, run_id: str) -> RunRecord | None:
         data = self.r.hgetall(keys.outbound_run(run_id))

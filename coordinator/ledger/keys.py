@@ -74,6 +74,9 @@ def replicas(task_id: str) -> str:
 # whichever coordinator frontend serves a worker's long-poll.
 OUTBOUND_POLLS = PREFIX + "outbound:polls"  # zset: worker id -> when it last asked for work
 OUTBOUND_RESULTS = PREFIX + "outbound:results"  # list: JSON run reports, for the scheduler
+# pub/sub channel: a worker id, published when a run is placed in its inbox, so the gateway
+# serving its long-poll looks at once (coordinator.gateway.long_polls); a lost message costs a delay
+INBOX_WAKE = PREFIX + "outbound:wake"
 
 
 def inbox(worker_id: str) -> str:

@@ -15,7 +15,7 @@ frontends can serve long-polls while one scheduler places runs:
   worker's inbox; reports come back from the results list as
   :class:`~coordinator.schedule.transport.Finished`.
 * :func:`request_work` and :func:`report_run`, in whichever frontend the worker's call reached:
-  a blocking pop on the caller's inbox, and the report checked against the run's record and
+  a wait on the caller's inbox, and the report checked against the run's record and
   passed on.
 """
 
@@ -194,8 +194,8 @@ class Work:
 
 
 class LongPolls:
-    """How many long-polls this frontend holds at once: each holds a server thread, and the
-    threads must also serve heartbeats and uploads. A poll over the limit is answered at once
+    """How many long-polls this frontend holds at once (each holds a Redis look every few
+    seconds, and in the blocking form a thread). A poll over the limit is answered at once
     with a time to ask again, spread so the polls arriving stay near ``POLLS_PER_S``."""
 
     def __init__(self, slots: int) -> None:
@@ -217,35 +217,54 @@ def _own(ledger: Ledger, identity: Identity, worker_id: str) -> None:
         raise NotPermitted(f"worker {worker_id} was registered with another token")
 
 
+def open_poll(ledger: Ledger, identity: Identity, worker_id: str) -> None:
+    """A poll for work begins: the caller must own ``worker_id``, which now counts as alive."""
+    _own(ledger, identity, worker_id)
+    ledger.inbox.seen(worker_id)
+
+
+def take(ledger: Ledger, worker_id: str, wait_s: float = 0.0) -> Work | None:
+    """The next run in the worker's inbox (waiting up to ``wait_s`` for one), or None."""
+    got = ledger.inbox.take(worker_id, wait_s)
+    if got is None:
+        return None
+    run_id, specs = got
+    log.info("run %s (%d units) handed to worker %s", run_id, len(specs), worker_id)
+    return Work(run_id, tuple(specs))
+
+
+def poll_later(ledger: Ledger, settings: Settings) -> Work:
+    """No run and no long-poll slot: when to ask again, spread so the short polls that arrive
+    stay near ``POLLS_PER_S``."""
+    polling = ledger.inbox.polling_count(time.time() - settings.outbound_liveness_s)
+    again = min(MAX_POLL_AGAIN_S, max(1.0, polling / POLLS_PER_S))
+    return Work(poll_again_s=again * random.uniform(0.5, 1.5))
+
+
 def request_work(ledger: Ledger, settings: Settings, identity: Identity, worker_id: str, wait_s: float,
                  polls: LongPolls, still_wanted: Callable[[], bool] = lambda: True) -> Work:
     """The next run placed on ``worker_id``, waiting up to ``wait_s`` (capped at the coordinator's
     ``long_poll_s``) for one; when every long-poll slot is taken, no wait, and a time to ask again.
 
-    The wait is taken in slices of ``POLL_SLICE_S``, and ends early once ``still_wanted()`` says
-    no (the worker cancelled its poll, the server is stopping): a poll nobody waits for does not
-    hold a slot and a server thread for the rest of its time."""
-    _own(ledger, identity, worker_id)
-    ledger.inbox.seen(worker_id)
+    The blocking form, for callers with a thread to spend (the asyncio gateway waits without
+    one: coordinator.gateway.long_polls). The wait is taken in slices of ``POLL_SLICE_S``, and
+    ends early once ``still_wanted()`` says no."""
+    open_poll(ledger, identity, worker_id)
     wait = max(0.0, min(wait_s, settings.long_poll_s))
     held = wait > 0 and polls.acquire()
     try:
         end = time.monotonic() + wait
-        got = ledger.inbox.take(worker_id, min(wait, POLL_SLICE_S) if held else 0.0)
+        got = take(ledger, worker_id, min(wait, POLL_SLICE_S) if held else 0.0)
         while got is None and held and end - time.monotonic() >= POLL_SLICE_S and still_wanted():
-            got = ledger.inbox.take(worker_id, POLL_SLICE_S)
+            got = take(ledger, worker_id, POLL_SLICE_S)
     finally:
         if held:
             polls.release()
     if got is not None:
-        run_id, specs = got
-        log.info("run %s (%d units) handed to worker %s", run_id, len(specs), worker_id)
-        return Work(run_id, tuple(specs))
+        return got
     if held:
         return Work()  # waited the whole poll: ask again at once
-    polling = ledger.inbox.polling_count(time.time() - settings.outbound_liveness_s)
-    again = min(MAX_POLL_AGAIN_S, max(1.0, polling / POLLS_PER_S))
-    return Work(poll_again_s=again * random.uniform(0.5, 1.5))
+    return poll_later(ledger, settings)
 
 
 def report_run(ledger: Ledger, identity: Identity, worker_id: str, run_id: str, units: list[str],

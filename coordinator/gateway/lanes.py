@@ -1,0 +1,159 @@
+"""Lanes: the capacity an asyncio gateway gives each class of call, so one class cannot take another's.
+
+The gRPC server runs on one event loop; a call that waits (a long-poll, a Watch between two
+looks at the ledger, a client's next chunk) holds no thread. The domain's calls are synchronous
+(Redis, tensors, files): they run in a thread pool of their lane's own:
+
+* ``beats``: Heartbeat, Register, ReportRun, UploadOffset. Never refused, never behind a
+  stream: no stream runs a single step in this lane's threads.
+* ``calls``: every other short call (Status, Stats, the admin's, the long-poll's looks at the
+  inbox, the token look-ups of calls outside ``beats``).
+* ``streams``: Watch, Pull, FetchShard, Submit, Upload. Each kind has its own limit on streams
+  held at once (an asyncio semaphore); past it the caller is told so at once
+  (RESOURCE_EXHAUSTED with a sentence), never queued. Submit and Upload read the client's
+  chunks in a thread (the domain consumes them as an iterator), so this lane has a thread for
+  each of them it admits, plus some for the short steps of the others.
+
+One :class:`Lanes` per server, made on its loop (coordinator.gateway.aio_server).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import grpc
+
+from coordinator.errors import LimitReached
+from coordinator.settings import Settings
+
+T = TypeVar("T")
+
+BEATS, CALLS, STREAMS = "beats", "calls", "streams"
+
+# Which lane each method's synchronous work runs in (by method name, as in the proto).
+LANE_OF: dict[str, str] = {
+    "Heartbeat": BEATS, "Register": BEATS, "ReportRun": BEATS, "UploadOffset": BEATS,
+    "Watch": STREAMS, "Pull": STREAMS, "FetchShard": STREAMS, "Submit": STREAMS, "Upload": STREAMS,
+}
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Threads per lane and streams of each kind one gateway holds at once."""
+
+    beat_threads: int = 8
+    call_threads: int = 16
+    step_threads: int = 8  # the short steps of Watch, Pull and FetchShard
+    streams: dict[str, int] = field(default_factory=lambda: {
+        "Watch": 512, "Pull": 32, "FetchShard": 64, "Submit": 8, "Upload": 32,
+    })
+
+    @classmethod
+    def of(cls, settings: Settings) -> Limits:
+        return cls(streams={
+            "Watch": settings.max_watch_streams, "Pull": settings.max_pull_streams,
+            "FetchShard": settings.max_shard_streams, "Submit": settings.max_submit_streams,
+            "Upload": settings.max_upload_streams,
+        })
+
+
+class _Gone(grpc.RpcError):
+    """The client went away while the domain was reading its stream (see :class:`SyncRequests`)."""
+
+
+class SyncRequests:
+    """A client's request stream (an async iterator on the loop) as a plain iterator for a thread.
+
+    Each ``next()`` waits on the loop for the client's next message. :meth:`close` (the call was
+    cancelled) makes the waiting ``next()`` and every later one raise a ``grpc.RpcError``, which the
+    domain treats as a stream that broke off.
+    """
+
+    def __init__(self, requests: AsyncIterator, loop: asyncio.AbstractEventLoop) -> None:
+        self._requests = requests
+        self._loop = loop
+        self._pending: concurrent.futures.Future | None = None
+        self._closed = threading.Event()
+
+    def __iter__(self) -> Iterator:
+        return self
+
+    def __next__(self):
+        if self._closed.is_set():
+            raise _Gone()
+        self._pending = asyncio.run_coroutine_threadsafe(self._requests.__anext__(), self._loop)
+        try:
+            return self._pending.result()
+        except StopAsyncIteration:
+            raise StopIteration from None
+        except concurrent.futures.CancelledError:
+            raise _Gone() from None
+
+    def close(self) -> None:
+        self._closed.set()
+        if self._pending is not None:
+            self._pending.cancel()
+
+
+class Lanes:
+    def __init__(self, limits: Limits | None = None) -> None:
+        self.limits = limits or Limits()
+        uploads = self.limits.streams.get("Upload", 0) + self.limits.streams.get("Submit", 0)
+        self._pools = {
+            BEATS: concurrent.futures.ThreadPoolExecutor(self.limits.beat_threads, thread_name_prefix="rpc-beat"),
+            CALLS: concurrent.futures.ThreadPoolExecutor(self.limits.call_threads, thread_name_prefix="rpc-call"),
+            STREAMS: concurrent.futures.ThreadPoolExecutor(self.limits.step_threads + uploads,
+                                                           thread_name_prefix="rpc-stream"),
+        }
+        # Made lazily, on the loop that uses them.
+        self._slots: dict[str, asyncio.Semaphore] = {}
+
+    async def run(self, lane: str, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` in ``lane``'s threads; the loop goes on meanwhile."""
+        return await asyncio.get_running_loop().run_in_executor(self._pools[lane], fn, *args)
+
+    def for_method(self, method: str) -> str:
+        return LANE_OF.get(method.rsplit("/", 1)[-1], CALLS)
+
+    @contextlib.asynccontextmanager
+    async def stream(self, kind: str):
+        """Hold one of ``kind``'s stream slots for the block; LimitReached when none is free."""
+        limit = self.limits.streams.get(kind, 0)
+        if limit <= 0:
+            yield
+            return
+        slots = self._slots.get(kind)
+        if slots is None:
+            slots = self._slots[kind] = asyncio.Semaphore(limit)
+        if slots.locked():
+            raise LimitReached(f"this coordinator is serving as many {kind} streams as it takes ({limit}); "
+                               f"try again in a minute")
+        async with slots:
+            yield
+
+    async def steps(self, iterator: Iterator[T]) -> AsyncIterator[T]:
+        """A synchronous generator's items, each ``next()`` run in the streams lane."""
+        done = object()
+        while True:
+            item = await self.run(STREAMS, next, iterator, done)
+            if item is done:
+                return
+            yield item
+
+    async def consume(self, requests: AsyncIterator, fn: Callable[[Iterator], T]) -> T:
+        """``fn(messages)`` in the streams lane, where ``messages`` iterates the client's stream."""
+        bridge = SyncRequests(requests, asyncio.get_running_loop())
+        try:
+            return await self.run(STREAMS, fn, bridge)
+        finally:
+            bridge.close()  # cancelled or done: a thread still reading stops at its next message
+
+    def shutdown(self) -> None:
+        for pool in self._pools.values():
+            pool.shutdown(wait=False, cancel_futures=True)

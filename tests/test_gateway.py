@@ -1,0 +1,149 @@
+"""The asyncio gateway (coordinator.gateway.lanes, coordinator.server.grpc_server): streams and
+long-polls hold no thread a heartbeat needs.
+
+Real server on loopback (tests.rig), real ledger. No timing is asserted: a heartbeat either
+succeeds within a generous deadline or the test fails.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+
+import grpc
+import pytest
+
+from coordinator.gateway import long_polls
+from coordinator.gateway.lanes import Limits
+from nomoat.v1 import nomoat_pb2 as pb
+from tests import rig as rigs
+from tests.rig import Rig, published  # noqa: F401  (fixture)
+
+CARD = pb.Card(name="RTX 4090", vram_gb=24.0)
+
+
+def held_upload(task_id: str, fence: int, n: int, release: threading.Event) -> Iterator[pb.UploadChunk]:
+    """An upload (the ``n``-th of its lease) that sends its manifest and then nothing until
+    ``release``: a stream the coordinator reads in a thread of its own."""
+    yield pb.UploadChunk(manifest=pb.AdapterManifest(task_id=task_id, fence=fence, size=1 << 20,
+                                                     sha256=f"{n:064x}"))
+    release.wait(60)
+
+
+class Holders:
+    """Streams held open against a rig, closed on exit."""
+
+    def __init__(self, rig: Rig) -> None:
+        self.rig = rig
+        self.release = threading.Event()
+        self.calls: list = []
+
+    def watch(self, job_id: str, n: int) -> None:
+        stub = self.rig.client("reader").jobs
+        for _ in range(n):
+            call = stub.Watch(pb.WatchRequest(job_id=job_id), timeout=60, metadata=self.rig.meta("reader"))
+            next(call)  # the stream is open and answered once
+            self.calls.append(call)
+
+    def upload(self, task_id: str, fence: int, n: int) -> None:
+        stub = self.rig.client("worker").workers
+        for i in range(n):
+            self.calls.append(stub.Upload.future(held_upload(task_id, fence, i, self.release), timeout=60,
+                                                 metadata=self.rig.meta("worker")))
+
+    def poll(self, worker_id: str, n: int) -> None:
+        stub = self.rig.client("worker").workers
+        for _ in range(n):
+            self.calls.append(stub.RequestWork.future(pb.WorkRequest(worker_id=worker_id, wait_s=20), timeout=60,
+                                                      metadata=self.rig.meta("worker")))
+
+    def close(self) -> None:
+        self.release.set()
+        for call in self.calls:
+            call.cancel()
+
+
+@pytest.fixture
+def small(redis_client, published, tmp_path) -> Iterator[Rig]:  # noqa: F811
+    """A rig whose lanes have one or two threads each: what was "four threads, four watchers"."""
+    r = rigs.start(redis_client, published, tmp_path, lease_ttl_s=4.0, long_poll_s=20.0,
+                   limits=Limits(beat_threads=2, call_threads=2, step_threads=1,
+                                 streams={"Watch": 64, "Pull": 4, "FetchShard": 4, "Submit": 1, "Upload": 8}))
+    yield r
+    r.close()
+
+
+def test_heartbeats_are_answered_while_watchers_uploads_and_long_polls_hold_streams(small: Rig) -> None:
+    job_id = small.submit().job_id
+    task_ids = small.ledger.tasks.ids(job_id)
+    worker_id = small.client("worker").register("w", CARD).worker_id
+    held = Holders(small)
+    try:
+        held.watch(job_id, 48)  # more watchers than the server has threads, many times over
+        held.upload(task_ids[0], small.lease(task_ids[0]), 8)  # every thread an upload may take
+        held.poll(worker_id, 64)
+        time.sleep(0.5)  # the uploads and polls have reached the server and wait there
+        ended = [c.exception() for c in held.calls[48:] if c.done()]
+        assert not ended, f"held streams ended early: {ended}"
+        task_id = task_ids[1]
+        fence = small.lease(task_id)
+        beater = small.client("worker")
+        for _ in range(3):
+            assert beater.heartbeat(task_id, fence, worker_id).ok  # a 15 s deadline: generous
+        assert small.client("worker").register("w2", CARD).worker_id  # registration too
+        assert small.client("reader").status(job_id).jobs[0].job_id == job_id
+    finally:
+        held.close()
+    assert small.healthy()
+
+
+def test_watchers_do_not_starve_heartbeats_into_losing_a_lease(small: Rig) -> None:
+    """The failure this gateway replaces: four Watch streams held the four threads of a
+    four-thread server and every heartbeat waited behind them until the lease expired."""
+    job_id = small.submit().job_id
+    task_id = small.ledger.tasks.ids(job_id)[0]
+    fence = small.lease(task_id)
+    worker = small.client("worker")
+    assert worker.heartbeat(task_id, fence).ok  # the lease now lives by heartbeats (4 s each)
+    held = Holders(small)
+    try:
+        held.watch(job_id, 16)
+        until = time.monotonic() + 10  # 2.5 lease lifetimes
+        while time.monotonic() < until:
+            assert worker.heartbeat(task_id, fence).ok
+            time.sleep(1.0)
+        assert small.ledger.leases.problem(task_id, fence) == ""
+    finally:
+        held.close()
+
+
+def test_a_stream_kind_past_its_limit_is_refused_with_a_sentence_and_others_go_on(small: Rig) -> None:
+    job_id = small.submit().job_id
+    task_ids = small.ledger.tasks.ids(job_id)
+    held = Holders(small)
+    try:
+        held.upload(task_ids[0], small.lease(task_ids[0]), 8)
+        time.sleep(0.5)
+        data = b"\0" * 16
+        with pytest.raises(grpc.RpcError) as refused:
+            small.client("worker").workers.Upload(iter([pb.UploadChunk(manifest=rigs.manifest(
+                task_ids[1], small.lease(task_ids[1]), data))]), timeout=15, metadata=small.meta("worker"))
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "as many Upload streams as it takes (8); try again" in refused.value.details()
+        held.watch(job_id, 2)  # another kind still has room
+    finally:
+        held.close()
+
+
+def test_a_long_poll_is_woken_when_a_run_is_placed(small: Rig, monkeypatch) -> None:
+    monkeypatch.setattr(long_polls, "RECHECK_S", 60.0)  # only the wake-up can answer within 10 s
+    worker_id = small.client("worker").register("w", CARD).worker_id
+    call = small.client("worker").workers.RequestWork.future(pb.WorkRequest(worker_id=worker_id, wait_s=20),
+                                                             timeout=60, metadata=small.meta("worker"))
+    time.sleep(0.5)
+    assert not call.done()
+    small.ledger.inbox.place("run-1", worker_id, [], ["{}"])
+    reply = call.result(timeout=10)  # the poll's own end is 20 s away
+    assert reply.run_id == "run-1"
+
