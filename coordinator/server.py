@@ -265,9 +265,7 @@ class Coordinator:
                             self.shapes, self.ray_address, self.ray_token, history=self.history,
                             uploads=PartialUploads(self.data_dir / "uploads"),
                             replication=Replication(self.settings, self.ledger, self.store))
-        swept = deps.uploads.sweep()  # parts of uploads nobody came back for in a day
-        if swept:
-            log.info("removed %d abandoned partial uploads", swept)
+        self._spawn("uploads-sweep", self._sweep_uploads)
         self.deps = deps
         self.server, self.health = grpc_server(deps)
         port = bind(self.server, self.settings.listen, self.settings.tls_cert, self.settings.tls_key)
@@ -335,6 +333,23 @@ class Coordinator:
         thread = threading.Thread(target=body, name=name, daemon=True)
         thread.start()
         self._threads.append(thread)
+
+    def _sweep_uploads(self) -> None:
+        """Parts of uploads whose lease ended or that nobody came back for, every upload_sweep_s."""
+        def live(task_id: str, fence: int) -> bool:
+            return not self.ledger.leases.problem(task_id, fence)
+
+        while True:
+            try:
+                swept = self.deps.uploads.sweep(self.settings.partial_upload_max_age_s, live)
+                if swept:
+                    log.info("removed %d partial uploads of leases that ended or were abandoned", swept)
+            except redis.ConnectionError as exc:
+                log.warning("Redis is unreachable (%s); retrying", exc)
+            except Exception:  # noqa: BLE001  (the sweep must outlive one bad round)
+                log.exception("sweeping partial uploads failed")
+            if self._stopping.wait(self.settings.upload_sweep_s):
+                return
 
     def _schedule_loop(self) -> None:
         while not self._stopping.wait(self.settings.tick_s):

@@ -154,6 +154,20 @@ class Settings:
     max_shard_streams: int = 64
     max_submit_streams: int = 8
     max_upload_streams: int = 32
+    # Each caller's share, across every gateway (coordinator.gateway.quotas; admin not counted):
+    # streams one identity holds open at once, and a submitter's running jobs, the tasks they
+    # hold, and the dataset bytes it may submit a UTC day.
+    max_streams_per_caller: int = 64
+    max_jobs_per_submitter: int = 8
+    max_pending_tasks_per_submitter: int = 20000
+    max_submit_bytes_per_day: int = 4 << 30
+    # Partial uploads (coordinator.collect.partial_uploads): swept this often, of leases that
+    # ended and of any part left this long.
+    upload_sweep_s: float = 300.0
+    partial_upload_max_age_s: float = 6 * 3600.0
+    # A PEFT pull (`nomoat pull --since N --format peft`) is built in memory from the stored
+    # patches since N: past this many bytes of patches it is refused (pull the full version).
+    max_peft_pull_bytes: int = 256 << 20
 
     @property
     def join_address(self) -> str:

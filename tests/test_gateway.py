@@ -21,13 +21,13 @@ from tests import rig as rigs
 from tests.rig import Rig, published  # noqa: F401  (fixture)
 
 CARD = pb.Card(name="RTX 4090", vram_gb=24.0)
+MANY = pb.JobConfig(lora_rank=rigs.RANK, lora_alpha=rigs.ALPHA, target_modules=rigs.TARGETS, tokens_per_task=64)
 
 
-def held_upload(task_id: str, fence: int, n: int, release: threading.Event) -> Iterator[pb.UploadChunk]:
-    """An upload (the ``n``-th of its lease) that sends its manifest and then nothing until
-    ``release``: a stream the coordinator reads in a thread of its own."""
-    yield pb.UploadChunk(manifest=pb.AdapterManifest(task_id=task_id, fence=fence, size=1 << 20,
-                                                     sha256=f"{n:064x}"))
+def held_upload(task_id: str, fence: int, release: threading.Event) -> Iterator[pb.UploadChunk]:
+    """An upload that sends its manifest and then nothing until ``release``: a stream the
+    coordinator reads in a thread of its own."""
+    yield pb.UploadChunk(manifest=pb.AdapterManifest(task_id=task_id, fence=fence, size=1000, sha256="0" * 64))
     release.wait(60)
 
 
@@ -46,10 +46,12 @@ class Holders:
             next(call)  # the stream is open and answered once
             self.calls.append(call)
 
-    def upload(self, task_id: str, fence: int, n: int) -> None:
+    def upload(self, task_ids: list[str]) -> None:
+        """One upload held open under a lease of each task (a lease takes one at a time)."""
         stub = self.rig.client("worker").workers
-        for i in range(n):
-            self.calls.append(stub.Upload.future(held_upload(task_id, fence, i, self.release), timeout=60,
+        for task_id in task_ids:
+            fence = self.rig.lease(task_id)
+            self.calls.append(stub.Upload.future(held_upload(task_id, fence, self.release), timeout=60,
                                                  metadata=self.rig.meta("worker")))
 
     def poll(self, worker_id: str, n: int) -> None:
@@ -67,7 +69,7 @@ class Holders:
 @pytest.fixture
 def small(redis_client, published, tmp_path) -> Iterator[Rig]:  # noqa: F811
     """A rig whose lanes have one or two threads each: what was "four threads, four watchers"."""
-    r = rigs.start(redis_client, published, tmp_path, lease_ttl_s=4.0, long_poll_s=20.0,
+    r = rigs.start(redis_client, published, tmp_path, lease_ttl_s=4.0, long_poll_s=20.0, max_streams_per_caller=256,
                    limits=Limits(beat_threads=2, call_threads=2, step_threads=1,
                                  streams={"Watch": 64, "Pull": 4, "FetchShard": 4, "Submit": 1, "Upload": 8}))
     yield r
@@ -75,18 +77,19 @@ def small(redis_client, published, tmp_path) -> Iterator[Rig]:  # noqa: F811
 
 
 def test_heartbeats_are_answered_while_watchers_uploads_and_long_polls_hold_streams(small: Rig) -> None:
-    job_id = small.submit().job_id
+    job_id = small.submit(config=MANY).job_id
     task_ids = small.ledger.tasks.ids(job_id)
+    assert len(task_ids) > 8
     worker_id = small.client("worker").register("w", CARD).worker_id
     held = Holders(small)
     try:
         held.watch(job_id, 48)  # more watchers than the server has threads, many times over
-        held.upload(task_ids[0], small.lease(task_ids[0]), 8)  # every thread an upload may take
+        held.upload(task_ids[:8])  # every thread an upload may take
         held.poll(worker_id, 64)
         time.sleep(0.5)  # the uploads and polls have reached the server and wait there
         ended = [c.exception() for c in held.calls[48:] if c.done()]
         assert not ended, f"held streams ended early: {ended}"
-        task_id = task_ids[1]
+        task_id = task_ids[8]
         fence = small.lease(task_id)
         beater = small.client("worker")
         for _ in range(3):
@@ -119,16 +122,17 @@ def test_watchers_do_not_starve_heartbeats_into_losing_a_lease(small: Rig) -> No
 
 
 def test_a_stream_kind_past_its_limit_is_refused_with_a_sentence_and_others_go_on(small: Rig) -> None:
-    job_id = small.submit().job_id
+    job_id = small.submit(config=MANY).job_id
     task_ids = small.ledger.tasks.ids(job_id)
+    assert len(task_ids) > 8
     held = Holders(small)
     try:
-        held.upload(task_ids[0], small.lease(task_ids[0]), 8)
+        held.upload(task_ids[:8])
         time.sleep(0.5)
         data = b"\0" * 16
         with pytest.raises(grpc.RpcError) as refused:
             small.client("worker").workers.Upload(iter([pb.UploadChunk(manifest=rigs.manifest(
-                task_ids[1], small.lease(task_ids[1]), data))]), timeout=15, metadata=small.meta("worker"))
+                task_ids[8], small.lease(task_ids[8]), data))]), timeout=15, metadata=small.meta("worker"))
         assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "as many Upload streams as it takes (8); try again" in refused.value.details()
         held.watch(job_id, 2)  # another kind still has room

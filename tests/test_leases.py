@@ -62,7 +62,7 @@ def test_the_shard_is_the_tasks_records_for_its_holder_only(rig: Rig, leased) ->
     task_id, fence = leased
     task = rig.ledger.tasks.get(task_id)
     records = rig.store.get(rig.ledger.jobs.get(task.job).records).splitlines(keepends=True)
-    shard = holder.fetch_shard(rig.ledger, rig.store, identity(rig), task_id, fence)
+    shard = b"".join(holder.fetch_shard(rig.ledger, rig.store, identity(rig), task_id, fence))
     assert shard == b"".join(records[task.start : task.end])
     with pytest.raises(NotPermitted, match="another token holds its lease"):
         holder.fetch_shard(rig.ledger, rig.store, Identity("worker", "bob", "b" * 64), task_id, fence)

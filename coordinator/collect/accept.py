@@ -135,6 +135,11 @@ def _upload(ledger: Ledger, store: BlobStore, shapes: Mapping[str, tuple[int, in
     problem = ledger.leases.hold(m.task_id, m.fence, m.worker_id, token_hash)
     if problem:
         return Accepted("refused", problem, REFUSED_LEASE)
+    task = ledger.tasks.get(m.task_id)
+    job = ledger.jobs.get(task.job) if task is not None else None
+    if job is not None and m.size > (bound := adapter_bound(job.config, shapes)):
+        return Accepted("refused", f"the adapter is {m.size} bytes; an adapter of this job's LoRA config "
+                                   f"(rank {job.config.lora_rank}) is at most {bound}", REFUSED_SIZE)
     volunteer = standing.volunteer_of(token_hash, worker_id)
     try:
         data = partials.receive(m.task_id, m.fence, m.sha256, m.size, offset, blocks)
@@ -224,6 +229,22 @@ def receive(
     if accepted.status == "accepted":
         ledger.jobs.add_noise(task.job, manifest.gradients)
     return accepted
+
+
+# Bytes an adapter file holds beyond its factors: safetensors' JSON header (a name, dtype, shape
+# and offsets per tensor) and the adapter's metadata.
+BYTES_PER_TENSOR = 512
+HEADER_BYTES = 64 << 10
+
+
+def adapter_bound(config: JobConfig, shapes: Mapping[str, tuple[int, int]]) -> int:
+    """The most bytes an adapter of a job with ``config`` can take: its factors in fp32 at the
+    largest rank it may have (twice the job's for a warm start's difference), and the header. A
+    partial upload is never allowed more (coordinator.collect.partial_uploads)."""
+    targets = set(config.target_modules)
+    modules = [(d_out, d_in) for m, (d_out, d_in) in shapes.items() if m.rsplit(".", 1)[-1] in targets]
+    rank = 2 * config.lora_rank if config.warm_start else config.lora_rank
+    return 4 * rank * sum(d_out + d_in for d_out, d_in in modules) + BYTES_PER_TENSOR * 2 * len(modules) + HEADER_BYTES
 
 
 def expected_shape(config: JobConfig, adapter: adapter_format.Adapter) -> tuple[int, float]:

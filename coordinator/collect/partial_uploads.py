@@ -4,18 +4,23 @@ An upload is named by (task, fence, sha256) and its bytes are appended, as they 
 ``uploads/<task>-<fence>-<sha256>.part`` in the data dir; a stream that breaks off leaves the
 file behind, and ``UploadOffset`` tells the worker how many bytes are here, so it sends only the
 rest. Nothing is accepted until the whole file's sha256 matches the manifest; a mismatch removes
-the file. A part is never larger than its manifest's size, which is at most max_adapter_bytes,
-and only the current lease of a task may start one (the caller checks), so the folder stays
-small; parts nobody came back for are swept after a day.
+the file.
+
+What the folder may hold is bounded by the lease, not by what clients choose: only the current
+holder of a task's lease may start a part (the caller checks), a lease has at most one part (an
+upload under another sha256 replaces it), and a part is never larger than its manifest's size,
+which the caller bounds by the size of an adapter of the job's config. :meth:`sweep`, run on a
+timer (coordinator.server), removes the parts of leases that ended and any left too long.
 """
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import re
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -42,6 +47,10 @@ class PartialUploads:
             raise UploadRefused("the manifest's task id or sha256 is malformed")
         return self.root / f"{task_id}-{int(fence)}-{sha256}.part"
 
+    def _lease_parts(self, task_id: str, fence: int) -> list[Path]:
+        prefix = f"{task_id}-{int(fence)}-"
+        return [p for p in self.root.glob(f"{glob.escape(prefix)}*.part") if _SHA.match(p.name[len(prefix) : -5])]
+
     def offset(self, task_id: str, fence: int, sha256: str) -> int:
         """How many bytes of this upload the coordinator holds (0 when none)."""
         try:
@@ -53,7 +62,7 @@ class PartialUploads:
     def _exclusive(self, path: Path) -> Iterator[None]:
         with self._lock:
             if path in self._busy:
-                raise UploadRetry("another stream of this upload is still being received; retry shortly")
+                raise UploadRetry("another upload under this lease is still being received; retry shortly")
             self._busy.add(path)
         try:
             yield
@@ -71,7 +80,10 @@ class PartialUploads:
         (the client went away), what arrived is kept and the exception goes on up.
         """
         path = self.path(task_id, fence, sha256)
-        with self._exclusive(path):
+        with self._exclusive(self.root / f"{task_id}-{int(fence)}"):  # one stream per lease at a time
+            for other in self._lease_parts(task_id, fence):
+                if other != path:  # one part per lease: another sha256 replaces it
+                    other.unlink(missing_ok=True)
             held = path.stat().st_size if path.exists() else 0
             if offset > held:
                 raise UploadRetry(f"the coordinator holds {held} bytes of this upload; resume from offset {held}")
@@ -102,15 +114,40 @@ class PartialUploads:
         except UploadRefused:
             pass
 
-    def sweep(self, max_age_s: float = 24 * 3600) -> int:
-        """Remove parts untouched for ``max_age_s``; returns how many."""
+    def sweep(self, max_age_s: float = 24 * 3600, live: Callable[[str, int], bool] | None = None,
+               grace_s: float = 60.0) -> int:
+        """Remove parts untouched for ``max_age_s``, and (given ``live(task, fence)``, whether
+        that lease still holds) parts of leases that ended, once untouched for ``grace_s``;
+        returns how many."""
         removed = 0
-        cutoff = time.time() - max_age_s
+        now = time.time()
         for part in self.root.glob("*.part") if self.root.exists() else ():
             try:
-                if part.stat().st_mtime < cutoff:
+                age = now - part.stat().st_mtime
+                lease = _lease_of(part.name)
+                ended = live is not None and age > grace_s and (lease is None or not live(*lease))
+                if age > max_age_s or ended:
                     part.unlink()
                     removed += 1
             except OSError:
                 pass
         return removed
+
+    def held_bytes(self) -> int:
+        """Bytes of every part held now."""
+        total = 0
+        for part in self.root.glob("*.part") if self.root.exists() else ():
+            try:
+                total += part.stat().st_size
+            except OSError:
+                pass
+        return total
+
+
+def _lease_of(name: str) -> tuple[str, int] | None:
+    """(task, fence) of a part's file name, None when it is not one of ours."""
+    try:
+        task_id, fence, rest = name.rsplit("-", 2)
+        return (task_id, int(fence)) if rest.endswith(".part") and _SHA.match(rest[:-5]) else None
+    except ValueError:
+        return None

@@ -64,6 +64,10 @@ class LoopServer:
 
         return self.call(run)
 
+    def add_generic_rpc_handlers(self, handlers) -> None:
+        """Serve more handlers (their behaviours must be ``async``)."""
+        self._sync(self.server.add_generic_rpc_handlers, handlers)
+
     def add_insecure_port(self, address: str) -> int:
         return self._sync(self.server.add_insecure_port, address)
 

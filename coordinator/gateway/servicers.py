@@ -10,16 +10,17 @@ is a normal reply with ``accepted = false`` and the reason, so the worker can lo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import inspect
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import grpc
 
-from coordinator.gateway import admin, long_polls
+from coordinator.gateway import admin, long_polls, quotas
 from coordinator.gateway.lanes import CALLS, LANE_OF, STREAMS, Lanes
 
 from coordinator.collect import accept
@@ -66,7 +67,6 @@ if TYPE_CHECKING:
     from coordinator.schedule.replication import Replication
 
 log = logging.getLogger("nomoat.service")
-CHUNK = 1 << 20
 # Long-polls one frontend holds at once: a waiting poll holds no thread, only a look at its
 # inbox every few seconds (coordinator.gateway.long_polls).
 LONG_POLL_SLOTS = 4096
@@ -104,6 +104,14 @@ class Deps:
     wakeups: long_polls.Wakeups | None = None  # wakes this frontend's long-polls when a run is placed
 
 
+@contextlib.asynccontextmanager
+async def _stream(deps: Deps, kind: str, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+    """One of this gateway's ``kind`` stream slots and one of the caller's own, for the block."""
+    async with deps.lanes.stream(kind), quotas.stream_slot(deps.lanes, deps.ledger, deps.settings,
+                                                           lambda: caller(context, deps.registry)):
+        yield
+
+
 def _answers(method: Callable) -> Callable:
     """Serve ``method`` on the asyncio server, and answer a RequestError raised by it (or a
     domain call in it) with its status code.
@@ -124,8 +132,9 @@ def _answers(method: Callable) -> Callable:
         @functools.wraps(method)
         async def stream_on_loop(self, request, context):
             try:
-                async for item in method(self, request, context):
-                    yield item
+                async with _stream(self.deps, name, context):
+                    async for item in method(self, request, context):
+                        yield item
             except RequestError as exc:
                 await abort(context, exc)
         return stream_on_loop
@@ -144,7 +153,7 @@ def _answers(method: Callable) -> Callable:
         async def streaming(self, request, context):
             lanes = self.deps.lanes
             try:
-                async with lanes.stream(name):
+                async with _stream(self.deps, name, context):
                     async for item in lanes.steps(method(self, request, context)):
                         yield item
             except RequestError as exc:
@@ -156,7 +165,7 @@ def _answers(method: Callable) -> Callable:
         async def consuming(self, request_iterator, context):
             lanes = self.deps.lanes
             try:
-                async with lanes.stream(name):
+                async with _stream(self.deps, name, context):
                     return await lanes.consume(request_iterator, lambda messages: method(self, messages, context))
             except RequestError as exc:
                 await abort(context, exc)
@@ -176,10 +185,6 @@ def _identity(context: grpc.ServicerContext, deps: Deps) -> Identity:
     if identity is None:  # revoked since the interceptor let the call in
         raise Unauthenticated("the token is not valid (unknown or revoked)")
     return identity
-
-
-def _frames(data: bytes) -> Iterator[bytes]:
-    return (data[i : i + CHUNK] for i in range(0, len(data), CHUNK))
 
 
 def _job_info(job: status.JobSummary) -> pb.JobInfo:
@@ -243,7 +248,7 @@ class DatasetsServicer(rpc.DatasetsServicer):
     def Submit(self, request_iterator, context):
         d = self.deps
         result = submit.receive(d.settings, d.ledger, d.store, d.tokenizer, list(d.shapes),
-                                _dataset_parts(request_iterator))
+                                _dataset_parts(request_iterator), owner=quotas.owner_of(_identity(context, d)))
         return pb.SubmitReply(job_id=result.job_id, tasks=result.tasks, records=result.records,
                               tokens=result.tokens, validation_records=result.validation_records)
 
@@ -261,19 +266,17 @@ class JobsServicer(rpc.JobsServicer):
 
     @_answers
     async def Watch(self, request, context):
-        lanes = self.deps.lanes
-        async with lanes.stream("Watch"):
-            last = None
-            while not context.done():
-                standing = await lanes.run(STREAMS, status.progress, self.deps.ledger, request.job_id)
-                progress = pb.JobProgress(job=_job_info(standing.job), current_version=standing.current_version,
-                                          eval_loss=standing.eval_loss, finished=standing.finished)
-                if progress != last:
-                    yield progress
-                    last = progress
-                if progress.finished:
-                    return
-                await asyncio.sleep(WATCH_EVERY_S)
+        last = None
+        while not context.done():
+            standing = await self.deps.lanes.run(STREAMS, status.progress, self.deps.ledger, request.job_id)
+            progress = pb.JobProgress(job=_job_info(standing.job), current_version=standing.current_version,
+                                      eval_loss=standing.eval_loss, finished=standing.finished)
+            if progress != last:
+                yield progress
+                last = progress
+            if progress.finished:
+                return
+            await asyncio.sleep(WATCH_EVERY_S)
 
 
 class WorkersServicer(rpc.WorkersServicer):
@@ -300,9 +303,8 @@ class WorkersServicer(rpc.WorkersServicer):
 
     @_answers
     def FetchShard(self, request, context):
-        data = holder.fetch_shard(self.deps.ledger, self.deps.store, _identity(context, self.deps),
-                                  request.task_id, request.fence)
-        for block in _frames(data):
+        for block in holder.fetch_shard(self.deps.ledger, self.deps.store, _identity(context, self.deps),
+                                        request.task_id, request.fence):
             yield pb.DataChunk(data=block)
 
     def _partials(self) -> PartialUploads:
@@ -370,7 +372,7 @@ class ModelsServicer(rpc.ModelsServicer):
     @_answers
     def Pull(self, request, context):
         plan = pull.plan(self.deps.ledger, self.deps.history, self.deps.store, request.format, request.since,
-                         request.version)
+                         request.version, max_peft_bytes=self.deps.settings.max_peft_pull_bytes)
         start = pull.starts(plan, ((r.path, r.sha256, r.offset) for r in request.resume))
         yield pb.PullChunk(header=pb.PullHeader(version=plan.version, lineage=plan.lineage, files=[
             pb.FileEntry(path=f.path, size=f.size, sha256=f.sha256, offset=start.get(f.path, 0)) for f in plan.files

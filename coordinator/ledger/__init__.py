@@ -41,6 +41,7 @@ from coordinator.ledger.records import (
     VersionRecord,
     WorkerRecord,
 )
+from coordinator.ledger.quotas import Quotas
 from coordinator.ledger.replicas import Hold, Replicas, Settlement, replica_id
 from coordinator.ledger.tasks import Tasks, count_states
 from coordinator.ledger.tokens import ROLES, TokenEntry, Tokens, token_id
@@ -65,6 +66,7 @@ class Ledger:
         self.inbox = Inboxes(client)
         self.trust = Trust(client)
         self.replicas = Replicas(client)
+        self.quotas = Quotas(client)
 
 
 __all__ = [

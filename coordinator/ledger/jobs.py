@@ -29,11 +29,15 @@ class Jobs:
     def __init__(self, client: redis.Redis) -> None:
         self.r = client
 
-    def create(self, job: JobRecord, tasks: Sequence[TaskRecord]) -> None:
-        """Record a job and its tasks, all pending in shard order, in one transaction."""
+    def create(self, job: JobRecord, tasks: Sequence[TaskRecord], records_index: str = "") -> None:
+        """Record a job and its tasks, all pending in shard order, in one transaction.
+
+        ``records_index``: the blob of its records' line offsets (coordinator.schedule.shards)."""
         now = time.time()
         pipe = self.r.pipeline(transaction=True)
         pipe.hset(keys.job(job.job_id), mapping=new_job_fields(job, now))
+        if records_index:
+            pipe.hset(keys.job(job.job_id), "records_index", records_index)
         pipe.zadd(keys.JOBS, {job.job_id: now})
         pipe.zadd(keys.RUNNING_JOBS, {job.job_id: now})
         for i, task in enumerate(tasks):
@@ -41,6 +45,11 @@ class Jobs:
             pipe.rpush(keys.job_tasks(job.job_id), task.task_id)
             pipe.zadd(keys.PENDING, {task.task_id: now + i * 1e-6})
         pipe.execute()
+
+    def records_index(self, job_id: str) -> str:
+        """The sha256 of the job's records index blob; "" for a job recorded before there was one."""
+        raw = self.r.hget(keys.job(job_id), "records_index")
+        return raw.decode() if raw else ""
 
     def get(self, job_id: str) -> JobRecord | None:
         data = decode(self.r.hgetall(keys.job(job_id)))

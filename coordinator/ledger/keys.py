@@ -92,3 +92,19 @@ def outbound_run(run_id: str) -> str:
 def token_workers(token_hash: str) -> str:
     """Set: the ids of the workers a token registered (how many it has active is read from WORKERS)."""
     return f"{PREFIX}token:{token_hash}:workers"
+
+
+# Quotas (coordinator.ledger.quotas), per caller: its identity id (coordinator.gateway.quotas.owner_of).
+def quota_streams(owner: str) -> str:
+    """Zset: the caller's open streams (a random stream id) -> when the slot expires."""
+    return f"{PREFIX}quota:{owner}:streams"
+
+
+def quota_jobs(owner: str) -> str:
+    """Zset: the caller's submitted jobs not yet seen finished -> their task count."""
+    return f"{PREFIX}quota:{owner}:jobs"
+
+
+def quota_bytes(owner: str, day: str) -> str:
+    """Counter: dataset bytes the caller submitted on ``day`` (UTC, YYYYMMDD); expires after two days."""
+    return f"{PREFIX}quota:{owner}:bytes:{day}"

@@ -19,7 +19,7 @@ import hashlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
-from coordinator.errors import InvalidRequest, NotFound
+from coordinator.errors import InvalidRequest, LimitReached, NotFound
 from coordinator.model.history import History, plan_catch_up
 from coordinator.ledger import Ledger
 from coordinator.model.running import pulled
@@ -57,15 +57,20 @@ class PullPlan:
     lineage: str = ""  # the model lineage the version belongs to (see nomoat.lineage)
 
 
-def plan(ledger: Ledger, history: History, store: BlobStore, fmt: int, since: int, version: int) -> PullPlan:
+def plan(ledger: Ledger, history: History, store: BlobStore, fmt: int, since: int, version: int,
+         max_peft_bytes: int = 0) -> PullPlan:
     """What a pull sends; ``version`` < 0 means the newest.
 
+    A PEFT folder is built in memory from the stored patches it chains: past ``max_peft_bytes``
+    of them (0: no bound) it is refused, before any is read.
     Raises NotFound for a version that does not exist, InvalidRequest for an unknown format or
-    a ``since`` the format cannot start from.
+    a ``since`` the format cannot start from, LimitReached for a PEFT update past the bound.
     """
     number = ledger.versions.latest() if version < 0 else version
     if number is None or ledger.versions.get(number) is None:
         raise NotFound(f"there is no version {version}")
+    if fmt == Format.PEFT and max_peft_bytes and 0 <= since < number:
+        _bound_peft(ledger, store, since, number, max_peft_bytes)
     try:
         files = _files(ledger, history, fmt, since, number)
     except ValueError as exc:
@@ -75,6 +80,24 @@ def plan(ledger: Ledger, history: History, store: BlobStore, fmt: int, since: in
         else PullFile(p, store.size(data), data)
         for p, data in files
     ], history.lineage().id)
+
+
+def _bytes(n: int) -> str:
+    return f"{n / (1 << 20):.0f} MiB" if n >= 1 << 20 else f"{n} bytes"
+
+
+def _bound_peft(ledger: Ledger, store: BlobStore, since: int, number: int, limit: int) -> None:
+    """Refuse a PEFT update from ``since`` to ``number`` whose patches hold more than ``limit``
+    bytes (their summed rank, as stored); reads sizes only, and stops at the bound."""
+    total = 0
+    for v in range(since + 1, number + 1):
+        record = ledger.versions.get(v)
+        total += store.size(record.patch) if record is not None and record.patch else 0
+        if total > limit:
+            raise LimitReached(
+                f"the update from version {since} to {number} is more than {_bytes(limit)} of patches, "
+                f"more than this coordinator builds into one PEFT adapter: pull the full version instead "
+                f"(nomoat pull --out DIR), or a PEFT update from a version closer to {number}")
 
 
 def _files(ledger: Ledger, history: History, fmt: int, since: int, number: int) -> list[tuple[str, bytes | str]]:

@@ -91,6 +91,18 @@ class BlobStore:
     def size(self, sha256: str) -> int:
         return self.path(sha256).stat().st_size
 
+    def read_range(self, sha256: str, offset: int, length: int, chunk: int = CHUNK) -> Iterator[bytes]:
+        """``length`` bytes of a blob from byte ``offset`` on, ``chunk`` bytes at a time: what a
+        reader of a part of a large blob (a task's shard of a job's records) holds at once."""
+        with open(self.path(sha256), "rb") as fh:
+            fh.seek(offset)
+            while length > 0:
+                block = fh.read(min(chunk, length))
+                if not block:
+                    return
+                length -= len(block)
+                yield block
+
     def chunks(self, sha256: str, chunk: int = CHUNK) -> Iterator[bytes]:
         with open(self.path(sha256), "rb") as fh:
             yield from iter(lambda: fh.read(chunk), b"")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from coordinator.gateway.auth import Identity
@@ -17,6 +18,7 @@ from coordinator.errors import NotPermitted, WrongState
 from coordinator.ledger import Ledger
 from coordinator.settings import Settings
 from coordinator.model.store import BlobStore
+from coordinator.schedule import shards
 from nomoat.logs import fields
 
 log = logging.getLogger("nomoat.leases")
@@ -97,10 +99,12 @@ def hand_back(ledger: Ledger, task_id: str, fence: int, worker_id: str, reason: 
     return True
 
 
-def fetch_shard(ledger: Ledger, store: BlobStore, identity: Identity, task_id: str, fence: int) -> bytes:
-    """The task's records (JSON lines), for the current holder of its lease only.
+def fetch_shard(ledger: Ledger, store: BlobStore, identity: Identity, task_id: str, fence: int) -> Iterator[bytes]:
+    """The task's records (JSON lines) in chunks, read by byte range from the job's records
+    (coordinator.schedule.shards), for the current holder of its lease only.
 
-    Raises WrongState for a stale or unknown lease, NotPermitted when another token holds it.
+    The checks are made before this returns: raises WrongState for a stale or unknown lease,
+    NotPermitted when another token holds it.
     """
     problem = ledger.leases.problem(task_id, fence)
     if problem:
@@ -111,5 +115,4 @@ def fetch_shard(ledger: Ledger, store: BlobStore, identity: Identity, task_id: s
         raise NotPermitted(problem)
     task = ledger.tasks.get(task_id)
     job = ledger.jobs.get(task.job)
-    lines = store.get(job.records).splitlines(keepends=True)
-    return b"".join(lines[task.start : task.end])
+    return shards.shard(store, job.records, ledger.jobs.records_index(task.job), task.start, task.end)

@@ -27,6 +27,8 @@ from coordinator.ledger import (  # JobConfig: still importable from here
 from coordinator.settings import JobDefaults, Settings
 from coordinator.model.store import BlobStore
 from nomoat.logs import fields
+from coordinator.gateway import quotas
+from coordinator.schedule import shards
 from nomoat.records import DatasetError, parse_dataset
 
 if TYPE_CHECKING:
@@ -92,8 +94,12 @@ def split_tasks(token_counts: Sequence[int], tokens_per_task: int) -> list[tuple
     return ranges
 
 
+def records_lines(texts: Sequence[str]) -> list[bytes]:
+    return [(json.dumps({"text": t}, ensure_ascii=False) + "\n").encode("utf-8") for t in texts]
+
+
 def records_blob(texts: Sequence[str]) -> bytes:
-    return "".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts).encode("utf-8")
+    return b"".join(records_lines(texts))
 
 
 def read_records(data: bytes, start: int = 0, end: int | None = None) -> list[str]:
@@ -132,12 +138,15 @@ def receive(
     tokenizer: PreTrainedTokenizerBase,
     modules: Sequence[str],
     parts: Iterable[DatasetPart],
+    owner: str | None = None,
 ) -> SubmitResult:
     """Assemble a streamed dataset (header, bytes, digest), check it arrived whole, and submit it.
 
     The size is checked as the bytes arrive, so an oversized stream is refused before it is
     held in memory. Raises InvalidRequest for a malformed stream or dataset, Incomplete when
-    the bytes do not add up to the header's size and sha256; nothing is stored then.
+    the bytes do not add up to the header's size and sha256; nothing is stored then. With an
+    ``owner`` (coordinator.gateway.quotas.owner_of), the job counts against its share: a submit
+    past it raises LimitReached, at the header when it can already tell.
     """
     limit = settings.max_dataset_bytes
     header, chunks, received, digest, claimed = None, [], 0, hashlib.sha256(), None
@@ -150,6 +159,7 @@ def receive(
             header = part
             if header.size > limit:
                 raise InvalidRequest(f"the dataset is {header.size} bytes; this coordinator accepts at most {limit}")
+            quotas.check_submit(ledger, settings, owner, header.size)
         elif isinstance(part, bytes):
             received += len(part)
             if received > min(limit, header.size):
@@ -164,7 +174,7 @@ def receive(
         raise Incomplete("the dataset arrived incomplete or damaged (size or sha256 mismatch); nothing was stored")
     try:
         return submit(settings, ledger, store, tokenizer, modules, b"".join(chunks), header.filename, header.name,
-                      header.requested)
+                      header.requested, owner)
     except DatasetError as exc:
         raise InvalidRequest(f"{header.filename}: {exc}") from None
 
@@ -179,6 +189,7 @@ def submit(
     filename: str,
     name: str,
     requested: dict[str, Any],
+    owner: str | None = None,
 ) -> SubmitResult:
     if len(data) > settings.max_dataset_bytes:
         raise DatasetError(
@@ -201,20 +212,28 @@ def submit(
     counts = [len(ids) + 1 for ids in encoded["input_ids"]]
     ranges = split_tasks(counts, config.tokens_per_task)
 
-    dataset_sha = store.put(data)
-    records_sha = store.put(records_blob(records))
     job_id = "j-" + secrets.token_hex(4)
-    tasks = [
-        TaskRecord(task_id=f"{job_id}-t{i:03d}", job=job_id, index=i, start=n_val + s, end=n_val + e,
-                   tokens=sum(counts[s:e]) * config.epochs)
-        for i, (s, e) in enumerate(ranges)
-    ]
-    ledger.jobs.create(
-        JobRecord(job_id=job_id, name=name or filename, config=config, dataset=dataset_sha, records=records_sha,
-                  n_records=len(records), n_validation=n_val, tokens=sum(counts) * config.epochs,
-                  total_tasks=len(tasks)),
-        tasks,
-    )
+    quotas.reserve_submit(ledger, settings, owner, job_id, len(ranges), len(data))  # before anything is stored
+    try:
+        dataset_sha = store.put(data)
+        lines = records_lines(records)
+        records_sha = store.put(b"".join(lines))
+        index_sha = store.put(shards.index_of(lines))  # a task's shard is read by byte range
+        tasks = [
+            TaskRecord(task_id=f"{job_id}-t{i:03d}", job=job_id, index=i, start=n_val + s, end=n_val + e,
+                       tokens=sum(counts[s:e]) * config.epochs)
+            for i, (s, e) in enumerate(ranges)
+        ]
+        ledger.jobs.create(
+            JobRecord(job_id=job_id, name=name or filename, config=config, dataset=dataset_sha, records=records_sha,
+                      n_records=len(records), n_validation=n_val, tokens=sum(counts) * config.epochs,
+                      total_tasks=len(tasks)),
+            tasks,
+            records_index=index_sha,
+        )
+    except BaseException:
+        quotas.release_submit(ledger, owner, job_id, len(data))  # not recorded: not counted
+        raise
     result = SubmitResult(job_id, len(tasks), len(records), sum(counts) * config.epochs, n_val)
     log.info("job %s submitted: %d records, %d tokens, %d tasks (%d records held out)", job_id, result.records,
              result.tokens, result.tasks, n_val, extra=fields("job.submitted", job=job_id, name=name,
