@@ -104,7 +104,6 @@ def task_from_hash(data: dict[str, str]) -> TaskRecord:
         min_vram_gb=_num(data, "min_vram_gb", float),
         events=tuple((float(t), e) for t, e in json.loads(data.get("events") or "[]")),
         twin=data.get("twin", ""), twin_of=data.get("twin_of", ""),
-        holder_fence=_num(data, "holder_fence", int), holder_token=data.get("holder_token", ""),
         holder_worker=data.get("holder_worker", ""),
         batch_size=_num(data, "batch_size", int), learning_rate=_num(data, "learning_rate", float),
         replica_of=data.get("replica_of", ""), avoid=tuple(json.loads(data.get("avoid") or "[]")),

@@ -128,9 +128,7 @@ class TaskRecord:
     events: tuple[tuple[float, str], ...] = ()
     twin: str = ""  # a speculative second lease on this task (see Leases.speculate)
     twin_of: str = ""  # set on the twin: the task it races
-    holder_fence: int = 0
-    holder_token: str = ""
-    holder_worker: str = ""
+    holder_worker: str = ""  # the worker the newest lease was placed on ("" when its node named none)
     # What the newest lease's run trains at (coordinator.fold.policy.FoldPolicy.task_training: the
     # job's batch and lr, or its batch / K at a scaled lr); 0 until the task is first leased.
     batch_size: int = 0

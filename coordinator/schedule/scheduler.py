@@ -41,6 +41,7 @@ from coordinator.ledger import (
     TaskState,
     count_states,
     is_twin,
+    new_secret,
 )
 from coordinator.schedule import standing
 from coordinator.schedule.holder import hand_back
@@ -186,9 +187,9 @@ class Scheduler:
         return self.training(self.config(job_id), noise, self.total_tasks(job_id))
 
     def spec(self, task: TaskRecord, fence: int, base_version: int, node: Node,
-             training: TaskTraining | None = None) -> TaskSpec:
+             training: TaskTraining | None = None, secret: str = "") -> TaskSpec:
         """What the worker on ``node`` needs to train ``task`` under ``fence`` (at ``training``,
-        by default the job's :meth:`job_training`)."""
+        by default the job's :meth:`job_training`), holding its lease with ``secret``."""
         config = self.config(task.job)
         training = training or self.job_training(task.job)
         return TaskSpec(
@@ -199,6 +200,7 @@ class Scheduler:
                               learning_rate=training.learning_rate, epochs=config.epochs,
                               seed=task.index, plan_model=config.plan_model, warm_start=config.warm_start),
             lease_ttl_s=self.settings.lease_ttl_s, worker_id=node.worker_id, card=self.card_of(node.worker_id),
+            lease_secret=secret,
         )
 
     def card_of(self, worker_id: str) -> cards.Card | None:
@@ -244,12 +246,14 @@ class Scheduler:
             specs = []
             training = self.job_training(run[0].job)
             for task in run:
+                # The lease is the run's on this card from now on: its worker and a secret only its spec carries.
+                secret = new_secret()
                 fence = self.ledger.leases.lease(task.task_id, now + self.settings.queue_timeout_s, base_version,
-                                                 self.settings.max_attempts)
+                                                 self.settings.max_attempts, node.worker_id, secret)
                 if fence > 0:
                     # a replica run trains on the version its task was given (pinned)
                     version = task.base_version if task.pinned else base_version
-                    specs.append(self.spec(task, fence, version, node, training))
+                    specs.append(self.spec(task, fence, version, node, training, secret))
                     again = f" again (attempt {task.attempts + 1})" if task.attempts else ""
                     log.info("task %s of job %s leased%s to worker %s (fence %d)", task.task_id, task.job, again,
                              node.worker_id or node.node_id[:12], fence,
@@ -313,14 +317,17 @@ class Scheduler:
             own_eta = now + task.tokens / speeds[card.node_id]
             if own_eta >= eta:
                 continue  # the run it would race is expected to finish first
-            twin, fence = self.ledger.leases.speculate(task.task_id, now + self.settings.queue_timeout_s)
+            secret = new_secret()
+            twin, fence = self.ledger.leases.speculate(task.task_id, now + self.settings.queue_timeout_s,
+                                                       card.worker_id, secret)
             if fence <= 0:
                 continue
             log.info("task %s runs long; also issued as %s to worker %s", task.task_id, twin, card.worker_id or "?",
                      extra=fields("task.speculated", task=task.task_id, job=task.job, twin=twin,
                                   worker=card.worker_id or None, fence=fence))
             twin_task = replace(task, task_id=twin)
-            self.dispatcher.submit([self.spec(twin_task, fence, self.ledger.versions.latest() or 0, card)],
+            self.dispatcher.submit([self.spec(twin_task, fence, self.ledger.versions.latest() or 0, card,
+                                              secret=secret)],
                                    run_resources(self.need_gb(task, card)), card.node_id)
             cards.remove(card)
             if not cards:
