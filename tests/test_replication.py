@@ -23,7 +23,7 @@ from coordinator.schedule import standing
 from coordinator.gateway.auth import Identity
 from coordinator.fold.folder import Folder
 from coordinator.model.history import History
-from coordinator.ledger import AdapterState, Check, TaskState
+from coordinator.ledger import AdapterState, Check, Claim, TaskState
 from coordinator.model.running import RunningModel
 from coordinator.schedule.replication import Replication
 from coordinator.schedule.scheduler import Scheduler
@@ -33,7 +33,7 @@ from nomoat import adapter as adapter_format
 from nomoat.tiny import read_fortunes, tiny_model_path
 from tests import consistency
 from tests.fakes import FakeCard, FakeDispatcher, node_of
-from tests.rig import ALPHA, RANK, TARGETS, Rig, published, rig, submit_job  # noqa: F401  (fixtures)
+from tests.rig import ALPHA, RANK, SECRET, TARGETS, Rig, published, rig, submit_job  # noqa: F401  (fixtures)
 
 LIMIT = 1 << 24
 TEXTS = [f"record {i}: {t}" for i, t in enumerate(read_fortunes()[1000:1200])]
@@ -78,13 +78,13 @@ def hand_in(rig: Rig, repl: Replication, who: Volunteer, task_id: str, seed: int
             scale: float | None = None) -> accept.Accepted:
     """Lease ``task_id`` and upload the run's adapter as ``who``, through the Upload workflow."""
     task = rig.ledger.tasks.get(task_id)
-    fence = rig.ledger.leases.lease(task_id, 1e12, task.base_version if task.pinned else 0, 5)
+    fence = rig.ledger.leases.lease(task_id, 1e12, task.base_version if task.pinned else 0, 5, who.worker_id, SECRET)
     assert fence > 0, f"{task_id} could not be leased"
     base = rig.ledger.tasks.get(task_id).base_version
     data = result(rig, seed, who.scale if scale is None else scale)
     m = accept.Manifest(task_id=task_id, fence=fence, base_version=base, rank=RANK, alpha=ALPHA, tokens=300,
                          train_loss=2.5, sha256=hashlib.sha256(data).hexdigest(), size=len(data),
-                         worker_id=who.worker_id)
+                         worker_id=who.worker_id, lease_secret=SECRET)
     return accept.upload(rig.ledger, rig.store, rig.deps.shapes, PartialUploads(rig.tmp / "uploads"), who.identity,
                           m, 0, [data], max_bytes=LIMIT, replication=repl)
 
@@ -173,7 +173,8 @@ def test_a_check_failed_at_upload_counts_against_the_token(rig: Rig, replicating
     fence = rig.lease(task)
     data = result(rig, 0)
     m = accept.Manifest(task_id=task, fence=fence, base_version=0, rank=RANK, alpha=ALPHA, tokens=300,
-                         train_loss=2.5, sha256="0" * 64, size=len(data), worker_id=mallory.worker_id)
+                         train_loss=2.5, sha256="0" * 64, size=len(data), worker_id=mallory.worker_id,
+                         lease_secret=SECRET)
     refused = accept.upload(rig.ledger, rig.store, rig.deps.shapes, PartialUploads(rig.tmp / "uploads"),
                              mallory.identity, m, 0, [data], max_bytes=LIMIT, replication=replicating)
     assert refused.status == "refused" and refused.check is Check.CORRUPT
@@ -208,7 +209,7 @@ def test_a_malicious_volunteer_ends_with_no_tasks(rig: Rig) -> None:
         data = result(rig, spec.train.seed, who.scale)
         m = accept.Manifest(task_id=spec.task_id, fence=spec.fence, base_version=spec.base_version, rank=RANK,
                              alpha=ALPHA, tokens=spec.tokens, train_loss=2.5, sha256=hashlib.sha256(data).hexdigest(),
-                             size=len(data), worker_id=worker_id)
+                             size=len(data), worker_id=worker_id, lease_secret=spec.lease_secret)
         got = accept.upload(rig.ledger, rig.store, rig.deps.shapes, partials, who.identity, m, 0, [data],
                              max_bytes=LIMIT, replication=repl)
         return "" if got.ok else got.detail
@@ -345,8 +346,8 @@ def test_a_replica_run_keeps_its_tasks_version_and_avoids_its_volunteer(rig: Rig
         node = node_of(FakeCard(f"n-{who.name}", 8.0, 0.0, worker=who.worker_id), False)
         taken = [t.task_id for t in scheduler._take_run(list(queue), node, 0.0, who.id)]
         assert (run in taken) is expected, taken
-    fence = rig.ledger.leases.lease(run, 1e12, 3, 5)
-    beat = rig.ledger.leases.heartbeat(run, fence, 1e12, bob.worker_id, bob.id)
+    fence = rig.ledger.leases.lease(run, 1e12, 3, 5, bob.worker_id, SECRET)
+    beat = rig.ledger.leases.heartbeat(run, fence, 1e12, bob.worker_id, Claim(bob.worker_id, SECRET))
     assert beat.ok and beat.base_version == 0  # pinned: trained on the version its task was
     assert rig.ledger.tasks.get(run).base_version == 0
 
