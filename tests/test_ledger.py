@@ -301,13 +301,16 @@ def test_a_restarted_scheduler_sizes_a_fast_cards_run_from_the_speed_the_ledger_
     def scheduler(dispatcher: FakeDispatcher) -> Scheduler:
         return Scheduler(settings, ledger, dispatcher, "token", lambda config: Need(4.0))
 
-    first = FakeDispatcher([fast])
+    def upload(spec, worker_id: str) -> str:  # the run's upload, accepted (the speed is measured from that)
+        return "" if ledger.adapters.accept(spec.task_id, spec.fence, "0" * 64, worker_id=worker_id).ok else "refused"
+
+    first = FakeDispatcher([fast], upload=upload)
     before = scheduler(first)
     before.tick(first.now)
     assert [len(r.specs) for r in first.submitted] == [1]  # a stranger: one unit
-    first.advance(1.0)  # 100 tokens at 400 tokens/s
+    first.advance(0.25)  # 100 tokens at 400 tokens/s, seen by the next round
     before.tick(first.now)
-    assert ledger.workers.get(fast.worker_id).tokens_per_s == 400.0
+    assert ledger.workers.get(fast.worker_id).tokens_per_s == pytest.approx(400.0)
     # The coordinator restarts: a new scheduler over the same ledger and cluster.
     again = FakeDispatcher([fast], start=first.now)
     ledger.leases.expire(now=first.now + 10**6)  # the runs before the restart are gone

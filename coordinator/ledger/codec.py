@@ -101,7 +101,7 @@ def task_from_hash(data: dict[str, str]) -> TaskRecord:
         leased_at=_num(data, "leased_at", float), base_version=_num(data, "base_version", int, -1),
         claimed=_num(data, "claimed", int),
         finished=_num(data, "finished", float), error=data.get("error", ""), adapter=data.get("adapter", ""),
-        min_vram_gb=_num(data, "min_vram_gb", float),
+        vram_floors={k: float(v) for k, v in json.loads(data.get("vram_floors") or "{}").items()},
         events=tuple((float(t), e) for t, e in json.loads(data.get("events") or "[]")),
         twin=data.get("twin", ""), twin_of=data.get("twin_of", ""),
         holder_worker=data.get("holder_worker", ""),

@@ -257,13 +257,14 @@ class Leases:
         return [t.decode() for t in self.r.zrange(keys.PENDING, 0, limit - 1)]
 
     def lease(self, task_id: str, deadline: float, base_version: int, max_attempts: int, worker_id: str = "",
-              secret: str = "") -> int:
+              secret: str = "", now: float | None = None) -> int:
         """Lease a pending task to the run placed on ``worker_id`` ("" for a node that names no
         worker), which proves it holds the lease with ``secret`` (a lease granted without one can
         be renewed or used by no caller over the network); returns its new fence, 0 if not
-        pending, -1 if it has failed."""
+        pending, -1 if it has failed. ``now``: when it is granted, by the scheduler's clock (the
+        clock that measures the card's speed from it)."""
         return int(self._lease(keys=[keys.task(task_id), keys.PENDING, keys.LEASES, keys.FENCE, keys.COUNTERS],
-                               args=[task_id, deadline, base_version, time.time(), max_attempts, worker_id,
+                               args=[task_id, deadline, base_version, now or time.time(), max_attempts, worker_id,
                                      secret_hash(secret) if secret else ""]))
 
     def heartbeat(self, task_id: str, fence: int, deadline: float, worker_id: str = "", claim: Claim | None = None,
@@ -326,7 +327,8 @@ class Leases:
         """Every lease, the soonest to run out first."""
         return [Lease(t.decode(), s) for t, s in self.r.zrange(keys.LEASES, 0, -1, withscores=True)]
 
-    def speculate(self, task_id: str, deadline: float, worker_id: str = "", secret: str = "") -> tuple[str, int]:
+    def speculate(self, task_id: str, deadline: float, worker_id: str = "", secret: str = "",
+                  now: float | None = None) -> tuple[str, int]:
         """Lease a leased task a second time, to a twin task with its own fence, placed on
         ``worker_id`` with ``secret`` (as :meth:`lease`): (twin id, fence).
 
@@ -335,7 +337,7 @@ class Leases:
         """
         twin = twin_id(task_id)
         fence = self._speculate(keys=[keys.task(task_id), keys.task(twin), keys.LEASES, keys.FENCE, keys.COUNTERS],
-                                args=[task_id, twin, deadline, time.time(), worker_id,
+                                args=[task_id, twin, deadline, now or time.time(), worker_id,
                                       secret_hash(secret) if secret else ""])
         return twin, int(fence)
 

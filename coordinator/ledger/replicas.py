@@ -35,9 +35,9 @@ from coordinator.ledger.trust import Trust
 OPEN_RUN = """
 local function open_run(group, task_key, run_key, pending, task_id, run, now, avoid, base)
   if redis.call('EXISTS', run_key) == 1 then return end
-  local t = redis.call('HMGET', task_key, 'job', 'index', 'start', 'end', 'tokens', 'min_vram_gb')
+  local t = redis.call('HMGET', task_key, 'job', 'index', 'start', 'end', 'tokens', 'vram_floors')
   redis.call('HSET', run_key, 'task_id', run, 'job', t[1] or '', 'index', t[2] or '0', 'start', t[3] or '0',
-             'end', t[4] or '0', 'tokens', t[5] or '0', 'min_vram_gb', t[6] or '0', 'state', 'pending',
+             'end', t[4] or '0', 'tokens', t[5] or '0', 'vram_floors', t[6] or '{}', 'state', 'pending',
              'attempts', '0', 'fence', '0', 'replica_of', task_id, 'avoid', avoid, 'pinned', '1',
              'base_version', base)
   redis.call('ZADD', pending, 0, run)  -- ahead of the queue: a held adapter waits on it
