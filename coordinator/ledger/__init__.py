@@ -43,7 +43,7 @@ from coordinator.ledger.records import (
     WorkerRecord,
 )
 from coordinator.ledger.replicas import Hold, Replicas, Settlement, replica_id
-from coordinator.ledger.tasks import Tasks, count_states
+from coordinator.ledger.tasks import Tasks, count_states, new_task_id
 from coordinator.ledger.tokens import ROLES, TokenEntry, Tokens, token_id
 from coordinator.ledger.trust import Trust
 from coordinator.ledger.versions import Versions
@@ -82,6 +82,7 @@ __all__ = [
     "Claim",
     "new_secret",
     "no_such_lease",
+    "new_task_id",
     "Inboxes",
     "JobConfig",
     "JobRecord",

@@ -6,6 +6,7 @@ leases (coordinator.ledger.leases) and accepted uploads (coordinator.ledger.adap
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Iterable
 
 import redis
@@ -49,6 +50,13 @@ local floors = cjson.decode(redis.call('HGET', KEYS[1], 'vram_floors') or '{}')
 if not floors[ARGV[1]] or tonumber(floors[ARGV[1]]) < tonumber(ARGV[2]) then floors[ARGV[1]] = tonumber(ARGV[2]) end
 redis.call('HSET', KEYS[1], 'vram_floors', cjson.encode(floors))
 """
+
+
+def new_task_id(job_id: str) -> str:
+    """A task id of ``job_id``: the job's id and 32 random bits. Every task and every replica
+    run gets one this way, so an id tells a volunteer neither a task's place nor that a run is
+    a check of another's."""
+    return f"{job_id}-t{secrets.token_hex(4)}"
 
 
 class Tasks:

@@ -23,6 +23,7 @@ from coordinator.ledger import (  # JobConfig: still importable from here
     JobRecord,
     Ledger,
     TaskRecord,
+    new_task_id,
 )
 from coordinator.settings import JobDefaults, Settings
 from coordinator.model.store import BlobStore
@@ -90,6 +91,15 @@ def split_tasks(token_counts: Sequence[int], tokens_per_task: int) -> list[tuple
         else:
             ranges.append((start, len(token_counts)))
     return ranges
+
+
+def task_ids(job_id: str, n: int) -> list[str]:
+    """``n`` distinct task ids for a job (coordinator.ledger.new_task_id): a task's id says
+    nothing of its place in the job, and a replica run's, made the same way, nothing of what it is."""
+    ids: list[str] = []
+    while len(ids) < n:
+        ids = list(dict.fromkeys(ids + [new_task_id(job_id) for _ in range(n - len(ids))]))
+    return ids
 
 
 def records_blob(texts: Sequence[str]) -> bytes:
@@ -204,8 +214,9 @@ def submit(
     dataset_sha = store.put(data)
     records_sha = store.put(records_blob(records))
     job_id = "j-" + secrets.token_hex(4)
+    ids = task_ids(job_id, len(ranges))
     tasks = [
-        TaskRecord(task_id=f"{job_id}-t{i:03d}", job=job_id, index=i, start=n_val + s, end=n_val + e,
+        TaskRecord(task_id=ids[i], job=job_id, index=i, start=n_val + s, end=n_val + e,
                    tokens=sum(counts[s:e]) * config.epochs)
         for i, (s, e) in enumerate(ranges)
     ]
