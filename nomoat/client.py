@@ -180,12 +180,16 @@ class CoordinatorClient:
         request = pb.RegisterRequest(name=name, card=card, node_id=node_id, worker_id=worker_id)
         return self._call(self.workers.Register, request)
 
-    def heartbeat(self, task_id: str, fence: int, worker_id: str = "", event: str = "") -> pb.HeartbeatReply:
-        request = pb.HeartbeatRequest(task_id=task_id, fence=fence, worker_id=worker_id, event=event)
+    def heartbeat(self, task_id: str, fence: int, worker_id: str = "", event: str = "",
+                  secret: str = "") -> pb.HeartbeatReply:
+        """Renew the lease of (task, fence), held by ``worker_id`` with the lease ``secret`` its spec carried."""
+        request = pb.HeartbeatRequest(task_id=task_id, fence=fence, worker_id=worker_id, event=event,
+                                      lease_secret=secret)
         return self._call(self.workers.Heartbeat, request, timeout=15)
 
-    def fetch_shard(self, task_id: str, fence: int) -> bytes:
-        parts = self._stream(self.workers.FetchShard, pb.FetchShardRequest(task_id=task_id, fence=fence), 600)
+    def fetch_shard(self, task_id: str, fence: int, worker_id: str = "", secret: str = "") -> bytes:
+        request = pb.FetchShardRequest(task_id=task_id, fence=fence, worker_id=worker_id, lease_secret=secret)
+        parts = self._stream(self.workers.FetchShard, request, 600)
         return b"".join(p.data for p in parts)
 
     def upload(self, manifest: pb.AdapterManifest, data: bytes, timeout: float = 600,
@@ -205,9 +209,11 @@ class CoordinatorClient:
 
         return self._call(self.workers.Upload, chunks(), timeout=timeout)
 
-    def upload_offset(self, task_id: str, fence: int, sha256: str) -> int:
-        """How many bytes of this upload the coordinator already holds from a broken-off try."""
-        request = pb.UploadOffsetRequest(task_id=task_id, fence=fence, sha256=sha256)
+    def upload_offset(self, task_id: str, fence: int, sha256: str, worker_id: str = "", secret: str = "") -> int:
+        """How many bytes of this upload the coordinator already holds from a broken-off try
+        (0 to anyone but the lease's holder: ``worker_id`` with the lease ``secret``)."""
+        request = pb.UploadOffsetRequest(task_id=task_id, fence=fence, sha256=sha256, worker_id=worker_id,
+                                         lease_secret=secret)
         return self._call(self.workers.UploadOffset, request, timeout=15).offset
 
     def request_work(self, worker_id: str, wait_s: float, stop: threading.Event | None = None) -> pb.WorkReply:
@@ -228,9 +234,12 @@ class CoordinatorClient:
         except grpc.RpcError as exc:
             raise _explain(exc, self.address) from None
 
-    def report_run(self, worker_id: str, run_id: str, units: list[str], handed_back: list[str]) -> None:
-        """Say how each unit of a run ended (UnitResult JSON), and which were handed back unstarted."""
-        request = pb.RunReport(worker_id=worker_id, run_id=run_id, units=units, handed_back=handed_back)
+    def report_run(self, worker_id: str, run_id: str, units: list[str], handed_back: list[str],
+                   lease_secrets: dict[str, str] | None = None) -> None:
+        """Say how each unit of a run ended (UnitResult JSON), and which were handed back unstarted,
+        with each unit's lease secret (task id -> the secret its spec carried)."""
+        request = pb.RunReport(worker_id=worker_id, run_id=run_id, units=units, handed_back=handed_back,
+                               lease_secrets=lease_secrets or {})
         self._call(self.workers.ReportRun, request, timeout=30)
 
     # -- admin --------------------------------------------------------------------------------

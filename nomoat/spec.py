@@ -87,6 +87,9 @@ class TaskSpec:
     lease_ttl_s: float
     worker_id: str = ""  # the worker whose node the run is placed on
     card: Card | None = None  # that worker's card as it registered it; None: the node probes its own
+    # The lease's secret: with worker_id, what proves this run holds the lease (heartbeats, the
+    # shard, the upload, the report). It travels only here; the coordinator keeps its hash.
+    lease_secret: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return _plain(self)

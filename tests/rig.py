@@ -45,6 +45,8 @@ ROLES = ("worker", "trusted-worker", "submitter", "reader", "admin")
 RANK, ALPHA, TARGETS = 2, 4.0, ("q_proj", "v_proj")
 JOB = pb.JobConfig(lora_rank=RANK, lora_alpha=ALPHA, target_modules=TARGETS, tokens_per_task=300)
 TEXTS = [f"record {i}: {t}" for i, t in enumerate(read_fortunes()[2000:2060])]
+# The lease secret Rig.lease grants with by default: what a test's worker shows, as a run's spec would.
+SECRET = "0123456789abcdef0123456789abcdef"
 
 
 @dataclass
@@ -141,8 +143,11 @@ class Rig:
         path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
         return self.client("submitter").submit(path, name="job", config=config)
 
-    def lease(self, task_id: str, base_version: int = 0) -> int:
-        fence = self.ledger.leases.lease(task_id, time.time() + 60, base_version, max_attempts=5)
+    def lease(self, task_id: str, base_version: int = 0, worker_id: str = "", secret: str = "") -> int:
+        """Lease ``task_id`` as the scheduler does, placed on ``worker_id`` ("": on no named
+        worker) with the lease secret ``secret`` (default :data:`SECRET`); returns its fence."""
+        fence = self.ledger.leases.lease(task_id, time.time() + 60, base_version, max_attempts=5,
+                                         worker_id=worker_id, secret=secret or SECRET)
         assert fence > 0
         return fence
 
@@ -184,7 +189,8 @@ def make_adapter(shapes: dict[str, tuple[int, int]], seed: int = 0, rank: int = 
 
 def manifest(task_id: str, fence: int, data: bytes, /, **changes) -> pb.AdapterManifest:
     fields = dict(task_id=task_id, fence=fence, base_version=0, rank=RANK, alpha=ALPHA, tokens=300,
-                  train_loss=2.5, sha256=hashlib.sha256(data).hexdigest(), size=len(data), worker_id="")
+                  train_loss=2.5, sha256=hashlib.sha256(data).hexdigest(), size=len(data), worker_id="",
+                  lease_secret=SECRET)
     fields.update(changes)
     return pb.AdapterManifest(**fields)
 

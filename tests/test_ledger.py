@@ -9,6 +9,7 @@ import time
 import pytest
 
 from coordinator.ledger import (
+    Claim,
     AdapterState,
     JobConfig,
     JobRecord,
@@ -141,10 +142,21 @@ def test_a_requeued_unit_gets_its_attempt_back_and_a_requeued_twin_is_retired(le
     assert twin not in ledger.leases.pending() and ledger.tasks.get(other).state == "leased"
 
 
+def test_an_expired_lease_gives_its_attempt_back(ledger):
+    """Abandoning a lease is its holder's failing (the scheduler charges the holder's trust), not
+    the task's: any number of expiries spend no attempt."""
+    (task_id,) = make_job(ledger, n_tasks=1)
+    for _ in range(3):
+        assert ledger.leases.lease(task_id, time.time() + 0.01, 0, max_attempts=1, worker_id="w-1") > 0
+        assert ledger.leases.expire(now=time.time() + 1) == [task_id]
+        task = ledger.tasks.get(task_id)
+        assert (task.state, task.attempts, task.holder_worker) == ("pending", 0, "w-1")
+
+
 def test_lease_refuses_a_task_out_of_attempts(ledger):
     (task_id,) = make_job(ledger, n_tasks=1)
     fence = ledger.leases.lease(task_id, time.time() + 0.01, 0, max_attempts=1)
-    ledger.leases.expire(now=time.time() + 1)
+    assert ledger.leases.release(task_id, fence, "it failed", max_attempts=5) is TaskState.PENDING
     assert ledger.leases.lease(task_id, time.time() + 60, 0, max_attempts=1) == -1
     assert ledger.tasks.get(task_id).state == "failed"
     assert fence > 0
@@ -248,12 +260,12 @@ def test_a_heartbeat_under_a_lost_lease_changes_nothing_and_claims_no_version(le
     """Bug 5: the heartbeat is one step; a stale fence neither extends, notes nor claims."""
     (task_id,) = make_job(ledger, n_tasks=1)
     publish_versions(ledger, 2)
-    old = ledger.leases.lease(task_id, time.time() + 60, 0, max_attempts=3)
+    old = ledger.leases.lease(task_id, time.time() + 60, 0, max_attempts=3, worker_id="w-1", secret="a" * 32)
     ledger.leases.expire(now=time.time() + 100)
     new = ledger.leases.lease(task_id, time.time() + 60, 0, max_attempts=3)
     before = ledger.tasks.get(task_id)
-    lost = ledger.leases.heartbeat(task_id, old, time.time() + 600, "w-1", "a" * 64, event="still training")
-    assert not lost.ok and "stale fence" in lost.reason and lost.base_version == -1
+    lost = ledger.leases.heartbeat(task_id, old, time.time() + 600, "w-1", Claim("w-1", "a" * 32), event="still training")
+    assert not lost.ok and "holds no lease" in lost.reason and lost.base_version == -1
     assert ledger.tasks.get(task_id) == before  # no deadline, holder, event or claimed version
     publish_versions(ledger, 3)
     assert ledger.leases.heartbeat(task_id, new, time.time() + 60, event="started").base_version == 3
@@ -289,13 +301,16 @@ def test_a_restarted_scheduler_sizes_a_fast_cards_run_from_the_speed_the_ledger_
     def scheduler(dispatcher: FakeDispatcher) -> Scheduler:
         return Scheduler(settings, ledger, dispatcher, "token", lambda config: Need(4.0))
 
-    first = FakeDispatcher([fast])
+    def upload(spec, worker_id: str) -> str:  # the run's upload, accepted (the speed is measured from that)
+        return "" if ledger.adapters.accept(spec.task_id, spec.fence, "0" * 64, worker_id=worker_id).ok else "refused"
+
+    first = FakeDispatcher([fast], upload=upload)
     before = scheduler(first)
     before.tick(first.now)
     assert [len(r.specs) for r in first.submitted] == [1]  # a stranger: one unit
-    first.advance(1.0)  # 100 tokens at 400 tokens/s
+    first.advance(0.25)  # 100 tokens at 400 tokens/s, seen by the next round
     before.tick(first.now)
-    assert ledger.workers.get(fast.worker_id).tokens_per_s == 400.0
+    assert ledger.workers.get(fast.worker_id).tokens_per_s == pytest.approx(400.0)
     # The coordinator restarts: a new scheduler over the same ledger and cluster.
     again = FakeDispatcher([fast], start=first.now)
     ledger.leases.expire(now=first.now + 10**6)  # the runs before the restart are gone

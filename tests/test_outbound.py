@@ -12,7 +12,7 @@ from dataclasses import replace
 import pytest
 
 from coordinator.gateway.auth import Identity
-from coordinator.errors import InvalidRequest, NotPermitted
+from coordinator.errors import InvalidRequest, NotFound, NotPermitted
 from coordinator.ledger import TaskState
 from coordinator.schedule.inbox_dispatch import LongPolls, OutboundDispatcher, is_outbound, report_run, request_work
 from coordinator.schedule.scheduler import Scheduler
@@ -114,7 +114,7 @@ def test_a_run_crosses_the_ledger_as_data_and_its_report_comes_back(rig: Rig) ->
     attempts = {x.task_id: rig.ledger.tasks.get(x.task_id).attempts for x in rest}
     report_run(rig.ledger, me, worker_id, work.run_id,
                [json.dumps(UnitResult(first.task_id, first.fence, "out of memory", needs_vram_gb=12.01).to_dict())],
-               [x.task_id for x in rest])
+               [x.task_id for x in rest], {x.task_id: x.lease_secret for x in specs})
     for x in rest:  # back in the queue now, no attempt spent
         task = rig.ledger.tasks.get(x.task_id)
         assert task.state is TaskState.PENDING and task.attempts == attempts[x.task_id] - 1
@@ -138,11 +138,14 @@ def test_a_report_names_only_the_callers_own_run_and_units(rig: Rig) -> None:
     spec = parse_specs(list(work.specs))[0]
     with pytest.raises(NotPermitted):  # another token may not report for this worker
         report_run(rig.ledger, other, worker_id, work.run_id, [], [])
-    with pytest.raises(NotPermitted):  # nor pass its own worker off as this run's
+    with pytest.raises(NotFound, match=f"worker {other_id} has no run"):  # nor pass its own worker off as this run's
         report_run(rig.ledger, other, other_id, work.run_id, [], [])
     with pytest.raises(InvalidRequest):  # a unit under another fence is not this run's
         report_run(rig.ledger, me, worker_id, work.run_id,
-                   [json.dumps(UnitResult(spec.task_id, spec.fence + 99).to_dict())], [])
+                   [json.dumps(UnitResult(spec.task_id, spec.fence + 99).to_dict())], [], {spec.task_id: spec.lease_secret})
+    with pytest.raises(InvalidRequest, match="with the lease secret its spec carried"):  # nor one without its secret
+        report_run(rig.ledger, me, worker_id, work.run_id, [json.dumps(UnitResult(spec.task_id, spec.fence).to_dict())],
+                   [spec.task_id])
     with pytest.raises(InvalidRequest):
         report_run(rig.ledger, me, worker_id, work.run_id, ['{"task_id": 1}'], [])
     with pytest.raises(NotPermitted):  # nor may another token ask for this worker's work

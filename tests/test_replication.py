@@ -23,7 +23,7 @@ from coordinator.schedule import standing
 from coordinator.gateway.auth import Identity
 from coordinator.fold.folder import Folder
 from coordinator.model.history import History
-from coordinator.ledger import AdapterState, Check, TaskState
+from coordinator.ledger import AdapterState, Check, Claim, TaskState
 from coordinator.model.running import RunningModel
 from coordinator.schedule.replication import Replication
 from coordinator.schedule.scheduler import Scheduler
@@ -33,7 +33,7 @@ from nomoat import adapter as adapter_format
 from nomoat.tiny import read_fortunes, tiny_model_path
 from tests import consistency
 from tests.fakes import FakeCard, FakeDispatcher, node_of
-from tests.rig import ALPHA, RANK, TARGETS, Rig, published, rig, submit_job  # noqa: F401  (fixtures)
+from tests.rig import ALPHA, RANK, SECRET, TARGETS, Rig, published, rig, submit_job  # noqa: F401  (fixtures)
 
 LIMIT = 1 << 24
 TEXTS = [f"record {i}: {t}" for i, t in enumerate(read_fortunes()[1000:1200])]
@@ -74,17 +74,22 @@ def replicating(rig: Rig) -> Replication:
     return Replication(replace(rig.deps.settings, replicate_fraction=1.0), rig.ledger, rig.store)
 
 
+def run_of(rig: Rig, task_id: str, n: int) -> str:
+    """The id of the n-th replica run of ``task_id`` (ids say nothing of what a run is: read the group)."""
+    return rig.ledger.replicas.get(task_id).runs[n - 1]
+
+
 def hand_in(rig: Rig, repl: Replication, who: Volunteer, task_id: str, seed: int,
             scale: float | None = None) -> accept.Accepted:
     """Lease ``task_id`` and upload the run's adapter as ``who``, through the Upload workflow."""
     task = rig.ledger.tasks.get(task_id)
-    fence = rig.ledger.leases.lease(task_id, 1e12, task.base_version if task.pinned else 0, 5)
+    fence = rig.ledger.leases.lease(task_id, 1e12, task.base_version if task.pinned else 0, 5, who.worker_id, SECRET)
     assert fence > 0, f"{task_id} could not be leased"
     base = rig.ledger.tasks.get(task_id).base_version
     data = result(rig, seed, who.scale if scale is None else scale)
     m = accept.Manifest(task_id=task_id, fence=fence, base_version=base, rank=RANK, alpha=ALPHA, tokens=300,
                          train_loss=2.5, sha256=hashlib.sha256(data).hexdigest(), size=len(data),
-                         worker_id=who.worker_id)
+                         worker_id=who.worker_id, lease_secret=SECRET)
     return accept.upload(rig.ledger, rig.store, rig.deps.shapes, PartialUploads(rig.tmp / "uploads"), who.identity,
                           m, 0, [data], max_bytes=LIMIT, replication=repl)
 
@@ -101,11 +106,11 @@ def test_a_replicated_pair_that_agrees_is_folded_once(rig: Rig, replicating: Rep
     assert first.status == "accepted"
     assert rig.ledger.adapters.get(first.detail).state is AdapterState.HELD
     assert rig.ledger.adapters.buffer_ids() == []  # held, not buffered
-    replica = rig.ledger.tasks.get(f"{task}.r1")
+    replica = rig.ledger.tasks.get(run_of(rig, task, 1))
     assert (replica.state, replica.replica_of, replica.avoid, replica.pinned) == (
         TaskState.PENDING, task, (alice.id,), True)
     assert replicating.sweep() == []  # its replica has not run yet
-    second = hand_in(rig, replicating, bob, f"{task}.r1", seed=0)
+    second = hand_in(rig, replicating, bob, run_of(rig, task, 1), seed=0)
     assert second.status == "accepted"
     assert replicating.sweep() == [task]
     assert rig.ledger.adapters.buffer_ids() == [first.detail]
@@ -123,15 +128,15 @@ def test_a_pair_that_disagrees_is_held_until_a_third_settles_it(rig: Rig, replic
     alice, bob, carol = volunteer(rig, "alice"), volunteer(rig, "bob", scale=50.0), volunteer(rig, "carol")
     task = rig.ledger.tasks.ids(submit_job(rig).job_id)[0]
     first = hand_in(rig, replicating, alice, task, seed=0)
-    second = hand_in(rig, replicating, bob, f"{task}.r1", seed=0)
+    second = hand_in(rig, replicating, bob, run_of(rig, task, 1), seed=0)
     assert replicating.sweep() == []
-    third = rig.ledger.tasks.get(f"{task}.r2")
+    third = rig.ledger.tasks.get(run_of(rig, task, 2))
     assert third.state is TaskState.PENDING and set(third.avoid) == {alice.id, bob.id}
     assert rig.ledger.adapters.buffer_ids() == []  # neither is folded meanwhile
     assert {rig.ledger.adapters.get(a).state for a in (first.detail, second.detail)} == {AdapterState.HELD}
     assert rig.ledger.replicas.unsettled(rig.ledger.tasks.get(task).job)
     consistency.check(rig.ledger)
-    last = hand_in(rig, replicating, carol, f"{task}.r2", seed=0)
+    last = hand_in(rig, replicating, carol, run_of(rig, task, 2), seed=0)
     assert replicating.sweep() == [task]
     assert rig.ledger.adapters.buffer_ids() == [first.detail]
     outlier = rig.ledger.adapters.get(second.detail)
@@ -161,9 +166,10 @@ def test_a_replica_no_one_runs_leaves_its_task_folded_unverified(rig: Rig) -> No
     assert repl.sweep(now=opened + 30) == []
     assert repl.sweep(now=opened + 61) == [task]
     assert rig.ledger.adapters.buffer_ids() == [first.detail]
-    gone = rig.ledger.tasks.get(f"{task}.r1")
+    gone = rig.ledger.tasks.get(run_of(rig, task, 1))
     assert gone.state is TaskState.FAILED and "settled without it" in gone.error
-    assert rig.ledger.leases.pending() == [t for t in rig.ledger.leases.pending() if not t.endswith(".r1")]
+    run = gone.task_id
+    assert run not in rig.ledger.leases.pending()
     consistency.check(rig.ledger)
 
 
@@ -173,7 +179,8 @@ def test_a_check_failed_at_upload_counts_against_the_token(rig: Rig, replicating
     fence = rig.lease(task)
     data = result(rig, 0)
     m = accept.Manifest(task_id=task, fence=fence, base_version=0, rank=RANK, alpha=ALPHA, tokens=300,
-                         train_loss=2.5, sha256="0" * 64, size=len(data), worker_id=mallory.worker_id)
+                         train_loss=2.5, sha256="0" * 64, size=len(data), worker_id=mallory.worker_id,
+                         lease_secret=SECRET)
     refused = accept.upload(rig.ledger, rig.store, rig.deps.shapes, PartialUploads(rig.tmp / "uploads"),
                              mallory.identity, m, 0, [data], max_bytes=LIMIT, replication=replicating)
     assert refused.status == "refused" and refused.check is Check.CORRUPT
@@ -208,7 +215,7 @@ def test_a_malicious_volunteer_ends_with_no_tasks(rig: Rig) -> None:
         data = result(rig, spec.train.seed, who.scale)
         m = accept.Manifest(task_id=spec.task_id, fence=spec.fence, base_version=spec.base_version, rank=RANK,
                              alpha=ALPHA, tokens=spec.tokens, train_loss=2.5, sha256=hashlib.sha256(data).hexdigest(),
-                             size=len(data), worker_id=worker_id)
+                             size=len(data), worker_id=worker_id, lease_secret=spec.lease_secret)
         got = accept.upload(rig.ledger, rig.store, rig.deps.shapes, partials, who.identity, m, 0, [data],
                              max_bytes=LIMIT, replication=repl)
         return "" if got.ok else got.detail
@@ -260,11 +267,11 @@ def test_worker_stats_show_what_a_volunteer_gave(rig: Rig, replicating: Replicat
     rig.ledger.r.hincrby("nomoat:worker:w-alice", "tokens_trained", 600)
     tasks = rig.ledger.tasks.ids(submit_job(rig).job_id)
     first = hand_in(rig, replicating, alice, tasks[0], seed=0)
-    hand_in(rig, replicating, bob, f"{tasks[0]}.r1", seed=0)  # x50: it disagrees
+    hand_in(rig, replicating, bob, run_of(rig, tasks[0], 1), seed=0)  # x50: it disagrees
     hand_in(rig, replicating, alice, tasks[1], seed=1)
     replicating.sweep()  # tasks[0] asks a third; tasks[1] waits for its replica
     carol = volunteer(rig, "carol")
-    hand_in(rig, replicating, carol, f"{tasks[0]}.r2", seed=0)
+    hand_in(rig, replicating, carol, run_of(rig, tasks[0], 2), seed=0)
     replicating.sweep()
     folder(rig).fold(rig.ledger.adapters.buffered())
     assert rig.ledger.adapters.get(first.detail).state is AdapterState.FOLDED
@@ -336,7 +343,7 @@ def test_a_replica_run_keeps_its_tasks_version_and_avoids_its_volunteer(rig: Rig
     task = rig.ledger.tasks.ids(submit_job(rig).job_id)[0]
     hand_in(rig, replicating, alice, task, seed=0)
     rig.ledger.r.set("nomoat:versions:latest", 3)  # the model moved on meanwhile
-    run = f"{task}.r1"
+    run = run_of(rig, task, 1)
     assert rig.ledger.leases.pending()[0] == run  # first in the queue: a held adapter waits on it
     scheduler = Scheduler(rig.deps.settings, rig.ledger, FakeDispatcher([]), "",
                           lambda c: Need(1.0))
@@ -345,8 +352,8 @@ def test_a_replica_run_keeps_its_tasks_version_and_avoids_its_volunteer(rig: Rig
         node = node_of(FakeCard(f"n-{who.name}", 8.0, 0.0, worker=who.worker_id), False)
         taken = [t.task_id for t in scheduler._take_run(list(queue), node, 0.0, who.id)]
         assert (run in taken) is expected, taken
-    fence = rig.ledger.leases.lease(run, 1e12, 3, 5)
-    beat = rig.ledger.leases.heartbeat(run, fence, 1e12, bob.worker_id, bob.id)
+    fence = rig.ledger.leases.lease(run, 1e12, 3, 5, bob.worker_id, SECRET)
+    beat = rig.ledger.leases.heartbeat(run, fence, 1e12, bob.worker_id, Claim(bob.worker_id, SECRET))
     assert beat.ok and beat.base_version == 0  # pinned: trained on the version its task was
     assert rig.ledger.tasks.get(run).base_version == 0
 
@@ -362,23 +369,23 @@ def test_replica_events_are_counted_and_logged(rig: Rig, replicating: Replicatio
     task = rig.ledger.tasks.ids(submit_job(rig).job_id)[0]
     with caplog.at_level(logging.INFO):
         first = hand_in(rig, replicating, alice, task, seed=0)
-        second = hand_in(rig, replicating, bob, f"{task}.r1", seed=0)
+        second = hand_in(rig, replicating, bob, run_of(rig, task, 1), seed=0)
         assert first.held and second.held
         tally = rig.ledger.counters.tally()
         assert tally.uploads["held"] == 2 and tally.uploads["accepted"] == 0 and tally.uploads["refused"] == 0
         assert tally.upload_bytes > 0
         replicating.sweep()
-        hand_in(rig, replicating, carol, f"{task}.r2", seed=0)
+        hand_in(rig, replicating, carol, run_of(rig, task, 2), seed=0)
         replicating.sweep()
     events = [record_fields(r) for r in caplog.records if record_fields(r).get("event", "").startswith("replica.")]
     assert [e["event"] for e in events] == ["replica.held", "replica.held", "replica.disagreed", "replica.held",
                                             "replica.settled"]
-    assert events[2]["run"] == f"{task}.r2" and events[-1]["adapter"] == first.detail
+    assert events[2]["run"] == run_of(rig, task, 2) and events[-1]["adapter"] == first.detail
     assert events[-1]["rejected"] == [second.detail] and events[-1]["state"] == "settled"
     tally = rig.ledger.counters.tally()
     assert tally.refusals == {("fold", "disagreed"): 1}
     (refusal,) = rig.ledger.counters.recent_refusals()
-    assert (refusal.task, refusal.worker, refusal.kind) == (f"{task}.r1", bob.worker_id, "disagreed")
+    assert (refusal.task, refusal.worker, refusal.kind) == (run_of(rig, task, 1), bob.worker_id, "disagreed")
 
 
 def test_an_agreeing_pair_logs_agreed(rig: Rig, replicating: Replication, caplog) -> None:
@@ -390,8 +397,57 @@ def test_an_agreeing_pair_logs_agreed(rig: Rig, replicating: Replication, caplog
     task = rig.ledger.tasks.ids(submit_job(rig).job_id)[0]
     with caplog.at_level(logging.INFO):
         hand_in(rig, replicating, alice, task, seed=0)
-        hand_in(rig, replicating, bob, f"{task}.r1", seed=0)
+        hand_in(rig, replicating, bob, run_of(rig, task, 1), seed=0)
         replicating.sweep()
     events = [record_fields(r)["event"] for r in caplog.records if record_fields(r).get("event", "").startswith("replica.")]
     assert events == ["replica.held", "replica.held", "replica.agreed"]
     assert rig.ledger.counters.tally().refusals == {}
+
+
+# -- unpredictable checks ----------------------------------------------------------------------------
+
+
+def test_the_sampling_key_is_made_once_in_the_ledger_and_shared_by_every_process(rig: Rig) -> None:
+    from coordinator.ledger import Ledger, keys
+    from coordinator.schedule.replication import sampled
+
+    one = Replication(rig.deps.settings, rig.ledger, rig.store)
+    other = Replication(rig.deps.settings, Ledger(rig.ledger.r), rig.store)  # another coordinator process
+    key = one.sampling_key()
+    assert len(key) == 32 and other.sampling_key() == key
+    ids = [f"j-1-t{i:08x}" for i in range(2000)]
+    chosen = {t for t in ids if sampled(t, 0.05, key)}
+    # A ledger with another key (what a volunteer would have to guess) picks other tasks.
+    rig.ledger.r.delete(keys.SAMPLING_KEY)
+    fresh = Replication(rig.deps.settings, rig.ledger, rig.store).sampling_key()
+    assert fresh != key and len(chosen & {t for t in ids if sampled(t, 0.05, fresh)}) < 0.3 * len(chosen)
+
+
+def test_a_replica_run_looks_like_a_first_run_to_its_volunteer(rig: Rig, replicating: Replication) -> None:
+    """The spec a replica run carries is a task spec like any other: an id made as every task id
+    of its job is, the same fields, nothing that names the task it checks or says it is a check."""
+    import json
+    import re
+
+    alice, bob, carol = volunteer(rig, "alice"), volunteer(rig, "bob"), volunteer(rig, "carol")
+    job = submit_job(rig).job_id
+    tasks = rig.ledger.tasks.ids(job)
+    hand_in(rig, replicating, alice, tasks[0], seed=0)  # held: it opens a replica run, first in the queue
+    run = run_of(rig, tasks[0], 1)
+    cards = [FakeCard("n-bob", 8.0, 0.0, worker=bob.worker_id), FakeCard("n-carol", 8.0, 0.0, worker=carol.worker_id)]
+    fake = FakeDispatcher(cards)
+    Scheduler(replace(rig.deps.settings, max_units_per_run=1, speculate=False), rig.ledger, fake, "",
+              lambda c: Need(1.0), replication=replicating).tick(fake.now)
+    specs = {s.task_id: s for r in fake.submitted for s in r.specs}
+    assert run in specs and len(specs) == 2
+    replica, first = specs[run], next(s for t, s in specs.items() if t != run)
+    assert first.task_id in tasks and rig.ledger.tasks.get(first.task_id).replica_of == ""
+    shape = re.compile(rf"^{re.escape(job)}-t[0-9a-f]{{8}}$")
+    assert shape.match(replica.task_id) and shape.match(first.task_id)
+    a, b = replica.to_dict(), first.to_dict()
+    assert a.keys() == b.keys() and a["train"].keys() == b["train"].keys()
+    text = json.dumps(a)
+    assert tasks[0] not in text and "replica" not in text.lower()
+    # What differs is what differs between any two tasks of the job, and whose lease it is.
+    assert {k for k in a if a[k] != b[k]} <= {"task_id", "fence", "tokens", "train", "lease_secret", "worker_id",
+                                              "base_version"}

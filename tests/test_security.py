@@ -200,111 +200,124 @@ def test_tls_with_the_right_ca_works_and_everything_else_fails_with_a_sentence(t
     assert tls_rig.healthy()  # the refused handshakes left it serving
 
 
-# -- a worker acts only for the tasks leased to it ---------------------------------------------
+# -- a lease is its worker's from the moment it is granted ---------------------------------------
+
+
+SECRET = "5ec12e75ec12e75ec12e75ec12e75ec1"
 
 
 @pytest.fixture
 def two_workers(rig: Rig):
-    """Two volunteers with their own worker tokens, each registered once, and a leased task."""
+    """Two volunteers with their own worker tokens, each registered once, and a task leased to
+    Alice's worker with a secret only her run's spec carries."""
     alice = rig.client(token=rig.registry.create("worker", "alice"))
     bob = rig.client(token=rig.registry.create("worker", "bob"))
     ids = {"alice": alice.register("alice", CARD).worker_id, "bob": bob.register("bob", CARD).worker_id}
     task_id = rig.ledger.tasks.ids(rig.submit().job_id)[0]
-    return alice, bob, ids, task_id, rig.lease(task_id)
+    return alice, bob, ids, task_id, rig.lease(task_id, worker_id=ids["alice"], secret=SECRET)
 
 
-def test_the_first_heartbeat_takes_the_lease_and_others_are_refused(rig: Rig, two_workers) -> None:
+def assert_refused_all(rig: Rig, client: CoordinatorClient, task_id: str, fence: int, worker_id: str,
+                       secret: str) -> None:
+    """``client`` naming ``worker_id`` with ``secret`` cannot renew, read the shard, resume or
+    upload, and learns nothing but that it holds no such lease."""
+    neutral = f"this worker holds no lease of task {task_id} under fence {fence}"
+    beat = client.heartbeat(task_id, fence, worker_id, secret=secret)
+    assert not beat.ok and beat.reason == neutral
+    with pytest.raises(NomoatError, match=neutral) as caught:
+        client.fetch_shard(task_id, fence, worker_id, secret)
+    assert "not found" in str(caught.value).lower() or "no lease" in str(caught.value)
+    data = make_adapter(rig.deps.shapes, seed=7)
+    m = manifest(task_id, fence, data, worker_id=worker_id, lease_secret=secret)
+    assert client.upload_offset(task_id, fence, m.sha256, worker_id, secret) == 0
+    stolen = client.upload(m, data)
+    assert not stolen.accepted and stolen.reason == neutral
+    assert not list((rig.tmp / "uploads").glob("*.part")) if (rig.tmp / "uploads").exists() else True
+
+
+def test_a_lease_is_its_workers_and_nobody_else_can_use_it_even_with_the_right_fence(rig: Rig,
+                                                                                  two_workers) -> None:
+    """The hijack: Bob, a volunteer with a worker token of his own, knows the task id and the
+    fence (even the right one) of a lease placed on Alice's worker, and calls first."""
     alice, bob, ids, task_id, fence = two_workers
-    assert alice.heartbeat(task_id, fence, ids["alice"]).ok
-    task = rig.ledger.tasks.get(task_id)
-    assert (task.holder_worker, task.holder_fence) == (ids["alice"], fence)
-
-    refused = bob.heartbeat(task_id, fence, ids["bob"])
-    assert not refused.ok and refused.reason == "the task is leased to another worker (another token holds its lease)"
-    with pytest.raises(NomoatError, match="not allowed: the task is leased to another worker"):
-        bob.fetch_shard(task_id, fence)
-    data = make_adapter(rig.deps.shapes)
-    stolen = bob.upload(manifest(task_id, fence, data, worker_id=ids["bob"]), data)
-    assert not stolen.accepted and "leased to another worker" in stolen.reason
+    for worker_id, secret in [(ids["bob"], ""), (ids["bob"], "guess"), (ids["alice"], ""), (ids["alice"], "guess"),
+                              ("", SECRET), (ids["bob"], SECRET)]:
+        assert_refused_all(rig, bob, task_id, fence, worker_id, secret)
+    # Alice's own token without the secret, or the secret under another of her workers, is refused too.
+    laptop = alice.register("alice-laptop", CARD).worker_id
+    for worker_id, secret in [(ids["alice"], ""), (laptop, SECRET), (ids["alice"], SECRET[::-1])]:
+        assert_refused_all(rig, alice, task_id, fence, worker_id, secret)
     assert rig.ledger.tasks.get(task_id).state == "leased" and not rig.ledger.adapters.buffered()
 
-    admin = rig.client("admin")  # admin is exempt, and takes nothing
-    assert admin.heartbeat(task_id, fence).ok and admin.fetch_shard(task_id, fence)
-    assert rig.ledger.tasks.get(task_id).holder_worker == ids["alice"]
-
-    assert alice.fetch_shard(task_id, fence)
-    done = alice.upload(manifest(task_id, fence, data, worker_id=ids["alice"]), data)
+    # Nothing any of that did took the lease from Alice's run, which shows its worker and secret.
+    assert alice.heartbeat(task_id, fence, ids["alice"], secret=SECRET).ok
+    assert alice.fetch_shard(task_id, fence, ids["alice"], SECRET)
+    data = make_adapter(rig.deps.shapes)
+    done = alice.upload(manifest(task_id, fence, data, worker_id=ids["alice"], lease_secret=SECRET), data)
     assert done.accepted, done.reason
     assert rig.ledger.workers.get(ids["alice"]).tasks_done == 1 and rig.ledger.workers.get(ids["bob"]).tasks_done == 0
+    # After it is done the holder's retry is a duplicate; Bob still learns nothing.
+    again = alice.upload(manifest(task_id, fence, data, worker_id=ids["alice"], lease_secret=SECRET), data)
+    assert again.accepted and again.adapter_id == done.adapter_id
+    assert bob.heartbeat(task_id, fence, ids["bob"]).reason == f"this worker holds no lease of task {task_id} " \
+                                                               f"under fence {fence}"
 
 
-def test_the_first_fetch_or_upload_takes_an_unclaimed_lease_too(rig: Rig, two_workers) -> None:
+def test_no_refusal_names_a_fence_or_a_holder(rig: Rig, two_workers) -> None:
+    """A wrong fence is answered with the fence the caller sent and nothing else: not the current
+    one, not whose lease it is."""
     alice, bob, ids, task_id, fence = two_workers
-    assert bob.fetch_shard(task_id, fence)  # no heartbeat yet: the fetch takes the lease
-    assert not alice.heartbeat(task_id, fence, ids["alice"]).ok
-    other = rig.ledger.tasks.ids(rig.ledger.jobs.ids()[0])[1]
-    other_fence = rig.lease(other)
-    data = make_adapter(rig.deps.shapes, seed=1)
-    assert alice.upload(manifest(other, other_fence, data, worker_id=ids["alice"]), data).accepted
-    assert not bob.heartbeat(other, other_fence, ids["bob"]).ok  # (it is done anyway)
+    for guess in (fence - 1, fence + 1, fence + 100):
+        for client, worker_id in ((bob, ids["bob"]), (alice, ids["alice"])):
+            beat = client.heartbeat(task_id, guess, worker_id, secret=SECRET)
+            assert not beat.ok and beat.reason == f"this worker holds no lease of task {task_id} under fence {guess}"
+            assert str(fence) not in beat.reason.replace(str(guess), "") and ids["alice"] not in beat.reason
 
 
-def test_a_reissued_lease_belongs_to_whoever_takes_the_new_fence(rig: Rig, two_workers) -> None:
+def test_a_reissued_lease_belongs_to_the_worker_it_is_placed_on_with_a_new_secret(rig: Rig, two_workers) -> None:
     alice, bob, ids, task_id, fence = two_workers
-    assert alice.heartbeat(task_id, fence, ids["alice"]).ok
+    assert alice.heartbeat(task_id, fence, ids["alice"], secret=SECRET).ok
     assert rig.ledger.leases.expire(time.time() + 3600) == [task_id]
-    new = rig.lease(task_id)
-    assert bob.heartbeat(task_id, new, ids["bob"]).ok
-    stale = alice.heartbeat(task_id, fence, ids["alice"])
-    assert not stale.ok and "stale fence" in stale.reason
+    new = rig.lease(task_id, worker_id=ids["bob"], secret="new" + SECRET)
+    assert not bob.heartbeat(task_id, new, ids["bob"], secret=SECRET).ok  # the old secret does not carry over
+    assert bob.heartbeat(task_id, new, ids["bob"], secret="new" + SECRET).ok
+    stale = alice.heartbeat(task_id, fence, ids["alice"], secret=SECRET)
+    assert not stale.ok and stale.reason == f"this worker holds no lease of task {task_id} under fence {fence}"
+    assert not alice.heartbeat(task_id, new, ids["alice"], secret="new" + SECRET).ok
 
 
-def test_a_worker_token_cannot_act_or_be_credited_as_another_worker(rig: Rig, two_workers) -> None:
-    alice, bob, ids, task_id, fence = two_workers
-    # Bob names Alice's worker id: the name is dropped (not refused: see service._holder), so Bob
-    # holds the lease as himself and his result credits no one, least of all Alice.
-    assert bob.heartbeat(task_id, fence, ids["alice"]).ok
-    assert (rig.ledger.tasks.get(task_id).holder_worker, rig.ledger.tasks.get(task_id).holder_token) == \
-        ("", token_id(bob.token))
-    assert not alice.heartbeat(task_id, fence, ids["alice"]).ok
-    data = make_adapter(rig.deps.shapes)
-    credited = bob.upload(manifest(task_id, fence, data, worker_id=ids["alice"]), data)
-    assert credited.accepted, credited.reason
-    assert rig.ledger.adapters.get(credited.adapter_id).worker == ""
-    assert [rig.ledger.workers.get(ids[w]).tasks_done for w in ("alice", "bob")] == [0, 0]
-
-
-def test_one_token_two_workers_the_lease_is_the_first_named_ones(rig: Rig, two_workers) -> None:
+def test_admin_is_exempt_and_takes_nothing(rig: Rig, two_workers) -> None:
     alice, _, ids, task_id, fence = two_workers
-    laptop = alice.register("alice-laptop", CARD).worker_id
-    assert alice.heartbeat(task_id, fence, ids["alice"]).ok
-    beat = alice.heartbeat(task_id, fence, laptop)
-    assert not beat.ok and beat.reason == f"the task is leased to worker {ids['alice']}, not {laptop}"
-    data = make_adapter(rig.deps.shapes)
-    credit = alice.upload(manifest(task_id, fence, data, worker_id=laptop), data)
-    assert not credit.accepted and "leased to worker" in credit.reason
+    admin = rig.client("admin")
+    assert admin.heartbeat(task_id, fence).ok and admin.fetch_shard(task_id, fence)
+    assert alice.heartbeat(task_id, fence, ids["alice"], secret=SECRET).ok
+    assert rig.ledger.tasks.get(task_id).holder_worker == ids["alice"]
+
+
+def test_a_report_speaks_only_for_its_own_run_and_leases(rig: Rig, two_workers) -> None:
+    """Bob cannot report on (or hand back) a run placed on Alice's worker, and Alice's report
+    must show each unit's lease secret."""
+    from coordinator.schedule.inbox_dispatch import OutboundDispatcher
+    from nomoat.spec import LoraConfig, TaskSpec, TrainConfig, UnitResult
+
+    alice, bob, ids, task_id, fence = two_workers
+    spec = TaskSpec(task_id, "job", fence, 0, 300, rig.address, "", LoraConfig(2, 4.0, ("q_proj",)),
+                    TrainConfig(64, 4, 1e-3, 1, 0), 60.0, lease_secret=SECRET)
+    dispatcher = OutboundDispatcher(rig.ledger)
+    dispatcher.submit([spec], {}, "outbound:" + ids["alice"])
+    run_id = next(iter(dispatcher._runs))
+    unit = UnitResult(task_id, fence, "boom").to_dict()
+    import json
+
+    with pytest.raises(NomoatError, match=f"worker {ids['bob']} has no run"):
+        bob.report_run(ids["bob"], run_id, [json.dumps(unit)], [task_id], {task_id: SECRET})
+    with pytest.raises(NomoatError, match="registered with another"):
+        bob.report_run(ids["alice"], run_id, [], [task_id], {task_id: SECRET})
+    with pytest.raises(NomoatError, match="with the lease secret its spec carried"):
+        alice.report_run(ids["alice"], run_id, [], [task_id], {task_id: "guess"})
     assert rig.ledger.tasks.get(task_id).state == "leased"
-    assert alice.upload(manifest(task_id, fence, data, worker_id=ids["alice"]), data).accepted
-    assert rig.ledger.workers.get(ids["alice"]).tasks_done == 1
-
-
-def test_two_first_heartbeats_at_once_one_takes_the_lease(rig: Rig) -> None:
-    task_ids = rig.ledger.tasks.ids(rig.submit().job_id)
-    fences = {t: rig.lease(t) for t in task_ids}
-    results: dict[tuple[str, str], str] = {}
-
-    def beat(token: str) -> None:
-        for t, f in fences.items():
-            results[(token, t)] = rig.ledger.leases.heartbeat(t, f, time.time() + 60, "", token).reason
-
-    threads = [threading.Thread(target=beat, args=(c * 64,)) for c in "ab"]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    for t in task_ids:
-        assert sorted(results[(c * 64, t)] == "" for c in "ab") == [False, True]
-        assert rig.ledger.tasks.get(t).holder_token in ("a" * 64, "b" * 64)
+    alice.report_run(ids["alice"], run_id, [], [task_id], {task_id: SECRET})
+    assert rig.ledger.tasks.get(task_id).state == "pending"  # handed back by its holder
 
 
 # -- message and stream limits -------------------------------------------------------------------
@@ -320,7 +333,8 @@ def test_an_oversized_message_is_refused_and_the_server_keeps_working(rig: Rig) 
         assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in detail, (code, detail)
         task_id = rig.ledger.tasks.ids(rig.submit().job_id)[0]
         # A manifest within the job's adapter bound (else it is refused before a byte is read).
-        first = pb.AdapterManifest(task_id=task_id, fence=rig.lease(task_id), size=1000, sha256="0" * 64)
+        first = pb.AdapterManifest(task_id=task_id, fence=rig.lease(task_id), size=1000, sha256="0" * 64,
+                                   lease_secret=rigs.SECRET)
         chunks = [pb.UploadChunk(manifest=first).SerializeToString(),  # a stream's single message, too
                   pb.UploadChunk(data=bytes(big)).SerializeToString()]
         code, detail = code_of(lambda: raw_call(channel, "/nomoat.v1.Workers/Upload", True, False, chunks,

@@ -26,7 +26,7 @@ from nomoat import adapter as adapter_format
 from nomoat import lineage
 from nomoat.client import CoordinatorClient, NomoatError
 from nomoat.v1 import nomoat_pb2 as pb
-from tests.rig import ALPHA, RANK, TARGETS, TEXTS, Rig, manifest, published, rig  # noqa: F401  (fixtures)
+from tests.rig import ALPHA, RANK, SECRET, TARGETS, TEXTS, Rig, manifest, published, rig  # noqa: F401  (fixtures)
 
 
 def rpc_error(call) -> grpc.RpcError:
@@ -296,15 +296,16 @@ def test_heartbeat_extends_only_the_current_lease(rig: Rig) -> None:
     reply = rig.submit()
     task_id = rig.ledger.tasks.ids(reply.job_id)[0]
     worker = rig.client("worker")
-    pending = worker.heartbeat(task_id, 1)
-    assert not pending.ok and pending.reason == "the task is pending, not leased"
+    pending = worker.heartbeat(task_id, 1, secret=SECRET)  # a worker learns no task's state
+    assert not pending.ok and pending.reason == f"this worker holds no lease of task {task_id} under fence 1"
     fence = rig.lease(task_id)
     before = time.time()
-    ok = worker.heartbeat(task_id, fence, worker_id="w-1")
+    ok = worker.heartbeat(task_id, fence, worker_id="", secret=SECRET)
     assert ok.ok and ok.reason == "" and before + 89 < ok.deadline < time.time() + 91
     assert rig.ledger.tasks.get(task_id).deadline == pytest.approx(ok.deadline)
-    stale = worker.heartbeat(task_id, fence + 1)
-    assert not stale.ok and stale.deadline == 0.0 and "stale fence" in stale.reason
+    stale = worker.heartbeat(task_id, fence + 1, secret=SECRET)
+    assert not stale.ok and stale.deadline == 0.0
+    assert stale.reason == f"this worker holds no lease of task {task_id} under fence {fence + 1}"
     assert rig.ledger.tasks.get(task_id).deadline == pytest.approx(ok.deadline)
 
 
@@ -329,32 +330,34 @@ def test_a_heartbeat_whose_lease_is_reissued_meanwhile_never_says_ok_with_the_wr
         return answer
 
     monkeypatch.setattr(client, "evalsha", then_reissue)
-    reply = rig.client("worker").heartbeat(task_id, fence, worker_id="")
+    reply = rig.client("worker").heartbeat(task_id, fence, worker_id="", secret=SECRET)
     monkeypatch.undo()
     assert reissued[-1] > fence  # the lease did move on
     # Either the heartbeat came first (the run trains on version 2, the newest when it began) or
     # it came after the re-issue (lost); never ok with a version nobody claimed.
-    assert (reply.ok and reply.base_version == 2) or (not reply.ok and "stale fence" in reply.reason), reply
-    lost = rig.client("worker").heartbeat(task_id, fence)
-    assert not lost.ok and "stale fence" in lost.reason and lost.base_version == 0
+    assert (reply.ok and reply.base_version == 2) or (not reply.ok and "holds no lease" in reply.reason), reply
+    lost = rig.client("worker").heartbeat(task_id, fence, secret=SECRET)
+    assert not lost.ok and "holds no lease" in lost.reason and lost.base_version == 0
 
 
 def test_heartbeat_for_an_unknown_task_is_refused_with_a_sentence(rig: Rig) -> None:
-    reply = rig.client("worker").heartbeat("j-none-t000", 1)
+    reply = rig.client("worker").heartbeat("j-none-t000", 1, secret=SECRET)
     assert not reply.ok and reply.deadline == 0.0
-    assert reply.reason == "there is no task 'j-none-t000'"
+    assert reply.reason == "this worker holds no lease of task j-none-t000 under fence 1"
+    assert rig.client("admin").heartbeat("j-none-t000", 1).reason == "there is no task 'j-none-t000'"
 
 
 def test_fetch_shard_needs_the_current_fence(rig: Rig) -> None:
     task_id = rig.ledger.tasks.ids(rig.submit().job_id)[0]
     worker = rig.client("worker")
-    with pytest.raises(NomoatError, match="is pending, not leased"):
-        worker.fetch_shard(task_id, 1)
+    with pytest.raises(NomoatError, match=f"holds no lease of task {task_id} under fence 1"):
+        worker.fetch_shard(task_id, 1, secret=SECRET)
     fence = rig.lease(task_id)
-    with pytest.raises(NomoatError, match=f"stale fence {fence - 1}"):
-        worker.fetch_shard(task_id, fence - 1)
-    with pytest.raises(NomoatError, match="there is no task 'nope'"):
-        worker.fetch_shard("nope", fence)
+    with pytest.raises(NomoatError, match=f"holds no lease of task {task_id} under fence {fence - 1}"):
+        worker.fetch_shard(task_id, fence - 1, secret=SECRET)
+    with pytest.raises(NomoatError, match="holds no lease of task nope"):
+        worker.fetch_shard("nope", fence, secret=SECRET)
+    assert worker.fetch_shard(task_id, fence, secret=SECRET)
 
 
 def test_fetch_shard_returns_exactly_the_tasks_records(rig: Rig) -> None:
@@ -367,7 +370,7 @@ def test_fetch_shard_returns_exactly_the_tasks_records(rig: Rig) -> None:
     seen: list[str] = []
     for task in rig.ledger.tasks.of_job(reply.job_id):
         fence = rig.lease(task.task_id)
-        data = worker.fetch_shard(task.task_id, fence)
+        data = worker.fetch_shard(task.task_id, fence, secret=SECRET)
         shard = [json.loads(line)["text"] for line in data.decode().split("\n") if line]
         assert shard == records[task.start : task.end] and shard
         seen += shard
@@ -434,11 +437,12 @@ def test_upload_with_the_fence_of_an_expired_lease_is_refused(rig: Rig, leased) 
     data = make_adapter(rig)
     worker = rig.client("worker")
     waiting = worker.upload(manifest(task_id, old, data), data)
-    assert not waiting.accepted and "not leased" in waiting.reason
+    assert not waiting.accepted and waiting.reason == "the task is pending, not leased"  # told its own lease's fate
     new = rig.lease(task_id)
     assert new > old
     stale = worker.upload(manifest(task_id, old, data), data)
-    assert not stale.accepted and "fence" in stale.reason and str(new) in stale.reason
+    # The refusal names no fence but the one sent: not the new one.
+    assert not stale.accepted and stale.reason == f"this worker holds no lease of task {task_id} under fence {old}"
     assert rig.ledger.adapters.buffered() == [] and rig.ledger.tasks.get(task_id).state == "leased"
     fresh = worker.upload(manifest(task_id, new, data), data)
     assert fresh.accepted and len(rig.ledger.adapters.buffered()) == 1
@@ -474,7 +478,7 @@ BAD_UPLOADS = [
     ("missing-module", lambda r: make_adapter(r, bad=_drop_one), {}, "lacks 1 target module"),
     ("extra-module", lambda r: make_adapter(r, targets=TARGETS + ("o_proj",)), {}, "does not target"),
     ("wrong-base-version", lambda r: make_adapter(r), {"base_version": 3}, "base version 3"),
-    ("unknown-task", lambda r: make_adapter(r), {"task_id": "j-x-t999"}, "there is no task"),
+    ("unknown-task", lambda r: make_adapter(r), {"task_id": "j-x-t999"}, "holds no lease of task j-x-t999"),
 ]
 
 

@@ -115,12 +115,29 @@ def test_agreement_needs_the_update_and_the_loss() -> None:
     assert not replication.agree(adapter(0), adapter(0, scale=50), 2.5, 2.5, policy)
 
 
+KEY = bytes(range(32))
+
+
 def test_sampling_is_a_fixed_share_of_tasks() -> None:
     ids = [f"j-1-t{i:04d}" for i in range(4000)]
-    share = sum(sampled(t, 0.05) for t in ids) / len(ids)
+    share = sum(sampled(t, 0.05, KEY) for t in ids) / len(ids)
     assert 0.04 < share < 0.06
-    assert [sampled(t, 0.05) for t in ids] == [sampled(t, 0.05) for t in ids]
-    assert not any(sampled(t, 0.0) for t in ids) and all(sampled(t, 1.0) for t in ids)
+    assert [sampled(t, 0.05, KEY) for t in ids] == [sampled(t, 0.05, KEY) for t in ids]
+    assert not any(sampled(t, 0.0, KEY) for t in ids) and all(sampled(t, 1.0, KEY) for t in ids)
+
+
+def test_which_tasks_are_checked_cannot_be_computed_from_their_ids() -> None:
+    """The sample is keyed: another key picks other tasks, and the unkeyed hash a volunteer
+    could compute (sha256 of the id, as before) is no guide to it."""
+    import hashlib
+
+    ids = [f"j-1-t{i:04d}" for i in range(4000)]
+    ours = {t for t in ids if sampled(t, 0.05, KEY)}
+    other_key = {t for t in ids if sampled(t, 0.05, bytes(32))}
+    unkeyed = {t for t in ids
+               if int.from_bytes(hashlib.sha256(t.encode()).digest()[:8], "big") / 2.0**64 < 0.05}
+    # Two independent 5 % samples share about 5 % of their members; the same one would share all.
+    assert len(ours & other_key) < 0.3 * len(ours) and len(ours & unkeyed) < 0.3 * len(ours)
 
 
 RUNS = [Run("t", "a0", "alice"), Run("t.r1", "a1", "bob"), Run("t.r2", "a2", "carol")]

@@ -180,7 +180,7 @@ class OutboundWorker:
                 units.append(unit)
                 if unit.needs_vram_gb > 0:
                     bigger = unit
-        self._report(run_id, units, handed_back)
+        self._report(run_id, units, handed_back, {s.task_id: s.lease_secret for s in specs})
         self.runs_done += 1
 
     def _train(self, spec: TaskSpec) -> UnitResult | None:
@@ -203,14 +203,15 @@ class OutboundWorker:
                 return None
         return out[0] if out else UnitResult(spec.task_id, spec.fence, "the unit ended without a result")
 
-    def _report(self, run_id: str, units: list[UnitResult], handed_back: list[str]) -> None:
+    def _report(self, run_id: str, units: list[UnitResult], handed_back: list[str],
+                secrets: dict[str, str]) -> None:
         """Tell the coordinator, retrying while it is away; while stopping, only a few tries
         (whatever is not reported, the lease rules settle)."""
         backoff = Backoff(cap=30.0)
         payload = [json.dumps(u.to_dict()) for u in units]
         for attempt in range(1000):
             try:
-                self.client.report_run(self.worker_id, run_id, payload, handed_back)
+                self.client.report_run(self.worker_id, run_id, payload, handed_back, secrets)
                 if handed_back:
                     log.warning("handed back %d unit(s) of run %s: %s", len(handed_back), run_id,
                                 ", ".join(handed_back))

@@ -46,9 +46,11 @@ class TaskAborted(RuntimeError):
 
 
 class LeaseKeeper(threading.Thread):
-    def __init__(self, client: CoordinatorClient, task_id: str, fence: int, worker_id: str, interval: float) -> None:
+    def __init__(self, client: CoordinatorClient, task_id: str, fence: int, worker_id: str, interval: float,
+                 secret: str = "") -> None:
         super().__init__(daemon=True, name=f"heartbeat-{task_id}")
         self.client, self.task_id, self.fence, self.worker_id = client, task_id, fence, worker_id
+        self.secret = secret  # the lease's secret, from the spec: what proves this run holds it
         self.interval = interval
         self.lost = ""
         self.failed = ""  # why the last beat did not reach the coordinator
@@ -58,7 +60,7 @@ class LeaseKeeper(threading.Thread):
 
     def beat(self) -> None:
         try:
-            reply = self.client.heartbeat(self.task_id, self.fence, self.worker_id)
+            reply = self.client.heartbeat(self.task_id, self.fence, self.worker_id, secret=self.secret)
         except NomoatError as exc:  # a missed beat is not fatal; the lease has slack
             log.warning("heartbeat for %s failed: %s", self.task_id, exc)
             self.failed = str(exc)
@@ -73,7 +75,7 @@ class LeaseKeeper(threading.Thread):
         """Record ``event`` about this run in the ledger (an out-of-memory retry, say)."""
         log.warning("task %s: %s", self.task_id, event)
         try:
-            self.client.heartbeat(self.task_id, self.fence, self.worker_id, event=event)
+            self.client.heartbeat(self.task_id, self.fence, self.worker_id, event=event, secret=self.secret)
         except NomoatError as exc:
             log.warning("could not record %r: %s", event, exc)
 
@@ -220,15 +222,17 @@ def run_task(spec: TaskSpec, node: NodeSettings, controls: Controls | None = Non
     task_id, fence, worker_id = spec.task_id, spec.fence, spec.worker_id
     token = node.token or spec.token  # the volunteer's own, when it has one
     with CoordinatorClient(spec.coordinator, token, node.tls_ca or None) as client:
-        heartbeat = LeaseKeeper(client, task_id, fence, worker_id, interval=max(1.0, spec.lease_ttl_s / 4))
-        heartbeat.beat()  # claims the lease (and learns the version to train on) before any work
+        heartbeat = LeaseKeeper(client, task_id, fence, worker_id, interval=max(1.0, spec.lease_ttl_s / 4),
+                                secret=spec.lease_secret)
+        heartbeat.beat()  # proves it holds the lease (and learns the version to train on) before any work
         heartbeat.check()
         if heartbeat.base_version < 0:
             raise TaskAborted(f"the task could not start: {heartbeat.failed or 'the coordinator did not answer'}")
         base_version = heartbeat.base_version
         heartbeat.start()
         try:
-            texts = [json.loads(line)["text"] for line in client.fetch_shard(task_id, fence).splitlines()]
+            shard = client.fetch_shard(task_id, fence, worker_id, spec.lease_secret)
+            texts = [json.loads(line)["text"] for line in shard.splitlines()]
             model_dir = ModelCache(node.cache_dir).ensure(client, heartbeat.lineage, base_version)
             lora = LoraSpec(rank=spec.lora.rank, alpha=spec.lora.alpha, target_modules=spec.lora.target_modules)
             card = node_card(spec)
@@ -242,7 +246,7 @@ def run_task(spec: TaskSpec, node: NodeSettings, controls: Controls | None = Non
             # A warm start's contribution is the exact rank-2r difference: its own rank and alpha.
             manifest = uploader.manifest_for(task_id, fence, base_version, adapter.rank, adapter.alpha,
                                              result.tokens, result.train_loss, data, worker_id, heartbeat.lineage,
-                                             result.norms)
+                                             result.norms, lease_secret=spec.lease_secret)
             sent = _deliver(client, manifest, data, node.cache_dir / "outbox", pace=controls.throttle_upload)
             if spec.train.warm_start and sent.accepted and result.carry is not None:
                 carries.save(heartbeat.lineage, spec.job_id, result.carry)  # what the job's next task here continues

@@ -43,13 +43,13 @@ class UploadResult:
 
 def manifest_for(task_id: str, fence: int, base_version: int, rank: int, alpha: float, tokens: int,
                  train_loss: float, data: bytes, worker_id: str = "", lineage: str = "",
-                 norms: GradientNorms | None = None) -> pb.AdapterManifest:
+                 norms: GradientNorms | None = None, lease_secret: str = "") -> pb.AdapterManifest:
     norms = norms or GradientNorms()
     return pb.AdapterManifest(
         task_id=task_id, fence=fence, base_version=base_version, rank=rank, alpha=alpha, tokens=tokens,
         train_loss=train_loss, sha256=hashlib.sha256(data).hexdigest(), size=len(data), worker_id=worker_id,
         lineage=lineage, grad_micro_sq=norms.micro_sq, grad_batch_sq=norms.batch_sq,
-        grad_micro_batch=norms.micro_batch, grad_batch_size=norms.batch_size,
+        grad_micro_batch=norms.micro_batch, grad_batch_size=norms.batch_size, lease_secret=lease_secret,
     )
 
 
@@ -57,7 +57,8 @@ def send_once(client: CoordinatorClient, manifest: pb.AdapterManifest, data: byt
               pace: Pace | None = None) -> UploadResult:
     """One try: ask what the coordinator holds, send the rest. NomoatError when it did not answer.
     ``pace(n)`` waits before each chunk of n bytes (``Controls.throttle_upload``: --max-upload-mbps)."""
-    held = client.upload_offset(manifest.task_id, manifest.fence, manifest.sha256)
+    held = client.upload_offset(manifest.task_id, manifest.fence, manifest.sha256, manifest.worker_id,
+                                manifest.lease_secret)
     offset = held if 0 <= held <= len(data) else 0
     if offset:
         log.info("resuming the upload of %s at byte %d of %d", manifest.task_id, offset, len(data))

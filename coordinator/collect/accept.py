@@ -6,7 +6,7 @@ tells the truth about rank, alpha and base version, and keys and shapes match th
 config. The expensive gates (norm against recent adapters, held-out loss) run at fold time.
 
 ``upload`` is the whole workflow the Upload call runs: refuse early what cannot be accepted
-(too big, a stale lease, another token's lease) before any byte is kept, receive the rest of a
+(too big, a stale lease, a lease the caller does not hold) before any byte is kept, receive the rest of a
 resumable upload, then ``receive`` checks and records it.
 """
 
@@ -25,8 +25,8 @@ from coordinator.fold import folding
 from coordinator.schedule import standing
 from coordinator.gateway.auth import Identity
 from coordinator.errors import Incomplete, WrongState
-from coordinator.schedule.holder import holder
-from coordinator.ledger import Accepted, Check, JobConfig, Ledger, Refusal
+from coordinator.schedule.holder import claim_of
+from coordinator.ledger import Accepted, Check, Claim, JobConfig, Ledger, Refusal
 from coordinator.ledger.adapters import REFUSED_LEASE
 from coordinator.schedule.noise import Sample
 from coordinator.model.store import BlobStore
@@ -62,6 +62,7 @@ class Manifest:
     worker_id: str = ""
     lineage: str = ""  # the model lineage of base_version; empty from workers that predate it
     gradients: Sample = Sample(0.0, 0.0, 0.0, 0.0)  # the worker's gradient noise measurement
+    lease_secret: str = ""  # the secret of the lease it was trained under (its run's spec), never stored
 
 
 def upload(
@@ -127,14 +128,15 @@ def _upload(ledger: Ledger, store: BlobStore, shapes: Mapping[str, tuple[int, in
     if manifest.lineage and manifest.lineage != lineage:  # trained on another coordinator's model
         return Accepted("refused", f"the adapter was trained on model lineage {manifest.lineage}, "
                                    f"not this coordinator's {lineage}", REFUSED_LINEAGE)
-    result = precheck(ledger, manifest.task_id, manifest.fence, manifest.sha256)
+    # Only the lease's holder (its worker and secret) gets past here; anyone else is told it
+    # holds no such lease, before any byte is kept.
+    claim = claim_of(ledger, identity, manifest.worker_id, manifest.lease_secret)
+    result = precheck(ledger, manifest.task_id, manifest.fence, manifest.sha256, claim)
     if result is not None:
         return result
-    worker_id, token_hash = holder(ledger, identity, manifest.worker_id)
-    m = replace(manifest, worker_id=worker_id)  # the worker credited, if any
-    problem = ledger.leases.hold(m.task_id, m.fence, m.worker_id, token_hash)
-    if problem:
-        return Accepted("refused", problem, REFUSED_LEASE)
+    worker_id = manifest.worker_id if claim is None or claim.worker_id == manifest.worker_id else ""
+    m = replace(manifest, worker_id=worker_id, lease_secret="")  # the worker credited, if any
+    token_hash = "" if identity.role == "admin" else identity.token_hash
     task = ledger.tasks.get(m.task_id)
     job = ledger.jobs.get(task.job) if task is not None else None
     if job is not None and m.size > (bound := adapter_bound(job.config, shapes)):
@@ -162,14 +164,15 @@ def _counted(ledger: Ledger, volunteer: str, result: Accepted) -> Accepted:
     return result
 
 
-def precheck(ledger: Ledger, task_id: str, fence: int, sha256: str) -> Accepted | None:
-    """Before any bytes are stored: None when (task, fence) holds the lease, else the answer.
+def precheck(ledger: Ledger, task_id: str, fence: int, sha256: str, claim: Claim | None = None) -> Accepted | None:
+    """Before any bytes are stored: None when (task, fence) holds the lease (and ``claim`` is
+    its holder's), else the answer.
 
     A retry of an upload that was already accepted is answered "duplicate" at once. The ledger
     decides again, atomically, when the upload is complete; this only keeps a stale or unknown
     lease from making the coordinator store its bytes.
     """
-    return ledger.adapters.precheck(task_id, fence, sha256)
+    return ledger.adapters.precheck(task_id, fence, sha256, claim)
 
 
 def receive(

@@ -297,14 +297,15 @@ class WorkersServicer(rpc.WorkersServicer):
     @_answers
     def Heartbeat(self, request, context):
         beat = holder.heartbeat(self.deps.ledger, self.deps.settings, _identity(context, self.deps),
-                                request.worker_id, request.task_id, request.fence, request.event)
+                                request.worker_id, request.task_id, request.fence, request.event,
+                                request.lease_secret)
         return pb.HeartbeatReply(ok=beat.ok, deadline=beat.deadline, reason=beat.reason,
                                  base_version=beat.base_version, lineage=self.deps.history.lineage().id)
 
     @_answers
     def FetchShard(self, request, context):
         for block in holder.fetch_shard(self.deps.ledger, self.deps.store, _identity(context, self.deps),
-                                        request.task_id, request.fence):
+                                        request.task_id, request.fence, request.worker_id, request.lease_secret):
             yield pb.DataChunk(data=block)
 
     def _partials(self) -> PartialUploads:
@@ -314,7 +315,9 @@ class WorkersServicer(rpc.WorkersServicer):
 
     @_answers
     def UploadOffset(self, request, context):
-        return pb.UploadOffsetReply(offset=self._partials().offset(request.task_id, request.fence, request.sha256))
+        return pb.UploadOffsetReply(offset=holder.upload_offset(
+            self.deps.ledger, self._partials(), _identity(context, self.deps), request.task_id, request.fence,
+            request.sha256, request.worker_id, request.lease_secret))
 
     @_answers
     def Upload(self, request_iterator, context):
@@ -327,7 +330,7 @@ class WorkersServicer(rpc.WorkersServicer):
         manifest = accept.Manifest(
             task_id=m.task_id, fence=m.fence, base_version=m.base_version, rank=m.rank, alpha=m.alpha,
             tokens=m.tokens, train_loss=m.train_loss, sha256=m.sha256, size=m.size, worker_id=m.worker_id,
-            lineage=m.lineage,
+            lineage=m.lineage, lease_secret=m.lease_secret,
             gradients=Sample(m.grad_micro_sq, m.grad_batch_sq, m.grad_micro_batch, m.grad_batch_size),
         )
         result = accept.upload(self.deps.ledger, self.deps.store, self.deps.shapes, self._partials(),
@@ -361,7 +364,7 @@ class WorkersServicer(rpc.WorkersServicer):
     @_answers
     def ReportRun(self, request, context):
         inbox_dispatch.report_run(self.deps.ledger, _identity(context, self.deps), request.worker_id, request.run_id,
-                            list(request.units), list(request.handed_back))
+                            list(request.units), list(request.handed_back), dict(request.lease_secrets))
         return pb.RunReportReply(ok=True)
 
 

@@ -11,6 +11,7 @@ Guarantees (see DESIGN.md, "Ledger"):
 * Every transition that touches several keys is atomic: a Lua script, or WATCH/MULTI.
 * A task is leased with a fencing token from one strictly increasing counter; anything carrying
   an older fence is refused, and one Lua function decides that for every script (leases.py).
+  A lease is bound to the worker it was placed on and a secret only its run knows.
 * An upload is accepted at most once per (task, fence, sha256) (adapters.py).
 * A version is published, and its adapters leave the fold buffer, in one transaction (versions.py).
 """
@@ -23,7 +24,7 @@ from coordinator.ledger.adapters import Accepted, Adapters, adapter_id_for
 from coordinator.ledger.counters import Counters, Refusal, Tally
 from coordinator.ledger.inbox import Inboxes, RunRecord, RunReport
 from coordinator.ledger.jobs import Jobs
-from coordinator.ledger.leases import Leases, Renewal, is_twin, twin_id
+from coordinator.ledger.leases import Claim, Leases, Renewal, is_twin, new_secret, no_such_lease, twin_id
 from coordinator.ledger.records import (
     AdapterRecord,
     AdapterState,
@@ -43,7 +44,7 @@ from coordinator.ledger.records import (
 )
 from coordinator.ledger.quotas import Quotas
 from coordinator.ledger.replicas import Hold, Replicas, Settlement, replica_id
-from coordinator.ledger.tasks import Tasks, count_states
+from coordinator.ledger.tasks import Tasks, count_states, new_task_id
 from coordinator.ledger.tokens import ROLES, TokenEntry, Tokens, token_id
 from coordinator.ledger.trust import Trust
 from coordinator.ledger.versions import Versions
@@ -80,6 +81,10 @@ __all__ = [
     "Hold",
     "FoldedAdapter",
     "Renewal",
+    "Claim",
+    "new_secret",
+    "no_such_lease",
+    "new_task_id",
     "Inboxes",
     "JobConfig",
     "JobRecord",

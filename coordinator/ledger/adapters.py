@@ -18,16 +18,21 @@ import redis
 from coordinator.ledger import keys
 from coordinator.ledger.codec import adapter_from_hash, decode, to_fields
 from coordinator.ledger.counters import Counters, Refusal
-from coordinator.ledger.leases import CURRENT_LEASE
+from coordinator.ledger.leases import CURRENT_LEASE, Claim, claim_args
 from coordinator.ledger.records import AdapterRecord, AdapterState, Check
 from coordinator.ledger.replicas import HOLD_RESULT, Hold
 from coordinator.ledger.trust import Trust
 from coordinator.schedule.noise import Sample
 
-# acceptable(key, task id, fence, adapter id): nil when an upload under (task, fence) may be
-# accepted, else the answer {status, detail}: a retry of the accepted upload is a duplicate.
+# acceptable(key, task id, fence, adapter id, claim): nil when an upload under (task, fence) may be
+# accepted, else the answer {status, detail}: a retry of the accepted upload is a duplicate. A
+# claim (leases.claim_at) that is not the lease's holder's is told only that it holds no such lease.
 _ACCEPTABLE = CURRENT_LEASE + """
-local function acceptable(key, task_id, fence, adapter_id)
+local function acceptable(key, task_id, fence, adapter_id, claim)
+  if claim then
+    local problem = lease_problem(key, task_id, fence, claim)
+    if problem == claim[3] then return {'refused', problem} end
+  end
   local t = redis.call('HMGET', key, 'state', 'adapter')
   if t[1] == 'done' then
     if t[2] == adapter_id then return {'duplicate', adapter_id} end
@@ -39,9 +44,10 @@ local function acceptable(key, task_id, fence, adapter_id)
 end
 """
 
-# KEYS: task. ARGV: task id, fence, adapter id. {"", ""} when the upload may proceed.
+# KEYS: task. ARGV: task id, fence, adapter id, then the claim (leases.claim_args). {"", ""} when
+# the upload may proceed.
 _PRECHECK = _ACCEPTABLE + """
-return acceptable(KEYS[1], ARGV[1], ARGV[2], ARGV[3]) or {'', ''}
+return acceptable(KEYS[1], ARGV[1], ARGV[2], ARGV[3], claim_at(4, ARGV[1], ARGV[2])) or {'', ''}
 """
 
 # KEYS: task, LEASES, adapter, FOLD_BUFFER, worker, partner, PENDING, then for a replicated task
@@ -106,13 +112,16 @@ class Adapters:
         self._accept = client.register_script(_ACCEPT)
         self.trust = Trust(client)
 
-    def precheck(self, task_id: str, fence: int, sha256: str) -> Accepted | None:
-        """None when an upload under (task, fence) would be taken now, else the answer it gets.
+    def precheck(self, task_id: str, fence: int, sha256: str, claim: Claim | None = None) -> Accepted | None:
+        """None when an upload under (task, fence) would be taken now from the holder of
+        ``claim`` (None: checks no holder), else the answer it gets.
 
-        For before any bytes are stored; :meth:`accept` decides again, atomically.
+        For before any bytes are stored; :meth:`accept` decides again, atomically, whether the
+        fence still holds the lease (a fence is granted once: the claim checked here stays its).
         """
         status, detail = self._precheck(keys=[keys.task(task_id)],
-                                        args=[task_id, fence, adapter_id_for(task_id, fence, sha256)])
+                                        args=[task_id, fence, adapter_id_for(task_id, fence, sha256),
+                                              *claim_args(claim)])
         return _answer(status, detail) if status else None
 
     def accept(self, task_id: str, fence: int, sha256: str, *, worker_id: str = "", base_version: int = 0,

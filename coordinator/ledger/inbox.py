@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import redis
 
@@ -30,6 +30,7 @@ class RunRecord:
     run_id: str
     worker_id: str
     units: tuple[tuple[str, int], ...]  # (task id, fence), in the order they train
+    secrets: dict[str, str] = field(default_factory=dict)  # task id -> sha256 of its lease secret
 
 
 @dataclass(frozen=True)
@@ -52,11 +53,13 @@ class Inboxes:
 
     # -- the scheduler's side ----------------------------------------------------------------
 
-    def place(self, run_id: str, worker_id: str, units: list[tuple[str, int]], specs: list[str]) -> None:
-        """Put a run in ``worker_id``'s inbox, with its record, in one transaction."""
+    def place(self, run_id: str, worker_id: str, units: list[tuple[str, int]], specs: list[str],
+              secrets: dict[str, str] | None = None) -> None:
+        """Put a run in ``worker_id``'s inbox, with its record (its units, and the sha256 of each
+        unit's lease secret, which a report must show), in one transaction."""
         pipe = self.r.pipeline(transaction=True)
         key = keys.outbound_run(run_id)
-        pipe.hset(key, mapping={"worker": worker_id, "units": json.dumps(units)})
+        pipe.hset(key, mapping={"worker": worker_id, "units": json.dumps(units), "secrets": json.dumps(secrets or {})})
         pipe.expire(key, RUN_RECORD_TTL_S)
         pipe.rpush(keys.inbox(worker_id), json.dumps({"run_id": run_id, "specs": specs}))
         pipe.publish(keys.INBOX_WAKE, worker_id)
@@ -133,7 +136,7 @@ class Inboxes:
         if not data:
             return None
         units = tuple((t, int(f)) for t, f in json.loads(data[b"units"]))
-        return RunRecord(run_id, _text(data[b"worker"]), units)
+        return RunRecord(run_id, _text(data[b"worker"]), units, json.loads(data.get(b"secrets") or "{}"))
 
     def report(self, report: RunReport) -> bool:
         """Pass a worker's report on to the scheduler, once per run; False if one was passed on already."""

@@ -23,6 +23,9 @@ REPLICATED = PREFIX + "replicated"  # zset: task id of each replicated task not 
 # hash: counter name -> count, what happened since the ledger began (coordinator.ledger.counters;
 # the lease scripts in coordinator.ledger.leases add to "leases", "reissues", "leases_expired")
 COUNTERS = PREFIX + "counters"
+# string: the secret key replication samples tasks with (coordinator.schedule.replication.sampled);
+# made once, shared by every coordinator process on this ledger, never sent anywhere.
+SAMPLING_KEY = PREFIX + "replication:key"
 REFUSALS = PREFIX + "refusals:recent"  # list: JSON of the newest refusals (uploads, fold gates), newest first
 
 

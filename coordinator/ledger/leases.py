@@ -4,10 +4,18 @@ A fence comes from one strictly increasing counter. A lease that expires puts th
 the queue; the next lease gets a new fence, and anything carrying an older fence (a heartbeat, a
 shard fetch, an upload) is refused. Whether (task, fence) holds the current lease is one Lua
 function, :data:`CURRENT_LEASE`, that every script asking it uses.
+
+A lease is its holder's from the moment it is granted: it records the worker the run was placed
+on and the sha256 of a random secret that travels only in that run's spec. A caller over the
+network proves it holds the lease with a :class:`Claim` (its worker and the secret), checked by
+the same Lua function in the same step that reads the lease; anyone else is told only that it
+holds no such lease (:func:`no_such_lease`), never a fence or a holder.
 """
 
 from __future__ import annotations
 
+import hashlib
+import secrets
 import time
 from dataclasses import dataclass
 
@@ -17,43 +25,36 @@ from coordinator.ledger import keys
 from coordinator.ledger.records import Lease, TaskState
 from coordinator.ledger.tasks import EVENT
 
-# lease_problem(key, task id, fence): "" when (task id, fence) holds the current lease of the task
-# hash at ``key``, else a sentence saying why not. Every script that asks this uses this function.
+# lease_problem(key, task id, fence, claim): "" when (task id, fence) holds the current lease of
+# the task hash at ``key``, else a sentence saying why not. ``claim`` is nil for the coordinator's
+# own checks; for a caller over the network it is {worker, sha256 of the lease secret, how to
+# refuse}: the lease must be the one placed on that worker (or on no named worker) and granted
+# with that secret, or the caller is told only that it holds no such lease (no fences, no
+# holders, no states). Every script that asks this uses this function.
 CURRENT_LEASE = """
-local function lease_problem(key, task_id, fence)
-  local t = redis.call('HMGET', key, 'state', 'fence')
+local function lease_problem(key, task_id, fence, claim)
+  local t = redis.call('HMGET', key, 'state', 'fence', 'holder_worker', 'lease_secret')
+  if claim then
+    local secret, placed = t[4] or '', t[3] or ''
+    if not t[1] or t[2] ~= fence or secret == '' or secret ~= claim[2] or (placed ~= '' and placed ~= claim[1]) then
+      return claim[3]
+    end
+  end
   if not t[1] then return "there is no task '" .. task_id .. "'" end
   if t[1] ~= 'leased' then return 'the task is ' .. t[1] .. ', not leased' end
-  if t[2] ~= fence then
-    return 'stale fence ' .. fence .. ': the lease was re-issued with fence ' .. tostring(t[2])
-  end
+  if t[2] ~= fence then return 'stale fence ' .. fence .. ': the lease was re-issued' end
   return ''
 end
-"""
-
-# hold(key, fence, worker, token): who holds a lease. The first caller of a fence (its token hash,
-# and its worker id once one is named) holds it; later calls under that fence must come from the
-# same token and worker. An empty token checks nothing (admin, or the coordinator itself).
-HOLD = """
-local function hold(key, fence, worker, token)
-  if token == '' then return '' end
-  if redis.call('HGET', key, 'holder_fence') ~= fence then
-    redis.call('HSET', key, 'holder_fence', fence, 'holder_token', token, 'holder_worker', worker)
-    return ''
-  end
-  if redis.call('HGET', key, 'holder_token') ~= token then
-    return 'the task is leased to another worker (another token holds its lease)'
-  end
-  local held = redis.call('HGET', key, 'holder_worker')
-  if worker ~= '' and held == '' then redis.call('HSET', key, 'holder_worker', worker)
-  elseif worker ~= '' and held ~= worker then return 'the task is leased to worker ' .. held .. ', not ' .. worker
-  end
-  return ''
+-- A claim from ARGV[i], ARGV[i+1], ARGV[i+2] (checked flag, worker, secret hash): nil when unchecked.
+local function claim_at(i, task_id, fence)
+  if ARGV[i] ~= '1' then return nil end
+  return {ARGV[i + 1], ARGV[i + 2], 'this worker holds no lease of task ' .. task_id .. ' under fence ' .. fence}
 end
 """
 
 # KEYS: task, PENDING, LEASES, FENCE, COUNTERS. ARGV: task id, deadline, base version, now, max
-# attempts. Returns the new fence, 0 when the task is not pending, -1 when it ran out of attempts.
+# attempts, the worker it is placed on ("" when the node names none), sha256 of the lease secret.
+# Returns the new fence, 0 when the task is not pending, -1 when it ran out of attempts.
 # Counts the lease, and a re-issue when the task had a fence before (coordinator.ledger.counters).
 _LEASE = """
 if redis.call('HGET', KEYS[1], 'state') ~= 'pending' then return 0 end
@@ -67,27 +68,26 @@ redis.call('HINCRBY', KEYS[5], 'leases', 1)
 if tonumber(redis.call('HGET', KEYS[1], 'fence') or '0') > 0 then redis.call('HINCRBY', KEYS[5], 'reissues', 1) end
 local fence = redis.call('INCR', KEYS[4])
 redis.call('HSET', KEYS[1], 'state', 'leased', 'fence', fence, 'deadline', ARGV[2],
-           'leased_at', ARGV[4], 'attempts', attempts + 1)
+           'leased_at', ARGV[4], 'attempts', attempts + 1, 'holder_worker', ARGV[6], 'lease_secret', ARGV[7])
 if redis.call('HGET', KEYS[1], 'pinned') ~= '1' then redis.call('HSET', KEYS[1], 'base_version', ARGV[3]) end
 redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('ZADD', KEYS[3], ARGV[2], ARGV[1])
 return fence
 """
 
-# One heartbeat, atomically: the lease check, the holder check, the new deadline, the worker seen,
+# One heartbeat, atomically: the lease check (with the caller's claim), the new deadline, the worker seen,
 # the event noted, and the version the run trains on (fixed by the first heartbeat of a lease:
 # the newest version then, unless the task is pinned to one; later ones return the same).
-# KEYS: task, LEASES, WORKERS, LATEST. ARGV: task id, fence, deadline, worker id, token hash, now,
-# event ("" for none), events kept. Returns {"" or why not, base version or -1, 1 when this beat
-# was the lease's first (its run started) else 0}.
-_HEARTBEAT = CURRENT_LEASE + HOLD + EVENT + """
-local problem = lease_problem(KEYS[1], ARGV[1], ARGV[2])
-if problem == '' then problem = hold(KEYS[1], ARGV[2], ARGV[4], ARGV[5]) end
+# KEYS: task, LEASES, WORKERS, LATEST. ARGV: task id, fence, deadline, worker id, now, event (""
+# for none), events kept, then the claim (checked flag, worker, secret hash). Returns {"" or why
+# not, base version or -1, 1 when this beat was the lease's first (its run started) else 0}.
+_HEARTBEAT = CURRENT_LEASE + EVENT + """
+local problem = lease_problem(KEYS[1], ARGV[1], ARGV[2], claim_at(8, ARGV[1], ARGV[2]))
 if problem ~= '' then return {problem, -1} end
 redis.call('HSET', KEYS[1], 'deadline', ARGV[3])
 redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
-if ARGV[4] ~= '' then redis.call('ZADD', KEYS[3], 'XX', ARGV[6], ARGV[4]) end
-if ARGV[7] ~= '' then add_event(KEYS[1], ARGV[7], ARGV[6], ARGV[8]) end
+if ARGV[4] ~= '' then redis.call('ZADD', KEYS[3], 'XX', ARGV[5], ARGV[4]) end
+if ARGV[6] ~= '' then add_event(KEYS[1], ARGV[6], ARGV[5], ARGV[7]) end
 local first = 0
 if redis.call('HGET', KEYS[1], 'claimed') ~= ARGV[2] then
   redis.call('HSET', KEYS[1], 'claimed', ARGV[2])
@@ -99,26 +99,22 @@ end
 return {'', tonumber(redis.call('HGET', KEYS[1], 'base_version')), first}
 """
 
-# KEYS: task. ARGV: task id, fence. "" when (task, fence) holds the current lease, else why not.
-_CHECK = CURRENT_LEASE + "return lease_problem(KEYS[1], ARGV[1], ARGV[2])"
-
-# KEYS: task. ARGV: task id, fence, worker id, token hash. "" when the caller holds the current
-# lease (claiming it if no one does), else why not.
-_HOLD_LEASE = CURRENT_LEASE + HOLD + """
-local problem = lease_problem(KEYS[1], ARGV[1], ARGV[2])
-if problem ~= '' then return problem end
-return hold(KEYS[1], ARGV[2], ARGV[3], ARGV[4])
-"""
+# KEYS: task. ARGV: task id, fence, then the claim (checked flag, worker, secret hash). "" when
+# (task, fence) holds the current lease and the claim (if checked) is its holder's, else why not.
+_CHECK = CURRENT_LEASE + "return lease_problem(KEYS[1], ARGV[1], ARGV[2], claim_at(3, ARGV[1], ARGV[2]))"
 
 # KEYS: LEASES, PENDING, COUNTERS. ARGV: now, task key prefix. Returns the ids whose lease expired
-# (each counted as "leases_expired").
+# (each counted as "leases_expired"). An abandoned lease is its holder's failing, not the task's:
+# the attempt it took is given back (the scheduler charges the holder's trust instead), and the
+# task keeps the worker it was placed on until it is leased again, for the scheduler to read.
 _EXPIRE = """
 local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
 for _, id in ipairs(ids) do
   local t = ARGV[2] .. id
   if redis.call('HGET', t, 'state') == 'leased' then
     redis.call('HINCRBY', KEYS[3], 'leases_expired', 1)
-    redis.call('HSET', t, 'state', 'pending', 'error', 'the lease expired')
+    local attempts = tonumber(redis.call('HGET', t, 'attempts') or '1')
+    redis.call('HSET', t, 'state', 'pending', 'error', 'the lease expired', 'attempts', math.max(attempts - 1, 0))
     redis.call('ZADD', KEYS[2], ARGV[1], id)
   end
   redis.call('ZREM', KEYS[1], id)
@@ -161,7 +157,8 @@ return 'pending'
 # Speculation: a second lease on a leased task, held by a twin task "<id>.spec" with its own fence
 # (so heartbeats, shard fetches and lease holders work unchanged). The twin is not one of the
 # job's tasks; its attempts are spent, so if it fails or expires it is retired, never re-run.
-# KEYS: task, twin, LEASES, FENCE, COUNTERS. ARGV: task id, twin id, deadline, now.
+# KEYS: task, twin, LEASES, FENCE, COUNTERS. ARGV: task id, twin id, deadline, now, the worker the
+# twin is placed on, sha256 of its lease secret.
 # Returns the twin's fence; 0 when the task is not leased or already has a live twin.
 _SPECULATE = """
 if redis.call('HGET', KEYS[1], 'state') ~= 'leased' then return 0 end
@@ -175,13 +172,45 @@ local t = redis.call('HMGET', KEYS[1], 'job', 'start', 'end', 'index', 'tokens')
 redis.call('DEL', KEYS[2])
 redis.call('HSET', KEYS[2], 'task_id', ARGV[2], 'job', t[1], 'start', t[2], 'end', t[3], 'index', t[4],
            'tokens', t[5], 'twin_of', ARGV[1], 'state', 'leased', 'fence', fence, 'deadline', ARGV[3],
-           'leased_at', ARGV[4], 'attempts', 1000000)
+           'leased_at', ARGV[4], 'attempts', 1000000, 'holder_worker', ARGV[5], 'lease_secret', ARGV[6])
 redis.call('HSET', KEYS[1], 'twin', ARGV[2])
 redis.call('ZADD', KEYS[3], ARGV[3], ARGV[2])
 return fence
 """
 
 MAX_EVENTS = 32  # the newest events a task keeps
+
+
+def no_such_lease(task_id: str, fence: int) -> str:
+    """What anyone but a lease's holder is told about it (the scripts' ``claim_at`` says the same)."""
+    return f"this worker holds no lease of task {task_id} under fence {fence}"
+
+
+def secret_hash(secret: str) -> str:
+    """How the ledger keeps a lease secret: its sha256 (a read of Redis gives no one a lease)."""
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def new_secret() -> str:
+    """A lease secret: 128 random bits, handed only to the run the lease is placed on."""
+    return secrets.token_hex(16)
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A caller's claim to hold a lease: the worker it acts for (one its credential registered;
+    "" when it names none) and the lease secret its run's spec carried. The ledger honours it only
+    for the lease placed on that worker with that secret."""
+
+    worker_id: str
+    secret: str
+
+
+def claim_args(claim: Claim | None) -> list[str]:
+    """The scripts' claim arguments (``claim_at``): None checks nothing (the coordinator itself)."""
+    if claim is None:
+        return ["0", "", ""]
+    return ["1", claim.worker_id, secret_hash(claim.secret)]
 
 
 @dataclass(frozen=True)
@@ -218,7 +247,6 @@ class Leases:
         self._lease = client.register_script(_LEASE)
         self._heartbeat = client.register_script(_HEARTBEAT)
         self._check = client.register_script(_CHECK)
-        self._hold = client.register_script(_HOLD_LEASE)
         self._expire = client.register_script(_EXPIRE)
         self._release = client.register_script(_RELEASE)
         self._requeue = client.register_script(_REQUEUE)
@@ -228,33 +256,37 @@ class Leases:
         """The oldest pending task ids, first queued first."""
         return [t.decode() for t in self.r.zrange(keys.PENDING, 0, limit - 1)]
 
-    def lease(self, task_id: str, deadline: float, base_version: int, max_attempts: int) -> int:
-        """Lease a pending task; returns its new fence, 0 if not pending, -1 if it has failed."""
+    def lease(self, task_id: str, deadline: float, base_version: int, max_attempts: int, worker_id: str = "",
+              secret: str = "", now: float | None = None) -> int:
+        """Lease a pending task to the run placed on ``worker_id`` ("" for a node that names no
+        worker), which proves it holds the lease with ``secret`` (a lease granted without one can
+        be renewed or used by no caller over the network); returns its new fence, 0 if not
+        pending, -1 if it has failed. ``now``: when it is granted, by the scheduler's clock (the
+        clock that measures the card's speed from it)."""
         return int(self._lease(keys=[keys.task(task_id), keys.PENDING, keys.LEASES, keys.FENCE, keys.COUNTERS],
-                               args=[task_id, deadline, base_version, time.time(), max_attempts]))
+                               args=[task_id, deadline, base_version, now or time.time(), max_attempts, worker_id,
+                                     secret_hash(secret) if secret else ""]))
 
-    def heartbeat(self, task_id: str, fence: int, deadline: float, worker_id: str = "", token_hash: str = "",
+    def heartbeat(self, task_id: str, fence: int, deadline: float, worker_id: str = "", claim: Claim | None = None,
                   event: str = "") -> Renewal:
-        """Extend a lease, note the worker as seen and ``event`` on the task, and fix the version
+        """Extend a lease, note ``worker_id`` as seen and ``event`` on the task, and fix the version
         the run trains on, in one step; a lost lease changes nothing and says why.
 
-        With a ``token_hash`` the caller must hold the lease (the first caller of a fence takes
-        it); without, nothing is checked.
+        With a ``claim`` the caller must be the lease's holder (its worker and secret), else it
+        is told only that it holds no such lease; without, nothing is checked.
         """
         reason, base, *first = self._heartbeat(
             keys=[keys.task(task_id), keys.LEASES, keys.WORKERS, keys.LATEST],
-            args=[task_id, fence, deadline, worker_id, token_hash, time.time(), event[:500], MAX_EVENTS])
+            args=[task_id, fence, deadline, worker_id, time.time(), event[:500], MAX_EVENTS, *claim_args(claim)])
         if reason:
             return Renewal(_text(reason))
         return Renewal("", deadline, int(base), started=bool(first and int(first[0])))
 
-    def problem(self, task_id: str, fence: int) -> str:
-        """"" if (task, fence) holds the current lease, else a sentence saying why not."""
-        return _text(self._check(keys=[keys.task(task_id)], args=[task_id, fence]))
-
-    def hold(self, task_id: str, fence: int, worker_id: str, token_hash: str) -> str:
-        """"" when this caller holds (task, fence)'s lease, taking it if no one does; else why not."""
-        return _text(self._hold(keys=[keys.task(task_id)], args=[task_id, fence, worker_id, token_hash]))
+    def problem(self, task_id: str, fence: int, claim: Claim | None = None) -> str:
+        """"" if (task, fence) holds the current lease (and ``claim``, when given, is its
+        holder's), else a sentence saying why not (to a claim not its holder's, only
+        :func:`no_such_lease`)."""
+        return _text(self._check(keys=[keys.task(task_id)], args=[task_id, fence, *claim_args(claim)]))
 
     def expire(self, now: float | None = None) -> list[str]:
         """Put every task whose lease ran out back in the queue; returns their ids."""
@@ -295,15 +327,18 @@ class Leases:
         """Every lease, the soonest to run out first."""
         return [Lease(t.decode(), s) for t, s in self.r.zrange(keys.LEASES, 0, -1, withscores=True)]
 
-    def speculate(self, task_id: str, deadline: float) -> tuple[str, int]:
-        """Lease a leased task a second time, to a twin task with its own fence: (twin id, fence).
+    def speculate(self, task_id: str, deadline: float, worker_id: str = "", secret: str = "",
+                  now: float | None = None) -> tuple[str, int]:
+        """Lease a leased task a second time, to a twin task with its own fence, placed on
+        ``worker_id`` with ``secret`` (as :meth:`lease`): (twin id, fence).
 
         Fence 0 when the task is not leased or already has a twin. Whichever of the two runs
         uploads first completes both (see coordinator.ledger.adapters); the other's is refused.
         """
         twin = twin_id(task_id)
         fence = self._speculate(keys=[keys.task(task_id), keys.task(twin), keys.LEASES, keys.FENCE, keys.COUNTERS],
-                                args=[task_id, twin, deadline, time.time()])
+                                args=[task_id, twin, deadline, now or time.time(), worker_id,
+                                      secret_hash(secret) if secret else ""])
         return twin, int(fence)
 
     def retire_twin(self, twin: str) -> None:

@@ -124,13 +124,14 @@ class TaskRecord:
     finished: float = 0.0
     error: str = ""
     adapter: str = ""  # the accepted adapter, once done
-    min_vram_gb: float = 0.0  # raised past a card the task ran out of memory on
+    # Card (its worker id, or its node id when it names none) -> the VRAM the task needs there,
+    # more than that card has: it ran out of memory on it. A floor for that card only, so one
+    # worker's report strands the task nowhere else (coordinator.schedule.scheduler).
+    vram_floors: dict[str, float] = field(default_factory=dict)
     events: tuple[tuple[float, str], ...] = ()
     twin: str = ""  # a speculative second lease on this task (see Leases.speculate)
     twin_of: str = ""  # set on the twin: the task it races
-    holder_fence: int = 0
-    holder_token: str = ""
-    holder_worker: str = ""
+    holder_worker: str = ""  # the worker the newest lease was placed on ("" when its node named none)
     # What the newest lease's run trains at (coordinator.fold.policy.FoldPolicy.task_training: the
     # job's batch and lr, or its batch / K at a scaled lr); 0 until the task is first leased.
     batch_size: int = 0
@@ -142,6 +143,11 @@ class TaskRecord:
     avoid: tuple[str, ...] = ()
     pinned: bool = False
     fold_width: int = 1  # K: the adapters whose fold its batch was divided for
+
+    @property
+    def min_vram_gb(self) -> float:
+        """The most any card's floor asks (0: none ran out of memory)."""
+        return max(self.vram_floors.values(), default=0.0)
 
     @property
     def partner(self) -> str:

@@ -4,9 +4,10 @@ A sample of tasks is run more than once, each run by another volunteer, with the
 shard and base version (coordinator.schedule.replication decides which, and how the runs are compared).
 The first adapter of such a task is accepted *held* (not buffered), in the same step that opens
 the group and its first replica run (:data:`HOLD_RESULT`, run inside the acceptance script of
-coordinator.ledger.adapters). A replica run is a task of its own, ``<task>.r1``, ``<task>.r2``,
-with its own lease and fence; it repeats the task's shard, avoids the volunteers whose runs it
-checks, and keeps the base version it was given (``pinned``). It is not one of the job's tasks.
+coordinator.ledger.adapters). A replica run is a task of its own, with an id made as the job's
+task ids are (:func:`replica_id`: nothing in its spec tells a volunteer it is a check) and its
+own lease and fence; it repeats the task's shard, avoids the volunteers whose runs it checks, and
+keeps the base version it was given (``pinned``). It is not one of the job's tasks.
 
 :meth:`Replicas.settle` ends a group in one transaction: at most one adapter of it goes to the
 fold buffer, the others become replicas or are rejected, and the volunteers' trust records count
@@ -16,6 +17,7 @@ the outcome. A group is settled once (its state is watched), so nothing of it is
 from __future__ import annotations
 
 import json
+import secrets
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -26,6 +28,7 @@ from coordinator.ledger import keys
 from coordinator.ledger.codec import decode, replica_group_from_hash
 from coordinator.ledger.counters import Counters, Refusal
 from coordinator.ledger.records import AdapterState, ReplicaGroup, TaskState
+from coordinator.ledger.tasks import new_task_id
 from coordinator.ledger.trust import Trust
 
 # open_run(group, task key, run key, PENDING, task id, run id, now, avoid JSON, base version):
@@ -35,9 +38,9 @@ from coordinator.ledger.trust import Trust
 OPEN_RUN = """
 local function open_run(group, task_key, run_key, pending, task_id, run, now, avoid, base)
   if redis.call('EXISTS', run_key) == 1 then return end
-  local t = redis.call('HMGET', task_key, 'job', 'index', 'start', 'end', 'tokens', 'min_vram_gb')
+  local t = redis.call('HMGET', task_key, 'job', 'index', 'start', 'end', 'tokens', 'vram_floors')
   redis.call('HSET', run_key, 'task_id', run, 'job', t[1] or '', 'index', t[2] or '0', 'start', t[3] or '0',
-             'end', t[4] or '0', 'tokens', t[5] or '0', 'min_vram_gb', t[6] or '0', 'state', 'pending',
+             'end', t[4] or '0', 'tokens', t[5] or '0', 'vram_floors', t[6] or '{}', 'state', 'pending',
              'attempts', '0', 'fence', '0', 'replica_of', task_id, 'avoid', avoid, 'pinned', '1',
              'base_version', base)
   redis.call('ZADD', pending, 0, run)  -- ahead of the queue: a held adapter waits on it
@@ -100,9 +103,10 @@ class Settlement:
 REFUSED_DISAGREED = "disagreed"  # the refusal kind of an adapter its replicas outvoted (or could not settle)
 
 
-def replica_id(task_id: str, n: int) -> str:
-    """The n-th replica run of a task."""
-    return f"{task_id}.r{n}"
+def replica_id(job_id: str) -> str:
+    """A new replica run's id: made as every task id of its job is (tasks.new_task_id), so
+    that nothing in it tells a volunteer its run checks another's."""
+    return new_task_id(job_id)
 
 
 class Replicas:
@@ -110,6 +114,13 @@ class Replicas:
         self.r = client
         self._add_run = client.register_script(_ADD_RUN)
         self.trust = Trust(client)
+
+    def sampling_key(self) -> bytes:
+        """The secret that picks which tasks are replicated: made by the first coordinator that
+        asks (SET NX, so all processes on this ledger agree), the same ever after."""
+        self.r.set(keys.SAMPLING_KEY, secrets.token_hex(32), nx=True)
+        raw = self.r.get(keys.SAMPLING_KEY)
+        return bytes.fromhex(raw.decode() if isinstance(raw, bytes) else raw)
 
     def get(self, task_id: str) -> ReplicaGroup | None:
         data = decode(self.r.hgetall(keys.replicas(task_id)))

@@ -6,6 +6,7 @@ leases (coordinator.ledger.leases) and accepted uploads (coordinator.ledger.adap
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Iterable
 
 import redis
@@ -41,10 +42,28 @@ end
 """
 
 
+# KEYS: task. ARGV: card, VRAM it needs there. Raises that card's floor (never lowers it), on a task
+# that exists.
+_FLOOR = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return end
+local floors = cjson.decode(redis.call('HGET', KEYS[1], 'vram_floors') or '{}')
+if not floors[ARGV[1]] or tonumber(floors[ARGV[1]]) < tonumber(ARGV[2]) then floors[ARGV[1]] = tonumber(ARGV[2]) end
+redis.call('HSET', KEYS[1], 'vram_floors', cjson.encode(floors))
+"""
+
+
+def new_task_id(job_id: str) -> str:
+    """A task id of ``job_id``: the job's id and 32 random bits. Every task and every replica
+    run gets one this way, so an id tells a volunteer neither a task's place nor that a run is
+    a check of another's."""
+    return f"{job_id}-t{secrets.token_hex(4)}"
+
+
 class Tasks:
     def __init__(self, client: redis.Redis) -> None:
         self.r = client
         self._set_training = client.register_script(_SET_TRAINING)
+        self._floor = client.register_script(_FLOOR)
 
     def get(self, task_id: str) -> TaskRecord | None:
         data = decode(self.r.hgetall(keys.task(task_id)))
@@ -77,6 +96,7 @@ class Tasks:
                                client=pipe)
         pipe.execute()
 
-    def require_vram(self, task_id: str, gb: float) -> None:
-        """The task runs out of memory on cards below ``gb``: place it only on bigger ones."""
-        self.r.hset(keys.task(task_id), "min_vram_gb", gb)
+    def require_vram(self, task_id: str, card: str, gb: float) -> None:
+        """The task ran out of memory on ``card`` (a worker id, or a node id): it needs ``gb`` there,
+        so that card is not given it again; other cards are not concerned."""
+        self._floor(keys=[keys.task(task_id)], args=[card, gb])

@@ -116,7 +116,7 @@ class Workers:
     def record_run(self, worker_id: str, node_id: str, tokens: int, seconds: float) -> float:
         """Add a finished run, on ``node_id``, to the worker's measured tokens per second; returns
         the new figure (0 when there is nothing to measure)."""
-        if not worker_id or seconds <= 0:
+        if not worker_id or seconds < 0 or (seconds == 0 and tokens <= 0):
             return 0.0
         return float(self._run(keys=[keys.worker(worker_id)], args=[tokens, seconds, node_id]))
 

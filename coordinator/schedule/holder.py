@@ -1,9 +1,13 @@
-"""Leases as a worker meets them: who holds one, renewing it, and reading the task's shard.
+"""Leases as a worker meets them: proving it holds one, renewing it, reading the task's shard.
 
-A task's lease is (task, fence) in the ledger; a run renews it by heartbeat and may read its
-shard of the job's records only while it holds it. The ledger decides atomically whether a
-fence still holds the lease; this module decides *who* the caller is for that check (the
-worker id and token it may act as) and turns the ledger's answers into replies and errors.
+A task's lease is (task, fence) in the ledger, placed on one worker with a secret that only the
+run's spec carries (coordinator.ledger.leases). A run renews it by heartbeat and may read its
+shard, resume and send its upload, and hand it back only while it holds it, and only as its
+holder: a caller proves that with a :class:`~coordinator.ledger.Claim`, the worker it acts for
+(one its credential registered) and the lease's secret. The ledger checks the claim in the same
+atomic step that reads the lease; this module decides what claim a caller may make and turns
+the ledger's answers into replies and errors. Anyone but the holder learns only that it holds
+no such lease (NotFound): no fence, no holder, no state.
 """
 
 from __future__ import annotations
@@ -14,10 +18,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from coordinator.gateway.auth import Identity
-from coordinator.errors import NotPermitted, WrongState
-from coordinator.ledger import Ledger
+from coordinator.errors import NotFound
+from coordinator.ledger import Claim, Ledger, no_such_lease
 from coordinator.settings import Settings
 from coordinator.model.store import BlobStore
+from coordinator.collect.partial_uploads import PartialUploads
 from coordinator.schedule import shards
 from nomoat.logs import fields
 
@@ -35,27 +40,30 @@ class Beat:
     base_version: int = 0
 
 
-def holder(ledger: Ledger, identity: Identity, worker_id: str) -> tuple[str, str]:
-    """(worker id, token hash) for the lease checks: a worker token acts only for its own tasks.
+def owns(ledger: Ledger, identity: Identity, worker_id: str) -> bool:
+    """Whether ``identity``'s credential registered ``worker_id``: a worker token acts only for its own."""
+    registered = ledger.workers.get(worker_id) if worker_id else None
+    return registered is not None and registered.token == identity.token_hash
 
-    Admin is exempt (an empty hash checks nothing). A worker id registered with another token is
-    dropped, so no token is seen or credited as another's worker. (Dropped, not refused: in Ray
-    mode a task calls with the coordinator's worker token while its worker may have joined with
-    a token of its own; its work still counts, only not towards that worker.)
+
+def claim_of(ledger: Ledger, identity: Identity, worker_id: str, secret: str) -> Claim | None:
+    """The claim a caller makes on a lease: the worker it names, if its credential registered
+    it, and the secret it sent. Admin makes none (None: nothing is checked).
+
+    A worker id the caller does not own is kept as a name no lease is placed on, so the ledger
+    refuses it like any other stranger (a lease placed on no named worker, from a Ray node that
+    names none, is then held by its secret alone).
     """
     if identity.role == "admin":
-        return worker_id, ""
-    if worker_id:
-        registered = ledger.workers.get(worker_id)
-        if registered is not None and registered.token != identity.token_hash:
-            log.warning("a call named worker %s, which was registered with another token; ignoring the name",
-                        worker_id)
-            return "", identity.token_hash
-    return worker_id, identity.token_hash
+        return None
+    if worker_id and not owns(ledger, identity, worker_id):
+        log.warning("a call named worker %s, which its credential did not register", worker_id)
+        return Claim("!" + worker_id, secret)
+    return Claim(worker_id, secret)
 
 
 def heartbeat(ledger: Ledger, settings: Settings, identity: Identity, worker_id: str, task_id: str,
-              fence: int, event: str = "") -> Beat:
+              fence: int, event: str = "", secret: str = "") -> Beat:
     """Renew (task, fence)'s lease for one more lease lifetime and record the run's note.
 
     The first heartbeat of a run fixes its base version (the newest one then), so a task that
@@ -63,8 +71,9 @@ def heartbeat(ledger: Ledger, settings: Settings, identity: Identity, worker_id:
     one step in the ledger: a lease lost meanwhile is answered as lost, never as renewed.
     """
     deadline = time.time() + settings.lease_ttl_s
-    worker_id, token_hash = holder(ledger, identity, worker_id)
-    beat = ledger.leases.heartbeat(task_id, fence, deadline, worker_id, token_hash, event[:MAX_EVENT_CHARS])
+    claim = claim_of(ledger, identity, worker_id, secret)
+    worker_id = worker_id if claim is None or claim.worker_id == worker_id else ""
+    beat = ledger.leases.heartbeat(task_id, fence, deadline, worker_id, claim, event[:MAX_EVENT_CHARS])
     if not beat.ok:
         return Beat(ok=False, reason=beat.reason)
     if beat.started:
@@ -78,20 +87,16 @@ def heartbeat(ledger: Ledger, settings: Settings, identity: Identity, worker_id:
 
 
 def hand_back(ledger: Ledger, task_id: str, fence: int, worker_id: str, reason: str,
-              identity: Identity | None = None) -> bool:
+              claim: Claim | None = None) -> bool:
     """A worker gives back a leased unit it has not started (its volunteer paused it:
     worker.controls): back in the queue without spending an attempt, since nothing failed.
 
-    With ``identity`` (a call over the network) only the lease's holder may; without (the Ray
-    dispatcher's results) nothing is checked. False when (task, fence) no longer held the lease.
+    With ``claim`` (a call over the network) only the lease's holder may; without (the
+    dispatchers' results) nothing is checked. False when (task, fence) no longer held the lease,
+    or the claim was not its holder's.
     """
-    if ledger.leases.problem(task_id, fence):
-        return False  # finished, expired or re-issued meanwhile: nothing to give back
-    if identity is not None:
-        worker_id, token_hash = holder(ledger, identity, worker_id)
-        problem = ledger.leases.hold(task_id, fence, worker_id, token_hash)
-        if problem:
-            raise NotPermitted(problem)
+    if ledger.leases.problem(task_id, fence, claim):
+        return False  # finished, expired or re-issued meanwhile (or never this caller's): nothing to give back
     if not ledger.leases.requeue(task_id, fence, reason):
         return False
     log.info("task %s handed back by worker %s (%s); it goes back in the queue", task_id, worker_id or "?", reason,
@@ -99,20 +104,27 @@ def hand_back(ledger: Ledger, task_id: str, fence: int, worker_id: str, reason: 
     return True
 
 
-def fetch_shard(ledger: Ledger, store: BlobStore, identity: Identity, task_id: str, fence: int) -> Iterator[bytes]:
+def fetch_shard(ledger: Ledger, store: BlobStore, identity: Identity, task_id: str, fence: int,
+                worker_id: str = "", secret: str = "") -> Iterator[bytes]:
     """The task's records (JSON lines) in chunks, read by byte range from the job's records
-    (coordinator.schedule.shards), for the current holder of its lease only.
+    (coordinator.schedule.shards), for the holder of its current lease only.
 
-    The checks are made before this returns: raises WrongState for a stale or unknown lease,
-    NotPermitted when another token holds it.
+    The check is made before this returns: raises NotFound (it holds no such lease) for anyone
+    else, and for a lease no longer current.
     """
-    problem = ledger.leases.problem(task_id, fence)
+    problem = ledger.leases.problem(task_id, fence, claim_of(ledger, identity, worker_id, secret))
     if problem:
-        raise WrongState(problem)
-    _, token_hash = holder(ledger, identity, "")
-    problem = ledger.leases.hold(task_id, fence, "", token_hash)
-    if problem:
-        raise NotPermitted(problem)
+        raise NotFound(problem)
     task = ledger.tasks.get(task_id)
     job = ledger.jobs.get(task.job)
     return shards.shard(store, job.records, ledger.jobs.records_index(task.job), task.start, task.end)
+
+
+def upload_offset(ledger: Ledger, partials: PartialUploads, identity: Identity, task_id: str, fence: int,
+                  sha256: str, worker_id: str = "", secret: str = "") -> int:
+    """How many bytes of an upload the coordinator kept from a broken-off try: for the lease's
+    holder, and 0 for anyone else (whose upload is then refused: it holds no such lease)."""
+    answer = ledger.adapters.precheck(task_id, fence, sha256, claim_of(ledger, identity, worker_id, secret))
+    if answer is not None and not answer.ok:
+        return 0
+    return partials.offset(task_id, fence, sha256)

@@ -34,7 +34,8 @@ from dataclasses import dataclass, field, replace
 from coordinator.gateway.auth import Identity
 from coordinator.errors import InvalidRequest, NotFound, NotPermitted
 from coordinator.schedule.holder import hand_back
-from coordinator.ledger import Ledger, RunReport
+from coordinator.ledger import Claim, Ledger, RunReport
+from coordinator.ledger.leases import secret_hash
 from coordinator.schedule.transport import Finished, Node, placement_of
 from coordinator.settings import Settings
 from nomoat import card as cards
@@ -121,7 +122,8 @@ class OutboundDispatcher:
         worker_id = node_id[len(NODE_PREFIX):]
         run_id = "r-" + secrets.token_hex(8)
         payload = [json.dumps(replace(s, token="", worker_id=worker_id).to_dict()) for s in specs]
-        self.ledger.inbox.place(run_id, worker_id, [(s.task_id, s.fence) for s in specs], payload)
+        self.ledger.inbox.place(run_id, worker_id, [(s.task_id, s.fence) for s in specs], payload,
+                                {s.task_id: secret_hash(s.lease_secret) for s in specs})
         self._runs[run_id] = _Run(run_id, worker_id, [(s.task_id, s.fence, s.tokens) for s in specs])
 
     def poll(self) -> list[Finished]:
@@ -268,29 +270,36 @@ def request_work(ledger: Ledger, settings: Settings, identity: Identity, worker_
 
 
 def report_run(ledger: Ledger, identity: Identity, worker_id: str, run_id: str, units: list[str],
-               handed_back: list[str]) -> None:
+               handed_back: list[str], lease_secrets: dict[str, str] | None = None) -> None:
     """Check a worker's report against its run's record and pass it on to the scheduler. Units it
     hands back go back in the queue now, without spending an attempt.
 
-    Raises NotFound for an unknown run, NotPermitted for another worker's, InvalidRequest for a
-    unit that is not the run's or is malformed.
+    Every unit named must be one of the run's, shown with its lease secret (``lease_secrets``:
+    task id -> the secret its spec carried): a report speaks only for leases its worker holds.
+    Raises NotFound for a run that is not the caller's (unknown, or another worker's: the same
+    answer), InvalidRequest for a unit that is not the run's, lacks its secret, or is malformed.
     """
     _own(ledger, identity, worker_id)
     record = ledger.inbox.run(run_id)
-    if record is None:
-        raise NotFound(f"there is no run {run_id!r} (it may be older than a week)")
-    if record.worker_id != worker_id:
-        raise NotPermitted(f"run {run_id} was given to another worker")
+    if record is None or record.worker_id != worker_id:
+        raise NotFound(f"worker {worker_id} has no run {run_id!r} (it may be older than a week)")
     fences = dict(record.units)
+    shown = {t: secret_hash(s) for t, s in (lease_secrets or {}).items()}
+
+    def check(task_id: str, fence: int) -> None:
+        if fences.get(task_id) != fence or (record.secrets and shown.get(task_id) != record.secrets.get(task_id)):
+            raise InvalidRequest(f"task {task_id} under fence {fence} is not a unit of run {run_id} "
+                                 "with the lease secret its spec carried")
+
     for raw in units:
         unit = parse_unit(raw)
         if unit is None:
             raise InvalidRequest("a unit of the report is not a valid unit result")
-        if fences.get(unit.task_id) != unit.fence:
-            raise InvalidRequest(f"task {unit.task_id} under fence {unit.fence} is not a unit of run {run_id}")
+        check(unit.task_id, unit.fence)
     for task_id in handed_back:
-        if task_id not in fences:
-            raise InvalidRequest(f"task {task_id} is not a unit of run {run_id}")
-        hand_back(ledger, task_id, fences[task_id], worker_id, f"worker {worker_id} handed it back unstarted")
+        check(task_id, fences.get(task_id, -1))
+    for task_id in handed_back:
+        hand_back(ledger, task_id, fences[task_id], worker_id, f"worker {worker_id} handed it back unstarted",
+                  Claim(worker_id, (lease_secrets or {}).get(task_id, "")))
     ledger.inbox.seen(worker_id)
     ledger.inbox.report(RunReport(run_id, worker_id, tuple(units), tuple(handed_back)))

@@ -1,8 +1,9 @@
 """Replication: a sample of tasks is trained again by another volunteer, and the runs compared.
 
-Which tasks: :func:`sampled` picks ``replicate_fraction`` of them (5 % by default), by a hash of
-the task id, so the choice is the same on every coordinator and after a restart; every task of a
-throttled volunteer is replicated (coordinator.schedule.standing.replicate_rate). A task is replicated only
+Which tasks: :func:`sampled` picks ``replicate_fraction`` of them (5 % by default), by an HMAC of
+the task id under a secret key only the coordinator holds (made once in the ledger, so the choice
+is the same on every coordinator process and after a restart, and no volunteer can compute which
+tasks are checked and be honest only there); every task of a throttled volunteer is replicated (coordinator.schedule.standing.replicate_rate). A task is replicated only
 when some other volunteer that may take tasks is active, since a replica must go to another one.
 
 How: the first adapter of a replicated task is accepted *held* and opens a replica run
@@ -40,6 +41,7 @@ only place groups are settled (one thread), and the ledger's settle is atomic an
 from __future__ import annotations
 
 import hashlib
+import hmac
 import logging
 import math
 import time
@@ -84,12 +86,13 @@ class ReplicationPolicy:
                    settings.replica_timeout_s)
 
 
-def sampled(task_id: str, rate: float) -> bool:
-    """Whether ``task_id`` is among the ``rate`` of tasks replicated (a hash: the same answer
-    everywhere, every time)."""
+def sampled(task_id: str, rate: float, key: bytes) -> bool:
+    """Whether ``task_id`` is among the ``rate`` of tasks replicated: HMAC-SHA256 of the id under
+    the coordinator's secret ``key`` (Replicas.sampling_key), the same answer on every process
+    that shares the ledger, and unpredictable to anyone without the key."""
     if rate <= 0:
         return False
-    draw = int.from_bytes(hashlib.sha256(task_id.encode()).digest()[:8], "big") / 2.0**64
+    draw = int.from_bytes(hmac.new(key, task_id.encode(), hashlib.sha256).digest()[:8], "big") / 2.0**64
     return draw < rate
 
 
@@ -185,6 +188,7 @@ class Replication:
         self.store = store
         self.policy = ReplicationPolicy.of(settings)
         self._agree: dict[tuple[str, str], bool] = {}  # (adapter, adapter) -> agree: a group waits many rounds
+        self._key: bytes | None = None  # the sampling key (sampling_key)
 
     # -- collect: is this upload held? ----------------------------------------------------------
 
@@ -197,9 +201,15 @@ class Replication:
         if self.ledger.replicas.get(origin) is not None:
             return Hold(origin)
         rate = standing.replicate_rate(self.ledger.trust.get(volunteer), self.policy.fraction)
-        if not sampled(origin, rate) or not self._someone_else(volunteer):
+        if not sampled(origin, rate, self.sampling_key()) or not self._someone_else(volunteer):
             return None
-        return Hold(origin, open=replica_id(origin, 1), avoid=(volunteer,))
+        return Hold(origin, open=replica_id(task.job), avoid=(volunteer,))
+
+    def sampling_key(self) -> bytes:
+        """The ledger's sampling key, read once (it never changes)."""
+        if self._key is None:
+            self._key = self.ledger.replicas.sampling_key()
+        return self._key
 
     def _someone_else(self, volunteer: str) -> bool:
         """Whether an active volunteer other than ``volunteer`` may take tasks."""
@@ -231,7 +241,8 @@ class Replication:
         waiting = bool(open_runs) and now - group.opened < self.policy.timeout_s
         verdict = decide(group.task_id, runs, self._agrees(runs, records), waiting, 1 + len(group.runs))
         if verdict.third:
-            run = replica_id(group.task_id, len(group.runs) + 1)
+            task = self.ledger.tasks.get(group.task_id)
+            run = replica_id(group.job or (task.job if task else group.task_id))
             if self.ledger.replicas.add_run(group.task_id, run, [r.volunteer for r in runs]):
                 log.warning("the runs of task %s disagree; %s settles it", group.task_id, run,
                             extra=fields("replica.disagreed", task=group.task_id, job=group.job or None,

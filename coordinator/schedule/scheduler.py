@@ -41,6 +41,7 @@ from coordinator.ledger import (
     TaskState,
     count_states,
     is_twin,
+    new_secret,
 )
 from coordinator.schedule import standing
 from coordinator.schedule.holder import hand_back
@@ -49,10 +50,15 @@ from coordinator.settings import Settings
 from coordinator.schedule.transport import Dispatcher, Finished, Need, Node, roomiest, run_resources
 from nomoat import card as cards
 from nomoat.logs import fields
-from nomoat.spec import LoraConfig, TaskSpec, TrainConfig
+from nomoat.spec import VRAM_STEP_GB, LoraConfig, TaskSpec, TrainConfig
 from nomoat.v1 import nomoat_pb2 as pb
 
 log = logging.getLogger("nomoat.scheduler")
+
+
+def card_key(node: Node) -> str:
+    """How a task's memory floors name a card: its worker, or its node when it names none."""
+    return node.worker_id or node.node_id
 
 
 def units_for(speed: float, unit_tokens: int, target_seconds: float, most: int) -> int:
@@ -79,6 +85,9 @@ class Scheduler:
     _nodes: list[Node] = field(default_factory=list)
     # Settles replicated tasks each round (coordinator.schedule.replication.Replication); None: none are.
     replication: Any = None
+    # Node id -> when the last unit measured on it was accepted: the next unit of the same run
+    # started training then (units of a run train one after another), not at its lease.
+    _last_done: dict[str, float] = field(default_factory=dict)
 
     def config(self, job_id: str) -> JobConfig:
         if job_id not in self._configs:
@@ -98,9 +107,11 @@ class Scheduler:
 
     def need_gb(self, task: TaskRecord, node: Node | None = None) -> float:
         """The VRAM a card needs to be given ``task``: its job's plan for ``node`` (Need.on; without
-        a node, in 16 bits), or more than a card the task ran out of memory on."""
+        a node, in 16 bits), or, on a card the task ran out of memory on, more than that card."""
         need = self.need(task.job)
-        return max(need.on(node.vram_gb, node.loads_4bit) if node else need.vram_gb, task.min_vram_gb)
+        if node is None:
+            return need.vram_gb
+        return max(need.on(node.vram_gb, node.loads_4bit), task.vram_floors.get(card_key(node), 0.0))
 
     def fits(self, task: TaskRecord, node: Node) -> bool:
         return self.need_gb(task, node) <= node.vram_gb
@@ -112,7 +123,7 @@ class Scheduler:
 
     def smallest_gb(self, task: TaskRecord) -> float:
         """The least VRAM a card may have and be given ``task``: one that loads a 4-bit base."""
-        return max(self.need(task.job).smallest, task.min_vram_gb)
+        return self.need(task.job).smallest
 
     def speeds(self, nodes: list[Node]) -> dict[str, float]:
         """Node id -> the measured tokens/s of its worker, as the ledger holds it (the one source:
@@ -123,14 +134,16 @@ class Scheduler:
     def tick(self, now: float | None = None) -> set[str]:
         """One round; returns the running jobs with nothing left to train (ready for a last fold)."""
         now = now or time.time()
-        for task_id in self.ledger.leases.expire(now):
+        expired = self.ledger.leases.expire(now)
+        for task_id in expired:
             log.warning("the lease of task %s expired; it goes back in the queue", task_id,
                         extra=fields("lease.expired", task=task_id))
             if is_twin(task_id):
                 self.ledger.leases.retire_twin(task_id)
             self._cancel(task_id, f"its run was stopped when the lease of {task_id} expired")
+        self._abandoned(expired)
         for done in self.dispatcher.poll():
-            self._finished(done)
+            self._finished(done, now)
         if self.replication is not None:
             self.replication.sweep(now)
         nodes = self.dispatcher.nodes()
@@ -140,7 +153,7 @@ class Scheduler:
             self._speculate(now, idle, speeds)
         return self._review_jobs(nodes)
 
-    def _finished(self, done: Finished) -> None:
+    def _finished(self, done: Finished, now: float | None = None) -> None:
         if done.handed_back:  # the volunteer paused before it started: queued again, no attempt spent
             hand_back(self.ledger, done.task_id, done.fence, done.worker_id, done.error)
             return
@@ -152,13 +165,47 @@ class Scheduler:
                             extra=fields("task.failed", task=done.task_id, worker=done.worker_id or None,
                                          fence=done.fence, reason=done.error, now=state.value))
             if state is TaskState.PENDING and done.needs_vram_gb > 0:
-                self.ledger.tasks.require_vram(done.task_id, done.needs_vram_gb)
+                self._floor(done)
             return
-        self.ledger.workers.record_run(done.worker_id, done.node_id, done.tokens, done.seconds)
         task = self.ledger.tasks.get(done.task_id)
+        self._measure(done, task, now or time.time())
         partner = task.partner if task else ""
         if partner:  # the first result won; stop the other run (it would also stop by itself)
             self._cancel(partner, f"{done.task_id} finished first", only_alone=True)
+
+    def _floor(self, done: Finished) -> None:
+        """A unit out of memory on every plan of its card: the memory need it reports, bounded by
+        just above that card (it cannot know more), is the task's floor on that card only; one
+        report strands it on no other card."""
+        node = next((n for n in self._nodes if n.node_id == done.node_id), None)
+        if node is None:
+            return  # a card no longer seen: nothing to bound the report by, and nothing to keep off
+        need = min(done.needs_vram_gb, round(node.vram_gb + VRAM_STEP_GB, 2))
+        self.ledger.tasks.require_vram(done.task_id, card_key(node), need)
+
+    def _measure(self, done: Finished, task: TaskRecord | None, now: float) -> None:
+        """The card's speed as the coordinator's clock saw it, never as the worker says: the tokens
+        of the unit's shard (counted at submit) over the time from its lease (or from the run's
+        previous unit on the same card) to this round, which found its upload accepted. Only a
+        unit whose own upload was accepted counts; a run's units come back together, so the
+        first carries the run's time and the rest their tokens."""
+        if task is None or task.state is not TaskState.DONE or task.fence != done.fence:
+            return
+        start = max(task.leased_at, self._last_done.get(done.node_id, 0.0))
+        self._last_done[done.node_id] = now
+        self.ledger.workers.record_run(done.worker_id, done.node_id, task.tokens, max(0.0, now - start))
+
+    def _abandoned(self, task_ids: list[str]) -> None:
+        """Leases that expired without a report or a hand-back cost their holders trust (and the
+        tasks no attempt: coordinator.ledger.leases gave it back)."""
+        tasks = [t for t in self.ledger.tasks.many(task_ids) if t.holder_worker]
+        volunteers = self.ledger.trust.of_workers(t.holder_worker for t in tasks)
+        for task in tasks:
+            volunteer = volunteers.get(task.holder_worker, "")
+            self.ledger.trust.record(volunteer, standing.ABANDONED,
+                                     f"worker {task.holder_worker} let the lease of task {task.task_id} expire")
+            log.warning("worker %s abandoned task %s; its volunteer's trust pays for it", task.holder_worker,
+                        task.task_id, extra=fields("lease.abandoned", task=task.task_id, worker=task.holder_worker))
 
     def _cancel(self, task_id: str, why: str, only_alone: bool = False) -> None:
         """Stop the run holding ``task_id``. A run stops as a whole (Ray kills its process), so
@@ -186,9 +233,9 @@ class Scheduler:
         return self.training(self.config(job_id), noise, self.total_tasks(job_id))
 
     def spec(self, task: TaskRecord, fence: int, base_version: int, node: Node,
-             training: TaskTraining | None = None) -> TaskSpec:
+             training: TaskTraining | None = None, secret: str = "") -> TaskSpec:
         """What the worker on ``node`` needs to train ``task`` under ``fence`` (at ``training``,
-        by default the job's :meth:`job_training`)."""
+        by default the job's :meth:`job_training`), holding its lease with ``secret``."""
         config = self.config(task.job)
         training = training or self.job_training(task.job)
         return TaskSpec(
@@ -199,6 +246,7 @@ class Scheduler:
                               learning_rate=training.learning_rate, epochs=config.epochs,
                               seed=task.index, plan_model=config.plan_model, warm_start=config.warm_start),
             lease_ttl_s=self.settings.lease_ttl_s, worker_id=node.worker_id, card=self.card_of(node.worker_id),
+            lease_secret=secret,
         )
 
     def card_of(self, worker_id: str) -> cards.Card | None:
@@ -244,12 +292,14 @@ class Scheduler:
             specs = []
             training = self.job_training(run[0].job)
             for task in run:
+                # The lease is the run's on this card from now on: its worker and a secret only its spec carries.
+                secret = new_secret()
                 fence = self.ledger.leases.lease(task.task_id, now + self.settings.queue_timeout_s, base_version,
-                                                 self.settings.max_attempts)
+                                                 self.settings.max_attempts, node.worker_id, secret, now=now)
                 if fence > 0:
                     # a replica run trains on the version its task was given (pinned)
                     version = task.base_version if task.pinned else base_version
-                    specs.append(self.spec(task, fence, version, node, training))
+                    specs.append(self.spec(task, fence, version, node, training, secret))
                     again = f" again (attempt {task.attempts + 1})" if task.attempts else ""
                     log.info("task %s of job %s leased%s to worker %s (fence %d)", task.task_id, task.job, again,
                              node.worker_id or node.node_id[:12], fence,
@@ -313,14 +363,17 @@ class Scheduler:
             own_eta = now + task.tokens / speeds[card.node_id]
             if own_eta >= eta:
                 continue  # the run it would race is expected to finish first
-            twin, fence = self.ledger.leases.speculate(task.task_id, now + self.settings.queue_timeout_s)
+            secret = new_secret()
+            twin, fence = self.ledger.leases.speculate(task.task_id, now + self.settings.queue_timeout_s,
+                                                       card.worker_id, secret, now=now)
             if fence <= 0:
                 continue
             log.info("task %s runs long; also issued as %s to worker %s", task.task_id, twin, card.worker_id or "?",
                      extra=fields("task.speculated", task=task.task_id, job=task.job, twin=twin,
                                   worker=card.worker_id or None, fence=fence))
             twin_task = replace(task, task_id=twin)
-            self.dispatcher.submit([self.spec(twin_task, fence, self.ledger.versions.latest() or 0, card)],
+            self.dispatcher.submit([self.spec(twin_task, fence, self.ledger.versions.latest() or 0, card,
+                                              secret=secret)],
                                    run_resources(self.need_gb(task, card)), card.node_id)
             cards.remove(card)
             if not cards:

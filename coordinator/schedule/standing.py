@@ -38,6 +38,10 @@ PRIOR_GOOD = 2.0  # a new volunteer starts as if two of its adapters had been fo
 THROTTLE = 0.5  # below: fewer tasks, and every one replicated
 EXCLUDE = 0.25  # below: no tasks
 
+# A lease its holder let expire without a report or a hand-back: the task waited a lease lifetime
+# for nothing (it goes back in the queue without spending an attempt; its volunteer pays here).
+ABANDONED = "abandoned"
+
 # How much each outcome counts: positive for good work, negative for a failed check.
 WEIGHTS: dict[str, float] = {
     "accepted": 1.0,
@@ -49,6 +53,7 @@ WEIGHTS: dict[str, float] = {
     Check.FOLD.value: -0.5,  # an honest adapter can be the worst of a fold that did not publish
     Check.STALE.value: 0.0,
     Check.DISAGREED.value: -2.0,  # two other volunteers reproduced the task, and it did not
+    ABANDONED: -1.0,  # as a failed check: take-and-abandon is excluded as fast as bad work
 }
 
 

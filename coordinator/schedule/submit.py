@@ -23,6 +23,7 @@ from coordinator.ledger import (  # JobConfig: still importable from here
     JobRecord,
     Ledger,
     TaskRecord,
+    new_task_id,
 )
 from coordinator.settings import JobDefaults, Settings
 from coordinator.model.store import BlobStore
@@ -96,6 +97,15 @@ def split_tasks(token_counts: Sequence[int], tokens_per_task: int) -> list[tuple
 
 def records_lines(texts: Sequence[str]) -> list[bytes]:
     return [(json.dumps({"text": t}, ensure_ascii=False) + "\n").encode("utf-8") for t in texts]
+
+
+def task_ids(job_id: str, n: int) -> list[str]:
+    """``n`` distinct task ids for a job (coordinator.ledger.new_task_id): a task's id says
+    nothing of its place in the job, and a replica run's, made the same way, nothing of what it is."""
+    ids: list[str] = []
+    while len(ids) < n:
+        ids = list(dict.fromkeys(ids + [new_task_id(job_id) for _ in range(n - len(ids))]))
+    return ids
 
 
 def records_blob(texts: Sequence[str]) -> bytes:
@@ -219,8 +229,9 @@ def submit(
         lines = records_lines(records)
         records_sha = store.put(b"".join(lines))
         index_sha = store.put(shards.index_of(lines))  # a task's shard is read by byte range
+        ids = task_ids(job_id, len(ranges))
         tasks = [
-            TaskRecord(task_id=f"{job_id}-t{i:03d}", job=job_id, index=i, start=n_val + s, end=n_val + e,
+            TaskRecord(task_id=ids[i], job=job_id, index=i, start=n_val + s, end=n_val + e,
                        tokens=sum(counts[s:e]) * config.epochs)
             for i, (s, e) in enumerate(ranges)
         ]

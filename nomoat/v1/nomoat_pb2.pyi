@@ -210,16 +210,25 @@ class WorkReply(_message.Message):
     def __init__(self, run_id: _Optional[str] = ..., task_specs: _Optional[_Iterable[str]] = ..., poll_again_s: _Optional[float] = ...) -> None: ...
 
 class RunReport(_message.Message):
-    __slots__ = ("worker_id", "run_id", "units", "handed_back")
+    __slots__ = ("worker_id", "run_id", "units", "handed_back", "lease_secrets")
+    class LeaseSecretsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     UNITS_FIELD_NUMBER: _ClassVar[int]
     HANDED_BACK_FIELD_NUMBER: _ClassVar[int]
+    LEASE_SECRETS_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     run_id: str
     units: _containers.RepeatedScalarFieldContainer[str]
     handed_back: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, worker_id: _Optional[str] = ..., run_id: _Optional[str] = ..., units: _Optional[_Iterable[str]] = ..., handed_back: _Optional[_Iterable[str]] = ...) -> None: ...
+    lease_secrets: _containers.ScalarMap[str, str]
+    def __init__(self, worker_id: _Optional[str] = ..., run_id: _Optional[str] = ..., units: _Optional[_Iterable[str]] = ..., handed_back: _Optional[_Iterable[str]] = ..., lease_secrets: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class RunReportReply(_message.Message):
     __slots__ = ("ok",)
@@ -282,14 +291,18 @@ class WorkerStatsReply(_message.Message):
     def __init__(self, volunteer: _Optional[str] = ..., workers: _Optional[_Iterable[_Union[WorkerInfo, _Mapping]]] = ..., tasks_done: _Optional[int] = ..., tokens_trained: _Optional[float] = ..., adapters_folded: _Optional[int] = ..., adapters_refused: _Optional[int] = ..., replicas_agreed: _Optional[int] = ..., replicas_disagreed: _Optional[int] = ..., reasons: _Optional[_Iterable[_Union[CheckCount, _Mapping]]] = ..., recent: _Optional[_Iterable[str]] = ..., versions: _Optional[_Iterable[_Union[VersionShare, _Mapping]]] = ..., trust: _Optional[str] = ..., trust_score: _Optional[float] = ..., trust_reason: _Optional[str] = ...) -> None: ...
 
 class UploadOffsetRequest(_message.Message):
-    __slots__ = ("task_id", "fence", "sha256")
+    __slots__ = ("task_id", "fence", "sha256", "worker_id", "lease_secret")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     FENCE_FIELD_NUMBER: _ClassVar[int]
     SHA256_FIELD_NUMBER: _ClassVar[int]
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    LEASE_SECRET_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     fence: int
     sha256: str
-    def __init__(self, task_id: _Optional[str] = ..., fence: _Optional[int] = ..., sha256: _Optional[str] = ...) -> None: ...
+    worker_id: str
+    lease_secret: str
+    def __init__(self, task_id: _Optional[str] = ..., fence: _Optional[int] = ..., sha256: _Optional[str] = ..., worker_id: _Optional[str] = ..., lease_secret: _Optional[str] = ...) -> None: ...
 
 class UploadOffsetReply(_message.Message):
     __slots__ = ("offset",)
@@ -342,16 +355,18 @@ class RegisterReply(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., ray_address: _Optional[str] = ..., ray_auth_token: _Optional[str] = ..., lineage: _Optional[str] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
-    __slots__ = ("task_id", "fence", "worker_id", "event")
+    __slots__ = ("task_id", "fence", "worker_id", "event", "lease_secret")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     FENCE_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     EVENT_FIELD_NUMBER: _ClassVar[int]
+    LEASE_SECRET_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     fence: int
     worker_id: str
     event: str
-    def __init__(self, task_id: _Optional[str] = ..., fence: _Optional[int] = ..., worker_id: _Optional[str] = ..., event: _Optional[str] = ...) -> None: ...
+    lease_secret: str
+    def __init__(self, task_id: _Optional[str] = ..., fence: _Optional[int] = ..., worker_id: _Optional[str] = ..., event: _Optional[str] = ..., lease_secret: _Optional[str] = ...) -> None: ...
 
 class HeartbeatReply(_message.Message):
     __slots__ = ("ok", "deadline", "reason", "base_version", "lineage")
@@ -368,12 +383,16 @@ class HeartbeatReply(_message.Message):
     def __init__(self, ok: _Optional[bool] = ..., deadline: _Optional[float] = ..., reason: _Optional[str] = ..., base_version: _Optional[int] = ..., lineage: _Optional[str] = ...) -> None: ...
 
 class FetchShardRequest(_message.Message):
-    __slots__ = ("task_id", "fence")
+    __slots__ = ("task_id", "fence", "worker_id", "lease_secret")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     FENCE_FIELD_NUMBER: _ClassVar[int]
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    LEASE_SECRET_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     fence: int
-    def __init__(self, task_id: _Optional[str] = ..., fence: _Optional[int] = ...) -> None: ...
+    worker_id: str
+    lease_secret: str
+    def __init__(self, task_id: _Optional[str] = ..., fence: _Optional[int] = ..., worker_id: _Optional[str] = ..., lease_secret: _Optional[str] = ...) -> None: ...
 
 class DataChunk(_message.Message):
     __slots__ = ("data",)
@@ -382,7 +401,7 @@ class DataChunk(_message.Message):
     def __init__(self, data: _Optional[bytes] = ...) -> None: ...
 
 class AdapterManifest(_message.Message):
-    __slots__ = ("task_id", "fence", "base_version", "rank", "alpha", "tokens", "train_loss", "sha256", "size", "worker_id", "offset", "train_seconds", "lineage", "grad_micro_sq", "grad_batch_sq", "grad_micro_batch", "grad_batch_size")
+    __slots__ = ("task_id", "fence", "base_version", "rank", "alpha", "tokens", "train_loss", "sha256", "size", "worker_id", "offset", "train_seconds", "lineage", "grad_micro_sq", "grad_batch_sq", "grad_micro_batch", "grad_batch_size", "lease_secret")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     FENCE_FIELD_NUMBER: _ClassVar[int]
     BASE_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -400,6 +419,7 @@ class AdapterManifest(_message.Message):
     GRAD_BATCH_SQ_FIELD_NUMBER: _ClassVar[int]
     GRAD_MICRO_BATCH_FIELD_NUMBER: _ClassVar[int]
     GRAD_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    LEASE_SECRET_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     fence: int
     base_version: int
@@ -417,7 +437,8 @@ class AdapterManifest(_message.Message):
     grad_batch_sq: float
     grad_micro_batch: float
     grad_batch_size: float
-    def __init__(self, task_id: _Optional[str] = ..., fence: _Optional[int] = ..., base_version: _Optional[int] = ..., rank: _Optional[int] = ..., alpha: _Optional[float] = ..., tokens: _Optional[int] = ..., train_loss: _Optional[float] = ..., sha256: _Optional[str] = ..., size: _Optional[int] = ..., worker_id: _Optional[str] = ..., offset: _Optional[int] = ..., train_seconds: _Optional[float] = ..., lineage: _Optional[str] = ..., grad_micro_sq: _Optional[float] = ..., grad_batch_sq: _Optional[float] = ..., grad_micro_batch: _Optional[float] = ..., grad_batch_size: _Optional[float] = ...) -> None: ...
+    lease_secret: str
+    def __init__(self, task_id: _Optional[str] = ..., fence: _Optional[int] = ..., base_version: _Optional[int] = ..., rank: _Optional[int] = ..., alpha: _Optional[float] = ..., tokens: _Optional[int] = ..., train_loss: _Optional[float] = ..., sha256: _Optional[str] = ..., size: _Optional[int] = ..., worker_id: _Optional[str] = ..., offset: _Optional[int] = ..., train_seconds: _Optional[float] = ..., lineage: _Optional[str] = ..., grad_micro_sq: _Optional[float] = ..., grad_batch_sq: _Optional[float] = ..., grad_micro_batch: _Optional[float] = ..., grad_batch_size: _Optional[float] = ..., lease_secret: _Optional[str] = ...) -> None: ...
 
 class UploadChunk(_message.Message):
     __slots__ = ("manifest", "data")
