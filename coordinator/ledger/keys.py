@@ -89,3 +89,20 @@ def outbound_run(run_id: str) -> str:
 def token_workers(token_hash: str) -> str:
     """Set: the ids of the workers a token registered (how many it has active is read from WORKERS)."""
     return f"{PREFIX}token:{token_hash}:workers"
+
+
+# Leader leases (coordinator.ledger.leaders): one scheduler and one folder at a time.
+LEADER_ROLES = ("scheduler", "folder")
+
+
+def leader(role: str) -> str:
+    """String, with a TTL: "<fence>:<holder>" of the process leading ``role`` (absent: nobody leads)."""
+    return f"{PREFIX}leader:{role}"
+
+
+def leader_fence(role: str) -> str:
+    """Counter: the fences of ``role``'s leader terms, strictly increasing (a new one per term)."""
+    return f"{PREFIX}leader:{role}:fence"
+
+
+IDLE_JOBS = PREFIX + "jobs:idle"  # string: JSON list of running jobs with nothing left to train (the scheduler's word to the folder)
