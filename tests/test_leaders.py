@@ -209,3 +209,18 @@ def test_a_paused_folder_is_refused_at_publish_and_resynced_to_the_ledger(two_fo
     rebuilt = rig.history.rebuild(1).master(list(rig.targets))
     assert all(torch.equal(rig.folder.model.master([m])[m], w) for m, w in rebuilt.items())
     consistency.check(rig.ledger)
+
+
+def test_the_consistency_check_sees_a_version_published_out_of_fence_order(ledger: Ledger) -> None:
+    a, b = (Leadership(ledger.r, "folder", LONG, holder=h) for h in ("a", "b"))
+    ledger.versions.publish(VersionRecord(version=0, parent=-1))
+    first = a.campaign()
+    ledger.versions.publish(VersionRecord(version=1, parent=0), leader=first)
+    a.resign()
+    second = b.campaign()
+    ledger.versions.publish(VersionRecord(version=2, parent=1), leader=second)
+    assert consistency.problems(ledger)[0] == []
+    # What a paused leader's write would leave if nothing checked its fence: version 3 under fence 1.
+    ledger.versions.publish(VersionRecord(version=3, parent=2))
+    ledger.r.hset(keys.version(3), "leader_fence", first.number)
+    assert any("after a version under fence" in p for p in consistency.problems(ledger)[0])
