@@ -263,6 +263,8 @@ class Folder:
     def fold(self, entries: list[AdapterRecord]) -> int | None:
         current = self.version
         job_ids = sorted({e.job for e in entries})
+        log.info("folding %d adapters onto version %d (jobs %s)", len(entries), current, ", ".join(job_ids),
+                 extra=fields("fold.started", version=current, jobs=job_ids, adapters=len(entries)))
         candidates = self._gate(entries, current)
         if not candidates:
             log.warning("no version after %d: all %d adapters were refused", current, len(entries),
