@@ -5,6 +5,11 @@ token, unless --ray-address names the operator's cluster, whose token it then us
 the running model (version 0 is the base model, published on first start; later starts load the
 newest version), then the gRPC server and two loops: the scheduler and the folder. Shutdown
 runs the same list backwards.
+
+``Settings.role`` picks the parts: ``all`` runs every one; ``gateway`` serves gRPC and HTTP only
+(no loops, no Ray driver); ``scheduler`` and ``folder`` run that loop only. Each loop runs while
+its process leads the role (coordinator.ledger.leaders) and writes under that lease's fence, so
+any number of processes of any roles can share one Redis.
 """
 
 from __future__ import annotations
@@ -38,6 +43,8 @@ from coordinator.gateway.long_polls import Wakeups
 from coordinator.fold.folder import Folder
 from coordinator.model.history import History
 from coordinator.ledger import Ledger, VersionRecord
+from coordinator.ledger.leaders import Leadership, NotLeader, Term
+from coordinator.ledger.versions import VersionConflict
 from coordinator.model.running import RunningModel
 from coordinator.ledger.redis_server import EmbeddedRedis
 from coordinator.schedule.replication import Replication
@@ -146,7 +153,7 @@ class Coordinator:
         self._redis_server: EmbeddedRedis | None = None
         self._ray_head: ray_node.RayNode | None = None
         self._ray_temp_dir: Path | None = None
-        self.idle_jobs: set[str] = set()
+        self.scheduler_term = Term()  # the scheduler's fence, shared with its outbound dispatcher
         self.server: LoopServer | None = None
         self.web: WebServer | None = None  # the HTTP port, when settings.http names one
         self.web_error = ""  # why it could not be served, when it could not
@@ -163,11 +170,14 @@ class Coordinator:
         # For machines that trust each other only: it is given the Ray cluster's token.
         self.trusted_token = self.registry.ensure_file(self.data_dir / "trusted-worker.token", "trusted-worker")
         self.store = BlobStore(self.data_dir / "blobs")
+        self.replication = Replication(self.settings, self.ledger, self.store)
         self._start_model()
         self._start_ray()
-        self._start_grpc()
+        if self.settings.serves:
+            self._start_grpc()
         self._start_loops()
-        self._start_http()
+        if self.settings.serves:
+            self._start_http()
 
     def _start_redis(self) -> None:
         url = self.settings.redis_url
@@ -209,9 +219,12 @@ class Coordinator:
         if latest is None:
             self.model = RunningModel(base_model_folder(self.settings.base_model), device)
             files = self.model.publish(self.store)
-            self.ledger.versions.publish(VersionRecord(version=0, parent=-1, files=files))
-            log.info("version 0 is the base model %s", self.settings.base_model)
-        else:
+            try:
+                self.ledger.versions.publish(VersionRecord(version=0, parent=-1, files=files))
+                log.info("version 0 is the base model %s", self.settings.base_model)
+            except (VersionConflict, redis.WatchError):  # another process of this coordinator came first
+                latest = self.ledger.versions.latest()
+        if latest is not None:
             self.model = self.history.rebuild(latest)
             log.info("resuming from version %d", latest)
         log.info("model lineage %s", self.history.lineage().id)  # fixed with version 0, once
@@ -223,6 +236,10 @@ class Coordinator:
 
         Raises RayClusterError (a sentence) when the operator's cluster cannot be used.
         """
+        self.ray_dispatcher = None
+        if not (self.settings.schedules and self.settings.uses_ray):
+            self._without_ray()
+            return
         address = self.settings.ray_address
         if address:
             # The cluster's token is the operator's; workers are given the same one to join it.
@@ -257,14 +274,28 @@ class Coordinator:
         # One scheduler, two transports: trusted Ray nodes and outbound-only volunteers. The Ray
         # one also takes evaluation tasks (trusted workers only: --eval-on).
         self.ray_dispatcher = RayDispatcher()
-        self.dispatcher = Dispatchers(self.ray_dispatcher,
-                                      OutboundDispatcher(self.ledger, self.settings.outbound_liveness_s))
+        self.dispatcher = Dispatchers(self.ray_dispatcher, OutboundDispatcher(
+            self.ledger, self.settings.outbound_liveness_s, term=self.scheduler_term))
+
+    def _without_ray(self) -> None:
+        """A process that drives no Ray: a gateway or a folder (or any role with --ray-address off).
+        A gateway still hands the operator's cluster (--ray-address) to trusted workers; a
+        scheduler places runs on outbound volunteers only."""
+        from coordinator.schedule.inbox_dispatch import OutboundDispatcher
+        from coordinator.schedule.transport import Dispatchers
+
+        address = self.settings.ray_address if self.settings.uses_ray else None
+        self.ray_address, self.ray_token = "", ""
+        if address:
+            self.ray_token = ray_node.operator_token(self.settings.ray_token_file)
+            self.ray_address = address
+        self.dispatcher = Dispatchers(OutboundDispatcher(self.ledger, self.settings.outbound_liveness_s,
+                                                         term=self.scheduler_term))
 
     def _start_grpc(self) -> None:
         deps = servicers.Deps(self.settings, self.ledger, self.store, self.registry, self.model.tokenizer,
                             self.shapes, self.ray_address, self.ray_token, history=self.history,
-                            uploads=PartialUploads(self.data_dir / "uploads"),
-                            replication=Replication(self.settings, self.ledger, self.store))
+                            uploads=PartialUploads(self.data_dir / "uploads"), replication=self.replication)
         self._spawn("uploads-sweep", self._sweep_uploads)
         self.deps = deps
         self.server, self.health = grpc_server(deps)
@@ -278,22 +309,37 @@ class Coordinator:
         self.health.set("", health_pb2.HealthCheckResponse.SERVING)
 
     def _start_loops(self) -> None:
+        """The scheduler and the folder, each campaigning for its leader lease and running its
+        loop while it leads (coordinator.ledger.leaders); a gateway keeps a folder only for the
+        admin's rollback and unmerge, which publish under the version number they computed on."""
         from coordinator.schedule.ray_dispatch import task_need
 
         model_config = self.model.model.config
-        self.scheduler = Scheduler(self.settings, self.ledger, self.dispatcher, self.worker_token,
-                                   lambda job_config: task_need(model_config, job_config),
-                                   replication=self.deps.replication)
-        self.folder = Folder(self.settings, self.ledger, self.store, self.model, self.history,
-                             evaluator=self._evaluator())
-        self.deps.operations = self.folder
-        # Counted from now, when workers can reach us again, not from when Redis came up.
+        if self.settings.schedules:
+            self.scheduler = Scheduler(self.settings, self.ledger, self.dispatcher, self.worker_token,
+                                       lambda job_config: task_need(model_config, job_config),
+                                       replication=self.replication, term=self.scheduler_term)
+            self.scheduling = Leadership(self.r, "scheduler", self.settings.leader_ttl_s)
+            self._spawn("lead-scheduler", lambda: self.scheduling.run(self._stopping))
+            self._spawn("scheduler", self._schedule_loop)
+        if self.settings.folds or self.settings.serves:
+            self.folder = Folder(self.settings, self.ledger, self.store, self.model, self.history,
+                                 evaluator=self._evaluator())
+        if self.settings.serves:
+            self.deps.operations = self.folder
+        if self.settings.folds:
+            self.folding = Leadership(self.r, "folder", self.settings.leader_ttl_s)
+            self._spawn("lead-folder", lambda: self.folding.run(self._stopping))
+            self._spawn("folder", self._fold_loop)
+
+    def _begin_scheduling(self) -> None:
+        """A new term as the scheduler (this process's first, or a takeover): every lease gets one
+        TTL from now to be renewed, counted from when a scheduler watches again (the previous one
+        may have been dead for a while, and workers could not be told anything meanwhile)."""
         moved = self.ledger.leases.reset(time.time() + self.settings.lease_ttl_s)
         if moved:
-            log.info("%d leases from before the restart must be renewed within %.0f s", moved,
+            log.info("%d leases from before this scheduler took over must be renewed within %.0f s", moved,
                      self.settings.lease_ttl_s)
-        self._spawn("scheduler", self._schedule_loop)
-        self._spawn("folder", self._fold_loop)
 
     def _evaluator(self) -> evaluators.Evaluator:
         """Where the folder's evaluations run (--eval-on; coordinator.fold.evaluators.evaluator_for)."""
@@ -352,9 +398,20 @@ class Coordinator:
                 return
 
     def _schedule_loop(self) -> None:
+        term = 0
         while not self._stopping.wait(self.settings.tick_s):
+            fence = self.scheduling.fence()
+            if fence is None:
+                continue  # a standby: another process schedules
             try:
-                self.idle_jobs = self.scheduler.tick()
+                if self.scheduling.terms != term:
+                    term = self.scheduling.terms
+                    self._begin_scheduling()
+                idle = self.scheduler.tick(leader=fence)
+                # For the folder, which may be another process: fold these jobs' last adapters now.
+                self.ledger.jobs.set_idle(idle, max(5.0, 10 * self.settings.tick_s))
+            except NotLeader as exc:
+                log.warning("this process stopped scheduling mid-round: %s", exc)
             except redis.ConnectionError as exc:
                 log.warning("Redis is unreachable (%s); retrying", exc)
             except Exception:  # noqa: BLE001  (the loop must outlive one bad round)
@@ -362,8 +419,13 @@ class Coordinator:
 
     def _fold_loop(self) -> None:
         while not self._stopping.wait(self.settings.tick_s):
+            fence = self.folding.fence()
+            if fence is None:
+                continue  # a standby: another process folds
             try:
-                self.folder.maybe_fold(self.idle_jobs)
+                self.folder.maybe_fold(self.ledger.jobs.idle(), leader=fence)
+            except NotLeader as exc:
+                log.warning("this process stopped folding: %s", exc)
             except redis.ConnectionError as exc:
                 log.warning("Redis is unreachable (%s); retrying", exc)
             except Exception:  # noqa: BLE001

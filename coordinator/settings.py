@@ -33,9 +33,19 @@ class JobDefaults:
     warm_start: bool = False
 
 
+ROLES = ("all", "gateway", "scheduler", "folder")  # what one coordinator process does (Settings.role)
+
+
 @dataclass(frozen=True)
 class Settings:
     data_dir: Path
+    # all: everything in one process (the default, the demo). gateway: gRPC and HTTP only, as many
+    # as wanted; scheduler, folder: that loop only, under a leader lease (one leads, the rest wait).
+    # Several "all" processes on one Redis are safe too: each serves, one schedules, one folds.
+    role: str = "all"
+    # A leader's lease (coordinator.ledger.leaders): a standby takes over within about this long
+    # after its leader dies; a leader that cannot renew for this long stops writing.
+    leader_ttl_s: float = 15.0
     listen: str = "127.0.0.1:50051"
     # Where volunteers reach this coordinator (printed in the join command); defaults to listen.
     public_address: str = ""
@@ -172,3 +182,23 @@ class Settings:
     @property
     def join_address(self) -> str:
         return self.public_address or self.listen
+
+    @property
+    def serves(self) -> bool:
+        """Whether this process serves gRPC and HTTP (a gateway)."""
+        return self.role in ("all", "gateway")
+
+    @property
+    def schedules(self) -> bool:
+        """Whether this process campaigns to lead the scheduler."""
+        return self.role in ("all", "scheduler")
+
+    @property
+    def folds(self) -> bool:
+        """Whether this process campaigns to lead the folder."""
+        return self.role in ("all", "folder")
+
+    @property
+    def uses_ray(self) -> bool:
+        """``--ray-address off``: no Ray at all (outbound volunteers only)."""
+        return self.ray_address != "off"

@@ -30,15 +30,24 @@ class LazyGroup(click.Group):
 
 
 def _coordinator_start() -> click.Command:
-    from coordinator.settings import JobDefaults, Settings
+    from coordinator.settings import ROLES, JobDefaults, Settings
 
     @click.command("start", epilog=f"Example: {EXAMPLES['coordinator']}")
     @click.option("--data-dir", default="./nomoat-data", show_default=True, type=click.Path(file_okay=False))
+    @click.option("--role", default="all", show_default=True, type=click.Choice(ROLES),
+                  help="What this process does: all; gateway (gRPC and HTTP only, run several behind a load "
+                       "balancer); scheduler or folder (that loop only, one leads at a time, the rest stand by). "
+                       "Processes of one coordinator share --redis-url and the blob store.")
+    @click.option("--leader-ttl", default=Settings.leader_ttl_s, show_default=True, type=click.FloatRange(min=0.5),
+                  help="Seconds a scheduler's or folder's leader lease lasts: a standby takes over about this "
+                       "long after its leader dies.")
     @click.option("--listen", default="127.0.0.1:50051", show_default=True, help="gRPC address to listen on.")
     @click.option("--public-address", default="", help="HOST:PORT volunteers use to reach this coordinator.")
     @click.option("--redis-url", default=None,
                   help="External Redis 6.2+/Valkey (redis://:PASSWORD@HOST:PORT/0); default: an embedded redis-server.")
-    @click.option("--ray-address", default=None, help="Existing Ray cluster (HEAD:PORT); default: start a head.")
+    @click.option("--ray-address", default=None,
+                  help="Existing Ray cluster (HEAD:PORT); default: start a head; 'off': no Ray, outbound "
+                       "volunteers only.")
     @click.option("--ray-token-file", default=None, type=click.Path(dir_okay=False),
                   help="With --ray-address: the file holding that cluster's token "
                        "(default: RAY_AUTH_TOKEN, else ~/.ray/auth_token).")
@@ -88,7 +97,7 @@ def _coordinator_start() -> click.Command:
                   help="Seconds a delegated evaluation may take before the coordinator runs it itself.")
     @log_format_option
     @click.pass_context
-    def coordinator_start(ctx, data_dir, listen, public_address, redis_url, ray_address, ray_token_file, ray_node_ip,
+    def coordinator_start(ctx, data_dir, role, leader_ttl, listen, public_address, redis_url, ray_address, ray_token_file, ray_node_ip,
                           base_model, fold_every, fold_timeout, tokens_per_task, outer_momentum, outer_lr,
                           keep_global_batch, size_from_noise, lease_ttl, max_attempts, max_workers_per_token,
                           replicate_fraction, tls_cert, tls_key, http, device, eval_tokens, eval_dtype,
@@ -105,14 +114,14 @@ def _coordinator_start() -> click.Command:
 
         if bool(tls_cert) != bool(tls_key):
             fail("--tls-cert and --tls-key go together")
-        if ray_token_file and not ray_address:
+        if ray_token_file and (not ray_address or ray_address == "off"):
             fail("--ray-token-file is the token of the cluster that --ray-address names; pass both")
         http = "" if http.lower() in ("off", "") else http
         host, _, port = http.rpartition(":")
         if http and (not host or not port.isdigit()):
             fail(f"--http {http}: give HOST:PORT, such as {DASHBOARD}, or 'off'")
         settings = Settings(
-            data_dir=Path(data_dir).resolve(), listen=listen, public_address=public_address, redis_url=redis_url,
+            data_dir=Path(data_dir).resolve(), role=role, leader_ttl_s=leader_ttl, listen=listen, public_address=public_address, redis_url=redis_url,
             ray_address=ray_address, ray_token_file=ray_token_file, ray_node_ip=ray_node_ip, base_model=base_model,
             fold_every=fold_every, fold_timeout_s=fold_timeout, job=JobDefaults(tokens_per_task=tokens_per_task),
             outer_momentum=outer_momentum, outer_lr=outer_lr, keep_global_batch=keep_global_batch,
@@ -125,11 +134,18 @@ def _coordinator_start() -> click.Command:
         try:
             click.echo(f"starting the coordinator in {settings.data_dir} ...")
             node.start()
-            click.echo(f"coordinator listening on {listen}; Ray cluster at {node.ray_address}")
+            if not settings.serves:
+                click.echo(f"coordinator {role} started: it runs while it leads the {role} (one process at a time; "
+                           f"a standby takes over within {leader_ttl:g} s). Ctrl-C stops it.")
+                wait_for_signal()
+                return
+            ray = f"Ray cluster at {node.ray_address}" if node.ray_address else "no Ray (outbound volunteers only)"
+            click.echo(f"coordinator listening on {listen}{'' if role == 'all' else ' (gateway)'}; {ray}")
             click.echo(f"admin token: {settings.data_dir / 'admin.token'} (keep it secret)")
             click.echo("volunteers join with (outbound-only; no Ray, no open port):\n  " + node.join_command())
-            click.echo("trusted machines only (Ray mode; its token runs code on every node, never share it):\n  "
-                       + node.trusted_join_command())
+            if node.ray_address:
+                click.echo("trusted machines only (Ray mode; its token runs code on every node, never share it):\n  "
+                           + node.trusted_join_command())
             say_dashboard(node, explicit=ctx.get_parameter_source("http") is not click.core.ParameterSource.DEFAULT)
             wait_for_signal()
         except (RayClusterError, RayNodeError) as exc:  # an operator's cluster, or the head we start

@@ -142,6 +142,15 @@ def problems(ledger: Ledger) -> tuple[list[str], dict[str, int]]:
         if adapter is None or adapter.state is not AdapterState.BUFFERED:
             bad.append(f"adapter {adapter_id} is in the fold buffer but is {adapter and adapter.state}")
 
+    # A task and its speculative twin train one shard: at most one adapter of the two is ever
+    # accepted (the first completes both, in one step), or the shard would be folded twice.
+    shards = Counter(a.task.removesuffix(".spec") for a in adapters.values()
+                     if a.state in (AdapterState.BUFFERED, AdapterState.FOLDED, AdapterState.HELD,
+                                    AdapterState.UNMERGED))
+    for shard, n in shards.items():
+        if n > 1:
+            bad.append(f"task {shard} and its twin have {n} adapters accepted: the shard would be folded twice")
+
     versions = ledger.versions.all()
     numbers = [v.version for v in versions]
     if numbers != list(range(len(numbers))):
@@ -158,6 +167,7 @@ def problems(ledger: Ledger) -> tuple[list[str], dict[str, int]]:
             bad.append(f"version {v.version} has parent {v.parent}")
         if math.isinf(v.eval_loss):
             bad.append(f"version {v.version} has an infinite eval loss")
+    bad += leader_problems(ledger, numbers)
     counted = sum(job.adapters_folded for job in (ledger.jobs.get(j) for j in job_ids) if job)
     if counted != len(folded):
         bad.append(f"jobs count {counted} folded adapters but versions hold {len(folded)}")
@@ -170,6 +180,31 @@ def problems(ledger: Ledger) -> tuple[list[str], dict[str, int]]:
               "adapters": len(adapters), "buffered": len(set(buffer)), "folded": len(folded),
               "versions": len(versions)}
     return bad, counts
+
+
+def leader_problems(ledger: Ledger, numbers: list[int]) -> list[str]:
+    """Leader leases (coordinator.ledger.leaders): each role's lease names a fence its counter
+    issued, and the versions a folder published under a fence were published in fence order (a
+    version under an older fence after one under a newer: a paused leader wrote after its term)."""
+    bad = []
+    for role in keys.LEADER_ROLES:
+        issued = int(ledger.r.get(keys.leader_fence(role)) or 0)
+        held = ledger.r.get(keys.leader(role))
+        if held is not None and int(held.decode().split(":", 1)[0]) > issued:
+            bad.append(f"the {role} lease {held.decode()} names a fence beyond its counter {issued}")
+    issued = int(ledger.r.get(keys.leader_fence("folder")) or 0)
+    last = 0
+    for n in numbers:
+        raw = ledger.r.hget(keys.version(n), "leader_fence")
+        if raw is None:
+            continue
+        fence = int(raw)
+        if fence > issued:
+            bad.append(f"version {n} was published under folder fence {fence}, beyond the counter {issued}")
+        if fence < last:
+            bad.append(f"version {n} was published under folder fence {fence} after a version under fence {last}")
+        last = max(last, fence)
+    return bad
 
 
 def check(ledger: Ledger) -> dict[str, int]:

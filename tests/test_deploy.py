@@ -481,3 +481,99 @@ def test_systemd_security_check_catches_a_unit_without_hardening(tmp_path: Path)
     bare.write_text(re.sub(r"# Hardening.*?(?=\[Install\])", "", text, flags=re.DOTALL))
     assert "ProtectSystem" not in bare.read_text()
     assert exposure_ok(tmp_path / "b", bare).returncode != 0
+
+
+# -- several processes: gateways behind a load balancer, a scheduler, a folder -------------------
+
+SPLIT_COMPOSE = DEPLOY / "compose" / "split.yaml"
+HAPROXY_CFG = DEPLOY / "compose" / "haproxy" / "haproxy.cfg"
+SPLIT_KUBERNETES = KUBERNETES / "split" / "coordinator.yaml"
+HAPROXY = shutil.which("haproxy") or ("/usr/sbin/haproxy" if Path("/usr/sbin/haproxy").exists() else None)
+
+
+def split_compose() -> dict[str, Any]:
+    return yaml.safe_load(SPLIT_COMPOSE.read_text())
+
+
+def split_manifests() -> list[dict[str, Any]]:
+    return [doc for doc in yaml.safe_load_all(SPLIT_KUBERNETES.read_text()) if doc]
+
+
+def _coordinator_params(args: list[str]) -> dict[str, Any]:
+    return parse(args).params
+
+
+def test_split_compose_matches_the_compose_specification_and_wires_the_roles() -> None:
+    spec = split_compose()
+    assert schema_errors(compose_validator(), spec) == []
+    services = spec["services"]
+    roles = {}
+    for name, service in services.items():
+        args = _nomoat_in(list(service.get("command") or []))
+        if args and args[:2] == ["coordinator", "start"]:
+            params = _coordinator_params(args)
+            roles[name] = params
+            assert params["redis_url"] == "redis://:${REDIS_PASSWORD}@redis:6379/0", name
+            assert params["data_dir"] in [v.split(":")[1] for v in service["volumes"]], name
+            assert "coordinator-data:/data" in service["volumes"], f"{name} does not share the blob store"
+            assert params["public_address"] == "haproxy:50051", name
+    assert {n: p["role"] for n, p in roles.items()} == {"gateway": "gateway", "scheduler": "scheduler",
+                                                        "folder": "folder"}
+    assert services["gateway"]["deploy"]["replicas"] >= 2, "two gateways behind the load balancer"
+    assert roles["gateway"]["listen"].endswith(":50051")
+    worker = parse(_nomoat_in(list(services["worker"]["command"])))
+    assert worker.obj["coordinator"] == "haproxy:50051" and not worker.params.get("ray")
+    # HAProxy from Debian's own package, its config the one checked below.
+    dockerfile = (SPLIT_COMPOSE.parent / services["haproxy"]["build"]["context"] / "Dockerfile").read_text()
+    assert re.search(r"^FROM debian:", dockerfile, re.M) and "apt-get install" in dockerfile and " haproxy" in dockerfile
+    assert "COPY haproxy.cfg /etc/haproxy/haproxy.cfg" in dockerfile
+
+
+def test_haproxy_carries_grpc_to_every_gateway() -> None:
+    text = HAPROXY_CFG.read_text()
+    # gRPC is HTTP/2: at layer 4 (mode tcp), or at layer 7 only with proto h2 on the servers.
+    assert re.search(r"^\s*mode tcp\b", text, re.M) or re.search(r"proto h2", text)
+    spec = split_compose()
+    port = spec["services"]["gateway"]["command"]
+    listen = _coordinator_params(_nomoat_in(list(port)))["listen"].rsplit(":", 1)[1]
+    assert re.search(rf"server-template \S+ \d+ gateway:{listen}\b", text), "HAProxy does not find the gateways"
+    assert re.search(r"^\s*bind :50051\b", text, re.M)
+
+
+@pytest.mark.skipif(HAPROXY is None, reason="haproxy is not installed (Debian package: haproxy)")
+def test_haproxy_config_is_valid_for_debians_haproxy(tmp_path: Path) -> None:
+    checked = subprocess.run([HAPROXY, "-c", "-f", str(HAPROXY_CFG)], capture_output=True, text=True, timeout=30)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    broken = tmp_path / "broken.cfg"
+    broken.write_text(HAPROXY_CFG.read_text().replace("balance leastconn", "balance lastconn"))
+    assert subprocess.run([HAPROXY, "-c", "-f", str(broken)], capture_output=True, timeout=30).returncode != 0
+
+
+@pytest.mark.parametrize("doc", split_manifests(), ids=lambda d: f"{d['kind']}-{d['metadata']['name']}")
+def test_split_kubernetes_manifests_match_the_kubernetes_schemas(doc: dict[str, Any]) -> None:
+    assert kubernetes_errors(doc) == ""
+
+
+def test_split_kubernetes_runs_gateways_and_two_of_each_leader() -> None:
+    docs = split_manifests()
+    deployments = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Deployment"}
+    roles = {}
+    for name, deployment in deployments.items():
+        [container] = deployment["spec"]["template"]["spec"]["containers"]
+        [args] = commands_in_shell(container["args"][0])
+        params = _coordinator_params(args)
+        roles[params["role"]] = (deployment["spec"]["replicas"], params, deployment)
+        assert params["redis_url"] == "$NOMOAT_REDIS_URL", name
+        mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+        assert mounts["data"] == params["data_dir"], name
+    assert roles["gateway"][0] >= 2 and roles["scheduler"][0] == 2 and roles["folder"][0] == 2
+    [claim] = [d for d in docs if d["kind"] == "PersistentVolumeClaim"]
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"], "several pods on several nodes share the blob store"
+    [service] = [d for d in docs if d["kind"] == "Service"]
+    labels = roles["gateway"][2]["spec"]["template"]["metadata"]["labels"]
+    assert set(service["spec"]["selector"].items()) <= set(labels.items()), "the Service selects no gateway"
+    for role in ("scheduler", "folder"):  # the Service must not send calls to a process that serves none
+        other = roles[role][2]["spec"]["template"]["metadata"]["labels"]
+        assert not set(service["spec"]["selector"].items()) <= set(other.items()), role
+    address = f"{service['metadata']['name']}.{service['metadata']['namespace']}.svc.cluster.local:"
+    assert all(p["public_address"] == address + "50051" for _, p, _ in roles.values())

@@ -33,6 +33,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import redis
+
 from coordinator.fold import evaluators
 
 from nomoat import evaluation
@@ -48,6 +50,8 @@ from coordinator.ledger import (
     Ledger,
     VersionRecord,
 )
+from coordinator.ledger.leaders import Fence, NotLeader, Term
+from coordinator.ledger.versions import VersionConflict
 from coordinator.model.running import RunningModel
 from coordinator.fold.policy import FoldPolicy
 from coordinator.settings import Settings
@@ -58,6 +62,10 @@ from nomoat import lora
 from nomoat.logs import fields
 
 log = logging.getLogger("nomoat.fold")
+
+PARK_AFTER = 3  # unexpected errors in a row folding one adapter alone before it is set aside
+MAX_BACKOFF_S = 60.0  # the longest wait before trying again after an unexpected fold error
+REFUSED_PARKED = "parked"  # the refusal kind of an adapter set aside because folding it kept failing
 
 
 @dataclass
@@ -94,7 +102,17 @@ class Folder:
         self._eval_sets: dict[str, evaluation.EvalSet] = {}
         # (version, where they were measured, job id -> losses): the newest version's parents
         self._parent_losses: tuple[int | None, str, dict[str, evaluation.Losses]] = (None, "", {})
-        self._resync = False
+        # The version the in-memory model holds. Another folder (a leader before this one) may
+        # publish meanwhile: every fold first catches up to the ledger's newest (_catch_up).
+        self.version: int = ledger.versions.latest() or 0
+        self._resync = False  # the weights may differ from self.version's: rebuild before the next fold
+        self._dirty = False  # a patch went into the master and is not published yet
+        self.term = Term()  # the folder's fence for this round's writes (coordinator.ledger.leaders)
+        # An unexpected fold error (not a refused adapter): adapter id -> failures in a row, and
+        # when the next try may be; an adapter that fails alone PARK_AFTER times is set aside.
+        self._failures: dict[str, int] = {}
+        self._retry_at = 0.0
+        self._backoffs = 0
 
     # -- evaluation sets ----------------------------------------------------------------------
 
@@ -152,31 +170,101 @@ class Folder:
         oldest_wait = now - (buffered[0].accepted or now) if buffered else 0.0
         return self.policy.due(len(buffered), oldest_wait, any(a.job in idle_jobs for a in buffered))
 
-    def maybe_fold(self, idle_jobs: set[str], now: float | None = None) -> int | None:
-        """Fold if due; returns the published version number, or None."""
+    def maybe_fold(self, idle_jobs: set[str], now: float | None = None, leader: Fence | None = None) -> int | None:
+        """Fold if due; returns the published version number, or None. ``leader``: the folder's
+        fence, which the version published and the adapters refused carry (NotLeader when it no
+        longer leads). The model first catches up to the ledger's newest version."""
         with self.lock:
-            if self._resync:
-                self._parent_losses = (None, "", {})
-                self.model = self.history.rebuild(self.ledger.versions.latest(), into=self.model)
-                self._resync = False
+            if time.monotonic() < self._retry_at:
+                return None  # backing off after an unexpected fold error
+            self.term.fence = leader
+            self._catch_up()
             self.record_base_losses()
             buffered = self.ledger.adapters.buffered()
             if not self.due(buffered, idle_jobs, now or time.time()):
                 return None
+            batch = self._suspects(buffered) or buffered[: self.policy.take()]
             started = time.monotonic()
             try:
-                version = self.fold(buffered[: self.policy.take()])
-            except Exception:
-                # A fold cut short (Redis went away mid-publish) may or may not have published:
-                # the ledger says which, so the weights are rebuilt from it before the next fold.
-                self._resync = True
+                version = self.fold(batch)
+            except Exception as exc:
+                self._failed(batch, exc)
                 raise
+            self._succeeded(batch)
             self.ledger.counters.fold(time.monotonic() - started, published=version is not None)
             return version
 
+    def _catch_up(self) -> None:
+        """Bring the in-memory model to the ledger's newest version: by its patches when another
+        folder published after ours (exact: the same fp32 operations it performed), by a rebuild
+        when ours may be off (a fold or operation cut short) or the way there has a rollback."""
+        latest = self.ledger.versions.latest() or 0
+        if not self._resync and latest == self.version:
+            return
+        self._parent_losses = (None, "", {})
+        ahead = [self.ledger.versions.get(v) for v in range(self.version + 1, latest + 1)]
+        if self._resync or latest < self.version or any(r is None or r.operation == "rollback" for r in ahead):
+            self.model = self.history.rebuild(latest, into=self.model)
+            log.info("the model was rebuilt at version %d from the ledger", latest,
+                     extra=fields("fold.resynced", version=latest))
+        else:
+            for record in ahead:
+                patch = self.history.patch(record.version)
+                folding.apply_patch(self.model.master(patch.modules()), patch)
+            log.info("caught up from version %d to %d by patch (another folder published them)", self.version,
+                     latest, extra=fields("fold.caught_up", version=latest, parent=self.version))
+        self.version, self._resync, self._dirty = latest, False, False
+
+    def _resync_now(self) -> None:
+        """After an operation cut short halfway: the weights back in step with the ledger now (or,
+        if even that fails, before the next fold)."""
+        self._resync = True
+        try:
+            self._catch_up()
+        except Exception:  # noqa: BLE001  (the next fold tries again; the first error is the one to report)
+            log.exception("resyncing the model with the ledger failed; the next fold tries again")
+
+    def _suspects(self, buffered: list[AdapterRecord]) -> list[AdapterRecord]:
+        """After an unexpected fold error: one adapter of the failed fold, alone, to find the
+        adapter it fails on (an adapter that folds alone is cleared, the next suspect tried)."""
+        suspects = [a for a in buffered if self._failures.get(a.adapter_id)]
+        return suspects[:1]
+
+    def _failed(self, batch: list[AdapterRecord], exc: Exception) -> None:
+        """A fold raised. The ledger is the truth: the weights are rebuilt only if a patch went in
+        unpublished. An error that is no adapter's (Redis away, this process no longer leads) is
+        only reported; any other counts against the fold's adapters, parks one that fails alone
+        PARK_AFTER times (refused, logged, counted), and backs off before the next try."""
+        if self._dirty:
+            self._resync = True
+        if isinstance(exc, (NotLeader, redis.RedisError, VersionConflict)):
+            return  # another folder published first, or leads now: the next fold catches up
+        self._backoffs += 1
+        self._retry_at = time.monotonic() + min(MAX_BACKOFF_S, self.settings.tick_s * 2 ** self._backoffs)
+        for entry in batch:
+            self._failures[entry.adapter_id] = self._failures.get(entry.adapter_id, 0) + 1
+        if len(batch) == 1 and self._failures[batch[0].adapter_id] >= PARK_AFTER:
+            entry = batch[0]
+            reason = (f"folding it failed {PARK_AFTER} times in a row ({type(exc).__name__}: {exc}); it is set aside "
+                      "so that the adapters behind it can be folded")
+            log.error("adapter %s of task %s (worker %s) parked: %s", entry.adapter_id, entry.task,
+                      entry.worker or "?", reason,
+                      extra=fields("adapter.parked", job=entry.job, task=entry.task, worker=entry.worker or None,
+                                   adapter=entry.adapter_id, reason=reason))
+            self.ledger.adapters.reject(entry.adapter_id, reason, leader=self.term.fence, kind=REFUSED_PARKED)
+            self._failures.pop(entry.adapter_id, None)
+            self._retry_at, self._backoffs = 0.0, 0
+
+    def _succeeded(self, batch: list[AdapterRecord]) -> None:
+        for entry in batch:
+            self._failures.pop(entry.adapter_id, None)
+        self._retry_at, self._backoffs = 0.0, 0
+
     def fold(self, entries: list[AdapterRecord]) -> int | None:
-        current = self.ledger.versions.latest()
+        current = self.version
         job_ids = sorted({e.job for e in entries})
+        log.info("folding %d adapters onto version %d (jobs %s)", len(entries), current, ", ".join(job_ids),
+                 extra=fields("fold.started", version=current, jobs=job_ids, adapters=len(entries)))
         candidates = self._gate(entries, current)
         if not candidates:
             log.warning("no version after %d: all %d adapters were refused", current, len(entries),
@@ -199,6 +287,7 @@ class Folder:
             loss = sum(c.candidate for c in compared) / len(compared)
             parent_loss = sum(c.parent for c in compared) / len(compared)
             if self.policy.publishable(loss, parent_loss):
+                self._dirty = True  # until published: a failure now leaves the master ahead of the ledger
                 folding.apply_patch(self.model.master(patch.modules()), patch)
                 self._parent_losses = (current + 1, check.where, losses)
                 se = math.sqrt(sum(c.se ** 2 for c in compared)) / len(compared)
@@ -208,7 +297,7 @@ class Folder:
                                       "evaluated_on": check.where})
             worst = candidates[self.policy.worst([c.solo_loss for c in candidates])]
             reason = f"folding it made held-out loss worse ({loss:.4f} against {parent_loss:.4f})"
-            self.ledger.adapters.reject(worst.adapter_id, reason, check=Check.FOLD)
+            self.ledger.adapters.reject(worst.adapter_id, reason, check=Check.FOLD, leader=self.term.fence)
             log.warning("the fold of %d adapters raised held-out loss %.4f -> %.4f; dropping the worst, %s "
                         "(worker %s), and trying again", len(candidates), parent_loss, loss, worst.adapter_id,
                         worst.worker_id or "?",
@@ -263,7 +352,7 @@ class Folder:
                                  worker=entry.worker or None, adapter=adapter_id, reason=str(exc)))
         # The check it failed counts against its volunteer; a blob the store lost does not.
         check = None if isinstance(exc, FileNotFoundError) else Check(getattr(exc, "check", "malformed"))
-        self.ledger.adapters.reject(adapter_id, str(exc), check=check)
+        self.ledger.adapters.reject(adapter_id, str(exc), check=check, leader=self.term.fence)
 
     def _outer_step(self, delta: adapter_format.Adapter, current: int) -> adapter_format.Adapter:
         """Plain folding applies the delta (times --outer-lr); with --outer-momentum, DiLoCo's
@@ -301,7 +390,9 @@ class Folder:
             record,
             folded=[(c.adapter_id, w) for c, w in zip(candidates, weights)],
             norms=[c.norm for c in candidates],
+            leader=self.term.fence,
         )
+        self.version, self._dirty = record.version, False
         where = (measured or {}).get("evaluated_on", evaluators.COORDINATOR)
         log.info("folded version %d from %d adapters (jobs %s): held-out loss %.4f -> %.4f, evaluated on %s",
                  record.version, len(candidates), ", ".join(job_ids), parent_loss, loss,
@@ -326,22 +417,26 @@ class Folder:
     def rollback(self, target: int) -> tuple[int, float]:
         """A new version whose weights equal version ``target``'s exactly."""
         with self.lock:
-            current = self.ledger.versions.latest()
+            self._catch_up()
+            current = self.version
             if not 0 <= target < current:
                 raise ValueError(f"cannot roll back to version {target}: choose one from 0 to {current - 1}")
             undo = lora.chain([self.history.patch(v) for v in range(target + 1, current + 1)], sign=-1.0)
             jobs = self._recent_jobs(target + 1, current)
             self._parent_losses = (None, "", {})
             try:  # in place: a second model in memory is what the coordinator cannot afford
+                self._dirty = True
                 self.model = self.history.rebuild(target, into=self.model)
+                loss = self._eval(jobs) if jobs else math.nan
+                # A rollback is a snapshot: its weights are version `target`'s bit for bit, which
+                # replaying the negated chain would only reproduce up to rounding.
+                record = self.ledger.versions.publish(self._new_version(
+                    current, undo, [], loss, {"operation": "rollback", "target": target, "jobs": jobs}, "",
+                    snapshot=True))
             except Exception:
-                self._resync = True  # half-loaded weights: rebuilt from the ledger before the next fold
+                self._resync_now()  # half-loaded or unpublished weights: back to the ledger's newest
                 raise
-            loss = self._eval(jobs) if jobs else math.nan
-            # A rollback is a snapshot: its weights are version `target`'s bit for bit, which
-            # replaying the negated chain would only reproduce up to rounding.
-            record = self.ledger.versions.publish(self._new_version(
-                current, undo, [], loss, {"operation": "rollback", "target": target, "jobs": jobs}, "", snapshot=True))
+            self.version, self._dirty = record.version, False
             log.info("version %d rolls back to version %d: held-out loss %.4f", record.version, target, loss,
                      extra=fields("version.rollback", version=record.version, target=target, loss=loss, jobs=jobs))
             return record.version, loss
@@ -355,14 +450,21 @@ class Folder:
                 raise ValueError(f"adapter {adapter_id} is {state}; only a folded adapter can be unmerged")
             adapter = adapter_format.from_bytes(self.store.get(entry.sha256))
             patch = folding.build_patch([adapter], [-entry.weight])
-            current = self.ledger.versions.latest()
-            folding.apply_patch(self.model.master(patch.modules()), patch)
-            self._parent_losses = (None, "", {})
-            jobs = self._recent_jobs(entry.version, current)
-            loss = self._eval(jobs) if jobs else math.nan
-            record = self.ledger.versions.publish(self._new_version(
-                current, patch, [FoldedAdapter(adapter_id, -entry.weight, 0)], loss,
-                {"operation": "unmerge", "adapter": adapter_id, "jobs": jobs}, entry.job))
+            self._catch_up()
+            current = self.version
+            try:
+                self._dirty = True
+                folding.apply_patch(self.model.master(patch.modules()), patch)
+                self._parent_losses = (None, "", {})
+                jobs = self._recent_jobs(entry.version, current)
+                loss = self._eval(jobs) if jobs else math.nan
+                record = self.ledger.versions.publish(self._new_version(
+                    current, patch, [FoldedAdapter(adapter_id, -entry.weight, 0)], loss,
+                    {"operation": "unmerge", "adapter": adapter_id, "jobs": jobs}, entry.job))
+            except Exception:
+                self._resync_now()  # the unmerge went into the master but not into the ledger: undone
+                raise
+            self.version, self._dirty = record.version, False
             self.ledger.adapters.mark_unmerged(adapter_id, record.version)
             log.info("version %d unmerges adapter %s (job %s): held-out loss %.4f", record.version, adapter_id,
                      entry.job, loss, extra=fields("version.unmerged", version=record.version, job=entry.job,

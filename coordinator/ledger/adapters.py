@@ -19,6 +19,7 @@ from coordinator.ledger import keys
 from coordinator.ledger.codec import adapter_from_hash, decode, to_fields
 from coordinator.ledger.counters import Counters, Refusal
 from coordinator.ledger.leases import CURRENT_LEASE, Claim, claim_args
+from coordinator.ledger.leaders import Fence, NotLeader
 from coordinator.ledger.records import AdapterRecord, AdapterState, Check
 from coordinator.ledger.replicas import HOLD_RESULT, Hold
 from coordinator.ledger.trust import Trust
@@ -50,10 +51,11 @@ _PRECHECK = _ACCEPTABLE + """
 return acceptable(KEYS[1], ARGV[1], ARGV[2], ARGV[3], claim_at(4, ARGV[1], ARGV[2])) or {'', ''}
 """
 
-# KEYS: task, LEASES, adapter, FOLD_BUFFER, worker, partner, PENDING, then for a replicated task
+# KEYS: task, LEASES, adapter, FOLD_BUFFER, worker, (unused), PENDING, then for a replicated task
 # its replica group, the run to open, REPLICATED, the task it repeats and the volunteer's trust
 # record (see replicas.py).
-# ARGV: task id, fence, adapter id, now, partner id, replicated task id ("" for none), run to open
+# ARGV: task id, fence, adapter id, now, the task key prefix (the partner is found in the script),
+# replicated task id ("" for none), run to open
 # ("" for none), the volunteers that run avoids (JSON), base version, the volunteer, then
 # field/value pairs for the adapter hash. Returns {status, adapter id or reason}. The partner is the task's speculative
 # twin (or the twin's original, see Leases.speculate): the first accepted result marks both done,
@@ -62,12 +64,15 @@ return acceptable(KEYS[1], ARGV[1], ARGV[2], ARGV[3], claim_at(4, ARGV[1], ARGV[
 _ACCEPT = _ACCEPTABLE + HOLD_RESULT + """
 local answer = acceptable(KEYS[1], ARGV[1], ARGV[2], ARGV[3])
 if answer then return answer end
+-- The partner is read here, in the same step as the acceptance: read before the script, a twin
+-- created in between was missed, left leased, and its upload accepted too (the shard twice).
+local partner = redis.call('HGET', KEYS[1], 'twin') or redis.call('HGET', KEYS[1], 'twin_of')
 redis.call('HSET', KEYS[1], 'state', 'done', 'adapter', ARGV[3], 'finished', ARGV[4])
 redis.call('ZREM', KEYS[2], ARGV[1])
-if ARGV[5] ~= '' and redis.call('HGET', KEYS[6], 'state') ~= 'done' then
-  redis.call('HSET', KEYS[6], 'state', 'done', 'adapter', ARGV[3], 'finished', ARGV[4])
-  redis.call('ZREM', KEYS[2], ARGV[5])
-  redis.call('ZREM', KEYS[7], ARGV[5])
+if partner and redis.call('HGET', ARGV[5] .. partner, 'state') ~= 'done' then
+  redis.call('HSET', ARGV[5] .. partner, 'state', 'done', 'adapter', ARGV[3], 'finished', ARGV[4])
+  redis.call('ZREM', KEYS[2], partner)
+  redis.call('ZREM', KEYS[7], partner)
 end
 for i = 11, #ARGV, 2 do redis.call('HSET', KEYS[3], ARGV[i], ARGV[i + 1]) end
 if ARGV[6] == '' then
@@ -133,22 +138,21 @@ class Adapters:
         ``volunteer``) when one is named. With ``hold`` it is a run of a replicated task: it is
         held in the task's replica group instead, which opens ``hold.open`` if that is named."""
         adapter_id = adapter_id_for(task_id, fence, sha256)
-        raw = self.r.hmget(keys.task(task_id), "job", "twin", "twin_of")
-        job, twin, twin_of = (v.decode() if v else "" for v in raw)
+        raw = self.r.hget(keys.task(task_id), "job")  # a task's job never changes
+        job = raw.decode() if raw else ""
         if not job:
             return Accepted("refused", f"there is no task {task_id!r}", REFUSED_LEASE)
         fields = to_fields({"base_version": base_version, "rank": rank, "alpha": alpha, "tokens": tokens,
                             "train_loss": train_loss, "size": size, "task": task_id, "fence": fence,
                             "sha256": sha256, "job": job, "worker": worker_id, "volunteer": volunteer,
                             **_gradient_fields(gradients)})
-        partner = twin or twin_of
         hold = hold or Hold("")
         status, detail = self._accept(
             keys=[keys.task(task_id), keys.LEASES, keys.adapter(adapter_id), keys.FOLD_BUFFER,
-                  keys.worker(worker_id or "-"), keys.task(partner or "-"), keys.PENDING,
+                  keys.worker(worker_id or "-"), keys.task("-"), keys.PENDING,
                   keys.replicas(hold.task or "-"), keys.task(hold.open or "-"), keys.REPLICATED,
                   keys.task(hold.task or "-"), keys.trust(volunteer or "-")],
-            args=[task_id, fence, adapter_id, time.time(), partner, hold.task, hold.open, json.dumps(list(hold.avoid)),
+            args=[task_id, fence, adapter_id, time.time(), keys.task(""), hold.task, hold.open, json.dumps(list(hold.avoid)),
                   base_version, volunteer, *(x for kv in fields.items() for x in kv)],
         )
         answer = _answer(status, detail)
@@ -182,21 +186,36 @@ class Adapters:
         """The fold buffer as it stands, duplicates and all (for checks)."""
         return [a.decode() for a in self.r.lrange(keys.FOLD_BUFFER, 0, -1)]
 
-    def reject(self, adapter_id: str, reason: str, check: Check | None = None) -> None:
+    def reject(self, adapter_id: str, reason: str, check: Check | None = None, leader: Fence | None = None,
+               kind: str = "gate") -> bool:
         """Take an adapter out of the buffer for good, with the reason; its job counts it, the
-        refusal is counted and kept among the recent ones (coordinator.ledger.counters), and the
-        trust record of its volunteer counts ``check`` (the check it failed) when one is named."""
-        job, task, worker, volunteer = (v.decode() if v else "" for v in
-                                        self.r.hmget(keys.adapter(adapter_id), "job", "task", "worker", "volunteer"))
-        pipe = self.r.pipeline(transaction=True)
-        pipe.lrem(keys.FOLD_BUFFER, 0, adapter_id)
-        pipe.hset(keys.adapter(adapter_id), mapping={"state": AdapterState.REJECTED.value, "reason": reason})
-        if job:
-            pipe.hincrby(keys.job(job), "adapters_rejected", 1)
-        if volunteer and check is not None:
-            self.trust.record_in(pipe, volunteer, check.value, reason)
-        Counters(self.r).refuse(Refusal(time.time(), "fold", "gate", reason, task, worker, job), pipe)
-        pipe.execute()
+        refusal is counted (as ``kind``) and kept among the recent ones (coordinator.ledger.counters),
+        and the trust record of its volunteer counts ``check`` (the check it failed) when one is named.
+
+        Only a buffered adapter is rejected (False otherwise: another folder folded or rejected it
+        meanwhile), and with ``leader`` (the folder's fence) only while that fence leads (NotLeader)."""
+        key = keys.adapter(adapter_id)
+        with self.r.pipeline(transaction=True) as pipe:
+            pipe.watch(key, *([leader.key] if leader else []))
+            if leader is not None and (pipe.get(leader.key) or b"").decode() != leader.token:
+                raise NotLeader(f"adapter {adapter_id} was not rejected: fence {leader.token} no longer leads the folder")
+            job, task, worker, volunteer, state = (v.decode() if v else "" for v in
+                                                   pipe.hmget(key, "job", "task", "worker", "volunteer", "state"))
+            if state != AdapterState.BUFFERED.value:
+                return False
+            pipe.multi()
+            pipe.lrem(keys.FOLD_BUFFER, 0, adapter_id)
+            pipe.hset(key, mapping={"state": AdapterState.REJECTED.value, "reason": reason})
+            if job:
+                pipe.hincrby(keys.job(job), "adapters_rejected", 1)
+            if volunteer and check is not None:
+                self.trust.record_in(pipe, volunteer, check.value, reason)
+            Counters(self.r).refuse(Refusal(time.time(), "fold", kind, reason, task, worker, job), pipe)
+            try:
+                pipe.execute()
+            except redis.WatchError:
+                return False
+        return True
 
     def mark_unmerged(self, adapter_id: str, version: int) -> None:
         """A folded adapter that ``version`` took out of the model again."""

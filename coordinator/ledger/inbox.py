@@ -21,6 +21,28 @@ from dataclasses import dataclass, field
 import redis
 
 from coordinator.ledger import keys
+from coordinator.ledger.leaders import FENCED, Fence, fence_pair, fenced
+
+# KEYS: run record, inbox, the wake channel, the scheduler's leader lease. ARGV: worker id, units
+# JSON, the inbox entry, record TTL (s), the units' lease-secret hashes (JSON), the scheduler's
+# token (FENCED). 1 when placed; 0 when the run's record exists already: a retry of a placement
+# that took effect places nothing a second time.
+_PLACE = FENCED + """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], 'worker', ARGV[1], 'units', ARGV[2], 'secrets', ARGV[5])
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+redis.call('RPUSH', KEYS[2], ARGV[3])
+redis.call('PUBLISH', KEYS[3], ARGV[1])
+return 1
+"""
+
+# KEYS: run record, OUTBOUND_RESULTS. ARGV: now, the report (JSON). The report is marked and passed
+# on in one step, once per run: 1, or 0 when it was passed on already (a retry finds it done).
+_REPORT = """
+if redis.call('HSETNX', KEYS[1], 'reported', ARGV[1]) == 0 then return 0 end
+redis.call('RPUSH', KEYS[2], ARGV[2])
+return 1
+"""
 
 RUN_RECORD_TTL_S = 7 * 24 * 3600  # a run record outlives any lease it carried
 
@@ -50,20 +72,23 @@ def _text(value: bytes | str) -> str:
 class Inboxes:
     def __init__(self, client: redis.Redis) -> None:
         self.r = client
+        self._place = client.register_script(_PLACE)
+        self._report = client.register_script(_REPORT)
 
     # -- the scheduler's side ----------------------------------------------------------------
 
     def place(self, run_id: str, worker_id: str, units: list[tuple[str, int]], specs: list[str],
-              secrets: dict[str, str] | None = None) -> None:
+              secrets: dict[str, str] | None = None, leader: Fence | None = None) -> bool:
         """Put a run in ``worker_id``'s inbox, with its record (its units, and the sha256 of each
-        unit's lease secret, which a report must show), in one transaction."""
-        pipe = self.r.pipeline(transaction=True)
-        key = keys.outbound_run(run_id)
-        pipe.hset(key, mapping={"worker": worker_id, "units": json.dumps(units), "secrets": json.dumps(secrets or {})})
-        pipe.expire(key, RUN_RECORD_TTL_S)
-        pipe.rpush(keys.inbox(worker_id), json.dumps({"run_id": run_id, "specs": specs}))
-        pipe.publish(keys.INBOX_WAKE, worker_id)
-        pipe.execute()
+        unit's lease secret, which a report must show), in one step, and wake the frontends; only
+        while ``leader`` (the scheduler's fence) leads when one is given (NotLeader otherwise).
+        Placing the same run id again places nothing (False), so a retried call cannot put a run
+        in twice."""
+        lead_key, token = fence_pair("scheduler", leader)
+        entry = json.dumps({"run_id": run_id, "specs": specs})
+        return bool(fenced(lambda: self._place(
+            keys=[keys.outbound_run(run_id), keys.inbox(worker_id), keys.INBOX_WAKE, lead_key],
+            args=[worker_id, json.dumps(units), entry, RUN_RECORD_TTL_S, json.dumps(secrets or {}), token])))
 
     def withdraw(self, run_id: str, worker_id: str) -> bool:
         """Take a run back out of the inbox if no frontend has handed it out yet; True if it was."""
@@ -140,9 +165,9 @@ class Inboxes:
 
     def report(self, report: RunReport) -> bool:
         """Pass a worker's report on to the scheduler, once per run; False if one was passed on already."""
-        if not self.r.hsetnx(keys.outbound_run(report.run_id), "reported", time.time()):
-            return False
-        self.r.rpush(keys.OUTBOUND_RESULTS, json.dumps({
-            "run_id": report.run_id, "worker_id": report.worker_id,
-            "units": list(report.units), "handed_back": list(report.handed_back)}))
-        return True
+        body = json.dumps({"run_id": report.run_id, "worker_id": report.worker_id,
+                           "units": list(report.units), "handed_back": list(report.handed_back)})
+        # One step: marked as reported only together with being passed on (a failure between the
+        # two left a run reported that the scheduler never heard of, its worker busy for good).
+        return bool(self._report(keys=[keys.outbound_run(report.run_id), keys.OUTBOUND_RESULTS],
+                                 args=[time.time(), body]))

@@ -6,6 +6,7 @@ at them every tick read only those, however many finished jobs the ledger holds.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Sequence
 
@@ -120,3 +121,13 @@ class Jobs:
     def set_base(self, job_id: str, loss: float, version: int) -> None:
         """The held-out loss of the version the job starts from, for comparison."""
         self.r.hset(keys.job(job_id), mapping=to_fields({"base_loss": loss, "base_version": version}))
+
+    def set_idle(self, job_ids: set[str], ttl_s: float) -> None:
+        """The scheduler's word to the folder (another process, perhaps): these running jobs have
+        nothing left to train, so their last adapters should be folded now. Lapses after ``ttl_s``
+        unless said again, so a scheduler that died does not keep the folder folding early."""
+        self.r.set(keys.IDLE_JOBS, json.dumps(sorted(job_ids)), px=max(1, int(ttl_s * 1000)))
+
+    def idle(self) -> set[str]:
+        raw = self.r.get(keys.IDLE_JOBS)
+        return set(json.loads(raw)) if raw else set()

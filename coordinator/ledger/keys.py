@@ -111,3 +111,20 @@ def quota_jobs(owner: str) -> str:
 def quota_bytes(owner: str, day: str) -> str:
     """Counter: dataset bytes the caller submitted on ``day`` (UTC, YYYYMMDD); expires after two days."""
     return f"{PREFIX}quota:{owner}:bytes:{day}"
+
+
+# Leader leases (coordinator.ledger.leaders): one scheduler and one folder at a time.
+LEADER_ROLES = ("scheduler", "folder")
+
+
+def leader(role: str) -> str:
+    """String, with a TTL: "<fence>:<holder>" of the process leading ``role`` (absent: nobody leads)."""
+    return f"{PREFIX}leader:{role}"
+
+
+def leader_fence(role: str) -> str:
+    """Counter: the fences of ``role``'s leader terms, strictly increasing (a new one per term)."""
+    return f"{PREFIX}leader:{role}:fence"
+
+
+IDLE_JOBS = PREFIX + "jobs:idle"  # string: JSON list of running jobs with nothing left to train (the scheduler's word to the folder)

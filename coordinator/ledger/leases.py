@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import redis
 
 from coordinator.ledger import keys
+from coordinator.ledger.leaders import FENCED, Fence, fence_pair, fenced, request_id
 from coordinator.ledger.records import Lease, TaskState
 from coordinator.ledger.tasks import EVENT
 
@@ -52,12 +53,16 @@ local function claim_at(i, task_id, fence)
 end
 """
 
-# KEYS: task, PENDING, LEASES, FENCE, COUNTERS. ARGV: task id, deadline, base version, now, max
-# attempts, the worker it is placed on ("" when the node names none), sha256 of the lease secret.
-# Returns the new fence, 0 when the task is not pending, -1 when it ran out of attempts.
-# Counts the lease, and a re-issue when the task had a fence before (coordinator.ledger.counters).
-_LEASE = """
-if redis.call('HGET', KEYS[1], 'state') ~= 'pending' then return 0 end
+# KEYS: task, PENDING, LEASES, FENCE, COUNTERS, the scheduler's leader lease. ARGV: task id,
+# deadline, base version, now, max attempts, request id, the worker it is placed on ("" when the
+# node names none), sha256 of the lease secret, the scheduler's token (FENCED). Returns the new
+# fence, 0 when the task is not pending, -1 when it ran out of attempts. Counts the lease, and a
+# re-issue when the task had a fence before (coordinator.ledger.counters). The same request run
+# again (the client retries a call whose reply was lost) answers the fence it granted.
+_LEASE = FENCED + """
+local now = redis.call('HMGET', KEYS[1], 'state', 'lease_request', 'fence')
+if now[1] == 'leased' and ARGV[6] ~= '' and now[2] == ARGV[6] then return tonumber(now[3]) end
+if now[1] ~= 'pending' then return 0 end
 local attempts = tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0')
 if attempts >= tonumber(ARGV[5]) then
   redis.call('HSET', KEYS[1], 'state', 'failed', 'finished', ARGV[4])
@@ -68,7 +73,8 @@ redis.call('HINCRBY', KEYS[5], 'leases', 1)
 if tonumber(redis.call('HGET', KEYS[1], 'fence') or '0') > 0 then redis.call('HINCRBY', KEYS[5], 'reissues', 1) end
 local fence = redis.call('INCR', KEYS[4])
 redis.call('HSET', KEYS[1], 'state', 'leased', 'fence', fence, 'deadline', ARGV[2],
-           'leased_at', ARGV[4], 'attempts', attempts + 1, 'holder_worker', ARGV[6], 'lease_secret', ARGV[7])
+           'leased_at', ARGV[4], 'attempts', attempts + 1, 'lease_request', ARGV[6],
+           'holder_worker', ARGV[7], 'lease_secret', ARGV[8])
 if redis.call('HGET', KEYS[1], 'pinned') ~= '1' then redis.call('HSET', KEYS[1], 'base_version', ARGV[3]) end
 redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('ZADD', KEYS[3], ARGV[2], ARGV[1])
@@ -157,10 +163,13 @@ return 'pending'
 # Speculation: a second lease on a leased task, held by a twin task "<id>.spec" with its own fence
 # (so heartbeats, shard fetches and lease holders work unchanged). The twin is not one of the
 # job's tasks; its attempts are spent, so if it fails or expires it is retired, never re-run.
-# KEYS: task, twin, LEASES, FENCE, COUNTERS. ARGV: task id, twin id, deadline, now, the worker the
-# twin is placed on, sha256 of its lease secret.
-# Returns the twin's fence; 0 when the task is not leased or already has a live twin.
-_SPECULATE = """
+# KEYS: task, twin, LEASES, FENCE, COUNTERS, the scheduler's leader lease. ARGV: task id, twin id,
+# deadline, now, request id, the worker the twin is placed on, sha256 of its lease secret, the
+# scheduler's token (FENCED). Returns the twin's fence; 0 when the task is not leased or already
+# has a live twin; the same request run again, the same fence.
+_SPECULATE = FENCED + """
+local again = redis.call('HMGET', KEYS[2], 'state', 'lease_request', 'fence')
+if again[1] == 'leased' and ARGV[5] ~= '' and again[2] == ARGV[5] then return tonumber(again[3]) end
 if redis.call('HGET', KEYS[1], 'state') ~= 'leased' then return 0 end
 if redis.call('HGET', KEYS[1], 'twin_of') then return 0 end
 if redis.call('HGET', KEYS[2], 'state') == 'leased' or redis.call('HGET', KEYS[2], 'state') == 'done' then
@@ -172,7 +181,8 @@ local t = redis.call('HMGET', KEYS[1], 'job', 'start', 'end', 'index', 'tokens')
 redis.call('DEL', KEYS[2])
 redis.call('HSET', KEYS[2], 'task_id', ARGV[2], 'job', t[1], 'start', t[2], 'end', t[3], 'index', t[4],
            'tokens', t[5], 'twin_of', ARGV[1], 'state', 'leased', 'fence', fence, 'deadline', ARGV[3],
-           'leased_at', ARGV[4], 'attempts', 1000000, 'holder_worker', ARGV[5], 'lease_secret', ARGV[6])
+           'leased_at', ARGV[4], 'attempts', 1000000, 'lease_request', ARGV[5],
+           'holder_worker', ARGV[6], 'lease_secret', ARGV[7])
 redis.call('HSET', KEYS[1], 'twin', ARGV[2])
 redis.call('ZADD', KEYS[3], ARGV[3], ARGV[2])
 return fence
@@ -257,15 +267,21 @@ class Leases:
         return [t.decode() for t in self.r.zrange(keys.PENDING, 0, limit - 1)]
 
     def lease(self, task_id: str, deadline: float, base_version: int, max_attempts: int, worker_id: str = "",
-              secret: str = "", now: float | None = None) -> int:
+              secret: str = "", now: float | None = None, leader: Fence | None = None) -> int:
         """Lease a pending task to the run placed on ``worker_id`` ("" for a node that names no
         worker), which proves it holds the lease with ``secret`` (a lease granted without one can
         be renewed or used by no caller over the network); returns its new fence, 0 if not
         pending, -1 if it has failed. ``now``: when it is granted, by the scheduler's clock (the
-        clock that measures the card's speed from it)."""
-        return int(self._lease(keys=[keys.task(task_id), keys.PENDING, keys.LEASES, keys.FENCE, keys.COUNTERS],
-                               args=[task_id, deadline, base_version, now or time.time(), max_attempts, worker_id,
-                                     secret_hash(secret) if secret else ""]))
+        clock that measures the card's speed from it).
+
+        With ``leader`` (the scheduler's fence) the lease is granted only while that fence leads
+        (NotLeader otherwise). Safe to retry: the call carries a request id, and a retry of a
+        call that took effect gets the fence it granted."""
+        lead_key, token = fence_pair("scheduler", leader)
+        return int(fenced(lambda: self._lease(
+            keys=[keys.task(task_id), keys.PENDING, keys.LEASES, keys.FENCE, keys.COUNTERS, lead_key],
+            args=[task_id, deadline, base_version, now or time.time(), max_attempts, request_id(), worker_id,
+                  secret_hash(secret) if secret else "", token])))
 
     def heartbeat(self, task_id: str, fence: int, deadline: float, worker_id: str = "", claim: Claim | None = None,
                   event: str = "") -> Renewal:
@@ -328,17 +344,20 @@ class Leases:
         return [Lease(t.decode(), s) for t, s in self.r.zrange(keys.LEASES, 0, -1, withscores=True)]
 
     def speculate(self, task_id: str, deadline: float, worker_id: str = "", secret: str = "",
-                  now: float | None = None) -> tuple[str, int]:
+                  now: float | None = None, leader: Fence | None = None) -> tuple[str, int]:
         """Lease a leased task a second time, to a twin task with its own fence, placed on
         ``worker_id`` with ``secret`` (as :meth:`lease`): (twin id, fence).
 
         Fence 0 when the task is not leased or already has a twin. Whichever of the two runs
         uploads first completes both (see coordinator.ledger.adapters); the other's is refused.
+        Fenced by ``leader`` and safe to retry, as :meth:`lease` is.
         """
         twin = twin_id(task_id)
-        fence = self._speculate(keys=[keys.task(task_id), keys.task(twin), keys.LEASES, keys.FENCE, keys.COUNTERS],
-                                args=[task_id, twin, deadline, now or time.time(), worker_id,
-                                      secret_hash(secret) if secret else ""])
+        lead_key, token = fence_pair("scheduler", leader)
+        fence = fenced(lambda: self._speculate(
+            keys=[keys.task(task_id), keys.task(twin), keys.LEASES, keys.FENCE, keys.COUNTERS, lead_key],
+            args=[task_id, twin, deadline, now or time.time(), request_id(), worker_id,
+                  secret_hash(secret) if secret else "", token]))
         return twin, int(fence)
 
     def retire_twin(self, twin: str) -> None:

@@ -14,10 +14,15 @@ from dataclasses import replace
 import redis
 
 from coordinator.ledger import keys
+from coordinator.ledger.leaders import Fence, NotLeader
 from coordinator.ledger.codec import decode, version_fields, version_from_hash
 from coordinator.ledger.records import AdapterState, VersionRecord
 from coordinator.ledger.trust import Trust
 from nomoat.lineage import Lineage
+
+
+class VersionConflict(ValueError):
+    """A version that cannot be published under its number: another was published first."""
 
 
 class Versions:
@@ -58,25 +63,34 @@ class Versions:
         self.r.hset(keys.version(number), "files", json.dumps(files))
 
     def publish(self, record: VersionRecord, folded: Sequence[tuple[str, float]] = (),
-                norms: Sequence[float] = ()) -> VersionRecord:
+                norms: Sequence[float] = (), leader: Fence | None = None) -> VersionRecord:
         """Publish ``record`` and take its ``folded`` (adapter id, weight) out of the buffer,
         atomically; ``norms`` join the recent norms. Returns the record as stored.
 
         Refuses (ValueError) unless the record's number is exactly one past the newest version,
-        so two coordinators racing to fold cannot both publish.
+        so two coordinators racing to fold cannot both publish. With ``leader`` (the folder's
+        fence) it also refuses (NotLeader) unless that fence still leads, checked in the same
+        transaction (the lease is watched: a takeover before EXEC aborts it).
         """
         number = record.version
         record = replace(record, created=time.time())
         with self.r.pipeline(transaction=True) as pipe:
-            pipe.watch(keys.LATEST)
+            pipe.watch(keys.LATEST, *([leader.key] if leader else []))
+            if leader is not None:
+                held = pipe.get(leader.key)
+                if held is None or held.decode() != leader.token:
+                    raise NotLeader(f"version {number} was not published: fence {leader.token} no longer "
+                                    f"leads the folder (the lease holds {held.decode() if held else 'nobody'})")
             latest = pipe.get(keys.LATEST)
             expected = 0 if latest is None else int(latest) + 1
             if number != expected:
-                raise ValueError(f"version {number} cannot be published: the next version is {expected}")
+                raise VersionConflict(f"version {number} cannot be published: the next version is {expected}")
             jobs = [pipe.hget(keys.adapter(a), "job") for a, _ in folded]
             volunteers = [pipe.hget(keys.adapter(a), "volunteer") for a, _ in folded]
             pipe.multi()
             pipe.hset(keys.version(number), mapping=version_fields(record))
+            if leader is not None:  # which term published it (tests/consistency.py checks the order)
+                pipe.hset(keys.version(number), "leader_fence", leader.number)
             pipe.zadd(keys.VERSIONS, {str(number): number})
             pipe.set(keys.LATEST, number)
             for (adapter_id, weight), job in zip(folded, jobs):
@@ -92,5 +106,11 @@ class Versions:
             for norm in norms:
                 pipe.lpush(keys.RECENT_NORMS, norm)
             pipe.ltrim(keys.RECENT_NORMS, 0, 255)
-            pipe.execute()
+            try:
+                pipe.execute()
+            except redis.WatchError:
+                if leader is None:
+                    raise
+                raise NotLeader(f"version {number} was not published: the newest version or the folder's "
+                                "lease changed while it was being written") from None
         return record

@@ -28,6 +28,7 @@ import random
 import secrets
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
@@ -35,6 +36,7 @@ from coordinator.gateway.auth import Identity
 from coordinator.errors import InvalidRequest, NotFound, NotPermitted
 from coordinator.schedule.holder import hand_back
 from coordinator.ledger import Claim, Ledger, RunReport
+from coordinator.ledger.leaders import Term
 from coordinator.ledger.leases import secret_hash
 from coordinator.schedule.transport import Finished, Node, placement_of
 from coordinator.settings import Settings
@@ -89,7 +91,10 @@ class OutboundDispatcher:
 
     ledger: Ledger
     liveness_s: float = 60.0
+    # The scheduler's round: the fence its runs are placed under (coordinator.ledger.leaders).
+    term: Term = field(default_factory=Term)
     _runs: dict[str, _Run] = field(default_factory=dict)
+    _cancelled: deque = field(default_factory=lambda: deque(maxlen=10_000))  # run ids this process cancelled
     _cards: dict[str, tuple[_Card, float]] = field(default_factory=dict)  # worker -> (its card, read at)
 
     def nodes(self) -> list[Node]:
@@ -123,17 +128,28 @@ class OutboundDispatcher:
         run_id = "r-" + secrets.token_hex(8)
         payload = [json.dumps(replace(s, token="", worker_id=worker_id).to_dict()) for s in specs]
         self.ledger.inbox.place(run_id, worker_id, [(s.task_id, s.fence) for s in specs], payload,
-                                {s.task_id: secret_hash(s.lease_secret) for s in specs})
+                                {s.task_id: secret_hash(s.lease_secret) for s in specs}, leader=self.term.fence)
         self._runs[run_id] = _Run(run_id, worker_id, [(s.task_id, s.fence, s.tokens) for s in specs])
 
     def poll(self) -> list[Finished]:
         finished: list[Finished] = []
         for report in self.ledger.inbox.reports():
             run = self._runs.pop(report.run_id, None)
+            if run is None and report.run_id not in self._cancelled:
+                run = self._adopt(report.run_id)
             if run is None:
-                continue  # cancelled meanwhile, or placed by a coordinator before a restart
+                continue  # cancelled meanwhile, or its record is gone (older than a week)
             finished += _finished(run, report)
         return finished
+
+    def _adopt(self, run_id: str) -> _Run | None:
+        """A run this process did not place (another scheduler did, before it died or lost its
+        lease, or this one before a restart), from the ledger's record of it: its units' results
+        are handled as if it had (each step checks the unit's fence, so a stale one changes nothing)."""
+        record = self.ledger.inbox.run(run_id)
+        if record is None:
+            return None
+        return _Run(run_id, record.worker_id, [(t, f, 0) for t, f in record.units])
 
     def cancel(self, task_id: str, only_alone: bool = False) -> list[tuple[str, int]]:
         """Forget the run holding ``task_id`` (taking it back from the inbox if it was not yet
@@ -148,6 +164,7 @@ class OutboundDispatcher:
                 continue
             self.ledger.inbox.withdraw(run.run_id, run.worker_id)
             self._runs.pop(run.run_id, None)
+            self._cancelled.append(run.run_id)
             stopped += [(t, f) for t, f, _ in run.units]
         return stopped
 

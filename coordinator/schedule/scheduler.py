@@ -43,6 +43,7 @@ from coordinator.ledger import (
     is_twin,
     new_secret,
 )
+from coordinator.ledger.leaders import Fence, NotLeader, Term
 from coordinator.schedule import standing
 from coordinator.schedule.holder import hand_back
 from coordinator.fold.policy import FoldPolicy, TaskTraining
@@ -88,6 +89,10 @@ class Scheduler:
     # Node id -> when the last unit measured on it was accepted: the next unit of the same run
     # started training then (units of a run train one after another), not at its lease.
     _last_done: dict[str, float] = field(default_factory=dict)
+    # The fence this round's writes carry (shared with the outbound dispatcher, which places runs).
+    term: Term = field(default_factory=Term)
+    # Finished units whose handling failed (Redis away): handled again next round, not dropped.
+    _unhandled: list[Finished] = field(default_factory=list)
 
     def config(self, job_id: str) -> JobConfig:
         if job_id not in self._configs:
@@ -131,9 +136,13 @@ class Scheduler:
         takes that worker's speed, so a card whose Ray node was replaced keeps it."""
         return self.ledger.workers.speeds_by_node({n.node_id: n.worker_id for n in nodes})
 
-    def tick(self, now: float | None = None) -> set[str]:
-        """One round; returns the running jobs with nothing left to train (ready for a last fold)."""
+    def tick(self, now: float | None = None, leader: Fence | None = None) -> set[str]:
+        """One round; returns the running jobs with nothing left to train (ready for a last fold).
+
+        ``leader``: the scheduler's fence, which every lease granted and run placed this round
+        carries; a round whose fence stopped leading stops at its first write (NotLeader)."""
         now = now or time.time()
+        self.term.fence = leader
         expired = self.ledger.leases.expire(now)
         for task_id in expired:
             log.warning("the lease of task %s expired; it goes back in the queue", task_id,
@@ -142,8 +151,7 @@ class Scheduler:
                 self.ledger.leases.retire_twin(task_id)
             self._cancel(task_id, f"its run was stopped when the lease of {task_id} expired")
         self._abandoned(expired)
-        for done in self.dispatcher.poll():
-            self._finished(done, now)
+        self._handle([*self._unhandled, *self.dispatcher.poll()], now)
         if self.replication is not None:
             self.replication.sweep(now)
         nodes = self.dispatcher.nodes()
@@ -152,6 +160,21 @@ class Scheduler:
         if self.settings.speculate and idle:
             self._speculate(now, idle, speeds)
         return self._review_jobs(nodes)
+
+    def _handle(self, finished: list[Finished], now: float | None = None) -> None:
+        """Each finished unit on its own: one that cannot be handled now (Redis went away) is
+        kept for the next round, and the rest of this round goes on. Handling is safe to redo:
+        every step names the unit's fence, and a fence no longer current changes nothing."""
+        self._unhandled = []
+        for done in finished:
+            try:
+                self._finished(done, now)
+            except NotLeader:
+                raise
+            except Exception as exc:  # noqa: BLE001  (one unit must not cost the round)
+                log.warning("the result of task %s could not be handled (%s); trying again next round",
+                            done.task_id, exc)
+                self._unhandled.append(done)
 
     def _finished(self, done: Finished, now: float | None = None) -> None:
         if done.handed_back:  # the volunteer paused before it started: queued again, no attempt spent
@@ -295,7 +318,8 @@ class Scheduler:
                 # The lease is the run's on this card from now on: its worker and a secret only its spec carries.
                 secret = new_secret()
                 fence = self.ledger.leases.lease(task.task_id, now + self.settings.queue_timeout_s, base_version,
-                                                 self.settings.max_attempts, node.worker_id, secret, now=now)
+                                                 self.settings.max_attempts, node.worker_id, secret, now=now,
+                                                 leader=self.term.fence)
                 if fence > 0:
                     # a replica run trains on the version its task was given (pinned)
                     version = task.base_version if task.pinned else base_version
@@ -314,12 +338,34 @@ class Scheduler:
                 self.ledger.tasks.set_training((s.task_id, s.train.batch_size, s.train.learning_rate,
                                                 training.fold_width) for s in specs)
                 need = max(self.need_gb(t, node) for t in run)
-                self.dispatcher.submit(specs, run_resources(need), node.node_id)
-                self.runs.append((node.node_id, len(specs), sum(s.tokens for s in specs)))
-                slots -= 1
-            else:
-                idle.append(node)
+                if self._submit(specs, run_resources(need), node):
+                    self.runs.append((node.node_id, len(specs), sum(s.tokens for s in specs)))
+                    slots -= 1
+                    continue
+            idle.append(node)
         return idle
+
+    def _submit(self, specs: list[TaskSpec], resources: dict[str, float], node: Node) -> bool:
+        """Dispatch a leased run. A lease and its dispatch are two steps, so a dispatch that fails
+        gives its units back to the queue at once (without spending their attempts) instead of
+        stranding them until the queue timeout; the round goes on with the next card."""
+        try:
+            self.dispatcher.submit(specs, resources, node.node_id)
+            return True
+        except NotLeader:
+            raise
+        except Exception as exc:  # noqa: BLE001  (a transport failure is this run's, not the round's)
+            where = node.worker_id or node.node_id[:12]
+            why = f"its run could not be dispatched to worker {where}: {exc}"
+            log.warning("the run of task(s) %s could not be dispatched to worker %s (%s); its units go back in "
+                        "the queue", ", ".join(s.task_id for s in specs), where, exc,
+                        extra=fields("run.undispatched", worker=node.worker_id or None, reason=str(exc)))
+            for spec in specs:
+                try:
+                    self.ledger.leases.requeue(spec.task_id, spec.fence, why)
+                except Exception:  # noqa: BLE001  (then its lease runs out, as before)
+                    log.warning("task %s stays leased until its lease runs out", spec.task_id)
+            return False
 
     def _take_run(self, queue: list[TaskRecord], node: Node, speed: float, volunteer: str = "",
                   share: float = 1.0) -> list[TaskRecord]:
@@ -365,16 +411,17 @@ class Scheduler:
                 continue  # the run it would race is expected to finish first
             secret = new_secret()
             twin, fence = self.ledger.leases.speculate(task.task_id, now + self.settings.queue_timeout_s,
-                                                       card.worker_id, secret, now=now)
+                                                       card.worker_id, secret, now=now, leader=self.term.fence)
             if fence <= 0:
                 continue
             log.info("task %s runs long; also issued as %s to worker %s", task.task_id, twin, card.worker_id or "?",
                      extra=fields("task.speculated", task=task.task_id, job=task.job, twin=twin,
                                   worker=card.worker_id or None, fence=fence))
             twin_task = replace(task, task_id=twin)
-            self.dispatcher.submit([self.spec(twin_task, fence, self.ledger.versions.latest() or 0, card,
-                                              secret=secret)],
-                                   run_resources(self.need_gb(task, card)), card.node_id)
+            if not self._submit([self.spec(twin_task, fence, self.ledger.versions.latest() or 0, card,
+                                           secret=secret)],
+                                run_resources(self.need_gb(task, card)), card):
+                continue
             cards.remove(card)
             if not cards:
                 return
