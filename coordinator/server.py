@@ -160,7 +160,7 @@ class Coordinator:
         self.r = redis_client(url)
         self.r.ping()
         self.ledger = Ledger(self.r)
-        self.ledger.jobs.index_running()  # once per start: ledgers from before the index, or drift
+        self.ledger.index()  # once per start: indexes and counters a ledger from before them lacks
         if self._redis_server is not None:
             self._spawn("redis-watch", self._watch_redis)
 

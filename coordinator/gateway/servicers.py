@@ -207,10 +207,12 @@ class JobsServicer(rpc.JobsServicer):
 
     @_answers
     def Status(self, request, context):
-        view = status.overview(self.deps.ledger, self.deps.settings, request.job_id)
+        view = status.overview(self.deps.ledger, self.deps.settings, request.job_id, request.limit,
+                               status.Page.of(request.page_token))
         return pb.StatusReply(jobs=[_job_info(j) for j in view.jobs],
                               workers=[_worker_info(w) for w in view.workers],
-                              versions=[_version_info(v) for v in view.versions])
+                              versions=[_version_info(v) for v in view.versions],
+                              next_page_token=view.next_page.token())
 
     @_answers
     def Watch(self, request, context):

@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import redis
 
+from coordinator.ledger import keys
+
 from coordinator.ledger.adapters import Accepted, Adapters, adapter_id_for
-from coordinator.ledger.counters import Counters, Refusal, Tally
+from coordinator.ledger.counters import TOTALS_COUNTED, Counters, Refusal, Tally
 from coordinator.ledger.inbox import Inboxes, RunRecord, RunReport
 from coordinator.ledger.jobs import Jobs
 from coordinator.ledger.leases import Leases, Renewal, is_twin, twin_id
@@ -65,6 +67,21 @@ class Ledger:
         self.inbox = Inboxes(client)
         self.trust = Trust(client)
         self.replicas = Replicas(client)
+
+    def index(self) -> None:
+        """Once per start: the indexes and counters that reads on the hot path use instead of the
+        history (the running jobs, each job's task counts, the ledger-wide totals), built for a
+        ledger written before they existed. Reads every job, but only the first time."""
+        self.jobs.index_running()
+        if self.r.hget(keys.COUNTERS, TOTALS_COUNTED):
+            return
+        ids = self.jobs.ids()
+        self.tasks.counts_of(ids)  # counts every job not yet counted (and adds it to the totals)
+        jobs = [j for j in (self.jobs.get(i) for i in ids) if j is not None]
+        totals = {f"jobs:{s.value}": sum(1 for j in jobs if j.state is s) for s in (JobState.DONE, JobState.FAILED)}
+        totals["adapters:folded"] = sum(j.adapters_folded for j in jobs)
+        totals["adapters:rejected"] = sum(j.adapters_rejected for j in jobs)
+        self.r.hset(keys.COUNTERS, mapping={**totals, TOTALS_COUNTED: 1})
 
 
 __all__ = [

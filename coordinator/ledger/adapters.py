@@ -19,6 +19,7 @@ from coordinator.ledger import keys
 from coordinator.ledger.codec import adapter_from_hash, decode, to_fields
 from coordinator.ledger.counters import Counters, Refusal
 from coordinator.ledger.leases import CURRENT_LEASE
+from coordinator.ledger.tasks import COUNT
 from coordinator.ledger.records import AdapterRecord, AdapterState, Check
 from coordinator.ledger.replicas import HOLD_RESULT, Hold
 from coordinator.ledger.trust import Trust
@@ -53,12 +54,14 @@ return acceptable(KEYS[1], ARGV[1], ARGV[2], ARGV[3]) or {'', ''}
 # twin (or the twin's original, see Leases.speculate): the first accepted result marks both done,
 # so the other run's upload is refused. A run of a replicated task is held, not buffered, until
 # its replicas settle (coordinator.schedule.replication).
-_ACCEPT = _ACCEPTABLE + HOLD_RESULT + """
+_ACCEPT = _ACCEPTABLE + HOLD_RESULT + COUNT + """
 local answer = acceptable(KEYS[1], ARGV[1], ARGV[2], ARGV[3])
 if answer then return answer end
+count(KEYS[1], 'done')
 redis.call('HSET', KEYS[1], 'state', 'done', 'adapter', ARGV[3], 'finished', ARGV[4])
 redis.call('ZREM', KEYS[2], ARGV[1])
 if ARGV[5] ~= '' and redis.call('HGET', KEYS[6], 'state') ~= 'done' then
+  count(KEYS[6], 'done')
   redis.call('HSET', KEYS[6], 'state', 'done', 'adapter', ARGV[3], 'finished', ARGV[4])
   redis.call('ZREM', KEYS[2], ARGV[5])
   redis.call('ZREM', KEYS[7], ARGV[5])
@@ -184,6 +187,7 @@ class Adapters:
         pipe.hset(keys.adapter(adapter_id), mapping={"state": AdapterState.REJECTED.value, "reason": reason})
         if job:
             pipe.hincrby(keys.job(job), "adapters_rejected", 1)
+            pipe.hincrby(keys.COUNTERS, "adapters:rejected", 1)  # every job's, for metrics to read alone
         if volunteer and check is not None:
             self.trust.record_in(pipe, volunteer, check.value, reason)
         Counters(self.r).refuse(Refusal(time.time(), "fold", "gate", reason, task, worker, job), pipe)

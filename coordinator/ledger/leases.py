@@ -15,7 +15,7 @@ import redis
 
 from coordinator.ledger import keys
 from coordinator.ledger.records import Lease, TaskState
-from coordinator.ledger.tasks import EVENT
+from coordinator.ledger.tasks import COUNT, EVENT
 
 # lease_problem(key, task id, fence): "" when (task id, fence) holds the current lease of the task
 # hash at ``key``, else a sentence saying why not. Every script that asks this uses this function.
@@ -55,10 +55,11 @@ end
 # KEYS: task, PENDING, LEASES, FENCE, COUNTERS. ARGV: task id, deadline, base version, now, max
 # attempts. Returns the new fence, 0 when the task is not pending, -1 when it ran out of attempts.
 # Counts the lease, and a re-issue when the task had a fence before (coordinator.ledger.counters).
-_LEASE = """
+_LEASE = COUNT + """
 if redis.call('HGET', KEYS[1], 'state') ~= 'pending' then return 0 end
 local attempts = tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0')
 if attempts >= tonumber(ARGV[5]) then
+  count(KEYS[1], 'failed')
   redis.call('HSET', KEYS[1], 'state', 'failed', 'finished', ARGV[4])
   redis.call('ZREM', KEYS[2], ARGV[1])
   return -1
@@ -66,6 +67,7 @@ end
 redis.call('HINCRBY', KEYS[5], 'leases', 1)
 if tonumber(redis.call('HGET', KEYS[1], 'fence') or '0') > 0 then redis.call('HINCRBY', KEYS[5], 'reissues', 1) end
 local fence = redis.call('INCR', KEYS[4])
+count(KEYS[1], 'leased')
 redis.call('HSET', KEYS[1], 'state', 'leased', 'fence', fence, 'deadline', ARGV[2],
            'leased_at', ARGV[4], 'attempts', attempts + 1)
 if redis.call('HGET', KEYS[1], 'pinned') ~= '1' then redis.call('HSET', KEYS[1], 'base_version', ARGV[3]) end
@@ -112,12 +114,13 @@ return hold(KEYS[1], ARGV[2], ARGV[3], ARGV[4])
 
 # KEYS: LEASES, PENDING, COUNTERS. ARGV: now, task key prefix. Returns the ids whose lease expired
 # (each counted as "leases_expired").
-_EXPIRE = """
+_EXPIRE = COUNT + """
 local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
 for _, id in ipairs(ids) do
   local t = ARGV[2] .. id
   if redis.call('HGET', t, 'state') == 'leased' then
     redis.call('HINCRBY', KEYS[3], 'leases_expired', 1)
+    count(t, 'pending')
     redis.call('HSET', t, 'state', 'pending', 'error', 'the lease expired')
     redis.call('ZADD', KEYS[2], ARGV[1], id)
   end
@@ -128,14 +131,16 @@ return ids
 
 # KEYS: task, LEASES, PENDING. ARGV: task id, fence, error, now, max attempts. Returns the task's
 # new state, "" when (task, fence) did not hold the lease.
-_RELEASE = CURRENT_LEASE + """
+_RELEASE = CURRENT_LEASE + COUNT + """
 if lease_problem(KEYS[1], ARGV[1], ARGV[2]) ~= '' then return '' end
 redis.call('ZREM', KEYS[2], ARGV[1])
 local attempts = tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0')
 if attempts >= tonumber(ARGV[5]) then
+  count(KEYS[1], 'failed')
   redis.call('HSET', KEYS[1], 'state', 'failed', 'error', ARGV[3], 'finished', ARGV[4])
   return 'failed'
 end
+count(KEYS[1], 'pending')
 redis.call('HSET', KEYS[1], 'state', 'pending', 'error', ARGV[3])
 redis.call('ZADD', KEYS[3], ARGV[4], ARGV[1])
 return 'pending'
@@ -145,14 +150,16 @@ return 'pending'
 # whole): back in the queue, the attempt its lease took given back, since it did not fail. A twin
 # goes nowhere (its original still runs): it is retired. KEYS: task, LEASES, PENDING. ARGV: task
 # id, fence, why, now. Returns the task's new state, "" when (task, fence) did not hold the lease.
-_REQUEUE = CURRENT_LEASE + """
+_REQUEUE = CURRENT_LEASE + COUNT + """
 if lease_problem(KEYS[1], ARGV[1], ARGV[2]) ~= '' then return '' end
 redis.call('ZREM', KEYS[2], ARGV[1])
 if redis.call('HGET', KEYS[1], 'twin_of') then
+  count(KEYS[1], 'failed')
   redis.call('HSET', KEYS[1], 'state', 'failed', 'error', ARGV[3], 'finished', ARGV[4])
   return 'failed'
 end
 local attempts = tonumber(redis.call('HGET', KEYS[1], 'attempts') or '1')
+count(KEYS[1], 'pending')
 redis.call('HSET', KEYS[1], 'state', 'pending', 'error', ARGV[3], 'attempts', math.max(attempts - 1, 0))
 redis.call('ZADD', KEYS[3], ARGV[4], ARGV[1])
 return 'pending'
@@ -163,7 +170,7 @@ return 'pending'
 # job's tasks; its attempts are spent, so if it fails or expires it is retired, never re-run.
 # KEYS: task, twin, LEASES, FENCE, COUNTERS. ARGV: task id, twin id, deadline, now.
 # Returns the twin's fence; 0 when the task is not leased or already has a live twin.
-_SPECULATE = """
+_SPECULATE = COUNT + """
 if redis.call('HGET', KEYS[1], 'state') ~= 'leased' then return 0 end
 if redis.call('HGET', KEYS[1], 'twin_of') then return 0 end
 if redis.call('HGET', KEYS[2], 'state') == 'leased' or redis.call('HGET', KEYS[2], 'state') == 'done' then
@@ -172,13 +179,24 @@ end
 redis.call('HINCRBY', KEYS[5], 'speculations', 1)
 local fence = redis.call('INCR', KEYS[4])
 local t = redis.call('HMGET', KEYS[1], 'job', 'start', 'end', 'index', 'tokens')
+count(KEYS[2], '')
 redis.call('DEL', KEYS[2])
 redis.call('HSET', KEYS[2], 'task_id', ARGV[2], 'job', t[1], 'start', t[2], 'end', t[3], 'index', t[4],
-           'tokens', t[5], 'twin_of', ARGV[1], 'state', 'leased', 'fence', fence, 'deadline', ARGV[3],
-           'leased_at', ARGV[4], 'attempts', 1000000)
+           'tokens', t[5], 'twin_of', ARGV[1], 'fence', fence, 'deadline', ARGV[3],
+           'leased_at', ARGV[4], 'attempts', 1000000, 'counted', 'twin')
+count(KEYS[2], 'leased')
+redis.call('HSET', KEYS[2], 'state', 'leased')
 redis.call('HSET', KEYS[1], 'twin', ARGV[2])
 redis.call('ZADD', KEYS[3], ARGV[3], ARGV[2])
 return fence
+"""
+
+# A twin whose lease expired is retired. KEYS: twin, PENDING, LEASES. ARGV: twin id, why.
+_RETIRE_TWIN = COUNT + """
+redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('ZREM', KEYS[3], ARGV[1])
+count(KEYS[1], 'failed')
+redis.call('HSET', KEYS[1], 'state', 'failed', 'error', ARGV[2])
 """
 
 MAX_EVENTS = 32  # the newest events a task keeps
@@ -223,6 +241,7 @@ class Leases:
         self._release = client.register_script(_RELEASE)
         self._requeue = client.register_script(_REQUEUE)
         self._speculate = client.register_script(_SPECULATE)
+        self._retire_twin = client.register_script(_RETIRE_TWIN)
 
     def pending(self, limit: int = 100) -> list[str]:
         """The oldest pending task ids, first queued first."""
@@ -308,8 +327,4 @@ class Leases:
 
     def retire_twin(self, twin: str) -> None:
         """A twin whose lease expired goes nowhere (the original still runs): not pending, failed."""
-        pipe = self.r.pipeline(transaction=True)
-        pipe.zrem(keys.PENDING, twin)
-        pipe.zrem(keys.LEASES, twin)
-        pipe.hset(keys.task(twin), mapping={"state": TaskState.FAILED.value, "error": "the speculative run expired"})
-        pipe.execute()
+        self._retire_twin(keys=[keys.task(twin), keys.PENDING, keys.LEASES], args=[twin, "the speculative run expired"])

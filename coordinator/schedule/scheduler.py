@@ -39,7 +39,6 @@ from coordinator.ledger import (
     Ledger,
     TaskRecord,
     TaskState,
-    count_states,
     is_twin,
 )
 from coordinator.schedule import standing
@@ -79,6 +78,8 @@ class Scheduler:
     _nodes: list[Node] = field(default_factory=list)
     # Settles replicated tasks each round (coordinator.schedule.replication.Replication); None: none are.
     replication: Any = None
+    # The oldest pending tasks as this round read them (None: not read yet this round).
+    _window: list[TaskRecord] | None = None
 
     def config(self, job_id: str) -> JobConfig:
         if job_id not in self._configs:
@@ -123,6 +124,7 @@ class Scheduler:
     def tick(self, now: float | None = None) -> set[str]:
         """One round; returns the running jobs with nothing left to train (ready for a last fold)."""
         now = now or time.time()
+        self._window = None
         for task_id in self.ledger.leases.expire(now):
             log.warning("the lease of task %s expired; it goes back in the queue", task_id,
                         extra=fields("lease.expired", task=task_id))
@@ -227,8 +229,7 @@ class Scheduler:
             return free
         # Pending tasks no free card can hold (their job fits nowhere now) must not crowd out the rest.
         room = roomiest(free)
-        ids = [i for i in self.ledger.leases.pending(self.settings.pending_window) if not is_twin(i)]
-        queue = [t for t in self.ledger.tasks.many(ids) if self.fits_some(t, room)]
+        queue = [t for t in self._pending_window() if self.fits_some(t, room)]
         queue = queue[: len(free) * self.settings.max_units_per_run * 2]
         base_version = self.ledger.versions.latest() or 0
         idle = []
@@ -327,42 +328,56 @@ class Scheduler:
                 return
 
     def _review_jobs(self, nodes: list[Node]) -> set[str]:
-        """One pass over the running jobs, each job's tasks read once: say when a job's pending
-        tasks fit no card, and end the jobs with nothing left to train. Returns the jobs whose
-        last adapters still wait in the fold buffer (ready for a last fold)."""
+        """One pass over the running jobs, from their task counters (one read per job, however
+        many tasks it has): say when a job's pending tasks fit no card, and end the jobs with
+        nothing left to train. Returns the jobs whose last adapters still wait in the fold buffer
+        (ready for a last fold)."""
         room = roomiest(nodes)
         idle: set[str] = set()
-        for job_id in self.ledger.jobs.running_ids():
+        job_ids = self.ledger.jobs.running_ids()
+        buffered: set[str] | None = None
+        unsettled: set[str] | None = None
+        for job_id, counts in zip(job_ids, self.ledger.tasks.counts_of(job_ids)):
             job = self.ledger.jobs.get(job_id)
             if not job or job.state is not JobState.RUNNING:
                 continue
-            tasks = self.ledger.tasks.of_job(job_id)
-            self._warn(job_id, job, tasks, nodes, room)
-            counts = count_states(tasks)
-            if counts["pending"] or counts["leased"] or self._twin_runs(tasks) or self.ledger.replicas.unsettled(job_id):
-                continue  # (a replicated task's adapters are held until its replicas settle)
-            # Read after the tasks: every adapter of the job is then either in the buffer or
+            self._warn(job_id, job, counts, nodes, room)
+            if counts["pending"] or counts["leased"] or self.ledger.tasks.twins_running(job_id):
+                continue
+            if unsettled is None:  # the open replica groups, read once a round
+                unsettled = {g.job for g in self.ledger.replicas.open_groups()}
+            if job_id in unsettled:
+                continue  # a replicated task's adapters are held until its replicas settle
+            # Read after the counts: every adapter of the job is then either in the buffer or
             # already counted by the job record read next.
-            if any(a.job == job_id for a in self.ledger.adapters.buffered()):
+            if buffered is None:
+                buffered = {a.job for a in self.ledger.adapters.buffered()}
+            if job_id in buffered:
                 idle.add(job_id)
             else:
                 self._end(job_id, self.ledger.jobs.get(job_id) or job, counts)
         return idle
 
-    def _twin_runs(self, tasks: list[TaskRecord]) -> bool:
-        """Whether a speculative twin of one of ``tasks`` still runs: its result would complete
-        the task, even one whose own run failed for good, so the job is not over yet."""
-        twins = [t.twin for t in tasks if t.twin and t.state is not TaskState.DONE]
-        return any(t.state is TaskState.LEASED for t in self.ledger.tasks.many(twins))
+    def _pending_window(self) -> list[TaskRecord]:
+        """The oldest pending tasks (``pending_window`` of them), read at most once a round."""
+        if self._window is None:
+            ids = [i for i in self.ledger.leases.pending(self.settings.pending_window) if not is_twin(i)]
+            self._window = self.ledger.tasks.many(ids)
+        return self._window
 
-    def _warn(self, job_id: str, job: JobRecord, tasks: list[TaskRecord], nodes: list[Node],
+    def _warn(self, job_id: str, job: JobRecord, counts: dict[str, int], nodes: list[Node],
               room: tuple[float, float]) -> None:
-        """A job whose pending tasks fit no card in the cluster says so (JobInfo.warning)."""
-        pending = [t for t in tasks if t.state is TaskState.PENDING]
+        """A job whose pending tasks fit no card in the cluster says so (JobInfo.warning). Its
+        pending tasks are judged by those among the oldest pending (the queue's window), so the
+        check costs the same however long the queue is."""
         warning = ""
-        if nodes and pending and not any(self.fits_some(t, room) for t in pending):
-            warning = waiting_for_a_card(min(self.need_gb(t) for t in pending),
-                                         min(self.smallest_gb(t) for t in pending), len(nodes), *room)
+        if nodes and counts["pending"]:
+            pending = [t for t in self._pending_window() if t.job == job_id and t.state is TaskState.PENDING]
+            if pending and not any(self.fits_some(t, room) for t in pending):
+                warning = waiting_for_a_card(min(self.need_gb(t) for t in pending),
+                                             min(self.smallest_gb(t) for t in pending), len(nodes), *room)
+            elif not pending:
+                warning = job.warning  # none in the window: as it was
         if warning != job.warning:
             self.ledger.jobs.set_warning(job_id, warning)
             if warning:
