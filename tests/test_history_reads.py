@@ -221,3 +221,35 @@ def test_an_outbound_volunteer_stays_outbound_after_its_runs(ledger: Ledger, tmp
     assert kinds == {public: "outbound", trusted: "ray"}
     snapshot = dashboard.to_json(dashboard.snapshot(ledger, replace(settings)))
     assert {w["worker_id"]: w["kind"] for w in snapshot["workers"]} == kinds
+
+
+def round_trips_of_a_round(ledger: Ledger, tmp_path, volunteers: int) -> tuple[int, int]:
+    """(round trips, runs placed) of one scheduler round that gives each of ``volunteers`` free
+    outbound volunteers a run."""
+    ledger.r.flushdb()
+    ledger.versions.publish(VersionRecord(version=0, parent=-1))
+    settings = Settings(data_dir=tmp_path, speculate=False, max_units_per_run=1)
+    scheduler = Scheduler(settings, ledger, OutboundDispatcher(ledger), "token", lambda config: Need(1.0))
+    warm = [TaskRecord(task_id="j-warm-t0", job="j-warm", tokens=10)]
+    ledger.jobs.create(JobRecord(job_id="j-warm", name="warm", config=CONFIG, total_tasks=1), warm)
+    ledger.workers.register("w-warm", name="warm", card=CARD, token="t")
+    ledger.inbox.seen("w-warm")
+    scheduler.tick()  # scripts loaded; the warm-up volunteer is busy from now on
+    tasks = [TaskRecord(task_id=f"j-r-t{i}", job="j-r", index=i, tokens=10) for i in range(volunteers)]
+    ledger.jobs.create(JobRecord(job_id="j-r", name="r", config=CONFIG, total_tasks=volunteers), tasks)
+    for i in range(volunteers):
+        ledger.workers.register(f"w-{i:03d}", name=f"v{i}", card=CARD, token="t")
+        ledger.inbox.seen(f"w-{i:03d}")
+    scheduler.dispatcher.nodes()  # (the cards' cache warmed, as a running scheduler's is)
+    before, placed = CountingConnection.sent, len(scheduler.runs)
+    scheduler.tick()
+    return CountingConnection.sent - before, len(scheduler.runs) - placed
+
+
+def test_a_rounds_leases_and_hand_offs_take_the_same_few_round_trips_for_four_runs_or_forty(
+        counted: Ledger, tmp_path) -> None:
+    few, placed_few = round_trips_of_a_round(counted, tmp_path, 4)
+    many, placed_many = round_trips_of_a_round(counted, tmp_path, 40)
+    assert (placed_few, placed_many) == (4, 40)
+    assert many == few, (few, many)
+    assert {len(counted.r.lrange(keys.inbox(f"w-{i:03d}"), 0, -1)) for i in range(40)} == {1}

@@ -54,12 +54,19 @@ class Inboxes:
 
     def place(self, run_id: str, worker_id: str, units: list[tuple[str, int]], specs: list[str]) -> None:
         """Put a run in ``worker_id``'s inbox, with its record, in one transaction."""
+        self.place_many([(run_id, worker_id, units, specs)])
+
+    def place_many(self, runs: list[tuple[str, str, list[tuple[str, int]], list[str]]]) -> None:
+        """:meth:`place` each (run id, worker id, units, specs), all in one transaction: a round's
+        runs reach their inboxes in one round trip."""
         pipe = self.r.pipeline(transaction=True)
-        key = keys.outbound_run(run_id)
-        pipe.hset(key, mapping={"worker": worker_id, "units": json.dumps(units)})
-        pipe.expire(key, RUN_RECORD_TTL_S)
-        pipe.rpush(keys.inbox(worker_id), json.dumps({"run_id": run_id, "specs": specs}))
-        pipe.execute()
+        for run_id, worker_id, units, specs in runs:
+            key = keys.outbound_run(run_id)
+            pipe.hset(key, mapping={"worker": worker_id, "units": json.dumps(units)})
+            pipe.expire(key, RUN_RECORD_TTL_S)
+            pipe.rpush(keys.inbox(worker_id), json.dumps({"run_id": run_id, "specs": specs}))
+        if runs:
+            pipe.execute()
 
     def withdraw(self, run_id: str, worker_id: str) -> bool:
         """Take a run back out of the inbox if no frontend has handed it out yet; True if it was."""

@@ -98,6 +98,12 @@ class Workers:
         seen = self.r.zmscore(keys.WORKERS, ids)
         return sum(1 for s in seen if s is not None and s >= since)
 
+    def of_token(self, token: str) -> list[WorkerRecord]:
+        """The workers ``token`` (its hash) registered, read alone (not every worker ever)."""
+        ids = sorted(i.decode() for i in self.r.smembers(keys.token_workers(token)))
+        seen = self.r.zmscore(keys.WORKERS, ids) if ids else []
+        return self.many([(w, s or 0.0) for w, s in zip(ids, seen)])
+
     def get(self, worker_id: str) -> WorkerRecord | None:
         data = decode(self.r.hgetall(keys.worker(worker_id)))
         if not data:

@@ -62,7 +62,7 @@ class LedgerCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         totals = self.ledger.counters.totals()
         running = [j for j in (status.job(self.ledger, i) for i in self.ledger.jobs.running_ids()) if j]
-        workers, _ = status.workers(self.ledger, self.settings, gone=0)
+        workers = status.workers(self.ledger, self.settings, gone=0)
         yield from _jobs(running, totals)
         yield from _workers(workers, self.ledger.workers.count())
         yield from _versions(self.ledger)
@@ -122,7 +122,7 @@ def _workers(workers: list[status.WorkerSummary], registered: int) -> Iterator[M
 def _versions(ledger: Ledger) -> Iterator[Metric]:
     yield GaugeMetricFamily("nomoat_versions", "Versions of the running model published (version 0 included).",
                             value=ledger.versions.count())
-    versions, _ = status.versions(ledger, LOSS_LOOKBACK)
+    versions = status.versions(ledger, LOSS_LOOKBACK)
     latest = versions[-1] if versions else None
     yield GaugeMetricFamily("nomoat_version_latest", "The newest version's number.",
                             value=latest.version if latest else -1)

@@ -172,8 +172,13 @@ def active_since(settings: Settings, now: float) -> float:
     return now - ACTIVE_TTLS * settings.lease_ttl_s
 
 
-def workers(ledger: Ledger, settings: Settings, gone: int = PAGE, after: Cursor | None = None,
-            active: bool = True) -> tuple[list[WorkerSummary], Cursor | None]:
+def workers(ledger: Ledger, settings: Settings, gone: int = PAGE) -> list[WorkerSummary]:
+    """The active workers and the ``gone`` most recently seen of the others, least recently seen first."""
+    return workers_page(ledger, settings, gone)[0]
+
+
+def workers_page(ledger: Ledger, settings: Settings, gone: int = PAGE, after: Cursor | None = None,
+                 active: bool = True) -> tuple[list[WorkerSummary], Cursor | None]:
     """The active workers (``active``), and a page of ``gone`` workers no longer heard from, most
     recently seen first after the cursor ``after``; least recently seen first, with the cursor
     of the next page of gone workers."""
@@ -198,7 +203,13 @@ def summarise(ledger: Ledger, settings: Settings, every: list[WorkerRecord], now
     return out
 
 
-def versions(ledger: Ledger, limit: int = PAGE, after: Cursor | None = None) -> tuple[list[VersionSummary], Cursor | None]:
+def versions(ledger: Ledger, limit: int = PAGE) -> list[VersionSummary]:
+    """The newest ``limit`` versions, oldest first."""
+    return versions_page(ledger, limit)[0]
+
+
+def versions_page(ledger: Ledger, limit: int = PAGE,
+                  after: Cursor | None = None) -> tuple[list[VersionSummary], Cursor | None]:
     """A page of the versions, newest ``limit`` after the cursor, oldest first; with the next cursor."""
     found, cursor = ledger.versions.newest(limit, after) if limit > 0 else ([], None)
     return [
@@ -227,10 +238,10 @@ def overview(ledger: Ledger, settings: Settings, job_id: str = "", limit: int = 
     if job_id and not jobs:
         raise NotFound(f"there is no job {job_id!r}")
     more_workers = page.workers is not None or not page.more
-    found_workers, worker_cursor = workers(ledger, settings, limit if more_workers else 0, page.workers,
+    found_workers, worker_cursor = workers_page(ledger, settings, limit if more_workers else 0, page.workers,
                                            active=not page.more)
     more_versions = page.versions is not None or not page.more
-    found_versions, version_cursor = versions(ledger, (versions_limit or limit) if more_versions else 0, page.versions)
+    found_versions, version_cursor = versions_page(ledger, (versions_limit or limit) if more_versions else 0, page.versions)
     return Overview(jobs, found_workers, found_versions, Page(job_cursor, worker_cursor, version_cursor))
 
 

@@ -45,7 +45,7 @@ from coordinator.schedule import standing
 from coordinator.schedule.holder import hand_back
 from coordinator.fold.policy import FoldPolicy, TaskTraining
 from coordinator.settings import Settings
-from coordinator.schedule.transport import Dispatcher, Finished, Need, Node, roomiest, run_resources
+from coordinator.schedule.transport import Dispatcher, Finished, Need, Node, roomiest, run_resources, submit_all
 from nomoat import card as cards
 from nomoat.logs import fields
 from nomoat.spec import LoraConfig, TaskSpec, TrainConfig
@@ -188,9 +188,10 @@ class Scheduler:
         return self.training(self.config(job_id), noise, self.total_tasks(job_id))
 
     def spec(self, task: TaskRecord, fence: int, base_version: int, node: Node,
-             training: TaskTraining | None = None) -> TaskSpec:
+             training: TaskTraining | None = None, card: cards.Card | None | str = "read") -> TaskSpec:
         """What the worker on ``node`` needs to train ``task`` under ``fence`` (at ``training``,
-        by default the job's :meth:`job_training`)."""
+        by default the job's :meth:`job_training`; for ``card``, by default the one its worker
+        registered, read now)."""
         config = self.config(task.job)
         training = training or self.job_training(task.job)
         return TaskSpec(
@@ -200,8 +201,15 @@ class Scheduler:
             train=TrainConfig(seq_len=config.seq_len, batch_size=training.batch_size,
                               learning_rate=training.learning_rate, epochs=config.epochs,
                               seed=task.index, plan_model=config.plan_model, warm_start=config.warm_start),
-            lease_ttl_s=self.settings.lease_ttl_s, worker_id=node.worker_id, card=self.card_of(node.worker_id),
+            lease_ttl_s=self.settings.lease_ttl_s, worker_id=node.worker_id,
+            card=self.card_of(node.worker_id) if card == "read" else card,
         )
+
+    def cards_of(self, worker_ids: list[str]) -> dict[str, cards.Card | None]:
+        """:meth:`card_of` for each worker, in one round trip."""
+        ids = [w for w in dict.fromkeys(worker_ids) if w]
+        return {w: cards.from_message(pb.Card.FromString(raw)) if raw else None
+                for w, raw in zip(ids, self.ledger.workers.cards(ids))}
 
     def card_of(self, worker_id: str) -> cards.Card | None:
         """The card ``worker_id`` registered (the run plans for it); None if the ledger has none."""
@@ -232,7 +240,9 @@ class Scheduler:
         queue = [t for t in self._pending_window() if self.fits_some(t, room)]
         queue = queue[: len(free) * self.settings.max_units_per_run * 2]
         base_version = self.ledger.versions.latest() or 0
-        idle = []
+        idle: list[Node] = []
+        planned: list[tuple[Node, list[TaskRecord], TaskTraining]] = []
+        trainings: dict[str, TaskTraining] = {}
         for node in free:
             volunteer, stands = standing[node.node_id]
             if slots <= 0 or not stands.eligible:
@@ -242,15 +252,34 @@ class Scheduler:
             if not run:
                 idle.append(node)
                 continue
+            job = run[0].job
+            if job not in trainings:
+                trainings[job] = self.job_training(job)
+            planned.append((node, run, trainings[job]))
+            slots -= 1
+        if planned:
+            idle += self._place(now, base_version, planned)
+        return idle
+
+    def _place(self, now: float, base_version: int, planned: list[tuple[Node, list[TaskRecord], TaskTraining]]) -> list[Node]:
+        """Lease the round's planned runs and hand them to the dispatcher, in a few round trips
+        whatever their number: every lease in one pipeline (each still its own atomic script),
+        the cards in one read, what each unit trains at in one write, the runs in one hand-off.
+        Returns the cards whose run got no lease."""
+        deadline = now + self.settings.queue_timeout_s
+        fences = iter(self.ledger.leases.lease_many([t.task_id for _, run, _ in planned for t in run], deadline,
+                                                    base_version, self.settings.max_attempts))
+        registered = self.cards_of([node.worker_id for node, _, _ in planned])
+        runs: list[tuple[list[TaskSpec], dict[str, float], str]] = []
+        idle, trained = [], []
+        for node, run, training in planned:
             specs = []
-            training = self.job_training(run[0].job)
             for task in run:
-                fence = self.ledger.leases.lease(task.task_id, now + self.settings.queue_timeout_s, base_version,
-                                                 self.settings.max_attempts)
+                fence = next(fences)
                 if fence > 0:
                     # a replica run trains on the version its task was given (pinned)
                     version = task.base_version if task.pinned else base_version
-                    specs.append(self.spec(task, fence, version, node, training))
+                    specs.append(self.spec(task, fence, version, node, training, registered.get(node.worker_id)))
                     again = f" again (attempt {task.attempts + 1})" if task.attempts else ""
                     log.info("task %s of job %s leased%s to worker %s (fence %d)", task.task_id, task.job, again,
                              node.worker_id or node.node_id[:12], fence,
@@ -261,15 +290,16 @@ class Scheduler:
                     log.warning("task %s failed: no attempts left", task.task_id,
                                 extra=fields("task.failed", task=task.task_id, job=task.job,
                                              reason="no attempts left"))
-            if specs:
-                self.ledger.tasks.set_training((s.task_id, s.train.batch_size, s.train.learning_rate,
-                                                training.fold_width) for s in specs)
-                need = max(self.need_gb(t, node) for t in run)
-                self.dispatcher.submit(specs, run_resources(need), node.node_id)
-                self.runs.append((node.node_id, len(specs), sum(s.tokens for s in specs)))
-                slots -= 1
-            else:
+            if not specs:
                 idle.append(node)
+                continue
+            trained += [(s.task_id, s.train.batch_size, s.train.learning_rate, training.fold_width) for s in specs]
+            runs.append((specs, run_resources(max(self.need_gb(t, node) for t in run)), node.node_id))
+        if trained:
+            self.ledger.tasks.set_training(trained)
+        submit_all(self.dispatcher, runs)
+        for specs, _, node_id in runs:
+            self.runs.append((node_id, len(specs), sum(s.tokens for s in specs)))
         return idle
 
     def _take_run(self, queue: list[TaskRecord], node: Node, speed: float, volunteer: str = "",
