@@ -24,8 +24,6 @@ import grpc
 import redis
 import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from redis.backoff import ExponentialBackoff
-from redis.retry import Retry
 
 from coordinator.fold import evaluators
 
@@ -33,7 +31,7 @@ from coordinator.gateway import servicers
 from coordinator.gateway.auth import AuthInterceptor, TokenRegistry
 from coordinator.fold.folder import Folder
 from coordinator.model.history import History
-from coordinator.ledger import Ledger, VersionRecord
+from coordinator.ledger import Ledger, VersionRecord, connect
 from coordinator.model.running import RunningModel
 from coordinator.ledger.redis_server import EmbeddedRedis
 from coordinator.schedule.replication import Replication
@@ -59,14 +57,8 @@ def base_model_folder(spec: str) -> Path:
 
 
 def redis_client(url: str) -> redis.Redis:
-    """A client that rides out a Redis restart: retries with exponential backoff, then errors."""
-    return redis.Redis.from_url(
-        url,
-        retry=Retry(ExponentialBackoff(cap=5.0, base=0.1), retries=12),
-        retry_on_error=[redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError],
-        health_check_interval=15,
-        socket_timeout=30,
-    )
+    """A client that rides out a Redis restart, or a Sentinel failover (coordinator.ledger.connect)."""
+    return connect.redis_client(url)
 
 
 def _secret_file(path: Path) -> str:
@@ -159,7 +151,7 @@ class Coordinator:
             url = self._redis_server.start()
         self.r = redis_client(url)
         self.r.ping()
-        self.ledger = Ledger(self.r)
+        self.ledger = Ledger(self.r, connect.durability_for(url))
         self.ledger.index()  # once per start: indexes and counters a ledger from before them lacks
         if self._redis_server is not None:
             self._spawn("redis-watch", self._watch_redis)

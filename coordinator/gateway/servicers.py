@@ -46,6 +46,7 @@ from coordinator.errors import (
     NotPermitted,
     RequestError,
     Unauthenticated,
+    Unavailable,
     WrongState,
 )
 from coordinator.model.history import History
@@ -79,6 +80,7 @@ _STATUS: dict[type[RequestError], grpc.StatusCode] = {
     Incomplete: grpc.StatusCode.DATA_LOSS,
     BrokenOff: grpc.StatusCode.CANCELLED,
     Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    Unavailable: grpc.StatusCode.UNAVAILABLE,
 }
 
 

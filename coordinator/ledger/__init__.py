@@ -22,6 +22,7 @@ import redis
 from coordinator.ledger import keys
 
 from coordinator.ledger.adapters import Accepted, Adapters, adapter_id_for
+from coordinator.ledger.connect import Durability, NotDurable
 from coordinator.ledger.counters import TOTALS_COUNTED, Counters, Refusal, Tally
 from coordinator.ledger.inbox import Inboxes, RunRecord, RunReport
 from coordinator.ledger.jobs import Jobs
@@ -54,13 +55,14 @@ from coordinator.ledger.workers import TooManyWorkers, Workers
 class Ledger:
     """Coordinator state in Redis. Thread-safe: every call is one or a few Redis round trips."""
 
-    def __init__(self, client: redis.Redis) -> None:
+    def __init__(self, client: redis.Redis, durability: Durability = Durability()) -> None:
         self.r = client
+        self.durability = durability  # what a write that must survive a failover waits for
         self.jobs = Jobs(client)
         self.tasks = Tasks(client)
         self.leases = Leases(client)
-        self.adapters = Adapters(client)
-        self.versions = Versions(client)
+        self.adapters = Adapters(client, durability)
+        self.versions = Versions(client, durability)
         self.workers = Workers(client)
         self.tokens = Tokens(client)
         self.counters = Counters(client)
@@ -92,6 +94,8 @@ __all__ = [
     "Adapters",
     "Check",
     "Counters",
+    "Durability",
+    "NotDurable",
     "Hold",
     "FoldedAdapter",
     "Renewal",

@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 import redis
 
 from coordinator.ledger import keys
+from coordinator.ledger.connect import Durability
 from coordinator.ledger.codec import adapter_from_hash, decode, to_fields
 from coordinator.ledger.counters import Counters, Refusal
 from coordinator.ledger.leases import CURRENT_LEASE
@@ -103,8 +104,9 @@ def adapter_id_for(task_id: str, fence: int, sha256: str) -> str:
 
 
 class Adapters:
-    def __init__(self, client: redis.Redis) -> None:
+    def __init__(self, client: redis.Redis, durability: Durability = Durability()) -> None:
         self.r = client
+        self.durability = durability
         self._precheck = client.register_script(_PRECHECK)
         self._accept = client.register_script(_ACCEPT)
         self.trust = Trust(client)
@@ -146,6 +148,8 @@ class Adapters:
                   base_version, volunteer, *(x for kv in fields.items() for x in kv)],
         )
         answer = _answer(status, detail)
+        if answer.ok:  # (a retry after NotDurable finds a duplicate: it is confirmed in turn)
+            self.durability.confirm(self.r, f"the adapter of task {task_id} (fence {fence})")
         return replace(answer, held=True) if hold.task and answer.status == "accepted" else answer
 
     def many(self, adapter_ids: list[str]) -> list[AdapterRecord]:

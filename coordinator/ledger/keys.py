@@ -26,6 +26,7 @@ COUNTERS = PREFIX + "counters"
 # hash: Ray node id -> the worker that last finished a run on it (Workers.record_run): a node that
 # names no worker finds its speed here, without reading every worker ever registered
 NODE_WORKERS = PREFIX + "workers:by-node"
+DURABLE_MARK = PREFIX + "durable"  # counter: written just before a WAIT (coordinator.ledger.connect.Durability)
 REFUSALS = PREFIX + "refusals:recent"  # list: JSON of the newest refusals (uploads, fold gates), newest first
 
 

@@ -14,6 +14,7 @@ from dataclasses import replace
 import redis
 
 from coordinator.ledger import keys
+from coordinator.ledger.connect import Durability
 from coordinator.ledger.codec import decode, version_fields, version_from_hash
 from coordinator.ledger.pages import Cursor, older
 from coordinator.ledger.records import AdapterState, VersionRecord
@@ -22,8 +23,9 @@ from nomoat.lineage import Lineage
 
 
 class Versions:
-    def __init__(self, client: redis.Redis) -> None:
+    def __init__(self, client: redis.Redis, durability: Durability = Durability()) -> None:
         self.r = client
+        self.durability = durability
         self.trust = Trust(client)
 
     def latest(self) -> int | None:
@@ -110,4 +112,7 @@ class Versions:
                 pipe.lpush(keys.RECENT_NORMS, norm)
             pipe.ltrim(keys.RECENT_NORMS, 0, 255)
             pipe.execute()
+        # A replica holds it before it counts as published (NotDurable otherwise: the folder then
+        # rebuilds from whatever the ledger holds, which a failover may have set back).
+        self.durability.confirm(self.r, f"version {number}")
         return record
