@@ -1,24 +1,32 @@
-"""Load: many simulated outbound-only workers against one real coordinator over loopback.
+"""Load: many simulated outbound-only volunteers against real coordinator processes over loopback.
 
-A real coordinator process (embedded Redis, Ray head, the tiny model, its real gRPC server and
-scheduler) and, in this process, ``--workers`` lightweight volunteers as asyncio gRPC clients,
-each on its own channel (its own TCP connection, as a volunteer's would be). Each one registers,
-long-polls for work, claims each unit with a heartbeat, "trains" for a simulated second (a
-sleep, plus a heartbeat midway), uploads a tiny valid adapter (rank 1 on q_proj, zeros: it
-passes the upload checks) and reports the run. Nothing is folded during the run
-(fold_every is set out of reach: the folder's held-out evaluations would take the two cores the
-benchmark measures), speculation is off (a twin is a second lease by design), and runs are one
-unit each (target_task_seconds = the simulated unit time).
+Real coordinator processes (a Redis, a Ray head, the tiny model, their real gRPC servers,
+scheduler and folder) and ``--volunteers`` lightweight volunteers as asyncio gRPC clients,
+spread over load-generator processes of their own (``--procs``; multiprocessing), each
+volunteer on its own channel (its own TCP connection, as a volunteer's would be). Each one
+registers, long-polls for work, claims each unit with a heartbeat, "trains" for a simulated
+second (a sleep, plus a heartbeat midway), uploads a tiny valid adapter (rank 1 on q_proj, zeros:
+it passes the upload checks) and reports the run. Nothing is folded during the run (fold_every is
+set out of reach: the folder's held-out evaluations would take the cores the benchmark
+measures), speculation is off (a twin is a second lease by design), and runs are one unit each
+(target_task_seconds = the simulated unit time).
 
-Reported: leases per second (units handed out, from the workers' side, and fences issued, from
-the ledger), p50/p99 of the Heartbeat call and of RequestWork calls that did not wait, and the
-time from a worker being free to holding a run. The baseline is the same loop with one worker,
-measured first in the same run; ratios are against it. Checked against the ledger afterwards:
-no (task, fence) handed to two workers, no task with two accepted adapters, every accepted
-upload a done task whose adapter is in the fold buffer, every task pending, leased or done.
+``--layout all``: one ``--role all`` coordinator (today's single process). ``--layout split``:
+two gateways, a scheduler and a folder (``--role gateway|scheduler|folder``) on one Redis and one
+data dir, the volunteers spread over the two gateways (it needs a checkout with the roles).
 
-    python bench/load.py                 # 1,000 workers, ~3-5 minutes on 2 cores
-    python bench/load.py --workers 200 --seconds 30
+Reported: leases per second (units handed out, from the volunteers' side), p50/p99 of the
+Heartbeat call, the time from a volunteer being free to holding a run (work is queued the whole
+time), calls refused for capacity (RESOURCE_EXHAUSTED, as the volunteers saw them), and the
+gateways' CPU seconds per 1,000 calls the volunteers made (in layout all the one process also
+schedules: an upper bound). The baseline is the same loop with one volunteer, measured first in
+the same run; ratios are against it. Checked against the ledger afterwards: no (task, fence)
+handed to two volunteers (double_leased), no task with two accepted adapters (double_accepted),
+every accepted upload a done task whose adapter is in the fold buffer (else lost).
+
+    python bench/load.py                                  # 1,000 volunteers, ~3-5 minutes on 2 cores
+    python bench/load.py --volunteers 200 --seconds 30
+    python bench/load.py --volunteers 10000 --layout split --procs 8
 
 The last line is one JSON object.
 """
@@ -28,13 +36,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
+import multiprocessing as mp
+import os
 import random
-import statistics
+import resource
 import sys
 import tempfile
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import grpc
@@ -49,24 +60,35 @@ from nomoat.v1 import nomoat_pb2_grpc as rpc  # noqa: E402
 
 CARD = pb.Card(name="RTX 3060", vram_gb=12.0, backend="cuda", tflops=13.0, simulated=True)
 WORK_S = 1.0  # simulated training time per unit
+SPLIT = ("gateway", "gateway", "scheduler", "folder")  # the processes of --layout split, started in this order
 
 
-# -- the coordinator, as a process of its own ---------------------------------------------------
+def more_files() -> None:
+    """A connection per volunteer: raise this process's open-file limit to its hard limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-def serve(data_dir: Path, listen: str) -> None:
+# -- the coordinator processes ------------------------------------------------------------------
+
+
+def serve(data_dir: Path, listen: str, role: str, redis_url: str | None) -> None:
     """``python bench/load.py --serve``: a real coordinator with the benchmark's settings."""
+    import dataclasses
     import signal
     import threading
 
     from coordinator.server import Coordinator
     from coordinator.settings import JobDefaults, Settings
 
+    more_files()
     settings = Settings(data_dir=data_dir, listen=listen, fold_every=10**9, fold_timeout_s=1e9, speculate=False,
                         max_in_flight=1_000_000, max_workers_per_token=1_000_000, target_task_seconds=WORK_S,
-                        lease_ttl_s=60.0, pending_window=2000,
+                        lease_ttl_s=60.0, pending_window=2000, redis_url=redis_url,
                         job=JobDefaults(lora_rank=1, lora_alpha=2.0, target_modules=("q_proj",), seq_len=32,
                                         tokens_per_task=64))
+    if role != "all":
+        settings = dataclasses.replace(settings, role=role)
     node = Coordinator(settings)
     node.start()
     print("coordinator ready", flush=True)
@@ -77,18 +99,101 @@ def serve(data_dir: Path, listen: str) -> None:
     node.stop()
 
 
-def start_coordinator(data_dir: Path, listen: str) -> "subprocess.Popen":
+def has_roles() -> bool:
+    """Whether this checkout's coordinator takes a role (gateway, scheduler, folder)."""
+    import dataclasses
+
+    from coordinator.settings import Settings
+
+    return "role" in {f.name for f in dataclasses.fields(Settings)}
+
+
+@dataclass
+class Coordinators:
+    """The coordinator processes of a layout: their Popen handles and roles, the gateways' addresses."""
+
+    procs: list = field(default_factory=list)
+    roles: list[str] = field(default_factory=list)
+    gateways: list[str] = field(default_factory=list)
+    redis_url: str = ""
+    redis: object = None  # the EmbeddedRedis the split layout shares
+
+    def gateway_pids(self) -> list[int]:
+        return [p.pid for p, role in zip(self.procs, self.roles) if role in ("all", "gateway")]
+
+    def stop(self) -> None:
+        for proc in reversed(self.procs):
+            proc.send_signal(2)
+        for proc in reversed(self.procs):
+            try:
+                proc.wait(90)
+            except Exception:  # noqa: BLE001
+                proc.kill()
+        if self.redis is not None:
+            self.redis.stop()
+
+
+def free_address() -> str:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"127.0.0.1:{s.getsockname()[1]}"
+
+
+def start_one(data_dir: Path, listen: str, role: str, redis_url: str, log_path: Path):
     import subprocess
 
-    log = open(data_dir.parent / "coordinator.log", "wb")
-    proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--serve", "--data-dir", str(data_dir),
-                             "--listen", listen], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    log = open(log_path, "wb")
+    args = [sys.executable, str(Path(__file__).resolve()), "--serve", "--data-dir", str(data_dir), "--listen", listen,
+            "--role", role] + (["--redis-url", redis_url] if redis_url else [])
+    proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     end = time.monotonic() + 300
-    while b"coordinator ready" not in (data_dir.parent / "coordinator.log").read_bytes():
+    while b"coordinator ready" not in log_path.read_bytes():
         if proc.poll() is not None or time.monotonic() > end:
-            raise SystemExit("the coordinator did not start; see " + str(data_dir.parent / "coordinator.log"))
+            raise SystemExit(f"the coordinator ({role}) did not start; see {log_path}")
         time.sleep(0.5)
     return proc
+
+
+def start_layout(layout: str, tmp: Path) -> Coordinators:
+    """``all``: one process on its embedded Redis. ``split``: a Redis of its own, then two
+    gateways, a scheduler and a folder on it and on one data dir."""
+    data_dir = tmp / "coordinator"
+    found = Coordinators()
+    if layout == "all":
+        address = free_address()
+        found.procs.append(start_one(data_dir, address, "all", "", tmp / "coordinator.log"))
+        found.roles.append("all")
+        found.gateways.append(address)
+        from coordinator.ledger.redis_server import EmbeddedRedis
+
+        found.redis_url = EmbeddedRedis(data_dir / "redis").url
+        return found
+    from coordinator.ledger.redis_server import EmbeddedRedis
+
+    found.redis = EmbeddedRedis(tmp / "redis")
+    found.redis_url = found.redis.start()
+    for i, role in enumerate(SPLIT):
+        address = free_address()
+        found.procs.append(start_one(data_dir, address, role, found.redis_url, tmp / f"coordinator-{i}-{role}.log"))
+        found.roles.append(role)
+        if role == "gateway":
+            found.gateways.append(address)
+    return found
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User and system CPU seconds the processes ``pids`` have used (their own threads, not children)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime (fields 14 and 15)
+    return total
 
 
 # -- the simulated volunteers -------------------------------------------------------------------
@@ -114,18 +219,31 @@ class Tally:
     heartbeat_s: list[float] = field(default_factory=list)
     poll_s: list[float] = field(default_factory=list)  # RequestWork calls answered without a wait
     to_lease_s: list[float] = field(default_factory=list)  # free -> holding a run
-    handed: dict[tuple[str, int], set[str]] = field(default_factory=lambda: defaultdict(set))
-    accepted: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
+    handed: dict = field(default_factory=dict)  # (task id, fence) -> the volunteers given it
+    accepted: dict = field(default_factory=dict)  # task id -> adapter ids accepted for it
     units: int = 0
     refused: int = 0
     errors: int = 0
     registered: int = 0
-    register_s: float = 0.0
-    exhausted: int = 0  # RESOURCE_EXHAUSTED: the server's concurrent-call limit
+    calls: int = 0  # RPCs made in the load phase (those that answered and those that failed)
+    exhausted: int = 0  # RESOURCE_EXHAUSTED: refused for capacity
+
+    def hand(self, task_id: str, fence: int, worker_id: str) -> None:
+        self.handed.setdefault(f"{task_id}/{fence}", []).append(worker_id)
+
+    def merge(self, other: dict) -> None:
+        for name in ("heartbeat_s", "poll_s", "to_lease_s"):
+            getattr(self, name).extend(other[name])
+        for key, holders in other["handed"].items():
+            self.handed.setdefault(key, []).extend(holders)
+        for key, ids in other["accepted"].items():
+            self.accepted.setdefault(key, []).extend(ids)
+        for name in ("units", "refused", "errors", "registered", "calls", "exhausted"):
+            setattr(self, name, getattr(self, name) + other[name])
 
 
-async def volunteer(i: int, address: str, token: str, data: bytes, tally: Tally, stop: asyncio.Event,
-                    go: asyncio.Event, wait_s: float) -> None:
+async def volunteer(i: int, address: str, token: str, data: bytes, tally: Tally, stop, go, registered,
+                    wait_s: float) -> None:
     import hashlib
 
     meta = (("authorization", f"Bearer {token}"),)
@@ -140,17 +258,23 @@ async def volunteer(i: int, address: str, token: str, data: bytes, tally: Tally,
                 await asyncio.sleep(random.uniform(0.5, 2.0) * (attempt + 1))
         else:
             tally.errors += 1
+            with registered.get_lock():
+                registered.value += 1  # (counted as done trying)
             return
         tally.registered += 1
-        await go.wait()
+        with registered.get_lock():
+            registered.value += 1
+        while not go.is_set():
+            await asyncio.sleep(0.2)
         # Volunteers do not all ask in the same millisecond: the first poll is spread over a few
-        # seconds (a thousand at once would only measure the server's queue limit).
+        # seconds (ten thousand at once would only measure the server's queue limit).
         await asyncio.sleep(random.uniform(0, 5))
         worker_id = reg.worker_id
         free_since = time.monotonic()
         while not stop.is_set():
             try:
                 started = time.monotonic()
+                tally.calls += 1
                 reply = await stub.RequestWork(pb.WorkRequest(worker_id=worker_id, wait_s=wait_s), metadata=meta,
                                                timeout=wait_s + 30)
                 took = time.monotonic() - started
@@ -165,8 +289,9 @@ async def volunteer(i: int, address: str, token: str, data: bytes, tally: Tally,
                 results = []
                 for raw in reply.task_specs:
                     spec = TaskSpec.from_dict(json.loads(raw))
-                    tally.handed[(spec.task_id, spec.fence)].add(worker_id)
+                    tally.hand(spec.task_id, spec.fence, worker_id)
                     results.append(await unit(stub, meta, worker_id, spec, reg.lineage, data, sha, tally))
+                tally.calls += 1
                 await stub.ReportRun(pb.RunReport(worker_id=worker_id, run_id=reply.run_id,
                                                   units=[json.dumps(u.to_dict()) for u in results]),
                                      metadata=meta, timeout=60)
@@ -175,7 +300,7 @@ async def volunteer(i: int, address: str, token: str, data: bytes, tally: Tally,
                 tally.errors += 1
                 tally.exhausted += exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
                 if tally.errors < 5:
-                    print(f"worker {i}: {exc.code().name} {exc.details()}", file=sys.stderr)
+                    print(f"volunteer {i}: {exc.code().name} {exc.details()}", file=sys.stderr)
                 await asyncio.sleep(random.uniform(0.5, 2.0))
 
 
@@ -183,6 +308,7 @@ async def unit(stub, meta, worker_id: str, spec: TaskSpec, lineage: str, data: b
                tally: Tally) -> UnitResult:
     async def beat() -> pb.HeartbeatReply:
         started = time.monotonic()
+        tally.calls += 1
         reply = await stub.Heartbeat(pb.HeartbeatRequest(task_id=spec.task_id, fence=spec.fence,
                                                          worker_id=worker_id), metadata=meta, timeout=30)
         tally.heartbeat_s.append(time.monotonic() - started)
@@ -197,38 +323,77 @@ async def unit(stub, meta, worker_id: str, spec: TaskSpec, lineage: str, data: b
     manifest = pb.AdapterManifest(task_id=spec.task_id, fence=spec.fence, base_version=first.base_version, rank=1,
                                   alpha=2.0, tokens=spec.tokens, train_loss=2.0, sha256=sha, size=len(data),
                                   worker_id=worker_id, lineage=first.lineage or lineage)
+    tally.calls += 1
     sent = await stub.Upload(iter([pb.UploadChunk(manifest=manifest), pb.UploadChunk(data=data)]), metadata=meta,
                              timeout=60)
     tally.units += 1
     if not sent.accepted:
         tally.refused += 1
         return UnitResult(spec.task_id, spec.fence, f"refused: {sent.reason}")
-    tally.accepted[spec.task_id].append(sent.adapter_id)
+    tally.accepted.setdefault(spec.task_id, []).append(sent.adapter_id)
     return UnitResult(spec.task_id, spec.fence, adapter_id=sent.adapter_id, tokens=spec.tokens, seconds=WORK_S)
 
 
-async def phase(address: str, token: str, data: bytes, workers: int, seconds: float, wait_s: float,
-                tally: Tally, first: int = 0) -> float:
-    """Run ``workers`` volunteers: all register, then ``seconds`` of work; returns the seconds measured."""
-    stop, go = asyncio.Event(), asyncio.Event()
-    tasks = [asyncio.create_task(volunteer(first + i, address, token, data, tally, stop, go, wait_s))
-             for i in range(workers)]
-    started = time.monotonic()
-    while tally.registered + tally.errors < workers:
-        await asyncio.sleep(0.5)
-        if time.monotonic() - started > 600:
-            break
-    tally.register_s = time.monotonic() - started
-    print(f"  {tally.registered} workers registered in {tally.register_s:.1f} s", file=sys.stderr)
+def generator(first: int, count: int, addresses: list[str], token: str, data: bytes, wait_s: float,
+              registered, go, stop, out) -> None:
+    """One load-generator process: ``count`` volunteers (numbered from ``first``), spread over
+    the gateways' ``addresses``, until ``stop``; its tally goes to ``out``."""
+    more_files()
+    tally = Tally()
+
+    async def run() -> None:
+        tasks = [asyncio.create_task(volunteer(first + i, addresses[(first + i) % len(addresses)], token, data,
+                                               tally, stop, go, registered, wait_s)) for i in range(count)]
+        while not stop.is_set():
+            await asyncio.sleep(0.2)
+        await asyncio.wait(tasks, timeout=wait_s + 60)
+        for task in tasks:
+            task.cancel()
+
+    asyncio.run(run())
+    out.put(asdict(tally))
+
+
+@dataclass
+class Phase:
+    tally: Tally
+    seconds: float
+    register_s: float
+    gateway_cpu_s: float
+
+
+def phase(layout: Coordinators, token: str, data: bytes, volunteers: int, seconds: float, wait_s: float,
+          procs: int, first: int = 0) -> Phase:
+    """Run ``volunteers`` volunteers in ``procs`` processes: all register, then ``seconds`` of work."""
+    ctx = mp.get_context("spawn")  # (the parent holds gRPC channels and torch: nothing of it is forked)
+    registered, go, stop, out = ctx.Value("i", 0), ctx.Event(), ctx.Event(), ctx.Queue()
+    procs = max(1, min(procs, volunteers))
+    shares = [volunteers // procs + (i < volunteers % procs) for i in range(procs)]
+    children, start = [], first
+    for share in shares:
+        children.append(ctx.Process(target=generator, args=(start, share, layout.gateways, token, data, wait_s,
+                                                            registered, go, stop, out), daemon=True))
+        start += share
+    began = time.monotonic()
+    for child in children:
+        child.start()
+    while registered.value < volunteers and time.monotonic() - began < 900:
+        time.sleep(0.5)
+    register_s = time.monotonic() - began
+    print(f"  {registered.value} volunteers registered in {register_s:.1f} s", file=sys.stderr)
+    cpu = cpu_seconds(layout.gateway_pids())
     go.set()
     began = time.monotonic()
-    await asyncio.sleep(seconds)
+    time.sleep(seconds)
     stop.set()
     measured = time.monotonic() - began
-    await asyncio.wait(tasks, timeout=wait_s + 60)
-    for task in tasks:
-        task.cancel()
-    return measured
+    cpu = cpu_seconds(layout.gateway_pids()) - cpu
+    tally = Tally()
+    for _ in children:
+        tally.merge(out.get(timeout=wait_s + 180))
+    for child in children:
+        child.join(30)
+    return Phase(tally, measured, register_s, cpu)
 
 
 def pct(values: list[float], q: float) -> float:
@@ -238,35 +403,36 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def figures(tally: Tally, seconds: float) -> dict[str, float]:
+def figures(p: Phase) -> dict[str, float]:
+    t = p.tally
     return {
-        "leases_per_s": round(len(tally.handed) / seconds, 2),
-        "units_uploaded": tally.units,
-        "heartbeat_p50_ms": round(pct(tally.heartbeat_s, 0.5) * 1000, 2),
-        "heartbeat_p99_ms": round(pct(tally.heartbeat_s, 0.99) * 1000, 2),
-        "poll_p50_ms": round(pct(tally.poll_s, 0.5) * 1000, 2),
-        "poll_p99_ms": round(pct(tally.poll_s, 0.99) * 1000, 2),
-        "to_lease_p50_s": round(pct(tally.to_lease_s, 0.5), 3),
-        "to_lease_p99_s": round(pct(tally.to_lease_s, 0.99), 3),
-        "rpc_errors": tally.errors,
-        "rpc_resource_exhausted": tally.exhausted,
-        "register_s": round(tally.register_s, 1),
+        "leases_per_s": round(len(t.handed) / p.seconds, 2),
+        "units_uploaded": t.units,
+        "heartbeat_p50_ms": round(pct(t.heartbeat_s, 0.5) * 1000, 2),
+        "heartbeat_p99_ms": round(pct(t.heartbeat_s, 0.99) * 1000, 2),
+        "poll_p50_ms": round(pct(t.poll_s, 0.5) * 1000, 2),
+        "poll_p99_ms": round(pct(t.poll_s, 0.99) * 1000, 2),
+        "time_to_work_p50_s": round(pct(t.to_lease_s, 0.5), 3),
+        "time_to_work_p99_s": round(pct(t.to_lease_s, 0.99), 3),
+        "capacity_refusals": t.exhausted,
+        "rpc_errors": t.errors,
+        "calls": t.calls,
+        "gateway_cpu_s_per_1000_calls": round(p.gateway_cpu_s / max(t.calls, 1) * 1000, 3),
+        "register_s": round(p.register_s, 1),
     }
 
 
-def check_ledger(data_dir: Path, tallies: list[Tally]) -> dict[str, int]:
-    """What the ledger says against what the workers saw."""
-    from coordinator.ledger import keys
-    from coordinator.ledger import Ledger, TaskState
-    from coordinator.ledger.redis_server import EmbeddedRedis
+def check_ledger(redis_url: str, tallies: list[Tally]) -> dict[str, int]:
+    """What the ledger says against what the volunteers saw."""
+    from coordinator.ledger import Ledger, TaskState, keys
     from coordinator.server import redis_client
 
-    ledger = Ledger(redis_client(EmbeddedRedis(data_dir / "redis").url))
-    handed: dict[tuple[str, int], set[str]] = defaultdict(set)
+    ledger = Ledger(redis_client(redis_url))
+    handed: dict[str, set[str]] = defaultdict(set)
     accepted: dict[str, list[str]] = defaultdict(list)
     for t in tallies:
         for k, v in t.handed.items():
-            handed[k] |= v
+            handed[k] |= set(v)
         for k, v in t.accepted.items():
             accepted[k] += v
     double_leased = sum(1 for holders in handed.values() if len(holders) > 1)
@@ -281,10 +447,9 @@ def check_ledger(data_dir: Path, tallies: list[Tally]) -> dict[str, int]:
     for job_id in ledger.jobs.ids():
         for task in ledger.tasks.of_job(job_id):
             states[task.state.value] += 1
-    done_in_ledger = states["done"]
     fences = int(ledger.r.get(keys.FENCE) or 0)
     return {"double_leased": double_leased, "double_accepted": double_accepted, "lost": lost,
-            "accepted_seen": len(accepted), "done_in_ledger": done_in_ledger, "buffered": len(buffered),
+            "accepted_seen": len(accepted), "done_in_ledger": states["done"], "buffered": len(buffered),
             "fences_issued": fences, "failed_tasks": states["failed"], "tasks": sum(states.values())}
 
 
@@ -299,63 +464,67 @@ def dataset(path: Path, records: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workers", type=int, default=1000)
+    parser.add_argument("--volunteers", "--workers", type=int, default=1000, dest="volunteers")
+    parser.add_argument("--layout", choices=("all", "split"), default="all",
+                        help="all: one --role all process; split: two gateways, a scheduler and a folder")
+    parser.add_argument("--procs", type=int, default=0,
+                        help="load-generator processes (default: one per 2,500 volunteers, at least one)")
     parser.add_argument("--seconds", type=float, default=60.0, help="load phase length")
     parser.add_argument("--baseline-seconds", type=float, default=15.0)
     parser.add_argument("--wait", type=float, default=20.0, help="each long-poll's wait_s")
-    parser.add_argument("--records", type=int, default=6000, help="dataset records (~1 task per 2)")
+    parser.add_argument("--records", type=int, default=0,
+                        help="dataset records (~1 task per 2; default: enough that work stays queued)")
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--data-dir", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--listen", default="127.0.0.1:0", help=argparse.SUPPRESS)
+    parser.add_argument("--role", default="all", help=argparse.SUPPRESS)
+    parser.add_argument("--redis-url", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
-        serve(Path(args.data_dir), args.listen)
+        serve(Path(args.data_dir), args.listen, args.role, args.redis_url)
         return
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        address = f"127.0.0.1:{s.getsockname()[1]}"
+    if args.layout == "split" and not has_roles():
+        raise SystemExit("--layout split needs coordinator roles (--role gateway|scheduler|folder), which this "
+                         "checkout does not have yet; run --layout all")
+    more_files()
+    procs = args.procs or max(1, math.ceil(args.volunteers / 2500))
+    records = args.records or max(3000, 6 * args.volunteers)
     tmp = Path(tempfile.mkdtemp(prefix="nomoat-load-"))
+    print(f"starting the coordinator ({args.layout}) in {tmp} ...", file=sys.stderr)
+    layout = start_layout(args.layout, tmp)
     data_dir = tmp / "coordinator"
-    print(f"starting the coordinator in {data_dir} ...", file=sys.stderr)
-    proc = start_coordinator(data_dir, address)
     try:
         admin = (data_dir / "admin.token").read_text().strip()
         token = (data_dir / "worker.token").read_text().strip()
         path = tmp / "load.jsonl"
-        dataset(path, args.records)
-        with CoordinatorClient(address, admin) as client:
+        dataset(path, records)
+        with CoordinatorClient(layout.gateways[0], admin) as client:
             reply = client.submit(path, name="load", config=pb.JobConfig(tokens_per_task=64))
         print(f"job {reply.job_id}: {reply.tasks} tasks", file=sys.stderr)
         data = tiny_adapter()
-        print(f"baseline: 1 worker for {args.baseline_seconds:.0f} s ...", file=sys.stderr)
-        base = Tally()
-        base_s = asyncio.run(phase(address, token, data, 1, args.baseline_seconds, args.wait, base))
-        print(f"load: {args.workers} workers for {args.seconds:.0f} s ...", file=sys.stderr)
-        load = Tally()
-        load_s = asyncio.run(phase(address, token, data, args.workers, args.seconds, args.wait, load, first=1))
+        print(f"baseline: 1 volunteer for {args.baseline_seconds:.0f} s ...", file=sys.stderr)
+        base = phase(layout, token, data, 1, args.baseline_seconds, args.wait, 1)
+        print(f"load: {args.volunteers} volunteers in {procs} processes for {args.seconds:.0f} s ...", file=sys.stderr)
+        load = phase(layout, token, data, args.volunteers, args.seconds, args.wait, procs, first=1)
         time.sleep(3)  # the last reports reach the scheduler
-        ledger = check_ledger(data_dir, [base, load])
+        ledger = check_ledger(layout.redis_url, [base.tally, load.tally])
     finally:
-        proc.send_signal(2)
-        try:
-            proc.wait(90)
-        except Exception:  # noqa: BLE001
-            proc.kill()
-    b, lf = figures(base, base_s), figures(load, load_s)
+        layout.stop()
+    b, lf = figures(base), figures(load)
     result = {
-        "workers": args.workers, "registered": load.registered, "seconds": round(load_s, 1),
-        "tasks": reply.tasks, **lf,
+        "volunteers": args.volunteers, "layout": args.layout, "procs": procs, "registered": load.tally.registered,
+        "seconds": round(load.seconds, 1), "tasks": reply.tasks, **lf,
+        "double_leased": ledger["double_leased"], "double_accepted": ledger["double_accepted"], "lost": ledger["lost"],
         "baseline": b,
         "heartbeat_p50_ratio": round(lf["heartbeat_p50_ms"] / b["heartbeat_p50_ms"], 2),
         "leases_per_s_ratio": round(lf["leases_per_s"] / max(b["leases_per_s"], 1e-9), 1),
         "ledger": ledger,
         "ok": ledger["double_leased"] == 0 and ledger["double_accepted"] == 0 and ledger["lost"] == 0,
     }
-    print(f"{lf['leases_per_s']} leases/s with {args.workers} workers ({result['leases_per_s_ratio']}x one "
-          f"worker's); heartbeat p50 {lf['heartbeat_p50_ms']} ms, p99 {lf['heartbeat_p99_ms']} ms; "
-          f"nothing lost or double-leased: {result['ok']}", file=sys.stderr)
+    print(f"{lf['leases_per_s']} leases/s with {args.volunteers} volunteers ({result['leases_per_s_ratio']}x one "
+          f"volunteer's); heartbeat p50 {lf['heartbeat_p50_ms']} ms, p99 {lf['heartbeat_p99_ms']} ms; time to work "
+          f"p99 {lf['time_to_work_p99_s']} s; {lf['capacity_refusals']} refused for capacity; nothing lost or "
+          f"double-leased: {result['ok']}", file=sys.stderr)
     print(json.dumps(result))
 
 

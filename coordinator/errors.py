@@ -45,5 +45,9 @@ class BrokenOff(RequestError):
     """The caller went away mid-stream; what arrived is kept for a resume."""
 
 
+class Unavailable(RequestError):
+    """The coordinator cannot serve this now (its ledger is failing over); the caller retries."""
+
+
 class Unauthenticated(RequestError):
     """The caller's token is unknown or was revoked."""

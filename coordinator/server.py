@@ -29,8 +29,6 @@ import grpc
 import redis
 import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from redis.backoff import ExponentialBackoff
-from redis.retry import Retry
 
 from coordinator.fold import evaluators
 
@@ -42,7 +40,7 @@ from coordinator.gateway.lanes import Lanes, Limits
 from coordinator.gateway.long_polls import Wakeups
 from coordinator.fold.folder import Folder
 from coordinator.model.history import History
-from coordinator.ledger import Ledger, VersionRecord
+from coordinator.ledger import Ledger, VersionRecord, connect
 from coordinator.ledger.leaders import Leadership, NotLeader, Term
 from coordinator.ledger.versions import VersionConflict
 from coordinator.model.running import RunningModel
@@ -70,14 +68,8 @@ def base_model_folder(spec: str) -> Path:
 
 
 def redis_client(url: str) -> redis.Redis:
-    """A client that rides out a Redis restart: retries with exponential backoff, then errors."""
-    return redis.Redis.from_url(
-        url,
-        retry=Retry(ExponentialBackoff(cap=5.0, base=0.1), retries=12),
-        retry_on_error=[redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError],
-        health_check_interval=15,
-        socket_timeout=30,
-    )
+    """A client that rides out a Redis restart, or a Sentinel failover (coordinator.ledger.connect)."""
+    return connect.redis_client(url)
 
 
 def _secret_file(path: Path) -> str:
@@ -186,8 +178,8 @@ class Coordinator:
             url = self._redis_server.start()
         self.r = redis_client(url)
         self.r.ping()
-        self.ledger = Ledger(self.r)
-        self.ledger.jobs.index_running()  # once per start: ledgers from before the index, or drift
+        self.ledger = Ledger(self.r, connect.durability_for(url))
+        self.ledger.index()  # once per start: indexes and counters a ledger from before them lacks
         if self._redis_server is not None:
             self._spawn("redis-watch", self._watch_redis)
 

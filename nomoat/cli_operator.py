@@ -44,7 +44,10 @@ def _coordinator_start() -> click.Command:
     @click.option("--listen", default="127.0.0.1:50051", show_default=True, help="gRPC address to listen on.")
     @click.option("--public-address", default="", help="HOST:PORT volunteers use to reach this coordinator.")
     @click.option("--redis-url", default=None,
-                  help="External Redis 6.2+/Valkey (redis://:PASSWORD@HOST:PORT/0); default: an embedded redis-server.")
+                  help="External Redis 6.2+/Valkey (redis://:PASSWORD@HOST:PORT/0), or behind Sentinel "
+                       "(redis+sentinel://[:PASSWORD@]HOST:PORT[,HOST:PORT]/MASTERNAME[/DB]: it follows a "
+                       "failover, and versions and accepted adapters wait until a replica holds them); "
+                       "default: an embedded redis-server.")
     @click.option("--ray-address", default=None,
                   help="Existing Ray cluster (HEAD:PORT); default: start a head; 'off': no Ray, outbound "
                        "volunteers only.")

@@ -168,6 +168,19 @@ def problems(ledger: Ledger) -> tuple[list[str], dict[str, int]]:
         if math.isinf(v.eval_loss):
             bad.append(f"version {v.version} has an infinite eval loss")
     bad += leader_problems(ledger, numbers)
+    # Each job's task counters (kept by the scripts that change a task's state, and read instead
+    # of its tasks) agree with its tasks' states, and its twins' with its twins'.
+    for job_id in job_ids:
+        raw = {k.decode(): v.decode() for k, v in ledger.r.hgetall(keys.job(job_id)).items()}
+        if raw.get("counted") != "1":
+            continue
+        own = Counter(t.state.value for t in tasks.values() if t.job == job_id and not t.twin_of and not t.replica_of)
+        twins = Counter(t.state.value for t in tasks.values() if t.job == job_id and t.twin_of)
+        for state in TASK_STATES:
+            for kind, actual in (("tasks", own), ("twins", twins)):
+                if int(raw.get(f"{kind}:{state}", 0)) != actual.get(state, 0):
+                    bad.append(f"job {job_id} counts {raw.get(f'{kind}:{state}', 0)} {kind} {state} "
+                               f"but has {actual.get(state, 0)}")
     counted = sum(job.adapters_folded for job in (ledger.jobs.get(j) for j in job_ids) if job)
     if counted != len(folded):
         bad.append(f"jobs count {counted} folded adapters but versions hold {len(folded)}")

@@ -48,6 +48,7 @@ from coordinator.errors import (
     NotPermitted,
     RequestError,
     Unauthenticated,
+    Unavailable,
     WrongState,
 )
 from coordinator.model.history import History
@@ -82,6 +83,7 @@ _STATUS: dict[type[RequestError], grpc.StatusCode] = {
     Incomplete: grpc.StatusCode.DATA_LOSS,
     BrokenOff: grpc.StatusCode.CANCELLED,
     Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    Unavailable: grpc.StatusCode.UNAVAILABLE,
 }
 
 
@@ -259,10 +261,12 @@ class JobsServicer(rpc.JobsServicer):
 
     @_answers
     def Status(self, request, context):
-        view = status.overview(self.deps.ledger, self.deps.settings, request.job_id)
+        view = status.overview(self.deps.ledger, self.deps.settings, request.job_id, request.limit,
+                               status.Page.of(request.page_token))
         return pb.StatusReply(jobs=[_job_info(j) for j in view.jobs],
                               workers=[_worker_info(w) for w in view.workers],
-                              versions=[_version_info(v) for v in view.versions])
+                              versions=[_version_info(v) for v in view.versions],
+                              next_page_token=view.next_page.token())
 
     @_answers
     async def Watch(self, request, context):

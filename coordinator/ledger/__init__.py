@@ -20,8 +20,11 @@ from __future__ import annotations
 
 import redis
 
+from coordinator.ledger import keys
+
 from coordinator.ledger.adapters import Accepted, Adapters, adapter_id_for
-from coordinator.ledger.counters import Counters, Refusal, Tally
+from coordinator.ledger.connect import Durability, NotDurable
+from coordinator.ledger.counters import TOTALS_COUNTED, Counters, Refusal, Tally
 from coordinator.ledger.inbox import Inboxes, RunRecord, RunReport
 from coordinator.ledger.jobs import Jobs
 from coordinator.ledger.leases import Claim, Leases, Renewal, is_twin, new_secret, no_such_lease, twin_id
@@ -54,13 +57,14 @@ from coordinator.ledger.workers import TooManyWorkers, Workers
 class Ledger:
     """Coordinator state in Redis. Thread-safe: every call is one or a few Redis round trips."""
 
-    def __init__(self, client: redis.Redis) -> None:
+    def __init__(self, client: redis.Redis, durability: Durability = Durability()) -> None:
         self.r = client
+        self.durability = durability  # what a write that must survive a failover waits for
         self.jobs = Jobs(client)
         self.tasks = Tasks(client)
         self.leases = Leases(client)
-        self.adapters = Adapters(client)
-        self.versions = Versions(client)
+        self.adapters = Adapters(client, durability)
+        self.versions = Versions(client, durability)
         self.workers = Workers(client)
         self.tokens = Tokens(client)
         self.counters = Counters(client)
@@ -68,6 +72,21 @@ class Ledger:
         self.trust = Trust(client)
         self.replicas = Replicas(client)
         self.quotas = Quotas(client)
+
+    def index(self) -> None:
+        """Once per start: the indexes and counters that reads on the hot path use instead of the
+        history (the running jobs, each job's task counts, the ledger-wide totals), built for a
+        ledger written before they existed. Reads every job, but only the first time."""
+        self.jobs.index_running()
+        if self.r.hget(keys.COUNTERS, TOTALS_COUNTED):
+            return
+        ids = self.jobs.ids()
+        self.tasks.counts_of(ids)  # counts every job not yet counted (and adds it to the totals)
+        jobs = [j for j in (self.jobs.get(i) for i in ids) if j is not None]
+        totals = {f"jobs:{s.value}": sum(1 for j in jobs if j.state is s) for s in (JobState.DONE, JobState.FAILED)}
+        totals["adapters:folded"] = sum(j.adapters_folded for j in jobs)
+        totals["adapters:rejected"] = sum(j.adapters_rejected for j in jobs)
+        self.r.hset(keys.COUNTERS, mapping={**totals, TOTALS_COUNTED: 1})
 
 
 __all__ = [
@@ -78,6 +97,8 @@ __all__ = [
     "Adapters",
     "Check",
     "Counters",
+    "Durability",
+    "NotDurable",
     "Hold",
     "FoldedAdapter",
     "Renewal",

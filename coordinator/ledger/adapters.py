@@ -16,10 +16,12 @@ from dataclasses import dataclass, replace
 import redis
 
 from coordinator.ledger import keys
+from coordinator.ledger.connect import Durability
 from coordinator.ledger.codec import adapter_from_hash, decode, to_fields
 from coordinator.ledger.counters import Counters, Refusal
 from coordinator.ledger.leases import CURRENT_LEASE, Claim, claim_args
 from coordinator.ledger.leaders import Fence, NotLeader
+from coordinator.ledger.tasks import COUNT
 from coordinator.ledger.records import AdapterRecord, AdapterState, Check
 from coordinator.ledger.replicas import HOLD_RESULT, Hold
 from coordinator.ledger.trust import Trust
@@ -61,15 +63,17 @@ return acceptable(KEYS[1], ARGV[1], ARGV[2], ARGV[3], claim_at(4, ARGV[1], ARGV[
 # twin (or the twin's original, see Leases.speculate): the first accepted result marks both done,
 # so the other run's upload is refused. A run of a replicated task is held, not buffered, until
 # its replicas settle (coordinator.schedule.replication).
-_ACCEPT = _ACCEPTABLE + HOLD_RESULT + """
+_ACCEPT = _ACCEPTABLE + HOLD_RESULT + COUNT + """
 local answer = acceptable(KEYS[1], ARGV[1], ARGV[2], ARGV[3])
 if answer then return answer end
 -- The partner is read here, in the same step as the acceptance: read before the script, a twin
 -- created in between was missed, left leased, and its upload accepted too (the shard twice).
 local partner = redis.call('HGET', KEYS[1], 'twin') or redis.call('HGET', KEYS[1], 'twin_of')
+count(KEYS[1], 'done')
 redis.call('HSET', KEYS[1], 'state', 'done', 'adapter', ARGV[3], 'finished', ARGV[4])
 redis.call('ZREM', KEYS[2], ARGV[1])
 if partner and redis.call('HGET', ARGV[5] .. partner, 'state') ~= 'done' then
+  count(ARGV[5] .. partner, 'done')
   redis.call('HSET', ARGV[5] .. partner, 'state', 'done', 'adapter', ARGV[3], 'finished', ARGV[4])
   redis.call('ZREM', KEYS[2], partner)
   redis.call('ZREM', KEYS[7], partner)
@@ -111,8 +115,9 @@ def adapter_id_for(task_id: str, fence: int, sha256: str) -> str:
 
 
 class Adapters:
-    def __init__(self, client: redis.Redis) -> None:
+    def __init__(self, client: redis.Redis, durability: Durability = Durability()) -> None:
         self.r = client
+        self.durability = durability
         self._precheck = client.register_script(_PRECHECK)
         self._accept = client.register_script(_ACCEPT)
         self.trust = Trust(client)
@@ -156,6 +161,8 @@ class Adapters:
                   base_version, volunteer, *(x for kv in fields.items() for x in kv)],
         )
         answer = _answer(status, detail)
+        if answer.ok:  # (a retry after NotDurable finds a duplicate: it is confirmed in turn)
+            self.durability.confirm(self.r, f"the adapter of task {task_id} (fence {fence})")
         return replace(answer, held=True) if hold.task and answer.status == "accepted" else answer
 
     def many(self, adapter_ids: list[str]) -> list[AdapterRecord]:
@@ -208,6 +215,7 @@ class Adapters:
             pipe.hset(key, mapping={"state": AdapterState.REJECTED.value, "reason": reason})
             if job:
                 pipe.hincrby(keys.job(job), "adapters_rejected", 1)
+                pipe.hincrby(keys.COUNTERS, "adapters:rejected", 1)  # every job's, for metrics to read alone
             if volunteer and check is not None:
                 self.trust.record_in(pipe, volunteer, check.value, reason)
             Counters(self.r).refuse(Refusal(time.time(), "fold", kind, reason, task, worker, job), pipe)

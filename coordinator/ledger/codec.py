@@ -171,6 +171,9 @@ def worker_from_hash(worker_id: str, data: dict[str, str], last_seen: float) -> 
         last_seen=last_seen, tasks_done=_num(data, "tasks_done", int),
         tokens_trained=_num(data, "tokens_trained", float), train_seconds=_num(data, "train_seconds", float),
         tokens_per_s=_num(data, "tokens_per_s", float),
+        # recorded at registration; a record from before that is Ray's if it names a Ray node
+        kind=data.get("kind") or ("ray" if data.get("node_id", "") and not data["node_id"].startswith("outbound:")
+                                  else "outbound"),
     )
 
 

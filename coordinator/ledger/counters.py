@@ -29,6 +29,11 @@ FOLD_OUTCOMES = ("published", "nothing")  # a fold that published a version, or 
 # Upper bounds (seconds) of the fold-duration histogram's buckets; +Inf is implied.
 FOLD_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 MAX_REFUSALS = 200  # the newest refusals kept for the dashboard
+# Ledger-wide totals kept where the state changes, so /metrics reads them instead of every job:
+# "tasks:<state>" (coordinator.ledger.tasks.COUNT), "jobs:<done|failed>" (Jobs.finish),
+# "adapters:<folded|rejected>"; TOTALS_COUNTED marks a ledger whose totals were counted once from
+# its history (Ledger.index).
+TOTALS_COUNTED = "totals:counted"
 
 
 @dataclass(frozen=True)
@@ -123,6 +128,13 @@ class Counters:
     def recent_refusals(self, limit: int = 50) -> list[Refusal]:
         """The newest refusals, newest first."""
         return [Refusal(**json.loads(raw)) for raw in self.r.lrange(keys.REFUSALS, 0, limit - 1)]
+
+    def totals(self) -> dict[str, int]:
+        """The ledger-wide totals (tasks by state, finished jobs, adapters folded and rejected),
+        one read: name -> count, those never written as 0."""
+        names = [f"tasks:{s}" for s in ("pending", "leased", "done", "failed")]
+        names += ["jobs:done", "jobs:failed", "adapters:folded", "adapters:rejected"]
+        return {n: max(0, int(v or 0)) for n, v in zip(names, self.r.hmget(keys.COUNTERS, names))}
 
     def tally(self) -> Tally:
         """Every counter, typed (counters never written read as 0)."""

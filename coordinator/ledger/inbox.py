@@ -84,11 +84,22 @@ class Inboxes:
         while ``leader`` (the scheduler's fence) leads when one is given (NotLeader otherwise).
         Placing the same run id again places nothing (False), so a retried call cannot put a run
         in twice."""
+        return self.place_many([(run_id, worker_id, units, specs, secrets or {})], leader)[0]
+
+    def place_many(self, runs: list[tuple[str, str, list[tuple[str, int]], list[str], dict[str, str]]],
+                   leader: Fence | None = None) -> list[bool]:
+        """:meth:`place` each (run id, worker id, units, specs, secret hashes), all in one round
+        trip; each placement is its own fenced, idempotent step."""
+        if not runs:
+            return []
         lead_key, token = fence_pair("scheduler", leader)
-        entry = json.dumps({"run_id": run_id, "specs": specs})
-        return bool(fenced(lambda: self._place(
-            keys=[keys.outbound_run(run_id), keys.inbox(worker_id), keys.INBOX_WAKE, lead_key],
-            args=[worker_id, json.dumps(units), entry, RUN_RECORD_TTL_S, json.dumps(secrets or {}), token])))
+        pipe = self.r.pipeline(transaction=False)
+        for run_id, worker_id, units, specs, secrets in runs:
+            entry = json.dumps({"run_id": run_id, "specs": specs})
+            self._place(keys=[keys.outbound_run(run_id), keys.inbox(worker_id), keys.INBOX_WAKE, lead_key],
+                        args=[worker_id, json.dumps(units), entry, RUN_RECORD_TTL_S, json.dumps(secrets), token],
+                        client=pipe)
+        return [bool(r) for r in fenced(pipe.execute)]
 
     def withdraw(self, run_id: str, worker_id: str) -> bool:
         """Take a run back out of the inbox if no frontend has handed it out yet; True if it was."""

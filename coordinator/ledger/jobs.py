@@ -22,13 +22,25 @@ from coordinator.ledger.codec import (
     noise_from_hash,
     to_fields,
 )
-from coordinator.ledger.records import JobRecord, JobState, TaskRecord
+from coordinator.ledger.pages import Cursor, older
+from coordinator.ledger.records import JobRecord, JobState, TaskRecord, TaskState
+from coordinator.ledger.tasks import JOB_EVENTS
 from coordinator.schedule.noise import NoiseScale, Sample
+
+
+# KEYS: job, RUNNING_JOBS, COUNTERS. ARGV: job id, its end state, then field/value pairs. The job
+# leaves the running index, and the ledger-wide "jobs:<state>" counts it once (metrics read the
+# count, not the jobs).
+_FINISH = """
+for i = 3, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+if redis.call('ZREM', KEYS[2], ARGV[1]) == 1 then redis.call('HINCRBY', KEYS[3], 'jobs:' .. ARGV[2], 1) end
+"""
 
 
 class Jobs:
     def __init__(self, client: redis.Redis) -> None:
         self.r = client
+        self._finish = client.register_script(_FINISH)
 
     def create(self, job: JobRecord, tasks: Sequence[TaskRecord], records_index: str = "") -> None:
         """Record a job and its tasks, all pending in shard order, in one transaction.
@@ -36,13 +48,17 @@ class Jobs:
         ``records_index``: the blob of its records' line offsets (coordinator.schedule.shards)."""
         now = time.time()
         pipe = self.r.pipeline(transaction=True)
-        pipe.hset(keys.job(job.job_id), mapping=new_job_fields(job, now))
+        # Its tasks counted by state from the start (coordinator.ledger.tasks.COUNT keeps them).
+        counts = {f"tasks:{s.value}": 0 for s in TaskState} | {f"twins:{s.value}": 0 for s in TaskState}
+        counts |= {f"tasks:{TaskState.PENDING.value}": len(tasks), "counted": 1}
+        pipe.hset(keys.job(job.job_id), mapping={**new_job_fields(job, now), **counts})
+        pipe.hincrby(keys.COUNTERS, f"tasks:{TaskState.PENDING.value}", len(tasks))
         if records_index:
             pipe.hset(keys.job(job.job_id), "records_index", records_index)
         pipe.zadd(keys.JOBS, {job.job_id: now})
         pipe.zadd(keys.RUNNING_JOBS, {job.job_id: now})
         for i, task in enumerate(tasks):
-            pipe.hset(keys.task(task.task_id), mapping=new_task_fields(task))
+            pipe.hset(keys.task(task.task_id), mapping={**new_task_fields(task), "counted": "task"})
             pipe.rpush(keys.job_tasks(job.job_id), task.task_id)
             pipe.zadd(keys.PENDING, {task.task_id: now + i * 1e-6})
         pipe.execute()
@@ -65,6 +81,21 @@ class Jobs:
         tick, however many finished jobs the ledger holds."""
         return [j.decode() for j in self.r.zrange(keys.RUNNING_JOBS, 0, -1)]
 
+    def finished(self, limit: int, after: Cursor | None = None) -> tuple[list[str], Cursor | None]:
+        """A page of the jobs no longer running, newest first, and the cursor of the next (None:
+        no more); the running ones, however many jobs finished before, are skipped unread."""
+        ids, cursor = older(self.r, keys.JOBS, limit, after, skip=set(self.running_ids()))
+        return [i for i, _ in ids], cursor
+
+    def events(self, job_id: str, limit: int = JOB_EVENTS) -> list[tuple[float, str]]:
+        """The newest notes of the job's task runs ("task: note"), oldest first."""
+        return [tuple(json.loads(raw)) for raw in reversed(self.r.lrange(keys.job_events(job_id), 0, limit - 1))]
+
+    def training(self, job_id: str) -> tuple[int, float, int] | None:
+        """(batch size, learning rate, fold width) its newest leased unit trains at; None before any."""
+        batch, lr, width = self.r.hmget(keys.job(job_id), "training_batch", "training_lr", "training_width")
+        return None if batch is None else (int(batch), float(lr), int(width or 0))
+
     def index_running(self) -> int:
         """Rebuild the running-jobs index from the job records (a ledger written before it
         existed); how many jobs it lists."""
@@ -86,11 +117,9 @@ class Jobs:
         """End a job (done, or failed with ``error``); it leaves the running index with it."""
         if state is JobState.RUNNING:
             raise ValueError("a job is finished as done or failed, not running")
-        pipe = self.r.pipeline(transaction=True)
-        fields = {"state": state, "error": error or None, "finished": time.time()}
-        pipe.hset(keys.job(job_id), mapping=to_fields(fields))
-        pipe.zrem(keys.RUNNING_JOBS, job_id)
-        pipe.execute()
+        fields = to_fields({"state": state, "error": error or None, "finished": time.time()})
+        self._finish(keys=[keys.job(job_id), keys.RUNNING_JOBS, keys.COUNTERS],
+                     args=[job_id, state.value, *(x for kv in fields.items() for x in kv)])
 
     def set_warning(self, job_id: str, warning: str) -> None:
         """Why the job's tasks wait (no card fits them), "" when nothing holds it up."""

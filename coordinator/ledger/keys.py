@@ -26,12 +26,23 @@ COUNTERS = PREFIX + "counters"
 # string: the secret key replication samples tasks with (coordinator.schedule.replication.sampled);
 # made once, shared by every coordinator process on this ledger, never sent anywhere.
 SAMPLING_KEY = PREFIX + "replication:key"
+# hash: Ray node id -> the worker that last finished a run on it (Workers.record_run): a node that
+# names no worker finds its speed here, without reading every worker ever registered
+NODE_WORKERS = PREFIX + "workers:by-node"
+DURABLE_MARK = PREFIX + "durable"  # counter: written just before a WAIT (coordinator.ledger.connect.Durability)
 REFUSALS = PREFIX + "refusals:recent"  # list: JSON of the newest refusals (uploads, fold gates), newest first
 
 
 def job(job_id: str) -> str:
-    """Hash: name, state, dataset, records blob, config JSON, counters."""
+    """Hash: name, state, dataset, records blob, config JSON, counters. Its tasks by state are
+    "tasks:<state>" (and its speculative twins' "twins:<state>"), kept by the scripts that change a
+    task's state (coordinator.ledger.tasks.COUNT); "counted" marks a job whose tasks are counted."""
     return f"{PREFIX}job:{job_id}"
+
+
+def job_events(job_id: str) -> str:
+    """List: JSON [when, "task: note"] of the newest notes of the job's task runs, newest first."""
+    return f"{PREFIX}job:{job_id}:events"
 
 
 def job_tasks(job_id: str) -> str:

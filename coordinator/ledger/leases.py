@@ -24,7 +24,7 @@ import redis
 from coordinator.ledger import keys
 from coordinator.ledger.leaders import FENCED, Fence, fence_pair, fenced, request_id
 from coordinator.ledger.records import Lease, TaskState
-from coordinator.ledger.tasks import EVENT
+from coordinator.ledger.tasks import COUNT, EVENT
 
 # lease_problem(key, task id, fence, claim): "" when (task id, fence) holds the current lease of
 # the task hash at ``key``, else a sentence saying why not. ``claim`` is nil for the coordinator's
@@ -59,12 +59,13 @@ end
 # fence, 0 when the task is not pending, -1 when it ran out of attempts. Counts the lease, and a
 # re-issue when the task had a fence before (coordinator.ledger.counters). The same request run
 # again (the client retries a call whose reply was lost) answers the fence it granted.
-_LEASE = FENCED + """
+_LEASE = FENCED + COUNT + """
 local now = redis.call('HMGET', KEYS[1], 'state', 'lease_request', 'fence')
 if now[1] == 'leased' and ARGV[6] ~= '' and now[2] == ARGV[6] then return tonumber(now[3]) end
 if now[1] ~= 'pending' then return 0 end
 local attempts = tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0')
 if attempts >= tonumber(ARGV[5]) then
+  count(KEYS[1], 'failed')
   redis.call('HSET', KEYS[1], 'state', 'failed', 'finished', ARGV[4])
   redis.call('ZREM', KEYS[2], ARGV[1])
   return -1
@@ -72,6 +73,7 @@ end
 redis.call('HINCRBY', KEYS[5], 'leases', 1)
 if tonumber(redis.call('HGET', KEYS[1], 'fence') or '0') > 0 then redis.call('HINCRBY', KEYS[5], 'reissues', 1) end
 local fence = redis.call('INCR', KEYS[4])
+count(KEYS[1], 'leased')
 redis.call('HSET', KEYS[1], 'state', 'leased', 'fence', fence, 'deadline', ARGV[2],
            'leased_at', ARGV[4], 'attempts', attempts + 1, 'lease_request', ARGV[6],
            'holder_worker', ARGV[7], 'lease_secret', ARGV[8])
@@ -113,13 +115,14 @@ _CHECK = CURRENT_LEASE + "return lease_problem(KEYS[1], ARGV[1], ARGV[2], claim_
 # (each counted as "leases_expired"). An abandoned lease is its holder's failing, not the task's:
 # the attempt it took is given back (the scheduler charges the holder's trust instead), and the
 # task keeps the worker it was placed on until it is leased again, for the scheduler to read.
-_EXPIRE = """
+_EXPIRE = COUNT + """
 local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
 for _, id in ipairs(ids) do
   local t = ARGV[2] .. id
   if redis.call('HGET', t, 'state') == 'leased' then
     redis.call('HINCRBY', KEYS[3], 'leases_expired', 1)
     local attempts = tonumber(redis.call('HGET', t, 'attempts') or '1')
+    count(t, 'pending')
     redis.call('HSET', t, 'state', 'pending', 'error', 'the lease expired', 'attempts', math.max(attempts - 1, 0))
     redis.call('ZADD', KEYS[2], ARGV[1], id)
   end
@@ -130,14 +133,16 @@ return ids
 
 # KEYS: task, LEASES, PENDING. ARGV: task id, fence, error, now, max attempts. Returns the task's
 # new state, "" when (task, fence) did not hold the lease.
-_RELEASE = CURRENT_LEASE + """
+_RELEASE = CURRENT_LEASE + COUNT + """
 if lease_problem(KEYS[1], ARGV[1], ARGV[2]) ~= '' then return '' end
 redis.call('ZREM', KEYS[2], ARGV[1])
 local attempts = tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0')
 if attempts >= tonumber(ARGV[5]) then
+  count(KEYS[1], 'failed')
   redis.call('HSET', KEYS[1], 'state', 'failed', 'error', ARGV[3], 'finished', ARGV[4])
   return 'failed'
 end
+count(KEYS[1], 'pending')
 redis.call('HSET', KEYS[1], 'state', 'pending', 'error', ARGV[3])
 redis.call('ZADD', KEYS[3], ARGV[4], ARGV[1])
 return 'pending'
@@ -147,14 +152,16 @@ return 'pending'
 # whole): back in the queue, the attempt its lease took given back, since it did not fail. A twin
 # goes nowhere (its original still runs): it is retired. KEYS: task, LEASES, PENDING. ARGV: task
 # id, fence, why, now. Returns the task's new state, "" when (task, fence) did not hold the lease.
-_REQUEUE = CURRENT_LEASE + """
+_REQUEUE = CURRENT_LEASE + COUNT + """
 if lease_problem(KEYS[1], ARGV[1], ARGV[2]) ~= '' then return '' end
 redis.call('ZREM', KEYS[2], ARGV[1])
 if redis.call('HGET', KEYS[1], 'twin_of') then
+  count(KEYS[1], 'failed')
   redis.call('HSET', KEYS[1], 'state', 'failed', 'error', ARGV[3], 'finished', ARGV[4])
   return 'failed'
 end
 local attempts = tonumber(redis.call('HGET', KEYS[1], 'attempts') or '1')
+count(KEYS[1], 'pending')
 redis.call('HSET', KEYS[1], 'state', 'pending', 'error', ARGV[3], 'attempts', math.max(attempts - 1, 0))
 redis.call('ZADD', KEYS[3], ARGV[4], ARGV[1])
 return 'pending'
@@ -167,7 +174,7 @@ return 'pending'
 # deadline, now, request id, the worker the twin is placed on, sha256 of its lease secret, the
 # scheduler's token (FENCED). Returns the twin's fence; 0 when the task is not leased or already
 # has a live twin; the same request run again, the same fence.
-_SPECULATE = FENCED + """
+_SPECULATE = FENCED + COUNT + """
 local again = redis.call('HMGET', KEYS[2], 'state', 'lease_request', 'fence')
 if again[1] == 'leased' and ARGV[5] ~= '' and again[2] == ARGV[5] then return tonumber(again[3]) end
 if redis.call('HGET', KEYS[1], 'state') ~= 'leased' then return 0 end
@@ -178,14 +185,25 @@ end
 redis.call('HINCRBY', KEYS[5], 'speculations', 1)
 local fence = redis.call('INCR', KEYS[4])
 local t = redis.call('HMGET', KEYS[1], 'job', 'start', 'end', 'index', 'tokens')
+count(KEYS[2], '')
 redis.call('DEL', KEYS[2])
 redis.call('HSET', KEYS[2], 'task_id', ARGV[2], 'job', t[1], 'start', t[2], 'end', t[3], 'index', t[4],
-           'tokens', t[5], 'twin_of', ARGV[1], 'state', 'leased', 'fence', fence, 'deadline', ARGV[3],
-           'leased_at', ARGV[4], 'attempts', 1000000, 'lease_request', ARGV[5],
+           'tokens', t[5], 'twin_of', ARGV[1], 'fence', fence, 'deadline', ARGV[3],
+           'leased_at', ARGV[4], 'attempts', 1000000, 'counted', 'twin', 'lease_request', ARGV[5],
            'holder_worker', ARGV[6], 'lease_secret', ARGV[7])
+count(KEYS[2], 'leased')
+redis.call('HSET', KEYS[2], 'state', 'leased')
 redis.call('HSET', KEYS[1], 'twin', ARGV[2])
 redis.call('ZADD', KEYS[3], ARGV[3], ARGV[2])
 return fence
+"""
+
+# A twin whose lease expired is retired. KEYS: twin, PENDING, LEASES. ARGV: twin id, why.
+_RETIRE_TWIN = COUNT + """
+redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('ZREM', KEYS[3], ARGV[1])
+count(KEYS[1], 'failed')
+redis.call('HSET', KEYS[1], 'state', 'failed', 'error', ARGV[2])
 """
 
 MAX_EVENTS = 32  # the newest events a task keeps
@@ -261,6 +279,7 @@ class Leases:
         self._release = client.register_script(_RELEASE)
         self._requeue = client.register_script(_REQUEUE)
         self._speculate = client.register_script(_SPECULATE)
+        self._retire_twin = client.register_script(_RETIRE_TWIN)
 
     def pending(self, limit: int = 100) -> list[str]:
         """The oldest pending task ids, first queued first."""
@@ -277,11 +296,22 @@ class Leases:
         With ``leader`` (the scheduler's fence) the lease is granted only while that fence leads
         (NotLeader otherwise). Safe to retry: the call carries a request id, and a retry of a
         call that took effect gets the fence it granted."""
+        return self.lease_many([(task_id, worker_id, secret)], deadline, base_version, max_attempts, now, leader)[0]
+
+    def lease_many(self, grants: list[tuple[str, str, str]], deadline: float, base_version: int,
+                   max_attempts: int, now: float | None = None, leader: Fence | None = None) -> list[int]:
+        """:meth:`lease` each (task id, worker id, secret), in one round trip (each lease its own
+        atomic, fenced, retry-safe script: a pipeline, not a transaction); the fences in that order."""
+        if not grants:
+            return []
         lead_key, token = fence_pair("scheduler", leader)
-        return int(fenced(lambda: self._lease(
-            keys=[keys.task(task_id), keys.PENDING, keys.LEASES, keys.FENCE, keys.COUNTERS, lead_key],
-            args=[task_id, deadline, base_version, now or time.time(), max_attempts, request_id(), worker_id,
-                  secret_hash(secret) if secret else "", token])))
+        now = now or time.time()
+        pipe = self.r.pipeline(transaction=False)
+        for task_id, worker_id, secret in grants:
+            self._lease(keys=[keys.task(task_id), keys.PENDING, keys.LEASES, keys.FENCE, keys.COUNTERS, lead_key],
+                        args=[task_id, deadline, base_version, now, max_attempts, request_id(), worker_id,
+                              secret_hash(secret) if secret else "", token], client=pipe)
+        return [int(f) for f in fenced(pipe.execute)]
 
     def heartbeat(self, task_id: str, fence: int, deadline: float, worker_id: str = "", claim: Claim | None = None,
                   event: str = "") -> Renewal:
@@ -362,8 +392,4 @@ class Leases:
 
     def retire_twin(self, twin: str) -> None:
         """A twin whose lease expired goes nowhere (the original still runs): not pending, failed."""
-        pipe = self.r.pipeline(transaction=True)
-        pipe.zrem(keys.PENDING, twin)
-        pipe.zrem(keys.LEASES, twin)
-        pipe.hset(keys.task(twin), mapping={"state": TaskState.FAILED.value, "error": "the speculative run expired"})
-        pipe.execute()
+        self._retire_twin(keys=[keys.task(twin), keys.PENDING, keys.LEASES], args=[twin, "the speculative run expired"])

@@ -233,6 +233,7 @@ class WorkerRecord:
     tokens_trained: float = 0.0
     train_seconds: float = 0.0
     tokens_per_s: float = 0.0  # measured; 0 while unknown
+    kind: str = "outbound"  # how it takes work, fixed when it registered: "ray" or "outbound"
 
 
 @dataclass(frozen=True)

@@ -171,6 +171,7 @@ class Replicas:
                 job, task, worker = owners[adapter_id]
                 if job:
                     pipe.hincrby(keys.job(job), "adapters_rejected", 1)
+                    pipe.hincrby(keys.COUNTERS, "adapters:rejected", 1)
                 # Counted with the fold gates' refusals (coordinator.ledger.counters), as its own kind.
                 Counters(self.r).refuse(Refusal(time.time(), "fold", REFUSED_DISAGREED, reason, task, worker, job), pipe)
             for volunteer, outcome, detail in how.outcomes:

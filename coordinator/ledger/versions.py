@@ -15,7 +15,9 @@ import redis
 
 from coordinator.ledger import keys
 from coordinator.ledger.leaders import Fence, NotLeader
+from coordinator.ledger.connect import Durability
 from coordinator.ledger.codec import decode, version_fields, version_from_hash
+from coordinator.ledger.pages import Cursor, older
 from coordinator.ledger.records import AdapterState, VersionRecord
 from coordinator.ledger.trust import Trust
 from nomoat.lineage import Lineage
@@ -26,8 +28,9 @@ class VersionConflict(ValueError):
 
 
 class Versions:
-    def __init__(self, client: redis.Redis) -> None:
+    def __init__(self, client: redis.Redis, durability: Durability = Durability()) -> None:
         self.r = client
+        self.durability = durability
         self.trust = Trust(client)
 
     def latest(self) -> int | None:
@@ -40,12 +43,27 @@ class Versions:
         return version_from_hash(number, data) if data else None
 
     def all(self) -> list[VersionRecord]:
-        """Every version, oldest first."""
+        """Every version, oldest first (grows with history: rebuilding, reports; hot paths page
+        with :meth:`newest`)."""
         numbers = [int(v) for v in self.r.zrange(keys.VERSIONS, 0, -1)]
         pipe = self.r.pipeline(transaction=False)
         for n in numbers:
             pipe.hgetall(keys.version(n))
         return [version_from_hash(n, decode(d)) for n, d in zip(numbers, pipe.execute())]
+
+    def newest(self, limit: int, after: Cursor | None = None) -> tuple[list[VersionRecord], Cursor | None]:
+        """A page of the versions, newest first, and the cursor of the next (None: no more)."""
+        entries, cursor = older(self.r, keys.VERSIONS, limit, after)
+        numbers = [int(float(score)) for _, score in entries]
+        pipe = self.r.pipeline(transaction=False)
+        for n in numbers:
+            pipe.hgetall(keys.version(n))
+        rows = pipe.execute() if numbers else []
+        return [version_from_hash(n, decode(d)) for n, d in zip(numbers, rows)], cursor
+
+    def count(self) -> int:
+        """How many versions are published (version 0 included)."""
+        return int(self.r.zcard(keys.VERSIONS))
 
     def lineage(self) -> Lineage | None:
         """The model lineage fixed with version 0 (None for a ledger that has none yet)."""
@@ -99,6 +117,7 @@ class Versions:
                           mapping={"state": AdapterState.FOLDED.value, "version": number, "weight": weight})
                 if job:
                     pipe.hincrby(keys.job(job.decode()), "adapters_folded", 1)
+                    pipe.hincrby(keys.COUNTERS, "adapters:folded", 1)  # every job's, for metrics to read alone
             for volunteer in volunteers:  # each folded adapter counts for its volunteer's trust
                 if volunteer:
                     self.trust.record_in(pipe, volunteer.decode(), "accepted", f"folded into version {number}")
@@ -113,4 +132,7 @@ class Versions:
                     raise
                 raise NotLeader(f"version {number} was not published: the newest version or the folder's "
                                 "lease changed while it was being written") from None
+        # A replica holds it before it counts as published (NotDurable otherwise: the folder then
+        # rebuilds from whatever the ledger holds, which a failover may have set back).
+        self.durability.confirm(self.r, f"version {number}")
         return record

@@ -18,16 +18,20 @@ import redis
 
 from coordinator.ledger import keys
 from coordinator.ledger.codec import decode, to_fields, worker_from_hash
+from coordinator.ledger.pages import Cursor, older
 from coordinator.ledger.records import WorkerRecord
 
-# KEYS: worker. ARGV: tokens, seconds, node id. Adds a finished run: the worker's speed is its
+# KEYS: worker, NODE_WORKERS. ARGV: tokens, seconds, node id, worker id. Adds a finished run: the worker's speed is its
 # total tokens over its total training seconds; it ran on that node. Returns the new speed.
 _RUN = """
 local tokens = redis.call('HINCRBYFLOAT', KEYS[1], 'tokens_trained', ARGV[1])
 local seconds = redis.call('HINCRBYFLOAT', KEYS[1], 'train_seconds', ARGV[2])
 local speed = tonumber(tokens) / math.max(tonumber(seconds), 1e-6)
 redis.call('HSET', KEYS[1], 'tokens_per_s', tostring(speed))
-if ARGV[3] ~= '' then redis.call('HSET', KEYS[1], 'node_id', ARGV[3]) end
+if ARGV[3] ~= '' then
+  redis.call('HSET', KEYS[1], 'node_id', ARGV[3])
+  redis.call('HSET', KEYS[2], ARGV[3], ARGV[4])
+end
 return tostring(speed)
 """
 
@@ -68,7 +72,11 @@ class Workers:
         unless its card changed."""
         now = time.time()
         key = keys.worker(worker_id)
-        fields = to_fields({"name": name, "card": card, "node_id": node_id, "token": token, "registered": now})
+        # Its kind is fixed here, by how it joined: a Ray node registers with its node id. (The
+        # outbound dispatcher later records a node id of its own with each run, so the node id
+        # cannot tell them apart.)
+        fields = to_fields({"name": name, "card": card, "node_id": node_id, "token": token, "registered": now,
+                            "kind": "ray" if node_id else "outbound"})
         known = self.r.hget(key, "card")
         pipe = self.r.pipeline(transaction=True)
         if known is not None and known.decode() != fields["card"]:
@@ -90,6 +98,12 @@ class Workers:
         seen = self.r.zmscore(keys.WORKERS, ids)
         return sum(1 for s in seen if s is not None and s >= since)
 
+    def of_token(self, token: str) -> list[WorkerRecord]:
+        """The workers ``token`` (its hash) registered, read alone (not every worker ever)."""
+        ids = sorted(i.decode() for i in self.r.smembers(keys.token_workers(token)))
+        seen = self.r.zmscore(keys.WORKERS, ids) if ids else []
+        return self.many([(w, s or 0.0) for w, s in zip(ids, seen)])
+
     def get(self, worker_id: str) -> WorkerRecord | None:
         data = decode(self.r.hgetall(keys.worker(worker_id)))
         if not data:
@@ -105,8 +119,33 @@ class Workers:
             return []
         return [bytes.fromhex(raw.decode()) if raw else b"" for raw in pipe.execute()]  # kept as hex (records)
 
+    def many(self, entries: list[tuple[str, float]]) -> list[WorkerRecord]:
+        """The workers of (worker id, last seen) ``entries``, in that order (one round trip)."""
+        pipe = self.r.pipeline(transaction=False)
+        for worker_id, _ in entries:
+            pipe.hgetall(keys.worker(worker_id))
+        rows = pipe.execute() if entries else []
+        return [worker_from_hash(w, decode(d), seen) for (w, seen), d in zip(entries, rows) if d]
+
+    def active(self, since: float) -> list[WorkerRecord]:
+        """The workers seen since ``since``, least recently seen first: read through the index
+        of when each was last seen, so the workers gone before cost nothing."""
+        entries = self.r.zrangebyscore(keys.WORKERS, since, "+inf", withscores=True)
+        return self.many([(w.decode(), s) for w, s in entries])
+
+    def gone(self, since: float, limit: int, after: Cursor | None = None) -> tuple[list[WorkerRecord], Cursor | None]:
+        """A page of the workers not seen since ``since``, most recently seen first, and the
+        cursor of the next page (None: no more)."""
+        entries, cursor = older(self.r, keys.WORKERS, limit, after, top=f"({since}")
+        return self.many(entries), cursor
+
+    def count(self, since: float = 0.0) -> int:
+        """How many workers were seen since ``since`` (every worker ever registered for 0)."""
+        return int(self.r.zcount(keys.WORKERS, since or "-inf", "+inf"))
+
     def all(self) -> list[WorkerRecord]:
-        """Every worker ever registered, least recently seen first."""
+        """Every worker ever registered, least recently seen first (grows with history: for
+        reports and checks, never a hot path)."""
         entries = self.r.zrange(keys.WORKERS, 0, -1, withscores=True)
         pipe = self.r.pipeline(transaction=False)
         for worker_id, _ in entries:
@@ -118,28 +157,28 @@ class Workers:
         the new figure (0 when there is nothing to measure)."""
         if not worker_id or seconds < 0 or (seconds == 0 and tokens <= 0):
             return 0.0
-        return float(self._run(keys=[keys.worker(worker_id)], args=[tokens, seconds, node_id]))
+        return float(self._run(keys=[keys.worker(worker_id), keys.NODE_WORKERS],
+                               args=[tokens, seconds, node_id, worker_id]))
 
     def speeds_by_node(self, claims: Mapping[str, str]) -> dict[str, float]:
         """Ray node id -> the measured tokens/s of its worker (known speeds only).
 
         ``claims`` maps each node the scheduler sees to the worker it names itself (its Ray label;
-        "" for a node with none). A named node takes its worker's speed, read for that worker
-        alone, even before a run there recorded the node (as after a Ray restart gave the card a
-        new node). Only when some node names no worker are all workers read, for the one that
-        last finished a run on it: the scheduler asks every tick, and the workers ever
-        registered grow without bound.
+        "" for a node with none). A named node takes its worker's speed, even before a run there
+        recorded the node (as after a Ray restart gave the card a new node); a node that names
+        no worker takes the speed of the worker that last finished a run on it (the node index
+        record_run keeps). Two round trips however many workers were ever registered: the
+        scheduler asks every round.
         """
-        named = {node: worker for node, worker in claims.items() if worker}
-        speeds: dict[str, float] = {}
-        if len(named) < len(claims):
-            for worker in self.all():  # least recently seen first: the newest claim on a node wins
-                if worker.tokens_per_s > 0 and worker.node_id in claims:
-                    speeds[worker.node_id] = worker.tokens_per_s
+        nodes = list(claims)
+        workers = dict(zip(nodes, self.r.hmget(keys.NODE_WORKERS, nodes))) if nodes else {}
+        owner = {node: claims[node] or (workers[node].decode() if workers.get(node) else "") for node in nodes}
+        owner = {node: w for node, w in owner.items() if w}
         pipe = self.r.pipeline(transaction=False)
-        for worker_id in named.values():
+        for worker_id in owner.values():
             pipe.hget(keys.worker(worker_id), "tokens_per_s")
-        for node, raw in zip(named, pipe.execute()):
+        speeds: dict[str, float] = {}
+        for node, raw in zip(owner, pipe.execute() if owner else []):
             speed = float(raw) if raw else 0.0
             if speed > 0:
                 speeds[node] = speed

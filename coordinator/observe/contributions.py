@@ -52,12 +52,15 @@ def of_caller(ledger: Ledger, settings: Settings, identity: Identity, worker_id:
 
 
 def of(ledger: Ledger, settings: Settings, volunteer: str) -> VolunteerStats:
-    mine = {w.worker_id: w for w in ledger.workers.all() if standing.volunteer_of(w.token, w.worker_id) == volunteer}
+    # A volunteer is a token (its hash): its workers are those it registered, read alone. (One
+    # registered with no token is its own volunteer.)
+    found = ledger.workers.of_token(volunteer) or [w for w in [ledger.workers.get(volunteer)] if w]
+    mine = {w.worker_id: w for w in found if standing.volunteer_of(w.token, w.worker_id) == volunteer}
     record = ledger.trust.get(volunteer)
     entry = ledger.tokens.get(volunteer)
     return VolunteerStats(
         volunteer=(entry.name if entry and entry.name else volunteer[:16]),
-        workers=[w for w in status.workers(ledger, settings) if w.worker_id in mine],
+        workers=status.summarise(ledger, settings, sorted(mine.values(), key=lambda w: w.last_seen), time.time()),
         tasks_done=sum(w.tasks_done for w in mine.values()),
         tokens_trained=sum(w.tokens_trained for w in mine.values()),
         folded=record.accepted if record else 0,

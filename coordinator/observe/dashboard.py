@@ -24,7 +24,8 @@ from coordinator.settings import Settings
 from nomoat.v1 import nomoat_pb2 as pb
 
 RECENT_JOBS = 20  # finished jobs shown beside the running ones
-RECENT_VERSIONS = 30  # versions whose contributions are listed (the loss curve has every version)
+RECENT_VERSIONS = 30  # versions whose contributions are listed
+LOSS_POINTS = 200  # the newest versions the loss curve shows (a page: the history is not read at every refresh)
 RECENT_REFUSALS = 50
 GONE_WORKERS = 20  # workers no longer heard from, shown after the active ones
 
@@ -64,7 +65,7 @@ class Snapshot:
     jobs: list[JobView]
     workers: list[status.WorkerSummary]
     versions: list[VersionView]  # the newest RECENT_VERSIONS, newest first
-    loss_curve: list[LossPoint]  # every version that has a loss, oldest first
+    loss_curve: list[LossPoint]  # each of the newest LOSS_POINTS versions that has a loss, oldest first
     refusals: list[Refusal]
     tokens_per_s: float  # the active workers' measured speeds, summed
 
@@ -109,7 +110,8 @@ def _contributions(ledger: Ledger, version: status.VersionSummary) -> list[Contr
 def snapshot(ledger: Ledger, settings: Settings, now: float | None = None) -> Snapshot:
     """Everything the page shows, read from the ledger now."""
     now = time.time() if now is None else now
-    view = status.overview(ledger, settings)
+    # The running jobs and active workers whole, the newest of what is over: one page of each.
+    view = status.overview(ledger, settings, limit=RECENT_JOBS, versions_limit=LOSS_POINTS)
     running = [j for j in view.jobs if j.state == "running"]
     finished = sorted((j for j in view.jobs if j.state != "running"), key=lambda j: -j.created)[:RECENT_JOBS]
     jobs = [JobView(j, progress(j), eta_s(j, now)) for j in sorted(running, key=lambda j: -j.created) + finished]

@@ -3,8 +3,10 @@
 Where each figure comes from, and so whether it survives a restart and agrees across frontends:
 
 * from the ledger (Redis), read at every scrape, the same on every coordinator sharing it:
-  tasks, jobs, workers (by card), tokens/s and versions, from the summaries `nomoat status`
-  shows (coordinator.observe.status); and the counters of coordinator.ledger.counters, which survive a
+  tasks, jobs and adapters from the ledger-wide totals kept where the states change; the running
+  jobs, the active workers (by card), tokens/s and the newest version from the summaries `nomoat
+  status` shows (coordinator.observe.status), so a scrape costs O(active work), not O(history);
+  and the counters of coordinator.ledger.counters, which survive a
   restart: leases, re-issues, expired leases, uploads (by outcome, bytes), refusals by stage and
   reason, folds and their duration. Several frontends report the same values: aggregate them
   with ``max``, not ``sum``.
@@ -36,6 +38,7 @@ from coordinator.ledger.records import TaskState
 from coordinator.settings import Settings
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+LOSS_LOOKBACK = 20  # the newest versions searched for the newest held-out loss
 
 # Every metric family this module exports (a counter's samples add _total, a histogram's
 # _bucket, _sum and _count).
@@ -57,26 +60,26 @@ class LedgerCollector(Collector):
         self.settings = settings
 
     def collect(self) -> Iterator[Metric]:
-        view = status.overview(self.ledger, self.settings)
-        yield from _jobs(view.jobs)
-        yield from _workers(view.workers)
-        yield from _versions(view.versions, view.jobs)
+        totals = self.ledger.counters.totals()
+        running = [j for j in (status.job(self.ledger, i) for i in self.ledger.jobs.running_ids()) if j]
+        workers = status.workers(self.ledger, self.settings, gone=0)
+        yield from _jobs(running, totals)
+        yield from _workers(workers, self.ledger.workers.count())
+        yield from _versions(self.ledger)
         yield from _counters(self.ledger)
 
 
-def _jobs(jobs: list[status.JobSummary]) -> Iterator[Metric]:
+def _jobs(running: list[status.JobSummary], totals: dict[str, int]) -> Iterator[Metric]:
     tasks = GaugeMetricFamily("nomoat_tasks", "Tasks of every job, by state.", labels=["state"])
-    by_state = Count()
-    for job in jobs:
-        by_state.update(job.tasks)
     for state in TaskState:
-        tasks.add_metric([state.value], by_state[state.value])
+        tasks.add_metric([state.value], totals[f"tasks:{state.value}"])
     yield tasks
     states = GaugeMetricFamily("nomoat_jobs", "Jobs, by state.", labels=["state"])
-    job_states = Count(j.state for j in jobs)
-    for state in ("running", "done", "failed"):
-        states.add_metric([state], job_states[state])
+    states.add_metric(["running"], len(running))
+    for state in ("done", "failed"):
+        states.add_metric([state], totals[f"jobs:{state}"])
     yield states
+    jobs = running
     done = GaugeMetricFamily("nomoat_job_progress", "Finished tasks over all tasks, of each running job.",
                              labels=["job", "name"])
     for job in jobs:
@@ -86,18 +89,20 @@ def _jobs(jobs: list[status.JobSummary]) -> Iterator[Metric]:
     yield done
     adapters = GaugeMetricFamily("nomoat_adapters", "Adapters of every job folded or rejected by the fold gates.",
                                  labels=["state"])
-    adapters.add_metric(["folded"], sum(j.adapters_folded for j in jobs))
-    adapters.add_metric(["rejected"], sum(j.adapters_rejected for j in jobs))
+    adapters.add_metric(["folded"], totals["adapters:folded"])
+    adapters.add_metric(["rejected"], totals["adapters:rejected"])
     yield adapters
 
 
-def _workers(workers: list[status.WorkerSummary]) -> Iterator[Metric]:
-    count = GaugeMetricFamily("nomoat_workers", "Workers ever registered, by card, kind (ray: a trusted Ray node; "
-                              "outbound: a public volunteer) and state (active: heard from within three lease "
-                              "lifetimes).", labels=["card", "kind", "state"])
-    by_card = Count((card(w.card).get("name", "unknown"), w.kind, w.state) for w in workers)
+def _workers(workers: list[status.WorkerSummary], registered: int) -> Iterator[Metric]:
+    count = GaugeMetricFamily("nomoat_workers", "Workers ever registered: the active ones (heard from within three "
+                              "lease lifetimes) by card and kind (ray: a trusted Ray node; outbound: a public "
+                              "volunteer); the gone ones in one sample, card and kind \"any\".",
+                              labels=["card", "kind", "state"])
+    by_card = Count((card(w.card).get("name", "unknown"), w.kind, w.state) for w in workers if w.state == "active")
     for (name, kind, state), n in sorted(by_card.items()):
         count.add_metric([name, kind, state], n)
+    count.add_metric(["any", "any", "gone"], max(0, registered - sum(by_card.values())))
     yield count
     speed = GaugeMetricFamily("nomoat_worker_tokens_per_second", "Measured training speed of each active worker.",
                               labels=["worker", "name", "card"])
@@ -114,9 +119,10 @@ def _workers(workers: list[status.WorkerSummary]) -> Iterator[Metric]:
                             value=sum(w.tokens_per_s for w in active))
 
 
-def _versions(versions: list[status.VersionSummary], jobs: list[status.JobSummary]) -> Iterator[Metric]:
+def _versions(ledger: Ledger) -> Iterator[Metric]:
     yield GaugeMetricFamily("nomoat_versions", "Versions of the running model published (version 0 included).",
-                            value=len(versions))
+                            value=ledger.versions.count())
+    versions = status.versions(ledger, LOSS_LOOKBACK)
     latest = versions[-1] if versions else None
     yield GaugeMetricFamily("nomoat_version_latest", "The newest version's number.",
                             value=latest.version if latest else -1)

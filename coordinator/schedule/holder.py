@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from coordinator.gateway.auth import Identity
 from coordinator.errors import NotFound
-from coordinator.ledger import Claim, Ledger, no_such_lease
+from coordinator.ledger import Claim, Ledger
 from coordinator.settings import Settings
 from coordinator.model.store import BlobStore
 from coordinator.collect.partial_uploads import PartialUploads

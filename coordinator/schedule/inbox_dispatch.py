@@ -124,12 +124,20 @@ class OutboundDispatcher:
     def submit(self, specs: list[TaskSpec], resources: dict[str, float], node_id: str) -> None:
         """Put the run in its worker's inbox. The coordinator's own worker token stays here: an
         outbound worker calls with its own."""
-        worker_id = node_id[len(NODE_PREFIX):]
-        run_id = "r-" + secrets.token_hex(8)
-        payload = [json.dumps(replace(s, token="", worker_id=worker_id).to_dict()) for s in specs]
-        self.ledger.inbox.place(run_id, worker_id, [(s.task_id, s.fence) for s in specs], payload,
-                                {s.task_id: secret_hash(s.lease_secret) for s in specs}, leader=self.term.fence)
-        self._runs[run_id] = _Run(run_id, worker_id, [(s.task_id, s.fence, s.tokens) for s in specs])
+        self.submit_many([(specs, resources, node_id)])
+
+    def submit_many(self, runs: list[tuple[list[TaskSpec], dict[str, float], str]]) -> None:
+        """:meth:`submit` each run, every inbox in one round trip."""
+        placed = []
+        for specs, _, node_id in runs:
+            worker_id = node_id[len(NODE_PREFIX):]
+            run_id = "r-" + secrets.token_hex(8)
+            payload = [json.dumps(replace(s, token="", worker_id=worker_id).to_dict()) for s in specs]
+            placed.append((run_id, worker_id, [(s.task_id, s.fence) for s in specs], payload,
+                           {s.task_id: secret_hash(s.lease_secret) for s in specs}))
+        self.ledger.inbox.place_many(placed, leader=self.term.fence)
+        for (run_id, worker_id, *_), (specs, _, _) in zip(placed, runs):
+            self._runs[run_id] = _Run(run_id, worker_id, [(s.task_id, s.fence, s.tokens) for s in specs])
 
     def poll(self) -> list[Finished]:
         finished: list[Finished] = []

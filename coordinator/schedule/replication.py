@@ -64,7 +64,7 @@ from coordinator.ledger import (
 )
 from coordinator.settings import Settings
 from coordinator.model.store import BlobStore
-from coordinator.schedule.registration import is_active
+from coordinator.schedule.registration import ACTIVE_TTLS
 from nomoat import adapter as adapter_format
 from nomoat.adapter import Adapter
 from nomoat.logs import fields
@@ -214,7 +214,7 @@ class Replication:
     def _someone_else(self, volunteer: str) -> bool:
         """Whether an active volunteer other than ``volunteer`` may take tasks."""
         now = time.time()
-        workers = [w for w in self.ledger.workers.all() if is_active(w.last_seen, now, self.settings)]
+        workers = self.ledger.workers.active(now - ACTIVE_TTLS * self.settings.lease_ttl_s)  # not every worker ever
         others = {standing.volunteer_of(w.token, w.worker_id) for w in workers} - {volunteer}
         records = self.ledger.trust.many(others)
         return any(standing.eligible(records.get(v)) for v in others)

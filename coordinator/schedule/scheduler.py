@@ -39,7 +39,6 @@ from coordinator.ledger import (
     Ledger,
     TaskRecord,
     TaskState,
-    count_states,
     is_twin,
     new_secret,
 )
@@ -48,7 +47,7 @@ from coordinator.schedule import standing
 from coordinator.schedule.holder import hand_back
 from coordinator.fold.policy import FoldPolicy, TaskTraining
 from coordinator.settings import Settings
-from coordinator.schedule.transport import Dispatcher, Finished, Need, Node, roomiest, run_resources
+from coordinator.schedule.transport import Dispatcher, Finished, Need, Node, roomiest, run_resources, submit_all
 from nomoat import card as cards
 from nomoat.logs import fields
 from nomoat.spec import VRAM_STEP_GB, LoraConfig, TaskSpec, TrainConfig
@@ -93,6 +92,8 @@ class Scheduler:
     term: Term = field(default_factory=Term)
     # Finished units whose handling failed (Redis away): handled again next round, not dropped.
     _unhandled: list[Finished] = field(default_factory=list)
+    # The oldest pending tasks as this round read them (None: not read yet this round).
+    _window: list[TaskRecord] | None = None
 
     def config(self, job_id: str) -> JobConfig:
         if job_id not in self._configs:
@@ -143,6 +144,7 @@ class Scheduler:
         carries; a round whose fence stopped leading stops at its first write (NotLeader)."""
         now = now or time.time()
         self.term.fence = leader
+        self._window = None
         expired = self.ledger.leases.expire(now)
         for task_id in expired:
             log.warning("the lease of task %s expired; it goes back in the queue", task_id,
@@ -256,9 +258,11 @@ class Scheduler:
         return self.training(self.config(job_id), noise, self.total_tasks(job_id))
 
     def spec(self, task: TaskRecord, fence: int, base_version: int, node: Node,
-             training: TaskTraining | None = None, secret: str = "") -> TaskSpec:
+             training: TaskTraining | None = None, secret: str = "",
+             card: cards.Card | None | str = "read") -> TaskSpec:
         """What the worker on ``node`` needs to train ``task`` under ``fence`` (at ``training``,
-        by default the job's :meth:`job_training`), holding its lease with ``secret``."""
+        by default the job's :meth:`job_training`; for ``card``, by default the one its worker
+        registered, read now), holding its lease with ``secret``."""
         config = self.config(task.job)
         training = training or self.job_training(task.job)
         return TaskSpec(
@@ -268,9 +272,15 @@ class Scheduler:
             train=TrainConfig(seq_len=config.seq_len, batch_size=training.batch_size,
                               learning_rate=training.learning_rate, epochs=config.epochs,
                               seed=task.index, plan_model=config.plan_model, warm_start=config.warm_start),
-            lease_ttl_s=self.settings.lease_ttl_s, worker_id=node.worker_id, card=self.card_of(node.worker_id),
-            lease_secret=secret,
+            lease_ttl_s=self.settings.lease_ttl_s, worker_id=node.worker_id,
+            card=self.card_of(node.worker_id) if card == "read" else card, lease_secret=secret,
         )
+
+    def cards_of(self, worker_ids: list[str]) -> dict[str, cards.Card | None]:
+        """:meth:`card_of` for each worker, in one round trip."""
+        ids = [w for w in dict.fromkeys(worker_ids) if w]
+        return {w: cards.from_message(pb.Card.FromString(raw)) if raw else None
+                for w, raw in zip(ids, self.ledger.workers.cards(ids))}
 
     def card_of(self, worker_id: str) -> cards.Card | None:
         """The card ``worker_id`` registered (the run plans for it); None if the ledger has none."""
@@ -298,11 +308,12 @@ class Scheduler:
             return free
         # Pending tasks no free card can hold (their job fits nowhere now) must not crowd out the rest.
         room = roomiest(free)
-        ids = [i for i in self.ledger.leases.pending(self.settings.pending_window) if not is_twin(i)]
-        queue = [t for t in self.ledger.tasks.many(ids) if self.fits_some(t, room)]
+        queue = [t for t in self._pending_window() if self.fits_some(t, room)]
         queue = queue[: len(free) * self.settings.max_units_per_run * 2]
         base_version = self.ledger.versions.latest() or 0
-        idle = []
+        idle: list[Node] = []
+        planned: list[tuple[Node, list[TaskRecord], TaskTraining]] = []
+        trainings: dict[str, TaskTraining] = {}
         for node in free:
             volunteer, stands = standing[node.node_id]
             if slots <= 0 or not stands.eligible:
@@ -312,18 +323,38 @@ class Scheduler:
             if not run:
                 idle.append(node)
                 continue
+            job = run[0].job
+            if job not in trainings:
+                trainings[job] = self.job_training(job)
+            planned.append((node, run, trainings[job]))
+            slots -= 1
+        if planned:
+            idle += self._place(now, base_version, planned)
+        return idle
+
+    def _place(self, now: float, base_version: int, planned: list[tuple[Node, list[TaskRecord], TaskTraining]]) -> list[Node]:
+        """Lease the round's planned runs and hand them to the dispatcher, in a few round trips
+        whatever their number: every lease in one pipeline (each still its own atomic script),
+        the cards in one read, what each unit trains at in one write, the runs in one hand-off.
+        Returns the cards whose run got no lease."""
+        deadline = now + self.settings.queue_timeout_s
+        # Each lease is its run's on that card from now on: its worker and a secret only its spec carries.
+        grants = [(t.task_id, node.worker_id, new_secret()) for node, run, _ in planned for t in run]
+        secrets_of = {task_id: secret for task_id, _, secret in grants}
+        fences = iter(self.ledger.leases.lease_many(grants, deadline, base_version, self.settings.max_attempts,
+                                                    now=now, leader=self.term.fence))
+        registered = self.cards_of([node.worker_id for node, _, _ in planned])
+        runs: list[tuple[list[TaskSpec], dict[str, float], Node]] = []
+        idle, trained = [], []
+        for node, run, training in planned:
             specs = []
-            training = self.job_training(run[0].job)
             for task in run:
-                # The lease is the run's on this card from now on: its worker and a secret only its spec carries.
-                secret = new_secret()
-                fence = self.ledger.leases.lease(task.task_id, now + self.settings.queue_timeout_s, base_version,
-                                                 self.settings.max_attempts, node.worker_id, secret, now=now,
-                                                 leader=self.term.fence)
+                fence = next(fences)
                 if fence > 0:
                     # a replica run trains on the version its task was given (pinned)
                     version = task.base_version if task.pinned else base_version
-                    specs.append(self.spec(task, fence, version, node, training, secret))
+                    specs.append(self.spec(task, fence, version, node, training, secrets_of[task.task_id],
+                                           registered.get(node.worker_id)))
                     again = f" again (attempt {task.attempts + 1})" if task.attempts else ""
                     log.info("task %s of job %s leased%s to worker %s (fence %d)", task.task_id, task.job, again,
                              node.worker_id or node.node_id[:12], fence,
@@ -334,38 +365,51 @@ class Scheduler:
                     log.warning("task %s failed: no attempts left", task.task_id,
                                 extra=fields("task.failed", task=task.task_id, job=task.job,
                                              reason="no attempts left"))
-            if specs:
-                self.ledger.tasks.set_training((s.task_id, s.train.batch_size, s.train.learning_rate,
-                                                training.fold_width) for s in specs)
-                need = max(self.need_gb(t, node) for t in run)
-                if self._submit(specs, run_resources(need), node):
-                    self.runs.append((node.node_id, len(specs), sum(s.tokens for s in specs)))
-                    slots -= 1
-                    continue
-            idle.append(node)
+            if not specs:
+                idle.append(node)
+                continue
+            trained += [(s.task_id, s.train.batch_size, s.train.learning_rate, training.fold_width) for s in specs]
+            runs.append((specs, run_resources(max(self.need_gb(t, node) for t in run)), node))
+        if trained:
+            self.ledger.tasks.set_training(trained)
+        failed = self._submit(runs)
+        for specs, _, node in runs:
+            if node in failed:
+                idle.append(node)
+            else:
+                self.runs.append((node.node_id, len(specs), sum(s.tokens for s in specs)))
         return idle
 
-    def _submit(self, specs: list[TaskSpec], resources: dict[str, float], node: Node) -> bool:
-        """Dispatch a leased run. A lease and its dispatch are two steps, so a dispatch that fails
-        gives its units back to the queue at once (without spending their attempts) instead of
-        stranding them until the queue timeout; the round goes on with the next card."""
+    def _submit(self, runs: list[tuple[list[TaskSpec], dict[str, float], Node]]) -> list[Node]:
+        """Dispatch the round's leased runs, all at once where the transport can. A lease and its
+        dispatch are two steps, so runs whose dispatch failed give their units back to the queue
+        at once (without spending their attempts) instead of stranding them until the queue
+        timeout; returns their cards, and the round goes on. When a batch fails, every run of it
+        is given back (some may have reached their worker: their leases then end, and the units
+        are leased again under new fences)."""
+        if not runs:
+            return []
         try:
-            self.dispatcher.submit(specs, resources, node.node_id)
-            return True
+            submit_all(self.dispatcher, [(specs, resources, node.node_id) for specs, resources, node in runs])
+            return []
         except NotLeader:
             raise
-        except Exception as exc:  # noqa: BLE001  (a transport failure is this run's, not the round's)
-            where = node.worker_id or node.node_id[:12]
-            why = f"its run could not be dispatched to worker {where}: {exc}"
-            log.warning("the run of task(s) %s could not be dispatched to worker %s (%s); its units go back in "
-                        "the queue", ", ".join(s.task_id for s in specs), where, exc,
-                        extra=fields("run.undispatched", worker=node.worker_id or None, reason=str(exc)))
-            for spec in specs:
-                try:
-                    self.ledger.leases.requeue(spec.task_id, spec.fence, why)
-                except Exception:  # noqa: BLE001  (then its lease runs out, as before)
-                    log.warning("task %s stays leased until its lease runs out", spec.task_id)
-            return False
+        except Exception as exc:  # noqa: BLE001  (a transport failure is these runs', not the round's)
+            for specs, _, node in runs:
+                self._undispatched(specs, node, exc)
+            return [node for _, _, node in runs]
+
+    def _undispatched(self, specs: list[TaskSpec], node: Node, exc: Exception) -> None:
+        where = node.worker_id or node.node_id[:12]
+        why = f"its run could not be dispatched to worker {where}: {exc}"
+        log.warning("the run of task(s) %s could not be dispatched to worker %s (%s); its units go back in "
+                    "the queue", ", ".join(s.task_id for s in specs), where, exc,
+                    extra=fields("run.undispatched", worker=node.worker_id or None, reason=str(exc)))
+        for spec in specs:
+            try:
+                self.ledger.leases.requeue(spec.task_id, spec.fence, why)
+            except Exception:  # noqa: BLE001  (then its lease runs out, as before)
+                log.warning("task %s stays leased until its lease runs out", spec.task_id)
 
     def _take_run(self, queue: list[TaskRecord], node: Node, speed: float, volunteer: str = "",
                   share: float = 1.0) -> list[TaskRecord]:
@@ -418,51 +462,64 @@ class Scheduler:
                      extra=fields("task.speculated", task=task.task_id, job=task.job, twin=twin,
                                   worker=card.worker_id or None, fence=fence))
             twin_task = replace(task, task_id=twin)
-            if not self._submit([self.spec(twin_task, fence, self.ledger.versions.latest() or 0, card,
-                                           secret=secret)],
-                                run_resources(self.need_gb(task, card)), card):
+            if self._submit([([self.spec(twin_task, fence, self.ledger.versions.latest() or 0, card, secret=secret)],
+                               run_resources(self.need_gb(task, card)), card)]):
                 continue
             cards.remove(card)
             if not cards:
                 return
 
     def _review_jobs(self, nodes: list[Node]) -> set[str]:
-        """One pass over the running jobs, each job's tasks read once: say when a job's pending
-        tasks fit no card, and end the jobs with nothing left to train. Returns the jobs whose
-        last adapters still wait in the fold buffer (ready for a last fold)."""
+        """One pass over the running jobs, from their task counters (one read per job, however
+        many tasks it has): say when a job's pending tasks fit no card, and end the jobs with
+        nothing left to train. Returns the jobs whose last adapters still wait in the fold buffer
+        (ready for a last fold)."""
         room = roomiest(nodes)
         idle: set[str] = set()
-        for job_id in self.ledger.jobs.running_ids():
+        job_ids = self.ledger.jobs.running_ids()
+        buffered: set[str] | None = None
+        unsettled: set[str] | None = None
+        for job_id, counts in zip(job_ids, self.ledger.tasks.counts_of(job_ids)):
             job = self.ledger.jobs.get(job_id)
             if not job or job.state is not JobState.RUNNING:
                 continue
-            tasks = self.ledger.tasks.of_job(job_id)
-            self._warn(job_id, job, tasks, nodes, room)
-            counts = count_states(tasks)
-            if counts["pending"] or counts["leased"] or self._twin_runs(tasks) or self.ledger.replicas.unsettled(job_id):
-                continue  # (a replicated task's adapters are held until its replicas settle)
-            # Read after the tasks: every adapter of the job is then either in the buffer or
+            self._warn(job_id, job, counts, nodes, room)
+            if counts["pending"] or counts["leased"] or self.ledger.tasks.twins_running(job_id):
+                continue
+            if unsettled is None:  # the open replica groups, read once a round
+                unsettled = {g.job for g in self.ledger.replicas.open_groups()}
+            if job_id in unsettled:
+                continue  # a replicated task's adapters are held until its replicas settle
+            # Read after the counts: every adapter of the job is then either in the buffer or
             # already counted by the job record read next.
-            if any(a.job == job_id for a in self.ledger.adapters.buffered()):
+            if buffered is None:
+                buffered = {a.job for a in self.ledger.adapters.buffered()}
+            if job_id in buffered:
                 idle.add(job_id)
             else:
                 self._end(job_id, self.ledger.jobs.get(job_id) or job, counts)
         return idle
 
-    def _twin_runs(self, tasks: list[TaskRecord]) -> bool:
-        """Whether a speculative twin of one of ``tasks`` still runs: its result would complete
-        the task, even one whose own run failed for good, so the job is not over yet."""
-        twins = [t.twin for t in tasks if t.twin and t.state is not TaskState.DONE]
-        return any(t.state is TaskState.LEASED for t in self.ledger.tasks.many(twins))
+    def _pending_window(self) -> list[TaskRecord]:
+        """The oldest pending tasks (``pending_window`` of them), read at most once a round."""
+        if self._window is None:
+            ids = [i for i in self.ledger.leases.pending(self.settings.pending_window) if not is_twin(i)]
+            self._window = self.ledger.tasks.many(ids)
+        return self._window
 
-    def _warn(self, job_id: str, job: JobRecord, tasks: list[TaskRecord], nodes: list[Node],
+    def _warn(self, job_id: str, job: JobRecord, counts: dict[str, int], nodes: list[Node],
               room: tuple[float, float]) -> None:
-        """A job whose pending tasks fit no card in the cluster says so (JobInfo.warning)."""
-        pending = [t for t in tasks if t.state is TaskState.PENDING]
+        """A job whose pending tasks fit no card in the cluster says so (JobInfo.warning). Its
+        pending tasks are judged by those among the oldest pending (the queue's window), so the
+        check costs the same however long the queue is."""
         warning = ""
-        if nodes and pending and not any(self.fits_some(t, room) for t in pending):
-            warning = waiting_for_a_card(min(self.need_gb(t) for t in pending),
-                                         min(self.smallest_gb(t) for t in pending), len(nodes), *room)
+        if nodes and counts["pending"]:
+            pending = [t for t in self._pending_window() if t.job == job_id and t.state is TaskState.PENDING]
+            if pending and not any(self.fits_some(t, room) for t in pending):
+                warning = waiting_for_a_card(min(self.need_gb(t) for t in pending),
+                                             min(self.smallest_gb(t) for t in pending), len(nodes), *room)
+            elif not pending:
+                warning = job.warning  # none in the window: as it was
         if warning != job.warning:
             self.ledger.jobs.set_warning(job_id, warning)
             if warning:

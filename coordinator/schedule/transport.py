@@ -100,6 +100,20 @@ class Dispatcher(Protocol):
     def placement(self) -> dict[str, tuple[str, int]]: ...
 
 
+Run = tuple[list[TaskSpec], dict[str, float], str]  # a run to submit: its units' specs, resources, node id
+
+
+def submit_all(dispatcher: Dispatcher, runs: list[Run]) -> None:
+    """Submit a round's runs: at once where the dispatcher can (``submit_many``: an outbound
+    dispatcher puts every run in its inbox in one round trip), else one by one."""
+    many = getattr(dispatcher, "submit_many", None)
+    if many is not None:
+        many(runs)
+        return
+    for specs, resources, node_id in runs:
+        dispatcher.submit(specs, resources, node_id)
+
+
 def placement_of(runs: Iterable[tuple[str, list[tuple[str, int, int]]]]) -> dict[str, tuple[str, int]]:
     """What Dispatcher.placement answers, from (node id, units as (task id, fence, tokens) in
     training order) of each run in flight: task id -> (node id, tokens its run trains up to and
@@ -133,10 +147,18 @@ class Dispatchers:
         return found
 
     def submit(self, specs: list[TaskSpec], resources: dict[str, float], node_id: str) -> None:
-        part = self._owner.get(node_id)
-        if part is None:
-            raise KeyError(f"no transport lists node {node_id}")
-        part.submit(specs, resources, node_id)
+        self.submit_many([(specs, resources, node_id)])
+
+    def submit_many(self, runs: list[Run]) -> None:
+        by_part: dict[int, list[Run]] = {}
+        for run in runs:
+            part = self._owner.get(run[2])
+            if part is None:
+                raise KeyError(f"no transport lists node {run[2]}")
+            by_part.setdefault(id(part), []).append(run)
+        for part in self.parts:
+            if id(part) in by_part:
+                submit_all(part, by_part[id(part)])
 
     def poll(self) -> list[Finished]:
         return [done for part in self.parts for done in part.poll()]

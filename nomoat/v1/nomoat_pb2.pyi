@@ -66,10 +66,14 @@ class SubmitReply(_message.Message):
     def __init__(self, job_id: _Optional[str] = ..., tasks: _Optional[int] = ..., records: _Optional[int] = ..., tokens: _Optional[int] = ..., validation_records: _Optional[int] = ...) -> None: ...
 
 class StatusRequest(_message.Message):
-    __slots__ = ("job_id",)
+    __slots__ = ("job_id", "limit", "page_token")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     job_id: str
-    def __init__(self, job_id: _Optional[str] = ...) -> None: ...
+    limit: int
+    page_token: str
+    def __init__(self, job_id: _Optional[str] = ..., limit: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
 
 class TaskCounts(_message.Message):
     __slots__ = ("pending", "leased", "done", "failed")
@@ -164,14 +168,16 @@ class VersionInfo(_message.Message):
     def __init__(self, version: _Optional[int] = ..., parent: _Optional[int] = ..., eval_loss: _Optional[float] = ..., adapters: _Optional[int] = ..., created: _Optional[float] = ..., job_id: _Optional[str] = ..., adapter_ids: _Optional[_Iterable[str]] = ..., operation: _Optional[str] = ...) -> None: ...
 
 class StatusReply(_message.Message):
-    __slots__ = ("jobs", "workers", "versions")
+    __slots__ = ("jobs", "workers", "versions", "next_page_token")
     JOBS_FIELD_NUMBER: _ClassVar[int]
     WORKERS_FIELD_NUMBER: _ClassVar[int]
     VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     jobs: _containers.RepeatedCompositeFieldContainer[JobInfo]
     workers: _containers.RepeatedCompositeFieldContainer[WorkerInfo]
     versions: _containers.RepeatedCompositeFieldContainer[VersionInfo]
-    def __init__(self, jobs: _Optional[_Iterable[_Union[JobInfo, _Mapping]]] = ..., workers: _Optional[_Iterable[_Union[WorkerInfo, _Mapping]]] = ..., versions: _Optional[_Iterable[_Union[VersionInfo, _Mapping]]] = ...) -> None: ...
+    next_page_token: str
+    def __init__(self, jobs: _Optional[_Iterable[_Union[JobInfo, _Mapping]]] = ..., workers: _Optional[_Iterable[_Union[WorkerInfo, _Mapping]]] = ..., versions: _Optional[_Iterable[_Union[VersionInfo, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class WatchRequest(_message.Message):
     __slots__ = ("job_id",)
