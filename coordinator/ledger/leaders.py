@@ -125,8 +125,11 @@ def fenced(call: Callable[[], T]) -> T:
     try:
         return call()
     except redis.ResponseError as exc:
-        if str(exc).startswith(NOT_LEADER):
-            raise NotLeader(str(exc)[len(NOT_LEADER):].strip()) from None
+        # A script's own reply starts with it; a pipeline's names the command first.
+        message = str(exc)
+        at = message.find(NOT_LEADER + " ")
+        if message.startswith(NOT_LEADER) or at >= 0:
+            raise NotLeader(message[max(at, 0) + len(NOT_LEADER):].strip()) from None
         raise
 
 

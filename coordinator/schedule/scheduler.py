@@ -382,22 +382,18 @@ class Scheduler:
 
     def _submit(self, runs: list[tuple[list[TaskSpec], dict[str, float], Node]]) -> list[Node]:
         """Dispatch the round's leased runs, all at once where the transport can. A lease and its
-        dispatch are two steps, so runs whose dispatch failed give their units back to the queue
-        at once (without spending their attempts) instead of stranding them until the queue
-        timeout; returns their cards, and the round goes on. When a batch fails, every run of it
-        is given back (some may have reached their worker: their leases then end, and the units
-        are leased again under new fences)."""
+        dispatch are two steps, so a run whose dispatch failed gives its units back to the queue at
+        once (without spending their attempts) instead of stranding them until the queue timeout;
+        returns those runs' cards, and the round goes on with the rest."""
         if not runs:
             return []
-        try:
-            submit_all(self.dispatcher, [(specs, resources, node.node_id) for specs, resources, node in runs])
-            return []
-        except NotLeader:
-            raise
-        except Exception as exc:  # noqa: BLE001  (a transport failure is these runs', not the round's)
-            for specs, _, node in runs:
-                self._undispatched(specs, node, exc)
-            return [node for _, _, node in runs]
+        failures = submit_all(self.dispatcher, [(specs, resources, node.node_id) for specs, resources, node in runs])
+        failed = []
+        for (specs, _, node), failure in zip(runs, failures):
+            if failure is not None:
+                self._undispatched(specs, node, failure)
+                failed.append(node)
+        return failed
 
     def _undispatched(self, specs: list[TaskSpec], node: Node, exc: Exception) -> None:
         where = node.worker_id or node.node_id[:12]

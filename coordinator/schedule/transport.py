@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from nomoat.raynode import VRAM_RESOURCE, WORKER_RESOURCE
+from coordinator.ledger.leaders import NotLeader
 from nomoat.spec import TaskSpec, UnitResult
 
 
@@ -103,15 +104,34 @@ class Dispatcher(Protocol):
 Run = tuple[list[TaskSpec], dict[str, float], str]  # a run to submit: its units' specs, resources, node id
 
 
-def submit_all(dispatcher: Dispatcher, runs: list[Run]) -> None:
-    """Submit a round's runs: at once where the dispatcher can (``submit_many``: an outbound
-    dispatcher puts every run in its inbox in one round trip), else one by one."""
+def submit_all(dispatcher: Dispatcher, runs: list[Run]) -> list[Exception | None]:
+    """Submit a round's runs; what went wrong with each (None: it was dispatched). At once where
+    the dispatcher can (``submit_many``: an outbound dispatcher puts every run in its inbox in
+    one round trip, and a failure there is every one of those runs'), else one by one, so one
+    card's broken transport is that card's run's failure alone. A leader that lost its fence
+    stops the round (NotLeader is raised)."""
+    per_run = getattr(dispatcher, "submit_runs", None)
+    if per_run is not None:
+        return per_run(runs)
     many = getattr(dispatcher, "submit_many", None)
     if many is not None:
-        many(runs)
-        return
+        try:
+            many(runs)
+            return [None] * len(runs)
+        except NotLeader:
+            raise
+        except Exception as exc:  # noqa: BLE001  (the batch's failure is each of its runs')
+            return [exc] * len(runs)
+    failures: list[Exception | None] = []
     for specs, resources, node_id in runs:
-        dispatcher.submit(specs, resources, node_id)
+        try:
+            dispatcher.submit(specs, resources, node_id)
+            failures.append(None)
+        except NotLeader:
+            raise
+        except Exception as exc:  # noqa: BLE001  (this run's, not the round's)
+            failures.append(exc)
+    return failures
 
 
 def placement_of(runs: Iterable[tuple[str, list[tuple[str, int, int]]]]) -> dict[str, tuple[str, int]]:
@@ -147,18 +167,26 @@ class Dispatchers:
         return found
 
     def submit(self, specs: list[TaskSpec], resources: dict[str, float], node_id: str) -> None:
-        self.submit_many([(specs, resources, node_id)])
+        (failure,) = self.submit_runs([(specs, resources, node_id)])
+        if failure is not None:
+            raise failure
 
-    def submit_many(self, runs: list[Run]) -> None:
-        by_part: dict[int, list[Run]] = {}
-        for run in runs:
+    def submit_runs(self, runs: list[Run]) -> list[Exception | None]:
+        """:func:`submit_all` over the parts: each part gets its own runs, at once where it can."""
+        failures: list[Exception | None] = [None] * len(runs)
+        by_part: dict[int, list[int]] = {}
+        for i, run in enumerate(runs):
             part = self._owner.get(run[2])
             if part is None:
-                raise KeyError(f"no transport lists node {run[2]}")
-            by_part.setdefault(id(part), []).append(run)
+                failures[i] = KeyError(f"no transport lists node {run[2]}")
+                continue
+            by_part.setdefault(id(part), []).append(i)
         for part in self.parts:
             if id(part) in by_part:
-                submit_all(part, by_part[id(part)])
+                mine = by_part[id(part)]
+                for i, failure in zip(mine, submit_all(part, [runs[i] for i in mine])):
+                    failures[i] = failure
+        return failures
 
     def poll(self) -> list[Finished]:
         return [done for part in self.parts for done in part.poll()]
