@@ -57,7 +57,8 @@ log = logging.getLogger("nomoat.scheduler")
 
 
 def card_key(node: Node) -> str:
-    """How a task's memory floors name a card: its worker, or its node when it names none."""
+    """How a task's memory floors name a card: its worker, or its node when it names none (as
+    Finished names the card a unit ran on)."""
     return node.worker_id or node.node_id
 
 
@@ -178,10 +179,12 @@ class Scheduler:
         just above that card (it cannot know more), is the task's floor on that card only; one
         report strands it on no other card."""
         node = next((n for n in self._nodes if n.node_id == done.node_id), None)
-        if node is None:
-            return  # a card no longer seen: nothing to bound the report by, and nothing to keep off
-        need = min(done.needs_vram_gb, round(node.vram_gb + VRAM_STEP_GB, 2))
-        self.ledger.tasks.require_vram(done.task_id, card_key(node), need)
+        card = self.card_of(done.worker_id)
+        vram = node.vram_gb if node is not None else card.vram_gb if card is not None else 0.0
+        if vram <= 0:
+            return  # a card we cannot size: nothing to bound the report by
+        need = min(done.needs_vram_gb, round(vram + VRAM_STEP_GB, 2))
+        self.ledger.tasks.require_vram(done.task_id, done.worker_id or done.node_id, need)
 
     def _measure(self, done: Finished, task: TaskRecord | None, now: float) -> None:
         """The card's speed as the coordinator's clock saw it, never as the worker says: the tokens
