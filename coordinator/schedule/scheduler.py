@@ -5,10 +5,13 @@ The ledger is the source of truth; the dispatcher (Ray here) is how a leased tas
 One round (:meth:`Scheduler.tick`):
 
 1. expire leases whose deadline passed: the dispatcher cancels their runs as a whole, and the
-   other units those runs still held go back in the queue (without spending an attempt);
+   other units those runs still held go back in the queue (without spending an attempt); an
+   expired lease spends no attempt either: its holder's volunteer pays in trust (abandoned);
 2. collect finished units: failures are released (while attempts are left) and a failure for want
-   of memory raises the task's VRAM demand above the card it failed on; successes add to the
-   worker's measured tokens per second, and cancel the speculative partner run if there is one;
+   of memory raises the task's VRAM floor on the card it failed on (only there, and never past
+   that card); successes add to the worker's tokens per second as the coordinator's own clock
+   measures it (lease granted to upload seen accepted, the shard's tokens; never the worker's
+   report), and cancel the speculative partner run if there is one;
 3. give every free card a run: the oldest pending task that fits it (its plan in 16 bits, or on
    a card whose worker loads a 4-bit base, in 4 bits where 16 do not fit: :class:`Need`), plus
    following units of the same job (each at the batch and lr the fold policy sizes it for: the job's batch divided by
