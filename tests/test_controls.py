@@ -168,18 +168,22 @@ def test_a_paused_worker_hands_back_what_it_has_not_started_and_the_lease_rules_
 
 def test_only_the_holder_of_a_lease_may_hand_it_back(rig: Rig) -> None:  # noqa: F811
     from coordinator.schedule import holder
-    from coordinator.errors import NotPermitted
 
     _, _, (spec,) = leased_specs(rig, 1)
     owner = rig.registry.lookup(rig.tokens["worker"])
     other = rig.registry.lookup(rig.registry.create("worker"))
-    assert holder.heartbeat(rig.ledger, rig.deps.settings, owner, spec.worker_id, spec.task_id, spec.fence).ok
-    with pytest.raises(NotPermitted):
-        holder.hand_back(rig.ledger, spec.task_id, spec.fence, "", "paused", identity=other)
-    assert holder.hand_back(rig.ledger, spec.task_id, spec.fence, spec.worker_id, "paused", identity=owner)
+    assert holder.heartbeat(rig.ledger, rig.deps.settings, owner, spec.worker_id, spec.task_id, spec.fence,
+                            secret=spec.lease_secret).ok
+    for claim in (holder.claim_of(rig.ledger, other, "", spec.lease_secret),  # not its worker's
+                  holder.claim_of(rig.ledger, other, spec.worker_id, spec.lease_secret),  # not its worker
+                  holder.claim_of(rig.ledger, owner, spec.worker_id, "")):  # no secret
+        assert not holder.hand_back(rig.ledger, spec.task_id, spec.fence, "", "paused", claim)
+    assert rig.ledger.tasks.get(spec.task_id).state is TaskState.LEASED
+    mine = holder.claim_of(rig.ledger, owner, spec.worker_id, spec.lease_secret)
+    assert holder.hand_back(rig.ledger, spec.task_id, spec.fence, spec.worker_id, "paused", mine)
     task = rig.ledger.tasks.get(spec.task_id)
     assert task.state is TaskState.PENDING and task.attempts == 0
-    assert not holder.hand_back(rig.ledger, spec.task_id, spec.fence, spec.worker_id, "paused", identity=owner)
+    assert not holder.hand_back(rig.ledger, spec.task_id, spec.fence, spec.worker_id, "paused", mine)
 
 
 # -- idle detection ---------------------------------------------------------------------------

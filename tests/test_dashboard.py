@@ -34,7 +34,7 @@ from coordinator.observe import status
 from coordinator.ledger import AdapterState
 from coordinator.collect.partial_uploads import PartialUploads
 from coordinator.gateway.web.server import BAD_TOKEN, NO_TOKEN, WebServer
-from tests.rig import ALPHA, RANK, Rig, make_adapter, published, rig, submit_job  # noqa: F401  (fixtures)
+from tests.rig import ALPHA, RANK, SECRET, Rig, make_adapter, published, rig, submit_job  # noqa: F401  (fixtures)
 
 ROOT = Path(__file__).resolve().parent.parent
 GRAFANA = ROOT / "deploy" / "grafana" / "nomoat.json"
@@ -194,7 +194,8 @@ def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 
 def _manifest(task_id: str, fence: int, data: bytes) -> accept.Manifest:
     return accept.Manifest(task_id=task_id, fence=fence, base_version=0, rank=RANK, alpha=ALPHA, tokens=300,
-                            train_loss=2.5, sha256=hashlib.sha256(data).hexdigest(), size=len(data))
+                            train_loss=2.5, sha256=hashlib.sha256(data).hexdigest(), size=len(data),
+                            lease_secret=SECRET)
 
 
 def run_a_job_part_way(rig: Rig) -> tuple[str, int]:
@@ -258,7 +259,7 @@ def test_the_dashboard_shows_the_refusal_and_the_versions_contributions(rig: Rig
     data = json.loads(get(web.url + "api/snapshot", rig.tokens["reader"])[1])
     (refusal,) = data["refusals"]
     assert (refusal["stage"], refusal["kind"], refusal["job"]) == ("upload", "lease", job_id)
-    assert refusal["reason"].startswith("stale fence")
+    assert refusal["reason"].startswith("this worker holds no lease of task")  # a stale fence, told as such
     newest = data["versions"][0]
     (contribution,) = newest["contributions"]
     adapter = rig.ledger.adapters.get(contribution["adapter_id"])

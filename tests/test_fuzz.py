@@ -31,7 +31,7 @@ from hypothesis import strategies as st
 
 from nomoat.v1 import nomoat_pb2 as pb
 from tests import consistency
-from tests.rig import TEXTS, Rig, make_adapter, manifest, published, rig  # noqa: F401  (fixtures)
+from tests.rig import SECRET, TEXTS, Rig, make_adapter, manifest, published, rig  # noqa: F401  (fixtures)
 
 GRPC_DESERIALIZE = "Exception deserializing request!"
 SERVICES = pb.DESCRIPTOR.services_by_name.values()
@@ -60,7 +60,7 @@ class World:
         self.fences = {t: rig.lease(t) for t in self.task_ids[:4]}
         worker = rig.client("worker")
         for t in self.task_ids[:3]:
-            assert worker.heartbeat(t, self.fences[t], self.worker_ids[0]).ok
+            assert worker.heartbeat(t, self.fences[t], self.worker_ids[0], secret=SECRET).ok
         self.adapter = make_adapter(rig.deps.shapes)
         done = self.task_ids[3]
         reply = worker.upload(manifest(done, self.fences[done], self.adapter), self.adapter)
@@ -70,7 +70,7 @@ class World:
         self.tokens.append(rig.registry.create("worker", "another volunteer"))
 
     def strings(self) -> st.SearchStrategy[str]:
-        known = [self.job_id, *self.task_ids, *self.worker_ids, *self.adapter_ids, "d.jsonl", "d.txt", "../x",
+        known = [self.job_id, *self.task_ids, *self.worker_ids, *self.adapter_ids, SECRET, "d.jsonl", "d.txt", "../x",
                  "q_proj", hashlib.sha256(self.adapter).hexdigest()]
         return st.one_of(st.text(max_size=40), st.sampled_from(known))
 
@@ -101,6 +101,9 @@ def values(world: World, field: d.FieldDescriptor, depth: int) -> st.SearchStrat
         one = st.booleans()
     elif t == d.FieldDescriptor.TYPE_ENUM:
         one = st.one_of(st.sampled_from([v.number for v in field.enum_type.values]), st.integers(-5, 50))
+    elif t == d.FieldDescriptor.TYPE_MESSAGE and field.message_type.GetOptions().map_entry:
+        key, value = (field.message_type.fields_by_name[n] for n in ("key", "value"))
+        return st.dictionaries(values(world, key, depth + 1), values(world, value, depth + 1), max_size=3)
     elif t == d.FieldDescriptor.TYPE_MESSAGE:
         one = messages(world, field.message_type, depth + 1)
     else:

@@ -21,7 +21,7 @@ from nomoat import lineage, lora
 from nomoat.client import NomoatError
 from nomoat.tiny import tiny_model_path
 from nomoat.v1 import nomoat_pb2 as pb
-from tests.rig import ALPHA, RANK, Published, Rig, make_adapter, published, start  # noqa: F401  (fixture)
+from tests.rig import ALPHA, RANK, SECRET, Published, Rig, make_adapter, published, start  # noqa: F401  (fixture)
 from worker import uploader
 from worker.cache import ModelCache
 
@@ -144,7 +144,8 @@ def leased_upload(rig: Rig, name: str) -> tuple[pb.AdapterManifest, bytes]:
     task_id = rig.ledger.tasks.ids(rig.submit().job_id)[0]
     fence = rig.lease(task_id)
     data = make_adapter(rig.deps.shapes, seed=1)
-    return uploader.manifest_for(task_id, fence, 0, RANK, ALPHA, 300, 2.5, data, lineage=name), data
+    return uploader.manifest_for(task_id, fence, 0, RANK, ALPHA, 300, 2.5, data, lineage=name,
+                                 lease_secret=SECRET), data
 
 
 def test_the_outbox_delivers_an_adapter_only_to_a_coordinator_of_its_lineage(two, tmp_path):

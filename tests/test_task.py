@@ -36,7 +36,7 @@ def leased_specs(r: Rig, n: int) -> tuple[Scheduler, Node, list]:
     tasks = r.ledger.tasks.of_job(job_id)[:n]
     assert len(tasks) == n
     s = scheduler(r)
-    return s, node, [s.spec(t, r.lease(t.task_id), 0, node) for t in tasks]
+    return s, node, [s.spec(t, r.lease(t.task_id, worker_id=worker_id), 0, node, secret=rigs.SECRET) for t in tasks]
 
 
 def test_the_spec_names_the_worker_and_the_card_it_registered(rig: Rig) -> None:
@@ -92,7 +92,7 @@ def test_a_warm_start_job_continues_from_the_workers_carry_and_uploads_the_exact
     job_id = rig.submit(config=config).job_id
     tasks = rig.ledger.tasks.of_job(job_id)[:2]
     s = scheduler(rig)
-    specs = [s.spec(t, rig.lease(t.task_id), 0, node) for t in tasks]
+    specs = [s.spec(t, rig.lease(t.task_id, worker_id=worker_id), 0, node, secret=rigs.SECRET) for t in tasks]
     assert all(spec.train.warm_start for spec in specs)
 
     cache = tmp_path / "cache"

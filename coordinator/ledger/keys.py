@@ -51,7 +51,8 @@ def job_tasks(job_id: str) -> str:
 
 
 def task(task_id: str) -> str:
-    """Hash: job, shard range, state, fence, attempts, lease deadline, worker, adapter."""
+    """Hash: job, shard range, state, fence, attempts, lease deadline, the worker its lease was
+    placed on (holder_worker) and the sha256 of its lease secret, memory floors per card, adapter."""
     return f"{PREFIX}task:{task_id}"
 
 

@@ -5,10 +5,13 @@ The ledger is the source of truth; the dispatcher (Ray here) is how a leased tas
 One round (:meth:`Scheduler.tick`):
 
 1. expire leases whose deadline passed: the dispatcher cancels their runs as a whole, and the
-   other units those runs still held go back in the queue (without spending an attempt);
+   other units those runs still held go back in the queue (without spending an attempt); an
+   expired lease spends no attempt either: its holder's volunteer pays in trust (abandoned);
 2. collect finished units: failures are released (while attempts are left) and a failure for want
-   of memory raises the task's VRAM demand above the card it failed on; successes add to the
-   worker's measured tokens per second, and cancel the speculative partner run if there is one;
+   of memory raises the task's VRAM floor on the card it failed on (only there, and never past
+   that card); successes add to the worker's tokens per second as the coordinator's own clock
+   measures it (lease granted to upload seen accepted, the shard's tokens; never the worker's
+   report), and cancel the speculative partner run if there is one;
 3. give every free card a run: the oldest pending task that fits it (its plan in 16 bits, or on
    a card whose worker loads a 4-bit base, in 4 bits where 16 do not fit: :class:`Need`), plus
    following units of the same job (each at the batch and lr the fold policy sizes it for: the job's batch divided by
@@ -57,7 +60,8 @@ log = logging.getLogger("nomoat.scheduler")
 
 
 def card_key(node: Node) -> str:
-    """How a task's memory floors name a card: its worker, or its node when it names none."""
+    """How a task's memory floors name a card: its worker, or its node when it names none (as
+    Finished names the card a unit ran on)."""
     return node.worker_id or node.node_id
 
 
@@ -203,10 +207,12 @@ class Scheduler:
         just above that card (it cannot know more), is the task's floor on that card only; one
         report strands it on no other card."""
         node = next((n for n in self._nodes if n.node_id == done.node_id), None)
-        if node is None:
-            return  # a card no longer seen: nothing to bound the report by, and nothing to keep off
-        need = min(done.needs_vram_gb, round(node.vram_gb + VRAM_STEP_GB, 2))
-        self.ledger.tasks.require_vram(done.task_id, card_key(node), need)
+        card = self.card_of(done.worker_id)
+        vram = node.vram_gb if node is not None else card.vram_gb if card is not None else 0.0
+        if vram <= 0:
+            return  # a card we cannot size: nothing to bound the report by
+        need = min(done.needs_vram_gb, round(vram + VRAM_STEP_GB, 2))
+        self.ledger.tasks.require_vram(done.task_id, done.worker_id or done.node_id, need)
 
     def _measure(self, done: Finished, task: TaskRecord | None, now: float) -> None:
         """The card's speed as the coordinator's clock saw it, never as the worker says: the tokens

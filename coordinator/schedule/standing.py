@@ -12,8 +12,9 @@ The score is a Beta posterior mean over the last ``WINDOW`` outcomes, started fr
     score = (good + PRIOR_GOOD) / (good + bad + PRIOR_GOOD)
 
 with each outcome weighed by :data:`WEIGHTS` (an adapter folded counts 1, a replica that
-agreed 2; a failed check 1, a fold's worst contributor 0.5, a disagreement with two replicas 2;
-staleness is the schedule's doing and counts nothing). Below ``THROTTLE`` a volunteer is
+agreed 2; a failed check 1, a fold's worst contributor 0.5, a disagreement with two replicas 2,
+a lease abandoned (expired with no report or hand-back) 1; staleness is the schedule's doing and
+counts nothing). Below ``THROTTLE`` a volunteer is
 throttled, on probation: it gets one task at a time (a run of one unit, served after trusted
 cards, and the next only once the last one it handed in is settled), and every task it hands in
 is replicated, so it can earn its way back only with work that others reproduce. Below
