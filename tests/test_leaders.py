@@ -14,8 +14,7 @@ import time
 import pytest
 import torch
 
-from coordinator.ledger import FoldedAdapter, Ledger, TaskState, VersionRecord
-from coordinator.ledger import keys
+from coordinator.ledger import FoldedAdapter, Ledger, TaskState, VersionRecord, keys
 from coordinator.ledger.leaders import Leadership, NotLeader, leader_of
 from coordinator.schedule.inbox_dispatch import OutboundDispatcher
 from coordinator.schedule.scheduler import Scheduler
