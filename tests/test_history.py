@@ -309,3 +309,20 @@ def test_an_operation_that_fails_halfway_leaves_the_model_at_the_ledgers_version
     now = rig.master()
     assert all(torch.equal(now[m], w) for m, w in at_two.items()), "the weights are not the ledger's version 2"
     assert rig.folder.version == 2
+
+
+def test_fold_failures_try_suspects_alone_back_off_and_name_the_one_to_park():
+    from coordinator.fold.failures import FoldFailures
+    from coordinator.ledger import AdapterRecord
+
+    a, b, c = (AdapterRecord(adapter_id=x, task=f"t-{x}", fence=1, sha256="", job="j") for x in "abc")
+    failures = FoldFailures(tick_s=1.0, park_after=3)
+    assert failures.batch([a, b, c], take=2) == [a, b]
+    assert failures.failed([a, b], now=0.0) is None
+    assert failures.waiting(1.5) and not failures.waiting(2.5)  # 1 s doubled
+    assert failures.batch([a, b, c], take=2) == [a]  # the first suspect alone
+    failures.succeeded([a])  # a folds alone: cleared
+    assert failures.batch([b, c], take=2) == [b]
+    assert failures.failed([b], now=10.0) is None and failures.waiting(11.0)
+    assert failures.failed([b], now=20.0) == b  # its third failure: parked, and no wait for the rest
+    assert not failures.waiting(20.0) and failures.batch([c], take=2) == [c]

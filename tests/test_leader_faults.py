@@ -13,7 +13,6 @@ names the standby as the role's leader, and printed as JSON.
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import time

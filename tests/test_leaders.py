@@ -14,13 +14,13 @@ import time
 import pytest
 import torch
 
-from coordinator.ledger import FoldedAdapter, Ledger, TaskState, VersionRecord
-from coordinator.ledger import keys
+from coordinator.ledger import FoldedAdapter, Ledger, TaskState, VersionRecord, keys
 from coordinator.ledger.leaders import Leadership, NotLeader, leader_of
 from coordinator.schedule.inbox_dispatch import OutboundDispatcher
 from coordinator.schedule.scheduler import Scheduler
 from coordinator.schedule.transport import Need
 from coordinator.settings import Settings
+from nomoat.spec import LoraConfig, TaskSpec, TrainConfig
 from tests import consistency
 from tests.fakes import FakeCard, FakeDispatcher
 from tests.test_history import Rig
@@ -145,10 +145,8 @@ def test_a_paused_schedulers_runs_are_not_placed(ledger: Ledger) -> None:
     dispatcher.term.fence = stale
     lapse(old)
     new.campaign()
-    from nomoat.spec import LoraConfig, TaskSpec, TrainConfig
-
-    spec = TaskSpec(task_id=task, job_id="j-test", fence=fence, base_version=0, tokens=10, coordinator="x:1", lease_ttl_s=60,
-                    token="", lora=LoraConfig(2, 4.0, ("q_proj",)),
+    spec = TaskSpec(task_id=task, job_id="j-test", fence=fence, base_version=0, tokens=10, coordinator="x:1",
+                    lease_ttl_s=60, token="", lora=LoraConfig(2, 4.0, ("q_proj",)),
                     train=TrainConfig(seq_len=64, batch_size=2, learning_rate=1e-3, epochs=1, seed=0))
     with pytest.raises(NotLeader):
         dispatcher.submit([spec], {}, "outbound:w-1")

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from coordinator.ledger import Ledger, RunReport, TaskState, twin_id
+from coordinator.ledger import Ledger, RunReport, TaskState
 from coordinator.schedule.inbox_dispatch import OutboundDispatcher
 from coordinator.schedule.scheduler import Scheduler
 from coordinator.schedule.transport import Need

@@ -40,6 +40,7 @@ from coordinator.fold import evaluators
 from nomoat import evaluation
 
 from coordinator.fold import folding
+from coordinator.fold.failures import FoldFailures
 from coordinator.model.history import History
 from coordinator.ledger import (
     AdapterRecord,
@@ -63,8 +64,6 @@ from nomoat.logs import fields
 
 log = logging.getLogger("nomoat.fold")
 
-PARK_AFTER = 3  # unexpected errors in a row folding one adapter alone before it is set aside
-MAX_BACKOFF_S = 60.0  # the longest wait before trying again after an unexpected fold error
 REFUSED_PARKED = "parked"  # the refusal kind of an adapter set aside because folding it kept failing
 
 
@@ -108,11 +107,8 @@ class Folder:
         self._resync = False  # the weights may differ from self.version's: rebuild before the next fold
         self._dirty = False  # a patch went into the master and is not published yet
         self.term = Term()  # the folder's fence for this round's writes (coordinator.ledger.leaders)
-        # An unexpected fold error (not a refused adapter): adapter id -> failures in a row, and
-        # when the next try may be; an adapter that fails alone PARK_AFTER times is set aside.
-        self._failures: dict[str, int] = {}
-        self._retry_at = 0.0
-        self._backoffs = 0
+        # Unexpected fold errors: which adapters are suspects, how long to back off, whom to park.
+        self.failures = FoldFailures(settings.tick_s)
 
     # -- evaluation sets ----------------------------------------------------------------------
 
@@ -175,7 +171,7 @@ class Folder:
         fence, which the version published and the adapters refused carry (NotLeader when it no
         longer leads). The model first catches up to the ledger's newest version."""
         with self.lock:
-            if time.monotonic() < self._retry_at:
+            if self.failures.waiting(time.monotonic()):
                 return None  # backing off after an unexpected fold error
             self.term.fence = leader
             self._catch_up()
@@ -183,14 +179,14 @@ class Folder:
             buffered = self.ledger.adapters.buffered()
             if not self.due(buffered, idle_jobs, now or time.time()):
                 return None
-            batch = self._suspects(buffered) or buffered[: self.policy.take()]
+            batch = self.failures.batch(buffered, self.policy.take())
             started = time.monotonic()
             try:
                 version = self.fold(batch)
             except Exception as exc:
                 self._failed(batch, exc)
                 raise
-            self._succeeded(batch)
+            self.failures.succeeded(batch)
             self.ledger.counters.fold(time.monotonic() - started, published=version is not None)
             return version
 
@@ -224,41 +220,25 @@ class Folder:
         except Exception:  # noqa: BLE001  (the next fold tries again; the first error is the one to report)
             log.exception("resyncing the model with the ledger failed; the next fold tries again")
 
-    def _suspects(self, buffered: list[AdapterRecord]) -> list[AdapterRecord]:
-        """After an unexpected fold error: one adapter of the failed fold, alone, to find the
-        adapter it fails on (an adapter that folds alone is cleared, the next suspect tried)."""
-        suspects = [a for a in buffered if self._failures.get(a.adapter_id)]
-        return suspects[:1]
-
     def _failed(self, batch: list[AdapterRecord], exc: Exception) -> None:
         """A fold raised. The ledger is the truth: the weights are rebuilt only if a patch went in
-        unpublished. An error that is no adapter's (Redis away, this process no longer leads) is
-        only reported; any other counts against the fold's adapters, parks one that fails alone
-        PARK_AFTER times (refused, logged, counted), and backs off before the next try."""
+        unpublished. An error that is no adapter's (Redis away, this process no longer leads,
+        another folder published first) is only reported; any other is counted
+        (coordinator.fold.failures), and an adapter that keeps failing alone is parked: refused
+        with the reason, logged and counted."""
         if self._dirty:
             self._resync = True
         if isinstance(exc, (NotLeader, redis.RedisError, VersionConflict)):
-            return  # another folder published first, or leads now: the next fold catches up
-        self._backoffs += 1
-        self._retry_at = time.monotonic() + min(MAX_BACKOFF_S, self.settings.tick_s * 2 ** self._backoffs)
-        for entry in batch:
-            self._failures[entry.adapter_id] = self._failures.get(entry.adapter_id, 0) + 1
-        if len(batch) == 1 and self._failures[batch[0].adapter_id] >= PARK_AFTER:
-            entry = batch[0]
-            reason = (f"folding it failed {PARK_AFTER} times in a row ({type(exc).__name__}: {exc}); it is set aside "
-                      "so that the adapters behind it can be folded")
-            log.error("adapter %s of task %s (worker %s) parked: %s", entry.adapter_id, entry.task,
-                      entry.worker or "?", reason,
-                      extra=fields("adapter.parked", job=entry.job, task=entry.task, worker=entry.worker or None,
-                                   adapter=entry.adapter_id, reason=reason))
-            self.ledger.adapters.reject(entry.adapter_id, reason, leader=self.term.fence, kind=REFUSED_PARKED)
-            self._failures.pop(entry.adapter_id, None)
-            self._retry_at, self._backoffs = 0.0, 0
-
-    def _succeeded(self, batch: list[AdapterRecord]) -> None:
-        for entry in batch:
-            self._failures.pop(entry.adapter_id, None)
-        self._retry_at, self._backoffs = 0.0, 0
+            return  # the next fold catches up with the ledger
+        entry = self.failures.failed(batch, time.monotonic())
+        if entry is None:
+            return
+        reason = (f"folding it failed {self.failures.park_after} times in a row ({type(exc).__name__}: {exc}); it is "
+                  "set aside so that the adapters behind it can be folded")
+        log.error("adapter %s of task %s (worker %s) parked: %s", entry.adapter_id, entry.task, entry.worker or "?",
+                  reason, extra=fields("adapter.parked", job=entry.job, task=entry.task, worker=entry.worker or None,
+                                       adapter=entry.adapter_id, reason=reason))
+        self.ledger.adapters.reject(entry.adapter_id, reason, leader=self.term.fence, kind=REFUSED_PARKED)
 
     def fold(self, entries: list[AdapterRecord]) -> int | None:
         current = self.version
