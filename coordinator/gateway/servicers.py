@@ -14,6 +14,7 @@ import contextlib
 import functools
 import inspect
 import logging
+import types
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -422,10 +423,19 @@ class AdminServicer(rpc.AdminServicer):
         return pb.VersionReply(version=number, eval_loss=loss)
 
 
+def _on_loop(servicer):
+    """The servicer with any RPC method left synchronous (written without ``@_answers``) served
+    through ``_answers`` all the same: the asyncio server cannot call a plain function."""
+    for name, fn in inspect.getmembers(type(servicer), inspect.isfunction):
+        if name[:1].isupper() and not (inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn)):
+            setattr(servicer, name, types.MethodType(_answers(fn), servicer))
+    return servicer
+
+
 def add_all(server: grpc.aio.Server, deps: Deps) -> None:
-    rpc.add_DatasetsServicer_to_server(DatasetsServicer(deps), server)
-    rpc.add_JobsServicer_to_server(JobsServicer(deps), server)
-    rpc.add_WorkersServicer_to_server(WorkersServicer(deps), server)
+    rpc.add_DatasetsServicer_to_server(_on_loop(DatasetsServicer(deps)), server)
+    rpc.add_JobsServicer_to_server(_on_loop(JobsServicer(deps)), server)
+    rpc.add_WorkersServicer_to_server(_on_loop(WorkersServicer(deps)), server)
     # Models by hand: Pull yields its file chunks already framed (nomoat.framing.file_chunk),
     # which the generated registration would try to serialize again.
     models = ModelsServicer(deps)
@@ -433,4 +443,4 @@ def add_all(server: grpc.aio.Server, deps: Deps) -> None:
         models.Pull, request_deserializer=pb.PullRequest.FromString, response_serializer=framing.serialize)}
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("nomoat.v1.Models", handlers),))
     server.add_registered_method_handlers("nomoat.v1.Models", handlers)
-    rpc.add_AdminServicer_to_server(AdminServicer(deps), server)
+    rpc.add_AdminServicer_to_server(_on_loop(AdminServicer(deps)), server)
