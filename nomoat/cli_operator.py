@@ -126,8 +126,14 @@ def _coordinator_start() -> click.Command:
             click.echo(f"starting the coordinator in {settings.data_dir} ...")
             node.start()
             click.echo(f"coordinator listening on {listen}; Ray cluster at {node.ray_address}")
-            click.echo(f"admin token: {settings.data_dir / 'admin.token'} (keep it secret)")
-            click.echo("volunteers join with (outbound-only; no Ray, no open port):\n  " + node.join_command())
+            if node.ca_fingerprint:
+                click.echo(f"gRPC uses TLS with this coordinator's own CA, {node.ca_fingerprint} "
+                           "(clients pin it with --ca-fingerprint; nothing to copy)")
+            click.echo(f"admin token: {settings.data_dir / 'admin.token'} (keep it secret); as the admin:\n  "
+                       + node.admin_connection())
+            # The join code is shown once, when it is made; later starts read it from the data dir.
+            click.echo("volunteers join with (outbound-only; no Ray, no open port; each one becomes a volunteer "
+                       "of its own):\n  " + node.join_command(show_code=node.join_code_new))
             click.echo("trusted machines only (Ray mode; its token runs code on every node, never share it):\n  "
                        + node.trusted_join_command())
             say_dashboard(node, explicit=ctx.get_parameter_source("http") is not click.core.ParameterSource.DEFAULT)

@@ -1,9 +1,11 @@
 """Who may call what: bearer tokens with roles, checked on every RPC by a server interceptor.
 
 Tokens are random strings shown once; the ledger keeps only their sha256 (the token id), with
-the role (coordinator.ledger.tokens). The first start of a coordinator writes an admin token and a
-worker token into its data dir (mode 0600). The standard gRPC health check stays open. Every method not listed in PERMISSIONS
-(the Admin service) is for admin tokens only.
+the role (coordinator.ledger.tokens). The first start of a coordinator writes an admin token, a
+worker token and the join code into its data dir (mode 0600). The join code may only register:
+registering with it mints a volunteer token (coordinator.schedule.roster), which has a worker's
+rights. The standard gRPC health check stays open. Every method not listed in PERMISSIONS (the
+Admin service) is for admin tokens only.
 """
 
 from __future__ import annotations
@@ -21,8 +23,8 @@ CACHE_S = 5.0  # how long a coordinator trusts a token it looked up; another's r
 _CACHE_MAX = 4096
 
 # Which roles may call each method; admin may call everything.
-_ANY = {"worker", "trusted-worker", "submitter", "reader", "admin"}
-_WORKERS = {"worker", "trusted-worker", "admin"}
+_ANY = {"worker", "volunteer", "trusted-worker", "submitter", "reader", "admin"}
+_WORKERS = {"worker", "volunteer", "trusted-worker", "admin"}
 # The roles that are given the Ray cluster's token on Register: anyone holding it can run code on
 # the coordinator's machine and every Ray node, so plain (public) worker tokens never get it.
 RAY_ROLES = frozenset({"trusted-worker", "admin"})
@@ -30,7 +32,7 @@ PERMISSIONS: dict[str, set[str]] = {
     "/nomoat.v1.Datasets/Submit": {"submitter", "admin"},
     "/nomoat.v1.Jobs/Status": _ANY,
     "/nomoat.v1.Jobs/Watch": _ANY,
-    "/nomoat.v1.Workers/Register": _WORKERS,
+    "/nomoat.v1.Workers/Register": _WORKERS | {"join"},  # the join code's one call
     "/nomoat.v1.Workers/Heartbeat": _WORKERS,
     "/nomoat.v1.Workers/FetchShard": _WORKERS,
     "/nomoat.v1.Workers/Upload": _WORKERS,
@@ -114,12 +116,17 @@ class TokenRegistry:
                 self._cache.pop(h, None)
             return token
         token = self.create(role, name=f"{role} (data dir)")
-        tmp = path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(token + "\n")
-        tmp.replace(path)
+        write_secret(path, token)
         return token
+
+
+def write_secret(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` readable by its owner alone (mode 0600), replacing it whole."""
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text + "\n")
+    tmp.replace(path)
 
 
 def bearer(metadata: tuple[tuple[str, str | bytes], ...] | None) -> str:

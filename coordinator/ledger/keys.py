@@ -23,6 +23,9 @@ REPLICATED = PREFIX + "replicated"  # zset: task id of each replicated task not 
 # hash: counter name -> count, what happened since the ledger began (coordinator.ledger.counters;
 # the lease scripts in coordinator.ledger.leases add to "leases", "reissues", "leases_expired")
 COUNTERS = PREFIX + "counters"
+# Volunteers minted by the join code (coordinator.ledger.volunteers)
+VOLUNTEERS = PREFIX + "volunteers"  # zset: volunteer id (its token's id) -> when it joined
+JOIN_CODE = PREFIX + "join:code"  # string: the token id of the current join code (rotation revokes it)
 REFUSALS = PREFIX + "refusals:recent"  # list: JSON of the newest refusals (uploads, fold gates), newest first
 
 
@@ -89,3 +92,13 @@ def outbound_run(run_id: str) -> str:
 def token_workers(token_hash: str) -> str:
     """Set: the ids of the workers a token registered (how many it has active is read from WORKERS)."""
     return f"{PREFIX}token:{token_hash}:workers"
+
+
+def volunteer(volunteer_id: str) -> str:
+    """Hash: name, joined, source (the address it joined from), banned (when)."""
+    return f"{PREFIX}volunteer:{volunteer_id}"
+
+
+def join_rate(scope: str, window: int) -> str:
+    """Counter: volunteers minted in one window of time, from one source address or ("*") overall."""
+    return f"{PREFIX}join:rate:{window}:{scope}"
