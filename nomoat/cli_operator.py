@@ -36,8 +36,11 @@ def _coordinator_start() -> click.Command:
     @click.option("--data-dir", default="./nomoat-data", show_default=True, type=click.Path(file_okay=False))
     @click.option("--listen", default="127.0.0.1:50051", show_default=True, help="gRPC address to listen on.")
     @click.option("--public-address", default="", help="HOST:PORT volunteers use to reach this coordinator.")
-    @click.option("--redis-url", default=None,
-                  help="External Redis 6.2+/Valkey (redis://:PASSWORD@HOST:PORT/0); default: an embedded redis-server.")
+    @click.option("--redis-url", default=None, envvar="NOMOAT_REDIS_URL",
+                  help="External Redis 6.2+/Valkey (redis://:PASSWORD@HOST:PORT/0); default: an embedded redis-server. "
+                       "Its password stays out of argv when it comes from NOMOAT_REDIS_URL or --redis-url-file.")
+    @click.option("--redis-url-file", default=None, type=click.Path(exists=True, dir_okay=False),
+                  help="A file holding the --redis-url (keep it mode 0600).")
     @click.option("--ray-address", default=None, help="Existing Ray cluster (HEAD:PORT); default: start a head.")
     @click.option("--ray-token-file", default=None, type=click.Path(dir_okay=False),
                   help="With --ray-address: the file holding that cluster's token "
@@ -88,8 +91,8 @@ def _coordinator_start() -> click.Command:
                   help="Seconds a delegated evaluation may take before the coordinator runs it itself.")
     @log_format_option
     @click.pass_context
-    def coordinator_start(ctx, data_dir, listen, public_address, redis_url, ray_address, ray_token_file, ray_node_ip,
-                          base_model, fold_every, fold_timeout, tokens_per_task, outer_momentum, outer_lr,
+    def coordinator_start(ctx, data_dir, listen, public_address, redis_url, redis_url_file, ray_address,
+                          ray_token_file, ray_node_ip, base_model, fold_every, fold_timeout, tokens_per_task, outer_momentum, outer_lr,
                           keep_global_batch, size_from_noise, lease_ttl, max_attempts, max_workers_per_token,
                           replicate_fraction, tls_cert, tls_key, http, device, eval_tokens, eval_dtype,
                           eval_on, eval_timeout, log_format) -> None:
@@ -103,6 +106,8 @@ def _coordinator_start() -> click.Command:
 
         start_logging(ctx, log_format)
 
+        if redis_url_file:
+            redis_url = Path(redis_url_file).read_text().strip()
         if bool(tls_cert) != bool(tls_key):
             fail("--tls-cert and --tls-key go together")
         if ray_token_file and not ray_address:
