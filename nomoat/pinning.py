@@ -46,7 +46,7 @@ def _cached(fingerprint: str) -> Path:
     return config_dir() / "ca" / f"{fingerprint.split(':', 1)[1]}.pem"
 
 
-def pinned_ca(address: str, fingerprint: str, patience_s: float = 30.0) -> bytes:
+def pinned_ca(address: str, fingerprint: str, patience_s: float = 15.0) -> bytes:
     """The PEM of the CA named by ``fingerprint``: kept from before, or learned from the
     coordinator at ``address`` (tries for up to ``patience_s`` while it cannot be reached)."""
     fingerprint = normalise(fingerprint)

@@ -242,7 +242,7 @@ class WorkersServicer(rpc.WorkersServicer):
         return pb.RegisterReply(worker_id=joined.worker_id, ray_address=self.deps.ray_address if ray else "",
                                 ray_auth_token=self.deps.ray_auth_token if ray else "",
                                 lineage=self.deps.history.lineage().id, credential=joined.credential,
-                                volunteer_id=joined.identity.token_hash)
+                                volunteer_id=joined.identity.token_hash if joined.identity else "")
 
     @_answers
     def Heartbeat(self, request, context):
@@ -369,7 +369,7 @@ class AdminServicer(rpc.AdminServicer):
             pb.VolunteerInfo(volunteer_id=v.volunteer_id, name=v.name, joined=v.joined, worker_ids=v.worker_ids,
                              active_workers=v.active_workers, standing=v.standing, trust_score=v.score,
                              reason=v.reason, role=v.role)
-            for v in roster.roster(self.deps.ledger, self.deps.settings)])
+            for v in roster.listing(self.deps.ledger, self.deps.settings)])
 
     @_answers
     def BanVolunteer(self, request, context):
@@ -385,7 +385,8 @@ class AdminServicer(rpc.AdminServicer):
 
     @_answers
     def RotateJoinCode(self, request, context):
-        code = roster.rotate_join_code(self.deps.ledger, self.deps.registry, self.deps.settings.data_dir / roster.JOIN_CODE_FILE)
+        kept = self.deps.settings.data_dir / roster.JOIN_CODE_FILE
+        code = roster.rotate_join_code(self.deps.ledger, self.deps.registry, kept)
         return pb.RotateJoinCodeReply(join_code=code)
 
 

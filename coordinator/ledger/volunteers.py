@@ -76,6 +76,13 @@ class Volunteers:
             pipe.hgetall(keys.volunteer(i))
         return [_record(i, decode(d)) for i, d in zip(ids, pipe.execute()) if d]
 
+    def workers_of(self, volunteer_ids: list[str]) -> dict[str, tuple[str, ...]]:
+        """The ids of the workers each volunteer (a token's id) registered; one round trip."""
+        pipe = self.r.pipeline(transaction=False)
+        for i in volunteer_ids:
+            pipe.smembers(keys.token_workers(i))
+        return {i: tuple(sorted(w.decode() for w in ws)) for i, ws in zip(volunteer_ids, pipe.execute())}
+
     def ban(self, volunteer_id: str) -> None:
         self.r.hset(keys.volunteer(volunteer_id), "banned", time.time())
 

@@ -40,7 +40,7 @@ class Registration:
 @dataclass(frozen=True)
 class Joined:
     worker_id: str
-    identity: Identity  # whose worker it is: the caller, or the volunteer just minted for it
+    identity: Identity | None  # whose worker it is: the caller, or the volunteer just minted for it
     credential: str = ""  # the minted volunteer's token (shown once); "" when none was minted
 
 

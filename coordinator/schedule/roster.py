@@ -25,7 +25,6 @@ from pathlib import Path
 
 from coordinator.gateway.auth import Identity, TokenRegistry, hash_token, write_secret
 from coordinator.ledger import Ledger
-from coordinator.ledger import keys
 from coordinator.ledger.volunteers import ALL_FULL, SOURCE_FULL
 from coordinator.schedule import standing
 from coordinator.settings import Settings
@@ -102,17 +101,16 @@ def resolve(ledger: Ledger, given: str) -> str:
     return matches[0]
 
 
-def roster(ledger: Ledger, settings: Settings) -> list[VolunteerView]:
+def listing(ledger: Ledger, settings: Settings) -> list[VolunteerView]:
     """Every volunteer: those the join code minted and the worker tokens, with their workers and standing."""
+    from coordinator.schedule.registration import ACTIVE_TTLS  # (registration imports this module)
+
     entries = {e.token_id: e for e in ledger.tokens.list() if e.role in VOLUNTEER_ROLES}
     minted = {v.volunteer_id: v for v in ledger.volunteers.all()}
     ids = list(dict.fromkeys([*minted, *entries]))
     records = ledger.trust.many(ids)
-    since = time.time() - 3 * settings.lease_ttl_s  # coordinator.schedule.registration.ACTIVE_TTLS
-    pipe = ledger.r.pipeline(transaction=False)
-    for i in ids:
-        pipe.smembers(keys.token_workers(i))
-    workers = {i: tuple(sorted(w.decode() for w in ws)) for i, ws in zip(ids, pipe.execute())}
+    since = time.time() - ACTIVE_TTLS * settings.lease_ttl_s
+    workers = ledger.volunteers.workers_of(ids)
     out = []
     for i in ids:
         banned = i in minted and minted[i].banned > 0
@@ -134,7 +132,7 @@ def ban(ledger: Ledger, registry: TokenRegistry, volunteer_id: str) -> int:
     if ledger.volunteers.get(volunteer_id) is not None:
         ledger.volunteers.ban(volunteer_id)
     ledger.trust.ban(volunteer_id)  # no run is placed on its workers, whatever a token cache says
-    mine = {w.decode() for w in ledger.r.smembers(keys.token_workers(volunteer_id))}
+    mine = set(ledger.volunteers.workers_of([volunteer_id])[volunteer_id])
     leased = [lease.task_id for lease in ledger.leases.leased()]
     held = [t.task_id for t in ledger.tasks.many(leased)
             if t.holder_token == volunteer_id or (t.holder_worker and t.holder_worker in mine)]
