@@ -232,12 +232,18 @@ def test_a_worker_keeps_its_credential_and_the_users_other_cards_reuse_it(rig: R
     restarted = start_worker("card-0")  # a restart
     volunteers = {rig.ledger.workers.get(w.worker_id).token for w in (first, second, restarted)}
     assert volunteers == {record["volunteer_id"]} and len(rig.ledger.volunteers.all()) == 1
-    # A credential the operator banned is a sentence naming the file, not a new identity.
-    rig.client("admin").ban_volunteer(record["volunteer_id"])
+    # A credential the coordinator does not know (its ledger is new) joins again...
+    rig.ledger.r.hdel("nomoat:tokens", record["volunteer_id"])
     rig.registry._cache.clear()
-    with pytest.raises(NomoatError, match=f"kept in {kept.path}.* banned it.*Delete that file"):
-        start_worker("card-2")
-    assert len(rig.ledger.volunteers.all()) == 1
+    rejoined = start_worker("card-2")
+    assert rejoined.client.token == kept.load() != record["credential"] and len(rig.ledger.volunteers.all()) == 2
+    # ... one the operator banned is a sentence naming the file, not a new identity.
+    banned = rig.ledger.workers.get(rejoined.worker_id).token
+    rig.client("admin").ban_volunteer(banned)
+    with pytest.raises(NomoatError, match=f"refused this volunteer's credential \\(kept in {kept.path}\\): the "
+                                          "operator banned it"):
+        start_worker("card-3")
+    assert len(rig.ledger.volunteers.all()) == 2
 
 
 def test_a_kept_credential_is_per_coordinator(tmp_path) -> None:

@@ -28,6 +28,7 @@ log = logging.getLogger("nomoat.credentials")
 # What a join code looks like (coordinator.ledger.tokens makes tokens "nmt_<role's initial>_..."):
 # only a join code is swapped for a volunteer credential; any other token is used as it is.
 JOIN_PREFIX = "nmt_j_"
+REVOKED = "the operator revoked it"  # how the coordinator says a token was revoked (coordinator.gateway.auth)
 
 
 def is_join_code(token: str) -> bool:
@@ -82,9 +83,13 @@ def register(client: CoordinatorClient, credentials: Credentials | None, name: s
             except NomoatError as exc:
                 if "refused the token" not in str(exc):
                     raise
-                raise NomoatError(f"{exc}. This volunteer's credential (kept in {credentials.path}) is no longer "
-                                  "valid: the operator banned it, or the coordinator's ledger is new. Delete that "
-                                  "file to join again as a new volunteer.") from None
+                if REVOKED in str(exc):
+                    raise NomoatError(f"the coordinator refused this volunteer's credential (kept in "
+                                      f"{credentials.path}): the operator banned it. Ask the operator why; deleting "
+                                      "that file would join again as a new volunteer, on probation.") from None
+                # Unknown to it: a coordinator with a new ledger at the same address. Join anew.
+                log.warning("the coordinator does not know this volunteer's credential (a new ledger?); "
+                            "joining again as a new volunteer")
         client.token = join_code
         reply = client.register(name, card)
         if reply.credential:

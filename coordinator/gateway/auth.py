@@ -44,6 +44,7 @@ PERMISSIONS: dict[str, set[str]] = {
     # Every /nomoat.v1.Admin/ method: admin only (not listed).
 }
 OPEN_PREFIXES = ("/grpc.health.v1.Health/",)
+REVOKED = "the operator revoked it"  # how a refusal says the token was revoked (a ban), not unknown
 # Who may open the coordinator's HTTP port (coordinator.gateway.web: the dashboard, its API, /metrics).
 HTTP_ROLES = {"reader", "admin"}
 
@@ -171,8 +172,11 @@ class AuthInterceptor(grpc.ServerInterceptor):
                            "no token: pass --token or set NOMOAT_TOKEN")
         identity = self.registry.lookup(token)
         if identity is None:
-            return _denied(handler, grpc.StatusCode.UNAUTHENTICATED,
-                           "the token is not valid (unknown or revoked)")
+            # Which of the two: a worker whose kept credential is unknown (a new ledger) joins
+            # again; one whose credential was revoked (a ban) must not (worker.credentials).
+            revoked = self.registry.tokens.revoked(hash_token(token))
+            return _denied(handler, grpc.StatusCode.UNAUTHENTICATED, "the token is not valid (unknown or revoked)"
+                           + (f": {REVOKED}" if revoked else ""))
         allowed = PERMISSIONS.get(method, set())
         if identity.role != "admin" and identity.role not in allowed:
             return _denied(handler, grpc.StatusCode.PERMISSION_DENIED,
