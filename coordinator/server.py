@@ -166,6 +166,10 @@ class Coordinator:
         self.own_tls = None
         if self.settings.tls_cert or tls.is_loopback(self.settings.listen):
             return
+        if self.settings.insecure_plaintext:
+            log.warning("gRPC on %s is plain text (--insecure-plaintext): tokens cross the network in the clear",
+                        self.settings.listen)
+            return
         self.own_tls = tls.own_tls(self.data_dir / "tls", [self.settings.listen, self.settings.public_address])
         self.ca_fingerprint = self.own_tls.fingerprint
         self.settings = replace(self.settings, tls_cert=str(self.own_tls.cert), tls_key=str(self.own_tls.key))

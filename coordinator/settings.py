@@ -143,6 +143,9 @@ class Settings:
     tick_s: float = 0.5
     tls_cert: str | None = None
     tls_key: str | None = None
+    # Serve plain gRPC beyond loopback (no TLS at all). Only where something else protects the
+    # network: a Kubernetes cluster's own network, whose kubelet gRPC probes cannot speak TLS.
+    insecure_plaintext: bool = False
     # HOST:PORT of the HTTP port (coordinator.gateway.web: the dashboard, its data, /metrics); "" serves
     # none. (`nomoat coordinator start` serves 127.0.0.1:8470 unless told otherwise.)
     http: str = ""

@@ -73,6 +73,9 @@ def _coordinator_start() -> click.Command:
                   help="Share of tasks also run by a second volunteer and compared (docs/trust.md).")
     @click.option("--tls-cert", default=None, type=click.Path(exists=True, dir_okay=False))
     @click.option("--tls-key", default=None, type=click.Path(exists=True, dir_okay=False))
+    @click.option("--insecure-plaintext", is_flag=True,
+                  help="Serve plain gRPC beyond loopback (default: TLS by the coordinator's own CA). Only on a "
+                       "network protected otherwise, such as a Kubernetes cluster's.")
     @click.option("--http", "http", default=DASHBOARD, show_default=True,
                   help="HOST:PORT of the read-only dashboard and Prometheus /metrics (opened with a reader "
                        "token); 'off' serves neither.")
@@ -92,10 +95,10 @@ def _coordinator_start() -> click.Command:
     @log_format_option
     @click.pass_context
     def coordinator_start(ctx, data_dir, listen, public_address, redis_url, redis_url_file, ray_address,
-                          ray_token_file, ray_node_ip, base_model, fold_every, fold_timeout, tokens_per_task, outer_momentum, outer_lr,
-                          keep_global_batch, size_from_noise, lease_ttl, max_attempts, max_workers_per_token,
-                          replicate_fraction, tls_cert, tls_key, http, device, eval_tokens, eval_dtype,
-                          eval_on, eval_timeout, log_format) -> None:
+                          ray_token_file, ray_node_ip, base_model, fold_every, fold_timeout, tokens_per_task,
+                          outer_momentum, outer_lr, keep_global_batch, size_from_noise, lease_ttl, max_attempts,
+                          max_workers_per_token, replicate_fraction, tls_cert, tls_key, insecure_plaintext, http,
+                          device, eval_tokens, eval_dtype, eval_on, eval_timeout, log_format) -> None:
         """Start the coordinator: gRPC server, Redis ledger and Ray driver. Ctrl-C stops it."""
         # OpenMP threads that sleep when idle, not spin (read when torch loads, just below): the
         # coordinator's evaluations share the CPU with its gRPC threads and Redis, and spinning
@@ -123,8 +126,8 @@ def _coordinator_start() -> click.Command:
             outer_momentum=outer_momentum, outer_lr=outer_lr, keep_global_batch=keep_global_batch,
             size_from_noise=size_from_noise, lease_ttl_s=lease_ttl, max_attempts=max_attempts,
             max_workers_per_token=max_workers_per_token, replicate_fraction=replicate_fraction,
-            tls_cert=tls_cert, tls_key=tls_key, http=http, device=device, eval_tokens=eval_tokens,
-            eval_dtype=eval_dtype, eval_on=eval_on, eval_timeout_s=eval_timeout,
+            tls_cert=tls_cert, tls_key=tls_key, insecure_plaintext=insecure_plaintext, http=http, device=device,
+            eval_tokens=eval_tokens, eval_dtype=eval_dtype, eval_on=eval_on, eval_timeout_s=eval_timeout,
         )
         node = Coordinator(settings)
         try:
