@@ -98,5 +98,8 @@ def _presented_chain(address: str, patience_s: float) -> list[bytes]:
 def _chain_of(tls: ssl.SSLSocket) -> list[bytes]:
     if hasattr(tls, "get_unverified_chain"):  # Python 3.13+
         return [bytes(c) for c in tls.get_unverified_chain()]
-    chain = tls._sslobj.get_unverified_chain() or []  # 3.10-3.12: the same, not yet public
-    return [c.public_bytes(ssl._ssl.ENCODING_DER) for c in chain]
+    reader = getattr(getattr(tls, "_sslobj", None), "get_unverified_chain", None)  # 3.10-3.12: not yet public
+    if reader is None:
+        raise PinError("this Python cannot read the certificates a server presents; use Python 3.10 or newer, "
+                       "or pass the coordinator's CA file with --tls-ca")
+    return [c.public_bytes(ssl._ssl.ENCODING_DER) for c in reader() or []]
