@@ -32,12 +32,13 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from coordinator.fold import evaluators
 
-from coordinator.gateway import servicers
+from coordinator.gateway import servicers, tls
 from coordinator.gateway.aio_server import LoopHealth, LoopServer
 from coordinator.gateway.auth import AuthInterceptor, TokenRegistry
 from coordinator.gateway.decoding import MessageCheck
 from coordinator.gateway.lanes import Lanes, Limits
 from coordinator.gateway.long_polls import Wakeups
+from coordinator.schedule import roster
 from coordinator.fold.folder import Folder
 from coordinator.model.history import History
 from coordinator.ledger import Ledger, VersionRecord, connect
@@ -161,6 +162,11 @@ class Coordinator:
         self.worker_token = self.registry.ensure_file(self.data_dir / "worker.token", "worker")
         # For machines that trust each other only: it is given the Ray cluster's token.
         self.trusted_token = self.registry.ensure_file(self.data_dir / "trusted-worker.token", "trusted-worker")
+        # What the public join line carries: it may only register, minting each volunteer a
+        # credential of its own (coordinator.schedule.roster).
+        self.join_code, self.join_code_new = roster.ensure_join_code(
+            self.ledger, self.registry, self.data_dir / roster.JOIN_CODE_FILE)
+        self._start_tls()
         self.store = BlobStore(self.data_dir / "blobs")
         self.replication = Replication(self.settings, self.ledger, self.store)
         self._start_model()
@@ -170,6 +176,24 @@ class Coordinator:
         self._start_loops()
         if self.settings.serves:
             self._start_http()
+
+    def _start_tls(self) -> None:
+        """TLS by default (coordinator.gateway.tls): a listener beyond loopback without
+        --tls-cert/--tls-key serves a certificate of the coordinator's own CA, which clients pin
+        by the fingerprint the join lines carry."""
+        self.ca_fingerprint = ""
+        self.own_tls = None
+        if self.settings.tls_cert or tls.is_loopback(self.settings.listen):
+            return
+        if self.settings.insecure_plaintext:
+            log.warning("gRPC on %s is plain text (--insecure-plaintext): tokens cross the network in the clear",
+                        self.settings.listen)
+            return
+        self.own_tls = tls.own_tls(self.data_dir / "tls", [self.settings.listen, self.settings.public_address])
+        self.ca_fingerprint = self.own_tls.fingerprint
+        self.settings = replace(self.settings, tls_cert=str(self.own_tls.cert), tls_key=str(self.own_tls.key))
+        log.info("gRPC is served with TLS, by the coordinator's own CA %s (%s)", self.ca_fingerprint,
+                 self.own_tls.ca)
 
     def _start_redis(self) -> None:
         url = self.settings.redis_url
@@ -357,8 +381,12 @@ class Coordinator:
             return
         self.reader_token = self.registry.ensure_file(self.data_dir / "reader.token", "reader")
         try:
+            # The coordinator's own certificate only where the dashboard is reachable from elsewhere:
+            # a browser on this machine would balk at a CA it was never told of.
+            secure = self.own_tls is None or not tls.is_loopback(self.settings.http)
             self.web = WebServer(self.settings.http, self.ledger, self.settings, self.registry,
-                                 self.settings.http_interval_s, self.settings.tls_cert, self.settings.tls_key)
+                                 self.settings.http_interval_s, self.settings.tls_cert if secure else None,
+                                 self.settings.tls_key if secure else None)
         except (OSError, ValueError) as exc:
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
             self.web_error = f"the dashboard cannot listen on {self.settings.http}: {reason}"
@@ -425,17 +453,31 @@ class Coordinator:
 
     # -- shutdown -----------------------------------------------------------------------------
 
-    def join_command(self) -> str:
-        """What the public runs: an outbound-only worker (no Ray, no open port)."""
-        tls = " --tls-ca CA.pem  # CA.pem: the CA that signed --tls-cert" if self.settings.tls_cert else ""
-        return f"NOMOAT_TOKEN={self.worker_token} nomoat worker start --coordinator {self.settings.join_address}{tls}"
+    def _pin(self) -> str:
+        """How a client is told to check this coordinator: its own CA's fingerprint, or the
+        operator's CA file; "" for plain gRPC on loopback."""
+        if self.ca_fingerprint:
+            return f" --ca-fingerprint {self.ca_fingerprint}"
+        return " --tls-ca CA.pem" if self.settings.tls_cert else ""
+
+    def join_command(self, show_code: bool = True) -> str:
+        """What the public runs: an outbound-only worker (no Ray, no open port), with the join
+        code (``show_code``; else read from the data dir's file)."""
+        code = self.join_code if show_code else f"$(cat {self.data_dir / roster.JOIN_CODE_FILE})"
+        line = f"NOMOAT_TOKEN={code} nomoat worker start --coordinator {self.settings.join_address}{self._pin()}"
+        return line + ("  # CA.pem: the CA that signed --tls-cert" if "--tls-ca" in line else "")
+
+    def admin_connection(self) -> str:
+        """The environment that points ``nomoat`` commands at this coordinator as its admin."""
+        pin = f" NOMOAT_CA_FINGERPRINT={self.ca_fingerprint}" if self.ca_fingerprint else ""
+        return (f"NOMOAT_COORDINATOR={self.settings.join_address}{pin} "
+                f"NOMOAT_TOKEN=$(cat {self.data_dir / 'admin.token'})")
 
     def trusted_join_command(self) -> str:
         """What a machine that trusts this one runs to join the Ray cluster (never give it out:
         its token lets the holder run code on every node)."""
-        tls = " --tls-ca CA.pem" if self.settings.tls_cert else ""
         return (f"NOMOAT_TOKEN=$(cat {self.data_dir / 'trusted-worker.token'}) nomoat worker start --ray "
-                f"--coordinator {self.settings.join_address} --ray-address {self.ray_address}{tls}")
+                f"--coordinator {self.settings.join_address} --ray-address {self.ray_address}{self._pin()}")
 
     def wait(self) -> None:
         self._stopping.wait()

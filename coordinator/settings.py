@@ -101,6 +101,12 @@ class Settings:
     # Workers one token may have active at once (a volunteer with several cards runs one each);
     # bounds what a leaked or abused worker token can register.
     max_workers_per_token: int = 16
+    # Volunteers the join code may mint (coordinator.schedule.roster) per join_window_s: from one
+    # source address, and from everywhere together. A worker that joined keeps its credential,
+    # so only new identities count.
+    joins_per_address: int = 20
+    joins_overall: int = 1000
+    join_window_s: int = 3600
     max_in_flight: int = 64
     # Throughput-aware sizing: a dispatch to a card is a run of consecutive units (tasks) of one
     # job, as many as the card's measured tokens/s gets through in about target_task_seconds.
@@ -147,6 +153,9 @@ class Settings:
     tick_s: float = 0.5
     tls_cert: str | None = None
     tls_key: str | None = None
+    # Serve plain gRPC beyond loopback (no TLS at all). Only where something else protects the
+    # network: a Kubernetes cluster's own network, whose kubelet gRPC probes cannot speak TLS.
+    insecure_plaintext: bool = False
     # HOST:PORT of the HTTP port (coordinator.gateway.web: the dashboard, its data, /metrics); "" serves
     # none. (`nomoat coordinator start` serves 127.0.0.1:8470 unless told otherwise.)
     http: str = ""

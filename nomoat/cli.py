@@ -18,6 +18,7 @@ from nomoat.client import NomoatError, default_address
 
 from nomoat.cli_common import EXAMPLES, client_of, connection_options, fail
 from nomoat.cli_operator import coordinator
+from nomoat.cli_roster import volunteer
 from nomoat.cli_volunteer import worker
 
 
@@ -40,9 +41,13 @@ class NomoatGroup(click.Group):
 @click.option("--token", envvar="NOMOAT_TOKEN", default="", help="Bearer token (env NOMOAT_TOKEN).")
 @click.option("--tls-ca", envvar="NOMOAT_TLS_CA", default=None, type=click.Path(exists=True, dir_okay=False),
               help="CA certificate to verify a coordinator that uses TLS.")
+@click.option("--ca-fingerprint", envvar="NOMOAT_CA_FINGERPRINT", default=None, metavar="sha256:HEX",
+              help="The coordinator's own CA, as its join line names it: learned from the TLS handshake and "
+                   "pinned (no file to copy).")
 @click.option("-v", "--verbose", is_flag=True, help="Log what happens inside.")
 @click.pass_context
-def main(ctx: click.Context, coordinator: str, token: str, tls_ca: str | None, verbose: bool) -> None:
+def main(ctx: click.Context, coordinator: str, token: str, tls_ca: str | None, ca_fingerprint: str | None,
+         verbose: bool) -> None:
     """nomoat: train one shared language model from many people's spare GPUs.
 
     \b
@@ -51,12 +56,14 @@ def main(ctx: click.Context, coordinator: str, token: str, tls_ca: str | None, v
     # Before anything imports transformers: their progress bars are not ours to print.
     logs.quiet_libraries()
     logs.setup("plain", logging.INFO if verbose else logging.WARNING)
-    ctx.obj = {"coordinator": coordinator, "token": token, "tls_ca": tls_ca, "verbose": verbose}
+    ctx.obj = {"coordinator": coordinator, "token": token, "tls_ca": tls_ca, "ca_fingerprint": ca_fingerprint,
+               "verbose": verbose}
 
 
 
 main.add_command(coordinator)
 main.add_command(worker)
+main.add_command(volunteer)
 
 
 # -- submit / status / pull -------------------------------------------------------------------

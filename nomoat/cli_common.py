@@ -36,8 +36,11 @@ def _remember(key: str):
 
 
 def connection_options(command):
-    """--coordinator/--token/--tls-ca also after the command name (`nomoat worker start --coordinator ...`)."""
+    """--coordinator/--token/--tls-ca/--ca-fingerprint also after the command name (`nomoat worker start
+    --coordinator ...`)."""
     for name, key, help_text in (
+        ("--ca-fingerprint", "ca_fingerprint", "The coordinator's CA fingerprint (sha256:...), as its join line "
+                                               "names it (default: NOMOAT_CA_FINGERPRINT)."),
         ("--tls-ca", "tls_ca", "CA certificate of a coordinator that uses TLS."),
         ("--token", "token", "Bearer token (default: NOMOAT_TOKEN)."),
         ("--coordinator", "coordinator", "HOST:PORT of the coordinator (default: NOMOAT_COORDINATOR)."),
@@ -49,7 +52,7 @@ def connection_options(command):
 
 def client_of(ctx: click.Context) -> CoordinatorClient:
     o = ctx.obj
-    return CoordinatorClient(o["coordinator"], o["token"], o["tls_ca"])
+    return CoordinatorClient(o["coordinator"], o["token"], o["tls_ca"], o.get("ca_fingerprint"))
 
 
 

@@ -43,11 +43,14 @@ def _coordinator_start() -> click.Command:
                        "long after its leader dies.")
     @click.option("--listen", default="127.0.0.1:50051", show_default=True, help="gRPC address to listen on.")
     @click.option("--public-address", default="", help="HOST:PORT volunteers use to reach this coordinator.")
-    @click.option("--redis-url", default=None,
+    @click.option("--redis-url", default=None, envvar="NOMOAT_REDIS_URL",
                   help="External Redis 6.2+/Valkey (redis://:PASSWORD@HOST:PORT/0), or behind Sentinel "
                        "(redis+sentinel://[:PASSWORD@]HOST:PORT[,HOST:PORT]/MASTERNAME[/DB]: it follows a "
                        "failover, and versions and accepted adapters wait until a replica holds them); "
-                       "default: an embedded redis-server.")
+                       "default: an embedded redis-server. Its password stays out of argv when it comes "
+                       "from NOMOAT_REDIS_URL or --redis-url-file.")
+    @click.option("--redis-url-file", default=None, type=click.Path(exists=True, dir_okay=False),
+                  help="A file holding the --redis-url (keep it mode 0600).")
     @click.option("--ray-address", default=None,
                   help="Existing Ray cluster (HEAD:PORT); default: start a head; 'off': no Ray, outbound "
                        "volunteers only.")
@@ -82,6 +85,9 @@ def _coordinator_start() -> click.Command:
                   help="Share of tasks also run by a second volunteer and compared (docs/trust.md).")
     @click.option("--tls-cert", default=None, type=click.Path(exists=True, dir_okay=False))
     @click.option("--tls-key", default=None, type=click.Path(exists=True, dir_okay=False))
+    @click.option("--insecure-plaintext", is_flag=True,
+                  help="Serve plain gRPC beyond loopback (default: TLS by the coordinator's own CA). Only on a "
+                       "network protected otherwise, such as a Kubernetes cluster's.")
     @click.option("--http", "http", default=DASHBOARD, show_default=True,
                   help="HOST:PORT of the read-only dashboard and Prometheus /metrics (opened with a reader "
                        "token); 'off' serves neither.")
@@ -100,11 +106,12 @@ def _coordinator_start() -> click.Command:
                   help="Seconds a delegated evaluation may take before the coordinator runs it itself.")
     @log_format_option
     @click.pass_context
-    def coordinator_start(ctx, data_dir, role, leader_ttl, listen, public_address, redis_url, ray_address, ray_token_file, ray_node_ip,
-                          base_model, fold_every, fold_timeout, tokens_per_task, outer_momentum, outer_lr,
-                          keep_global_batch, size_from_noise, lease_ttl, max_attempts, max_workers_per_token,
-                          replicate_fraction, tls_cert, tls_key, http, device, eval_tokens, eval_dtype,
-                          eval_on, eval_timeout, log_format) -> None:
+    def coordinator_start(ctx, data_dir, role, leader_ttl, listen, public_address, redis_url, redis_url_file,
+                          ray_address, ray_token_file, ray_node_ip, base_model, fold_every, fold_timeout,
+                          tokens_per_task, outer_momentum, outer_lr, keep_global_batch, size_from_noise, lease_ttl,
+                          max_attempts, max_workers_per_token, replicate_fraction, tls_cert, tls_key,
+                          insecure_plaintext, http, device, eval_tokens, eval_dtype, eval_on, eval_timeout,
+                          log_format) -> None:
         """Start the coordinator: gRPC server, Redis ledger and Ray driver. Ctrl-C stops it."""
         # OpenMP threads that sleep when idle, not spin (read when torch loads, just below): the
         # coordinator's evaluations share the CPU with its gRPC threads and Redis, and spinning
@@ -115,6 +122,8 @@ def _coordinator_start() -> click.Command:
 
         start_logging(ctx, log_format)
 
+        if redis_url_file:
+            redis_url = Path(redis_url_file).read_text().strip()
         if bool(tls_cert) != bool(tls_key):
             fail("--tls-cert and --tls-key go together")
         if ray_token_file and (not ray_address or ray_address == "off"):
@@ -130,8 +139,8 @@ def _coordinator_start() -> click.Command:
             outer_momentum=outer_momentum, outer_lr=outer_lr, keep_global_batch=keep_global_batch,
             size_from_noise=size_from_noise, lease_ttl_s=lease_ttl, max_attempts=max_attempts,
             max_workers_per_token=max_workers_per_token, replicate_fraction=replicate_fraction,
-            tls_cert=tls_cert, tls_key=tls_key, http=http, device=device, eval_tokens=eval_tokens,
-            eval_dtype=eval_dtype, eval_on=eval_on, eval_timeout_s=eval_timeout,
+            tls_cert=tls_cert, tls_key=tls_key, insecure_plaintext=insecure_plaintext, http=http, device=device,
+            eval_tokens=eval_tokens, eval_dtype=eval_dtype, eval_on=eval_on, eval_timeout_s=eval_timeout,
         )
         node = Coordinator(settings)
         try:
@@ -144,8 +153,14 @@ def _coordinator_start() -> click.Command:
                 return
             ray = f"Ray cluster at {node.ray_address}" if node.ray_address else "no Ray (outbound volunteers only)"
             click.echo(f"coordinator listening on {listen}{'' if role == 'all' else ' (gateway)'}; {ray}")
-            click.echo(f"admin token: {settings.data_dir / 'admin.token'} (keep it secret)")
-            click.echo("volunteers join with (outbound-only; no Ray, no open port):\n  " + node.join_command())
+            if node.ca_fingerprint:
+                click.echo(f"gRPC uses TLS with this coordinator's own CA, {node.ca_fingerprint} "
+                           "(clients pin it with --ca-fingerprint; nothing to copy)")
+            click.echo(f"admin token: {settings.data_dir / 'admin.token'} (keep it secret); as the admin:\n  "
+                       + node.admin_connection())
+            # The join code is shown once, when it is made; later starts read it from the data dir.
+            click.echo("volunteers join with (outbound-only; no Ray, no open port; each one becomes a volunteer "
+                       "of its own):\n  " + node.join_command(show_code=node.join_code_new))
             if node.ray_address:
                 click.echo("trusted machines only (Ray mode; its token runs code on every node, never share it):\n  "
                            + node.trusted_join_command())

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import grpc
 
-from nomoat import transfer
+from nomoat import pinning, transfer
 from nomoat.v1 import nomoat_pb2 as pb
 from nomoat.v1 import nomoat_pb2_grpc as rpc
 
@@ -48,7 +48,7 @@ def _explain(exc: grpc.RpcError, address: str) -> NomoatError:
             return NomoatError(f"cannot reach the coordinator at {address}: the TLS handshake failed ({detail}); "
                                "is --tls-ca the CA that signed its certificate?")
         return NomoatError(f"cannot reach the coordinator at {address} ({detail}); is it running"
-                           " (and, if it uses TLS, did you pass --tls-ca)?")
+                           " (and, if it uses TLS, did you pass --tls-ca, or --ca-fingerprint from its join line)?")
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return NomoatError(f"the coordinator at {address} did not answer in time")
     if code == grpc.StatusCode.UNAUTHENTICATED:
@@ -59,8 +59,13 @@ def _explain(exc: grpc.RpcError, address: str) -> NomoatError:
 
 
 class CoordinatorClient:
-    def __init__(self, address: str | None = None, token: str | None = None, tls_ca: str | None = None) -> None:
+    def __init__(self, address: str | None = None, token: str | None = None, tls_ca: str | None = None,
+                 ca_fingerprint: str | None = None) -> None:
+        """``tls_ca``: a CA certificate file to check the server with; ``ca_fingerprint``: the
+        coordinator's own CA, named by fingerprint, learned from the handshake and pinned
+        (nomoat.pinning); neither: plain gRPC (a coordinator on loopback)."""
         self.address = address or default_address()
+        self.ca_fingerprint = ca_fingerprint or ""
         # Stripped: a token pasted from a file often ends in a newline, which gRPC metadata refuses.
         self.token = (token if token is not None else os.environ.get("NOMOAT_TOKEN", "")).strip()
         options = [
@@ -68,7 +73,15 @@ class CoordinatorClient:
             ("grpc.max_send_message_length", MAX_MESSAGE),
             *KEEPALIVE,
         ]
-        if tls_ca:
+        if ca_fingerprint:
+            try:
+                root = pinning.pinned_ca(self.address, ca_fingerprint)
+            except pinning.PinError as exc:
+                raise NomoatError(str(exc)) from None
+            creds = grpc.ssl_channel_credentials(root_certificates=root)
+            options.append(("grpc.ssl_target_name_override", pinning.PINNED_NAME))
+            self.channel = grpc.secure_channel(self.address, creds, options=options)
+        elif tls_ca:
             creds = grpc.ssl_channel_credentials(root_certificates=Path(tls_ca).read_bytes())
             self.channel = grpc.secure_channel(self.address, creds, options=options)
         else:
@@ -262,3 +275,15 @@ class CoordinatorClient:
 
     def list_tokens(self) -> list[pb.TokenInfo]:
         return list(self._call(self.admin.ListTokens, pb.ListTokensRequest()).tokens)
+
+    def list_volunteers(self) -> list[pb.VolunteerInfo]:
+        return list(self._call(self.admin.ListVolunteers, pb.ListVolunteersRequest()).volunteers)
+
+    def ban_volunteer(self, volunteer_id: str) -> pb.VolunteerReply:
+        return self._call(self.admin.BanVolunteer, pb.VolunteerRequest(volunteer_id=volunteer_id))
+
+    def clear_volunteer(self, volunteer_id: str) -> pb.VolunteerReply:
+        return self._call(self.admin.ClearVolunteer, pb.VolunteerRequest(volunteer_id=volunteer_id))
+
+    def rotate_join_code(self) -> str:
+        return self._call(self.admin.RotateJoinCode, pb.RotateJoinCodeRequest()).join_code

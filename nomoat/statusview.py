@@ -178,7 +178,7 @@ def print_status(reply: pb.StatusReply, console: Console | None = None, now: flo
         out.print(job_block(job, now))
     out.print()
     active = sum(1 for w in reply.workers if w.state == "active")
-    standing = [f"{sum(1 for w in reply.workers if w.trust == level)} {level}" for level in ("throttled", "excluded")
+    standing = [f"{sum(1 for w in reply.workers if w.trust == level)} {level}" for level in ("probation", "throttled", "excluded")
                 if any(w.trust == level for w in reply.workers)]
     out.print(Text(f"workers: {active} active, {len(reply.workers) - active} gone" + "".join(f", {s}" for s in standing)
                    if reply.workers else "workers: none yet", style="bold"))

@@ -41,7 +41,7 @@ from nomoat.client import CoordinatorClient
 from nomoat.tiny import read_fortunes, tiny_model_path
 from nomoat.v1 import nomoat_pb2 as pb
 
-ROLES = ("worker", "trusted-worker", "submitter", "reader", "admin")
+ROLES = ("worker", "trusted-worker", "submitter", "reader", "admin", "volunteer", "join")
 RANK, ALPHA, TARGETS = 2, 4.0, ("q_proj", "v_proj")
 JOB = pb.JobConfig(lora_rank=RANK, lora_alpha=ALPHA, target_modules=TARGETS, tokens_per_task=300)
 TEXTS = [f"record {i}: {t}" for i, t in enumerate(read_fortunes()[2000:2060])]
@@ -196,8 +196,9 @@ def manifest(task_id: str, fence: int, data: bytes, /, **changes) -> pb.AdapterM
 
 
 def start(redis_client, published: Published, tmp: Path, tls: Tls | None = None, cache_s: float = 5.0,
-          limits: Limits | None = None, **settings) -> Rig:
-    """A fresh ledger with version 0 and one token per role, served on a free loopback port.
+          limits: Limits | None = None, listen: str = "127.0.0.1:0", **settings) -> Rig:
+    """A fresh ledger with version 0 and one token per role, served on a free port of ``listen``
+    (loopback unless told otherwise) and reached at 127.0.0.1.
 
     ``settings``: Settings fields other than the data dir; ``limits``: the server's lanes
     (coordinator.gateway.lanes; by default as the settings say)."""
@@ -213,7 +214,7 @@ def start(redis_client, published: Published, tmp: Path, tls: Tls | None = None,
                         "10.0.0.1:6379", "ray-secret", history=history,
                         operations=Folder(settings, ledger, store, published.model, history))
     server, health_servicer = grpc_server(deps, limits)
-    port = bind(server, "127.0.0.1:0", str(tls.cert) if tls else None, str(tls.key) if tls else None)
+    port = bind(server, listen, str(tls.cert) if tls else None, str(tls.key) if tls else None)
     server.start()
     health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     return Rig(f"127.0.0.1:{port}", deps, ledger, registry, tokens, tmp, server, tls, store, dict(published.files))

@@ -226,15 +226,28 @@ def hub(tmp_path_factory) -> Iterator[Hub]:
                                           "--fold-every", "2", "--fold-timeout", "5"],
                                    tmp / "coordinator.log")
             coordinator.wait_for("volunteers join with", 240)
+            # It listens beyond loopback, so it serves TLS by its own CA (coordinator.gateway.tls):
+            # every client here pins that CA by the fingerprint its join line prints.
+            pinned = {"NOMOAT_CA_FINGERPRINT": fingerprint_in(coordinator.output()),
+                      "NOMOAT_CONFIG_DIR": str(tmp / "config")}
+            os.environ.update(pinned)  # the hosts' processes inherit this process's environment
             yield Hub(net, host, tmp, data_dir, f"redis://:{password}@{host.ip}:{REDIS_PORT}/0", inside,
                       outbound_cli)
         finally:
+            for name in ("NOMOAT_CA_FINGERPRINT", "NOMOAT_CONFIG_DIR"):
+                os.environ.pop(name, None)
             for proc in (coordinator, head, redis):
                 if proc is not None:
                     proc.stop(timeout=60)
             inside.close()
             for folder in temp_dirs:
                 shutil.rmtree(folder, ignore_errors=True)
+
+
+def fingerprint_in(output: str) -> str:
+    """The CA fingerprint a coordinator's join line names ("" when it serves plain gRPC)."""
+    found = re.search(r"--ca-fingerprint (sha256:[0-9a-f]{64})", output)
+    return found.group(1) if found else ""
 
 
 @dataclass

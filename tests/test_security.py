@@ -361,3 +361,84 @@ def test_streams_beyond_the_concurrency_limit_are_refused(redis_client, publishe
         assert all("as many Watch streams as it takes (4)" in o for o in outcomes[4:]), outcomes
     finally:
         small.close()  # cancels the open streams
+
+
+# -- one join line, individual identities --------------------------------------------------------
+
+
+def test_two_volunteers_of_one_join_line_the_one_sending_bad_work_is_excluded_alone(rig: Rig) -> None:
+    """Both join with the same join code, both start on probation. Mallory hands in broken
+    adapters (and fails the replica runs that check honest's work); Mallory alone is excluded,
+    and honest, who joined with the same line, keeps getting work."""
+    import json
+    import math
+    from dataclasses import replace
+
+    import torch
+
+    from coordinator.schedule import standing
+    from coordinator.schedule.inbox_dispatch import OutboundDispatcher
+    from coordinator.schedule.replication import Replication
+    from coordinator.schedule.scheduler import Scheduler
+    from coordinator.schedule.transport import Dispatchers, Need
+    from nomoat import adapter as adapter_format
+    from nomoat.spec import UnitResult
+    from worker.outbound import parse_specs
+
+    settings = replace(rig.deps.settings, listen=rig.address, speculate=False, max_attempts=100)
+    replication = Replication(settings, rig.ledger, rig.store)
+    rig.deps.replication = replication  # the collect step holds replicated runs, as the coordinator's does
+    scheduler = Scheduler(settings, rig.ledger, Dispatchers(OutboundDispatcher(rig.ledger)), rig.tokens["worker"],
+                          task_need=lambda config: Need(1.0), replication=replication)
+    line = rig.tokens["join"]  # the one public join line
+    volunteers = {}
+    for name in ("honest", "mallory"):
+        client = rig.client(token=line)
+        reply = client.register(name, CARD)
+        client.token = reply.credential
+        volunteers[name] = (client, reply.worker_id, reply.volunteer_id)
+    assert volunteers["honest"][2] != volunteers["mallory"][2]
+    rig.submit(texts=rigs.TEXTS * 3)
+
+    def broken() -> bytes:
+        good = adapter_format.from_bytes(make_adapter(rig.deps.shapes))
+        module = sorted(good.factors)[0]
+        a, b = good.factors[module]
+        b = b.clone()
+        b[0, 0] = math.nan
+        return adapter_format.to_bytes(adapter_format.Adapter({**good.factors, module: (a, b)}, good.rank, good.alpha))
+
+    def work_round(seed: int) -> dict[str, int]:
+        """One scheduler round; each volunteer does the run it was given. Units per volunteer."""
+        scheduler.tick()
+        given = {}
+        for name, (client, worker_id, _) in volunteers.items():
+            work = client.request_work(worker_id, 0.2)
+            specs = parse_specs(list(work.task_specs))
+            given[name] = len(specs)
+            units = []
+            for spec in specs:
+                data = broken() if name == "mallory" else make_adapter(rig.deps.shapes, seed=seed)
+                up = client.upload(manifest(spec.task_id, spec.fence, data, worker_id=worker_id,
+                                            base_version=spec.base_version), data)
+                assert up.accepted == (name == "honest"), up.reason
+                units.append(UnitResult(spec.task_id, spec.fence, "" if up.accepted else up.reason,
+                                        adapter_id=up.adapter_id, tokens=300, seconds=1.0))
+            if work.run_id:
+                client.report_run(worker_id, work.run_id, [json.dumps(u.to_dict()) for u in units], [])
+        return given
+
+    def level(name: str) -> standing.Level:
+        return standing.standing(rig.ledger.trust.get(volunteers[name][2])).level
+
+    for seed in range(40):
+        work_round(seed)
+        if level("mallory") is standing.Level.EXCLUDED:
+            break
+    assert level("mallory") is standing.Level.EXCLUDED
+    assert level("honest") is not standing.Level.EXCLUDED
+    honest_record = rig.ledger.trust.get(volunteers["honest"][2])
+    assert honest_record.refused == 0, honest_record.recent  # nothing of mallory's was held against honest
+    after = [work_round(100 + i) for i in range(4)]
+    assert sum(r["honest"] for r in after) >= 2, after  # honest keeps getting work, mallory none
+    assert all(r["mallory"] == 0 for r in after), after

@@ -28,6 +28,37 @@ def test_a_new_volunteer_is_trusted_with_a_whole_run() -> None:
         assert standing.allowed_share(new) == 1.0 and standing.eligible(new)
 
 
+def minted(*outcomes: str, held: int = 0) -> TrustRecord:
+    """The record of a volunteer the join code minted (on probation), with these outcomes."""
+    counts: dict[str, int] = {}
+    for o in outcomes:
+        counts[o] = counts.get(o, 0) + 1
+    events = tuple(TrustEvent(float(i), o, "") for i, o in enumerate(outcomes))
+    return TrustRecord("v", counts, events, held=held, probation=True)
+
+
+def test_a_volunteer_the_join_code_minted_is_on_probation_until_it_has_earned_trust() -> None:
+    fresh = standing.standing(minted())
+    assert fresh.level is standing.Level.PROBATION and "on probation" in fresh.why
+    assert standing.units(8, fresh.share) == 1  # one unit at a time
+    assert standing.replicate_rate(minted(), 0.05) == 1.0  # every unit replicated
+    assert standing.standing(minted(held=1)).share == 0  # the next only once the last is checked
+    assert standing.standing(minted("accepted", "accepted", "accepted")).level is standing.Level.PROBATION
+    for earned in (("accepted",) * 4, ("agreed",) * 2, ("agreed", "accepted", "accepted")):
+        where = standing.standing(minted(*earned))
+        assert where.level is standing.Level.TRUSTED and where.share == 1.0, earned
+    # Failing the checks on probation throttles and then excludes as it does anyone.
+    assert standing.standing(minted(*[Check.NORM.value] * 3)).level is standing.Level.THROTTLED
+    assert standing.standing(minted(*[Check.NORM.value] * 7)).level is standing.Level.EXCLUDED
+
+
+def test_a_banned_volunteer_is_excluded_whatever_its_record() -> None:
+    banned = TrustRecord("v", {"accepted": 30}, tuple(TrustEvent(float(i), "accepted", "") for i in range(30)),
+                         banned=True)
+    where = standing.standing(banned)
+    assert where.level is standing.Level.EXCLUDED and not where.eligible and "banned" in where.why
+
+
 @pytest.mark.parametrize("failures, level", [
     (2, standing.Level.TRUSTED), (3, standing.Level.THROTTLED), (6, standing.Level.THROTTLED), (7, standing.Level.EXCLUDED),
 ])

@@ -37,9 +37,10 @@ from nomoat.card import Card, to_message
 from nomoat.client import CoordinatorClient, NomoatError
 from nomoat.logs import fields
 from nomoat.progress import ProgressFile, TaskBar
-from worker import uploader
+from worker import credentials, uploader
 from worker.cache import default_cache_dir
 from worker.controls import Controls, ControlSettings
+from worker.credentials import Credentials, is_join_code
 from worker.probe import ray_labels, ray_resources
 from worker.settings import NodeSettings
 
@@ -65,6 +66,9 @@ class WorkerAgent:
                  cache_dir: Path | None = None, threads: int = 0, node_ip: str | None = None,
                  tls_ca: str | None = None, controls: Controls | None = None, bar: TaskBar | None = None) -> None:
         self.client = client
+        # A join code is swapped for this user's volunteer credential when registering (worker.credentials).
+        self.join_code = client.token if is_join_code(client.token) else ""
+        self.credentials = Credentials(client.address, client.ca_fingerprint) if self.join_code else None
         self.card = card
         self.name = name or f"{socket.gethostname()}-{os.getpid()}"
         self.ray_address = ray_address
@@ -86,7 +90,8 @@ class WorkerAgent:
     def start(self) -> None:
         self.client.wait_ready()
         # Registering again after the node was replaced: the same worker, under the same id.
-        reply = self.client.register(self.name, to_message(self.card), worker_id=self.worker_id)
+        reply = credentials.register(self.client, self.credentials, self.name, to_message(self.card),
+                                     worker_id=self.worker_id, join_code=self.join_code)
         self.worker_id, self.lineage = reply.worker_id, reply.lineage
         if not reply.ray_auth_token:
             raise NomoatError("Ray mode needs a trusted-worker token, and the coordinator gave this one no Ray "
@@ -96,6 +101,7 @@ class WorkerAgent:
         # Tasks on this node talk to the coordinator as this volunteer, so the leases they take
         # are this volunteer's and no other worker token can act for them.
         env = NodeSettings(cache_dir=self.cache_dir, token=self.client.token, tls_ca=self.tls_ca,
+                           ca_fingerprint=self.client.ca_fingerprint,
                            torch_threads=self.threads, max_power_w=self.controls.settings.max_power_w,
                            max_upload_mbps=self.controls.settings.max_upload_mbps).env()
         if self.card.simulated:

@@ -52,7 +52,8 @@ def run_evaluation(task: EvalTask, node: NodeSettings | None = None) -> EvalRepl
     if node.torch_threads > 0:
         torch.set_num_threads(node.torch_threads)
     started = time.monotonic()
-    with CoordinatorClient(task.coordinator, node.token or task.token, node.tls_ca or None) as client:
+    with CoordinatorClient(task.coordinator, node.token or task.token, node.tls_ca or None,
+                            node.ca_fingerprint or None) as client:
         folder = ModelCache(node.cache_dir).ensure(client, task.lineage, task.version)
     device = eval_device()
     placement = {} if device == "cpu" else {"device_map": {"": device}}

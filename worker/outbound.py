@@ -35,9 +35,10 @@ from pathlib import Path
 from nomoat.card import Card, to_message
 from nomoat.client import CoordinatorClient, NomoatError
 from nomoat.spec import SpecError, TaskSpec, UnitResult, error_line
-from worker import uploader
+from worker import credentials, uploader
 from worker.cache import default_cache_dir
 from worker.controls import Controls, ControlSettings
+from worker.credentials import Credentials, is_join_code
 from worker.settings import NodeSettings
 from worker.task import run_units
 
@@ -80,8 +81,12 @@ class OutboundWorker:
     def __init__(self, client: CoordinatorClient, card: Card, name: str = "", cache_dir: Path | None = None,
                  threads: int = 0, tls_ca: str | None = None,
                  should_take_work: Callable[[], bool] | None = None, poll_wait_s: float = POLL_WAIT_S,
-                 controls: Controls | None = None) -> None:
+                 controls: Controls | None = None, credentials: Credentials | None = None) -> None:
         self.client = client
+        # A join code is swapped for this user's volunteer credential when registering (worker.credentials).
+        self.join_code = client.token if is_join_code(client.token) else ""
+        self.credentials = credentials or (Credentials(client.address, client.ca_fingerprint) if self.join_code
+                                           else None)
         self.card = card
         self.name = name or f"{socket.gethostname()}-{os.getpid()}"
         cache = Path(cache_dir or default_cache_dir())
@@ -94,6 +99,7 @@ class OutboundWorker:
         limits = self.controls.settings
         self.node = replace(NodeSettings.from_env(), cache_dir=cache, token=client.token,
                             tls_ca=str(Path(tls_ca).resolve()) if tls_ca else "", torch_threads=threads,
+                            ca_fingerprint=client.ca_fingerprint,
                             max_power_w=limits.max_power_w, max_upload_mbps=limits.max_upload_mbps)
         self.should_take_work = should_take_work or self._allowed
         self.poll_wait_s = poll_wait_s
@@ -120,8 +126,10 @@ class OutboundWorker:
         self._register()
 
     def _register(self) -> None:
-        reply = self.client.register(self.name, to_message(self.card), worker_id=self.worker_id)
+        reply = credentials.register(self.client, self.credentials, self.name, to_message(self.card),
+                                     worker_id=self.worker_id, join_code=self.join_code)
         self.worker_id, self.lineage = reply.worker_id, reply.lineage
+        self.node = replace(self.node, token=self.client.token)  # the units' calls carry the volunteer's credential
 
     # -- the loop -----------------------------------------------------------------------------
 

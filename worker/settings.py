@@ -18,6 +18,7 @@ from worker.cache import default_cache_dir
 
 TOKEN_ENV = "NOMOAT_WORKER_TOKEN"
 TLS_CA_ENV = "NOMOAT_TLS_CA"
+CA_FINGERPRINT_ENV = "NOMOAT_CA_FINGERPRINT"
 CACHE_DIR_ENV = "NOMOAT_CACHE_DIR"
 THREADS_ENV = "NOMOAT_TORCH_THREADS"
 MAX_POWER_ENV = "NOMOAT_MAX_POWER_W"  # the volunteer's --max-power, for the duty cycle in tasks
@@ -35,6 +36,7 @@ class NodeSettings:
     cache_dir: Path
     token: str = ""  # the volunteer's own worker token; "" uses the spec's
     tls_ca: str = ""  # path of the CA certificate of a coordinator that uses TLS; "": plain gRPC
+    ca_fingerprint: str = ""  # the coordinator's own CA, pinned by fingerprint (nomoat.pinning)
     torch_threads: int = 0  # 0: torch's default
     inject_oom_above: int | None = None  # test hook: micro-batches above this run out of memory
     simulated_tokens_per_tflop: float = 0.0  # test hook: a simulated card's speed; 0: as fast as it goes
@@ -49,6 +51,7 @@ class NodeSettings:
             cache_dir=Path(env[CACHE_DIR_ENV]) if env.get(CACHE_DIR_ENV) else default_cache_dir(),
             token=env.get(TOKEN_ENV, ""),
             tls_ca=env.get(TLS_CA_ENV, ""),
+            ca_fingerprint=env.get(CA_FINGERPRINT_ENV, ""),
             torch_threads=int(env.get(THREADS_ENV) or 0),
             inject_oom_above=int(inject) if inject else None,
             simulated_tokens_per_tflop=float(env.get(SIM_SPEED_ENV) or 0),
@@ -63,6 +66,7 @@ class NodeSettings:
             CACHE_DIR_ENV: str(self.cache_dir),
             TOKEN_ENV: self.token,
             TLS_CA_ENV: self.tls_ca,
+            CA_FINGERPRINT_ENV: self.ca_fingerprint,
             THREADS_ENV: str(self.torch_threads),
             MAX_POWER_ENV: str(self.max_power_w),
             MAX_UPLOAD_ENV: str(self.max_upload_mbps),

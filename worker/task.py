@@ -221,7 +221,7 @@ def run_task(spec: TaskSpec, node: NodeSettings, controls: Controls | None = Non
     progress = ProgressFile(node.control_dir / "progress.json")
     task_id, fence, worker_id = spec.task_id, spec.fence, spec.worker_id
     token = node.token or spec.token  # the volunteer's own, when it has one
-    with CoordinatorClient(spec.coordinator, token, node.tls_ca or None) as client:
+    with CoordinatorClient(spec.coordinator, token, node.tls_ca or None, node.ca_fingerprint or None) as client:
         heartbeat = LeaseKeeper(client, task_id, fence, worker_id, interval=max(1.0, spec.lease_ttl_s / 4),
                                 secret=spec.lease_secret)
         heartbeat.beat()  # proves it holds the lease (and learns the version to train on) before any work

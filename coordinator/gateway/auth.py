@@ -1,13 +1,16 @@
 """Who may call what: bearer tokens with roles, checked on every RPC by a server interceptor.
 
 Tokens are random strings shown once; the ledger keeps only their sha256 (the token id), with
-the role (coordinator.ledger.tokens). The first start of a coordinator writes an admin token and a
-worker token into its data dir (mode 0600). The standard gRPC health check stays open. Every method not listed in PERMISSIONS
-(the Admin service) is for admin tokens only.
+the role (coordinator.ledger.tokens). The first start of a coordinator writes an admin token, a
+worker token and the join code into its data dir (mode 0600). The join code may only register:
+registering with it mints a volunteer token (coordinator.schedule.roster), which has a worker's
+rights. The standard gRPC health check stays open. Every method not listed in PERMISSIONS (the
+Admin service) is for admin tokens only.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from collections.abc import Awaitable, Callable
@@ -22,8 +25,8 @@ CACHE_S = 5.0  # how long a coordinator trusts a token it looked up; another's r
 _CACHE_MAX = 4096
 
 # Which roles may call each method; admin may call everything.
-_ANY = {"worker", "trusted-worker", "submitter", "reader", "admin"}
-_WORKERS = {"worker", "trusted-worker", "admin"}
+_ANY = {"worker", "volunteer", "trusted-worker", "submitter", "reader", "admin"}
+_WORKERS = {"worker", "volunteer", "trusted-worker", "admin"}
 # The roles that are given the Ray cluster's token on Register: anyone holding it can run code on
 # the coordinator's machine and every Ray node, so plain (public) worker tokens never get it.
 RAY_ROLES = frozenset({"trusted-worker", "admin"})
@@ -31,7 +34,7 @@ PERMISSIONS: dict[str, set[str]] = {
     "/nomoat.v1.Datasets/Submit": {"submitter", "admin"},
     "/nomoat.v1.Jobs/Status": _ANY,
     "/nomoat.v1.Jobs/Watch": _ANY,
-    "/nomoat.v1.Workers/Register": _WORKERS,
+    "/nomoat.v1.Workers/Register": _WORKERS | {"join"},  # the join code's one call
     "/nomoat.v1.Workers/Heartbeat": _WORKERS,
     "/nomoat.v1.Workers/FetchShard": _WORKERS,
     "/nomoat.v1.Workers/Upload": _WORKERS,
@@ -43,6 +46,7 @@ PERMISSIONS: dict[str, set[str]] = {
     # Every /nomoat.v1.Admin/ method: admin only (not listed).
 }
 OPEN_PREFIXES = ("/grpc.health.v1.Health/",)
+REVOKED = "the operator revoked it"  # how a refusal says the token was revoked (a ban), not unknown
 # Who may open the coordinator's HTTP port (coordinator.gateway.web: the dashboard, its API, /metrics).
 HTTP_ROLES = {"reader", "admin"}
 
@@ -120,12 +124,17 @@ class TokenRegistry:
                 self._cache.pop(h, None)
             return token
         token = self.create(role, name=f"{role} (data dir)")
-        tmp = path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(token + "\n")
-        tmp.replace(path)
+        write_secret(path, token)
         return token
+
+
+def write_secret(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` readable by its owner alone (mode 0600), replacing it whole."""
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text + "\n")
+    tmp.replace(path)
 
 
 def bearer(metadata: tuple[tuple[str, str | bytes], ...] | None) -> str:
@@ -155,12 +164,15 @@ def _denied(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str)
     return grpc.unary_unary_rpc_method_handler(abort)
 
 
-def refusal(method: str, identity: Identity | None, token: str) -> tuple[grpc.StatusCode, str] | None:
-    """Why ``method`` is refused to the caller (code and sentence), or None when it may call it."""
+def refusal(method: str, identity: Identity | None, token: str,
+            revoked: bool = False) -> tuple[grpc.StatusCode, str] | None:
+    """Why ``method`` is refused to the caller (code and sentence), or None when it may call it
+    (``revoked``: an unknown token is one the operator revoked)."""
     if not token:
         return grpc.StatusCode.UNAUTHENTICATED, "no token: pass --token or set NOMOAT_TOKEN"
     if identity is None:
-        return grpc.StatusCode.UNAUTHENTICATED, "the token is not valid (unknown or revoked)"
+        return grpc.StatusCode.UNAUTHENTICATED, ("the token is not valid (unknown or revoked)"
+                                                 + (f": {REVOKED}" if revoked else ""))
     allowed = PERMISSIONS.get(method, set())
     if identity.role != "admin" and identity.role not in allowed:
         return grpc.StatusCode.PERMISSION_DENIED, f"a {identity.role} token may not call {method.rsplit('/', 1)[-1]}"
@@ -183,10 +195,15 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             return handler
         token = bearer(handler_call_details.invocation_metadata)
         identity = None
+        revoked = False
         if token:
             identity = self.registry.cached(token)
             if identity is None:
                 identity = (await self._lookup(method, token) if self._lookup is not None
                             else self.registry.lookup(token))
-        refused = refusal(method, identity, token)
+            if identity is None:
+                # Which of the two: a worker whose kept credential is unknown (a new ledger) joins
+                # again; one whose credential was revoked (a ban) must not (worker.credentials).
+                revoked = await asyncio.to_thread(self.registry.tokens.revoked, hash_token(token))
+        refused = refusal(method, identity, token, revoked)
         return handler if refused is None else _denied(handler, *refused)

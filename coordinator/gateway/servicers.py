@@ -39,6 +39,7 @@ from coordinator.observe import status
 from coordinator.schedule import submit
 
 from coordinator.schedule import registration
+from coordinator.schedule import roster
 from coordinator.gateway.auth import Identity, TokenRegistry, caller, may_join_ray, token_id
 from coordinator.errors import (
     BrokenOff,
@@ -292,12 +293,13 @@ class WorkersServicer(rpc.WorkersServicer):
     def Register(self, request, context):
         joining = registration.Registration(request.worker_id, request.name, request.node_id,
                                        request.card.SerializeToString(), request.card.name, request.card.vram_gb)
-        identity = caller(context, self.deps.registry)
-        worker_id = registration.register(self.deps.ledger, self.deps.settings, identity, joining)
-        ray = may_join_ray(identity)  # the Ray token lets its holder run code anywhere: trusted only
-        return pb.RegisterReply(worker_id=worker_id, ray_address=self.deps.ray_address if ray else "",
+        joined = registration.join(self.deps.ledger, self.deps.settings, caller(context, self.deps.registry),
+                                   joining, context.peer())
+        ray = may_join_ray(joined.identity)  # the Ray token lets its holder run code anywhere: trusted only
+        return pb.RegisterReply(worker_id=joined.worker_id, ray_address=self.deps.ray_address if ray else "",
                                 ray_auth_token=self.deps.ray_auth_token if ray else "",
-                                lineage=self.deps.history.lineage().id)
+                                lineage=self.deps.history.lineage().id, credential=joined.credential,
+                                volunteer_id=joined.identity.token_hash if joined.identity else "")
 
     @_answers
     def Heartbeat(self, request, context):
@@ -421,6 +423,32 @@ class AdminServicer(rpc.AdminServicer):
     def Unmerge(self, request, context):
         number, loss = admin.unmerge(self.deps.operations, request.adapter_id)
         return pb.VersionReply(version=number, eval_loss=loss)
+
+    @_answers
+    def ListVolunteers(self, request, context):
+        return pb.ListVolunteersReply(volunteers=[
+            pb.VolunteerInfo(volunteer_id=v.volunteer_id, name=v.name, joined=v.joined, worker_ids=v.worker_ids,
+                             active_workers=v.active_workers, standing=v.standing, trust_score=v.score,
+                             reason=v.reason, role=v.role)
+            for v in roster.listing(self.deps.ledger, self.deps.settings)])
+
+    @_answers
+    def BanVolunteer(self, request, context):
+        volunteer_id = roster.resolve(self.deps.ledger, request.volunteer_id)
+        dropped = roster.ban(self.deps.ledger, self.deps.registry, volunteer_id)
+        return pb.VolunteerReply(volunteer_id=volunteer_id, leases_dropped=dropped)
+
+    @_answers
+    def ClearVolunteer(self, request, context):
+        volunteer_id = roster.resolve(self.deps.ledger, request.volunteer_id)
+        roster.clear(self.deps.ledger, volunteer_id)
+        return pb.VolunteerReply(volunteer_id=volunteer_id)
+
+    @_answers
+    def RotateJoinCode(self, request, context):
+        kept = self.deps.settings.data_dir / roster.JOIN_CODE_FILE
+        code = roster.rotate_join_code(self.deps.ledger, self.deps.registry, kept)
+        return pb.RotateJoinCodeReply(join_code=code)
 
 
 def _on_loop(servicer):

@@ -3,7 +3,7 @@
 ``Ledger(client)`` is the one handle callers keep; each noun hangs off it (``ledger.jobs``,
 ``ledger.tasks``, ``ledger.leases``, ``ledger.adapters``, ``ledger.versions``,
 ``ledger.workers``, ``ledger.tokens``, ``ledger.counters``, ``ledger.inbox``, ``ledger.trust``,
-``ledger.replicas``) and returns the typed records of
+``ledger.replicas``, ``ledger.volunteers``) and returns the typed records of
 :mod:`coordinator.ledger.records`. Every key is in :mod:`coordinator.ledger.keys`.
 
 Guarantees (see DESIGN.md, "Ledger"):
@@ -51,6 +51,7 @@ from coordinator.ledger.tasks import Tasks, count_states, new_task_id
 from coordinator.ledger.tokens import ROLES, TokenEntry, Tokens, token_id
 from coordinator.ledger.trust import Trust
 from coordinator.ledger.versions import Versions
+from coordinator.ledger.volunteers import VolunteerRecord, Volunteers
 from coordinator.ledger.workers import TooManyWorkers, Workers
 
 
@@ -71,6 +72,7 @@ class Ledger:
         self.inbox = Inboxes(client)
         self.trust = Trust(client)
         self.replicas = Replicas(client)
+        self.volunteers = Volunteers(client)
         self.quotas = Quotas(client)
 
     def index(self) -> None:
@@ -132,6 +134,8 @@ __all__ = [
     "TrustRecord",
     "VersionRecord",
     "Versions",
+    "VolunteerRecord",
+    "Volunteers",
     "WorkerRecord",
     "Workers",
     "adapter_id_for",

@@ -181,7 +181,8 @@ def trust_from_hash(volunteer: str, data: dict[str, str], versions: dict[str, fl
     counts = {k[2:]: int(float(v)) for k, v in data.items() if k.startswith("n:")}
     recent = tuple(TrustEvent(float(t), o, d) for t, o, d in json.loads(data.get("recent") or "[]"))
     return TrustRecord(volunteer, counts, recent, {int(v): int(n) for v, n in versions.items()},
-                       held=_num(data, "held", int))
+                       held=_num(data, "held", int), probation=_num(data, "probation", int) > 0,
+                       banned=_num(data, "banned", int) > 0)
 
 
 def replica_group_from_hash(task_id: str, data: dict[str, str]) -> ReplicaGroup:

@@ -30,6 +30,11 @@ SAMPLING_KEY = PREFIX + "replication:key"
 # names no worker finds its speed here, without reading every worker ever registered
 NODE_WORKERS = PREFIX + "workers:by-node"
 DURABLE_MARK = PREFIX + "durable"  # counter: written just before a WAIT (coordinator.ledger.connect.Durability)
+
+
+# Volunteers minted by the join code (coordinator.ledger.volunteers)
+VOLUNTEERS = PREFIX + "volunteers"  # zset: volunteer id (its token's id) -> when it joined
+JOIN_CODE = PREFIX + "join:code"  # string: the token id of the current join code (rotation revokes it)
 REFUSALS = PREFIX + "refusals:recent"  # list: JSON of the newest refusals (uploads, fold gates), newest first
 
 
@@ -140,3 +145,13 @@ def leader_fence(role: str) -> str:
 
 
 IDLE_JOBS = PREFIX + "jobs:idle"  # string: JSON list of running jobs with nothing left to train (the scheduler's word to the folder)
+
+
+def volunteer(volunteer_id: str) -> str:
+    """Hash: name, joined, source (the address it joined from), banned (when)."""
+    return f"{PREFIX}volunteer:{volunteer_id}"
+
+
+def join_rate(scope: str, window: int) -> str:
+    """Counter: volunteers minted in one window of time, from one source address or ("*") overall."""
+    return f"{PREFIX}join:rate:{window}:{scope}"

@@ -260,6 +260,8 @@ class TrustRecord:
     recent: tuple[TrustEvent, ...] = ()
     versions: dict[int, int] = field(default_factory=dict)  # version -> its adapters folded into it
     held: int = 0  # its adapters held in replica groups, waiting to be checked
+    probation: bool = False  # minted by the join code: on probation until it has earned trust
+    banned: bool = False  # an operator banned it (coordinator.schedule.roster.ban)
 
     @property
     def accepted(self) -> int:

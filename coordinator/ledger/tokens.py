@@ -19,7 +19,9 @@ from coordinator.ledger import keys
 
 # trusted-worker: a worker that may also join the Ray cluster (it receives the Ray token, and so
 # may run code on every node): for machines that trust each other, never for the public.
-ROLES = ("worker", "trusted-worker", "submitter", "reader", "admin")
+# join: the public join code, which may only register; registering with it mints a volunteer
+# token (coordinator.schedule.roster): one identity per volunteer, with the rights of a worker.
+ROLES = ("worker", "trusted-worker", "submitter", "reader", "admin", "volunteer", "join")
 
 
 @dataclass(frozen=True)

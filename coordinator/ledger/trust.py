@@ -1,6 +1,7 @@
 """Trust records: per volunteer, what its contributions came to (coordinator.schedule.standing reads them).
 
-A volunteer is the token its work arrives with (coordinator.schedule.standing.volunteer_of). Every outcome
+A volunteer is the token its work arrives with (coordinator.schedule.standing.volunteer_of): its own
+credential, minted when it joined with the join code, or a worker token an admin made. Every outcome
 is one atomic step (:data:`RECORD`): its count goes up and it joins the newest outcomes, of which
 ``KEPT`` are kept. Other ledger transitions record outcomes inside their own
 transaction through :meth:`Trust.record_in` (an adapter rejected at fold time, a version
@@ -80,6 +81,17 @@ class Trust:
             pipe.hget(keys.worker(w), "token")
         return {w: (t.decode() if t else w) for w, t in zip(ids, pipe.execute())}
 
-    def clear(self, volunteer: str) -> None:
-        """Forget a volunteer's outcomes (an operator's pardon); the versions it is in stay."""
-        self.r.delete(keys.trust(volunteer))
+    def clear(self, volunteer: str, probation: bool = False, banned: bool = False) -> None:
+        """Forget a volunteer's outcomes (an operator's pardon); the versions it is in stay. With
+        ``probation`` it starts over on probation (a volunteer the join code minted); a ban stays."""
+        pipe = self.r.pipeline(transaction=True)
+        pipe.delete(keys.trust(volunteer))
+        if probation:
+            pipe.hset(keys.trust(volunteer), "probation", 1)
+        if banned:
+            pipe.hset(keys.trust(volunteer), "banned", 1)
+        pipe.execute()
+
+    def ban(self, volunteer: str) -> None:
+        """Mark a volunteer banned: coordinator.schedule.standing excludes it for good."""
+        self.r.hset(keys.trust(volunteer), "banned", 1)

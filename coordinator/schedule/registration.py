@@ -2,7 +2,8 @@
 
 A worker registers with a name and its card; it may ask to keep the id it had. A token may
 have at most ``max_workers_per_token`` active workers, so one volunteer's token cannot flood the
-scheduler with phantom cards.
+scheduler with phantom cards. A worker that registers with the join code becomes a new volunteer
+first (coordinator.schedule.roster.mint): it registers under the credential minted for it.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import time
 from dataclasses import dataclass
 
 from coordinator.gateway.auth import Identity
+from coordinator.schedule import roster
 from coordinator.errors import InvalidRequest, LimitReached
 from coordinator.ledger import Ledger, TooManyWorkers
 from coordinator.settings import Settings
@@ -35,6 +37,26 @@ class Registration:
     vram_gb: float
 
 
+@dataclass(frozen=True)
+class Joined:
+    worker_id: str
+    identity: Identity | None  # whose worker it is: the caller, or the volunteer just minted for it
+    credential: str = ""  # the minted volunteer's token (shown once); "" when none was minted
+
+
+def join(ledger: Ledger, settings: Settings, identity: Identity | None, joining: Registration,
+         peer: str = "") -> Joined:
+    """Register a worker; a caller with the join code first becomes a new volunteer (rate-limited
+    per ``peer`` address and overall: LimitReached). Raises as :func:`register` does."""
+    credential = ""
+    if identity is not None and identity.role == "join":
+        _check(joining)  # a malformed registration mints nothing
+        minted = roster.mint(ledger, settings, joining.name, peer)
+        identity, credential = minted.identity, minted.credential
+        joining = Registration("", joining.name, joining.node_id, joining.card, joining.card_name, joining.vram_gb)
+    return Joined(register(ledger, settings, identity, joining), identity, credential)
+
+
 def is_active(last_seen: float, now: float, settings: Settings) -> bool:
     return now - last_seen < ACTIVE_TTLS * settings.lease_ttl_s
 
@@ -45,12 +67,7 @@ def register(ledger: Ledger, settings: Settings, identity: Identity | None, join
     Raises InvalidRequest for over-long names, LimitReached when the token has as many active
     workers as it may.
     """
-    if not joining.name or len(joining.name) > MAX_NAME_CHARS:
-        raise InvalidRequest(f"a worker needs a name of at most {MAX_NAME_CHARS} characters")
-    if len(joining.node_id) > MAX_NAME_CHARS or len(joining.card_name) > MAX_NAME_CHARS:
-        raise InvalidRequest(f"the node id and card name are limited to {MAX_NAME_CHARS} characters")
-    if len(joining.worker_id) > MAX_ID_CHARS:
-        raise InvalidRequest(f"a worker id is at most {MAX_ID_CHARS} characters")
+    _check(joining)
     try:
         worker_id, rejoining = ledger.workers.admit(
             joining.worker_id, name=joining.name, card=joining.card, node_id=joining.node_id,
@@ -66,3 +83,12 @@ def register(ledger: Ledger, settings: Settings, identity: Identity | None, join
              extra=fields("worker.rejoined" if rejoining else "worker.registered", worker=worker_id,
                           name=joining.name, card=joining.card_name, vram_gb=joining.vram_gb))
     return worker_id
+
+
+def _check(joining: Registration) -> None:
+    if not joining.name or len(joining.name) > MAX_NAME_CHARS:
+        raise InvalidRequest(f"a worker needs a name of at most {MAX_NAME_CHARS} characters")
+    if len(joining.node_id) > MAX_NAME_CHARS or len(joining.card_name) > MAX_NAME_CHARS:
+        raise InvalidRequest(f"the node id and card name are limited to {MAX_NAME_CHARS} characters")
+    if len(joining.worker_id) > MAX_ID_CHARS:
+        raise InvalidRequest(f"a worker id is at most {MAX_ID_CHARS} characters")

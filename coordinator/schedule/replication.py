@@ -31,8 +31,9 @@ once), the other is kept as a replica; both volunteers earn an "agreed". Two tha
 a third run, avoiding both volunteers; the majority of three settles it: one of the majority is
 folded, the outlier is rejected and its volunteer's trust counts a disagreement. Three runs that
 all disagree, a disagreement no third volunteer settled in time, are rejected without blame. A
-task whose replica never ran (no other volunteer took it in ``replica_timeout_s``) is folded
-unverified: nothing is lost for want of a second volunteer.
+task whose replica never ran (no other volunteer took it in ``replica_timeout_s``, or no
+volunteer who may take it is left) is folded unverified: nothing is lost for want of a second
+volunteer.
 
 :meth:`Replication.sweep` does this once per scheduler round for every open group; it is the
 only place groups are settled (one thread), and the ledger's settle is atomic and once only.
@@ -213,11 +214,15 @@ class Replication:
 
     def _someone_else(self, volunteer: str) -> bool:
         """Whether an active volunteer other than ``volunteer`` may take tasks."""
+        return bool(self._eligible() - {volunteer})
+
+    def _eligible(self) -> set[str]:
+        """The active volunteers that may take tasks now."""
         now = time.time()
         workers = self.ledger.workers.active(now - ACTIVE_TTLS * self.settings.lease_ttl_s)  # not every worker ever
-        others = {standing.volunteer_of(w.token, w.worker_id) for w in workers} - {volunteer}
-        records = self.ledger.trust.many(others)
-        return any(standing.eligible(records.get(v)) for v in others)
+        active = {standing.volunteer_of(w.token, w.worker_id) for w in workers}
+        records = self.ledger.trust.many(active)
+        return {v for v in active if standing.eligible(records.get(v))}
 
     # -- the scheduler's round: settle what can be settled ----------------------------------------
 
@@ -225,20 +230,32 @@ class Replication:
         """Settle every group whose runs are in (or can no longer come); returns the tasks settled."""
         now = now or time.time()
         settled = []
+        known: list[set[str]] = []
+
+        def eligible() -> set[str]:  # read once a round, and only when a group waits on a run
+            if not known:
+                known.append(self._eligible())
+            return known[0]
+
         for group in self.ledger.replicas.open_groups():
             try:
-                if self._advance(group, now):
+                if self._advance(group, now, eligible):
                     settled.append(group.task_id)
             except (adapter_format.AdapterFormatError, FileNotFoundError, ValueError) as exc:
                 log.warning("replicated task %s cannot be compared yet: %s", group.task_id, exc)
         return settled
 
-    def _advance(self, group: ReplicaGroup, now: float) -> bool:
+    def _advance(self, group: ReplicaGroup, now: float, eligible: Callable[[], set[str]]) -> bool:
         order = [r for r in group.results if r not in group.runs] + [r for r in group.runs if r in group.results]
         records = {r: self.ledger.adapters.get(group.results[r]) for r in order}
         runs = [Run(r, records[r].adapter_id, records[r].volunteer) for r in order if records[r] is not None]
         open_runs = [t for t in self.ledger.tasks.many(group.runs) if t.state in (TaskState.PENDING, TaskState.LEASED)]
-        waiting = bool(open_runs) and now - group.opened < self.policy.timeout_s
+        # A replica run waits for its volunteer only while one may come: when every volunteer
+        # who could take it has been excluded (or none is left), the group settles now, so a
+        # saboteur who fails replicas cannot hold an honest volunteer's work (on probation, its
+        # every task) until the timeout.
+        waiting = (bool(open_runs) and now - group.opened < self.policy.timeout_s
+                   and bool(eligible() - {r.volunteer for r in runs}))
         verdict = decide(group.task_id, runs, self._agrees(runs, records), waiting, 1 + len(group.runs))
         if verdict.third:
             task = self.ledger.tasks.get(group.task_id)

@@ -22,6 +22,11 @@ is replicated, so it can earn its way back only with work that others reproduce.
 failures and excluded after 7 (with disagreements, after 2 and 4); an honest one with 30
 adapters folded stays trusted through 15 failures in a row of the window.
 
+A volunteer the join code minted starts on probation (:attr:`Level.PROBATION`): one task at a time,
+every task replicated, until it has earned ``PROBATION_EARN`` in good outcomes (an adapter folded
+counts 1, a replica that agreed 2), so that minting many identities buys nothing but replicated
+work. A worker token an admin made is a volunteer the operator vouched for: it starts trusted.
+
 Only the newest ``WINDOW`` outcomes count: years of good work do not buy a volunteer unlimited
 bad work later. An excluded volunteer earns nothing new, so it stays excluded until an operator
 clears its record (:meth:`coordinator.ledger.trust.Trust.clear`).
@@ -38,6 +43,8 @@ from coordinator.ledger.trust import KEPT as WINDOW  # the newest outcomes the s
 PRIOR_GOOD = 2.0  # a new volunteer starts as if two of its adapters had been folded
 THROTTLE = 0.5  # below: fewer tasks, and every one replicated
 EXCLUDE = 0.25  # below: no tasks
+PROBATION_EARN = 4.0  # good outcomes (WEIGHTS) a new volunteer earns before it leaves probation
+PROBATION_SHARE = 0.5  # a share below 1: one unit at a time (units)
 
 # A lease its holder let expire without a report or a hand-back: the task waited a lease lifetime
 # for nothing (it goes back in the queue without spending an attempt; its volunteer pays here).
@@ -60,6 +67,7 @@ WEIGHTS: dict[str, float] = {
 
 class Level(str, Enum):
     TRUSTED = "trusted"
+    PROBATION = "probation"
     THROTTLED = "throttled"
     EXCLUDED = "excluded"
 
@@ -93,11 +101,24 @@ def score(recent: Sequence[TrustEvent]) -> float:
     return (good + PRIOR_GOOD) / (good + bad + PRIOR_GOOD)
 
 
+def earned(record: TrustRecord) -> float:
+    """The good outcomes a volunteer has to its name since its record began (or was cleared)."""
+    return record.accepted * WEIGHTS["accepted"] + record.agreed * WEIGHTS["agreed"]
+
+
 def standing(record: TrustRecord | None) -> Standing:
     """Where a volunteer stands, from its record alone (None: nothing known, trusted)."""
-    if record is None or not record.recent:
+    if record is None or (not record.recent and not record.probation and not record.banned):
         return TRUSTED
+    if record.banned:
+        return Standing(Level.EXCLUDED, 0.0, 0.0, "excluded: banned by the operator")
     s = score(record.recent)
+    on_probation = record.probation and earned(record) < PROBATION_EARN
+    if s >= THROTTLE and on_probation:
+        share = 0.0 if record.held > 0 else PROBATION_SHARE
+        return Standing(Level.PROBATION, s, share, f"on probation (a new volunteer): one task at a time, each "
+                                                   f"checked by a replica, until it has earned "
+                                                   f"{earned(record):g} of {PROBATION_EARN:g}")
     if s >= THROTTLE:
         return Standing(Level.TRUSTED, s, 1.0)
     failed = [e for e in record.recent[-WINDOW:] if e.failed and WEIGHTS.get(e.outcome, -1.0) < 0]
@@ -133,11 +154,12 @@ def units(n: int, share: float) -> int:
 
 def replicate_rate(record: TrustRecord | None, fraction: float) -> float:
     """The chance a task this volunteer hands in is run again by another: the configured
-    ``fraction`` for a trusted volunteer, every task for a throttled one."""
+    ``fraction`` for a trusted volunteer, every task for one on probation or throttled."""
     return fraction if standing(record).level is Level.TRUSTED else 1.0
 
 
 def volunteer_of(token_hash: str, worker_id: str) -> str:
-    """Whose work it is: the token it was done with (one token per volunteer; its several cards
-    are one volunteer), else the worker id (a caller with no token of its own, admin)."""
+    """Whose work it is: the token it was done with (one per volunteer: the credential the join
+    code minted for it, or a worker token an admin made; its several cards are one volunteer),
+    else the worker id (a caller with no token of its own, admin)."""
     return token_hash or worker_id

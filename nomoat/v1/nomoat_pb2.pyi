@@ -349,16 +349,20 @@ class RegisterRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ..., card: _Optional[_Union[Card, _Mapping]] = ..., node_id: _Optional[str] = ..., worker_id: _Optional[str] = ...) -> None: ...
 
 class RegisterReply(_message.Message):
-    __slots__ = ("worker_id", "ray_address", "ray_auth_token", "lineage")
+    __slots__ = ("worker_id", "ray_address", "ray_auth_token", "lineage", "credential", "volunteer_id")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     RAY_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     RAY_AUTH_TOKEN_FIELD_NUMBER: _ClassVar[int]
     LINEAGE_FIELD_NUMBER: _ClassVar[int]
+    CREDENTIAL_FIELD_NUMBER: _ClassVar[int]
+    VOLUNTEER_ID_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     ray_address: str
     ray_auth_token: str
     lineage: str
-    def __init__(self, worker_id: _Optional[str] = ..., ray_address: _Optional[str] = ..., ray_auth_token: _Optional[str] = ..., lineage: _Optional[str] = ...) -> None: ...
+    credential: str
+    volunteer_id: str
+    def __init__(self, worker_id: _Optional[str] = ..., ray_address: _Optional[str] = ..., ray_auth_token: _Optional[str] = ..., lineage: _Optional[str] = ..., credential: _Optional[str] = ..., volunteer_id: _Optional[str] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
     __slots__ = ("task_id", "fence", "worker_id", "event", "lease_secret")
@@ -533,6 +537,62 @@ class PullChunk(_message.Message):
     header: PullHeader
     file: FileChunk
     def __init__(self, header: _Optional[_Union[PullHeader, _Mapping]] = ..., file: _Optional[_Union[FileChunk, _Mapping]] = ...) -> None: ...
+
+class ListVolunteersRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class VolunteerInfo(_message.Message):
+    __slots__ = ("volunteer_id", "name", "joined", "worker_ids", "active_workers", "standing", "trust_score", "reason", "role")
+    VOLUNTEER_ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    JOINED_FIELD_NUMBER: _ClassVar[int]
+    WORKER_IDS_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_WORKERS_FIELD_NUMBER: _ClassVar[int]
+    STANDING_FIELD_NUMBER: _ClassVar[int]
+    TRUST_SCORE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    volunteer_id: str
+    name: str
+    joined: float
+    worker_ids: _containers.RepeatedScalarFieldContainer[str]
+    active_workers: int
+    standing: str
+    trust_score: float
+    reason: str
+    role: str
+    def __init__(self, volunteer_id: _Optional[str] = ..., name: _Optional[str] = ..., joined: _Optional[float] = ..., worker_ids: _Optional[_Iterable[str]] = ..., active_workers: _Optional[int] = ..., standing: _Optional[str] = ..., trust_score: _Optional[float] = ..., reason: _Optional[str] = ..., role: _Optional[str] = ...) -> None: ...
+
+class ListVolunteersReply(_message.Message):
+    __slots__ = ("volunteers",)
+    VOLUNTEERS_FIELD_NUMBER: _ClassVar[int]
+    volunteers: _containers.RepeatedCompositeFieldContainer[VolunteerInfo]
+    def __init__(self, volunteers: _Optional[_Iterable[_Union[VolunteerInfo, _Mapping]]] = ...) -> None: ...
+
+class VolunteerRequest(_message.Message):
+    __slots__ = ("volunteer_id",)
+    VOLUNTEER_ID_FIELD_NUMBER: _ClassVar[int]
+    volunteer_id: str
+    def __init__(self, volunteer_id: _Optional[str] = ...) -> None: ...
+
+class VolunteerReply(_message.Message):
+    __slots__ = ("volunteer_id", "leases_dropped")
+    VOLUNTEER_ID_FIELD_NUMBER: _ClassVar[int]
+    LEASES_DROPPED_FIELD_NUMBER: _ClassVar[int]
+    volunteer_id: str
+    leases_dropped: int
+    def __init__(self, volunteer_id: _Optional[str] = ..., leases_dropped: _Optional[int] = ...) -> None: ...
+
+class RotateJoinCodeRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class RotateJoinCodeReply(_message.Message):
+    __slots__ = ("join_code",)
+    JOIN_CODE_FIELD_NUMBER: _ClassVar[int]
+    join_code: str
+    def __init__(self, join_code: _Optional[str] = ...) -> None: ...
 
 class CreateTokenRequest(_message.Message):
     __slots__ = ("role", "name")

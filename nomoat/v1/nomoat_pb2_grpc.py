@@ -741,6 +741,26 @@ class AdminStub:
                 request_serializer=nomoat_dot_v1_dot_nomoat__pb2.UnmergeRequest.SerializeToString,
                 response_deserializer=nomoat_dot_v1_dot_nomoat__pb2.VersionReply.FromString,
                 _registered_method=True)
+        self.ListVolunteers = channel.unary_unary(
+                '/nomoat.v1.Admin/ListVolunteers',
+                request_serializer=nomoat_dot_v1_dot_nomoat__pb2.ListVolunteersRequest.SerializeToString,
+                response_deserializer=nomoat_dot_v1_dot_nomoat__pb2.ListVolunteersReply.FromString,
+                _registered_method=True)
+        self.BanVolunteer = channel.unary_unary(
+                '/nomoat.v1.Admin/BanVolunteer',
+                request_serializer=nomoat_dot_v1_dot_nomoat__pb2.VolunteerRequest.SerializeToString,
+                response_deserializer=nomoat_dot_v1_dot_nomoat__pb2.VolunteerReply.FromString,
+                _registered_method=True)
+        self.ClearVolunteer = channel.unary_unary(
+                '/nomoat.v1.Admin/ClearVolunteer',
+                request_serializer=nomoat_dot_v1_dot_nomoat__pb2.VolunteerRequest.SerializeToString,
+                response_deserializer=nomoat_dot_v1_dot_nomoat__pb2.VolunteerReply.FromString,
+                _registered_method=True)
+        self.RotateJoinCode = channel.unary_unary(
+                '/nomoat.v1.Admin/RotateJoinCode',
+                request_serializer=nomoat_dot_v1_dot_nomoat__pb2.RotateJoinCodeRequest.SerializeToString,
+                response_deserializer=nomoat_dot_v1_dot_nomoat__pb2.RotateJoinCodeReply.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -780,6 +800,32 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListVolunteers(self, request, context):
+        """Volunteers (identities minted by the join code, and worker tokens): list, ban, clear a
+        record, and rotate the join code (volunteers already joined keep working).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def BanVolunteer(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ClearVolunteer(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RotateJoinCode(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -807,6 +853,26 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.Unmerge,
                     request_deserializer=nomoat_dot_v1_dot_nomoat__pb2.UnmergeRequest.FromString,
                     response_serializer=nomoat_dot_v1_dot_nomoat__pb2.VersionReply.SerializeToString,
+            ),
+            'ListVolunteers': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListVolunteers,
+                    request_deserializer=nomoat_dot_v1_dot_nomoat__pb2.ListVolunteersRequest.FromString,
+                    response_serializer=nomoat_dot_v1_dot_nomoat__pb2.ListVolunteersReply.SerializeToString,
+            ),
+            'BanVolunteer': grpc.unary_unary_rpc_method_handler(
+                    servicer.BanVolunteer,
+                    request_deserializer=nomoat_dot_v1_dot_nomoat__pb2.VolunteerRequest.FromString,
+                    response_serializer=nomoat_dot_v1_dot_nomoat__pb2.VolunteerReply.SerializeToString,
+            ),
+            'ClearVolunteer': grpc.unary_unary_rpc_method_handler(
+                    servicer.ClearVolunteer,
+                    request_deserializer=nomoat_dot_v1_dot_nomoat__pb2.VolunteerRequest.FromString,
+                    response_serializer=nomoat_dot_v1_dot_nomoat__pb2.VolunteerReply.SerializeToString,
+            ),
+            'RotateJoinCode': grpc.unary_unary_rpc_method_handler(
+                    servicer.RotateJoinCode,
+                    request_deserializer=nomoat_dot_v1_dot_nomoat__pb2.RotateJoinCodeRequest.FromString,
+                    response_serializer=nomoat_dot_v1_dot_nomoat__pb2.RotateJoinCodeReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -947,6 +1013,114 @@ class Admin:
             '/nomoat.v1.Admin/Unmerge',
             nomoat_dot_v1_dot_nomoat__pb2.UnmergeRequest.SerializeToString,
             nomoat_dot_v1_dot_nomoat__pb2.VersionReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListVolunteers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nomoat.v1.Admin/ListVolunteers',
+            nomoat_dot_v1_dot_nomoat__pb2.ListVolunteersRequest.SerializeToString,
+            nomoat_dot_v1_dot_nomoat__pb2.ListVolunteersReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BanVolunteer(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nomoat.v1.Admin/BanVolunteer',
+            nomoat_dot_v1_dot_nomoat__pb2.VolunteerRequest.SerializeToString,
+            nomoat_dot_v1_dot_nomoat__pb2.VolunteerReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ClearVolunteer(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nomoat.v1.Admin/ClearVolunteer',
+            nomoat_dot_v1_dot_nomoat__pb2.VolunteerRequest.SerializeToString,
+            nomoat_dot_v1_dot_nomoat__pb2.VolunteerReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RotateJoinCode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nomoat.v1.Admin/RotateJoinCode',
+            nomoat_dot_v1_dot_nomoat__pb2.RotateJoinCodeRequest.SerializeToString,
+            nomoat_dot_v1_dot_nomoat__pb2.RotateJoinCodeReply.FromString,
             options,
             channel_credentials,
             insecure,
