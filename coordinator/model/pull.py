@@ -125,8 +125,6 @@ def blocks(store: BlobStore, planned: PullPlan, size: int = CHUNK,
             for i in range(offset, len(f.data), size):
                 yield f.path, i, f.data[i : i + size]
             continue
-        with open(store.path(f.sha256), "rb") as fh:
-            fh.seek(offset)
-            while block := fh.read(size):
-                yield f.path, offset, block
-                offset += len(block)
+        for block in store.chunks(f.sha256, size, offset):
+            yield f.path, offset, block
+            offset += len(block)
