@@ -39,7 +39,7 @@ from coordinator.ledger.redis_server import EmbeddedRedis
 from coordinator.schedule.replication import Replication
 from coordinator.schedule.scheduler import Scheduler
 from coordinator.settings import Settings
-from coordinator.model.store import BlobStore
+from coordinator.model.store import open_store
 from coordinator.collect.partial_uploads import PartialUploads
 from coordinator.gateway.web.server import WebServer
 from nomoat import raynode as ray_node
@@ -145,7 +145,7 @@ class Coordinator:
         self.worker_token = self.registry.ensure_file(self.data_dir / "worker.token", "worker")
         # For machines that trust each other only: it is given the Ray cluster's token.
         self.trusted_token = self.registry.ensure_file(self.data_dir / "trusted-worker.token", "trusted-worker")
-        self.store = BlobStore(self.data_dir / "blobs")
+        self.store = open_store(self.settings.store, self.data_dir)
         self._start_model()
         self._start_ray()
         self._start_grpc()

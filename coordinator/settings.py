@@ -146,6 +146,10 @@ class Settings:
     # the scheduler places runs on.
     long_poll_s: float = 20.0
     outbound_liveness_s: float = 60.0
+    # The blob store (coordinator.model.store): "" the folder data_dir/blobs; s3://bucket/prefix an
+    # object store, which clients then read and write by presigned URLs living url_ttl_s.
+    store: str = ""
+    url_ttl_s: float = 3600.0
 
     @property
     def join_address(self) -> str:

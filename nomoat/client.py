@@ -15,7 +15,7 @@ from pathlib import Path
 
 import grpc
 
-from nomoat import transfer
+from nomoat import direct, transfer
 from nomoat.v1 import nomoat_pb2 as pb
 from nomoat.v1 import nomoat_pb2_grpc as rpc
 
@@ -184,9 +184,19 @@ class CoordinatorClient:
         request = pb.HeartbeatRequest(task_id=task_id, fence=fence, worker_id=worker_id, event=event)
         return self._call(self.workers.Heartbeat, request, timeout=15)
 
-    def fetch_shard(self, task_id: str, fence: int) -> bytes:
+    def fetch_shard(self, task_id: str, fence: int, limit: int = 1 << 30) -> bytes:
+        """The task's records; from the object store when the coordinator names a URL for them
+        (checked against the sha256 and size it names)."""
         parts = self._stream(self.workers.FetchShard, pb.FetchShardRequest(task_id=task_id, fence=fence), 600)
-        return b"".join(p.data for p in parts)
+        first = next(parts, None)
+        if first is not None and first.url:
+            if not first.url.startswith(("https://", "http://")):
+                raise NomoatError("the coordinator sent an unusable address for the task's shard")
+            try:
+                return direct.get_all(first.url, first.sha256, first.size, limit)
+            except direct.DirectError as exc:
+                raise NomoatError(f"cannot fetch the task's shard from the object store: {exc}") from None
+        return b"".join(p.data for p in ([first] if first is not None else [])) + b"".join(p.data for p in parts)
 
     def upload(self, manifest: pb.AdapterManifest, data: bytes, timeout: float = 600,
                offset: int = 0, pace: Callable[[int], object] | None = None) -> pb.UploadReply:
@@ -204,6 +214,13 @@ class CoordinatorClient:
                 yield pb.UploadChunk(data=data[i : i + CHUNK])
 
         return self._call(self.workers.Upload, chunks(), timeout=timeout)
+
+    def upload_target(self, manifest: pb.AdapterManifest) -> str:
+        """Where to PUT the adapter of ``manifest`` (a presigned URL of the coordinator's object
+        store), or "" to send it through :meth:`upload`."""
+        request = pb.UploadTargetRequest(task_id=manifest.task_id, fence=manifest.fence, sha256=manifest.sha256,
+                                         size=manifest.size, worker_id=manifest.worker_id)
+        return self._call(self.workers.UploadTarget, request, timeout=15).url
 
     def upload_offset(self, task_id: str, fence: int, sha256: str) -> int:
         """How many bytes of this upload the coordinator already holds from a broken-off try."""

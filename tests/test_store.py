@@ -50,7 +50,7 @@ def test_list_names_every_blob(store: Store) -> None:
         listed = {b.sha256: b for b in store.list()}
         assert set(listed) == shas
         adopted = store.adopt_folder(where)
-    assert set(b.sha256 for b in store.list()) == shas | set(adopted.values())
+    assert {b.sha256 for b in store.list()} == shas | set(adopted.values())
     assert all(abs(b.modified - time.time()) < 600 and b.size == store.size(b.sha256) for b in store.list())
 
 

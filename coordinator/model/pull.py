@@ -10,6 +10,11 @@ folder) are sent from memory.
 A client whose earlier pull broke off names the bytes it holds of each file (path, sha256,
 offset); :func:`starts` honours an offset only for a file of this plan with that same sha256, so
 a resumed file is always the one the client began (see nomoat/transfer.py and nomoat/partial.py for the other end).
+
+With an object store (a direct store) no byte goes through here: :func:`links` names each file's
+presigned GET (made-up files are put into the store first, by content, so a repeat costs
+nothing), the header carries them, and the client reads each file from the store, by Range from
+where it holds it.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from coordinator.errors import InvalidRequest, NotFound
 from coordinator.model.history import History, plan_catch_up
 from coordinator.ledger import Ledger
 from coordinator.model.running import pulled
-from coordinator.model.store import BlobStore
+from coordinator.model.store import Store
 
 
 # Bytes of a file per message. bench/pull.py on two shared cores: 1 MiB cost the least CPU per GB
@@ -57,7 +62,7 @@ class PullPlan:
     lineage: str = ""  # the model lineage the version belongs to (see nomoat.lineage)
 
 
-def plan(ledger: Ledger, history: History, store: BlobStore, fmt: int, since: int, version: int) -> PullPlan:
+def plan(ledger: Ledger, history: History, store: Store, fmt: int, since: int, version: int) -> PullPlan:
     """What a pull sends; ``version`` < 0 means the newest.
 
     Raises NotFound for a version that does not exist, InvalidRequest for an unknown format or
@@ -114,12 +119,23 @@ def starts(planned: PullPlan, resume: Iterable[tuple[str, str, int]]) -> dict[st
     return out
 
 
-def blocks(store: BlobStore, planned: PullPlan, size: int = CHUNK,
-           start: dict[str, int] | None = None) -> Iterator[tuple[str, int, bytes]]:
-    """(path, offset, bytes) of every file in the plan, from its ``start`` offset on (0 if not
-    named), in blocks of at most ``size`` bytes."""
-    start = start or {}
+def links(store: Store, planned: PullPlan, ttl_s: float) -> dict[str, str]:
+    """path -> a presigned GET of the file, for a direct store ({} for a folder: the bytes then
+    follow in the stream). Each URL names that one object and expires after ``ttl_s``."""
+    if not store.direct:
+        return {}
+    return {f.path: store.presign_get(store.put(f.data) if f.data is not None else f.sha256, ttl_s)
+            for f in planned.files}
+
+
+def blocks(store: Store, planned: PullPlan, size: int = CHUNK,
+           start: dict[str, int] | None = None, skip: Iterable[str] = ()) -> Iterator[tuple[str, int, bytes]]:
+    """(path, offset, bytes) of every file in the plan but those in ``skip`` (fetched by URL),
+    from its ``start`` offset on (0 if not named), in blocks of at most ``size`` bytes."""
+    start, skip = start or {}, set(skip)
     for f in planned.files:
+        if f.path in skip:
+            continue
         offset = start.get(f.path, 0)
         if f.data is not None:
             for i in range(offset, len(f.data), size):

@@ -19,8 +19,6 @@ snapshotted is written from its nearest snapshot plus its patches, tensor by ten
 from __future__ import annotations
 
 import copy
-import os
-import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager

@@ -8,6 +8,8 @@ worker id and token it may act as) and turns the ledger's answers into replies a
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import logging
 import time
 from dataclasses import dataclass
@@ -16,7 +18,7 @@ from coordinator.gateway.auth import Identity
 from coordinator.errors import NotPermitted, WrongState
 from coordinator.ledger import Ledger
 from coordinator.settings import Settings
-from coordinator.model.store import BlobStore
+from coordinator.model.store import Store
 from nomoat.logs import fields
 
 log = logging.getLogger("nomoat.leases")
@@ -97,7 +99,37 @@ def hand_back(ledger: Ledger, task_id: str, fence: int, worker_id: str, reason: 
     return True
 
 
-def fetch_shard(ledger: Ledger, store: BlobStore, identity: Identity, task_id: str, fence: int) -> bytes:
+@dataclass(frozen=True)
+class Shard:
+    """A task's records: the bytes (a folder store streams them), or where to GET them."""
+
+    data: bytes = b""
+    url: str = ""  # a presigned GET of the shard's own object (a direct store)
+    sha256: str = ""
+    size: int = 0
+
+
+def shard(ledger: Ledger, store: Store, identity: Identity, task_id: str, fence: int, ttl_s: float) -> Shard:
+    """The task's shard for the current holder of its lease: with a direct store, written as an
+    object of its own (by content: once per shard) and named by a URL that reads it alone, so a
+    lease's URL never opens the rest of the dataset; else its bytes. Raises as :func:`fetch_shard`."""
+    data = fetch_shard(ledger, store, identity, task_id, fence)
+    if not store.direct:
+        return Shard(data=data)
+    sha = hashlib.sha256(data).hexdigest()
+    if not store.has(sha):
+        store.put(data)
+    return Shard(url=store.presign_get(sha, ttl_s), sha256=sha, size=len(data))
+
+
+@functools.lru_cache(maxsize=2)
+def _records(store: Store, sha256: str) -> list[bytes]:
+    """A job's records blob split into lines, kept for the next fetches (the tasks of one job come
+    one after another, and an object store's read of the whole blob is not free)."""
+    return store.get(sha256).splitlines(keepends=True)
+
+
+def fetch_shard(ledger: Ledger, store: Store, identity: Identity, task_id: str, fence: int) -> bytes:
     """The task's records (JSON lines), for the current holder of its lease only.
 
     Raises WrongState for a stale or unknown lease, NotPermitted when another token holds it.
@@ -111,5 +143,5 @@ def fetch_shard(ledger: Ledger, store: BlobStore, identity: Identity, task_id: s
         raise NotPermitted(problem)
     task = ledger.tasks.get(task_id)
     job = ledger.jobs.get(task.job)
-    lines = store.get(job.records).splitlines(keepends=True)
+    lines = _records(store, job.records) if store.direct else store.get(job.records).splitlines(keepends=True)
     return b"".join(lines[task.start : task.end])

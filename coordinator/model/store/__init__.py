@@ -43,6 +43,10 @@ def upload_key(task_id: str, fence: int, sha256: str) -> str:
     return key
 
 
+class StoreError(ValueError):
+    """The store named cannot be used (a sentence saying why and what to do)."""
+
+
 @dataclass(frozen=True)
 class BlobInfo:
     sha256: str
@@ -149,10 +153,10 @@ def open_store(url: str, data_dir: Path | None) -> Store:
     if url.startswith("file://"):
         return BlobStore(Path(url[len("file://"):]))
     if "://" in url:
-        raise ValueError(f"--store {url}: use a folder, file:///path, or s3://bucket/prefix")
+        raise StoreError(f"--store {url}: use a folder, file:///path, or s3://bucket/prefix")
     return BlobStore(Path(url))
 
 
-from coordinator.model.store.local import BlobStore  # noqa: E402  (the default, by its old name)
+from coordinator.model.store.local import BlobStore  # noqa: I001  (the default, by its old name; after Store, which it subclasses)
 
-__all__ = ["CHUNK", "BlobInfo", "BlobStore", "Store", "check_sha", "open_store", "upload_key"]
+__all__ = ["CHUNK", "BlobInfo", "BlobStore", "Store", "StoreError", "check_sha", "open_store", "upload_key"]

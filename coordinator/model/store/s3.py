@@ -23,9 +23,9 @@ from pathlib import Path
 
 import boto3
 from botocore.config import Config
-from botocore.exceptions import ClientError
+from botocore.exceptions import BotoCoreError, ClientError
 
-from coordinator.model.store import CHUNK, BlobInfo, Store, check_sha
+from coordinator.model.store import CHUNK, BlobInfo, Store, StoreError, check_sha
 from coordinator.model.store.local import _file_sha256
 
 _MISSING = {"404", "NoSuchKey", "NotFound", "NoSuchBucket"}
@@ -49,18 +49,22 @@ class S3Store(Store):
         rest = url[len("s3://"):]
         bucket, _, prefix = rest.partition("/")
         if not bucket:
-            raise ValueError(f"--store {url}: name a bucket, as s3://bucket/prefix")
+            raise StoreError(f"--store {url}: name a bucket, as s3://bucket/prefix")
         store = cls(bucket, prefix)
         store.ensure_bucket()
         return store
 
     def ensure_bucket(self) -> None:
         try:
-            self.s3.head_bucket(Bucket=self.bucket)
-        except ClientError as exc:
-            if not _missing(exc):
-                raise ValueError(f"cannot use the bucket {self.bucket}: {exc}") from None
-            self.s3.create_bucket(Bucket=self.bucket)
+            try:
+                self.s3.head_bucket(Bucket=self.bucket)
+            except ClientError as exc:
+                if not _missing(exc):
+                    raise
+                self.s3.create_bucket(Bucket=self.bucket)
+        except (ClientError, BotoCoreError) as exc:
+            raise StoreError(f"cannot use the bucket {self.bucket} of the object store ({exc}); check "
+                             "AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and AWS_REGION") from None
 
     def _key(self, sha256: str) -> str:
         return self._join(f"blobs/{check_sha(sha256)[:2]}/{sha256}")
