@@ -220,7 +220,12 @@ class CoordinatorClient:
         store), or "" to send it through :meth:`upload`."""
         request = pb.UploadTargetRequest(task_id=manifest.task_id, fence=manifest.fence, sha256=manifest.sha256,
                                          size=manifest.size, worker_id=manifest.worker_id)
-        return self._call(self.workers.UploadTarget, request, timeout=15).url
+        try:
+            return self.workers.UploadTarget(request, timeout=15, metadata=self._meta).url
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.UNIMPLEMENTED:  # a coordinator from before object stores
+                return ""
+            raise _explain(exc, self.address) from None
 
     def upload_offset(self, task_id: str, fence: int, sha256: str) -> int:
         """How many bytes of this upload the coordinator already holds from a broken-off try."""
