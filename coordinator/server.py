@@ -192,7 +192,8 @@ class Coordinator:
         if latest is None:
             self.model = RunningModel(base_model_folder(self.settings.base_model), device)
             files = self.model.publish(self.store)
-            self.ledger.versions.publish(VersionRecord(version=0, parent=-1, files=files))
+            self.ledger.versions.publish(VersionRecord(version=0, parent=-1, files=files,
+                                                       metrics={"base_model": self.settings.base_model}))
             log.info("version 0 is the base model %s", self.settings.base_model)
         else:
             self.model = self.history.rebuild(latest)

@@ -25,6 +25,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from coordinator.errors import InvalidRequest, NotFound
+from coordinator.model import modelcard
 from coordinator.model.history import History, plan_catch_up
 from coordinator.ledger import Ledger
 from coordinator.model.running import pulled
@@ -101,7 +102,21 @@ def _files(ledger: Ledger, history: History, fmt: int, since: int, number: int) 
             files += [(f"snapshot/{p}", sha) for p, sha in sorted(snapshot.items())]
         files += [(f"patches/{v:06d}.safetensors", ledger.versions.get(v).patch) for v in catch_up.patches]
         return files
-    return sorted(pulled(history.hf_files(number)).items())
+    return sorted({**pulled(history.hf_files(number)), **_card(ledger, history, number)}.items())
+
+
+def _card(ledger: Ledger, history: History, number: int) -> dict[str, str]:
+    """The version's model card (README.md, nomoat.json): the blobs its record names, or for a
+    version the folder did not make (version 0) one made from its record and put in the store (by
+    content: the same card is stored once)."""
+    record = ledger.versions.get(number)
+    stored = modelcard.files_of(record)
+    if stored:
+        return stored
+    made = modelcard.render(modelcard.Card(
+        record.metrics.get("base_model", "the base model of this lineage"), history.lineage().id, number,
+        record.parent, record.eval_loss, record.operation, loss_history=[[number, record.eval_loss]]))
+    return {name: history.store.put(data) for name, data in made.items()}
 
 
 def starts(planned: PullPlan, resume: Iterable[tuple[str, str, int]]) -> dict[str, int]:
