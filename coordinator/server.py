@@ -39,6 +39,7 @@ from coordinator.ledger.redis_server import EmbeddedRedis
 from coordinator.schedule.replication import Replication
 from coordinator.schedule.scheduler import Scheduler
 from coordinator.settings import Settings
+from coordinator.model import retention
 from coordinator.model.store import open_store
 from coordinator.collect.partial_uploads import PartialUploads
 from coordinator.gateway.web.server import WebServer
@@ -280,6 +281,8 @@ class Coordinator:
                      self.settings.lease_ttl_s)
         self._spawn("scheduler", self._schedule_loop)
         self._spawn("folder", self._fold_loop)
+        if self.settings.sweep_every_s > 0:
+            self._spawn("sweeper", self._sweep_loop)
 
     def _evaluator(self) -> evaluators.Evaluator:
         """Where the folder's evaluations run (--eval-on; coordinator.fold.evaluators.evaluator_for)."""
@@ -337,6 +340,16 @@ class Coordinator:
                 log.warning("Redis is unreachable (%s); retrying", exc)
             except Exception:  # noqa: BLE001
                 log.exception("fold round failed")
+
+    def _sweep_loop(self) -> None:
+        """The retention sweeper (coordinator.model.retention), beside the folder in its process."""
+        while not self._stopping.wait(self.settings.sweep_every_s):
+            try:
+                retention.sweep_under(self.settings, self.ledger, self.store, self.history.dir, self.folder.lock)
+            except redis.ConnectionError as exc:
+                log.warning("Redis is unreachable (%s); retrying", exc)
+            except Exception:  # noqa: BLE001
+                log.exception("retention sweep failed")
 
     # -- shutdown -----------------------------------------------------------------------------
 

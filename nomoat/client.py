@@ -267,6 +267,10 @@ class CoordinatorClient:
     def unmerge(self, adapter_id: str) -> pb.VersionReply:
         return self._call(self.admin.Unmerge, pb.UnmergeRequest(adapter_id=adapter_id), timeout=3600)
 
+    def sweep(self, dry_run: bool = False) -> pb.SweepReply:
+        """The retention sweep (what it freed, or with ``dry_run`` would free)."""
+        return self._call(self.admin.Sweep, pb.SweepRequest(dry_run=dry_run), timeout=3600)
+
     def create_token(self, role: str, name: str = "") -> pb.CreateTokenReply:
         return self._call(self.admin.CreateToken, pb.CreateTokenRequest(role=role, name=name))
 

@@ -17,9 +17,9 @@ import uuid
 import pytest
 
 from coordinator.model.store import open_store, upload_key
+from coordinator.schedule.submit import read_records
 from nomoat import lineage
 from nomoat import partial as partial_folder
-from coordinator.schedule.submit import read_records
 from tests.rig import TEXTS, Rig, make_adapter, manifest, published, start  # noqa: F401  (fixtures)
 from tests.seaweed import use
 from worker import uploader

@@ -27,7 +27,7 @@ from coordinator.schedule import holder
 
 from coordinator.schedule import inbox_dispatch
 
-from coordinator.model import pull
+from coordinator.model import pull, retention
 
 from coordinator.observe import contributions
 
@@ -389,6 +389,13 @@ class AdminServicer(rpc.AdminServicer):
     def Unmerge(self, request, context):
         number, loss = admin.unmerge(self.deps.operations, request.adapter_id)
         return pb.VersionReply(version=number, eval_loss=loss)
+
+    @_answers
+    def Sweep(self, request, context):
+        d = self.deps
+        report = retention.sweep_under(d.settings, d.ledger, d.store, d.history.dir if d.history else None,
+                                       d.operations.lock if d.operations else None, dry_run=request.dry_run)
+        return pb.SweepReply(lines=report.lines(), blobs=report.blobs, bytes=report.bytes, records=report.records)
 
 
 def add_all(server: grpc.Server, deps: Deps) -> None:

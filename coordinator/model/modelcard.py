@@ -63,8 +63,8 @@ def readme(card: Card) -> str:
     """The card as a Hugging Face README.md (YAML front matter, then prose and tables)."""
     lines = ["---", f"base_model: {card.base_model}", "library_name: transformers", "tags:", "- nomoat",
              "- lora-folded", "---", "", f"# nomoat model, version {card.version}", "",
-             f"Fine-tuned from **{card.base_model}** by nomoat: many volunteers' LoRA adapters, each trained on "
-             "a shard of the jobs below, folded exactly into the weights.", "",
+             (f"Fine-tuned from **{card.base_model}** by nomoat: many volunteers' LoRA adapters, each trained "
+              "on a shard of the jobs below, folded exactly into the weights."), "",
              f"- lineage: `{card.lineage}`",
              f"- version: {card.version} (parent: {card.parent if card.parent >= 0 else 'none, the base model'})"]
     if card.operation:

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from coordinator.model.store import CHUNK, BlobInfo, Store, check_sha
+from coordinator.model.store.base import CHUNK, BlobInfo, Store, check_sha
 
 
 class BlobStore(Store):

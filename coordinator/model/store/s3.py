@@ -25,7 +25,7 @@ import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
-from coordinator.model.store import CHUNK, BlobInfo, Store, StoreError, check_sha
+from coordinator.model.store.base import CHUNK, BlobInfo, Store, StoreError, check_sha
 from coordinator.model.store.local import _file_sha256
 
 _MISSING = {"404", "NoSuchKey", "NotFound", "NoSuchBucket"}
