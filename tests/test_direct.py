@@ -48,7 +48,10 @@ def moved(rig: Rig) -> dict[str, int]:
 
 
 def served(rig: Rig) -> dict[str, str]:
-    return {p: s for p, s in rig.v0_files.items() if not p.startswith("nomoat-")}
+    """What a pull of version 0 writes: its files but the fp32 master, and its model card."""
+    from coordinator.model import pull
+
+    return {f.path: f.sha256 for f in pull.plan(rig.ledger, rig.deps.history, rig.store, pull.Format.HF, 0, 0).files}
 
 
 def test_a_pull_comes_from_the_store_and_not_through_the_gateway(s3rig: Rig) -> None:
@@ -173,3 +176,24 @@ def test_the_local_folder_still_streams_through_the_gateway(localrig: Rig) -> No
     assert worker.upload_target(manifest(task_id, fence, data)) == ""
     assert uploader.upload(worker, manifest(task_id, fence, data), data).accepted
     assert moved(localrig) == {"pull": total, "shard": len(shard), "upload": len(data)}
+
+
+def test_admin_gc_says_what_it_would_free_and_only_for_an_admin(localrig: Rig) -> None:
+    from click.testing import CliRunner
+
+    from nomoat.cli import main
+    from nomoat.client import NomoatError
+
+    orphan = localrig.store.put(b"nothing names this blob")
+    import os
+    import time as _time
+    old = _time.time() - 2 * 3600  # older than the sweeper's grace
+    os.utime(localrig.store.path(orphan), (old, old))
+    args = ["--coordinator", localrig.address, "--token", localrig.tokens["admin"], "admin", "gc"]
+    dry = CliRunner().invoke(main, [*args, "--dry-run"])
+    assert dry.exit_code == 0, dry.output
+    assert dry.stdout.startswith("would free 1 blobs") and localrig.store.has(orphan)
+    done = CliRunner().invoke(main, args)
+    assert done.exit_code == 0 and done.stdout.startswith("freed 1 blobs") and not localrig.store.has(orphan)
+    with pytest.raises(NomoatError, match="not allowed"):
+        localrig.client("worker").sweep(dry_run=True)

@@ -12,6 +12,7 @@ import torch
 from coordinator.ledger.records import JobState
 from coordinator.model import pull, retention
 from coordinator.model.retention import Policy, plan_folders
+from coordinator.observe import status
 from tests.test_history import Rig
 
 POLICY = Policy(keep_versions=2, snapshot_every=4, keep_days=0.0, grace_s=0.0)
@@ -52,6 +53,7 @@ def run(ledger, tmp_path):
 def test_a_sweep_frees_what_the_policy_lets_go_and_every_version_rebuilds(run) -> None:
     rig, weights = run
     before = blob_bytes(rig)
+    counts = status.job(rig.ledger, rig.job).tasks
     dry = retention.sweep(rig.ledger, rig.store, POLICY, versions_dir=rig.history.dir, dry_run=True)
     assert blob_bytes(rig) == before and all(rig.ledger.versions.get(v).files for v in weights)  # nothing freed
     report = retention.sweep(rig.ledger, rig.store, POLICY, versions_dir=rig.history.dir)
@@ -61,6 +63,7 @@ def test_a_sweep_frees_what_the_policy_lets_go_and_every_version_rebuilds(run) -
     assert blob_bytes(rig) == before - report.bytes + rig.store.size(held_out) and report.bytes > before / 3
     assert [v for v in weights if rig.ledger.versions.get(v).files] == [0, 4, 8, 9, 10]
     assert rig.ledger.tasks.ids(rig.job) == [] and rig.ledger.jobs.get(rig.job).n_records > 0
+    assert status.job(rig.ledger, rig.job).tasks == counts  # summarised, not lost
     for version, expected in weights.items():  # every version, kept folder or not, exactly
         rebuilt = rig.history.rebuild(version).master(list(rig.targets))
         assert all(torch.equal(rebuilt[m], expected[m]) for m in expected), f"version {version} differs"

@@ -100,6 +100,11 @@ class Jobs:
         pipe.execute()
         return len(task_ids) + 1
 
+    def summary(self, job_id: str) -> dict:
+        """What :meth:`sweep` kept of a retired job's tasks ({} for a job not retired)."""
+        raw = self.r.hget(keys.job(job_id), "summary")
+        return json.loads(raw) if raw else {}
+
     def swept(self, job_id: str) -> bool:
         """Whether the sweeper already retired the job's task records."""
         return bool(self.r.hexists(keys.job(job_id), "swept"))

@@ -95,7 +95,7 @@ def job(ledger: Ledger, job_id: str) -> JobSummary | None:
         job_id=job_id,
         name=record.name,
         state=record.state.value,
-        tasks=count_states(tasks),
+        tasks=count_states(tasks) if tasks else ledger.jobs.summary(job_id).get("tasks") or count_states(tasks),
         total_tasks=record.total_tasks,
         adapters_folded=record.adapters_folded,
         adapters_rejected=record.adapters_rejected,
