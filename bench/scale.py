@@ -3,6 +3,13 @@
     nice python bench/scale.py                 # ~1.1B Llama on the CPU (under 10 minutes once built)
     nice python bench/scale.py --device cuda   # the coordinator's model and evaluations on a GPU
     python bench/scale.py --layers 2 --hidden 512 --intermediate 1408   # a small smoke run
+    python bench/scale.py --store s3 --size small   # object storage (a SeaweedFS on loopback), quick
+
+With ``--store s3`` the bench starts a SeaweedFS (tests/seaweed.py) and the coordinator's blob store
+is a bucket on it: pulls and catch-ups go by presigned URLs, and ``pull_vs_raw_s3`` compares the
+real pull (every byte written and checked) with plain GETs of the same objects from the same
+server (received and dropped). ``coordinator_bytes_per_version`` is what the gateway moved itself
+(its byte counter: pulls, shards, uploads) over the versions made: 0 with object storage.
 
 A Llama built from a LlamaConfig (TinyLlama's shape by default: hidden 2048, MLP 5632, 22 layers,
 32 heads, 4 KV heads, vocab 32000: 1.1B parameters) with random weights (this measures cost, not
@@ -128,7 +135,8 @@ def coordinator(args: argparse.Namespace) -> None:
     from coordinator.ledger.redis_server import EmbeddedRedis
     from coordinator.server import bind, grpc_server
     from coordinator.settings import JobDefaults, Settings
-    from coordinator.model.store import BlobStore
+    from coordinator.model import pull
+    from coordinator.model.store import BlobStore, open_store
     from coordinator.schedule.submit import submit
     from nomoat import adapter as fmt
     from nomoat.tiny import read_demo
@@ -146,7 +154,7 @@ def coordinator(args: argparse.Namespace) -> None:
     url = embedded.start()
     try:
         ledger = Ledger(redis.Redis.from_url(url))
-        store = BlobStore(work / "blobs")
+        store = open_store(args.store_url, work) if args.store_url else BlobStore(work / "blobs")
         t0 = time.time()
         model = RunningModel(Path(args.base), device)
         figures["load_seconds"] = round(time.time() - t0, 1)
@@ -220,11 +228,17 @@ def coordinator(args: argparse.Namespace) -> None:
         })])
         port = bind(server, "127.0.0.1:0")
         server.start()
+        planned = pull.plan(ledger, history, store, pull.Format.HF, 0, latest)  # what the pull fetches
+        urls = list(pull.links(store, planned, 3600).values())  # the same objects, for plain GETs
         ready = {"address": f"127.0.0.1:{port}", "token": token, "lineage": history.lineage().id,
-                 "latest": latest, "bytes": figures["pull_bytes"]}
+                 "latest": latest, "bytes": figures["pull_bytes"], "urls": urls,
+                 "pull_files_bytes": sum(f.size for f in planned.files)}
         (work / "ready.json").write_text(json.dumps(ready))
         sys.stdin.read()  # serve until the bench closes our stdin
         server.stop(grace=2).wait()
+        moved = ledger.counters.tally().gateway_bytes
+        figures["gateway_bytes"] = moved
+        figures["coordinator_bytes_per_version"] = round(sum(moved.values()) / max(1, latest))
         figures["peak_rss_gb"] = round(vm_hwm_bytes() / GB, 3)
         figures["published_dtype"] = str(model.base_dtype).removeprefix("torch.")
         figures["device"] = device
@@ -257,16 +271,31 @@ def worker(args: argparse.Namespace) -> None:
         assert got == ready["bytes"], (got, ready["bytes"])
         return seconds
 
+    def raw_s3() -> float:
+        """Plain GETs of the pull's objects from the store, one after another, received and dropped."""
+        import urllib.request
+
+        t0, got = time.time(), 0
+        for url in ready["urls"]:
+            with urllib.request.urlopen(url) as response:
+                while block := response.read(1 << 20):
+                    got += len(block)
+        assert got == ready["pull_files_bytes"], (got, ready["pull_files_bytes"])
+        return time.time() - t0
+
+    direct = bool(ready["urls"])
+    raw = raw_s3 if direct else raw_stream
     with CoordinatorClient(ready["address"], ready["token"]) as client:
-        raws = [raw_stream()]
+        raws = [raw()]
         out = work / "pulled"
         t0 = time.time()
         client.pull(out, ready["latest"])
         figures["pull_seconds"] = round(time.time() - t0, 2)
-        raws.append(raw_stream())
-        figures["raw_grpc_seconds"] = [round(r, 2) for r in raws]
-        figures["pull_mb_s"] = round(ready["bytes"] / figures["pull_seconds"] / 1e6, 1)
-        figures["raw_grpc_mb_s"] = round(ready["bytes"] / min(raws) / 1e6, 1)
+        raws.append(raw())
+        name = "raw_s3" if direct else "raw_grpc"
+        figures[f"{name}_seconds"] = [round(r, 2) for r in raws]
+        figures["pull_mb_s"] = round(ready["pull_files_bytes"] / figures["pull_seconds"] / 1e6, 1)
+        figures[f"{name}_mb_s"] = round(ready["pull_files_bytes"] / min(raws) / 1e6, 1)
         shutil.rmtree(out, ignore_errors=True)
         cache = ModelCache(work / "cache")
         t0 = time.time()
@@ -315,9 +344,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--snapshot-every", type=int, default=10)
     parser.add_argument("--adapter-scale", type=float, default=2e-4, help="size of the random adapters' B")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--store", default="folder", choices=["folder", "s3"],
+                        help="the blob store: the data dir's folder, or a bucket on a SeaweedFS started for the run")
+    parser.add_argument("--size", default="", choices=["", "small"],
+                        help="small: a 2-layer, 512-wide Llama, for a quick run (overrides the shape)")
     parser.add_argument("--part", default="", help=argparse.SUPPRESS)
     parser.add_argument("--base", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--store-url", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.size == "small":
+        args.hidden, args.intermediate, args.layers, args.heads, args.kv_heads = 512, 1408, 2, 8, 4
     if args.part == "build":
         print(json.dumps(build(args)))
         return 0
@@ -336,6 +372,13 @@ def main(argv: list[str] | None = None) -> int:
     log(f"base model: {base} ({'built' if result['built'] else 'reused'})")
     work = Path(args.work or tempfile.mkdtemp(prefix="nomoat-scale-run-", dir=args.cache_dir))
     work.mkdir(parents=True, exist_ok=True)
+    seaweed = None
+    if args.store == "s3":
+        from tests.seaweed import SeaweedFS, use
+
+        seaweed = SeaweedFS(work / "seaweed").start()
+        use(seaweed)  # the parts inherit the standard AWS variables
+        args.store_url = f"s3://nomoat-bench/scale-{os.getpid()}"
     try:
         t0 = time.time()
         coord = part(args, "coordinator", work=str(work), base=str(base))
@@ -355,6 +398,8 @@ def main(argv: list[str] | None = None) -> int:
         c = json.loads((work / "coordinator.json").read_text())
         wk = json.loads((work / "worker.json").read_text())
     finally:
+        if seaweed is not None:
+            seaweed.stop()
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)
     params = c["params"]
@@ -366,7 +411,9 @@ def main(argv: list[str] | None = None) -> int:
         # CPU that other processes share is this over the share it got.
         "coordinator_cpu_seconds_per_fold": round(sum(f.get("cpu_seconds", 0) for f in folds) / len(folds), 1),
         "peak_rss_vs_bound": round(c["peak_rss_gb"] * GB / bound, 3),
-        "pull_vs_raw_grpc": round(min(wk["raw_grpc_seconds"]) / wk["pull_seconds"], 3),
+        **({"pull_vs_raw_s3": round(min(wk["raw_s3_seconds"]) / wk["pull_seconds"], 3)} if args.store == "s3" else
+           {"pull_vs_raw_grpc": round(min(wk["raw_grpc_seconds"]) / wk["pull_seconds"], 3)}),
+        "coordinator_bytes_per_version": c["coordinator_bytes_per_version"], "store": args.store,
         "published_dtype": c["published_dtype"],
         "params": params, "bound_gb": round(bound / GB, 2), "eval_tokens": args.eval_tokens,
         "eval_dtype": args.eval_dtype,

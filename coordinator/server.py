@@ -49,7 +49,8 @@ from coordinator.ledger.redis_server import EmbeddedRedis
 from coordinator.schedule.replication import Replication
 from coordinator.schedule.scheduler import Scheduler
 from coordinator.settings import Settings
-from coordinator.model.store import BlobStore
+from coordinator.model import retention
+from coordinator.model.store import open_store
 from coordinator.collect.partial_uploads import PartialUploads
 from coordinator.gateway.web.server import WebServer
 from nomoat import raynode as ray_node
@@ -167,7 +168,7 @@ class Coordinator:
         self.join_code, self.join_code_new = roster.ensure_join_code(
             self.ledger, self.registry, self.data_dir / roster.JOIN_CODE_FILE)
         self._start_tls()
-        self.store = BlobStore(self.data_dir / "blobs")
+        self.store = open_store(self.settings.store, self.data_dir)
         self.replication = Replication(self.settings, self.ledger, self.store)
         self._start_model()
         self._start_ray()
@@ -236,7 +237,8 @@ class Coordinator:
             self.model = RunningModel(base_model_folder(self.settings.base_model), device)
             files = self.model.publish(self.store)
             try:
-                self.ledger.versions.publish(VersionRecord(version=0, parent=-1, files=files))
+                self.ledger.versions.publish(VersionRecord(version=0, parent=-1, files=files,
+                                                           metrics={"base_model": self.settings.base_model}))
                 log.info("version 0 is the base model %s", self.settings.base_model)
             except (VersionConflict, redis.WatchError):  # another process of this coordinator came first
                 latest = self.ledger.versions.latest()
@@ -347,6 +349,8 @@ class Coordinator:
             self.folding = Leadership(self.r, "folder", self.settings.leader_ttl_s)
             self._spawn("lead-folder", lambda: self.folding.run(self._stopping))
             self._spawn("folder", self._fold_loop)
+            if self.settings.sweep_every_s > 0:
+                self._spawn("sweeper", self._sweep_loop)
 
     def _begin_scheduling(self) -> None:
         """A new term as the scheduler (this process's first, or a takeover): every lease gets one
@@ -450,6 +454,19 @@ class Coordinator:
                 log.warning("Redis is unreachable (%s); retrying", exc)
             except Exception:  # noqa: BLE001
                 log.exception("fold round failed")
+
+    def _sweep_loop(self) -> None:
+        """The retention sweeper (coordinator.model.retention), beside the folder in its process and
+        only while it leads the folder (one sweeper at a time, under the folder's lock)."""
+        while not self._stopping.wait(self.settings.sweep_every_s):
+            if self.folding.fence() is None:
+                continue
+            try:
+                retention.sweep_under(self.settings, self.ledger, self.store, self.history.dir, self.folder.lock)
+            except redis.ConnectionError as exc:
+                log.warning("Redis is unreachable (%s); retrying", exc)
+            except Exception:  # noqa: BLE001
+                log.exception("retention sweep failed")
 
     # -- shutdown -----------------------------------------------------------------------------
 

@@ -187,6 +187,17 @@ class Settings:
     # A PEFT pull (`nomoat pull --since N --format peft`) is built in memory from the stored
     # patches since N: past this many bytes of patches it is refused (pull the full version).
     max_peft_pull_bytes: int = 256 << 20
+    # The blob store (coordinator.model.store): "" the folder data_dir/blobs; s3://bucket/prefix an
+    # object store, which clients then read and write by presigned URLs living url_ttl_s.
+    store: str = ""
+    url_ttl_s: float = 3600.0
+    # Retention (coordinator.model.retention.Policy): the newest keep_versions versions keep their
+    # folders, and every keep_snapshot_every-th; refused adapters and finished jobs' datasets and
+    # task records go after keep_days. The folder's process sweeps every sweep_every_s (0: never).
+    keep_versions: int = 5
+    keep_snapshot_every: int = 50
+    keep_days: float = 7.0
+    sweep_every_s: float = 600.0
 
     @property
     def join_address(self) -> str:

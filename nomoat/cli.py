@@ -183,6 +183,19 @@ def admin_unmerge(ctx, adapter: str) -> None:
     click.echo(f"version {reply.version} no longer contains adapter {adapter}")
 
 
+@admin.command("gc", epilog="Example: nomoat admin gc --dry-run")
+@connection_options
+@click.option("--dry-run", is_flag=True, help="Only say what the retention policy would free.")
+@click.pass_context
+def admin_gc(ctx, dry_run: bool) -> None:
+    """Free the blobs and ledger records the retention policy lets go (the coordinator's sweeper
+    does this every few minutes); nothing a version, a running job or a rollback needs."""
+    with client_of(ctx) as client:
+        reply = client.sweep(dry_run)
+    for line in reply.lines:
+        click.echo(line)
+
+
 @main.group()
 def token() -> None:
     """Issue, list and revoke bearer tokens (admin token)."""

@@ -51,6 +51,10 @@ def _coordinator_start() -> click.Command:
                        "from NOMOAT_REDIS_URL or --redis-url-file.")
     @click.option("--redis-url-file", default=None, type=click.Path(exists=True, dir_okay=False),
                   help="A file holding the --redis-url (keep it mode 0600).")
+    @click.option("--store", default="",
+                  help="The blob store: s3://BUCKET/PREFIX for any S3-compatible object store (endpoint and "
+                       "credentials from AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION; "
+                       "clients then move model bytes by presigned URLs); default: DATA_DIR/blobs.")
     @click.option("--ray-address", default=None,
                   help="Existing Ray cluster (HEAD:PORT); default: start a head; 'off': no Ray, outbound "
                        "volunteers only.")
@@ -106,7 +110,7 @@ def _coordinator_start() -> click.Command:
                   help="Seconds a delegated evaluation may take before the coordinator runs it itself.")
     @log_format_option
     @click.pass_context
-    def coordinator_start(ctx, data_dir, role, leader_ttl, listen, public_address, redis_url, redis_url_file,
+    def coordinator_start(ctx, data_dir, role, leader_ttl, listen, public_address, redis_url, redis_url_file, store,
                           ray_address, ray_token_file, ray_node_ip, base_model, fold_every, fold_timeout,
                           tokens_per_task, outer_momentum, outer_lr, keep_global_batch, size_from_noise, lease_ttl,
                           max_attempts, max_workers_per_token, replicate_fraction, tls_cert, tls_key,
@@ -117,6 +121,7 @@ def _coordinator_start() -> click.Command:
         # coordinator's evaluations share the CPU with its gRPC threads and Redis, and spinning
         # threads stalled an evaluation 9x on two shared cores (0.36 s against 0.04 s).
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        from coordinator.model.store import StoreError
         from coordinator.server import Coordinator
         from nomoat.raynode import RayClusterError, RayNodeError
 
@@ -133,7 +138,8 @@ def _coordinator_start() -> click.Command:
         if http and (not host or not port.isdigit()):
             fail(f"--http {http}: give HOST:PORT, such as {DASHBOARD}, or 'off'")
         settings = Settings(
-            data_dir=Path(data_dir).resolve(), role=role, leader_ttl_s=leader_ttl, listen=listen, public_address=public_address, redis_url=redis_url,
+            data_dir=Path(data_dir).resolve(), role=role, leader_ttl_s=leader_ttl, listen=listen,
+            public_address=public_address, redis_url=redis_url, store=store,
             ray_address=ray_address, ray_token_file=ray_token_file, ray_node_ip=ray_node_ip, base_model=base_model,
             fold_every=fold_every, fold_timeout_s=fold_timeout, job=JobDefaults(tokens_per_task=tokens_per_task),
             outer_momentum=outer_momentum, outer_lr=outer_lr, keep_global_batch=keep_global_batch,
@@ -166,7 +172,7 @@ def _coordinator_start() -> click.Command:
                            + node.trusted_join_command())
             say_dashboard(node, explicit=ctx.get_parameter_source("http") is not click.core.ParameterSource.DEFAULT)
             wait_for_signal()
-        except (RayClusterError, RayNodeError) as exc:  # an operator's cluster, or the head we start
+        except (RayClusterError, RayNodeError, StoreError) as exc:  # an operator's cluster, the head we start, --store
             fail(str(exc))
         finally:
             click.echo("shutting down ...")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import grpc
 
-from nomoat import pinning, transfer
+from nomoat import direct, pinning, transfer
 from nomoat.v1 import nomoat_pb2 as pb
 from nomoat.v1 import nomoat_pb2_grpc as rpc
 
@@ -200,10 +200,22 @@ class CoordinatorClient:
                                       lease_secret=secret)
         return self._call(self.workers.Heartbeat, request, timeout=15)
 
-    def fetch_shard(self, task_id: str, fence: int, worker_id: str = "", secret: str = "") -> bytes:
+    def fetch_shard(self, task_id: str, fence: int, worker_id: str = "", secret: str = "",
+                    limit: int = 1 << 30) -> bytes:
+        """The task's records, for the lease's holder (``worker_id`` with the lease ``secret``);
+        from the object store when the coordinator names a URL for them (checked against the
+        sha256 and size it names)."""
         request = pb.FetchShardRequest(task_id=task_id, fence=fence, worker_id=worker_id, lease_secret=secret)
         parts = self._stream(self.workers.FetchShard, request, 600)
-        return b"".join(p.data for p in parts)
+        first = next(parts, None)
+        if first is not None and first.url:
+            if not first.url.startswith(("https://", "http://")):
+                raise NomoatError("the coordinator sent an unusable address for the task's shard")
+            try:
+                return direct.get_all(first.url, first.sha256, first.size, limit)
+            except direct.DirectError as exc:
+                raise NomoatError(f"cannot fetch the task's shard from the object store: {exc}") from None
+        return b"".join(p.data for p in ([first] if first is not None else [])) + b"".join(p.data for p in parts)
 
     def upload(self, manifest: pb.AdapterManifest, data: bytes, timeout: float = 600,
                offset: int = 0, pace: Callable[[int], object] | None = None) -> pb.UploadReply:
@@ -221,6 +233,19 @@ class CoordinatorClient:
                 yield pb.UploadChunk(data=data[i : i + CHUNK])
 
         return self._call(self.workers.Upload, chunks(), timeout=timeout)
+
+    def upload_target(self, manifest: pb.AdapterManifest) -> str:
+        """Where to PUT the adapter of ``manifest`` (a presigned URL of the coordinator's object
+        store), or "" to send it through :meth:`upload`."""
+        request = pb.UploadTargetRequest(task_id=manifest.task_id, fence=manifest.fence, sha256=manifest.sha256,
+                                         size=manifest.size, worker_id=manifest.worker_id,
+                                         lease_secret=manifest.lease_secret)
+        try:
+            return self.workers.UploadTarget(request, timeout=15, metadata=self._meta).url
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.UNIMPLEMENTED:  # a coordinator from before object stores
+                return ""
+            raise _explain(exc, self.address) from None
 
     def upload_offset(self, task_id: str, fence: int, sha256: str, worker_id: str = "", secret: str = "") -> int:
         """How many bytes of this upload the coordinator already holds from a broken-off try
@@ -266,6 +291,10 @@ class CoordinatorClient:
 
     def unmerge(self, adapter_id: str) -> pb.VersionReply:
         return self._call(self.admin.Unmerge, pb.UnmergeRequest(adapter_id=adapter_id), timeout=3600)
+
+    def sweep(self, dry_run: bool = False) -> pb.SweepReply:
+        """The retention sweep (what it freed, or with ``dry_run`` would free)."""
+        return self._call(self.admin.Sweep, pb.SweepRequest(dry_run=dry_run), timeout=3600)
 
     def create_token(self, role: str, name: str = "") -> pb.CreateTokenReply:
         return self._call(self.admin.CreateToken, pb.CreateTokenRequest(role=role, name=name))

@@ -19,6 +19,10 @@ through :meth:`nomoat.client.CoordinatorClient.pull`. Read top to bottom:
   and a damaged prefix (a disk that lost the tail of a write) is found and fetched again whole.
 - **Pipeline.** Writing and hashing run in a thread beside the one receiving, through a queue of
   a few chunks, so memory stays bounded however large a shard is, and the two overlap.
+- **Straight from the store.** When the coordinator's blob store is an object store, the header
+  names each file's presigned URL (``FileEntry.url``) and the stream carries no bytes: each file
+  is fetched with an HTTP Range GET from the byte it holds (:mod:`nomoat.direct`), through the
+  same writer and checks. A URL that expired mid-pull is a broken try: the next asks again.
 - **Commit.** When every file checks out the folder gets its stamp
   (:data:`nomoat.lineage.STAMP`) and is renamed into place: the target is never half-written.
 """
@@ -36,6 +40,7 @@ from typing import Protocol
 
 import grpc
 
+from nomoat import direct
 from nomoat.framing import Block, PullError, decode
 from nomoat.lineage import STAMP
 from nomoat.partial import STATE, Partial
@@ -213,6 +218,8 @@ def _check_header(header: pb.PullHeader, partial: Partial, asked: dict[str, pb.R
         target = (root / e.path).resolve()
         if root not in target.parents or e.path in (STAMP, STATE):
             raise PullError(f"the coordinator sent an unsafe file name {e.path!r}")
+        if e.url and not e.url.startswith(("https://", "http://")):
+            raise PullError(f"the coordinator sent an unusable download address for {e.path!r}")
         point = asked.get(e.path)
         if e.offset and (point is None or point.offset != e.offset or point.sha256 != e.sha256
                          or e.offset > e.size):
@@ -242,6 +249,9 @@ def _receive(stream: Iterable[bytes], partial: Partial, request: pb.PullRequest,
                 raise PullError("the coordinator's pull stream was malformed")
             writer.put((file, block, file.take(block)))
             report.advance(len(block.data))
+        for file in files.values():
+            if file.entry.url and file.received < file.entry.size:
+                _download(file, writer, report)
     finally:
         writer.close()
         for file in files.values():
@@ -251,6 +261,17 @@ def _receive(stream: Iterable[bytes], partial: Partial, request: pb.PullRequest,
     for file in files.values():
         file.check()
     return header
+
+
+def _download(file: _File, writer: _Writer, report: Progress) -> None:
+    """The rest of a file from its presigned URL, through the same writer and checks."""
+    try:
+        for data in direct.get(file.entry.url, file.received):
+            block = Block(file.entry.path, file.received, memoryview(data))
+            writer.put((file, block, file.take(block)))
+            report.advance(len(data))
+    except direct.DirectError as exc:
+        raise _Retry(f"{file.entry.path}: {exc}") from None
 
 
 # -- the whole pull ---------------------------------------------------------------------------

@@ -81,3 +81,25 @@ def _fast_tier_starts_no_processes(request, monkeypatch):
         ray.shutdown()
         pytest.fail(f"{request.node.nodeid} started a Ray cluster but is not marked slow; "
                     "mark it @pytest.mark.slow")
+
+
+@pytest.fixture(scope="session")
+def seaweed(tmp_path_factory):
+    """One real S3 server (SeaweedFS, tests/seaweed.py) per test session."""
+    from tests.seaweed import SeaweedFS
+
+    server = SeaweedFS(tmp_path_factory.mktemp("seaweed")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_store(seaweed, monkeypatch):
+    """An empty S3Store on the session's SeaweedFS (a fresh prefix per test)."""
+    import uuid
+
+    from coordinator.model.store import open_store
+    from tests.seaweed import use
+
+    use(seaweed, monkeypatch)
+    return open_store(f"s3://nomoat-test/{uuid.uuid4().hex[:12]}", data_dir=None)

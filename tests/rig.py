@@ -35,7 +35,7 @@ from coordinator.ledger import Ledger, VersionRecord
 from coordinator.model.running import RunningModel
 from coordinator.server import bind, grpc_server
 from coordinator.settings import Settings
-from coordinator.model.store import BlobStore
+from coordinator.model.store import BlobStore, Store
 from nomoat import adapter as adapter_format
 from nomoat.client import CoordinatorClient
 from nomoat.tiny import read_fortunes, tiny_model_path
@@ -122,7 +122,7 @@ class Rig:
     tmp: Path
     server: grpc.Server
     tls: Tls | None = None
-    store: BlobStore | None = None
+    store: Store | None = None
     v0_files: dict[str, str] = field(default_factory=dict)
     _clients: list[CoordinatorClient] = field(default_factory=list)
 
@@ -196,19 +196,26 @@ def manifest(task_id: str, fence: int, data: bytes, /, **changes) -> pb.AdapterM
 
 
 def start(redis_client, published: Published, tmp: Path, tls: Tls | None = None, cache_s: float = 5.0,
-          limits: Limits | None = None, listen: str = "127.0.0.1:0", **settings) -> Rig:
+          limits: Limits | None = None, listen: str = "127.0.0.1:0", store: Store | None = None,
+          **settings_) -> Rig:
     """A fresh ledger with version 0 and one token per role, served on a free port of ``listen``
-    (loopback unless told otherwise) and reached at 127.0.0.1.
+    (loopback unless told otherwise) and reached at 127.0.0.1; the blob store is a folder in
+    ``tmp``, or ``store`` (an object store) given version 0's files.
 
-    ``settings``: Settings fields other than the data dir; ``limits``: the server's lanes
+    ``settings_``: Settings fields other than the data dir; ``limits``: the server's lanes
     (coordinator.gateway.lanes; by default as the settings say)."""
     ledger = Ledger(redis_client)
-    shutil.copytree(published.blobs, tmp / "blobs")
-    store = BlobStore(tmp / "blobs")
+    if store is None:
+        shutil.copytree(published.blobs, tmp / "blobs")
+        store = BlobStore(tmp / "blobs")
+    else:
+        source = BlobStore(published.blobs)
+        for sha in set(published.files.values()):
+            store.put_file(source.path(sha))
     ledger.versions.publish(VersionRecord(version=0, parent=-1, files=dict(published.files)))
     registry = TokenRegistry(ledger.tokens, cache_s=cache_s)
     tokens = {role: registry.create(role) for role in ROLES}
-    settings = Settings(data_dir=tmp, **settings)
+    settings = Settings(data_dir=tmp, **settings_)
     history = History(ledger, store, tmp)
     deps = servicers.Deps(settings, ledger, store, registry, published.model.tokenizer, published.shapes,
                         "10.0.0.1:6379", "ray-secret", history=history,

@@ -326,3 +326,40 @@ def test_fold_failures_try_suspects_alone_back_off_and_name_the_one_to_park():
     assert failures.failed([b], now=10.0) is None and failures.waiting(11.0)
     assert failures.failed([b], now=20.0) == b  # its third failure: parked, and no wait for the rest
     assert not failures.waiting(20.0) and failures.batch([c], take=2) == [c]
+
+
+def test_every_version_carries_its_model_card(rig: Rig):
+    """README.md and nomoat.json: base model, lineage, version and parent, jobs and datasets by
+    name and sha256, the held-out loss history, and the contributors with their weight."""
+    from coordinator.model import modelcard, pull
+
+    for worker in ("w-a", "w-b", "w-a", "w-a"):
+        task_id = rig.ledger.leases.pending(1)[0]
+        base = rig.ledger.versions.latest()
+        fence = rig.ledger.leases.lease(task_id, time.time() + 60, base, max_attempts=3)
+        sha = rig.store.put(fmt.to_bytes(rig.adapter()))
+        assert rig.ledger.adapters.accept(task_id, fence, sha, base_version=base, tokens=1000, rank=RANK,
+                                          alpha=8.0, worker_id=worker).ok
+        if worker == "w-b" or rig.ledger.versions.latest() == 1 and len(rig.ledger.adapters.buffered()) == 2:
+            assert rig.folder.maybe_fold(set()) is not None
+    assert rig.ledger.versions.latest() == 2
+    job = rig.ledger.jobs.get(rig.job)
+    planned = pull.plan(rig.ledger, rig.history, rig.store, pull.Format.HF, 0, 2)
+    files = {f.path: f.sha256 for f in planned.files}
+    card = json.loads(rig.store.get(files[modelcard.MANIFEST]))
+    readme = rig.store.get(files[modelcard.README]).decode()
+    v1, v2 = rig.ledger.versions.get(1), rig.ledger.versions.get(2)
+    assert (card["version"], card["parent"], card["lineage"]) == (2, 1, rig.history.lineage().id)
+    assert card["base_model"] == rig.settings.base_model and f"base_model: {rig.settings.base_model}" in readme
+    assert card["jobs"] == [{"job_id": rig.job, "name": "test", "dataset_sha256": job.dataset,
+                             "records_sha256": job.records}]
+    assert job.dataset in readme and "| test |" in readme
+    assert card["contributors"] == [{"worker": "w-a", "worker_id": "w-a", "adapters": 2,
+                                     "weight": pytest.approx(sum(a.weight for a in v2.adapters))}]
+    first = json.loads(rig.store.get(modelcard.files_of(v1)[modelcard.MANIFEST]))["contributors"]
+    assert sorted(c["worker_id"] for c in first) == ["w-a", "w-b"]
+    assert card["loss_history"] == [[0, None], [1, pytest.approx(v1.eval_loss)], [2, pytest.approx(v2.eval_loss)]]
+    assert f"| 2 | {v2.eval_loss:.4f} |" in readme and "| w-a | 2 |" in readme
+    # Version 0 (published before the folder ran) gets its card at pull time.
+    v0 = {f.path for f in pull.plan(rig.ledger, rig.history, rig.store, pull.Format.HF, 0, 0).files}
+    assert {modelcard.README, modelcard.MANIFEST} <= v0

@@ -27,6 +27,9 @@ def test_the_formats_are_the_protos() -> None:
 def test_a_folder_pull_sends_the_versions_files_but_not_the_fp32_master(rig: Rig) -> None:
     got = plan(rig)
     expected = {p: sha for p, sha in rig.v0_files.items() if not p.startswith("nomoat-")}
+    card = {f.path: f.sha256 for f in got.files if f.path in ("README.md", "nomoat.json")}
+    assert len(card) == 2  # and its model card (issue 20): a complete Hugging Face folder
+    expected.update(card)
     assert got.version == 0
     assert {f.path: f.sha256 for f in got.files} == expected
     assert all(f.size == rig.store.size(f.sha256) and f.data is None for f in got.files)

@@ -530,10 +530,12 @@ def test_pull_streams_a_loadable_model_folder(rig: Rig) -> None:
     out = rig.tmp / "model"
     assert rig.client("reader").pull(out) == 0
     names = {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()} - {lineage.STAMP}
-    assert names == {p for p in rig.v0_files if not p.startswith("nomoat-")}
+    card = {"README.md", "nomoat.json"}  # and its model card (issue 20)
+    assert names == {p for p in rig.v0_files if not p.startswith("nomoat-")} | card
     assert "config.json" in names and "model.safetensors" in names
-    for name in names:
+    for name in names - card:
         assert hashlib.sha256((out / name).read_bytes()).hexdigest() == rig.v0_files[name]
+    assert json.loads((out / "nomoat.json").read_text())["version"] == 0
     # the folder names what it holds: version 0 of this coordinator's lineage, with every file's hash
     assert lineage.problem(out, rig.deps.history.lineage().id, 0) == ""
     model = AutoModelForCausalLM.from_pretrained(out)

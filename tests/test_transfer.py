@@ -99,8 +99,10 @@ class Counter:
 
 
 def served(rig: Rig, version: int = 0) -> dict[str, str]:
-    """path -> sha256 of what a pull of ``version`` writes (the fp32 master stays behind)."""
-    return {p: s for p, s in rig.ledger.versions.get(version).files.items() if not p.startswith("nomoat-")}
+    """path -> sha256 of what a pull of ``version`` writes: its files (the fp32 master stays
+    behind) and its model card."""
+    planned = pull.plan(rig.ledger, rig.deps.history, rig.store, pull.Format.HF, 0, version)
+    return {f.path: f.sha256 for f in planned.files}
 
 
 def total(rig: Rig, version: int = 0) -> int:
@@ -216,8 +218,9 @@ def test_a_version_that_moved_on_keeps_only_the_files_it_shares(rig: Rig) -> Non
     assert rig.client("reader").pull(out, progress=again) == 1
     [(version, held, note)] = again.starts
     assert version == 1 and "now serves version 1, not the version 0 this pull began with" in note
-    kept = sum(rig.store.size(sha) for path, sha in served(rig, 1).items() if path < WEIGHTS)
-    assert held == kept  # the files before the weights arrived whole in the first try and are the same
+    before = served(rig, 0)
+    kept = sum(rig.store.size(sha) for path, sha in served(rig, 1).items() if path < WEIGHTS and before[path] == sha)
+    assert held == kept  # the files before the weights arrived whole in the first try, and those that are the same stay
     assert again.received == total(rig, 1) - kept  # the changed weights came again from their start
     assert_pulled(out, served(rig, 1))
 

@@ -2,8 +2,11 @@
 
 Uploads are idempotent per (task, fence, sha256) on the coordinator's side, so resending after a
 broken connection is always safe: a copy that already arrived is answered "accepted" again. Each
-try first asks how many bytes the coordinator kept from an earlier, broken-off try
-(``UploadOffset``) and sends only the rest; the coordinator checks the whole file's sha256.
+try first asks where the bytes go (``UploadTarget``): with an object store, a presigned PUT for
+this lease's upload object, after which the Upload call carries the manifest alone and the
+coordinator reads the object back and checks it. Otherwise it asks how many bytes the
+coordinator kept from an earlier, broken-off try (``UploadOffset``) and streams only the rest;
+the coordinator checks the whole file's sha256.
 A refusal (stale lease, failed check) is final and is not retried.
 
 A finished adapter is also written to the worker's outbox (a folder in its cache dir) before it
@@ -25,6 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from nomoat import direct
 from nomoat.client import CoordinatorClient, NomoatError
 from nomoat.spec import GradientNorms
 from nomoat.v1 import nomoat_pb2 as pb
@@ -57,6 +61,17 @@ def send_once(client: CoordinatorClient, manifest: pb.AdapterManifest, data: byt
               pace: Pace | None = None) -> UploadResult:
     """One try: ask what the coordinator holds, send the rest. NomoatError when it did not answer.
     ``pace(n)`` waits before each chunk of n bytes (``Controls.throttle_upload``: --max-upload-mbps)."""
+    url = client.upload_target(manifest)
+    if url:
+        try:
+            direct.put(url, data, pace=pace)
+        except direct.DirectError as exc:
+            raise NomoatError(str(exc)) from None
+        stored = pb.AdapterManifest()
+        stored.CopyFrom(manifest)
+        stored.in_store = True
+        reply = client.upload(stored, b"")
+        return UploadResult(reply.accepted, reply.adapter_id, reply.reason, attempt)
     held = client.upload_offset(manifest.task_id, manifest.fence, manifest.sha256, manifest.worker_id,
                                 manifest.lease_secret)
     offset = held if 0 <= held <= len(data) else 0

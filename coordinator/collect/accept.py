@@ -8,6 +8,12 @@ config. The expensive gates (norm against recent adapters, held-out loss) run at
 ``upload`` is the whole workflow the Upload call runs: refuse early what cannot be accepted
 (too big, a stale lease, a lease the caller does not hold) before any byte is kept, receive the rest of a
 resumable upload, then ``receive`` checks and records it.
+
+With an object store the bytes never pass through here: ``upload_target`` gives the lease's
+holder a presigned PUT for the one upload object of (task, fence, sha256), the worker PUTs the
+adapter there, and its Upload carries the manifest alone (``in_store``); the coordinator reads
+the object back and ``receive`` checks its size and sha256 against the manifest like any other
+upload before anything of it is kept as a blob.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ from coordinator.schedule.holder import claim_of
 from coordinator.ledger import Accepted, Check, Claim, JobConfig, Ledger, Refusal
 from coordinator.ledger.adapters import REFUSED_LEASE
 from coordinator.schedule.noise import Sample
-from coordinator.model.store import BlobStore
+from coordinator.model.store import Store, upload_key
 from coordinator.collect.partial_uploads import PartialUploads, UploadRefused, UploadRetry
 from nomoat import adapter as adapter_format
 from nomoat.logs import fields
@@ -65,9 +71,23 @@ class Manifest:
     lease_secret: str = ""  # the secret of the lease it was trained under (its run's spec), never stored
 
 
+def upload_target(ledger: Ledger, store: Store, identity: Identity, manifest: Manifest, *, max_bytes: int,
+                  ttl_s: float) -> str:
+    """A presigned PUT for this upload's own object, or "" when the bytes should come through
+    Upload: the store is a folder, or the upload would be answered at once anyway (too big, a
+    duplicate, a stale lease or another token's), which Upload then says without any byte."""
+    if not store.direct or manifest.size > max_bytes:
+        return ""
+    # Only the lease's holder (its worker and secret) is given a URL: anyone else's answer is "".
+    claim = claim_of(ledger, identity, manifest.worker_id, manifest.lease_secret)
+    if precheck(ledger, manifest.task_id, manifest.fence, manifest.sha256, claim) is not None:
+        return ""
+    return store.presign_put(upload_key(manifest.task_id, manifest.fence, manifest.sha256), ttl_s)
+
+
 def upload(
     ledger: Ledger,
-    store: BlobStore,
+    store: Store,
     shapes: Mapping[str, tuple[int, int]],
     partials: PartialUploads,
     identity: Identity,
@@ -78,8 +98,9 @@ def upload(
     max_bytes: int,
     lineage: str = "",
     replication: Replication | None = None,
+    in_store: bool = False,
 ) -> Accepted:
-    """The whole upload: refuse early what cannot be accepted, receive the bytes from
+    """The whole upload (with ``in_store``, of the object PUT to ``upload_target``'s URL): refuse early what cannot be accepted, receive the bytes from
     ``offset`` on (resumable, see PartialUploads), then check and record the adapter; the
     answer is logged.
 
@@ -92,7 +113,7 @@ def upload(
     ``replication``, the adapter of a replicated task is held until its replicas settle.
     """
     result = _upload(ledger, store, shapes, partials, identity, manifest, offset, blocks, max_bytes=max_bytes,
-                     lineage=lineage, replication=replication)
+                     lineage=lineage, replication=replication, in_store=in_store)
     refusal = None
     if result.status == "refused":
         task = ledger.tasks.get(manifest.task_id)
@@ -120,9 +141,9 @@ def log_answer(m: Manifest, result: Accepted) -> None:
                     result.detail, extra=fields("upload.refused", reason=result.detail, **ids))
 
 
-def _upload(ledger: Ledger, store: BlobStore, shapes: Mapping[str, tuple[int, int]], partials: PartialUploads,
+def _upload(ledger: Ledger, store: Store, shapes: Mapping[str, tuple[int, int]], partials: PartialUploads,
             identity: Identity, manifest: Manifest, offset: int, blocks: Iterable[bytes], *, max_bytes: int,
-            lineage: str, replication: Replication | None) -> Accepted:
+            lineage: str, replication: Replication | None, in_store: bool) -> Accepted:
     if manifest.size > max_bytes:
         return Accepted("refused", f"the adapter is {manifest.size} bytes; the limit is {max_bytes}", REFUSED_SIZE)
     if manifest.lineage and manifest.lineage != lineage:  # trained on another coordinator's model
@@ -143,6 +164,8 @@ def _upload(ledger: Ledger, store: BlobStore, shapes: Mapping[str, tuple[int, in
         return Accepted("refused", f"the adapter is {m.size} bytes; an adapter of this job's LoRA config "
                                    f"(rank {job.config.lora_rank}) is at most {bound}", REFUSED_SIZE)
     volunteer = standing.volunteer_of(token_hash, worker_id)
+    if in_store:
+        return _from_store(ledger, store, shapes, m, volunteer, max_bytes, replication)
     try:
         data = partials.receive(m.task_id, m.fence, m.sha256, m.size, offset, blocks)
     except UploadRefused as exc:  # bytes that do not match their manifest
@@ -154,6 +177,19 @@ def _upload(ledger: Ledger, store: BlobStore, shapes: Mapping[str, tuple[int, in
         raise Incomplete(f"the upload stopped at byte {held} of {m.size}; resume from offset {held}")
     result = receive(ledger, store, shapes, m, data, volunteer=volunteer, replication=replication)
     partials.discard(m.task_id, m.fence, m.sha256)
+    return _counted(ledger, volunteer, result)
+
+
+def _from_store(ledger: Ledger, store: Store, shapes: Mapping[str, tuple[int, int]], m: Manifest, volunteer: str,
+                max_bytes: int, replication: Replication | None) -> Accepted:
+    """An upload the worker PUT into the object store: read back, then checked like any other."""
+    key = upload_key(m.task_id, m.fence, m.sha256)
+    data = store.read_upload(key, limit=max_bytes) if store.direct else None
+    if data is None:
+        raise Incomplete("the adapter is not in the object store (or is larger than allowed); "
+                         "PUT it to the URL UploadTarget gives, then send the manifest again")
+    result = receive(ledger, store, shapes, m, data, volunteer=volunteer, replication=replication)
+    store.delete_upload(key)
     return _counted(ledger, volunteer, result)
 
 
@@ -177,7 +213,7 @@ def precheck(ledger: Ledger, task_id: str, fence: int, sha256: str, claim: Claim
 
 def receive(
     ledger: Ledger,
-    store: BlobStore,
+    store: Store,
     shapes: Mapping[str, tuple[int, int]],
     manifest: Manifest,
     data: bytes,

@@ -56,6 +56,7 @@ from coordinator.ledger.versions import VersionConflict
 from coordinator.model.running import RunningModel
 from coordinator.fold.policy import FoldPolicy
 from coordinator.settings import Settings
+from coordinator.model import modelcard
 from coordinator.model.store import BlobStore
 from coordinator.schedule.submit import read_records
 from nomoat import adapter as adapter_format
@@ -353,10 +354,15 @@ class Folder:
         ``snapshot_every``-th version, and any with ``snapshot``, also stores the model folder.
         (Publishing it fails if ``current`` is no longer the newest: another fold came first.)"""
         number = current + 1
+        card = modelcard.make(self.ledger, self.store, base_model=self.settings.base_model,
+                              lineage=self.history.lineage().id, version=number, parent=current, eval_loss=loss,
+                              folded=[(a.id, a.weight) for a in adapters],
+                              job_ids=list(metrics.get("jobs") or [j for j in job_id.split(",") if j]),
+                              operation=metrics.get("operation", ""))
         return VersionRecord(
             version=number, parent=current, patch=self.store.put(adapter_format.to_bytes(patch)),
             files=self.model.publish(self.store) if snapshot or number % self.settings.snapshot_every == 0 else {},
-            adapters=tuple(adapters), eval_loss=loss, metrics=metrics, job_id=job_id,
+            adapters=tuple(adapters), eval_loss=loss, metrics={**metrics, modelcard.CARD_KEY: card}, job_id=job_id,
             delta=self.store.put(adapter_format.to_bytes(delta)) if delta is not None else "",
         )
 

@@ -39,6 +39,7 @@ PERMISSIONS: dict[str, set[str]] = {
     "/nomoat.v1.Workers/FetchShard": _WORKERS,
     "/nomoat.v1.Workers/Upload": _WORKERS,
     "/nomoat.v1.Workers/UploadOffset": _WORKERS,
+    "/nomoat.v1.Workers/UploadTarget": _WORKERS,
     "/nomoat.v1.Workers/RequestWork": _WORKERS,
     "/nomoat.v1.Workers/ReportRun": _WORKERS,
     "/nomoat.v1.Workers/Stats": _WORKERS,  # a volunteer's own record (its token's)

@@ -30,7 +30,7 @@ from coordinator.schedule import holder
 
 from coordinator.schedule import inbox_dispatch
 
-from coordinator.model import pull
+from coordinator.model import pull, retention
 
 from coordinator.observe import contributions
 
@@ -57,7 +57,7 @@ from coordinator.model.history import History
 from coordinator.ledger import Ledger
 from coordinator.schedule.noise import Sample
 from coordinator.settings import Settings
-from coordinator.model.store import BlobStore
+from coordinator.model.store import Store
 from coordinator.collect.partial_uploads import PartialUploads
 from nomoat import framing
 from nomoat.v1 import nomoat_pb2 as pb
@@ -93,7 +93,7 @@ _STATUS: dict[type[RequestError], grpc.StatusCode] = {
 class Deps:
     settings: Settings
     ledger: Ledger
-    store: BlobStore
+    store: Store
     registry: TokenRegistry
     tokenizer: PreTrainedTokenizerBase
     shapes: dict[str, tuple[int, int]]  # every nn.Linear of the base model
@@ -234,14 +234,27 @@ def _dataset_parts(request_iterator: Iterator[pb.SubmitChunk]) -> Iterator[submi
             yield chunk.data  # an empty message carries no bytes, as an empty data part
 
 
-def _adapter_blocks(request_iterator: Iterator[pb.UploadChunk]) -> Iterator[bytes]:
+def _adapter_blocks(request_iterator: Iterator[pb.UploadChunk], ledger: Ledger) -> Iterator[bytes]:
+    received = 0
     try:
         for chunk in request_iterator:
             if chunk.WhichOneof("part") == "manifest":
                 raise InvalidRequest("the manifest was sent twice")
+            received += len(chunk.data)
             yield chunk.data
     except grpc.RpcError:  # the client went away mid-stream: what arrived is kept
         raise BrokenOff("the upload broke off; send the rest from UploadOffset") from None
+    finally:
+        ledger.counters.gateway("upload", received)
+
+
+def _manifest(m: pb.AdapterManifest) -> accept.Manifest:
+    return accept.Manifest(
+        task_id=m.task_id, fence=m.fence, base_version=m.base_version, rank=m.rank, alpha=m.alpha,
+        tokens=m.tokens, train_loss=m.train_loss, sha256=m.sha256, size=m.size, worker_id=m.worker_id,
+        lineage=m.lineage, lease_secret=m.lease_secret,
+        gradients=Sample(m.grad_micro_sq, m.grad_batch_sq, m.grad_micro_batch, m.grad_batch_size),
+    )
 
 
 class DatasetsServicer(rpc.DatasetsServicer):
@@ -311,14 +324,31 @@ class WorkersServicer(rpc.WorkersServicer):
 
     @_answers
     def FetchShard(self, request, context):
-        for block in holder.fetch_shard(self.deps.ledger, self.deps.store, _identity(context, self.deps),
-                                        request.task_id, request.fence, request.worker_id, request.lease_secret):
+        shard = holder.shard(self.deps.ledger, self.deps.store, _identity(context, self.deps),
+                             request.task_id, request.fence, self.deps.settings.url_ttl_s,
+                             request.worker_id, request.lease_secret)
+        if shard.url:
+            yield pb.DataChunk(url=shard.url, sha256=shard.sha256, size=shard.size)
+            return
+        sent = 0
+        for block in shard.blocks:
+            sent += len(block)
             yield pb.DataChunk(data=block)
+        self.deps.ledger.counters.gateway("shard", sent)
 
     def _partials(self) -> PartialUploads:
         if self.deps.uploads is None:
             self.deps.uploads = PartialUploads(self.deps.settings.data_dir / "uploads")
         return self.deps.uploads
+
+    @_answers
+    def UploadTarget(self, request, context):
+        wanted = accept.Manifest(task_id=request.task_id, fence=request.fence, base_version=0, rank=0, alpha=0.0,
+                                 tokens=0, train_loss=0.0, sha256=request.sha256, size=request.size,
+                                 worker_id=request.worker_id, lease_secret=request.lease_secret)
+        url = accept.upload_target(self.deps.ledger, self.deps.store, _identity(context, self.deps), wanted,
+                                   max_bytes=self.deps.settings.max_adapter_bytes, ttl_s=self.deps.settings.url_ttl_s)
+        return pb.UploadTargetReply(url=url, expires_in_s=self.deps.settings.url_ttl_s if url else 0.0)
 
     @_answers
     def UploadOffset(self, request, context):
@@ -334,16 +364,12 @@ class WorkersServicer(rpc.WorkersServicer):
         if first.WhichOneof("part") != "manifest":
             raise InvalidRequest("the first message must be the manifest")
         m = first.manifest
-        manifest = accept.Manifest(
-            task_id=m.task_id, fence=m.fence, base_version=m.base_version, rank=m.rank, alpha=m.alpha,
-            tokens=m.tokens, train_loss=m.train_loss, sha256=m.sha256, size=m.size, worker_id=m.worker_id,
-            lineage=m.lineage, lease_secret=m.lease_secret,
-            gradients=Sample(m.grad_micro_sq, m.grad_batch_sq, m.grad_micro_batch, m.grad_batch_size),
-        )
         result = accept.upload(self.deps.ledger, self.deps.store, self.deps.shapes, self._partials(),
-                                _identity(context, self.deps), manifest, m.offset, _adapter_blocks(request_iterator),
+                                _identity(context, self.deps), _manifest(m), m.offset,
+                                _adapter_blocks(request_iterator, self.deps.ledger),
                                 max_bytes=self.deps.settings.max_adapter_bytes,
-                                lineage=self.deps.history.lineage().id, replication=self.deps.replication)
+                                lineage=self.deps.history.lineage().id, replication=self.deps.replication,
+                                in_store=m.in_store)
         if result.ok:
             return pb.UploadReply(accepted=True, adapter_id=result.detail)
         return pb.UploadReply(accepted=False, reason=result.detail)
@@ -384,11 +410,18 @@ class ModelsServicer(rpc.ModelsServicer):
         plan = pull.plan(self.deps.ledger, self.deps.history, self.deps.store, request.format, request.since,
                          request.version, max_peft_bytes=self.deps.settings.max_peft_pull_bytes)
         start = pull.starts(plan, ((r.path, r.sha256, r.offset) for r in request.resume))
+        urls = pull.links(self.deps.store, plan, self.deps.settings.url_ttl_s)  # {} unless an object store
         yield pb.PullChunk(header=pb.PullHeader(version=plan.version, lineage=plan.lineage, files=[
-            pb.FileEntry(path=f.path, size=f.size, sha256=f.sha256, offset=start.get(f.path, 0)) for f in plan.files
+            pb.FileEntry(path=f.path, size=f.size, sha256=f.sha256, offset=start.get(f.path, 0),
+                         url=urls.get(f.path, "")) for f in plan.files
         ]))
-        for path, offset, block in pull.blocks(self.deps.store, plan, pull.CHUNK, start):
-            yield framing.file_chunk(path, offset, block)  # already serialized (see add_all)
+        sent = 0
+        try:
+            for path, offset, block in pull.blocks(self.deps.store, plan, pull.CHUNK, start, skip=urls):
+                sent += len(block)
+                yield framing.file_chunk(path, offset, block)  # already serialized (see add_all)
+        finally:
+            self.deps.ledger.counters.gateway("pull", sent)
 
 
 class AdminServicer(rpc.AdminServicer):
@@ -431,6 +464,13 @@ class AdminServicer(rpc.AdminServicer):
                              active_workers=v.active_workers, standing=v.standing, trust_score=v.score,
                              reason=v.reason, role=v.role)
             for v in roster.listing(self.deps.ledger, self.deps.settings)])
+
+    def Sweep(self, request, context):
+        d = self.deps
+        report = retention.sweep_under(d.settings, d.ledger, d.store, d.history.dir if d.history else None,
+                                       d.operations.lock if d.operations else None, dry_run=request.dry_run)
+        return pb.SweepReply(lines=report.lines(), blobs=report.blobs, bytes=report.bytes, records=report.records)
+
 
     @_answers
     def BanVolunteer(self, request, context):

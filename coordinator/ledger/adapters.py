@@ -225,6 +225,10 @@ class Adapters:
                 return False
         return True
 
+    def expire(self, adapter_ids: list[str]) -> int:
+        """Remove the records of refused adapters past their retention (coordinator.model.retention)."""
+        return int(self.r.delete(*(keys.adapter(a) for a in adapter_ids))) if adapter_ids else 0
+
     def mark_unmerged(self, adapter_id: str, version: int) -> None:
         """A folded adapter that ``version`` took out of the model again."""
         self.r.hset(keys.adapter(adapter_id), mapping={"state": AdapterState.UNMERGED.value, "unmerged_in": version})

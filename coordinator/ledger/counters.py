@@ -28,6 +28,9 @@ UPLOAD_OUTCOMES = ("accepted", "held", "duplicate", "refused")
 FOLD_OUTCOMES = ("published", "nothing")  # a fold that published a version, or one whose every adapter was dropped
 # Upper bounds (seconds) of the fold-duration histogram's buckets; +Inf is implied.
 FOLD_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+# Bytes this coordinator's gateways moved themselves, by what: model files pulled, shards fetched,
+# adapters received. With an object store clients move them by presigned URLs, and these stay 0.
+GATEWAY_KINDS = ("pull", "shard", "upload")
 MAX_REFUSALS = 200  # the newest refusals kept for the dashboard
 # Ledger-wide totals kept where the state changes, so /metrics reads them instead of every job:
 # "tasks:<state>" (coordinator.ledger.tasks.COUNT), "jobs:<done|failed>" (Jobs.finish),
@@ -77,6 +80,7 @@ class Tally:
     refusals: dict[tuple[str, str], int] = field(default_factory=dict)  # (stage, kind) -> refusals
     folds: dict[str, int] = field(default_factory=dict)  # outcome -> folds
     fold_seconds: Histogram = field(default_factory=lambda: Histogram((0,) * (len(FOLD_BUCKETS) + 1)))
+    gateway_bytes: dict[str, int] = field(default_factory=dict)  # GATEWAY_KINDS -> bytes through a gateway
 
 
 def _bucket(seconds: float) -> int:
@@ -125,6 +129,13 @@ class Counters:
         pipe.hincrby(keys.COUNTERS, "fold_seconds:count", 1)
         pipe.execute()
 
+    def gateway(self, kind: str, n: int) -> None:
+        """Count ``n`` bytes a gateway moved itself (``GATEWAY_KINDS``)."""
+        if kind not in GATEWAY_KINDS:
+            raise ValueError(f"unknown gateway byte kind {kind!r}")
+        if n > 0:
+            self.r.hincrby(keys.COUNTERS, f"gateway_bytes:{kind}", int(n))
+
     def recent_refusals(self, limit: int = 50) -> list[Refusal]:
         """The newest refusals, newest first."""
         return [Refusal(**json.loads(raw)) for raw in self.r.lrange(keys.REFUSALS, 0, limit - 1)]
@@ -154,5 +165,6 @@ class Counters:
             refusals=refusals, folds={o: n(f"folds:{o}") for o in FOLD_OUTCOMES},
             fold_seconds=Histogram(tuple(n(f"fold_seconds:bucket:{i}") for i in range(len(FOLD_BUCKETS) + 1)),
                                    float(raw.get("fold_seconds:sum", 0.0)), n("fold_seconds:count")),
+            gateway_bytes={k: n(f"gateway_bytes:{k}") for k in GATEWAY_KINDS},
         )
 

@@ -121,6 +121,32 @@ class Jobs:
         self._finish(keys=[keys.job(job_id), keys.RUNNING_JOBS, keys.COUNTERS],
                      args=[job_id, state.value, *(x for kv in fields.items() for x in kv)])
 
+    def sweep(self, job_id: str, summary: dict, records: str, n_records: int) -> int:
+        """Retire a finished job's per-task records (coordinator.model.retention): its tasks'
+        counts by state go into the job's ``summary``, its records blob is now ``records`` (its
+        validation slice, ``n_records`` long), and its task hashes and task list go, in one
+        transaction; how many keys were removed."""
+        task_ids = [t.decode() for t in self.r.lrange(keys.job_tasks(job_id), 0, -1)]
+        pipe = self.r.pipeline(transaction=True)
+        pipe.hset(keys.job(job_id), mapping={"summary": json.dumps(summary), "records": records,
+                                             "n_records": n_records, "swept": time.time()})
+        for task_id in task_ids:
+            pipe.delete(keys.task(task_id))
+            pipe.zrem(keys.PENDING, task_id)
+            pipe.zrem(keys.LEASES, task_id)
+        pipe.delete(keys.job_tasks(job_id))
+        pipe.execute()
+        return len(task_ids) + 1
+
+    def summary(self, job_id: str) -> dict:
+        """What :meth:`sweep` kept of a retired job's tasks ({} for a job not retired)."""
+        raw = self.r.hget(keys.job(job_id), "summary")
+        return json.loads(raw) if raw else {}
+
+    def swept(self, job_id: str) -> bool:
+        """Whether the sweeper already retired the job's task records."""
+        return bool(self.r.hexists(keys.job(job_id), "swept"))
+
     def set_warning(self, job_id: str, warning: str) -> None:
         """Why the job's tasks wait (no card fits them), "" when nothing holds it up."""
         self.r.hset(keys.job(job_id), "warning", warning)

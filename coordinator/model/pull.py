@@ -10,6 +10,11 @@ folder) are sent from memory.
 A client whose earlier pull broke off names the bytes it holds of each file (path, sha256,
 offset); :func:`starts` honours an offset only for a file of this plan with that same sha256, so
 a resumed file is always the one the client began (see nomoat/transfer.py and nomoat/partial.py for the other end).
+
+With an object store (a direct store) no byte goes through here: :func:`links` names each file's
+presigned GET (made-up files are put into the store first, by content, so a repeat costs
+nothing), the header carries them, and the client reads each file from the store, by Range from
+where it holds it.
 """
 
 from __future__ import annotations
@@ -20,10 +25,11 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from coordinator.errors import InvalidRequest, LimitReached, NotFound
+from coordinator.model import modelcard
 from coordinator.model.history import History, plan_catch_up
 from coordinator.ledger import Ledger
 from coordinator.model.running import pulled
-from coordinator.model.store import BlobStore
+from coordinator.model.store import Store
 
 
 # Bytes of a file per message. bench/pull.py on two shared cores: 1 MiB cost the least CPU per GB
@@ -57,7 +63,7 @@ class PullPlan:
     lineage: str = ""  # the model lineage the version belongs to (see nomoat.lineage)
 
 
-def plan(ledger: Ledger, history: History, store: BlobStore, fmt: int, since: int, version: int,
+def plan(ledger: Ledger, history: History, store: Store, fmt: int, since: int, version: int,
          max_peft_bytes: int = 0) -> PullPlan:
     """What a pull sends; ``version`` < 0 means the newest.
 
@@ -86,7 +92,7 @@ def _bytes(n: int) -> str:
     return f"{n / (1 << 20):.0f} MiB" if n >= 1 << 20 else f"{n} bytes"
 
 
-def _bound_peft(ledger: Ledger, store: BlobStore, since: int, number: int, limit: int) -> None:
+def _bound_peft(ledger: Ledger, store: Store, since: int, number: int, limit: int) -> None:
     """Refuse a PEFT update from ``since`` to ``number`` whose patches hold more than ``limit``
     bytes (their summed rank, as stored); reads sizes only, and stops at the bound."""
     total = 0
@@ -119,7 +125,21 @@ def _files(ledger: Ledger, history: History, fmt: int, since: int, number: int) 
             files += [(f"snapshot/{p}", sha) for p, sha in sorted(snapshot.items())]
         files += [(f"patches/{v:06d}.safetensors", ledger.versions.get(v).patch) for v in catch_up.patches]
         return files
-    return sorted(pulled(history.hf_files(number)).items())
+    return sorted({**pulled(history.hf_files(number)), **_card(ledger, history, number)}.items())
+
+
+def _card(ledger: Ledger, history: History, number: int) -> dict[str, str]:
+    """The version's model card (README.md, nomoat.json): the blobs its record names, or for a
+    version the folder did not make (version 0) one made from its record and put in the store (by
+    content: the same card is stored once)."""
+    record = ledger.versions.get(number)
+    stored = modelcard.files_of(record)
+    if stored:
+        return stored
+    made = modelcard.render(modelcard.Card(
+        record.metrics.get("base_model", "the base model of this lineage"), history.lineage().id, number,
+        record.parent, record.eval_loss, record.operation, loss_history=[[number, record.eval_loss]]))
+    return {name: history.store.put(data) for name, data in made.items()}
 
 
 def starts(planned: PullPlan, resume: Iterable[tuple[str, str, int]]) -> dict[str, int]:
@@ -137,19 +157,28 @@ def starts(planned: PullPlan, resume: Iterable[tuple[str, str, int]]) -> dict[st
     return out
 
 
-def blocks(store: BlobStore, planned: PullPlan, size: int = CHUNK,
-           start: dict[str, int] | None = None) -> Iterator[tuple[str, int, bytes]]:
-    """(path, offset, bytes) of every file in the plan, from its ``start`` offset on (0 if not
-    named), in blocks of at most ``size`` bytes."""
-    start = start or {}
+def links(store: Store, planned: PullPlan, ttl_s: float) -> dict[str, str]:
+    """path -> a presigned GET of the file, for a direct store ({} for a folder: the bytes then
+    follow in the stream). Each URL names that one object and expires after ``ttl_s``."""
+    if not store.direct:
+        return {}
+    return {f.path: store.presign_get(store.put(f.data) if f.data is not None else f.sha256, ttl_s)
+            for f in planned.files}
+
+
+def blocks(store: Store, planned: PullPlan, size: int = CHUNK,
+           start: dict[str, int] | None = None, skip: Iterable[str] = ()) -> Iterator[tuple[str, int, bytes]]:
+    """(path, offset, bytes) of every file in the plan but those in ``skip`` (fetched by URL),
+    from its ``start`` offset on (0 if not named), in blocks of at most ``size`` bytes."""
+    start, skip = start or {}, set(skip)
     for f in planned.files:
+        if f.path in skip:
+            continue
         offset = start.get(f.path, 0)
         if f.data is not None:
             for i in range(offset, len(f.data), size):
                 yield f.path, i, f.data[i : i + size]
             continue
-        with open(store.path(f.sha256), "rb") as fh:
-            fh.seek(offset)
-            while block := fh.read(size):
-                yield f.path, offset, block
-                offset += len(block)
+        for block in store.chunks(f.sha256, size, offset):
+            yield f.path, offset, block
+            offset += len(block)

@@ -19,8 +19,6 @@ snapshotted is written from its nearest snapshot plus its patches, tensor by ten
 from __future__ import annotations
 
 import copy
-import os
-import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
@@ -270,8 +268,8 @@ def _dtype_of(config) -> torch.dtype:
 def materialize(store: BlobStore, files: Mapping[str, str], target: Path) -> Path:
     """Write a version's files from the store into ``target`` (created atomically).
 
-    Files are hard links to the (immutable) blobs where the file system allows, else streamed
-    copies: never read into memory."""
+    Files are hard links to the (immutable) blobs where the store is a folder on this file
+    system, else streamed copies (downloads from an object store): never read into memory."""
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -279,9 +277,6 @@ def materialize(store: BlobStore, files: Mapping[str, str], target: Path) -> Pat
     for rel, sha in files.items():
         path = tmp / rel
         path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            os.link(store.path(sha), path)
-        except OSError:
-            shutil.copyfile(store.path(sha), path)
+        store.fetch(sha, path)
     tmp.rename(target)
     return target

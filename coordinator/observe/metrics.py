@@ -45,7 +45,7 @@ LOSS_LOOKBACK = 20  # the newest versions searched for the newest held-out loss
 EXPORTED = (
     "nomoat_tasks", "nomoat_jobs", "nomoat_job_progress", "nomoat_leases", "nomoat_task_reissues",
     "nomoat_leases_expired", "nomoat_speculative_leases", "nomoat_uploads", "nomoat_upload_bytes",
-    "nomoat_refusals", "nomoat_folds", "nomoat_fold_duration_seconds", "nomoat_versions",
+    "nomoat_refusals", "nomoat_folds", "nomoat_gateway_bytes", "nomoat_fold_duration_seconds", "nomoat_versions",
     "nomoat_version_latest", "nomoat_version_eval_loss", "nomoat_adapters", "nomoat_workers",
     "nomoat_worker_tokens_per_second", "nomoat_worker_tasks_done", "nomoat_tokens_per_second",
     "nomoat_http_requests", "nomoat_http_streams",
@@ -158,6 +158,11 @@ def _counters(ledger: Ledger) -> Iterator[Metric]:
     for outcome, n in t.folds.items():
         folds.add_metric([outcome], n)
     yield folds
+    moved = CounterMetricFamily("nomoat_gateway_bytes", "Bytes the gateways moved themselves (model files pulled, "
+                                "shards, adapters received); 0 with an object store.", labels=["kind"])
+    for kind, n in t.gateway_bytes.items():
+        moved.add_metric([kind], n)
+    yield moved
     h = t.fold_seconds
     duration = HistogramMetricFamily("nomoat_fold_duration_seconds", "Time one fold took: gates, evaluations, "
                                      "publishing.")

@@ -128,6 +128,15 @@ class Progress:
     finished: bool
 
 
+def _task_counts(ledger: Ledger, job_id: str) -> dict[str, int]:
+    """The job's tasks by state: its counters, or the summary a retired job's tasks left
+    (coordinator.model.retention removes their records)."""
+    counts = ledger.tasks.counts(job_id)
+    if any(counts.values()):
+        return counts
+    return ledger.jobs.summary(job_id).get("tasks") or counts
+
+
 def job(ledger: Ledger, job_id: str) -> JobSummary | None:
     record = ledger.jobs.get(job_id)
     if record is None:
@@ -136,7 +145,7 @@ def job(ledger: Ledger, job_id: str) -> JobSummary | None:
         job_id=job_id,
         name=record.name,
         state=record.state.value,
-        tasks=ledger.tasks.counts(job_id),
+        tasks=_task_counts(ledger, job_id),
         total_tasks=record.total_tasks,
         adapters_folded=record.adapters_folded,
         adapters_rejected=record.adapters_rejected,

@@ -12,6 +12,7 @@ no such lease (NotFound): no fence, no holder, no state.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from collections.abc import Iterator
@@ -21,7 +22,7 @@ from coordinator.gateway.auth import Identity
 from coordinator.errors import NotFound
 from coordinator.ledger import Claim, Ledger
 from coordinator.settings import Settings
-from coordinator.model.store import BlobStore
+from coordinator.model.store import Store
 from coordinator.collect.partial_uploads import PartialUploads
 from coordinator.schedule import shards
 from nomoat.logs import fields
@@ -104,7 +105,33 @@ def hand_back(ledger: Ledger, task_id: str, fence: int, worker_id: str, reason: 
     return True
 
 
-def fetch_shard(ledger: Ledger, store: BlobStore, identity: Identity, task_id: str, fence: int,
+@dataclass(frozen=True)
+class Shard:
+    """A task's records: in blocks (a folder store streams them), or where to GET them."""
+
+    blocks: Iterator[bytes] | None = None
+    url: str = ""  # a presigned GET of the shard's own object (a direct store)
+    sha256: str = ""
+    size: int = 0
+
+
+def shard(ledger: Ledger, store: Store, identity: Identity, task_id: str, fence: int, ttl_s: float,
+          worker_id: str = "", secret: str = "") -> Shard:
+    """The task's shard for the holder of its current lease: with a direct store, written as an
+    object of its own (by content: once per shard) and named by a URL that reads it alone, so a
+    lease's URL never opens the rest of the dataset; else its bytes, a block at a time. Raises
+    as :func:`fetch_shard`."""
+    blocks = fetch_shard(ledger, store, identity, task_id, fence, worker_id, secret)
+    if not store.direct:
+        return Shard(blocks=blocks)
+    data = b"".join(blocks)  # one shard (a task's records), never the job's
+    sha = hashlib.sha256(data).hexdigest()
+    if not store.has(sha):
+        store.put(data)
+    return Shard(url=store.presign_get(sha, ttl_s), sha256=sha, size=len(data))
+
+
+def fetch_shard(ledger: Ledger, store: Store, identity: Identity, task_id: str, fence: int,
                 worker_id: str = "", secret: str = "") -> Iterator[bytes]:
     """The task's records (JSON lines) in chunks, read by byte range from the job's records
     (coordinator.schedule.shards), for the holder of its current lease only.

@@ -316,6 +316,30 @@ class UploadOffsetReply(_message.Message):
     offset: int
     def __init__(self, offset: _Optional[int] = ...) -> None: ...
 
+class UploadTargetRequest(_message.Message):
+    __slots__ = ("task_id", "fence", "sha256", "size", "worker_id", "lease_secret")
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    FENCE_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    LEASE_SECRET_FIELD_NUMBER: _ClassVar[int]
+    task_id: str
+    fence: int
+    sha256: str
+    size: int
+    worker_id: str
+    lease_secret: str
+    def __init__(self, task_id: _Optional[str] = ..., fence: _Optional[int] = ..., sha256: _Optional[str] = ..., size: _Optional[int] = ..., worker_id: _Optional[str] = ..., lease_secret: _Optional[str] = ...) -> None: ...
+
+class UploadTargetReply(_message.Message):
+    __slots__ = ("url", "expires_in_s")
+    URL_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_IN_S_FIELD_NUMBER: _ClassVar[int]
+    url: str
+    expires_in_s: float
+    def __init__(self, url: _Optional[str] = ..., expires_in_s: _Optional[float] = ...) -> None: ...
+
 class Card(_message.Message):
     __slots__ = ("name", "vram_gb", "compute_capability", "bf16", "backend", "simulated", "tflops", "loads_4bit")
     NAME_FIELD_NUMBER: _ClassVar[int]
@@ -405,13 +429,19 @@ class FetchShardRequest(_message.Message):
     def __init__(self, task_id: _Optional[str] = ..., fence: _Optional[int] = ..., worker_id: _Optional[str] = ..., lease_secret: _Optional[str] = ...) -> None: ...
 
 class DataChunk(_message.Message):
-    __slots__ = ("data",)
+    __slots__ = ("data", "url", "sha256", "size")
     DATA_FIELD_NUMBER: _ClassVar[int]
+    URL_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
     data: bytes
-    def __init__(self, data: _Optional[bytes] = ...) -> None: ...
+    url: str
+    sha256: str
+    size: int
+    def __init__(self, data: _Optional[bytes] = ..., url: _Optional[str] = ..., sha256: _Optional[str] = ..., size: _Optional[int] = ...) -> None: ...
 
 class AdapterManifest(_message.Message):
-    __slots__ = ("task_id", "fence", "base_version", "rank", "alpha", "tokens", "train_loss", "sha256", "size", "worker_id", "offset", "train_seconds", "lineage", "grad_micro_sq", "grad_batch_sq", "grad_micro_batch", "grad_batch_size", "lease_secret")
+    __slots__ = ("task_id", "fence", "base_version", "rank", "alpha", "tokens", "train_loss", "sha256", "size", "worker_id", "offset", "train_seconds", "lineage", "grad_micro_sq", "grad_batch_sq", "grad_micro_batch", "grad_batch_size", "lease_secret", "in_store")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     FENCE_FIELD_NUMBER: _ClassVar[int]
     BASE_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -430,6 +460,7 @@ class AdapterManifest(_message.Message):
     GRAD_MICRO_BATCH_FIELD_NUMBER: _ClassVar[int]
     GRAD_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     LEASE_SECRET_FIELD_NUMBER: _ClassVar[int]
+    IN_STORE_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     fence: int
     base_version: int
@@ -448,7 +479,8 @@ class AdapterManifest(_message.Message):
     grad_micro_batch: float
     grad_batch_size: float
     lease_secret: str
-    def __init__(self, task_id: _Optional[str] = ..., fence: _Optional[int] = ..., base_version: _Optional[int] = ..., rank: _Optional[int] = ..., alpha: _Optional[float] = ..., tokens: _Optional[int] = ..., train_loss: _Optional[float] = ..., sha256: _Optional[str] = ..., size: _Optional[int] = ..., worker_id: _Optional[str] = ..., offset: _Optional[int] = ..., train_seconds: _Optional[float] = ..., lineage: _Optional[str] = ..., grad_micro_sq: _Optional[float] = ..., grad_batch_sq: _Optional[float] = ..., grad_micro_batch: _Optional[float] = ..., grad_batch_size: _Optional[float] = ..., lease_secret: _Optional[str] = ...) -> None: ...
+    in_store: bool
+    def __init__(self, task_id: _Optional[str] = ..., fence: _Optional[int] = ..., base_version: _Optional[int] = ..., rank: _Optional[int] = ..., alpha: _Optional[float] = ..., tokens: _Optional[int] = ..., train_loss: _Optional[float] = ..., sha256: _Optional[str] = ..., size: _Optional[int] = ..., worker_id: _Optional[str] = ..., offset: _Optional[int] = ..., train_seconds: _Optional[float] = ..., lineage: _Optional[str] = ..., grad_micro_sq: _Optional[float] = ..., grad_batch_sq: _Optional[float] = ..., grad_micro_batch: _Optional[float] = ..., grad_batch_size: _Optional[float] = ..., lease_secret: _Optional[str] = ..., in_store: _Optional[bool] = ...) -> None: ...
 
 class UploadChunk(_message.Message):
     __slots__ = ("manifest", "data")
@@ -499,16 +531,18 @@ class ResumeFrom(_message.Message):
     def __init__(self, path: _Optional[str] = ..., sha256: _Optional[str] = ..., offset: _Optional[int] = ...) -> None: ...
 
 class FileEntry(_message.Message):
-    __slots__ = ("path", "size", "sha256", "offset")
+    __slots__ = ("path", "size", "sha256", "offset", "url")
     PATH_FIELD_NUMBER: _ClassVar[int]
     SIZE_FIELD_NUMBER: _ClassVar[int]
     SHA256_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
+    URL_FIELD_NUMBER: _ClassVar[int]
     path: str
     size: int
     sha256: str
     offset: int
-    def __init__(self, path: _Optional[str] = ..., size: _Optional[int] = ..., sha256: _Optional[str] = ..., offset: _Optional[int] = ...) -> None: ...
+    url: str
+    def __init__(self, path: _Optional[str] = ..., size: _Optional[int] = ..., sha256: _Optional[str] = ..., offset: _Optional[int] = ..., url: _Optional[str] = ...) -> None: ...
 
 class PullHeader(_message.Message):
     __slots__ = ("version", "files", "lineage")
@@ -663,3 +697,21 @@ class VersionReply(_message.Message):
     version: int
     eval_loss: float
     def __init__(self, version: _Optional[int] = ..., eval_loss: _Optional[float] = ...) -> None: ...
+
+class SweepRequest(_message.Message):
+    __slots__ = ("dry_run",)
+    DRY_RUN_FIELD_NUMBER: _ClassVar[int]
+    dry_run: bool
+    def __init__(self, dry_run: _Optional[bool] = ...) -> None: ...
+
+class SweepReply(_message.Message):
+    __slots__ = ("lines", "blobs", "bytes", "records")
+    LINES_FIELD_NUMBER: _ClassVar[int]
+    BLOBS_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    RECORDS_FIELD_NUMBER: _ClassVar[int]
+    lines: _containers.RepeatedScalarFieldContainer[str]
+    blobs: int
+    bytes: int
+    records: int
+    def __init__(self, lines: _Optional[_Iterable[str]] = ..., blobs: _Optional[int] = ..., bytes: _Optional[int] = ..., records: _Optional[int] = ...) -> None: ...

@@ -269,6 +269,11 @@ class WorkersStub:
                 request_serializer=nomoat_dot_v1_dot_nomoat__pb2.UploadOffsetRequest.SerializeToString,
                 response_deserializer=nomoat_dot_v1_dot_nomoat__pb2.UploadOffsetReply.FromString,
                 _registered_method=True)
+        self.UploadTarget = channel.unary_unary(
+                '/nomoat.v1.Workers/UploadTarget',
+                request_serializer=nomoat_dot_v1_dot_nomoat__pb2.UploadTargetRequest.SerializeToString,
+                response_deserializer=nomoat_dot_v1_dot_nomoat__pb2.UploadTargetReply.FromString,
+                _registered_method=True)
         self.RequestWork = channel.unary_unary(
                 '/nomoat.v1.Workers/RequestWork',
                 request_serializer=nomoat_dot_v1_dot_nomoat__pb2.WorkRequest.SerializeToString,
@@ -326,6 +331,15 @@ class WorkersServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UploadTarget(self, request, context):
+        """Where to PUT an adapter's bytes when the blob store is an object store: a presigned URL for
+        this lease's upload object only (empty: send the bytes through Upload). Then Upload sends
+        the manifest alone, with in_store set.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def RequestWork(self, request, context):
         """Outbound-only workers (no Ray, no open port): a long-poll for the next run placed on this
         worker; answers with a run, or with none after about `wait_s` (then poll again).
@@ -376,6 +390,11 @@ def add_WorkersServicer_to_server(servicer, server):
                     servicer.UploadOffset,
                     request_deserializer=nomoat_dot_v1_dot_nomoat__pb2.UploadOffsetRequest.FromString,
                     response_serializer=nomoat_dot_v1_dot_nomoat__pb2.UploadOffsetReply.SerializeToString,
+            ),
+            'UploadTarget': grpc.unary_unary_rpc_method_handler(
+                    servicer.UploadTarget,
+                    request_deserializer=nomoat_dot_v1_dot_nomoat__pb2.UploadTargetRequest.FromString,
+                    response_serializer=nomoat_dot_v1_dot_nomoat__pb2.UploadTargetReply.SerializeToString,
             ),
             'RequestWork': grpc.unary_unary_rpc_method_handler(
                     servicer.RequestWork,
@@ -531,6 +550,33 @@ class Workers:
             '/nomoat.v1.Workers/UploadOffset',
             nomoat_dot_v1_dot_nomoat__pb2.UploadOffsetRequest.SerializeToString,
             nomoat_dot_v1_dot_nomoat__pb2.UploadOffsetReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UploadTarget(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nomoat.v1.Workers/UploadTarget',
+            nomoat_dot_v1_dot_nomoat__pb2.UploadTargetRequest.SerializeToString,
+            nomoat_dot_v1_dot_nomoat__pb2.UploadTargetReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -761,6 +807,11 @@ class AdminStub:
                 request_serializer=nomoat_dot_v1_dot_nomoat__pb2.RotateJoinCodeRequest.SerializeToString,
                 response_deserializer=nomoat_dot_v1_dot_nomoat__pb2.RotateJoinCodeReply.FromString,
                 _registered_method=True)
+        self.Sweep = channel.unary_unary(
+                '/nomoat.v1.Admin/Sweep',
+                request_serializer=nomoat_dot_v1_dot_nomoat__pb2.SweepRequest.SerializeToString,
+                response_deserializer=nomoat_dot_v1_dot_nomoat__pb2.SweepReply.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -826,6 +877,13 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Sweep(self, request, context):
+        """The retention sweep (coordinator.model.retention): what it frees, or would with dry_run.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -873,6 +931,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.RotateJoinCode,
                     request_deserializer=nomoat_dot_v1_dot_nomoat__pb2.RotateJoinCodeRequest.FromString,
                     response_serializer=nomoat_dot_v1_dot_nomoat__pb2.RotateJoinCodeReply.SerializeToString,
+            ),
+            'Sweep': grpc.unary_unary_rpc_method_handler(
+                    servicer.Sweep,
+                    request_deserializer=nomoat_dot_v1_dot_nomoat__pb2.SweepRequest.FromString,
+                    response_serializer=nomoat_dot_v1_dot_nomoat__pb2.SweepReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1121,6 +1184,33 @@ class Admin:
             '/nomoat.v1.Admin/RotateJoinCode',
             nomoat_dot_v1_dot_nomoat__pb2.RotateJoinCodeRequest.SerializeToString,
             nomoat_dot_v1_dot_nomoat__pb2.RotateJoinCodeReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Sweep(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nomoat.v1.Admin/Sweep',
+            nomoat_dot_v1_dot_nomoat__pb2.SweepRequest.SerializeToString,
+            nomoat_dot_v1_dot_nomoat__pb2.SweepReply.FromString,
             options,
             channel_credentials,
             insecure,

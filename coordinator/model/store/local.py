@@ -1,4 +1,4 @@
-"""Content-addressed blobs on disk: datasets, adapters, model files.
+"""The local-folder blob store (the embedded default): content-addressed files in the data dir.
 
 A blob's name is the sha256 of its bytes, so storing the same bytes twice is a no-op and a
 reader can always check what it got. Writes go to a temporary file and are renamed into place,
@@ -16,18 +16,18 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-CHUNK = 1 << 20
+from coordinator.model.store.base import CHUNK, BlobInfo, Store, check_sha
 
 
-class BlobStore:
+class BlobStore(Store):
+    """Blobs as ``<root>/<sha[:2]>/<sha>``; clients get their bytes through the coordinator."""
+
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
 
     def path(self, sha256: str) -> Path:
-        if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
-            raise ValueError(f"{sha256!r} is not a sha256 hex digest")
-        return self.root / sha256[:2] / sha256
+        return self.root / check_sha(sha256)[:2] / sha256
 
     def has(self, sha256: str) -> bool:
         return self.path(sha256).exists()
@@ -80,32 +80,43 @@ class BlobStore:
             os.replace(source, target)
         return sha
 
-    def adopt_folder(self, folder: Path) -> dict[str, str]:
-        """Every file under ``folder`` moved into the store: relative path -> sha256."""
-        folder = Path(folder)
-        return {str(p.relative_to(folder)): self.adopt(p) for p in sorted(folder.rglob("*")) if p.is_file()}
-
     def get(self, sha256: str) -> bytes:
         return self.path(sha256).read_bytes()
 
     def size(self, sha256: str) -> int:
         return self.path(sha256).stat().st_size
 
-    def read_range(self, sha256: str, offset: int, length: int, chunk: int = CHUNK) -> Iterator[bytes]:
-        """``length`` bytes of a blob from byte ``offset`` on, ``chunk`` bytes at a time: what a
-        reader of a part of a large blob (a task's shard of a job's records) holds at once."""
+    def get_range(self, sha256: str, start: int, end: int) -> bytes:
         with open(self.path(sha256), "rb") as fh:
-            fh.seek(offset)
-            while length > 0:
-                block = fh.read(min(chunk, length))
-                if not block:
-                    return
-                length -= len(block)
-                yield block
+            fh.seek(start)
+            return fh.read(max(0, end - start))
 
-    def chunks(self, sha256: str, chunk: int = CHUNK) -> Iterator[bytes]:
+    def chunks(self, sha256: str, chunk: int = CHUNK, start: int = 0) -> Iterator[bytes]:
         with open(self.path(sha256), "rb") as fh:
+            fh.seek(start)
             yield from iter(lambda: fh.read(chunk), b"")
+
+    def fetch(self, sha256: str, target: Path) -> None:
+        """A hard link to the (immutable) blob where the file system allows, else a streamed copy."""
+        try:
+            os.link(self.path(sha256), target)
+        except OSError:
+            shutil.copyfile(self.path(sha256), target)
+
+    def delete(self, sha256: str) -> None:
+        self.path(sha256).unlink(missing_ok=True)
+
+    def list(self) -> Iterator[BlobInfo]:
+        for sub in sorted(self.root.iterdir()) if self.root.exists() else ():
+            if len(sub.name) != 2 or not sub.is_dir():
+                continue  # staging folders and temporary files are not blobs
+            for p in sorted(sub.iterdir()):
+                if len(p.name) == 64 and not p.name.startswith("."):
+                    st = p.stat()
+                    yield BlobInfo(p.name, st.st_size, st.st_mtime)
+
+    def describe(self) -> str:
+        return f"the folder {self.root}"
 
     def _write(self, target: Path, data: bytes) -> None:
         target.parent.mkdir(parents=True, exist_ok=True)
