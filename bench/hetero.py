@@ -89,10 +89,10 @@ def main() -> None:
             time.sleep(0.5)
         admin = (base.data_dir / "admin.token").read_text().strip()
         texts = [json.loads(line)["text"] for line in lines]
-        tokens = coordinator.model.running.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        tokens = coordinator.model.tokenizer(texts, add_special_tokens=False)["input_ids"]
         total = sum(len(t) + 1 for t in tokens)
         with CoordinatorClient(coordinator.address, admin) as client:
-            sched = coordinator.schedule.scheduler
+            sched = coordinator.scheduler
             aware = replace(coordinator.settings, target_task_seconds=8.0, max_units_per_run=16, speculate=True)
             equal = replace(coordinator.settings, max_units_per_run=1, speculate=False)
             sched.settings = aware

@@ -20,7 +20,7 @@ from coordinator.model.store import open_store, upload_key
 from coordinator.schedule.submit import read_records
 from nomoat import lineage
 from nomoat import partial as partial_folder
-from tests.rig import TEXTS, Rig, make_adapter, manifest, published, start  # noqa: F401  (fixtures)
+from tests.rig import SECRET, TEXTS, Rig, make_adapter, manifest, published, start  # noqa: F401  (fixtures)
 from tests.seaweed import use
 from worker import uploader
 
@@ -99,12 +99,12 @@ def test_a_shard_is_a_url_of_its_own_object(s3rig: Rig) -> None:
     task = s3rig.ledger.tasks.of_job(reply.job_id)[0]
     fence = s3rig.lease(task.task_id)
     worker = s3rig.client("worker")
-    data = worker.fetch_shard(task.task_id, fence)
+    data = worker.fetch_shard(task.task_id, fence, secret=SECRET)
     assert [json.loads(line)["text"] for line in data.decode().splitlines()] == records[task.start : task.end]
     assert moved(s3rig)["shard"] == 0
     # The URL opens the shard's own object: the whole dataset is another object it cannot read.
     from nomoat.v1 import nomoat_pb2 as pb
-    (first,) = list(worker.workers.FetchShard(pb.FetchShardRequest(task_id=task.task_id, fence=fence),
+    (first,) = list(worker.workers.FetchShard(pb.FetchShardRequest(task_id=task.task_id, fence=fence, lease_secret=SECRET),
                                               metadata=s3rig.meta("worker"), timeout=30))
     assert first.url and not first.data and first.sha256 == hashlib.sha256(data).hexdigest()
     with pytest.raises(urllib.error.HTTPError):
@@ -160,7 +160,7 @@ def test_a_stale_lease_gets_no_url_and_is_refused_without_bytes(s3rig: Rig) -> N
     worker = s3rig.client("worker")
     assert worker.upload_target(manifest(task_id, fence - 1, data)) == ""
     result = uploader.upload(worker, manifest(task_id, fence - 1, data), data)
-    assert not result.accepted and "stale fence" in result.reason
+    assert not result.accepted and f"holds no lease of task {task_id} under fence {fence - 1}" in result.reason
 
 
 def test_the_local_folder_still_streams_through_the_gateway(localrig: Rig) -> None:
@@ -171,7 +171,7 @@ def test_the_local_folder_still_streams_through_the_gateway(localrig: Rig) -> No
     task_id = localrig.ledger.tasks.ids(localrig.submit().job_id)[0]
     fence = localrig.lease(task_id)
     worker = localrig.client("worker")
-    shard = worker.fetch_shard(task_id, fence)
+    shard = worker.fetch_shard(task_id, fence, secret=SECRET)
     data = make_adapter(localrig.deps.shapes)
     assert worker.upload_target(manifest(task_id, fence, data)) == ""
     assert uploader.upload(worker, manifest(task_id, fence, data), data).accepted

@@ -69,7 +69,7 @@ def test_folds_are_evaluated_on_a_trusted_worker_and_on_the_coordinator_once_it_
             # The second job's adapters wait while the folder is held; then its worker dies.
             data = tmp_path / "b.jsonl"
             data.write_text("\n".join(lines[24:48]) + "\n", encoding="utf-8")
-            with coordinator.fold.folder.lock:
+            with coordinator.folder.lock:
                 second = client.submit(data, name="worker-gone", config=pb.JobConfig())
                 wait_until(lambda: all(t.state == "done" for t in coordinator.ledger.tasks.of_job(second.job_id)),
                            60, "the second job's tasks")

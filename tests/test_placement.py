@@ -157,12 +157,12 @@ def test_speculation_shortens_the_tail_and_never_folds_a_task_twice(cluster) -> 
 
 def test_a_fast_card_gets_more_tokens_per_run_than_a_slow_one(cluster) -> None:
     coordinator, client, tmp, _ = cluster
-    coordinator.schedule.scheduler.runs.clear()  # this job's runs only, whatever ran before it
+    coordinator.scheduler.runs.clear()  # this job's runs only, whatever ran before it
     reply = client.submit(dataset(tmp, "sizing", 60, 5), name="sizing")
     wait_done(client, reply.job_id, timeout=150)
     vram = {n.node_id: n.vram_gb for n in coordinator.dispatcher.nodes()}
     per_card: dict[float, list[int]] = {}
-    for node_id, _, tokens in coordinator.schedule.scheduler.runs:
+    for node_id, _, tokens in coordinator.scheduler.runs:
         per_card.setdefault(vram.get(node_id), []).append(tokens)
     assert max(per_card[24.0]) > max(per_card[6.0]), per_card
     speeds = {card_of(coordinator, w.worker_id).vram_gb: w.tokens_per_s for w in coordinator.ledger.workers.all()}
