@@ -14,6 +14,10 @@ Guarantees (see DESIGN.md, "Ledger"):
   A lease is bound to the worker it was placed on and a secret only its run knows.
 * An upload is accepted at most once per (task, fence, sha256) (adapters.py).
 * A version is published, and its adapters leave the fold buffer, in one transaction (versions.py).
+* One scheduler and one folder lead at a time, each under a lease with a fence; every write a
+  leader makes checks its fence in the same atomic step (leaders.py).
+* Scripts that a retried call would run twice answer the second run as the first (a request id,
+  or a record that says the step was done): leases, twins, runs placed, reports passed on.
 """
 
 from __future__ import annotations
