@@ -265,8 +265,8 @@ class Coordinator:
                             self.shapes, self.ray_address, self.ray_token, history=self.history,
                             uploads=PartialUploads(self.data_dir / "uploads"),
                             replication=Replication(self.settings, self.ledger, self.store))
-        self._spawn("uploads-sweep", self._sweep_uploads)
         self.deps = deps
+        self._spawn("uploads-sweep", self._sweep_uploads)
         self.server, self.health = grpc_server(deps)
         port = bind(self.server, self.settings.listen, self.settings.tls_cert, self.settings.tls_key)
         host = self.settings.listen.rsplit(":", 1)[0]
