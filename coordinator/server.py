@@ -51,7 +51,7 @@ from coordinator.schedule.scheduler import Scheduler
 from coordinator.settings import Settings
 from coordinator.model import retention
 from coordinator.model.store import open_store
-from coordinator.collect.partial_uploads import PartialUploads
+from coordinator.collect.partial_uploads import PartialUploads, Sweeper
 from coordinator.gateway.web.server import WebServer
 from nomoat import raynode as ray_node
 
@@ -144,6 +144,7 @@ class Coordinator:
         self.data_dir = Path(settings.data_dir)
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
+        self._sweeper: Sweeper | None = None  # partial uploads of leases that ended (coordinator.collect.partial_uploads)
         self._redis_server: EmbeddedRedis | None = None
         self._ray_head: ray_node.RayNode | None = None
         self._ray_temp_dir: Path | None = None
@@ -314,8 +315,9 @@ class Coordinator:
         deps = servicers.Deps(self.settings, self.ledger, self.store, self.registry, self.model.tokenizer,
                             self.shapes, self.ray_address, self.ray_token, history=self.history,
                             uploads=PartialUploads(self.data_dir / "uploads"), replication=self.replication)
-        self._spawn("uploads-sweep", self._sweep_uploads)
         self.deps = deps
+        self._sweeper = Sweeper(deps.uploads, lambda task_id, fence: not self.ledger.leases.problem(task_id, fence),
+                                self.settings.upload_sweep_s, self.settings.partial_upload_max_age_s).start()
         self.server, self.health = grpc_server(deps)
         port = bind(self.server, self.settings.listen, self.settings.tls_cert, self.settings.tls_key)
         host = self.settings.listen.rsplit(":", 1)[0]
@@ -404,23 +406,6 @@ class Coordinator:
         thread.start()
         self._threads.append(thread)
 
-    def _sweep_uploads(self) -> None:
-        """Parts of uploads whose lease ended or that nobody came back for, every upload_sweep_s."""
-        def live(task_id: str, fence: int) -> bool:
-            return not self.ledger.leases.problem(task_id, fence)
-
-        while True:
-            try:
-                swept = self.deps.uploads.sweep(self.settings.partial_upload_max_age_s, live)
-                if swept:
-                    log.info("removed %d partial uploads of leases that ended or were abandoned", swept)
-            except redis.ConnectionError as exc:
-                log.warning("Redis is unreachable (%s); retrying", exc)
-            except Exception:  # noqa: BLE001  (the sweep must outlive one bad round)
-                log.exception("sweeping partial uploads failed")
-            if self._stopping.wait(self.settings.upload_sweep_s):
-                return
-
     def _schedule_loop(self) -> None:
         term = 0
         while not self._stopping.wait(self.settings.tick_s):
@@ -508,6 +493,8 @@ class Coordinator:
             self.server.stop(grace=5).wait()
         for thread in self._threads:
             thread.join(timeout=60)
+        if self._sweeper is not None:
+            self._sweeper.stop()
         try:
             import ray
 

@@ -15,7 +15,7 @@ import grpc
 import pytest
 
 from coordinator.collect.accept import adapter_bound
-from coordinator.collect.partial_uploads import PartialUploads
+from coordinator.collect.partial_uploads import PartialUploads, Sweeper
 from coordinator.errors import LimitReached
 from coordinator.ledger import JobState, VersionRecord
 from coordinator.model import pull
@@ -91,6 +91,25 @@ def test_the_sweep_removes_parts_of_leases_that_ended_and_keeps_live_ones(rig: R
     removed = uploads.sweep(max_age_s=24 * 3600, live=lambda t, f: not rig.ledger.leases.problem(t, f))
     assert removed == 1
     assert uploads.offset(ended, ended_fence, "2" * 64) == 0 and uploads.offset(live, live_fence, "2" * 64) == 100
+
+
+def test_the_sweep_runs_on_a_timer_not_only_at_start(rig: Rig) -> None:
+    job_id = rig.submit().job_id
+    task_id = rig.ledger.tasks.ids(job_id)[0]
+    uploads = parts(rig)
+    sweeper = Sweeper(uploads, lambda t, f: not rig.ledger.leases.problem(t, f), every_s=0.2, max_age_s=3600,
+                      grace_s=0).start()
+    try:
+        fence = rig.lease(task_id)  # a part arrives after the sweeper started
+        broken_off(rig, task_id, fence, "3" * 64, 1000, 100)
+        assert uploads.offset(task_id, fence, "3" * 64) == 100  # its lease holds: kept
+        assert rig.ledger.leases.requeue(task_id, fence, "the test ended it")
+        until = time.monotonic() + 30
+        while uploads.offset(task_id, fence, "3" * 64):
+            assert time.monotonic() < until, "the sweeper never removed the part of a lease that ended"
+            time.sleep(0.1)
+    finally:
+        sweeper.stop()
 
 
 # -- shards -----------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import logging
 import re
 import threading
 import time
@@ -24,6 +25,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+log = logging.getLogger("nomoat.uploads")
 _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
 _SHA = re.compile(r"^[0-9a-f]{64}$")
 
@@ -142,6 +144,36 @@ class PartialUploads:
             except OSError:
                 pass
         return total
+
+
+class Sweeper:
+    """:meth:`PartialUploads.sweep` every ``every_s`` on a thread of its own until :meth:`stop`."""
+
+    def __init__(self, uploads: PartialUploads, live: Callable[[str, int], bool], every_s: float,
+                 max_age_s: float, grace_s: float = 60.0) -> None:
+        self.uploads, self.live, self.every_s = uploads, live, every_s
+        self.max_age_s, self.grace_s = max_age_s, grace_s
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="uploads-sweep", daemon=True)
+
+    def start(self) -> Sweeper:
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while True:
+            try:
+                swept = self.uploads.sweep(self.max_age_s, self.live, self.grace_s)
+                if swept:
+                    log.info("removed %d partial uploads of leases that ended or were abandoned", swept)
+            except Exception:  # noqa: BLE001  (Redis away, a file gone: the next round tries again)
+                log.exception("sweeping partial uploads failed")
+            if self._stopping.wait(self.every_s):
+                return
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._thread.join(timeout=10)
 
 
 def _lease_of(name: str) -> tuple[str, int] | None:
