@@ -49,6 +49,8 @@ WEIGHTS: dict[str, float] = {
     Check.FOLD.value: -0.5,  # an honest adapter can be the worst of a fold that did not publish
     Check.STALE.value: 0.0,
     Check.DISAGREED.value: -2.0,  # two other volunteers reproduced the task, and it did not
+    Check.SHARD.value: -1.0,  # honest adapters fail it about as rarely as the loss gate (bench/shardproof.py)
+    Check.COPY.value: -2.0,  # byte for byte another task's adapter: no honest run does that
 }
 
 
