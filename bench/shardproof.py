@@ -51,16 +51,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.qsim import read_corpus  # noqa: E402
-from coordinator.fold import folding  # noqa: E402
-from coordinator.fold.policy import FoldPolicy  # noqa: E402
-from coordinator.model.running import RunningModel  # noqa: E402
-from coordinator.schedule.submit import split_tasks  # noqa: E402
-from coordinator.settings import Settings  # noqa: E402
-from nomoat import evaluation, lora, packing  # noqa: E402
-from nomoat.adapter import Adapter  # noqa: E402
-from nomoat.tiny import tiny_model_path  # noqa: E402
-from worker.trainer import LoraSpec, TrainSpec, train_adapter  # noqa: E402
+from bench.qsim import read_corpus
+from coordinator.fold import folding
+from coordinator.fold.policy import FoldPolicy
+from coordinator.model.running import RunningModel
+from coordinator.schedule.submit import split_tasks
+from coordinator.settings import Settings
+from nomoat import evaluation, lora, packing
+from nomoat.adapter import Adapter
+from nomoat.tiny import tiny_model_path
+from worker.trainer import LoraSpec, TrainSpec, train_adapter
 
 KINDS = ("honest", "other-shard", "other-data", "random")
 
@@ -123,8 +123,7 @@ def run_corpus(args: argparse.Namespace, corpus: str, task_tokens: int, other: l
     job = settings.job
     model = RunningModel(tiny_model_path())
     held_texts, shards = split(corpus, model, task_tokens)
-    if args.quick:
-        shards = shards[:4]
+    shards = shards[:args.max_tasks] if args.max_tasks else shards
     held = model.eval_set(held_texts, job.seq_len, settings.eval_tokens)
     sized = policy.task_training(job.batch_size, job.learning_rate, cards=policy.fold_every, tasks=len(shards))
     lora_spec = LoraSpec(rank=job.lora_rank, alpha=job.lora_alpha, target_modules=job.target_modules)
@@ -135,7 +134,7 @@ def run_corpus(args: argparse.Namespace, corpus: str, task_tokens: int, other: l
             "adapters": 0, "train_seconds": 0.0}
     folder_dir = Path(args.tmp) / f"{corpus}-{task_tokens}"
     version_dir = tiny_model_path()
-    say = lambda text: print(f"[{corpus} {task_tokens}] {text}", flush=True)  # noqa: E731
+    say = lambda text: print(f"[{corpus} {task_tokens}] {text}", flush=True)
     blocks_of = [packing.pack(model.tokenizer, s, job.seq_len) for s in shards]
     for p in range(args.passes):
         for r0 in range(0, len(shards), sized.fold_width):
@@ -263,6 +262,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--jobs", type=int, default=2, help="corpus x task size runs side by side")
     parser.add_argument("--tmp", default="/tmp/nomoat-shardproof")
+    parser.add_argument("--max-tasks", type=int, default=0, help="at most this many tasks per corpus and size (0: all)")
     parser.add_argument("--quick", action="store_true", help="4 tasks per corpus and size, one pass, 2048 only")
     args = parser.parse_args()
     args.task_sizes = [int(x) for x in args.task_tokens.split(",")]
@@ -270,6 +270,7 @@ def main() -> None:
     sigmas = [float(x) for x in args.sigmas.split(",")]
     if args.quick:
         args.passes, args.task_sizes, args.budget_list, args.other = 1, [min(args.task_sizes)], [2048], 2
+        args.max_tasks = min(args.max_tasks or 4, 4)
     args.keep = False
     corpora = args.corpora.split(",")
     started = time.monotonic()

@@ -160,7 +160,7 @@ def test_a_replica_may_hand_in_the_bytes_of_the_task_it_repeats(ledger, tmp_path
 
 
 def test_delegated_to_a_worker_the_shard_samples_travel_with_the_gates(rig) -> None:
-    from tests.test_delegated_eval import InProcessCards, node_settings, on_workers, WORKER
+    from tests.test_delegated_eval import WORKER, InProcessCards, node_settings, on_workers
 
     job = Job(rig.ledger, rig.tmp, store=rig.store, history=rig.deps.history)
     honest = train(job.shard(0), seed=0)
