@@ -396,7 +396,7 @@ ATTACKS: dict[str, Callable] = {
 
 def scenario(ctx: Ctx, name: str, attack: Callable | None) -> dict:
     ctx.seed += 1
-    with ctx.client("submitter") as client:
+    with ctx.client("admin") as client:  # the data dir holds no submitter token: the operator submits
         job_id = client.submit(dataset(ctx.tmp, ctx.args.lines, ctx.seed, f"job-{ctx.seed}.jsonl"), name=name,
                                config=pb.JobConfig(tokens_per_task=ctx.args.tokens_per_task)).job_id
     stop, out = threading.Event(), {"succeeded": False, "detail": ""}
