@@ -93,6 +93,22 @@ class Ctx:
             return admin.create_token(role, name).token
 
 
+class JobRef:
+    """The scenario's job id, set once it is submitted: an attacker registers before the job exists
+    (as a volunteer already running would), then waits for it."""
+
+    def __init__(self) -> None:
+        self._id, self._set = "", threading.Event()
+
+    def set(self, job_id: str) -> None:
+        self._id = job_id
+        self._set.set()
+
+    def get(self) -> str:
+        self._set.wait()
+        return self._id
+
+
 class Hostile:
     """A volunteer's worker, driven by hand: everything it does is a call any worker may make."""
 
@@ -109,7 +125,19 @@ class Hostile:
             reply = self.client.request_work(self.worker_id, wait_s, stop=stop)
         except NomoatError:
             return "", []
-        return reply.run_id, parse_specs(list(reply.task_specs)) if reply.run_id else []
+        specs = parse_specs(list(reply.task_specs)) if reply.run_id else []
+        for spec in specs:  # claim each unit (its base version) and keep its lease while it works
+            threading.Thread(target=self._keep, args=(spec, stop), daemon=True).start()
+        return reply.run_id, specs
+
+    def _keep(self, spec, stop: threading.Event, every_s: float = 5.0) -> None:
+        while not stop.is_set():
+            try:
+                if not self.client.heartbeat(spec.task_id, spec.fence, self.worker_id).ok:
+                    return
+            except NomoatError:
+                return
+            stop.wait(every_s)
 
     def shard(self, spec) -> list[str]:
         return [json.loads(line)["text"] for line in self.client.fetch_shard(spec.task_id, spec.fence).splitlines()]
@@ -169,10 +197,11 @@ def each_run(h: Hostile, stop: threading.Event, body: Callable) -> None:
 # -- the attacks: each fills ``out`` with succeeded (bool) and detail (a sentence) -------------------
 
 
-def hijack(ctx: Ctx, job_id: str, stop: threading.Event, out: dict) -> None:
+def hijack(ctx: Ctx, job: JobRef, stop: threading.Event, out: dict) -> None:
     """It never asks for work, so no lease is ever placed on it: any lease call it gets through is
     another worker's lease."""
     h = Hostile(ctx, "hijacker")
+    job_id = job.get()
     used: set[str] = set()
     leaked = 0
     while not stop.wait(1.0):
@@ -206,16 +235,16 @@ def hijack(ctx: Ctx, job_id: str, stop: threading.Event, out: dict) -> None:
     out["detail"] = f"heartbeats accepted on {len(used)} leases placed on other workers, {leaked} shards fetched"
 
 
-def forged_memory(ctx: Ctx, job_id: str, stop: threading.Event, out: dict) -> None:
+def forged_memory(ctx: Ctx, job: JobRef, stop: threading.Event, out: dict) -> None:
     h = Hostile(ctx, "forger-memory")
     each_run(h, stop, lambda run, specs: h.report(run, [UnitResult(s.task_id, s.fence, "CUDA out of memory",
                                                                    needs_vram_gb=1000.0) for s in specs]))
-    raised = [t.task_id for t in ctx.ledger.tasks.of_job(job_id) if t.min_vram_gb > 24]
+    raised = [t.task_id for t in ctx.ledger.tasks.of_job(job.get()) if t.min_vram_gb > 24]
     out["succeeded"] = bool(raised)
     out["detail"] = f"{len(raised)} tasks now need more than any honest card (24 GB)"
 
 
-def forged_speed(ctx: Ctx, job_id: str, stop: threading.Event, out: dict) -> None:
+def forged_speed(ctx: Ctx, job: JobRef, stop: threading.Event, out: dict) -> None:
     h = Hostile(ctx, "forger-speed")
     base = [None]
 
@@ -237,11 +266,11 @@ def forged_speed(ctx: Ctx, job_id: str, stop: threading.Event, out: dict) -> Non
     out["detail"] = f"its speed as the scheduler sees it: {mine:.0f} tokens/s against the honest {honest:.0f}"
 
 
-def abandon(ctx: Ctx, job_id: str, stop: threading.Event, out: dict) -> None:
+def abandon(ctx: Ctx, job: JobRef, stop: threading.Event, out: dict) -> None:
     h = Hostile(ctx, "abandoner")
     taken = [0]
     each_run(h, stop, lambda run, specs: taken.__setitem__(0, taken[0] + len(specs)))
-    tasks = ctx.ledger.tasks.of_job(job_id)
+    tasks = ctx.ledger.tasks.of_job(job.get())
     failed = [t for t in tasks if t.state.value == "failed"]
     with ctx.client("admin") as admin:
         stats = admin.worker_stats(h.worker_id)
@@ -266,7 +295,7 @@ def uploads_then_judge(ctx: Ctx, h: Hostile, stop: threading.Event, out: dict, m
     out["detail"] = f"{n} of its {len(h.uploaded)} accepted uploads ({what}) were folded"
 
 
-def free_rider(ctx: Ctx, job_id: str, stop: threading.Event, out: dict) -> None:
+def free_rider(ctx: Ctx, job: JobRef, stop: threading.Event, out: dict) -> None:
     h = Hostile(ctx, "free-rider")
     calibrate: list[fmt.Adapter] = []
 
@@ -278,7 +307,7 @@ def free_rider(ctx: Ctx, job_id: str, stop: threading.Event, out: dict) -> None:
     uploads_then_judge(ctx, h, stop, out, make, "random factors of an honest norm")
 
 
-def copycat(ctx: Ctx, job_id: str, stop: threading.Event, out: dict) -> None:
+def copycat(ctx: Ctx, job: JobRef, stop: threading.Event, out: dict) -> None:
     worker_a, copier = Hostile(ctx, "copycat-a"), Hostile(ctx, "copycat-b")
     original: list[fmt.Adapter] = []
 
@@ -299,7 +328,7 @@ def copycat(ctx: Ctx, job_id: str, stop: threading.Event, out: dict) -> None:
     uploads_then_judge(ctx, copier, stop, out, lambda s: original[0], "copies of another identity's adapter")
 
 
-def scaled(ctx: Ctx, job_id: str, stop: threading.Event, out: dict) -> None:
+def scaled(ctx: Ctx, job: JobRef, stop: threading.Event, out: dict) -> None:
     h = Hostile(ctx, "scaler")
 
     def make(spec) -> fmt.Adapter:
@@ -309,16 +338,17 @@ def scaled(ctx: Ctx, job_id: str, stop: threading.Event, out: dict) -> None:
     uploads_then_judge(ctx, h, stop, out, make, "its own training x50")
 
 
-def other_data(ctx: Ctx, job_id: str, stop: threading.Event, out: dict) -> None:
+def other_data(ctx: Ctx, job: JobRef, stop: threading.Event, out: dict) -> None:
     h = Hostile(ctx, "other-data")
     uploads_then_judge(ctx, h, stop, out, lambda s: h.train(s, OTHER_TEXT, seed=len(h.uploaded)),
                        "trained on other text")
 
 
-def sybil(ctx: Ctx, job_id: str, stop: threading.Event, out: dict) -> None:
+def sybil(ctx: Ctx, job: JobRef, stop: threading.Event, out: dict) -> None:
     public = ctx.token("worker")  # the join line's token: every public volunteer has it
     client = CoordinatorClient(ctx.address, public)
     card = to_message(parse_simulated(CARD))
+    job.get()  # the flood starts with the job
     registered = refused = 0
     for i in range(ctx.args.sybils):
         try:
@@ -339,8 +369,9 @@ def sybil(ctx: Ctx, job_id: str, stop: threading.Event, out: dict) -> None:
                      f"join line {'could' if newcomer else 'could not'} register afterwards")
 
 
-def submit_flood(ctx: Ctx, job_id: str, stop: threading.Event, out: dict) -> None:
+def submit_flood(ctx: Ctx, job: JobRef, stop: threading.Event, out: dict) -> None:
     client = CoordinatorClient(ctx.address, ctx.new_token("submitter", "flooder"))
+    job.get()  # the flood starts with the job
     accepted = refused = 0
     for i in range(ctx.args.flood_jobs):
         if stop.is_set():
@@ -356,9 +387,10 @@ def submit_flood(ctx: Ctx, job_id: str, stop: threading.Event, out: dict) -> Non
     out["detail"] = f"{accepted} jobs accepted, {refused} refused"
 
 
-def watch_flood(ctx: Ctx, job_id: str, stop: threading.Event, out: dict) -> None:
+def watch_flood(ctx: Ctx, job: JobRef, stop: threading.Event, out: dict) -> None:
     token = ctx.new_token("reader", "watcher")
     opened, refused = [0], [0]
+    job_id = job.get()
 
     def one(i: int) -> None:
         client = CoordinatorClient(ctx.address, token)
@@ -396,20 +428,22 @@ ATTACKS: dict[str, Callable] = {
 
 def scenario(ctx: Ctx, name: str, attack: Callable | None) -> dict:
     ctx.seed += 1
-    with ctx.client("admin") as client:  # the data dir holds no submitter token: the operator submits
-        job_id = client.submit(dataset(ctx.tmp, ctx.args.lines, ctx.seed, f"job-{ctx.seed}.jsonl"), name=name,
-                               config=pb.JobConfig(tokens_per_task=ctx.args.tokens_per_task)).job_id
-    stop, out = threading.Event(), {"succeeded": False, "detail": ""}
+    stop, out, ref = threading.Event(), {"succeeded": False, "detail": ""}, JobRef()
     thread = None
     if attack is not None:
         def guarded() -> None:
             try:
-                attack(ctx, job_id, stop, out)
+                attack(ctx, ref, stop, out)
             except Exception as exc:  # noqa: BLE001  (an attack that broke says so, and did not succeed)
                 out["detail"] = f"the attack broke: {type(exc).__name__}: {exc}"[:300]
 
         thread = threading.Thread(target=guarded, daemon=True)
         thread.start()
+        time.sleep(ctx.args.head_start)  # it registers (and asks for work) before the job exists
+    with ctx.client("admin") as client:  # the data dir holds no submitter token: the operator submits
+        job_id = client.submit(dataset(ctx.tmp, ctx.args.lines, ctx.seed, f"job-{ctx.seed}.jsonl"), name=name,
+                               config=pb.JobConfig(tokens_per_task=ctx.args.tokens_per_task)).job_id
+    ref.set(job_id)
     started = time.monotonic()
     end = started + ctx.args.job_timeout
     while time.monotonic() < end:
@@ -471,6 +505,7 @@ def main() -> None:
     parser.add_argument("--sybils", type=int, default=100)
     parser.add_argument("--flood-jobs", type=int, default=20)
     parser.add_argument("--watchers", type=int, default=16)
+    parser.add_argument("--head-start", type=float, default=3.0, help="seconds an attacker has before the job")
     args = parser.parse_args()
     if args.quick:
         args.lines, args.tokens_per_task, args.job_timeout = 80, 1000, 300.0
