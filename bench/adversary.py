@@ -118,6 +118,8 @@ class Hostile:
         reply = self.client.register(name, to_message(parse_simulated(CARD)))
         self.worker_id, self.lineage = reply.worker_id, reply.lineage
         self.uploaded: list[str] = []  # adapter ids the coordinator accepted from it
+        self.units = 0  # units placed on it
+        self.refusals: list[str] = []  # why its uploads were refused
 
     def take(self, stop: threading.Event, wait_s: float = 2.0):
         """The next run placed on it: (run id, its unit specs), or ("", [])."""
@@ -126,6 +128,7 @@ class Hostile:
         except NomoatError:
             return "", []
         specs = parse_specs(list(reply.task_specs)) if reply.run_id else []
+        self.units += len(specs)
         for spec in specs:  # claim each unit (its base version) and keep its lease while it works
             threading.Thread(target=self._keep, args=(spec, stop), daemon=True).start()
         return reply.run_id, specs
@@ -146,10 +149,33 @@ class Hostile:
         data = fmt.to_bytes(adapter)
         manifest = manifest_for(spec.task_id, spec.fence, spec.base_version, adapter.rank, adapter.alpha,
                                 tokens if tokens is not None else spec.tokens, 2.0, data, self.worker_id, self.lineage)
-        reply = self.client.upload(manifest, data)
+        try:
+            reply = self.client.upload(manifest, data)
+        except NomoatError as exc:
+            reply = pb.UploadReply(accepted=False, reason=str(exc).splitlines()[0])
         if reply.accepted:
             self.uploaded.append(reply.adapter_id)
+        else:
+            self.refusals.append(reply.reason)
         return reply
+
+    def train_at(self, version: int, texts: list[str], seed: int = 0) -> fmt.Adapter:
+        """A real adapter on ``texts`` from ``version``, at the job defaults' settings as a task of
+        a fold of 4 trains them (what it expects its units to ask for), before any unit arrives."""
+        from coordinator.settings import JobDefaults
+        from worker.trainer import LoraSpec, TrainSpec, train_adapter
+
+        job = JobDefaults()
+        folder = ModelCache(self.ctx.tmp / f"cache-{self.name}").ensure(self.client, self.lineage, version)
+        torch.set_num_threads(1)
+        return train_adapter(folder, texts, LoraSpec(job.lora_rank, job.lora_alpha, job.target_modules),
+                             TrainSpec(seq_len=job.seq_len, batch_size=2, micro_batch=2,
+                                       learning_rate=2 * job.learning_rate, seed=seed))[0]
+
+    def said(self) -> str:
+        """What happened to its units, for a detail line."""
+        why = f"; refused: {self.refusals[0][:120]}" if self.refusals else ""
+        return f"{self.units} units placed on it, {len(self.uploaded)} uploads accepted{why}"
 
     def report(self, run_id: str, units: list[UnitResult]) -> None:
         try:
@@ -292,19 +318,14 @@ def uploads_then_judge(ctx: Ctx, h: Hostile, stop: threading.Event, out: dict, m
     each_run(h, stop, body)
     n = folded(ctx, h.uploaded)
     out["succeeded"] = n > 0
-    out["detail"] = f"{n} of its {len(h.uploaded)} accepted uploads ({what}) were folded"
+    out["detail"] = f"{n} of its uploads ({what}) folded; {h.said()}"
 
 
 def free_rider(ctx: Ctx, job: JobRef, stop: threading.Event, out: dict) -> None:
     h = Hostile(ctx, "free-rider")
-    calibrate: list[fmt.Adapter] = []
-
-    def make(spec) -> fmt.Adapter:
-        if not calibrate:  # one real adapter on public text, for a plausible norm
-            calibrate.append(h.train(spec, OTHER_TEXT))
-        return random_like(calibrate[0], seed=len(h.uploaded) + 1)
-
-    uploads_then_judge(ctx, h, stop, out, make, "random factors of an honest norm")
+    calibrate = h.train_at(0, OTHER_TEXT)  # one real adapter on public text, for a plausible norm
+    uploads_then_judge(ctx, h, stop, out, lambda s: random_like(calibrate, seed=len(h.uploaded) + 1),
+                       "random factors of an honest norm")
 
 
 def copycat(ctx: Ctx, job: JobRef, stop: threading.Event, out: dict) -> None:
@@ -340,8 +361,14 @@ def scaled(ctx: Ctx, job: JobRef, stop: threading.Event, out: dict) -> None:
 
 def other_data(ctx: Ctx, job: JobRef, stop: threading.Event, out: dict) -> None:
     h = Hostile(ctx, "other-data")
-    uploads_then_judge(ctx, h, stop, out, lambda s: h.train(s, OTHER_TEXT, seed=len(h.uploaded)),
-                       "trained on other text")
+    base = h.train_at(0, OTHER_TEXT)  # trained once; each upload a copy nudged off its sha256
+
+    def make(spec) -> fmt.Adapter:
+        g = torch.Generator().manual_seed(len(h.uploaded) + len(h.refusals))
+        return fmt.Adapter({m: (a, b * (1 + 1e-4 * torch.randn(b.shape, generator=g)))
+                            for m, (a, b) in base.factors.items()}, base.rank, base.alpha)
+
+    uploads_then_judge(ctx, h, stop, out, make, "trained on other text")
 
 
 def sybil(ctx: Ctx, job: JobRef, stop: threading.Event, out: dict) -> None:
@@ -508,7 +535,7 @@ def main() -> None:
     parser.add_argument("--head-start", type=float, default=3.0, help="seconds an attacker has before the job")
     args = parser.parse_args()
     if args.quick:
-        args.lines, args.tokens_per_task, args.job_timeout = 80, 1000, 300.0
+        args.lines, args.tokens_per_task, args.job_timeout = 160, 800, 400.0
         args.max_fence, args.sybils, args.flood_jobs, args.watchers = 60, 40, 8, 8
     chosen = [a for a in args.attacks.split(",") if a]
     unknown = [a for a in chosen if a not in ATTACKS]
