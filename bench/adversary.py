@@ -535,7 +535,8 @@ def main() -> None:
     parser.add_argument("--head-start", type=float, default=3.0, help="seconds an attacker has before the job")
     args = parser.parse_args()
     if args.quick:
-        args.lines, args.tokens_per_task, args.job_timeout = 160, 800, 400.0
+        # more units than two honest runs hold (max_units_per_run 16 each), so an attacker gets some
+        args.lines, args.tokens_per_task, args.job_timeout = 320, 400, 400.0
         args.max_fence, args.sybils, args.flood_jobs, args.watchers = 60, 40, 8, 8
     chosen = [a for a in args.attacks.split(",") if a]
     unknown = [a for a in chosen if a not in ATTACKS]
