@@ -87,6 +87,11 @@ class Settings:
     # broken or hostile adapters, whose damage is far larger.
     adapter_epsilon: float = 0.1
     norm_factor: float = 20.0  # ‖ΔW‖ may be at most this × the median of recent adapters
+    # The shard proof (FoldPolicy.learned_from_shard): an adapter must lower loss on a sample of
+    # shard_tokens tokens of its own shard by shard_sigmas paired standard errors more than on
+    # the held-out slice (0 turns it off). Measured by bench/shardproof.py (docs/trust.md).
+    shard_sigmas: float = 2.0
+    shard_tokens: int = 2048
     snapshot_every: int = 10  # a full snapshot every N versions; patches in between
     # Optional outer optimizer (DiLoCo): Nesterov momentum on the folded delta. 0 turns it off.
     outer_momentum: float = 0.0

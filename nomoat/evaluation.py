@@ -27,6 +27,7 @@ one from the other on a loaded model.
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -69,6 +70,22 @@ def eval_set(tokenizer, texts: Sequence[str], seq_len: int, budget: int) -> Eval
         keep = max(1, int((real <= budget).sum()))
         blocks = blocks[:keep]
     return EvalSet(blocks)
+
+
+def sample_blocks(blocks: torch.Tensor, budget: int, rng: random.Random) -> EvalSet:
+    """About ``budget`` tokens of ``blocks`` (whole blocks, at least one), drawn at random by
+    ``rng`` and kept in their order: a shard sample for the shard proof, its blocks the ones the
+    trainer packed (the same :func:`nomoat.packing.pack`), whichever of them the volunteer fits."""
+    order = list(range(len(blocks)))
+    rng.shuffle(order)
+    real = (blocks != packing.PAD).sum(dim=1).tolist()
+    chosen, tokens = [], 0
+    for i in order:
+        if chosen and tokens + real[i] > budget:
+            continue
+        chosen.append(i)
+        tokens += real[i]
+    return EvalSet(blocks[sorted(chosen)])
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,9 @@ A coordinator without a GPU would spend minutes of CPU per fold on its gates at 
 while volunteers' cards sit idle; so it sends each batch of a fold (its parents and every
 adapter's solo update, or its fold check) here as one task. What arrives is plain data
 (:class:`nomoat.evaluation.EvalTask`: the version, the blocks as token ids, the patches as
-adapter safetensors bytes); what goes back is per-block loss sums and target counts.
+adapter safetensors bytes); what goes back is per-block loss sums and target counts. The blocks
+are each job's held-out blocks and, for the shard proof, a sample of each adapter's own shard
+(``coordinator.fold.folder``): a trusted card sees training text, never more than the gates read.
 
 The model comes from the node's cache, brought to the version over gRPC as a training task's is
 (:meth:`worker.cache.ModelCache.ensure`), which checks the folder against its (lineage, version)

@@ -4,7 +4,9 @@ One thread runs this; it alone touches the running model. A fold happens when ``
 adapters wait, when the oldest has waited ``fold_timeout_s``, or when an adapter's job has
 nothing else outstanding (so a job's tail is never stuck behind an unfilled buffer).
 
-Each adapter is gated (norm against recent adapters; held-out loss of current + its update),
+Each adapter is gated (its bytes not another task's adapter; norm against recent adapters;
+held-out loss of current + its update; that update lowering loss on a sample of its own shard
+clearly more than on the held-out slice: the shard proof),
 the survivors are folded at once (DESIGN.md's product rule, one GEMM per matrix), and the new
 version is published only if its held-out loss is not worse than its parent's by more than ε;
 otherwise the worst contributor is dropped and the fold retried, or nothing is published.
@@ -15,7 +17,9 @@ current model plus its update as a side path, so a gate neither copies nor chang
 and the fold's patch goes into the master only when the fold is published. Evaluations go
 through an :class:`~coordinator.fold.evaluators.Evaluator` (on the coordinator, or delegated to a
 trusted worker's card) in two batches per fold: the parents and every adapter's solo gate in
-one, the fold check in the other (and one more per retry after dropping the worst). The parent's
+one, the fold check in the other (and one more per retry after dropping the worst). The shard
+proof rides in the first batch: each adapter's shard sample is one more set of blocks, scored for
+the parent and for the adapter's solo update, where the other gates are scored. The parent's
 losses are measured once per version and place: a fold's candidate losses become the next
 fold's parent losses when the next evaluation runs where they were measured.
 
@@ -27,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import math
+import random
 import threading
 import time
 from collections.abc import Sequence
@@ -60,7 +65,7 @@ from coordinator.model import modelcard
 from coordinator.model.store import BlobStore
 from coordinator.schedule.submit import read_records
 from nomoat import adapter as adapter_format
-from nomoat import lora
+from nomoat import lora, packing
 from nomoat.logs import fields
 
 log = logging.getLogger("nomoat.fold")
@@ -81,6 +86,7 @@ class Candidate:
     task_id: str = ""
     fold_width: int = 1  # K its task's batch was divided for (FoldPolicy.weights)
     entry: AdapterRecord | None = None
+    shard_set: str = ""  # the key of its shard sample in the gate's evaluation batch ("" if none)
 
 
 class Folder:
@@ -110,6 +116,10 @@ class Folder:
         self.term = Term()  # the folder's fence for this round's writes (coordinator.ledger.leaders)
         # Unexpected fold errors: which adapters are suspects, how long to back off, whom to park.
         self.failures = FoldFailures(settings.tick_s)
+        # Shard samples are drawn with the operating system's randomness: a volunteer cannot know
+        # which of its shard's blocks will be read, so it cannot train on those alone.
+        self._sampler = random.SystemRandom()
+        self.shard_eval_tokens = 0  # tokens of shard samples scored so far (bench/shardproof.py)
 
     # -- evaluation sets ----------------------------------------------------------------------
 
@@ -129,16 +139,32 @@ class Folder:
                                                           self.settings.eval_tokens)
         return self._eval_sets[job_id]
 
+    def _shard_sample(self, job_id: str, task_id: str, records: bytes) -> evaluation.EvalSet | None:
+        """About ``shard_tokens`` tokens of the task's own shard: blocks packed as its trainer packed
+        them, drawn at random (None: the task is not in the ledger, or its shard is empty)."""
+        task = self.ledger.tasks.get(task_id)
+        if task is None or task.end <= task.start:
+            return None
+        blocks = packing.pack(self.model.tokenizer, read_records(records, task.start, task.end),
+                              self._seq_len(job_id))
+        sample = evaluation.sample_blocks(blocks, self.policy.shard_tokens, self._sampler)
+        return sample if float(sample.targets().sum()) > 0 else None
+
     def _evaluate(self, version: int, job_ids: list[str],
-                  candidates: Sequence[tuple[str, adapter_format.Adapter]] = ()) -> evaluators.Evaluated:
+                  candidates: Sequence[tuple[str, adapter_format.Adapter]] = (),
+                  samples: dict[str, evaluation.EvalSet] | None = None) -> evaluators.Evaluated:
         """One batch: the version's losses on each job's set (reusing those known for it, where
-        they were measured) and the version plus each candidate patch on its job's set."""
+        they were measured) and the version plus each candidate patch on its job's set; with
+        ``samples`` (key -> blocks: shard samples), the version on each of them too, and a
+        candidate may name one of their keys instead of a job."""
         known_version, known_where, known = self._parent_losses
         if known_version != version:
             known_version, known_where, known = version, "", {}
-        jobs = sorted({*job_ids, *(j for j, _ in candidates)})
+        samples = samples or {}
+        jobs = sorted({*job_ids, *(j for j, _ in candidates)} - set(samples))
         result = self.evaluator.evaluate(evaluators.Batch(
-            version, {j: self._eval_set(j) for j in jobs}, tuple(job_ids), tuple(candidates), known, known_where))
+            version, {**{j: self._eval_set(j) for j in jobs}, **samples}, (*job_ids, *samples),
+            tuple(candidates), known, known_where))
         kept = known if result.where == known_where else {}
         self._parent_losses = (version, result.where, {**kept, **result.parents})
         return result
@@ -297,7 +323,10 @@ class Folder:
         if not admitted:
             return []
         solos = [(c.job_id, lora.build_patch([c.adapter], [folding.staleness_factor(c.tau)])) for c in admitted]
-        scored = self._evaluate(current, sorted({e.job for e in entries}), solos)
+        samples = self._shard_samples(admitted)
+        proofs = [(c.shard_set, patch) for c, (_, patch) in zip(admitted, solos) if c.shard_set]
+        scored = self._evaluate(current, sorted({e.job for e in entries}), solos + proofs, samples)
+        on_shard = dict(zip([key for key, _ in proofs], scored.candidates[len(solos):]))
         passed = []
         for candidate, losses in zip(admitted, scored.candidates):
             compared = evaluation.paired(scored.parents[candidate.job_id], losses)
@@ -306,15 +335,49 @@ class Folder:
                       compared.difference, compared.se, compared.tokens, scored.where)
             try:
                 self.policy.judge(compared.candidate, compared.parent)
+                if candidate.shard_set:
+                    shard = evaluation.paired(scored.parents[candidate.shard_set], on_shard[candidate.shard_set])
+                    log.debug("adapter %s: its shard %+.4f ± %.4f nats over %d tokens", candidate.adapter_id,
+                              shard.difference, shard.se, shard.tokens)
+                    self.policy.learned_from_shard(compared, shard)
             except folding.AdapterRejected as exc:
                 self._refuse(candidate.entry, exc)
                 continue
             passed.append(candidate)
         return passed
 
+    def _shard_samples(self, admitted: list[Candidate]) -> dict[str, evaluation.EvalSet]:
+        """Each candidate's shard sample, keyed by the name it is scored under (sets each
+        candidate's ``shard_set``); none when the policy has the shard proof off."""
+        if not self.policy.proves_shards:
+            return {}
+        samples: dict[str, evaluation.EvalSet] = {}
+        blobs: dict[str, bytes] = {}  # one read of each job's records per fold
+        for c in admitted:
+            if c.job_id not in blobs:
+                blobs[c.job_id] = self.store.get(self.ledger.jobs.get(c.job_id).records)
+            sample = self._shard_sample(c.job_id, c.task_id, blobs[c.job_id])
+            if sample is not None:
+                c.shard_set = f"{c.job_id}/shard/{c.adapter_id}"
+                samples[c.shard_set] = sample
+                self.shard_eval_tokens += sample.tokens
+        return samples
+
+    def _copied(self, entry: AdapterRecord) -> str:
+        """The task whose adapter ``entry``'s bytes already are, "" when they are its own: a
+        replica or speculative twin of a task may hand in the very same bytes, another task not."""
+        task = self.ledger.tasks.get(entry.task)
+        own = (task.replica_of or task.twin_of or entry.task) if task else entry.task
+        first = self.ledger.adapters.first_task_with(entry.job, entry.sha256, own)
+        return "" if first == own else first
+
     def _admit(self, entry: AdapterRecord, current: int) -> Candidate | None:
         """The adapter, if it passes the checks that need no evaluation."""
         try:
+            original = self._copied(entry)
+            if original:
+                raise folding.AdapterRejected(f"it is a copy of the adapter of task {original}, byte for byte",
+                                              check="copy")
             adapter = adapter_format.from_bytes(self.store.get(entry.sha256))
             tau = current - entry.base_version
             norm = folding.delta_norm(adapter)

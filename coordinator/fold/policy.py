@@ -8,6 +8,7 @@ given (the caller does the I/O: reading adapters, evaluating losses, publishing)
    many of the buffered adapters one fold looks at;
 2. :meth:`FoldPolicy.admit` and :meth:`FoldPolicy.judge`: the per-adapter gates, before its
    held-out evaluation (staleness, update norm) and after it (its solo loss);
+   :meth:`FoldPolicy.learned_from_shard`: the proof that it learned from its own shard;
 3. :meth:`FoldPolicy.weights`: each survivor's weight (DESIGN.md, "Folding math");
 4. :meth:`FoldPolicy.outer_step`: the patch the fold applies (plain, or DiLoCo's Nesterov step);
 5. :meth:`FoldPolicy.publishable` and :meth:`FoldPolicy.worst`: publish the fold, or drop the
@@ -29,6 +30,7 @@ from dataclasses import dataclass
 from coordinator.fold import folding
 from coordinator.settings import Settings
 from nomoat.adapter import Adapter
+from nomoat.evaluation import Comparison
 
 # How many of the most recently folded adapters' norms the norm gate compares against.
 RECENT_NORMS = 64
@@ -75,6 +77,10 @@ class FoldPolicy:
     task_seconds: float = 60.0  # about how long a card's run of a job takes (target_task_seconds)
     size_from_noise: bool = False
     partial_folds: bool = True  # a fold of m < K adapters sized for K takes m/K of a step
+    # The shard proof (learned_from_shard): its margin in paired standard errors (0: off) and the
+    # tokens of the adapter's own shard it reads.
+    shard_sigmas: float = 2.0
+    shard_tokens: int = 2048
 
     @classmethod
     def of(cls, settings: Settings) -> FoldPolicy:
@@ -86,6 +92,7 @@ class FoldPolicy:
             outer_lr=settings.outer_lr, outer_terms=settings.outer_terms,
             keep_global_batch=settings.keep_global_batch, task_seconds=settings.target_task_seconds,
             size_from_noise=settings.size_from_noise, partial_folds=settings.partial_folds,
+            shard_sigmas=settings.shard_sigmas, shard_tokens=settings.shard_tokens,
         )
 
     # -- task sizing --------------------------------------------------------------------------
@@ -154,6 +161,35 @@ class FoldPolicy:
             raise folding.AdapterRejected(
                 f"it makes held-out loss worse ({solo_loss:.4f} against {parent_loss:.4f})", check="loss"
             )
+
+    @property
+    def proves_shards(self) -> bool:
+        """Whether the gates include :meth:`learned_from_shard` (and the folder reads shard samples)."""
+        return self.shard_sigmas > 0 and self.shard_tokens > 0
+
+    def learned_from_shard(self, held_out: Comparison, shard: Comparison) -> None:
+        """The proof of training on the assigned shard (Templar's idea): the current model plus the
+        adapter, against the current model, lowers loss on a sample of the adapter's own shard by
+        ``shard_sigmas`` paired standard errors, and by that many more than on its job's held-out
+        slice.
+
+        An honest adapter saw those very blocks and fits them better than text it never saw; an
+        adapter trained on other data (or another volunteer's, which saw another shard) improves
+        its shard no more than any unseen text, and a random update improves neither. The two
+        comparisons are on disjoint blocks, so their errors add in quadrature; a side with fewer
+        than two blocks has no error estimate, and then the gap need only be positive.
+        """
+        gap = (held_out.candidate - held_out.parent) - (shard.candidate - shard.parent)
+        se = math.hypot(*(x for x in (held_out.se, shard.se) if math.isfinite(x)))
+        shard_se = shard.se if math.isfinite(shard.se) else 0.0
+        # Both: its shard must improve in itself too, or an update that hurts every text (held-out
+        # text a little more than its shard) would pass on the gap alone.
+        if not (gap > self.shard_sigmas * se and shard.parent - shard.candidate > self.shard_sigmas * shard_se):
+            raise folding.AdapterRejected(
+                f"it did not learn from its own shard: it lowers loss on a sample of its shard by "
+                f"{shard.parent - shard.candidate:+.4f} nats and on held-out text by "
+                f"{held_out.parent - held_out.candidate:+.4f}, a gap of {gap:.4f} where "
+                f"{self.shard_sigmas:g} standard errors are {self.shard_sigmas * se:.4f}", check="shard")
 
     # -- the fold -----------------------------------------------------------------------------
 

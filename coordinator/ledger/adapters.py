@@ -229,6 +229,14 @@ class Adapters:
         """Remove the records of refused adapters past their retention (coordinator.model.retention)."""
         return int(self.r.delete(*(keys.adapter(a) for a in adapter_ids))) if adapter_ids else 0
 
+    def first_task_with(self, job_id: str, sha256: str, task_id: str) -> str:
+        """The task whose adapter with these bytes the job saw first: ``task_id`` itself the
+        first time (the claim is one atomic step), another task's id when this is a copy."""
+        pipe = self.r.pipeline(transaction=True)
+        pipe.hsetnx(keys.job_adapter_bytes(job_id), sha256, task_id)
+        pipe.hget(keys.job_adapter_bytes(job_id), sha256)
+        return pipe.execute()[1].decode()
+
     def mark_unmerged(self, adapter_id: str, version: int) -> None:
         """A folded adapter that ``version`` took out of the model again."""
         self.r.hset(keys.adapter(adapter_id), mapping={"state": AdapterState.UNMERGED.value, "unmerged_in": version})

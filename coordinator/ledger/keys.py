@@ -55,6 +55,12 @@ def job_tasks(job_id: str) -> str:
     return f"{PREFIX}job:{job_id}:tasks"
 
 
+def job_adapter_bytes(job_id: str) -> str:
+    """Hash: sha256 of an adapter the folder has seen for the job -> the task it first came from
+    (a replica's or twin's task counts as the task it repeats): the fold's copy check."""
+    return f"{PREFIX}job:{job_id}:adapter-bytes"
+
+
 def task(task_id: str) -> str:
     """Hash: job, shard range, state, fence, attempts, lease deadline, the worker its lease was
     placed on (holder_worker) and the sha256 of its lease secret, memory floors per card, adapter."""

@@ -54,6 +54,8 @@ class Check(_State):
     FOLD = "fold"  # dropped as the worst contributor of a fold that was not publishable
     STALE = "stale"  # trained on a version too old to fold (the schedule's doing, not the volunteer's)
     DISAGREED = "disagreed"  # its replicas, run with the same seed and shard, came out otherwise
+    SHARD = "shard"  # it did not learn from its own shard (FoldPolicy.learned_from_shard)
+    COPY = "copy"  # its bytes are another task's adapter, already handed in
 
 
 @dataclass(frozen=True)

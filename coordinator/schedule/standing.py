@@ -62,6 +62,8 @@ WEIGHTS: dict[str, float] = {
     Check.STALE.value: 0.0,
     Check.DISAGREED.value: -2.0,  # two other volunteers reproduced the task, and it did not
     ABANDONED: -1.0,  # as a failed check: take-and-abandon is excluded as fast as bad work
+    Check.SHARD.value: -1.0,  # honest adapters fail it about as rarely as the loss gate (bench/shardproof.py)
+    Check.COPY.value: -2.0,  # byte for byte another task's adapter: no honest run does that
 }
 
 

@@ -1,0 +1,575 @@
+"""Benchmark: a real coordinator, honest volunteers, and one hostile volunteer per attack (issue 19).
+
+    nice python bench/adversary.py --quick                      # every attack, small jobs
+    python bench/adversary.py --attacks free-rider,copycat      # some of them
+
+Every part is the real thing, as a user runs it (tests/procs.py): ``nomoat coordinator start`` on
+its own data dir (embedded Redis, its Ray head), two honest outbound volunteers
+``nomoat worker start --simulate-gpu`` training the tiny model for real with the public worker
+token, and, per attack, a hostile volunteer in this process that speaks the coordinator's gRPC API
+with only what a volunteer has (its own worker token from the operator, or the public one; the
+job ids ``Status`` shows; what it is sent). Each scenario is one job of the same size; the first
+is the same job with no attacker (the baseline). Attacks:
+
+* ``hijack``: heartbeat, fetch the shard of and upload to leases placed on other workers (fences
+  guessed: they are small numbers from one counter);
+* ``forged-memory``: report every unit of its runs out of memory with a 1000 GB need;
+* ``forged-speed``: report and upload with tokens x1000 in a millisecond;
+* ``abandon``: take runs and never heartbeat, upload or report;
+* ``free-rider``: upload random factors scaled to an honest adapter's norm;
+* ``copycat``: one identity trains its task for real, a second uploads the same bytes for its own;
+* ``scaled-x50``: train the task for real, upload the update x50;
+* ``other-data``: train on other text (fortunes the job does not hold) with the task's settings;
+* ``sybil``: register as many workers as it can with the public join token;
+* ``submit-flood``: a submitter sending many small jobs;
+* ``watch-flood``: a reader holding many Watch streams and pulling the whole patch chain in a loop.
+
+Per attack: ``succeeded`` (the attack did what it wanted: its adapter folded, a lease used, the
+limit not held, ...), ``detail``, the honest volunteers' throughput (tokens of their accepted
+adapters per second of the job) against the baseline, and their adapters refused. An attack is
+written to report success wherever the defence is missing. Last line JSON: ``attacks_tried``,
+``attacks_succeeded``, ``honest_throughput_ratio`` (the worst attack's), ``honest_refused_share``
+and one entry per attack. Targets (issue 19): no attack succeeds, the ratio at least 0.9, honest
+refusals at most 1 %.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch
+
+from nomoat import adapter as fmt
+from nomoat.card import to_message
+from nomoat.client import CoordinatorClient, NomoatError
+from nomoat.spec import UnitResult
+from nomoat.tiny import read_fortunes
+from nomoat.v1 import nomoat_pb2 as pb
+from tests import procs
+from tests.test_faults import dataset
+from worker.cache import ModelCache
+from worker.outbound import parse_specs
+from worker.probe import parse_simulated
+from worker.uploader import manifest_for
+
+CARD = "RTX 3060:12:13"
+HONEST = ("honest-a", "honest-b")
+
+
+@dataclass
+class Ctx:
+    """The running coordinator, its honest volunteers, and what the attacks share."""
+
+    args: argparse.Namespace
+    tmp: Path
+    cluster_dir: Path
+    address: str
+    coordinator: procs.Proc
+    workers: dict[str, procs.Proc] = field(default_factory=dict)
+    ledger: object = None
+    seed: int = 0
+
+    def token(self, role: str) -> str:
+        return (self.cluster_dir / f"{role}.token").read_text().strip()
+
+    def client(self, role: str = "admin", token: str | None = None) -> CoordinatorClient:
+        return CoordinatorClient(self.address, token or self.token(role))
+
+    def new_token(self, role: str, name: str) -> str:
+        with self.client("admin") as admin:
+            return admin.create_token(role, name).token
+
+
+class JobRef:
+    """The scenario's job id, set once it is submitted: an attacker registers before the job exists
+    (as a volunteer already running would), then waits for it."""
+
+    def __init__(self) -> None:
+        self._id, self._set = "", threading.Event()
+
+    def set(self, job_id: str) -> None:
+        self._id = job_id
+        self._set.set()
+
+    def get(self) -> str:
+        self._set.wait()
+        return self._id
+
+
+class Hostile:
+    """A volunteer's worker, driven by hand: everything it does is a call any worker may make."""
+
+    def __init__(self, ctx: Ctx, name: str, token: str | None = None) -> None:
+        self.ctx, self.name = ctx, name
+        self.client = CoordinatorClient(ctx.address, token or ctx.new_token("worker", name))
+        reply = self.client.register(name, to_message(parse_simulated(CARD)))
+        self.worker_id, self.lineage = reply.worker_id, reply.lineage
+        self.uploaded: list[str] = []  # adapter ids the coordinator accepted from it
+        self.units = 0  # units placed on it
+        self.refusals: list[str] = []  # why its uploads were refused
+
+    def take(self, stop: threading.Event, wait_s: float = 2.0):
+        """The next run placed on it: (run id, its unit specs), or ("", [])."""
+        try:
+            reply = self.client.request_work(self.worker_id, wait_s, stop=stop)
+        except NomoatError:
+            return "", []
+        specs = parse_specs(list(reply.task_specs)) if reply.run_id else []
+        self.units += len(specs)
+        for spec in specs:  # claim each unit (its base version) and keep its lease while it works
+            threading.Thread(target=self._keep, args=(spec, stop), daemon=True).start()
+        return reply.run_id, specs
+
+    def _keep(self, spec, stop: threading.Event, every_s: float = 5.0) -> None:
+        while not stop.is_set():
+            try:
+                if not self.client.heartbeat(spec.task_id, spec.fence, self.worker_id).ok:
+                    return
+            except NomoatError:
+                return
+            stop.wait(every_s)
+
+    def shard(self, spec) -> list[str]:
+        return [json.loads(line)["text"] for line in self.client.fetch_shard(spec.task_id, spec.fence).splitlines()]
+
+    def upload(self, spec, adapter: fmt.Adapter, tokens: int | None = None) -> pb.UploadReply:
+        data = fmt.to_bytes(adapter)
+        manifest = manifest_for(spec.task_id, spec.fence, spec.base_version, adapter.rank, adapter.alpha,
+                                tokens if tokens is not None else spec.tokens, 2.0, data, self.worker_id, self.lineage)
+        try:
+            reply = self.client.upload(manifest, data)
+        except NomoatError as exc:
+            reply = pb.UploadReply(accepted=False, reason=str(exc).splitlines()[0])
+        if reply.accepted:
+            self.uploaded.append(reply.adapter_id)
+        else:
+            self.refusals.append(reply.reason)
+        return reply
+
+    def train_at(self, version: int, texts: list[str], seed: int = 0) -> fmt.Adapter:
+        """A real adapter on ``texts`` from ``version``, at the job defaults' settings as a task of
+        a fold of 4 trains them (what it expects its units to ask for), before any unit arrives."""
+        from coordinator.settings import JobDefaults
+        from worker.trainer import LoraSpec, TrainSpec, train_adapter
+
+        job = JobDefaults()
+        folder = ModelCache(self.ctx.tmp / f"cache-{self.name}").ensure(self.client, self.lineage, version)
+        torch.set_num_threads(1)
+        return train_adapter(folder, texts, LoraSpec(job.lora_rank, job.lora_alpha, job.target_modules),
+                             TrainSpec(seq_len=job.seq_len, batch_size=2, micro_batch=2,
+                                       learning_rate=2 * job.learning_rate, seed=seed))[0]
+
+    def said(self) -> str:
+        """What happened to its units, for a detail line."""
+        why = f"; refused: {self.refusals[0][:120]}" if self.refusals else ""
+        return f"{self.units} units placed on it, {len(self.uploaded)} uploads accepted{why}"
+
+    def report(self, run_id: str, units: list[UnitResult]) -> None:
+        try:
+            self.client.report_run(self.worker_id, run_id, [json.dumps(u.to_dict()) for u in units], [])
+        except NomoatError:
+            pass
+
+    def train(self, spec, texts: list[str], seed: int = 0) -> fmt.Adapter:
+        """A real adapter on ``texts``, from the task's base version, with the task's settings."""
+        from worker.trainer import LoraSpec, TrainSpec, train_adapter
+
+        folder = ModelCache(self.ctx.tmp / f"cache-{self.name}").ensure(self.client, self.lineage, spec.base_version)
+        lora = LoraSpec(spec.lora.rank, spec.lora.alpha, tuple(spec.lora.target_modules))
+        train = TrainSpec(seq_len=spec.train.seq_len, batch_size=spec.train.batch_size,
+                          micro_batch=spec.train.batch_size, learning_rate=spec.train.learning_rate, seed=seed)
+        torch.set_num_threads(1)
+        return train_adapter(folder, texts, lora, train)[0]
+
+
+def random_like(adapter: fmt.Adapter, seed: int) -> fmt.Adapter:
+    from coordinator.fold.folding import delta_norm
+
+    g = torch.Generator().manual_seed(seed)
+    factors = {m: (torch.randn(a.shape, generator=g), torch.randn(b.shape, generator=g))
+               for m, (a, b) in adapter.factors.items()}
+    ratio = math.sqrt(delta_norm(adapter) / delta_norm(fmt.Adapter(factors, adapter.rank, adapter.alpha)))
+    return fmt.Adapter({m: (a * ratio, b * ratio) for m, (a, b) in factors.items()}, adapter.rank, adapter.alpha)
+
+
+OTHER_TEXT = [f"{t}" for t in read_fortunes()[4000:4060]]  # text the job does not hold
+
+
+def folded(ctx: Ctx, adapter_ids: list[str]) -> int:
+    return sum(1 for i in adapter_ids if (a := ctx.ledger.adapters.get(i)) and a.state.value == "folded")
+
+
+def each_run(h: Hostile, stop: threading.Event, body: Callable) -> None:
+    """Take runs until stopped, calling ``body(run_id, specs)`` on each."""
+    while not stop.is_set():
+        run_id, specs = h.take(stop)
+        if run_id:
+            body(run_id, specs)
+
+
+# -- the attacks: each fills ``out`` with succeeded (bool) and detail (a sentence) -------------------
+
+
+def hijack(ctx: Ctx, job: JobRef, stop: threading.Event, out: dict) -> None:
+    """It never asks for work, so no lease is ever placed on it: any lease call it gets through is
+    another worker's lease."""
+    h = Hostile(ctx, "hijacker")
+    job_id = job.get()
+    used: set[str] = set()
+    leaked = 0
+    while not stop.wait(1.0):
+        status = h.client.status(job_id)
+        total = status.jobs[0].total_tasks if status.jobs else 0
+        for i in range(total):
+            task_id = f"{job_id}-t{i:03d}"
+            if task_id in used:
+                continue
+            fences = list(range(1, ctx.args.max_fence))
+            for fence in fences:
+                try:
+                    reply = h.client.heartbeat(task_id, fence, h.worker_id)
+                except NomoatError as exc:
+                    hint = re.search(r"fence (\d+)", str(exc))  # an error that names the right fence
+                    if hint and int(hint.group(1)) not in fences[:fence]:
+                        fences.insert(fences.index(fence) + 1, int(hint.group(1)))
+                    continue
+                if not reply.ok:
+                    hint = re.search(r"fence (\d+)", reply.reason)
+                    if hint and int(hint.group(1)) != fence:
+                        fences.insert(fences.index(fence) + 1, int(hint.group(1)))
+                    continue
+                used.add(task_id)
+                try:
+                    leaked += bool(h.client.fetch_shard(task_id, fence))
+                except NomoatError:
+                    pass
+                break
+    out["succeeded"] = bool(used or leaked)
+    out["detail"] = f"heartbeats accepted on {len(used)} leases placed on other workers, {leaked} shards fetched"
+
+
+def forged_memory(ctx: Ctx, job: JobRef, stop: threading.Event, out: dict) -> None:
+    h = Hostile(ctx, "forger-memory")
+    each_run(h, stop, lambda run, specs: h.report(run, [UnitResult(s.task_id, s.fence, "CUDA out of memory",
+                                                                   needs_vram_gb=1000.0) for s in specs]))
+    raised = [t.task_id for t in ctx.ledger.tasks.of_job(job.get()) if t.min_vram_gb > 24]
+    out["succeeded"] = bool(raised)
+    out["detail"] = f"{len(raised)} tasks now need more than any honest card (24 GB)"
+
+
+def forged_speed(ctx: Ctx, job: JobRef, stop: threading.Event, out: dict) -> None:
+    h = Hostile(ctx, "forger-speed")
+    base = [None]
+
+    def body(run_id: str, specs) -> None:
+        units = []
+        for s in specs:
+            if base[0] is None:
+                base[0] = h.train(s, h.shard(s))  # one real adapter, reused: it is the speed that lies
+            reply = h.upload(s, base[0], tokens=s.tokens * 1000)
+            units.append(UnitResult(s.task_id, s.fence, "" if reply.accepted else reply.reason,
+                                    adapter_id=reply.adapter_id, tokens=s.tokens * 1000, seconds=0.001))
+        h.report(run_id, units)
+
+    each_run(h, stop, body)
+    speeds = {w.name: w.tokens_per_s for w in ctx.ledger.workers.all()}
+    honest = max((speeds.get(n, 0.0) for n in HONEST), default=0.0)
+    mine = speeds.get("forger-speed", 0.0)
+    out["succeeded"] = mine > 10 * max(honest, 1e-9)
+    out["detail"] = f"its speed as the scheduler sees it: {mine:.0f} tokens/s against the honest {honest:.0f}"
+
+
+def abandon(ctx: Ctx, job: JobRef, stop: threading.Event, out: dict) -> None:
+    h = Hostile(ctx, "abandoner")
+    taken = [0]
+    each_run(h, stop, lambda run, specs: taken.__setitem__(0, taken[0] + len(specs)))
+    tasks = ctx.ledger.tasks.of_job(job.get())
+    failed = [t for t in tasks if t.state.value == "failed"]
+    with ctx.client("admin") as admin:
+        stats = admin.worker_stats(h.worker_id)
+    still_trusted = stats.trust in ("", "trusted")
+    out["succeeded"] = bool(failed) or (taken[0] >= 3 and still_trusted)
+    out["detail"] = (f"abandoned {taken[0]} leases; {len(failed)} tasks failed; its standing afterwards: "
+                     f"{stats.trust or 'trusted'}")
+
+
+def uploads_then_judge(ctx: Ctx, h: Hostile, stop: threading.Event, out: dict, make: Callable, what: str) -> None:
+    def body(run_id: str, specs) -> None:
+        units = []
+        for s in specs:
+            reply = h.upload(s, make(s))
+            units.append(UnitResult(s.task_id, s.fence, "" if reply.accepted else reply.reason,
+                                    adapter_id=reply.adapter_id, tokens=s.tokens, seconds=1.0))
+        h.report(run_id, units)
+
+    each_run(h, stop, body)
+    n = folded(ctx, h.uploaded)
+    out["succeeded"] = n > 0
+    out["detail"] = f"{n} of its uploads ({what}) folded; {h.said()}"
+
+
+def free_rider(ctx: Ctx, job: JobRef, stop: threading.Event, out: dict) -> None:
+    h = Hostile(ctx, "free-rider")
+    calibrate = h.train_at(0, OTHER_TEXT)  # one real adapter on public text, for a plausible norm
+    uploads_then_judge(ctx, h, stop, out, lambda s: random_like(calibrate, seed=len(h.uploaded) + 1),
+                       "random factors of an honest norm")
+
+
+def copycat(ctx: Ctx, job: JobRef, stop: threading.Event, out: dict) -> None:
+    worker_a, copier = Hostile(ctx, "copycat-a"), Hostile(ctx, "copycat-b")
+    original: list[fmt.Adapter] = []
+
+    def first(run_id: str, specs) -> None:  # identity A trains one task for real
+        units = []
+        for s in specs:
+            if not original:
+                original.append(worker_a.train(s, worker_a.shard(s)))
+                reply = worker_a.upload(s, original[0])
+                units.append(UnitResult(s.task_id, s.fence, "" if reply.accepted else reply.reason,
+                                        adapter_id=reply.adapter_id, tokens=s.tokens, seconds=1.0))
+        worker_a.report(run_id, units)
+
+    while not original and not stop.is_set():
+        run_id, specs = worker_a.take(stop)
+        if run_id:
+            first(run_id, specs)
+    uploads_then_judge(ctx, copier, stop, out, lambda s: original[0], "copies of another identity's adapter")
+
+
+def scaled(ctx: Ctx, job: JobRef, stop: threading.Event, out: dict) -> None:
+    h = Hostile(ctx, "scaler")
+
+    def make(spec) -> fmt.Adapter:
+        honest = h.train(spec, h.shard(spec))
+        return fmt.Adapter({m: (a, b * 50) for m, (a, b) in honest.factors.items()}, honest.rank, honest.alpha)
+
+    uploads_then_judge(ctx, h, stop, out, make, "its own training x50")
+
+
+def other_data(ctx: Ctx, job: JobRef, stop: threading.Event, out: dict) -> None:
+    h = Hostile(ctx, "other-data")
+    base = h.train_at(0, OTHER_TEXT)  # trained once; each upload a copy nudged off its sha256
+
+    def make(spec) -> fmt.Adapter:
+        g = torch.Generator().manual_seed(len(h.uploaded) + len(h.refusals))
+        return fmt.Adapter({m: (a, b * (1 + 1e-4 * torch.randn(b.shape, generator=g)))
+                            for m, (a, b) in base.factors.items()}, base.rank, base.alpha)
+
+    uploads_then_judge(ctx, h, stop, out, make, "trained on other text")
+
+
+def sybil(ctx: Ctx, job: JobRef, stop: threading.Event, out: dict) -> None:
+    public = ctx.token("worker")  # the join line's token: every public volunteer has it
+    client = CoordinatorClient(ctx.address, public)
+    card = to_message(parse_simulated(CARD))
+    job.get()  # the flood starts with the job
+    registered = refused = 0
+    for i in range(ctx.args.sybils):
+        try:
+            client.register(f"sybil-{i}", card)
+            registered += 1
+        except NomoatError:
+            refused += 1
+        if stop.is_set():
+            break
+    try:  # a new honest volunteer joining with the same public line afterwards
+        client.register("newcomer", card)
+        newcomer = True
+    except NomoatError:
+        newcomer = False
+    stop.wait()
+    out["succeeded"] = registered >= ctx.args.sybils or not newcomer
+    out["detail"] = (f"{registered} identities registered, {refused} refused; a newcomer with the public "
+                     f"join line {'could' if newcomer else 'could not'} register afterwards")
+
+
+def submit_flood(ctx: Ctx, job: JobRef, stop: threading.Event, out: dict) -> None:
+    client = CoordinatorClient(ctx.address, ctx.new_token("submitter", "flooder"))
+    job.get()  # the flood starts with the job
+    accepted = refused = 0
+    for i in range(ctx.args.flood_jobs):
+        if stop.is_set():
+            break
+        try:
+            client.submit(dataset(ctx.tmp, 30, 100 + i, f"flood-{i}.jsonl"), name=f"flood-{i}",
+                          config=pb.JobConfig(tokens_per_task=ctx.args.tokens_per_task))
+            accepted += 1
+        except NomoatError:
+            refused += 1
+    stop.wait()
+    out["succeeded"] = accepted >= ctx.args.flood_jobs
+    out["detail"] = f"{accepted} jobs accepted, {refused} refused"
+
+
+def watch_flood(ctx: Ctx, job: JobRef, stop: threading.Event, out: dict) -> None:
+    token = ctx.new_token("reader", "watcher")
+    opened, refused = [0], [0]
+    job_id = job.get()
+
+    def one(i: int) -> None:
+        client = CoordinatorClient(ctx.address, token)
+        while not stop.is_set():
+            try:
+                if i % 2:
+                    for _ in client.watch(job_id, timeout=30):
+                        opened[0] += 1
+                        if stop.is_set():
+                            break
+                else:
+                    client.pull(ctx.tmp / f"pull-{i}", fmt="peft", since=0)
+                    opened[0] += 1
+            except (NomoatError, Exception):  # noqa: BLE001  (a refusal, or nothing to pull yet)
+                refused[0] += 1
+                stop.wait(0.2)
+
+    threads = [threading.Thread(target=one, args=(i,), daemon=True) for i in range(ctx.args.watchers)]
+    for t in threads:
+        t.start()
+    stop.wait()
+    out["succeeded"] = refused[0] == 0 or out.get("throughput_ratio", 1.0) < 0.9
+    out["detail"] = f"{ctx.args.watchers} streams and pulls: {opened[0]} answers, {refused[0]} refusals or errors"
+
+
+ATTACKS: dict[str, Callable] = {
+    "hijack": hijack, "forged-memory": forged_memory, "forged-speed": forged_speed, "abandon": abandon,
+    "free-rider": free_rider, "copycat": copycat, "scaled-x50": scaled, "other-data": other_data,
+    "sybil": sybil, "submit-flood": submit_flood, "watch-flood": watch_flood,
+}
+
+
+# -- one scenario: a job, the honest volunteers, at most one attacker -------------------------------
+
+
+def scenario(ctx: Ctx, name: str, attack: Callable | None) -> dict:
+    ctx.seed += 1
+    stop, out, ref = threading.Event(), {"succeeded": False, "detail": ""}, JobRef()
+    thread = None
+    if attack is not None:
+        def guarded() -> None:
+            try:
+                attack(ctx, ref, stop, out)
+            except Exception as exc:  # noqa: BLE001  (an attack that broke says so, and did not succeed)
+                out["detail"] = f"the attack broke: {type(exc).__name__}: {exc}"[:300]
+
+        thread = threading.Thread(target=guarded, daemon=True)
+        thread.start()
+        time.sleep(ctx.args.head_start)  # it registers (and asks for work) before the job exists
+    with ctx.client("admin") as client:  # the data dir holds no submitter token: the operator submits
+        job_id = client.submit(dataset(ctx.tmp, ctx.args.lines, ctx.seed, f"job-{ctx.seed}.jsonl"), name=name,
+                               config=pb.JobConfig(tokens_per_task=ctx.args.tokens_per_task)).job_id
+    ref.set(job_id)
+    started = time.monotonic()
+    end = started + ctx.args.job_timeout
+    while time.monotonic() < end:
+        job = ctx.ledger.jobs.get(job_id)
+        if job and job.state.value in ("done", "failed") and not ctx.ledger.adapters.buffered():
+            break
+        time.sleep(1.0)
+    seconds = time.monotonic() - started
+    stop.set()
+    if thread is not None:
+        thread.join(60)
+    honest_ids = {w.worker_id for w in ctx.ledger.workers.all() if w.name in HONEST}
+    adapters = [ctx.ledger.adapters.get(t.adapter) for t in ctx.ledger.tasks.of_job(job_id) if t.adapter]
+    honest = [a for a in adapters if a and a.worker in honest_ids]
+    job = ctx.ledger.jobs.get(job_id)
+    result = {"job": job_id, "state": job.state.value if job else "?", "seconds": round(seconds, 1),
+              "honest_tokens": sum(a.tokens for a in honest),
+              "honest_throughput": sum(a.tokens for a in honest) / max(seconds, 1e-9),
+              "honest_adapters": len(honest), "honest_refused": sum(a.state.value == "rejected" for a in honest),
+              **({k: v for k, v in out.items()} if attack else {})}
+    print(f"[{name}] {result['state']} in {seconds:.0f} s; honest: {len(honest)} adapters, "
+          f"{result['honest_refused']} refused; " + (f"succeeded={out['succeeded']}: {out['detail']}" if attack else ""),
+          flush=True)
+    return result
+
+
+def start(args: argparse.Namespace, tmp: Path) -> Ctx:
+    data_dir = tmp / "coordinator"
+    address = f"127.0.0.1:{procs.free_port()}"
+    coordinator = procs.coordinator(data_dir, address, tmp / "coordinator.log", "--fold-every", "2",
+                                    "--replicate-fraction", "0", "--lease-ttl", str(args.lease_ttl),
+                                    "--eval-tokens", "1024", "--http", f"127.0.0.1:{procs.free_port()}")
+    coordinator.wait_for("volunteers join with", timeout=300)
+    ctx = Ctx(args, tmp, data_dir, address, coordinator, ledger=procs.ledger_of(data_dir))
+    for name in HONEST:
+        ctx.workers[name] = procs.outbound_worker(address, data_dir, tmp, name, CARD)
+    for proc in ctx.workers.values():
+        proc.wait_for("joined (outbound-only)", timeout=300)
+    return ctx
+
+
+def stop_all(ctx: Ctx) -> None:
+    for proc in [*ctx.workers.values(), ctx.coordinator]:
+        proc.interrupt(timeout=30)
+        if proc.p.poll() is None:
+            procs.kill_tree(proc.p.pid)
+    procs.kill_leftovers(ctx.cluster_dir)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--attacks", default=",".join(ATTACKS), help="which attacks, comma-separated")
+    parser.add_argument("--quick", action="store_true", help="small jobs: a few minutes per attack on 2 cores")
+    parser.add_argument("--lines", type=int, default=240, help="records per job")
+    parser.add_argument("--tokens-per-task", type=int, default=2000)
+    parser.add_argument("--job-timeout", type=float, default=900.0)
+    parser.add_argument("--lease-ttl", type=float, default=20.0)
+    parser.add_argument("--max-fence", type=int, default=200, help="fences the hijacker tries per task")
+    parser.add_argument("--sybils", type=int, default=100)
+    parser.add_argument("--flood-jobs", type=int, default=20)
+    parser.add_argument("--watchers", type=int, default=16)
+    parser.add_argument("--head-start", type=float, default=3.0, help="seconds an attacker has before the job")
+    args = parser.parse_args()
+    if args.quick:
+        # more units than two honest runs hold (max_units_per_run 16 each), so an attacker gets some
+        args.lines, args.tokens_per_task, args.job_timeout = 320, 400, 400.0
+        args.max_fence, args.sybils, args.flood_jobs, args.watchers = 60, 40, 8, 8
+    chosen = [a for a in args.attacks.split(",") if a]
+    unknown = [a for a in chosen if a not in ATTACKS]
+    if unknown:
+        raise SystemExit(f"unknown attack(s) {', '.join(unknown)}: choose from {', '.join(ATTACKS)}")
+    tmp = Path(tempfile.mkdtemp(prefix="nomoat-adversary-"))
+    ctx = start(args, tmp)
+    try:
+        baseline = scenario(ctx, "baseline", None)
+        results = {}
+        for name in chosen:
+            result = scenario(ctx, name, ATTACKS[name])
+            result["throughput_ratio"] = round(result["honest_throughput"] / max(baseline["honest_throughput"], 1e-9), 3)
+            if name == "watch-flood" and result["throughput_ratio"] < 0.9:
+                result["succeeded"] = True
+            results[name] = result
+    finally:
+        stop_all(ctx)
+    honest_adapters = baseline["honest_adapters"] + sum(r["honest_adapters"] for r in results.values())
+    honest_refused = baseline["honest_refused"] + sum(r["honest_refused"] for r in results.values())
+    summary = {
+        "attacks_tried": len(results),
+        "attacks_succeeded": sum(bool(r.get("succeeded")) for r in results.values()),
+        "honest_throughput_ratio": min((r["throughput_ratio"] for r in results.values()), default=math.nan),
+        "honest_refused_share": round(honest_refused / max(1, honest_adapters), 4),
+        "baseline": baseline,
+        "attacks": {n: {"succeeded": bool(r.get("succeeded")), "detail": r.get("detail", ""),
+                        "throughput_ratio": r["throughput_ratio"], "honest_refused": r["honest_refused"],
+                        "honest_adapters": r["honest_adapters"], "job_state": r["state"], "seconds": r["seconds"]}
+                    for n, r in results.items()},
+    }
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()

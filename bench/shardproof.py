@@ -1,0 +1,323 @@
+"""Benchmark: the shard proof (issue 19, item 5): how often it refuses honest adapters, how often
+it lets dishonest ones through, and what it costs a fold.
+
+Everything trains for real (``worker.trainer.train_adapter``) on the packaged tiny Llama, on both
+corpora (``demo``, the packaged fortunes, and ``python-docs``, bench/qsim.py). Each corpus is
+shuffled, its first 5 % (at most 256 records, as ``submit`` does) is the job's held-out slice, the
+rest is split into tasks of ``--task-tokens`` tokens (several sizes: the corpora hold ~130k tokens
+each, 4 tasks at the default 32768). Tasks are trained as the coordinator sizes them
+(``FoldPolicy.task_training``: the job's batch / K at the scaled lr, K = 4) in rounds of K from the
+current version, gated there, and folded (``FoldPolicy.weights``), ``--passes`` times over the
+data with new seeds, so most adapters are gated on a model that already holds earlier folds.
+
+For each honest adapter, with its parent on the same blocks (``nomoat.evaluation.paired``):
+
+* **honest**: its held-out comparison and its own shard sample (``evaluation.sample_blocks``, the
+  folder's draw), judged by ``FoldPolicy.learned_from_shard``;
+* **other-shard** (a copycat's adapter: another volunteer's, which learned another shard of the
+  same job): the adapter judged against the next task's shard;
+* **other-data**: an adapter of the other corpus judged against this task's shard;
+* **random**: random factors of the adapter's rank scaled to its update norm (a free-rider that
+  passes the norm gate), judged against its shard.
+
+Each is judged at every margin of ``--sigmas`` and shard budget of ``--budgets`` (the statistic
+``z = gap / SE`` is printed, so other margins can be read off). Cost: tokens and seconds of the
+shard proof's evaluations (parent and candidate on each adapter's sample) against the existing
+gates' (the version's held-out parent once per fold, each adapter's solo held-out, the fold
+check), at the default budget.
+
+    python bench/shardproof.py [--quick] [--passes 2] [--task-tokens 8192,32768]
+
+The last line is JSON: ``false_refusal_rate`` (honest, at the defaults), ``dishonest_pass_rate``
+per kind, ``extra_eval_tokens_per_fold``, ``extra_eval_seconds_per_fold``, ``extra_cost_ratio``,
+and the tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import shutil
+import statistics
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.qsim import read_corpus
+from coordinator.fold import folding
+from coordinator.fold.policy import FoldPolicy
+from coordinator.model.running import RunningModel
+from coordinator.schedule.submit import split_tasks
+from coordinator.settings import Settings
+from nomoat import evaluation, lora, packing
+from nomoat.adapter import Adapter
+from nomoat.tiny import tiny_model_path
+from worker.trainer import LoraSpec, TrainSpec, train_adapter
+
+KINDS = ("honest", "other-shard", "other-data", "random")
+
+
+@dataclass
+class Judged:
+    kind: str
+    corpus: str
+    task_tokens: int
+    budget: int
+    held: tuple[float, float]  # candidate - parent on the held-out slice, its paired SE
+    shard: tuple[float, float]  # the same on the shard sample
+
+    @property
+    def z(self) -> float:
+        """The gap (held-out difference - shard difference) in its standard errors."""
+        gap = self.held[0] - self.shard[0]
+        se = math.hypot(*(x for x in (self.held[1], self.shard[1]) if math.isfinite(x)))
+        return gap / se if se > 0 else (math.inf if gap > 0 else -math.inf)
+
+    def passes(self, sigmas: float) -> bool:
+        try:
+            FoldPolicy(shard_sigmas=sigmas).learned_from_shard(*self.comparisons())
+            return True
+        except folding.AdapterRejected:
+            return False
+
+    def comparisons(self) -> tuple[evaluation.Comparison, evaluation.Comparison]:
+        return (evaluation.Comparison(0.0, self.held[0], self.held[1], 0),
+                evaluation.Comparison(0.0, self.shard[0], self.shard[1], 0))
+
+
+def random_like(adapter: Adapter, seed: int) -> Adapter:
+    """Random factors of ``adapter``'s rank and modules, scaled to its update norm."""
+    g = torch.Generator().manual_seed(seed)
+    factors = {m: (torch.randn(a.shape, generator=g), torch.randn(b.shape, generator=g))
+               for m, (a, b) in adapter.factors.items()}
+    fake = Adapter(factors, rank=adapter.rank, alpha=adapter.alpha)
+    ratio = math.sqrt(folding.delta_norm(adapter) / max(folding.delta_norm(fake), 1e-30))
+    return Adapter({m: (a * ratio, b * ratio) for m, (a, b) in factors.items()}, rank=adapter.rank,
+                   alpha=adapter.alpha)
+
+
+def split(corpus: str, model: RunningModel, task_tokens: int, seed: int = 0):
+    texts = read_corpus(corpus)
+    random.Random(seed).shuffle(texts)
+    settings = Settings(data_dir=Path("unused"))
+    n_val = min(settings.max_validation_records, max(1, int(len(texts) * settings.validation_fraction)))
+    counts = [len(ids) + 1 for ids in model.tokenizer(texts[n_val:], add_special_tokens=False)["input_ids"]]
+    shards = [texts[n_val + s:n_val + e] for s, e in split_tasks(counts, task_tokens)]
+    return texts[:n_val], shards
+
+
+def run_corpus(args: argparse.Namespace, corpus: str, task_tokens: int, other: list[Adapter]) -> dict:
+    """Train and judge every task of one corpus at one task size; returns the judgements, the
+    honest adapters (for the other corpus's other-data row) and the measured costs."""
+    torch.set_num_threads(args.threads)
+    settings = Settings(data_dir=Path("unused"))
+    policy = FoldPolicy.of(settings)
+    job = settings.job
+    model = RunningModel(tiny_model_path())
+    held_texts, shards = split(corpus, model, task_tokens)
+    shards = shards[:args.max_tasks] if args.max_tasks else shards
+    held = model.eval_set(held_texts, job.seq_len, settings.eval_tokens)
+    sized = policy.task_training(job.batch_size, job.learning_rate, cards=policy.fold_every, tasks=len(shards))
+    lora_spec = LoraSpec(rank=job.lora_rank, alpha=job.lora_alpha, target_modules=job.target_modules)
+    rng = random.Random(f"{corpus}/{task_tokens}")
+    judged: list[Judged] = []
+    honest: list[Adapter] = []
+    cost = {"gate_tokens": 0, "gate_seconds": 0.0, "proof_tokens": 0, "proof_seconds": 0.0, "folds": 0,
+            "adapters": 0, "train_seconds": 0.0}
+    folder_dir = Path(args.tmp) / f"{corpus}-{task_tokens}"
+    version_dir = tiny_model_path()
+    say = lambda text: print(f"[{corpus} {task_tokens}] {text}", flush=True)
+    blocks_of = [packing.pack(model.tokenizer, s, job.seq_len) for s in shards]
+    for p in range(args.passes):
+        for r0 in range(0, len(shards), sized.fold_width):
+            round_ids = list(range(r0, min(r0 + sized.fold_width, len(shards))))
+            adapters = []
+            for i in round_ids:
+                started = time.monotonic()
+                adapter, _ = train_adapter(version_dir, shards[i], lora_spec, TrainSpec(
+                    seq_len=job.seq_len, batch_size=sized.batch_size, micro_batch=sized.batch_size,
+                    learning_rate=sized.learning_rate, epochs=job.epochs, seed=1000 * p + i))
+                cost["train_seconds"] += time.monotonic() - started
+                adapters.append(adapter)
+            honest.extend(adapters)
+            # The existing gates: the version's held-out parent, each adapter's solo update.
+            started = time.monotonic()
+            parent = model.losses(held)
+            solos = [model.losses(held, lora.build_patch([a], [1.0])) for a in adapters]
+            cost["gate_seconds"] += time.monotonic() - started
+            cost["gate_tokens"] += held.tokens * (1 + len(adapters))
+            held_cmp = [evaluation.paired(parent, s) for s in solos]
+            for j, (i, adapter) in enumerate(zip(round_ids, adapters)):
+                patch = lora.build_patch([adapter], [1.0])
+                for budget in args.budget_list:
+                    sample = evaluation.sample_blocks(blocks_of[i], budget, rng)
+                    started = time.monotonic()
+                    shard = evaluation.paired(model.losses(sample), model.losses(sample, patch))
+                    if budget == policy.shard_tokens:  # the cost at the default budget
+                        cost["proof_seconds"] += time.monotonic() - started
+                        cost["proof_tokens"] += 2 * sample.tokens
+                    judged.append(_judge("honest", corpus, task_tokens, budget, held_cmp[j], shard))
+                    # another volunteer's adapter of the same round (it learned another shard), on shard i
+                    copied = adapters[(j + 1) % len(adapters)] if len(adapters) > 1 else None
+                    if copied is not None:
+                        cp = lora.build_patch([copied], [1.0])
+                        judged.append(_judge("other-shard", corpus, task_tokens, budget,
+                                             evaluation.paired(parent, model.losses(held, cp)),
+                                             evaluation.paired(model.losses(sample), model.losses(sample, cp))))
+                    for kind, fake in (("other-data", other[(i + p) % len(other)] if other else None),
+                                       ("random", random_like(adapter, 7 + i + 100 * p))):
+                        if fake is None:
+                            continue
+                        fp = lora.build_patch([fake], [1.0])
+                        judged.append(_judge(kind, corpus, task_tokens, budget,
+                                             evaluation.paired(parent, model.losses(held, fp)),
+                                             evaluation.paired(model.losses(sample), model.losses(sample, fp))))
+            # The fold check, then fold (every honest adapter passes here: this is the honest run).
+            weights = policy.weights([len(blocks_of[i]) for i in round_ids], [0] * len(round_ids), sized.fold_width)
+            patch = folding.build_patch(adapters, weights)
+            started = time.monotonic()
+            model.losses(held, patch)
+            cost["gate_seconds"] += time.monotonic() - started
+            cost["gate_tokens"] += held.tokens
+            folding.apply_patch(model.master(patch.modules()), patch)
+            cost["folds"] += 1
+            cost["adapters"] += len(adapters)
+            folder_dir.mkdir(parents=True, exist_ok=True)
+            version_dir = _save(model, folder_dir, f"v{p}-{r0}")
+            zs = [f"{x.z:.1f}" for x in judged if x.kind == "honest" and x.budget == args.budget_list[0]]
+            say(f"pass {p} tasks {round_ids[0]}-{round_ids[-1]}: honest z at {args.budget_list[0]} tokens "
+                f"{' '.join(zs[-len(adapters):])}; held-out {parent.mean:.4f}")
+    return {"judged": [x.__dict__ for x in judged], "adapters": honest if args.keep else [], "cost": cost}
+
+
+def _judge(kind, corpus, task_tokens, budget, held: evaluation.Comparison, shard: evaluation.Comparison) -> Judged:
+    return Judged(kind, corpus, task_tokens, budget, (held.difference, held.se), (shard.difference, shard.se))
+
+
+def _save(model: RunningModel, root: Path, name: str) -> Path:
+    """The folded version as a model folder the trainer starts from (as bench/qsim.py saves one)."""
+    out = root / name
+    model.model.save_pretrained(out, safe_serialization=True)
+    for f in tiny_model_path().iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens")):
+            shutil.copy(f, out / f.name)
+    return out
+
+
+def other_data(args: argparse.Namespace, corpus: str) -> list[Adapter]:
+    """A few honest adapters of ``corpus``, trained on its base model (for the other corpus's
+    other-data row)."""
+    torch.set_num_threads(args.threads)
+    settings = Settings(data_dir=Path("unused"))
+    policy, job = FoldPolicy.of(settings), settings.job
+    model = RunningModel(tiny_model_path())
+    _, shards = split(corpus, model, min(args.task_sizes))
+    sized = policy.task_training(job.batch_size, job.learning_rate, cards=policy.fold_every)
+    return [train_adapter(tiny_model_path(), shards[i], LoraSpec(rank=job.lora_rank, alpha=job.lora_alpha,
+                                                                 target_modules=job.target_modules),
+                          TrainSpec(seq_len=job.seq_len, batch_size=sized.batch_size, micro_batch=sized.batch_size,
+                                    learning_rate=sized.learning_rate, seed=i))[0]
+            for i in range(min(args.other, len(shards)))]
+
+
+def table(judged: list[Judged], sigmas: list[float], budgets: list[int]) -> list[dict]:
+    rows = []
+    for kind in KINDS:
+        for budget in budgets:
+            xs = [x for x in judged if x.kind == kind and x.budget == budget]
+            if not xs:
+                continue
+            zs = [x.z for x in xs if math.isfinite(x.z)]
+            rows.append({"kind": kind, "budget": budget, "n": len(xs),
+                         "z_median": round(statistics.median(zs), 2) if zs else None,
+                         "z_min": round(min(zs), 2) if zs else None,
+                         "pass_rate": {f"{s:g}": round(sum(x.passes(s) for x in xs) / len(xs), 4) for s in sigmas}})
+    return rows
+
+
+def normal_tail(zs: list[float], k: float) -> float:
+    """P(z < k) for a normal fitted to ``zs``: the refusal rate beyond what a sample this size sees."""
+    if len(zs) < 3:
+        return math.nan
+    mu, sd = statistics.mean(zs), statistics.stdev(zs)
+    return 0.5 * (1 + math.erf((k - mu) / (sd * math.sqrt(2)))) if sd > 0 else float(mu < k)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--corpora", default="demo,python-docs")
+    parser.add_argument("--task-tokens", default="8192,32768", help="task sizes, comma-separated")
+    parser.add_argument("--passes", type=int, default=2, help="passes over each corpus (new seeds each)")
+    parser.add_argument("--sigmas", default="1,1.5,2,2.5,3")
+    parser.add_argument("--budgets", default="1024,2048,4096")
+    parser.add_argument("--other", type=int, default=4, help="other-corpus adapters for the other-data row")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--jobs", type=int, default=2, help="corpus x task size runs side by side")
+    parser.add_argument("--tmp", default="/tmp/nomoat-shardproof")
+    parser.add_argument("--max-tasks", type=int, default=0, help="at most this many tasks per corpus and size (0: all)")
+    parser.add_argument("--quick", action="store_true", help="4 tasks per corpus and size, one pass, 2048 only")
+    args = parser.parse_args()
+    args.task_sizes = [int(x) for x in args.task_tokens.split(",")]
+    args.budget_list = [int(x) for x in args.budgets.split(",")]
+    sigmas = [float(x) for x in args.sigmas.split(",")]
+    if args.quick:
+        args.passes, args.task_sizes, args.budget_list, args.other = 1, [min(args.task_sizes)], [2048], 2
+        args.max_tasks = min(args.max_tasks or 4, 4)
+    args.keep = False
+    corpora = args.corpora.split(",")
+    started = time.monotonic()
+    with ProcessPoolExecutor(args.jobs) as pool:
+        others = dict(zip(corpora, pool.map(other_data, [args] * len(corpora), corpora)))
+        runs = [(c, t) for t in args.task_sizes for c in corpora]
+        futures = [pool.submit(run_corpus, args, c, t, others[corpora[(corpora.index(c) + 1) % len(corpora)]]
+                               if len(corpora) > 1 else []) for c, t in runs]
+        results = [f.result() for f in futures]
+    judged = [Judged(**x) for r in results for x in r["judged"]]
+    cost = {k: sum(r["cost"][k] for r in results) for k in results[0]["cost"]}
+    default = FoldPolicy()
+    rows = table(judged, sigmas, args.budget_list)
+    for row in rows:
+        print(f"{row['kind']:12} budget {row['budget']:5} n {row['n']:4} z median {row['z_median']} min {row['z_min']}  "
+              + " ".join(f"pass@{k}={v:.3f}" for k, v in row["pass_rate"].items()))
+    at = [x for x in judged if x.budget == default.shard_tokens]
+    honest = [x for x in at if x.kind == "honest"]
+    refused = sum(not x.passes(default.shard_sigmas) for x in honest)
+    per_corpus = {c: round(sum(not x.passes(default.shard_sigmas) for x in honest if x.corpus == c)
+                           / max(1, sum(x.corpus == c for x in honest)), 4) for c in corpora}
+    folds = max(1, cost["folds"])
+    summary = {
+        "shard_sigmas": default.shard_sigmas, "shard_tokens": default.shard_tokens,
+        "honest_adapters": len(honest), "honest_refused": refused,
+        "false_refusal_rate": round(refused / max(1, len(honest)), 4),
+        "false_refusal_rate_normal_fit": round(normal_tail([x.z for x in honest if math.isfinite(x.z)],
+                                                           default.shard_sigmas), 5),
+        "false_refusal_by_corpus": per_corpus,
+        "dishonest_pass_rate": {k: round(sum(x.passes(default.shard_sigmas) for x in at if x.kind == k)
+                                         / max(1, sum(x.kind == k for x in at)), 4) for k in KINDS[1:]},
+        "extra_eval_tokens_per_fold": round(cost["proof_tokens"] / folds),
+        "gate_eval_tokens_per_fold": round(cost["gate_tokens"] / folds),
+        "extra_eval_seconds_per_fold": round(cost["proof_seconds"] / folds, 3),
+        "gate_eval_seconds_per_fold": round(cost["gate_seconds"] / folds, 3),
+        "extra_cost_ratio": round(cost["proof_seconds"] / max(1e-9, cost["gate_seconds"]), 3),
+        "extra_token_ratio": round(cost["proof_tokens"] / max(1, cost["gate_tokens"]), 3),
+        "train_seconds_per_fold": round(cost["train_seconds"] / folds, 1),
+        "adapters_per_fold": round(cost["adapters"] / folds, 2),
+        "seconds": round(time.monotonic() - started),
+        "table": rows,
+    }
+    print(f"honest refused {refused}/{len(honest)} at {default.shard_sigmas:g} SE, {default.shard_tokens} shard tokens; "
+          f"extra evaluation per fold: {summary['extra_eval_tokens_per_fold']} tokens, "
+          f"{summary['extra_eval_seconds_per_fold']} s ({summary['extra_cost_ratio']:.2f}x the other gates' seconds)")
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()
