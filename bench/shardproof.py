@@ -256,7 +256,8 @@ def main() -> None:
     parser.add_argument("--corpora", default="demo,python-docs")
     parser.add_argument("--task-tokens", default="8192,32768", help="task sizes, comma-separated")
     parser.add_argument("--passes", type=int, default=2, help="passes over each corpus (new seeds each)")
-    parser.add_argument("--sigmas", default="1,1.5,2,2.5,3")
+    parser.add_argument("--sigmas", default="1,1.5,2,2.5,3", help="margins the table shows")
+    parser.add_argument("--sigma", type=float, default=2.0, help="the margin the summary judges at")
     parser.add_argument("--budgets", default="1024,2048,4096")
     parser.add_argument("--other", type=int, default=4, help="other-corpus adapters for the other-data row")
     parser.add_argument("--threads", type=int, default=1)
@@ -282,7 +283,7 @@ def main() -> None:
         results = [f.result() for f in futures]
     judged = [Judged(**x) for r in results for x in r["judged"]]
     cost = {k: sum(r["cost"][k] for r in results) for k in results[0]["cost"]}
-    default = FoldPolicy()
+    default = FoldPolicy(shard_sigmas=args.sigma)  # the margin judged (the product's default is off)
     rows = table(judged, sigmas, args.budget_list)
     for row in rows:
         print(f"{row['kind']:12} budget {row['budget']:5} n {row['n']:4} z median {row['z_median']} min {row['z_min']}  "

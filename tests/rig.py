@@ -215,9 +215,7 @@ def start(redis_client, published: Published, tmp: Path, tls: Tls | None = None,
     ledger.versions.publish(VersionRecord(version=0, parent=-1, files=dict(published.files)))
     registry = TokenRegistry(ledger.tokens, cache_s=cache_s)
     tokens = {role: registry.create(role) for role in ROLES}
-    # make_adapter's adapters are random factors, not trained on any shard: the shard proof
-    # (which refuses exactly those: tests/test_shardproof.py) is off in the rig's folder unless asked.
-    settings = Settings(data_dir=tmp, **{"shard_sigmas": 0.0, **settings_})
+    settings = Settings(data_dir=tmp, **settings_)
     history = History(ledger, store, tmp)
     deps = servicers.Deps(settings, ledger, store, registry, published.model.tokenizer, published.shapes,
                         "10.0.0.1:6379", "ray-secret", history=history,

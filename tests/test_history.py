@@ -50,9 +50,6 @@ class Rig:
     def __init__(self, ledger: Ledger, tmp_path: Path, **settings) -> None:
         self.ledger = ledger
         self.store = BlobStore(tmp_path / "blobs")
-        # Its adapters are random factors, not trained on any shard: the shard proof (which
-        # refuses exactly those: tests/test_shardproof.py) is off unless a test turns it on.
-        settings = {"shard_sigmas": 0.0, **settings}
         self.settings = Settings(data_dir=tmp_path, fold_every=2, eval_epsilon=0.02,
                                  job=JobDefaults(lora_rank=RANK, lora_alpha=8.0, tokens_per_task=1000), **settings)
         model = RunningModel(tiny_model_path())

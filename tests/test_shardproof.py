@@ -55,7 +55,7 @@ def test_the_rule_reads_the_gap_in_paired_standard_errors() -> None:
         policy.learned_from_shard(Comparison(3.0, 3.0, 0.0, 10), Comparison(3.0, 3.0, 0.0, 10))
     # One block on a side has no error estimate (nan): the gap need only be positive.
     policy.learned_from_shard(Comparison(3.0, 3.0, math.nan, 60), Comparison(3.0, 2.99, math.nan, 60))
-    assert not FoldPolicy(shard_sigmas=0).proves_shards and FoldPolicy().proves_shards
+    assert not FoldPolicy().proves_shards and FoldPolicy(shard_sigmas=2.0).proves_shards  # opt-in for now
     policy = FoldPolicy.of(Settings(data_dir=Path("unused"), shard_sigmas=3.0, shard_tokens=512))
     assert (policy.shard_sigmas, policy.shard_tokens) == (3.0, 512)
 
@@ -87,7 +87,7 @@ class Job:
     def __init__(self, ledger, tmp_path, store: BlobStore | None = None, history: History | None = None,
                  **settings) -> None:
         self.ledger, self.store = ledger, store or BlobStore(tmp_path / "blobs")
-        self.settings = Settings(data_dir=tmp_path, job=JOB, **{"fold_every": 8, **settings})
+        self.settings = Settings(data_dir=tmp_path, job=JOB, **{"fold_every": 8, "shard_sigmas": 2.0, **settings})
         self.running = RunningModel(tiny_model_path())
         if history is None:  # a ledger of its own: version 0 is the tiny model
             ledger.versions.publish(VersionRecord(version=0, parent=-1, files=self.running.publish(self.store)))
