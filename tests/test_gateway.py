@@ -27,7 +27,8 @@ MANY = pb.JobConfig(lora_rank=rigs.RANK, lora_alpha=rigs.ALPHA, target_modules=r
 def held_upload(task_id: str, fence: int, release: threading.Event) -> Iterator[pb.UploadChunk]:
     """An upload that sends its manifest and then nothing until ``release``: a stream the
     coordinator reads in a thread of its own."""
-    yield pb.UploadChunk(manifest=pb.AdapterManifest(task_id=task_id, fence=fence, size=1000, sha256="0" * 64))
+    yield pb.UploadChunk(manifest=pb.AdapterManifest(task_id=task_id, fence=fence, size=1000, sha256="0" * 64,
+                                                     lease_secret=rigs.SECRET))  # the lease's holder
     release.wait(60)
 
 
@@ -90,10 +91,10 @@ def test_heartbeats_are_answered_while_watchers_uploads_and_long_polls_hold_stre
         ended = [c.exception() for c in held.calls[48:] if c.done()]
         assert not ended, f"held streams ended early: {ended}"
         task_id = task_ids[8]
-        fence = small.lease(task_id)
+        fence = small.lease(task_id, worker_id=worker_id)
         beater = small.client("worker")
         for _ in range(3):
-            assert beater.heartbeat(task_id, fence, worker_id).ok  # a 15 s deadline: generous
+            assert beater.heartbeat(task_id, fence, worker_id, secret=rigs.SECRET).ok  # a 15 s deadline: generous
         assert small.client("worker").register("w2", CARD).worker_id  # registration too
         assert small.client("reader").status(job_id).jobs[0].job_id == job_id
     finally:
@@ -108,13 +109,13 @@ def test_watchers_do_not_starve_heartbeats_into_losing_a_lease(small: Rig) -> No
     task_id = small.ledger.tasks.ids(job_id)[0]
     fence = small.lease(task_id)
     worker = small.client("worker")
-    assert worker.heartbeat(task_id, fence).ok  # the lease now lives by heartbeats (4 s each)
+    assert worker.heartbeat(task_id, fence, secret=rigs.SECRET).ok  # the lease now lives by heartbeats (4 s each)
     held = Holders(small)
     try:
         held.watch(job_id, 16)
         until = time.monotonic() + 10  # 2.5 lease lifetimes
         while time.monotonic() < until:
-            assert worker.heartbeat(task_id, fence).ok
+            assert worker.heartbeat(task_id, fence, secret=rigs.SECRET).ok
             time.sleep(1.0)
         assert small.ledger.leases.problem(task_id, fence) == ""
     finally:

@@ -138,7 +138,8 @@ def test_a_new_volunteer_gets_one_unit_at_a_time_and_every_unit_is_replicated(ri
 
     (spec,) = runs[joined.worker_id]
     data = make_adapter(rig.deps.shapes, seed=1)
-    assert newcomer.upload(manifest(spec.task_id, spec.fence, data, worker_id=joined.worker_id), data).accepted
+    assert newcomer.upload(manifest(spec.task_id, spec.fence, data, worker_id=joined.worker_id,
+                                     lease_secret=spec.lease_secret), data).accepted
     assert rig.ledger.replicas.get(spec.task_id) is not None
     assert rig.ledger.trust.get(joined.volunteer_id).held == 1
     assert standing.standing(rig.ledger.trust.get(joined.volunteer_id)).share == 0  # none until it is checked
@@ -154,11 +155,11 @@ def test_a_ban_refuses_the_credential_at_once_and_gives_its_leases_back(rig: Rig
     rig.submit()
     s.tick()
     (spec,) = parse_specs(list(vol.request_work(joined.worker_id, 1).task_specs))
-    assert vol.heartbeat(spec.task_id, spec.fence, joined.worker_id).ok  # training it
+    assert vol.heartbeat(spec.task_id, spec.fence, joined.worker_id, secret=spec.lease_secret).ok  # training it
     reply = rig.client("admin").ban_volunteer(joined.volunteer_id[:10])  # a unique prefix will do
     assert (reply.volunteer_id, reply.leases_dropped) == (joined.volunteer_id, 1)
     with pytest.raises(NomoatError, match="refused the token"):
-        vol.heartbeat(spec.task_id, spec.fence, joined.worker_id)
+        vol.heartbeat(spec.task_id, spec.fence, joined.worker_id, secret=spec.lease_secret)
     assert spec.task_id in rig.ledger.leases.expire()  # the scheduler's next round takes it back
     assert standing.standing(rig.ledger.trust.get(joined.volunteer_id)).level is standing.Level.EXCLUDED
     (listed,) = [v for v in rig.client("admin").list_volunteers() if v.volunteer_id == joined.volunteer_id]

@@ -30,7 +30,7 @@ from tests.rig import JOB, TEXTS, Rig, manifest, published, rig  # noqa: F401  (
 def broken_off(rig: Rig, task_id: str, fence: int, sha256: str, size: int, send: int) -> grpc.StatusCode:
     """An upload over gRPC that announces ``size`` bytes and ends after ``send`` of them."""
     m = pb.AdapterManifest(task_id=task_id, fence=fence, size=size, sha256=sha256, rank=rigs.RANK,
-                           alpha=rigs.ALPHA, tokens=300)
+                           alpha=rigs.ALPHA, tokens=300, lease_secret=rigs.SECRET)  # the lease's holder
     chunks = [pb.UploadChunk(manifest=m), pb.UploadChunk(data=os.urandom(send))]
     try:
         reply = rig.client("worker").workers.Upload(iter(chunks), timeout=30, metadata=rig.meta("worker"))
@@ -67,11 +67,18 @@ def test_an_upload_larger_than_an_adapter_of_its_job_is_refused_before_any_byte(
     bound = adapter_bound(job.config, rig.deps.shapes)
     assert bound < rig.deps.settings.max_adapter_bytes  # the job's own bound is the tighter one
     m = pb.AdapterManifest(task_id=task_id, fence=fence, size=bound + 1, sha256="1" * 64, rank=rigs.RANK,
-                           alpha=rigs.ALPHA)
+                           alpha=rigs.ALPHA, lease_secret=rigs.SECRET)
     reply = rig.client("worker").workers.Upload(iter([pb.UploadChunk(manifest=m), pb.UploadChunk(data=b"x" * 1024)]),
                                                 timeout=30, metadata=rig.meta("worker"))
     assert not reply.accepted and f"an adapter of this job's LoRA config (rank {rigs.RANK}) is at most {bound}" \
         in reply.reason
+    # One without the lease's secret learns nothing of the job's bound: only that it holds no such lease.
+    stranger = pb.AdapterManifest(task_id=task_id, fence=fence, size=bound + 1, sha256="1" * 64, rank=rigs.RANK,
+                                  alpha=rigs.ALPHA, lease_secret="f" * 32)
+    reply = rig.client("worker").workers.Upload(iter([pb.UploadChunk(manifest=stranger),
+                                                      pb.UploadChunk(data=b"x" * 1024)]),
+                                                timeout=30, metadata=rig.meta("worker"))
+    assert not reply.accepted and "holds no lease" in reply.reason and str(bound) not in reply.reason, reply.reason
     assert parts(rig).held_bytes() == 0
     # A real adapter of the job fits its bound.
     assert len(rigs.make_adapter(rig.deps.shapes)) <= bound
@@ -145,12 +152,12 @@ def test_a_shard_fetch_reads_only_the_shards_byte_range(rig: Rig) -> None:
     expected = b"".join(whole.split(b"\n")[i] + b"\n" for i in range(task.start, task.end))
     counting = CountingStore(rig.store.root)
     identity = rig.registry.lookup(rig.tokens["worker"])
-    shard = b"".join(holder.fetch_shard(rig.ledger, counting, identity, task_id, fence))
+    shard = b"".join(holder.fetch_shard(rig.ledger, counting, identity, task_id, fence, secret=rigs.SECRET))
     assert shard == expected
     assert counting.whole == []  # never the job's whole records
     assert counting.ranged == len(expected) + 2 * shards.OFFSET < len(whole) // 10
     # And over gRPC, the same bytes.
-    assert rig.client("worker").fetch_shard(task_id, fence) == expected
+    assert rig.client("worker").fetch_shard(task_id, fence, secret=rigs.SECRET) == expected
 
 
 def test_a_shard_is_sent_in_chunks_and_a_job_without_an_index_is_scanned_line_by_line(rig: Rig) -> None:

@@ -420,12 +420,13 @@ def test_two_volunteers_of_one_join_line_the_one_sending_bad_work_is_excluded_al
             for spec in specs:
                 data = broken() if name == "mallory" else make_adapter(rig.deps.shapes, seed=seed)
                 up = client.upload(manifest(spec.task_id, spec.fence, data, worker_id=worker_id,
-                                            base_version=spec.base_version), data)
+                                            lease_secret=spec.lease_secret, base_version=spec.base_version), data)
                 assert up.accepted == (name == "honest"), up.reason
                 units.append(UnitResult(spec.task_id, spec.fence, "" if up.accepted else up.reason,
                                         adapter_id=up.adapter_id, tokens=300, seconds=1.0))
             if work.run_id:
-                client.report_run(worker_id, work.run_id, [json.dumps(u.to_dict()) for u in units], [])
+                client.report_run(worker_id, work.run_id, [json.dumps(u.to_dict()) for u in units], [],
+                                  {spec.task_id: spec.lease_secret for spec in specs})
         return given
 
     def level(name: str) -> standing.Level:

@@ -135,7 +135,7 @@ def ban(ledger: Ledger, registry: TokenRegistry, volunteer_id: str) -> int:
     mine = set(ledger.volunteers.workers_of([volunteer_id])[volunteer_id])
     leased = [lease.task_id for lease in ledger.leases.leased()]
     held = [t.task_id for t in ledger.tasks.many(leased)
-            if t.holder_token == volunteer_id or (t.holder_worker and t.holder_worker in mine)]
+            if t.holder_worker and t.holder_worker in mine]  # a lease is bound to the worker it was placed on
     dropped = ledger.volunteers.drop_leases(held)
     log.warning("volunteer %s was banned; %d of its leases go back to the queue", volunteer_id[:12], dropped,
                 extra=fields("volunteer.banned", volunteer=volunteer_id, leases=dropped))
