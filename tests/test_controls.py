@@ -409,8 +409,13 @@ def test_a_pausing_agent_holds_its_node_lets_the_unit_finish_then_leaves_and_rej
     from worker.agent import WorkerAgent
     from worker.probe import parse_simulated
 
+    from nomoat.client import CoordinatorClient
+
     controls = Controls(ControlSettings(tmp_path / "control"))
-    agent = WorkerAgent(client=None, card=parse_simulated("RTX 3060:12"), cache_dir=tmp_path, controls=controls)
+    # A client that is never called (its channel connects lazily): the agent reads its token, a
+    # worker token here, not a join code to swap for a credential.
+    client = CoordinatorClient("127.0.0.1:1", token="a-worker-token")
+    agent = WorkerAgent(client=client, card=parse_simulated("RTX 3060:12"), cache_dir=tmp_path, controls=controls)
     agent.node = node = FakeNode()
     rejoined = []
     agent.rejoin = lambda: rejoined.append(controls.files.held())  # a real rejoin starts a Ray node
@@ -432,6 +437,7 @@ def test_a_pausing_agent_holds_its_node_lets_the_unit_finish_then_leaves_and_rej
         agent.pause(controls.allowed_now()[1])
     finally:
         agent_module.CHECK_EVERY_S = saved
+        client.close()
     assert "paused by `nomoat worker pause`" in seen["held while training"]  # the tasks hand back the rest
     assert seen["stopped while training"] == 0  # the unit in training was not killed
     assert node.stopped == 1  # then the node left the cluster
