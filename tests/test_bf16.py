@@ -15,6 +15,7 @@ from safetensors.torch import load as st_load
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from coordinator.ledger import VersionRecord
+from coordinator.model import modelcard
 from coordinator.model.running import MASTER_FILE, RunningModel, materialize
 from coordinator.model.store import BlobStore
 from nomoat import adapter as fmt
@@ -99,7 +100,10 @@ def test_snapshot_sizes_count_what_a_pull_sends(bf16_rig: Rig) -> None:
     assert MASTER_FILE in bf16_rig.v0_files  # a bf16 base keeps an fp32 master beside its snapshot
     out = bf16_rig.tmp / "pulled"
     bf16_rig.client("reader").pull(out, version=0)
-    sent = sum(p.stat().st_size for p in out.rglob("*") if p.is_file() and p.name != lineage.STAMP)
+    # Version 0's model card is written at pull time (coordinator.model.modelcard), not kept in its snapshot.
+    sent = sum(p.stat().st_size for p in out.rglob("*")
+               if p.is_file() and p.name not in (lineage.STAMP, modelcard.README, modelcard.MANIFEST))
+    assert (out / modelcard.README).is_file() and (out / modelcard.MANIFEST).is_file()
     _, snapshots = bf16_rig.deps.history.sizes(0)
     assert snapshots == {0: sent}
 
