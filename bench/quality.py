@@ -52,6 +52,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import signal
 import statistics
 import sys
 import time
@@ -116,6 +117,8 @@ def row_record(label: str, o: Outcome) -> dict:
 
 
 def setup(args: argparse.Namespace, corpus: str) -> Bench:
+    # A unit stopped with SIGTERM still stops its embedded redis-server (Bench.close, in finally).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     torch.set_num_threads(args.threads)
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
@@ -134,7 +137,7 @@ def unit_onepass(args: argparse.Namespace, corpus: str, seed: int) -> dict:
         out = {"corpus": corpus, "seed": seed, "base_test_loss": bench.base_test, "train_tokens": bench.total_tokens,
                "centralized": {}, "data_parallel": {}, "control_b": {}, "rows": []}
         if not args.skip_baselines:
-            for m in LR_SWEEP:
+            for m in (float(x) for x in args.lr_mults.split(",")):
                 for name, batch, micro in (("centralized", b, 0), ("data_parallel", k * b, 0),
                                            ("control_b", b, max(1, b // k))):
                     if name == "control_b" and m != CONTROL_B_LR:
@@ -188,12 +191,13 @@ def ratio(base: float, loss: float, ref: float) -> float:
 
 def summarize_onepass(units: list[dict]) -> dict:
     """Per corpus: the references (best lr by seed mean) and every row's ratios with intervals."""
-    units = sorted((u for u in units if len(u["centralized"]) == len(LR_SWEEP) and u["control_b"]),
+    units = sorted((u for u in units if CONTROL_B_LR in u["data_parallel"] and u["control_b"]),
                    key=lambda u: u["seed"])  # a unit cut short before its baselines has no ratios
     if not units:
         return {}
     mean_of = lambda name, m: statistics.fmean(u[name][m] for u in units)  # noqa: E731
-    mults = sorted(units[0]["centralized"], key=float)
+    # The multipliers every seed measured (a later invocation may have left x1 out).
+    mults = sorted(set.intersection(*(set(u["centralized"]) & set(u["data_parallel"]) for u in units)))
     cm = min(mults, key=lambda m: mean_of("centralized", m))
     dm = min(mults, key=lambda m: mean_of("data_parallel", m))
     refs = {u["seed"]: {"central": u["centralized"][cm], "dp": u["data_parallel"][dm]} for u in units}
@@ -251,7 +255,7 @@ def print_onepass(s: dict) -> None:
     print(f"  {'row':44} {'folds':>9} {'refused':>9} {'vs central':>16} {'vs DP':>16} {'LAWA-2':>16} {'EMA':>16}",
           flush=True)
     for r in s["rows"]:
-        print(f"  {r['row']:44} {str(r['folds']):>9} {str(r['refused']):>9} {fmt(r['vs_central']):>16} {fmt(r['vs_dp']):>16} "
+        print(f"  {r['row']:44} {r['folds']!s:>9} {r['refused']!s:>9} {fmt(r['vs_central']):>16} {fmt(r['vs_dp']):>16} "
               f"{fmt(r.get('lawa2_vs_central')):>16} {fmt(r.get('ema_vs_central')):>16}", flush=True)
     print(f"  decomposition: {json.dumps(s.get('decomposition', {}))}", flush=True)
 
@@ -366,6 +370,8 @@ def main() -> None:
     parser.add_argument("--many-task-tokens", type=int, default=1024, help="tokens per task in the 'many' part")
     parser.add_argument("--lr", type=float, default=0.0, help="override the job's learning rate")
     parser.add_argument("--batch-size", type=int, default=0, help="override the job's batch size")
+    parser.add_argument("--lr-mults", default=",".join(f"{m:g}" for m in LR_SWEEP),
+                        help="the baselines' lr multipliers (include 2: control (b) runs there)")
     parser.add_argument("--rows", default="", help="run only the rows whose label holds one of these "
                         "comma-separated strings (default: all)")
     parser.add_argument("--skip-baselines", action="store_true", help="onepass: rows only (for --collect)")
