@@ -191,7 +191,7 @@ def ratio(base: float, loss: float, ref: float) -> float:
 
 def summarize_onepass(units: list[dict]) -> dict:
     """Per corpus: the references (best lr by seed mean) and every row's ratios with intervals."""
-    units = sorted((u for u in units if CONTROL_B_LR in u["data_parallel"] and u["control_b"]),
+    units = sorted((u for u in units if CONTROL_B_LR in u["data_parallel"] and CONTROL_B_LR in u["centralized"]),
                    key=lambda u: u["seed"])  # a unit cut short before its baselines has no ratios
     if not units:
         return {}
@@ -209,7 +209,7 @@ def summarize_onepass(units: list[dict]) -> dict:
                                           for u in units]),
                # control (b) against the centralized run at the same lr (the same global batch and schedule)
                "control_b": interval([ratio(u["base_test_loss"], u["control_b"][CONTROL_B_LR],
-                                            u["centralized"][CONTROL_B_LR]) for u in units]),
+                                            u["centralized"][CONTROL_B_LR]) for u in units if u["control_b"]]),
                "rows": []}
     labels = list(dict.fromkeys(r["row"] for u in units for r in u["rows"]))
     for label in labels:
@@ -227,22 +227,27 @@ def summarize_onepass(units: list[dict]) -> dict:
 
 
 def decomposition(summary: dict) -> dict:
-    """What share of the recommended row's gap to the best centralized run each control explains."""
+    """What share of the recommended row's gap to the best centralized run each control explains,
+    paired by seed (the seeds both the recommended row and control (a) ran)."""
     rows = {r["row"]: r for r in summary["rows"]}
     rec = rows.get("recommended")
     if rec is None:
         return {}
-    gap = 1 - rec["vs_central"]["mean"]
     best = summary["best_lr"]["centralized"]
     a = (rows.get(f"control (a): one card, fresh LoRA per fold, lr x{float(best):g}")
          or rows.get("control (a): one card, fresh LoRA per fold, lr x2"))
-    out = {"gap": round(gap, 4), "control_b": summary["control_b"]}
+    out = {"gap": round(1 - rec["vs_central"]["mean"], 4), "control_b": summary["control_b"],
+           "sync_share": 0.0 if summary["control_b"].get("mean") == 1.0 else None}
     if a:
-        restart = 1 - a["vs_central"]["mean"]
-        out.update({"control_a": a["vs_central"], "control_a_row": a["row"], "restart_cost": round(restart, 4),
-                    "restart_share": round(restart / gap, 3) if gap else math.nan,
-                    "parallel_cost": round(a["vs_central"]["mean"] - rec["vs_central"]["mean"], 4)})
-    out["sync_share"] = round((1 - summary["control_b"]["mean"]) / gap, 3) if gap else math.nan
+        seeds = [s for s in a["seeds"] if s in rec["seeds"]]
+        r_rec = [rec["vs_central"]["values"][rec["seeds"].index(s)] for s in seeds]
+        r_a = [a["vs_central"]["values"][a["seeds"].index(s)] for s in seeds]
+        out.update({"paired_seeds": seeds, "control_a_row": a["row"],
+                    "gap_paired": interval([1 - x for x in r_rec]),
+                    "restart_cost": interval([1 - x for x in r_a]),
+                    "parallel_cost": interval([x - y for x, y in zip(r_a, r_rec)]),
+                    "restart_share": round(statistics.fmean(1 - x for x in r_a)
+                                           / statistics.fmean(1 - x for x in r_rec), 3)})
     return out
 
 
@@ -325,7 +330,7 @@ def keep(args: argparse.Namespace, kind: str, result: dict) -> None:
 
 def merged(folders: list[Path]) -> tuple[list[str], list[dict]]:
     """The units kept in ``folders`` (``--out`` of one or more invocations), one per (part,
-    corpus, seed): baselines from the first that has them, the rows of all, each label once."""
+    corpus, seed): the baselines and rows of all, each lr multiplier and row label once."""
     units: dict[tuple, dict] = {}
     for path in (p for folder in folders for p in sorted(folder.glob("*.json"))):
         unit = json.loads(path.read_text())
@@ -338,8 +343,9 @@ def merged(folders: list[Path]) -> tuple[list[str], list[dict]]:
             continue
         have = units[key]
         for name in ("centralized", "data_parallel", "control_b"):
-            if name in unit and len(unit[name]) > len(have.get(name, {})):
-                have[name] = unit[name]
+            have[name] = {**have.get(name, {}), **unit.get(name, {})}
+        for name in ("base_test_loss", "train_tokens"):
+            have.setdefault(name, unit.get(name))
         if unit["kind"] == "onepass":
             labels = {r["row"] for r in have["rows"]}
             have["rows"] += [r for r in unit["rows"] if r["row"] not in labels]
