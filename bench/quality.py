@@ -24,7 +24,7 @@ Parts (``--parts``; each corpus of ``--corpora`` and each seed is one unit, run 
   the two controls that take the gap apart, and the levers of issue 21:
 
   - control (a): one card trains a fresh LoRA on K tasks' tokens at the job's batch and lr
-    (x1, x2), folded alone, then the next: the cost of restarting LoRA and Adam every fold;
+    (x2, x4), folded alone, then the next: the cost of restarting LoRA and Adam every fold;
   - control (b): synchronous data-parallel at exactly the centralized run's global batch, lr and
     schedule (K cards each taking b/K sequences of every step, gradients averaged: the
     trainer's gradient accumulation, ``micro_batch`` = b/K);
