@@ -52,6 +52,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import signal
 import statistics
 import sys
@@ -352,6 +353,27 @@ def merged(folders: list[Path]) -> tuple[list[str], list[dict]]:
     return [k for k, _, _ in units], [{k: v for k, v in u.items() if k != "kind"} for u in units.values()]
 
 
+def from_logs(logs: list[Path], out: Path) -> None:
+    """Unit files in ``out`` from the reference losses a stopped invocation printed (its units
+    write their baselines only once all are measured)."""
+    units: dict[tuple, dict] = {}
+    head = re.compile(r"\[onepass (\S+) s(\d+)\] \d+ train records \(T = (\d+) tokens\).*base test loss ([\d.]+)")
+    line_re = re.compile(r"\[onepass (\S+) s(\d+)\] (centralized|data_parallel|control_b) batch \d+ "
+                         r"\(micro \d+\), lr x([\d.]+): ([\d.]+)")
+    for log in logs:
+        for line in log.read_text().splitlines():
+            if m := head.match(line):
+                unit = units.setdefault((m[1], int(m[2])), {"kind": "onepass", "corpus": m[1], "seed": int(m[2]),
+                                                            "centralized": {}, "data_parallel": {},
+                                                            "control_b": {}, "rows": []})
+                unit.update(base_test_loss=float(m[4]), train_tokens=int(m[3]))
+            elif m := line_re.match(line):
+                units[(m[1], int(m[2]))][m[3]][float(m[4])] = float(m[5])
+    out.mkdir(parents=True, exist_ok=True)
+    for unit in units.values():
+        (out / f"onepass-{unit['corpus']}-s{unit['seed']}.json").write_text(json.dumps(unit))
+
+
 def run_unit(args: argparse.Namespace, kind: str, corpus: str, seed: int) -> dict:
     result = UNITS[kind](args, corpus, seed)
     keep(args, kind, result)
@@ -382,9 +404,14 @@ def main() -> None:
                         "comma-separated strings (default: all)")
     parser.add_argument("--skip-baselines", action="store_true", help="onepass: rows only (for --collect)")
     parser.add_argument("--out", default="", help="write each unit's result here as it finishes")
+    parser.add_argument("--from-logs", default="", help="write --out unit files from the printed references "
+                        "of these logs (comma-separated) of stopped invocations")
     parser.add_argument("--collect", default="", help="only rebuild the tables from --out folders (comma-separated)")
     args = parser.parse_args()
     t0 = time.time()
+    if args.from_logs:
+        from_logs([Path(p) for p in args.from_logs.split(",")], Path(args.out or "quality-logs"))
+        return
     if args.collect:
         kinds, results = merged([Path(d) for d in args.collect.split(",") if d])
     else:
