@@ -1,21 +1,30 @@
-"""The simulated coordinator behind ``bench/quality.py``: one job's tasks trained by simulated
-asynchronous workers and folded as ``coordinator.fold.folder.Folder`` folds, and the centralized and
-data-parallel baselines, all with the real trainer.
+"""The coordinator behind ``bench/quality.py``: one job's tasks trained by simulated asynchronous
+workers and folded by the product's own :class:`coordinator.fold.folder.Folder`, and the
+centralized and data-parallel baselines, all with the real trainer.
 
-:class:`Loop` holds the coordinator's own :class:`coordinator.fold.policy.FoldPolicy` (when a fold is
-due, the gates, the weights, the outer step, drop-the-worst, and each task's batch and lr: the
-folder and the scheduler call the same object) plus the levers of issue 10 the product does not
-have as settings (a task batch or lr other than the policy's, LoRA+, warm starts); :class:`Bench` runs
-one corpus: ``centralized(...)`` (one LoRA, any batch / lr / epochs: centralized and data-parallel
-are both this) and ``distributed(loop, ...)``. Corpora: ``demo`` (the packaged fortunes) and
-``python-docs`` (the Python Language Reference topics that CPython ships as ``pydoc_data.topics``:
-real English prose nobody here wrote, present wherever Python is).
+There is one fold loop, the product's. A distributed row stands up the coordinator's parts in a
+temp dir: a real Redis ledger (the embedded ``redis-server``), a blob store, version 0 published,
+the job submitted through ``coordinator.schedule.submit`` (its validation slice, its tasks), and a
+``Folder`` with its ``History`` and the on-coordinator evaluator. Simulated cards of different
+speeds lease the job's tasks from the ledger, train them for real (``worker.trainer.train_adapter``
+on the version they leased), and upload through ``ledger.adapters.accept``; the folder folds when
+its policy says a fold is due (same gates, pairing, weights, outer step, drop-the-worst, publish).
+Only time is simulated: the fold timeout is read against the cards' simulated clock.
+
+:class:`Loop` is one row: the :class:`coordinator.fold.policy.FoldPolicy` the folder folds with
+(the scheduler's task sizing comes from it too) and the few levers the product has no setting for
+(a task lr other than the policy's, a learning-rate schedule across the job's tasks, one card
+that waits for each fold). :class:`Bench` runs one corpus: ``centralized(...)`` (one LoRA, any
+batch / lr / epochs / micro-batch: centralized and data-parallel are both this) and
+``distributed(loop, ...)``. Corpora: ``demo`` (the packaged fortunes) and ``python-docs`` (the
+Python Language Reference topics that CPython ships as ``pydoc_data.topics``).
 """
 
 from __future__ import annotations
 
 import argparse
 import heapq
+import json
 import math
 import random
 import re
@@ -26,46 +35,52 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import redis
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from coordinator.fold import folding  # noqa: E402
-from coordinator.model.running import RunningModel  # noqa: E402
-from coordinator.schedule.noise import NoiseScale, Sample  # noqa: E402
+from coordinator.fold.evaluators import OnCoordinator  # noqa: E402
+from coordinator.fold.folder import Folder  # noqa: E402
 from coordinator.fold.policy import FoldPolicy, TaskTraining  # noqa: E402
+from coordinator.ledger import AdapterState, Ledger, VersionRecord  # noqa: E402
+from coordinator.ledger.redis_server import EmbeddedRedis  # noqa: E402
+from coordinator.model.history import History  # noqa: E402
+from coordinator.model.running import RunningModel  # noqa: E402
+from coordinator.model.store import BlobStore  # noqa: E402
+from coordinator.schedule.submit import read_records, submit  # noqa: E402
 from coordinator.settings import JobDefaults, Settings  # noqa: E402
-from coordinator.schedule.submit import split_tasks  # noqa: E402
-from nomoat.adapter import Adapter  # noqa: E402
+from nomoat import adapter as adapter_format  # noqa: E402
 from nomoat.tiny import read_demo, tiny_model_path  # noqa: E402
-from worker.trainer import Carry, LoraSpec, TrainSpec, gradient_start, train_adapter  # noqa: E402
-from worker.warmstart import start_from_patch  # noqa: E402
+from worker.trainer import LoraSpec, TrainSpec, train_adapter  # noqa: E402
 
 WORKER_SPEEDS = (400.0, 320.0, 260.0, 200.0)  # simulated tokens/s; more workers cycle these
 PROBE_MODULE = "model.layers.1.mlp.down_proj"  # the matrix whose update's rank is printed
+AVERAGES = (2, 3)  # LAWA readouts: the mean of the newest n versions' weights
+EMA_DECAY = 0.5  # the EMA readout over versions
 
 
 @dataclass(frozen=True)
 class Loop:
-    """One row: the fold policy the simulated coordinator folds with, and the levers beside it."""
+    """One row: the fold policy the folder folds with, and the levers beside it."""
 
     policy: FoldPolicy
     tokens_per_task: int
-    # Levers the product has no setting for (issue 10). task_batch / lr_mult 0: what the policy
-    # sizes a task at (the scheduler's rule: FoldPolicy.task_training). warm: "none" (a fresh LoRA
-    # per task), "worker" (the worker's previous adapter and its AdamW moments; "worker-fresh-adam"
-    # without the moments), "job" (rank-r SVD of the patch that made the task's base version).
+    # Levers the product has no setting for. task_batch / lr_mult 0: what the policy sizes a task
+    # at (the scheduler's rule: FoldPolicy.task_training).
     task_batch: int = 0
     lr_mult: float = 0.0
-    lr_b_ratio: float = 1.0
-    warm: str = "none"
-    # LoRA-GA (worker.gradinit): "gradient", each task starts from the SVD of the gradient on its
-    # own blocks (TrainSpec.init); "gradient-shared", every task of a version starts from one such
-    # start, estimated once on the version from a version-seeded sample of the job's records (the
-    # adapters of one fold share their subspaces). "principal": PiSSA, each task starts from the
-    # base version's own top-r SVD (shared by a version's tasks by construction). "random": PEFT's
-    # fresh LoRA.
-    init: str = "random"
+    # One learning-rate schedule across the job's tasks (WSD, arXiv 2405.18392): a task's lr is
+    # scaled by where it stands in the job: the first ``warmup`` share of tasks ramps up, the
+    # last ``cooldown`` share decays linearly (to 1/10 at the end); each task trains at its
+    # scaled lr, constant (the trainer's lr is constant within a task).
+    warmup: float = 0.0
+    cooldown: float = 0.0
+    # Control (a): ``workers`` cards (0: --workers); ``sequential``: one card that starts its next
+    # task only once its last adapter is folded.
+    workers: int = 0
+    sequential: bool = False
 
     @classmethod
     def defaults(cls, settings: Settings, job: JobDefaults) -> Loop:
@@ -75,15 +90,22 @@ class Loop:
     def with_policy(self, **changes) -> Loop:
         return replace(self, policy=replace(self.policy, **changes))
 
-    def training(self, batch_size: int, learning_rate: float, cards: int,
-                 noise_scale: float | None = None, tasks: int | None = None) -> TaskTraining:
-        """The batch and lr each task trains at, on ``cards`` workers, with the job's gradient
-        noise scale estimated so far (the policy uses it with ``size_from_noise``) and the
-        job's ``tasks``."""
-        sized = self.policy.task_training(batch_size, learning_rate, cards, noise_scale, tasks)
+    def training(self, batch_size: int, learning_rate: float, cards: int, tasks: int | None = None) -> TaskTraining:
+        """The batch and lr each task trains at, on ``cards`` workers, for a job of ``tasks``."""
+        sized = self.policy.task_training(batch_size, learning_rate, cards, None, tasks)
         return TaskTraining(self.task_batch or sized.batch_size,
                             learning_rate * self.lr_mult if self.lr_mult else sized.learning_rate,
                             sized.fold_width)
+
+    def schedule(self, position: int, total: int) -> float:
+        """The lr factor of the ``position``-th of ``total`` tasks (WSD; 1 without one)."""
+        p = (position + 0.5) / max(1, total)
+        factor = 1.0
+        if self.warmup and p < self.warmup:
+            factor = p / self.warmup
+        if self.cooldown and p > 1 - self.cooldown:
+            factor = max(0.1, (1 - p) / self.cooldown)
+        return factor
 
 
 @dataclass
@@ -91,17 +113,14 @@ class Outcome:
     test_loss: float
     versions: int
     adapters: int
-    rejected: int
-    dropped: int
+    refused: int
     taus: list[int] = field(default_factory=list)
     round_losses: list[float] = field(default_factory=list)  # test loss once each job is folded
+    averaged: dict[str, float] = field(default_factory=dict)  # LAWA / EMA readouts' test loss
     patch_rank: int = 0  # Σ of the published patches' ranks for PROBE_MODULE
     delta: torch.Tensor | None = None  # W_final − W_base of PROBE_MODULE
     seconds: float = 0.0
     batches: list[int] = field(default_factory=list)  # each task's batch, in the order trained
-    noise_scale: float = math.nan  # the job's B_simple estimate at the end (coordinator.schedule.noise)
-    train_seconds: float = 0.0  # Σ over tasks of the trainer's wall time (init included)
-    init_seconds: float = 0.0  # of which: estimating gradient-aligned starts (shared ones too)
 
 
 def read_corpus(name: str) -> list[str]:
@@ -127,7 +146,40 @@ def coordinator_settings(args: argparse.Namespace, data_dir: Path) -> tuple[Sett
         job = replace(job, learning_rate=args.lr)
     if args.batch_size:
         job = replace(job, batch_size=args.batch_size)
-    return settings, job
+    return replace(settings, job=job), job
+
+
+class Coordinator:
+    """The product's parts for one distributed row, in ``root``: ledger, store, version 0, folder."""
+
+    def __init__(self, root: Path, settings: Settings, client: redis.Redis, base_dir: Path, device: str,
+                 policy: FoldPolicy) -> None:
+        client.flushdb()
+        self.root = root
+        self.settings = replace(settings, data_dir=root)
+        self.ledger = Ledger(client)
+        self.store = BlobStore(root / "blobs")
+        model = RunningModel(base_dir, device)
+        self.ledger.versions.publish(VersionRecord(version=0, parent=-1, files=model.publish(self.store)))
+        self.folder = Folder(self.settings, self.ledger, self.store, model, History(self.ledger, self.store, root),
+                             OnCoordinator(model, self.settings.eval_dtype))
+        self.folder.policy = policy  # the row's policy: FoldPolicy.of(settings) with the row's changes
+        self.targets = list(model.shapes(list(settings.job.target_modules)))
+
+    @property
+    def model(self) -> RunningModel:
+        return self.folder.model
+
+    def submit(self, data: bytes, tokens_per_task: int) -> tuple[str, list[str]]:
+        """Submit the dataset as a job (the coordinator's own split and tasks): (job id, its records)."""
+        result = submit(self.settings, self.ledger, self.store, self.model.tokenizer, self.targets, data,
+                        "bench.jsonl", "bench", {"tokens_per_task": tokens_per_task})
+        job = self.ledger.jobs.get(result.job_id)
+        return result.job_id, read_records(self.store.get(job.records))
+
+
+def jsonl(records: list[str]) -> bytes:
+    return "".join(json.dumps({"text": t}) + "\n" for t in records).encode()
 
 
 class Bench:
@@ -135,6 +187,9 @@ class Bench:
         self.args = args
         self.device = args.device
         self.tmp = Path(tempfile.mkdtemp(prefix="nomoat-quality-"))
+        self.redis = EmbeddedRedis(self.tmp / "redis")
+        self.redis.start()
+        self.client = redis.Redis.from_url(self.redis.url)
         self.base_dir = tiny_model_path()
         self.settings, self.job = coordinator_settings(args, self.tmp)
         self.lora = LoraSpec(rank=self.job.lora_rank, alpha=self.job.lora_alpha,
@@ -148,213 +203,177 @@ class Bench:
         if args.records:  # after the shuffle: the files are ordered by category / topic
             records = records[: args.records]
         n_test = max(1, round(len(records) * args.test_fraction))
-        rest = records[n_test:]
-        n_val = round(len(rest) * self.settings.validation_fraction)
-        n_val = max(1, min(n_val, self.settings.max_validation_records, len(rest) - 1))
-        self.test, self.val, self.train = records[:n_test], rest[:n_val], rest[n_val:]
-        # Count exactly as the coordinator does at submit (and as the trainer packs).
-        running = RunningModel(self.base_dir, self.device)
-        ids = running.tokenizer(self.train, add_special_tokens=False, split_special_tokens=True,
-                                verbose=False)["input_ids"]
-        self.counts = [len(i) + 1 for i in ids]
-        self.total_tokens = sum(self.counts)
-        self.base_test = running.eval_loss(self.test, self.job.seq_len)
-        self.base_probe = running.master([PROBE_MODULE])[PROBE_MODULE].detach().clone().cpu()
+        self.test = records[:n_test]
+        # The rest is the job's dataset: the coordinator holds its own validation slice (the fold
+        # gates read it) and trains on the other records; the baselines train on those same ones.
+        self.data = jsonl(records[n_test:])
+        scratch = Coordinator(self.tmp / "split", self.settings, self.client, self.base_dir, self.device,
+                              FoldPolicy.of(self.settings))
+        job_id, job_records = scratch.submit(self.data, self.job.tokens_per_task)
+        n_val = scratch.ledger.jobs.get(job_id).n_validation
+        self.val, self.train = job_records[:n_val], job_records[n_val:]
+        ids = scratch.model.tokenizer(self.train, add_special_tokens=False, split_special_tokens=True,
+                                      verbose=False)["input_ids"]
+        self.total_tokens = sum(len(i) + 1 for i in ids)
+        self.base_test = scratch.model.eval_loss(self.test, self.job.seq_len)
+        self.base_probe = scratch.model.master([PROBE_MODULE])[PROBE_MODULE].detach().clone().cpu()
+        shutil.rmtree(self.tmp / "split", ignore_errors=True)
 
-    def base_loss(self, seq_len: int) -> float:
-        """The base model's test loss at ``seq_len`` (a part that changes the job's blocks)."""
-        return RunningModel(self.base_dir, self.device).eval_loss(self.test, seq_len)
+    def close(self) -> None:
+        self.client.close()
+        self.redis.stop()
+        shutil.rmtree(self.tmp, ignore_errors=True)
 
-    # -- the two sides ------------------------------------------------------------------------
+    # -- the baselines ------------------------------------------------------------------------
 
-    def centralized(self, epochs: int = 1, batch: int = 0, lr_mult: float = 1.0) -> Outcome:
+    def centralized(self, epochs: int = 1, batch: int = 0, lr_mult: float = 1.0, seed: int = 0,
+                    micro: int = 0) -> Outcome:
         """One LoRA on all train records: the job's batch (centralized) or K times it
-        (data-parallel), ``lr_mult`` times the job's learning rate."""
+        (data-parallel), ``lr_mult`` times the job's learning rate. ``micro``: the batch fed
+        through at once; K cards each taking ``batch / K`` sequences of every step and averaging
+        their gradients (synchronous data-parallel at the same global batch) is exactly this."""
         t0 = time.time()
-        lora = self.lora
         b = batch or self.train_spec.batch_size
-        spec = replace(self.train_spec, epochs=epochs, seed=0, batch_size=b, micro_batch=b,
+        spec = replace(self.train_spec, epochs=epochs, seed=seed, batch_size=b, micro_batch=micro or b,
                        learning_rate=self.train_spec.learning_rate * lr_mult)
-        adapter, _ = train_adapter(self.base_dir, self.train, lora, spec, device=self.device)
+        adapter, _ = train_adapter(self.base_dir, self.train, self.lora, spec, device=self.device)
         running = RunningModel(self.base_dir, self.device)
         folding.fold(running.master(adapter.modules()), [adapter], [1.0])
         loss = running.eval_loss(self.test, self.job.seq_len)
-        return Outcome(loss, 1, 1, 0, 0, patch_rank=lora.rank, delta=self._probe_delta(running),
+        return Outcome(loss, 1, 1, 0, patch_rank=self.lora.rank, delta=self._probe_delta(running),
                        seconds=time.time() - t0)
 
-    def distributed(self, loop: Loop, rounds: int = 1, workers: int = 0, epochs: int = 0,
-                    sequential: bool = False) -> Outcome:
-        """The coordinator's asynchronous loop, simulated in order of (simulated) time.
+    # -- the coordinator ----------------------------------------------------------------------
 
-        ``workers`` (default ``--workers``) cards; ``epochs`` (default the job's) per task, as a
-        job submitted with ``--epochs`` trains each task's shard. ``sequential``: one card that
-        starts its next task only once its last adapter is folded (the no-parallelism reference)."""
+    def distributed(self, loop: Loop, rounds: int = 1, seed: int = 0) -> Outcome:
+        """The coordinator's asynchronous loop, in order of (simulated) time, folded by its Folder.
+
+        ``rounds`` jobs of the same records are submitted in turn (a pass each). Task i of the
+        product trains with seed i; seed s adds 1000·s."""
         t0 = time.time()
+        root = self.tmp / "run"
+        shutil.rmtree(root, ignore_errors=True)
+        co = Coordinator(root, self.settings, self.client, self.base_dir, self.device, loop.policy)
         policy = loop.policy
-        n_workers = 1 if sequential else workers or self.args.workers
-        spec = replace(self.train_spec, epochs=epochs or self.train_spec.epochs, lr_b_ratio=loop.lr_b_ratio,
-                       init=loop.init if loop.init in ("gradient", "principal") else "random")
-        shared: dict[int, Adapter] = {}  # version -> its shared gradient-aligned start
-        noise = NoiseScale()  # the job's, as the coordinator keeps it from each accepted adapter
-        sizing: dict[int, TaskTraining] = {}  # task -> what it was leased to train at
-        carries: dict[int, Carry] = {}  # worker -> its last trained factors and moments
-        patches: dict[int, Adapter] = {}  # version -> the patch that made it
-        ranges = split_tasks(self.counts, loop.tokens_per_task)
-        tasks = []  # (job, index, texts, tokens): ``rounds`` jobs of the same records, in turn
-        for job in range(rounds):
-            for s, e in ranges:
-                tasks.append((job, len(tasks), self.train[s:e], sum(self.counts[s:e])))
-        running = RunningModel(self.base_dir, self.device)
-        folders = {0: self.base_dir}
-        version = 0
-        pending = list(range(len(tasks)))[::-1]  # pop() takes the oldest
-        in_flight: dict[int, int] = {}  # task -> base version
-        events: list[tuple[float, int, int]] = []  # (finish time, worker, task)
-        buffer: list[dict] = []  # oldest first
-        recent_norms: list[float] = []
-        previous_deltas: list[Adapter] = []  # newest first, for the outer optimizer
-        out = Outcome(math.nan, 0, 0, 0, 0)
+        jobs, records = [], {}
+        for _ in range(rounds):
+            job_id, job_records = co.submit(self.data, loop.tokens_per_task)
+            jobs.append(job_id)
+            records[job_id] = job_records
+        order = [t for j in jobs for t in sorted(co.ledger.tasks.of_job(j), key=lambda t: t.index)]
+        position = {t.task_id: i for i, t in enumerate(order)}
+        n_workers = 1 if loop.sequential else loop.workers or self.args.workers
         speeds = [WORKER_SPEEDS[w % len(WORKER_SPEEDS)] for w in range(n_workers)]
+        folders = {0: self.base_dir}
+        out = Outcome(math.nan, 0, 0, 0)
+        pending = [t.task_id for t in order][::-1]  # pop() takes the oldest
+        leased: dict[str, tuple[int, int, TaskTraining]] = {}  # task -> (fence, base version, training)
+        events: list[tuple[float, int, str]] = []  # (finish time, worker, task)
+        accepted_at: dict[str, float] = {}  # adapter id -> simulated time it was accepted
+        versions: list[dict[str, torch.Tensor]] = []  # newest last: target weights, for the averages
+        ema: dict[str, torch.Tensor] = {}
         waiting: list[int] = []  # sequential: the card, until the fold
+        tasks = {t.task_id: t for t in order}
+        per_job = {j: sum(1 for t in order if t.job == j) for j in jobs}
 
         def take(worker: int, now: float) -> None:
-            if pending:
-                task = pending.pop()
-                in_flight[task] = version
-                sizing[task] = loop.training(self.train_spec.batch_size, self.train_spec.learning_rate, n_workers,
-                                             noise.b_simple(), len(ranges))
-                heapq.heappush(events, (now + tasks[task][3] / speeds[worker], worker, task))
+            if not pending:
+                return
+            task_id = pending.pop()
+            task = tasks[task_id]
+            version = co.ledger.versions.latest()
+            fence = co.ledger.leases.lease(task_id, time.time() + 86400, version, max_attempts=3)
+            sized = loop.training(self.train_spec.batch_size, self.train_spec.learning_rate, n_workers,
+                                  per_job[task.job])
+            sized = replace(sized, learning_rate=sized.learning_rate * loop.schedule(position[task_id], len(order)))
+            co.ledger.tasks.set_training([(task_id, sized.batch_size, sized.learning_rate, sized.fold_width)])
+            leased[task_id] = (fence, version, sized)
+            heapq.heappush(events, (now + task.tokens / speeds[worker], worker, task_id))
+
+        def outstanding(job_id: str) -> bool:
+            return any(tasks[t].job == job_id for t in (*pending, *leased))
 
         for w in range(len(speeds)):
             take(w, 0.0)
-        while events or buffer:
-            # The next thing that happens: an upload lands, or the oldest buffered adapter times out.
-            timeout_at = buffer[0]["accepted"] + policy.fold_timeout_s if buffer else math.inf
+        while events or co.ledger.adapters.buffered():
+            buffered = co.ledger.adapters.buffered()
+            timeout_at = (accepted_at[buffered[0].adapter_id] + policy.fold_timeout_s) if buffered else math.inf
             if events and events[0][0] <= timeout_at:
-                now, worker, task = heapq.heappop(events)
-                job, index, texts, _ = tasks[task]
-                base = in_flight.pop(task)
-                start, moments = None, None
-                if loop.warm.startswith("worker") and worker in carries:
-                    start, moments = carries[worker].factors, carries[worker].optimizer_state
-                    if loop.warm == "worker-fresh-adam":
-                        moments = None
-                elif loop.warm == "job" and base in patches:
-                    start = start_from_patch(patches[base], self.lora.rank, self.lora.alpha)
-                sized = sizing.pop(task)
-                task_spec = replace(spec, seed=index, batch_size=sized.batch_size, micro_batch=sized.batch_size,
-                                    learning_rate=sized.learning_rate)
-                if loop.init == "gradient-shared":
-                    if base not in shared:
-                        t_init = time.time()
-                        shared[base] = gradient_start(folders[base], self._version_sample(base, spec), self.lora,
-                                                      replace(task_spec, seed=base), device=self.device)
-                        out.init_seconds += time.time() - t_init  # work as much as training is
-                        out.train_seconds += time.time() - t_init
-                    start = shared[base]
-                adapter, result = train_adapter(folders[base], texts, self.lora, task_spec,
-                                                device=self.device, start=start, optimizer_state=moments)
-                carries[worker] = result.carry
-                out.train_seconds += result.seconds
-                out.init_seconds += result.init_seconds
-                n = result.norms
-                noise = noise.add(Sample(n.micro_sq, n.batch_sq, n.micro_batch, n.batch_size))
+                now, worker, task_id = heapq.heappop(events)
+                task = tasks[task_id]
+                fence, base, sized = leased.pop(task_id)
+                spec = replace(self.train_spec, seed=task.index + 1000 * seed, batch_size=sized.batch_size,
+                               micro_batch=sized.batch_size, learning_rate=sized.learning_rate)
+                adapter, result = train_adapter(folders[base], records[task.job][task.start:task.end], self.lora,
+                                                spec, device=self.device)
+                sha = co.store.put(adapter_format.to_bytes(adapter))
+                answer = co.ledger.adapters.accept(task_id, fence, sha, worker_id=f"w{worker}", base_version=base,
+                                                   rank=adapter.rank, alpha=adapter.alpha, tokens=result.tokens,
+                                                   train_loss=result.train_loss)
+                accepted_at[answer.detail] = now
                 out.batches.append(sized.batch_size)
-                buffer.append({"adapter": adapter, "tokens": result.tokens, "base": base, "job": job,
-                               "accepted": now, "width": sized.fold_width})
                 out.adapters += 1
-                if sequential:
+                if loop.sequential:
                     waiting.append(worker)
                 else:
                     take(worker, now)  # the card starts its next task before the fold runs
             else:
                 now = timeout_at
-            idle_jobs = {j for j in {b["job"] for b in buffer}
-                         if not any(tasks[t][0] == j for t in (*pending, *in_flight))}
-            due = policy.due(len(buffer), now - buffer[0]["accepted"] if buffer else 0.0,
-                             any(b["job"] in idle_jobs for b in buffer))
-            if due:
-                entries, buffer = buffer[: policy.take()], buffer[policy.take():]
-                published = self._fold(running, loop, entries, version, recent_norms, previous_deltas, out)
-                if published is not None:
-                    version += 1
-                    patches[version] = published
-                    folders[version] = self._save(running, version)
-                    out.versions += 1
+            buffered = co.ledger.adapters.buffered()
+            idle = {b.job for b in buffered if not outstanding(b.job)}
+            # The folder reads waits on the ledger's (wall-clock) acceptance times: give it the
+            # simulated wait of the oldest buffered adapter.
+            wall_now = buffered[0].accepted + (now - accepted_at[buffered[0].adapter_id]) if buffered else time.time()
+            published = co.folder.maybe_fold(idle, now=wall_now)
+            if published is not None:
+                folders[published] = self._save(co.model, published)
+                weights = {m: w.detach().clone() for m, w in co.model.master(co.targets).items()}
+                versions = [*versions[-(max(AVERAGES) - 1):], weights]
+                ema = {m: EMA_DECAY * ema[m] + (1 - EMA_DECAY) * w for m, w in weights.items()} if ema else weights
             while waiting:
                 take(waiting.pop(), now)
-            if due and rounds > 1:  # a job (round) with nothing outstanding: its test loss
-                busy = {tasks[t][0] for t in (*pending, *in_flight)} | {b["job"] for b in buffer}
-                while len(out.round_losses) < rounds and len(out.round_losses) not in busy:
-                    out.round_losses.append(running.eval_loss(self.test, self.job.seq_len))
-        out.test_loss = running.eval_loss(self.test, self.job.seq_len)
-        out.noise_scale = noise.b_simple() or math.nan
-        out.delta = self._probe_delta(running)
+            if published is not None and rounds > 1:  # a pass (job) with nothing left: its test loss
+                while len(out.round_losses) < rounds and not outstanding(jobs[len(out.round_losses)]) and not any(
+                        b.job == jobs[len(out.round_losses)] for b in co.ledger.adapters.buffered()):
+                    out.round_losses.append(co.model.eval_loss(self.test, self.job.seq_len))
+        out.test_loss = co.model.eval_loss(self.test, self.job.seq_len)
+        out.averaged = self._averages(co.model, versions, ema)
+        self._tally(co, out)
+        out.delta = self._probe_delta(co.model)
         out.seconds = time.time() - t0
+        shutil.rmtree(root, ignore_errors=True)
         for v, path in folders.items():
             if v:
                 shutil.rmtree(path, ignore_errors=True)
         return out
 
-    # -- one fold, as coordinator.fold.folder.Folder.fold does it ----------------------------------
+    def _averages(self, model: RunningModel, versions: list[dict[str, torch.Tensor]],
+                  ema: dict[str, torch.Tensor]) -> dict[str, float]:
+        """The test loss of what would be published as an average of the newest versions (LAWA,
+        arXiv 2306.03241) or as an EMA over versions: the same tokens, another readout."""
+        readouts = {f"lawa{n}": [sum(v[m] for v in versions[-n:]) / len(versions[-n:]) for m in versions[-1]]
+                    for n in AVERAGES if versions}
+        if ema:
+            readouts["ema"] = list(ema.values())
+        out = {}
+        modules = list(versions[-1]) if versions else []
+        for name, tensors in readouts.items():
+            with model.restorable(modules):
+                model.load_master(dict(zip(modules, tensors)))
+                out[name] = model.eval_loss(self.test, self.job.seq_len)
+        return out
 
-    def _fold(self, running: RunningModel, loop: Loop, entries: list[dict], current: int,
-              recent_norms: list[float], previous_deltas: list[Adapter], out: Outcome) -> Adapter | None:
-        """Gate, weigh and fold ``entries`` (``recent_norms`` newest first, as the ledger keeps
-        them); the published patch, or None when nothing was. Every decision is the policy's."""
-        policy = loop.policy
-        seq_len = self.job.seq_len
-        parent_loss = running.eval_loss(self.val, seq_len)
-        candidates = []
-        for e in entries:
-            tau = current - e["base"]
-            try:
-                norm = folding.delta_norm(e["adapter"])
-                policy.admit(e["tokens"], tau, norm, recent_norms)
-                solo = running.loss_with(e["adapter"], folding.staleness_factor(tau), self.val, seq_len)
-                policy.judge(solo, parent_loss)
-            except folding.AdapterRejected as exc:
-                out.rejected += 1
-                if self.args.verbose:
-                    print(f"    rejected (tau {tau}): {exc}", flush=True)
-                continue
-            candidates.append({**e, "tau": tau, "norm": norm, "solo": solo})
-        while candidates:
-            weights = policy.weights([c["tokens"] for c in candidates], [c["tau"] for c in candidates],
-                                     max(c["width"] for c in candidates))
-            delta = folding.build_patch([c["adapter"] for c in candidates], weights)
-            patch = policy.outer_step(delta, previous_deltas)
-            modules = patch.modules()
-            with running.restorable(modules) as checkpoint:
-                folding.apply_patch(running.master(modules), patch)
-                loss = running.eval_loss(self.val, seq_len)
-                if policy.publishable(loss, parent_loss):
-                    checkpoint.keep()
-                    recent_norms[:0] = [c["norm"] for c in reversed(candidates)]
-                    previous_deltas.insert(0, delta)
-                    out.taus.extend(c["tau"] for c in candidates)
-                    out.patch_rank += patch.factors[PROBE_MODULE][0].shape[0]
-                    if self.args.verbose:
-                        print(f"    v{current + 1}: {len(candidates)} adapters, taus "
-                              f"{[c['tau'] for c in candidates]}, val {parent_loss:.4f} -> {loss:.4f}", flush=True)
-                    return patch
-            worst = candidates[policy.worst([c["solo"] for c in candidates])]
-            candidates = [c for c in candidates if c is not worst]
-            out.dropped += 1
-        return None
-
-    def _version_sample(self, version: int, spec: TrainSpec) -> list[str]:
-        """Records for a version's shared start: a version-seeded sample of the job's train
-        records, about 1.25 x ``spec.init_blocks`` blocks of them."""
-        order = list(range(len(self.train)))
-        random.Random(version).shuffle(order)
-        picked, tokens = [], 0
-        for i in order:
-            if tokens >= 1.25 * spec.init_blocks * spec.seq_len:
-                break
-            picked.append(self.train[i])
-            tokens += self.counts[i]
-        return picked
+    def _tally(self, co: Coordinator, out: Outcome) -> None:
+        """Versions, refusals, staleness and patch ranks, as the ledger recorded them."""
+        latest = co.ledger.versions.latest()
+        out.versions = latest
+        for v in range(1, latest + 1):
+            record = co.ledger.versions.get(v)
+            out.taus.extend(a.tau for a in record.adapters)
+            patch = adapter_format.from_bytes(co.store.get(record.patch))
+            out.patch_rank += patch.factors[PROBE_MODULE][0].shape[0]
+        states = [a.state for a in co.ledger.adapters.many(co.ledger.adapters.ids())]
+        out.refused = sum(s is AdapterState.REJECTED for s in states)
 
     def _save(self, running: RunningModel, version: int) -> Path:
         path = self.tmp / f"v{version}"
@@ -367,8 +386,8 @@ class Bench:
     def _probe_delta(self, running: RunningModel) -> torch.Tensor:
         return running.master([PROBE_MODULE])[PROBE_MODULE].detach().cpu() - self.base_probe
 
-    def ratio(self, outcome: Outcome, reference: Outcome) -> float:
-        return (self.base_test - outcome.test_loss) / (self.base_test - reference.test_loss)
+    def ratio(self, loss: float, reference: float) -> float:
+        return (self.base_test - loss) / (self.base_test - reference)
 
 
 def effective_rank(delta: torch.Tensor) -> tuple[int, float]:
@@ -378,5 +397,3 @@ def effective_rank(delta: torch.Tensor) -> tuple[int, float]:
     p = s / s.sum()
     entropy = float(torch.exp(-(p * torch.log(p.clamp_min(1e-300))).sum()))
     return numerical, entropy
-
-

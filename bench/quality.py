@@ -1,53 +1,50 @@
 """Benchmark: does folding adapters from many workers learn as well as one run, and which levers win?
 
-Everything trains for real (``worker.trainer.train_adapter``) on the packaged tiny Llama; the
-coordinator's loop is simulated by :mod:`bench.qsim` (asynchronous workers of different speeds,
-the folder's gates, ``fold_weights`` / ``build_patch`` / ``outer_step`` / ``apply_patch``). The
-corpus's records are shuffled once and split into test (10 %, the measurement), validation (the
-fold gates) and train (T tokens). All figures of one invocation use the same split and T.
+Everything trains for real (``worker.trainer.train_adapter``) on the packaged tiny Llama, and
+every distributed row folds through the product's own ``coordinator.fold.folder.Folder`` (a real
+Redis ledger, blob store, history and on-coordinator evaluator; :mod:`bench.qsim` simulates only
+the cards and their clock). The corpus's records are shuffled once; 10 % are the test set (the
+measurement), the rest is submitted as the job (the coordinator holds its own validation slice,
+which the fold gates read, and trains on the other records: T tokens). Each row runs with
+``--seeds`` training seeds (task i trains with seed i + 1000·s; the baselines with seed s) on the
+same split; every ratio is given as its mean over seeds and a 95 % t-interval.
 
-Baselines, each at the job's learning rate and at its best of ×0.5, ×1, ×2, ×4 of it:
+    ratio = (L_test(base) − L_test(row)) / (L_test(base) − L_test(reference)), per seed
+
+References, each at the job's lr times x1, x2, x4 (the best multiplier by its seed mean):
 
 * **centralized**: one LoRA, the job's batch b, T/b steps;
-* **data-parallel**: one LoRA, batch K·b, T/(K·b) steps (what K cards training in lockstep reach).
+* **data-parallel**: one LoRA, batch K·b, T/(K·b) steps (K cards in lockstep at K times the batch).
 
-    ratio = (L_test(base) − L_test(row)) / (L_test(base) − L_test(reference))
+Parts (``--parts``; each corpus of ``--corpora`` and each seed is one unit, run side by side with
+``--jobs``):
 
-Parts (``--parts``, run side by side with ``--jobs``):
+* ``onepass``: the baselines, and one pass over the data in tasks of ``--task-tokens``, 4 cards:
+  the recommended row (the coordinator's defaults: ``quality_ratio``, ``quality_vs_dataparallel``),
+  the two controls that take the gap apart, and the levers of issue 21:
 
-* ``baselines`` and ``levers`` (the one-pass table): the baselines; one row per lever on one pass
-  over the data: the coordinator before issue 10 (batch b per task, weights over Σ n_j);
-  *keep the global batch* (task batch b/K, K× the steps, same tokens per
-  task, lr ×1 or ×2); LoRA+ (``lr_b_ratio`` 16, 4); warm starts (the worker's previous adapter and
-  its Adam moments; the job's latest folded factors); staleness normalisation (Σ n_j s(τ_j));
-  gradient-aligned starts (LoRA-GA: each task's own, or one per version shared by its tasks) and
-  PiSSA starts (the version's top-r SVD), each at the task lr and lower (``TrainSpec.init``);
-  and the recommended row, which is the coordinator's defaults (``Settings`` and its
-  ``FoldPolicy``: what a user gets), whose ratios are ``quality_ratio`` and
-  ``quality_vs_dataparallel``.
-* ``many``: ``--passes`` passes over the data in small tasks (≥ 30 folded versions): the
-  recommended levers with plain averaging, and the coordinator before issue 10. The centralized run is converged there (its loss by epoch is
-  printed), so the recommended row against it is ``quality_converged``; against one LoRA of the
-  same rank at the job's lr for as many epochs it is ``stacked_vs_single_ratio`` (the seed idea:
-  stacked low-rank updates learn more than one LoRA on the same tokens).
-* ``outer``: the many-rounds regime with DiLoCo's outer Nesterov step (μ 0.9, outer lr 0.1, 0.3,
-  1.0), against the ``many`` part's references.
-* ``corpus``: the key ratios again on a corpus this project did not write (``--corpus2``,
-  default ``python-docs``: the Language Reference topics CPython ships in ``pydoc_data``).
-* ``sweep``: around the recommended row on ``--corpus``, one lever at a time: the task lr
-  multiplier (x1.5, x3, x4 against the defaults' x2), ``fold_every`` (2, 8 against 4), tokens per
-  task (1536, 6144 against ``--task-tokens``).
-* ``few``: a small job (3 tasks of ``--few-records`` records, 64-token blocks, 3 workers), folded
-  one by one and together: before issue 10's partial folds every adapter of it was refused.
+  - control (a): one card trains a fresh LoRA on K tasks' tokens at the job's batch and lr
+    (x2, x4), folded alone, then the next: the cost of restarting LoRA and Adam every fold;
+  - control (b): synchronous data-parallel at exactly the centralized run's global batch, lr and
+    schedule (K cards each taking b/K sequences of every step, gradients averaged: the
+    trainer's gradient accumulation, ``micro_batch`` = b/K);
+  - WSD: one learning-rate schedule across the job's tasks (warm up over the first 10 %, cool
+    down over the last 30 %) instead of each task at one lr;
+  - the outer step γ (``outer_lr``) 1.25, 1.5, 2 without momentum; Nesterov momentum 0.5;
+  - the task lr beyond sqrt(K) (x3), alone and with γ; a lower one with a larger γ;
+  - every row also reads out the average of its newest 2 and 3 versions (LAWA) and an EMA over
+    versions (decay 0.5): what publishing an average would give, on the same tokens.
 
-``--rows a,b`` runs only the rows whose label holds one of the strings. The one-pass and
-second-corpus parts also have a row that sizes each task's batch from the job's
-gradient noise scale (``Settings.size_from_noise``; the B_noise column is the estimate).
+* ``many``: ``--passes`` passes over the data in tasks of ``--many-task-tokens``: the recommended
+  row against the centralized run for as many epochs (x1: ``stacked_vs_single_ratio``; best of
+  x1 and x0.5: ``quality_converged``).
 
-    python bench/quality.py [--records N] [--jobs 3] [--device cpu|cuda] [--quick]
+    python bench/quality.py [--records 600] [--seeds 3] [--jobs 2] [--corpora demo,python-docs]
 
-The last line is one JSON object (``quality_ratio``, ``quality_vs_dataparallel``,
-``quality_converged``, ``stacked_vs_single_ratio``, every table).
+The last line is one JSON object: ``quality_ratio``, ``quality_vs_dataparallel`` (demo, seed
+means), ``quality_ratio_ci``, ``quality_ratio_python_docs``, ``quality_vs_dataparallel_python_docs``,
+``quality_converged``, ``stacked_vs_single_ratio``, and every table. ``--out DIR`` keeps each
+unit's result as it finishes; ``--collect`` rebuilds the tables from such a DIR.
 """
 
 from __future__ import annotations
@@ -55,10 +52,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
+import signal
+import statistics
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -66,385 +66,375 @@ import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.qsim import PROBE_MODULE, Bench, Loop, Outcome, coordinator_settings, effective_rank  # noqa: E402
-from coordinator.settings import JobDefaults, Settings  # noqa: E402
+from bench.qsim import PROBE_MODULE, Bench, Loop, Outcome, effective_rank  # noqa: E402
 
-LR_SWEEP = (0.5, 1.0, 2.0, 4.0)
-OUTER_LRS = (0.1, 0.3, 1.0)
-# The 'sweep' part, around the recommended row (lr x2, fold_every 4, --task-tokens per task).
-SWEEP_LR_MULTS = (1.5, 3.0, 4.0)
-SWEEP_FOLD_EVERY = (2, 8)
-SWEEP_TASK_TOKENS = (1536, 6144)  # DiLoCo's outer Nesterov (momentum 0.9) in the many-rounds part
-# The recommended row is the coordinator's defaults (Settings, JobDefaults and the FoldPolicy built
-# from them: qsim.Loop.defaults), so what this measures is what a user gets. Measured
-# (bench/README.md): keep the global batch at lr x2 (sqrt(K), K = 4) with normalised staleness
-# weights and fresh adapters; the job's warm start gained ~0.04 in one pass but lost 0.3 over many
-# rounds, LoRA+ and Nesterov did not help.
+LR_SWEEP = (1.0, 2.0, 4.0)  # sessions 3-5: the best centralized and data-parallel lr was x2 (x4 at the edge)
+CONTROL_B_LR = 2.0  # control (b) is the centralized run's arithmetic: one lr shows it
+# Two-sided 95 % Student t quantiles by degrees of freedom.
+T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
 
 
-def before_issue_10(loop: Loop) -> Loop:
-    """The coordinator's defaults before issue 10: every task at the job's batch and lr, and
-    staleness weights over Σ n_j."""
-    return loop.with_policy(keep_global_batch=False, normalise=False)
+def interval(values: list[float]) -> dict:
+    """Mean and 95 % t-interval half-width over seeds."""
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    if not values:
+        return {"mean": math.nan, "ci": math.nan, "n": 0}
+    mean = statistics.fmean(values)
+    half = T95.get(len(values) - 1, 1.96) * statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else math.nan
+    return {"mean": round(mean, 4), "ci": round(half, 4), "n": len(values), "values": [round(v, 4) for v in values]}
 
 
-def say(part: str, text: str) -> None:
-    print(f"[{part}] {text}", flush=True)
+def say(unit: str, text: str) -> None:
+    print(f"[{unit}] {text}", flush=True)
 
 
-def sweep(bench: Bench, part: str, name: str, batch: int, epochs: int = 1,
-          mults: tuple[float, ...] = LR_SWEEP) -> dict[float, Outcome]:
-    out = {}
-    for m in mults:
-        out[m] = bench.centralized(epochs=epochs, batch=batch, lr_mult=m)
-        say(part, f"{name} batch {batch}, {epochs} epoch(s), lr x{m:g}: test loss {out[m].test_loss:.4f} "
-                  f"[{out[m].seconds:.0f}s]")
+def recommended(bench: Bench, tokens: int) -> Loop:
+    """The coordinator's defaults (Settings and its FoldPolicy), at ``tokens`` per task."""
+    return replace(Loop.defaults(bench.settings, bench.job), tokens_per_task=tokens)
+
+
+def onepass_rows(bench: Bench, tokens: int, k: int) -> list[tuple[str, Loop]]:
+    rec = recommended(bench, tokens)
+    control_a = replace(rec, tokens_per_task=k * tokens, sequential=True).with_policy(
+        keep_global_batch=False, fold_every=1)
+    # In the order they matter, so that a run cut short still has the headline and the controls.
+    return [("recommended", rec),
+            ("control (a): one card, fresh LoRA per fold, lr x2", replace(control_a, lr_mult=2.0)),
+            ("outer step 1.5", rec.with_policy(outer_lr=1.5)),
+            ("WSD (warm up 10 %, cool down 30 %)", replace(rec, warmup=0.1, cooldown=0.3)),
+            ("outer step 2", rec.with_policy(outer_lr=2.0)),
+            ("outer step 1.25", rec.with_policy(outer_lr=1.25)),
+            ("Nesterov 0.5, outer step 1", rec.with_policy(outer_momentum=0.5)),
+            ("task lr x3", replace(rec, lr_mult=3.0)),
+            ("task lr x1.5, outer step 1.5", replace(rec, lr_mult=1.5).with_policy(outer_lr=1.5)),
+            ("control (a): one card, fresh LoRA per fold, lr x4", replace(control_a, lr_mult=4.0))]
+
+
+def row_record(label: str, o: Outcome) -> dict:
+    return {"row": label, "test_loss": round(o.test_loss, 5), "averaged": {k: round(v, 5) for k, v in o.averaged.items()},
+            "tasks": o.adapters, "folds": o.versions, "refused": o.refused,
+            "mean_tau": round(sum(o.taus) / max(1, len(o.taus)), 2), "task_batch": o.batches[-1] if o.batches else 0,
+            "round_test_losses": [round(x, 5) for x in o.round_losses], "seconds": round(o.seconds, 1)}
+
+
+def setup(args: argparse.Namespace, corpus: str) -> Bench:
+    # A unit stopped with SIGTERM still stops its embedded redis-server (Bench.close, in finally).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    torch.set_num_threads(args.threads)
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    return Bench(args, corpus)
+
+
+def unit_onepass(args: argparse.Namespace, corpus: str, seed: int) -> dict:
+    """The baselines and every one-pass row for one corpus and seed (kept after each row)."""
+    unit = f"onepass {corpus} s{seed}"
+    bench = setup(args, corpus)
+    try:
+        k, b = args.workers, bench.job.batch_size
+        say(unit, f"{len(bench.train)} train records (T = {bench.total_tokens} tokens), {len(bench.val)} "
+                  f"validation, {len(bench.test)} test; base test loss {bench.base_test:.4f}")
+        wanted = [w for w in args.rows.split(",") if w]
+        out = {"corpus": corpus, "seed": seed, "base_test_loss": bench.base_test, "train_tokens": bench.total_tokens,
+               "centralized": {}, "data_parallel": {}, "control_b": {}, "rows": []}
+        if not args.skip_baselines:
+            for m in (float(x) for x in args.lr_mults.split(",")):
+                for name, batch, micro in (("centralized", b, 0), ("data_parallel", k * b, 0),
+                                           ("control_b", b, max(1, b // k))):
+                    if name == "control_b" and m != CONTROL_B_LR:
+                        continue
+                    o = bench.centralized(batch=batch, lr_mult=m, seed=seed, micro=micro)
+                    out[name][m] = o.test_loss
+                    say(unit, f"{name} batch {batch} (micro {micro or batch}), lr x{m:g}: {o.test_loss:.4f} "
+                              f"[{o.seconds:.0f}s]")
+            keep(args, "onepass", out)
+        for label, loop in onepass_rows(bench, args.task_tokens, k):
+            if wanted and not any(w in label for w in wanted):
+                continue
+            o = bench.distributed(loop, seed=seed)
+            out["rows"].append(row_record(label, o))
+            keep(args, "onepass", out)
+            say(unit, f"{label:44} tasks {o.adapters:>3} folds {o.versions:>2} refused {o.refused:>2} "
+                      f"loss {o.test_loss:.4f} averaged {', '.join(f'{n} {v:.4f}' for n, v in o.averaged.items())} "
+                      f"[{o.seconds:.0f}s]")
+        return out
+    finally:
+        bench.close()
+
+
+def unit_many(args: argparse.Namespace, corpus: str, seed: int) -> dict:
+    unit = f"many {corpus} s{seed}"
+    bench = setup(args, corpus)
+    try:
+        p = args.passes
+        single = bench.centralized(epochs=p, seed=seed)
+        half = bench.centralized(epochs=p, lr_mult=0.5, seed=seed)
+        say(unit, f"centralized {p} epochs: lr x1 {single.test_loss:.4f}, x0.5 {half.test_loss:.4f}")
+        o = bench.distributed(recommended(bench, args.many_task_tokens), rounds=p, seed=seed)
+        rank, eff = effective_rank(o.delta)
+        _, single_eff = effective_rank(single.delta)
+        say(unit, f"recommended, {p} passes: tasks {o.adapters} folds {o.versions} refused {o.refused} loss "
+                  f"{o.test_loss:.4f} by pass {[round(x, 4) for x in o.round_losses]} averaged {o.averaged}; "
+                  f"{PROBE_MODULE} update rank {rank} (effective {eff:.1f}; single LoRA {single_eff:.1f}) [{o.seconds:.0f}s]")
+        return {"corpus": corpus, "seed": seed, "passes": p, "base_test_loss": bench.base_test,
+                "single_x1": single.test_loss, "single_x05": half.test_loss, "row": row_record("recommended", o),
+                "rank": rank, "effective_rank": round(eff, 1), "single_effective_rank": round(single_eff, 1)}
+    finally:
+        bench.close()
+
+
+UNITS = {"onepass": unit_onepass, "many": unit_many}
+
+
+def ratio(base: float, loss: float, ref: float) -> float:
+    return (base - loss) / (base - ref)
+
+
+def summarize_onepass(units: list[dict]) -> dict:
+    """Per corpus: the references (best lr by seed mean) and every row's ratios with intervals."""
+    units = sorted((u for u in units if CONTROL_B_LR in u["data_parallel"] and CONTROL_B_LR in u["centralized"]),
+                   key=lambda u: u["seed"])  # a unit cut short before its baselines has no ratios
+    if not units:
+        return {}
+    mean_of = lambda name, m: statistics.fmean(u[name][m] for u in units)  # noqa: E731
+    # The multipliers every seed measured (a later invocation may have left x1 out).
+    mults = sorted(set.intersection(*(set(u["centralized"]) & set(u["data_parallel"]) for u in units)))
+    cm = min(mults, key=lambda m: mean_of("centralized", m))
+    dm = min(mults, key=lambda m: mean_of("data_parallel", m))
+    refs = {u["seed"]: {"central": u["centralized"][cm], "dp": u["data_parallel"][dm]} for u in units}
+    summary = {"corpus": units[0]["corpus"], "seeds": [u["seed"] for u in units], "train_tokens": units[0]["train_tokens"],
+               "base_test_loss": units[0]["base_test_loss"], "best_lr": {"centralized": cm, "data_parallel": dm},
+               "centralized": {m: interval([u["centralized"][m] for u in units]) for m in mults},
+               "data_parallel": {m: interval([u["data_parallel"][m] for u in units]) for m in mults},
+               "dp_vs_central": interval([ratio(u["base_test_loss"], refs[u["seed"]]["dp"], refs[u["seed"]]["central"])
+                                          for u in units]),
+               # control (b) against the centralized run at the same lr (the same global batch and schedule)
+               "control_b": interval([ratio(u["base_test_loss"], u["control_b"][CONTROL_B_LR],
+                                            u["centralized"][CONTROL_B_LR]) for u in units if u["control_b"]]),
+               "rows": []}
+    labels = list(dict.fromkeys(r["row"] for u in units for r in u["rows"]))
+    for label in labels:
+        per = [(u, next(r for r in u["rows"] if r["row"] == label)) for u in units
+               if any(r["row"] == label for r in u["rows"])]
+        entry = {"row": label, "seeds": [u["seed"] for u, _ in per], "folds": [r["folds"] for _, r in per], "tasks": per[0][1]["tasks"],
+                 "refused": [r["refused"] for _, r in per], "test_loss": interval([r["test_loss"] for _, r in per])}
+        for ref in ("central", "dp"):
+            entry[f"vs_{ref}"] = interval([ratio(u["base_test_loss"], r["test_loss"], refs[u["seed"]][ref]) for u, r in per])
+        for avg in per[0][1]["averaged"]:
+            entry[f"{avg}_vs_central"] = interval([ratio(u["base_test_loss"], r["averaged"][avg], refs[u["seed"]]["central"])
+                                                   for u, r in per])
+        summary["rows"].append(entry)
+    return summary
+
+
+def decomposition(summary: dict) -> dict:
+    """What share of the recommended row's gap to the best centralized run each control explains,
+    paired by seed (the seeds both the recommended row and control (a) ran)."""
+    rows = {r["row"]: r for r in summary["rows"]}
+    rec = rows.get("recommended")
+    if rec is None:
+        return {}
+    best = summary["best_lr"]["centralized"]
+    a = (rows.get(f"control (a): one card, fresh LoRA per fold, lr x{float(best):g}")
+         or rows.get("control (a): one card, fresh LoRA per fold, lr x2"))
+    out = {"gap": round(1 - rec["vs_central"]["mean"], 4), "control_b": summary["control_b"],
+           "sync_share": 0.0 if summary["control_b"].get("mean") == 1.0 else None}
+    if a:
+        seeds = [s for s in a["seeds"] if s in rec["seeds"]]
+        r_rec = [rec["vs_central"]["values"][rec["seeds"].index(s)] for s in seeds]
+        r_a = [a["vs_central"]["values"][a["seeds"].index(s)] for s in seeds]
+        out.update({"paired_seeds": seeds, "control_a_row": a["row"],
+                    "gap_paired": interval([1 - x for x in r_rec]),
+                    "restart_cost": interval([1 - x for x in r_a]),
+                    "parallel_cost": interval([x - y for x, y in zip(r_a, r_rec)]),
+                    "restart_share": round(statistics.fmean(1 - x for x in r_a)
+                                           / statistics.fmean(1 - x for x in r_rec), 3)})
     return out
 
 
-def best(outcomes: dict[float, Outcome]) -> tuple[float, Outcome]:
-    return min(outcomes.items(), key=lambda kv: kv[1].test_loss)
+def print_onepass(s: dict) -> None:
+    print(f"\none pass, {s['corpus']}: T = {s['train_tokens']} tokens, base {s['base_test_loss']:.4f}, seeds {s['seeds']}; "
+          f"best lr centralized x{s['best_lr']['centralized']}, data-parallel x{s['best_lr']['data_parallel']}", flush=True)
+    for name in ("centralized", "data_parallel"):
+        print(f"  {name}: " + ", ".join(f"x{m} {v['mean']:.4f}±{v['ci']:.4f}" for m, v in s[name].items()), flush=True)
+    print(f"  data-parallel (K·b) / centralized {fmt(s['dp_vs_central'])}; control (b) {fmt(s['control_b'])}", flush=True)
+    print(f"  {'row':44} {'folds':>9} {'refused':>9} {'vs central':>16} {'vs DP':>16} {'LAWA-2':>16} {'EMA':>16}",
+          flush=True)
+    for r in s["rows"]:
+        print(f"  {r['row']:44} {r['folds']!s:>9} {r['refused']!s:>9} {fmt(r['vs_central']):>16} {fmt(r['vs_dp']):>16} "
+              f"{fmt(r.get('lawa2_vs_central')):>16} {fmt(r.get('ema_vs_central')):>16}", flush=True)
+    print(f"  decomposition: {json.dumps(s.get('decomposition', {}))}", flush=True)
 
 
-def run_rows(bench: Bench, part: str, rows: list[tuple[str, Loop]], refs: dict[str, Outcome],
-             rounds: int = 1, workers: int = 0) -> list[dict]:
-    say(part, f"{'row':34} {'tok/task':>8} {'batch':>5} {'tasks':>5} {'folds':>5} {'tau':>5} {'refused':>7} "
-              f"{'loss':>7} " + " ".join(f"{k:>12}" for k in refs) + "  B_noise  time")
-    table = []
-    wanted = [w for w in bench.args.rows.split(",") if w]
-    for label, loop in rows:
-        if wanted and not any(w in label for w in wanted):
+def fmt(v: dict | None) -> str:
+    return f"{v['mean']:.3f}±{v['ci']:.3f}" if v else "-"
+
+
+def summarize_many(units: list[dict]) -> dict:
+    base = lambda u: u["base_test_loss"]  # noqa: E731
+    best = lambda u: min(u["single_x1"], u["single_x05"])  # noqa: E731
+    return {"corpus": units[0]["corpus"], "passes": units[0]["passes"], "seeds": [u["seed"] for u in units],
+            "folds": [u["row"]["folds"] for u in units], "refused": [u["row"]["refused"] for u in units],
+            "quality_converged": interval([ratio(base(u), u["row"]["test_loss"], best(u)) for u in units]),
+            "stacked_vs_single_ratio": interval([ratio(base(u), u["row"]["test_loss"], u["single_x1"]) for u in units]),
+            "lawa2_converged": interval([ratio(base(u), u["row"]["averaged"]["lawa2"], best(u)) for u in units
+                                         if "lawa2" in u["row"]["averaged"]]),
+            "ema_converged": interval([ratio(base(u), u["row"]["averaged"]["ema"], best(u)) for u in units
+                                       if "ema" in u["row"]["averaged"]]),
+            "by_pass": [u["row"]["round_test_losses"] for u in units],
+            "effective_rank": [u["effective_rank"] for u in units],
+            "single_effective_rank": [u["single_effective_rank"] for u in units]}
+
+
+def collect(results: list[dict], kinds: list[str]) -> dict:
+    tables: dict = {"onepass": {}, "many": {}}
+    for kind in ("onepass", "many"):
+        for corpus in sorted({r["corpus"] for k, r in zip(kinds, results) if k == kind}):
+            units = [r for k, r in zip(kinds, results) if k == kind and r["corpus"] == corpus]
+            if kind == "onepass":
+                s = summarize_onepass(units)
+                if not s:
+                    continue
+                s["decomposition"] = decomposition(s)
+                print_onepass(s)
+            else:
+                s = summarize_many(units)
+                print(f"\n{s['passes']} passes, {corpus}: quality_converged {fmt(s['quality_converged'])}, "
+                      f"stacked_vs_single {fmt(s['stacked_vs_single_ratio'])}, LAWA-2 {fmt(s['lawa2_converged'])}, "
+                      f"EMA {fmt(s['ema_converged'])}; folds {s['folds']} refused {s['refused']}", flush=True)
+            tables[kind][corpus] = s
+    return tables
+
+
+def headline(tables: dict) -> dict:
+    def rec(corpus: str, key: str) -> dict:
+        rows = tables["onepass"].get(corpus, {}).get("rows", [])
+        return next((r[key] for r in rows if r["row"] == "recommended"), {"mean": None, "ci": None})
+
+    many = tables["many"].get("demo", {})
+    return {"quality_ratio": rec("demo", "vs_central")["mean"], "quality_ratio_ci": rec("demo", "vs_central")["ci"],
+            "quality_vs_dataparallel": rec("demo", "vs_dp")["mean"],
+            "quality_vs_dataparallel_ci": rec("demo", "vs_dp")["ci"],
+            "quality_converged": many.get("quality_converged", {}).get("mean"),
+            "stacked_vs_single_ratio": many.get("stacked_vs_single_ratio", {}).get("mean"),
+            "quality_ratio_python_docs": rec("python-docs", "vs_central")["mean"],
+            "quality_ratio_python_docs_ci": rec("python-docs", "vs_central")["ci"],
+            "quality_vs_dataparallel_python_docs": rec("python-docs", "vs_dp")["mean"]}
+
+
+def keep(args: argparse.Namespace, kind: str, result: dict) -> None:
+    """Write a unit's result (so far) to ``--out``."""
+    if args.out:
+        path = Path(args.out) / f"{kind}-{result['corpus']}-s{result['seed']}.json"
+        path.write_text(json.dumps({"kind": kind, **result}, default=str))
+
+
+def merged(folders: list[Path]) -> tuple[list[str], list[dict]]:
+    """The units kept in ``folders`` (``--out`` of one or more invocations), one per (part,
+    corpus, seed): the baselines and rows of all, each lr multiplier and row label once."""
+    units: dict[tuple, dict] = {}
+    for path in (p for folder in folders for p in sorted(folder.glob("*.json"))):
+        unit = json.loads(path.read_text())
+        for name in ("centralized", "data_parallel", "control_b"):  # JSON keys are strings
+            if name in unit:
+                unit[name] = {float(m): v for m, v in unit[name].items()}
+        key = (unit["kind"], unit["corpus"], unit["seed"])
+        if key not in units:
+            units[key] = unit
             continue
-        o = bench.distributed(loop, rounds=rounds, workers=workers)
-        ratios = {k: round(bench.ratio(o, ref), 4) for k, ref in refs.items()}
-        tau = sum(o.taus) / max(1, len(o.taus))
-        sized = loop.training(bench.train_spec.batch_size, bench.train_spec.learning_rate, workers or bench.args.workers)
-        # The batch the tasks trained at (the last one's, when the noise scale sized them).
-        batch = o.batches[-1] if o.batches else sized.batch_size
-        say(part, f"{label:34} {loop.tokens_per_task:>8} {batch:>5} {o.adapters:>5} {o.versions:>5} {tau:>5.2f} "
-                  f"{o.rejected + o.dropped:>7} {o.test_loss:>7.4f} "
-                  + " ".join(f"{r:>12.3f}" for r in ratios.values()) + f"  {o.noise_scale:>7.3g}  {o.seconds:.0f}s"
-                  + (f"  (init {o.init_seconds:.1f}s = {o.init_seconds / max(1e-9, o.train_seconds - o.init_seconds):.0%}"
-                     f" of training)" if o.init_seconds else ""))
-        table.append({"row": label, "loop": asdict(loop), "task_batch": batch,
-                      "task_batches": sorted(set(o.batches)), "noise_scale": round(o.noise_scale, 3),
-                      "lr_mult": round(sized.learning_rate / bench.train_spec.learning_rate, 4),
-                      "tasks": o.adapters, "folds": o.versions,
-                      "mean_tau": round(tau, 2), "refused": o.rejected + o.dropped,
-                      "test_loss": round(o.test_loss, 4), "ratios": ratios,
-                      "init_cost": round(o.init_seconds / max(1e-9, o.train_seconds - o.init_seconds), 4),
-                      "round_test_losses": [round(x, 4) for x in o.round_losses],
-                      "outcome": o if rounds > 1 else None})
-    return table
+        have = units[key]
+        for name in ("centralized", "data_parallel", "control_b"):
+            have[name] = {**have.get(name, {}), **unit.get(name, {})}
+        for name in ("base_test_loss", "train_tokens"):
+            have.setdefault(name, unit.get(name))
+        if unit["kind"] == "onepass":
+            labels = {r["row"] for r in have["rows"]}
+            have["rows"] += [r for r in unit["rows"] if r["row"] not in labels]
+    return [k for k, _, _ in units], [{k: v for k, v in u.items() if k != "kind"} for u in units.values()]
 
 
-def setup(args: argparse.Namespace, corpus: str) -> tuple[Bench, Loop, int]:
-    torch.set_num_threads(args.threads)
-    transformers.utils.logging.disable_progress_bar()
-    bench = Bench(args, corpus)
-    defaults = Loop.defaults(bench.settings, bench.job)
-    k = args.workers
-    # Fewer records than the corpus: one task per worker at least, as on the full corpus.
-    defaults = replace(defaults, tokens_per_task=min(defaults.tokens_per_task, max(64, bench.total_tokens // k)))
-    return bench, defaults, k
+def from_logs(logs: list[Path], out: Path) -> None:
+    """Unit files in ``out`` from the reference losses a stopped invocation printed (its units
+    write their baselines only once all are measured)."""
+    units: dict[tuple, dict] = {}
+    head = re.compile(r"\[onepass (\S+) s(\d+)\] \d+ train records \(T = (\d+) tokens\).*base test loss ([\d.]+)")
+    line_re = re.compile(r"\[onepass (\S+) s(\d+)\] (centralized|data_parallel|control_b) batch \d+ "
+                         r"\(micro \d+\), lr x([\d.]+): ([\d.]+)")
+    for log in logs:
+        for line in log.read_text().splitlines():
+            if m := head.match(line):
+                unit = units.setdefault((m[1], int(m[2])), {"kind": "onepass", "corpus": m[1], "seed": int(m[2]),
+                                                            "centralized": {}, "data_parallel": {},
+                                                            "control_b": {}, "rows": []})
+                unit.update(base_test_loss=float(m[4]), train_tokens=int(m[3]))
+            elif m := line_re.match(line):
+                units[(m[1], int(m[2]))][m[3]][float(m[4])] = float(m[5])
+    out.mkdir(parents=True, exist_ok=True)
+    for unit in units.values():
+        (out / f"onepass-{unit['corpus']}-s{unit['seed']}.json").write_text(json.dumps(unit))
 
 
-def header(bench: Bench, part: str, corpus: str) -> None:
-    say(part, f"corpus {corpus}: {len(bench.train)} train records (T = {bench.total_tokens} tokens), "
-              f"{len(bench.val)} validation, {len(bench.test)} test; base test loss {bench.base_test:.4f}; "
-              f"job: rank {bench.job.lora_rank}, lr {bench.job.learning_rate:g}, batch {bench.job.batch_size}"
-              f"x{bench.job.seq_len}")
-
-
-def recommended(defaults: Loop, tokens: int) -> Loop:
-    """The coordinator's defaults, at ``tokens`` per task."""
-    return replace(defaults, tokens_per_task=tokens)
-
-
-def recommended_levers(settings: Settings, job: JobDefaults, workers: int) -> dict:
-    """What the recommended row trains and folds with, read from the policy (for the JSON)."""
-    defaults = Loop.defaults(settings, job)
-    sized = defaults.training(job.batch_size, job.learning_rate, workers)
-    return {"keep_global_batch": defaults.policy.keep_global_batch, "task_batch": sized.batch_size,
-            "lr_mult": round(sized.learning_rate / job.learning_rate, 4),
-            "normalise": defaults.policy.normalise, "outer_momentum": defaults.policy.outer_momentum,
-            "warm": defaults.warm, "lr_b_ratio": defaults.lr_b_ratio}
-
-
-def part_baselines(args: argparse.Namespace) -> dict:
-    part = "baselines"
-    bench, defaults, k = setup(args, args.corpus)
-    header(bench, part, args.corpus)
-    b = bench.job.batch_size
-    mults = (1.0,) if args.quick else LR_SWEEP
-    central = sweep(bench, part, "centralized", b, mults=mults)
-    dp = sweep(bench, part, "data-parallel", k * b, mults=mults)
-    return {"corpus": args.corpus, "train_tokens": bench.total_tokens, "base_test_loss": bench.base_test,
-            "centralized": {m: o.test_loss for m, o in central.items()},
-            "data_parallel": {m: o.test_loss for m, o in dp.items()}}
-
-
-def part_levers(args: argparse.Namespace) -> dict:
-    """One row per lever, one pass over the data; ratios are computed against the baselines part."""
-    part = "levers"
-    bench, defaults, k = setup(args, args.corpus)
-    b = bench.job.batch_size
-    t = args.task_tokens
-    old = before_issue_10(defaults)
-    kgb = replace(old, tokens_per_task=t, task_batch=max(1, b // k), lr_mult=1.0)
-    rows = [("before issue 10 (batch b)", old),
-            ("before issue 10, small tasks", replace(old, tokens_per_task=t)),
-            ("keep global batch (b/K), lr x1", kgb),
-            ("keep global batch, lr x2", replace(kgb, lr_mult=2.0)),
-            # LoRA+ keeps B's rate at the row above's (x2) and lowers A's: B at x2 x 4 or x 16 refuses
-            # every adapter (measured: the solo gate sees each one diverge).
-            ("  LoRA+ 4 (A x0.5, B x2)", replace(kgb, lr_mult=0.5, lr_b_ratio=4.0)),
-            ("  LoRA+ 16 (A x0.125, B x2)", replace(kgb, lr_mult=0.125, lr_b_ratio=16.0)),
-            ("  + warm start (worker's own + moments)", replace(kgb, lr_mult=2.0, warm="worker")),
-            ("  + warm start (worker's own, no moments)", replace(kgb, lr_mult=2.0, warm="worker-fresh-adam")),
-            ("  + warm start (job's last fold)", replace(kgb, lr_mult=2.0, warm="job")),
-            ("  + batch from the noise scale", recommended(defaults, t).with_policy(size_from_noise=True)),
-            ("  + LoRA-GA init (each task's own)", replace(recommended(defaults, t), init="gradient")),
-            ("  + LoRA-GA init (shared per version)", replace(recommended(defaults, t), init="gradient-shared")),
-            # With B₀ ≠ 0 both factors move ΔW from the first step: a larger effective step than a
-            # fresh LoRA's at the same lr, so the same rows at a lower task lr.
-            ("  + LoRA-GA init (own), task lr x1", replace(recommended(defaults, t), init="gradient", lr_mult=1.0)),
-            ("  + LoRA-GA init (own), task lr x0.5", replace(recommended(defaults, t), init="gradient", lr_mult=0.5)),
-            ("  + LoRA-GA init (shared), task lr x0.5",
-             replace(recommended(defaults, t), init="gradient-shared", lr_mult=0.5)),
-            ("  + PiSSA init (the version's top-r SVD)", replace(recommended(defaults, t), init="principal")),
-            ("  + PiSSA init, task lr x0.5", replace(recommended(defaults, t), init="principal", lr_mult=0.5)),
-            ("recommended (coordinator defaults)", recommended(defaults, t))]
-    if args.quick:
-        rows = [rows[0], rows[-4], rows[-1]]
-    table = run_rows(bench, part, rows, {})
-    return {"table": [{k2: v for k2, v in r.items() if k2 != "outcome"} for r in table]}
-
-
-def onepass(base: dict, levers: dict) -> dict:
-    """The one-pass table: every lever row against the four baselines."""
-    central, dp = base["centralized"], base["data_parallel"]
-    cm, dm = min(central, key=central.get), min(dp, key=dp.get)
-    refs = {"central x1": central[1.0], "central best": central[cm], "dp x1": dp[1.0], "dp best": dp[dm]}
-
-    def ratio(loss: float, ref: float) -> float:
-        return round((base["base_test_loss"] - loss) / (base["base_test_loss"] - ref), 4)
-
-    print(f"\none pass, T = {base['train_tokens']} tokens ({base['corpus']}); base test loss "
-          f"{base['base_test_loss']:.4f}", flush=True)
-    for name, losses in (("centralized (batch b)", central), ("data-parallel (batch K*b)", dp)):
-        print(f"  {name}: " + ", ".join(f"lr x{m:g} {x:.4f}" for m, x in losses.items()), flush=True)
-    print(f"  best lr: centralized x{cm:g}, data-parallel x{dm:g}; data-parallel / centralized "
-          f"{ratio(dp[1.0], central[1.0]):.3f} (same lr), {ratio(dp[dm], central[cm]):.3f} (best lr)", flush=True)
-    print(f"  {'row':34} {'tok/task':>8} {'batch':>5} {'tasks':>5} {'folds':>5} {'tau':>5} {'loss':>7} "
-          + " ".join(f"{k:>12}" for k in refs), flush=True)
-    for row in levers["table"]:
-        row["ratios"] = {k: ratio(row["test_loss"], ref) for k, ref in refs.items()}
-        loop = row["loop"]
-        print(f"  {row['row']:34} {loop['tokens_per_task']:>8} {row['task_batch']:>5} {row['tasks']:>5} "
-              f"{row['folds']:>5} {row['mean_tau']:>5.2f} {row['test_loss']:>7.4f} "
-              + " ".join(f"{r:>12.3f}" for r in row["ratios"].values()), flush=True)
-    rec, today = levers["table"][-1]["ratios"], levers["table"][0]["ratios"]
-    return {**base, "best_lr_mult": {"centralized": cm, "data_parallel": dm}, "table": levers["table"],
-            "quality_ratio": rec["central best"], "quality_ratio_same_lr": rec["central x1"],
-            "quality_vs_dataparallel": rec["dp best"], "quality_vs_dataparallel_same_lr": rec["dp x1"],
-            "quality_ratio_today": today["central best"], "quality_vs_dataparallel_today": today["dp best"]}
-
-
-def part_many(args: argparse.Namespace) -> dict:
-    part = "many"
-    bench, defaults, k = setup(args, args.corpus)
-    header(bench, part, args.corpus)
-    p = args.passes
-    # Epochs 1 and p only (the baselines part has epoch 1 too; the CPU is scarce).
-    curve = {e: bench.centralized(epochs=e) for e in sorted({1, p})}
-    say(part, "centralized (lr x1) test loss by epochs: " + ", ".join(f"{e}: {o.test_loss:.4f}" for e, o in curve.items()))
-    central2 = bench.centralized(epochs=p, lr_mult=0.5)
-    say(part, f"centralized {p} epochs, lr x0.5: {central2.test_loss:.4f}")
-    cbest = min((curve[p], central2), key=lambda o: o.test_loss)
-    refs = {"single x1": curve[p], "central best": cbest}
-    rec = recommended(defaults, args.many_task_tokens)
-    rows = [("recommended", rec),
-            ("before issue 10 (stacked rounds)", before_issue_10(defaults))]
-    if args.quick:
-        rows = [rows[0], rows[-1]]
-    table = run_rows(bench, part, rows, refs, rounds=p)
-    o: Outcome = table[0]["outcome"]
-    s_rank, s_eff = effective_rank(o.delta)
-    c_rank, c_eff = effective_rank(curve[p].delta)
-    say(part, f"recommended, loss after each pass: {table[0]['round_test_losses']}")
-    say(part, f"{PROBE_MODULE}: W_final - W_base rank {s_rank} (effective {s_eff:.1f}, patch ranks sum to "
-              f"{o.patch_rank}) folded, rank {c_rank} (effective {c_eff:.1f}) single LoRA")
-    return {"passes": p, "base_test_loss": bench.base_test,
-            "refs": {k2: o2.test_loss for k2, o2 in refs.items()},
-            "centralized_by_epoch": {e: round(x.test_loss, 4) for e, x in curve.items()},
-            "centralized_lr_half": round(central2.test_loss, 4),
-            "table": [{k2: v for k2, v in r.items() if k2 != "outcome"} for r in table],
-            "quality_converged": table[0]["ratios"]["central best"],
-            "stacked_vs_single_ratio": table[0]["ratios"]["single x1"],
-            "rank": s_rank, "effective_rank": round(s_eff, 1), "single_effective_rank": round(c_eff, 1)}
-
-
-def part_outer(args: argparse.Namespace) -> dict:
-    """The many-rounds regime again with DiLoCo's outer Nesterov step (momentum 0.9, ``OUTER_LRS``);
-    its ratios are taken against the 'many' part's references (:func:`outer_ratios`)."""
-    part = "outer"
-    bench, defaults, _ = setup(args, args.corpus)
-    rec = recommended(defaults, args.many_task_tokens)
-    rows = [(f"  + Nesterov 0.9, outer lr {lr:g}", rec.with_policy(outer_momentum=0.9, outer_lr=lr))
-            for lr in OUTER_LRS if not (args.no_nesterov_1 and lr == 1.0)]
-    table = run_rows(bench, part, rows, {}, rounds=args.passes)
-    return {"table": [{k2: v for k2, v in r.items() if k2 != "outcome"} for r in table]}
-
-
-def outer_ratios(many: dict, outer: dict) -> list[dict]:
-    """The outer-momentum rows against the many-rounds references (same split, same T)."""
-    base = many["base_test_loss"]
-    for row in outer["table"]:
-        row["ratios"] = {k: round((base - row["test_loss"]) / (base - ref), 4) for k, ref in many["refs"].items()}
-        print(f"  {row['row']:34} folds {row['folds']:>3} refused {row['refused']:>3} losses by pass "
-              f"{row['round_test_losses']} " + " ".join(f"{k} {r:.3f}" for k, r in row["ratios"].items()), flush=True)
-    return outer["table"]
-
-
-def part_corpus(args: argparse.Namespace) -> dict:
-    part = "corpus"
-    bench, defaults, k = setup(args, args.corpus2)
-    header(bench, part, args.corpus2)
-    b = bench.job.batch_size
-    mults = (1.0,) if args.quick else (1.0, 2.0)
-    central = sweep(bench, part, "centralized", b, mults=mults)
-    dp = sweep(bench, part, "data-parallel", k * b, mults=mults)
-    refs = {"central x1": central[1.0], "central best": best(central)[1], "dp best": best(dp)[1]}
-    rec = recommended(defaults, args.task_tokens)
-    rows = [("before issue 10", before_issue_10(defaults)), ("recommended", rec),
-            ("  + batch from the noise scale", rec.with_policy(size_from_noise=True)),
-            ("  + LoRA-GA init (each task's own)", replace(rec, init="gradient")),
-            ("  + LoRA-GA init (shared per version)", replace(rec, init="gradient-shared")),
-            ("  + LoRA-GA init (own), task lr x1", replace(rec, init="gradient", lr_mult=1.0)),
-            ("  + LoRA-GA init (own), task lr x0.5", replace(rec, init="gradient", lr_mult=0.5)),
-            ("  + LoRA-GA init (shared), task lr x0.5", replace(rec, init="gradient-shared", lr_mult=0.5)),
-            ("  + PiSSA init (the version's top-r SVD)", replace(rec, init="principal")),
-            ("  + PiSSA init, task lr x0.5", replace(rec, init="principal", lr_mult=0.5))]
-    table = run_rows(bench, part, rows, refs)
-    by_label = {r["row"]: r["ratios"] for r in table}  # --rows may have left some out
-
-    def ratio(label: str, ref: str) -> float:
-        return by_label.get(label, {}).get(ref, math.nan)
-
-    return {"corpus": args.corpus2, "train_tokens": bench.total_tokens,
-            "table": [{k2: v for k2, v in r.items() if k2 != "outcome"} for r in table],
-            "quality_ratio": ratio("recommended", "central best"),
-            "quality_vs_dataparallel": ratio("recommended", "dp best"),
-            "quality_ratio_today": ratio("before issue 10", "central best"),
-            "noise_sizing_ratio": ratio("  + batch from the noise scale", "central best")}
-
-
-def part_few(args: argparse.Namespace) -> dict:
-    """A small job: 3 tasks (each a third of ``--few-records`` records) on 3 workers, 64-token
-    blocks, as bench/hetero's "equal" variant. Folded one by one (each adapter's fold times out
-    before the next lands) its adapters were all refused before issue 10's partial folds."""
-    part = "few"
-    few = argparse.Namespace(**{**vars(args), "records": args.few_records, "workers": 3})
-    bench, defaults, _ = setup(few, args.corpus)
-    bench.job = replace(bench.job, seq_len=64)
-    bench.train_spec = replace(bench.train_spec, seq_len=64)
-    bench.base_test = bench.base_loss(64)
-    header(bench, part, args.corpus)
-    central = bench.centralized()
-    say(part, f"centralized (batch {bench.job.batch_size}, lr x1): test loss {central.test_loss:.4f}")
-    per = math.ceil(bench.total_tokens * 0.95 / 3)
-    rec = replace(defaults, tokens_per_task=per)
-    alone = rec.with_policy(fold_timeout_s=1.0)  # each adapter folds by itself
-    rows = [("one by one, before (b/4, whole steps)", replace(alone, task_batch=2, lr_mult=2.0)
-             .with_policy(partial_folds=False)),
-            ("one by one, recommended (b/3, m/K)", alone),
-            ("folded together, recommended", rec)]
-    table = run_rows(bench, part, rows, {"central x1": central}, workers=3)
-    return {"train_tokens": bench.total_tokens, "centralized": round(central.test_loss, 4),
-            "table": [{k2: v for k2, v in r.items() if k2 != "outcome"} for r in table],
-            "few_tasks_ratio": table[1]["ratios"]["central x1"]}
-
-
-def part_sweep(args: argparse.Namespace) -> dict:
-    """A cheap sweep around the recommended row on ``--corpus``: the task lr multiplier (keep the
-    global batch), ``fold_every`` and tokens per task, one lever at a time. Ratios: against the
-    baselines of the same corpus and split (bench/README.md)."""
-    part = "sweep"
-    bench, defaults, _ = setup(args, args.corpus)
-    header(bench, part, args.corpus)
-    rec = recommended(defaults, args.task_tokens)
-    rows = [("recommended", rec)]
-    rows += [(f"  lr x{m:g}", replace(rec, lr_mult=m)) for m in SWEEP_LR_MULTS]
-    rows += [(f"  fold_every {f}", rec.with_policy(fold_every=f)) for f in SWEEP_FOLD_EVERY]
-    rows += [(f"  {t} tokens per task", recommended(defaults, t)) for t in SWEEP_TASK_TOKENS]
-    table = run_rows(bench, part, rows, {})
-    return {"corpus": args.corpus, "train_tokens": bench.total_tokens, "base_test_loss": bench.base_test,
-            "table": [{k2: v for k2, v in r.items() if k2 != "outcome"} for r in table]}
-
-
-PARTS = {"baselines": part_baselines, "levers": part_levers, "many": part_many, "outer": part_outer,
-         "corpus": part_corpus, "few": part_few,
-         "sweep": part_sweep}
+def run_unit(args: argparse.Namespace, kind: str, corpus: str, seed: int) -> dict:
+    result = UNITS[kind](args, corpus, seed)
+    keep(args, kind, result)
+    return result
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument("--quick", action="store_true", help="400 records, few rows: a smoke run")
-    parser.add_argument("--parts", default="baselines,levers,many,outer,corpus,few", help="which parts, comma-separated")
-    parser.add_argument("--few-records", type=int, default=150, help="records of the 'few' part's small job")
-    parser.add_argument("--jobs", type=int, default=1, help="parts run side by side in this many processes")
-    parser.add_argument("--corpus", default="demo", help="demo or python-docs")
-    parser.add_argument("--corpus2", default="python-docs", help="the corpus of the 'corpus' part")
+    parser.add_argument("--parts", default="onepass,many", help="which parts, comma-separated (onepass, many)")
+    parser.add_argument("--corpora", default="demo,python-docs", help="the corpora of the onepass part")
+    parser.add_argument("--many-corpora", default="demo", help="the corpora of the many part")
+    parser.add_argument("--seeds", type=int, default=3, help="training seeds per row")
+    parser.add_argument("--first-seed", type=int, default=0)
+    parser.add_argument("--jobs", type=int, default=1, help="units run side by side in this many processes")
     parser.add_argument("--workers", type=int, default=4)
-    parser.add_argument("--records", type=int, default=0, help="use N records of each corpus (0: all)")
+    parser.add_argument("--records", type=int, default=600, help="use N records of each corpus (0: all)")
     parser.add_argument("--test-fraction", type=float, default=0.1)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process on the CPU")
-    parser.add_argument("--task-tokens", type=int, default=4096, help="tokens per task of the lever rows")
+    parser.add_argument("--task-tokens", type=int, default=3072, help="tokens per task of the one-pass rows")
     parser.add_argument("--passes", type=int, default=3, help="passes over the data in the 'many' part")
-    parser.add_argument("--many-task-tokens", type=int, default=1536, help="tokens per task in the 'many' part")
-    parser.add_argument("--no-nesterov-1", action="store_true", help="'many' part: skip outer lr 1.0")
+    parser.add_argument("--many-task-tokens", type=int, default=1024, help="tokens per task in the 'many' part")
     parser.add_argument("--lr", type=float, default=0.0, help="override the job's learning rate")
     parser.add_argument("--batch-size", type=int, default=0, help="override the job's batch size")
+    parser.add_argument("--lr-mults", default=",".join(f"{m:g}" for m in LR_SWEEP),
+                        help="the baselines' lr multipliers (include 2: control (b) runs there)")
     parser.add_argument("--rows", default="", help="run only the rows whose label holds one of these "
                         "comma-separated strings (default: all)")
-    parser.add_argument("--verbose", action="store_true", help="print every fold and refusal")
+    parser.add_argument("--skip-baselines", action="store_true", help="onepass: rows only (for --collect)")
+    parser.add_argument("--out", default="", help="write each unit's result here as it finishes")
+    parser.add_argument("--from-logs", default="", help="write --out unit files from the printed references "
+                        "of these logs (comma-separated) of stopped invocations")
+    parser.add_argument("--collect", default="", help="only rebuild the tables from --out folders (comma-separated)")
     args = parser.parse_args()
-    if args.quick:
-        args.records = args.records or 400
-        args.passes = min(args.passes, 2)
     t0 = time.time()
-    names = [n for n in args.parts.split(",") if n]
-    unknown = sorted(set(names) - set(PARTS))
-    if unknown:
-        raise SystemExit(f"unknown part(s) {', '.join(unknown)}: choose from {', '.join(PARTS)}")
-    with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-        futures = {n: pool.submit(PARTS[n], args) for n in names}
-        results = {n: f.result() for n, f in futures.items()}
-    one = onepass(results["baselines"], results["levers"]) if {"baselines", "levers"} <= set(results) else {}
-    many, other, few = results.get("many", {}), results.get("corpus", {}), results.get("few", {})
-    if many and "outer" in results:
-        print(f"\nmany rounds with outer Nesterov (references: {many['refs']})", flush=True)
-        many["outer"] = outer_ratios(many, results["outer"])
+    if args.from_logs:
+        from_logs([Path(p) for p in args.from_logs.split(",")], Path(args.out or "quality-logs"))
+        return
+    if args.collect:
+        kinds, results = merged([Path(d) for d in args.collect.split(",") if d])
+    else:
+        if args.out:
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+        parts = [p for p in args.parts.split(",") if p]
+        unknown = sorted(set(parts) - set(UNITS))
+        if unknown:
+            raise SystemExit(f"unknown part(s) {', '.join(unknown)}: choose from {', '.join(UNITS)}")
+        seeds = range(args.first_seed, args.first_seed + args.seeds)
+        plan = [(kind, corpus, s) for s in seeds for kind in parts
+                for corpus in (args.corpora if kind == "onepass" else args.many_corpora).split(",") if corpus]
+        plan.sort(key=lambda u: (u[2] > args.first_seed, u[0] == "many"))  # every first seed first
+        with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+            futures = [pool.submit(run_unit, args, *unit) for unit in plan]
+            results = [f.result() for f in futures]
+        kinds = [kind for kind, _, _ in plan]
+    tables = collect(results, kinds)
+    head = headline(tables)
     seconds = time.time() - t0
-    print(f"\nquality_ratio {one.get('quality_ratio', math.nan):.3f} (target >= 0.90), quality_vs_dataparallel "
-          f"{one.get('quality_vs_dataparallel', math.nan):.3f} (>= 1.0), quality_converged "
-          f"{many.get('quality_converged', math.nan):.3f} (>= 0.97), stacked_vs_single_ratio "
-          f"{many.get('stacked_vs_single_ratio', math.nan):.3f} (>= 1.0); {other.get('corpus', '')} quality_ratio "
-          f"{other.get('quality_ratio', math.nan):.3f}; a 3-task job folded one by one "
-          f"{few.get('few_tasks_ratio', math.nan):.3f} of centralized; {seconds:.0f}s on {args.device}", flush=True)
-    print(json.dumps({
-        "quality_ratio": one.get("quality_ratio"),
-        "quality_vs_dataparallel": one.get("quality_vs_dataparallel"),
-        "quality_converged": many.get("quality_converged"),
-        "stacked_vs_single_ratio": many.get("stacked_vs_single_ratio"),
-        "recommended": recommended_levers(*coordinator_settings(args, Path("unused")), args.workers),
-        "workers": args.workers, "records": args.records,
-        "few_tasks_ratio": few.get("few_tasks_ratio"),
-        "onepass": one, "many": many, "second_corpus": other, "few": few, "sweep": results.get("sweep", {}),
-        "device": args.device, "seconds": round(seconds, 1),
-    }, default=str))
+    print(f"\n{json.dumps(head)}; {seconds:.0f}s on {args.device}", flush=True)
+    print(json.dumps({**head, "onepass": tables["onepass"], "many": tables["many"], "workers": args.workers,
+                      "records": args.records, "device": args.device, "seconds": round(seconds, 1)}, default=str))
 
 
 if __name__ == "__main__":

@@ -7,14 +7,12 @@ all call :func:`train_adapter` the same way. Read it top to bottom:
    the plan says so) and wrap it with a fresh, seeded PEFT LoRA, or, warm-started
    (``start=``), with the start factors loaded into the LoRA and ``s·B₀A₀`` subtracted from the
    base weights so the model trained on is still exactly the base version (:mod:`worker.warmstart`);
-   with ``init="gradient"`` the worker computes such start factors itself, from the SVD of the
-   gradient on a few of its own blocks (LoRA-GA: :mod:`worker.gradinit`);
 2. pack the texts into ``seq_len`` blocks (:mod:`nomoat.packing`, the same packing the
    coordinator evaluates with);
 3. per epoch, shuffle the blocks with the seed and take ``batch_size`` blocks per optimizer step,
    fed through the model ``micro_batch`` at a time (gradient accumulation; at most half the batch,
    so each step has two batch sizes to measure the gradient noise from: ``result.norms``);
-   AdamW, with B's learning rate ``lr_b_ratio`` times A's (LoRA+; 1 is one rate for both);
+   AdamW at one constant learning rate for both factors;
 4. return what the task contributes as an :class:`~nomoat.adapter.Adapter` (the LoRA itself, or
    for a warm start the exact rank-2r difference), with how many tokens it saw, and in
    ``result.carry`` the trained factors and AdamW's moments: what the same worker passes back as
@@ -45,7 +43,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from nomoat.adapter import Adapter, from_peft_state_dict
 from nomoat.packing import PAD, loss_sum, n_tokens, pack
 from nomoat.spec import GradientNorms
-from worker import gradinit, warmstart
+from worker import warmstart
 
 LLAMA_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -69,9 +67,6 @@ class TrainSpec:
     batch_size: int = 8
     micro_batch: int = 8
     learning_rate: float = 2e-3
-    # LoRA+ (Hayou et al. 2024): B's learning rate is this times ``learning_rate`` (A's). 1.0: one
-    # rate for both, as plain LoRA.
-    lr_b_ratio: float = 1.0
     epochs: int = 1
     seed: int = 0
     max_steps: int | None = None
@@ -85,16 +80,7 @@ class TrainSpec:
     # Test hook (simulated cards): pad the run's wall time to at least this many seconds, as a
     # slower card would take. 0 leaves it alone.
     min_seconds: float = 0.0
-    # How the LoRA starts. "random": PEFT's fresh LoRA (B = 0, seeded random A). "gradient":
-    # LoRA-GA (worker.gradinit): A₀, B₀ from the SVD of the full gradient estimated on
-    # ``init_blocks`` of the task's own blocks, s·B₀A₀ taken off the base, and the upload is the
-    # exact rank-2r difference, as for any warm start (so a job must accept warm-started adapters).
-    # "principal": PiSSA, the base weight's own top-r SVD (warmstart.principal_start), likewise.
-    init: str = "random"
-    init_blocks: int = 8
 
-
-INITS = ("random", "gradient", "principal")
 
 OptimizerState = dict[str, dict[str, torch.Tensor]]  # PEFT parameter name -> AdamW's state for it
 
@@ -117,7 +103,6 @@ class TrainResult:
     seconds: float
     carry: Carry | None = field(default=None, repr=False)
     norms: GradientNorms = field(default_factory=GradientNorms)
-    init_seconds: float = 0.0  # of ``seconds``, spent estimating a gradient-aligned start
 
 
 Progress = Callable[[int, int, float], None]  # (step, total_steps, loss of that step)
@@ -137,14 +122,6 @@ def _check(lora: LoraSpec, train: TrainSpec) -> None:
         )
     if train.epochs < 1 or (train.max_steps is not None and train.max_steps < 1):
         raise ValueError("epochs and max_steps must be at least 1")
-    if not (train.lr_b_ratio > 0 and math.isfinite(train.lr_b_ratio)):
-        raise ValueError(f"lr_b_ratio must be a positive number (got {train.lr_b_ratio})")
-    if train.init not in INITS or train.init_blocks < 1:
-        raise ValueError(f"init must be one of {', '.join(INITS)} with init_blocks >= 1 "
-                         f"(got {train.init!r}, {train.init_blocks})")
-    if train.init != "random" and train.quantization is not None:
-        raise ValueError(f"a {train.init} start cannot train on a 4-bit base (s·B₀A₀ would come off NF4 "
-                         "weights); use init 'random'")
 
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -242,57 +219,12 @@ def _load_factors(model: torch.nn.Module, start: Adapter, lora: LoraSpec) -> Non
             layers[module].lora_B["default"].weight.copy_(b0)
 
 
-def _estimate_start(model: torch.nn.Module, blocks: torch.Tensor, lora: LoraSpec, train: TrainSpec,
-                    device: str) -> Adapter:
-    """LoRA-GA start factors from ``train.init_blocks`` of ``blocks`` (forward and backward
-    passes, micro-batch by micro-batch, through the fresh LoRA model: it equals the base)."""
-    def run() -> None:
-        for micro in gradinit.estimation_batches(blocks, train.init_blocks, train.micro_batch, train.seed):
-            total, _ = loss_sum(model, micro.to(device))
-            total.backward()
-        model.zero_grad(set_to_none=True)
-
-    return gradinit.estimate_start(_lora_layers(model), run, lora.rank, lora.alpha, train.seed)
-
-
-def _start_in_place(model: torch.nn.Module, start: Adapter, lora: LoraSpec) -> None:
-    """Load ``start`` into a fresh LoRA model and take ``s·B₀A₀`` off its base weights, one weight
-    at a time in fp32 (in an fp32 model: exactly :func:`warmstart.subtract_start`)."""
-    layers = _lora_layers(model)
-    with torch.no_grad():
-        for module, (a0, b0) in start.factors.items():
-            w = layers[module].get_base_layer().weight
-            w32 = w.float()  # w itself when fp32
-            w32.addmm_(b0.to(w32), a0.to(w32), alpha=-start.scale)
-            w.copy_(w32)
-    _load_factors(model, start, lora)
-
-
-def gradient_start(model_dir: Path, texts: Sequence[str], lora: LoraSpec, train: TrainSpec, *,
-                   device: str = "cpu") -> Adapter:
-    """LoRA-GA start factors for the model in ``model_dir``, estimated on ``train.init_blocks``
-    blocks of ``texts``: one start that several tasks can share (pass it as ``start=``)."""
-    _check(lora, train)
-    torch.manual_seed(train.seed)
-    blocks = pack(AutoTokenizer.from_pretrained(model_dir), texts, train.seq_len)
-    model = _lora_model(model_dir, lora, device, compute_dtype(train.precision, device),
-                        train.gradient_checkpointing)
-    return _estimate_start(model, blocks, lora, train, device)
-
-
 def _optimizer(model: torch.nn.Module, train: TrainSpec,
                state: OptimizerState | None) -> tuple[torch.optim.Optimizer, dict[torch.nn.Parameter, str]]:
-    """AdamW over the LoRA factors; B's group at ``lr_b_ratio`` times A's rate (one group at 1.0,
-    exactly as before the option existed). ``state`` (a previous task's moments, by parameter
-    name) is loaded into it."""
+    """AdamW over the LoRA factors; ``state`` (a previous task's moments, by parameter name) is
+    loaded into it."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    if train.lr_b_ratio == 1.0:
-        groups: list = [p for _, p in named]
-    else:
-        groups = [{"params": [p for n, p in named if ".lora_B." not in n]},
-                  {"params": [p for n, p in named if ".lora_B." in n],
-                   "lr": train.learning_rate * train.lr_b_ratio}]
-    opt = torch.optim.AdamW(groups, lr=train.learning_rate, weight_decay=0.0)
+    opt = torch.optim.AdamW([p for _, p in named], lr=train.learning_rate, weight_decay=0.0)
     names = {p: n for n, p in named}
     if state is not None:
         if set(state) != set(names.values()):
@@ -369,18 +301,6 @@ def train_adapter(
     blocks = pack(tokenizer, texts, train.seq_len)
     model = _lora_model(model_dir, lora, device, compute_dtype(train.precision, device),
                         train.gradient_checkpointing, start, train.quantization)
-    init_seconds = 0.0
-    if train.init != "random":
-        if start is not None:
-            raise ValueError(f"a task starts from given factors or from a {train.init} start, not both")
-        t_init = time.time()
-        if train.init == "gradient":
-            start = _estimate_start(model, blocks, lora, train, device)
-        else:
-            start = warmstart.principal_start({m: layer.get_base_layer().weight for m, layer in
-                                               _lora_layers(model).items()}, lora.rank, lora.alpha)
-        _start_in_place(model, start, lora)
-        init_seconds = time.time() - t_init
 
     steps_per_epoch = math.ceil(len(blocks) / train.batch_size)
     total_steps = steps_per_epoch * train.epochs
@@ -436,6 +356,6 @@ def train_adapter(
     moments = {names[p]: {k: v.detach().to("cpu").clone() for k, v in s.items()} for p, s in opt.state.items()}
     result = TrainResult(
         tokens=tokens, train_loss=loss_total / targets_seen, steps=step, seconds=time.time() - t0,
-        carry=Carry(end, moments), norms=norms.result(), init_seconds=init_seconds,
+        carry=Carry(end, moments), norms=norms.result(),
     )
     return warmstart.contribution(end, start), result

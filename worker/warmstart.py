@@ -1,7 +1,7 @@
 """Warm-started adapters: the exact contribution of a task that did not start from B = 0.
 
 Pure tensor math, no I/O (DESIGN, "Folding math"). A task may start from non-zero factors
-``(A₀, B₀)`` (its worker's previous adapter for the job, or the job's latest folded factors)
+``(A₀, B₀)`` (its worker's previous adapter for the job: the job's ``warm_start`` setting)
 instead of a fresh LoRA. The trainer then trains on ``W − s·B₀A₀ + s·BA``, which at the first step
 *is* the base version ``W`` (the start is already counted once in ``W``), and what the task adds to
 the model is exactly
@@ -62,47 +62,3 @@ def subtract_start(weights: Mapping[str, torch.Tensor], start: Adapter) -> None:
             if w.dtype != torch.float32:
                 raise ValueError(f"{module}: subtract the start from fp32 weights, not {w.dtype}")
             w.addmm_(b0.to(w), a0.to(w), alpha=-start.scale)
-
-
-def start_from_patch(patch: Adapter, rank: int, alpha: float) -> Adapter:
-    """Rank-``rank`` start factors that best approximate a folded patch (the job's latest folded
-    factors): per module the truncated SVD ``U_r S_r V_rᵀ`` of the patch's ``ΔW``, computed from the
-    factors (QR of each, SVD of the small core; never the dense matrix).
-
-    ``A₀`` gets the row norm of a fresh PEFT ``A`` (Kaiming-uniform rows have norm ≈ 1/√3), so
-    Adam's per-element steps move it as they would a fresh one; ``B₀`` carries the magnitude, so
-    ``s·B₀A₀`` is the truncated ΔW. Any factors would keep the contribution exact; these start
-    training in the direction the job has been moving.
-    """
-    s = alpha / rank
-    row_norm = 1.0 / math.sqrt(3.0)
-    factors = {}
-    for module, (a, b) in patch.factors.items():
-        a64, b64 = a.to(torch.float64), b.to(torch.float64) * patch.scale
-        qb, rb = torch.linalg.qr(b64)  # B = Qb Rb
-        qa, ra = torch.linalg.qr(a64.T)  # Aᵀ = Qa Ra
-        u, sv, vh = torch.linalg.svd(rb @ ra.T)  # ΔW = Qb (Rb Raᵀ) Qaᵀ
-        k = min(rank, sv.shape[0])
-        u_r, s_r, v_r = qb @ u[:, :k], sv[:k], qa @ vh[:k].T
-        a0 = torch.zeros(rank, a.shape[1], dtype=torch.float64)
-        b0 = torch.zeros(b.shape[0], rank, dtype=torch.float64)
-        a0[:k] = row_norm * v_r.T
-        b0[:, :k] = u_r * (s_r / (s * row_norm))
-        factors[module] = (a0.to(torch.float32).contiguous(), b0.to(torch.float32).contiguous())
-    return Adapter(factors, rank=rank, alpha=alpha)
-
-
-def principal_start(weights: Mapping[str, torch.Tensor], rank: int, alpha: float) -> Adapter:
-    """PiSSA's start (Meng et al. 2024): per module the top-``rank`` singular triplets of the
-    weight itself, ``A₀ = √S_r V_rᵀ``, ``B₀ = U_r √S_r / s``, so ``s·B₀A₀`` is the weight's best
-    rank-r part and the model trains on the residual ``W − s·B₀A₀`` plus the adapter. Like any
-    start here it is subtracted from the base and the upload is the exact difference, so it fits
-    the folding rule; ``weights`` are the base version's, read, never changed."""
-    s = alpha / rank
-    factors = {}
-    for module, w in weights.items():
-        u, sv, vh = torch.linalg.svd(w.detach().to("cpu", torch.float64), full_matrices=False)
-        root = sv[:rank].sqrt()
-        factors[module] = ((root[:, None] * vh[:rank]).float().contiguous(),
-                           (u[:, :rank] * (root / s)).float().contiguous())
-    return Adapter(factors, rank=rank, alpha=alpha)
