@@ -286,14 +286,16 @@ async def volunteer(i: int, address: str, token: str, data: bytes, tally: Tally,
                 if took < 0.5:
                     tally.poll_s.append(took)
                 tally.to_lease_s.append(time.monotonic() - free_since)
-                results = []
+                results, secrets = [], {}
                 for raw in reply.task_specs:
                     spec = TaskSpec.from_dict(json.loads(raw))
+                    secrets[spec.task_id] = spec.lease_secret  # what proves this run holds the lease
                     tally.hand(spec.task_id, spec.fence, worker_id)
                     results.append(await unit(stub, meta, worker_id, spec, reg.lineage, data, sha, tally))
                 tally.calls += 1
                 await stub.ReportRun(pb.RunReport(worker_id=worker_id, run_id=reply.run_id,
-                                                  units=[json.dumps(u.to_dict()) for u in results]),
+                                                  units=[json.dumps(u.to_dict()) for u in results],
+                                                  lease_secrets=secrets),
                                      metadata=meta, timeout=60)
                 free_since = time.monotonic()
             except grpc.aio.AioRpcError as exc:
@@ -310,7 +312,8 @@ async def unit(stub, meta, worker_id: str, spec: TaskSpec, lineage: str, data: b
         started = time.monotonic()
         tally.calls += 1
         reply = await stub.Heartbeat(pb.HeartbeatRequest(task_id=spec.task_id, fence=spec.fence,
-                                                         worker_id=worker_id), metadata=meta, timeout=30)
+                                                         worker_id=worker_id, lease_secret=spec.lease_secret),
+                                         metadata=meta, timeout=30)
         tally.heartbeat_s.append(time.monotonic() - started)
         return reply
 
@@ -322,7 +325,8 @@ async def unit(stub, meta, worker_id: str, spec: TaskSpec, lineage: str, data: b
     await asyncio.sleep(WORK_S / 2)
     manifest = pb.AdapterManifest(task_id=spec.task_id, fence=spec.fence, base_version=first.base_version, rank=1,
                                   alpha=2.0, tokens=spec.tokens, train_loss=2.0, sha256=sha, size=len(data),
-                                  worker_id=worker_id, lineage=first.lineage or lineage)
+                                  worker_id=worker_id, lineage=first.lineage or lineage,
+                                  lease_secret=spec.lease_secret)
     tally.calls += 1
     sent = await stub.Upload(iter([pb.UploadChunk(manifest=manifest), pb.UploadChunk(data=data)]), metadata=meta,
                              timeout=60)

@@ -37,7 +37,8 @@ class NomoatGroup(click.Group):
 
 @click.group(cls=NomoatGroup)
 @click.option("--coordinator", envvar="NOMOAT_COORDINATOR", default=default_address(), show_default=True,
-              help="HOST:PORT of the coordinator (env NOMOAT_COORDINATOR).")
+              help="HOST:PORT of the coordinator, or of several of its gateways separated by commas (the next "
+                   "is used when one goes) (env NOMOAT_COORDINATOR).")
 @click.option("--token", envvar="NOMOAT_TOKEN", default="", help="Bearer token (env NOMOAT_TOKEN).")
 @click.option("--tls-ca", envvar="NOMOAT_TLS_CA", default=None, type=click.Path(exists=True, dir_okay=False),
               help="CA certificate to verify a coordinator that uses TLS.")

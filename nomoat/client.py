@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import socket
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -38,6 +39,34 @@ class NomoatError(RuntimeError):
 
 def default_address() -> str:
     return os.environ.get("NOMOAT_COORDINATOR") or DEFAULT_ADDRESS
+
+
+def addresses(address: str) -> list[str]:
+    """The coordinator's addresses: one, or several separated by commas (gateways of one coordinator)."""
+    return [a.strip() for a in address.split(",") if a.strip()]
+
+
+def channel_target(address: str) -> str:
+    """The gRPC target for ``address``. Several addresses become one channel over all of them,
+    each name resolved once here: gRPC's pick_first connects to the first that answers and, when
+    that gateway goes, the next call connects to the next one that does (no load balancer needed)."""
+    found = addresses(address)
+    if len(found) < 2:
+        return address
+    resolved = []
+    for one in found:
+        host, _, port = one.rpartition(":")
+        host = host[1:-1] if host.startswith("[") else host
+        try:
+            info = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
+        except (OSError, ValueError):
+            raise NomoatError(f"cannot resolve the coordinator address {one!r}; give each address as HOST:PORT, "
+                              "separated by commas") from None
+        resolved.extend((family, sockaddr[0], port) for family, *_, sockaddr in info[:1])
+    if all(family == socket.AF_INET for family, _, _ in resolved):
+        return "ipv4:" + ",".join(f"{ip}:{port}" for _, ip, port in resolved)
+    return "ipv6:" + ",".join(f"[{ip if family == socket.AF_INET6 else '::ffff:' + ip}]:{port}"
+                              for family, ip, port in resolved)
 
 
 def _explain(exc: grpc.RpcError, address: str) -> NomoatError:
@@ -73,19 +102,19 @@ class CoordinatorClient:
             ("grpc.max_send_message_length", MAX_MESSAGE),
             *KEEPALIVE,
         ]
+        target = channel_target(self.address)
+        if target != self.address:  # several gateways: TLS checks the first one's name
+            options.append(("grpc.default_authority", addresses(self.address)[0]))
         if ca_fingerprint:
-            try:
-                root = pinning.pinned_ca(self.address, ca_fingerprint)
-            except pinning.PinError as exc:
-                raise NomoatError(str(exc)) from None
+            root = self._pinned(ca_fingerprint)
             creds = grpc.ssl_channel_credentials(root_certificates=root)
             options.append(("grpc.ssl_target_name_override", pinning.PINNED_NAME))
-            self.channel = grpc.secure_channel(self.address, creds, options=options)
+            self.channel = grpc.secure_channel(target, creds, options=options)
         elif tls_ca:
             creds = grpc.ssl_channel_credentials(root_certificates=Path(tls_ca).read_bytes())
-            self.channel = grpc.secure_channel(self.address, creds, options=options)
+            self.channel = grpc.secure_channel(target, creds, options=options)
         else:
-            self.channel = grpc.insecure_channel(self.address, options=options)
+            self.channel = grpc.insecure_channel(target, options=options)
         self.datasets = rpc.DatasetsStub(self.channel)
         self.jobs = rpc.JobsStub(self.channel)
         self.workers = rpc.WorkersStub(self.channel)
@@ -96,6 +125,16 @@ class CoordinatorClient:
         self._pull = self.channel.unary_stream("/nomoat.v1.Models/Pull",
                                                request_serializer=pb.PullRequest.SerializeToString,
                                                response_deserializer=None)
+
+    def _pinned(self, ca_fingerprint: str) -> bytes:
+        """The pinned CA, learned from the first of the coordinator's addresses that answers."""
+        error = None
+        for one in addresses(self.address):
+            try:
+                return pinning.pinned_ca(one, ca_fingerprint)
+            except pinning.PinError as exc:
+                error = exc
+        raise NomoatError(str(error)) from None
 
     def close(self) -> None:
         self.channel.close()
