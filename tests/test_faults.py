@@ -178,12 +178,14 @@ def test_an_upload_cut_off_halfway_resumes_and_a_corrupted_one_is_refused(cluste
     cluster = cluster_factory()  # no workers: the test leases two tasks itself and is their worker
     job_id = cluster.submit(lines=200, tokens_per_task=2000)
     task, other = cluster.ledger.tasks.ids(job_id)[:2]
-    fence, other_fence = (cluster.ledger.leases.lease(t, time.time() + 600, 0, max_attempts=3) for t in (task, other))
+    secret = "f" * 32  # the lease secret a run's spec would carry
+    fence, other_fence = (cluster.ledger.leases.lease(t, time.time() + 600, 0, max_attempts=3, secret=secret)
+                          for t in (task, other))
     assert fence > 0 and other_fence > 0
     worker = cluster.client("worker")
-    assert worker.heartbeat(task, fence).ok and worker.heartbeat(other, other_fence).ok
+    assert worker.heartbeat(task, fence, secret=secret).ok and worker.heartbeat(other, other_fence, secret=secret).ok
     data = adapter_bytes(cluster.ledger.jobs.get(job_id))
-    manifest = uploader.manifest_for(task, fence, 0, 8, 16.0, 1000, 2.5, data)
+    manifest = uploader.manifest_for(task, fence, 0, 8, 16.0, 1000, 2.5, data, lease_secret=secret)
     pieces = [data[i : i + 4096] for i in range(0, len(data), 4096)]
     half = sum(len(p) for p in pieces[: len(pieces) // 2])
 
@@ -192,7 +194,8 @@ def test_an_upload_cut_off_halfway_resumes_and_a_corrupted_one_is_refused(cluste
         for piece in body[: len(body) // 2]:
             yield pb.UploadChunk(data=piece)
         # Wait until the coordinator has stored them, then pull the cable.
-        wait_until(lambda: worker.upload_offset(m.task_id, m.fence, m.sha256) == half, 20, "half the bytes")
+        wait_until(lambda: worker.upload_offset(m.task_id, m.fence, m.sha256, secret=secret) == half, 20,
+                   "half the bytes")
         raise ConnectionResetError("the cable was pulled")
 
     meta = (("authorization", f"Bearer {token(cluster.data_dir, 'worker')}"),)
@@ -212,18 +215,18 @@ def test_an_upload_cut_off_halfway_resumes_and_a_corrupted_one_is_refused(cluste
 
     # The other task: the first half arrives, then the rest arrives damaged.
     good = adapter_bytes(cluster.ledger.jobs.get(job_id), seed=1)
-    m2 = uploader.manifest_for(other, other_fence, 0, 8, 16.0, 1000, 2.5, good)
+    m2 = uploader.manifest_for(other, other_fence, 0, 8, 16.0, 1000, 2.5, good, lease_secret=secret)
     good_pieces = [good[i : i + 4096] for i in range(0, len(good), 4096)]
     with pytest.raises(grpc.RpcError):
         worker.workers.Upload(cut_off(m2, good_pieces), timeout=30, metadata=meta)
     damaged = bytearray(good)
     damaged[half + 100] ^= 0xFF
-    offset = worker.upload_offset(other, other_fence, m2.sha256)
+    offset = worker.upload_offset(other, other_fence, m2.sha256, secret=secret)
     assert offset == half
     refused = worker.upload(m2, bytes(damaged), offset=offset)
     assert not refused.accepted and "sha256 does not match" in refused.reason
     assert not list((cluster.data_dir / "uploads").glob("*.part"))  # the damaged part is gone
-    assert worker.upload_offset(other, other_fence, m2.sha256) == 0
+    assert worker.upload_offset(other, other_fence, m2.sha256, secret=secret) == 0
     assert cluster.ledger.tasks.get(other).state == "leased"  # the lease survives; a clean upload is taken
     assert worker.upload(m2, good).accepted
     worker.close()
@@ -259,7 +262,8 @@ def test_a_worker_killed_mid_task_is_replaced_and_its_late_upload_refused(cluste
     with cluster.client("worker") as late:
         reply = late.upload(uploader.manifest_for(task, fence, 0, 8, 16.0, 1000, 2.5, data), data)
     assert not reply.accepted, reply
-    assert f"stale fence {fence}" in reply.reason or "already done" in reply.reason, reply.reason
+    # Without the lease's secret (only the victim's spec had it) it holds no such lease either way.
+    assert reply.reason == f"this worker holds no lease of task {task} under fence {fence}", reply.reason
 
     wait_until(lambda: cluster.job_state(job_id) in ("done", "failed"), 300, "the job to finish", every=1)
     assert cluster.job_state(job_id) == "done", cluster.ledger.jobs.get(job_id)

@@ -82,7 +82,8 @@ def test_an_outbound_worker_killed_mid_task_has_its_task_reissued_and_nothing_fo
 
     def training() -> str | None:
         for task in cluster.ledger.tasks.of_job(job_id):
-            if task.state == "leased" and task.holder_worker == victim_id:
+            # placed on the victim (holder_worker, from the grant) and started there (its first heartbeat)
+            if task.state == "leased" and task.holder_worker == victim_id and task.claimed == task.fence:
                 return task.task_id
         return None
 
@@ -99,7 +100,8 @@ def test_an_outbound_worker_killed_mid_task_has_its_task_reissued_and_nothing_fo
     # finishes first. Either way the adapter folded is not the victim's, and only one is.
     twin = cluster.ledger.tasks.get(task.twin) if task.twin else None
     rescued_by_twin = task.fence == fence and twin is not None and twin.state == "done"
-    assert rescued_by_twin or (task.fence > fence and task.attempts >= 2), (task, twin)
+    # (The victim's lease expiring spends no attempt: it costs the victim's volunteer trust instead.)
+    assert rescued_by_twin or task.fence > fence, (task, twin)
     winner = twin if rescued_by_twin else task
     assert cluster.ledger.adapters.get(winner.adapter).worker != victim_id
     assert figures["duplicate_folds"] == 0
