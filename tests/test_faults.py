@@ -123,10 +123,12 @@ def ledger_figures(ledger, versions_before: list[VersionRecord] = ()) -> dict[st
     changed += max(0, len(versions_before) - len(versions))
     folded_in = [a.id for v in versions if not v.operation for a in v.adapters]
     buffered = {a.adapter_id for a in ledger.adapters.buffered()}
-    accepted = lost = reissued = 0
+    accepted = lost = 0
+    # Leases of tasks leased before: the ledger counts them (an expired lease gives its attempt
+    # back, so attempts do not tell).
+    reissued = ledger.counters.tally().reissues
     for job_id in ledger.jobs.ids():
         for task in ledger.tasks.of_job(job_id):
-            reissued += max(0, task.attempts - 1)
             if task.state != "done":
                 continue
             accepted += 1
