@@ -464,7 +464,9 @@ def cut_link_mid_task(hub: Hub, candidates: list[Volunteer], seed: int, lines: i
     assert hub.wait_job(job_id, 400) == "done"
     report = hub.ledger(task_report, job_id)
     assert_each_task_once(report)
-    assert report[task]["fence"] > fence and report[task]["attempts"] >= 2, report[task]
+    # Re-issued under a new fence. (The cut-off lease expiring spends no attempt: it costs its
+    # volunteer trust instead, issue 19.)
+    assert report[task]["fence"] > fence, report[task]
     return {"cut": victim.name, "reissued_after_link_down_s": round(reissue_s, 1), "tasks": len(report),
             "by": tasks_by(report),
             **hub.ledger(ledger_checks)}
