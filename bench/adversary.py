@@ -579,7 +579,8 @@ def main() -> None:
     if args.quick:
         # more units than two honest runs hold (max_units_per_run 16 each), so an attacker gets some
         args.lines, args.tokens_per_task, args.job_timeout = 320, 400, 400.0
-        args.max_fence, args.sybils, args.flood_jobs, args.watchers = 60, 40, 8, 8
+        # flood_jobs above the per-submitter job quota (Settings.max_jobs_per_submitter, 8): 8 would test nothing
+        args.max_fence, args.sybils, args.flood_jobs, args.watchers = 60, 40, 12, 8
     chosen = [a for a in args.attacks.split(",") if a]
     unknown = [a for a in chosen if a not in ATTACKS]
     if unknown:
