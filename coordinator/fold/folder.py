@@ -44,12 +44,11 @@ from coordinator.fold import evaluators
 
 from nomoat import evaluation
 
-from coordinator.fold import folding
+from coordinator.fold import folding, rollback
 from coordinator.fold.failures import FoldFailures
 from coordinator.model.history import History
 from coordinator.ledger import (
     AdapterRecord,
-    AdapterState,
     Check,
     FoldedAdapter,
     JobState,
@@ -454,68 +453,12 @@ class Folder:
                                              for c, w in zip(candidates, weights)]))
         return record.version
 
-    # -- history operations (admin) -----------------------------------------------------------
-
-    def _recent_jobs(self, first: int, last: int) -> list[str]:
-        jobs = set()
-        for v in range(max(first, 1), last + 1):
-            record = self.ledger.versions.get(v)
-            jobs.update(record.jobs if record else [])
-        return sorted(j for j in jobs if self.ledger.jobs.get(j))
+    # -- history operations (admin): coordinator.fold.rollback does them under this lock ------
 
     def rollback(self, target: int) -> tuple[int, float]:
-        """A new version whose weights equal version ``target``'s exactly."""
-        with self.lock:
-            self._catch_up()
-            current = self.version
-            if not 0 <= target < current:
-                raise ValueError(f"cannot roll back to version {target}: choose one from 0 to {current - 1}")
-            undo = lora.chain([self.history.patch(v) for v in range(target + 1, current + 1)], sign=-1.0)
-            jobs = self._recent_jobs(target + 1, current)
-            self._parent_losses = (None, "", {})
-            try:  # in place: a second model in memory is what the coordinator cannot afford
-                self._dirty = True
-                self.model = self.history.rebuild(target, into=self.model)
-                loss = self._eval(jobs) if jobs else math.nan
-                # A rollback is a snapshot: its weights are version `target`'s bit for bit, which
-                # replaying the negated chain would only reproduce up to rounding.
-                record = self.ledger.versions.publish(self._new_version(
-                    current, undo, [], loss, {"operation": "rollback", "target": target, "jobs": jobs}, "",
-                    snapshot=True))
-            except Exception:
-                self._resync_now()  # half-loaded or unpublished weights: back to the ledger's newest
-                raise
-            self.version, self._dirty = record.version, False
-            log.info("version %d rolls back to version %d: held-out loss %.4f", record.version, target, loss,
-                     extra=fields("version.rollback", version=record.version, target=target, loss=loss, jobs=jobs))
-            return record.version, loss
+        """A new version whose weights equal version ``target``'s exactly (:func:`rollback.rollback`)."""
+        return rollback.rollback(self, target)
 
     def unmerge(self, adapter_id: str) -> tuple[int, float]:
-        """A new version without one adapter's contribution: W − w·s·B·A, exactly that product."""
-        with self.lock:
-            entry = self.ledger.adapters.get(adapter_id)
-            if entry is None or entry.state is not AdapterState.FOLDED:
-                state = entry.state if entry else "unknown"
-                raise ValueError(f"adapter {adapter_id} is {state}; only a folded adapter can be unmerged")
-            adapter = adapter_format.from_bytes(self.store.get(entry.sha256))
-            patch = folding.build_patch([adapter], [-entry.weight])
-            self._catch_up()
-            current = self.version
-            try:
-                self._dirty = True
-                folding.apply_patch(self.model.master(patch.modules()), patch)
-                self._parent_losses = (None, "", {})
-                jobs = self._recent_jobs(entry.version, current)
-                loss = self._eval(jobs) if jobs else math.nan
-                record = self.ledger.versions.publish(self._new_version(
-                    current, patch, [FoldedAdapter(adapter_id, -entry.weight, 0)], loss,
-                    {"operation": "unmerge", "adapter": adapter_id, "jobs": jobs}, entry.job))
-            except Exception:
-                self._resync_now()  # the unmerge went into the master but not into the ledger: undone
-                raise
-            self.version, self._dirty = record.version, False
-            self.ledger.adapters.mark_unmerged(adapter_id, record.version)
-            log.info("version %d unmerges adapter %s (job %s): held-out loss %.4f", record.version, adapter_id,
-                     entry.job, loss, extra=fields("version.unmerged", version=record.version, job=entry.job,
-                                                   worker=entry.worker or None, adapter=adapter_id, loss=loss))
-            return record.version, loss
+        """A new version without one adapter's contribution (:func:`rollback.unmerge`)."""
+        return rollback.unmerge(self, adapter_id)
