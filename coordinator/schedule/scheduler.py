@@ -47,30 +47,24 @@ from coordinator.ledger import (
 )
 from coordinator.ledger.leaders import Fence, NotLeader, Term
 from coordinator.schedule import standing
+from coordinator.schedule.figures import (
+    SpeedClock,
+    card_key,
+    charge_abandoned,
+    memory_floor,
+    units_for,
+    waiting_for_a_card,
+)
 from coordinator.schedule.holder import hand_back
 from coordinator.fold.policy import FoldPolicy, TaskTraining
 from coordinator.settings import Settings
 from coordinator.schedule.transport import Dispatcher, Finished, Need, Node, roomiest, run_resources, submit_all
 from nomoat import card as cards
 from nomoat.logs import fields
-from nomoat.spec import VRAM_STEP_GB, LoraConfig, TaskSpec, TrainConfig
+from nomoat.spec import LoraConfig, TaskSpec, TrainConfig
 from nomoat.v1 import nomoat_pb2 as pb
 
 log = logging.getLogger("nomoat.scheduler")
-
-
-def card_key(node: Node) -> str:
-    """How a task's memory floors name a card: its worker, or its node when it names none (as
-    Finished names the card a unit ran on)."""
-    return node.worker_id or node.node_id
-
-
-def units_for(speed: float, unit_tokens: int, target_seconds: float, most: int) -> int:
-    """How many units a card of ``speed`` tokens/s gets in a run: about ``target_seconds`` of
-    work, at least one, one while its speed is unknown."""
-    if speed <= 0 or unit_tokens <= 0:
-        return 1
-    return max(1, min(most, round(speed * target_seconds / unit_tokens)))
 
 
 @dataclass
@@ -89,15 +83,17 @@ class Scheduler:
     _nodes: list[Node] = field(default_factory=list)
     # Settles replicated tasks each round (coordinator.schedule.replication.Replication); None: none are.
     replication: Any = None
-    # Node id -> when the last unit measured on it was accepted: the next unit of the same run
-    # started training then (units of a run train one after another), not at its lease.
-    _last_done: dict[str, float] = field(default_factory=dict)
+    # Cards' speeds by this scheduler's clock (coordinator.schedule.figures; made in __post_init__).
+    _clock: SpeedClock = field(init=False)
     # The fence this round's writes carry (shared with the outbound dispatcher, which places runs).
     term: Term = field(default_factory=Term)
     # Finished units whose handling failed (Redis away): handled again next round, not dropped.
     _unhandled: list[Finished] = field(default_factory=list)
     # The oldest pending tasks as this round read them (None: not read yet this round).
     _window: list[TaskRecord] | None = None
+
+    def __post_init__(self) -> None:
+        self._clock = SpeedClock(self.ledger)
 
     def config(self, job_id: str) -> JobConfig:
         if job_id not in self._configs:
@@ -156,7 +152,7 @@ class Scheduler:
             if is_twin(task_id):
                 self.ledger.leases.retire_twin(task_id)
             self._cancel(task_id, f"its run was stopped when the lease of {task_id} expired")
-        self._abandoned(expired)
+        charge_abandoned(self.ledger, expired)
         self._handle([*self._unhandled, *self.dispatcher.poll()], now)
         if self.replication is not None:
             self.replication.sweep(now)
@@ -197,46 +193,16 @@ class Scheduler:
                 self._floor(done)
             return
         task = self.ledger.tasks.get(done.task_id)
-        self._measure(done, task, now or time.time())
+        self._clock.measure(done, task, now or time.time())
         partner = task.partner if task else ""
         if partner:  # the first result won; stop the other run (it would also stop by itself)
             self._cancel(partner, f"{done.task_id} finished first", only_alone=True)
 
     def _floor(self, done: Finished) -> None:
-        """A unit out of memory on every plan of its card: the memory need it reports, bounded by
-        just above that card (it cannot know more), is the task's floor on that card only; one
-        report strands it on no other card."""
+        """The memory need a unit reported, as a floor on its own card (figures.memory_floor)."""
         node = next((n for n in self._nodes if n.node_id == done.node_id), None)
         card = self.card_of(done.worker_id)
-        vram = node.vram_gb if node is not None else card.vram_gb if card is not None else 0.0
-        if vram <= 0:
-            return  # a card we cannot size: nothing to bound the report by
-        need = min(done.needs_vram_gb, round(vram + VRAM_STEP_GB, 2))
-        self.ledger.tasks.require_vram(done.task_id, done.worker_id or done.node_id, need)
-
-    def _measure(self, done: Finished, task: TaskRecord | None, now: float) -> None:
-        """The card's speed as the coordinator's clock saw it, never as the worker says: the tokens
-        of the unit's shard (counted at submit) over the time from its lease (or from the run's
-        previous unit on the same card) to this round, which found its upload accepted. Only a
-        unit whose own upload was accepted counts; a run's units come back together, so the
-        first carries the run's time and the rest their tokens."""
-        if task is None or task.state is not TaskState.DONE or task.fence != done.fence:
-            return
-        start = max(task.leased_at, self._last_done.get(done.node_id, 0.0))
-        self._last_done[done.node_id] = now
-        self.ledger.workers.record_run(done.worker_id, done.node_id, task.tokens, max(0.0, now - start))
-
-    def _abandoned(self, task_ids: list[str]) -> None:
-        """Leases that expired without a report or a hand-back cost their holders trust (and the
-        tasks no attempt: coordinator.ledger.leases gave it back)."""
-        tasks = [t for t in self.ledger.tasks.many(task_ids) if t.holder_worker]
-        volunteers = self.ledger.trust.of_workers(t.holder_worker for t in tasks)
-        for task in tasks:
-            volunteer = volunteers.get(task.holder_worker, "")
-            self.ledger.trust.record(volunteer, standing.ABANDONED,
-                                     f"worker {task.holder_worker} let the lease of task {task.task_id} expire")
-            log.warning("worker %s abandoned task %s; its volunteer's trust pays for it", task.holder_worker,
-                        task.task_id, extra=fields("lease.abandoned", task=task.task_id, worker=task.holder_worker))
+        memory_floor(self.ledger, done, node.vram_gb if node is not None else card.vram_gb if card else 0.0)
 
     def _cancel(self, task_id: str, why: str, only_alone: bool = False) -> None:
         """Stop the run holding ``task_id``. A run stops as a whole (Ray kills its process), so
@@ -544,16 +510,3 @@ class Scheduler:
             log.info("job %s done: %d tasks trained, %d adapters folded, %d refused", job_id, counts["done"],
                      job.adapters_folded, job.adapters_rejected, extra=extra)
 
-
-def waiting_for_a_card(need_gb: float, need_4bit_gb: float, n_cards: int, largest: float,
-                       largest_4bit: float) -> str:
-    """Why a job's tasks wait (JobInfo.warning): what they need, with a 4-bit base too where that
-    is less, against the largest card in the cluster (and the largest that loads 4-bit weights)."""
-    quantized = ""
-    if need_4bit_gb < need_gb:
-        quantized = (f" ({need_4bit_gb:.1f} GB on a CUDA card whose worker has bitsandbytes, which loads the "
-                     "model in 4 bits; " + (f"the largest such card has {largest_4bit:g} GB)" if largest_4bit
-                                            else "no such card is in the cluster)"))
-    return (f"its tasks need a card with at least {need_gb:.1f} GB of VRAM{quantized}, but the largest of the "
-            f"{n_cards} cards in the cluster has {largest:g} GB; they wait until a bigger card joins (a shorter "
-            "--seq-len or a smaller LoRA rank needs less)")
