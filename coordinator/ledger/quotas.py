@@ -3,16 +3,25 @@
 Keyed on the caller's identity id (coordinator.gateway.quotas.owner_of): its open streams (a
 sorted set of stream ids by expiry, so a gateway that dies mid-stream frees them within the
 expiry), its unfinished jobs with their task counts, and the dataset bytes it submitted today.
-Each check-and-take is one script: two gateways cannot both give the last slot.
+Each check-and-take is one script: two gateways cannot both give the last slot. The submit
+shares' rules (:func:`check_submit`, :func:`reserve_submit`) turn the script's answers into the
+sentence a submitter reads.
 """
 
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 import redis
 
+from coordinator.errors import LimitReached
 from coordinator.ledger import keys
+from coordinator.ledger.records import JobState
+
+if TYPE_CHECKING:
+    from coordinator.ledger import Ledger
+    from coordinator.settings import Settings
 
 # KEYS[1] streams zset; ARGV: now, limit, stream id, expires at. 1 when opened.
 _OPEN = """
@@ -102,3 +111,64 @@ class Quotas:
         pipe.zrem(keys.quota_jobs(owner), job_id)
         pipe.decrby(keys.quota_bytes(owner, today()), size)
         pipe.execute()
+
+
+# -- submit shares (the rules; coordinator.schedule.submit calls them, the gateway names the owner) --
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):.1f} MiB"
+
+
+def _unfinished(ledger: Ledger, owner: str) -> dict[str, int]:
+    """The owner's jobs still running (job -> tasks); finished ones are forgotten on the way."""
+    held = ledger.quotas.unfinished_jobs(owner)
+    for job_id in list(held):
+        job = ledger.jobs.get(job_id)
+        if job is None or job.state != JobState.RUNNING:
+            ledger.quotas.forget_job(owner, job_id)
+            del held[job_id]
+    return held
+
+
+def check_submit(ledger: Ledger, settings: Settings, owner: str | None, size: int) -> None:
+    """Before a dataset's bytes are read: refuse a submit that cannot fit the owner's share."""
+    if owner is None:
+        return
+    used = ledger.quotas.submitted_today(owner)
+    if used + size > settings.max_submit_bytes_per_day:
+        raise LimitReached(f"this dataset ({_mib(size)}) and what your token submitted today ({_mib(used)}) pass "
+                           f"the {_mib(settings.max_submit_bytes_per_day)} one submitter may send a day: "
+                           f"submit it tomorrow (UTC) or ask the operator for more")
+    jobs = _unfinished(ledger, owner)
+    if len(jobs) >= settings.max_jobs_per_submitter:
+        raise LimitReached(f"your token has {len(jobs)} jobs running, as many as one submitter may have: "
+                           f"wait for one to finish")
+
+
+def reserve_submit(ledger: Ledger, settings: Settings, owner: str | None, job_id: str, tasks: int,
+                   size: int) -> None:
+    """Count a new job against its owner's share, atomically with every other gateway's
+    submits; LimitReached (a sentence) when it does not fit. Undo with :func:`release_submit`."""
+    if owner is None:
+        return
+    _unfinished(ledger, owner)
+    code, held = ledger.quotas.reserve_submit(owner, job_id, tasks, size, settings.max_jobs_per_submitter,
+                                              settings.max_pending_tasks_per_submitter,
+                                              settings.max_submit_bytes_per_day)
+    if code == 1:
+        raise LimitReached(f"your token has {held} jobs running, as many as one submitter may have: "
+                           f"wait for one to finish")
+    if code == 2:
+        raise LimitReached(f"this dataset makes {tasks} tasks and your running jobs hold {held}; one submitter may "
+                           f"have {settings.max_pending_tasks_per_submitter} pending: wait for a job to finish "
+                           f"or submit a smaller dataset")
+    if code == 3:
+        raise LimitReached(f"this dataset ({_mib(size)}) and what your token submitted today ({_mib(held)}) pass "
+                           f"the {_mib(settings.max_submit_bytes_per_day)} one submitter may send a day: "
+                           f"submit it tomorrow (UTC) or ask the operator for more")
+
+
+def release_submit(ledger: Ledger, owner: str | None, job_id: str, size: int) -> None:
+    if owner is not None:
+        ledger.quotas.release_submit(owner, job_id, size)

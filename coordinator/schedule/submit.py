@@ -28,7 +28,7 @@ from coordinator.ledger import (  # JobConfig: still importable from here
 from coordinator.settings import JobDefaults, Settings
 from coordinator.model.store import BlobStore
 from nomoat.logs import fields
-from coordinator.gateway import quotas
+from coordinator.ledger import quotas
 from coordinator.schedule import shards
 from nomoat.records import DatasetError, parse_dataset
 
@@ -155,8 +155,9 @@ def receive(
     The size is checked as the bytes arrive, so an oversized stream is refused before it is
     held in memory. Raises InvalidRequest for a malformed stream or dataset, Incomplete when
     the bytes do not add up to the header's size and sha256; nothing is stored then. With an
-    ``owner`` (coordinator.gateway.quotas.owner_of), the job counts against its share: a submit
-    past it raises LimitReached, at the header when it can already tell.
+    ``owner`` (coordinator.gateway.quotas.owner_of), the job counts against its share
+    (coordinator.ledger.quotas): a submit past it raises LimitReached, at the header when it
+    can already tell.
     """
     limit = settings.max_dataset_bytes
     header, chunks, received, digest, claimed = None, [], 0, hashlib.sha256(), None
