@@ -6,6 +6,12 @@ point into the blob store.
 
 PREFIX = "nomoat:"
 
+
+def _key(*parts: object) -> str:
+    """``PREFIX`` and the parts joined by ":" (every key below that names one thing is built so)."""
+    return PREFIX + ":".join(str(p) for p in parts)
+
+
 JOBS = PREFIX + "jobs"  # zset: job id -> created (unix seconds)
 RUNNING_JOBS = PREFIX + "jobs:running"  # zset: the jobs in state "running" -> created
 PENDING = PREFIX + "tasks:pending"  # zset: task id -> enqueue time (FIFO order for dispatch)
@@ -42,60 +48,62 @@ def job(job_id: str) -> str:
     """Hash: name, state, dataset, records blob, config JSON, counters. Its tasks by state are
     "tasks:<state>" (and its speculative twins' "twins:<state>"), kept by the scripts that change a
     task's state (coordinator.ledger.tasks.COUNT); "counted" marks a job whose tasks are counted."""
-    return f"{PREFIX}job:{job_id}"
+    return _key("job", job_id)
 
 
 def job_events(job_id: str) -> str:
     """List: JSON [when, "task: note"] of the newest notes of the job's task runs, newest first."""
-    return f"{PREFIX}job:{job_id}:events"
+    return _key("job", job_id, "events")
 
 
 def job_tasks(job_id: str) -> str:
     """List: the job's task ids in shard order."""
-    return f"{PREFIX}job:{job_id}:tasks"
+    return _key("job", job_id, "tasks")
 
 
 def job_adapter_bytes(job_id: str) -> str:
     """Hash: sha256 of an adapter the folder has seen for the job -> the task it first came from
     (a replica's or twin's task counts as the task it repeats): the fold's copy check."""
-    return f"{PREFIX}job:{job_id}:adapter-bytes"
+    return _key("job", job_id, "adapter-bytes")
 
 
 def task(task_id: str) -> str:
     """Hash: job, shard range, state, fence, attempts, lease deadline, the worker its lease was
     placed on (holder_worker) and the sha256 of its lease secret, memory floors per card, adapter."""
-    return f"{PREFIX}task:{task_id}"
+    return _key("task", task_id)
 
 
 def adapter(adapter_id: str) -> str:
     """Hash: task, fence, sha256 (blob), manifest fields, state, reason, version folded into."""
-    return f"{PREFIX}adapter:{adapter_id}"
+    return _key("adapter", adapter_id)
 
 
 def version(number: int) -> str:
     """Hash: parent, files JSON (path -> blob), patch blob, adapters JSON, metrics."""
-    return f"{PREFIX}version:{number}"
+    return _key("version", number)
 
 
 def worker(worker_id: str) -> str:
     """Hash: name, card (serialized proto, hex), node id, token hash, registered, counters, speed."""
-    return f"{PREFIX}worker:{worker_id}"
+    return _key("worker", worker_id)
 
 
 def trust(volunteer: str) -> str:
     """Hash: a volunteer's outcome counts ("n:<outcome>") and its newest outcomes ("recent", JSON)."""
-    return f"{PREFIX}trust:{volunteer}"
+    return _key("trust", volunteer)
 
 
 def trust_versions(volunteer: str) -> str:
     """Zset: version number -> how many of the volunteer's adapters were folded into it."""
-    return f"{PREFIX}trust:{volunteer}:versions"
+    return _key("trust", volunteer, "versions")
 
 
 def replicas(task_id: str) -> str:
     """Hash: a replicated task's runs (JSON list), their adapters (JSON run -> adapter), base
     version, state, opened."""
-    return f"{PREFIX}replicas:{task_id}"
+    return _key("replicas", task_id)
+
+
 # Outbound-only workers (coordinator.ledger.inbox): the hand-off between the scheduler and
 # whichever coordinator frontend serves a worker's long-poll.
 OUTBOUND_POLLS = PREFIX + "outbound:polls"  # zset: worker id -> when it last asked for work
@@ -107,33 +115,33 @@ INBOX_WAKE = PREFIX + "outbound:wake"
 
 def inbox(worker_id: str) -> str:
     """List: JSON runs placed on an outbound worker, waiting for its next long-poll."""
-    return f"{PREFIX}outbound:inbox:{worker_id}"
+    return _key("outbound", "inbox", worker_id)
 
 
 def outbound_run(run_id: str) -> str:
     """Hash: worker (its id), units (JSON [[task id, fence], ...]), taken (when it was handed out)."""
-    return f"{PREFIX}outbound:run:{run_id}"
+    return _key("outbound", "run", run_id)
 
 
 def token_workers(token_hash: str) -> str:
     """Set: the ids of the workers a token registered (how many it has active is read from WORKERS)."""
-    return f"{PREFIX}token:{token_hash}:workers"
+    return _key("token", token_hash, "workers")
 
 
 # Quotas (coordinator.ledger.quotas), per caller: its identity id (coordinator.gateway.quotas.owner_of).
 def quota_streams(owner: str) -> str:
     """Zset: the caller's open streams (a random stream id) -> when the slot expires."""
-    return f"{PREFIX}quota:{owner}:streams"
+    return _key("quota", owner, "streams")
 
 
 def quota_jobs(owner: str) -> str:
     """Zset: the caller's submitted jobs not yet seen finished -> their task count."""
-    return f"{PREFIX}quota:{owner}:jobs"
+    return _key("quota", owner, "jobs")
 
 
 def quota_bytes(owner: str, day: str) -> str:
     """Counter: dataset bytes the caller submitted on ``day`` (UTC, YYYYMMDD); expires after two days."""
-    return f"{PREFIX}quota:{owner}:bytes:{day}"
+    return _key("quota", owner, "bytes", day)
 
 
 # Leader leases (coordinator.ledger.leaders): one scheduler and one folder at a time.
@@ -142,12 +150,12 @@ LEADER_ROLES = ("scheduler", "folder")
 
 def leader(role: str) -> str:
     """String, with a TTL: "<fence>:<holder>" of the process leading ``role`` (absent: nobody leads)."""
-    return f"{PREFIX}leader:{role}"
+    return _key("leader", role)
 
 
 def leader_fence(role: str) -> str:
     """Counter: the fences of ``role``'s leader terms, strictly increasing (a new one per term)."""
-    return f"{PREFIX}leader:{role}:fence"
+    return _key("leader", role, "fence")
 
 
 IDLE_JOBS = PREFIX + "jobs:idle"  # string: JSON list of running jobs with nothing left to train (the scheduler's word to the folder)
@@ -155,9 +163,9 @@ IDLE_JOBS = PREFIX + "jobs:idle"  # string: JSON list of running jobs with nothi
 
 def volunteer(volunteer_id: str) -> str:
     """Hash: name, joined, source (the address it joined from), banned (when)."""
-    return f"{PREFIX}volunteer:{volunteer_id}"
+    return _key("volunteer", volunteer_id)
 
 
 def join_rate(scope: str, window: int) -> str:
     """Counter: volunteers minted in one window of time, from one source address or ("*") overall."""
-    return f"{PREFIX}join:rate:{window}:{scope}"
+    return _key("join", "rate", window, scope)
