@@ -14,9 +14,9 @@ from pathlib import Path
 import click
 
 from nomoat import logs
-from nomoat.client import NomoatError, default_address
+from nomoat.client import CoordinatorClient, NomoatError, default_address
 
-from nomoat.cli_common import EXAMPLES, client_of, connection_options, fail
+from nomoat.cli_common import EXAMPLES, client_command, client_of, connection_options, fail
 from nomoat.cli_operator import coordinator
 from nomoat.cli_roster import volunteer
 from nomoat.cli_volunteer import worker
@@ -162,37 +162,28 @@ def admin() -> None:
     """Change the running model's history (admin token). Every change is a new version."""
 
 
-@admin.command("rollback", epilog="Example: nomoat admin rollback 3")
-@connection_options
+@client_command(admin, "rollback", "nomoat admin rollback 3")
 @click.argument("version", type=int)
-@click.pass_context
-def admin_rollback(ctx, version: int) -> None:
+def admin_rollback(client: CoordinatorClient, version: int) -> None:
     """Make the newest version equal to VERSION (as a new version; history is kept)."""
-    with client_of(ctx) as client:
-        reply = client.rollback(version)
+    reply = client.rollback(version)
     click.echo(f"version {reply.version} has the weights of version {version}")
 
 
-@admin.command("unmerge", epilog="Example: nomoat admin unmerge 3f1c0a9e2b7d4c5a6e80")
-@connection_options
+@client_command(admin, "unmerge", "nomoat admin unmerge 3f1c0a9e2b7d4c5a6e80")
 @click.argument("adapter")
-@click.pass_context
-def admin_unmerge(ctx, adapter: str) -> None:
+def admin_unmerge(client: CoordinatorClient, adapter: str) -> None:
     """Remove one adapter's contribution exactly (as a new version)."""
-    with client_of(ctx) as client:
-        reply = client.unmerge(adapter)
+    reply = client.unmerge(adapter)
     click.echo(f"version {reply.version} no longer contains adapter {adapter}")
 
 
-@admin.command("gc", epilog="Example: nomoat admin gc --dry-run")
-@connection_options
+@client_command(admin, "gc", "nomoat admin gc --dry-run")
 @click.option("--dry-run", is_flag=True, help="Only say what the retention policy would free.")
-@click.pass_context
-def admin_gc(ctx, dry_run: bool) -> None:
+def admin_gc(client: CoordinatorClient, dry_run: bool) -> None:
     """Free the blobs and ledger records the retention policy lets go (the coordinator's sweeper
     does this every few minutes); nothing a version, a running job or a rollback needs."""
-    with client_of(ctx) as client:
-        reply = client.sweep(dry_run)
+    reply = client.sweep(dry_run)
     for line in reply.lines:
         click.echo(line)
 
@@ -202,41 +193,32 @@ def token() -> None:
     """Issue, list and revoke bearer tokens (admin token)."""
 
 
-@token.command("create", epilog="Example: NOMOAT_TOKEN=$(nomoat token create --role submitter --name alice)")
-@connection_options
+@client_command(token, "create", "NOMOAT_TOKEN=$(nomoat token create --role submitter --name alice)")
 @click.option("--role", required=True,
               type=click.Choice(["worker", "trusted-worker", "submitter", "reader", "admin"]),
               help="What the token may do: worker (train, outbound-only), trusted-worker (also join the Ray "
                    "cluster: machines you trust only), submitter (submit jobs), reader (status, pull), admin.")
 @click.option("--name", default="", help="Who the token is for (shown by `nomoat token list`).")
-@click.pass_context
-def token_create(ctx, role: str, name: str) -> None:
+def token_create(client: CoordinatorClient, role: str, name: str) -> None:
     """Issue a new token; it is printed once, alone on stdout, and cannot be shown again."""
-    with client_of(ctx) as client:
-        reply = client.create_token(role, name)
+    reply = client.create_token(role, name)
     click.echo(reply.token)
     click.echo(f"token id {reply.token_id} ({role}); revoke with: nomoat token revoke {reply.token_id}", err=True)
 
 
-@token.command("revoke", epilog="Example: nomoat token revoke 9f2c...e1 (a token id from `nomoat token list`)")
-@connection_options
+@client_command(token, "revoke", "nomoat token revoke 9f2c...e1 (a token id from `nomoat token list`)")
 @click.argument("token_or_id")
-@click.pass_context
-def token_revoke(ctx, token_or_id: str) -> None:
+def token_revoke(client: CoordinatorClient, token_or_id: str) -> None:
     """Revoke a token, given itself or its id. Other coordinators sharing the ledger refuse it within 5 s."""
-    with client_of(ctx) as client:
-        client.revoke_token(token_or_id)
+    client.revoke_token(token_or_id)
     click.echo("revoked")
 
 
-@token.command("list", epilog="Example: nomoat token list --json")
-@connection_options
+@client_command(token, "list", "nomoat token list --json")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-@click.pass_context
-def token_list(ctx, as_json: bool) -> None:
+def token_list(client: CoordinatorClient, as_json: bool) -> None:
     """Every valid token by id (tokens themselves are never stored), with role, name and age."""
-    with client_of(ctx) as client:
-        tokens = client.list_tokens()
+    tokens = client.list_tokens()
     rows = [{"token_id": t.token_id, "role": t.role, "name": t.name, "created": t.created} for t in tokens]
     if as_json:
         click.echo(json.dumps(rows, indent=2))

@@ -3,8 +3,10 @@ set-up for the long-running commands, and errors as one sentence."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
+from collections.abc import Callable
 
 import click
 
@@ -53,6 +55,21 @@ def connection_options(command):
 def client_of(ctx: click.Context) -> CoordinatorClient:
     o = ctx.obj
     return CoordinatorClient(o["coordinator"], o["token"], o["tls_ca"], o.get("ca_fingerprint"))
+
+
+def client_command(group: click.Group, name: str, example: str) -> Callable[[Callable[..., None]], click.Command]:
+    """A command of ``group`` that talks to the coordinator with the connection options: the
+    decorated function gets a connected client first, then its own arguments and options (the
+    admin, token and volunteer commands are all this shape)."""
+    def wrap(body: Callable[..., None]) -> click.Command:
+        @functools.wraps(body)
+        def command(ctx: click.Context, *args, **kwargs) -> None:
+            with client_of(ctx) as client:
+                body(client, *args, **kwargs)
+
+        return group.command(name, epilog=f"Example: {example}")(connection_options(click.pass_context(command)))
+
+    return wrap
 
 
 

@@ -11,7 +11,8 @@ import time
 
 import click
 
-from nomoat.cli_common import client_of, connection_options
+from nomoat.cli_common import client_command
+from nomoat.client import CoordinatorClient
 
 
 @click.group()
@@ -19,14 +20,11 @@ def volunteer() -> None:
     """List, ban or pardon volunteers, and rotate the join code (admin token)."""
 
 
-@volunteer.command("list", epilog="Example: nomoat volunteer list --json")
-@connection_options
+@client_command(volunteer, "list", "nomoat volunteer list --json")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-@click.pass_context
-def volunteer_list(ctx, as_json: bool) -> None:
+def volunteer_list(client: CoordinatorClient, as_json: bool) -> None:
     """Every volunteer: id, name, workers, and where its trust stands."""
-    with client_of(ctx) as client:
-        rows = client.list_volunteers()
+    rows = client.list_volunteers()
     if as_json:
         from google.protobuf.json_format import MessageToDict
 
@@ -41,39 +39,30 @@ def volunteer_list(ctx, as_json: bool) -> None:
                    + (f"\n    {v.reason}" if v.reason else ""))
 
 
-@volunteer.command("ban", epilog="Example: nomoat volunteer ban 3f1c0a9e2b7d4c5a")
-@connection_options
+@client_command(volunteer, "ban", "nomoat volunteer ban 3f1c0a9e2b7d4c5a")
 @click.argument("volunteer_id")
-@click.pass_context
-def volunteer_ban(ctx, volunteer_id: str) -> None:
+def volunteer_ban(client: CoordinatorClient, volunteer_id: str) -> None:
     """Refuse a volunteer's credential from now on, and give its leases back to the queue.
 
     VOLUNTEER_ID: its id as `nomoat volunteer list` shows it (a unique prefix), or a worker id.
     """
-    with client_of(ctx) as client:
-        reply = client.ban_volunteer(volunteer_id)
+    reply = client.ban_volunteer(volunteer_id)
     click.echo(f"volunteer {reply.volunteer_id[:16]} is banned; {reply.leases_dropped} of its leases go back to the queue")
 
 
-@volunteer.command("clear", epilog="Example: nomoat volunteer clear 3f1c0a9e2b7d4c5a")
-@connection_options
+@client_command(volunteer, "clear", "nomoat volunteer clear 3f1c0a9e2b7d4c5a")
 @click.argument("volunteer_id")
-@click.pass_context
-def volunteer_clear(ctx, volunteer_id: str) -> None:
+def volunteer_clear(client: CoordinatorClient, volunteer_id: str) -> None:
     """Forget a volunteer's trust record (a pardon): one the join code minted starts over on probation."""
-    with client_of(ctx) as client:
-        reply = client.clear_volunteer(volunteer_id)
+    reply = client.clear_volunteer(volunteer_id)
     click.echo(f"the trust record of volunteer {reply.volunteer_id[:16]} is cleared")
 
 
-@volunteer.command("rotate-join-code", epilog="Example: nomoat volunteer rotate-join-code")
-@connection_options
-@click.pass_context
-def volunteer_rotate(ctx) -> None:
+@client_command(volunteer, "rotate-join-code", "nomoat volunteer rotate-join-code")
+def volunteer_rotate(client: CoordinatorClient) -> None:
     """A new join code, printed once alone on stdout; the old one stops working, volunteers who
     joined with it keep working."""
-    with client_of(ctx) as client:
-        code = client.rotate_join_code()
+    code = client.rotate_join_code()
     click.echo(code)
     click.echo("the previous join code no longer works; give out join lines with this one "
                "(the coordinator's data dir keeps it in join.code)", err=True)
