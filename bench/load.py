@@ -99,15 +99,6 @@ def serve(data_dir: Path, listen: str, role: str, redis_url: str | None) -> None
     node.stop()
 
 
-def has_roles() -> bool:
-    """Whether this checkout's coordinator takes a role (gateway, scheduler, folder)."""
-    import dataclasses
-
-    from coordinator.settings import Settings
-
-    return "role" in {f.name for f in dataclasses.fields(Settings)}
-
-
 @dataclass
 class Coordinators:
     """The coordinator processes of a layout: their Popen handles and roles, the gateways' addresses."""
@@ -487,9 +478,6 @@ def main() -> None:
     if args.serve:
         serve(Path(args.data_dir), args.listen, args.role, args.redis_url)
         return
-    if args.layout == "split" and not has_roles():
-        raise SystemExit("--layout split needs coordinator roles (--role gateway|scheduler|folder), which this "
-                         "checkout does not have yet; run --layout all")
     more_files()
     procs = args.procs or max(1, math.ceil(args.volunteers / 2500))
     records = args.records or max(3000, 6 * args.volunteers)
