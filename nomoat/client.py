@@ -34,7 +34,12 @@ KEEPALIVE = [
 
 
 class NomoatError(RuntimeError):
-    """A failure explained in one sentence."""
+    """A failure explained in one sentence; ``code``: the gRPC status the coordinator answered
+    with, when it answered (a caller decides by it whether trying again can help)."""
+
+    def __init__(self, message: str, code: grpc.StatusCode | None = None) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 def default_address() -> str:
@@ -81,10 +86,10 @@ def _explain(exc: grpc.RpcError, address: str) -> NomoatError:
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return NomoatError(f"the coordinator at {address} did not answer in time")
     if code == grpc.StatusCode.UNAUTHENTICATED:
-        return NomoatError(f"the coordinator refused the token: {detail}")
+        return NomoatError(f"the coordinator refused the token: {detail}", code)
     if code == grpc.StatusCode.PERMISSION_DENIED:
-        return NomoatError(f"not allowed: {detail}")
-    return NomoatError(detail or f"the call failed with {code}")
+        return NomoatError(f"not allowed: {detail}", code)
+    return NomoatError(detail or f"the call failed with {code}", code)
 
 
 class CoordinatorClient:

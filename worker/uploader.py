@@ -7,7 +7,10 @@ this lease's upload object, after which the Upload call carries the manifest alo
 coordinator reads the object back and checks it. Otherwise it asks how many bytes the
 coordinator kept from an earlier, broken-off try (``UploadOffset``) and streams only the rest;
 the coordinator checks the whole file's sha256.
-A refusal (stale lease, failed check) is final and is not retried.
+A refusal (stale lease, failed check) is final and is not retried; so is a refusal of the token
+itself (it may not upload, or it is unknown or was revoked: a banned volunteer), which waiting
+does not change. Anything else (the coordinator away or restarting, a resume to make) is retried
+for the upload's patience.
 
 A finished adapter is also written to the worker's outbox (a folder in its cache dir) before it
 is sent, and removed once the coordinator has answered. If the process running the task dies
@@ -28,12 +31,18 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
+
 from nomoat import direct
 from nomoat.client import CoordinatorClient, NomoatError
+from nomoat.logs import fields
 from nomoat.spec import GradientNorms
 from nomoat.v1 import nomoat_pb2 as pb
 
 log = logging.getLogger("nomoat.uploader")
+# What the coordinator answers when no retry can help: the token may not upload (another role,
+# another token's worker), or it is unknown or revoked (a ban). Every other error may pass.
+REFUSED_FOR_GOOD = frozenset({grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED})
 Pace = Callable[[int], object]  # called with a chunk's size before it is sent
 
 
@@ -84,7 +93,8 @@ def send_once(client: CoordinatorClient, manifest: pb.AdapterManifest, data: byt
 def upload(client: CoordinatorClient, manifest: pb.AdapterManifest, data: bytes,
            patience_s: float = 600.0, backoff_s: float = 1.0, max_backoff_s: float = 5.0,
            pace: Pace | None = None) -> UploadResult:
-    """Send until the coordinator answers; a coordinator being restarted is waited for ``patience_s``."""
+    """Send until the coordinator answers; a coordinator being restarted is waited for ``patience_s``.
+    A refusal of the worker's token ends it at once, as a refused result saying so."""
     deadline = time.monotonic() + patience_s
     attempt = 0
     while True:
@@ -92,6 +102,12 @@ def upload(client: CoordinatorClient, manifest: pb.AdapterManifest, data: bytes,
         try:
             return send_once(client, manifest, data, attempt, pace=pace)
         except NomoatError as exc:
+            if exc.code in REFUSED_FOR_GOOD:
+                log.error("the coordinator refused the upload of task %s for good (%s); it is not retried: ask "
+                          "the operator about this worker's token", manifest.task_id, exc,
+                          extra=fields("upload.refused", task=manifest.task_id, fence=manifest.fence,
+                                       reason=str(exc)))
+                return UploadResult(False, "", str(exc), attempt)
             delay = min(backoff_s * 2 ** (attempt - 1), max_backoff_s)
             if time.monotonic() + delay > deadline:
                 raise
