@@ -30,7 +30,7 @@ import redis
 import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from coordinator.fold import evaluators
+from coordinator.fold import evaluators, rollback
 
 from coordinator.gateway import servicers, tls
 from coordinator.gateway.aio_server import LoopHealth, LoopServer
@@ -330,8 +330,8 @@ class Coordinator:
 
     def _start_loops(self) -> None:
         """The scheduler and the folder, each campaigning for its leader lease and running its
-        loop while it leads (coordinator.ledger.leaders); a gateway keeps a folder only for the
-        admin's rollback and unmerge, which publish under the version number they computed on."""
+        loop while it leads (coordinator.ledger.leaders). An admin's rollback or unmerge, received
+        by any gateway, is carried out by the folding leader under its fence (coordinator.fold.rollback)."""
         from coordinator.schedule.ray_dispatch import task_need
 
         model_config = self.model.model.config
@@ -431,7 +431,8 @@ class Coordinator:
             fence = self.folding.fence()
             if fence is None:
                 continue  # a standby: another process folds
-            try:
+            try:  # an admin's rollback or unmerge (queued by any gateway) first, then a fold if due
+                rollback.carry_out(self.folder, self.ledger.operations, fence)
                 self.folder.maybe_fold(self.ledger.jobs.idle(), leader=fence)
             except NotLeader as exc:
                 log.warning("this process stopped folding: %s", exc)

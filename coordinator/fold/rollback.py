@@ -5,16 +5,24 @@ grows: a rollback is a snapshot whose weights are the target version's bit for b
 is the patch −w·s·B·A of one adapter. Both work on the folder's running model under its lock
 (:class:`coordinator.fold.folder.Folder`), so they take turns with the folds; an operation cut
 short halfway leaves the model resynced with the ledger's newest version.
+
+An admin's request reaches whichever gateway the load balancer picked; the gateway queues it in
+the ledger (coordinator.ledger.operations) and the folding leader carries it out between folds
+(:func:`carry_out`), publishing under its fence: a process that no longer leads the folder cannot
+publish a rollback, as it cannot publish a fold, so the two never interleave across processes.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import time
 from typing import TYPE_CHECKING
 
 from coordinator.fold import folding
 from coordinator.ledger import AdapterState, FoldedAdapter
+from coordinator.ledger.leaders import Fence, NotLeader
+from coordinator.ledger.operations import ROLLBACK, UNMERGE, Operations, Request
 from nomoat import adapter as adapter_format
 from nomoat import lora
 from nomoat.logs import fields
@@ -33,8 +41,9 @@ def _recent_jobs(folder: Folder, first: int, last: int) -> list[str]:
     return sorted(j for j in jobs if folder.ledger.jobs.get(j))
 
 
-def rollback(folder: Folder, target: int) -> tuple[int, float]:
-    """A new version whose weights equal version ``target``'s exactly."""
+def rollback(folder: Folder, target: int, leader: Fence | None = None) -> tuple[int, float]:
+    """A new version whose weights equal version ``target``'s exactly, published under ``leader``
+    (the folder's fence; NotLeader when it no longer leads)."""
     with folder.lock:
         folder._catch_up()
         current = folder.version
@@ -51,7 +60,7 @@ def rollback(folder: Folder, target: int) -> tuple[int, float]:
             # replaying the negated chain would only reproduce up to rounding.
             record = folder.ledger.versions.publish(folder._new_version(
                 current, undo, [], loss, {"operation": "rollback", "target": target, "jobs": jobs}, "",
-                snapshot=True))
+                snapshot=True), leader=leader)
         except Exception:
             folder._resync_now()  # half-loaded or unpublished weights: back to the ledger's newest
             raise
@@ -61,8 +70,9 @@ def rollback(folder: Folder, target: int) -> tuple[int, float]:
         return record.version, loss
 
 
-def unmerge(folder: Folder, adapter_id: str) -> tuple[int, float]:
-    """A new version without one adapter's contribution: W − w·s·B·A, exactly that product."""
+def unmerge(folder: Folder, adapter_id: str, leader: Fence | None = None) -> tuple[int, float]:
+    """A new version without one adapter's contribution: W − w·s·B·A, exactly that product,
+    published under ``leader`` (as :func:`rollback`)."""
     with folder.lock:
         entry = folder.ledger.adapters.get(adapter_id)
         if entry is None or entry.state is not AdapterState.FOLDED:
@@ -80,7 +90,7 @@ def unmerge(folder: Folder, adapter_id: str) -> tuple[int, float]:
             loss = folder._eval(jobs) if jobs else math.nan
             record = folder.ledger.versions.publish(folder._new_version(
                 current, patch, [FoldedAdapter(adapter_id, -entry.weight, 0)], loss,
-                {"operation": "unmerge", "adapter": adapter_id, "jobs": jobs}, entry.job))
+                {"operation": "unmerge", "adapter": adapter_id, "jobs": jobs}, entry.job), leader=leader)
         except Exception:
             folder._resync_now()  # the unmerge went into the master but not into the ledger: undone
             raise
@@ -90,3 +100,44 @@ def unmerge(folder: Folder, adapter_id: str) -> tuple[int, float]:
                  entry.job, loss, extra=fields("version.unmerged", version=record.version, job=entry.job,
                                                worker=entry.worker or None, adapter=adapter_id, loss=loss))
         return record.version, loss
+
+
+def carry_out(folder: Folder, operations: Operations, leader: Fence, now: float | None = None) -> int:
+    """Carry out the admins' waiting requests, oldest first, under the folder's fence, answering
+    each on its own list; returns how many were carried out. NotLeader (after answering the request
+    it cut short) when this process stopped leading: the rest wait for the next leader."""
+    done = 0
+    while (request := operations.take()) is not None:
+        if request.deadline < (now or time.time()):
+            log.warning("a %s request (%s) waited past its caller's patience; dropped", request.kind, request.arg)
+            continue
+        operations.tell(request.id, {"state": "started", "leader": leader.token})
+        try:
+            answer = _answer(folder, request, leader)
+        except NotLeader as exc:
+            operations.tell(request.id, {"state": "lost", "reason": f"the folder stopped leading before it "
+                                                                      f"published ({exc}); nothing changed: try again"})
+            raise
+        operations.tell(request.id, answer)
+        done += 1
+    return done
+
+
+def _answer(folder: Folder, request: Request, leader: Fence) -> dict:
+    """What the asking gateway is told: done (version, loss), refused or failed (a sentence)."""
+    try:
+        if request.kind == ROLLBACK:
+            number, loss = rollback(folder, int(request.arg), leader=leader)
+        elif request.kind == UNMERGE:
+            number, loss = unmerge(folder, request.arg, leader=leader)
+        else:
+            return {"state": "refused", "reason": f"there is no history operation {request.kind!r}"}
+    except ValueError as exc:  # not possible on this history (a version out of range, an adapter not folded)
+        return {"state": "refused", "reason": str(exc)}
+    except NotLeader:
+        raise  # carry_out says so, and stops
+    except Exception as exc:  # noqa: BLE001  (the caller hears of it; the model was resynced)
+        log.exception("the %s of %s failed", request.kind, request.arg)
+        return {"state": "failed", "reason": f"the {request.kind} failed on the folder: {exc}"}
+    return {"state": "done", "version": number, "loss": loss}
+

@@ -100,7 +100,7 @@ class Deps:
     ray_address: str
     ray_auth_token: str
     history: History | None = None  # snapshots, patches, rebuilds
-    operations: Folder | None = None  # rollback and unmerge (admin); set once the folder runs
+    operations: Folder | None = None  # this process's folder, if any: the admin's sweep takes its lock
     uploads: PartialUploads | None = None  # made in data_dir/uploads when first needed
     replication: Replication | None = None  # holds replicated tasks' adapters (None: none are replicated)
     long_polls: inbox_dispatch.LongPolls | None = None  # outbound workers' long-polls this frontend holds at once
@@ -449,12 +449,12 @@ class AdminServicer(rpc.AdminServicer):
 
     @_answers
     def Rollback(self, request, context):
-        number, loss = admin.rollback(self.deps.operations, request.version)
+        number, loss = admin.rollback(self.deps.ledger, request.version)
         return pb.VersionReply(version=number, eval_loss=loss)
 
     @_answers
     def Unmerge(self, request, context):
-        number, loss = admin.unmerge(self.deps.operations, request.adapter_id)
+        number, loss = admin.unmerge(self.deps.ledger, request.adapter_id)
         return pb.VersionReply(version=number, eval_loss=loss)
 
     @_answers

@@ -49,6 +49,7 @@ from coordinator.ledger.records import (
     VersionRecord,
     WorkerRecord,
 )
+from coordinator.ledger.operations import Operations
 from coordinator.ledger.quotas import Quotas
 from coordinator.ledger.replicas import Hold, Replicas, Settlement, replica_id
 from coordinator.ledger.tasks import Tasks, count_states, new_task_id
@@ -78,6 +79,7 @@ class Ledger:
         self.replicas = Replicas(client)
         self.volunteers = Volunteers(client)
         self.quotas = Quotas(client)
+        self.operations = Operations(client)
 
     def index(self) -> None:
         """Once per start: the indexes and counters that reads on the hot path use instead of the

@@ -158,6 +158,16 @@ def leader_fence(role: str) -> str:
     return _key("leader", role, "fence")
 
 
+# History operations an admin asked for (coordinator.ledger.operations): a gateway queues them, the
+# folding leader carries them out under its fence and answers on the request's own list.
+OPERATIONS = PREFIX + "operations"  # list: JSON requests {id, kind, arg, deadline}, oldest at the right
+
+
+def operation_answer(request_id: str) -> str:
+    """List: JSON answers to one request ("started", then its outcome), for the asking gateway; expires."""
+    return _key("operations", request_id, "answer")
+
+
 IDLE_JOBS = PREFIX + "jobs:idle"  # string: JSON list of running jobs with nothing left to train (the scheduler's word to the folder)
 
 
