@@ -467,8 +467,14 @@ class Coordinator:
         """What the public runs: an outbound-only worker (no Ray, no open port), with the join
         code (``show_code``; else read from the data dir's file)."""
         code = self.join_code if show_code else f"$(cat {self.data_dir / roster.JOIN_CODE_FILE})"
+        notes = []
+        if not self.join_code:  # rotated on another gateway: only the operator has it (roster.ensure_join_code)
+            code = "JOIN_CODE"
+            notes.append("JOIN_CODE: the one `nomoat volunteer rotate-join-code` printed")
         line = f"NOMOAT_TOKEN={code} nomoat worker start --coordinator {self.settings.join_address}{self._pin()}"
-        return line + ("  # CA.pem: the CA that signed --tls-cert" if "--tls-ca" in line else "")
+        if "--tls-ca" in line:
+            notes.append("CA.pem: the CA that signed --tls-cert")
+        return line + ("  # " + "; ".join(notes) if notes else "")
 
     def admin_connection(self) -> str:
         """The environment that points ``nomoat`` commands at this coordinator as its admin."""

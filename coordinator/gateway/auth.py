@@ -102,6 +102,8 @@ class TokenRegistry:
             self._cache.pop(h, None)
             return None  # misses are not cached: random tokens must not grow the cache
         identity = Identity(entry.role, entry.name, h)
+        if entry.role == "join":
+            return identity  # never cached: a join code rotated on any gateway is refused on every one at once
         # A short cache keeps Redis off the hot path; another coordinator's revocation takes
         # effect here within cache_s.
         if len(self._cache) >= _CACHE_MAX:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from coordinator.gateway.auth import Identity
 from coordinator.schedule import roster
-from coordinator.errors import InvalidRequest, LimitReached
+from coordinator.errors import InvalidRequest, LimitReached, Unauthenticated
 from coordinator.ledger import Ledger, TooManyWorkers
 from coordinator.settings import Settings
 from nomoat.logs import fields
@@ -50,6 +50,10 @@ def join(ledger: Ledger, settings: Settings, identity: Identity | None, joining:
     per ``peer`` address and overall: LimitReached). Raises as :func:`register` does."""
     credential = ""
     if identity is not None and identity.role == "join":
+        current = ledger.volunteers.join_code()  # the ledger names the one join code every gateway takes
+        if current and identity.token_hash != current:
+            raise Unauthenticated("this join code was replaced by a newer one; ask the operator for the "
+                                  "current join line")
         _check(joining)  # a malformed registration mints nothing
         minted = roster.mint(ledger, settings, joining.name, peer)
         identity, credential = minted.identity, minted.credential

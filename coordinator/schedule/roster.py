@@ -153,17 +153,29 @@ def clear(ledger: Ledger, volunteer_id: str) -> None:
 
 def ensure_join_code(ledger: Ledger, registry: TokenRegistry, path: Path) -> tuple[str, bool]:
     """The join code kept in ``path`` (made on first start, mode 0600), which the ledger then
-    names as the current one (the one a rotation revokes); and whether it was made just now."""
+    names as the current one (the one a rotation revokes); and whether it was made just now.
+
+    The ledger's is the one every gateway takes: when it names a live join code that is not this
+    data dir's (another gateway rotated it), the copy here is out of date and is removed, and no
+    code is made (the ledger keeps only its hash, so this process cannot know it): ("", False)."""
     before = path.read_text().strip() if path.exists() else ""
+    current = ledger.volunteers.join_code()
+    if current and current != hash_token(before) and ledger.tokens.get(current) is not None:
+        if before:
+            path.unlink(missing_ok=True)
+            log.warning("the join code was rotated on another gateway: %s held an older one and was removed; "
+                        "the join line carries the code `nomoat volunteer rotate-join-code` printed", path)
+        return "", False
     code = registry.ensure_file(path, "join")
-    if ledger.volunteers.join_code() != hash_token(code):
+    if current != hash_token(code):
         ledger.volunteers.set_join_code(hash_token(code))
     return code, code != before
 
 
 def rotate_join_code(ledger: Ledger, registry: TokenRegistry, path: Path | None = None) -> str:
     """A new join code (shown once, and kept in ``path``, the data dir's copy); the previous one
-    stops working, volunteers who joined with it do not."""
+    stops working on every gateway at once (the ledger names the current one: registration takes
+    no other), volunteers who joined with it keep working."""
     old = ledger.volunteers.join_code()
     code = registry.create("join", name="join code")
     ledger.volunteers.set_join_code(hash_token(code))
