@@ -230,9 +230,11 @@ def coordinator(args: argparse.Namespace) -> None:
         server.start()
         planned = pull.plan(ledger, history, store, pull.Format.HF, 0, latest)  # what the pull fetches
         urls = list(pull.links(store, planned, 3600).values())  # the same objects, for plain GETs
+        catch_up = pull.plan(ledger, history, store, pull.Format.PATCHES, 0, latest)  # a cache at 0 fetches this
         ready = {"address": f"127.0.0.1:{port}", "token": token, "lineage": history.lineage().id,
                  "latest": latest, "bytes": figures["pull_bytes"], "urls": urls,
-                 "pull_files_bytes": sum(f.size for f in planned.files)}
+                 "pull_files_bytes": sum(f.size for f in planned.files),
+                 "catch_up_planned_bytes": sum(f.size for f in catch_up.files)}
         (work / "ready.json").write_text(json.dumps(ready))
         sys.stdin.read()  # serve until the bench closes our stdin
         server.stop(grace=2).wait()
@@ -283,6 +285,22 @@ def worker(args: argparse.Namespace) -> None:
         assert got == ready["pull_files_bytes"], (got, ready["pull_files_bytes"])
         return time.time() - t0
 
+    class Counting(ModelCache):
+        """The cache as a worker runs it, counting the bytes its pulls receive (its bar's advances)."""
+
+        received = 0
+
+        def _bar(self):
+            bar = super()._bar()
+            advance = bar.advance
+
+            def counted(n: int) -> None:
+                Counting.received += n
+                advance(n)
+
+            bar.advance = counted
+            return bar
+
     direct = bool(ready["urls"])
     raw = raw_s3 if direct else raw_stream
     with CoordinatorClient(ready["address"], ready["token"]) as client:
@@ -297,13 +315,18 @@ def worker(args: argparse.Namespace) -> None:
         figures["pull_mb_s"] = round(ready["pull_files_bytes"] / figures["pull_seconds"] / 1e6, 1)
         figures[f"{name}_mb_s"] = round(ready["pull_files_bytes"] / min(raws) / 1e6, 1)
         shutil.rmtree(out, ignore_errors=True)
-        cache = ModelCache(work / "cache")
+        cache = Counting(work / "cache")
         t0 = time.time()
         cache.ensure(client, ready["lineage"], 0)
         figures["cache_full_pull_seconds"] = round(time.time() - t0, 1)
+        figures["cache_full_pull_bytes"] = Counting.received
+        Counting.received = 0
         t0 = time.time()
         cache.ensure(client, ready["lineage"], ready["latest"])
         figures["cache_catch_up_seconds"] = round(time.time() - t0, 1)
+        figures["cache_catch_up_bytes"] = Counting.received  # what the catch-up by patch fetched
+        figures["catch_up_planned_bytes"] = ready["catch_up_planned_bytes"]
+        figures["catch_up_vs_full_bytes"] = round(Counting.received / max(1, figures["cache_full_pull_bytes"]), 4)
         t0 = time.time()
         cache.ensure(client, ready["lineage"], ready["latest"])  # checked against its stamp: memoised
         figures["cache_check_seconds"] = round(time.time() - t0, 2)
@@ -346,14 +369,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--store", default="folder", choices=["folder", "s3"],
                         help="the blob store: the data dir's folder, or a bucket on a SeaweedFS started for the run")
-    parser.add_argument("--size", default="", choices=["", "small"],
-                        help="small: a 2-layer, 512-wide Llama, for a quick run (overrides the shape)")
+    parser.add_argument("--size", default="", choices=["", "small", "1.1b"],
+                        help="small: a 2-layer, 512-wide Llama, for a quick run; 1.1b: TinyLlama's shape "
+                             "(the default shape, named); either overrides the shape flags")
     parser.add_argument("--part", default="", help=argparse.SUPPRESS)
     parser.add_argument("--base", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--store-url", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.size == "small":
         args.hidden, args.intermediate, args.layers, args.heads, args.kv_heads = 512, 1408, 2, 8, 4
+    elif args.size == "1.1b":
+        args.hidden, args.intermediate, args.layers, args.heads, args.kv_heads, args.vocab = 2048, 5632, 22, 32, 4, 32000
     if args.part == "build":
         print(json.dumps(build(args)))
         return 0
