@@ -229,10 +229,12 @@ def coordinator(args: argparse.Namespace) -> None:
         port = bind(server, "127.0.0.1:0")
         server.start()
         planned = pull.plan(ledger, history, store, pull.Format.HF, 0, latest)  # what the pull fetches
-        urls = list(pull.links(store, planned, 3600).values())  # the same objects, for plain GETs
+        links = pull.links(store, planned, 3600)  # the same objects, for plain GETs
+        urls = [links[f.path] for f in planned.files if f.path in links]
+        url_sizes = [f.size for f in planned.files if f.path in links]
         catch_up = pull.plan(ledger, history, store, pull.Format.PATCHES, 0, latest)  # a cache at 0 fetches this
         ready = {"address": f"127.0.0.1:{port}", "token": token, "lineage": history.lineage().id,
-                 "latest": latest, "bytes": figures["pull_bytes"], "urls": urls,
+                 "latest": latest, "bytes": figures["pull_bytes"], "urls": urls, "url_sizes": url_sizes,
                  "pull_files_bytes": sum(f.size for f in planned.files),
                  "catch_up_planned_bytes": sum(f.size for f in catch_up.files)}
         (work / "ready.json").write_text(json.dumps(ready))
@@ -274,14 +276,23 @@ def worker(args: argparse.Namespace) -> None:
         return seconds
 
     def raw_s3() -> float:
-        """Plain GETs of the pull's objects from the store, one after another, received and dropped."""
-        import urllib.request
+        """Plain GETs of the pull's objects from the store, received and dropped (no hash, nothing
+        written), with the pull's own concurrency: the same ranges over the same number of threads."""
+        from concurrent.futures import ThreadPoolExecutor
 
-        t0, got = time.time(), 0
-        for url in ready["urls"]:
-            with urllib.request.urlopen(url) as response:
-                while block := response.read(1 << 20):
-                    got += len(block)
+        from nomoat import fetch
+
+        sizes = ready["url_sizes"]
+        work_items = [(url, a, b) for url, size in zip(ready["urls"], sizes) for a, b in fetch.ranges(size, 0, fetch.RANGE)]
+
+        def one(item: tuple[str, int, int]) -> int:
+            url, a, b = item
+            fetch.get_range(url, a, b, memoryview(bytearray(b - a)))
+            return b - a
+
+        t0 = time.time()
+        with ThreadPoolExecutor(fetch.THREADS) as pool:
+            got = sum(pool.map(one, work_items))
         assert got == ready["pull_files_bytes"], (got, ready["pull_files_bytes"])
         return time.time() - t0
 
@@ -311,6 +322,10 @@ def worker(args: argparse.Namespace) -> None:
         figures["pull_seconds"] = round(time.time() - t0, 2)
         raws.append(raw())
         name = "raw_s3" if direct else "raw_grpc"
+        if direct:
+            from nomoat import fetch
+
+            figures["fetch_threads"], figures["fetch_range_bytes"] = fetch.THREADS, fetch.RANGE  # pull and raw alike
         figures[f"{name}_seconds"] = [round(r, 2) for r in raws]
         figures["pull_mb_s"] = round(ready["pull_files_bytes"] / figures["pull_seconds"] / 1e6, 1)
         figures[f"{name}_mb_s"] = round(ready["pull_files_bytes"] / min(raws) / 1e6, 1)

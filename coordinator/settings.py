@@ -196,8 +196,10 @@ class Settings:
     # patches since N: past this many bytes of patches it is refused (pull the full version).
     max_peft_pull_bytes: int = 256 << 20
     # The blob store (coordinator.model.store): "" the folder data_dir/blobs; s3://bucket/prefix an
-    # object store, which clients then read and write by presigned URLs living url_ttl_s.
+    # object store, which clients then read and write by presigned URLs living url_ttl_s. Its
+    # endpoint: store_endpoint ("": boto3's standard chain, AWS_ENDPOINT_URL or AWS itself).
     store: str = ""
+    store_endpoint: str = ""
     url_ttl_s: float = 3600.0
     # Retention (coordinator.model.retention.Policy): the newest keep_versions versions keep their
     # folders, and every keep_snapshot_every-th; refused adapters and finished jobs' datasets and
