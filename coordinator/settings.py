@@ -204,9 +204,13 @@ class Settings:
     # Retention (coordinator.model.retention.Policy): the newest keep_versions versions keep their
     # folders, and every keep_snapshot_every-th; refused adapters and finished jobs' datasets and
     # task records go after keep_days. The folder's process sweeps every sweep_every_s (0: never).
+    # A worker not seen for keep_worker_days is summarised into its volunteer's record and
+    # expired; a retired job's own record goes keep_job_record_days after it finished.
     keep_versions: int = 5
     keep_snapshot_every: int = 50
     keep_days: float = 7.0
+    keep_worker_days: float = 30.0
+    keep_job_record_days: float = 365.0
     sweep_every_s: float = 600.0
 
     @property

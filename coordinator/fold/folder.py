@@ -61,7 +61,7 @@ from coordinator.ledger.versions import VersionConflict
 from coordinator.model.running import RunningModel
 from coordinator.fold.policy import FoldPolicy
 from coordinator.settings import Settings
-from coordinator.model import modelcard
+from coordinator.model import folded, modelcard
 from coordinator.model.store import BlobStore
 from coordinator.schedule.submit import read_records
 from nomoat import adapter as adapter_format
@@ -493,12 +493,11 @@ class Folder:
     def unmerge(self, adapter_id: str) -> tuple[int, float]:
         """A new version without one adapter's contribution: W − w·s·B·A, exactly that product."""
         with self.lock:
-            entry = self.ledger.adapters.get(adapter_id)
+            entry = self.ledger.adapters.get(adapter_id) or folded.from_versions(self.ledger, adapter_id)
             if entry is None or entry.state is not AdapterState.FOLDED:
                 state = entry.state if entry else "unknown"
                 raise ValueError(f"adapter {adapter_id} is {state}; only a folded adapter can be unmerged")
-            adapter = adapter_format.from_bytes(self.store.get(entry.sha256))
-            patch = folding.build_patch([adapter], [-entry.weight])
+            patch = folded.unmerge_patch(self.ledger, self.store, entry)  # from its version's patch
             self._catch_up()
             current = self.version
             try:
