@@ -315,11 +315,20 @@ def worker(args: argparse.Namespace) -> None:
     direct = bool(ready["urls"])
     raw = raw_s3 if direct else raw_stream
     with CoordinatorClient(ready["address"], ready["token"]) as client:
+        from nomoat.transfer import Quiet
+
+        class Timed(Quiet):  # when the header came: the rest of the pull is the transfer itself
+            header_at = 0.0
+
+            def start(self, header, held, note) -> None:
+                Timed.header_at = Timed.header_at or time.time()
+
         raws = [raw()]
         out = work / "pulled"
         t0 = time.time()
-        client.pull(out, ready["latest"])
+        client.pull(out, ready["latest"], progress=Timed())
         figures["pull_seconds"] = round(time.time() - t0, 2)
+        figures["pull_header_seconds"] = round(Timed.header_at - t0, 2)  # the Pull call: plan, URLs
         raws.append(raw())
         name = "raw_s3" if direct else "raw_grpc"
         if direct:
