@@ -170,3 +170,15 @@ def _empty_store():
     from coordinator.model.store import BlobStore
 
     return BlobStore(Path(tempfile.mkdtemp(prefix="nomoat-retention-")) / "blobs")
+
+
+def test_adapter_records_left_by_a_retired_job_are_added_to_its_summary(run) -> None:
+    from coordinator.ledger import keys
+
+    rig, _ = run
+    retention.sweep(rig.ledger, rig.store, POLICY, versions_dir=rig.history.dir)
+    counted = rig.ledger.jobs.summary(rig.job)["adapters"]
+    rig.ledger.r.hset(keys.adapter("left-behind"), mapping={"state": "folded", "job": rig.job})
+    assert rig.ledger.jobs.expire_adapters(rig.job, {"folded": 1, "replica": 1}, ["left-behind"]) == 1
+    assert rig.ledger.jobs.summary(rig.job)["adapters"] == {**counted, "folded": counted["folded"] + 1, "replica": 1}
+    assert not rig.ledger.r.exists(keys.adapter("left-behind"))

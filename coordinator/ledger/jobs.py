@@ -147,15 +147,22 @@ class Jobs:
         counts by state added to its summary, the records removed; how many."""
         if not adapters:
             return 0
-        summary = self.summary(job_id)
-        counted = summary.setdefault("adapters", {})
-        for state, n in states.items():
-            counted[state] = counted.get(state, 0) + n
-        pipe = self.r.pipeline(transaction=True)
-        pipe.hset(keys.job(job_id), "summary", json.dumps(summary))
-        pipe.delete(*(keys.adapter(a) for a in adapters))
-        pipe.execute()
-        return len(adapters)
+        with self.r.pipeline(transaction=True) as pipe:  # the summary read, added to and written at once
+            while True:
+                try:
+                    pipe.watch(keys.job(job_id))
+                    raw = pipe.hget(keys.job(job_id), "summary")
+                    summary = json.loads(raw) if raw else {}
+                    counted = summary.setdefault("adapters", {})
+                    for state, n in states.items():
+                        counted[state] = counted.get(state, 0) + n
+                    pipe.multi()
+                    pipe.hset(keys.job(job_id), "summary", json.dumps(summary))
+                    pipe.delete(*(keys.adapter(a) for a in adapters))
+                    pipe.execute()
+                    return len(adapters)
+                except redis.WatchError:
+                    continue
 
     def forget(self, job_id: str) -> int:
         """Remove a retired job's own record at the end of its retention (its versions keep its
