@@ -14,9 +14,9 @@ import torch
 from coordinator.fold import folding
 from coordinator.ledger.records import JobState
 from coordinator.model import pull, retention
-from nomoat import adapter as fmt
 from coordinator.model.retention import Policy, plan_folders
 from coordinator.observe import status
+from nomoat import adapter as fmt
 from tests.test_history import Rig
 
 POLICY = Policy(keep_versions=2, snapshot_every=4, keep_days=0.0, grace_s=0.0)

@@ -42,8 +42,8 @@ from pathlib import Path
 from coordinator.ledger import Ledger
 from coordinator.ledger.records import AdapterRecord, AdapterState, JobState, VersionRecord
 from coordinator.model import folded, modelcard
-from coordinator.schedule import standing
 from coordinator.model.store import Store
+from coordinator.schedule import standing
 from nomoat.logs import fields
 
 log = logging.getLogger("nomoat.retention")
