@@ -121,6 +121,32 @@ def random_adapter(shapes: dict[str, tuple[int, int]], seed: int, scale: float):
     return Adapter(factors, rank=RANK, alpha=ALPHA)
 
 
+def plain_folds(args: argparse.Namespace, ledger, store, model, shapes) -> list[dict]:
+    """``--catch-up-only``: each version the fold's exact product of K random adapters, applied to
+    the fp32 master and published with its patch as the folder does, without the gates' evaluations
+    (what a catch-up fetches is the same; a starved CPU cannot afford 1.1B forward passes)."""
+    import torch
+
+    from coordinator.fold import folding
+    from coordinator.ledger import VersionRecord
+    from nomoat import adapter as fmt
+
+    folds, seed = [], 0
+    for _ in range(args.folds):
+        base = ledger.versions.latest()
+        t0, c0 = time.time(), time.process_time()
+        adapters = [random_adapter(shapes, seed + i, args.adapter_scale) for i in range(1, K + 1)]
+        seed += K
+        patch = folding.build_patch(adapters, [1.0 / K] * K)
+        with torch.no_grad():
+            folding.apply_patch(model.master(patch.modules()), patch)
+        ledger.versions.publish(VersionRecord(version=base + 1, parent=base, patch=store.put(fmt.to_bytes(patch))))
+        folds.append({"version": base + 1, "seconds": round(time.time() - t0, 1),
+                      "cpu_seconds": round(time.process_time() - c0, 1), "patch_bytes": len(fmt.to_bytes(patch))})
+        log(f"plain fold -> version {base + 1}", folds[-1])
+    return folds
+
+
 def coordinator(args: argparse.Namespace) -> None:
     import grpc
     import redis
@@ -169,43 +195,48 @@ def coordinator(args: argparse.Namespace) -> None:
         folder = Folder(settings, ledger, store, model, history)
         shapes = model.shapes(TARGETS)
         texts = read_demo()
-        data = "".join(json.dumps({"text": t}) + "\n" for t in texts).encode()
-        job = submit(settings, ledger, store, model.tokenizer, list(shapes), data, "demo.jsonl", "scale", {})
-        figures["validation_records"] = job.validation_records
-        t0 = time.time()
-        folder.record_base_losses()  # the parent's evaluation, once per version (and then reused)
-        figures["parent_eval_seconds"] = round(time.time() - t0, 1)
-        folds = []
-        seed = 0
-        for _ in range(args.folds):
-            base = ledger.versions.latest()
-            for _ in range(K):
-                seed += 1
-                task_id = ledger.leases.pending(1)[0]
-                fence = ledger.leases.lease(task_id, time.time() + 3600, base, max_attempts=3)
-                sha = store.put(fmt.to_bytes(random_adapter(shapes, seed, args.adapter_scale)))
-                accepted = ledger.adapters.accept(task_id, fence, sha, base_version=base, tokens=2048, rank=RANK,
-                                                  alpha=ALPHA)
-                assert accepted.ok, accepted.detail
-            t0, c0 = time.time(), time.process_time()
-            number = folder.maybe_fold(set())
-            seconds, cpu = time.time() - t0, time.process_time() - c0
-            if number is None:
-                raise SystemExit("the fold published nothing: every adapter was refused (see the log)")
-            record = ledger.versions.get(number)
-            folds.append({"version": number, "seconds": round(seconds, 1), "cpu_seconds": round(cpu, 1),
-                          "eval_loss": round(record.eval_loss, 4),
-                          "parent_loss": round(record.metrics["parent_loss"], 4),
-                          "paired_se": record.metrics.get("paired_se"), "snapshot": bool(record.files)})
-            log(f"fold -> version {number}: {seconds:.1f} s", folds[-1])
+        if args.catch_up_only:
+            folds = plain_folds(args, ledger, store, model, shapes)
+        else:
+            data = "".join(json.dumps({"text": t}) + "\n" for t in texts).encode()
+            job = submit(settings, ledger, store, model.tokenizer, list(shapes), data, "demo.jsonl", "scale", {})
+            figures["validation_records"] = job.validation_records
+            t0 = time.time()
+            folder.record_base_losses()  # the parent's evaluation, once per version (and then reused)
+            figures["parent_eval_seconds"] = round(time.time() - t0, 1)
+            folds = []
+            seed = 0
+            for _ in range(args.folds):
+                base = ledger.versions.latest()
+                for _ in range(K):
+                    seed += 1
+                    task_id = ledger.leases.pending(1)[0]
+                    fence = ledger.leases.lease(task_id, time.time() + 3600, base, max_attempts=3)
+                    sha = store.put(fmt.to_bytes(random_adapter(shapes, seed, args.adapter_scale)))
+                    accepted = ledger.adapters.accept(task_id, fence, sha, base_version=base, tokens=2048, rank=RANK,
+                                                      alpha=ALPHA)
+                    assert accepted.ok, accepted.detail
+                t0, c0 = time.time(), time.process_time()
+                number = folder.maybe_fold(set())
+                seconds, cpu = time.time() - t0, time.process_time() - c0
+                if number is None:
+                    raise SystemExit("the fold published nothing: every adapter was refused (see the log)")
+                record = ledger.versions.get(number)
+                folds.append({"version": number, "seconds": round(seconds, 1), "cpu_seconds": round(cpu, 1),
+                              "eval_loss": round(record.eval_loss, 4),
+                              "parent_loss": round(record.metrics["parent_loss"], 4),
+                              "paired_se": record.metrics.get("paired_se"), "snapshot": bool(record.files)})
+                log(f"fold -> version {number}: {seconds:.1f} s", folds[-1])
         figures["folds"] = folds
         latest = ledger.versions.latest()
-        t0 = time.time()
-        newest = history.hf_files(latest)  # its folder from the nearest snapshot + patches, streamed
-        figures["snapshot_build_seconds"] = round(time.time() - t0, 1)
-        t0 = time.time()
-        model.publish(store)  # what a snapshot version costs the fold that makes it
-        figures["snapshot_seconds"] = round(time.time() - t0, 1)
+        newest = {}
+        if not args.catch_up_only:
+            t0 = time.time()
+            newest = history.hf_files(latest)  # its folder from the nearest snapshot + patches, streamed
+            figures["snapshot_build_seconds"] = round(time.time() - t0, 1)
+            t0 = time.time()
+            model.publish(store)  # what a snapshot version costs the fold that makes it
+            figures["snapshot_seconds"] = round(time.time() - t0, 1)
         sent = pulled(newest)
         figures["pull_bytes"] = sum(store.size(s) for s in sent.values())
         figures["rss_before_serving_gb"] = round(vm_hwm_bytes() / GB, 2)
@@ -228,11 +259,15 @@ def coordinator(args: argparse.Namespace) -> None:
         })])
         port = bind(server, "127.0.0.1:0")
         server.start()
-        planned = pull.plan(ledger, history, store, pull.Format.HF, 0, latest)  # what the pull fetches
-        urls = list(pull.links(store, planned, 3600).values())  # the same objects, for plain GETs
+        planned = pull.plan(ledger, history, store, pull.Format.HF, 0, 0 if args.catch_up_only else latest)
+        links = pull.links(store, planned, 3600)  # the same objects, for plain GETs
+        urls = [links[f.path] for f in planned.files if f.path in links]
+        url_sizes = [f.size for f in planned.files if f.path in links]
+        catch_up = pull.plan(ledger, history, store, pull.Format.PATCHES, 0, latest)  # a cache at 0 fetches this
         ready = {"address": f"127.0.0.1:{port}", "token": token, "lineage": history.lineage().id,
-                 "latest": latest, "bytes": figures["pull_bytes"], "urls": urls,
-                 "pull_files_bytes": sum(f.size for f in planned.files)}
+                 "latest": latest, "bytes": figures["pull_bytes"], "urls": urls, "url_sizes": url_sizes,
+                 "pull_files_bytes": sum(f.size for f in planned.files),
+                 "catch_up_planned_bytes": sum(f.size for f in catch_up.files), "catch_up_only": args.catch_up_only}
         (work / "ready.json").write_text(json.dumps(ready))
         sys.stdin.read()  # serve until the bench closes our stdin
         server.stop(grace=2).wait()
@@ -272,42 +307,94 @@ def worker(args: argparse.Namespace) -> None:
         return seconds
 
     def raw_s3() -> float:
-        """Plain GETs of the pull's objects from the store, one after another, received and dropped."""
-        import urllib.request
+        """Plain GETs of the pull's objects from the store, received and dropped (no hash, nothing
+        written), with the pull's own concurrency: the same ranges over the same number of threads."""
+        from concurrent.futures import ThreadPoolExecutor
 
-        t0, got = time.time(), 0
-        for url in ready["urls"]:
-            with urllib.request.urlopen(url) as response:
-                while block := response.read(1 << 20):
-                    got += len(block)
+        from nomoat import fetch
+
+        sizes = ready["url_sizes"]
+        work_items = [(url, a, b) for url, size in zip(ready["urls"], sizes) for a, b in fetch.ranges(size, 0, fetch.RANGE)]
+
+        def one(item: tuple[str, int, int]) -> int:
+            url, a, b = item
+            fetch.get_range(url, a, b, memoryview(bytearray(b - a)))
+            return b - a
+
+        t0 = time.time()
+        with ThreadPoolExecutor(fetch.THREADS) as pool:
+            got = sum(pool.map(one, work_items))
         assert got == ready["pull_files_bytes"], (got, ready["pull_files_bytes"])
         return time.time() - t0
+
+    class Counting(ModelCache):
+        """The cache as a worker runs it, counting the bytes its pulls receive (its bar's advances)."""
+
+        received = 0
+
+        def _bar(self):
+            bar = super()._bar()
+            advance = bar.advance
+
+            def counted(n: int) -> None:
+                Counting.received += n
+                advance(n)
+
+            bar.advance = counted
+            return bar
 
     direct = bool(ready["urls"])
     raw = raw_s3 if direct else raw_stream
     with CoordinatorClient(ready["address"], ready["token"]) as client:
+        from nomoat.transfer import Quiet
+
+        class Timed(Quiet):  # when the header came: the rest of the pull is the transfer itself
+            header_at = 0.0
+
+            def start(self, header, held, note) -> None:
+                Timed.header_at = Timed.header_at or time.time()
+
+        if ready["catch_up_only"]:
+            return catch_up(client, ready, work, figures, Counting)
         raws = [raw()]
         out = work / "pulled"
         t0 = time.time()
-        client.pull(out, ready["latest"])
+        client.pull(out, ready["latest"], progress=Timed())
         figures["pull_seconds"] = round(time.time() - t0, 2)
+        figures["pull_header_seconds"] = round(Timed.header_at - t0, 2)  # the Pull call: plan, URLs
         raws.append(raw())
         name = "raw_s3" if direct else "raw_grpc"
+        if direct:
+            from nomoat import fetch
+
+            figures["fetch_threads"], figures["fetch_range_bytes"] = fetch.THREADS, fetch.RANGE  # pull and raw alike
         figures[f"{name}_seconds"] = [round(r, 2) for r in raws]
         figures["pull_mb_s"] = round(ready["pull_files_bytes"] / figures["pull_seconds"] / 1e6, 1)
         figures[f"{name}_mb_s"] = round(ready["pull_files_bytes"] / min(raws) / 1e6, 1)
         shutil.rmtree(out, ignore_errors=True)
-        cache = ModelCache(work / "cache")
-        t0 = time.time()
-        cache.ensure(client, ready["lineage"], 0)
-        figures["cache_full_pull_seconds"] = round(time.time() - t0, 1)
-        t0 = time.time()
-        cache.ensure(client, ready["lineage"], ready["latest"])
-        figures["cache_catch_up_seconds"] = round(time.time() - t0, 1)
-        t0 = time.time()
-        cache.ensure(client, ready["lineage"], ready["latest"])  # checked against its stamp: memoised
-        figures["cache_check_seconds"] = round(time.time() - t0, 2)
+        catch_up(client, ready, work, figures, Counting)
+
+
+def catch_up(client, ready: dict, work: Path, figures: dict, Counting) -> None:
+    """A worker cache: version 0 in full, then the newest by patch, then checked again; the
+    bytes each fetched, and the worker's figures written."""
+    cache = Counting(work / "cache")
+    t0 = time.time()
+    cache.ensure(client, ready["lineage"], 0)
+    figures["cache_full_pull_seconds"] = round(time.time() - t0, 1)
+    figures["cache_full_pull_bytes"] = Counting.received
+    Counting.received = 0
+    t0 = time.time()
+    cache.ensure(client, ready["lineage"], ready["latest"])
+    figures["cache_catch_up_seconds"] = round(time.time() - t0, 1)
+    figures["cache_catch_up_bytes"] = Counting.received  # what the catch-up by patch fetched
+    figures["catch_up_planned_bytes"] = ready["catch_up_planned_bytes"]
+    figures["catch_up_vs_full_bytes"] = round(Counting.received / max(1, figures["cache_full_pull_bytes"]), 4)
+    t0 = time.time()
+    cache.ensure(client, ready["lineage"], ready["latest"])  # checked against its stamp: memoised
+    figures["cache_check_seconds"] = round(time.time() - t0, 2)
     figures["worker_peak_rss_gb"] = round(vm_hwm_bytes() / GB, 3)
+    figures["cache_full_pull_mb_s"] = round(figures["cache_full_pull_bytes"] / max(figures["cache_full_pull_seconds"], 1e-3) / 1e6, 1)
     (work / "worker.json").write_text(json.dumps(figures))
 
 
@@ -317,8 +404,9 @@ def worker(args: argparse.Namespace) -> None:
 def part(args: argparse.Namespace, name: str, **extra: str) -> subprocess.Popen:
     argv = [sys.executable, __file__, "--part", name]
     for key, value in {**vars(args), **extra}.items():
-        if key != "part" and value is not None:
-            argv += [f"--{key.replace('_', '-')}", str(value)]
+        if key == "part" or value is None or value is False:
+            continue
+        argv += [f"--{key.replace('_', '-')}"] + ([] if value is True else [str(value)])
     # Idle OpenMP threads sleep instead of spinning: on a CPU shared with other busy processes a
     # spinning team stalls every parallel region (bench/fold.py measured it).
     env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ}
@@ -346,14 +434,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--store", default="folder", choices=["folder", "s3"],
                         help="the blob store: the data dir's folder, or a bucket on a SeaweedFS started for the run")
-    parser.add_argument("--size", default="", choices=["", "small"],
-                        help="small: a 2-layer, 512-wide Llama, for a quick run (overrides the shape)")
+    parser.add_argument("--size", default="", choices=["", "small", "1.1b"],
+                        help="small: a 2-layer, 512-wide Llama, for a quick run; 1.1b: TinyLlama's shape "
+                             "(the default shape, named); either overrides the shape flags")
+    parser.add_argument("--catch-up-only", action="store_true",
+                        help="publish --folds versions by the fold's exact product without the gates' evaluations, "
+                             "then only a worker cache's full pull of version 0 and its catch-up by patch")
     parser.add_argument("--part", default="", help=argparse.SUPPRESS)
     parser.add_argument("--base", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--store-url", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.size == "small":
         args.hidden, args.intermediate, args.layers, args.heads, args.kv_heads = 512, 1408, 2, 8, 4
+    elif args.size == "1.1b":
+        args.hidden, args.intermediate, args.layers, args.heads, args.kv_heads, args.vocab = 2048, 5632, 22, 32, 4, 32000
     if args.part == "build":
         print(json.dumps(build(args)))
         return 0
@@ -411,7 +505,8 @@ def main(argv: list[str] | None = None) -> int:
         # CPU that other processes share is this over the share it got.
         "coordinator_cpu_seconds_per_fold": round(sum(f.get("cpu_seconds", 0) for f in folds) / len(folds), 1),
         "peak_rss_vs_bound": round(c["peak_rss_gb"] * GB / bound, 3),
-        **({"pull_vs_raw_s3": round(min(wk["raw_s3_seconds"]) / wk["pull_seconds"], 3)} if args.store == "s3" else
+        **({} if args.catch_up_only else
+           {"pull_vs_raw_s3": round(min(wk["raw_s3_seconds"]) / wk["pull_seconds"], 3)} if args.store == "s3" else
            {"pull_vs_raw_grpc": round(min(wk["raw_grpc_seconds"]) / wk["pull_seconds"], 3)}),
         "coordinator_bytes_per_version": c["coordinator_bytes_per_version"], "store": args.store,
         "published_dtype": c["published_dtype"],

@@ -169,7 +169,7 @@ class Coordinator:
         self.join_code, self.join_code_new = roster.ensure_join_code(
             self.ledger, self.registry, self.data_dir / roster.JOIN_CODE_FILE)
         self._start_tls()
-        self.store = open_store(self.settings.store, self.data_dir)
+        self.store = open_store(self.settings.store, self.data_dir, self.settings.store_endpoint)
         self.replication = Replication(self.settings, self.ledger, self.store)
         self._start_model()
         self._start_ray()

@@ -196,15 +196,21 @@ class Settings:
     # patches since N: past this many bytes of patches it is refused (pull the full version).
     max_peft_pull_bytes: int = 256 << 20
     # The blob store (coordinator.model.store): "" the folder data_dir/blobs; s3://bucket/prefix an
-    # object store, which clients then read and write by presigned URLs living url_ttl_s.
+    # object store, which clients then read and write by presigned URLs living url_ttl_s. Its
+    # endpoint: store_endpoint ("": boto3's standard chain, AWS_ENDPOINT_URL or AWS itself).
     store: str = ""
+    store_endpoint: str = ""
     url_ttl_s: float = 3600.0
     # Retention (coordinator.model.retention.Policy): the newest keep_versions versions keep their
     # folders, and every keep_snapshot_every-th; refused adapters and finished jobs' datasets and
     # task records go after keep_days. The folder's process sweeps every sweep_every_s (0: never).
+    # A worker not seen for keep_worker_days is summarised into its volunteer's record and
+    # expired; a retired job's own record goes keep_job_record_days after it finished.
     keep_versions: int = 5
     keep_snapshot_every: int = 50
     keep_days: float = 7.0
+    keep_worker_days: float = 30.0
+    keep_job_record_days: float = 365.0
     sweep_every_s: float = 600.0
 
     @property

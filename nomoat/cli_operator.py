@@ -52,9 +52,12 @@ def _coordinator_start() -> click.Command:
     @click.option("--redis-url-file", default=None, type=click.Path(exists=True, dir_okay=False),
                   help="A file holding the --redis-url (keep it mode 0600).")
     @click.option("--store", default="",
-                  help="The blob store: s3://BUCKET/PREFIX for any S3-compatible object store (endpoint and "
-                       "credentials from AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION; "
-                       "clients then move model bytes by presigned URLs); default: DATA_DIR/blobs.")
+                  help="The blob store: s3://BUCKET/PREFIX for any S3-compatible object store (credentials "
+                       "from AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION or a profile; clients then move "
+                       "model bytes by presigned URLs); default: DATA_DIR/blobs.")
+    @click.option("--store-endpoint", default="",
+                  help="The object store's URL for --store s3://, e.g. http://127.0.0.1:8333 (SeaweedFS, MinIO, "
+                       "R2); default: AWS_ENDPOINT_URL or a profile's endpoint_url, else AWS S3.")
     @click.option("--ray-address", default=None,
                   help="Existing Ray cluster (HEAD:PORT); default: start a head; 'off': no Ray, outbound "
                        "volunteers only.")
@@ -111,6 +114,7 @@ def _coordinator_start() -> click.Command:
     @log_format_option
     @click.pass_context
     def coordinator_start(ctx, data_dir, role, leader_ttl, listen, public_address, redis_url, redis_url_file, store,
+                          store_endpoint,
                           ray_address, ray_token_file, ray_node_ip, base_model, fold_every, fold_timeout,
                           tokens_per_task, outer_momentum, outer_lr, keep_global_batch, size_from_noise, lease_ttl,
                           max_attempts, max_workers_per_token, replicate_fraction, tls_cert, tls_key,
@@ -139,7 +143,7 @@ def _coordinator_start() -> click.Command:
             fail(f"--http {http}: give HOST:PORT, such as {DASHBOARD}, or 'off'")
         settings = Settings(
             data_dir=Path(data_dir).resolve(), role=role, leader_ttl_s=leader_ttl, listen=listen,
-            public_address=public_address, redis_url=redis_url, store=store,
+            public_address=public_address, redis_url=redis_url, store=store, store_endpoint=store_endpoint,
             ray_address=ray_address, ray_token_file=ray_token_file, ray_node_ip=ray_node_ip, base_model=base_model,
             fold_every=fold_every, fold_timeout_s=fold_timeout, job=JobDefaults(tokens_per_task=tokens_per_task),
             outer_momentum=outer_momentum, outer_lr=outer_lr, keep_global_batch=keep_global_batch,

@@ -7,6 +7,8 @@ change by the same operations in the same order:
   scale 1): per module ``A = [A_1; …; A_K]`` and ``B = [c_1 B_1 | … | c_K B_K]``;
 * :func:`chain` is the same concatenation for consecutive patches (one PEFT file for a range of
   versions, or the negated chain of a rollback);
+* :func:`member` reads one adapter's part back out of a patch (its header's ``members`` say
+  where each adapter's rows are), so an unmerge needs the patch, not the adapter's own file;
 * :func:`apply_patch` adds ``sign · B @ A`` to fp32 weights in place, one GEMM per module;
 * :func:`patched` is what a worker does to weights stored in another dtype (bf16 files): upcast
   once, apply a chain of patches in fp32 in order, cast back once. Casting after every patch
@@ -15,6 +17,7 @@ change by the same operations in the same order:
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping, Sequence
 
@@ -22,7 +25,9 @@ import torch
 
 from nomoat.adapter import KIND_PATCH, Adapter
 
-__all__ = ["apply_patch", "build_patch", "chain", "patch_delta", "patched", "restrict"]
+__all__ = ["MEMBERS", "apply_patch", "build_patch", "chain", "member", "patch_delta", "patched", "restrict"]
+
+MEMBERS = "members"  # a patch's header entry: each input's [rank, modules] (None: all the patch's)
 
 
 def build_patch(
@@ -63,6 +68,42 @@ def build_patch(
         factors[module] = _concat(pairs, scales[key])
     # Per-module ranks may differ; the declared rank is informational (the shapes are the truth).
     rank = max(a.shape[0] for a, _ in factors.values())
+    return Adapter(factors, rank=rank, alpha=float(rank), kind=KIND_PATCH,
+                   meta={MEMBERS: _members(adapters, set(factors))})
+
+
+def _members(adapters: Sequence[Adapter], modules: set[str]) -> str:
+    """Where each input's rows are in the patch, as JSON: per input its rank (None if it differs
+    from module to module: then it cannot be read back) and its modules (None: all of them)."""
+    out = []
+    for adapter in adapters:
+        ranks = {a.shape[0] for a, _ in adapter.factors.values()}
+        own = set(adapter.factors)
+        out.append([ranks.pop() if len(ranks) == 1 else None, None if own == modules else sorted(own)])
+    return json.dumps(out, separators=(",", ":"))
+
+
+def member(patch: Adapter, index: int) -> Adapter | None:
+    """Input ``index`` of a patch :func:`build_patch` made, as a patch of its own: per module its
+    rows of A and its columns of B, which hold ``w · alpha / r · B`` (its weighted update,
+    exactly as the patch applies it). None when the patch does not say where its inputs are."""
+    try:
+        members = json.loads(patch.meta.get(MEMBERS, "null"))
+    except ValueError:
+        return None
+    if not isinstance(members, list) or not 0 <= index < len(members):
+        return None
+    everything = sorted(patch.factors)
+    if any(r is None for r, _ in members[: index + 1]):
+        return None
+    rank, own = members[index]
+    factors = {}
+    for module in own if own is not None else everything:
+        start = sum(r for r, mods in members[:index] if mods is None or module in mods)
+        a, b = patch.factors[module]
+        if start + rank > a.shape[0]:
+            return None
+        factors[module] = (a[start : start + rank], b[:, start : start + rank])
     return Adapter(factors, rank=rank, alpha=float(rank), kind=KIND_PATCH)
 
 

@@ -21,8 +21,9 @@ through :meth:`nomoat.client.CoordinatorClient.pull`. Read top to bottom:
   a few chunks, so memory stays bounded however large a shard is, and the two overlap.
 - **Straight from the store.** When the coordinator's blob store is an object store, the header
   names each file's presigned URL (``FileEntry.url``) and the stream carries no bytes: each file
-  is fetched with an HTTP Range GET from the byte it holds (:mod:`nomoat.direct`), through the
-  same writer and checks. A URL that expired mid-pull is a broken try: the next asks again.
+  is fetched from the byte it holds by HTTP Range GETs, several ranges at once in threads, each
+  file hashed in order as its ranges land (:mod:`nomoat.fetch`), then checked like a streamed
+  one. A URL that expired mid-pull is a broken try: the next asks again.
 - **Commit.** When every file checks out the folder gets its stamp
   (:data:`nomoat.lineage.STAMP`) and is renamed into place: the target is never half-written.
 """
@@ -40,7 +41,7 @@ from typing import Protocol
 
 import grpc
 
-from nomoat import direct
+from nomoat import direct, fetch
 from nomoat.framing import Block, PullError, decode
 from nomoat.lineage import STAMP
 from nomoat.partial import STATE, Partial
@@ -249,9 +250,7 @@ def _receive(stream: Iterable[bytes], partial: Partial, request: pb.PullRequest,
                 raise PullError("the coordinator's pull stream was malformed")
             writer.put((file, block, file.take(block)))
             report.advance(len(block.data))
-        for file in files.values():
-            if file.entry.url and file.received < file.entry.size:
-                _download(file, writer, report)
+        _download([f for f in files.values() if f.entry.url and f.received < f.entry.size], report)
     finally:
         writer.close()
         for file in files.values():
@@ -263,15 +262,26 @@ def _receive(stream: Iterable[bytes], partial: Partial, request: pb.PullRequest,
     return header
 
 
-def _download(file: _File, writer: _Writer, report: Progress) -> None:
-    """The rest of a file from its presigned URL, through the same writer and checks."""
+def _download(pending: list[_File], report: Progress) -> None:
+    """The rest of each file from its presigned URL: ranges in parallel threads, each file hashed
+    in order as its ranges land (:mod:`nomoat.fetch`), then the same checks as a streamed file."""
+    if not pending:
+        return
+    targets = {}
+    for file in pending:
+        file._open()  # hashes the prefix kept from an earlier try, as a streamed file does
+        targets[file] = fetch.Target(file.entry.url, file.entry.size, file.entry.offset, file.fh.fileno(),
+                                     file.digest)
+
     try:
-        for data in direct.get(file.entry.url, file.received):
-            block = Block(file.entry.path, file.received, memoryview(data))
-            writer.put((file, block, file.take(block)))
-            report.advance(len(data))
+        fetch.download(list(targets.values()), on_bytes=report.advance)
     except direct.DirectError as exc:
-        raise _Retry(f"{file.entry.path}: {exc}") from None
+        raise _Retry(str(exc)) from None
+    finally:
+        for file, target in targets.items():
+            file.received = target.hashed  # a broken try keeps its hashed prefix (the rest was cut)
+            if target.hashed == file.entry.size:
+                file.store(None, True)  # closes the file, takes its digest, reports it done
 
 
 # -- the whole pull ---------------------------------------------------------------------------

@@ -398,3 +398,28 @@ def test_fold_on_cuda_matches_cpu(base: LlamaForCausalLM) -> None:
     for name in cpu:
         assert gpu[name].is_cuda
         torch.testing.assert_close(gpu[name].cpu(), cpu[name], rtol=1e-4, atol=1e-5)
+
+
+def test_each_adapter_is_read_back_out_of_its_patch_exactly() -> None:
+    """A patch says where each input's rows are (inputs of different ranks and module sets), so
+    the patch that takes one adapter out again is built from the patch alone, bit for bit the one
+    built from the adapter's own factors (what an unmerge needs once the adapter's file is gone)."""
+    from nomoat import lora
+    from nomoat.adapter import Adapter, from_bytes, to_bytes
+
+    g = torch.Generator().manual_seed(3)
+
+    def adapter(modules: list[str], rank: int) -> Adapter:
+        return Adapter({m: (torch.randn(rank, 6, generator=g), torch.randn(5, rank, generator=g)) for m in modules},
+                       rank=rank, alpha=2.0 * rank)
+
+    adapters = [adapter(["q", "v"], 2), adapter(["v"], 3), adapter(["q", "v"], 4)]
+    weights = [0.3, 0.5, 0.2]
+    patch = from_bytes(to_bytes(lora.build_patch(adapters, weights)))  # as the store keeps it
+    for i, own in enumerate(adapters):
+        piece = lora.member(patch, i)
+        assert piece is not None and set(piece.factors) == set(own.factors)
+        expected, got = lora.build_patch([own], [-weights[i]]), lora.build_patch([piece], [-1.0])
+        assert all(torch.equal(expected.factors[m][k], got.factors[m][k]) for m in own.factors for k in (0, 1))
+    assert lora.member(patch, 3) is None
+    assert lora.member(Adapter(patch.factors, rank=patch.rank, alpha=patch.alpha, kind=patch.kind), 0) is None

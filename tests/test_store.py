@@ -108,3 +108,26 @@ def test_local_default_is_the_data_dir(tmp_path) -> None:
     assert isinstance(store, BlobStore) and store.root == tmp_path / "blobs"
     with pytest.raises(ValueError, match="s3://bucket"):
         open_store("gs://x", tmp_path)
+
+
+def test_the_endpoint_comes_from_the_settings_else_the_aws_chain(seaweed, monkeypatch) -> None:
+    """``--store-endpoint`` (Settings.store_endpoint) names the server; without it boto3's standard
+    chain (AWS_ENDPOINT_URL here) does. Credentials stay the standard AWS variables either way."""
+    import uuid
+
+    from coordinator.model.store import StoreError
+    from coordinator.settings import Settings
+    from tests.seaweed import use
+
+    use(seaweed, monkeypatch)
+    monkeypatch.delenv("AWS_ENDPOINT_URL")
+    settings = Settings(data_dir=None, store=f"s3://nomoat-test/{uuid.uuid4().hex[:12]}",
+                        store_endpoint=seaweed.endpoint)
+    named = open_store(settings.store, None, settings.store_endpoint)
+    assert named.s3.meta.endpoint_url == seaweed.endpoint and named.get(named.put(b"here")) == b"here"
+    assert named.presign_get(named.put(b"here"), 60).startswith(f"{seaweed.endpoint}/nomoat-test/")  # path style
+    with pytest.raises(StoreError, match="--store-endpoint 127.0.0.1:1: give the object store's URL"):
+        open_store(settings.store, None, "127.0.0.1:1")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", seaweed.endpoint)
+    chained = open_store(settings.store, None)
+    assert chained.s3.meta.endpoint_url == seaweed.endpoint and chained.get(named.put(b"here")) == b"here"

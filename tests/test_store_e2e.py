@@ -18,9 +18,11 @@ pytestmark = pytest.mark.slow
 
 
 def test_a_job_runs_end_to_end_through_an_object_store(cluster_factory, seaweed, monkeypatch, tmp_path) -> None:
-    use(seaweed, monkeypatch)  # the coordinator reads the standard AWS variables; the worker needs none
+    use(seaweed, monkeypatch)  # the coordinator's credentials: the standard AWS variables; the worker needs none
+    monkeypatch.delenv("AWS_ENDPOINT_URL")  # the store's URL comes from --store-endpoint (the settings)
     prefix = f"e2e-{uuid.uuid4().hex[:8]}"
-    cluster = cluster_factory("--fold-every", "2", "--store", f"s3://nomoat-test/{prefix}")
+    cluster = cluster_factory("--fold-every", "2", "--store", f"s3://nomoat-test/{prefix}",
+                              "--store-endpoint", seaweed.endpoint)
     add_outbound(cluster, "home-a")
     job_id = cluster.submit(lines=120, tokens_per_task=1500)
     done(cluster, job_id, timeout=600)

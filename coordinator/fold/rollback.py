@@ -23,7 +23,7 @@ from coordinator.fold import folding
 from coordinator.ledger import AdapterState, FoldedAdapter
 from coordinator.ledger.leaders import Fence, NotLeader
 from coordinator.ledger.operations import ROLLBACK, UNMERGE, Operations, Request
-from nomoat import adapter as adapter_format
+from coordinator.model import folded
 from nomoat import lora
 from nomoat.logs import fields
 
@@ -74,12 +74,11 @@ def unmerge(folder: Folder, adapter_id: str, leader: Fence | None = None) -> tup
     """A new version without one adapter's contribution: W − w·s·B·A, exactly that product,
     published under ``leader`` (as :func:`rollback`)."""
     with folder.lock:
-        entry = folder.ledger.adapters.get(adapter_id)
+        entry = folder.ledger.adapters.get(adapter_id) or folded.from_versions(folder.ledger, adapter_id)
         if entry is None or entry.state is not AdapterState.FOLDED:
             state = entry.state if entry else "unknown"
             raise ValueError(f"adapter {adapter_id} is {state}; only a folded adapter can be unmerged")
-        adapter = adapter_format.from_bytes(folder.store.get(entry.sha256))
-        patch = folding.build_patch([adapter], [-entry.weight])
+        patch = folded.unmerge_patch(folder.ledger, folder.store, entry)  # from its version's patch
         folder._catch_up()
         current = folder.version
         try:

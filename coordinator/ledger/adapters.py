@@ -239,7 +239,16 @@ class Adapters:
 
     def mark_unmerged(self, adapter_id: str, version: int) -> None:
         """A folded adapter that ``version`` took out of the model again."""
-        self.r.hset(keys.adapter(adapter_id), mapping={"state": AdapterState.UNMERGED.value, "unmerged_in": version})
+        with self.r.pipeline(transaction=True) as pipe:  # an expired record is not made again as a stub
+            try:
+                pipe.watch(keys.adapter(adapter_id))
+                if not pipe.exists(keys.adapter(adapter_id)):
+                    return
+                pipe.multi()
+                pipe.hset(keys.adapter(adapter_id), mapping={"state": AdapterState.UNMERGED.value, "unmerged_in": version})
+                pipe.execute()
+            except redis.WatchError:  # expired meanwhile: its unmerge version says it all
+                return
 
     def recent_norms(self, limit: int = 64) -> list[float]:
         """‖ΔW‖ of the most recently folded adapters, newest first (the norm gate's reference)."""

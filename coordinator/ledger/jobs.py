@@ -121,22 +121,57 @@ class Jobs:
         self._finish(keys=[keys.job(job_id), keys.RUNNING_JOBS, keys.COUNTERS],
                      args=[job_id, state.value, *(x for kv in fields.items() for x in kv)])
 
-    def sweep(self, job_id: str, summary: dict, records: str, n_records: int) -> int:
+    def sweep(self, job_id: str, summary: dict, records: str, n_records: int, adapters: list[str] = ()) -> int:
         """Retire a finished job's per-task records (coordinator.model.retention): its tasks'
-        counts by state go into the job's ``summary``, its records blob is now ``records`` (its
-        validation slice, ``n_records`` long), and its task hashes and task list go, in one
-        transaction; how many keys were removed."""
+        counts by state (and its ``adapters``' by state) go into the job's ``summary``, its records
+        blob is now ``records`` (its validation slice, ``n_records`` long), and its task hashes,
+        task list, replica groups, events, adapter-bytes index and the records of ``adapters``
+        go, in one transaction; how many keys were removed."""
         task_ids = [t.decode() for t in self.r.lrange(keys.job_tasks(job_id), 0, -1)]
         pipe = self.r.pipeline(transaction=True)
         pipe.hset(keys.job(job_id), mapping={"summary": json.dumps(summary), "records": records,
                                              "n_records": n_records, "swept": time.time()})
         for task_id in task_ids:
-            pipe.delete(keys.task(task_id))
+            pipe.delete(keys.task(task_id), keys.replicas(task_id))
             pipe.zrem(keys.PENDING, task_id)
             pipe.zrem(keys.LEASES, task_id)
-        pipe.delete(keys.job_tasks(job_id))
+            pipe.zrem(keys.REPLICATED, task_id)
+        for adapter_id in adapters:
+            pipe.delete(keys.adapter(adapter_id))
+        pipe.delete(keys.job_tasks(job_id), keys.job_events(job_id), keys.job_adapter_bytes(job_id))
         pipe.execute()
-        return len(task_ids) + 1
+        return len(task_ids) + len(adapters) + 1
+
+    def expire_adapters(self, job_id: str, states: dict[str, int], adapters: list[str]) -> int:
+        """A retired job's adapter records left behind (retired before its adapters were): their
+        counts by state added to its summary, the records removed; how many."""
+        if not adapters:
+            return 0
+        with self.r.pipeline(transaction=True) as pipe:  # the summary read, added to and written at once
+            while True:
+                try:
+                    pipe.watch(keys.job(job_id))
+                    raw = pipe.hget(keys.job(job_id), "summary")
+                    summary = json.loads(raw) if raw else {}
+                    counted = summary.setdefault("adapters", {})
+                    for state, n in states.items():
+                        counted[state] = counted.get(state, 0) + n
+                    pipe.multi()
+                    pipe.hset(keys.job(job_id), "summary", json.dumps(summary))
+                    pipe.delete(*(keys.adapter(a) for a in adapters))
+                    pipe.execute()
+                    return len(adapters)
+                except redis.WatchError:
+                    continue
+
+    def forget(self, job_id: str) -> int:
+        """Remove a retired job's own record at the end of its retention (its versions keep its
+        name and dataset's sha256 in their model cards); how many keys were removed."""
+        pipe = self.r.pipeline(transaction=True)
+        pipe.delete(keys.job(job_id), keys.job_tasks(job_id), keys.job_events(job_id), keys.job_adapter_bytes(job_id))
+        pipe.zrem(keys.JOBS, job_id)
+        pipe.zrem(keys.RUNNING_JOBS, job_id)
+        return int(pipe.execute()[0])
 
     def summary(self, job_id: str) -> dict:
         """What :meth:`sweep` kept of a retired job's tasks ({} for a job not retired)."""

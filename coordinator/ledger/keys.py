@@ -98,6 +98,13 @@ def trust_versions(volunteer: str) -> str:
     return _key("trust", volunteer, "versions")
 
 
+def volunteer_retired(volunteer: str) -> str:
+    """Hash: what a volunteer's expired records came to (coordinator.model.retention): its workers
+    gone past the policy's days ("workers", "tasks_done", "tokens_trained"), and the folded
+    adapters of the versions trimmed from its trust_versions ("older_versions_adapters")."""
+    return f"{PREFIX}trust:{volunteer}:retired"
+
+
 def replicas(task_id: str) -> str:
     """Hash: a replicated task's runs (JSON list), their adapters (JSON run -> adapter), base
     version, state, opened."""

@@ -92,6 +92,33 @@ class Trust:
             pipe.hset(keys.trust(volunteer), "banned", 1)
         pipe.execute()
 
+    def trim_versions(self, volunteer: str, keep: int) -> int:
+        """Bound a volunteer's versions record to the newest ``keep`` versions it is in; the
+        adapters of those dropped are added up in its retired record (its trust counts keep them
+        too). How many versions were dropped."""
+        key = keys.trust_versions(volunteer)
+        with self.r.pipeline(transaction=True) as pipe:
+            while True:
+                try:
+                    pipe.watch(key)
+                    if pipe.zcard(key) <= keep:
+                        return 0
+                    entries = sorted(((int(v), n) for v, n in pipe.zrange(key, 0, -1, withscores=True)), reverse=True)
+                    dropped = entries[keep:]
+                    pipe.multi()
+                    pipe.zrem(key, *(str(v) for v, _ in dropped))
+                    pipe.hincrbyfloat(keys.volunteer_retired(volunteer), "older_versions_adapters",
+                                      sum(n for _, n in dropped))
+                    pipe.execute()
+                    return len(dropped)
+                except redis.WatchError:
+                    continue
+
+    def volunteers_with_versions(self) -> list[str]:
+        """Every volunteer with a versions record (a scan: for the sweeper, never a hot path)."""
+        prefix, suffix = keys.trust_versions("\0").split("\0")
+        return [k.decode()[len(prefix):-len(suffix)] for k in self.r.scan_iter(match=keys.trust_versions("*"), count=1000)]
+
     def ban(self, volunteer: str) -> None:
         """Mark a volunteer banned: coordinator.schedule.standing excludes it for good."""
         self.r.hset(keys.trust(volunteer), "banned", 1)

@@ -36,6 +36,24 @@ return tostring(speed)
 """
 
 
+# KEYS: worker, WORKERS, token's workers, NODE_WORKERS, OUTBOUND_POLLS, inbox, the volunteer's retired
+# hash. ARGV: worker id, cutoff, node id. A worker last seen before the cutoff is summarised into its
+# volunteer's retired hash and its records removed, in one step (one seen since is left alone: 0).
+_RETIRE = """
+local seen = redis.call('ZSCORE', KEYS[2], ARGV[1])
+if seen and tonumber(seen) >= tonumber(ARGV[2]) then return 0 end
+redis.call('HINCRBY', KEYS[7], 'workers', 1)
+redis.call('HINCRBYFLOAT', KEYS[7], 'tasks_done', redis.call('HGET', KEYS[1], 'tasks_done') or '0')
+redis.call('HINCRBYFLOAT', KEYS[7], 'tokens_trained', redis.call('HGET', KEYS[1], 'tokens_trained') or '0')
+redis.call('DEL', KEYS[1], KEYS[6])
+redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('SREM', KEYS[3], ARGV[1])
+redis.call('ZREM', KEYS[5], ARGV[1])
+if ARGV[3] ~= '' and redis.call('HGET', KEYS[4], ARGV[3]) == ARGV[1] then redis.call('HDEL', KEYS[4], ARGV[3]) end
+return 1
+"""
+
+
 class TooManyWorkers(Exception):
     """A token already has as many active workers as it may."""
 
@@ -47,6 +65,7 @@ class TooManyWorkers(Exception):
 class Workers:
     def __init__(self, client: redis.Redis) -> None:
         self.r = client
+        self._retire = client.register_script(_RETIRE)
         self._run = client.register_script(_RUN)
 
     def admit(self, requested_id: str, *, name: str, card: bytes, node_id: str, token: str,
@@ -183,3 +202,18 @@ class Workers:
             if speed > 0:
                 speeds[node] = speed
         return speeds
+
+
+    def retire(self, worker: WorkerRecord, volunteer: str, cutoff: float) -> bool:
+        """Summarise a worker last seen before ``cutoff`` into ``volunteer``'s retired record (its
+        tasks and tokens stay counted) and remove its records, atomically; False when it was seen
+        since (it came back meanwhile)."""
+        return bool(self._retire(keys=[keys.worker(worker.worker_id), keys.WORKERS, keys.token_workers(worker.token or "-"),
+                                       keys.NODE_WORKERS, keys.OUTBOUND_POLLS, keys.inbox(worker.worker_id),
+                                       keys.volunteer_retired(volunteer)],
+                                 args=[worker.worker_id, cutoff, worker.node_id or ""]))
+
+    def retired(self, volunteer: str) -> dict[str, float]:
+        """What ``volunteer``'s expired workers had done: workers, tasks_done, tokens_trained."""
+        data = decode(self.r.hgetall(keys.volunteer_retired(volunteer)))
+        return {k: float(data.get(k, 0) or 0) for k in ("workers", "tasks_done", "tokens_trained")}

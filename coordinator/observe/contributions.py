@@ -58,11 +58,12 @@ def of(ledger: Ledger, settings: Settings, volunteer: str) -> VolunteerStats:
     mine = {w.worker_id: w for w in found if standing.volunteer_of(w.token, w.worker_id) == volunteer}
     record = ledger.trust.get(volunteer)
     entry = ledger.tokens.get(volunteer)
+    retired = ledger.workers.retired(volunteer)  # its workers gone past retention, summarised
     return VolunteerStats(
         volunteer=(entry.name if entry and entry.name else volunteer[:16]),
         workers=status.summarise(ledger, settings, sorted(mine.values(), key=lambda w: w.last_seen), time.time()),
-        tasks_done=sum(w.tasks_done for w in mine.values()),
-        tokens_trained=sum(w.tokens_trained for w in mine.values()),
+        tasks_done=sum(w.tasks_done for w in mine.values()) + int(retired["tasks_done"]),
+        tokens_trained=sum(w.tokens_trained for w in mine.values()) + retired["tokens_trained"],
         folded=record.accepted if record else 0,
         refused=record.refused if record else 0,
         agreed=record.agreed if record else 0,

@@ -5,7 +5,8 @@ Two backends, one file each, chosen by :func:`open_store` from the ``--store`` U
 - :class:`~coordinator.model.store.local.BlobStore`, a folder in the data dir (the embedded
   default): clients get its bytes streamed through the coordinator's gRPC calls.
 - :class:`~coordinator.model.store.s3.S3Store`, any S3-compatible object store
-  (``s3://bucket/prefix``; endpoint and credentials the standard AWS way): clients get and put
+  (``s3://bucket/prefix``; its endpoint from the settings or the standard AWS chain,
+  credentials the standard AWS way): clients get and put
   bytes straight from and to the store by presigned URLs, and the coordinator only names them.
 
 A blob's name is the sha256 of its bytes, so storing the same bytes twice is a no-op and a reader
@@ -22,9 +23,10 @@ from coordinator.model.store.base import CHUNK, BlobInfo, Store, StoreError, che
 from coordinator.model.store.local import BlobStore  # the default, by its old name
 
 
-def open_store(url: str, data_dir: Path | None) -> Store:
+def open_store(url: str, data_dir: Path | None, endpoint: str = "") -> Store:
     """The store ``url`` names: "" (or a path, or file://...) a folder, s3://bucket/prefix an
-    object store (endpoint and credentials from the standard AWS environment)."""
+    object store at ``endpoint`` (the settings' ``store_endpoint``; "": boto3's standard chain),
+    credentials the standard AWS way."""
     if not url:
         if data_dir is None:
             raise StoreError("a store in the data dir needs a data dir")
@@ -32,7 +34,7 @@ def open_store(url: str, data_dir: Path | None) -> Store:
     if url.startswith("s3://"):
         from coordinator.model.store.s3 import S3Store  # boto3 only for those who use it
 
-        return S3Store.from_url(url)
+        return S3Store.from_url(url, endpoint)
     if url.startswith("file://"):
         return BlobStore(Path(url[len("file://"):]))
     if "://" in url:

@@ -1,7 +1,9 @@
 """The object-store backend: blobs in any S3-compatible store (S3, R2, MinIO, SeaweedFS).
 
-``--store s3://bucket/prefix``; the endpoint and credentials come the standard AWS way
-(AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, AWS_REGION, or a profile), read by
+``--store s3://bucket/prefix``; the endpoint is the settings' ``store_endpoint``
+(``--store-endpoint``) when named, else boto3's own chain (AWS_ENDPOINT_URL, a profile's
+endpoint_url, or AWS itself); credentials and region come the standard AWS way
+(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, AWS_REGION, a profile, an instance role), read by
 boto3, never by us. Blobs live at ``<prefix>/blobs/<sha[:2]>/<sha>``, worker uploads at
 ``<prefix>/uploads/<task>.<fence>.<sha>``.
 
@@ -14,7 +16,6 @@ checking an upload) go through boto3, large files in multipart transfers.
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -38,19 +39,22 @@ def _missing(exc: ClientError) -> bool:
 class S3Store(Store):
     direct = True
 
-    def __init__(self, bucket: str, prefix: str = "", client=None) -> None:
+    def __init__(self, bucket: str, prefix: str = "", client=None, endpoint: str = "") -> None:
         self.bucket = bucket
         self.prefix = prefix.strip("/")
-        self.s3 = client if client is not None else _client()
+        self.s3 = client if client is not None else _client(endpoint)
 
     @classmethod
-    def from_url(cls, url: str) -> S3Store:
-        """``s3://bucket[/prefix]``; the bucket is made when it does not exist yet."""
+    def from_url(cls, url: str, endpoint: str = "") -> S3Store:
+        """``s3://bucket[/prefix]`` on ``endpoint`` ("": boto3's chain); the bucket is made when it
+        does not exist yet."""
         rest = url[len("s3://"):]
         bucket, _, prefix = rest.partition("/")
         if not bucket:
             raise StoreError(f"--store {url}: name a bucket, as s3://bucket/prefix")
-        store = cls(bucket, prefix)
+        if endpoint and not endpoint.startswith(("http://", "https://")):
+            raise StoreError(f"--store-endpoint {endpoint}: give the object store's URL, as https://HOST[:PORT]")
+        store = cls(bucket, prefix, endpoint=endpoint)
         store.ensure_bucket()
         return store
 
@@ -63,8 +67,9 @@ class S3Store(Store):
                     raise
                 self.s3.create_bucket(Bucket=self.bucket)
         except (ClientError, BotoCoreError) as exc:
-            raise StoreError(f"cannot use the bucket {self.bucket} of the object store ({exc}); check "
-                             "AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and AWS_REGION") from None
+            raise StoreError(f"cannot use the bucket {self.bucket} of the object store at "
+                             f"{self.s3.meta.endpoint_url} ({exc}); check --store-endpoint (or AWS_ENDPOINT_URL) "
+                             "and the credentials: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION") from None
 
     def _key(self, sha256: str) -> str:
         return self._join(f"blobs/{check_sha(sha256)[:2]}/{sha256}")
@@ -192,11 +197,16 @@ class S3Store(Store):
         return f"s3://{self.bucket}/{self.prefix}"
 
 
-def _client():
-    """boto3's S3 client as the environment configures it. SigV4 signs every presigned URL (one
-    object, one method, an expiry); path-style addressing when an endpoint is named (MinIO,
+def _client(endpoint: str = ""):
+    """boto3's S3 client on ``endpoint`` ("": wherever boto3's standard chain points). SigV4 signs
+    every presigned URL (one object, one method, an expiry); path-style addressing off AWS (MinIO,
     SeaweedFS and R2 serve buckets under the path, not as host names)."""
-    style = "path" if os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL_S3") else "auto"
-    config = Config(signature_version="s3v4", s3={"addressing_style": style},
-                    retries={"max_attempts": 5, "mode": "standard"})
-    return boto3.session.Session().client("s3", config=config)
+    def make(style: str):
+        config = Config(signature_version="s3v4", s3={"addressing_style": style},
+                        retries={"max_attempts": 5, "mode": "standard"})
+        return boto3.session.Session().client("s3", config=config, endpoint_url=endpoint or None)
+
+    client = make("auto")
+    if not client.meta.endpoint_url.rstrip("/").endswith(".amazonaws.com"):
+        client = make("path")  # an endpoint of its own (ours, or the chain's): not AWS
+    return client
