@@ -40,13 +40,14 @@ def owner_of(identity: Identity | None) -> str | None:
 
 @contextlib.asynccontextmanager
 async def stream_slot(lanes: Lanes, ledger: Ledger, settings: Settings,
-                      identity: Callable[[], Identity | None]) -> AsyncIterator[None]:
+                      identity: Callable[[], Identity | None]) -> AsyncIterator[str | None]:
     """Hold one of the caller's ``max_streams_per_caller`` stream slots for the block (renewed
-    while it lasts). ``identity`` is called in a lane's thread (it may read the ledger)."""
+    while it lasts); yields the caller's :func:`owner_of`. ``identity`` is called in a lane's
+    thread (it may read the ledger)."""
     limit = settings.max_streams_per_caller
-    owner = owner_of(await lanes.run(CALLS, identity)) if limit > 0 else None
-    if owner is None:
-        yield
+    owner = owner_of(await lanes.run(CALLS, identity))
+    if owner is None or limit <= 0:
+        yield owner
         return
     stream_id = secrets.token_hex(8)
     if not await lanes.run(CALLS, ledger.quotas.open_stream, owner, stream_id, limit, STREAM_TTL_S):
@@ -63,7 +64,7 @@ async def stream_slot(lanes: Lanes, ledger: Ledger, settings: Settings,
 
     renewing = asyncio.create_task(renew())
     try:
-        yield
+        yield owner
     finally:
         renewing.cancel()
         await lanes.run(CALLS, ledger.quotas.close_stream, owner, stream_id)
