@@ -36,7 +36,9 @@ CARD = "RTX 3060:12:13"
 
 
 def first_line(exc: BaseException) -> str:
-    return (str(exc).splitlines() or [type(exc).__name__])[0][:160]
+    details = getattr(exc, "details", None)  # a grpc.RpcError: its status's sentence
+    text = details() if callable(details) else str(exc)
+    return ((text or "").splitlines() or [type(exc).__name__])[0][:160]
 
 
 def sybil(args: argparse.Namespace, stop: threading.Event) -> dict:
@@ -104,7 +106,7 @@ def watch(args: argparse.Namespace, stop: threading.Event) -> dict:
                     if stop.is_set():
                         break
             except NomoatError as exc:
-                if "DEADLINE" not in str(exc) and "deadline" not in str(exc):
+                if "did not answer in time" not in str(exc):  # its own deadline (hold_s) ends a held stream
                     count("watch", exc)
                     stop.wait(0.2)
 
@@ -117,8 +119,11 @@ def watch(args: argparse.Namespace, stop: threading.Event) -> dict:
                 next(call)  # one chunk read, then the stream is held: the server waits on this reader
                 count("pull")
                 stop.wait(args.hold_s)
-            except Exception as exc:  # noqa: BLE001  (grpc.RpcError: a refusal, or nothing to pull yet)
-                count("pull", exc)
+            except StopIteration:  # nothing to pull
+                stop.wait(0.2)
+            except Exception as exc:  # noqa: BLE001  (grpc.RpcError: a refusal)
+                if "DEADLINE_EXCEEDED" not in repr(exc):
+                    count("pull", exc)
                 stop.wait(0.2)
             finally:
                 call.cancel()
