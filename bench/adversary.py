@@ -124,6 +124,7 @@ class JobRef:
 
     def __init__(self) -> None:
         self._id, self._set = "", threading.Event()
+        self.ready = threading.Event()  # set by an attack that prepares (trains) before the job exists
 
     def set(self, job_id: str) -> None:
         self._id = job_id
@@ -293,7 +294,7 @@ def random_like(adapter: fmt.Adapter, seed: int) -> fmt.Adapter:
     return fmt.Adapter({m: (a * ratio, b * ratio) for m, (a, b) in factors.items()}, adapter.rank, adapter.alpha)
 
 
-OTHER_TEXT = [f"{t}" for t in read_fortunes()[4000:4060]]  # text the job does not hold
+OTHER_TEXT = [f"{t}" for t in read_fortunes()[4000:4012]]  # text the job does not hold (about a task's tokens)
 
 
 def folded(ctx: Ctx, adapter_ids: list[str]) -> int:
@@ -446,6 +447,7 @@ def uploads_then_judge(ctx: Ctx, h: Hostile, stop: threading.Event, out: dict, m
 def free_rider(ctx: Ctx, job: JobRef, stop: threading.Event, out: dict) -> None:
     h = Hostile(ctx, "free-rider")
     calibrate = h.train_at(0, OTHER_TEXT)  # one real adapter on public text, for a plausible norm
+    job.ready.set()
     uploads_then_judge(ctx, h, stop, out, lambda s: random_like(calibrate, seed=len(h.uploaded) + 1),
                        "random factors of an honest norm")
 
@@ -488,6 +490,7 @@ def scaled(ctx: Ctx, job: JobRef, stop: threading.Event, out: dict) -> None:
 def other_data(ctx: Ctx, job: JobRef, stop: threading.Event, out: dict) -> None:
     h = Hostile(ctx, "other-data")
     base = h.train_at(0, OTHER_TEXT)  # trained once; each upload a copy nudged off its sha256
+    job.ready.set()
 
     def make(spec) -> fmt.Adapter:
         g = torch.Generator().manual_seed(len(h.uploaded) + len(h.refusals))
@@ -551,6 +554,8 @@ def watch_flood(ctx: Ctx, job: JobRef, stop: threading.Event, out: dict) -> None
                      f"{got['client_cpu_s']} CPU s")
 
 
+free_rider.prepares = other_data.prepares = True  # type: ignore[attr-defined]  (they train before the job)
+
 ATTACKS: dict[str, Callable] = {
     "hijack": hijack, "forged-memory": forged_memory, "forged-speed": forged_speed, "abandon": abandon,
     "free-rider": free_rider, "copycat": copycat, "scaled-x50": scaled, "other-data": other_data,
@@ -575,10 +580,13 @@ def scenario(ctx: Ctx, name: str, attack: Callable | None) -> dict:
             except Exception as exc:  # noqa: BLE001  (an attack that broke says so, and did not succeed)
                 out["detail"] = f"the attack broke: {type(exc).__name__}: {exc}"[:300]
                 out["broke"] = True
+            finally:
+                ref.ready.set()  # a preparing attack that broke is waited for no longer
 
         thread = threading.Thread(target=guarded, daemon=True)
         thread.start()
-        time.sleep(ctx.args.head_start)  # it registers (and asks for work) before the job exists
+        # It registers (and asks for work) before the job exists; one that trains first is waited for.
+        ref.ready.wait(600 if getattr(attack, "prepares", False) else ctx.args.head_start)
     with ctx.client("admin") as client:  # the data dir holds no submitter token: the operator submits
         job_id = client.submit(dataset(ctx.tmp, ctx.args.lines, ctx.seed, f"job-{ctx.seed}.jsonl"), name=name,
                                config=pb.JobConfig(tokens_per_task=ctx.args.tokens_per_task)).job_id
