@@ -647,12 +647,13 @@ def honest_complaints(ctx: Ctx, since: dict[str, int]) -> list[str]:
 
 
 def start(args: argparse.Namespace, tmp: Path) -> Ctx:
-    """The coordinator (a fold of 2; a fold timeout of 15 s, not 120: a job's last adapter can wait
-    that long for a fold, which made the attack-free runs' times vary by minutes) and the honest
-    volunteers, joined with the printed join line."""
+    """The coordinator (no Ray: every volunteer here is outbound, and a Ray head timed out starting
+    on a loaded machine; a fold of 2; a fold timeout of 15 s, not 120: a job's last adapter can
+    wait that long for a fold, which made the attack-free runs' times vary by minutes) and the
+    honest volunteers, joined with the printed join line."""
     data_dir = tmp / "coordinator"
     address = f"127.0.0.1:{procs.free_port()}"
-    coordinator = procs.coordinator(data_dir, address, tmp / "coordinator.log", "--fold-every", "2", "--fold-timeout", "15",
+    coordinator = procs.coordinator(data_dir, address, tmp / "coordinator.log", "--ray-address", "off", "--fold-every", "2", "--fold-timeout", "15",
                                     "--replicate-fraction", "0", "--lease-ttl", str(args.lease_ttl),
                                     "--eval-tokens", "1024", "--http", f"127.0.0.1:{procs.free_port()}")
     coordinator.wait_for("volunteers join with", timeout=300)
