@@ -24,10 +24,19 @@ is the same job with no attacker (the baseline). Attacks:
   same one) uploads the same bytes for its own tasks;
 * ``scaled-x50``: train the task for real, upload the update x50;
 * ``other-data``: train on other text (fortunes the job does not hold) with the task's settings;
-* ``sybil``: mint as many volunteers as it can with the public join code (then: can a newcomer
-  still join? refused only for this address's limit counts as held: one from elsewhere would join);
 * ``submit-flood``: a submitter sending many small jobs;
-* ``watch-flood``: a reader holding many Watch streams and pulling the whole patch chain in a loop.
+* ``watch-flood``: a volunteer (minted from the join code) holding many Watch streams and PEFT
+  pulls of the whole patch chain that it reads one message of and then holds (a slow reader);
+* ``sybil``: mint as many volunteers as it can with the public join code (then: can a newcomer
+  still join? refused only for this address's limit counts as held: one from elsewhere would join).
+  Last: it spends the loopback address's joins, which every other attacker needs.
+
+The three floods run in processes of their own (bench/floods.py), so that a flood does not starve
+this process, which measures. A hostile volunteer's training runs in a process of its own at a
+lower priority (its own card, in truth; here the honest volunteers' CPU). Floods are judged by what they aim at: an honest
+volunteer's call refused (its log), or its throughput below both 0.9 and the noise floor of the
+attack-free runs (``--baselines`` of them, spread over the run, after a warm-up job that earns the
+honest volunteers their way out of probation).
 
 Per attack: ``succeeded`` (the attack did what it wanted: its adapter folded, a lease used, the
 limit not held, ...), ``detail``, the honest volunteers' throughput (tokens of their accepted
@@ -41,13 +50,20 @@ refusals at most 1 %.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
 import math
+import multiprocessing
+import os
 import re
+import resource
+import statistics
+import subprocess
 import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -108,6 +124,7 @@ class JobRef:
 
     def __init__(self) -> None:
         self._id, self._set = "", threading.Event()
+        self.ready = threading.Event()  # set by an attack that prepares (trains) before the job exists
 
     def set(self, job_id: str) -> None:
         self._id = job_id
@@ -179,14 +196,13 @@ class Hostile:
         """A real adapter on ``texts`` from ``version``, at the job defaults' settings as a task of
         a fold of 4 trains them (what it expects its units to ask for), before any unit arrives."""
         from coordinator.settings import JobDefaults
-        from worker.trainer import LoraSpec, TrainSpec, train_adapter
+        from worker.trainer import LoraSpec, TrainSpec
 
         job = JobDefaults()
         folder = ModelCache(self.ctx.tmp / f"cache-{self.name}").ensure(self.client, self.lineage, version)
-        torch.set_num_threads(1)
-        return train_adapter(folder, texts, LoraSpec(job.lora_rank, job.lora_alpha, job.target_modules),
-                             TrainSpec(seq_len=job.seq_len, batch_size=2, micro_batch=2,
-                                       learning_rate=2 * job.learning_rate, seed=seed))[0]
+        return trained(folder, texts, LoraSpec(job.lora_rank, job.lora_alpha, job.target_modules),
+                       TrainSpec(seq_len=job.seq_len, batch_size=2, micro_batch=2,
+                                 learning_rate=2 * job.learning_rate, seed=seed))
 
     def said(self) -> str:
         """What happened to its units, for a detail line."""
@@ -202,14 +218,70 @@ class Hostile:
 
     def train(self, spec, texts: list[str], seed: int = 0) -> fmt.Adapter:
         """A real adapter on ``texts``, from the task's base version, with the task's settings."""
-        from worker.trainer import LoraSpec, TrainSpec, train_adapter
+        from worker.trainer import LoraSpec, TrainSpec
 
         folder = ModelCache(self.ctx.tmp / f"cache-{self.name}").ensure(self.client, self.lineage, spec.base_version)
         lora = LoraSpec(spec.lora.rank, spec.lora.alpha, tuple(spec.lora.target_modules))
         train = TrainSpec(seq_len=spec.train.seq_len, batch_size=spec.train.batch_size,
                           micro_batch=spec.train.batch_size, learning_rate=spec.train.learning_rate, seed=seed)
-        torch.set_num_threads(1)
-        return train_adapter(folder, texts, lora, train)[0]
+        return trained(folder, texts, lora, train)
+
+
+_TRAINERS: concurrent.futures.ProcessPoolExecutor | None = None
+
+
+def trained(folder: Path, texts: list[str], lora, train) -> fmt.Adapter:
+    """A real adapter, trained in a process of its own at a lower priority (nice +5). A hostile
+    volunteer trains on its own card; here its card is the honest volunteers' CPU: at their
+    priority it would slow them by what a third trainer on two cores costs, not by anything the
+    attack does (at the lowest it was so slow on a loaded machine that a lease it held stalled the
+    job's tail), and in a thread of this process it would hold the interpreter's lock from the
+    process that measures."""
+    global _TRAINERS
+    if _TRAINERS is None:
+        _TRAINERS = concurrent.futures.ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn"),
+                                                          initializer=os.nice, initargs=(5,))
+    return fmt.from_bytes(_TRAINERS.submit(_train_bytes, str(folder), texts, lora, train).result())
+
+
+def _train_bytes(folder: str, texts: list[str], lora, train) -> bytes:
+    from worker.trainer import train_adapter
+
+    torch.set_num_threads(1)
+    return fmt.to_bytes(train_adapter(Path(folder), texts, lora, train)[0])
+
+
+class Flood:
+    """A flood (bench/floods.py) in a process of its own, so that it cannot starve this one, which
+    measures the honest volunteers. ``result()`` stops it and reads what it got through, with the
+    CPU seconds the flood's own client spent."""
+
+    def __init__(self, ctx: Ctx, kind: str, token: str, *args: str) -> None:
+        self.log = ctx.tmp / f"flood-{kind}.log"
+        self._cpu0 = _children_cpu()
+        with open(self.log, "wb") as err:
+            self.p = subprocess.Popen([sys.executable, str(ROOT / "bench" / "floods.py"), kind, "--address",
+                                       ctx.address, *args], stdout=subprocess.PIPE, stderr=err,
+                                      env={**os.environ, "NOMOAT_TOKEN": token, "PYTHONPATH": str(ROOT)}, text=True)
+
+    def result(self) -> dict:
+        if self.p.poll() is None:
+            self.p.terminate()
+        try:
+            out, _ = self.p.communicate(timeout=90)
+        except subprocess.TimeoutExpired:
+            self.p.kill()
+            out, _ = self.p.communicate()
+        lines = [line for line in (out or "").splitlines() if line.startswith("{")]
+        got = json.loads(lines[-1]) if lines else {"broke": self.log.read_text(errors="replace")[-300:]}
+        got["client_cpu_s"] = round(_children_cpu() - self._cpu0, 1)
+        return got
+
+
+def _children_cpu() -> float:
+    """CPU seconds of this process's children that have ended (a flood's, once it is waited for)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def random_like(adapter: fmt.Adapter, seed: int) -> fmt.Adapter:
@@ -222,11 +294,19 @@ def random_like(adapter: fmt.Adapter, seed: int) -> fmt.Adapter:
     return fmt.Adapter({m: (a * ratio, b * ratio) for m, (a, b) in factors.items()}, adapter.rank, adapter.alpha)
 
 
-OTHER_TEXT = [f"{t}" for t in read_fortunes()[4000:4060]]  # text the job does not hold
+OTHER_TEXT = [f"{t}" for t in read_fortunes()[4000:4012]]  # text the job does not hold (about a task's tokens)
 
 
 def folded(ctx: Ctx, adapter_ids: list[str]) -> int:
     return sum(1 for i in adapter_ids if (a := ctx.ledger.adapters.get(i)) and a.state.value == "folded")
+
+
+def fates(ctx: Ctx, adapter_ids: list[str]) -> str:
+    """What became of adapters: their states, and the checks that refused them (the reasons' starts)."""
+    records = [a for i in adapter_ids if (a := ctx.ledger.adapters.get(i))]
+    states = Counter(a.state.value for a in records)
+    reasons = Counter(re.sub(r"[0-9.]+", "#", a.reason)[:60] for a in records if a.reason)
+    return f"states {dict(states)}, reasons {dict(reasons.most_common(3))}"
 
 
 def each_run(h: Hostile, stop: threading.Event, body: Callable) -> None:
@@ -242,46 +322,43 @@ def each_run(h: Hostile, stop: threading.Event, body: Callable) -> None:
 
 def hijack(ctx: Ctx, job: JobRef, stop: threading.Event, out: dict) -> None:
     """It never asks for work, so no lease is ever placed on it: any lease call it gets through is
-    another worker's lease."""
+    another worker's lease. Task ids: guessed as the job id plus a counter (the old scheme), and
+    any it can read in what a volunteer sees (``Status``: the job's events, which name tasks);
+    worker ids: its own and every one ``Status`` lists; fences 1..max_fence; never a secret."""
     h = Hostile(ctx, "hijacker")
     job_id = job.get()
+    tried: set[tuple[str, str]] = set()  # (task, worker id claimed)
     used: set[str] = set()
-    fetched: set[tuple[str, int]] = set()
+    seen: set[str] = set()  # task ids read in Status
     leaked = 0
     while not stop.wait(1.0):
-        status = h.client.status(job_id)
-        total = status.jobs[0].total_tasks if status.jobs else 0
-        for i in range(total):
-            task_id = f"{job_id}-t{i:03d}"
-            if task_id in used:
-                continue
-            fences = list(range(1, ctx.args.max_fence))
-            for fence in fences:
-                try:
-                    reply = h.client.heartbeat(task_id, fence, h.worker_id)
-                except NomoatError as exc:
-                    hint = re.search(r"fence (\d+)", str(exc))  # an error that names the right fence
-                    if hint and int(hint.group(1)) not in fences[:fence]:
-                        fences.insert(fences.index(fence) + 1, int(hint.group(1)))
+        status = h.client.status()
+        mine = [j for j in status.jobs if j.job_id == job_id]
+        total = mine[0].total_tasks if mine else 0
+        seen |= {m for j in mine for e in j.events for m in re.findall(re.escape(job_id) + r"-t[0-9a-f]{8}", e)}
+        workers = [h.worker_id, *(w.worker_id for w in status.workers if w.worker_id != h.worker_id)]
+        guessed = [f"{job_id}-t{i:03d}" for i in range(total)]
+        for task_id, claims in [*((t, workers) for t in sorted(seen)), *((t, workers[:1]) for t in guessed)]:
+            for worker_id in claims:
+                if stop.is_set() or task_id in used or (task_id, worker_id) in tried:
                     continue
-                if not reply.ok:
-                    hint = re.search(r"fence (\d+)", reply.reason)
-                    if hint and int(hint.group(1)) != fence:
-                        fences.insert(fences.index(fence) + 1, int(hint.group(1)))
-                    continue
-                used.add(task_id)
-                break
-            for fence in fences[:5]:  # a shard fetch without the lease's secret, at the likeliest fences
-                if (task_id, fence) in fetched:
-                    continue
-                fetched.add((task_id, fence))
-                try:
-                    leaked += bool(h.client.fetch_shard(task_id, fence, h.worker_id))
-                except NomoatError:
-                    pass
+                tried.add((task_id, worker_id))
+                for fence in range(1, ctx.args.max_fence):
+                    try:
+                        if h.client.heartbeat(task_id, fence, worker_id).ok:
+                            used.add(task_id)
+                            break
+                    except NomoatError:
+                        pass
+                for fence in range(1, 6):  # a shard fetch without the lease's secret, at the likeliest fences
+                    try:
+                        leaked += bool(h.client.fetch_shard(task_id, fence, worker_id))
+                    except NomoatError:
+                        pass
     out["succeeded"] = bool(used or leaked)
     out["detail"] = (f"heartbeats accepted on {len(used)} leases placed on other workers, {leaked} shards fetched "
-                     f"(task ids guessed as job id + counter, fences 1..{ctx.args.max_fence - 1}, no lease secret)")
+                     f"({len(seen)} task ids read in Status, the rest guessed as job id + counter; claimed as its own "
+                     f"worker and as each worker Status lists; fences 1..{ctx.args.max_fence - 1}; no lease secret)")
 
 
 def forged_memory(ctx: Ctx, job: JobRef, stop: threading.Event, out: dict) -> None:
@@ -299,25 +376,42 @@ def forged_memory(ctx: Ctx, job: JobRef, stop: threading.Event, out: dict) -> No
 
 
 def forged_speed(ctx: Ctx, job: JobRef, stop: threading.Event, out: dict) -> None:
+    """It trains every unit for real (at its own, honest, speed) and reports a thousand times the
+    tokens in a millisecond, as report and as manifest. What it aims at: runs sized for the speed
+    it claims. Judged against its real speed, as its own clock measures it (a run taken to the
+    last upload accepted)."""
+    from coordinator.schedule.scheduler import units_for
+    from coordinator.settings import Settings
+
     h = Hostile(ctx, "forger-speed")
-    base = [None]
+    sizes: list[int] = []
+    tokens, seconds = [0], [0.0]
 
     def body(run_id: str, specs) -> None:
+        began = time.monotonic()
+        sizes.append(len(specs))
         units = []
         for s in specs:
-            if base[0] is None:
-                base[0] = h.train(s, h.shard(s))  # one real adapter, reused: it is the speed that lies
-            reply = h.upload(s, base[0], tokens=s.tokens * 1000)
+            reply = h.upload(s, h.train(s, h.shard(s), seed=s.train.seed), tokens=s.tokens * 1000)
+            tokens[0] += s.tokens if reply.accepted else 0
             units.append(UnitResult(s.task_id, s.fence, "" if reply.accepted else reply.reason,
                                     adapter_id=reply.adapter_id, tokens=s.tokens * 1000, seconds=0.001))
+        seconds[0] += time.monotonic() - began
         h.report(run_id, units, specs)
 
     each_run(h, stop, body)
-    speeds = {w.name: w.tokens_per_s for w in ctx.ledger.workers.all()}
-    honest = max((speeds.get(n, 0.0) for n in HONEST), default=0.0)
-    mine = speeds.get("forger-speed", 0.0)
-    out["succeeded"] = mine > 10 * max(honest, 1e-9)
-    out["detail"] = f"its speed as the scheduler sees it: {mine:.0f} tokens/s against the honest {honest:.0f}"
+    real = tokens[0] / max(seconds[0], 1e-9)
+    record = ctx.ledger.workers.get(h.worker_id)
+    planned = record.tokens_per_s if record else 0.0
+    settings = Settings(data_dir=ctx.cluster_dir)  # the coordinator's defaults (the bench sets neither)
+    unit_tokens = ctx.args.tokens_per_task
+    earned = units_for(3 * real, unit_tokens, settings.target_task_seconds, settings.max_units_per_run)
+    # It worked if the scheduler plans with more than its real speed (3x: the coordinator's clock
+    # includes the upload), or any run was bigger than three times its real speed earns.
+    out["succeeded"] = planned > 3 * max(real, 1e-9) or max(sizes, default=0) > earned
+    out["detail"] = (f"claimed {1000 * unit_tokens / 0.001:.3g} tokens/s; really {real:.0f} tokens/s by its own clock; "
+                     f"the scheduler plans with {planned:.0f} tokens/s; its runs: {len(sizes)}, units per run "
+                     f"{sizes[:12]} (3x its real speed earns at most {earned}); {h.said()}")
 
 
 def abandon(ctx: Ctx, job: JobRef, stop: threading.Event, out: dict) -> None:
@@ -347,12 +441,13 @@ def uploads_then_judge(ctx: Ctx, h: Hostile, stop: threading.Event, out: dict, m
     each_run(h, stop, body)
     n = folded(ctx, h.uploaded)
     out["succeeded"] = n > 0
-    out["detail"] = f"{n} of its uploads ({what}) folded; {h.said()}"
+    out["detail"] = f"{n} of its uploads ({what}) folded; {h.said()}; {fates(ctx, h.uploaded)}"
 
 
 def free_rider(ctx: Ctx, job: JobRef, stop: threading.Event, out: dict) -> None:
     h = Hostile(ctx, "free-rider")
     calibrate = h.train_at(0, OTHER_TEXT)  # one real adapter on public text, for a plausible norm
+    job.ready.set()
     uploads_then_judge(ctx, h, stop, out, lambda s: random_like(calibrate, seed=len(h.uploaded) + 1),
                        "random factors of an honest norm")
 
@@ -395,6 +490,7 @@ def scaled(ctx: Ctx, job: JobRef, stop: threading.Event, out: dict) -> None:
 def other_data(ctx: Ctx, job: JobRef, stop: threading.Event, out: dict) -> None:
     h = Hostile(ctx, "other-data")
     base = h.train_at(0, OTHER_TEXT)  # trained once; each upload a copy nudged off its sha256
+    job.ready.set()
 
     def make(spec) -> fmt.Adapter:
         g = torch.Generator().manual_seed(len(h.uploaded) + len(h.refusals))
@@ -405,86 +501,66 @@ def other_data(ctx: Ctx, job: JobRef, stop: threading.Event, out: dict) -> None:
 
 
 def sybil(ctx: Ctx, job: JobRef, stop: threading.Event, out: dict) -> None:
-    code = ctx.join_code()  # the join line's code: every public volunteer has it
-    card = to_message(parse_simulated(CARD))
+    """Mint as many volunteers as it can with the public join code, from a process of its own."""
     job.get()  # the flood starts with the job
-    registered = refused = 0
-    why = ""
-    for i in range(ctx.args.sybils):
-        try:  # each registration with the code mints a new volunteer (a credential of its own)
-            reply = CoordinatorClient(ctx.address, code).register(f"sybil-{i}", card)
-            registered += bool(reply.credential)
-        except NomoatError as exc:
-            refused += 1
-            why = why or str(exc).splitlines()[0]
-        if stop.is_set():
-            break
-    try:  # a new honest volunteer joining with the same public line afterwards
-        CoordinatorClient(ctx.address, code).register("newcomer", card)
-        newcomer, newcomer_why = True, ""
-    except NomoatError as exc:
-        newcomer, newcomer_why = False, str(exc).splitlines()[0]
+    flood = Flood(ctx, "sybil", ctx.join_code(), "--count", str(ctx.args.sybils))
+    stop.wait()
+    got = flood.result()
+    out["flood"] = got
     # On loopback the newcomer shares the flood's address: refused for that address's limit alone,
     # a newcomer from anywhere else would still join; refused for the overall limit, the flood won.
-    per_address = "the most one address may" in newcomer_why
-    stop.wait()
-    out["succeeded"] = registered >= ctx.args.sybils or (not newcomer and not per_address)
-    out["detail"] = (f"{registered} identities minted, {refused} refused ({why[:100]}); a newcomer from the same "
-                     f"address {'could' if newcomer else 'could not'} join afterwards"
-                     + (f" ({newcomer_why[:80]})" if newcomer_why else ""))
+    per_address = "the most one address may" in got.get("newcomer_why", "")
+    registered = got.get("registered", 0)
+    out["succeeded"] = registered >= ctx.args.sybils or (not got.get("newcomer") and not per_address)
+    out["denial"] = True  # judged also by the honest volunteers' calls and throughput (see scenario)
+    out["detail"] = (f"{registered} identities minted, {got.get('refused', 0)} refused ({got.get('why')}); a newcomer "
+                     f"from the same address {'could' if got.get('newcomer') else 'could not'} join afterwards"
+                     + (f" ({got['newcomer_why'][:80]})" if got.get("newcomer_why") else "")
+                     + f"; the flood's client used {got['client_cpu_s']} CPU s")
 
 
 def submit_flood(ctx: Ctx, job: JobRef, stop: threading.Event, out: dict) -> None:
-    client = CoordinatorClient(ctx.address, ctx.new_token("submitter", "flooder"))
-    job.get()  # the flood starts with the job
-    accepted = refused = 0
+    """A submitter sending more small jobs than its share, from a process of its own."""
+    folder = ctx.tmp / f"flood-{ctx.seed}"
+    folder.mkdir()
     for i in range(ctx.args.flood_jobs):
-        if stop.is_set():
-            break
-        try:
-            client.submit(dataset(ctx.tmp, 30, 100 + i, f"flood-{i}.jsonl"), name=f"flood-{i}",
-                          config=pb.JobConfig(tokens_per_task=ctx.args.tokens_per_task))
-            accepted += 1
-        except NomoatError:
-            refused += 1
+        dataset(folder, 4, 100 + i, f"flood-{i:03d}.jsonl")  # small jobs: one task each
+    job.get()  # the flood starts with the job
+    flood = Flood(ctx, "submit", ctx.new_token("submitter", "flooder"), "--datasets", str(folder),
+                  "--tokens-per-task", str(ctx.args.tokens_per_task))
     stop.wait()
-    out["succeeded"] = accepted >= ctx.args.flood_jobs
-    out["detail"] = f"{accepted} jobs accepted, {refused} refused"
+    got = flood.result()
+    out["flood"] = got
+    accepted = got.get("accepted", 0)
+    out["succeeded"] = accepted >= ctx.args.flood_jobs  # more jobs than one submitter's share
+    out["detail"] = (f"{accepted} of {ctx.args.flood_jobs} jobs accepted, {got.get('refused', 0)} refused "
+                     f"({got.get('why')}); the flood's client used {got['client_cpu_s']} CPU s")
+    out["denial"] = True  # judged also by the honest volunteers' calls and throughput (see scenario)
 
 
 def watch_flood(ctx: Ctx, job: JobRef, stop: threading.Event, out: dict) -> None:
-    token = ctx.new_token("reader", "watcher")
-    opened, refused = [0], [0]
+    """A volunteer (minted from the join code) holding Watch streams and slow PEFT pulls of the
+    whole patch chain, from a process of its own."""
     job_id = job.get()
-
-    def one(i: int) -> None:
-        client = CoordinatorClient(ctx.address, token)
-        while not stop.is_set():
-            try:
-                if i % 2:
-                    for _ in client.watch(job_id, timeout=30):
-                        opened[0] += 1
-                        if stop.is_set():
-                            break
-                else:
-                    client.pull(ctx.tmp / f"pull-{i}", fmt="peft", since=0)
-                    opened[0] += 1
-            except (NomoatError, Exception):  # noqa: BLE001  (a refusal, or nothing to pull yet)
-                refused[0] += 1
-                stop.wait(0.2)
-
-    threads = [threading.Thread(target=one, args=(i,), daemon=True) for i in range(ctx.args.watchers)]
-    for t in threads:
-        t.start()
+    flood = Flood(ctx, "watch", ctx.join_code(), "--job", job_id, "--watchers", str(ctx.args.watchers),
+                  "--pullers", str(ctx.args.pullers))
     stop.wait()
-    out["succeeded"] = refused[0] == 0 or out.get("throughput_ratio", 1.0) < 0.9
-    out["detail"] = f"{ctx.args.watchers} streams and pulls: {opened[0]} answers, {refused[0]} refusals or errors"
+    got = flood.result()
+    out["flood"] = got
+    out["succeeded"] = False  # judged by the honest volunteers' calls and throughput (see scenario)
+    out["denial"] = True
+    out["detail"] = (f"{ctx.args.watchers} watchers and {ctx.args.pullers} held pulls: answers {got.get('answers')}, "
+                     f"refused {got.get('refused')} ({got.get('why')}); the flood's client used "
+                     f"{got['client_cpu_s']} CPU s")
 
+
+free_rider.prepares = other_data.prepares = True  # type: ignore[attr-defined]  (they train before the job)
 
 ATTACKS: dict[str, Callable] = {
     "hijack": hijack, "forged-memory": forged_memory, "forged-speed": forged_speed, "abandon": abandon,
     "free-rider": free_rider, "copycat": copycat, "scaled-x50": scaled, "other-data": other_data,
-    "sybil": sybil, "submit-flood": submit_flood, "watch-flood": watch_flood,
+    "submit-flood": submit_flood, "watch-flood": watch_flood,
+    "sybil": sybil,  # last: it spends this address's joins, which every other attacker needs
 }
 
 
@@ -494,6 +570,8 @@ ATTACKS: dict[str, Callable] = {
 def scenario(ctx: Ctx, name: str, attack: Callable | None) -> dict:
     ctx.seed += 1
     stop, out, ref = threading.Event(), {"succeeded": False, "detail": ""}, JobRef()
+    logs = {n: w.log.stat().st_size for n, w in ctx.workers.items()}  # what the honest volunteers say from here
+    cpu0, load0 = coordinator_cpu(ctx), os.getloadavg()[0]
     thread = None
     if attack is not None:
         def guarded() -> None:
@@ -501,10 +579,14 @@ def scenario(ctx: Ctx, name: str, attack: Callable | None) -> dict:
                 attack(ctx, ref, stop, out)
             except Exception as exc:  # noqa: BLE001  (an attack that broke says so, and did not succeed)
                 out["detail"] = f"the attack broke: {type(exc).__name__}: {exc}"[:300]
+                out["broke"] = True
+            finally:
+                ref.ready.set()  # a preparing attack that broke is waited for no longer
 
         thread = threading.Thread(target=guarded, daemon=True)
         thread.start()
-        time.sleep(ctx.args.head_start)  # it registers (and asks for work) before the job exists
+        # It registers (and asks for work) before the job exists; one that trains first is waited for.
+        ref.ready.wait(600 if getattr(attack, "prepares", False) else ctx.args.head_start)
     with ctx.client("admin") as client:  # the data dir holds no submitter token: the operator submits
         job_id = client.submit(dataset(ctx.tmp, ctx.args.lines, ctx.seed, f"job-{ctx.seed}.jsonl"), name=name,
                                config=pb.JobConfig(tokens_per_task=ctx.args.tokens_per_task)).job_id
@@ -517,28 +599,61 @@ def scenario(ctx: Ctx, name: str, attack: Callable | None) -> dict:
             break
         time.sleep(1.0)
     seconds = time.monotonic() - started
+    cpu = coordinator_cpu(ctx) - cpu0
     stop.set()
     if thread is not None:
-        thread.join(60)
+        thread.join(120)
     honest_ids = {w.worker_id for w in ctx.ledger.workers.all() if w.name in HONEST}
     adapters = [ctx.ledger.adapters.get(t.adapter) for t in ctx.ledger.tasks.of_job(job_id) if t.adapter]
     honest = [a for a in adapters if a and a.worker in honest_ids]
     job = ctx.ledger.jobs.get(job_id)
+    complaints = honest_complaints(ctx, logs)
     result = {"job": job_id, "state": job.state.value if job else "?", "seconds": round(seconds, 1),
               "honest_tokens": sum(a.tokens for a in honest),
               "honest_throughput": sum(a.tokens for a in honest) / max(seconds, 1e-9),
               "honest_adapters": len(honest), "honest_refused": sum(a.state.value == "rejected" for a in honest),
+              "honest_complaints": complaints, "coordinator_cpu_s": round(cpu, 1),
+              "load": [round(load0, 2), round(os.getloadavg()[0], 2)],
               **({k: v for k, v in out.items()} if attack else {})}
     print(f"[{name}] {result['state']} in {seconds:.0f} s; honest: {len(honest)} adapters, "
-          f"{result['honest_refused']} refused, {result['honest_throughput']:.1f} tokens/s; " + (f"succeeded={out['succeeded']}: {out['detail']}" if attack else ""),
-          flush=True)
+          f"{result['honest_refused']} refused, {result['honest_throughput']:.1f} tokens/s, "
+          f"{len(complaints)} warnings; coordinator {cpu:.0f} CPU s; load {load0:.1f}; "
+          + (f"succeeded={out['succeeded']}: {out['detail']}" if attack else ""), flush=True)
     return result
 
 
+def coordinator_cpu(ctx: Ctx) -> float:
+    """CPU seconds the coordinator's process has used (its gRPC gateway, scheduler and folder)."""
+    try:
+        fields = Path(f"/proc/{ctx.coordinator.p.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return math.nan
+
+
+# What in an honest volunteer's log says one of its calls was refused or failed.
+COMPLAINT = re.compile(r"\b(warning|error)\b", re.IGNORECASE)
+
+
+def honest_complaints(ctx: Ctx, since: dict[str, int]) -> list[str]:
+    """The warnings and errors the honest volunteers logged since ``since`` (their logs' sizes)."""
+    lines = []
+    for name, proc in ctx.workers.items():
+        with open(proc.log, "rb") as fh:
+            fh.seek(since[name])
+            text = fh.read().decode(errors="replace")
+        lines += [f"{name}: {line.strip()[:200]}" for line in text.splitlines() if COMPLAINT.search(line)]
+    return lines
+
+
 def start(args: argparse.Namespace, tmp: Path) -> Ctx:
+    """The coordinator (no Ray: every volunteer here is outbound, and a Ray head timed out starting
+    on a loaded machine; a fold of 2; a fold timeout of 15 s, not 120: a job's last adapter can
+    wait that long for a fold, which made the attack-free runs' times vary by minutes) and the
+    honest volunteers, joined with the printed join line."""
     data_dir = tmp / "coordinator"
     address = f"127.0.0.1:{procs.free_port()}"
-    coordinator = procs.coordinator(data_dir, address, tmp / "coordinator.log", "--fold-every", "2",
+    coordinator = procs.coordinator(data_dir, address, tmp / "coordinator.log", "--ray-address", "off", "--fold-every", "2", "--fold-timeout", "15",
                                     "--replicate-fraction", "0", "--lease-ttl", str(args.lease_ttl),
                                     "--eval-tokens", "1024", "--http", f"127.0.0.1:{procs.free_port()}")
     coordinator.wait_for("volunteers join with", timeout=300)
@@ -555,11 +670,35 @@ def start(args: argparse.Namespace, tmp: Path) -> Ctx:
 
 
 def stop_all(ctx: Ctx) -> None:
+    if _TRAINERS is not None:
+        _TRAINERS.shutdown(wait=False, cancel_futures=True)
     for proc in [*ctx.workers.values(), ctx.coordinator]:
         proc.interrupt(timeout=30)
         if proc.p.poll() is None:
             procs.kill_tree(proc.p.pid)
     procs.kill_leftovers(ctx.cluster_dir)
+
+
+def baseline_points(attacks: int, n: int) -> set[int]:
+    """Before which attacks (by index; ``attacks``: after the last) the ``n`` attack-free runs go:
+    the first before any attack, the last after every one, the rest spread between, so that the
+    spread of the baselines is the run-to-run noise over the whole run."""
+    if n <= 1:
+        return {0}
+    return {round(i * attacks / (n - 1)) for i in range(n)}
+
+
+def judge_denial(result: dict, floor: float) -> None:
+    """A flood aims at the honest volunteers: it worked if one of their calls was refused for the
+    flood (their logs say so) or their throughput fell below both the target (0.9) and the noise of
+    the attack-free runs (``floor``: the worst baseline's ratio)."""
+    refused = [c for c in result.get("honest_complaints", []) if re.search(
+        r"exhaust|as many .* streams|too many|try again|refused|deadline|unavailable", c, re.IGNORECASE)]
+    hurt = result["throughput_ratio"] < min(0.9, floor)
+    result["succeeded"] = bool(result.get("succeeded")) or bool(refused) or hurt
+    result["detail"] += (f"; honest calls refused or failing: {len(refused)}"
+                         + (f" ({refused[0][:120]})" if refused else "")
+                         + f"; throughput {result['throughput_ratio']} against a noise floor of {floor:.3f}")
 
 
 def main() -> None:
@@ -573,42 +712,62 @@ def main() -> None:
     parser.add_argument("--max-fence", type=int, default=200, help="fences the hijacker tries per task")
     parser.add_argument("--sybils", type=int, default=100)
     parser.add_argument("--flood-jobs", type=int, default=20)
-    parser.add_argument("--watchers", type=int, default=16)
+    parser.add_argument("--watchers", type=int, default=40, help="watch-flood: Watch streams held")
+    parser.add_argument("--pullers", type=int, default=40, help="watch-flood: PEFT pulls held (the Pull lane has 32)")
+    parser.add_argument("--baselines", type=int, default=3, help="attack-free runs, spread over the run (at least 2)")
     parser.add_argument("--head-start", type=float, default=3.0, help="seconds an attacker has before the job")
     args = parser.parse_args()
     if args.quick:
         # more units than two honest runs hold (max_units_per_run 16 each), so an attacker gets some
         args.lines, args.tokens_per_task, args.job_timeout = 320, 400, 400.0
         # flood_jobs above the per-submitter job quota (Settings.max_jobs_per_submitter, 8): 8 would test nothing
-        args.max_fence, args.sybils, args.flood_jobs, args.watchers = 60, 40, 12, 8
+        args.max_fence, args.sybils, args.flood_jobs = 60, 40, 12
     chosen = [a for a in args.attacks.split(",") if a]
     unknown = [a for a in chosen if a not in ATTACKS]
     if unknown:
         raise SystemExit(f"unknown attack(s) {', '.join(unknown)}: choose from {', '.join(ATTACKS)}")
     tmp = Path(tempfile.mkdtemp(prefix="nomoat-adversary-"))
     ctx = start(args, tmp)
+    points = baseline_points(len(chosen), max(2, args.baselines))
+    baselines: list[dict] = []
+    results = {}
     try:
-        baseline = scenario(ctx, "baseline", None)
-        results = {}
-        for name in chosen:
-            result = scenario(ctx, name, ATTACKS[name])
-            result["throughput_ratio"] = round(result["honest_throughput"] / max(baseline["honest_throughput"], 1e-9), 3)
-            if name == "watch-flood" and result["throughput_ratio"] < 0.9:
-                result["succeeded"] = True
-            results[name] = result
+        # The volunteers start on probation (one unit at a time, every unit replicated): a first job
+        # earns them their trust, and is not counted.
+        warm_up = scenario(ctx, "warm-up", None)
+        for i, name in enumerate([*chosen, None]):
+            if i in points:
+                baselines.append(scenario(ctx, f"baseline-{len(baselines) + 1}", None))
+            if name is not None:
+                results[name] = scenario(ctx, name, ATTACKS[name])
     finally:
         stop_all(ctx)
-    honest_adapters = baseline["honest_adapters"] + sum(r["honest_adapters"] for r in results.values())
-    honest_refused = baseline["honest_refused"] + sum(r["honest_refused"] for r in results.values())
+    speeds = [b["honest_throughput"] for b in baselines]
+    mean = statistics.mean(speeds)
+    floor = min(speeds) / mean  # the worst attack-free run against their mean: the noise
+    for name, result in results.items():
+        result["throughput_ratio"] = round(result["honest_throughput"] / max(mean, 1e-9), 3)
+        if result.get("denial"):
+            judge_denial(result, floor)
+    counted = [*baselines, *results.values()]
+    honest_adapters = sum(r["honest_adapters"] for r in counted)
+    honest_refused = sum(r["honest_refused"] for r in counted)
     summary = {
         "attacks_tried": len(results),
         "attacks_succeeded": sum(bool(r.get("succeeded")) for r in results.values()),
         "honest_throughput_ratio": min((r["throughput_ratio"] for r in results.values()), default=math.nan),
         "honest_refused_share": round(honest_refused / max(1, honest_adapters), 4),
-        "baseline": baseline,
+        "honest_adapters": honest_adapters, "honest_refused": honest_refused,
+        "baseline_tokens_per_s": [round(x, 1) for x in speeds],
+        "baseline_seconds": [b["seconds"] for b in baselines],
+        "baseline_spread": round((max(speeds) - min(speeds)) / mean, 3),
+        "baseline_ratios": [round(x / mean, 3) for x in speeds],
+        "warm_up": {k: warm_up[k] for k in ("seconds", "honest_adapters", "honest_refused", "state")},
         "attacks": {n: {"succeeded": bool(r.get("succeeded")), "detail": r.get("detail", ""),
                         "throughput_ratio": r["throughput_ratio"], "honest_refused": r["honest_refused"],
-                        "honest_adapters": r["honest_adapters"], "job_state": r["state"], "seconds": r["seconds"]}
+                        "honest_adapters": r["honest_adapters"], "job_state": r["state"], "seconds": r["seconds"],
+                        "honest_warnings": len(r["honest_complaints"]), "coordinator_cpu_s": r["coordinator_cpu_s"],
+                        "load": r["load"], **({"broke": True} if r.get("broke") else {})}
                     for n, r in results.items()},
     }
     print(json.dumps(summary))

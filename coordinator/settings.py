@@ -181,6 +181,9 @@ class Settings:
     max_shard_streams: int = 64
     max_submit_streams: int = 8
     max_upload_streams: int = 32
+    # Of each kind, the share one caller may hold at once (at least one stream): one volunteer's
+    # slow reads of 32 pulls would otherwise take every Pull from everyone.
+    stream_share_per_caller: float = 0.25
     # Each caller's share, across every gateway (coordinator.gateway.quotas; admin not counted):
     # streams one identity holds open at once, and a submitter's running jobs, the tasks they
     # hold, and the dataset bytes it may submit a UTC day.

@@ -19,6 +19,7 @@ from coordinator.gateway.auth import Identity
 from coordinator.errors import Incomplete, InvalidRequest, WrongState
 from coordinator.schedule.noise import Sample
 from coordinator.collect.partial_uploads import PartialUploads
+from coordinator.ledger import Check, TaskState
 from nomoat.adapter import from_bytes, to_bytes
 from tests.rig import ALPHA, RANK, SECRET, Rig, make_adapter, published, rig, submit_job  # noqa: F401  (fixtures)
 from worker.warmstart import contribution
@@ -87,6 +88,31 @@ def test_an_adapter_that_lies_about_its_rank_is_refused(rig: Rig, leased, partia
     data = make_adapter(rig.deps.shapes)
     result = upload(rig, partials, manifest(task_id, fence, data, rank=RANK + 1), [data])
     assert result.status == "refused" and "the manifest says rank" in result.detail
+
+
+def test_a_copy_of_another_tasks_adapter_is_refused_at_upload_before_any_byte(rig: Rig, partials) -> None:
+    first, second, third = rig.ledger.tasks.ids(submit_job(rig).job_id)[:3]
+    data = make_adapter(rig.deps.shapes, seed=1)
+    assert upload(rig, partials, manifest(first, rig.lease(first), data), [data]).status == "accepted"
+
+    def no_bytes():  # the refusal comes from the manifest's sha256 alone
+        raise AssertionError("a copy's bytes were read")
+        yield b""
+
+    fence = rig.lease(second)
+    copy = upload(rig, partials, manifest(second, fence, data), no_bytes())
+    assert (copy.status, copy.kind, copy.check) == ("refused", accept.REFUSED_COPY, Check.COPY)
+    assert "byte for byte, the adapter of another task of this job" in copy.detail and first not in copy.detail
+    assert rig.ledger.tasks.get(second).state is TaskState.LEASED  # its lease goes on: no attempt spent
+    volunteer = rig.registry.lookup(rig.tokens["worker"]).token_hash
+    assert rig.ledger.trust.get(volunteer).reasons() == {"copy": 1}  # it costs its volunteer
+    # The bytes arrive anyway (an upload past the precheck, as a race would): the ledger's
+    # acceptance refuses them in its own atomic step.
+    assert rig.ledger.adapters.accept(second, fence, manifest(second, fence, data).sha256).check is Check.COPY
+    assert rig.ledger.tasks.get(second).state is TaskState.LEASED
+    own = make_adapter(rig.deps.shapes, seed=2)  # its own work is taken, and is its own from then on
+    assert upload(rig, partials, manifest(second, fence, own), [own]).status == "accepted"
+    assert upload(rig, partials, manifest(third, rig.lease(third), own), no_bytes()).check is Check.COPY
 
 
 def dataset_parts(data: bytes, size: int | None = None, sha: str | None = None) -> list[submit.DatasetPart]:

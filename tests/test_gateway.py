@@ -69,10 +69,12 @@ class Holders:
 
 @pytest.fixture
 def small(redis_client, published, tmp_path) -> Iterator[Rig]:  # noqa: F811
-    """A rig whose lanes have one or two threads each: what was "four threads, four watchers"."""
+    """A rig whose lanes have one or two threads each: what was "four threads, four watchers". One
+    caller may take a whole kind here (its share is 1): these tests fill the lanes from one token."""
     r = rigs.start(redis_client, published, tmp_path, lease_ttl_s=4.0, long_poll_s=20.0, max_streams_per_caller=256,
                    limits=Limits(beat_threads=2, call_threads=2, step_threads=1,
-                                 streams={"Watch": 64, "Pull": 4, "FetchShard": 4, "Submit": 1, "Upload": 8}))
+                                 streams={"Watch": 64, "Pull": 4, "FetchShard": 4, "Submit": 1, "Upload": 8},
+                                 caller_share=1.0))
     yield r
     r.close()
 
@@ -139,6 +141,49 @@ def test_a_stream_kind_past_its_limit_is_refused_with_a_sentence_and_others_go_o
         held.watch(job_id, 2)  # another kind still has room
     finally:
         held.close()
+
+
+def test_one_volunteers_held_pulls_and_watches_leave_another_its_pull_and_heartbeats(redis_client, published,  # noqa: F811
+                                                                                    tmp_path) -> None:
+    """A volunteer opens pulls and reads one message of each (a slow reader: each stream, and its
+    slot, stays held) and Watch streams, as many as it is let. It is refused past its share of each
+    kind; another volunteer still pulls the model, and its heartbeats are answered."""
+    small = rigs.start(redis_client, published, tmp_path, max_streams_per_caller=256,
+                       limits=Limits(beat_threads=2, call_threads=2, step_threads=1,
+                                     streams={"Watch": 8, "Pull": 4, "FetchShard": 4, "Submit": 1, "Upload": 8}))
+    job_id = small.submit().job_id
+    task_id = small.ledger.tasks.ids(job_id)[0]
+    mallory = small.client(token=small.registry.create("worker", "mallory"))
+    held, refusals = [], []
+    try:
+        for _ in range(8):  # twice the Pull lane
+            call = mallory._pull(pb.PullRequest(version=-1), timeout=60, metadata=mallory._meta)
+            held.append(call)
+            try:
+                next(call)
+            except grpc.RpcError as exc:
+                refusals.append((exc.code(), exc.details()))
+        watches = [mallory.jobs.Watch(pb.WatchRequest(job_id=job_id), timeout=60, metadata=mallory._meta)
+                   for _ in range(16)]  # twice the Watch lane
+        held += watches
+        for call in watches:
+            try:
+                next(call)
+            except grpc.RpcError as exc:
+                refusals.append((exc.code(), exc.details()))
+        assert len(refusals) == (8 - 1) + (16 - 2), refusals  # its share: a quarter of each kind
+        assert all(code == grpc.StatusCode.RESOURCE_EXHAUSTED and "the most one caller may hold" in why
+                   for code, why in refusals), refusals
+        alice = small.client(token=small.registry.create("worker", "alice"))
+        worker_id = alice.register("alice", CARD).worker_id
+        fence = small.lease(task_id, worker_id=worker_id)
+        assert alice.heartbeat(task_id, fence, worker_id, secret=rigs.SECRET).ok
+        assert alice.pull(tmp_path / "alice-model", patience_s=10) == 0  # the model, whole
+        assert alice.heartbeat(task_id, fence, worker_id, secret=rigs.SECRET).ok
+    finally:
+        for call in held:
+            call.cancel()
+        small.close()
 
 
 def test_a_long_poll_is_woken_when_a_run_is_placed(small: Rig, monkeypatch) -> None:

@@ -124,6 +124,23 @@ def test_peft_folder_since_a_version_reproduces_the_newest(rig: Rig, tmp_path: P
         torch.testing.assert_close(modules[m].weight.data, w, rtol=0, atol=1e-6)
 
 
+def test_a_peft_update_pulled_again_and_again_is_built_once_per_version(rig: Rig, monkeypatch):
+    """A reader pulling ``--since 0 --format peft`` in a loop (bench/adversary.py's watch flood)
+    costs one build per new version: the same update again reads no patch."""
+    for _ in range(2):
+        rig.offer(rig.adapter())
+        rig.offer(rig.adapter())
+        rig.folder.maybe_fold(set())
+    read = []
+    patch = rig.history.patch
+    monkeypatch.setattr(rig.history, "patch", lambda v: read.append(v) or patch(v))
+    first = rig.history.peft(0, 2)
+    assert sorted(read) == [1, 2]
+    assert rig.history.peft(0, 2) == first and sorted(read) == [1, 2]  # the same update: no patch read
+    rig.history.peft(1, 2)  # another update is built
+    assert sorted(read) == [1, 2, 2]
+
+
 def test_peft_config_declares_per_module_ranks():
     patch = fmt.Adapter({"a.q": (torch.ones(6, 4), torch.ones(3, 6)), "a.k": (torch.ones(2, 4), torch.ones(3, 2))},
                         rank=6, alpha=6.0, kind=fmt.KIND_PATCH)

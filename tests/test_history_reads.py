@@ -9,6 +9,7 @@ worker's kind is the one it registered with.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -103,7 +104,8 @@ def active_work(ledger: Ledger, tmp_path, done: int = 0) -> tuple[Settings, Sche
     ledger.jobs.create(JobRecord(job_id="j-now", name="now", config=CONFIG, total_tasks=len(tasks)), tasks)
     for task in tasks[:done]:
         fence = ledger.leases.lease(task.task_id, time.time() + 60, 0, max_attempts=3)
-        assert ledger.adapters.accept(task.task_id, fence, "a" * 64, tokens=10).status == "accepted"
+        sha = hashlib.sha256(task.task_id.encode()).hexdigest()  # each task's adapter: bytes of its own
+        assert ledger.adapters.accept(task.task_id, fence, sha, tokens=10).status == "accepted"
     workers = []
     for i in range(4):
         worker_id = f"w-now{i}"

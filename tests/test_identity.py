@@ -145,6 +145,36 @@ def test_a_new_volunteer_gets_one_unit_at_a_time_and_every_unit_is_replicated(ri
     assert standing.standing(rig.ledger.trust.get(joined.volunteer_id)).share == 0  # none until it is checked
 
 
+def test_a_volunteer_on_probation_is_given_no_twin_of_anothers_task(rig: Rig) -> None:
+    """Near a job's end an idle card may race a slow run (a speculative twin: the first accepted
+    result wins). A newcomer on probation is not given one, however fast its card: answering at
+    once with anything, it would take an honest run's place beyond its one unit at a time. A
+    trusted volunteer's idle card is."""
+    from tests.rig import TEXTS
+
+    slow = rig.client("worker")
+    veteran = slow.register("veteran", to_message(CARD)).worker_id
+    newcomer, joined = join(rig, "newcomer")
+    fast = rig.client(token=rig.registry.create("worker", "fast"))  # a trusted volunteer of its own
+    for client, worker_id, tokens in ((slow, veteran, 1), (newcomer, joined.worker_id, 100_000)):
+        client.request_work(worker_id, 0)
+        rig.ledger.workers.record_run(worker_id, node_id_of(worker_id), tokens, 1.0)
+    s = Scheduler(replace(rig.deps.settings, listen=rig.address, speculate=True), rig.ledger,
+                  Dispatchers(OutboundDispatcher(rig.ledger)), rig.tokens["worker"], task_need=lambda c: Need(1.0))
+    (task_id,) = rig.ledger.tasks.ids(rig.submit(texts=TEXTS[:3]).job_id)
+    s.tick()
+    assert rig.ledger.tasks.get(task_id).holder_worker == veteran  # trusted first: the slow card has it
+    s.tick()
+    assert newcomer.request_work(joined.worker_id, 0).task_specs == []  # no twin for the newcomer
+    assert rig.ledger.tasks.get(task_id).twin == ""
+    fast_id = fast.register("fast", to_message(CARD)).worker_id
+    fast.request_work(fast_id, 0)
+    rig.ledger.workers.record_run(fast_id, node_id_of(fast_id), 100_000, 1.0)
+    s.tick()
+    (spec,) = parse_specs(list(fast.request_work(fast_id, 0).task_specs))  # the trusted one races it
+    assert rig.ledger.tasks.get(task_id).twin == spec.task_id
+
+
 # -- the operator's commands -----------------------------------------------------------------------
 
 

@@ -165,9 +165,9 @@ def test_lease_refuses_a_task_out_of_attempts(ledger):
 def test_publish_is_atomic_and_sequential(ledger):
     a, b = make_job(ledger, n_tasks=2)
     ids = []
-    for task_id in (a, b):
+    for task_id, sha in ((a, "a" * 64), (b, "b" * 64)):  # two tasks' adapters: bytes of their own
         fence = ledger.leases.lease(task_id, time.time() + 60, 0, max_attempts=3)
-        ids.append(accept(ledger, task_id, fence).detail)
+        ids.append(accept(ledger, task_id, fence, sha).detail)
     ledger.versions.publish(VersionRecord(version=0, parent=-1))
     with pytest.raises(ValueError, match="next version is 1"):
         ledger.versions.publish(VersionRecord(version=2, parent=0))

@@ -190,6 +190,25 @@ def test_a_check_failed_at_upload_counts_against_the_token(rig: Rig, replicating
 # -- a malicious volunteer, end to end through the scheduler --------------------------------------
 
 
+def test_an_adapter_scaled_x50_is_refused_by_the_norm_gate_and_costs_its_volunteer(rig: Rig) -> None:
+    """Once adapters have been folded (the norm gate's reference), an adapter trained honestly and
+    then scaled x50 is refused for its norm, counted against its volunteer, and the honest adapter
+    of the same fold is folded."""
+    alice, mallory = volunteer(rig, "alice"), volunteer(rig, "mallory", scale=50.0)
+    tasks = rig.ledger.tasks.ids(submit_job(rig, texts=TEXTS).job_id)
+    fold = folder(rig, fold_every=2)
+    for i in (0, 1):
+        assert hand_in(rig, None, alice, tasks[i], seed=i).status == "accepted"
+    assert fold.fold(rig.ledger.adapters.buffered()) == 1
+    honest = hand_in(rig, None, alice, tasks[2], seed=2).detail
+    scaled = hand_in(rig, None, mallory, tasks[3], seed=3).detail  # accepted at upload: the gates are the fold's
+    assert fold.fold(rig.ledger.adapters.buffered()) == 2
+    assert rig.ledger.adapters.get(honest).state is AdapterState.FOLDED
+    refused = rig.ledger.adapters.get(scaled)
+    assert refused.state is AdapterState.REJECTED and "update norm" in refused.reason, refused.reason
+    assert rig.ledger.trust.get(mallory.id).reasons() == {"norm": 1}
+
+
 def test_a_malicious_volunteer_ends_with_no_tasks(rig: Rig) -> None:
     """Two honest volunteers work a job on the scheduler; once the first version is out, mallory
     joins and hands in every adapter scaled x50. The fold's gates refuse its adapters, its trust

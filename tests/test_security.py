@@ -351,8 +351,8 @@ def test_streams_beyond_the_concurrency_limit_are_refused(redis_client, publishe
     try:
         job_id = small.submit().job_id  # running: its Watch streams stay open
         outcomes, streams = [], []  # kept: a dropped stream is cancelled
-        for _ in range(6):
-            streams.append(small.client("reader").watch(job_id, timeout=10))
+        for i in range(6):  # each from a reader of its own: one caller holds only its share of a kind
+            streams.append(small.client(token=small.registry.create("reader", f"reader-{i}")).watch(job_id, timeout=10))
             try:
                 outcomes.append(next(streams[-1]).job.job_id == job_id)
             except NomoatError as exc:

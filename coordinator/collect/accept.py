@@ -2,8 +2,10 @@
 
 The checks here are the cheap, structural ones that need no model: the bytes match the
 manifest's size and sha256, they are a nomoat safetensors adapter (never a pickle), the manifest
-tells the truth about rank, alpha and base version, and keys and shapes match the job's LoRA
-config. The expensive gates (norm against recent adapters, held-out loss) run at fold time.
+tells the truth about rank, alpha and base version, keys and shapes match the job's LoRA
+config, and they are not, byte for byte, an adapter another task of the job already handed in (a
+copy is refused by its sha256, before any byte: coordinator.ledger.adapters). The expensive gates
+(norm against recent adapters, held-out loss) run at fold time.
 
 ``upload`` is the whole workflow the Upload call runs: refuse early what cannot be accepted
 (too big, a stale lease, a lease the caller does not hold) before any byte is kept, receive the rest of a
@@ -33,7 +35,7 @@ from coordinator.gateway.auth import Identity
 from coordinator.errors import Incomplete, WrongState
 from coordinator.schedule.holder import claim_of
 from coordinator.ledger import Accepted, Check, Claim, JobConfig, Ledger, Refusal
-from coordinator.ledger.adapters import REFUSED_LEASE
+from coordinator.ledger.adapters import REFUSED_COPY, REFUSED_LEASE  # noqa: F401  (REFUSED_COPY: named here with the others)
 from coordinator.schedule.noise import Sample
 from coordinator.model.store import Store, upload_key
 from coordinator.collect.partial_uploads import PartialUploads, UploadRefused, UploadRetry
@@ -49,6 +51,7 @@ REFUSED_LINEAGE = "lineage"  # trained on another coordinator's model
 REFUSED_TRANSFER = "transfer"  # the bytes do not match the manifest's size or sha256
 REFUSED_BASE = "base_version"  # the manifest names another base version than the lease's run was given
 REFUSED_FORMAT = "format"  # not a nomoat safetensors adapter of the job's shapes, rank and alpha
+# (the ledger's REFUSED_COPY, "copy": another task's adapter of the same job, byte for byte, is the seventh)
 
 if TYPE_CHECKING:
     from coordinator.schedule.replication import Replication
@@ -153,11 +156,13 @@ def _upload(ledger: Ledger, store: Store, shapes: Mapping[str, tuple[int, int]],
     # holds no such lease, before any byte is kept.
     claim = claim_of(ledger, identity, manifest.worker_id, manifest.lease_secret)
     result = precheck(ledger, manifest.task_id, manifest.fence, manifest.sha256, claim)
-    if result is not None:
-        return result
     worker_id = manifest.worker_id if claim is None or claim.worker_id == manifest.worker_id else ""
-    m = replace(manifest, worker_id=worker_id, lease_secret="")  # the worker credited, if any
     token_hash = "" if identity.role == "admin" else identity.token_hash
+    if result is not None:
+        # A copy of another task's adapter, named by its sha256, is refused before any byte and
+        # counts against the lease's holder as one received would (only the holder gets this far).
+        return _counted(ledger, standing.volunteer_of(token_hash, worker_id), result) if result.check else result
+    m = replace(manifest, worker_id=worker_id, lease_secret="")  # the worker credited, if any
     task = ledger.tasks.get(m.task_id)
     job = ledger.jobs.get(task.job) if task is not None else None
     if job is not None and m.size > (bound := adapter_bound(job.config, shapes)):

@@ -10,7 +10,8 @@ looks at the ledger, a client's next chunk) holds no thread. The domain's calls 
   inbox, the token look-ups of calls outside ``beats``).
 * ``streams``: Watch, Pull, FetchShard, Submit, Upload. Each kind has its own limit on streams
   held at once (an asyncio semaphore); past it the caller is told so at once
-  (RESOURCE_EXHAUSTED with a sentence), never queued. Submit and Upload read the client's
+  (RESOURCE_EXHAUSTED with a sentence), never queued; one caller holds at most a quarter of a
+  kind's slots (``Limits.caller_share``), so that no one volunteer can take a kind from the rest. Submit and Upload read the client's
   chunks in a thread (the domain consumes them as an iterator), so this lane has a thread for
   each of them it admits, plus some for the short steps of the others.
 
@@ -53,6 +54,7 @@ class Limits:
     streams: dict[str, int] = field(default_factory=lambda: {
         "Watch": 512, "Pull": 32, "FetchShard": 64, "Submit": 8, "Upload": 32,
     })
+    caller_share: float = 0.25  # of each kind's streams, the most one caller holds at once (at least one)
 
     @classmethod
     def of(cls, settings: Settings) -> Limits:
@@ -60,7 +62,7 @@ class Limits:
             "Watch": settings.max_watch_streams, "Pull": settings.max_pull_streams,
             "FetchShard": settings.max_shard_streams, "Submit": settings.max_submit_streams,
             "Upload": settings.max_upload_streams,
-        })
+        }, caller_share=settings.stream_share_per_caller)
 
 
 class _Gone(grpc.RpcError):
@@ -111,8 +113,9 @@ class Lanes:
             STREAMS: concurrent.futures.ThreadPoolExecutor(self.limits.step_threads + uploads,
                                                            thread_name_prefix="rpc-stream"),
         }
-        # Made lazily, on the loop that uses them.
+        # Made lazily, on the loop that uses them; the slots each caller holds (touched on the loop only).
         self._slots: dict[str, asyncio.Semaphore] = {}
+        self._held: dict[tuple[str, str | None], int] = {}
 
     async def run(self, lane: str, fn: Callable[..., T], *args: Any) -> T:
         """``fn(*args)`` in ``lane``'s threads; the loop goes on meanwhile."""
@@ -122,8 +125,10 @@ class Lanes:
         return LANE_OF.get(method.rsplit("/", 1)[-1], CALLS)
 
     @contextlib.asynccontextmanager
-    async def stream(self, kind: str):
-        """Hold one of ``kind``'s stream slots for the block; LimitReached when none is free."""
+    async def stream(self, kind: str, owner: str | None = None):
+        """Hold one of ``kind``'s stream slots for the block; LimitReached when none is free, or
+        when ``owner`` (the caller's identity, coordinator.gateway.quotas.owner_of; None: the
+        operator's) already holds its share of them (:meth:`share`)."""
         limit = self.limits.streams.get(kind, 0)
         if limit <= 0:
             yield
@@ -134,8 +139,23 @@ class Lanes:
         if slots.locked():
             raise LimitReached(f"this coordinator is serving as many {kind} streams as it takes ({limit}); "
                                f"try again in a minute")
+        held = self._held.get((kind, owner), 0)
+        if owner is not None and held >= self.share(kind):
+            raise LimitReached(f"you already hold {held} {kind} streams, the most one caller may hold of the "
+                               f"{limit} this coordinator serves at once: wait for one of yours to end")
         async with slots:
-            yield
+            self._held[(kind, owner)] = self._held.get((kind, owner), 0) + 1
+            try:
+                yield
+            finally:
+                self._held[(kind, owner)] -= 1
+                if not self._held[(kind, owner)]:
+                    del self._held[(kind, owner)]
+
+    def share(self, kind: str) -> int:
+        """How many of ``kind``'s slots one caller may hold: ``caller_share`` of them, at least one.
+        Without it one caller (a volunteer's slow reads of 32 pulls) takes a whole kind from everyone."""
+        return max(1, int(self.limits.streams.get(kind, 0) * self.limits.caller_share))
 
     async def steps(self, iterator: Iterator[T]) -> AsyncIterator[T]:
         """A synchronous generator's items, each ``next()`` run in the streams lane."""

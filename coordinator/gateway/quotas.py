@@ -40,14 +40,17 @@ def owner_of(identity: Identity | None) -> str | None:
 # -- streams --------------------------------------------------------------------------------------
 
 
+async def stream_owner(lanes: Lanes, identity: Callable[[], Identity | None]) -> str | None:
+    """The caller's :func:`owner_of`; ``identity`` is called in a lane's thread (it may read the ledger)."""
+    return owner_of(await lanes.run(CALLS, identity))
+
+
 @contextlib.asynccontextmanager
-async def stream_slot(lanes: Lanes, ledger: Ledger, settings: Settings,
-                      identity: Callable[[], Identity | None]) -> AsyncIterator[None]:
-    """Hold one of the caller's ``max_streams_per_caller`` stream slots for the block (renewed
-    while it lasts). ``identity`` is called in a lane's thread (it may read the ledger)."""
+async def stream_slot(lanes: Lanes, ledger: Ledger, settings: Settings, owner: str | None) -> AsyncIterator[None]:
+    """Hold one of ``owner``'s ``max_streams_per_caller`` stream slots for the block (renewed
+    while it lasts); ``owner`` None (the operator's roles) holds none."""
     limit = settings.max_streams_per_caller
-    owner = owner_of(await lanes.run(CALLS, identity)) if limit > 0 else None
-    if owner is None:
+    if owner is None or limit <= 0:
         yield
         return
     stream_id = secrets.token_hex(8)

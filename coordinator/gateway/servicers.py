@@ -110,9 +110,10 @@ class Deps:
 
 @contextlib.asynccontextmanager
 async def _stream(deps: Deps, kind: str, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
-    """One of this gateway's ``kind`` stream slots and one of the caller's own, for the block."""
-    async with deps.lanes.stream(kind), quotas.stream_slot(deps.lanes, deps.ledger, deps.settings,
-                                                           lambda: caller(context, deps.registry)):
+    """One of this gateway's ``kind`` slots (at most the caller's share of them: checked first, in
+    memory, so a refusal costs no ledger call) and one of the caller's own, for the block."""
+    owner = await quotas.stream_owner(deps.lanes, lambda: caller(context, deps.registry))
+    async with deps.lanes.stream(kind, owner), quotas.stream_slot(deps.lanes, deps.ledger, deps.settings, owner):
         yield
 
 

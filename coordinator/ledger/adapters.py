@@ -47,25 +47,50 @@ local function acceptable(key, task_id, fence, adapter_id, claim)
 end
 """
 
-# KEYS: task. ARGV: task id, fence, adapter id, then the claim (leases.claim_args). {"", ""} when
-# the upload may proceed.
-_PRECHECK = _ACCEPTABLE + """
-return acceptable(KEYS[1], ARGV[1], ARGV[2], ARGV[3], claim_at(4, ARGV[1], ARGV[2])) or {'', ''}
+# copy_of(task key, the job's adapter-bytes key, sha256, task id): the task whose adapter these
+# bytes already are (the job was handed them first for another task), nil when they are this task's
+# own. A replica or a speculative twin hands in the bytes of the task it repeats: that task is its own.
+# The answer for a copy is {'refused', sentence, 'copy'} (the third: its kind, Accepted.check COPY).
+_COPY = """
+local function own_task(key, task_id)
+  for _, field in ipairs({'replica_of', 'twin_of'}) do
+    local v = redis.call('HGET', key, field)
+    if v and v ~= '' then return v end
+  end
+  return task_id
+end
+local function copy_of(key, bytes_key, sha256, task_id)
+  local first = redis.call('HGET', bytes_key, sha256)
+  if first and first ~= own_task(key, task_id) then
+    return {'refused', 'these bytes are, byte for byte, the adapter of another task of this job, already '
+            .. 'handed in: a copy is refused; hand in what you trained on your own shard', 'copy'}
+  end
+  return nil
+end
+"""
+
+# KEYS: task, the job's adapter bytes. ARGV: task id, fence, adapter id, sha256, then the claim
+# (leases.claim_args). {"", ""} when the upload may proceed: a copy is refused before any byte.
+_PRECHECK = _ACCEPTABLE + _COPY + """
+return acceptable(KEYS[1], ARGV[1], ARGV[2], ARGV[3], claim_at(5, ARGV[1], ARGV[2]))
+       or copy_of(KEYS[1], KEYS[2], ARGV[4], ARGV[1]) or {'', ''}
 """
 
 # KEYS: task, LEASES, adapter, FOLD_BUFFER, worker, (unused), PENDING, then for a replicated task
 # its replica group, the run to open, REPLICATED, the task it repeats and the volunteer's trust
-# record (see replicas.py).
+# record (see replicas.py), then the job's adapter bytes (sha256 -> the task first handed them in).
 # ARGV: task id, fence, adapter id, now, the task key prefix (the partner is found in the script),
 # replicated task id ("" for none), run to open
-# ("" for none), the volunteers that run avoids (JSON), base version, the volunteer, then
-# field/value pairs for the adapter hash. Returns {status, adapter id or reason}. The partner is the task's speculative
+# ("" for none), the volunteers that run avoids (JSON), base version, the volunteer, sha256, then
+# field/value pairs for the adapter hash. A copy of another task's adapter is refused (copy_of);
+# any other accepted adapter's bytes are claimed for its task in the same step. Returns {status, adapter id or reason}. The partner is the task's speculative
 # twin (or the twin's original, see Leases.speculate): the first accepted result marks both done,
 # so the other run's upload is refused. A run of a replicated task is held, not buffered, until
 # its replicas settle (coordinator.schedule.replication).
-_ACCEPT = _ACCEPTABLE + HOLD_RESULT + COUNT + """
-local answer = acceptable(KEYS[1], ARGV[1], ARGV[2], ARGV[3])
+_ACCEPT = _ACCEPTABLE + _COPY + HOLD_RESULT + COUNT + """
+local answer = acceptable(KEYS[1], ARGV[1], ARGV[2], ARGV[3]) or copy_of(KEYS[1], KEYS[13], ARGV[11], ARGV[1])
 if answer then return answer end
+redis.call('HSETNX', KEYS[13], ARGV[11], own_task(KEYS[1], ARGV[1]))
 -- The partner is read here, in the same step as the acceptance: read before the script, a twin
 -- created in between was missed, left leased, and its upload accepted too (the shard twice).
 local partner = redis.call('HGET', KEYS[1], 'twin') or redis.call('HGET', KEYS[1], 'twin_of')
@@ -78,7 +103,7 @@ if partner and redis.call('HGET', ARGV[5] .. partner, 'state') ~= 'done' then
   redis.call('ZREM', KEYS[2], partner)
   redis.call('ZREM', KEYS[7], partner)
 end
-for i = 11, #ARGV, 2 do redis.call('HSET', KEYS[3], ARGV[i], ARGV[i + 1]) end
+for i = 12, #ARGV, 2 do redis.call('HSET', KEYS[3], ARGV[i], ARGV[i + 1]) end
 if ARGV[6] == '' then
   redis.call('HSET', KEYS[3], 'state', 'buffered', 'accepted', ARGV[4])
   redis.call('RPUSH', KEYS[4], ARGV[3])
@@ -94,6 +119,7 @@ return {'accepted', ARGV[3]}
 
 
 REFUSED_LEASE = "lease"  # the kind of a refusal the ledger decides: (task, fence) does not hold the lease
+REFUSED_COPY = "copy"  # the other: the bytes are another task's adapter of the same job, already handed in
 
 
 @dataclass(frozen=True)
@@ -129,10 +155,11 @@ class Adapters:
         For before any bytes are stored; :meth:`accept` decides again, atomically, whether the
         fence still holds the lease (a fence is granted once: the claim checked here stays its).
         """
-        status, detail = self._precheck(keys=[keys.task(task_id)],
-                                        args=[task_id, fence, adapter_id_for(task_id, fence, sha256),
-                                              *claim_args(claim)])
-        return _answer(status, detail) if status else None
+        raw = self.r.hget(keys.task(task_id), "job")  # a task's job never changes
+        answer = self._precheck(keys=[keys.task(task_id), keys.job_adapter_bytes(raw.decode() if raw else "-")],
+                                args=[task_id, fence, adapter_id_for(task_id, fence, sha256), sha256,
+                                      *claim_args(claim)])
+        return _answer(*answer) if answer[0] else None
 
     def accept(self, task_id: str, fence: int, sha256: str, *, worker_id: str = "", base_version: int = 0,
                rank: int = 0, alpha: float = 0.0, tokens: int = 0, train_loss: float = 0.0,
@@ -152,15 +179,14 @@ class Adapters:
                             "sha256": sha256, "job": job, "worker": worker_id, "volunteer": volunteer,
                             **_gradient_fields(gradients)})
         hold = hold or Hold("")
-        status, detail = self._accept(
+        answer = _answer(*self._accept(
             keys=[keys.task(task_id), keys.LEASES, keys.adapter(adapter_id), keys.FOLD_BUFFER,
                   keys.worker(worker_id or "-"), keys.task("-"), keys.PENDING,
                   keys.replicas(hold.task or "-"), keys.task(hold.open or "-"), keys.REPLICATED,
-                  keys.task(hold.task or "-"), keys.trust(volunteer or "-")],
+                  keys.task(hold.task or "-"), keys.trust(volunteer or "-"), keys.job_adapter_bytes(job)],
             args=[task_id, fence, adapter_id, time.time(), keys.task(""), hold.task, hold.open, json.dumps(list(hold.avoid)),
-                  base_version, volunteer, *(x for kv in fields.items() for x in kv)],
-        )
-        answer = _answer(status, detail)
+                  base_version, volunteer, sha256, *(x for kv in fields.items() for x in kv)],
+        ))
         if answer.ok:  # (a retry after NotDurable finds a duplicate: it is confirmed in turn)
             self.durability.confirm(self.r, f"the adapter of task {task_id} (fence {fence})")
         return replace(answer, held=True) if hold.task and answer.status == "accepted" else answer
@@ -262,7 +288,10 @@ def _gradient_fields(sample: Sample | None) -> dict[str, float]:
             "grad_micro_batch": sample.micro_batch, "grad_batch_size": sample.batch_size}
 
 
-def _answer(status: bytes, detail: bytes) -> Accepted:
-    """The scripts' answer; what they refuse, they refuse for the lease."""
-    status_text = status.decode()
+def _answer(status: bytes, detail: bytes, kind: bytes = b"") -> Accepted:
+    """The scripts' answer; what they refuse, they refuse for the lease, or (kind "copy") as a copy
+    of another task's adapter, a failed check that counts against its volunteer."""
+    status_text, kind_text = status.decode(), kind.decode()
+    if kind_text == REFUSED_COPY:
+        return Accepted(status_text, detail.decode(), REFUSED_COPY, Check.COPY)
     return Accepted(status_text, detail.decode(), REFUSED_LEASE if status_text == "refused" else "")

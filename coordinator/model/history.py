@@ -93,6 +93,10 @@ def peft_files(patch: adapter_format.Adapter) -> dict[str, bytes]:
     return {PEFT_CONFIG: json.dumps(config, indent=2).encode(), PEFT_WEIGHTS: save(tensors)}
 
 
+# The largest PEFT build History keeps for the next pull of the same update (one is kept).
+PEFT_KEPT_BYTES = 64 << 20
+
+
 class History:
     def __init__(self, ledger: Ledger, store: BlobStore, data_dir: Path, device: str = "cpu") -> None:
         self.ledger = ledger
@@ -101,6 +105,8 @@ class History:
         self.device = device  # where a rebuilt model's weights live (the coordinator's --device)
         self._lock = threading.Lock()
         self._lineage: Lineage | None = None
+        self._peft_lock = threading.Lock()
+        self._peft_last: tuple[tuple[int, int], dict[str, bytes]] | None = None  # (since, until), its files
 
     def lineage(self) -> Lineage:
         """The lineage version 0 fixed; made (once, whoever asks first) for a ledger without one."""
@@ -175,6 +181,17 @@ class History:
         return files
 
     def peft(self, since: int, until: int) -> dict[str, bytes]:
+        """The PEFT adapter of the update from ``since`` to ``until``, built from the stored patches.
+
+        One build at a time, and the last one kept (versions never change): a reader asking for
+        the same update again and again (``pull --since 0 --format peft`` in a loop, many at once)
+        costs one build per new version, not one per pull."""
         if not 0 <= since < until:
             raise ValueError(f"a PEFT patch needs 0 <= since < version (got since {since}, version {until})")
-        return peft_files(lora.chain([self.patch(v) for v in range(since + 1, until + 1)]))
+        with self._peft_lock:
+            if self._peft_last is not None and self._peft_last[0] == (since, until):
+                return self._peft_last[1]
+            files = peft_files(lora.chain([self.patch(v) for v in range(since + 1, until + 1)]))
+            if sum(len(b) for b in files.values()) <= PEFT_KEPT_BYTES:
+                self._peft_last = ((since, until), files)
+            return files

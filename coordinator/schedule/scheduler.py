@@ -413,7 +413,12 @@ class Scheduler:
             eta = (task.leased_at or now) + ahead / speed if speed > 0 else math.inf
             outstanding.append((eta, task))
         outstanding.sort(key=lambda e: -e[0])  # expected last first
-        cards = sorted(idle, key=lambda n: -speeds.get(n.node_id, 0.0))
+        # Only a trusted volunteer races another's task: a twin is a unit beyond one at a time, and
+        # the first accepted result wins, so a newcomer on probation (or a throttled one) answering
+        # at once with anything would take the honest run's place (bench/adversary.py, other-data).
+        stands = self.standings(idle)
+        cards = sorted((n for n in idle if stands[n.node_id][1].level is standing.Level.TRUSTED),
+                       key=lambda n: -speeds.get(n.node_id, 0.0))
         for eta, task in outstanding:
             card = next((c for c in cards if self.fits(task, c) and speeds.get(c.node_id, 0.0) > 0), None)
             if card is None:
