@@ -170,6 +170,15 @@ def unit_many(args: argparse.Namespace, corpus: str, seed: int) -> dict:
     bench = setup(args, corpus)
     try:
         p = args.passes
+        if args.many_task_lr:  # rows only, at these task lr multipliers (the references: another --out)
+            extra = []
+            for m in (float(x) for x in args.many_task_lr.split(",") if x):
+                o = bench.distributed(replace(recommended(bench, args.many_task_tokens), lr_mult=m), rounds=p, seed=seed)
+                extra.append(row_record(f"task lr x{m:g}", o))
+                say(unit, f"task lr x{m:g}, {p} passes: tasks {o.adapters} folds {o.versions} refused {o.refused} loss "
+                          f"{o.test_loss:.4f} by pass {[round(x, 4) for x in o.round_losses]} averaged {o.averaged} "
+                          f"[{o.seconds:.0f}s]")
+            return {"corpus": corpus, "seed": seed, "passes": p, "base_test_loss": bench.base_test, "extra_rows": extra}
         # x1 always (stacked_vs_single_ratio); quality_converged takes the best of the sweep.
         # --many-references-only: only the listed multipliers (to widen a sweep kept in another
         # --out folder, merged by --collect).
@@ -303,7 +312,18 @@ def summarize_many(units: list[dict]) -> dict:
     mults = sorted(set.intersection(*(set(u["single"]) for u in units)))
     best_m = min(mults, key=lambda m: statistics.fmean(u["single"][m] for u in units))
     best = lambda u: u["single"][best_m]  # noqa: E731
+    # Rows at another task lr (--many-task-lr), over the seeds that ran them.
+    extra = {}
+    for label in dict.fromkeys(r["row"] for u in units for r in u.get("extra_rows", [])):
+        per = [(u, r) for u in units for r in u.get("extra_rows", []) if r["row"] == label]
+        extra[label] = {"seeds": [u["seed"] for u, _ in per], "refused": [r["refused"] for _, r in per],
+                        "test_loss": interval([r["test_loss"] for _, r in per]),
+                        "by_pass": [r["round_test_losses"] for _, r in per],
+                        "converged": interval([ratio(base(u), r["test_loss"], best(u)) for u, r in per]),
+                        "minus_recommended": interval([ratio(base(u), r["test_loss"], best(u))
+                                                       - ratio(base(u), u["row"]["test_loss"], best(u)) for u, r in per])}
     return {"best_lr": best_m, "single": {m: interval([u["single"][m] for u in units]) for m in mults},
+            "other_task_lr": extra,
             "recommended_test_loss": interval([u["row"]["test_loss"] for u in units]),
             "corpus": units[0]["corpus"], "passes": units[0]["passes"], "seeds": [u["seed"] for u in units],
             "folds": [u["row"]["folds"] for u in units], "refused": [u["row"]["refused"] for u in units],
@@ -340,6 +360,9 @@ def collect(results: list[dict], kinds: list[str]) -> dict:
                 print(f"  quality_converged {fmt(s['quality_converged'])}, "
                       f"stacked_vs_single {fmt(s['stacked_vs_single_ratio'])}, LAWA-2 {fmt(s['lawa2_converged'])}, "
                       f"EMA {fmt(s['ema_converged'])}; folds {s['folds']} refused {s['refused']}", flush=True)
+                for label, r in s["other_task_lr"].items():
+                    print(f"  {label}: seeds {r['seeds']} converged {fmt(r['converged'])} "
+                          f"(− recommended {fmt(r['minus_recommended'])}), by pass {r['by_pass']}", flush=True)
             tables[kind][corpus] = s
     return tables
 
@@ -395,6 +418,9 @@ def merged(folders: list[Path]) -> tuple[list[str], list[dict]]:
             have["rows"] += [r for r in unit["rows"] if r["row"] not in labels]
         else:  # many: a references-only unit widens the sweep of the unit with the row
             have["single"] = {**unit.get("single", {}), **have.get("single", {})}
+            labels = {r["row"] for r in have.get("extra_rows", [])}
+            have["extra_rows"] = have.get("extra_rows", []) + [r for r in unit.get("extra_rows", [])
+                                                               if r["row"] not in labels]
             for name, value in unit.items():
                 have.setdefault(name, value)
     return [k for k, _, _ in units], [{k: v for k, v in u.items() if k != "kind"} for u in units.values()]
@@ -459,6 +485,8 @@ def main() -> None:
                         "(x1 always runs: stacked_vs_single_ratio; quality_converged: the best by seed mean)")
     parser.add_argument("--many-references-only", action="store_true", help="many: only the centralized runs "
                         "at --many-lr-mults (for --collect)")
+    parser.add_argument("--many-task-lr", default="", help="many: only rows at these task lr multipliers of "
+                        "the job's lr (instead of the policy's sqrt(K)), for --collect")
     parser.add_argument("--many-task-tokens", type=int, default=1024, help="tokens per task in the 'many' part")
     parser.add_argument("--lr", type=float, default=0.0, help="override the job's learning rate")
     parser.add_argument("--batch-size", type=int, default=0, help="override the job's batch size")
