@@ -526,7 +526,7 @@ def main() -> None:
     seconds = time.time() - t0
     print(f"\n{json.dumps(head)}; {seconds:.0f}s on {args.device}", flush=True)
     print(json.dumps({**head, "onepass": tables["onepass"], "many": tables["many"], "workers": args.workers,
-                      "records": args.records, "device": args.device, "seconds": round(seconds, 1)}, default=str))
+                      "records": None if args.collect else args.records, "device": args.device, "seconds": round(seconds, 1)}, default=str))
 
 
 if __name__ == "__main__":
