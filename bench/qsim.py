@@ -123,19 +123,32 @@ class Outcome:
     batches: list[int] = field(default_factory=list)  # each task's batch, in the order trained
 
 
+def prose(text: str) -> list[str]:
+    """One record per prose paragraph of ``text`` (code, tables and short lines left out)."""
+    paragraphs = (re.sub(r"\s+", " ", p).strip() for p in re.split(r"\n\s*\n", text))
+    return [p for p in paragraphs
+            if len(p.split()) >= 12 and sum(c.isalpha() or c == " " for c in p) / len(p) > 0.85]
+
+
 def read_corpus(name: str) -> list[str]:
-    """The records of a corpus: ``demo`` or ``python-docs`` (one record per prose paragraph of the
-    Language Reference topics shipped in ``pydoc_data.topics``; code and tables left out)."""
+    """The records of a corpus: ``demo``, ``python-docs`` (the prose paragraphs of the Language
+    Reference topics shipped in ``pydoc_data.topics``) or ``text:PATH`` (the distinct prose
+    paragraphs of a text file, or of every file in a folder: a held-out text the benchmark does
+    not ship, e.g. ``text:/usr/share/common-licenses``)."""
     if name == "demo":
         return read_demo()
     if name == "python-docs":
         from pydoc_data.topics import topics
 
-        text = "\n\n".join(topics[k] for k in sorted(topics))
-        paragraphs = (re.sub(r"\s+", " ", p).strip() for p in re.split(r"\n\s*\n", text))
-        return [p for p in paragraphs
-                if len(p.split()) >= 12 and sum(c.isalpha() or c == " " for c in p) / len(p) > 0.85]
-    raise SystemExit(f"unknown corpus {name!r}: use demo or python-docs")
+        return prose("\n\n".join(topics[k] for k in sorted(topics)))
+    if name.startswith("text:"):
+        path = Path(name[len("text:"):])
+        files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+        if not path.exists() or not files:
+            raise SystemExit(f"corpus {name!r}: {path} holds no text; name a text file or a folder of them")
+        # dict.fromkeys: the same paragraph in two files (one license under two names) counts once
+        return list(dict.fromkeys(prose("\n\n".join(p.read_text(errors="replace") for p in files))))
+    raise SystemExit(f"unknown corpus {name!r}: use demo, python-docs or text:PATH")
 
 
 def coordinator_settings(args: argparse.Namespace, data_dir: Path) -> tuple[Settings, JobDefaults]:

@@ -52,6 +52,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import re
 import signal
 import statistics
@@ -118,8 +119,10 @@ def row_record(label: str, o: Outcome) -> dict:
 
 
 def setup(args: argparse.Namespace, corpus: str) -> Bench:
-    # A unit stopped with SIGTERM still stops its embedded redis-server (Bench.close, in finally).
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    # A unit stopped with SIGTERM still stops its embedded redis-server (Bench.close, in finally),
+    # then its process exits (run_unit): a pool worker would take SystemExit as the unit's result
+    # and go on to the next unit.
+    signal.signal(signal.SIGTERM, stop)
     torch.set_num_threads(args.threads)
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
@@ -167,9 +170,26 @@ def unit_many(args: argparse.Namespace, corpus: str, seed: int) -> dict:
     bench = setup(args, corpus)
     try:
         p = args.passes
-        single = bench.centralized(epochs=p, seed=seed)
-        half = bench.centralized(epochs=p, lr_mult=0.5, seed=seed)
-        say(unit, f"centralized {p} epochs: lr x1 {single.test_loss:.4f}, x0.5 {half.test_loss:.4f}")
+        if args.many_task_lr:  # rows only, at these task lr multipliers (the references: another --out)
+            extra = []
+            for m in (float(x) for x in args.many_task_lr.split(",") if x):
+                o = bench.distributed(replace(recommended(bench, args.many_task_tokens), lr_mult=m), rounds=p, seed=seed)
+                extra.append(row_record(f"task lr x{m:g}", o))
+                say(unit, f"task lr x{m:g}, {p} passes: tasks {o.adapters} folds {o.versions} refused {o.refused} loss "
+                          f"{o.test_loss:.4f} by pass {[round(x, 4) for x in o.round_losses]} averaged {o.averaged} "
+                          f"[{o.seconds:.0f}s]")
+            return {"corpus": corpus, "seed": seed, "passes": p, "base_test_loss": bench.base_test, "extra_rows": extra}
+        # x1 always (stacked_vs_single_ratio); quality_converged takes the best of the sweep.
+        # --many-references-only: only the listed multipliers (to widen a sweep kept in another
+        # --out folder, merged by --collect).
+        mults = sorted({*([] if args.many_references_only else [1.0]),
+                        *(float(m) for m in args.many_lr_mults.split(",") if m)})
+        runs = {m: bench.centralized(epochs=p, lr_mult=m, seed=seed) for m in mults}
+        say(unit, f"centralized {p} epochs: " + ", ".join(f"lr x{m:g} {o.test_loss:.4f}" for m, o in runs.items()))
+        if args.many_references_only:
+            return {"corpus": corpus, "seed": seed, "passes": p, "base_test_loss": bench.base_test,
+                    "single": {m: o.test_loss for m, o in runs.items()}}
+        single = runs[1.0]
         o = bench.distributed(recommended(bench, args.many_task_tokens), rounds=p, seed=seed)
         rank, eff = effective_rank(o.delta)
         _, single_eff = effective_rank(single.delta)
@@ -177,7 +197,8 @@ def unit_many(args: argparse.Namespace, corpus: str, seed: int) -> dict:
                   f"{o.test_loss:.4f} by pass {[round(x, 4) for x in o.round_losses]} averaged {o.averaged}; "
                   f"{PROBE_MODULE} update rank {rank} (effective {eff:.1f}; single LoRA {single_eff:.1f}) [{o.seconds:.0f}s]")
         return {"corpus": corpus, "seed": seed, "passes": p, "base_test_loss": bench.base_test,
-                "single_x1": single.test_loss, "single_x05": half.test_loss, "row": row_record("recommended", o),
+                "single_x1": single.test_loss, "single": {m: o.test_loss for m, o in runs.items()},
+                "single_x05": runs[0.5].test_loss if 0.5 in runs else None, "row": row_record("recommended", o),
                 "rank": rank, "effective_rank": round(eff, 1), "single_effective_rank": round(single_eff, 1)}
     finally:
         bench.close()
@@ -224,6 +245,16 @@ def summarize_onepass(units: list[dict]) -> dict:
             entry[f"{avg}_vs_central"] = interval([ratio(u["base_test_loss"], r["averaged"][avg], refs[u["seed"]]["central"])
                                                    for u, r in per])
         summary["rows"].append(entry)
+    # Each row against the recommended row, paired by seed (the seeds share the split, the
+    # references and the tasks' data order, so the paired difference resolves more than two
+    # intervals side by side): the rule a lever is adopted by.
+    rec = next((r for r in summary["rows"] if r["row"] == "recommended"), None)
+    for entry in summary["rows"]:
+        if rec is None or entry is rec:
+            continue
+        seeds = [s for s in entry["seeds"] if s in rec["seeds"]]
+        entry["minus_recommended"] = interval([entry["vs_central"]["values"][entry["seeds"].index(s)]
+                                               - rec["vs_central"]["values"][rec["seeds"].index(s)] for s in seeds])
     return summary
 
 
@@ -258,11 +289,12 @@ def print_onepass(s: dict) -> None:
     for name in ("centralized", "data_parallel"):
         print(f"  {name}: " + ", ".join(f"x{m} {v['mean']:.4f}±{v['ci']:.4f}" for m, v in s[name].items()), flush=True)
     print(f"  data-parallel (K·b) / centralized {fmt(s['dp_vs_central'])}; control (b) {fmt(s['control_b'])}", flush=True)
-    print(f"  {'row':44} {'folds':>9} {'refused':>9} {'vs central':>16} {'vs DP':>16} {'LAWA-2':>16} {'EMA':>16}",
-          flush=True)
+    print(f"  {'row':44} {'folds':>9} {'refused':>9} {'vs central':>16} {'vs DP':>16} {'- recommended':>16} "
+          f"{'LAWA-2':>16} {'EMA':>16}", flush=True)
     for r in s["rows"]:
         print(f"  {r['row']:44} {r['folds']!s:>9} {r['refused']!s:>9} {fmt(r['vs_central']):>16} {fmt(r['vs_dp']):>16} "
-              f"{fmt(r.get('lawa2_vs_central')):>16} {fmt(r.get('ema_vs_central')):>16}", flush=True)
+              f"{fmt(r.get('minus_recommended')):>16} {fmt(r.get('lawa2_vs_central')):>16} "
+              f"{fmt(r.get('ema_vs_central')):>16}", flush=True)
     print(f"  decomposition: {json.dumps(s.get('decomposition', {}))}", flush=True)
 
 
@@ -272,8 +304,28 @@ def fmt(v: dict | None) -> str:
 
 def summarize_many(units: list[dict]) -> dict:
     base = lambda u: u["base_test_loss"]  # noqa: E731
-    best = lambda u: min(u["single_x1"], u["single_x05"])  # noqa: E731
-    return {"corpus": units[0]["corpus"], "passes": units[0]["passes"], "seeds": [u["seed"] for u in units],
+    # The best centralized multiplier by its seed mean (the references of the one-pass part work
+    # the same way); units before session 7 kept x1 and x0.5 only.
+    for u in units:
+        u.setdefault("single", {1.0: u["single_x1"], 0.5: u["single_x05"]})
+        u["single"] = {float(m): v for m, v in u["single"].items()}
+    mults = sorted(set.intersection(*(set(u["single"]) for u in units)))
+    best_m = min(mults, key=lambda m: statistics.fmean(u["single"][m] for u in units))
+    best = lambda u: u["single"][best_m]  # noqa: E731
+    # Rows at another task lr (--many-task-lr), over the seeds that ran them.
+    extra = {}
+    for label in dict.fromkeys(r["row"] for u in units for r in u.get("extra_rows", [])):
+        per = [(u, r) for u in units for r in u.get("extra_rows", []) if r["row"] == label]
+        extra[label] = {"seeds": [u["seed"] for u, _ in per], "refused": [r["refused"] for _, r in per],
+                        "test_loss": interval([r["test_loss"] for _, r in per]),
+                        "by_pass": [r["round_test_losses"] for _, r in per],
+                        "converged": interval([ratio(base(u), r["test_loss"], best(u)) for u, r in per]),
+                        "minus_recommended": interval([ratio(base(u), r["test_loss"], best(u))
+                                                       - ratio(base(u), u["row"]["test_loss"], best(u)) for u, r in per])}
+    return {"best_lr": best_m, "single": {m: interval([u["single"][m] for u in units]) for m in mults},
+            "other_task_lr": extra,
+            "recommended_test_loss": interval([u["row"]["test_loss"] for u in units]),
+            "corpus": units[0]["corpus"], "passes": units[0]["passes"], "seeds": [u["seed"] for u in units],
             "folds": [u["row"]["folds"] for u in units], "refused": [u["row"]["refused"] for u in units],
             "quality_converged": interval([ratio(base(u), u["row"]["test_loss"], best(u)) for u in units]),
             "stacked_vs_single_ratio": interval([ratio(base(u), u["row"]["test_loss"], u["single_x1"]) for u in units]),
@@ -298,10 +350,19 @@ def collect(results: list[dict], kinds: list[str]) -> dict:
                 s["decomposition"] = decomposition(s)
                 print_onepass(s)
             else:
+                units = [u for u in units if "row" in u]  # a references-only unit has no row of its own
+                if not units:
+                    continue
                 s = summarize_many(units)
-                print(f"\n{s['passes']} passes, {corpus}: quality_converged {fmt(s['quality_converged'])}, "
+                print(f"\n{s['passes']} passes, {corpus}: centralized " + ", ".join(
+                    f"x{m:g} {v['mean']:.4f}±{v['ci']:.4f}" for m, v in s["single"].items())
+                      + f" (best x{s['best_lr']:g}); recommended {s['recommended_test_loss']['mean']:.4f}", flush=True)
+                print(f"  quality_converged {fmt(s['quality_converged'])}, "
                       f"stacked_vs_single {fmt(s['stacked_vs_single_ratio'])}, LAWA-2 {fmt(s['lawa2_converged'])}, "
                       f"EMA {fmt(s['ema_converged'])}; folds {s['folds']} refused {s['refused']}", flush=True)
+                for label, r in s["other_task_lr"].items():
+                    print(f"  {label}: seeds {r['seeds']} converged {fmt(r['converged'])} "
+                          f"(− recommended {fmt(r['minus_recommended'])}), by pass {r['by_pass']}", flush=True)
             tables[kind][corpus] = s
     return tables
 
@@ -312,11 +373,15 @@ def headline(tables: dict) -> dict:
         return next((r[key] for r in rows if r["row"] == "recommended"), {"mean": None, "ci": None})
 
     many = tables["many"].get("demo", {})
+    many_docs = tables["many"].get("python-docs", {})
     return {"quality_ratio": rec("demo", "vs_central")["mean"], "quality_ratio_ci": rec("demo", "vs_central")["ci"],
             "quality_vs_dataparallel": rec("demo", "vs_dp")["mean"],
             "quality_vs_dataparallel_ci": rec("demo", "vs_dp")["ci"],
             "quality_converged": many.get("quality_converged", {}).get("mean"),
+            "quality_converged_ci": many.get("quality_converged", {}).get("ci"),
             "stacked_vs_single_ratio": many.get("stacked_vs_single_ratio", {}).get("mean"),
+            "quality_converged_python_docs": many_docs.get("quality_converged", {}).get("mean"),
+            "quality_converged_python_docs_ci": many_docs.get("quality_converged", {}).get("ci"),
             "quality_ratio_python_docs": rec("python-docs", "vs_central")["mean"],
             "quality_ratio_python_docs_ci": rec("python-docs", "vs_central")["ci"],
             "quality_vs_dataparallel_python_docs": rec("python-docs", "vs_dp")["mean"]}
@@ -325,7 +390,8 @@ def headline(tables: dict) -> dict:
 def keep(args: argparse.Namespace, kind: str, result: dict) -> None:
     """Write a unit's result (so far) to ``--out``."""
     if args.out:
-        path = Path(args.out) / f"{kind}-{result['corpus']}-s{result['seed']}.json"
+        corpus = re.sub(r"[^A-Za-z0-9_.-]+", "-", result["corpus"]).strip("-")  # text:/a/b -> text-a-b
+        path = Path(args.out) / f"{kind}-{corpus}-s{result['seed']}.json"
         path.write_text(json.dumps({"kind": kind, **result}, default=str))
 
 
@@ -350,6 +416,13 @@ def merged(folders: list[Path]) -> tuple[list[str], list[dict]]:
         if unit["kind"] == "onepass":
             labels = {r["row"] for r in have["rows"]}
             have["rows"] += [r for r in unit["rows"] if r["row"] not in labels]
+        else:  # many: a references-only unit widens the sweep of the unit with the row
+            have["single"] = {**unit.get("single", {}), **have.get("single", {})}
+            labels = {r["row"] for r in have.get("extra_rows", [])}
+            have["extra_rows"] = have.get("extra_rows", []) + [r for r in unit.get("extra_rows", [])
+                                                               if r["row"] not in labels]
+            for name, value in unit.items():
+                have.setdefault(name, value)
     return [k for k, _, _ in units], [{k: v for k, v in u.items() if k != "kind"} for u in units.values()]
 
 
@@ -374,8 +447,21 @@ def from_logs(logs: list[Path], out: Path) -> None:
         (out / f"onepass-{unit['corpus']}-s{unit['seed']}.json").write_text(json.dumps(unit))
 
 
+STOPPED = False
+
+
+def stop(*_: object) -> None:
+    global STOPPED
+    STOPPED = True
+    sys.exit(143)
+
+
 def run_unit(args: argparse.Namespace, kind: str, corpus: str, seed: int) -> dict:
-    result = UNITS[kind](args, corpus, seed)
+    try:
+        result = UNITS[kind](args, corpus, seed)
+    finally:
+        if STOPPED:  # the unit has cleaned up (its finally); leave the pool rather than take the next unit
+            os._exit(143)
     keep(args, kind, result)
     return result
 
@@ -395,6 +481,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process on the CPU")
     parser.add_argument("--task-tokens", type=int, default=3072, help="tokens per task of the one-pass rows")
     parser.add_argument("--passes", type=int, default=3, help="passes over the data in the 'many' part")
+    parser.add_argument("--many-lr-mults", default="1,0.5", help="the many part's centralized lr multipliers "
+                        "(x1 always runs: stacked_vs_single_ratio; quality_converged: the best by seed mean)")
+    parser.add_argument("--many-references-only", action="store_true", help="many: only the centralized runs "
+                        "at --many-lr-mults (for --collect)")
+    parser.add_argument("--many-task-lr", default="", help="many: only rows at these task lr multipliers of "
+                        "the job's lr (instead of the policy's sqrt(K)), for --collect")
     parser.add_argument("--many-task-tokens", type=int, default=1024, help="tokens per task in the 'many' part")
     parser.add_argument("--lr", type=float, default=0.0, help="override the job's learning rate")
     parser.add_argument("--batch-size", type=int, default=0, help="override the job's batch size")
@@ -434,7 +526,7 @@ def main() -> None:
     seconds = time.time() - t0
     print(f"\n{json.dumps(head)}; {seconds:.0f}s on {args.device}", flush=True)
     print(json.dumps({**head, "onepass": tables["onepass"], "many": tables["many"], "workers": args.workers,
-                      "records": args.records, "device": args.device, "seconds": round(seconds, 1)}, default=str))
+                      "records": None if args.collect else args.records, "device": args.device, "seconds": round(seconds, 1)}, default=str))
 
 
 if __name__ == "__main__":
