@@ -32,7 +32,7 @@ from coordinator.schedule import standing
 from coordinator.gateway.auth import Identity
 from coordinator.errors import Incomplete, WrongState
 from coordinator.schedule.holder import claim_of
-from coordinator.ledger import Accepted, Check, Claim, JobConfig, Ledger, Refusal
+from coordinator.ledger import Accepted, Check, Claim, JobConfig, Ledger, Refusal, TaskRecord
 from coordinator.ledger.adapters import REFUSED_LEASE
 from coordinator.schedule.noise import Sample
 from coordinator.model.store import Store, upload_key
@@ -175,7 +175,8 @@ def _upload(ledger: Ledger, store: Store, shapes: Mapping[str, tuple[int, int]],
     if data is None:
         held = partials.offset(m.task_id, m.fence, m.sha256)
         raise Incomplete(f"the upload stopped at byte {held} of {m.size}; resume from offset {held}")
-    result = receive(ledger, store, shapes, m, data, volunteer=volunteer, replication=replication)
+    result = receive(ledger, store, shapes, m, data, volunteer=volunteer, replication=replication, task=task,
+                     config=job.config if job is not None else None)
     partials.discard(m.task_id, m.fence, m.sha256)
     return _counted(ledger, volunteer, result)
 
@@ -220,9 +221,12 @@ def receive(
     *,
     volunteer: str = "",
     replication: Replication | None = None,
+    task: TaskRecord | None = None,
+    config: JobConfig | None = None,
 ) -> Accepted:
     """Check an upload and record it; never raises for bad input, refuses with a reason (and
-    the check it failed, when it failed one)."""
+    the check it failed, when it failed one). ``task`` and its job's ``config``: as the caller
+    read them already (read here when not given)."""
     if len(data) != manifest.size:
         return Accepted("refused", f"the upload has {len(data)} bytes but the manifest says {manifest.size}",
                         REFUSED_TRANSFER, Check.CORRUPT)
@@ -230,7 +234,7 @@ def receive(
     if digest != manifest.sha256:
         return Accepted("refused", "the upload's sha256 does not match its manifest: it was corrupted on the way",
                         REFUSED_TRANSFER, Check.CORRUPT)
-    task = ledger.tasks.get(manifest.task_id)
+    task = task or ledger.tasks.get(manifest.task_id)
     if task is None:
         return Accepted("refused", f"there is no task {manifest.task_id!r}", REFUSED_LEASE)
     if not ledger.leases.problem(manifest.task_id, manifest.fence):
@@ -240,7 +244,7 @@ def receive(
                 f"the manifest names base version {manifest.base_version} but the task's run was "
                 f"given version {task.base_version}", REFUSED_BASE, Check.MALFORMED,
             )
-        config = ledger.jobs.get(task.job).config
+        config = config or ledger.jobs.get(task.job).config
         try:
             adapter = adapter_format.from_bytes(data)
             if adapter.rank != manifest.rank or not math.isclose(adapter.alpha, manifest.alpha, rel_tol=1e-6):
