@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import random
 import re
 import time
 from collections.abc import Callable
@@ -29,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nomoat import direct
-from nomoat.client import CoordinatorClient, NomoatError
+from nomoat.client import Busy, CoordinatorClient, NomoatError
 from nomoat.spec import GradientNorms
 from nomoat.v1 import nomoat_pb2 as pb
 
@@ -84,13 +85,25 @@ def send_once(client: CoordinatorClient, manifest: pb.AdapterManifest, data: byt
 def upload(client: CoordinatorClient, manifest: pb.AdapterManifest, data: bytes,
            patience_s: float = 600.0, backoff_s: float = 1.0, max_backoff_s: float = 5.0,
            pace: Pace | None = None) -> UploadResult:
-    """Send until the coordinator answers; a coordinator being restarted is waited for ``patience_s``."""
+    """Send until the coordinator answers; a coordinator being restarted is waited for ``patience_s``.
+
+    A coordinator receiving as many uploads as it takes (Busy: a thousand volunteers finished a
+    unit in the same second) is no failure: the upload waits the time it names, jittered so the
+    waiting volunteers do not all come back at once, and counts no attempt."""
     deadline = time.monotonic() + patience_s
     attempt = 0
     while True:
         attempt += 1
         try:
             return send_once(client, manifest, data, attempt, pace=pace)
+        except Busy as exc:
+            attempt -= 1
+            delay = exc.retry_after_s * random.uniform(0.5, 1.5)
+            if time.monotonic() + delay > deadline:
+                raise
+            log.info("the coordinator is receiving as many uploads as it takes; sending %s again in %.1f s",
+                     manifest.task_id, delay)
+            time.sleep(delay)
         except NomoatError as exc:
             delay = min(backoff_s * 2 ** (attempt - 1), max_backoff_s)
             if time.monotonic() + delay > deadline:

@@ -159,10 +159,10 @@ def _upload(ledger: Ledger, store: Store, shapes: Mapping[str, tuple[int, int]],
     m = replace(manifest, worker_id=worker_id, lease_secret="")  # the worker credited, if any
     token_hash = "" if identity.role == "admin" else identity.token_hash
     task = ledger.tasks.get(m.task_id)
-    job = ledger.jobs.get(task.job) if task is not None else None
-    if job is not None and m.size > (bound := adapter_bound(job.config, shapes)):
+    config = ledger.jobs.config(task.job) if task is not None else None
+    if config is not None and m.size > (bound := adapter_bound(config, shapes)):
         return Accepted("refused", f"the adapter is {m.size} bytes; an adapter of this job's LoRA config "
-                                   f"(rank {job.config.lora_rank}) is at most {bound}", REFUSED_SIZE)
+                                   f"(rank {config.lora_rank}) is at most {bound}", REFUSED_SIZE)
     volunteer = standing.volunteer_of(token_hash, worker_id)
     if in_store:
         return _from_store(ledger, store, shapes, m, volunteer, max_bytes, replication)
@@ -176,7 +176,7 @@ def _upload(ledger: Ledger, store: Store, shapes: Mapping[str, tuple[int, int]],
         held = partials.offset(m.task_id, m.fence, m.sha256)
         raise Incomplete(f"the upload stopped at byte {held} of {m.size}; resume from offset {held}")
     result = receive(ledger, store, shapes, m, data, volunteer=volunteer, replication=replication, task=task,
-                     config=job.config if job is not None else None)
+                     config=config)
     partials.discard(m.task_id, m.fence, m.sha256)
     return _counted(ledger, volunteer, result)
 
@@ -269,7 +269,7 @@ def receive(
         hold=replication.hold_for(task, volunteer) if replication is not None else None,
         gradients=manifest.gradients,
     )
-    if accepted.status == "accepted":
+    if accepted.status == "accepted" and manifest.gradients.usable():
         ledger.jobs.add_noise(task.job, manifest.gradients)
     return accepted
 

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 import grpc
 
 from coordinator.gateway import admin, long_polls, quotas
-from coordinator.gateway.lanes import CALLS, LANE_OF, STREAMS, Lanes
+from coordinator.gateway.lanes import CALLS, LANE_OF, RETRY_AFTER, STREAMS, Lanes
 
 from coordinator.collect import accept
 
@@ -130,6 +130,8 @@ def _answers(method: Callable) -> Callable:
 
     async def abort(context: grpc.aio.ServicerContext, exc: RequestError) -> None:
         code = next((c for kind, c in _STATUS.items() if isinstance(exc, kind)), grpc.StatusCode.UNKNOWN)
+        if getattr(exc, "retry_after_s", 0):
+            context.set_trailing_metadata(((RETRY_AFTER, f"{exc.retry_after_s:g}"),))
         await context.abort(code, str(exc))
 
     if inspect.isasyncgenfunction(method):

@@ -23,7 +23,7 @@ from coordinator.ledger.codec import (
     to_fields,
 )
 from coordinator.ledger.pages import Cursor, older
-from coordinator.ledger.records import JobRecord, JobState, TaskRecord, TaskState
+from coordinator.ledger.records import JobConfig, JobRecord, JobState, TaskRecord, TaskState
 from coordinator.ledger.tasks import JOB_EVENTS
 from coordinator.schedule.noise import DECAY, NoiseScale, Sample, unbiased
 
@@ -85,6 +85,12 @@ class Jobs:
     def get(self, job_id: str) -> JobRecord | None:
         data = decode(self.r.hgetall(keys.job(job_id)))
         return job_from_hash(job_id, data) if data else None
+
+    def config(self, job_id: str) -> JobConfig | None:
+        """The job's LoRA and training config alone (what an upload is checked against), None
+        for no such job."""
+        raw = self.r.hget(keys.job(job_id), "config")
+        return JobConfig.from_dict(json.loads(raw)) if raw else None
 
     def ids(self) -> list[str]:
         """Every job, oldest first."""
