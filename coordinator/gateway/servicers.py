@@ -130,9 +130,8 @@ def _answers(method: Callable) -> Callable:
 
     async def abort(context: grpc.aio.ServicerContext, exc: RequestError) -> None:
         code = next((c for kind, c in _STATUS.items() if isinstance(exc, kind)), grpc.StatusCode.UNKNOWN)
-        if getattr(exc, "retry_after_s", 0):
-            context.set_trailing_metadata(((RETRY_AFTER, f"{exc.retry_after_s:g}"),))
-        await context.abort(code, str(exc))
+        retry = getattr(exc, "retry_after_s", 0)  # a refusal for capacity says when to come back
+        await context.abort(code, str(exc), trailing_metadata=((RETRY_AFTER, f"{retry:g}"),) if retry else ())
 
     if inspect.isasyncgenfunction(method):
         @functools.wraps(method)
