@@ -89,6 +89,9 @@ def serve(data_dir: Path, listen: str, role: str, redis_url: str | None) -> None
                         # One shared worker token stands for every simulated volunteer (each would
                         # have its own identity and share): no per-caller stream share here.
                         max_streams_per_caller=1_000_000,
+                        # Outbound volunteers only: no Ray head (its start-up alone times out on a
+                        # starved machine, and it would take the cores the benchmark measures).
+                        ray_address="off",
                         lease_ttl_s=60.0, pending_window=2000, redis_url=redis_url,
                         job=JobDefaults(lora_rank=1, lora_alpha=2.0, target_modules=("q_proj",), seq_len=32,
                                         tokens_per_task=64))
@@ -234,6 +237,7 @@ class Tally:
     exhausted: int = 0  # RESOURCE_EXHAUSTED: refused for capacity, all kinds
     exhausted_by_kind: dict = field(default_factory=dict)  # call kind -> RESOURCE_EXHAUSTED answers
     upload_waits: int = 0  # Uploads refused with a time to retry, waited out and sent again (as worker.uploader does)
+    errors_by_kind: dict = field(default_factory=dict)  # "Kind CODE" -> errors seen in the load loop
 
     def refused_for_capacity(self, kind: str) -> None:
         self.exhausted += 1
@@ -253,6 +257,8 @@ class Tally:
             setattr(self, name, getattr(self, name) + other[name])
         for kind, n in other["exhausted_by_kind"].items():
             self.exhausted_by_kind[kind] = self.exhausted_by_kind.get(kind, 0) + n
+        for kind, n in other["errors_by_kind"].items():
+            self.errors_by_kind[kind] = self.errors_by_kind.get(kind, 0) + n
 
 
 def kind_of(exc: grpc.aio.AioRpcError) -> str:
@@ -329,6 +335,8 @@ async def volunteer(i: int, address: str, token: str, data: bytes, tally: Tally,
                 free_since = time.monotonic()
             except grpc.aio.AioRpcError as exc:
                 tally.errors += 1
+                name = f"{kind_of(exc)} {exc.code().name}"
+                tally.errors_by_kind[name] = tally.errors_by_kind.get(name, 0) + 1
                 if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
                     tally.refused_for_capacity(kind_of(exc))
                 if tally.errors < 5:
@@ -473,6 +481,7 @@ def figures(p: Phase) -> dict[str, float]:
         "capacity_refusals_by_kind": dict(sorted(t.exhausted_by_kind.items())),
         "upload_waits": t.upload_waits,
         "rpc_errors": t.errors,
+        "rpc_errors_by_kind": dict(sorted(t.errors_by_kind.items())),
         "calls": t.calls,
         "gateway_cpu_s_per_1000_calls": round(p.gateway_cpu_s / max(t.calls, 1) * 1000, 3),
         "register_s": round(p.register_s, 1),
