@@ -17,7 +17,9 @@ data dir, the volunteers spread over the two gateways (it needs a checkout with 
 
 Reported: leases per second (units handed out, from the volunteers' side), p50/p99 of the
 Heartbeat call, the time from a volunteer being free to holding a run (work is queued the whole
-time), calls refused for capacity (RESOURCE_EXHAUSTED, as the volunteers saw them), and the
+time), calls refused for capacity (RESOURCE_EXHAUSTED, as the volunteers saw them, by kind of
+call; an Upload refused with a time to retry is waited out as the worker's uploader does, and
+counted apart as ``upload_waits``), and the
 gateways' CPU seconds per 1,000 calls the volunteers made (in layout all the one process also
 schedules: an upper bound). The baseline is the same loop with one volunteer, measured first in
 the same run; ratios are against it. Checked against the ledger afterwards: no (task, fence)
@@ -84,6 +86,12 @@ def serve(data_dir: Path, listen: str, role: str, redis_url: str | None) -> None
     more_files()
     settings = Settings(data_dir=data_dir, listen=listen, fold_every=10**9, fold_timeout_s=1e9, speculate=False,
                         max_in_flight=1_000_000, max_workers_per_token=1_000_000, target_task_seconds=WORK_S,
+                        # One shared worker token stands for every simulated volunteer (each would
+                        # have its own identity and share): no per-caller stream share here.
+                        max_streams_per_caller=1_000_000, stream_share_per_caller=1.0,
+                        # Outbound volunteers only: no Ray head (its start-up alone times out on a
+                        # starved machine, and it would take the cores the benchmark measures).
+                        ray_address="off",
                         lease_ttl_s=60.0, pending_window=2000, redis_url=redis_url,
                         job=JobDefaults(lora_rank=1, lora_alpha=2.0, target_modules=("q_proj",), seq_len=32,
                                         tokens_per_task=64))
@@ -217,7 +225,14 @@ class Tally:
     errors: int = 0
     registered: int = 0
     calls: int = 0  # RPCs made in the load phase (those that answered and those that failed)
-    exhausted: int = 0  # RESOURCE_EXHAUSTED: refused for capacity
+    exhausted: int = 0  # RESOURCE_EXHAUSTED: refused for capacity, all kinds
+    exhausted_by_kind: dict = field(default_factory=dict)  # call kind -> RESOURCE_EXHAUSTED answers
+    upload_waits: int = 0  # Uploads refused with a time to retry, waited out and sent again (as worker.uploader does)
+    errors_by_kind: dict = field(default_factory=dict)  # "Kind CODE" -> errors seen in the load loop
+
+    def refused_for_capacity(self, kind: str) -> None:
+        self.exhausted += 1
+        self.exhausted_by_kind[kind] = self.exhausted_by_kind.get(kind, 0) + 1
 
     def hand(self, task_id: str, fence: int, worker_id: str) -> None:
         self.handed.setdefault(f"{task_id}/{fence}", []).append(worker_id)
@@ -229,8 +244,26 @@ class Tally:
             self.handed.setdefault(key, []).extend(holders)
         for key, ids in other["accepted"].items():
             self.accepted.setdefault(key, []).extend(ids)
-        for name in ("units", "refused", "errors", "registered", "calls", "exhausted"):
+        for name in ("units", "refused", "errors", "registered", "calls", "exhausted", "upload_waits"):
             setattr(self, name, getattr(self, name) + other[name])
+        for kind, n in other["exhausted_by_kind"].items():
+            self.exhausted_by_kind[kind] = self.exhausted_by_kind.get(kind, 0) + n
+        for kind, n in other["errors_by_kind"].items():
+            self.errors_by_kind[kind] = self.errors_by_kind.get(kind, 0) + n
+
+
+def kind_of(exc: grpc.aio.AioRpcError) -> str:
+    """Which call an error came from (see :func:`called`)."""
+    return getattr(exc, "nomoat_kind", "?")
+
+
+async def called(kind: str, call):
+    """Await ``call``; an error says which kind of call it came from (``kind_of``)."""
+    try:
+        return await call
+    except grpc.aio.AioRpcError as exc:
+        exc.nomoat_kind = kind
+        raise
 
 
 async def volunteer(i: int, address: str, token: str, data: bytes, tally: Tally, stop, go, registered,
@@ -245,7 +278,9 @@ async def volunteer(i: int, address: str, token: str, data: bytes, tally: Tally,
             try:
                 reg = await stub.Register(pb.RegisterRequest(name=f"sim-{i}", card=CARD), metadata=meta, timeout=120)
                 break
-            except grpc.aio.AioRpcError:
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    tally.refused_for_capacity("Register")
                 await asyncio.sleep(random.uniform(0.5, 2.0) * (attempt + 1))
         else:
             tally.errors += 1
@@ -266,8 +301,8 @@ async def volunteer(i: int, address: str, token: str, data: bytes, tally: Tally,
             try:
                 started = time.monotonic()
                 tally.calls += 1
-                reply = await stub.RequestWork(pb.WorkRequest(worker_id=worker_id, wait_s=wait_s), metadata=meta,
-                                               timeout=wait_s + 30)
+                reply = await called("RequestWork", stub.RequestWork(pb.WorkRequest(worker_id=worker_id, wait_s=wait_s),
+                                                                     metadata=meta, timeout=wait_s + 30))
                 took = time.monotonic() - started
                 if not reply.run_id:
                     if reply.poll_again_s > 0:
@@ -284,16 +319,19 @@ async def volunteer(i: int, address: str, token: str, data: bytes, tally: Tally,
                     tally.hand(spec.task_id, spec.fence, worker_id)
                     results.append(await unit(stub, meta, worker_id, spec, reg.lineage, data, sha, tally))
                 tally.calls += 1
-                await stub.ReportRun(pb.RunReport(worker_id=worker_id, run_id=reply.run_id,
-                                                  units=[json.dumps(u.to_dict()) for u in results],
-                                                  lease_secrets=secrets),
-                                     metadata=meta, timeout=60)
+                await called("ReportRun", stub.ReportRun(pb.RunReport(worker_id=worker_id, run_id=reply.run_id,
+                                                                      units=[json.dumps(u.to_dict()) for u in results],
+                                                                      lease_secrets=secrets),
+                                                         metadata=meta, timeout=60))
                 free_since = time.monotonic()
             except grpc.aio.AioRpcError as exc:
                 tally.errors += 1
-                tally.exhausted += exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                name = f"{kind_of(exc)} {exc.code().name}"
+                tally.errors_by_kind[name] = tally.errors_by_kind.get(name, 0) + 1
+                if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    tally.refused_for_capacity(kind_of(exc))
                 if tally.errors < 5:
-                    print(f"volunteer {i}: {exc.code().name} {exc.details()}", file=sys.stderr)
+                    print(f"volunteer {i}: {kind_of(exc)} {exc.code().name} {exc.details()}", file=sys.stderr)
                 await asyncio.sleep(random.uniform(0.5, 2.0))
 
 
@@ -302,9 +340,9 @@ async def unit(stub, meta, worker_id: str, spec: TaskSpec, lineage: str, data: b
     async def beat() -> pb.HeartbeatReply:
         started = time.monotonic()
         tally.calls += 1
-        reply = await stub.Heartbeat(pb.HeartbeatRequest(task_id=spec.task_id, fence=spec.fence,
-                                                         worker_id=worker_id, lease_secret=spec.lease_secret),
-                                         metadata=meta, timeout=30)
+        reply = await called("Heartbeat", stub.Heartbeat(
+            pb.HeartbeatRequest(task_id=spec.task_id, fence=spec.fence, worker_id=worker_id,
+                                lease_secret=spec.lease_secret), metadata=meta, timeout=30))
         tally.heartbeat_s.append(time.monotonic() - started)
         return reply
 
@@ -318,15 +356,34 @@ async def unit(stub, meta, worker_id: str, spec: TaskSpec, lineage: str, data: b
                                   alpha=2.0, tokens=spec.tokens, train_loss=2.0, sha256=sha, size=len(data),
                                   worker_id=worker_id, lineage=first.lineage or lineage,
                                   lease_secret=spec.lease_secret)
-    tally.calls += 1
-    sent = await stub.Upload(iter([pb.UploadChunk(manifest=manifest), pb.UploadChunk(data=data)]), metadata=meta,
-                             timeout=60)
+    sent = await upload(stub, meta, manifest, data, tally)
     tally.units += 1
     if not sent.accepted:
         tally.refused += 1
         return UnitResult(spec.task_id, spec.fence, f"refused: {sent.reason}")
     tally.accepted.setdefault(spec.task_id, []).append(sent.adapter_id)
     return UnitResult(spec.task_id, spec.fence, adapter_id=sent.adapter_id, tokens=spec.tokens, seconds=WORK_S)
+
+
+async def upload(stub, meta, manifest: pb.AdapterManifest, data: bytes, tally: Tally,
+                 patience_s: float = 120.0) -> pb.UploadReply:
+    """Send the adapter as worker.uploader does: a refusal for capacity that names a time to come
+    back (the gateway's bounded upload queue was full) is waited out, jittered, and sent again."""
+    from nomoat.client import retry_after
+
+    end = time.monotonic() + patience_s
+    while True:
+        tally.calls += 1
+        try:
+            return await called("Upload", stub.Upload(iter([pb.UploadChunk(manifest=manifest),
+                                                            pb.UploadChunk(data=data)]), metadata=meta, timeout=60))
+        except grpc.aio.AioRpcError as exc:
+            wait = retry_after(exc) * random.uniform(0.5, 1.5)
+            if exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED or wait <= 0 or time.monotonic() + wait > end:
+                raise
+            tally.refused_for_capacity("Upload")
+            tally.upload_waits += 1
+            await asyncio.sleep(wait)
 
 
 def generator(first: int, count: int, addresses: list[str], token: str, data: bytes, wait_s: float,
@@ -409,8 +466,13 @@ def figures(p: Phase) -> dict[str, float]:
         "poll_p99_ms": round(pct(t.poll_s, 0.99) * 1000, 2),
         "time_to_work_p50_s": round(pct(t.to_lease_s, 0.5), 3),
         "time_to_work_p99_s": round(pct(t.to_lease_s, 0.99), 3),
-        "capacity_refusals": t.exhausted,
+        # Refused for capacity and seen as an error (an Upload refused with a time to retry is
+        # waited out, as the worker's uploader does: counted in upload_waits instead).
+        "capacity_refusals": t.exhausted - t.upload_waits,
+        "capacity_refusals_by_kind": dict(sorted(t.exhausted_by_kind.items())),
+        "upload_waits": t.upload_waits,
         "rpc_errors": t.errors,
+        "rpc_errors_by_kind": dict(sorted(t.errors_by_kind.items())),
         "calls": t.calls,
         "gateway_cpu_s_per_1000_calls": round(p.gateway_cpu_s / max(t.calls, 1) * 1000, 3),
         "register_s": round(p.register_s, 1),

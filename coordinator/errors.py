@@ -34,7 +34,12 @@ class NotPermitted(RequestError):
 
 
 class LimitReached(RequestError):
-    """The caller has used up what it may have (workers per token)."""
+    """The caller has used up what it may have (workers per token), or the server is as busy as it
+    takes; ``retry_after_s`` (when set) is how soon trying again is worth it."""
+
+    def __init__(self, message: str, retry_after_s: float = 0.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class Incomplete(RequestError):

@@ -42,6 +42,18 @@ class NomoatError(RuntimeError):
         self.code = code
 
 
+class Busy(NomoatError):
+    """The coordinator is serving as much of this kind of call as it takes: not an error of the
+    caller's, nor a failure; try again after ``retry_after_s`` (the coordinator's hint)."""
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message, grpc.StatusCode.RESOURCE_EXHAUSTED)
+        self.retry_after_s = retry_after_s
+
+
+RETRY_AFTER = "nomoat-retry-after-s"  # the trailer a refusal for capacity carries (coordinator.gateway.lanes)
+
+
 def default_address() -> str:
     return os.environ.get("NOMOAT_COORDINATOR") or DEFAULT_ADDRESS
 
@@ -89,7 +101,26 @@ def _explain(exc: grpc.RpcError, address: str) -> NomoatError:
         return NomoatError(f"the coordinator refused the token: {detail}", code)
     if code == grpc.StatusCode.PERMISSION_DENIED:
         return NomoatError(f"not allowed: {detail}", code)
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        hint = retry_after(exc)
+        if hint > 0:
+            return Busy(detail, hint)
     return NomoatError(detail or f"the call failed with {code}", code)
+
+
+def retry_after(exc: grpc.RpcError) -> float:
+    """The seconds a refusal for capacity says to wait before trying again; 0 when it says none."""
+    try:
+        trailers = exc.trailing_metadata() or ()
+    except Exception:  # noqa: BLE001  (an error raised before any answer has no trailers)
+        return 0.0
+    for key, value in trailers:
+        if key == RETRY_AFTER:
+            try:
+                return max(0.0, float(value))
+            except ValueError:
+                return 0.0
+    return 0.0
 
 
 class CoordinatorClient:

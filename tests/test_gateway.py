@@ -7,18 +7,21 @@ succeeds within a generous deadline or the test fails.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import grpc
 import pytest
 
-from coordinator.gateway import long_polls
-from coordinator.gateway.lanes import Limits
+from coordinator.gateway import lanes, long_polls
+from coordinator.gateway.lanes import QUEUE_DEPTH, Limits
+from nomoat.client import RETRY_AFTER
 from nomoat.v1 import nomoat_pb2 as pb
 from tests import rig as rigs
 from tests.rig import Rig, published  # noqa: F401  (fixture)
+from worker import uploader
 
 CARD = pb.Card(name="RTX 4090", vram_gb=24.0)
 MANY = pb.JobConfig(lora_rank=rigs.RANK, lora_alpha=rigs.ALPHA, target_modules=rigs.TARGETS, tokens_per_task=64)
@@ -124,21 +127,104 @@ def test_watchers_do_not_starve_heartbeats_into_losing_a_lease(small: Rig) -> No
         held.close()
 
 
-def test_a_stream_kind_past_its_limit_is_refused_with_a_sentence_and_others_go_on(small: Rig) -> None:
-    job_id = small.submit(config=MANY).job_id
-    task_ids = small.ledger.tasks.ids(job_id)
-    assert len(task_ids) > 8
-    held = Holders(small)
+@pytest.fixture
+def queued(redis_client, published, tmp_path) -> Iterator[Callable[[float], Rig]]:  # noqa: F811
+    """Rigs that take two uploads at once and let others wait ``queue_s`` for a slot."""
+    made: list[Rig] = []
+
+    def make(queue_s: float) -> Rig:
+        made.append(rigs.start(redis_client, published, tmp_path / str(len(made)), max_streams_per_caller=256,
+                               limits=Limits(streams={"Watch": 8, "Pull": 4, "FetchShard": 4, "Submit": 1,
+                                                      "Upload": 2}, queue_s={"Upload": queue_s})))
+        return made[-1]
+
+    yield make
+    for rig in made:
+        rig.close()
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 30.0) -> None:
+    end = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < end, "not reached in time"
+        time.sleep(0.05)
+
+
+def upload_call(rig: Rig, task_id: str, data: bytes):
+    """A whole upload of ``data`` under a new lease of ``task_id``, as a future."""
+    chunks = [pb.UploadChunk(manifest=rigs.manifest(task_id, rig.lease(task_id), data)), pb.UploadChunk(data=data)]
+    return rig.client("worker").workers.Upload.future(iter(chunks), timeout=60, metadata=rig.meta("worker"))
+
+
+def test_an_upload_past_its_limit_waits_for_a_slot_and_is_received(queued) -> None:
+    """A volunteer that finished a unit while the gateway was receiving as many uploads as it
+    takes is not refused: its upload waits for a slot."""
+    rig = queued(60.0)
+    task_ids = rig.ledger.tasks.ids(rig.submit(config=MANY).job_id)
+    held = Holders(rig)
     try:
-        held.upload(task_ids[:8])
-        time.sleep(0.5)
-        data = b"\0" * 16
+        held.upload(task_ids[:2])  # both slots
+        wait_until(lambda: rig.deps.lanes.waiting("Upload") == 0 and len(held.calls) == 2)
+        time.sleep(0.3)  # (the two held streams reach the server)
+        call = upload_call(rig, task_ids[2], rigs.make_adapter(rig.deps.shapes))
+        wait_until(lambda: rig.deps.lanes.waiting("Upload") == 1)
+        assert not call.done()
+        held.calls[0].cancel()  # one upload ends: its slot goes to the one waiting
+        assert call.result(timeout=30).accepted
+    finally:
+        held.close()
+
+
+def test_past_the_upload_queue_an_upload_is_refused_with_a_time_to_try_again(queued) -> None:
+    """The queue is bounded (QUEUE_DEPTH waiting per slot, each for queue_s at most): past it,
+    RESOURCE_EXHAUSTED with a sentence and the trailer that says when to come back; other kinds
+    of stream still have room."""
+    rig = queued(8.0)
+    job_id = rig.submit(config=MANY).job_id
+    task_ids = rig.ledger.tasks.ids(job_id)
+    depth = 2 * QUEUE_DEPTH
+    assert len(task_ids) > 3 + depth
+    held = Holders(rig)
+    try:
+        held.upload(task_ids[:2])
+        time.sleep(0.3)
+        held.upload(task_ids[2 : 2 + depth])  # these wait
+        wait_until(lambda: rig.deps.lanes.waiting("Upload") == depth)
         with pytest.raises(grpc.RpcError) as refused:
-            small.client("worker").workers.Upload(iter([pb.UploadChunk(manifest=rigs.manifest(
-                task_ids[8], small.lease(task_ids[8]), data))]), timeout=15, metadata=small.meta("worker"))
+            upload_call(rig, task_ids[2 + depth], b"\0" * 16).result(timeout=15)  # at once, not in 8 s
         assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert "as many Upload streams as it takes (8); try again" in refused.value.details()
+        assert f"as many Uploads as it takes (2, and {depth} waiting); try again in 5 s" in refused.value.details()
+        assert (RETRY_AFTER, "5") in refused.value.trailing_metadata()
         held.watch(job_id, 2)  # another kind still has room
+        waited = held.calls[2].exception(timeout=30)  # a waiting one, once its 8 s are up
+        assert waited.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "none ended within 8 s; try again in 5 s" in waited.details()
+    finally:
+        held.close()
+
+
+def test_the_uploader_waits_out_a_full_gateway_without_failing(queued, monkeypatch, caplog) -> None:
+    """The worker's side: a refusal for capacity is waited out (the time the gateway names,
+    jittered), not counted as a failed try; the upload is accepted once a slot frees."""
+    monkeypatch.setattr(lanes, "RETRY_AFTER_S", 0.5)
+    rig = queued(0.2)
+    task_ids = rig.ledger.tasks.ids(rig.submit(config=MANY).job_id)
+    held = Holders(rig)
+    data = rigs.make_adapter(rig.deps.shapes)
+    results: list = []
+    try:
+        held.upload(task_ids[:2])
+        time.sleep(0.3)
+        manifest = rigs.manifest(task_ids[2], rig.lease(task_ids[2]), data)
+        with caplog.at_level(logging.INFO, logger=uploader.log.name):
+            sender = threading.Thread(target=lambda: results.append(
+                uploader.upload(rig.client("worker"), manifest, data, patience_s=60, backoff_s=30)))
+            sender.start()
+            wait_until(lambda: "receiving as many uploads as it takes" in caplog.text)
+            held.close()  # the slots free
+            sender.join(60)
+        assert results and results[0].accepted, results
+        assert results[0].attempts == 1  # (a failed try would have waited backoff_s = 30 s)
     finally:
         held.close()
 

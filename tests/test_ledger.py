@@ -318,3 +318,26 @@ def test_a_restarted_scheduler_sizes_a_fast_cards_run_from_the_speed_the_ledger_
     # 400 tokens/s x 10 s over 100-token units: 8 units (the most a run takes), not 1.
     assert [len(r.specs) for r in again.submitted] == [8] and again.submitted[0].card == fast
     assert set(again.submitted[0].task_ids) <= set(tasks)
+
+
+def test_a_jobs_noise_estimate_takes_samples_as_noise_scale_add_does_even_at_once(ledger):
+    """add_noise is NoiseScale.add as one script: the same estimate, and none lost to uploads
+    landing at once (a WATCH on the job's hash used to retry under them)."""
+    from coordinator.schedule.noise import NoiseScale, Sample
+
+    make_job(ledger)
+    samples = [Sample(5.0, 2.0, 2, 8), Sample(3.0, 1.5, 2, 8), Sample(float("nan"), 1.0, 2, 8)]  # the last unusable
+    expected = NoiseScale()
+    for sample in samples:
+        got = ledger.jobs.add_noise("j-test", sample)
+        expected = expected.add(sample)
+        assert got.samples == expected.samples
+        assert got.g2 == pytest.approx(expected.g2, rel=1e-12) and got.trace == pytest.approx(expected.trace, rel=1e-12)
+    assert ledger.jobs.noise("j-test") == got
+    threads = [threading.Thread(target=lambda: [ledger.jobs.add_noise("j-test", samples[0]) for _ in range(25)])
+               for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert ledger.jobs.noise("j-test").samples == expected.samples + 100

@@ -31,3 +31,6 @@ def test_a_thousand_outbound_workers_lose_nothing_and_lease_nothing_twice(tmp_pa
     assert figures["volunteers"] == 1000 and figures["calls"] > 0, figures
     assert ledger["accepted_seen"] == ledger["done_in_ledger"] == ledger["buffered"], ledger
     assert figures["ok"] is True, figures
+    # No heartbeat or registration is ever refused for capacity (their lane is not shared with streams).
+    by_kind = figures["capacity_refusals_by_kind"]
+    assert not by_kind.get("Heartbeat") and not by_kind.get("Register"), by_kind

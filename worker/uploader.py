@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import random
 import re
 import time
 from collections.abc import Callable
@@ -34,7 +35,7 @@ from pathlib import Path
 import grpc
 
 from nomoat import direct
-from nomoat.client import CoordinatorClient, NomoatError
+from nomoat.client import Busy, CoordinatorClient, NomoatError
 from nomoat.logs import fields
 from nomoat.spec import GradientNorms
 from nomoat.v1 import nomoat_pb2 as pb
@@ -94,13 +95,25 @@ def upload(client: CoordinatorClient, manifest: pb.AdapterManifest, data: bytes,
            patience_s: float = 600.0, backoff_s: float = 1.0, max_backoff_s: float = 5.0,
            pace: Pace | None = None) -> UploadResult:
     """Send until the coordinator answers; a coordinator being restarted is waited for ``patience_s``.
-    A refusal of the worker's token ends it at once, as a refused result saying so."""
+    A refusal of the worker's token ends it at once, as a refused result saying so.
+
+    A coordinator receiving as many uploads as it takes (Busy: a thousand volunteers finished a
+    unit in the same second) is no failure: the upload waits the time it names, jittered so the
+    waiting volunteers do not all come back at once, and counts no attempt."""
     deadline = time.monotonic() + patience_s
     attempt = 0
     while True:
         attempt += 1
         try:
             return send_once(client, manifest, data, attempt, pace=pace)
+        except Busy as exc:
+            attempt -= 1
+            delay = exc.retry_after_s * random.uniform(0.5, 1.5)
+            if time.monotonic() + delay > deadline:
+                raise
+            log.info("the coordinator is receiving as many uploads as it takes; sending %s again in %.1f s",
+                     manifest.task_id, delay)
+            time.sleep(delay)
         except NomoatError as exc:
             if exc.code in REFUSED_FOR_GOOD:
                 log.error("the coordinator refused the upload of task %s for good (%s); it is not retried: ask "

@@ -34,7 +34,7 @@ from coordinator.schedule import standing
 from coordinator.gateway.auth import Identity
 from coordinator.errors import Incomplete, WrongState
 from coordinator.schedule.holder import claim_of
-from coordinator.ledger import Accepted, Check, Claim, JobConfig, Ledger, Refusal
+from coordinator.ledger import Accepted, Check, Claim, JobConfig, Ledger, Refusal, TaskRecord
 from coordinator.ledger.adapters import REFUSED_COPY, REFUSED_LEASE  # noqa: F401  (REFUSED_COPY: named here with the others)
 from coordinator.schedule.noise import Sample
 from coordinator.model.store import Store, upload_key
@@ -164,10 +164,10 @@ def _upload(ledger: Ledger, store: Store, shapes: Mapping[str, tuple[int, int]],
         return _counted(ledger, standing.volunteer_of(token_hash, worker_id), result) if result.check else result
     m = replace(manifest, worker_id=worker_id, lease_secret="")  # the worker credited, if any
     task = ledger.tasks.get(m.task_id)
-    job = ledger.jobs.get(task.job) if task is not None else None
-    if job is not None and m.size > (bound := adapter_bound(job.config, shapes)):
+    config = ledger.jobs.config(task.job) if task is not None else None
+    if config is not None and m.size > (bound := adapter_bound(config, shapes)):
         return Accepted("refused", f"the adapter is {m.size} bytes; an adapter of this job's LoRA config "
-                                   f"(rank {job.config.lora_rank}) is at most {bound}", REFUSED_SIZE)
+                                   f"(rank {config.lora_rank}) is at most {bound}", REFUSED_SIZE)
     volunteer = standing.volunteer_of(token_hash, worker_id)
     if in_store:
         return _from_store(ledger, store, shapes, m, volunteer, max_bytes, replication)
@@ -180,7 +180,8 @@ def _upload(ledger: Ledger, store: Store, shapes: Mapping[str, tuple[int, int]],
     if data is None:
         held = partials.offset(m.task_id, m.fence, m.sha256)
         raise Incomplete(f"the upload stopped at byte {held} of {m.size}; resume from offset {held}")
-    result = receive(ledger, store, shapes, m, data, volunteer=volunteer, replication=replication)
+    result = receive(ledger, store, shapes, m, data, volunteer=volunteer, replication=replication, task=task,
+                     config=config)
     partials.discard(m.task_id, m.fence, m.sha256)
     return _counted(ledger, volunteer, result)
 
@@ -225,9 +226,12 @@ def receive(
     *,
     volunteer: str = "",
     replication: Replication | None = None,
+    task: TaskRecord | None = None,
+    config: JobConfig | None = None,
 ) -> Accepted:
     """Check an upload and record it; never raises for bad input, refuses with a reason (and
-    the check it failed, when it failed one)."""
+    the check it failed, when it failed one). ``task`` and its job's ``config``: as the caller
+    read them already (read here when not given)."""
     if len(data) != manifest.size:
         return Accepted("refused", f"the upload has {len(data)} bytes but the manifest says {manifest.size}",
                         REFUSED_TRANSFER, Check.CORRUPT)
@@ -235,7 +239,7 @@ def receive(
     if digest != manifest.sha256:
         return Accepted("refused", "the upload's sha256 does not match its manifest: it was corrupted on the way",
                         REFUSED_TRANSFER, Check.CORRUPT)
-    task = ledger.tasks.get(manifest.task_id)
+    task = task or ledger.tasks.get(manifest.task_id)
     if task is None:
         return Accepted("refused", f"there is no task {manifest.task_id!r}", REFUSED_LEASE)
     if not ledger.leases.problem(manifest.task_id, manifest.fence):
@@ -245,7 +249,7 @@ def receive(
                 f"the manifest names base version {manifest.base_version} but the task's run was "
                 f"given version {task.base_version}", REFUSED_BASE, Check.MALFORMED,
             )
-        config = ledger.jobs.get(task.job).config
+        config = config or ledger.jobs.get(task.job).config
         try:
             adapter = adapter_format.from_bytes(data)
             if adapter.rank != manifest.rank or not math.isclose(adapter.alpha, manifest.alpha, rel_tol=1e-6):
@@ -270,7 +274,7 @@ def receive(
         hold=replication.hold_for(task, volunteer) if replication is not None else None,
         gradients=manifest.gradients,
     )
-    if accepted.status == "accepted":
+    if accepted.status == "accepted" and manifest.gradients.usable():
         ledger.jobs.add_noise(task.job, manifest.gradients)
     return accepted
 

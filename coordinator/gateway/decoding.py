@@ -80,8 +80,15 @@ def checked(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
 
 
 class MessageCheck(grpc.aio.ServerInterceptor):
+    def __init__(self) -> None:
+        self._checked: dict[int, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
         if handler is None or handler_call_details.method.startswith("/grpc.health."):
             return handler
-        return checked(handler)
+        # Each method's handler is one object for the server's life: wrapped once, not per call.
+        known = self._checked.get(id(handler))
+        if known is None or known[0] is not handler:
+            known = self._checked[id(handler)] = (handler, checked(handler))
+        return known[1]

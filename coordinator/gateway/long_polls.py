@@ -88,8 +88,7 @@ async def request_work(lanes: Lanes, wakeups: Wakeups, polls: LongPolls, ledger:
 
     ``identity`` is called in a lane's thread (it may read the ledger)."""
     def first_look() -> Work | None:
-        inbox_dispatch.open_poll(ledger, identity(), worker_id)
-        return inbox_dispatch.take(ledger, worker_id)
+        return inbox_dispatch.first_look(ledger, identity(), worker_id)
 
     wait = max(0.0, min(wait_s, settings.long_poll_s))
     held = wait > 0 and polls.acquire()

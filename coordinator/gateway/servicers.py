@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 import grpc
 
 from coordinator.gateway import admin, long_polls, quotas
-from coordinator.gateway.lanes import CALLS, LANE_OF, STREAMS, Lanes
+from coordinator.gateway.lanes import CALLS, LANE_OF, RETRY_AFTER, STREAMS, Lanes
 
 from coordinator.collect import accept
 
@@ -131,7 +131,8 @@ def _answers(method: Callable) -> Callable:
 
     async def abort(context: grpc.aio.ServicerContext, exc: RequestError) -> None:
         code = next((c for kind, c in _STATUS.items() if isinstance(exc, kind)), grpc.StatusCode.UNKNOWN)
-        await context.abort(code, str(exc))
+        retry = getattr(exc, "retry_after_s", 0)  # a refusal for capacity says when to come back
+        await context.abort(code, str(exc), trailing_metadata=((RETRY_AFTER, f"{retry:g}"),) if retry else ())
 
     if inspect.isasyncgenfunction(method):
         @functools.wraps(method)

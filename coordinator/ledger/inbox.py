@@ -154,6 +154,18 @@ class Inboxes:
             raw = got[1] if got else None
         else:
             raw = self.r.lpop(keys.inbox(worker_id))
+        return self._taken(raw)
+
+    def seen_and_take(self, worker_id: str, now: float | None = None) -> tuple[str, list[str]] | None:
+        """:meth:`seen`, then :meth:`take` without waiting, in one round trip (a poll's first look)."""
+        now = now or time.time()
+        pipe = self.r.pipeline(transaction=False)
+        pipe.zadd(keys.OUTBOUND_POLLS, {worker_id: now})
+        pipe.zadd(keys.WORKERS, {worker_id: now}, xx=True, gt=True)
+        pipe.lpop(keys.inbox(worker_id))
+        return self._taken(pipe.execute()[-1])
+
+    def _taken(self, raw: bytes | None) -> tuple[str, list[str]] | None:
         if raw is None:
             return None
         run = json.loads(raw)

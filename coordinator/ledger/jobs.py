@@ -23,9 +23,9 @@ from coordinator.ledger.codec import (
     to_fields,
 )
 from coordinator.ledger.pages import Cursor, older
-from coordinator.ledger.records import JobRecord, JobState, TaskRecord, TaskState
+from coordinator.ledger.records import JobConfig, JobRecord, JobState, TaskRecord, TaskState
 from coordinator.ledger.tasks import JOB_EVENTS
-from coordinator.schedule.noise import NoiseScale, Sample
+from coordinator.schedule.noise import DECAY, NoiseScale, Sample, unbiased
 
 
 # KEYS: job, RUNNING_JOBS, COUNTERS. ARGV: job id, its end state, then field/value pairs. The job
@@ -37,10 +37,24 @@ if redis.call('ZREM', KEYS[2], ARGV[1]) == 1 then redis.call('HINCRBY', KEYS[3],
 """
 
 
+# KEYS: job. ARGV: one sample's |G|² and tr(Σ) (coordinator.schedule.noise.unbiased), the decay.
+# NoiseScale.add's step, in one atomic step: each estimate's moving average takes the sample in.
+_ADD_NOISE = """
+local old = redis.call('HMGET', KEYS[1], 'noise_g2', 'noise_trace', 'noise_samples')
+local d = tonumber(ARGV[3])
+local g2 = string.format('%.17g', d * (tonumber(old[1]) or 0) + (1 - d) * tonumber(ARGV[1]))
+local trace = string.format('%.17g', d * (tonumber(old[2]) or 0) + (1 - d) * tonumber(ARGV[2]))
+local n = (tonumber(old[3]) or 0) + 1
+redis.call('HSET', KEYS[1], 'noise_g2', g2, 'noise_trace', trace, 'noise_samples', n)
+return {g2, trace, tostring(n)}
+"""
+
+
 class Jobs:
     def __init__(self, client: redis.Redis) -> None:
         self.r = client
         self._finish = client.register_script(_FINISH)
+        self._add_noise = client.register_script(_ADD_NOISE)
 
     def create(self, job: JobRecord, tasks: Sequence[TaskRecord], records_index: str = "") -> None:
         """Record a job and its tasks, all pending in shard order, in one transaction.
@@ -71,6 +85,12 @@ class Jobs:
     def get(self, job_id: str) -> JobRecord | None:
         data = decode(self.r.hgetall(keys.job(job_id)))
         return job_from_hash(job_id, data) if data else None
+
+    def config(self, job_id: str) -> JobConfig | None:
+        """The job's LoRA and training config alone (what an upload is checked against), None
+        for no such job."""
+        raw = self.r.hget(keys.job(job_id), "config")
+        return JobConfig.from_dict(json.loads(raw)) if raw else None
 
     def ids(self) -> list[str]:
         """Every job, oldest first."""
@@ -192,21 +212,13 @@ class Jobs:
 
     def add_noise(self, job_id: str, sample: Sample) -> NoiseScale:
         """Fold one accepted adapter's gradient measurement into the job's noise scale estimate
-        (read, update, write under WATCH: two uploads may land at once); the new estimate."""
-        key = keys.job(job_id)
-        with self.r.pipeline(transaction=True) as pipe:
-            while True:
-                try:
-                    pipe.watch(key)
-                    values = pipe.hmget(key, *NOISE_FIELDS)
-                    now = noise_from_hash(decode(dict(zip(NOISE_FIELDS, values))))
-                    new = now.add(sample)
-                    pipe.multi()
-                    pipe.hset(key, mapping=to_fields(dict(zip(NOISE_FIELDS, (new.g2, new.trace, new.samples)))))
-                    pipe.execute()
-                    return new
-                except redis.WatchError:
-                    continue
+        (:meth:`NoiseScale.add`, as one script: uploads land at once, and the job's hash changes
+        with every task's state, so a WATCH would mostly retry); the new estimate."""
+        if not sample.usable():
+            return self.noise(job_id)
+        g2, trace = unbiased(sample)
+        raw = self._add_noise(keys=[keys.job(job_id)], args=[repr(g2), repr(trace), repr(DECAY)])
+        return noise_from_hash(decode(dict(zip(NOISE_FIELDS, raw))))
 
     def set_base(self, job_id: str, loss: float, version: int) -> None:
         """The held-out loss of the version the job starts from, for comparison."""

@@ -62,11 +62,38 @@ class TooManyWorkers(Exception):
         self.active = active
 
 
+# How long a process keeps the token it read for a worker. A worker's token never changes once
+# registered (admit gives another token a new id), so the answer cannot go stale but for a
+# removed worker, whose leases and runs the ledger's own checks refuse anyway; and a volunteer
+# heartbeats every tens of seconds, so a cache shorter than that would never be hit.
+OWNER_CACHE_S = 300.0
+_OWNER_CACHE_MAX = 65536
+
+
 class Workers:
     def __init__(self, client: redis.Redis) -> None:
         self.r = client
         self._retire = client.register_script(_RETIRE)
         self._run = client.register_script(_RUN)
+        self._owners: dict[str, tuple[float, str]] = {}  # worker id -> (until, its token's hash)
+
+    def token_of(self, worker_id: str) -> str | None:
+        """The hash of the token that registered ``worker_id`` ("" for none), None for no such
+        worker: the ownership check of every call a worker makes (heartbeat, poll, upload,
+        report), so it reads one field, and a known answer is kept for ``OWNER_CACHE_S``."""
+        now = time.monotonic()
+        cached = self._owners.get(worker_id)
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        raw = self.r.hget(keys.worker(worker_id), "token")
+        if raw is None:
+            self._owners.pop(worker_id, None)
+            return None  # unknown workers are not cached: made-up ids must not grow the cache
+        if len(self._owners) >= _OWNER_CACHE_MAX:
+            self._owners.clear()
+        token = raw.decode()
+        self._owners[worker_id] = (now + OWNER_CACHE_S, token)
+        return token
 
     def admit(self, requested_id: str, *, name: str, card: bytes, node_id: str, token: str,
               active_since: float, most: int) -> tuple[str, bool]:

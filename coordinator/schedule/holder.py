@@ -43,8 +43,7 @@ class Beat:
 
 def owns(ledger: Ledger, identity: Identity, worker_id: str) -> bool:
     """Whether ``identity``'s credential registered ``worker_id``: a worker token acts only for its own."""
-    registered = ledger.workers.get(worker_id) if worker_id else None
-    return registered is not None and registered.token == identity.token_hash
+    return bool(worker_id) and ledger.workers.token_of(worker_id) == identity.token_hash
 
 
 def claim_of(ledger: Ledger, identity: Identity, worker_id: str, secret: str) -> Claim | None:

@@ -237,10 +237,10 @@ class LongPolls:
 
 def _own(ledger: Ledger, identity: Identity, worker_id: str) -> None:
     """A worker token acts only for workers it registered (admin for any)."""
-    record = ledger.workers.get(worker_id) if worker_id else None
-    if record is None:
+    token = ledger.workers.token_of(worker_id) if worker_id else None
+    if token is None:
         raise NotFound(f"there is no worker {worker_id!r}; register first")
-    if identity.role != "admin" and record.token != identity.token_hash:
+    if identity.role != "admin" and token != identity.token_hash:
         raise NotPermitted(f"worker {worker_id} was registered with another token")
 
 
@@ -250,9 +250,19 @@ def open_poll(ledger: Ledger, identity: Identity, worker_id: str) -> None:
     ledger.inbox.seen(worker_id)
 
 
+def first_look(ledger: Ledger, identity: Identity, worker_id: str) -> Work | None:
+    """A poll begins (:func:`open_poll`) and takes the next run in the worker's inbox, or None:
+    the ownership check (cached) and one round trip."""
+    _own(ledger, identity, worker_id)
+    return _work(worker_id, ledger.inbox.seen_and_take(worker_id))
+
+
 def take(ledger: Ledger, worker_id: str, wait_s: float = 0.0) -> Work | None:
     """The next run in the worker's inbox (waiting up to ``wait_s`` for one), or None."""
-    got = ledger.inbox.take(worker_id, wait_s)
+    return _work(worker_id, ledger.inbox.take(worker_id, wait_s))
+
+
+def _work(worker_id: str, got: tuple[str, list[str]] | None) -> Work | None:
     if got is None:
         return None
     run_id, specs = got
