@@ -88,7 +88,7 @@ def serve(data_dir: Path, listen: str, role: str, redis_url: str | None) -> None
                         max_in_flight=1_000_000, max_workers_per_token=1_000_000, target_task_seconds=WORK_S,
                         # One shared worker token stands for every simulated volunteer (each would
                         # have its own identity and share): no per-caller stream share here.
-                        max_streams_per_caller=1_000_000, stream_share_per_caller=1.0,
+                        max_streams_per_caller=1_000_000, stream_share_per_caller=1e6,
                         # Outbound volunteers only: no Ray head (its start-up alone times out on a
                         # starved machine, and it would take the cores the benchmark measures).
                         ray_address="off",

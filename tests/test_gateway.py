@@ -135,7 +135,8 @@ def queued(redis_client, published, tmp_path) -> Iterator[Callable[[float], Rig]
     def make(queue_s: float) -> Rig:
         made.append(rigs.start(redis_client, published, tmp_path / str(len(made)), max_streams_per_caller=256,
                                limits=Limits(streams={"Watch": 8, "Pull": 4, "FetchShard": 4, "Submit": 1,
-                                                      "Upload": 2}, queue_s={"Upload": queue_s})))
+                                                      "Upload": 2}, queue_s={"Upload": queue_s},
+                                      caller_share=1e6)))  # one token stands for many volunteers: no share
         return made[-1]
 
     yield make
