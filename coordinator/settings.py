@@ -95,6 +95,9 @@ class Settings:
     # (they generalise, and fit their own shard barely better than unseen text): see bench/README.md.
     shard_sigmas: float = 0.0
     shard_tokens: int = 2048
+    # ... drawn from the blocks its task trained on last, about this many tokens of them (the
+    # folder replays the trainer's seeded order: nomoat.packing.most_recent_first).
+    shard_window_tokens: int = 4096
     snapshot_every: int = 10  # a full snapshot every N versions; patches in between
     # Optional outer optimizer (DiLoCo): Nesterov momentum on the folded delta. 0 turns it off.
     outer_momentum: float = 0.0
