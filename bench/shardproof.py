@@ -12,25 +12,31 @@ data with new seeds, so most adapters are gated on a model that already holds ea
 
 For each honest adapter, with its parent on the same blocks (``nomoat.evaluation.paired``):
 
-* **honest**: its held-out comparison and its own shard sample (``evaluation.sample_blocks``, the
-  folder's draw), judged by ``FoldPolicy.learned_from_shard``;
+* **honest**: its held-out comparison and its own shard sample (``evaluation.recent_sample``, the
+  folder's draw: from the last ``--windows`` tokens its trainer saw, replaying its seeded order;
+  window 0 draws from the whole shard, as session 6 did), judged by ``FoldPolicy.learned_from_shard``;
 * **other-shard** (a copycat's adapter: another volunteer's, which learned another shard of the
   same job): the adapter judged against the next task's shard;
 * **other-data**: an adapter of the other corpus judged against this task's shard;
 * **random**: random factors of the adapter's rank scaled to its update norm (a free-rider that
-  passes the norm gate), judged against its shard.
+  passes the norm gate), judged against its shard;
+* **scaled**: the adapter's own update times 50.
 
-Each is judged at every margin of ``--sigmas`` and shard budget of ``--budgets`` (the statistic
-``z = gap / SE`` is printed, so other margins can be read off). Cost: tokens and seconds of the
-shard proof's evaluations (parent and candidate on each adapter's sample) against the existing
-gates' (the version's held-out parent once per fold, each adapter's solo held-out, the fold
-check), at the default budget.
+Each is judged twice: against the **parent** (the current model: the session 6 rule, what the
+folder still does for an adapter alone in its fold) and against its **peers** (the mean update of
+the round's other adapters, each 1/(K-1): what the folder does when a fold has other adapters of
+the job; text every adapter learned alike cancels block by block). ``z = gap / SE`` is printed
+for each, so other margins can be read off. Cost: tokens and seconds of the shard proof's
+evaluations (parent: the version and the candidate on each sample; peers: the reference on the
+held-out set and on the sample, the candidate on the sample) against the existing gates' (the
+version's held-out parent once per fold, each adapter's solo held-out, the fold check), at the
+product's budget and window.
 
-    python bench/shardproof.py [--quick] [--passes 2] [--task-tokens 8192,32768]
+    python bench/shardproof.py [--quick] [--passes 2] [--task-tokens 8192,32768] [--windows 0,4096]
 
-The last line is JSON: ``false_refusal_rate`` (honest, at the defaults), ``dishonest_pass_rate``
-per kind, ``extra_eval_tokens_per_fold``, ``extra_eval_seconds_per_fold``, ``extra_cost_ratio``,
-and the tables.
+The last line is JSON: for ``parent`` and ``peers`` each, ``false_refusal_rate`` (honest, at the
+product's budget and window, margin ``--sigma``), ``dishonest_pass_rate`` per kind,
+``extra_eval_tokens_per_fold``, ``extra_eval_seconds_per_fold``, ``extra_cost_ratio``; and the tables.
 """
 
 from __future__ import annotations
@@ -130,9 +136,10 @@ def run_corpus(args: argparse.Namespace, corpus: str, task_tokens: int, other: l
     job = settings.job
     model = RunningModel(tiny_model_path())
     held_texts, shards = split(corpus, model, task_tokens)
+    # sized for the whole job (--max-tasks trains fewer of its tasks, as the job would train them)
+    sized = policy.task_training(job.batch_size, job.learning_rate, cards=policy.fold_every, tasks=len(shards))
     shards = shards[:args.max_tasks] if args.max_tasks else shards
     held = model.eval_set(held_texts, job.seq_len, settings.eval_tokens)
-    sized = policy.task_training(job.batch_size, job.learning_rate, cards=policy.fold_every, tasks=len(shards))
     lora_spec = LoraSpec(rank=job.lora_rank, alpha=job.lora_alpha, target_modules=job.target_modules)
     rng = random.Random(f"{corpus}/{task_tokens}")
     judged: list[Judged] = []

@@ -56,7 +56,8 @@ def test_the_rule_reads_the_gap_in_paired_standard_errors() -> None:
         policy.learned_from_shard(Comparison(3.0, 3.0, 0.0, 10), Comparison(3.0, 3.0, 0.0, 10))
     # One block on a side has no error estimate (nan): the gap need only be positive.
     policy.learned_from_shard(Comparison(3.0, 3.0, math.nan, 60), Comparison(3.0, 2.99, math.nan, 60))
-    assert not FoldPolicy().proves_shards and FoldPolicy(shard_sigmas=2.0).proves_shards  # opt-in for now
+    assert FoldPolicy().proves_shards and not FoldPolicy(shard_sigmas=0).proves_shards  # on by default
+    assert FoldPolicy.of(Settings(data_dir=Path("unused"))).proves_shards
     policy = FoldPolicy.of(Settings(data_dir=Path("unused"), shard_sigmas=3.0, shard_tokens=512))
     assert (policy.shard_sigmas, policy.shard_tokens) == (3.0, 512)
 

@@ -77,9 +77,9 @@ class FoldPolicy:
     task_seconds: float = 60.0  # about how long a card's run of a job takes (target_task_seconds)
     size_from_noise: bool = False
     partial_folds: bool = True  # a fold of m < K adapters sized for K takes m/K of a step
-    # The shard proof (learned_from_shard): its margin in paired standard errors (0: off, the
-    # default for now: Settings.shard_sigmas says why) and the tokens of the adapter's own shard it reads.
-    shard_sigmas: float = 0.0
+    # The shard proof (learned_from_shard): its margin in paired standard errors (0: off) and the
+    # tokens of the adapter's own shard it reads (Settings.shard_sigmas says more).
+    shard_sigmas: float = 2.0
     shard_tokens: int = 2048
     shard_window_tokens: int = 4096  # the sample is drawn from the blocks its task trained on last
     peer_distance: float = 0.5  # peers closer than this to an adapter's update are not its reference
