@@ -85,19 +85,19 @@ class Judged:
     held_peer: tuple[float, float] | None = None
     shard_peer: tuple[float, float] | None = None
 
+    def sides(self, peers: bool) -> tuple[tuple[float, float], tuple[float, float]]:
+        """Against its peers where it has any, else against the parent (as the folder judges)."""
+        return (self.held_peer, self.shard_peer) if peers and self.held_peer is not None else (self.held, self.shard)
+
     def z(self, peers: bool = False) -> float:
         """The gap (held-out difference - shard difference) in its standard errors."""
-        held, shard = (self.held_peer, self.shard_peer) if peers else (self.held, self.shard)
-        if held is None:
-            return math.nan
+        held, shard = self.sides(peers)
         gap = held[0] - shard[0]
         se = math.hypot(*(x for x in (held[1], shard[1]) if math.isfinite(x)))
         return gap / se if se > 0 else (math.inf if gap > 0 else -math.inf)
 
     def passes(self, sigmas: float, peers: bool = False) -> bool:
-        held, shard = (self.held_peer, self.shard_peer) if peers else (self.held, self.shard)
-        if held is None:
-            return False
+        held, shard = self.sides(peers)
         try:
             FoldPolicy(shard_sigmas=sigmas).learned_from_shard(evaluation.Comparison(0.0, held[0], held[1], 0),
                                                                evaluation.Comparison(0.0, shard[0], shard[1], 0))
@@ -171,13 +171,16 @@ def run_corpus(args: argparse.Namespace, corpus: str, task_tokens: int, other: l
             cost["gate_tokens"] += held.tokens * (1 + len(adapters))
             # The same held-out blocks under the proof's other models: for each task, its peers' mean
             # update (the round's other adapters, each 1/(K-1)), and the dishonest stand-ins.
-            refs = [lora.build_patch([o for k, o in enumerate(adapters) if k != j], [1 / (len(adapters) - 1)]
-                                     * (len(adapters) - 1)) if len(adapters) > 1 else None
-                    for j in range(len(adapters))]
+            refs = [mean_of([o for k, o in enumerate(adapters) if k != j]) for j in range(len(adapters))]
             started = time.monotonic()
             ref_held = [model.losses(held, r) if r is not None else None for r in refs]
             cost["peers_seconds"] += time.monotonic() - started
             cost["peers_tokens"] += held.tokens * sum(r is not None for r in refs)
+            # A copy's reference leaves out the adapter it copied (the folder leaves out peers within
+            # FoldPolicy.peer_distance of it): task j's copy of adapter j + 1 is judged against the rest.
+            copy_refs = [mean_of([o for k, o in enumerate(adapters) if k not in (j, (j + 1) % len(adapters))])
+                         for j in range(len(adapters))]
+            copy_held = [model.losses(held, r) if r is not None else None for r in copy_refs]
             for j, (i, adapter) in enumerate(zip(round_ids, adapters)):
                 fakes = {"honest": (lora.build_patch([adapter], [1.0]), solos[j])}
                 if len(adapters) > 1:  # another volunteer's adapter of the round (it learned another shard)
@@ -199,7 +202,10 @@ def run_corpus(args: argparse.Namespace, corpus: str, task_tokens: int, other: l
                     started = time.monotonic()
                     on_ref = model.losses(sample, refs[j]) if refs[j] is not None else None
                     ref_s = time.monotonic() - started
+                    on_copy_ref = model.losses(sample, copy_refs[j]) if copy_refs[j] is not None else None
                     for kind, (fp, on_held) in fakes.items():
+                        ref, ref_on_held, ref_on_sample = ((copy_refs[j], copy_held[j], on_copy_ref)
+                                                           if kind == "other-shard" else (refs[j], ref_held[j], on_ref))
                         started = time.monotonic()
                         on_sample = model.losses(sample, fp)
                         if kind == "honest" and at_default:  # the proof's cost, at the defaults
@@ -211,8 +217,8 @@ def run_corpus(args: argparse.Namespace, corpus: str, task_tokens: int, other: l
                         judged.append(Judged(
                             kind, corpus, task_tokens, budget, window,
                             _pair(evaluation.paired(parent, on_held)), _pair(evaluation.paired(on_parent, on_sample)),
-                            _pair(evaluation.paired(ref_held[j], on_held)) if on_ref is not None else None,
-                            _pair(evaluation.paired(on_ref, on_sample)) if on_ref is not None else None))
+                            _pair(evaluation.paired(ref_on_held, on_held)) if ref is not None else None,
+                            _pair(evaluation.paired(ref_on_sample, on_sample)) if ref is not None else None))
             # The fold check, then fold (every honest adapter passes here: this is the honest run).
             weights = policy.weights([len(blocks_of[i]) for i in round_ids], [0] * len(round_ids), sized.fold_width)
             patch = folding.build_patch(adapters, weights)
@@ -232,6 +238,11 @@ def run_corpus(args: argparse.Namespace, corpus: str, task_tokens: int, other: l
                     f"{' '.join(f'{x.z():.1f}' for x in xs[-len(adapters):])}, against peers "
                     f"{' '.join(f'{x.z(True):.1f}' for x in xs[-len(adapters):])}; held-out {parent.mean:.4f}")
     return {"judged": [x.__dict__ for x in judged], "adapters": honest if args.keep else [], "cost": cost}
+
+
+def mean_of(adapters: list[Adapter]) -> Adapter | None:
+    """The mean update of ``adapters`` (None when there are none): a candidate's peers' reference."""
+    return lora.build_patch(adapters, [1 / len(adapters)] * len(adapters)) if adapters else None
 
 
 def _pair(c: evaluation.Comparison) -> tuple[float, float]:
@@ -275,13 +286,13 @@ def table(judged: list[Judged], sigmas: list[float], budgets: list[int], windows
     for peers, kind, budget, window, corpus in ((q, k, b, w, c) for q in (False, True) for k in KINDS
                                                  for b in budgets for w in windows
                                                  for c in sorted({x.corpus for x in judged})):
-        xs = [x for x in judged if (x.kind, x.budget, x.window, x.corpus) == (kind, budget, window, corpus)
-              and (not peers or x.held_peer is not None)]
+        xs = [x for x in judged if (x.kind, x.budget, x.window, x.corpus) == (kind, budget, window, corpus)]
         if not xs:
             continue
         zs = [x.z(peers) for x in xs if math.isfinite(x.z(peers))]
         rows.append({"against": "peers" if peers else "parent", "kind": kind, "corpus": corpus, "budget": budget,
                      "window": window, "n": len(xs),
+                     "alone": sum(x.held_peer is None for x in xs) if peers else None,  # judged against the parent
                      "z_median": round(statistics.median(zs), 2) if zs else None,
                      "z_min": round(min(zs), 2) if zs else None,
                      "pass_rate": {f"{s:g}": round(sum(x.passes(s, peers) for x in xs) / len(xs), 4)
@@ -350,7 +361,7 @@ def main() -> None:
     summary = {"shard_sigmas": args.sigma, "shard_tokens": product.shard_tokens,
                "shard_window_tokens": product.shard_window_tokens}
     for peers in (False, True):
-        xs = [x for x in at if not peers or x.held_peer is not None]
+        xs = at
         honest = [x for x in xs if x.kind == "honest"]
         refused = sum(not x.passes(args.sigma, peers) for x in honest)
         name = "peers" if peers else "parent"
