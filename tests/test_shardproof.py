@@ -183,6 +183,25 @@ def test_only_adapters_that_learned_from_their_own_shard_are_folded(ledger, tmp_
     assert job.store.got.count(ledger.jobs.get(job.job_id).records) == 1
 
 
+def test_an_adapter_alone_in_its_fold_is_judged_against_the_current_model(ledger, tmp_path) -> None:
+    job = Job(ledger, tmp_path)
+    folder = Folder(job.settings, ledger, job.store, job.running, job.history)
+    honest = train(job.shard(0), seed=0)
+    alone = job.hand_in(0, honest, "alice")
+    assert folder.maybe_fold({job.job_id}) == 1 and ledger.adapters.get(alone).state is AdapterState.FOLDED
+    free_rider = job.hand_in(1, random_like(honest, seed=4), "mallory")
+    assert folder.maybe_fold({job.job_id}) is None
+    reason = ledger.adapters.get(free_rider).reason
+    assert "did not learn from its own shard" in reason and "peers" not in reason, reason
+
+
+def test_an_adapters_peers_are_the_others_of_its_job_but_its_copies() -> None:
+    policy = FoldPolicy()
+    jobs, distances = ["a", "a", "b", "a", "a"], [0.0, 1.4, 1.3, 0.02, 0.9]
+    assert policy.peers_of(0, jobs, distances) == [1, 4]  # not itself, job b, or its near-copy (3)
+    assert policy.peers_of(2, jobs, [1.0] * 5) == []  # alone in its job
+
+
 def test_a_replica_may_hand_in_the_bytes_of_the_task_it_repeats(ledger, tmp_path) -> None:
     job = Job(ledger, tmp_path, shard_sigmas=0)  # the copy check alone
     folder = Folder(job.settings, ledger, job.store, job.running, job.history)
