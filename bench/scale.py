@@ -171,8 +171,9 @@ def coordinator(args: argparse.Namespace) -> None:
     work = Path(args.work)
     figures: dict = {}
     device = resolve_device(args.device)
+    # shard_sigmas 0: its adapters are random (a cost benchmark), they learned no shard
     settings = Settings(data_dir=work, fold_every=K, fold_timeout_s=1e9, eval_tokens=args.eval_tokens,
-                        eval_dtype=args.eval_dtype,
+                        eval_dtype=args.eval_dtype, shard_sigmas=0.0,
                         device=device, snapshot_every=args.snapshot_every,
                         job=JobDefaults(lora_rank=RANK, lora_alpha=ALPHA, seq_len=args.seq_len,
                                         tokens_per_task=2048))

@@ -89,12 +89,14 @@ class Settings:
     norm_factor: float = 20.0  # ‖ΔW‖ may be at most this × the median of recent adapters
     # The shard proof (FoldPolicy.learned_from_shard): an adapter must lower loss on a sample of
     # shard_tokens tokens of its own shard by shard_sigmas paired standard errors, and that many
-    # more than on the held-out slice; 0 turns it off. Off by default for now: bench/shardproof.py
-    # measured 2 right for tasks of 4096 tokens (0 of 24 honest adapters refused, no dishonest one
-    # passed) but at the default 32768-token tasks on python-docs honest adapters scored z 0.2-2.1
-    # (they generalise, and fit their own shard barely better than unseen text): see bench/README.md.
-    shard_sigmas: float = 0.0
+    # more than on the held-out slice; 0 turns it off (--shard-sigmas). Where its fold has other
+    # adapters of the job, both sides are measured against their mean update instead of the current
+    # model. bench/shardproof.py, default 32768-token tasks: see bench/README.md ("Session 7").
+    shard_sigmas: float = 2.0
     shard_tokens: int = 2048
+    # ... drawn from the blocks its task trained on last, about this many tokens of them (the
+    # folder replays the trainer's seeded order: nomoat.packing.most_recent_first).
+    shard_window_tokens: int = 4096
     snapshot_every: int = 10  # a full snapshot every N versions; patches in between
     # Optional outer optimizer (DiLoCo): Nesterov momentum on the folded delta. 0 turns it off.
     outer_momentum: float = 0.0

@@ -111,6 +111,9 @@ def _coordinator_start() -> click.Command:
     @click.option("--eval-timeout", default=Settings.eval_timeout_s, show_default=True,
                   type=click.FloatRange(min=0, min_open=True),
                   help="Seconds a delegated evaluation may take before the coordinator runs it itself.")
+    @click.option("--shard-sigmas", default=Settings.shard_sigmas, show_default=True, type=click.FloatRange(min=0),
+                  help="The shard proof's margin in paired standard errors: an adapter must have learned from "
+                       "its own shard (docs/trust.md); 0 turns it off.")
     @log_format_option
     @click.pass_context
     def coordinator_start(ctx, data_dir, role, leader_ttl, listen, public_address, redis_url, redis_url_file, store,
@@ -119,7 +122,7 @@ def _coordinator_start() -> click.Command:
                           tokens_per_task, outer_momentum, outer_lr, keep_global_batch, size_from_noise, lease_ttl,
                           max_attempts, max_workers_per_token, replicate_fraction, tls_cert, tls_key,
                           insecure_plaintext, http, device, eval_tokens, eval_dtype, eval_on, eval_timeout,
-                          log_format) -> None:
+                          shard_sigmas, log_format) -> None:
         """Start the coordinator: gRPC server, Redis ledger and Ray driver. Ctrl-C stops it."""
         # OpenMP threads that sleep when idle, not spin (read when torch loads, just below): the
         # coordinator's evaluations share the CPU with its gRPC threads and Redis, and spinning
@@ -151,6 +154,7 @@ def _coordinator_start() -> click.Command:
             max_workers_per_token=max_workers_per_token, replicate_fraction=replicate_fraction,
             tls_cert=tls_cert, tls_key=tls_key, insecure_plaintext=insecure_plaintext, http=http, device=device,
             eval_tokens=eval_tokens, eval_dtype=eval_dtype, eval_on=eval_on, eval_timeout_s=eval_timeout,
+            shard_sigmas=shard_sigmas,
         )
         node = Coordinator(settings)
         try:

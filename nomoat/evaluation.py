@@ -88,6 +88,26 @@ def sample_blocks(blocks: torch.Tensor, budget: int, rng: random.Random) -> Eval
     return EvalSet(blocks[sorted(chosen)])
 
 
+
+def recent_sample(blocks: torch.Tensor, seed: int, epochs: int, budget: int, window: int,
+                  rng: random.Random) -> EvalSet:
+    """The shard proof's sample: about ``budget`` tokens drawn by ``rng`` (:func:`sample_blocks`)
+    from the blocks a task's trainer saw last, about ``window`` tokens of them (all of them when
+    ``window`` <= 0), replaying its seeded order (:func:`nomoat.packing.most_recent_first`).
+
+    A fresh LoRA at a constant lr fits the blocks of its last steps best; the ones it saw early it
+    fits little better than unseen text of the same kind (bench/shardproof.py measured both)."""
+    if window <= 0:
+        return sample_blocks(blocks, budget, rng)
+    real = (blocks != packing.PAD).sum(dim=1).tolist()
+    chosen, tokens = [], 0
+    for i in packing.most_recent_first(len(blocks), seed, epochs):
+        if chosen and tokens + real[i] > max(window, budget):
+            break
+        chosen.append(i)
+        tokens += real[i]
+    return sample_blocks(blocks[sorted(chosen)], budget, rng)
+
 @dataclass(frozen=True)
 class Losses:
     """Summed next-token loss (nats) and target count of each block of an :class:`EvalSet`."""

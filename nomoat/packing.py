@@ -12,7 +12,7 @@ not. Feed ``inputs(blocks)`` to the model and use ``blocks`` itself as the label
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -98,3 +98,26 @@ def mean_loss(model: torch.nn.Module, blocks: torch.Tensor, batch_size: int = 16
     if count == 0:
         raise ValueError("the blocks hold no next-token targets (each block needs 2+ real tokens)")
     return total / count
+
+
+def epoch_orders(n_blocks: int, seed: int) -> Iterator[torch.Tensor]:
+    """The order the trainer visits ``n_blocks`` blocks in, one permutation per epoch, forever.
+
+    Seeded by the task's seed, which the coordinator chose and keeps (``TaskSpec.train.seed``): the
+    folder replays it to know which blocks a task trained on last (:func:`most_recent_first`),
+    the blocks an honest adapter fits best, where the shard proof reads (coordinator.fold.folder).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    while True:
+        yield torch.randperm(n_blocks, generator=gen)
+
+
+def most_recent_first(n_blocks: int, seed: int, epochs: int = 1) -> list[int]:
+    """Every block index, the one the trainer's last optimizer step saw first (its last epoch's
+    order, reversed): what a trainer of ``n_blocks`` blocks at ``seed`` for ``epochs`` trained
+    most recently."""
+    orders = epoch_orders(n_blocks, seed)
+    last = next(orders)
+    for _ in range(max(1, epochs) - 1):
+        last = next(orders)
+    return last.flip(0).tolist()

@@ -176,7 +176,7 @@ def test_parents_are_reused_only_where_they_were_measured(rig, published) -> Non
 
 
 def test_a_fold_evaluated_on_a_worker_costs_two_tasks_and_says_where(rig, caplog) -> None:
-    settings = Settings(data_dir=rig.tmp, fold_every=2, eval_tokens=1500,
+    settings = Settings(data_dir=rig.tmp, fold_every=2, eval_tokens=1500, shard_sigmas=0.0,  # random adapters: no shard learned
                         job=JobDefaults(lora_rank=4, lora_alpha=4.0, tokens_per_task=1000))
     running = RunningModel(tiny_model_path())  # its own: the fold changes it
     cards = InProcessCards(node_settings(rig))

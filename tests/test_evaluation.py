@@ -79,7 +79,7 @@ def test_pairing_removes_most_of_the_noise(model: RunningModel) -> None:
 
 def test_the_folder_gates_within_the_budget_and_records_the_paired_error(ledger, tmp_path) -> None:
     store = BlobStore(tmp_path / "blobs")
-    settings = Settings(data_dir=tmp_path, fold_every=2, eval_tokens=1500,
+    settings = Settings(data_dir=tmp_path, fold_every=2, eval_tokens=1500, shard_sigmas=0.0,  # random adapters: no shard learned
                         job=JobDefaults(lora_rank=4, lora_alpha=4.0, tokens_per_task=1000))
     running = RunningModel(tiny_model_path())
     ledger.versions.publish(VersionRecord(version=0, parent=-1, files=running.publish(store)))

@@ -50,7 +50,7 @@ class Rig:
     def __init__(self, ledger: Ledger, tmp_path: Path, **settings) -> None:
         self.ledger = ledger
         self.store = BlobStore(tmp_path / "blobs")
-        self.settings = Settings(data_dir=tmp_path, fold_every=2, eval_epsilon=0.02,
+        self.settings = Settings(data_dir=tmp_path, fold_every=2, eval_epsilon=0.02, shard_sigmas=0.0,  # random adapters: no shard learned
                                  job=JobDefaults(lora_rank=RANK, lora_alpha=8.0, tokens_per_task=1000), **settings)
         model = RunningModel(tiny_model_path())
         ledger.versions.publish(VersionRecord(version=0, parent=-1, files=model.publish(self.store)))

@@ -28,7 +28,8 @@ from coordinator.model.store import BlobStore
 from coordinator.schedule.submit import read_records, submit
 from coordinator.settings import JobDefaults, Settings
 from nomoat import adapter as fmt
-from nomoat.evaluation import Comparison
+from nomoat import packing
+from nomoat.evaluation import Comparison, EvalSet
 from nomoat.tiny import read_demo, read_fortunes, tiny_model_path
 from tests.rig import published, rig  # noqa: F401
 from worker.trainer import LoraSpec, TrainSpec, train_adapter
@@ -55,7 +56,8 @@ def test_the_rule_reads_the_gap_in_paired_standard_errors() -> None:
         policy.learned_from_shard(Comparison(3.0, 3.0, 0.0, 10), Comparison(3.0, 3.0, 0.0, 10))
     # One block on a side has no error estimate (nan): the gap need only be positive.
     policy.learned_from_shard(Comparison(3.0, 3.0, math.nan, 60), Comparison(3.0, 2.99, math.nan, 60))
-    assert not FoldPolicy().proves_shards and FoldPolicy(shard_sigmas=2.0).proves_shards  # opt-in for now
+    assert FoldPolicy().proves_shards and not FoldPolicy(shard_sigmas=0).proves_shards  # on by default
+    assert FoldPolicy.of(Settings(data_dir=Path("unused"))).proves_shards
     policy = FoldPolicy.of(Settings(data_dir=Path("unused"), shard_sigmas=3.0, shard_tokens=512))
     assert (policy.shard_sigmas, policy.shard_tokens) == (3.0, 512)
 
@@ -117,8 +119,41 @@ def honest_adapters(job: Job, n: int) -> list[fmt.Adapter]:
     return [train(job.shard(i), seed=i) for i in range(n)]
 
 
+class CountingStore(BlobStore):
+    """The local store, counting whole-blob reads (a shard sample must be read by range)."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.got: list[str] = []
+
+    def get(self, sha256: str) -> bytes:
+        self.got.append(sha256)
+        return super().get(sha256)
+
+
+def test_the_folder_replays_the_order_the_trainer_saw_the_blocks_in() -> None:
+    """The sample is drawn from the blocks a task trained on last: the folder's replay of the
+    trainer's seeded order must be the order it trained in. At a vanishing lr each step's loss is
+    the base model's loss on that step's one block, so the steps name their blocks."""
+    texts, seed, epochs = TEXTS[:30], 5, 2
+    running = RunningModel(tiny_model_path())
+    blocks = packing.pack(running.tokenizer, texts, JOB.seq_len)
+    base = running.losses(EvalSet(blocks))
+    per_block = (base.sums / base.counts).tolist()
+    steps: list[float] = []
+    train_adapter(tiny_model_path(), texts, LoraSpec(JOB.lora_rank, JOB.lora_alpha, JOB.target_modules),
+                  TrainSpec(seq_len=JOB.seq_len, batch_size=1, micro_batch=1, learning_rate=1e-12, epochs=epochs,
+                            seed=seed), progress=lambda step, total, loss: steps.append(loss))
+    assert len(steps) == epochs * len(blocks) > 10
+    last_epoch = list(reversed(packing.most_recent_first(len(blocks), seed, epochs)))
+    assert steps[-len(blocks):] == pytest.approx([per_block[i] for i in last_epoch], rel=1e-4)
+    other = list(reversed(packing.most_recent_first(len(blocks), seed + 1, epochs)))
+    assert steps[-len(blocks):] != pytest.approx([per_block[i] for i in other], rel=1e-4)
+
+
 def test_only_adapters_that_learned_from_their_own_shard_are_folded(ledger, tmp_path) -> None:
-    job = Job(ledger, tmp_path)
+    job = Job(ledger, tmp_path, store=CountingStore(tmp_path / "blobs"))
+    job.store.got.clear()
     assert len(job.tasks) >= 7
     honest = honest_adapters(job, 3)
     other_data = train([f"fortune: {t}" for t in read_fortunes()[3000:3040]], seed=9)
@@ -143,6 +178,28 @@ def test_only_adapters_that_learned_from_their_own_shard_are_folded(ledger, tmp_
     assert outcomes == {"mallory-data": {"shard": 1}, "mallory-rewrite": {"shard": 1}, "mallory-random": {"shard": 1}}
     assert ledger.adapters.trust.get("alice").counts == {"accepted": 1}
     assert folder.shard_eval_tokens > 0
+    # Shard samples are read by range through the records index: the whole records blob once (the
+    # job's held-out slice, kept by the folder), not once more per fold for the samples.
+    assert job.store.got.count(ledger.jobs.get(job.job_id).records) == 1
+
+
+def test_an_adapter_alone_in_its_fold_is_judged_against_the_current_model(ledger, tmp_path) -> None:
+    job = Job(ledger, tmp_path)
+    folder = Folder(job.settings, ledger, job.store, job.running, job.history)
+    honest = train(job.shard(0), seed=0)
+    alone = job.hand_in(0, honest, "alice")
+    assert folder.maybe_fold({job.job_id}) == 1 and ledger.adapters.get(alone).state is AdapterState.FOLDED
+    free_rider = job.hand_in(1, random_like(honest, seed=4), "mallory")
+    assert folder.maybe_fold({job.job_id}) is None
+    reason = ledger.adapters.get(free_rider).reason
+    assert "did not learn from its own shard" in reason and "peers" not in reason, reason
+
+
+def test_an_adapters_peers_are_the_others_of_its_job_but_its_copies() -> None:
+    policy = FoldPolicy()
+    jobs, distances = ["a", "a", "b", "a", "a"], [0.0, 1.4, 1.3, 0.02, 0.9]
+    assert policy.peers_of(0, jobs, distances) == [1, 4]  # not itself, job b, or its near-copy (3)
+    assert policy.peers_of(2, jobs, [1.0] * 5) == []  # alone in its job
 
 
 def test_a_replica_may_hand_in_the_bytes_of_the_task_it_repeats(ledger, tmp_path) -> None:
@@ -171,8 +228,9 @@ def test_delegated_to_a_worker_the_shard_samples_travel_with_the_gates(rig) -> N
     assert folder.maybe_fold({job.job_id}) == 1
     assert [rig.ledger.adapters.get(i).state for i in ids] == [AdapterState.FOLDED, AdapterState.REJECTED]
     assert "did not learn from its own shard" in rig.ledger.adapters.get(ids[1]).reason
-    # The gates' task held the job's held-out blocks and both shard samples (one per adapter): the
-    # parent on each sample and each adapter's solo update on its held-out set and its sample.
+    # The gates' task held the job's held-out blocks and both shard samples (one per adapter):
+    # each adapter's solo update on its held-out set and its sample, and its peers' mean update
+    # (here the other adapter) on both; the version's own losses on the samples are not needed.
     gates = cards.tasks[1]
-    assert len(gates.block_sets) == 3 and len(gates.items) == 2 + 4
+    assert len(gates.block_sets) == 3 and len(gates.items) == 2 + 2 + 4
     assert rig.ledger.versions.get(1).metrics["evaluated_on"] == WORKER

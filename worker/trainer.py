@@ -41,7 +41,7 @@ from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from nomoat.adapter import Adapter, from_peft_state_dict
-from nomoat.packing import PAD, loss_sum, n_tokens, pack
+from nomoat.packing import PAD, epoch_orders, loss_sum, n_tokens, pack
 from nomoat.spec import GradientNorms
 from worker import warmstart
 
@@ -311,12 +311,12 @@ def train_adapter(
     # fp16's narrow range underflows small gradients without loss scaling; bf16 and fp32 need none.
     scaler = torch.amp.GradScaler(str(device).split(":")[0],
                                   enabled=compute_dtype(train.precision, device) == torch.float16)
-    gen = torch.Generator().manual_seed(train.seed)
+    orders = epoch_orders(len(blocks), train.seed)  # the folder replays it (the shard proof)
     params = [p for p in model.parameters() if p.requires_grad]
     norms = _NormSums()
     step, tokens, targets_seen, loss_total = 0, 0, 0, 0.0
     while step < total_steps:
-        order = torch.randperm(len(blocks), generator=gen)
+        order = next(orders)
         for batch in (blocks[idx] for idx in order.split(train.batch_size)):
             if step == total_steps:
                 break

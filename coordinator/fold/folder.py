@@ -62,6 +62,7 @@ from coordinator.fold.policy import FoldPolicy
 from coordinator.settings import Settings
 from coordinator.model import modelcard
 from coordinator.model.store import BlobStore
+from coordinator.schedule import replication, shards
 from coordinator.schedule.submit import read_records
 from nomoat import adapter as adapter_format
 from nomoat import lora, packing
@@ -138,31 +139,44 @@ class Folder:
                                                           self.settings.eval_tokens)
         return self._eval_sets[job_id]
 
-    def _shard_sample(self, job_id: str, task_id: str, records: bytes) -> evaluation.EvalSet | None:
-        """About ``shard_tokens`` tokens of the task's own shard: blocks packed as its trainer packed
-        them, drawn at random (None: the task is not in the ledger, or its shard is empty)."""
+    def _shard_sample(self, job_id: str, task_id: str) -> evaluation.EvalSet | None:
+        """About ``shard_tokens`` tokens of the task's own shard, drawn at random from the blocks
+        its trainer saw last (None: the task is not in the ledger, or its shard is empty).
+
+        The shard alone is read, through the job's records index (coordinator.schedule.shards, as
+        a shard fetch reads it), and packed as its trainer packed it. The trainer visits the
+        blocks in an order seeded by the task's seed (the coordinator's: ``Scheduler.spec``), so
+        the folder replays it (:func:`nomoat.packing.most_recent_first`) and draws from the
+        ``shard_window_tokens`` trained last: an honest adapter fits those best (a fresh LoRA at a
+        constant lr generalises what it saw early and keeps what it saw last), which is what
+        makes the proof tell it from one that never saw them (bench/shardproof.py)."""
         task = self.ledger.tasks.get(task_id)
         if task is None or task.end <= task.start:
             return None
-        blocks = packing.pack(self.model.tokenizer, read_records(records, task.start, task.end),
-                              self._seq_len(job_id))
-        sample = evaluation.sample_blocks(blocks, self.policy.shard_tokens, self._sampler)
+        job = self.ledger.jobs.get(job_id)
+        raw = b"".join(shards.shard(self.store, job.records, self.ledger.jobs.records_index(job_id),
+                                    task.start, task.end))
+        blocks = packing.pack(self.model.tokenizer, read_records(raw), job.config.seq_len)
+        sample = evaluation.recent_sample(blocks, task.index, job.config.epochs, self.policy.shard_tokens,
+                                          self.policy.shard_window_tokens, self._sampler)
         return sample if float(sample.targets().sum()) > 0 else None
 
     def _evaluate(self, version: int, job_ids: list[str],
                   candidates: Sequence[tuple[str, adapter_format.Adapter]] = (),
-                  samples: dict[str, evaluation.EvalSet] | None = None) -> evaluators.Evaluated:
+                  samples: dict[str, evaluation.EvalSet] | None = None,
+                  skip_parents: set[str] | frozenset[str] = frozenset()) -> evaluators.Evaluated:
         """One batch: the version's losses on each job's set (reusing those known for it, where
         they were measured) and the version plus each candidate patch on its job's set; with
-        ``samples`` (key -> blocks: shard samples), the version on each of them too, and a
-        candidate may name one of their keys instead of a job."""
+        ``samples`` (key -> blocks: shard samples), the version on each of them too (but those
+        in ``skip_parents``), and a candidate may name one of their keys instead of a job."""
         known_version, known_where, known = self._parent_losses
         if known_version != version:
             known_version, known_where, known = version, "", {}
         samples = samples or {}
         jobs = sorted({*job_ids, *(j for j, _ in candidates)} - set(samples))
         result = self.evaluator.evaluate(evaluators.Batch(
-            version, {**{j: self._eval_set(j) for j in jobs}, **samples}, (*job_ids, *samples),
+            version, {**{j: self._eval_set(j) for j in jobs}, **samples},
+            (*job_ids, *(k for k in samples if k not in skip_parents)),
             tuple(candidates), known, known_where))
         kept = known if result.where == known_where else {}
         self._parent_losses = (version, result.where, {**kept, **result.parents})
@@ -324,8 +338,16 @@ class Folder:
         solos = [(c.job_id, lora.build_patch([c.adapter], [folding.staleness_factor(c.tau)])) for c in admitted]
         samples = self._shard_samples(admitted)
         proofs = [(c.shard_set, patch) for c, (_, patch) in zip(admitted, solos) if c.shard_set]
-        scored = self._evaluate(current, sorted({e.job for e in entries}), solos + proofs, samples)
+        peers = self._peer_references(admitted)
+        # Each reference on its candidate's held-out blocks and shard sample (then the version's
+        # own losses on that sample are not needed).
+        against = [(key, peers[c.adapter_id]) for c in admitted if c.adapter_id in peers
+                   for key in (c.job_id, c.shard_set)]
+        scored = self._evaluate(current, sorted({e.job for e in entries}), solos + proofs + against, samples,
+                                skip_parents={c.shard_set for c in admitted if c.adapter_id in peers})
         on_shard = dict(zip([key for key, _ in proofs], scored.candidates[len(solos):]))
+        rest = iter(scored.candidates[len(solos) + len(proofs):])
+        on_peers = {c.adapter_id: (next(rest), next(rest)) for c in admitted if c.adapter_id in peers}
         passed = []
         for candidate, losses in zip(admitted, scored.candidates):
             compared = evaluation.paired(scored.parents[candidate.job_id], losses)
@@ -334,7 +356,14 @@ class Folder:
                       compared.difference, compared.se, compared.tokens, scored.where)
             try:
                 self.policy.judge(compared.candidate, compared.parent)
-                if candidate.shard_set:
+                if candidate.adapter_id in on_peers:  # against its peers' mean update, on the same blocks
+                    held_ref, shard_ref = on_peers[candidate.adapter_id]
+                    held, shard = (evaluation.paired(held_ref, losses),
+                                   evaluation.paired(shard_ref, on_shard[candidate.shard_set]))
+                    log.debug("adapter %s against its peers: held-out %+.4f ± %.4f, its shard %+.4f ± %.4f nats",
+                              candidate.adapter_id, held.difference, held.se, shard.difference, shard.se)
+                    self.policy.learned_from_shard(held, shard, against="against its peers' mean update")
+                elif candidate.shard_set:
                     shard = evaluation.paired(scored.parents[candidate.shard_set], on_shard[candidate.shard_set])
                     log.debug("adapter %s: its shard %+.4f ± %.4f nats over %d tokens", candidate.adapter_id,
                               shard.difference, shard.se, shard.tokens)
@@ -351,16 +380,34 @@ class Folder:
         if not self.policy.proves_shards:
             return {}
         samples: dict[str, evaluation.EvalSet] = {}
-        blobs: dict[str, bytes] = {}  # one read of each job's records per fold
         for c in admitted:
-            if c.job_id not in blobs:
-                blobs[c.job_id] = self.store.get(self.ledger.jobs.get(c.job_id).records)
-            sample = self._shard_sample(c.job_id, c.task_id, blobs[c.job_id])
+            sample = self._shard_sample(c.job_id, c.task_id)
             if sample is not None:
                 c.shard_set = f"{c.job_id}/shard/{c.adapter_id}"
                 samples[c.shard_set] = sample
                 self.shard_eval_tokens += sample.tokens
         return samples
+
+    def _peer_references(self, admitted: list[Candidate]) -> dict[str, adapter_format.Adapter]:
+        """Adapter id -> the mean update of its peers (FoldPolicy.peers_of: the batch's other
+        adapters of its job, each at its staleness factor), for each candidate with a shard sample
+        and at least one peer. Its peers learned the same job from other shards, so what they
+        learned alike (the job's kind of text) cancels block by block against it, and what is
+        left is what it learned from its own shard."""
+        proving = [k for k, c in enumerate(admitted) if c.shard_set]
+        if not proving or len(admitted) < 2:
+            return {}
+        jobs = [c.job_id for c in admitted]
+        references = {}
+        for k in proving:
+            others = [j for j, job in enumerate(jobs) if j != k and job == jobs[k]]
+            near = {j: replication.distance(admitted[k].adapter, admitted[j].adapter) for j in others}
+            peers = self.policy.peers_of(k, jobs, [near.get(j, math.inf) for j in range(len(admitted))])
+            if peers:
+                references[admitted[k].adapter_id] = lora.build_patch(
+                    [admitted[j].adapter for j in peers],
+                    [folding.staleness_factor(admitted[j].tau) / len(peers) for j in peers])
+        return references
 
     def _copied(self, entry: AdapterRecord) -> str:
         """The task whose adapter ``entry``'s bytes already are, "" when they are its own: a

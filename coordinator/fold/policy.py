@@ -77,10 +77,12 @@ class FoldPolicy:
     task_seconds: float = 60.0  # about how long a card's run of a job takes (target_task_seconds)
     size_from_noise: bool = False
     partial_folds: bool = True  # a fold of m < K adapters sized for K takes m/K of a step
-    # The shard proof (learned_from_shard): its margin in paired standard errors (0: off, the
-    # default for now: Settings.shard_sigmas says why) and the tokens of the adapter's own shard it reads.
-    shard_sigmas: float = 0.0
+    # The shard proof (learned_from_shard): its margin in paired standard errors (0: off) and the
+    # tokens of the adapter's own shard it reads (Settings.shard_sigmas says more).
+    shard_sigmas: float = 2.0
     shard_tokens: int = 2048
+    shard_window_tokens: int = 4096  # the sample is drawn from the blocks its task trained on last
+    peer_distance: float = 0.5  # peers closer than this to an adapter's update are not its reference
 
     @classmethod
     def of(cls, settings: Settings) -> FoldPolicy:
@@ -93,6 +95,7 @@ class FoldPolicy:
             keep_global_batch=settings.keep_global_batch, task_seconds=settings.target_task_seconds,
             size_from_noise=settings.size_from_noise, partial_folds=settings.partial_folds,
             shard_sigmas=settings.shard_sigmas, shard_tokens=settings.shard_tokens,
+            shard_window_tokens=settings.shard_window_tokens,
         )
 
     # -- task sizing --------------------------------------------------------------------------
@@ -167,11 +170,16 @@ class FoldPolicy:
         """Whether the gates include :meth:`learned_from_shard` (and the folder reads shard samples)."""
         return self.shard_sigmas > 0 and self.shard_tokens > 0
 
-    def learned_from_shard(self, held_out: Comparison, shard: Comparison) -> None:
+    def learned_from_shard(self, held_out: Comparison, shard: Comparison, against: str = "") -> None:
         """The proof of training on the assigned shard (Templar's idea): the current model plus the
         adapter, against the current model, lowers loss on a sample of the adapter's own shard by
         ``shard_sigmas`` paired standard errors, and by that many more than on its job's held-out
         slice.
+
+        ``against``: what the comparisons' "parent" is when it is not the current model, for the
+        refusal's wording. The folder compares an adapter with its peers' mean update where it has
+        peers (:meth:`peers_of`): text both learned alike cancels block by block, so the same gap
+        stands out in far fewer standard errors of noise (bench/shardproof.py).
 
         An honest adapter saw those very blocks and fits them better than text it never saw; an
         adapter trained on other data (or another volunteer's, which saw another shard) improves
@@ -186,10 +194,19 @@ class FoldPolicy:
         # text a little more than its shard) would pass on the gap alone.
         if not (gap > self.shard_sigmas * se and shard.parent - shard.candidate > self.shard_sigmas * shard_se):
             raise folding.AdapterRejected(
-                f"it did not learn from its own shard: it lowers loss on a sample of its shard by "
+                f"it did not learn from its own shard: {against + ', it' if against else 'it'} lowers loss "
+                f"on a sample of its shard by "
                 f"{shard.parent - shard.candidate:+.4f} nats and on held-out text by "
                 f"{held_out.parent - held_out.candidate:+.4f}, a gap of {gap:.4f} where "
                 f"{self.shard_sigmas:g} standard errors are {self.shard_sigmas * se:.4f}", check="shard")
+
+    def peers_of(self, mine: int, jobs: Sequence[str], distances: Sequence[float]) -> list[int]:
+        """Which of a gate batch's adapters (their ``jobs``) are candidate ``mine``'s peers for the
+        shard proof: the others of its job, less any whose update is within ``peer_distance`` of
+        its own (``distances``: replication's relative distance to each; a copy of its update,
+        whose volunteer is refused for it, would otherwise cancel what it learned)."""
+        return [k for k, job in enumerate(jobs)
+                if k != mine and job == jobs[mine] and distances[k] > self.peer_distance]
 
     # -- the fold -----------------------------------------------------------------------------
 

@@ -237,6 +237,7 @@ class Scheduler:
         registered, read now), holding its lease with ``secret``."""
         config = self.config(task.job)
         training = training or self.job_training(task.job)
+        # The seed is the task's index: the folder replays the block order it seeds (the shard proof).
         return TaskSpec(
             task_id=task.task_id, job_id=task.job, fence=fence, base_version=base_version,
             tokens=task.tokens, coordinator=self.settings.join_address, token=self.worker_token,
