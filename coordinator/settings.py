@@ -106,6 +106,12 @@ class Settings:
     # Leases: a dispatched task may wait this long for Ray to place it; once its worker
     # heartbeats, each heartbeat buys lease_ttl_s more.
     queue_timeout_s: float = 900.0
+    # A run placed in an outbound volunteer's inbox must be taken (its worker's first heartbeat)
+    # within this, else its lease expires like any abandoned one (back in the queue without an
+    # attempt, the volunteer charged): a volunteer that stopped polling, or vanished on purpose
+    # after one poll, holds its last placements this long, not queue_timeout_s. A live worker
+    # takes a run within one long-poll (long_poll_s) and heartbeats before any work.
+    claim_timeout_s: float = 120.0
     lease_ttl_s: float = 90.0
     max_attempts: int = 3
     # Workers one token may have active at once (a volunteer with several cards runs one each);

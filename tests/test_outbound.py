@@ -15,6 +15,7 @@ from coordinator.gateway.auth import Identity
 from coordinator.errors import InvalidRequest, NotFound, NotPermitted
 from coordinator.ledger import TaskState
 from coordinator.schedule.inbox_dispatch import LongPolls, OutboundDispatcher, is_outbound, report_run, request_work
+from coordinator.schedule import standing
 from coordinator.schedule.scheduler import Scheduler
 from coordinator.schedule.transport import Dispatchers, Need, Node
 from nomoat.card import Card, to_message
@@ -168,6 +169,32 @@ def test_an_expired_lease_withdraws_a_run_not_yet_handed_out_and_reissues_it(rig
     (spec,) = parse_specs(list(work.specs))  # the next run only: the expired one left the inbox
     assert spec.task_id != task_id
     assert "not leased" in rig.ledger.leases.heartbeat(task_id, fence, time.time() + 60).reason
+
+
+def test_a_run_nobody_takes_goes_back_after_the_claim_timeout_not_the_queue_timeout(rig: Rig) -> None:
+    """A volunteer that polled once and vanished (or left) is given a run nobody then takes. Its
+    lease ends at claim_timeout_s, not queue_timeout_s (15 minutes: a "ghost placement" held a
+    job's tail that long in bench/adversary.py): the task goes back without spending an attempt,
+    and the vanished volunteer is charged an abandoned lease."""
+    worker_id, me = volunteer(rig)
+    d = OutboundDispatcher(rig.ledger)
+    request_work(rig.ledger, rig.deps.settings, me, worker_id, 0, polls())  # one poll, then gone
+    s = scheduler(rig, d, max_units_per_run=1, claim_timeout_s=30.0)
+    assert s.settings.queue_timeout_s > 31
+    rig.submit()
+    t = time.time()
+    s.tick(now=t)
+    (task_id, _), = d.placement().items()
+    first = rig.ledger.tasks.get(task_id)
+    s.tick(now=t + 20)  # within the claim window: still its lease
+    assert rig.ledger.leases.problem(task_id, first.fence) == ""
+    s.tick(now=t + 31)  # past it, long before queue_timeout_s
+    assert rig.ledger.leases.problem(task_id, first.fence) != ""  # that lease is over
+    again = rig.ledger.tasks.get(task_id)
+    assert again.state is TaskState.PENDING  # back in the queue (its volunteer, charged, is not given it again)
+    assert again.attempts == first.attempts - 1  # the unclaimed lease is given back: no attempt spent
+    record = rig.ledger.trust.get(rig.ledger.trust.of_workers([worker_id])[worker_id])
+    assert record.reasons() == {standing.ABANDONED: 1}
 
 
 def test_cancel_of_a_run_being_trained_returns_its_units_and_its_late_report_is_ignored(rig: Rig) -> None:

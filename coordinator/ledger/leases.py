@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import secrets
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import redis
@@ -298,18 +299,22 @@ class Leases:
         call that took effect gets the fence it granted."""
         return self.lease_many([(task_id, worker_id, secret)], deadline, base_version, max_attempts, now, leader)[0]
 
-    def lease_many(self, grants: list[tuple[str, str, str]], deadline: float, base_version: int,
+    def lease_many(self, grants: list[tuple[str, str, str]], deadline: float | Sequence[float], base_version: int,
                    max_attempts: int, now: float | None = None, leader: Fence | None = None) -> list[int]:
         """:meth:`lease` each (task id, worker id, secret), in one round trip (each lease its own
-        atomic, fenced, retry-safe script: a pipeline, not a transaction); the fences in that order."""
+        atomic, fenced, retry-safe script: a pipeline, not a transaction); the fences in that order.
+        ``deadline``: one for all, or each grant's own (in the grants' order)."""
         if not grants:
             return []
+        deadlines = [deadline] * len(grants) if isinstance(deadline, (int, float)) else list(deadline)
+        if len(deadlines) != len(grants):
+            raise ValueError(f"{len(deadlines)} deadlines for {len(grants)} leases")
         lead_key, token = fence_pair("scheduler", leader)
         now = now or time.time()
         pipe = self.r.pipeline(transaction=False)
-        for task_id, worker_id, secret in grants:
+        for (task_id, worker_id, secret), until in zip(grants, deadlines):
             self._lease(keys=[keys.task(task_id), keys.PENDING, keys.LEASES, keys.FENCE, keys.COUNTERS, lead_key],
-                        args=[task_id, deadline, base_version, now, max_attempts, request_id(), worker_id,
+                        args=[task_id, until, base_version, now, max_attempts, request_id(), worker_id,
                               secret_hash(secret) if secret else "", token], client=pipe)
         return [int(f) for f in fenced(pipe.execute)]
 

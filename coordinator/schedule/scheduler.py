@@ -56,6 +56,7 @@ from coordinator.schedule.figures import (
     waiting_for_a_card,
 )
 from coordinator.schedule.holder import hand_back
+from coordinator.schedule.inbox_dispatch import is_outbound
 from coordinator.fold.policy import FoldPolicy, TaskTraining
 from coordinator.settings import Settings
 from coordinator.schedule.transport import Dispatcher, Finished, Need, Node, roomiest, run_resources, submit_all
@@ -310,11 +311,14 @@ class Scheduler:
         whatever their number: every lease in one pipeline (each still its own atomic script),
         the cards in one read, what each unit trains at in one write, the runs in one hand-off.
         Returns the cards whose run got no lease."""
-        deadline = now + self.settings.queue_timeout_s
         # Each lease is its run's on that card from now on: its worker and a secret only its spec carries.
         grants = [(t.task_id, node.worker_id, new_secret()) for node, run, _ in planned for t in run]
         secrets_of = {task_id: secret for task_id, _, secret in grants}
-        fences = iter(self.ledger.leases.lease_many(grants, deadline, base_version, self.settings.max_attempts,
+        # Until its first heartbeat: a Ray task may wait in Ray's queue for a card; a run in an
+        # outbound volunteer's inbox is taken within a poll, or its volunteer is gone.
+        deadlines = [now + (self.settings.claim_timeout_s if is_outbound(node.node_id) else self.settings.queue_timeout_s)
+                     for node, run, _ in planned for _ in run]
+        fences = iter(self.ledger.leases.lease_many(grants, deadlines, base_version, self.settings.max_attempts,
                                                     now=now, leader=self.term.fence))
         registered = self.cards_of([node.worker_id for node, _, _ in planned])
         runs: list[tuple[list[TaskSpec], dict[str, float], Node]] = []
@@ -428,7 +432,8 @@ class Scheduler:
             if own_eta >= eta:
                 continue  # the run it would race is expected to finish first
             secret = new_secret()
-            twin, fence = self.ledger.leases.speculate(task.task_id, now + self.settings.queue_timeout_s,
+            claim_s = self.settings.claim_timeout_s if is_outbound(card.node_id) else self.settings.queue_timeout_s
+            twin, fence = self.ledger.leases.speculate(task.task_id, now + claim_s,
                                                        card.worker_id, secret, now=now, leader=self.term.fence)
             if fence <= 0:
                 continue
