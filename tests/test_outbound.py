@@ -14,7 +14,8 @@ import pytest
 from coordinator.gateway.auth import Identity
 from coordinator.errors import InvalidRequest, NotFound, NotPermitted
 from coordinator.ledger import TaskState
-from coordinator.schedule.inbox_dispatch import LongPolls, OutboundDispatcher, is_outbound, report_run, request_work
+from coordinator.schedule.inbox_dispatch import (LongPolls, OutboundDispatcher, is_outbound, node_id_of, report_run,
+                                                 request_work)
 from coordinator.schedule import standing
 from coordinator.schedule.scheduler import Scheduler
 from coordinator.schedule.transport import Dispatchers, Need, Node
@@ -195,6 +196,27 @@ def test_a_run_nobody_takes_goes_back_after_the_claim_timeout_not_the_queue_time
     assert again.attempts == first.attempts - 1  # the unclaimed lease is given back: no attempt spent
     record = rig.ledger.trust.get(rig.ledger.trust.of_workers([worker_id])[worker_id])
     assert record.reasons() == {standing.ABANDONED: 1}
+
+
+def test_a_runs_later_units_wait_for_the_earlier_ones_past_the_claim_timeout(rig: Rig) -> None:
+    """Only a run's first unit must be claimed within claim_timeout_s: the worker trains its units
+    in order, so a later unit's first heartbeat comes when the earlier ones are done. A worker
+    that took the run and keeps its first unit's lease alive loses none of the others."""
+    worker_id, me = volunteer(rig)
+    d = OutboundDispatcher(rig.ledger)
+    request_work(rig.ledger, rig.deps.settings, me, worker_id, 0, polls())
+    rig.ledger.workers.record_run(worker_id, node_id_of(worker_id), 10_000, 1.0)  # a fast card: runs of 2
+    s = scheduler(rig, d, max_units_per_run=2, target_task_seconds=1e6, claim_timeout_s=30.0)
+    rig.submit()
+    t = time.time()
+    s.tick(now=t)
+    work = request_work(rig.ledger, rig.deps.settings, me, worker_id, 0, polls())
+    first, second = parse_specs(list(work.specs))
+    # the worker trains the first unit for a while: its heartbeats keep that lease
+    assert rig.ledger.leases.heartbeat(first.task_id, first.fence, t + 200).ok
+    s.tick(now=t + 100)  # past the claim timeout, the second unit not started yet
+    assert rig.ledger.leases.problem(first.task_id, first.fence) == ""
+    assert rig.ledger.leases.problem(second.task_id, second.fence) == ""
 
 
 def test_cancel_of_a_run_being_trained_returns_its_units_and_its_late_report_is_ignored(rig: Rig) -> None:

@@ -315,9 +315,12 @@ class Scheduler:
         grants = [(t.task_id, node.worker_id, new_secret()) for node, run, _ in planned for t in run]
         secrets_of = {task_id: secret for task_id, _, secret in grants}
         # Until its first heartbeat: a Ray task may wait in Ray's queue for a card; a run in an
-        # outbound volunteer's inbox is taken within a poll, or its volunteer is gone.
-        deadlines = [now + (self.settings.claim_timeout_s if is_outbound(node.node_id) else self.settings.queue_timeout_s)
-                     for node, run, _ in planned for _ in run]
+        # outbound volunteer's inbox is taken within a poll and its first unit heartbeats before
+        # any work, or its volunteer is gone (and that unit's expiry cancels the whole run). Later
+        # units wait for the earlier ones to train: the queue's timeout.
+        deadlines = [now + (self.settings.claim_timeout_s if is_outbound(node.node_id) and k == 0
+                            else self.settings.queue_timeout_s)
+                     for node, run, _ in planned for k in range(len(run))]
         fences = iter(self.ledger.leases.lease_many(grants, deadlines, base_version, self.settings.max_attempts,
                                                     now=now, leader=self.term.fence))
         registered = self.cards_of([node.worker_id for node, _, _ in planned])
