@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
-import os
 import statistics
 import sys
 import tempfile
@@ -32,52 +31,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import grpc  # noqa: E402
 import redis  # noqa: E402
 
+from bench import gateway_child  # noqa: E402
 
-def serve(data_dir: str, conn) -> None:
-    """The child: the real gateway over a fresh ledger, until told to stop."""
-    from grpc_health.v1 import health_pb2
-
-    from coordinator.gateway import servicers
-    from coordinator.gateway.auth import TokenRegistry
-    from coordinator.ledger import Ledger, VersionRecord
-    from coordinator.ledger.redis_server import EmbeddedRedis
-    from coordinator.model.history import History
-    from coordinator.model.running import RunningModel
-    from coordinator.model.store import BlobStore
-    from coordinator.server import bind, grpc_server
-    from coordinator.settings import Settings
-    from nomoat.tiny import tiny_model_path
-
-    data = Path(data_dir)
-    embedded = EmbeddedRedis(data / "redis")
-    url = embedded.start()
-    try:
-        ledger = Ledger(redis.Redis.from_url(url))
-        store = BlobStore(data / "blobs")
-        model = RunningModel(tiny_model_path())
-        ledger.versions.publish(VersionRecord(version=0, parent=-1, files=model.publish(store)))
-        registry = TokenRegistry(ledger.tokens)
-        tokens = {role: registry.create(role) for role in ("worker", "submitter", "reader")}
-        settings = Settings(data_dir=data, long_poll_s=60.0, max_watch_streams=100_000,
-                            max_streams_per_caller=100_000, max_workers_per_token=100_000)
-        shapes = {n: (m.out_features, m.in_features) for n, m in model.model.named_modules()
-                  if m.__class__.__name__ == "Linear"}
-        deps = servicers.Deps(settings, ledger, store, registry, model.tokenizer, shapes, "", "",
-                              history=History(ledger, store, data))
-        server, health = grpc_server(deps)
-        port = bind(server, "127.0.0.1:0")
-        server.start()
-        health.set("", health_pb2.HealthCheckResponse.SERVING)
-        conn.send({"address": f"127.0.0.1:{port}", "tokens": tokens, "redis": url, "pid": os.getpid()})
-        while True:
-            ask = conn.recv()
-            if ask == "stop":
-                break
-            if ask == "threads":
-                conn.send(int(Path("/proc/self/status").read_text().split("Threads:")[1].split()[0]))
-        server.stop(1)
-    finally:
-        embedded.stop()
+GATEWAY_ROLES = ("worker", "submitter", "reader")
+GATEWAY_SETTINGS = dict(long_poll_s=60.0, max_watch_streams=100_000, max_streams_per_caller=100_000,
+                        max_workers_per_token=100_000)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -100,7 +58,8 @@ def main() -> None:
     ctx = multiprocessing.get_context("spawn")
     parent, child = ctx.Pipe()
     with tempfile.TemporaryDirectory(prefix="nomoat-bench-gateway-") as tmp:
-        proc = ctx.Process(target=serve, args=(tmp, child), daemon=True)
+        proc = ctx.Process(target=gateway_child.serve, args=(tmp, child, GATEWAY_ROLES, GATEWAY_SETTINGS),
+                           daemon=True)
         proc.start()
         info = parent.recv()
         r = redis.Redis.from_url(info["redis"])
@@ -121,16 +80,18 @@ def main() -> None:
             job_id = submitter.submit(path, name="bench",
                                       config=pb.JobConfig(lora_rank=2, lora_alpha=4.0, target_modules=["q_proj"])).job_id
         task_id = ledger.tasks.ids(job_id)[0]
-        fence = ledger.leases.lease(task_id, time.time() + 3600, 0, max_attempts=3)
         card = pb.Card(name="RTX 4090", vram_gb=24.0)
         ids = [workers[i % 8].Register(pb.RegisterRequest(name=f"w{i}", card=card), metadata=meta("worker"),
                                        timeout=30).worker_id for i in range(args.polls)]
+        secret = "bench-lease-secret"  # a lease is its worker's: heartbeats carry its worker and secret
+        fence = ledger.leases.lease(task_id, time.time() + 3600, 0, max_attempts=3, worker_id=ids[0], secret=secret)
 
         def beats() -> list[float]:
             out = []
             for _ in range(args.beats):
                 t0 = time.perf_counter()
-                reply = workers[0].Heartbeat(pb.HeartbeatRequest(task_id=task_id, fence=fence), metadata=meta("worker"),
+                reply = workers[0].Heartbeat(pb.HeartbeatRequest(task_id=task_id, fence=fence, worker_id=ids[0],
+                                                                 lease_secret=secret), metadata=meta("worker"),
                                              timeout=30)
                 out.append((time.perf_counter() - t0) * 1000)
                 assert reply.ok, reply.reason

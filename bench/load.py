@@ -37,6 +37,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
+import hashlib
 import json
 import math
 import multiprocessing as mp
@@ -198,18 +200,28 @@ def cpu_seconds(pids: list[int]) -> float:
 # -- the simulated volunteers -------------------------------------------------------------------
 
 
-def tiny_adapter() -> bytes:
-    """A valid adapter for the benchmark's job: rank 1 on every q_proj, all zeros (ΔW = 0)."""
-    import torch
+@functools.lru_cache(maxsize=1)
+def _tiny_shape() -> tuple[int, int]:
+    """The tiny model's hidden size and layer count."""
     from transformers import AutoConfig
 
-    from nomoat import adapter as adapter_format
     from nomoat.tiny import tiny_model_path
 
     config = AutoConfig.from_pretrained(tiny_model_path())
-    d = config.hidden_size
-    factors = {f"model.layers.{i}.self_attn.q_proj": (torch.zeros(1, d), torch.zeros(d, 1))
-               for i in range(config.num_hidden_layers)}
+    return config.hidden_size, config.num_hidden_layers
+
+
+def tiny_adapter(tag: int = 0) -> bytes:
+    """A valid adapter for the benchmark's job: rank 1 on every q_proj, B all zeros (ΔW = 0).
+    ``tag`` goes into one entry of A (which B zeroes out), so adapters of different tags are
+    different bytes: the coordinator refuses a byte-for-byte copy of another task's adapter."""
+    import torch
+
+    from nomoat import adapter as adapter_format
+
+    d, layers = _tiny_shape()
+    factors = {f"model.layers.{i}.self_attn.q_proj": (torch.zeros(1, d), torch.zeros(d, 1)) for i in range(layers)}
+    factors["model.layers.0.self_attn.q_proj"][0][0, 0] = float(tag)
     return adapter_format.to_bytes(adapter_format.Adapter(factors, rank=1, alpha=2.0))
 
 
@@ -266,12 +278,8 @@ async def called(kind: str, call):
         raise
 
 
-async def volunteer(i: int, address: str, token: str, data: bytes, tally: Tally, stop, go, registered,
-                    wait_s: float) -> None:
-    import hashlib
-
+async def volunteer(i: int, address: str, token: str, tally: Tally, stop, go, registered, wait_s: float) -> None:
     meta = (("authorization", f"Bearer {token}"),)
-    sha = hashlib.sha256(data).hexdigest()
     async with grpc.aio.insecure_channel(address, options=KEEPALIVE) as channel:
         stub = rpc.WorkersStub(channel)
         for attempt in range(20):
@@ -317,7 +325,7 @@ async def volunteer(i: int, address: str, token: str, data: bytes, tally: Tally,
                     spec = TaskSpec.from_dict(json.loads(raw))
                     secrets[spec.task_id] = spec.lease_secret  # what proves this run holds the lease
                     tally.hand(spec.task_id, spec.fence, worker_id)
-                    results.append(await unit(stub, meta, worker_id, spec, reg.lineage, data, sha, tally))
+                    results.append(await unit(stub, meta, worker_id, spec, reg.lineage, tally))
                 tally.calls += 1
                 await called("ReportRun", stub.ReportRun(pb.RunReport(worker_id=worker_id, run_id=reply.run_id,
                                                                       units=[json.dumps(u.to_dict()) for u in results],
@@ -335,8 +343,7 @@ async def volunteer(i: int, address: str, token: str, data: bytes, tally: Tally,
                 await asyncio.sleep(random.uniform(0.5, 2.0))
 
 
-async def unit(stub, meta, worker_id: str, spec: TaskSpec, lineage: str, data: bytes, sha: str,
-               tally: Tally) -> UnitResult:
+async def unit(stub, meta, worker_id: str, spec: TaskSpec, lineage: str, tally: Tally) -> UnitResult:
     async def beat() -> pb.HeartbeatReply:
         started = time.monotonic()
         tally.calls += 1
@@ -352,6 +359,8 @@ async def unit(stub, meta, worker_id: str, spec: TaskSpec, lineage: str, data: b
     await asyncio.sleep(WORK_S / 2)
     await beat()
     await asyncio.sleep(WORK_S / 2)
+    data = tiny_adapter(spec.fence)  # each lease's own bytes (fences are unique)
+    sha = hashlib.sha256(data).hexdigest()
     manifest = pb.AdapterManifest(task_id=spec.task_id, fence=spec.fence, base_version=first.base_version, rank=1,
                                   alpha=2.0, tokens=spec.tokens, train_loss=2.0, sha256=sha, size=len(data),
                                   worker_id=worker_id, lineage=first.lineage or lineage,
@@ -386,7 +395,7 @@ async def upload(stub, meta, manifest: pb.AdapterManifest, data: bytes, tally: T
             await asyncio.sleep(wait)
 
 
-def generator(first: int, count: int, addresses: list[str], token: str, data: bytes, wait_s: float,
+def generator(first: int, count: int, addresses: list[str], token: str, wait_s: float,
               registered, go, stop, out) -> None:
     """One load-generator process: ``count`` volunteers (numbered from ``first``), spread over
     the gateways' ``addresses``, until ``stop``; its tally goes to ``out``."""
@@ -394,7 +403,7 @@ def generator(first: int, count: int, addresses: list[str], token: str, data: by
     tally = Tally()
 
     async def run() -> None:
-        tasks = [asyncio.create_task(volunteer(first + i, addresses[(first + i) % len(addresses)], token, data,
+        tasks = [asyncio.create_task(volunteer(first + i, addresses[(first + i) % len(addresses)], token,
                                                tally, stop, go, registered, wait_s)) for i in range(count)]
         while not stop.is_set():
             await asyncio.sleep(0.2)
@@ -414,7 +423,7 @@ class Phase:
     gateway_cpu_s: float
 
 
-def phase(layout: Coordinators, token: str, data: bytes, volunteers: int, seconds: float, wait_s: float,
+def phase(layout: Coordinators, token: str, volunteers: int, seconds: float, wait_s: float,
           procs: int, first: int = 0) -> Phase:
     """Run ``volunteers`` volunteers in ``procs`` processes: all register, then ``seconds`` of work."""
     ctx = mp.get_context("spawn")  # (the parent holds gRPC channels and torch: nothing of it is forked)
@@ -423,7 +432,7 @@ def phase(layout: Coordinators, token: str, data: bytes, volunteers: int, second
     shares = [volunteers // procs + (i < volunteers % procs) for i in range(procs)]
     children, start = [], first
     for share in shares:
-        children.append(ctx.Process(target=generator, args=(start, share, layout.gateways, token, data, wait_s,
+        children.append(ctx.Process(target=generator, args=(start, share, layout.gateways, token, wait_s,
                                                             registered, go, stop, out), daemon=True))
         start += share
     began = time.monotonic()
@@ -555,11 +564,10 @@ def main() -> None:
         with CoordinatorClient(layout.gateways[0], admin) as client:
             reply = client.submit(path, name="load", config=pb.JobConfig(tokens_per_task=64))
         print(f"job {reply.job_id}: {reply.tasks} tasks", file=sys.stderr)
-        data = tiny_adapter()
         print(f"baseline: 1 volunteer for {args.baseline_seconds:.0f} s ...", file=sys.stderr)
-        base = phase(layout, token, data, 1, args.baseline_seconds, args.wait, 1)
+        base = phase(layout, token, 1, args.baseline_seconds, args.wait, 1)
         print(f"load: {args.volunteers} volunteers in {procs} processes for {args.seconds:.0f} s ...", file=sys.stderr)
-        load = phase(layout, token, data, args.volunteers, args.seconds, args.wait, procs, first=1)
+        load = phase(layout, token, args.volunteers, args.seconds, args.wait, procs, first=1)
         time.sleep(3)  # the last reports reach the scheduler
         ledger = check_ledger(layout.redis_url, [base.tally, load.tally])
     finally:

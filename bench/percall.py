@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import json
 import multiprocessing
 import os
@@ -42,51 +43,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import grpc  # noqa: E402
 import redis  # noqa: E402
 
+from bench import gateway_child  # noqa: E402
+from coordinator.settings import JobDefaults  # noqa: E402
 
-def serve(data_dir: str, conn) -> None:
-    """The child: the real gateway over a fresh ledger, until told to stop."""
-    from grpc_health.v1 import health_pb2
-
-    from coordinator.gateway import servicers
-    from coordinator.gateway.auth import TokenRegistry
-    from coordinator.ledger import Ledger, VersionRecord
-    from coordinator.ledger.redis_server import EmbeddedRedis
-    from coordinator.model.history import History
-    from coordinator.model.running import RunningModel
-    from coordinator.model.store import BlobStore
-    from coordinator.server import bind, grpc_server
-    from coordinator.settings import JobDefaults, Settings
-    from nomoat.tiny import tiny_model_path
-
-    data = Path(data_dir)
-    embedded = EmbeddedRedis(data / "redis")
-    url = embedded.start()
-    try:
-        ledger = Ledger(redis.Redis.from_url(url))
-        store = BlobStore(data / "blobs")
-        model = RunningModel(tiny_model_path())
-        ledger.versions.publish(VersionRecord(version=0, parent=-1, files=model.publish(store)))
-        registry = TokenRegistry(ledger.tokens)
-        tokens = {role: registry.create(role) for role in ("worker", "submitter")}
-        settings = Settings(data_dir=data, long_poll_s=60.0, max_streams_per_caller=100_000,
-                            max_workers_per_token=1_000_000, max_upload_streams=1024, lease_ttl_s=600.0,
-                            job=JobDefaults(lora_rank=1, lora_alpha=2.0, target_modules=("q_proj",), seq_len=32,
-                                            tokens_per_task=64))
-        shapes = {n: (m.out_features, m.in_features) for n, m in model.model.named_modules()
-                  if m.__class__.__name__ == "Linear"}
-        deps = servicers.Deps(settings, ledger, store, registry, model.tokenizer, shapes, "", "",
-                              history=History(ledger, store, data))
-        server, health = grpc_server(deps)
-        port = bind(server, "127.0.0.1:0")
-        server.start()
-        health.set("", health_pb2.HealthCheckResponse.SERVING)
-        conn.send({"address": f"127.0.0.1:{port}", "tokens": tokens, "redis": url, "pid": os.getpid(),
-                   "redis_pid": embedded.proc.pid if embedded.proc else 0})
-        while conn.recv() != "stop":
-            pass
-        server.stop(1)
-    finally:
-        embedded.stop()
+GATEWAY_ROLES = ("worker", "submitter")
+GATEWAY_SETTINGS = dict(long_poll_s=60.0, max_streams_per_caller=100_000, max_workers_per_token=1_000_000,
+                        max_upload_streams=1024, lease_ttl_s=600.0,
+                        job=JobDefaults(lora_rank=1, lora_alpha=2.0, target_modules=("q_proj",), seq_len=32,
+                                        tokens_per_task=64))
 
 
 @dataclass
@@ -142,10 +106,10 @@ async def measure(args, info, tmp: Path) -> dict:
         job_id = submitter.submit(path, name="percall", config=pb.JobConfig(tokens_per_task=64)).job_id
     task_ids = ledger.tasks.ids(job_id)[:n]
     assert len(task_ids) == n, f"the job has {len(task_ids)} tasks, fewer than --calls {n}"
-    data = tiny_adapter()
-    import hashlib
-
-    sha = hashlib.sha256(data).hexdigest()
+    # Each upload its own bytes (the coordinator refuses a copy of another task's adapter), made
+    # before the clock starts.
+    blobs = [tiny_adapter(s) for s in range(n)]
+    shas = [hashlib.sha256(b).hexdigest() for b in blobs]
     channels = [grpc.aio.insecure_channel(info["address"]) for _ in range(args.channels)]
     workers = [rpc.WorkersStub(c) for c in channels]
     healths = [health_pb2_grpc.HealthStub(c) for c in channels]
@@ -200,10 +164,10 @@ async def measure(args, info, tmp: Path) -> dict:
     async def upload(i: int) -> None:
         s = specs[i]
         manifest = pb.AdapterManifest(task_id=s.task_id, fence=s.fence, base_version=0, rank=1, alpha=2.0,
-                                      tokens=s.tokens, train_loss=2.0, sha256=sha, size=len(data),
+                                      tokens=s.tokens, train_loss=2.0, sha256=shas[i], size=len(blobs[i]),
                                       worker_id=ids[i], lineage=lineage, lease_secret=s.lease_secret)
         reply = await workers[i % len(workers)].Upload(iter([pb.UploadChunk(manifest=manifest),
-                                                             pb.UploadChunk(data=data)]), metadata=meta, timeout=60)
+                                                             pb.UploadChunk(data=blobs[i])]), metadata=meta, timeout=60)
         assert reply.accepted, reply.reason
         s.adapter_id = reply.adapter_id  # (for the report)
 
@@ -255,7 +219,8 @@ def main() -> None:
     ctx = multiprocessing.get_context("spawn")
     parent, child = ctx.Pipe()
     with tempfile.TemporaryDirectory(prefix="nomoat-bench-percall-") as tmp:
-        proc = ctx.Process(target=serve, args=(tmp, child), daemon=True)
+        proc = ctx.Process(target=gateway_child.serve, args=(tmp, child, GATEWAY_ROLES, GATEWAY_SETTINGS),
+                           daemon=True)
         proc.start()
         info = parent.recv()
         print(f"gateway pid {info['pid']} at {info['address']}", file=sys.stderr)
