@@ -44,7 +44,7 @@ from coordinator.fold import evaluators
 
 from nomoat import evaluation
 
-from coordinator.fold import folding, rollback
+from coordinator.fold import folding, rollback, shard_proof
 from coordinator.fold.failures import FoldFailures
 from coordinator.model.history import History
 from coordinator.ledger import (
@@ -62,10 +62,9 @@ from coordinator.fold.policy import FoldPolicy
 from coordinator.settings import Settings
 from coordinator.model import modelcard
 from coordinator.model.store import BlobStore
-from coordinator.schedule import replication, shards
 from coordinator.schedule.submit import read_records
 from nomoat import adapter as adapter_format
-from nomoat import lora, packing
+from nomoat import lora
 from nomoat.logs import fields
 
 log = logging.getLogger("nomoat.fold")
@@ -138,28 +137,6 @@ class Folder:
             self._eval_sets[job_id] = self.model.eval_set(self.validation(job_id), self._seq_len(job_id),
                                                           self.settings.eval_tokens)
         return self._eval_sets[job_id]
-
-    def _shard_sample(self, job_id: str, task_id: str) -> evaluation.EvalSet | None:
-        """About ``shard_tokens`` tokens of the task's own shard, drawn at random from the blocks
-        its trainer saw last (None: the task is not in the ledger, or its shard is empty).
-
-        The shard alone is read, through the job's records index (coordinator.schedule.shards, as
-        a shard fetch reads it), and packed as its trainer packed it. The trainer visits the
-        blocks in an order seeded by the task's seed (the coordinator's: ``Scheduler.spec``), so
-        the folder replays it (:func:`nomoat.packing.most_recent_first`) and draws from the
-        ``shard_window_tokens`` trained last: an honest adapter fits those best (a fresh LoRA at a
-        constant lr generalises what it saw early and keeps what it saw last), which is what
-        makes the proof tell it from one that never saw them (bench/shardproof.py)."""
-        task = self.ledger.tasks.get(task_id)
-        if task is None or task.end <= task.start:
-            return None
-        job = self.ledger.jobs.get(job_id)
-        raw = b"".join(shards.shard(self.store, job.records, self.ledger.jobs.records_index(job_id),
-                                    task.start, task.end))
-        blocks = packing.pack(self.model.tokenizer, read_records(raw), job.config.seq_len)
-        sample = evaluation.recent_sample(blocks, task.index, job.config.epochs, self.policy.shard_tokens,
-                                          self.policy.shard_window_tokens, self._sampler)
-        return sample if float(sample.targets().sum()) > 0 else None
 
     def _evaluate(self, version: int, job_ids: list[str],
                   candidates: Sequence[tuple[str, adapter_format.Adapter]] = (),
@@ -338,7 +315,7 @@ class Folder:
         solos = [(c.job_id, lora.build_patch([c.adapter], [folding.staleness_factor(c.tau)])) for c in admitted]
         samples = self._shard_samples(admitted)
         proofs = [(c.shard_set, patch) for c, (_, patch) in zip(admitted, solos) if c.shard_set]
-        peers = self._peer_references(admitted)
+        peers = shard_proof.peer_references(self.policy, admitted)
         # Each reference on its candidate's held-out blocks and shard sample (then the version's
         # own losses on that sample are not needed).
         against = [(key, peers[c.adapter_id]) for c in admitted if c.adapter_id in peers
@@ -381,33 +358,13 @@ class Folder:
             return {}
         samples: dict[str, evaluation.EvalSet] = {}
         for c in admitted:
-            sample = self._shard_sample(c.job_id, c.task_id)
+            sample = shard_proof.sample(self.ledger, self.store, self.model.tokenizer, self.policy, self._sampler,
+                                        c.job_id, c.task_id)
             if sample is not None:
                 c.shard_set = f"{c.job_id}/shard/{c.adapter_id}"
                 samples[c.shard_set] = sample
                 self.shard_eval_tokens += sample.tokens
         return samples
-
-    def _peer_references(self, admitted: list[Candidate]) -> dict[str, adapter_format.Adapter]:
-        """Adapter id -> the mean update of its peers (FoldPolicy.peers_of: the batch's other
-        adapters of its job, each at its staleness factor), for each candidate with a shard sample
-        and at least one peer. Its peers learned the same job from other shards, so what they
-        learned alike (the job's kind of text) cancels block by block against it, and what is
-        left is what it learned from its own shard."""
-        proving = [k for k, c in enumerate(admitted) if c.shard_set]
-        if not proving or len(admitted) < 2:
-            return {}
-        jobs = [c.job_id for c in admitted]
-        references = {}
-        for k in proving:
-            others = [j for j, job in enumerate(jobs) if j != k and job == jobs[k]]
-            near = {j: replication.distance(admitted[k].adapter, admitted[j].adapter) for j in others}
-            peers = self.policy.peers_of(k, jobs, [near.get(j, math.inf) for j in range(len(admitted))])
-            if peers:
-                references[admitted[k].adapter_id] = lora.build_patch(
-                    [admitted[j].adapter for j in peers],
-                    [folding.staleness_factor(admitted[j].tau) / len(peers) for j in peers])
-        return references
 
     def _copied(self, entry: AdapterRecord) -> str:
         """The task whose adapter ``entry``'s bytes already are, "" when they are its own: a
